@@ -1,0 +1,1 @@
+"""The private side: dials out to gateways, dials targets, enforces access control."""

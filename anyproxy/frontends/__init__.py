@@ -1,0 +1,1 @@
+"""User-facing proxy listeners on the gateway: SOCKS5 and HTTP."""

@@ -1,0 +1,1 @@
+"""The public side: accepts client tunnels and proxy users, routes streams."""

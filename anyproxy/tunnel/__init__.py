@@ -1,0 +1,1 @@
+"""The multiplexed stream protocol carried over WebSocket (docs/PROTOCOL.md)."""

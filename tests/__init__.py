@@ -1,0 +1,1 @@
+"""AnyProxy tests, run by trial."""
