@@ -1,0 +1,729 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The configuration: frozen attrs classes, loaded and checked from one YAML file.
+
+Only these objects are passed around, never dicts.  L{load_config} reads the
+original single-file format (C{proxy}, C{gateway}, C{client}, C{log}; any may
+be absent) plus the additive keys of DESIGN.md section 4.1.  Every problem is
+a L{ConfigError} with one line, C{<file>: <key.path[0].sub>: <problem>}, and
+never shows a password.  Unknown keys are refused, so a typo fails at start
+instead of silently falling back to a default.
+"""
+
+import difflib
+import ipaddress
+import os
+import socket
+
+import attr
+import yaml
+
+from anyproxy.auth import DEFAULT_GROUP
+from anyproxy.client.acl import AccessPolicy, HostRule, LimitRule
+from anyproxy.errors import ConfigError
+
+ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
+BALANCE_POLICIES = ("least_streams", "round_robin", "random")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
+GATEWAY = "gateway"
+CLIENT = "client"
+
+
+def _secret():
+    """An attribute that is never shown by repr (passwords)."""
+    return attr.ib(default="", repr=False)
+
+
+@attr.s(frozen=True, slots=True)
+class ListenerConfig:
+    """
+    A proxy listener (C{proxy.socks5} or C{proxy.http}).
+
+    @ivar endpoint: a Twisted server endpoint string.
+    @ivar local: C{True} when it listens only on loopback or a UNIX socket.
+    """
+
+    endpoint = attr.ib()
+    auth_username = attr.ib(default="")
+    auth_password = _secret()
+    allow_anonymous = attr.ib(default=False)
+    listen_addr = attr.ib(default="")
+    local = attr.ib(default=False)
+
+
+@attr.s(frozen=True, slots=True)
+class ProxyConfig:
+    """The proxy listeners; C{None} means that listener is disabled."""
+
+    socks5 = attr.ib(default=None)
+    http = attr.ib(default=None)
+
+    def listeners(self):
+        """C{[(name, ListenerConfig)]} for the enabled listeners."""
+        return [(n, l) for n, l in (("socks5", self.socks5), ("http", self.http)) if l]
+
+
+@attr.s(frozen=True, slots=True)
+class UserConfig:
+    """One entry of C{gateway.users}."""
+
+    username = attr.ib()
+    password = attr.ib(repr=False)
+    group = attr.ib(default=DEFAULT_GROUP)
+
+
+@attr.s(frozen=True, slots=True)
+class GatewayConfig:
+    """
+    The gateway section.  File paths are absolute; C{*_endpoint} fields are
+    Twisted endpoint strings (or C{None} when the C{*_addr} is empty);
+    C{open_ports_allowed} is a tuple of inclusive C{(low, high)} ranges.
+    """
+
+    endpoint = attr.ib()
+    tls_cert = attr.ib()
+    tls_key = attr.ib()
+    auth_username = attr.ib(default="")
+    auth_password = _secret()
+    client_ca = attr.ib(default=None)
+    users = attr.ib(default=())
+    balance = attr.ib(default="least_streams")
+    ping_interval = attr.ib(default=10.0)
+    no_tunnel_wait = attr.ib(default=3.0)
+    handshake_timeout = attr.ib(default=10.0)
+    open_ports_allowed = attr.ib(default=())
+    max_conns_per_user = attr.ib(default=0)
+    metrics_addr = attr.ib(default="")
+    status_addr = attr.ib(default="")
+    status_username = attr.ib(default="")
+    status_password = _secret()
+    listen_addr = attr.ib(default="")
+    metrics_endpoint = attr.ib(default=None)
+    status_endpoint = attr.ib(default=None)
+
+    def users_for(self, listener):
+        """
+        The C{(username, password, group)} entries for a proxy listener's
+        L{anyproxy.auth.UserDatabase}: its own user (group C{default}) and
+        every C{gateway.users} entry.
+        """
+        entries = []
+        if listener is not None and listener.auth_username:
+            entries.append((listener.auth_username, listener.auth_password, DEFAULT_GROUP))
+        entries.extend((u.username, u.password, u.group) for u in self.users)
+        return entries
+
+    def port_allowed(self, port):
+        """Whether a client may ask this gateway to open C{port}."""
+        return any(low <= port <= high for low, high in self.open_ports_allowed)
+
+
+@attr.s(frozen=True, slots=True)
+class OpenPortConfig:
+    """One C{client.open_ports} entry: the gateway listens, we forward."""
+
+    remote_port = attr.ib()
+    local_host = attr.ib()
+    local_port = attr.ib()
+    protocol = attr.ib(default="tcp")
+
+
+@attr.s(frozen=True, slots=True)
+class ClientConfig:
+    """
+    The client section.  C{gateway_addrs} is a tuple of C{(host, port)};
+    file paths are absolute or C{None} (C{gateway_tls_cert} C{None}: trust
+    the platform's CA store).
+    """
+
+    gateway_addrs = attr.ib()
+    gateway_tls_cert = attr.ib(default=None)
+    gateway_server_name = attr.ib(default=None)
+    client_id = attr.ib(default="")
+    group_id = attr.ib(default=DEFAULT_GROUP)
+    group_password = _secret()
+    replicas = attr.ib(default=1)
+    max_concurrent_conns = attr.ib(default=100)
+    auth_username = attr.ib(default="")
+    auth_password = _secret()
+    policy = attr.ib(factory=AccessPolicy)
+    tls_cert = attr.ib(default=None)
+    tls_key = attr.ib(default=None)
+    insecure_skip_verify = attr.ib(default=False)
+    allow_udp = attr.ib(default=True)
+    connect_timeout = attr.ib(default=10.0)
+    idle_timeout = attr.ib(default=300.0)
+    ping_interval = attr.ib(default=10.0)
+    open_ports = attr.ib(default=())
+    metrics_addr = attr.ib(default="")
+    metrics_endpoint = attr.ib(default=None)
+    reconnect_initial_delay = attr.ib(default=1.0)
+    reconnect_max_delay = attr.ib(default=60.0)
+
+    def server_name_for(self, host):
+        """The TLS server name to verify when dialing gateway C{host}."""
+        return self.gateway_server_name or host
+
+
+@attr.s(frozen=True, slots=True)
+class LogConfig:
+    """Logging: level, C{text}/C{json}, and a file (C{None} = stdout)."""
+
+    level = attr.ib(default="info")
+    format = attr.ib(default="text")
+    file = attr.ib(default=None)
+
+
+@attr.s(frozen=True, slots=True)
+class Config:
+    """A whole config file.  C{gateway}/C{client} are C{None} when absent."""
+
+    path = attr.ib()
+    proxy = attr.ib(factory=ProxyConfig)
+    gateway = attr.ib(default=None)
+    client = attr.ib(default=None)
+    log = attr.ib(factory=LogConfig)
+
+    def require_gateway(self):
+        """The L{GatewayConfig}, or L{ConfigError} if the section is absent."""
+        if self.gateway is None:
+            raise ConfigError("%s: gateway: section missing (the gateway needs "
+                              "listen_addr, tls_cert and tls_key)" % (self.path,))
+        return self.gateway
+
+    def require_client(self):
+        """The L{ClientConfig}, or L{ConfigError} if the section is absent."""
+        if self.client is None:
+            raise ConfigError("%s: client: section missing (the client needs "
+                              "gateway_addr)" % (self.path,))
+        return self.client
+
+    def gateway_users_for(self, listener):
+        """
+        C{[(username, password, group)]} for a proxy listener's user
+        database: the listener's own user plus C{gateway.users}.
+        """
+        if self.gateway is not None:
+            return self.gateway.users_for(listener)
+        if listener is not None and listener.auth_username:
+            return [(listener.auth_username, listener.auth_password, DEFAULT_GROUP)]
+        return []
+
+
+# ---------------------------------------------------------------------------
+# Address conversions (pure; raise ValueError)
+
+def _split_endpoint(text):
+    """Split a Twisted endpoint string on unescaped colons."""
+    parts, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _check_port(text, low=0):
+    if not (isinstance(text, str) and text.isascii() and text.isdigit()) or not low <= int(text) <= 65535:
+        raise ValueError("bad port %r (want %d-65535)" % (text, low))
+    return int(text)
+
+
+def _is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_endpoint(text):
+    """Validate a Twisted endpoint string; return whether it is local-only."""
+    kind, *args = _split_endpoint(text)
+    positional = [a for a in args if "=" not in a]
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    if kind == "unix":
+        if not ((positional and positional[0]) or options.get("address")):
+            raise ValueError("unix endpoint needs a socket path")
+        return True
+    if kind == "systemd":
+        return False
+    _check_port(positional[0] if positional else options.get("port", ""))
+    if kind == "ssl" and not options.get("privateKey"):
+        raise ValueError("ssl endpoint needs privateKey=")
+    return _is_loopback(options.get("interface", ""))
+
+
+def listen_endpoint(text):
+    """
+    Convert a C{listen_addr} to C{(endpoint string, local-only)}.
+
+    C{host:port} -> C{tcp:port:interface=host}, C{[::1]:port} ->
+    C{tcp6:port:interface=\\:\\:1}, C{:port} -> C{tcp:port}, and a string
+    starting with a known endpoint type passes through unchanged.
+
+    @raise ValueError: with the reason.
+    """
+    kind = text.split(":", 1)[0]
+    if kind in ENDPOINT_TYPES and ":" in text:
+        return text, _check_endpoint(text)
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError("expected [IPv6]:port, got %r" % (text,))
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        raise ValueError("expected host:port, :port or an endpoint string such as "
+                         "tcp:1080:interface=127.0.0.1, got %r (IPv6 goes in brackets)" % (text,))
+    port = _check_port(port)
+    if not host:
+        return "tcp:%d" % (port,), False
+    try:
+        address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        raise ValueError("%r is not an IP address or localhost (endpoint types: %s)"
+                         % (host, ", ".join(ENDPOINT_TYPES))) from None
+    if address.version == 6:
+        return "tcp6:%d:interface=%s" % (port, str(address).replace(":", "\\:")), address.is_loopback
+    return "tcp:%d:interface=%s" % (port, address), address.is_loopback
+
+
+def dial_address(text):
+    """C{host:port} or C{[v6]:port} -> C{(host, port)}; raise ValueError."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError("expected [IPv6]:port, got %r" % (text,))
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        raise ValueError("expected host:port, got %r" % (text,))
+    if not host or any(c.isspace() or c in "/@" for c in host):
+        raise ValueError("bad host in %r" % (text,))
+    return host, _check_port(port, low=1)
+
+
+def port_range(value):
+    """C{9001}, C{"9001"} or C{"9000-9100"} -> C{(low, high)}."""
+    text = str(value).strip() if not isinstance(value, bool) else ""
+    low, _, high = text.partition("-")
+    low = _check_port(low.strip(), low=1)
+    high = _check_port(high.strip(), low=1) if high else low
+    if high < low:
+        raise ValueError("empty port range %r" % (text,))
+    return low, high
+
+
+# ---------------------------------------------------------------------------
+# The loader: typed reads of one mapping, with the key path for errors
+
+_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number",
+               str: "a string", list: "a list", dict: "a mapping", type(None): "nothing"}
+
+
+def _type_name(value):
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (the later one would win)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "duplicate key %r" % (key,), key_node.start_mark)
+            seen.add(key)
+        except TypeError:
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+@attr.s
+class _Reader:
+    """The file being loaded: where errors point and how paths resolve."""
+
+    source = attr.ib()
+    base_dir = attr.ib()
+    check_files = attr.ib()
+
+    def fail(self, path, problem):
+        problem = " ".join(str(problem).split())
+        raise ConfigError("%s: %s: %s" % (self.source, path, problem) if path
+                          else "%s: %s" % (self.source, problem))
+
+
+@attr.s
+class _Node:
+    """One mapping in the file, with its key path."""
+
+    reader = attr.ib()
+    path = attr.ib()
+    data = attr.ib()
+    check_files = attr.ib(default=True)
+
+    @classmethod
+    def of(cls, reader, path, value, known, check_files=True):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            reader.fail(path, "expected a mapping, got %s" % (_type_name(value),))
+        for key in value:
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), known, n=1)
+                reader.fail(_join(path, key), "unknown key%s" % (
+                    " (did you mean %r?)" % (hint[0],) if hint else
+                    " (expected one of: %s)" % (", ".join(known),)))
+        return cls(reader, path, value, check_files)
+
+    def key(self, key):
+        return _join(self.path, key)
+
+    def fail(self, key, problem):
+        self.reader.fail(self.key(key), problem)
+
+    def get(self, key, types, default, what):
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            self.fail(key, "expected %s, got %s" % (what, _type_name(value)))
+        return value
+
+    def string(self, key, default=""):
+        value = self.get(key, (str,), default, "a string (quote numbers)")
+        # Passwords keep their spaces; everything else is trimmed.
+        return value.strip() if isinstance(value, str) and "password" not in key else value
+
+    def boolean(self, key, default):
+        return self.get(key, (bool,), default, "true or false")
+
+    def integer(self, key, default, low=0, high=None):
+        value = self.get(key, (int,), default, "an integer")
+        if value < low or (high is not None and value > high):
+            self.fail(key, "%d is out of range (%d-%s)" % (value, low, high or "..."))
+        return value
+
+    def number(self, key, default, positive=False):
+        try:
+            value = float(self.get(key, (int, float), default, "a number of seconds"))
+        except OverflowError:
+            value = float("inf")
+        if value < 0 or (positive and value == 0) or value != value or value == float("inf"):
+            self.fail(key, "must be %s, got %r" % ("> 0" if positive else ">= 0", value))
+        return value
+
+    def choice(self, key, default, choices, aliases=None):
+        value = self.get(key, (str,), default, "one of: %s" % (", ".join(choices),)).strip().lower()
+        value = (aliases or {}).get(value, value)
+        if value not in choices:
+            self.fail(key, "%r is not one of: %s" % (value, ", ".join(choices)))
+        return value
+
+    def items(self, key):
+        value = self.get(key, (list,), [], "a list")
+        return [("%s[%d]" % (self.key(key), i), item) for i, item in enumerate(value)]
+
+    def child(self, key, known, check_files=None):
+        check = self.check_files if check_files is None else check_files
+        return _Node.of(self.reader, self.key(key), self.data.get(key), known, check)
+
+    def file(self, key, required=False):
+        value = self.string(key)
+        if not value:
+            if required:
+                self.fail(key, "required (path to a PEM file)")
+            return None
+        path = os.path.normpath(os.path.join(self.reader.base_dir, os.path.expanduser(value)))
+        if self.check_files and self.reader.check_files and not os.path.isfile(path):
+            self.fail(key, "file not found: %s (relative paths are relative to the "
+                           "config file's directory)" % (path,))
+        return path
+
+    def listen(self, key):
+        """C{(raw listen_addr, endpoint, local)}; endpoint C{None} if empty."""
+        value = self.get(key, (str, int), "", "a string such as ':1080'")
+        raw = (":%d" % value) if isinstance(value, int) else value.strip()
+        if not raw:
+            return raw, None, False
+        try:
+            endpoint, local = listen_endpoint(raw)
+        except ValueError as e:
+            self.fail(key, e)
+        return raw, endpoint, local
+
+    def credentials(self, user_key, password_key):
+        username, password = self.string(user_key), self.string(password_key)
+        if bool(username) != bool(password):
+            self.fail(password_key if username else user_key,
+                      "set both %s and %s, or neither" % (user_key, password_key))
+        return username, password
+
+
+def _join(path, key):
+    return "%s.%s" % (path, key) if path else str(key)
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+_LISTENER_KEYS = ("listen_addr", "auth_username", "auth_password", "allow_anonymous")
+
+
+def _listener(node):
+    raw, endpoint, local = node.listen("listen_addr")
+    username, password = node.credentials("auth_username", "auth_password")
+    allow_anonymous = node.boolean("allow_anonymous", False)
+    if endpoint is None:
+        return None
+    return ListenerConfig(endpoint, username, password, allow_anonymous, raw, local)
+
+
+def _proxy(node):
+    return ProxyConfig(socks5=_listener(node.child("socks5", _LISTENER_KEYS)),
+                       http=_listener(node.child("http", _LISTENER_KEYS)))
+
+
+_GATEWAY_KEYS = (
+    "listen_addr", "tls_cert", "tls_key", "auth_username", "auth_password", "client_ca",
+    "users", "balance", "ping_interval", "no_tunnel_wait", "handshake_timeout",
+    "open_ports_allowed", "max_conns_per_user", "metrics_addr", "status_addr",
+    "status_username", "status_password")
+
+
+def _users(node):
+    users, seen = [], set()
+    for path, item in node.items("users"):
+        entry = _Node.of(node.reader, path, item, ("username", "password", "group"))
+        username = entry.string("username")
+        if not username:
+            entry.fail("username", "required")
+        if username in seen:
+            entry.fail("username", "duplicate user %r" % (username,))
+        if not entry.string("password"):
+            entry.fail("password", "required")
+        seen.add(username)
+        users.append(UserConfig(username, entry.string("password"),
+                                entry.string("group", DEFAULT_GROUP) or DEFAULT_GROUP))
+    return tuple(users)
+
+
+def _gateway(node):
+    raw, endpoint, _ = node.listen("listen_addr")
+    if endpoint is None:
+        node.fail("listen_addr", "required, e.g. ':8443'")
+    if endpoint.startswith("ssl:"):
+        node.fail("listen_addr", "the gateway adds TLS itself from tls_cert/tls_key; "
+                                 "use host:port or a tcp: endpoint")
+    username, password = node.credentials("auth_username", "auth_password")
+    client_ca = node.file("client_ca")
+    if not username and client_ca is None:
+        node.fail("auth_username", "required (or client_ca): otherwise anyone could "
+                                   "register as a client and receive user traffic")
+    ranges = []
+    for path, item in node.items("open_ports_allowed"):
+        try:
+            ranges.append(port_range(item))
+        except ValueError as e:
+            node.reader.fail(path, e)
+    metrics_addr, metrics_endpoint, _ = node.listen("metrics_addr")
+    status_addr, status_endpoint, _ = node.listen("status_addr")
+    status_username, status_password = node.credentials("status_username", "status_password")
+    if status_endpoint and not status_username:
+        node.fail("status_username", "required when status_addr is set")
+    return GatewayConfig(
+        endpoint=endpoint, listen_addr=raw,
+        tls_cert=node.file("tls_cert", required=True),
+        tls_key=node.file("tls_key", required=True),
+        auth_username=username, auth_password=password, client_ca=client_ca,
+        users=_users(node), balance=node.choice("balance", "least_streams", BALANCE_POLICIES),
+        ping_interval=node.number("ping_interval", 10.0, positive=True),
+        no_tunnel_wait=node.number("no_tunnel_wait", 3.0),
+        handshake_timeout=node.number("handshake_timeout", 10.0, positive=True),
+        open_ports_allowed=tuple(ranges),
+        max_conns_per_user=node.integer("max_conns_per_user", 0),
+        metrics_addr=metrics_addr, metrics_endpoint=metrics_endpoint,
+        status_addr=status_addr, status_endpoint=status_endpoint,
+        status_username=status_username, status_password=status_password)
+
+
+_CLIENT_KEYS = (
+    "gateway_addr", "gateway_tls_cert", "gateway_server_name", "client_id", "group_id",
+    "group_password", "replicas", "max_concurrent_conns", "auth_username", "auth_password",
+    "forbidden_hosts", "limit", "tls_cert", "tls_key", "insecure_skip_verify", "allow_udp",
+    "connect_timeout", "idle_timeout", "ping_interval", "open_ports", "metrics_addr",
+    "reconnect_initial_delay", "reconnect_max_delay")
+_OPEN_PORT_KEYS = ("remote_port", "local_host", "local_port", "protocol")
+
+
+def _gateway_addrs(node):
+    value = node.data.get("gateway_addr")
+    if isinstance(value, str):
+        items = [(node.key("gateway_addr"), value)]
+    elif value is None or isinstance(value, list):
+        items = node.items("gateway_addr")
+    else:
+        node.fail("gateway_addr", "expected 'host:port' or a list of them, got %s"
+                  % (_type_name(value),))
+    if not items or not any(isinstance(v, str) and v.strip() for _, v in items):
+        node.fail("gateway_addr", "required, e.g. 'gateway.example.com:8443'")
+    addrs = []
+    for path, item in items:
+        if not isinstance(item, str):
+            node.reader.fail(path, "expected a string 'host:port', got %s" % (_type_name(item),))
+        try:
+            addrs.append(dial_address(item.strip()))
+        except ValueError as e:
+            node.reader.fail(path, e)
+    return tuple(addrs)
+
+
+def _policy(node, allow_udp):
+    forbidden, allowed = [], []
+    for path, item in node.items("forbidden_hosts"):
+        try:
+            forbidden.append(HostRule.parse(item))
+        except ValueError as e:
+            node.reader.fail(path, e)
+    for path, item in node.items("limit"):
+        if isinstance(item, str):
+            item = {"addr": item}
+        entry = _Node.of(node.reader, path, item, ("name", "addr", "protocol"))
+        name, addr = entry.string("name"), entry.string("addr")
+        if not addr:
+            entry.fail("addr", "required, e.g. 'localhost:8080'")
+        try:
+            rule = HostRule.parse(addr)
+        except ValueError as e:
+            entry.fail("addr", e)
+        protocol = entry.choice("protocol", "both", ("tcp", "udp", "both"))
+        allowed.append(LimitRule(name, rule, protocol))
+    return AccessPolicy(forbidden=tuple(forbidden), allowed=tuple(allowed), allow_udp=allow_udp)
+
+
+def _open_ports(node):
+    ports = []
+    for path, item in node.items("open_ports"):
+        entry = _Node.of(node.reader, path, item, _OPEN_PORT_KEYS)
+        for key in ("remote_port", "local_port"):
+            if entry.data.get(key) is None:
+                entry.fail(key, "required")
+        ports.append(OpenPortConfig(
+            remote_port=entry.integer("remote_port", 0, 1, 65535),
+            local_host=entry.string("local_host", "localhost") or "localhost",
+            local_port=entry.integer("local_port", 0, 1, 65535),
+            protocol=entry.choice("protocol", "tcp", ("tcp", "udp"))))
+    return tuple(ports)
+
+
+def _client(node):
+    username, password = node.credentials("auth_username", "auth_password")
+    tls_cert, tls_key = node.file("tls_cert"), node.file("tls_key")
+    if (tls_cert is None) != (tls_key is None):
+        node.fail("tls_key" if tls_cert else "tls_cert", "set both tls_cert and tls_key, or neither")
+    allow_udp = node.boolean("allow_udp", True)
+    metrics_addr, metrics_endpoint, _ = node.listen("metrics_addr")
+    return ClientConfig(
+        gateway_addrs=_gateway_addrs(node),
+        gateway_tls_cert=node.file("gateway_tls_cert"),
+        gateway_server_name=node.string("gateway_server_name") or None,
+        client_id=node.string("client_id") or socket.gethostname(),
+        group_id=node.string("group_id", DEFAULT_GROUP) or DEFAULT_GROUP,
+        group_password=node.string("group_password"),
+        replicas=node.integer("replicas", 1, 1, 64),
+        max_concurrent_conns=node.integer("max_concurrent_conns", 100),
+        auth_username=username, auth_password=password,
+        policy=_policy(node, allow_udp), tls_cert=tls_cert, tls_key=tls_key,
+        insecure_skip_verify=node.boolean("insecure_skip_verify", False),
+        allow_udp=allow_udp,
+        connect_timeout=node.number("connect_timeout", 10.0, positive=True),
+        idle_timeout=node.number("idle_timeout", 300.0),
+        ping_interval=node.number("ping_interval", 10.0, positive=True),
+        open_ports=_open_ports(node),
+        metrics_addr=metrics_addr, metrics_endpoint=metrics_endpoint,
+        reconnect_initial_delay=node.number("reconnect_initial_delay", 1.0, positive=True),
+        reconnect_max_delay=node.number("reconnect_max_delay", 60.0, positive=True))
+
+
+def _log(node):
+    file = node.string("file")
+    return LogConfig(
+        level=node.choice("level", "info", LOG_LEVELS, {"warning": "warn"}),
+        format=node.choice("format", "text", LOG_FORMATS),
+        file=os.path.normpath(os.path.join(node.reader.base_dir, file)) if file else None)
+
+
+def _cross_check(node, proxy, gateway):
+    """Listener users must not clash with gateway.users; anonymous needs opt-in."""
+    users = gateway.users if gateway is not None else ()
+    names = set(user.username for user in users)
+    for name, listener in proxy.listeners():
+        if listener.auth_username in names:
+            node.reader.fail("proxy.%s.auth_username" % (name,), "user %r is also in "
+                             "gateway.users" % (listener.auth_username,))
+        if not (listener.local or listener.auth_username or users or listener.allow_anonymous):
+            node.reader.fail("proxy.%s.listen_addr" % (name,),
+                             "%r is not loopback and has no credentials: set auth_username/"
+                             "auth_password (or gateway.users), or allow_anonymous: true"
+                             % (listener.listen_addr,))
+
+
+def _read_yaml(reader, path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_StrictLoader)
+    except OSError as e:
+        reader.fail("", "cannot read: %s" % (e.strerror or e,))
+    except UnicodeDecodeError:
+        reader.fail("", "not UTF-8 text")
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = "line %d, column %d: " % (mark.line + 1, mark.column + 1) if mark else ""
+        reader.fail("", "%sbad YAML: %s" % (where, e.problem or e.context))
+    except yaml.YAMLError as e:
+        reader.fail("", "bad YAML: %s" % (e,))
+
+
+def load_config(path, check_files=True, role=None):
+    """
+    Load and check one YAML config file.
+
+    @param path: the file.  Relative file paths inside it resolve against
+        its directory; the returned paths are absolute.
+    @param check_files: C{False} skips checking that cert/key files exist.
+    @param role: C{"gateway"} or C{"client"} to check only the files that
+        program uses (a shared single file need not hold the other side's
+        key); C{None} checks all.  Every section is still validated.
+    @return: a L{Config}.
+    @raise ConfigError: one line naming the file and key.
+    """
+    reader = _Reader(path, os.path.dirname(os.path.abspath(path)), check_files)
+    root = _Node.of(reader, "", _read_yaml(reader, path), ("proxy", "gateway", "client", "log"))
+    proxy = _proxy(root.child("proxy", ("socks5", "http")))
+    gateway = client = None
+    if root.data.get("gateway") is not None:
+        gateway = _gateway(root.child("gateway", _GATEWAY_KEYS, role in (None, GATEWAY)))
+    if root.data.get("client") is not None:
+        client = _client(root.child("client", _CLIENT_KEYS, role in (None, CLIENT)))
+    _cross_check(root, proxy, gateway)
+    log = _log(root.child("log", ("level", "format", "file")))
+    return Config(path=os.path.abspath(path), proxy=proxy, gateway=gateway, client=client, log=log)

@@ -1,0 +1,468 @@
+# -*- test-case-name: tests.test_http_proxy -*-
+"""
+The HTTP proxy frontend: CONNECT tunnels and absolute-URI forwarding.
+
+h11 does all HTTP/1.1 parsing and framing on the user's connection; this
+module only decides what each request means.  The protocol is a small
+event pump over one h11 server connection:
+
+  - a request head is authenticated (every request, when users are
+    configured), then its target parsed;
+  - CONNECT opens a stream, answers 200 and becomes a L{SpliceEnd} over the
+    same transport (h11's C{trailing_data} is what the user already sent);
+  - an absolute-URI request is handed to a L{ForwardExchange}, which relays
+    it over its own stream and answers through L{respond};
+  - any answer we make ourselves (407, 400, 502...) is followed by reading
+    and dropping the rest of the request body, so the connection stays usable
+    for the next request (curl retries a 407 on the same connection).
+
+Reading from the user is paused through one L{_ReadGate} that ORs
+independent reasons (upstream backpressure, a stream still opening, a
+pipelined request waiting for our answer), so one reason's resume never undoes
+another's pause.  A handshake timer closes users that do not finish a request
+head in time, including idle keep-alive connections.
+"""
+
+import h11
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from anyproxy.auth import ANONYMOUS
+from anyproxy.frontends.http_forward import ForwardExchange, describe_open_failure
+from anyproxy.frontends.http_messages import (
+    MAX_HEAD_SIZE,
+    BadTarget,
+    error_response,
+    format_authority,
+    parse_absolute_uri,
+    parse_authority,
+    parse_basic_credentials,
+)
+from anyproxy.splice import SpliceEnd, splice
+
+_log = Logger()
+
+# Bytes a user may send after CONNECT before the tunnel is open; past this we
+# stop reading until it opens or fails.
+CONNECT_HIGH_WATER = 64 * 1024
+
+# Request body we read and throw away after answering early (407, 502...):
+# reading it keeps the connection usable; past this, closing is cheaper.
+DISCARD_LIMIT = 1024 * 1024
+
+
+@implementer(IPushProducer)
+class _GateProducer:
+    """Lets a transport pause user reads under one L{_ReadGate} reason."""
+
+    def __init__(self, gate, reason):
+        self._gate = gate
+        self._reason = reason
+
+    def pauseProducing(self):
+        self._gate.pause(self._reason)
+
+    def resumeProducing(self):
+        self._gate.resume(self._reason)
+
+    def stopProducing(self):
+        # The consumer went away; our own cleanup handles the user side.
+        self._gate.resume(self._reason)
+
+
+class _ReadGate:
+    """Reading from the user is paused while any reason holds."""
+
+    def __init__(self, transport):
+        self._transport = transport
+        self._reasons = set()
+        self.closed = False
+
+    def pause(self, reason):
+        if not self._reasons and not self.closed:
+            self._transport.pauseProducing()
+        self._reasons.add(reason)
+
+    def resume(self, reason):
+        if reason not in self._reasons:
+            return
+        self._reasons.discard(reason)
+        if not self._reasons and not self.closed:
+            self._transport.resumeProducing()
+
+
+@implementer(IHalfCloseableProtocol)
+class HttpProxyProtocol(Protocol):
+    """One user connection of the HTTP proxy.  Configuration is on C{factory}."""
+
+    _exchange = None
+    _connect_target = None
+    _opening = None
+    _tunnel = None
+    _timer = None
+    _closing = False
+    _closed = False
+    _pumping = False
+
+    def __init__(self):
+        self._server = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
+        self._user = None
+        self._method = None
+        self._target_for_log = None
+        self._discarded = 0
+        self._connect_backlog = 0
+
+    @property
+    def user_http_version(self):
+        """The HTTP version of the user's current request (bytes)."""
+        return self._server.their_http_version or b"1.0"
+
+    # -- Twisted protocol ---------------------------------------------------
+
+    def connectionMade(self):
+        self._gate = _ReadGate(self.transport)
+        peer = self.transport.getPeer()
+        self._peer = "%s:%s" % (getattr(peer, "host", "?"), getattr(peer, "port", "?"))
+        self._arm_timer()
+
+    def dataReceived(self, data):
+        if self._tunnel is not None:
+            self._tunnel.dataReceived(data)
+            return
+        if self._closing:
+            return
+        self._server.receive_data(data)
+        if self._opening is not None and self._connect_target is not None:
+            # h11 holds these bytes (it is PAUSED until we answer CONNECT).
+            self._connect_backlog += len(data)
+            if self._connect_backlog > CONNECT_HIGH_WATER:
+                self._gate.pause("connect")
+        self._pump()
+
+    def readConnectionLost(self):
+        if self._tunnel is not None:
+            self._tunnel.readConnectionLost()
+            return
+        # A user may half-close after its request and still read the answer.
+        self._server.receive_data(b"")
+        self._pump()
+
+    def writeConnectionLost(self):
+        if self._tunnel is not None:
+            self._tunnel.writeConnectionLost()
+        else:
+            self._close()
+
+    def connectionLost(self, reason):
+        self._closed = self._closing = True
+        self._gate.closed = True
+        self._cancel_timer()
+        if self._tunnel is not None:
+            self._tunnel.connectionLost(reason)
+        if self._opening is not None:
+            opening, self._opening = self._opening, None
+            opening.cancel()
+        if self._exchange is not None:
+            exchange, self._exchange = self._exchange, None
+            exchange.user_lost()
+
+    # -- what ForwardExchange uses ------------------------------------------
+
+    def open_stream(self, host, port, protocol):
+        """
+        Connect C{protocol} to C{host:port} through the factory's C{endpoint_for}.
+
+        @return: a L{Deferred} firing with C{protocol}, or failing (typically
+            with L{anyproxy.errors.StreamOpenError}).
+        """
+        endpoint_for = self.factory.endpoint_for
+        return maybeDeferred(
+            lambda: connectProtocol(endpoint_for(self._user, host, port), protocol)
+        )
+
+    def respond(self, event):
+        """Send an h11 event to the user."""
+        data = self._server.send(event)
+        if data and not self._closed:
+            self.transport.write(data)
+
+    def pause_reading(self, reason):
+        """Stop reading from the user until L{resume_reading} with C{reason}."""
+        self._gate.pause(reason)
+
+    def resume_reading(self, reason):
+        """Withdraw one reason to stop reading from the user."""
+        self._gate.resume(reason)
+
+    def reading_producer(self, reason):
+        """An C{IPushProducer} for a consumer that throttles user reads."""
+        return _GateProducer(self._gate, reason)
+
+    def forward_done(self, exchange):
+        """C{exchange} relayed a whole response."""
+        self._exchange = None
+        self._gate.resume("opening")
+        self._log_request(exchange.status)
+        self._after_response()
+
+    def forward_failed(self, exchange, status, text):
+        """C{exchange} failed; answer C{status} unless its response already began."""
+        self._exchange = None
+        self._gate.resume("opening")
+        if exchange.response_started or self._server.our_state is not h11.SEND_RESPONSE:
+            _log.info(
+                "{user} {method} {target}: upstream failed mid-response ({text})",
+                user=self._user_name(), method=self._method,
+                target=self._target_for_log, text=text,
+            )
+            self._close()
+        else:
+            self._reject(status, text)
+
+    # -- the event pump -----------------------------------------------------
+
+    def _pump(self):
+        # Re-entrant calls (an answer sent from inside an event handler) are
+        # absorbed: the loop below polls h11 again after every event anyway.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while not self._closing and self._tunnel is None:
+                try:
+                    event = self._server.next_event()
+                except h11.RemoteProtocolError as error:
+                    self._bad_request(error.error_status_hint)
+                    return
+                if event is h11.NEED_DATA:
+                    return
+                if event is h11.PAUSED:
+                    if self._server.their_state is h11.DONE:
+                        # A pipelined request: hold it until we have answered.
+                        self._gate.pause("pipeline")
+                    return
+                self._handle(event)
+        finally:
+            self._pumping = False
+
+    def _handle(self, event):
+        if isinstance(event, h11.Request):
+            self._cancel_timer()
+            self._handle_request(event)
+        elif isinstance(event, h11.Data):
+            if self._exchange is not None:
+                self._exchange.request_data(event.data)
+            else:
+                self._discard(len(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            if self._exchange is not None:
+                self._exchange.request_done()
+            elif self._connect_target is not None:
+                self._open_tunnel()
+            else:
+                self._after_response()
+        elif isinstance(event, h11.ConnectionClosed):
+            if self._exchange is None and self._opening is None:
+                self._close()
+            # Otherwise an answer is on its way; h11 makes us close after it.
+
+    def _handle_request(self, request):
+        self._method = request.method.decode("ascii", "replace")
+        self._target_for_log = "-"
+        self._user = self._authenticate(request)
+        if self._user is None:
+            realm = self.factory.realm.replace("\\", "\\\\").replace('"', '\\"')
+            self._reject(
+                407,
+                "proxy authentication required",
+                [(b"Proxy-Authenticate", ('Basic realm="%s"' % (realm,)).encode("utf-8"))],
+            )
+            return
+        try:
+            if request.method == b"CONNECT":
+                host, port = parse_authority(request.target)
+                self._target_for_log = format_authority(host, port).decode("ascii")
+                # The stream opens once h11 has seen the end of the request.
+                self._connect_target = (host, port)
+            else:
+                target = parse_absolute_uri(request.target)
+                self._target_for_log = target.for_log()
+                self._exchange = ForwardExchange(self, request, target)
+                self._exchange.start()
+        except BadTarget as error:
+            self._reject(400, str(error))
+
+    def _authenticate(self, request):
+        users = self.factory.users
+        if not users.required:
+            return ANONYMOUS
+        credentials = parse_basic_credentials(request.headers)
+        if credentials is None:
+            return None
+        return users.authenticate(*credentials)
+
+    # -- CONNECT --------------------------------------------------------------
+
+    def _open_tunnel(self):
+        host, port = self._connect_target
+        upstream = SpliceEnd()
+        self._connect_backlog = 0
+        self._opening = self.open_stream(host, port, upstream)
+        self._opening.addCallbacks(self._tunnel_opened, self._tunnel_failed)
+
+    def _tunnel_opened(self, upstream):
+        self._opening = None
+        self._connect_target = None
+        if self._closing:
+            # The user left and the endpoint could not cancel in time.
+            upstream.transport.loseConnection()
+            return
+        self.respond(h11.Response(status_code=200, reason=b"Connection established", headers=[]))
+        self._log_request(200)
+        self._gate.resume("connect")
+        self._cancel_timer()
+        data, user_eof = self._server.trailing_data
+        user_end = SpliceEnd(initial_data=data)
+        user_end.makeConnection(self.transport)
+        self._tunnel = user_end
+        splice(user_end, upstream)
+        if user_eof:
+            user_end.readConnectionLost()
+
+    def _tunnel_failed(self, failure):
+        self._opening = None
+        self._connect_target = None
+        if self._closing:
+            return
+        self._gate.resume("connect")
+        status, text = describe_open_failure(failure)
+        # Whatever the user sent after CONNECT is now parsed as HTTP.
+        self._reject(status, text)
+
+    # -- answers of our own ---------------------------------------------------
+
+    def _reject(self, status, text, headers=()):
+        """Answer the current request ourselves, keeping the connection if we can."""
+        server = self._server
+        close = False
+        if server.their_state is h11.SEND_BODY and server.they_are_waiting_for_100_continue:
+            # The body will never come (no 100 Continue): framing is lost.
+            close = True
+        response, body = error_response(status, text, headers, close=close)
+        self.respond(response)
+        self.respond(h11.Data(data=body))
+        self.respond(h11.EndOfMessage())
+        self._discarded = 0
+        self._log_request(status)
+        self._after_response()
+
+    def _bad_request(self, status):
+        # Never log h11's message: it may quote header values (credentials).
+        _log.info("{peer}: malformed request, answering {status}", peer=self._peer, status=status)
+        if self._exchange is not None:
+            exchange, self._exchange = self._exchange, None
+            exchange.user_lost()
+            if exchange.response_started:
+                self._close()
+                return
+        if self._server.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            response, body = error_response(status, "malformed request", close=True)
+            self.respond(response)
+            self.respond(h11.Data(data=body))
+            self.respond(h11.EndOfMessage())
+        self._close()
+
+    def _discard(self, size):
+        self._discarded += size
+        if self._discarded > DISCARD_LIMIT:
+            self._close()
+
+    def _after_response(self):
+        """Our answer is complete: close, start the next cycle, or drain the body."""
+        server = self._server
+        if server.our_state is not h11.DONE and server.our_state is not h11.MUST_CLOSE:
+            return
+        if server.our_state is h11.MUST_CLOSE or server.their_state in (
+            h11.MUST_CLOSE,
+            h11.CLOSED,
+            h11.ERROR,
+        ):
+            self._close()
+        elif server.their_state is h11.DONE:
+            server.start_next_cycle()
+            self._gate.resume("pipeline")
+            self._arm_timer()
+            self._pump()
+        # Otherwise the request body is still arriving: _handle discards it
+        # and its EndOfMessage brings us back here.
+
+    def _close(self):
+        if not self._closing:
+            self._closing = True
+            self._cancel_timer()
+            self.transport.loseConnection()
+
+    # -- timer and logging ----------------------------------------------------
+
+    def _arm_timer(self):
+        self._cancel_timer()
+        self._timer = self.factory.reactor.callLater(
+            self.factory.handshake_timeout, self._timed_out
+        )
+
+    def _cancel_timer(self):
+        if self._timer is not None:
+            timer, self._timer = self._timer, None
+            if timer.active():
+                timer.cancel()
+
+    def _timed_out(self):
+        self._timer = None
+        _log.info(
+            "{peer}: no complete request head within {timeout}s, closing",
+            peer=self._peer, timeout=self.factory.handshake_timeout,
+        )
+        self._close()
+
+    def _user_name(self):
+        if self._user is None:
+            return "-"
+        return self._user.name or "anonymous"
+
+    def _log_request(self, status):
+        _log.info(
+            "{peer} {user} {method} {target} {status}",
+            peer=self._peer, user=self._user_name(), method=self._method,
+            target=self._target_for_log, status=status,
+        )
+
+
+class HttpProxyFactory(ServerFactory):
+    """
+    The HTTP proxy listener: CONNECT tunnels and absolute-URI http forwarding,
+    every stream opened through C{endpoint_for}.
+    """
+
+    protocol = HttpProxyProtocol
+
+    def __init__(self, users, endpoint_for, reactor, handshake_timeout=30.0, realm="anyproxy"):
+        """
+        @param users: a L{anyproxy.auth.UserDatabase}; when it has no users
+            the proxy is open and everyone is L{ANONYMOUS}.
+        @param endpoint_for: C{(user, host, port) -> IStreamClientEndpoint};
+            its C{connect} fails with L{anyproxy.errors.StreamOpenError} for
+            the known reasons, anything else answers 502.
+        @param reactor: provides C{callLater} (a C{Clock} in tests).
+        @param handshake_timeout: seconds a user has to send a complete
+            request head, at the start and between keep-alive requests.
+        @param realm: the realm in C{Proxy-Authenticate}.
+        """
+        self.users = users
+        self.endpoint_for = endpoint_for
+        self.reactor = reactor
+        self.handshake_timeout = handshake_timeout
+        self.realm = realm

@@ -1,0 +1,296 @@
+# -*- test-case-name: tests.test_http_proxy -*-
+"""
+Pure helpers of the HTTP proxy: request targets, credentials and headers.
+
+Nothing here does I/O: each function takes h11 events or bytes and returns
+values, so the rules a proxy must get right (RFC 9110 section 7.6.1 on
+hop-by-hop headers, RFC 9112 section 3.2 on request targets) can be read and
+tested in one place.
+"""
+
+import base64
+import binascii
+import ipaddress
+import re
+from http import HTTPStatus
+
+import attr
+import h11
+
+# The largest request head we wait for.  h11 answers 431 once an incomplete
+# head grows past it, so a slowloris user costs at most this much memory.
+MAX_HEAD_SIZE = 16 * 1024
+
+# Origin servers legitimately send larger heads (long Set-Cookie lists).
+MAX_RESPONSE_HEAD_SIZE = 64 * 1024
+
+# Headers that describe one connection, not the message (RFC 9110 7.6.1),
+# plus the framing headers we recompute ourselves on each side.
+HOP_BY_HOP = frozenset(
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ]
+)
+
+_HOST_NAME = re.compile(rb"[A-Za-z0-9._~-]{1,253}")
+_PORT = re.compile(rb"[0-9]{1,5}")
+
+
+class BadTarget(ValueError):
+    """A request target the proxy cannot serve; the message is shown to the user."""
+
+
+@attr.s(frozen=True, slots=True)
+class ForwardTarget:
+    """
+    Where an absolute-URI request goes.
+
+    @ivar host: a host name or IP address, IPv6 without brackets.
+    @ivar port: the TCP port.
+    @ivar path: the origin-form target (path and query), never empty.
+    @ivar path_was_empty: C{True} for C{http://host} with no path at all,
+        which an C{OPTIONS} request forwards as C{*} (RFC 9112 3.2.4).
+    """
+
+    host = attr.ib(type=str)
+    port = attr.ib(type=int)
+    path = attr.ib(type=bytes, default=b"/")
+    path_was_empty = attr.ib(type=bool, default=False)
+
+    @property
+    def authority(self):
+        """The C{Host} header value: the URI's authority."""
+        return format_authority(self.host, self.port, default_port=80)
+
+    def origin_form(self, method):
+        """The request target to send to the origin server."""
+        if method == b"OPTIONS" and self.path_was_empty:
+            return b"*"
+        return self.path
+
+    def for_log(self):
+        """The target without its query string, which may carry secrets."""
+        path = self.path.partition(b"?")[0].decode("ascii", "replace")
+        return "http://%s%s" % (self.authority.decode("ascii"), path)
+
+
+def format_authority(host, port, default_port=None):
+    """
+    C{host:port} as bytes, with brackets around IPv6 and without a default port.
+    """
+    name = "[%s]" % (host,) if ":" in host else host
+    if port == default_port:
+        return name.encode("ascii")
+    return ("%s:%d" % (name, port)).encode("ascii")
+
+
+def parse_authority(authority, default_port=None):
+    """
+    Parse C{host:port}, C{[v6]:port} or (with a default port) a bare host.
+
+    @param authority: bytes from a request target.
+    @param default_port: the port when none is given; C{None} means a port is
+        required (CONNECT).
+    @return: C{(host, port)}, host a C{str} (IPv6 without brackets).
+    @raise BadTarget: the authority is malformed.
+    """
+    if b"@" in authority:
+        # userinfo in a proxy target is a credential leak waiting to happen.
+        raise BadTarget("credentials in the request target are not supported")
+    if authority.startswith(b"["):
+        literal, bracket, rest = authority[1:].partition(b"]")
+        if not bracket:
+            raise BadTarget("unterminated IPv6 address")
+        try:
+            host = str(ipaddress.IPv6Address(literal.decode("ascii")))
+        except (UnicodeDecodeError, ValueError):
+            raise BadTarget("bad IPv6 address") from None
+    else:
+        name, colon, port_text = authority.partition(b":")
+        if not _HOST_NAME.fullmatch(name):
+            raise BadTarget("bad host name")
+        host = name.decode("ascii")
+        rest = colon + port_text
+    if rest in (b"", b":"):
+        if default_port is None:
+            raise BadTarget("a port is required")
+        return host, default_port
+    if not rest.startswith(b":") or not _PORT.fullmatch(rest[1:]):
+        raise BadTarget("bad port")
+    port = int(rest[1:])
+    if not 1 <= port <= 65535:
+        raise BadTarget("bad port")
+    return host, port
+
+
+def parse_absolute_uri(target):
+    """
+    Parse the absolute-form target of a proxied request.
+
+    @param target: the request target bytes, e.g. C{http://example.com/x?y}.
+    @return: a L{ForwardTarget}.
+    @raise BadTarget: origin-form, a scheme other than http, or a bad authority.
+    """
+    scheme, separator, rest = target.partition(b"://")
+    if not separator:
+        if target.startswith(b"/"):
+            raise BadTarget("this is a proxy: send an absolute URI (http://host/path)")
+        raise BadTarget("not an absolute URI")
+    scheme = scheme.lower()
+    if scheme == b"https":
+        raise BadTarget("https goes through CONNECT, not an absolute https URI")
+    if scheme != b"http":
+        raise BadTarget("only http URIs are proxied")
+    end = len(rest)
+    for delimiter in b"/?#":
+        index = rest.find(bytes([delimiter]))
+        if index >= 0:
+            end = min(end, index)
+    authority, path = rest[:end], rest[end:].partition(b"#")[0]
+    host, port = parse_authority(authority, default_port=80)
+    path_was_empty = not path
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return ForwardTarget(host=host, port=port, path=path, path_was_empty=path_was_empty)
+
+
+def parse_basic_credentials(headers):
+    """
+    The C{(username, password)} bytes of a C{Proxy-Authorization: Basic} header.
+
+    @param headers: h11 headers (lower-case names).
+    @return: the pair, or C{None} when the header is missing, repeated, of
+        another scheme or malformed.
+    """
+    values = [value for name, value in headers if name == b"proxy-authorization"]
+    if len(values) != 1:
+        return None
+    scheme, _, token = values[0].strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    username, colon, password = decoded.partition(b":")
+    if not colon:
+        return None
+    return username, password
+
+
+def end_to_end_headers(headers, drop=()):
+    """
+    The headers a proxy may forward, in their original spelling and order.
+
+    Removes L{HOP_BY_HOP} headers, every header named in C{Connection}, every
+    C{Proxy-*} header and the lower-case names in C{drop}.
+
+    @param headers: h11 C{Headers}.
+    @return: a list of C{(name, value)} pairs.
+    """
+    raw = headers.raw_items()
+    listed = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            listed.update(token.strip().lower() for token in value.split(b","))
+    kept = []
+    for name, value in raw:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in listed or lower in drop:
+            continue
+        if lower.startswith(b"proxy-"):
+            continue
+        kept.append((name, value))
+    return kept
+
+
+def _header_values(headers, wanted):
+    return [value for name, value in headers if name == wanted]
+
+
+def upstream_request(request, target):
+    """
+    The request to send to the origin: origin-form, correct C{Host}, no hop-by-hop
+    headers, the user's body framing, and C{Connection: close} since each
+    request gets its own stream.
+
+    @param request: the user's h11 L{h11.Request}.
+    @param target: its L{ForwardTarget}.
+    @return: an L{h11.Request}.
+    """
+    headers = [(b"Host", target.authority)]
+    headers += end_to_end_headers(request.headers, drop=(b"host", b"content-length"))
+    if _header_values(request.headers, b"transfer-encoding"):
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    else:
+        for value in _header_values(request.headers, b"content-length"):
+            headers.append((b"Content-Length", value))
+    headers.append((b"Connection", b"close"))
+    return h11.Request(
+        method=request.method,
+        target=target.origin_form(request.method),
+        headers=headers,
+    )
+
+
+def user_response(response):
+    """
+    The origin's response as relayed to the user, minus hop-by-hop headers.
+
+    Framing is left to the user's h11 connection: a known C{Content-Length}
+    is kept, anything else (chunked or close-delimited) is re-framed by h11.
+    """
+    drop = ()
+    if _header_values(response.headers, b"transfer-encoding"):
+        # Transfer-Encoding beats Content-Length; a stale one must not survive.
+        drop = (b"content-length",)
+    return h11.Response(
+        status_code=response.status_code,
+        reason=response.reason,
+        headers=end_to_end_headers(response.headers, drop=drop),
+    )
+
+
+def user_informational(response):
+    """A 1xx response from the origin as relayed to the user."""
+    return h11.InformationalResponse(
+        status_code=response.status_code,
+        reason=response.reason,
+        headers=end_to_end_headers(response.headers),
+    )
+
+
+def reason_phrase(status):
+    """The standard reason phrase for C{status}, as bytes."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def error_response(status, text, headers=(), close=False):
+    """
+    A short text/plain answer from the proxy itself.
+
+    @return: C{(h11.Response, body bytes)}.
+    """
+    body = text.encode("utf-8") + b"\n"
+    all_headers = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", b"%d" % (len(body),)),
+    ]
+    all_headers.extend(headers)
+    if close:
+        all_headers.append((b"Connection", b"close"))
+    response = h11.Response(
+        status_code=status, reason=reason_phrase(status), headers=all_headers
+    )
+    return response, body

@@ -1,0 +1,324 @@
+# -*- test-case-name: tests.test_socks5 -*-
+"""
+The SOCKS5 proxy listener: a thin Twisted adapter over the sans-I/O
+L{anyproxy.frontends.socks5_parser.Socks5Server}.
+
+A connection goes through three phases:
+
+ - negotiating: bytes feed the parser; greeting, RFC 1929 authentication and
+   the request are answered as they come.  A handshake timeout runs from
+   C{connectionMade} until the request has been read.
+ - opening: reading from the user is paused while
+   C{factory.endpoint_for(user, host, port)} connects (in production a tunnel
+   stream).  Bytes the user sent early are kept and forwarded later.  If the
+   user leaves, the pending connect is cancelled.
+ - spliced: the reply has been sent and the connection is a plain
+   L{SpliceEnd} joined to the target: backpressure and half-close both ways.
+
+Only CONNECT is served for now; BIND and UDP ASSOCIATE get REP 0x07.  Reasons
+become REP codes only through L{anyproxy.errors.socks_reply_code}.  Logs name
+the peer, the user and the target, never a password.
+"""
+
+import ipaddress
+
+from twisted.internet.defer import fail
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from anyproxy.auth import ANONYMOUS
+from anyproxy.errors import StreamOpenError, socks_reply_code
+from anyproxy.frontends.socks5_parser import (
+    CMD_CONNECT,
+    METHOD_NO_AUTH,
+    METHOD_NONE_ACCEPTABLE,
+    METHOD_USERPASS,
+    NEED_DATA,
+    PAUSED,
+    REP_COMMAND_NOT_SUPPORTED,
+    REP_GENERAL_FAILURE,
+    REP_SUCCEEDED,
+    Greeting,
+    Socks5Server,
+    SocksError,
+    SocksStateError,
+    UserPassAuth,
+)
+from anyproxy.splice import SpliceEnd
+
+_NEGOTIATING = "negotiating"
+_OPENING = "opening"
+_SPLICED = "spliced"
+_CLOSING = "closing"
+
+
+def _describe_address(address):
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    if ":" in host:
+        return "[%s]:%s" % (host, address.port)
+    return "%s:%s" % (host, address.port)
+
+
+def _bind_address(address):
+    """BND.ADDR and BND.PORT for our local address (0.0.0.0:0 if not IP)."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", 0)
+    if not isinstance(host, str):
+        return "0.0.0.0", 0
+    host = host.split("%", 1)[0]  # drop an IPv6 scope id
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "0.0.0.0", 0
+    return host, port
+
+
+def _printable_username(username):
+    return username.decode("utf-8", "backslashreplace")
+
+
+class Socks5Protocol(SpliceEnd):
+    """
+    One SOCKS5 user connection.  Reads its configuration from
+    C{self.factory} (a L{Socks5Factory}).
+    """
+
+    _log = Logger()
+
+    def __init__(self):
+        super().__init__()
+        self._parser = Socks5Server()
+        self._phase = _NEGOTIATING
+        self._user = ANONYMOUS
+        self._user_label = "-"
+        self._peer = "?"
+        self._target = "?"
+        self._timeout_call = None
+        self._opening = None
+
+    def connectionMade(self):
+        self._peer = _describe_address(self.transport.getPeer())
+        self._timeout_call = self.factory.reactor.callLater(
+            self.factory.handshake_timeout, self._handshake_timed_out
+        )
+
+    def dataReceived(self, data):
+        if self._phase is _NEGOTIATING:
+            self._parser.receive_data(data)
+            self._process_events()
+        elif self._phase is not _CLOSING:
+            # Opening: SpliceEnd keeps it until joined.  Spliced: forwarded.
+            SpliceEnd.dataReceived(self, data)
+
+    def readConnectionLost(self):
+        if self._phase is _SPLICED:
+            SpliceEnd.readConnectionLost(self)
+        elif self._phase is _OPENING:
+            self._read_closed = True  # passed on once the splice exists
+        else:
+            self._log.debug("SOCKS5 {peer}: closed during the handshake", peer=self._peer)
+            self._close()
+
+    def connectionLost(self, reason):
+        self._cancel_timeout()
+        self._lost = True
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            self._log.info(
+                "SOCKS5 {peer} user {user!r} -> {target}: user left, open cancelled",
+                peer=self._peer,
+                user=self._user_label,
+                target=self._target,
+            )
+            opening.cancel()
+        SpliceEnd.connectionLost(self, reason)
+
+    # negotiation
+
+    def _process_events(self):
+        while self._phase is _NEGOTIATING:
+            try:
+                event = self._parser.next_event()
+            except SocksError as error:
+                self._refuse_malformed(error)
+                return
+            if event is NEED_DATA or event is PAUSED:
+                return
+            if isinstance(event, Greeting):
+                self._on_greeting(event)
+            elif isinstance(event, UserPassAuth):
+                self._on_userpass(event)
+            else:
+                self._on_request(event)
+
+    def _refuse_malformed(self, error):
+        self._log.info("SOCKS5 {peer}: bad handshake: {error}", peer=self._peer, error=str(error))
+        if error.reply_code is not None:
+            try:
+                self.transport.write(self._parser.reply(error.reply_code))
+            except SocksStateError:
+                pass  # no reply is owed in this phase: just close
+        self._close()
+
+    def _on_greeting(self, greeting):
+        if self.factory.users.required:
+            acceptable = (METHOD_USERPASS,)
+        else:
+            # An open listener also takes user/pass: any credentials are accepted.
+            acceptable = (METHOD_NO_AUTH, METHOD_USERPASS)
+        for method in acceptable:
+            if method in greeting.methods:
+                self.transport.write(self._parser.choose_method(method))
+                return
+        self._log.info(
+            "SOCKS5 {peer}: no acceptable method in {methods}",
+            peer=self._peer,
+            methods=list(greeting.methods),
+        )
+        self.transport.write(self._parser.choose_method(METHOD_NONE_ACCEPTABLE))
+        self._close()
+
+    def _on_userpass(self, credentials):
+        self._user_label = _printable_username(credentials.username)
+        user = self.factory.users.authenticate(credentials.username, credentials.password)
+        if user is None:
+            self._log.info(
+                "SOCKS5 {peer}: authentication failed for user {user!r}",
+                peer=self._peer,
+                user=self._user_label,
+            )
+            self.transport.write(self._parser.auth_reply(False))
+            self._close()
+            return
+        self._user = user
+        self.transport.write(self._parser.auth_reply(True))
+
+    def _on_request(self, request):
+        self._cancel_timeout()
+        self._phase = _OPENING
+        self._pending = self._parser.trailing_data[0]
+        host = "[%s]" % (request.host,) if ":" in request.host else request.host
+        self._target = "%s:%d" % (host, request.port)
+        if request.command != CMD_CONNECT:
+            self._log.info(
+                "SOCKS5 {peer} user {user!r}: command {command:#04x} not supported",
+                peer=self._peer,
+                user=self._user_label,
+                command=request.command,
+            )
+            self._reply_and_close(REP_COMMAND_NOT_SUPPORTED)
+            return
+        self.transport.pauseProducing()
+        try:
+            endpoint = self.factory.endpoint_for(self._user, request.host, request.port)
+            opening = connectProtocol(endpoint, SpliceEnd())
+        except Exception:
+            opening = fail()
+        self._opening = opening
+        opening.addCallbacks(self._open_succeeded, self._open_failed)
+        opening.addErrback(self._internal_error)
+
+    # opening
+
+    def _open_succeeded(self, target):
+        self._opening = None
+        if self._lost or self._phase is not _OPENING:
+            target.transport.loseConnection()
+            return
+        if target._lost:
+            self._log.info(
+                "SOCKS5 {peer} -> {target}: target closed at once", peer=self._peer, target=self._target
+            )
+            self._reply_and_close(REP_GENERAL_FAILURE)
+            return
+        self._phase = _SPLICED
+        bind_host, bind_port = _bind_address(self.transport.getHost())
+        self.transport.write(self._parser.reply(REP_SUCCEEDED, bind_host, bind_port))
+        self._log.info(
+            "SOCKS5 {peer} user {user!r} -> {target}: connected",
+            peer=self._peer,
+            user=self._user_label,
+            target=self._target,
+        )
+        # Resume before joining, so a pause asked for by the target side wins.
+        self.transport.resumeProducing()
+        self.join(target)
+        if self._read_closed and not target._lost:
+            target._shut_down_write()
+
+    def _open_failed(self, failure):
+        self._opening = None
+        if self._lost or self._phase is not _OPENING:
+            return None  # the user left and the open was cancelled
+        if failure.check(StreamOpenError):
+            code = socks_reply_code(failure.value.reason)
+            self._log.info(
+                "SOCKS5 {peer} user {user!r} -> {target}: {error}",
+                peer=self._peer,
+                user=self._user_label,
+                target=self._target,
+                error=str(failure.value),
+            )
+        else:
+            code = REP_GENERAL_FAILURE
+            self._log.warn(
+                "SOCKS5 {peer} user {user!r} -> {target}: failed: {error_type}: {error}",
+                peer=self._peer,
+                user=self._user_label,
+                target=self._target,
+                error_type=failure.type.__name__,
+                error=str(failure.value),
+            )
+        self._reply_and_close(code)
+        return None
+
+    def _internal_error(self, failure):
+        self._log.failure("SOCKS5 {peer}: internal error", failure, peer=self._peer)
+        self._close()
+
+    # helpers
+
+    def _reply_and_close(self, code):
+        self.transport.write(self._parser.reply(code))
+        self._close()
+
+    def _close(self):
+        self._phase = _CLOSING
+        self._cancel_timeout()
+        self.transport.loseConnection()
+
+    def _cancel_timeout(self):
+        call, self._timeout_call = self._timeout_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _handshake_timed_out(self):
+        self._timeout_call = None
+        self._log.info("SOCKS5 {peer}: handshake timed out", peer=self._peer)
+        self._close()
+
+
+class Socks5Factory(Factory):
+    """
+    Builds L{Socks5Protocol}s for one SOCKS5 listener.
+
+    @ivar users: the L{anyproxy.auth.UserDatabase}; when C{users.required} is
+        false the listener is open and every user is C{ANONYMOUS}.
+    @ivar endpoint_for: C{endpoint_for(user, host, port)} returns an
+        C{IStreamClientEndpoint} for the target; its C{connect} fails with
+        L{StreamOpenError} for known reasons, anything else is a general
+        failure.  It may also raise L{StreamOpenError} itself.
+    @ivar reactor: the clock for the handshake timeout.
+    @ivar handshake_timeout: seconds from connect to a complete request.
+    """
+
+    protocol = Socks5Protocol
+
+    def __init__(self, users, endpoint_for, reactor, handshake_timeout=10.0):
+        self.users = users
+        self.endpoint_for = endpoint_for
+        self.reactor = reactor
+        self.handshake_timeout = handshake_timeout

@@ -1,0 +1,136 @@
+# -*- test-case-name: tests.test_e2e_tcp -*-
+"""
+The gateway program: the TLS WebSocket listener for client tunnels and the
+user-facing proxy listeners (SOCKS5, HTTP), composed in one C{MultiService}
+around a shared L{TunnelRegistry}.
+"""
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from anyproxy.auth import UserDatabase
+from anyproxy.frontends.http import HttpProxyFactory
+from anyproxy.frontends.socks5 import Socks5Factory
+from anyproxy.gateway.endpoint import TunnelEndpoint
+from anyproxy.gateway.registry import TunnelRegistry
+from anyproxy.gateway.tunnels import TunnelServerFactory
+from anyproxy.tls import server_tls_options
+
+log = Logger()
+
+
+class Listener(Service):
+    """
+    Listen on a Twisted server endpoint string while running.
+
+    A listen error that happens at once (address in use, bad interface) is
+    raised from C{startService}, so twistd stops with it instead of running
+    without the listener.
+
+    @ivar port: the C{IListeningPort} once listening (tests read the port
+        number from it when the config asked for port 0).
+    """
+
+    port = None
+    _listening = None
+
+    def __init__(self, reactor, description, factory, what):
+        self._reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.what = what
+        self._observers = []
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        if self._listening is not None:
+            return
+        endpoint = serverFromString(self._reactor, self.description)
+        self._listening = endpoint.listen(self.factory)
+        self._listening.addBoth(self._listen_result)
+        if isinstance(self._listening.result if self._listening.called else None, Failure):
+            failure, self._listening = self._listening.result, None
+            failure.raiseException()
+
+    def _listen_result(self, result):
+        if isinstance(result, Failure):
+            log.failure("{what} could not listen on {address}", result,
+                        what=self.what, address=self.description)
+        else:
+            self.port = result
+            log.info("{what} listening on {address}", what=self.what, address=result.getHost())
+        observers, self._observers = self._observers, []
+        for observer in observers:
+            observer.callback(result)
+        return result
+
+    def when_listening(self):
+        """A Deferred firing with the C{IListeningPort} (or the listen failure)."""
+        if self.port is not None:
+            return defer.succeed(self.port)
+        d = defer.Deferred()
+        self._observers.append(d)
+        return d
+
+    def startService(self):
+        self.privilegedStartService()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        listening, self._listening = self._listening, None
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        if listening is not None:
+            listening.cancel()
+        return None
+
+
+class GatewayService(MultiService):
+    """Everything the gateway runs; build with L{make_gateway_service}."""
+
+    def __init__(self, reactor, registry):
+        super().__init__()
+        self.reactor = reactor
+        self.registry = registry
+        self.listeners = {}
+
+    def add_listener(self, name, description, factory):
+        listener = Listener(self.reactor, description, factory, name)
+        listener.setServiceParent(self)
+        self.listeners[name] = listener
+        return listener
+
+
+def make_gateway_service(config, reactor):
+    """The gateway's service tree for a validated L{anyproxy.config.Config}."""
+    gateway = config.require_gateway()
+    registry = TunnelRegistry(reactor, balance=gateway.balance)
+    service = GatewayService(reactor, registry)
+
+    tunnels = TunnelServerFactory.for_credentials(
+        registry, gateway.auth_username, gateway.auth_password, reactor,
+        ping_interval=gateway.ping_interval, handshake_timeout=gateway.handshake_timeout)
+    tls = server_tls_options(gateway.tls_cert, gateway.tls_key,
+                             client_ca_path=gateway.client_ca or None)
+    service.add_listener("tunnel server", gateway.endpoint, TLSMemoryBIOFactory(tls, False, tunnels))
+
+    def endpoint_for(user, host, port):
+        return TunnelEndpoint(registry, reactor, user.group, host, port,
+                              wait=gateway.no_tunnel_wait)
+
+    frontends = (("socks5", config.proxy.socks5, Socks5Factory),
+                 ("http", config.proxy.http, HttpProxyFactory))
+    for name, listener, factory_class in frontends:
+        if listener is None:
+            continue
+        users = UserDatabase(config.gateway_users_for(listener))
+        factory = factory_class(users, endpoint_for, reactor,
+                                handshake_timeout=gateway.handshake_timeout)
+        service.add_listener(name + " proxy", listener.endpoint, factory)
+    return service

@@ -1,0 +1,82 @@
+# -*- test-case-name: tests.test_e2e_tcp -*-
+"""
+The gateway's WebSocket server for client tunnels: checks client credentials
+in the opening handshake, registers each tunnel once its HELLO arrives, and
+removes it (resetting its streams) when it goes away.
+"""
+
+from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.logger import Logger
+
+from anyproxy import __version__
+from anyproxy.auth import DEFAULT_GROUP, UserDatabase
+from anyproxy.gateway.registry import Tunnel
+from anyproxy.tunnel import frames
+from anyproxy.tunnel.websocket import GatewayTunnelProtocol, tune_factory
+
+MAX_ID_LENGTH = 128
+
+log = Logger()
+
+
+def _hello_text(info, key, default):
+    value = info.get(key, default)
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
+        raise ValueError("HELLO field %r must be a string of 1..%d characters" % (key, MAX_ID_LENGTH))
+    return value
+
+
+class TunnelServerFactory(WebSocketServerFactory):
+    """
+    Accepts client tunnels into C{registry}.
+
+    @param client_users: a L{UserDatabase} of the credentials clients present.
+    """
+
+    protocol = GatewayTunnelProtocol
+
+    def __init__(self, registry, client_users, reactor, ping_interval=10.0,
+                 handshake_timeout=10.0, url="wss://localhost/anyproxy"):
+        super().__init__(url=url, protocols=[frames.SUBPROTOCOL], server="AnyProxy")
+        self.registry = registry
+        self.client_users = client_users
+        self.reactor = reactor
+        self.handshake_timeout = handshake_timeout
+        tune_factory(self, ping_interval, handshake_timeout)
+
+    @classmethod
+    def for_credentials(cls, registry, username, password, reactor, **kwargs):
+        """A factory whose clients must present C{username}/C{password}."""
+        users = UserDatabase([(username, password, DEFAULT_GROUP)] if username else [])
+        return cls(registry, users, reactor, **kwargs)
+
+    def check_client(self, username, password):
+        if not self.client_users.required:
+            return True
+        return self.client_users.authenticate(username, password) is not None
+
+    def tunnel_connected(self, protocol, info):
+        """Register the tunnel behind C{protocol}; C{None} refuses it."""
+        try:
+            if info.get("version") != frames.PROTOCOL_VERSION:
+                raise ValueError("protocol version %r not supported" % (info.get("version"),))
+            client_id = _hello_text(info, "client_id", None)
+            group = _hello_text(info, "group", DEFAULT_GROUP)
+        except ValueError as e:
+            log.warn("tunnel {peer}: bad HELLO: {error}", peer=protocol.peer, error=e)
+            return None
+        tunnel = Tunnel(client_id=client_id, group=group, mux=protocol.mux,
+                        address=protocol.peer, version=str(info.get("software", "")),
+                        close=lambda: protocol.dropConnection(abort=True))
+        protocol.mux.name = "%s@%s" % (client_id, protocol.peer)
+        protocol.mux.send_hello({"version": frames.PROTOCOL_VERSION,
+                                 "software": "anyproxy/" + __version__})
+        self.registry.add(tunnel)
+        log.info("tunnel up: client {client_id} group {group} from {peer}",
+                 client_id=client_id, group=group, peer=protocol.peer)
+        return tunnel
+
+    def tunnel_disconnected(self, tunnel):
+        self.registry.remove(tunnel)
+        log.info("tunnel down: client {client_id} group {group} from {peer}",
+                 client_id=tunnel.client_id, group=tunnel.group, peer=tunnel.address)

@@ -1,0 +1,267 @@
+# -*- test-case-name: tests.test_frames -*-
+"""
+The tunnel's wire format: one frame per WebSocket binary message.
+
+Pure encode/decode, no Twisted.  Every frame starts with a 5-byte header,
+C{type (u8) | stream id (u32, big-endian)}, and the rest of the WebSocket
+message is the payload, whose layout depends on the type.  The exact bytes are
+specified in docs/PROTOCOL.md; keep the two in step.
+"""
+
+import json
+import struct
+
+import attr
+
+SUBPROTOCOL = "anyproxy.v1"
+PROTOCOL_VERSION = 1
+
+HEADER = struct.Struct(">BI")
+HEADER_SIZE = HEADER.size  # 5
+
+# Names in OPEN/DATAGRAM frames are DNS names or IP literals: 255 bytes at most.
+MAX_HOST_LENGTH = 255
+# OPEN_ERROR texts are for logs; keep them short.
+MAX_ERROR_TEXT = 1024
+# HELLO carries a small JSON object; anything bigger is an attack or a bug.
+MAX_HELLO = 16 * 1024
+
+T_OPEN = 0x01
+T_OPEN_OK = 0x02
+T_OPEN_ERROR = 0x03
+T_DATA = 0x04
+T_CREDIT = 0x05
+T_FIN = 0x06
+T_RESET = 0x07
+T_DATAGRAM = 0x08
+T_HELLO = 0x10
+T_GOAWAY = 0x11
+
+KIND_TCP = 0x01
+KIND_UDP = 0x02
+_KIND_NAMES = {KIND_TCP: "tcp", KIND_UDP: "udp"}
+_KIND_CODES = {name: code for code, name in _KIND_NAMES.items()}
+
+_OPEN = struct.Struct(">BIHB")  # kind, window, port, host length
+_U32 = struct.Struct(">I")
+_ADDR = struct.Struct(">HB")  # port, host length
+
+
+class FrameError(Exception):
+    """A message is not a valid frame.  The tunnel is closed on this error."""
+
+
+@attr.s(frozen=True, slots=True)
+class Open:
+    """Ask the peer to connect to C{host:port} over C{kind} ('tcp' or 'udp')."""
+
+    stream_id = attr.ib()
+    kind = attr.ib()
+    host = attr.ib()
+    port = attr.ib()
+    window = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
+class OpenOk:
+    """The stream is connected; the sender accepts C{window} bytes of DATA."""
+
+    stream_id = attr.ib()
+    window = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
+class OpenError:
+    """The stream could not be opened; C{reason} is an L{anyproxy.errors.Reason} code."""
+
+    stream_id = attr.ib()
+    reason = attr.ib()
+    text = attr.ib(default="")
+
+
+@attr.s(frozen=True, slots=True)
+class Data:
+    """Stream bytes; never empty."""
+
+    stream_id = attr.ib()
+    payload = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
+class Credit:
+    """The sender may send C{increment} more DATA bytes on this stream."""
+
+    stream_id = attr.ib()
+    increment = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
+class Fin:
+    """Half-close: the sender will send no more DATA on this stream."""
+
+    stream_id = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
+class Reset:
+    """Abort the stream at once; C{reason} is an L{anyproxy.errors.Reason} code."""
+
+    stream_id = attr.ib()
+    reason = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
+class Datagram:
+    """One UDP datagram to (or from) C{host:port} within a UDP stream."""
+
+    stream_id = attr.ib()
+    host = attr.ib()
+    port = attr.ib()
+    payload = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
+class Hello:
+    """Session announcement (stream 0): a JSON object, see docs/PROTOCOL.md."""
+
+    info = attr.ib()
+    stream_id = attr.ib(default=0)
+
+
+@attr.s(frozen=True, slots=True)
+class GoAway:
+    """Session ending (stream 0): open no new streams on this tunnel."""
+
+    reason = attr.ib()
+    stream_id = attr.ib(default=0)
+
+
+def _encode_host(host):
+    raw = host.encode("idna") if not host.isascii() else host.encode("ascii")
+    if not 0 < len(raw) <= MAX_HOST_LENGTH:
+        raise FrameError("host name must be 1..255 bytes")
+    return raw
+
+
+def _check_port(port):
+    if not 0 <= port <= 0xFFFF:
+        raise FrameError("port out of range: %r" % (port,))
+
+
+def encode(frame):
+    """Serialise a frame object to the bytes of one WebSocket message."""
+    kind = type(frame)
+    sid = getattr(frame, "stream_id", None)  # a non-frame reaches the TypeError below
+    if kind is Data:
+        return HEADER.pack(T_DATA, sid) + frame.payload
+    if kind is Credit:
+        return HEADER.pack(T_CREDIT, sid) + _U32.pack(frame.increment)
+    if kind is Fin:
+        return HEADER.pack(T_FIN, sid)
+    if kind is Reset:
+        return HEADER.pack(T_RESET, sid) + bytes((frame.reason,))
+    if kind is Open:
+        _check_port(frame.port)
+        host = _encode_host(frame.host)
+        return (HEADER.pack(T_OPEN, sid)
+                + _OPEN.pack(_KIND_CODES[frame.kind], frame.window, frame.port, len(host))
+                + host)
+    if kind is OpenOk:
+        return HEADER.pack(T_OPEN_OK, sid) + _U32.pack(frame.window)
+    if kind is OpenError:
+        text = frame.text.encode("utf-8")[:MAX_ERROR_TEXT]
+        return HEADER.pack(T_OPEN_ERROR, sid) + bytes((frame.reason,)) + text
+    if kind is Datagram:
+        _check_port(frame.port)
+        host = _encode_host(frame.host)
+        return (HEADER.pack(T_DATAGRAM, sid) + _ADDR.pack(frame.port, len(host))
+                + host + frame.payload)
+    if kind is Hello:
+        return HEADER.pack(T_HELLO, 0) + json.dumps(frame.info, sort_keys=True).encode("utf-8")
+    if kind is GoAway:
+        return HEADER.pack(T_GOAWAY, 0) + bytes((frame.reason,))
+    raise TypeError("not a frame: %r" % (frame,))
+
+
+def _decode_host(raw):
+    try:
+        host = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise FrameError("host name is not ASCII") from None
+    if not host:
+        raise FrameError("empty host name")
+    return host
+
+
+def _need(payload, size, what):
+    if len(payload) != size:
+        raise FrameError("%s payload must be %d bytes, got %d" % (what, size, len(payload)))
+
+
+def decode(message):
+    """
+    Parse one WebSocket message into a frame object.
+
+    @raise FrameError: the message is not a valid frame.
+    """
+    if len(message) < HEADER_SIZE:
+        raise FrameError("message shorter than the frame header")
+    ftype, sid = HEADER.unpack_from(message)
+    payload = message[HEADER_SIZE:]
+    if ftype == T_DATA:
+        if not payload:
+            raise FrameError("empty DATA frame")
+        return Data(sid, payload)
+    if ftype == T_CREDIT:
+        _need(payload, 4, "CREDIT")
+        (increment,) = _U32.unpack(payload)
+        if increment == 0:
+            raise FrameError("CREDIT of zero bytes")
+        return Credit(sid, increment)
+    if ftype == T_FIN:
+        _need(payload, 0, "FIN")
+        return Fin(sid)
+    if ftype == T_RESET:
+        _need(payload, 1, "RESET")
+        return Reset(sid, payload[0])
+    if ftype == T_OPEN:
+        if len(payload) < _OPEN.size:
+            raise FrameError("truncated OPEN frame")
+        kind, window, port, host_len = _OPEN.unpack_from(payload)
+        if kind not in _KIND_NAMES:
+            raise FrameError("unknown stream kind 0x%02x" % (kind,))
+        _need(payload, _OPEN.size + host_len, "OPEN")
+        host = _decode_host(payload[_OPEN.size:])
+        return Open(sid, _KIND_NAMES[kind], host, port, window)
+    if ftype == T_OPEN_OK:
+        _need(payload, 4, "OPEN_OK")
+        return OpenOk(sid, _U32.unpack(payload)[0])
+    if ftype == T_OPEN_ERROR:
+        if not payload:
+            raise FrameError("truncated OPEN_ERROR frame")
+        text = payload[1:1 + MAX_ERROR_TEXT].decode("utf-8", "replace")
+        return OpenError(sid, payload[0], text)
+    if ftype == T_DATAGRAM:
+        if len(payload) < _ADDR.size:
+            raise FrameError("truncated DATAGRAM frame")
+        port, host_len = _ADDR.unpack_from(payload)
+        end = _ADDR.size + host_len
+        if len(payload) < end:
+            raise FrameError("truncated DATAGRAM address")
+        return Datagram(sid, _decode_host(payload[_ADDR.size:end]), port, payload[end:])
+    if ftype in (T_HELLO, T_GOAWAY) and sid != 0:
+        raise FrameError("session frame on stream %d" % (sid,))
+    if ftype == T_HELLO:
+        if len(payload) > MAX_HELLO:
+            raise FrameError("HELLO too large")
+        try:
+            info = json.loads(payload.decode("utf-8"))
+        except (ValueError, RecursionError):  # deep nesting exhausts the JSON parser's stack
+            raise FrameError("HELLO is not a JSON object") from None
+        if not isinstance(info, dict):
+            raise FrameError("HELLO is not a JSON object")
+        return Hello(info)
+    if ftype == T_GOAWAY:
+        _need(payload, 1, "GOAWAY")
+        return GoAway(payload[0])
+    raise FrameError("unknown frame type 0x%02x" % (ftype,))

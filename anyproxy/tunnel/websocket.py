@@ -1,0 +1,166 @@
+# -*- test-case-name: tests.test_e2e_tcp -*-
+"""
+Autobahn protocols that bind a L{Mux} to a WebSocket.  No parsing here: every
+binary message goes to the mux, every mux message goes out as one binary
+WebSocket message.  Authentication of the client happens in the opening
+handshake (L{GatewayTunnelProtocol.onConnect}), before the upgrade.
+"""
+
+import base64
+
+from autobahn.twisted.websocket import WebSocketClientProtocol, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from anyproxy.tunnel import frames
+from anyproxy.tunnel.mux import Mux
+
+# Autobahn limits: one frame per message, the largest being a DATA frame.
+MAX_MESSAGE = frames.HEADER_SIZE + 256 * 1024 + 1024
+
+
+def tune_factory(factory, ping_interval, handshake_timeout):
+    """Autobahn options for a binary tunnel: no compression, bounded sizes, pings."""
+    factory.setProtocolOptions(
+        maxFramePayloadSize=MAX_MESSAGE,
+        maxMessagePayloadSize=MAX_MESSAGE,
+        utf8validateIncoming=False,
+        openHandshakeTimeout=handshake_timeout,
+        closeHandshakeTimeout=5,
+        autoPingInterval=ping_interval,
+        # A tunnel silent for three intervals is dead (DESIGN.md 4.1).
+        autoPingTimeout=2 * ping_interval,
+        autoPingRestartOnAnyTraffic=True,
+        failByDrop=True,
+    )
+
+
+def basic_authorization(username, password):
+    """The C{Authorization} header value a client sends."""
+    token = base64.b64encode(("%s:%s" % (username, password)).encode("utf-8"))
+    return "Basic " + token.decode("ascii")
+
+
+def parse_basic(header):
+    """C{(username, password)} from a Basic C{Authorization} value, or C{None}."""
+    scheme, _, token = (header or "").strip().partition(" ")
+    if scheme.lower() != "basic" or not token:
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    username, sep, password = decoded.partition(":")
+    return (username, password) if sep else None
+
+
+class _TunnelProtocol:
+    """What both ends share: a mux wired to the WebSocket."""
+
+    log = Logger()
+    mux = None
+
+    def _start_mux(self, initiator, on_open_request, name):
+        self.mux = Mux(self._send_tunnel_message, initiator=initiator,
+                       on_open_request=on_open_request, on_hello=self.hello_received,
+                       on_protocol_error=self._protocol_error, name=name)
+        # WebSocket send-buffer backpressure pauses every stream's producer.
+        # Register on the TCP transport under TLS: Twisted's TLS wrapper will
+        # not close while a producer is registered on it, and TLS passes our
+        # writes straight down, so the TCP buffer is the one that fills.
+        lowest = getattr(self.transport, "transport", None) or self.transport
+        lowest.registerProducer(self.mux, True)
+
+    def _send_tunnel_message(self, message):
+        self.sendMessage(message, isBinary=True)
+
+    def onMessage(self, payload, isBinary):
+        if not isBinary:
+            self._protocol_error(frames.FrameError("text message on a binary tunnel"))
+            return
+        self.mux.message_received(payload)
+
+    def _protocol_error(self, exc):
+        self.log.warn("tunnel {name}: protocol error: {error}; closing", name=self.mux.name, error=exc)
+        self._lose_mux()
+        self.dropConnection(abort=True)
+
+    def hello_received(self, info):
+        raise NotImplementedError
+
+    def _lose_mux(self):
+        if self.mux is not None:
+            self.mux.connection_lost()
+
+
+class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
+    """The gateway's end of a tunnel; the factory is a L{gateway.tunnels.TunnelServerFactory}."""
+
+    tunnel = None
+    _hello_timer = None
+
+    def onConnect(self, request):
+        if frames.SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol %s required" % frames.SUBPROTOCOL)
+        credentials = parse_basic(request.headers.get("authorization"))
+        if credentials is None or not self.factory.check_client(*credentials):
+            self.log.warn("tunnel from {peer}: client authentication failed", peer=request.peer)
+            raise ConnectionDeny(ConnectionDeny.UNAUTHORIZED, "client authentication failed")
+        return frames.SUBPROTOCOL
+
+    def onOpen(self):
+        self._start_mux(False, None, self.peer)
+        self._hello_timer = self.factory.reactor.callLater(
+            self.factory.handshake_timeout, self._no_hello)
+
+    def _no_hello(self):
+        self._hello_timer = None
+        self.log.warn("tunnel {peer}: no HELLO in time; closing", peer=self.peer)
+        self.dropConnection(abort=True)
+
+    def hello_received(self, info):
+        if self.tunnel is not None:
+            return
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        self.tunnel = self.factory.tunnel_connected(self, info)
+        if self.tunnel is None:
+            self.sendClose(code=1008)
+
+    def onClose(self, wasClean, code, reason):
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        self._lose_mux()
+        if self.tunnel is not None:
+            self.factory.tunnel_disconnected(self.tunnel)
+
+
+class ClientTunnelProtocol(_TunnelProtocol, WebSocketClientProtocol):
+    """
+    The client's end of a tunnel.  C{ready} fires once the gateway has
+    answered our HELLO (used as C{ClientService}'s C{prepareConnection}).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ready = defer.Deferred()
+
+    def onOpen(self):
+        self._start_mux(True, self.factory.open_requested, self.peer)
+        self.mux.send_hello(self.factory.hello_info())
+
+    def hello_received(self, info):
+        if not self.ready.called:
+            self.factory.tunnel_ready(self, info)
+            self.ready.callback(self)
+
+    def onClose(self, wasClean, code, reason):
+        self._lose_mux()
+        if not self.ready.called:
+            self.ready.errback(ConnectionError(
+                "tunnel to gateway not established: %s" % (reason or "code %s" % (code,))))
+        else:
+            self.factory.tunnel_lost(self, reason)

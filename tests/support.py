@@ -1,0 +1,253 @@
+"""
+Loopback fixtures for end-to-end tests: a test PKI, target servers, a static
+resolver, and an in-process gateway + client deployment built from YAML the
+same way twistd builds it.  Everything listens on 127.0.0.1 (or ::1), port 0.
+"""
+
+import hashlib
+import os
+
+import trustme
+import yaml
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHostnameResolver, IHostResolution
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.web import resource, server
+from zope.interface import implementer
+
+from anyproxy.client.service import make_client_service
+from anyproxy.config import load_config
+from anyproxy.gateway.service import make_gateway_service
+
+PROXY_USER = "alice"
+PROXY_PASSWORD = "s3cret-proxy-pw"
+CLIENT_USER = "tunnel-user"
+CLIENT_PASSWORD = "s3cret-tunnel-pw"
+
+
+# -- certificates -------------------------------------------------------------
+
+class TestPKI:
+    """A throwaway CA with a gateway certificate for localhost/127.0.0.1/::1."""
+
+    def __init__(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        self.ca = trustme.CA()
+        self.directory = directory
+        self.ca_path = self._write("ca.crt", self.ca.cert_pem.bytes())
+        cert = self.ca.issue_cert("localhost", "127.0.0.1", "::1")
+        self.cert_path = self._write("server.crt", b"".join(b.bytes() for b in cert.cert_chain_pems))
+        self.key_path = self._write("server.key", cert.private_key_pem.bytes())
+        self.server_cert = cert
+
+    def _write(self, name, data):
+        path = os.path.join(self.directory, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+
+# -- name resolution ----------------------------------------------------------
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name):
+        self.name = name
+
+    def cancel(self):
+        pass
+
+
+@implementer(IHostnameResolver)
+class StaticResolver:
+    """Resolves a fixed table of names, so tests never send a DNS packet."""
+
+    def __init__(self, table=None):
+        self.table = table or {"localhost": ["127.0.0.1"], "target.test": ["127.0.0.1"],
+                               "v6.test": ["::1"]}
+        self.asked = []
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None,
+                        transportSemantics="TCP"):
+        self.asked.append(hostName)
+        resolution = _Resolution(hostName)
+        receiver.resolutionBegan(resolution)
+        for ip in self.table.get(hostName.lower(), []):
+            cls = IPv6Address if ":" in ip else IPv4Address
+            receiver.addressResolved(cls("TCP", ip, portNumber))
+        receiver.resolutionComplete()
+        return resolution
+
+
+# -- targets ------------------------------------------------------------------
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+@implementer(IHalfCloseableProtocol)
+class AnswerAfterEOF(protocol.Protocol):
+    """Reads until the peer half-closes, then answers with the SHA-256 of it all."""
+
+    def connectionMade(self):
+        self.digest = hashlib.sha256()
+        self.count = 0
+
+    def dataReceived(self, data):
+        self.digest.update(data)
+        self.count += len(data)
+
+    def readConnectionLost(self):
+        self.transport.write(b"%d %s\n" % (self.count, self.digest.hexdigest().encode()))
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+def blob(size):
+    """Deterministic test content of C{size} bytes."""
+    block = hashlib.sha256(b"anyproxy").digest() * 2048  # 64 KiB
+    return (block * (size // len(block) + 1))[:size]
+
+
+class BlobResource(resource.Resource):
+    """GET /blob/N -> N bytes of L{blob}; POST /upload -> sha256 of the body."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        parts = request.path.decode().strip("/").split("/")
+        if parts[0] == "blob" and len(parts) == 2:
+            request.setHeader(b"content-type", b"application/octet-stream")
+            return blob(int(parts[1]))
+        request.setHeader(b"content-type", b"text/plain")
+        return b"hello from the target\n"
+
+    def render_POST(self, request):
+        body = request.content.read()
+        return b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
+
+    render_PUT = render_POST
+
+
+def listen_tcp(testcase, factory, interface="127.0.0.1"):
+    """Listen on C{interface} port 0; the port is closed at cleanup."""
+    port = reactor.listenTCP(0, factory, interface=interface)
+    testcase.addCleanup(port.stopListening)
+    return port
+
+
+def web_site():
+    return server.Site(BlobResource())
+
+
+# -- deployment ---------------------------------------------------------------
+
+def _merge(base, overrides):
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+class Deployment:
+    """
+    A gateway and clients running in this process on loopback.
+
+    Build configs as YAML dicts (the same path twistd takes), start the
+    services, and stop everything at test cleanup.
+    """
+
+    def __init__(self, testcase):
+        self.testcase = testcase
+        self.directory = os.path.abspath(testcase.mktemp())
+        os.makedirs(self.directory)
+        self.pki = TestPKI(os.path.join(self.directory, "pki"))
+        self.resolver = StaticResolver()
+        self.gateway = None
+        self.clients = []
+        self._configs = 0
+
+    def write_config(self, data):
+        self._configs += 1
+        path = os.path.join(self.directory, "config-%d.yaml" % (self._configs,))
+        with open(path, "w") as f:
+            yaml.safe_dump(data, f)
+        return path
+
+    def gateway_config(self, **overrides):
+        data = {
+            "proxy": {
+                "socks5": {"listen_addr": "127.0.0.1:0", "auth_username": PROXY_USER,
+                           "auth_password": PROXY_PASSWORD},
+                "http": {"listen_addr": "127.0.0.1:0", "auth_username": PROXY_USER,
+                         "auth_password": PROXY_PASSWORD},
+            },
+            "gateway": {
+                "listen_addr": "127.0.0.1:0", "tls_cert": self.pki.cert_path,
+                "tls_key": self.pki.key_path, "auth_username": CLIENT_USER,
+                "auth_password": CLIENT_PASSWORD, "no_tunnel_wait": 0.5,
+                "ping_interval": 5,
+            },
+        }
+        return _merge(data, overrides)
+
+    def client_config(self, **overrides):
+        data = {
+            "client": {
+                "gateway_addr": "127.0.0.1:%d" % (self.gateway_port,),
+                "gateway_tls_cert": self.pki.ca_path, "client_id": "client-1",
+                "auth_username": CLIENT_USER, "auth_password": CLIENT_PASSWORD,
+                "connect_timeout": 2, "reconnect_initial_delay": 0.1,
+                "reconnect_max_delay": 0.5, "ping_interval": 5,
+            },
+        }
+        return _merge(data, overrides)
+
+    @defer.inlineCallbacks
+    def start_gateway(self, **overrides):
+        """Start a gateway; returns its service (ports in self.*_port)."""
+        config = load_config(self.write_config(self.gateway_config(**overrides)))
+        service = make_gateway_service(config, reactor)
+        service.startService()
+        self.testcase.addCleanup(service.stopService)
+        for listener in service.listeners.values():
+            yield listener.when_listening()
+        self.gateway = service
+        self.gateway_port = self._port("tunnel server")
+        self.socks_port = self._port("socks5 proxy")
+        self.http_port = self._port("http proxy")
+        return service
+
+    def _port(self, name):
+        listener = self.gateway.listeners.get(name)
+        return listener.port.getHost().port if listener is not None else None
+
+    @defer.inlineCallbacks
+    def start_client(self, wait=True, group="default", **overrides):
+        """Start a client; by default wait until its tunnel is registered."""
+        config = load_config(self.write_config(self.client_config(**overrides)))
+        service, factories = make_client_service(config, reactor, resolver=self.resolver)
+        service.startService()
+        self.testcase.addCleanup(service.stopService)
+        service.factories = factories
+        self.clients.append(service)
+        if wait:
+            yield self.wait_for_tunnel(group)
+        return service
+
+    def wait_for_tunnel(self, group="default", timeout=10):
+        return self.gateway.registry.wait_for(group, timeout)
+
+
+def run_curl(*args, env=None):
+    """Run curl; a Deferred firing with C{(stdout, stderr, exit code)}."""
+    env = dict(env or {})
+    env.setdefault("PATH", os.environ.get("PATH", "/usr/bin:/bin"))
+    return getProcessOutputAndValue("curl", ("--silent", "--show-error", "--max-time", "30") + args,
+                                    env=env)

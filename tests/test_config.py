@@ -1,0 +1,355 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Tests for L{anyproxy.config}.
+"""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from anyproxy.client.acl import AccessPolicy
+from anyproxy.config import dial_address, listen_endpoint, load_config, port_range
+from anyproxy.errors import ConfigError, Reason
+
+ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
+
+GATEWAY = """
+gateway:
+  listen_addr: "127.0.0.1:8443"
+  tls_cert: "server.crt"
+  tls_key: "server.key"
+  auth_username: "user"
+  auth_password: "pw"
+"""
+
+CLIENT = """
+client:
+  gateway_addr: "gw.example.com:8443"
+"""
+
+
+class ConfigTestMixin:
+    """Write YAML into a temporary directory and load it."""
+
+    def write(self, text, name="anyproxy.yaml"):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def load(self, text, **kwargs):
+        kwargs.setdefault("check_files", False)
+        return load_config(self.write(text), **kwargs)
+
+    def error(self, text, **kwargs):
+        """Load C{text}, expecting a L{ConfigError}; return its message."""
+        kwargs.setdefault("check_files", False)
+        path = self.write(text)
+        message = str(self.assertRaises(ConfigError, load_config, path, **kwargs))
+        self.assertNotIn("\n", message)
+        self.assertTrue(message.startswith(path + ": "), message)
+        return message[len(path) + 2:]
+
+
+class ExampleFilesTests(SynchronousTestCase):
+    """The files in etc/ load."""
+
+    def test_single_file(self):
+        """etc/anyproxy.yaml holds proxy, gateway and client sections."""
+        config = load_config(os.path.join(ETC, "anyproxy.yaml"), check_files=False)
+        self.assertEqual(config.proxy.socks5.endpoint, "tcp:1080:interface=127.0.0.1")
+        self.assertEqual(config.require_gateway().tls_cert,
+                         os.path.normpath(os.path.join(ETC, "..", "certs", "server.crt")))
+        self.assertEqual(config.require_client().gateway_addrs, (("127.0.0.1", 8443),))
+        self.assertEqual(len(config.client.policy.forbidden), 3)
+
+    def test_gateway_file(self):
+        """etc/gateway.yaml has a gateway and no client."""
+        config = load_config(os.path.join(ETC, "gateway.yaml"), check_files=False)
+        self.assertEqual(config.require_gateway().balance, "least_streams")
+        self.assertRaises(ConfigError, config.require_client)
+
+    def test_client_file(self):
+        """etc/client.yaml has a client and no gateway."""
+        config = load_config(os.path.join(ETC, "client.yaml"), check_files=False)
+        self.assertEqual(config.require_client().group_id, "default")
+        self.assertRaises(ConfigError, config.require_gateway)
+
+
+class ListenAddrTests(SynchronousTestCase):
+    """L{listen_endpoint} conversions."""
+
+    def test_conversions(self):
+        """host:port, [v6]:port, :port and localhost become endpoint strings."""
+        for text, endpoint, local in [
+            ("127.0.0.1:1080", "tcp:1080:interface=127.0.0.1", True),
+            ("0.0.0.0:1080", "tcp:1080:interface=0.0.0.0", False),
+            ("[::1]:1080", "tcp6:1080:interface=\\:\\:1", True),
+            ("[::]:1080", "tcp6:1080:interface=\\:\\:", False),
+            (":1080", "tcp:1080", False),
+            ("localhost:1080", "tcp:1080:interface=127.0.0.1", True),
+        ]:
+            self.assertEqual(listen_endpoint(text), (endpoint, local), text)
+
+    def test_pass_through(self):
+        """Strings starting with a known endpoint type pass unchanged."""
+        for text, local in [("tcp:1080:interface=127.0.0.1", True), ("tcp:1080", False),
+                            ("tcp6:1080:interface=\\:\\:1", True), ("unix:/tmp/p.sock", True),
+                            ("ssl:8443:privateKey=k.pem", False),
+                            ("systemd:domain=INET:index=0", False)]:
+            self.assertEqual(listen_endpoint(text), (text, local), text)
+
+    def test_bad(self):
+        """Malformed addresses raise ValueError."""
+        for text in ["1080", "gw.example.com:1080", "::1:1080", "[::1]", ":70000", ":x",
+                     "tcp:abc", "ssl:8443", "unix:"]:
+            self.assertRaises(ValueError, listen_endpoint, text)
+
+    def test_dial_address(self):
+        """Gateway addresses split into host and port."""
+        self.assertEqual(dial_address("gw:8443"), ("gw", 8443))
+        self.assertEqual(dial_address("[::1]:8443"), ("::1", 8443))
+        for text in ["gw", "gw:0", ":8443", "::1:8443"]:
+            self.assertRaises(ValueError, dial_address, text)
+
+    def test_port_range(self):
+        """Port ranges accept one port or low-high."""
+        self.assertEqual(port_range(9001), (9001, 9001))
+        self.assertEqual(port_range("9000-9100"), (9000, 9100))
+        for value in ["9100-9000", "x", True, "0-10"]:
+            self.assertRaises(ValueError, port_range, value)
+
+
+class LoadTests(ConfigTestMixin, SynchronousTestCase):
+    """L{load_config} builds the objects."""
+
+    def test_empty_file(self):
+        """An empty file loads with every section absent."""
+        config = self.load("")
+        self.assertEqual((config.proxy.socks5, config.gateway, config.client), (None, None, None))
+        self.assertIn("gateway: section missing", str(self.assertRaises(ConfigError, config.require_gateway)))
+        self.assertIn("client: section missing", str(self.assertRaises(ConfigError, config.require_client)))
+
+    def test_listener_disabled(self):
+        """An empty or absent listen_addr disables the listener."""
+        config = self.load("proxy: {socks5: {listen_addr: ''}, http: {}}")
+        self.assertEqual((config.proxy.socks5, config.proxy.http), (None, None))
+
+    def test_integer_listen_addr(self):
+        """A bare port number means all interfaces."""
+        config = self.load("proxy: {http: {listen_addr: 8080, allow_anonymous: true}}")
+        self.assertEqual(config.proxy.http.endpoint, "tcp:8080")
+
+    def test_gateway_addr_string_or_list(self):
+        """gateway_addr is a string or a list."""
+        self.assertEqual(self.load(CLIENT).client.gateway_addrs, (("gw.example.com", 8443),))
+        config = self.load("client: {gateway_addr: ['a:1', '[::1]:2']}")
+        self.assertEqual(config.client.gateway_addrs, (("a", 1), ("::1", 2)))
+        self.assertEqual(config.client.server_name_for("a"), "a")
+
+    def test_server_name(self):
+        """gateway_server_name overrides the dialed host."""
+        config = self.load("client: {gateway_addr: '10.0.0.1:1', gateway_server_name: gw}")
+        self.assertEqual(config.client.server_name_for("10.0.0.1"), "gw")
+
+    def test_client_defaults(self):
+        """Absent client keys take documented defaults."""
+        client = self.load(CLIENT).client
+        self.assertEqual((client.group_id, client.replicas, client.max_concurrent_conns,
+                          client.allow_udp, client.connect_timeout, client.idle_timeout),
+                         ("default", 1, 100, True, 10.0, 300.0))
+        self.assertEqual((client.reconnect_initial_delay, client.reconnect_max_delay), (1.0, 60.0))
+        self.assertEqual(client.policy, AccessPolicy())
+        self.assertTrue(client.client_id)
+
+    def test_policy(self):
+        """forbidden_hosts, limit and allow_udp build the AccessPolicy."""
+        client = self.load(CLIENT + """
+  forbidden_hosts: ["10.", "*.corp"]
+  limit:
+    - {name: web, addr: "localhost:8080", protocol: tcp}
+    - "192.168.0.0/16"
+  allow_udp: false
+""").client
+        self.assertEqual([e.protocol for e in client.policy.allowed], ["tcp", "both"])
+        self.assertEqual(client.policy.check_name("10.1.1.1", 1, "tcp"), Reason.NOT_ALLOWED)
+        self.assertEqual(client.policy.check_name("x", 1, "udp"), Reason.PROTOCOL_NOT_ALLOWED)
+
+    def test_gateway_fields(self):
+        """Gateway extension keys are read and converted."""
+        gateway = self.load(GATEWAY + """
+  users: [{username: bob, password: secret, group: lab}, {username: eve, password: x}]
+  balance: random
+  open_ports_allowed: ["9000-9100", 9200]
+  status_addr: "127.0.0.1:9090"
+  status_username: admin
+  status_password: pw
+""").gateway
+        self.assertEqual([(u.username, u.group) for u in gateway.users], [("bob", "lab"), ("eve", "default")])
+        self.assertEqual(gateway.open_ports_allowed, ((9000, 9100), (9200, 9200)))
+        self.assertTrue(gateway.port_allowed(9050))
+        self.assertFalse(gateway.port_allowed(9150))
+        self.assertEqual(gateway.status_endpoint, "tcp:9090:interface=127.0.0.1")
+        self.assertEqual(gateway.endpoint, "tcp:8443:interface=127.0.0.1")
+
+    def test_gateway_users_for(self):
+        """A listener's users are its own user in group default plus gateway.users."""
+        config = self.load(GATEWAY + """
+  users: [{username: bob, password: b, group: lab}]
+proxy:
+  socks5: {listen_addr: "127.0.0.1:1080", auth_username: al, auth_password: a}
+  http: {listen_addr: "127.0.0.1:8080"}
+""")
+        self.assertEqual(config.gateway_users_for(config.proxy.socks5),
+                         [("al", "a", "default"), ("bob", "b", "lab")])
+        self.assertEqual(config.gateway_users_for(config.proxy.http), [("bob", "b", "lab")])
+
+    def test_passwords_not_in_repr(self):
+        """repr of a config never shows a password."""
+        config = self.load(GATEWAY.replace('"pw"', '"hunter2"') + CLIENT +
+                           "  auth_username: u\n  auth_password: hunter2\n")
+        self.assertNotIn("hunter2", repr(config))
+
+    def test_log(self):
+        """The log section accepts warning as warn and resolves the file."""
+        config = self.load("log: {level: WARNING, format: json, file: x.log}")
+        self.assertEqual((config.log.level, config.log.format), ("warn", "json"))
+        self.assertEqual(config.log.file, os.path.join(os.path.dirname(config.path), "x.log"))
+
+
+class FileCheckTests(ConfigTestMixin, SynchronousTestCase):
+    """Certificate and key files are resolved and checked."""
+
+    def test_relative_paths_resolved(self):
+        """Relative paths resolve against the config file's directory."""
+        path = self.write(GATEWAY)
+        directory = os.path.dirname(path)
+        for name in ("server.crt", "server.key"):
+            open(os.path.join(directory, name), "w").close()
+        gateway = load_config(path).gateway
+        self.assertEqual(gateway.tls_cert, os.path.join(os.path.abspath(directory), "server.crt"))
+
+    def test_missing_file(self):
+        """A missing cert file names the key."""
+        message = self.error(GATEWAY, check_files=True)
+        self.assertTrue(message.startswith("gateway.tls_cert: file not found: "), message)
+
+    def test_role_skips_other_side(self):
+        """Loading for the client does not check the gateway's files."""
+        config = self.load(GATEWAY + CLIENT, check_files=True, role="client")
+        self.assertIsNotNone(config.gateway)
+
+
+class ErrorTests(ConfigTestMixin, SynchronousTestCase):
+    """Every error is one line naming the file and the key."""
+
+    def assert_error(self, text, prefix):
+        message = self.error(text)
+        self.assertTrue(message.startswith(prefix), "%r does not start with %r" % (message, prefix))
+        return message
+
+    def test_bad_yaml(self):
+        """A YAML syntax error names the line."""
+        self.assert_error("proxy:\n  socks5: {listen_addr: ':1'\n  x: [\n", "line ")
+
+    def test_duplicate_key(self):
+        """A key given twice is refused."""
+        self.assertIn("duplicate key 'gateway'", self.error(GATEWAY + GATEWAY))
+
+    def test_not_a_mapping(self):
+        """The top level must be a mapping."""
+        self.assert_error("- a\n- b\n", "expected a mapping")
+
+    def test_unreadable(self):
+        """A missing config file is a ConfigError."""
+        error = self.assertRaises(ConfigError, load_config, "/nonexistent/x.yaml")
+        self.assertIn("/nonexistent/x.yaml: cannot read", str(error))
+
+    def test_unknown_keys(self):
+        """Typos are refused with a suggestion."""
+        self.assert_error("proxi: {}", "proxi: unknown key (did you mean 'proxy'?)")
+        self.assert_error("proxy: {socks5: {listen_adr: ':1'}}", "proxy.socks5.listen_adr: unknown key")
+        self.assert_error(GATEWAY + "  balanse: random\n", "gateway.balanse: unknown key")
+        self.assert_error(CLIENT + "  limit: [{adr: x}]\n", "client.limit[0].adr: unknown key")
+
+    def test_key_paths(self):
+        """Each bad value is reported at its key path."""
+        for extra, prefix in [
+            ("  balance: fastest\n", "gateway.balance: 'fastest' is not one of"),
+            ("  ping_interval: ten\n", "gateway.ping_interval: expected a number"),
+            ("  ping_interval: 0\n", "gateway.ping_interval: must be > 0"),
+            ("  max_conns_per_user: -1\n", "gateway.max_conns_per_user: -1 is out of range"),
+            ("  max_conns_per_user: true\n", "gateway.max_conns_per_user: expected an integer"),
+            ("  open_ports_allowed: [9000, '9100-9000']\n", "gateway.open_ports_allowed[1]: empty"),
+            ("  users: [{username: a}]\n", "gateway.users[0].password: required"),
+            ("  users: [{username: a, password: b}, {username: a, password: c}]\n",
+             "gateway.users[1].username: duplicate user"),
+            ("  status_addr: '127.0.0.1:9090'\n", "gateway.status_username: required"),
+        ]:
+            self.assert_error(GATEWAY + extra, prefix)
+        self.assert_error(GATEWAY.replace('"127.0.0.1:8443"', "'ssl:8443:privateKey=k'"),
+                          "gateway.listen_addr: the gateway adds TLS")
+        self.assert_error(GATEWAY.replace('  tls_cert: "server.crt"\n', ""), "gateway.tls_cert: required")
+        self.assert_error("gateway: {listen_addr: ':1', tls_cert: a, tls_key: b}",
+                          "gateway.auth_username: required (or client_ca)")
+
+    def test_client_key_paths(self):
+        """Client values are reported at their key paths."""
+        for extra, prefix in [
+            ("  gateway_addr: ['a:1', 'b:x']\n", "client.gateway_addr[1]: bad port"),
+            ("  gateway_addr: 5\n", "client.gateway_addr: expected 'host:port' or a list"),
+            ("  forbidden_hosts: ['10.', 'a', '10.0.0.0/40']\n", "client.forbidden_hosts[2]: bad CIDR"),
+            ("  limit: [{addr: 'a:99999'}]\n", "client.limit[0].addr: bad port"),
+            ("  limit: [{name: x}]\n", "client.limit[0].addr: required"),
+            ("  limit: [{addr: a, protocol: icmp}]\n", "client.limit[0].protocol: 'icmp' is not one of"),
+            ("  replicas: 0\n", "client.replicas: 0 is out of range"),
+            ("  open_ports: [{local_port: 22}]\n", "client.open_ports[0].remote_port: required"),
+            ("  tls_cert: c.pem\n", "client.tls_key: set both"),
+            ("  auth_username: u\n", "client.auth_password: set both"),
+            ("  allow_udp: 'no'\n", "client.allow_udp: expected true or false"),
+        ]:
+            text = (CLIENT.replace('  gateway_addr: "gw.example.com:8443"\n', "") + extra
+                    if extra.startswith("  gateway_addr") else CLIENT + extra)
+            self.assert_error(text, prefix)
+        self.assert_error("client: {client_id: c}", "client.gateway_addr: required")
+        self.assert_error("log: {level: loud}", "log.level: 'loud' is not one of")
+
+    def test_password_never_shown(self):
+        """A wrong-typed password is reported without its value."""
+        message = self.error(GATEWAY.replace('"pw"', "123456789"))
+        self.assertIn("gateway.auth_password: expected a string", message)
+        self.assertNotIn("123456789", message)
+        message = self.error(GATEWAY + "  users: [{username: a, password: 987654321, group: 1}]\n")
+        self.assertNotIn("987654321", message)
+
+
+class AnonymousTests(ConfigTestMixin, SynchronousTestCase):
+    """A non-loopback listener needs credentials or an explicit opt-in."""
+
+    def test_refused(self):
+        """All interfaces without credentials is refused at listen_addr."""
+        message = self.error("proxy: {socks5: {listen_addr: ':1080'}}")
+        self.assertTrue(message.startswith("proxy.socks5.listen_addr: ':1080' is not loopback"))
+        self.error("proxy: {http: {listen_addr: 'tcp:8080'}}")
+        self.error("proxy: {http: {listen_addr: '[::]:8080'}}")
+
+    def test_allowed(self):
+        """Loopback, credentials, gateway users or allow_anonymous each suffice."""
+        self.load("proxy: {socks5: {listen_addr: '127.0.0.1:1080'}, http: {listen_addr: '[::1]:1'}}")
+        self.load("proxy: {socks5: {listen_addr: ':1080', auth_username: a, auth_password: b}}")
+        self.load("proxy: {socks5: {listen_addr: ':1080', allow_anonymous: true}}")
+        self.load(GATEWAY + "  users: [{username: a, password: b}]\n"
+                  "proxy: {socks5: {listen_addr: ':1080'}}")
+
+    def test_half_credentials(self):
+        """A username without a password is refused."""
+        self.assertTrue(self.error("proxy: {socks5: {listen_addr: ':1', auth_username: a}}")
+                        .startswith("proxy.socks5.auth_password: set both"))
+
+    def test_user_clash(self):
+        """A listener user that is also in gateway.users is refused."""
+        message = self.error(GATEWAY + "  users: [{username: a, password: b}]\n"
+                             "proxy: {socks5: {listen_addr: ':1', auth_username: a, auth_password: c}}")
+        self.assertTrue(message.startswith("proxy.socks5.auth_username: user 'a'"))
