@@ -100,6 +100,15 @@ class GatewayService(MultiService):
         self.registry = registry
         self.listeners = {}
 
+    def stopService(self):
+        # Stop listening, then drop every tunnel so clients reconnect elsewhere
+        # (or to our successor) at once instead of waiting for a ping timeout.
+        d = defer.maybeDeferred(super().stopService)
+        for tunnel in self.registry.tunnels():
+            if tunnel.close is not None:
+                tunnel.close()
+        return d
+
     def add_listener(self, name, description, factory):
         listener = Listener(self.reactor, description, factory, name)
         listener.setServiceParent(self)
