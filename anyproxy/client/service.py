@@ -11,7 +11,10 @@ from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from anyproxy import __version__
 from anyproxy.client.dialer import Dialer
@@ -61,10 +64,38 @@ class ClientTunnelFactory(WebSocketClientFactory):
                  reason=reason or "connection closed")
 
 
-def _prepare(protocol):
-    # ClientService counts the connection as made only once the gateway has
-    # answered our HELLO, so refused credentials or TLS back off properly.
-    return protocol.ready
+@implementer(IStreamClientEndpoint)
+class ReadyTunnelEndpoint:
+    """
+    Connects one tunnel and succeeds only once the gateway has answered our
+    HELLO (TLS verified, WebSocket upgraded, credentials accepted).
+
+    C{ClientService} then counts a refused or failed handshake as a failed
+    connection attempt, so its backoff grows, instead of as a connection that
+    was made and then lost (which resets the backoff and, on Twisted's
+    machine, cannot be signalled before the connection is established).  The
+    service's own protocol is a stand-in handle sharing the tunnel's
+    transport: closing it closes the tunnel, and it is told when the tunnel
+    is lost.
+    """
+
+    def __init__(self, endpoint, tunnel_factory):
+        self._endpoint = endpoint
+        self._tunnel_factory = tunnel_factory
+
+    def connect(self, protocol_factory):
+        d = self._endpoint.connect(self._tunnel_factory)
+
+        def opened(tunnel):
+            return tunnel.ready
+
+        def ready(tunnel):
+            handle = protocol_factory.buildProtocol(tunnel.transport.getPeer())
+            handle.makeConnection(tunnel.transport)
+            tunnel.handle = handle
+            return handle
+
+        return d.addCallback(opened).addCallback(ready)
 
 
 def make_client_service(config, reactor, resolver=None):
@@ -100,8 +131,9 @@ def make_client_service(config, reactor, resolver=None):
         for replica in range(client.replicas):
             endpoint = wrapClientTLS(tls, HostnameEndpoint(reactor, host, port,
                                                            timeout=client.connect_timeout))
-            service = ClientService(endpoint, factory, retryPolicy=retry, clock=reactor,
-                                    prepareConnection=_prepare)
+            service = ClientService(ReadyTunnelEndpoint(endpoint, factory),
+                                    Factory.forProtocol(Protocol), retryPolicy=retry,
+                                    clock=reactor)
             service.setName("tunnel %s:%d #%d" % (host, port, replica + 1))
             service.setServiceParent(top)
     top.dialer = dialer

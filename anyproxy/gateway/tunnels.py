@@ -6,7 +6,9 @@ removes it (resetting its streams) when it goes away.
 """
 
 from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from anyproxy import __version__
 from anyproxy.auth import DEFAULT_GROUP, UserDatabase
@@ -26,6 +28,7 @@ def _hello_text(info, key, default):
     return value
 
 
+@implementer(IProtocolNegotiationFactory)
 class TunnelServerFactory(WebSocketServerFactory):
     """
     Accepts client tunnels into C{registry}.
@@ -49,6 +52,12 @@ class TunnelServerFactory(WebSocketServerFactory):
         """A factory whose clients must present C{username}/C{password}."""
         users = UserDatabase([(username, password, DEFAULT_GROUP)] if username else [])
         return cls(registry, users, reactor, **kwargs)
+
+    def acceptableProtocols(self):
+        # WebSocket upgrades happen over HTTP/1.1.  Naming it matters: Twisted
+        # always installs an ALPN callback, and with an empty list OpenSSL
+        # aborts every handshake from a client that offers ALPN (e.g. curl).
+        return [b"http/1.1"]
 
     def check_client(self, username, password):
         if not self.client_users.required:

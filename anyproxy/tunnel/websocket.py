@@ -10,11 +10,14 @@ import base64
 
 from autobahn.twisted.websocket import WebSocketClientProtocol, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import defer
+from twisted.internet import defer, error
+from twisted.python import failure
 from twisted.logger import Logger
 
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.mux import Mux
+
+HTTP_UNAUTHORIZED = 401  # autobahn's ConnectionDeny names no constant for it
 
 # Autobahn limits: one frame per message, the largest being a DATA frame.
 MAX_MESSAGE = frames.HEADER_SIZE + 256 * 1024 + 1024
@@ -106,7 +109,7 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
         credentials = parse_basic(request.headers.get("authorization"))
         if credentials is None or not self.factory.check_client(*credentials):
             self.log.warn("tunnel from {peer}: client authentication failed", peer=request.peer)
-            raise ConnectionDeny(ConnectionDeny.UNAUTHORIZED, "client authentication failed")
+            raise ConnectionDeny(HTTP_UNAUTHORIZED, "client authentication failed")
         return frames.SUBPROTOCOL
 
     def onOpen(self):
@@ -140,13 +143,17 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
 
 class ClientTunnelProtocol(_TunnelProtocol, WebSocketClientProtocol):
     """
-    The client's end of a tunnel.  C{ready} fires once the gateway has
-    answered our HELLO (used as C{ClientService}'s C{prepareConnection}).
+    The client's end of a tunnel.  C{ready} fires with this protocol once
+    the gateway has answered our HELLO, or fails if the tunnel closes first;
+    cancelling it drops the connection.  C{handle}, once set, is told when
+    the tunnel is lost (see L{anyproxy.client.service.ReadyTunnelEndpoint}).
     """
+
+    handle = None
 
     def __init__(self):
         super().__init__()
-        self.ready = defer.Deferred()
+        self.ready = defer.Deferred(lambda d: self.dropConnection(abort=True))
 
     def onOpen(self):
         self._start_mux(True, self.factory.open_requested, self.peer)
@@ -160,7 +167,12 @@ class ClientTunnelProtocol(_TunnelProtocol, WebSocketClientProtocol):
     def onClose(self, wasClean, code, reason):
         self._lose_mux()
         if not self.ready.called:
-            self.ready.errback(ConnectionError(
-                "tunnel to gateway not established: %s" % (reason or "code %s" % (code,))))
-        else:
-            self.factory.tunnel_lost(self, reason)
+            why = reason or "code %s" % (code,)
+            self.log.warn("tunnel to {gateway} not established: {why}",
+                          gateway=self.factory.gateway, why=why)
+            self.ready.errback(ConnectionError("tunnel not established: %s" % (why,)))
+            return
+        self.factory.tunnel_lost(self, reason)
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            handle.connectionLost(failure.Failure(error.ConnectionLost(reason or "tunnel closed")))

@@ -1,0 +1,167 @@
+"""
+End to end on loopback: the tunnel's own behaviour (client authentication,
+certificate verification, mutual TLS, reconnect after either side restarts,
+streams reset when their tunnel dies).
+"""
+
+import os
+import socket
+
+import trustme
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from tests.support import CLIENT_PASSWORD, CLIENT_USER, Deployment, Echo, listen_tcp, run_curl
+from tests.test_e2e_tcp import socks_connect, socks_echo
+
+UPGRADE_HEADERS = ("-H", "Connection: Upgrade", "-H", "Upgrade: websocket",
+                   "-H", "Sec-WebSocket-Version: 13",
+                   "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                   "-H", "Sec-WebSocket-Protocol: anyproxy.v1")
+
+
+def sleep(seconds):
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+class TunnelAuthTests(unittest.TestCase):
+    """Who may open a tunnel, checked before the WebSocket upgrade."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.deployment = Deployment(self)
+        yield self.deployment.start_gateway()
+
+    def upgrade(self, *auth):
+        url = "https://127.0.0.1:%d/anyproxy" % (self.deployment.gateway_port,)
+        return run_curl("--http1.1", "--cacert", self.deployment.pki.ca_path, "-o", "/dev/null",
+                        "-w", "%{http_code}", "--max-time", "3", *(UPGRADE_HEADERS + auth + (url,)))
+
+    @defer.inlineCallbacks
+    def test_upgrade_refused_without_credentials(self):
+        """A WebSocket upgrade without or with wrong credentials gets 401; right ones get 101."""
+        out, _, _ = yield self.upgrade()
+        self.assertEqual(out, b"401")
+        out, _, _ = yield self.upgrade("-u", "%s:wrong" % (CLIENT_USER,))
+        self.assertEqual(out, b"401")
+        out, _, _ = yield self.upgrade("-u", "%s:%s" % (CLIENT_USER, CLIENT_PASSWORD))
+        self.assertEqual(out, b"101")
+
+    @defer.inlineCallbacks
+    def test_client_with_wrong_password_never_registers(self):
+        """A client presenting a wrong password gets no tunnel and keeps backing off."""
+        client = yield self.deployment.start_client(wait=False, client={"auth_password": "bad"})
+        yield sleep(1.5)
+        self.assertEqual(self.deployment.gateway.registry.tunnels(), [])
+        factory = list(client.factories.values())[0]
+        self.assertEqual(factory.connected, set())
+
+    @defer.inlineCallbacks
+    def test_client_refuses_untrusted_gateway(self):
+        """A client that does not trust the gateway's certificate refuses to connect."""
+        other_ca = os.path.join(self.deployment.directory, "other-ca.crt")
+        with open(other_ca, "wb") as f:
+            f.write(trustme.CA().cert_pem.bytes())
+        yield self.deployment.start_client(wait=False, client={"gateway_tls_cert": other_ca})
+        yield sleep(1.5)
+        self.assertEqual(self.deployment.gateway.registry.tunnels(), [])
+
+    @defer.inlineCallbacks
+    def test_client_checks_gateway_hostname(self):
+        """The gateway's certificate must name the address the client dials."""
+        yield self.deployment.start_client(wait=False, client={
+            "gateway_server_name": "not-the-gateway.example"})
+        yield sleep(1.5)
+        self.assertEqual(self.deployment.gateway.registry.tunnels(), [])
+
+
+class MutualTLSTests(unittest.TestCase):
+    """With client_ca set, the gateway requires a client certificate."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_client_certificate_required(self):
+        """A client without a certificate is refused; one with a CA-issued certificate serves."""
+        deployment = Deployment(self)
+        pki = deployment.pki
+        yield deployment.start_gateway(gateway={"client_ca": pki.ca_path})
+        yield deployment.start_client(wait=False)
+        yield sleep(1.5)
+        self.assertEqual(deployment.gateway.registry.tunnels(), [])
+
+        issued = pki.ca.issue_cert("client-2")
+        cert = os.path.join(deployment.directory, "client.crt")
+        key = os.path.join(deployment.directory, "client.key")
+        issued.cert_chain_pems[0].write_to_path(cert)
+        issued.private_key_pem.write_to_path(key)
+        yield deployment.start_client(client={"tls_cert": cert, "tls_key": key,
+                                              "client_id": "client-2"})
+        ids = [t.client_id for t in deployment.gateway.registry.tunnels()]
+        self.assertEqual(ids, ["client-2"])
+
+
+class ReconnectTests(unittest.TestCase):
+    """The client comes back by itself after either side restarts."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.deployment = Deployment(self)
+        yield self.deployment.start_gateway()
+        self.echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+
+    def echo(self):
+        return deferToThread(socks_echo, self.deployment.socks_port, "127.0.0.1",
+                             self.echo_port, b"ping")
+
+    @defer.inlineCallbacks
+    def test_gateway_restart(self):
+        """After the gateway stops and starts again on its ports, service resumes."""
+        yield self.deployment.start_client()
+        self.assertEqual((yield self.echo()), b"ping")
+        old = self.deployment.gateway
+        ports = {"tunnel": self.deployment.gateway_port, "socks": self.deployment.socks_port,
+                 "http": self.deployment.http_port}
+        yield old.stopService()
+        yield self.deployment.start_gateway(
+            gateway={"listen_addr": "127.0.0.1:%d" % ports["tunnel"]},
+            proxy={"socks5": {"listen_addr": "127.0.0.1:%d" % ports["socks"]},
+                   "http": {"listen_addr": "127.0.0.1:%d" % ports["http"]}})
+        yield self.deployment.wait_for_tunnel(timeout=10)
+        self.assertEqual((yield self.echo()), b"ping")
+
+    @defer.inlineCallbacks
+    def test_client_restart(self):
+        """A client that stops is dropped from the pool; a new one serves again."""
+        client = yield self.deployment.start_client()
+        yield client.stopService()
+        yield sleep(0.2)
+        self.assertEqual(self.deployment.gateway.registry.tunnels(), [])
+        yield self.deployment.start_client()
+        self.assertEqual((yield self.echo()), b"ping")
+
+    @defer.inlineCallbacks
+    def test_tunnel_loss_closes_user_connections(self):
+        """When the tunnel dies, a user's open stream is closed, not left hanging."""
+        client = yield self.deployment.start_client()
+        sock = yield deferToThread(socks_connect, self.deployment.socks_port, "127.0.0.1",
+                                   self.echo_port, timeout=10)
+        self.addCleanup(sock.close)
+        yield deferToThread(sock.sendall, b"hello")
+        self.assertEqual((yield deferToThread(sock.recv, 5)), b"hello")
+        yield client.stopService()
+
+        def read_until_closed():
+            try:
+                return sock.recv(100)
+            except (ConnectionResetError, socket.timeout) as e:
+                return e
+
+        result = yield deferToThread(read_until_closed)
+        self.assertIn(result, (b"",)) if isinstance(result, bytes) else \
+            self.assertIsInstance(result, ConnectionResetError)
