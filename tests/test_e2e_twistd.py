@@ -1,0 +1,198 @@
+"""
+End to end through real twistd processes: the plugins as an operator runs
+them, with certificates from certs/generate.py and one single-file config.
+"""
+
+import importlib.util
+import os
+import signal
+import socket
+import sys
+
+import yaml
+from twisted.internet import defer, error, protocol, reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from tests.support import Echo, blob, listen_tcp, run_curl, web_site
+from tests.test_e2e_tcp import socks_connect
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = ("-c", "from twisted.scripts.twistd import run; run()")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location("generate", os.path.join(ROOT, "certs", "generate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ProcessWatcher(protocol.ProcessProtocol):
+    def __init__(self):
+        self.output = []
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value)
+
+    def text(self):
+        return b"".join(self.output).decode("utf-8", "replace")
+
+
+def spawn_twistd(testcase, *args):
+    """Start C{twistd -n --pidfile= ARGS}; killed (and awaited) at cleanup."""
+    watcher = ProcessWatcher()
+    env = {"PYTHONPATH": ROOT, "PATH": os.environ.get("PATH", "")}
+    transport = reactor.spawnProcess(
+        watcher, sys.executable, (sys.executable,) + TWISTD + ("-n", "--pidfile=") + args,
+        env=env, path=ROOT)
+    watcher.transport = transport
+
+    def stop():
+        if not watcher.ended.called:
+            try:
+                transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+        return watcher.ended
+
+    testcase.addCleanup(stop)
+    return watcher
+
+
+def sleep(seconds):
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def wait_until(check, timeout=20, interval=0.1):
+    """Poll C{check()} (which may return a Deferred) until it is true."""
+    for _ in range(int(timeout / interval)):
+        if (yield defer.maybeDeferred(check)):
+            return
+        yield sleep(interval)
+    raise AssertionError("condition not met in %s seconds" % (timeout,))
+
+
+def port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+class TwistdTests(unittest.TestCase):
+    """The gateway and client as twistd plugins in their own processes."""
+
+    timeout = 120
+
+    def setUp(self):
+        directory = os.path.abspath(self.mktemp())
+        certs = os.path.join(directory, "certs")
+        load_generator().generate(certs, ["localhost", "127.0.0.1"])
+        self.ports = {name: free_port() for name in ("gateway", "socks", "http")}
+        self.target = listen_tcp(self, web_site()).getHost().port
+        self.echo = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        self.config = os.path.join(directory, "anyproxy.yaml")
+        with open(self.config, "w") as f:
+            yaml.safe_dump({
+                "proxy": {
+                    "socks5": {"listen_addr": "127.0.0.1:%d" % self.ports["socks"],
+                               "auth_username": "user", "auth_password": "proxy-pw"},
+                    "http": {"listen_addr": "127.0.0.1:%d" % self.ports["http"],
+                             "auth_username": "user", "auth_password": "proxy-pw"},
+                },
+                "gateway": {"listen_addr": "127.0.0.1:%d" % self.ports["gateway"],
+                            "tls_cert": "certs/server.crt", "tls_key": "certs/server.key",
+                            "auth_username": "tunnel", "auth_password": "tunnel-pw",
+                            "ping_interval": 1},
+                "client": {"gateway_addr": "127.0.0.1:%d" % self.ports["gateway"],
+                           "gateway_tls_cert": "certs/ca.crt", "client_id": "proc-client",
+                           "auth_username": "tunnel", "auth_password": "tunnel-pw",
+                           "ping_interval": 1, "reconnect_initial_delay": 0.2,
+                           "reconnect_max_delay": 1},
+            }, f)
+
+    def start_gateway(self):
+        return spawn_twistd(self, "anyproxy-gateway", "--config=" + self.config)
+
+    def start_client(self):
+        return spawn_twistd(self, "anyproxy-client", "--config=" + self.config)
+
+    @defer.inlineCallbacks
+    def served(self):
+        out, _, _ = yield run_curl("-x", "http://user:proxy-pw@127.0.0.1:%d" % self.ports["http"],
+                                   "--max-time", "5",
+                                   "http://127.0.0.1:%d/blob/100000" % self.target)
+        return out == blob(100000)
+
+    @defer.inlineCallbacks
+    def test_serves_restarts_and_detects_frozen_client(self):
+        """Real processes serve both proxies, survive a gateway kill, and drop a frozen client."""
+        gateway = self.start_gateway()
+        client = self.start_client()
+        yield wait_until(lambda: port_open(self.ports["http"]))
+        yield wait_until(self.served)
+        out, err, code = yield run_curl(
+            "--socks5-hostname", "user:proxy-pw@127.0.0.1:%d" % self.ports["socks"],
+            "http://localhost:%d/hello" % self.target)
+        self.assertEqual((out, code), (b"hello from the target\n", 0), err)
+
+        # The gateway dies hard and comes back: the client reconnects by itself.
+        gateway.transport.signalProcess("KILL")
+        yield gateway.ended
+        self.start_gateway()
+        yield wait_until(self.served)
+
+        # A frozen client is detected by ping timeout and its streams reset.
+        sock = yield deferToThread(socks_connect, self.ports["socks"], "127.0.0.1", self.echo,
+                                   username="user", password="proxy-pw")
+        self.addCleanup(sock.close)
+        client.transport.signalProcess(signal.SIGSTOP)
+        self.addCleanup(lambda: client.ended.called or client.transport.signalProcess(signal.SIGCONT))
+        sock.settimeout(15)
+        got = yield deferToThread(lambda: sock.recv(10))
+        self.assertEqual(got, b"")  # closed by the gateway, not left hanging
+        client.transport.signalProcess(signal.SIGCONT)
+        yield wait_until(self.served)
+
+        for watcher in (client,):
+            self.assertNotIn("proxy-pw", watcher.text())
+            self.assertNotIn("tunnel-pw", watcher.text())
+
+    @defer.inlineCallbacks
+    def test_bad_config_one_line(self):
+        """A bad config stops twistd with one line naming the file and the key."""
+        with open(self.config) as f:
+            data = yaml.safe_load(f)
+        data["client"]["forbidden_hosts"] = ["10.0.0.0/33"]
+        with open(self.config, "w") as f:
+            yaml.safe_dump(data, f)
+        watcher = self.start_client()
+        yield watcher.ended
+        self.assertIn("client.forbidden_hosts[0]", watcher.text())
+        self.assertIn(self.config, watcher.text())
+        self.assertNotIn("Traceback", watcher.text())
+
+    @defer.inlineCallbacks
+    def test_help_lists_plugins(self):
+        """twistd --help lists both AnyProxy plugins."""
+        watcher = ProcessWatcher()
+        reactor.spawnProcess(watcher, sys.executable, (sys.executable,) + TWISTD + ("--help",),
+                             env={"PYTHONPATH": ROOT}, path=ROOT)
+        yield watcher.ended
+        self.assertIn("anyproxy-gateway", watcher.text())
+        self.assertIn("anyproxy-client", watcher.text())
