@@ -449,7 +449,7 @@ class Mux:
                 opening = stream._opening
                 if opening is not None and not opening.called:
                     stream._forget()
-                    opening.errback(StreamOpenError(Reason.GENERAL_FAILURE, "reset by peer"))
+                    opening.errback(StreamOpenError(frame.reason, "reset by peer"))
                 else:
                     stream._reset_received(frame.reason)
         elif kind is frames.Open:
