@@ -6,12 +6,12 @@ through both proxies, and malformed input answered correctly.
 import base64
 import socket
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from tests.support import PROXY_PASSWORD, PROXY_USER, Deployment, Echo, listen_tcp, run_curl
-from tests.test_e2e_tcp import socks_echo, socks_error
+from tests.test_e2e_tcp import socks_connect, socks_echo, socks_error
 
 
 class CountingEcho(protocol.Factory):
@@ -198,3 +198,33 @@ class NoTunnelTests(unittest.TestCase):
         out, _, _ = yield run_curl("-x", proxy, "-o", "/dev/null", "-w", "%{http_code}",
                                    "http://127.0.0.1:80/")
         self.assertEqual(out, b"503")
+
+
+class OverloadTests(unittest.TestCase):
+    """A client at max_concurrent_conns refuses further streams with 'overloaded'."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_max_concurrent_conns(self):
+        """Beyond the limit: SOCKS5 REP 0x01 and HTTP 503; below it again, service resumes."""
+        deployment = Deployment(self)
+        yield deployment.start_gateway()
+        yield deployment.start_client(client={"max_concurrent_conns": 2})
+        port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        held = yield deferToThread(lambda: [
+            socks_connect(deployment.socks_port, "127.0.0.1", port) for _ in range(2)])
+        msg = yield deferToThread(socks_error, deployment.socks_port, "127.0.0.1", port)
+        self.assertIn("0x01", msg)
+        proxy = "http://%s:%s@127.0.0.1:%d" % (PROXY_USER, PROXY_PASSWORD, deployment.http_port)
+        out, _, _ = yield run_curl("-x", proxy, "-o", "/dev/null", "-w", "%{http_code}",
+                                   "http://127.0.0.1:%d/" % (port,))
+        self.assertEqual(out, b"503")
+        for sock in held:
+            sock.close()
+        for _ in range(100):
+            if deployment.clients[0].dialer.active == 0:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        got = yield deferToThread(socks_echo, deployment.socks_port, "127.0.0.1", port, b"again")
+        self.assertEqual(got, b"again")

@@ -165,3 +165,48 @@ class ReconnectTests(unittest.TestCase):
         result = yield deferToThread(read_until_closed)
         self.assertIn(result, (b"",)) if isinstance(result, bytes) else \
             self.assertIsInstance(result, ConnectionResetError)
+
+
+class RoutingTests(unittest.TestCase):
+    """Several clients share the load; one that leaves takes no new streams."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_spread_and_failover(self):
+        """Streams alternate between two clients; after one stops all go to the other."""
+        deployment = Deployment(self)
+        yield deployment.start_gateway()
+        echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        yield deployment.start_client(client={"client_id": "one"})
+        second = yield deployment.start_client(client={"client_id": "two"})
+        yield wait_for_tunnels(deployment, 2)
+
+        def open_streams(count):
+            return deferToThread(lambda: [
+                socks_connect(deployment.socks_port, "127.0.0.1", echo_port)
+                for _ in range(count)])
+
+        socks = yield open_streams(20)
+        self.addCleanup(lambda: [s.close() for s in socks])
+        counts = {t.client_id: t.active_streams for t in deployment.gateway.registry.tunnels()}
+        self.assertEqual(counts, {"one": 10, "two": 10})
+
+        yield second.stopService()
+        yield wait_for_tunnels(deployment, 1)
+        more = yield open_streams(5)
+        self.addCleanup(lambda: [s.close() for s in more])
+        got = yield deferToThread(lambda: [socks_echo(deployment.socks_port, "127.0.0.1",
+                                                      echo_port, b"x") for _ in range(3)])
+        self.assertEqual(got, [b"x"] * 3)
+        (tunnel,) = deployment.gateway.registry.tunnels()
+        self.assertEqual((tunnel.client_id, tunnel.active_streams), ("one", 15))
+
+
+@defer.inlineCallbacks
+def wait_for_tunnels(deployment, count, timeout=10):
+    for _ in range(int(timeout / 0.05)):
+        if len(deployment.gateway.registry.tunnels()) == count:
+            return
+        yield sleep(0.05)
+    raise AssertionError("expected %d tunnels" % (count,))
