@@ -175,3 +175,25 @@ class HttpEndToEndTests(_Base):
         self.assertIn(b"407", out.split(b"\r\n")[0])
         self.assertIn(b"proxy-authenticate: basic", out.lower())
         self.assertNotIn(CLIENT_PASSWORD.encode(), out)
+
+
+class HttpsProxyListenerTests(unittest.TestCase):
+    """An ssl: endpoint string makes the HTTP proxy an HTTPS proxy."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_https_proxy(self):
+        """curl talks TLS to the proxy itself, then fetches through the tunnel."""
+        deployment = Deployment(self)
+        pki = deployment.pki
+        listen = "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (pki.key_path, pki.cert_path)
+        yield deployment.start_gateway(proxy={"http": {"listen_addr": listen}})
+        yield deployment.start_client()
+        web_port = listen_tcp(self, web_site()).getHost().port
+        out, err, code = yield run_curl(
+            "--proxy", "https://%s:%s@localhost:%d" % (PROXY_USER, PROXY_PASSWORD,
+                                                       deployment.http_port),
+            "--proxy-cacert", pki.ca_path, "http://127.0.0.1:%d/blob/%d" % (web_port, MB))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, blob(MB))

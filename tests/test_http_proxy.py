@@ -268,7 +268,6 @@ class ConnectTests(SynchronousTestCase):
         self.user.request(b"CONNECT", b"example.com:443")
         self.user.streams[0].deferred.errback(RuntimeError("boom"))
         self.assertEqual(self.user.response()[0], 502)
-        self.flushLoggedErrors(RuntimeError)
 
     def test_user_leaves_while_opening(self):
         """A user that disconnects while the stream opens cancels the open."""
@@ -421,6 +420,28 @@ class ForwardTests(SynchronousTestCase):
         user.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(user.streams[0].cancelled)
 
+    def test_user_half_closes(self):
+        """A user that half-closes after its request still gets the answer, then a close."""
+        self.user.request(b"GET", b"http://example.com/")
+        self.user.protocol.readConnectionLost()
+        stream = self.user.streams[0]
+        stream.succeed()
+        stream.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.user.response()[2], b"ok")
+        self.assertTrue(self.user.closed)
+
+    def test_early_answer_to_expect(self):
+        """An origin's final answer to a user awaiting 100 Continue closes the connection."""
+        self.user.send(h11.Request(method=b"PUT", target=b"http://example.com/", headers=[
+            (b"Host", b"example.com"), (b"Content-Length", b"4"), (b"Expect", b"100-continue")]))
+        stream = self.user.streams[0]
+        stream.succeed()
+        stream.protocol.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        [response, _] = self.user.events()
+        self.assertEqual((response.status_code, dict(response.headers)[b"connection"]),
+                         (403, b"close"))
+        self.assertTrue(self.user.closed)
+
     def test_pipelined(self):
         """A pipelined second request waits for the first answer."""
         self.user.protocol.dataReceived(
@@ -484,6 +505,17 @@ class TimeoutTests(SynchronousTestCase):
         user = _User(self)
         user.protocol.dataReceived(b"GET http://a/ HTTP/1.1\r\n")
         user.clock.advance(30)
+        self.assertTrue(user.closed)
+
+    def test_unfinished_body_after_answer(self):
+        """A user that stops sending a body we already answered is closed after the timeout."""
+        user = _User(self, users=UserDatabase([("a", "b", "")]))
+        user.send(h11.Request(method=b"POST", target=b"http://a/", headers=[
+            (b"Host", b"a"), (b"Content-Length", b"10")]), h11.Data(data=b"12345"))
+        self.assertEqual(_raw_status(user.transport), 407)
+        user.clock.advance(29)
+        self.assertFalse(user.closed)
+        user.clock.advance(1)
         self.assertTrue(user.closed)
 
     def test_head_stops_timer_until_idle(self):

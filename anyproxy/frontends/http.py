@@ -16,7 +16,7 @@ event pump over one h11 server connection:
     and dropping the rest of the request body, so the connection stays usable
     for the next request (curl retries a 407 on the same connection).
 
-Reading from the user is paused through one L{_ReadGate} that ORs
+Reading from the user is paused through one L{ReadGate} that ORs
 independent reasons (upstream backpressure, a stream still opening, a
 pipelined request waiting for our answer), so one reason's resume never undoes
 another's pause.  A handshake timer closes users that do not finish a request
@@ -26,13 +26,17 @@ head in time, including idle keep-alive connections.
 import h11
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.auth import ANONYMOUS
-from anyproxy.frontends.http_forward import ForwardExchange, describe_open_failure
+from anyproxy.frontends.http_forward import (
+    ForwardExchange,
+    ReadGate,
+    describe_open_failure,
+)
 from anyproxy.frontends.http_messages import (
     MAX_HEAD_SIZE,
     BadTarget,
@@ -53,46 +57,6 @@ CONNECT_HIGH_WATER = 64 * 1024
 # Request body we read and throw away after answering early (407, 502...):
 # reading it keeps the connection usable; past this, closing is cheaper.
 DISCARD_LIMIT = 1024 * 1024
-
-
-@implementer(IPushProducer)
-class _GateProducer:
-    """Lets a transport pause user reads under one L{_ReadGate} reason."""
-
-    def __init__(self, gate, reason):
-        self._gate = gate
-        self._reason = reason
-
-    def pauseProducing(self):
-        self._gate.pause(self._reason)
-
-    def resumeProducing(self):
-        self._gate.resume(self._reason)
-
-    def stopProducing(self):
-        # The consumer went away; our own cleanup handles the user side.
-        self._gate.resume(self._reason)
-
-
-class _ReadGate:
-    """Reading from the user is paused while any reason holds."""
-
-    def __init__(self, transport):
-        self._transport = transport
-        self._reasons = set()
-        self.closed = False
-
-    def pause(self, reason):
-        if not self._reasons and not self.closed:
-            self._transport.pauseProducing()
-        self._reasons.add(reason)
-
-    def resume(self, reason):
-        if reason not in self._reasons:
-            return
-        self._reasons.discard(reason)
-        if not self._reasons and not self.closed:
-            self._transport.resumeProducing()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -124,7 +88,8 @@ class HttpProxyProtocol(Protocol):
     # -- Twisted protocol ---------------------------------------------------
 
     def connectionMade(self):
-        self._gate = _ReadGate(self.transport)
+        # Public: a ForwardExchange pauses user reads through it too.
+        self.read_gate = ReadGate(self.transport)
         peer = self.transport.getPeer()
         self._peer = "%s:%s" % (getattr(peer, "host", "?"), getattr(peer, "port", "?"))
         self._arm_timer()
@@ -140,7 +105,7 @@ class HttpProxyProtocol(Protocol):
             # h11 holds these bytes (it is PAUSED until we answer CONNECT).
             self._connect_backlog += len(data)
             if self._connect_backlog > CONNECT_HIGH_WATER:
-                self._gate.pause("connect")
+                self.read_gate.pause("connect")
         self._pump()
 
     def readConnectionLost(self):
@@ -159,7 +124,7 @@ class HttpProxyProtocol(Protocol):
 
     def connectionLost(self, reason):
         self._closed = self._closing = True
-        self._gate.closed = True
+        self.read_gate.closed = True
         self._cancel_timer()
         if self._tunnel is not None:
             self._tunnel.connectionLost(reason)
@@ -186,33 +151,29 @@ class HttpProxyProtocol(Protocol):
 
     def respond(self, event):
         """Send an h11 event to the user."""
+        if type(event) is h11.Response and self._server.they_are_waiting_for_100_continue:
+            # A final answer instead of 100 Continue: the user may never send
+            # the body, so the framing of this connection is lost.
+            headers = list(event.headers.raw_items())
+            if not any(name.lower() == b"connection" for name, _ in headers):
+                headers.append((b"Connection", b"close"))
+            event = h11.Response(status_code=event.status_code, reason=event.reason,
+                                 headers=headers)
         data = self._server.send(event)
         if data and not self._closed:
             self.transport.write(data)
 
-    def pause_reading(self, reason):
-        """Stop reading from the user until L{resume_reading} with C{reason}."""
-        self._gate.pause(reason)
-
-    def resume_reading(self, reason):
-        """Withdraw one reason to stop reading from the user."""
-        self._gate.resume(reason)
-
-    def reading_producer(self, reason):
-        """An C{IPushProducer} for a consumer that throttles user reads."""
-        return _GateProducer(self._gate, reason)
-
     def forward_done(self, exchange):
         """C{exchange} relayed a whole response."""
         self._exchange = None
-        self._gate.resume("opening")
+        self.read_gate.resume("opening")
         self._log_request(exchange.status)
         self._after_response()
 
     def forward_failed(self, exchange, status, text):
         """C{exchange} failed; answer C{status} unless its response already began."""
         self._exchange = None
-        self._gate.resume("opening")
+        self.read_gate.resume("opening")
         if exchange.response_started or self._server.our_state is not h11.SEND_RESPONSE:
             _log.info(
                 "{user} {method} {target}: upstream failed mid-response ({text})",
@@ -241,11 +202,16 @@ class HttpProxyProtocol(Protocol):
                 if event is h11.NEED_DATA:
                     return
                 if event is h11.PAUSED:
-                    if self._server.their_state is h11.DONE:
-                        # A pipelined request: hold it until we have answered.
-                        self._gate.pause("pipeline")
+                    if self._connect_target is None:
+                        # A pipelined request (or bytes after a proposed
+                        # Upgrade): hold them in the kernel until we answered.
+                        # A pending CONNECT keeps reading, to see the user leave.
+                        self.read_gate.pause("pipeline")
                     return
                 self._handle(event)
+                if isinstance(event, h11.ConnectionClosed):
+                    # h11 repeats ConnectionClosed forever: nothing more to read.
+                    return
         finally:
             self._pumping = False
 
@@ -273,28 +239,30 @@ class HttpProxyProtocol(Protocol):
     def _handle_request(self, request):
         self._method = request.method.decode("ascii", "replace")
         self._target_for_log = "-"
-        self._user = self._authenticate(request)
-        if self._user is None:
-            realm = self.factory.realm.replace("\\", "\\\\").replace('"', '\\"')
-            self._reject(
-                407,
-                "proxy authentication required",
-                [(b"Proxy-Authenticate", ('Basic realm="%s"' % (realm,)).encode("utf-8"))],
-            )
-            return
+        target = bad_target = None
         try:
             if request.method == b"CONNECT":
-                host, port = parse_authority(request.target)
-                self._target_for_log = format_authority(host, port).decode("ascii")
-                # The stream opens once h11 has seen the end of the request.
-                self._connect_target = (host, port)
+                target = parse_authority(request.target)
+                self._target_for_log = format_authority(*target).decode("ascii")
             else:
                 target = parse_absolute_uri(request.target)
                 self._target_for_log = target.for_log()
-                self._exchange = ForwardExchange(self, request, target)
-                self._exchange.start()
         except BadTarget as error:
-            self._reject(400, str(error))
+            bad_target = str(error)
+        self._user = self._authenticate(request)
+        if self._user is None:
+            realm = self.factory.realm.replace("\\", "\\\\").replace('"', '\\"')
+            challenge = ('Basic realm="%s"' % (realm,)).encode("utf-8")
+            self._reject(407, "proxy authentication required",
+                         [(b"Proxy-Authenticate", challenge)])
+        elif bad_target is not None:
+            self._reject(400, bad_target)
+        elif request.method == b"CONNECT":
+            # The stream opens once h11 has seen the end of the request.
+            self._connect_target = target
+        else:
+            self._exchange = ForwardExchange(self, request, target)
+            self._exchange.start()
 
     def _authenticate(self, request):
         users = self.factory.users
@@ -323,7 +291,7 @@ class HttpProxyProtocol(Protocol):
             return
         self.respond(h11.Response(status_code=200, reason=b"Connection established", headers=[]))
         self._log_request(200)
-        self._gate.resume("connect")
+        self.read_gate.resume("connect")
         self._cancel_timer()
         data, user_eof = self._server.trailing_data
         user_end = SpliceEnd(initial_data=data)
@@ -338,7 +306,7 @@ class HttpProxyProtocol(Protocol):
         self._connect_target = None
         if self._closing:
             return
-        self._gate.resume("connect")
+        self.read_gate.resume("connect")
         status, text = describe_open_failure(failure)
         # Whatever the user sent after CONNECT is now parsed as HTTP.
         self._reject(status, text)
@@ -347,17 +315,12 @@ class HttpProxyProtocol(Protocol):
 
     def _reject(self, status, text, headers=()):
         """Answer the current request ourselves, keeping the connection if we can."""
-        server = self._server
-        close = False
-        if server.their_state is h11.SEND_BODY and server.they_are_waiting_for_100_continue:
-            # The body will never come (no 100 Continue): framing is lost.
-            close = True
-        response, body = error_response(status, text, headers, close=close)
+        response, body = error_response(status, text, headers)
         self.respond(response)
         self.respond(h11.Data(data=body))
         self.respond(h11.EndOfMessage())
         self._discarded = 0
-        self._log_request(status)
+        self._log_request(status, text)
         self._after_response()
 
     def _bad_request(self, status):
@@ -371,9 +334,12 @@ class HttpProxyProtocol(Protocol):
                 return
         if self._server.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             response, body = error_response(status, "malformed request", close=True)
-            self.respond(response)
-            self.respond(h11.Data(data=body))
-            self.respond(h11.EndOfMessage())
+            try:
+                self.respond(response)
+                self.respond(h11.Data(data=body))
+                self.respond(h11.EndOfMessage())
+            except h11.LocalProtocolError:
+                pass  # h11 found no way to answer in this state: just close.
         self._close()
 
     def _discard(self, size):
@@ -394,11 +360,13 @@ class HttpProxyProtocol(Protocol):
             self._close()
         elif server.their_state is h11.DONE:
             server.start_next_cycle()
-            self._gate.resume("pipeline")
+            self.read_gate.resume("pipeline")
             self._arm_timer()
             self._pump()
-        # Otherwise the request body is still arriving: _handle discards it
-        # and its EndOfMessage brings us back here.
+        else:
+            # The request body is still arriving: _handle discards it and its
+            # EndOfMessage brings us back here, unless the timer fires first.
+            self._arm_timer()
 
     def _close(self):
         if not self._closing:
@@ -423,7 +391,7 @@ class HttpProxyProtocol(Protocol):
     def _timed_out(self):
         self._timer = None
         _log.info(
-            "{peer}: no complete request head within {timeout}s, closing",
+            "{peer}: no complete request within {timeout}s, closing",
             peer=self._peer, timeout=self.factory.handshake_timeout,
         )
         self._close()
@@ -433,14 +401,15 @@ class HttpProxyProtocol(Protocol):
             return "-"
         return self._user.name or "anonymous"
 
-    def _log_request(self, status):
+    def _log_request(self, status, detail=""):
         _log.info(
-            "{peer} {user} {method} {target} {status}",
+            "{peer} {user} {method} {target} {status} {detail}",
             peer=self._peer, user=self._user_name(), method=self._method,
-            target=self._target_for_log, status=status,
+            target=self._target_for_log, status=status, detail=detail,
         )
 
 
+@implementer(IProtocolNegotiationFactory)
 class HttpProxyFactory(ServerFactory):
     """
     The HTTP proxy listener: CONNECT tunnels and absolute-URI http forwarding,
@@ -466,3 +435,9 @@ class HttpProxyFactory(ServerFactory):
         self.reactor = reactor
         self.handshake_timeout = handshake_timeout
         self.realm = realm
+
+    def acceptableProtocols(self):
+        # Behind an ssl: listener (an HTTPS proxy) Twisted always installs an
+        # ALPN callback; with no protocol named, OpenSSL aborts the handshake
+        # of every client that offers ALPN, curl included.
+        return [b"http/1.1"]

@@ -15,8 +15,10 @@ bytes ourselves, up to L{HIGH_WATER}, after which reading from the user pauses.
 """
 
 import h11
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from anyproxy.errors import StreamOpenError, http_status
 from anyproxy.frontends.http_messages import (
@@ -52,6 +54,50 @@ def describe_open_failure(failure):
     return 502, "bad gateway"
 
 
+@implementer(IPushProducer)
+class GateProducer:
+    """Lets a transport pause user reads under one L{ReadGate} reason."""
+
+    def __init__(self, gate, reason):
+        self._gate = gate
+        self._reason = reason
+
+    def pauseProducing(self):
+        self._gate.pause(self._reason)
+
+    def resumeProducing(self):
+        self._gate.resume(self._reason)
+
+    def stopProducing(self):
+        # The consumer went away; our own cleanup handles the user side.
+        self._gate.resume(self._reason)
+
+
+class ReadGate:
+    """Reading from the user is paused while any reason holds."""
+
+    def __init__(self, transport):
+        self._transport = transport
+        self._reasons = set()
+        self.closed = False
+
+    def pause(self, reason):
+        if not self._reasons and not self.closed:
+            self._transport.pauseProducing()
+        self._reasons.add(reason)
+
+    def resume(self, reason):
+        if reason not in self._reasons:
+            return
+        self._reasons.discard(reason)
+        if not self._reasons and not self.closed:
+            self._transport.resumeProducing()
+
+    def producer(self, reason):
+        """An C{IPushProducer} that pauses reading under C{reason}."""
+        return GateProducer(self, reason)
+
+
 class _UpstreamProtocol(Protocol):
     """The origin side of a L{ForwardExchange}: passes everything to it."""
 
@@ -71,9 +117,10 @@ class ForwardExchange:
 
     The proxy protocol feeds it the user's request body (L{request_data},
     L{request_done}) and tells it when the user is gone (L{user_lost}).  It
-    answers through the proxy: C{respond(event)} for the user's h11 connection,
-    then exactly one of C{forward_done(exchange)} or
-    C{forward_failed(exchange, status, text)}.
+    uses the proxy's C{open_stream(host, port, protocol)}, its C{read_gate}
+    and C{transport} for backpressure, and answers through C{respond(event)}
+    (the user's h11 connection), then exactly one of C{forward_done(exchange)}
+    or C{forward_failed(exchange, status, text)}.
 
     @ivar status: the origin's status code once its response head arrived.
     @ivar response_started: C{True} once a response head went to the user;
@@ -119,7 +166,7 @@ class ForwardExchange:
             self._held.append(data)
             self._held_size += len(data)
             if self._held_size > HIGH_WATER:
-                self._proxy.pause_reading("opening")
+                self._proxy.read_gate.pause("opening")
         else:
             self._send_upstream(h11.Data(data=data))
 
@@ -147,7 +194,7 @@ class ForwardExchange:
             return
         self._upstream = upstream
         transport = upstream.transport
-        transport.registerProducer(self._proxy.reading_producer("upstream"), True)
+        transport.registerProducer(self._proxy.read_gate.producer("upstream"), True)
         self._proxy.transport.registerProducer(transport, True)
         self._send_upstream(upstream_request(self._request, self._target))
         held, self._held, self._held_size = self._held, [], 0
@@ -155,7 +202,7 @@ class ForwardExchange:
             if self._finished:
                 return
             self._send_upstream(h11.Data(data=data))
-        self._proxy.resume_reading("opening")
+        self._proxy.read_gate.resume("opening")
         if self._request_complete and not self._finished:
             self._send_upstream(h11.EndOfMessage())
         # The origin may have answered while we were still writing.
@@ -240,6 +287,6 @@ class ForwardExchange:
         # Unregister before closing: a transport with a paused producer
         # registered waits for that producer instead of closing.
         self._proxy.transport.unregisterProducer()
-        self._proxy.resume_reading("upstream")
+        self._proxy.read_gate.resume("upstream")
         upstream.transport.unregisterProducer()
         upstream.transport.loseConnection()

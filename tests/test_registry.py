@@ -1,0 +1,340 @@
+# -*- test-case-name: tests.test_registry -*-
+"""
+Tests for L{anyproxy.gateway.registry}: tunnel choice and waiting for a tunnel.
+"""
+
+import collections
+import random
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.gateway.registry import Tunnel, TunnelRegistry
+
+
+# -- fakes ----------------------------------------------------------------------
+
+class FakeMux:
+    """Stands in for a L{anyproxy.tunnel.mux.Mux}: only C{stream_count} is read."""
+
+    def __init__(self, stream_count=0):
+        self.stream_count = stream_count
+
+
+def tunnel(client_id, group="default", streams=0):
+    """A L{Tunnel} of C{group} over a L{FakeMux} with C{streams} open streams."""
+    return Tunnel(client_id=client_id, group=group, mux=FakeMux(streams))
+
+
+def registry(*tunnels, balance="least_streams", clock=None, rng=random):
+    """A L{TunnelRegistry} holding C{tunnels}."""
+    result = TunnelRegistry(clock if clock is not None else Clock(), balance=balance, rng=rng)
+    for each in tunnels:
+        result.add(each)
+    return result
+
+
+def picks(pool, count, group="default"):
+    """How often each tunnel's client_id is picked in C{count} picks."""
+    return collections.Counter(pool.pick(group).client_id for _ in range(count))
+
+
+class FixedRandom:
+    """A C{random}-like object whose C{choice} returns a set index in turn, and records the lists."""
+
+    def __init__(self, indexes):
+        self.indexes = list(indexes)
+        self.choices = []
+
+    def choice(self, sequence):
+        self.choices.append(list(sequence))
+        return sequence[self.indexes.pop(0)]
+
+
+# -- tests ----------------------------------------------------------------------
+
+class TunnelTests(SynchronousTestCase):
+    """A L{Tunnel} reports its mux's stream count."""
+
+    def test_active_streams(self):
+        """active_streams follows the mux's stream_count."""
+        each = tunnel("a", streams=3)
+        self.assertEqual(each.active_streams, 3)
+        each.mux.stream_count = 5
+        self.assertEqual(each.active_streams, 5)
+
+
+class StrategyTests(SynchronousTestCase):
+    """The balance strategies choose as documented."""
+
+    def test_unknown_strategy(self):
+        """An unknown strategy name raises ValueError naming it."""
+        exc = self.assertRaises(ValueError, TunnelRegistry, Clock(), balance="fastest")
+        self.assertIn("fastest", str(exc))
+
+    def test_strategies_accepted(self):
+        """Every documented strategy is accepted."""
+        for name in ("least_streams", "round_robin", "random"):
+            self.assertEqual(TunnelRegistry(Clock(), balance=name).balance, name)
+
+    def test_default_is_least_streams(self):
+        """Without a strategy the registry balances by least streams."""
+        self.assertEqual(TunnelRegistry(Clock()).balance, "least_streams")
+
+    def test_least_streams_fewest(self):
+        """least_streams picks the tunnel with the fewest open streams."""
+        pool = registry(tunnel("busy", streams=7), tunnel("idle", streams=1),
+                        tunnel("medium", streams=4))
+        self.assertEqual(picks(pool, 10), {"idle": 10})
+
+    def test_least_streams_follows_counts(self):
+        """When stream counts change, least_streams follows them."""
+        busy, idle = tunnel("busy", streams=7), tunnel("idle", streams=1)
+        pool = registry(busy, idle)
+        self.assertIs(pool.pick("default"), idle)
+        idle.mux.stream_count = 9
+        self.assertIs(pool.pick("default"), busy)
+
+    def test_least_streams_rotates_ties(self):
+        """Tunnels tied on fewest streams are picked in turn, not always the first."""
+        pool = registry(tunnel("a", streams=2), tunnel("b", streams=2), tunnel("c", streams=5))
+        self.assertEqual(picks(pool, 10), {"a": 5, "b": 5})
+
+    def test_least_streams_even_spread(self):
+        """With N equal tunnels, N*100 picks give each exactly 100."""
+        for count in (1, 2, 3, 4, 7):
+            tunnels = [tunnel("t%d" % (i,), streams=3) for i in range(count)]
+            pool = registry(*tunnels)
+            self.assertEqual(picks(pool, count * 100),
+                             {each.client_id: 100 for each in tunnels})
+
+    def test_least_streams_even_spread_with_counting(self):
+        """When each pick opens a stream, N*100 picks still spread evenly."""
+        tunnels = [tunnel("t%d" % (i,)) for i in range(5)]
+        pool = registry(*tunnels)
+        counts = collections.Counter()
+        for _ in range(500):
+            chosen = pool.pick("default")
+            chosen.mux.stream_count += 1
+            counts[chosen.client_id] += 1
+        self.assertEqual(counts, {each.client_id: 100 for each in tunnels})
+
+    def test_round_robin(self):
+        """round_robin cycles through the tunnels regardless of stream counts."""
+        tunnels = [tunnel("a", streams=50), tunnel("b"), tunnel("c", streams=9)]
+        pool = registry(*tunnels, balance="round_robin")
+        sequence = [pool.pick("default").client_id for _ in range(6)]
+        self.assertEqual(sorted(sequence[:3]), ["a", "b", "c"])
+        self.assertEqual(sequence[3:], sequence[:3])
+        self.assertEqual(picks(pool, 300), {"a": 100, "b": 100, "c": 100})
+
+    def test_random(self):
+        """random delegates the choice among the group's tunnels to the rng."""
+        tunnels = [tunnel("a"), tunnel("b", streams=20), tunnel("c")]
+        rng = FixedRandom([1, 1, 0, 2])
+        pool = registry(*tunnels, balance="random", rng=rng)
+        chosen = [pool.pick("default").client_id for _ in range(4)]
+        self.assertEqual(chosen, ["b", "b", "a", "c"])
+        self.assertEqual(rng.choices, [tunnels] * 4)
+
+    def test_random_seeded(self):
+        """random with a seeded rng picks only tunnels of the group, and all of them."""
+        tunnels = [tunnel("a"), tunnel("b"), tunnel("c")]
+        pool = registry(*tunnels, tunnel("x", group="other"), balance="random",
+                        rng=random.Random(1234))
+        self.assertEqual(set(picks(pool, 300)), {"a", "b", "c"})
+
+    def test_single_tunnel(self):
+        """Every strategy returns the only tunnel there is."""
+        for name in TunnelRegistry.STRATEGIES:
+            only = tunnel("only")
+            pool = registry(only, balance=name)
+            self.assertEqual([pool.pick("default") for _ in range(3)], [only] * 3)
+
+
+class PoolTests(SynchronousTestCase):
+    """Adding, removing and listing tunnels; groups are separate pools."""
+
+    def test_empty(self):
+        """An empty registry picks nothing."""
+        self.assertIsNone(registry().pick("default"))
+
+    def test_groups_isolated(self):
+        """pick(group) never returns a tunnel of another group, whatever the strategy."""
+        for name in TunnelRegistry.STRATEGIES:
+            red = [tunnel("red%d" % (i,), group="red", streams=i) for i in range(3)]
+            blue = [tunnel("blue%d" % (i,), group="blue") for i in range(2)]
+            pool = registry(*(red + blue), balance=name, rng=random.Random(7))
+            for _ in range(60):
+                self.assertIn(pool.pick("red"), red)
+                self.assertIn(pool.pick("blue"), blue)
+            self.assertIsNone(pool.pick("green"))
+
+    def test_remove(self):
+        """A removed tunnel is no longer picked."""
+        for name in TunnelRegistry.STRATEGIES:
+            a, b = tunnel("a"), tunnel("b")
+            pool = registry(a, b, balance=name, rng=random.Random(3))
+            pool.remove(a)
+            self.assertEqual(set(picks(pool, 20)), {"b"})
+            pool.remove(b)
+            self.assertIsNone(pool.pick("default"))
+
+    def test_remove_unknown(self):
+        """Removing a tunnel that is not registered changes nothing."""
+        a = tunnel("a")
+        pool = registry(a)
+        pool.remove(tunnel("stranger"))
+        pool.remove(tunnel("stranger", group="other"))
+        self.assertEqual(pool.tunnels(), [a])
+
+    def test_remove_twice(self):
+        """Removing the same tunnel twice is harmless."""
+        a = tunnel("a")
+        pool = registry(a)
+        pool.remove(a)
+        pool.remove(a)
+        self.assertEqual(pool.tunnels(), [])
+
+    def test_tunnels(self):
+        """tunnels() lists one group, or all groups without an argument."""
+        red, blue = tunnel("r", group="red"), tunnel("b", group="blue")
+        pool = registry(red, blue)
+        self.assertEqual(pool.tunnels("red"), [red])
+        self.assertEqual(pool.tunnels("green"), [])
+        self.assertEqual(sorted(t.client_id for t in pool.tunnels()), ["b", "r"])
+
+    def test_tunnels_is_a_copy(self):
+        """Changing the returned list does not change the registry."""
+        a = tunnel("a")
+        pool = registry(a)
+        pool.tunnels("default").clear()
+        self.assertIs(pool.pick("default"), a)
+
+
+class WaitForTests(SynchronousTestCase):
+    """wait_for returns a tunnel now, or when one connects, or fails with NO_TUNNEL."""
+
+    def test_existing(self):
+        """With a tunnel connected, wait_for fires at once and schedules nothing."""
+        clock = Clock()
+        a = tunnel("a")
+        pool = registry(a, clock=clock)
+        self.assertIs(self.successResultOf(pool.wait_for("default", 5)), a)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_arrives_later(self):
+        """wait_for fires when a tunnel of the group is added before the timeout."""
+        clock = Clock()
+        pool = registry(clock=clock)
+        d = pool.wait_for("default", 5)
+        clock.advance(4)
+        self.assertNoResult(d)
+        a = tunnel("a")
+        pool.add(a)
+        self.assertIs(self.successResultOf(d), a)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        clock.advance(10)  # the timer is gone: nothing else happens
+
+    def test_other_group_does_not_wake(self):
+        """A tunnel of another group does not fire the waiter."""
+        clock = Clock()
+        pool = registry(clock=clock)
+        d = pool.wait_for("red", 5)
+        pool.add(tunnel("b", group="blue"))
+        self.assertNoResult(d)
+        red = tunnel("r", group="red")
+        pool.add(red)
+        self.assertIs(self.successResultOf(d), red)
+
+    def test_several_waiters(self):
+        """Every waiter of the group fires when a tunnel arrives."""
+        clock = Clock()
+        pool = registry(clock=clock)
+        waiters = [pool.wait_for("default", 5) for _ in range(3)]
+        a = tunnel("a")
+        pool.add(a)
+        for d in waiters:
+            self.assertIs(self.successResultOf(d), a)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_timeout(self):
+        """Without a tunnel, wait_for fails with NO_TUNNEL after the timeout."""
+        clock = Clock()
+        pool = registry(clock=clock)
+        d = pool.wait_for("default", 5)
+        clock.advance(4.9)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        exc = self.failureResultOf(d, StreamOpenError).value
+        self.assertEqual(exc.reason, Reason.NO_TUNNEL)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_add_after_timeout(self):
+        """A tunnel added after a waiter timed out does not touch that waiter."""
+        clock = Clock()
+        pool = registry(clock=clock)
+        d = pool.wait_for("default", 5)
+        clock.advance(5)
+        self.failureResultOf(d, StreamOpenError)
+        a = tunnel("a")
+        pool.add(a)
+        self.assertIs(self.successResultOf(pool.wait_for("default", 5)), a)
+
+    def test_zero_timeout(self):
+        """A timeout of zero fails at once with NO_TUNNEL and schedules nothing."""
+        clock = Clock()
+        pool = registry(clock=clock)
+        exc = self.failureResultOf(pool.wait_for("default", 0), StreamOpenError).value
+        self.assertEqual(exc.reason, Reason.NO_TUNNEL)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_cancel(self):
+        """Cancelling a wait fails it with CancelledError, drops the timer and the waiter."""
+        clock = Clock()
+        pool = registry(clock=clock)
+        d = pool.wait_for("default", 5)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(pool._waiters.get("default", []), [])
+
+    def test_cancel_then_add(self):
+        """A tunnel added after a cancelled wait is simply registered."""
+        clock = Clock()
+        pool = registry(clock=clock)
+        d = pool.wait_for("default", 5)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        a = tunnel("a")
+        pool.add(a)
+        clock.advance(10)
+        self.assertEqual(pool.tunnels(), [a])
+
+    def test_cancel_one_of_several(self):
+        """Cancelling one wait leaves the others waiting with their timers."""
+        clock = Clock()
+        pool = registry(clock=clock)
+        first = pool.wait_for("default", 5)
+        second = pool.wait_for("default", 5)
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        a = tunnel("a")
+        pool.add(a)
+        self.assertIs(self.successResultOf(second), a)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_waiter_uses_strategy(self):
+        """A woken waiter gets a tunnel chosen by the strategy."""
+        clock = Clock()
+        pool = registry(clock=clock)
+        d = pool.wait_for("default", 5)
+        pool.add(tunnel("busy", streams=3))
+        busy = self.successResultOf(d)
+        pool.add(tunnel("idle"))
+        self.assertEqual(busy.client_id, "busy")
+        self.assertEqual(self.successResultOf(pool.wait_for("default", 5)).client_id, "idle")
