@@ -210,3 +210,32 @@ def wait_for_tunnels(deployment, count, timeout=10):
             return
         yield sleep(0.05)
     raise AssertionError("expected %d tunnels" % (count,))
+
+
+class GroupRoutingTests(unittest.TestCase):
+    """A user's streams go only to clients of the user's group."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_groups_are_isolated(self):
+        """bob (group lab) reaches only the lab client; with none connected he gets 'no tunnel'."""
+        deployment = Deployment(self)
+        yield deployment.start_gateway(gateway={
+            "users": [{"username": "bob", "password": "bob-pw", "group": "lab"}]})
+        echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        yield deployment.start_client(client={"client_id": "office"})
+
+        def bob_error():
+            from tests.test_e2e_tcp import socks_error
+            return deferToThread(socks_error, deployment.socks_port, "127.0.0.1", echo_port,
+                                 username="bob", password="bob-pw")
+
+        self.assertIn("0x01", (yield bob_error()))  # the default-group client is not his
+        yield deployment.start_client(group="lab", client={"client_id": "lab-1",
+                                                           "group_id": "lab"})
+        sock = yield deferToThread(socks_connect, deployment.socks_port, "127.0.0.1",
+                                   echo_port, username="bob", password="bob-pw")
+        self.addCleanup(sock.close)
+        streams = {t.client_id: t.active_streams for t in deployment.gateway.registry.tunnels()}
+        self.assertEqual(streams, {"office": 0, "lab-1": 1})

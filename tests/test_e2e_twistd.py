@@ -72,6 +72,13 @@ def spawn_twistd(testcase, *args):
     return watcher
 
 
+def kill_quietly(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def sleep(seconds):
     return task.deferLater(reactor, seconds, lambda: None)
 
@@ -169,9 +176,29 @@ class TwistdTests(unittest.TestCase):
         client.transport.signalProcess(signal.SIGCONT)
         yield wait_until(self.served)
 
-        for watcher in (client,):
+        for watcher in (gateway, client):
             self.assertNotIn("proxy-pw", watcher.text())
             self.assertNotIn("tunnel-pw", watcher.text())
+
+    @defer.inlineCallbacks
+    def test_daemonizes_without_n(self):
+        """Without -n twistd daemonizes, writing its pidfile and logfile, and serves."""
+        directory = os.path.dirname(self.config)
+        pidfile = os.path.join(directory, "gateway.pid")
+        logfile = os.path.join(directory, "gateway.log")
+        watcher = ProcessWatcher()
+        reactor.spawnProcess(watcher, sys.executable, (sys.executable,) + TWISTD + (
+            "--pidfile=" + pidfile, "--logfile=" + logfile, "anyproxy-gateway",
+            "--config=" + self.config), env={"PYTHONPATH": ROOT}, path=ROOT)
+        yield watcher.ended  # the parent exits once the daemon is detached
+        yield wait_until(lambda: os.path.exists(pidfile) and port_open(self.ports["http"]))
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(kill_quietly, pid)
+        yield wait_until(lambda: "listening on" in open(logfile).read())
+        os.kill(pid, signal.SIGTERM)
+        yield wait_until(lambda: not os.path.exists(pidfile))
+        self.assertNotIn("tunnel-pw", open(logfile).read())
 
     @defer.inlineCallbacks
     def test_bad_config_one_line(self):

@@ -28,16 +28,18 @@ def reason_for_failure(failure):
         return exc.reason
     if isinstance(exc, error.ConnectionRefusedError):
         return Reason.CONNECTION_REFUSED
-    if isinstance(exc, (error.TimeoutError, defer.TimeoutError, defer.CancelledError)):
+    if isinstance(exc, (error.TimeoutError, error.TCPTimedOutError, defer.TimeoutError,
+                        defer.CancelledError)):
         return Reason.TIMED_OUT
     if isinstance(exc, error.DNSLookupError):
         return Reason.NAME_NOT_RESOLVED
-    if isinstance(exc, error.NoRouteError):
-        return Reason.HOST_UNREACHABLE
+    # Before NoRouteError: Twisted raises NoRouteError for ENETUNREACH too.
     os_error = getattr(exc, "osError", None)
     if os_error == errno.ENETUNREACH:
         return Reason.NETWORK_UNREACHABLE
     if os_error in (errno.EHOSTUNREACH, errno.EHOSTDOWN):
+        return Reason.HOST_UNREACHABLE
+    if isinstance(exc, error.NoRouteError):
         return Reason.HOST_UNREACHABLE
     return Reason.GENERAL_FAILURE
 
@@ -142,6 +144,10 @@ class Dialer:
                 target = yield connectProtocol(endpoint, SpliceEnd())
             except defer.CancelledError:
                 raise
+            except error.ConnectingCancelledError:
+                # How an endpoint reports a cancelled connect: stop here (no
+                # next address) and fail as a cancel, so addTimeout says TIMED_OUT.
+                raise defer.CancelledError()
             except Exception as e:
                 last = e
                 continue

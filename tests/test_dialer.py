@@ -1,0 +1,680 @@
+# -*- test-case-name: tests.test_dialer -*-
+"""
+Tests for L{anyproxy.client.dialer}: failure mapping, resolution, and the
+L{Dialer} answering OPEN requests, on a L{MemoryReactorClock} with a fake
+resolver and fake streams.  One loopback test dials a real echo server through
+a real L{Mux} pair.
+"""
+
+import errno
+
+from twisted.internet import defer, error, reactor
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHostnameResolver, IHostResolution
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python import failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from anyproxy.client.acl import AccessPolicy, HostRule, LimitRule
+from anyproxy.client.dialer import Dialer, reason_for_failure, resolve
+from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.splice import SpliceEnd
+from anyproxy.tunnel.mux import Mux
+
+
+# -- fakes ----------------------------------------------------------------------
+
+@implementer(IHostResolution)
+class FakeResolution:
+    def __init__(self, name):
+        self.name = name
+
+    def cancel(self):
+        pass
+
+
+@implementer(IHostnameResolver)
+class FakeResolver:
+    """
+    Resolves names from a table and records every question.  With
+    C{pending=True} answers wait until L{complete} is called.
+    """
+
+    def __init__(self, table=None, pending=False):
+        self.table = table or {}
+        self.pending = pending
+        self.asked = []
+        self.waiting = []
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None,
+                        transportSemantics="TCP"):
+        self.asked.append((hostName, portNumber))
+        resolution = FakeResolution(hostName)
+        receiver.resolutionBegan(resolution)
+        if self.pending:
+            self.waiting.append((receiver, hostName, portNumber))
+        else:
+            self._answer(receiver, hostName, portNumber)
+        return resolution
+
+    def complete(self):
+        """Answer every question still waiting."""
+        waiting, self.waiting = self.waiting, []
+        for receiver, host, port in waiting:
+            self._answer(receiver, host, port)
+
+    def _answer(self, receiver, host, port):
+        for ip in self.table.get(host, []):
+            address_class = IPv6Address if ":" in ip else IPv4Address
+            receiver.addressResolved(address_class("TCP", ip, port))
+        receiver.resolutionComplete()
+
+
+class HalfCloseTransport(StringTransport):
+    """A L{StringTransport} that records half-close and close calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def loseWriteConnection(self):
+        self.calls.append("loseWriteConnection")
+
+    def loseConnection(self):
+        self.calls.append("loseConnection")
+        super().loseConnection()
+
+
+class FakeStream:
+    """
+    An incoming stream request as the mux hands it to the dialer: records
+    accept/reject and the cancel hook.  C{accept} connects the protocol to a
+    L{HalfCloseTransport}.
+    """
+
+    def __init__(self, host, port, kind="tcp", stream_id=1):
+        self.kind = kind
+        self.host = host
+        self.port = port
+        self.stream_id = stream_id
+        self.closed = False
+        self.accepted = []
+        self.rejected = []
+        self.cancel_hook = None
+        self.transport = None
+
+    def accept(self, protocol):
+        self.accepted.append(protocol)
+        self.transport = HalfCloseTransport()
+        protocol.makeConnection(self.transport)
+
+    def reject(self, reason, text=""):
+        self.rejected.append(reason)
+        self.closed = True
+
+    def set_cancel_hook(self, hook):
+        self.cancel_hook = hook
+
+    def opener_gives_up(self):
+        """The gateway cancels the open before an answer (as a RESET does)."""
+        self.closed = True
+        hook, self.cancel_hook = self.cancel_hook, None
+        hook()
+
+
+def policy(forbidden=(), allowed=()):
+    """An L{AccessPolicy} from rule texts and C{(addr, protocol)} pairs."""
+    return AccessPolicy(forbidden=[HostRule.parse(text) for text in forbidden],
+                        allowed=[LimitRule.parse(addr, protocol) for addr, protocol in allowed])
+
+
+def fail(exception):
+    return failure.Failure(exception)
+
+
+# -- tests ----------------------------------------------------------------------
+
+class ReasonForFailureTests(SynchronousTestCase):
+    """reason_for_failure maps each connect/resolve failure to its L{Reason}."""
+
+    def check(self, exception, reason):
+        self.assertIs(reason_for_failure(fail(exception)), reason)
+
+    def test_refused(self):
+        """A refused connection is CONNECTION_REFUSED."""
+        self.check(error.ConnectionRefusedError(), Reason.CONNECTION_REFUSED)
+        self.check(error.getConnectError((errno.ECONNREFUSED, "refused")),
+                   Reason.CONNECTION_REFUSED)
+
+    def test_user_timeout(self):
+        """The connector's own timeout (error.TimeoutError) is TIMED_OUT."""
+        self.check(error.TimeoutError(), Reason.TIMED_OUT)
+
+    def test_tcp_timeout(self):
+        """A TCP timeout (ETIMEDOUT) is TIMED_OUT."""
+        self.check(error.TCPTimedOutError(), Reason.TIMED_OUT)
+        self.check(error.getConnectError((errno.ETIMEDOUT, "timed out")), Reason.TIMED_OUT)
+
+    def test_deferred_timeout(self):
+        """A Deferred timeout (addTimeout) is TIMED_OUT."""
+        self.check(defer.TimeoutError(), Reason.TIMED_OUT)
+
+    def test_dns(self):
+        """A DNS lookup failure is NAME_NOT_RESOLVED."""
+        self.check(error.DNSLookupError("nowhere.test"), Reason.NAME_NOT_RESOLVED)
+
+    def test_no_route(self):
+        """A NoRouteError without an errno is HOST_UNREACHABLE."""
+        self.check(error.NoRouteError(), Reason.HOST_UNREACHABLE)
+
+    def test_network_unreachable(self):
+        """ENETUNREACH is NETWORK_UNREACHABLE, also as the NoRouteError Twisted raises for it."""
+        self.check(error.ConnectError(osError=errno.ENETUNREACH), Reason.NETWORK_UNREACHABLE)
+        self.check(error.getConnectError((errno.ENETUNREACH, "network is unreachable")),
+                   Reason.NETWORK_UNREACHABLE)
+
+    def test_host_unreachable(self):
+        """EHOSTUNREACH and EHOSTDOWN are HOST_UNREACHABLE."""
+        self.check(error.ConnectError(osError=errno.EHOSTUNREACH), Reason.HOST_UNREACHABLE)
+        self.check(error.getConnectError((errno.EHOSTUNREACH, "no route to host")),
+                   Reason.HOST_UNREACHABLE)
+        self.check(error.ConnectError(osError=errno.EHOSTDOWN), Reason.HOST_UNREACHABLE)
+
+    def test_stream_open_error(self):
+        """A StreamOpenError keeps its own reason."""
+        for reason in Reason:
+            self.check(StreamOpenError(reason), reason)
+
+    def test_anything_else(self):
+        """Any other failure is GENERAL_FAILURE."""
+        self.check(error.ConnectError(), Reason.GENERAL_FAILURE)
+        self.check(error.ConnectError(osError=errno.EACCES), Reason.GENERAL_FAILURE)
+        self.check(ValueError("boom"), Reason.GENERAL_FAILURE)
+        self.check(error.ConnectionLost(), Reason.GENERAL_FAILURE)
+
+
+class ResolveTests(SynchronousTestCase):
+    """resolve() turns a host into the list of addresses to check and dial."""
+
+    def test_ipv4_literal(self):
+        """An IPv4 literal is returned as is, without asking the resolver."""
+        resolver = FakeResolver()
+        self.assertEqual(self.successResultOf(resolve(resolver, "192.0.2.1", 80)), ["192.0.2.1"])
+        self.assertEqual(resolver.asked, [])
+
+    def test_ipv6_literal(self):
+        """An IPv6 literal is returned (in canonical form) without asking the resolver."""
+        resolver = FakeResolver()
+        self.assertEqual(self.successResultOf(resolve(resolver, "2001:db8::1", 80)),
+                         ["2001:db8::1"])
+        self.assertEqual(self.successResultOf(resolve(resolver, "2001:0db8:0::0001", 80)),
+                         ["2001:db8::1"])
+        self.assertEqual(resolver.asked, [])
+
+    def test_bracketed_ipv6_literal(self):
+        """A bracketed IPv6 literal loses its brackets and is not looked up."""
+        resolver = FakeResolver()
+        self.assertEqual(self.successResultOf(resolve(resolver, "[::1]", 22)), ["::1"])
+        self.assertEqual(resolver.asked, [])
+
+    def test_name(self):
+        """A name is looked up with its port and every address is collected, in order."""
+        resolver = FakeResolver({"multi.test": ["192.0.2.1", "2001:db8::5", "192.0.2.2"]})
+        self.assertEqual(self.successResultOf(resolve(resolver, "multi.test", 443)),
+                         ["192.0.2.1", "2001:db8::5", "192.0.2.2"])
+        self.assertEqual(resolver.asked, [("multi.test", 443)])
+
+    def test_duplicates(self):
+        """An address reported twice is listed once."""
+        resolver = FakeResolver({"dup.test": ["192.0.2.1", "192.0.2.1", "192.0.2.3"]})
+        self.assertEqual(self.successResultOf(resolve(resolver, "dup.test", 80)),
+                         ["192.0.2.1", "192.0.2.3"])
+
+    def test_waits_for_completion(self):
+        """The result waits for the resolution to complete."""
+        resolver = FakeResolver({"slow.test": ["192.0.2.9"]}, pending=True)
+        d = resolve(resolver, "slow.test", 80)
+        self.assertNoResult(d)
+        resolver.complete()
+        self.assertEqual(self.successResultOf(d), ["192.0.2.9"])
+
+    def test_no_addresses(self):
+        """A name with no addresses fails NAME_NOT_RESOLVED."""
+        d = resolve(FakeResolver(), "nowhere.test", 80)
+        self.assertEqual(self.failureResultOf(d, StreamOpenError).value.reason,
+                         Reason.NAME_NOT_RESOLVED)
+
+
+class DialerTestMixin:
+    """Builds a dialer on a L{MemoryReactorClock} and drives its connection attempts."""
+
+    def dialer(self, table=None, pending=False, **kwargs):
+        self.reactor = MemoryReactorClock()
+        self.resolver = FakeResolver(table if table is not None else
+                                     {"target.test": ["192.0.2.10"]}, pending=pending)
+        kwargs.setdefault("policy", AccessPolicy())
+        return Dialer(reactor=self.reactor, resolver=self.resolver, **kwargs)
+
+    def dialed(self):
+        """The C{(host, port)} of every connectTCP call so far."""
+        return [(host, port) for host, port, _, _, _ in self.reactor.tcpClients]
+
+    def succeed_connect(self, index=0):
+        """Complete connection attempt C{index}; returns the target's transport."""
+        host, port, factory, _, _ = self.reactor.tcpClients[index]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = HalfCloseTransport()
+        protocol.makeConnection(transport)
+        return transport
+
+    def fail_connect(self, exception, index=0):
+        """Fail connection attempt C{index} with C{exception}."""
+        factory = self.reactor.tcpClients[index][2]
+        factory.clientConnectionFailed(self.reactor.connectors[index], fail(exception))
+
+
+class RefusalTests(DialerTestMixin, SynchronousTestCase):
+    """Requests the dialer refuses before or after resolving, without connecting."""
+
+    def test_udp(self):
+        """A UDP stream is rejected PROTOCOL_NOT_ALLOWED."""
+        dialer = self.dialer()
+        stream = FakeStream("target.test", 53, kind="udp")
+        dialer.handle_open(stream)
+        self.assertEqual(stream.rejected, [Reason.PROTOCOL_NOT_ALLOWED])
+        self.assertEqual(self.resolver.asked, [])
+        self.assertEqual(dialer.active, 0)
+
+    def test_overloaded(self):
+        """With max_streams dials in progress, the next is rejected OVERLOADED."""
+        dialer = self.dialer(pending=True, max_streams=2)
+        first, second, third = (FakeStream("target.test", 80, stream_id=i) for i in (1, 3, 5))
+        dialer.handle_open(first)
+        dialer.handle_open(second)
+        dialer.handle_open(third)
+        self.assertEqual((first.rejected, second.rejected), ([], []))
+        self.assertEqual(third.rejected, [Reason.OVERLOADED])
+        self.assertEqual(dialer.active, 2)
+        self.assertEqual(len(self.resolver.asked), 2)
+
+    def test_not_overloaded_after_failure(self):
+        """A failed dial frees its slot for the next stream."""
+        dialer = self.dialer(max_streams=1)
+        first = FakeStream("nowhere.test", 80)
+        dialer.handle_open(first)
+        self.assertEqual(first.rejected, [Reason.NAME_NOT_RESOLVED])
+        second = FakeStream("target.test", 80)
+        dialer.handle_open(second)
+        self.assertEqual(second.rejected, [])
+        self.assertEqual(self.dialed(), [("192.0.2.10", 80)])
+
+    def test_forbidden_name(self):
+        """A forbidden name is rejected NOT_ALLOWED without being resolved."""
+        dialer = self.dialer(policy=policy(forbidden=["*.internal.test"]))
+        stream = FakeStream("db.internal.test", 5432)
+        dialer.handle_open(stream)
+        self.assertEqual(stream.rejected, [Reason.NOT_ALLOWED])
+        self.assertEqual(self.resolver.asked, [])
+        self.assertEqual(self.dialed(), [])
+        self.assertEqual(dialer.active, 0)
+
+    def test_forbidden_literal(self):
+        """A forbidden literal address is rejected NOT_ALLOWED and never dialled."""
+        dialer = self.dialer(policy=policy(forbidden=["10.0.0.0/8", "::1"]))
+        for host in ("10.1.2.3", "[::1]", "::ffff:10.0.0.1"):
+            stream = FakeStream(host, 22)
+            dialer.handle_open(stream)
+            self.assertEqual(stream.rejected, [Reason.NOT_ALLOWED])
+        self.assertEqual(self.dialed(), [])
+        self.assertEqual(dialer.active, 0)
+
+    def test_resolves_to_forbidden(self):
+        """A name resolving to a forbidden address is rejected NOT_ALLOWED and never dialled."""
+        dialer = self.dialer({"rebind.test": ["169.254.169.254"]},
+                             policy=policy(forbidden=["169.254.0.0/16"]))
+        stream = FakeStream("rebind.test", 80)
+        dialer.handle_open(stream)
+        self.assertEqual(self.resolver.asked, [("rebind.test", 80)])
+        self.assertEqual(stream.rejected, [Reason.NOT_ALLOWED])
+        self.assertEqual(self.dialed(), [])
+        self.assertEqual(dialer.active, 0)
+
+    def test_one_forbidden_address_is_enough(self):
+        """A name with one forbidden address among good ones is refused outright."""
+        dialer = self.dialer({"mixed.test": ["192.0.2.1", "10.0.0.5"]},
+                             policy=policy(forbidden=["10.0.0.0/8"]))
+        stream = FakeStream("mixed.test", 80)
+        dialer.handle_open(stream)
+        self.assertEqual(stream.rejected, [Reason.NOT_ALLOWED])
+        self.assertEqual(self.dialed(), [])
+
+    def test_allow_list(self):
+        """With an allow-list, only listed targets are dialled."""
+        rules = policy(allowed=[("allowed.test:443", "tcp"), ("192.0.2.0/24", "both")])
+        dialer = self.dialer({"allowed.test": ["198.51.100.1"], "other.test": ["198.51.100.2"],
+                              "inside.test": ["192.0.2.50"]}, policy=rules)
+        outcomes = {}
+        for host, port in [("allowed.test", 443), ("allowed.test", 80), ("other.test", 443),
+                           ("inside.test", 8080), ("192.0.2.7", 22), ("203.0.113.1", 443)]:
+            stream = FakeStream(host, port)
+            dialer.handle_open(stream)
+            outcomes[host, port] = stream.rejected
+        self.assertEqual(outcomes, {
+            ("allowed.test", 443): [],
+            ("allowed.test", 80): [Reason.NOT_ALLOWED],
+            ("other.test", 443): [Reason.NOT_ALLOWED],
+            ("inside.test", 8080): [],
+            ("192.0.2.7", 22): [],
+            ("203.0.113.1", 443): [Reason.NOT_ALLOWED],
+        })
+        self.assertEqual(self.dialed(), [("198.51.100.1", 443), ("192.0.2.50", 8080),
+                                         ("192.0.2.7", 22)])
+
+    def test_allow_list_udp_only(self):
+        """A target listed for UDP only is rejected PROTOCOL_NOT_ALLOWED for TCP."""
+        dialer = self.dialer({"dns.test": ["192.0.2.53"]},
+                             policy=policy(allowed=[("dns.test", "udp")]))
+        stream = FakeStream("dns.test", 53)
+        dialer.handle_open(stream)
+        self.assertEqual(stream.rejected, [Reason.PROTOCOL_NOT_ALLOWED])
+        self.assertEqual(self.dialed(), [])
+
+
+class DialTests(DialerTestMixin, SynchronousTestCase):
+    """Resolving, dialling the checked addresses, and splicing the stream to the target."""
+
+    def test_dials_resolved_address(self):
+        """The dialer connects to the resolved address and requested port, with its timeout."""
+        dialer = self.dialer(connect_timeout=7.0)
+        dialer.handle_open(FakeStream("target.test", 8443))
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("192.0.2.10", 8443))
+        self.assertEqual(self.reactor.tcpClients[0][3], 7.0)
+        self.assertEqual(dialer.active, 1)
+
+    def test_dials_literal(self):
+        """A literal IPv6 address is dialled as is, without resolving."""
+        dialer = self.dialer()
+        dialer.handle_open(FakeStream("[2001:db8::7]", 22))
+        self.assertEqual(self.dialed(), [("2001:db8::7", 22)])
+        self.assertEqual(self.resolver.asked, [])
+
+    def test_connected(self):
+        """On connect the stream is accepted with a splice end joined to the target."""
+        dialer = self.dialer()
+        stream = FakeStream("target.test", 80)
+        dialer.handle_open(stream)
+        self.assertEqual(stream.accepted, [])
+        target = self.succeed_connect()
+        self.assertEqual(len(stream.accepted), 1)
+        end = stream.accepted[0]
+        self.assertIsInstance(end, SpliceEnd)
+        self.assertIs(stream.transport.producer, target)
+        self.assertIs(target.producer, stream.transport)
+        end.dataReceived(b"request")
+        end.other.dataReceived(b"response")
+        self.assertEqual(target.value(), b"request")
+        self.assertEqual(stream.transport.value(), b"response")
+        self.assertEqual(stream.rejected, [])
+        self.assertEqual(dialer.active, 1)
+
+    def test_next_address(self):
+        """When the first address refuses, the next one is tried."""
+        dialer = self.dialer({"two.test": ["192.0.2.1", "192.0.2.2"]})
+        stream = FakeStream("two.test", 80)
+        dialer.handle_open(stream)
+        self.fail_connect(error.ConnectionRefusedError())
+        self.assertEqual(self.dialed(), [("192.0.2.1", 80), ("192.0.2.2", 80)])
+        self.succeed_connect(1)
+        self.assertEqual(len(stream.accepted), 1)
+        self.assertEqual(stream.rejected, [])
+
+    def test_last_failure_wins(self):
+        """When every address fails, the stream is rejected with the last failure's reason."""
+        dialer = self.dialer({"two.test": ["192.0.2.1", "192.0.2.2"]})
+        stream = FakeStream("two.test", 80)
+        dialer.handle_open(stream)
+        self.fail_connect(error.getConnectError((errno.EHOSTUNREACH, "no route")))
+        self.fail_connect(error.ConnectionRefusedError(), index=1)
+        self.assertEqual(stream.rejected, [Reason.CONNECTION_REFUSED])
+        self.assertEqual(dialer.active, 0)
+
+    def test_refused(self):
+        """A refused connection rejects the stream CONNECTION_REFUSED."""
+        dialer = self.dialer()
+        stream = FakeStream("target.test", 80)
+        dialer.handle_open(stream)
+        self.fail_connect(error.ConnectionRefusedError())
+        self.assertEqual(stream.rejected, [Reason.CONNECTION_REFUSED])
+        self.assertEqual(dialer.active, 0)
+
+    def test_not_resolved(self):
+        """A name without addresses rejects the stream NAME_NOT_RESOLVED."""
+        dialer = self.dialer()
+        stream = FakeStream("nowhere.test", 80)
+        dialer.handle_open(stream)
+        self.assertEqual(stream.rejected, [Reason.NAME_NOT_RESOLVED])
+        self.assertEqual(dialer.active, 0)
+
+    def test_connect_timeout(self):
+        """A target that never answers: TIMED_OUT after connect_timeout."""
+        dialer = self.dialer(connect_timeout=5.0)
+        stream = FakeStream("target.test", 80)
+        dialer.handle_open(stream)
+        self.reactor.advance(4.9)
+        self.assertEqual(stream.rejected, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(stream.rejected, [Reason.TIMED_OUT])
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+        self.assertEqual(dialer.active, 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_connect_timeout_tries_no_other_address(self):
+        """After the timeout no further address is dialled."""
+        dialer = self.dialer({"two.test": ["192.0.2.1", "192.0.2.2"]}, connect_timeout=5.0)
+        stream = FakeStream("two.test", 80)
+        dialer.handle_open(stream)
+        self.reactor.advance(5)
+        self.assertEqual(self.dialed(), [("192.0.2.1", 80)])
+        self.assertEqual(stream.rejected, [Reason.TIMED_OUT])
+        self.assertEqual(dialer.active, 0)
+
+    def test_resolve_timeout(self):
+        """A resolution slower than connect_timeout: TIMED_OUT, and a late answer dials nothing."""
+        dialer = self.dialer(pending=True, connect_timeout=5.0)
+        stream = FakeStream("target.test", 80)
+        dialer.handle_open(stream)
+        self.reactor.advance(5)
+        self.assertEqual(stream.rejected, [Reason.TIMED_OUT])
+        self.resolver.complete()
+        self.assertEqual(self.dialed(), [])
+        self.assertEqual(dialer.active, 0)
+
+    def test_cancel_pending_dial(self):
+        """The cancel hook stops a connection attempt in progress and frees the slot."""
+        dialer = self.dialer({"two.test": ["192.0.2.1", "192.0.2.2"]})
+        stream = FakeStream("two.test", 80)
+        dialer.handle_open(stream)
+        stream.opener_gives_up()
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+        self.assertEqual(self.dialed(), [("192.0.2.1", 80)])
+        self.assertEqual(stream.accepted, [])
+        self.assertEqual(dialer.active, 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_cancel_during_resolution(self):
+        """The cancel hook during resolution frees the slot and a late answer dials nothing."""
+        dialer = self.dialer(pending=True)
+        stream = FakeStream("target.test", 80)
+        dialer.handle_open(stream)
+        stream.opener_gives_up()
+        self.assertEqual(dialer.active, 0)
+        self.resolver.complete()
+        self.assertEqual(self.dialed(), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stream_closed_before_connect(self):
+        """A target connected after the stream closed is dropped, not accepted."""
+        dialer = self.dialer()
+        stream = FakeStream("target.test", 80)
+        dialer.handle_open(stream)
+        stream.closed = True  # closed without the hook (e.g. the tunnel went away)
+        target = self.succeed_connect()
+        self.assertEqual(stream.accepted, [])
+        self.assertIn("loseConnection", target.calls)
+        self.assertEqual(dialer.active, 0)
+
+
+class ActiveCountTests(DialerTestMixin, SynchronousTestCase):
+    """The active counter returns to 0 once streams are finished."""
+
+    def test_after_failures(self):
+        """Every kind of failure gives its slot back."""
+        dialer = self.dialer({"target.test": ["192.0.2.10"], "bad.test": ["10.0.0.1"]},
+                             policy=policy(forbidden=["forbidden.test", "10.0.0.0/8"]))
+        for host in ("forbidden.test", "bad.test", "nowhere.test"):
+            dialer.handle_open(FakeStream(host, 80))
+        dialer.handle_open(FakeStream("target.test", 80, kind="udp"))
+        dialer.handle_open(FakeStream("target.test", 80))
+        self.fail_connect(error.ConnectionRefusedError())
+        self.assertEqual(dialer.active, 0)
+
+    def test_after_close(self):
+        """A connected stream holds its slot until its connection is lost."""
+        dialer = self.dialer()
+        stream = FakeStream("target.test", 80)
+        dialer.handle_open(stream)
+        target = self.succeed_connect()
+        self.assertEqual(dialer.active, 1)
+        end = stream.accepted[0]
+        end.other.connectionLost(fail(error.ConnectionDone()))
+        self.assertIn("loseConnection", stream.transport.calls)
+        self.assertEqual(dialer.active, 1)
+        end.connectionLost(fail(error.ConnectionDone()))
+        self.assertEqual(dialer.active, 0)
+        self.assertEqual(target.calls, [])
+
+    def test_after_close_from_stream_side(self):
+        """A stream lost from the tunnel side closes the target and gives the slot back once."""
+        dialer = self.dialer()
+        stream = FakeStream("target.test", 80)
+        dialer.handle_open(stream)
+        target = self.succeed_connect()
+        end = stream.accepted[0]
+        end.connectionLost(fail(error.ConnectionLost()))
+        self.assertIn("loseConnection", target.calls)
+        end.connectionLost(fail(error.ConnectionLost()))
+        end.other.connectionLost(fail(error.ConnectionDone()))
+        self.assertEqual(dialer.active, 0)
+
+    def test_many(self):
+        """Several streams opened and closed leave the counter at 0."""
+        dialer = self.dialer()
+        streams = [FakeStream("target.test", 80, stream_id=2 * i + 1) for i in range(5)]
+        for stream in streams:
+            dialer.handle_open(stream)
+        self.assertEqual(dialer.active, 5)
+        for index, stream in enumerate(streams):
+            self.succeed_connect(index)
+        for stream in streams:
+            stream.accepted[0].connectionLost(fail(error.ConnectionDone()))
+        self.assertEqual(dialer.active, 0)
+
+
+# -- loopback -------------------------------------------------------------------
+
+@implementer(IHalfCloseableProtocol)
+class Echo(Protocol):
+    """Echoes bytes; on EOF closes after its echo is sent, and fires C{factory.lost}."""
+
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+    def readConnectionLost(self):
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        self.factory.lost.callback(None)
+
+
+class EchoFactory(Factory):
+    protocol = Echo
+
+    def __init__(self):
+        self.lost = defer.Deferred()
+
+
+class Collector(Protocol):
+    """Collects bytes; fires C{done} with them when the connection is lost."""
+
+    def __init__(self):
+        self.chunks = []
+        self.done = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.chunks.append(data)
+
+    def connectionLost(self, reason):
+        self.done.callback(b"".join(self.chunks))
+
+
+class LoopbackMuxPair:
+    """A gateway and a client mux whose messages are delivered by the reactor, in order."""
+
+    def __init__(self, on_open_request):
+        self.calls = []
+        self.gateway = Mux(lambda message: self._later(self.client, message), initiator=False)
+        self.client = Mux(lambda message: self._later(self.gateway, message), initiator=True,
+                          on_open_request=on_open_request)
+
+    def _later(self, mux, message):
+        self.calls.append(reactor.callLater(0, mux.message_received, message))
+
+    def cancel_pending(self):
+        for call in self.calls:
+            if call.active():
+                call.cancel()
+
+
+class LoopbackTests(TestCase):
+    """A real dial to an echo server on 127.0.0.1 through a real mux stream."""
+
+    timeout = 10
+
+    @defer.inlineCallbacks
+    def test_echo(self):
+        """Bytes written on the gateway side come back from the echo server, and all closes."""
+        echo = EchoFactory()
+        port = reactor.listenTCP(0, echo, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        resolver = FakeResolver()
+        dialer = Dialer(AccessPolicy(), reactor, connect_timeout=5, resolver=resolver)
+        requests = []
+
+        def on_open_request(stream):
+            requests.append(stream)
+            dialer.handle_open(stream)
+
+        pair = LoopbackMuxPair(on_open_request)
+        self.addCleanup(pair.cancel_pending)
+        stream = yield pair.gateway.open_stream("tcp", "127.0.0.1", port.getHost().port)
+        target = requests[0].protocol.other
+        target_lost = defer.Deferred()
+        target.on_close = lambda end, reason: target_lost.callback(None)
+        collector = Collector()
+        stream.attach(collector)
+        payload = b"hello through the tunnel " * 1000
+        stream.write(payload)
+        stream.loseWriteConnection()  # the echo server closes once it has seen EOF
+        echoed = yield collector.done
+        yield echo.lost
+        yield target_lost
+        self.assertEqual(echoed, payload)
+        self.assertEqual(dialer.active, 0)
+        self.assertEqual(resolver.asked, [])
+        self.assertEqual(pair.gateway.stream_count, 0)
+        self.assertEqual(pair.client.stream_count, 0)
