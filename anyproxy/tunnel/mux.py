@@ -65,6 +65,7 @@ class Mux:
     """
 
     paused = False
+    datagrams_dropped = 0
 
     def __init__(self, send_message, initiator, on_open_request=None, on_hello=None,
                  on_protocol_error=None, window=DEFAULT_WINDOW, name=""):
@@ -149,6 +150,11 @@ class Mux:
                 self._unknown_stream_data(frame.stream_id)
             else:
                 stream._data_received(frame.payload)
+        elif kind is frames.Datagram:
+            if stream is not None:
+                stream._datagram_received(frame.host, frame.port, frame.payload)
+            else:
+                self.datagrams_dropped += 1
         elif kind is frames.Credit:
             if stream is not None:
                 stream._credit_received(frame.increment)

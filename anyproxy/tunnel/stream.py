@@ -174,6 +174,24 @@ class Stream:
     def getHost(self):
         return TunnelAddress("tunnel", self.stream_id, self._mux.name)
 
+    # -- datagrams (udp streams) ----------------------------------------
+
+    def send_datagram(self, host, port, payload):
+        """
+        Send one UDP datagram to (or from) C{host:port} on this udp stream.
+
+        Datagrams are not flow controlled: while the tunnel is congested
+        (its WebSocket send buffer is above the high-water mark) they are
+        dropped, as a congested UDP path would.
+
+        @return: C{True} if sent, C{False} if dropped.
+        """
+        if self._closed or self._close_requested or self._mux.paused:
+            self._mux.datagrams_dropped += 1
+            return False
+        self._mux._send(frames.Datagram(self.stream_id, host, port, payload))
+        return True
+
     # -- IConsumer ------------------------------------------------------
 
     def registerProducer(self, producer, streaming):
@@ -266,6 +284,14 @@ class Stream:
             return
         self.protocol.dataReceived(payload)
         self._grant_credit()
+
+    def _datagram_received(self, host, port, payload):
+        if self.kind != "udp":
+            raise MuxProtocolError("DATAGRAM on tcp stream %d" % (self.stream_id,))
+        if self.protocol is None or self._closed or self._close_requested:
+            self._mux.datagrams_dropped += 1
+            return
+        self.protocol.datagram_received(host, port, payload)
 
     def _credit_received(self, increment):
         self._send_window += increment
