@@ -129,8 +129,8 @@ def make_gateway_service(config, reactor):
                              client_ca_path=gateway.client_ca or None)
     service.add_listener("tunnel server", gateway.endpoint, TLSMemoryBIOFactory(tls, False, tunnels))
 
-    def endpoint_for(user, host, port):
-        return TunnelEndpoint(registry, reactor, user.group, host, port,
+    def endpoint_for(user, host, port, kind="tcp"):
+        return TunnelEndpoint(registry, reactor, user.group, host, port, kind=kind,
                               wait=gateway.no_tunnel_wait)
 
     frontends = (("socks5", config.proxy.socks5, Socks5Factory),
