@@ -4,10 +4,12 @@ twistd glue shared by both programs: the C{--config} option, loaded and
 validated in C{postOptions} so a bad file stops twistd with one line.
 """
 
+from twisted.application.service import MultiService
 from twisted.python import usage
 
 from anyproxy.config import load_config
 from anyproxy.errors import ConfigError
+from anyproxy.logs import LoggingRoot, apply_library_levels, make_observer
 
 
 class ConfigOptions(usage.Options):
@@ -25,3 +27,20 @@ class ConfigOptions(usage.Options):
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         self["loaded"] = config
+
+
+def logging_root(service, options):
+    """
+    Put C{service} under a L{LoggingRoot} for the config's C{log} section,
+    writing where twistd's own options say unless the config names a file.
+    """
+    config = options["loaded"]
+    twistd = options.parent or {}
+    apply_library_levels(config.log)
+    if twistd.get("syslog") or twistd.get("logger"):
+        root = MultiService()  # the operator chose twistd's own log handling
+    else:
+        root = LoggingRoot(make_observer(config.log, twistd.get("logfile"),
+                                         nodaemon=bool(twistd.get("nodaemon", True))))
+    service.setServiceParent(root)
+    return root

@@ -14,6 +14,7 @@ def makeService(options):
     from twisted.internet import reactor
 
     from anyproxy.client.service import make_client_service
+    from anyproxy.tap import logging_root
 
     service, _ = make_client_service(options["loaded"], reactor)
-    return service
+    return logging_root(service, options)

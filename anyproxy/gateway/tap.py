@@ -14,5 +14,6 @@ def makeService(options):
     from twisted.internet import reactor
 
     from anyproxy.gateway.service import make_gateway_service
+    from anyproxy.tap import logging_root
 
-    return make_gateway_service(options["loaded"], reactor)
+    return logging_root(make_gateway_service(options["loaded"], reactor), options)
