@@ -17,6 +17,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from anyproxy.tuning import read_in_bulk
+
 
 @implementer(IHalfCloseableProtocol)
 class SpliceEnd(Protocol):
@@ -33,6 +35,7 @@ class SpliceEnd(Protocol):
     _read_closed = False
     _write_closed = False
     _lost = False
+    _has_producer = False
 
     def __init__(self, initial_data=b""):
         # Bytes that arrived before the splice existed (e.g. sent right after a
@@ -43,8 +46,11 @@ class SpliceEnd(Protocol):
         """Pair this end with C{other}; both must be connected (have transports)."""
         self.other = other
         other.other = self
+        read_in_bulk(self.transport)
+        read_in_bulk(other.transport)
         self.transport.registerProducer(other.transport, True)
         other.transport.registerProducer(self.transport, True)
+        self._has_producer = other._has_producer = True
         for end in (self, other):
             if end._pending:
                 data, end._pending = end._pending, b""
@@ -69,6 +75,7 @@ class SpliceEnd(Protocol):
 
     def _shut_down_write(self):
         self._write_closed = True
+        self._release_producer()
         try:
             self.transport.loseWriteConnection()
         except (AttributeError, NotImplementedError):
@@ -78,11 +85,21 @@ class SpliceEnd(Protocol):
 
     def _close_if_done(self):
         if self._read_closed and self._write_closed:
+            self._release_producer()
             self.transport.loseConnection()
+
+    def _release_producer(self):
+        # Nothing more will be written to our transport, so the producer
+        # feeding it must go first: Twisted resumes a paused producer instead
+        # of completing a pending (half-)close, which would then never happen.
+        if self._has_producer:
+            self._has_producer = False
+            self.transport.unregisterProducer()
 
     def connectionLost(self, reason):
         self._lost = True
         if self.other is not None and not self.other._lost:
+            self.other._release_producer()
             self.other.transport.loseConnection()
         if self.on_close is not None:
             on_close, self.on_close = self.on_close, None

@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from anyproxy.config import load_config
 from anyproxy.errors import ConfigError
+from anyproxy.tuning import tune_malloc
 from anyproxy.logs import LoggingRoot, apply_library_levels, make_observer
 
 
@@ -36,6 +37,7 @@ def logging_root(service, options):
     """
     config = options["loaded"]
     twistd = options.parent or {}
+    tune_malloc()
     apply_library_levels(config.log)
     if twistd.get("syslog") or twistd.get("logger"):
         root = MultiService()  # the operator chose twistd's own log handling

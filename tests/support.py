@@ -82,9 +82,20 @@ class StaticResolver:
 
 # -- targets ------------------------------------------------------------------
 
+@implementer(IHalfCloseableProtocol)
 class Echo(protocol.Protocol):
+    """Echoes; on EOF it finishes sending what it echoed, then closes."""
+
     def dataReceived(self, data):
         self.transport.write(data)
+
+    def readConnectionLost(self):
+        # A plain Protocol would be closed at once on EOF, throwing away
+        # echoes still in its write buffer.
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
 
 
 @implementer(IHalfCloseableProtocol)

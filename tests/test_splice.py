@@ -240,3 +240,32 @@ class CloseTests(SynchronousTestCase):
         left.connectionLost(lost())
         right.connectionLost(lost())
         self.assertEqual(calls, [left, right])
+
+
+class OrderRecordingTransport(HalfCloseTransport):
+    """Also records unregisterProducer, to check its place among the closes."""
+
+    def unregisterProducer(self):
+        self.calls.append("unregisterProducer")
+        super().unregisterProducer()
+
+
+class ProducerReleaseTests(SynchronousTestCase):
+    """A transport is closed only after the producer feeding it is unregistered."""
+
+    def test_half_close_unregisters_first(self):
+        """Twisted resumes a paused producer instead of finishing a half-close, so it goes first."""
+        left = connected_end(OrderRecordingTransport())
+        right = connected_end(OrderRecordingTransport())
+        splice(left, right)
+        left.readConnectionLost()
+        self.assertEqual(right.transport.calls, ["unregisterProducer", "loseWriteConnection"])
+        self.assertIsNone(right.transport.producer)
+
+    def test_close_unregisters_first(self):
+        """connectionLost on one side unregisters, then closes, the other."""
+        left = connected_end(OrderRecordingTransport())
+        right = connected_end(OrderRecordingTransport())
+        splice(left, right)
+        left.connectionLost(lost())
+        self.assertEqual(right.transport.calls, ["unregisterProducer", "loseConnection"])

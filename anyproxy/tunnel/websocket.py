@@ -14,6 +14,7 @@ from twisted.internet import defer, error
 from twisted.python import failure
 from twisted.logger import Logger
 
+from anyproxy.tuning import read_in_bulk
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.mux import Mux
 
@@ -74,6 +75,7 @@ class _TunnelProtocol:
         # writes straight down, so the TCP buffer is the one that fills.
         lowest = getattr(self.transport, "transport", None) or self.transport
         lowest.registerProducer(self.mux, True)
+        read_in_bulk(lowest)
 
     def _send_tunnel_message(self, message):
         self.sendMessage(message, isBinary=True)

@@ -1,0 +1,37 @@
+"""Tests for L{anyproxy.tuning}."""
+
+from twisted.trial import unittest
+
+from anyproxy import tuning
+
+
+class FakeTCP:
+    bufferSize = 65536
+
+
+class FakeTLS:
+    def __init__(self, below):
+        self.transport = below
+
+
+class TuningTests(unittest.TestCase):
+    """Bulk read sizes and the malloc threshold."""
+
+    def test_read_in_bulk(self):
+        """A TCP transport reads READ_SIZE at a time; under TLS the TCP transport is tuned."""
+        tcp = FakeTCP()
+        tuning.read_in_bulk(tcp)
+        self.assertEqual(tcp.bufferSize, tuning.READ_SIZE)
+        below = FakeTCP()
+        tuning.read_in_bulk(FakeTLS(below))
+        self.assertEqual(below.bufferSize, tuning.READ_SIZE)
+
+    def test_no_buffer_size(self):
+        """A transport without a read size (a tunnel stream) is left alone."""
+        transport = object()
+        tuning.read_in_bulk(transport)
+
+    def test_tune_malloc(self):
+        """On glibc the mmap threshold is set (and setting it twice is harmless)."""
+        first = tuning.tune_malloc()
+        self.assertEqual(tuning.tune_malloc(), first)
