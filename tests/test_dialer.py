@@ -124,10 +124,11 @@ class FakeStream:
         hook()
 
 
-def policy(forbidden=(), allowed=()):
+def policy(forbidden=(), allowed=(), allow_udp=True):
     """An L{AccessPolicy} from rule texts and C{(addr, protocol)} pairs."""
     return AccessPolicy(forbidden=[HostRule.parse(text) for text in forbidden],
-                        allowed=[LimitRule.parse(addr, protocol) for addr, protocol in allowed])
+                        allowed=[LimitRule.parse(addr, protocol) for addr, protocol in allowed],
+                        allow_udp=allow_udp)
 
 
 def fail(exception):
@@ -279,8 +280,8 @@ class RefusalTests(DialerTestMixin, SynchronousTestCase):
     """Requests the dialer refuses before or after resolving, without connecting."""
 
     def test_udp(self):
-        """A UDP stream is rejected PROTOCOL_NOT_ALLOWED."""
-        dialer = self.dialer()
+        """With allow_udp off, a UDP stream is rejected PROTOCOL_NOT_ALLOWED."""
+        dialer = self.dialer(policy=policy(allow_udp=False))
         stream = FakeStream("target.test", 53, kind="udp")
         dialer.handle_open(stream)
         self.assertEqual(stream.rejected, [Reason.PROTOCOL_NOT_ALLOWED])
@@ -532,7 +533,8 @@ class ActiveCountTests(DialerTestMixin, SynchronousTestCase):
     def test_after_failures(self):
         """Every kind of failure gives its slot back."""
         dialer = self.dialer({"target.test": ["192.0.2.10"], "bad.test": ["10.0.0.1"]},
-                             policy=policy(forbidden=["forbidden.test", "10.0.0.0/8"]))
+                             policy=policy(forbidden=["forbidden.test", "10.0.0.0/8"],
+                                           allow_udp=False))
         for host in ("forbidden.test", "bad.test", "nowhere.test"):
             dialer.handle_open(FakeStream(host, 80))
         dialer.handle_open(FakeStream("target.test", 80, kind="udp"))

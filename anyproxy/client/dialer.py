@@ -7,6 +7,7 @@ check), then splice the stream to the target socket.
 """
 
 import errno
+import functools
 import ipaddress
 
 from twisted.internet import defer, error
@@ -15,6 +16,7 @@ from twisted.internet.interfaces import IResolutionReceiver
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from anyproxy.client.udp import UdpAssociation, UdpStats, serves_udp
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.splice import SpliceEnd
 
@@ -90,18 +92,41 @@ class Dialer:
     @param max_streams: open streams at most (the seed's max_concurrent_conns);
         more are refused with OVERLOADED.
     @param resolver: an C{IHostnameResolver}; default C{reactor.nameResolver}.
+    @param idle_timeout: seconds without a datagram either way before a UDP
+        association is closed; 0 = never.
+
+    @ivar udp_stats: a L{UdpStats} aggregating every UDP association.
     """
 
-    def __init__(self, policy, reactor, connect_timeout=10.0, max_streams=100, resolver=None):
+    def __init__(self, policy, reactor, connect_timeout=10.0, max_streams=100, resolver=None,
+                 idle_timeout=300.0):
         self.policy = policy
         self._reactor = reactor
         self._resolver = resolver if resolver is not None else reactor.nameResolver
         self.connect_timeout = connect_timeout
         self.max_streams = max_streams
+        self.idle_timeout = idle_timeout
+        self.udp_stats = UdpStats()
         self.active = 0
 
     def handle_open(self, stream):
         """Called by the mux with each incoming stream request."""
+        if stream.kind == "udp":
+            # One association, many targets: each datagram is checked in UdpAssociation.
+            if not serves_udp(self.policy):
+                self._refuse(stream, Reason.PROTOCOL_NOT_ALLOWED, "udp is not allowed")
+                return
+            if self.max_streams and self.active >= self.max_streams:
+                log.warn("refusing a udp association: {active} streams open "
+                         "(max_concurrent_conns)", active=self.active)
+                stream.reject(Reason.OVERLOADED, "client at max_concurrent_conns")
+                return
+            self.active += 1
+            stream.accept(UdpAssociation(
+                lambda: self.policy, self._reactor, functools.partial(resolve, self._resolver),
+                idle_timeout=self.idle_timeout, parent_stats=self.udp_stats,
+                on_close=lambda association: self._stream_done()))
+            return
         if stream.kind != "tcp":
             stream.reject(Reason.PROTOCOL_NOT_ALLOWED, "only tcp streams are served")
             return

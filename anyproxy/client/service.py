@@ -110,7 +110,8 @@ def make_client_service(config, reactor, resolver=None):
     """
     client = config.require_client()
     dialer = Dialer(client.policy, reactor, connect_timeout=client.connect_timeout,
-                    max_streams=client.max_concurrent_conns, resolver=resolver)
+                    max_streams=client.max_concurrent_conns, resolver=resolver,
+                    idle_timeout=client.idle_timeout)
     top = MultiService()
     factories = {}
     retry = backoffPolicy(initialDelay=client.reconnect_initial_delay,

@@ -15,15 +15,25 @@ A connection goes through three phases:
  - spliced: the reply has been sent and the connection is a plain
    L{SpliceEnd} joined to the target: backpressure and half-close both ways.
 
-Only CONNECT is served for now; BIND and UDP ASSOCIATE get REP 0x07.  Reasons
-become REP codes only through L{anyproxy.errors.socks_reply_code}.  Logs name
-the peer, the user and the target, never a password.
+UDP ASSOCIATE opens a udp tunnel stream the same way (C{endpoint_for(user,
+"0.0.0.0", 0, kind="udp")}: the association has no single target), so a
+refusal gets its proper REP code.  Only then is the relay port opened, on the
+local IP the control connection came in on (never 0.0.0.0), and the reply
+carries it as BND.ADDR/BND.PORT.  The connection then stays open as the
+association's control connection (phase "associated"): bytes on it are
+discarded, and its EOF or close ends the association, which in turn closes it
+when the stream is lost.  See L{anyproxy.frontends.socks5_udp}.
+
+BIND gets REP 0x07.  Reasons become REP codes only through
+L{anyproxy.errors.socks_reply_code}.  Logs name the peer, the user and the
+target, never a password.
 """
 
 import ipaddress
 
 from twisted.internet.defer import fail
 from twisted.internet.endpoints import connectProtocol
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -31,6 +41,7 @@ from anyproxy.auth import ANONYMOUS
 from anyproxy.errors import StreamOpenError, socks_reply_code
 from anyproxy.frontends.socks5_parser import (
     CMD_CONNECT,
+    CMD_UDP_ASSOCIATE,
     METHOD_NO_AUTH,
     METHOD_NONE_ACCEPTABLE,
     METHOD_USERPASS,
@@ -45,11 +56,13 @@ from anyproxy.frontends.socks5_parser import (
     SocksStateError,
     UserPassAuth,
 )
+from anyproxy.frontends.socks5_udp import UdpAssociation
 from anyproxy.splice import SpliceEnd
 
 _NEGOTIATING = "negotiating"
 _OPENING = "opening"
 _SPLICED = "spliced"
+_ASSOCIATED = "associated"  # a UDP association's control connection
 _CLOSING = "closing"
 
 
@@ -98,6 +111,8 @@ class Socks5Protocol(SpliceEnd):
         self._target = "?"
         self._timeout_call = None
         self._opening = None
+        self._udp = False
+        self._association = None
 
     def connectionMade(self):
         self._peer = _describe_address(self.transport.getPeer())
@@ -109,12 +124,18 @@ class Socks5Protocol(SpliceEnd):
         if self._phase is _NEGOTIATING:
             self._parser.receive_data(data)
             self._process_events()
+        elif self._udp:
+            pass  # RFC 1928: the control connection carries no payload
         elif self._phase is not _CLOSING:
             # Opening: SpliceEnd keeps it until joined.  Spliced: forwarded.
             SpliceEnd.dataReceived(self, data)
 
     def readConnectionLost(self):
-        if self._phase is _SPLICED:
+        if self._association is not None:
+            self._association.end("user closed the control connection")
+        elif self._udp and self._phase is _OPENING:
+            self._close()  # the user gave up: cancels the open
+        elif self._phase is _SPLICED:
             SpliceEnd.readConnectionLost(self)
         elif self._phase is _OPENING:
             self._read_closed = True  # passed on once the splice exists
@@ -134,6 +155,9 @@ class Socks5Protocol(SpliceEnd):
                 target=self._target,
             )
             opening.cancel()
+        association, self._association = self._association, None
+        if association is not None:
+            association.end("control connection closed")
         SpliceEnd.connectionLost(self, reason)
 
     # negotiation
@@ -202,6 +226,9 @@ class Socks5Protocol(SpliceEnd):
         self._pending = self._parser.trailing_data[0]
         host = "[%s]" % (request.host,) if ":" in request.host else request.host
         self._target = "%s:%d" % (host, request.port)
+        if request.command == CMD_UDP_ASSOCIATE:
+            self._open_udp(request)
+            return
         if request.command != CMD_CONNECT:
             self._log.info(
                 "SOCKS5 {peer} user {user!r}: command {command:#04x} not supported",
@@ -219,6 +246,30 @@ class Socks5Protocol(SpliceEnd):
             opening = fail()
         self._opening = opening
         opening.addCallbacks(self._open_succeeded, self._open_failed)
+        opening.addErrback(self._internal_error)
+
+    def _open_udp(self, request):
+        self._udp = True
+        self._pending = b""  # not payload: the control connection carries none
+        self._target = "UDP relay (user port %d)" % (request.port,)
+        try:
+            association = UdpAssociation(
+                getattr(self.transport.getPeer(), "host", None),
+                request.port,
+                on_end=self._association_ended,
+            )
+        except ValueError:
+            self._log.warn("SOCKS5 {peer}: UDP ASSOCIATE over a non-IP connection", peer=self._peer)
+            self._reply_and_close(REP_GENERAL_FAILURE)
+            return
+        self.transport.pauseProducing()
+        try:
+            endpoint = self.factory.endpoint_for(self._user, "0.0.0.0", 0, kind="udp")
+            opening = connectProtocol(endpoint, association)
+        except Exception:
+            opening = fail()
+        self._opening = opening
+        opening.addCallbacks(self._udp_open_succeeded, self._open_failed)
         opening.addErrback(self._internal_error)
 
     # opening
@@ -248,6 +299,50 @@ class Socks5Protocol(SpliceEnd):
         self.join(target)
         if self._read_closed and not target._lost:
             target._shut_down_write()
+
+    def _udp_open_succeeded(self, association):
+        self._opening = None
+        if self._lost or self._phase is not _OPENING:
+            association.end("user left")
+            return
+        if association.ended:
+            self._log.info("SOCKS5 {peer}: udp stream closed at once", peer=self._peer)
+            self._reply_and_close(REP_GENERAL_FAILURE)
+            return
+        try:
+            relay_host, relay_port = association.listen(
+                self.factory.reactor, getattr(self.transport.getHost(), "host", None)
+            )
+        except CannotListenError as e:
+            self._log.warn(
+                "SOCKS5 {peer}: cannot open a UDP relay port: {error}", peer=self._peer, error=str(e)
+            )
+            association.end("no relay port")
+            self._reply_and_close(REP_GENERAL_FAILURE)
+            return
+        self._association = association
+        self._phase = _ASSOCIATED
+        self.transport.write(self._parser.reply(REP_SUCCEEDED, relay_host, relay_port))
+        self._log.info(
+            "SOCKS5 {peer} user {user!r}: UDP associated, relay port {relay}",
+            peer=self._peer,
+            user=self._user_label,
+            relay=relay_port,
+        )
+        # Keep reading: only so that the user's EOF or close is seen.
+        self.transport.resumeProducing()
+
+    def _association_ended(self, association, why):
+        self._association = None
+        self._log.info(
+            "SOCKS5 {peer} user {user!r}: UDP association ended ({why}); {counters}",
+            peer=self._peer,
+            user=self._user_label,
+            why=why,
+            counters=association.relay.counters(),
+        )
+        if not self._lost and self._phase is _ASSOCIATED:
+            self._close()  # the user must notice that its relay is gone
 
     def _open_failed(self, failure):
         self._opening = None
@@ -310,8 +405,11 @@ class Socks5Factory(Factory):
     @ivar endpoint_for: C{endpoint_for(user, host, port)} returns an
         C{IStreamClientEndpoint} for the target; its C{connect} fails with
         L{StreamOpenError} for known reasons, anything else is a general
-        failure.  It may also raise L{StreamOpenError} itself.
-    @ivar reactor: the clock for the handshake timeout.
+        failure.  It may also raise L{StreamOpenError} itself.  UDP
+        ASSOCIATE calls it as C{endpoint_for(user, "0.0.0.0", 0,
+        kind="udp")} and expects a udp tunnel stream.
+    @ivar reactor: the clock for the handshake timeout, and the
+        C{IReactorUDP} for relay ports.
     @ivar handshake_timeout: seconds from connect to a complete request.
     """
 
