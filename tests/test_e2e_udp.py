@@ -74,7 +74,8 @@ class UdpAssociateTests(unittest.TestCase):
         self.echo_port = listen_udp(self, UdpEcho())
         self.blocked_port = listen_udp(self, UdpEcho())
         yield self.deployment.start_client(client={
-            "forbidden_hosts": ["127.0.0.1:%d" % (self.blocked_port,)]})
+            "forbidden_hosts": ["127.0.0.1:%d" % (self.blocked_port,)],
+            "max_concurrent_conns": 1000})
 
     def socks_udp(self):
         sock = udp_socket(self.deployment.socks_port)
@@ -126,8 +127,8 @@ class UdpAssociateTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_many_concurrent_associations(self):
-        """60 associations at once each get their own answers."""
-        count = 60
+        """200 associations at once each get their own answers."""
+        count = 200
 
         def run():
             sockets = [self.socks_udp() for _ in range(count)]
