@@ -18,6 +18,11 @@ from anyproxy.tuning import read_in_bulk
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.mux import Mux
 
+# Module level, not a class attribute: Autobahn's protocols log through their
+# own (txaio) `self.log`, whose debug calls are no-ops below the configured
+# level; shadowing it made every frame format a debug event.
+log = Logger()
+
 HTTP_UNAUTHORIZED = 401  # autobahn's ConnectionDeny names no constant for it
 
 # Autobahn limits: one frame per message, the largest being a DATA frame.
@@ -62,7 +67,6 @@ def parse_basic(header):
 class _TunnelProtocol:
     """What both ends share: a mux wired to the WebSocket."""
 
-    log = Logger()
     mux = None
 
     def _start_mux(self, initiator, on_open_request, name):
@@ -87,7 +91,7 @@ class _TunnelProtocol:
         self.mux.message_received(payload)
 
     def _protocol_error(self, exc):
-        self.log.warn("tunnel {name}: protocol error: {error}; closing", name=self.mux.name, error=exc)
+        log.warn("tunnel {name}: protocol error: {error}; closing", name=self.mux.name, error=exc)
         self._lose_mux()
         self.dropConnection(abort=True)
 
@@ -110,7 +114,7 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol %s required" % frames.SUBPROTOCOL)
         credentials = parse_basic(request.headers.get("authorization"))
         if credentials is None or not self.factory.check_client(*credentials):
-            self.log.warn("tunnel from {peer}: client authentication failed", peer=request.peer)
+            log.warn("tunnel from {peer}: client authentication failed", peer=request.peer)
             raise ConnectionDeny(HTTP_UNAUTHORIZED, "client authentication failed")
         return frames.SUBPROTOCOL
 
@@ -121,7 +125,7 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
 
     def _no_hello(self):
         self._hello_timer = None
-        self.log.warn("tunnel {peer}: no HELLO in time; closing", peer=self.peer)
+        log.warn("tunnel {peer}: no HELLO in time; closing", peer=self.peer)
         self.dropConnection(abort=True)
 
     def hello_received(self, info):
@@ -170,7 +174,7 @@ class ClientTunnelProtocol(_TunnelProtocol, WebSocketClientProtocol):
         self._lose_mux()
         if not self.ready.called:
             why = reason or "code %s" % (code,)
-            self.log.warn("tunnel to {gateway} not established: {why}",
+            log.warn("tunnel to {gateway} not established: {why}",
                           gateway=self.factory.gateway, why=why)
             self.ready.errback(ConnectionError("tunnel not established: %s" % (why,)))
             return
