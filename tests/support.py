@@ -4,6 +4,7 @@ resolver, and an in-process gateway + client deployment built from YAML the
 same way twistd builds it.  Everything listens on 127.0.0.1 (or ::1), port 0.
 """
 
+import base64
 import hashlib
 import os
 
@@ -13,6 +14,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHostnameResolver, IHostResolution
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web import resource, server
 from zope.interface import implementer
 
@@ -166,6 +168,37 @@ def _merge(base, overrides):
     return base
 
 
+def _secrets():
+    pairs = [(PROXY_USER, PROXY_PASSWORD), (CLIENT_USER, CLIENT_PASSWORD)]
+    tokens = [base64.b64encode(("%s:%s" % pair).encode()).decode() for pair in pairs]
+    return [PROXY_PASSWORD, CLIENT_PASSWORD] + tokens
+
+
+class SecretWatch:
+    """
+    Records every log event emitted while a test runs, and fails the test if
+    a test password or Basic token appears in any of them (formatted or raw).
+    """
+
+    def __init__(self, testcase, secrets=None):
+        self.testcase = testcase
+        self.secrets = secrets or _secrets()
+        self.events = []
+        globalLogPublisher.addObserver(self)
+        testcase.addCleanup(self.check)
+
+    def __call__(self, event):
+        self.events.append(event)
+
+    def check(self):
+        globalLogPublisher.removeObserver(self)
+        for event in self.events:
+            text = "%s %r" % (formatEvent(event), event)
+            for secret in self.secrets:
+                if secret in text:
+                    self.testcase.fail("a secret was logged: %s" % (formatEvent(event)[:300],))
+
+
 class Deployment:
     """
     A gateway and clients running in this process on loopback.
@@ -180,6 +213,7 @@ class Deployment:
         os.makedirs(self.directory)
         self.pki = TestPKI(os.path.join(self.directory, "pki"))
         self.resolver = StaticResolver()
+        SecretWatch(testcase)
         self.gateway = None
         self.clients = []
         self._configs = 0
