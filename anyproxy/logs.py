@@ -13,6 +13,7 @@ which gets the same level so that debug messages are not even formatted on
 the data path.
 """
 
+import re
 import sys
 
 import txaio
@@ -21,9 +22,42 @@ from twisted.logger import (
     FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate,
     jsonFileLogObserver, textFileLogObserver)
 from twisted.python.logfile import LogFile
+from zope.interface import implementer
 
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
           "error": LogLevel.error}
+
+
+_SECRET_KEY = re.compile(r"passw(or)?d|secret|token|authorization|cookie", re.I)
+_SECRET_VALUE = re.compile(r"\b(basic|bearer)\s+[A-Za-z0-9+/=._~-]{4,}", re.I)
+REDACTED = "<redacted>"
+
+
+def redact(event):
+    """
+    A copy of a log event with secrets masked: fields whose name says they
+    hold a secret, and HTTP credentials (C{Basic ...}, C{Bearer ...}) inside
+    text values.  Our code never logs secrets; this is the second line.
+    """
+    clean = {}
+    for key, value in event.items():
+        if not key.startswith("log_") and _SECRET_KEY.search(key):
+            value = REDACTED
+        elif isinstance(value, str) and _SECRET_VALUE.search(value):
+            value = _SECRET_VALUE.sub(lambda m: m.group(1) + " " + REDACTED, value)
+        clean[key] = value
+    return clean
+
+
+@implementer(ILogObserver)
+class RedactingObserver:
+    """Passes redacted copies of events on to C{observer}."""
+
+    def __init__(self, observer):
+        self._observer = observer
+
+    def __call__(self, event):
+        self._observer(redact(event))
 
 
 def _open(path, nodaemon):
@@ -45,7 +79,8 @@ def make_observer(log_config, twistd_logfile=None, nodaemon=True):
     else:
         observer = textFileLogObserver(stream)
     level = LEVELS[log_config.level]
-    return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=level)])
+    return FilteringLogObserver(RedactingObserver(observer),
+                                [LogLevelFilterPredicate(defaultLogLevel=level)])
 
 
 def apply_library_levels(log_config):

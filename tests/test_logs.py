@@ -8,7 +8,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.trial import unittest
 
 from anyproxy.config import LogConfig
-from anyproxy.logs import LoggingRoot, make_observer
+from anyproxy.logs import REDACTED, LoggingRoot, make_observer, redact
 
 
 class MakeObserverTests(unittest.TestCase):
@@ -58,3 +58,31 @@ class LoggingRootTests(unittest.TestCase):
         application = Application("test")
         LoggingRoot(observer).setServiceParent(application)
         self.assertIs(application.getComponent(ILogObserver), observer)
+
+
+class RedactTests(unittest.TestCase):
+    """Secrets never reach the log destination, even if code tried to log them."""
+
+    def test_secret_fields(self):
+        """Fields named like passwords, tokens or authorization headers are masked."""
+        clean = redact({"log_format": "{password} {Proxy_Authorization} {user}",
+                        "password": "hunter2", "Proxy_Authorization": "Basic abcd",
+                        "user": "bob"})
+        self.assertEqual((clean["password"], clean["Proxy_Authorization"], clean["user"]),
+                         (REDACTED, REDACTED, "bob"))
+
+    def test_credentials_in_text(self):
+        """A Basic or Bearer credential inside a text value is masked."""
+        clean = redact({"line": "Proxy-Authorization: Basic YWxpY2U6cHc= next"})
+        self.assertEqual(clean["line"], "Proxy-Authorization: Basic <redacted> next")
+
+    def test_destination_sees_redacted(self):
+        """The configured observer writes the redacted text."""
+        path = self.mktemp()
+        observer = make_observer(LogConfig(level="info", format="text", file=path))
+        Logger(observer=observer).info("auth {h} with {password}", h="Bearer tok3n.x",
+                                       password="pw123")
+        with open(path) as f:
+            text = f.read()
+        self.assertNotIn("tok3n", text)
+        self.assertNotIn("pw123", text)
