@@ -5,9 +5,17 @@ Proxy users: who may use a proxy listener, and which client group serves them.
 Passwords are compared in constant time (L{hmac.compare_digest}) and an unknown
 user costs the same comparison as a known one, so timing does not reveal which
 usernames exist.
+
+L{GroupLogins} adds the original project's convention: a client that sets
+C{group_password} announces it in its HELLO, and while it is connected the
+proxy login C{group_id:group_password} is valid and routed to that group.
+Static users (the listeners' own and C{gateway.users}) take precedence for
+the same username.
 """
 
+import hashlib
 import hmac
+import os
 
 import attr
 
@@ -29,6 +37,82 @@ def _to_bytes(text):
     return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
 
+_UNKNOWN = b"\0" * 32  # what an unknown name is compared against
+
+
+class GroupLogins:
+    """
+    Proxy logins C{group_id:group_password} announced by connected clients.
+
+    Each holder (a tunnel) registers one C{(group, password)}; the login is
+    valid while at least one holder of that exact pair is registered.  Only
+    a keyed digest of each password is kept (HMAC-SHA256 under a key made
+    at start), so the plaintext is not held, and every comparison is of two
+    32-byte digests in constant time.  An unknown group costs one
+    comparison against a placeholder, like an unknown static user.
+    """
+
+    def __init__(self, key=None):
+        self._key = key if key is not None else os.urandom(32)
+        self._holders = {}  # holder -> (group as bytes, digest)
+        self._groups = {}  # group as bytes -> (group, {digest: holder count})
+
+    def _digest(self, password):
+        return hmac.new(self._key, _to_bytes(password), hashlib.sha256).digest()
+
+    def add(self, holder, group, password):
+        """
+        Make C{group:password} a valid login while C{holder} is registered.
+        An empty password registers nothing; a holder registered before is
+        replaced.
+        """
+        self.remove(holder)
+        if not password:
+            return
+        name, digest = _to_bytes(group), self._digest(password)
+        self._holders[holder] = (name, digest)
+        digests = self._groups.setdefault(name, (group, {}))[1]
+        digests[digest] = digests.get(digest, 0) + 1
+
+    def remove(self, holder):
+        """Forget C{holder}'s login (harmless if it has none)."""
+        entry = self._holders.pop(holder, None)
+        if entry is None:
+            return
+        name, digest = entry
+        digests = self._groups[name][1]
+        digests[digest] -= 1
+        if not digests[digest]:
+            del digests[digest]
+        if not digests:
+            del self._groups[name]
+
+    def groups(self):
+        """The groups that have a login now, sorted."""
+        return sorted(group for group, _ in self._groups.values())
+
+    def authenticate(self, username, password):
+        """
+        Check C{username} (a group id) and C{password}.
+
+        @return: a L{User} named after the group and routed to it, or
+            C{None}.
+        """
+        name = _to_bytes(username)
+        offered = self._digest(password)
+        group, digests = self._groups.get(name, (None, {_UNKNOWN: 0}))
+        ok = False
+        for stored in list(digests):
+            ok |= hmac.compare_digest(stored, offered)
+        if ok and group is not None:
+            return User(name=group, group=group)
+        return None
+
+    def __repr__(self):
+        # Digests only, but still: never show them.
+        return "<GroupLogins %d groups>" % (len(self._groups),)
+
+
 class UserDatabase:
     """
     A set of C{username -> (password, group)} entries.
@@ -37,10 +121,14 @@ class UserDatabase:
         open and every connection is L{ANONYMOUS}.
     """
 
-    def __init__(self, entries=()):
+    def __init__(self, entries=(), group_logins=None):
         """
         @param entries: iterable of C{(username, password, group)}.
+        @param group_logins: a L{GroupLogins} consulted for names that are
+            not in C{entries}, or C{None}.  It makes no listener require
+            authentication: an open listener stays open.
         """
+        self._group_logins = group_logins
         self._users = {}
         for name, password, group in entries:
             self._users[_to_bytes(name)] = (_to_bytes(password), group or DEFAULT_GROUP)
@@ -55,12 +143,18 @@ class UserDatabase:
         if not self.required:
             return ANONYMOUS
         name = _to_bytes(username)
-        stored, group = self._users.get(name, (b"\0" * 32, None))
+        stored, group = self._users.get(name, (_UNKNOWN, None))
         ok = hmac.compare_digest(stored, _to_bytes(password))
-        if ok and group is not None:
+        # Asked every time, so a static user costs the same as any other name.
+        by_group = (self._group_logins.authenticate(name, password)
+                    if self._group_logins is not None else None)
+        if group is None:
+            return by_group
+        if ok:
             return User(name=name.decode("utf-8", "replace"), group=group)
         return None
 
     def __repr__(self):
         # Never show passwords, even in a debugger or a traceback.
-        return "<UserDatabase %d users>" % (len(self._users),)
+        extra = " + group logins" if self._group_logins is not None else ""
+        return "<UserDatabase %d users%s>" % (len(self._users), extra)

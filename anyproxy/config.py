@@ -14,6 +14,7 @@ import difflib
 import ipaddress
 import os
 import socket
+import types
 
 import attr
 import yaml
@@ -21,11 +22,18 @@ import yaml
 from anyproxy.auth import DEFAULT_GROUP
 from anyproxy.client.acl import AccessPolicy, HostRule, LimitRule
 from anyproxy.errors import ConfigError
+from anyproxy.frontends.registry import (
+    UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
+from anyproxy.interfaces import OptionError
 
 ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 BALANCE_POLICIES = ("least_streams", "round_robin", "random")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
+# client.weight and client.group_password travel in the HELLO; the gateway
+# refuses a HELLO outside these bounds, so the config refuses them first.
+MAX_WEIGHT = 10000
+MAX_GROUP_PASSWORD = 1024
 GATEWAY = "gateway"
 CLIENT = "client"
 
@@ -38,7 +46,7 @@ def _secret():
 @attr.s(frozen=True, slots=True)
 class ListenerConfig:
     """
-    A proxy listener (C{proxy.socks5} or C{proxy.http}).
+    A proxy listener (C{proxy.socks5}, C{proxy.http} or a C{proxy.frontends} entry).
 
     @ivar endpoint: a Twisted server endpoint string.
     @ivar local: C{True} when it listens only on loopback or a UNIX socket.
@@ -58,10 +66,41 @@ class ProxyConfig:
 
     socks5 = attr.ib(default=None)
     http = attr.ib(default=None)
+    frontends = attr.ib(default=())
 
     def listeners(self):
         """C{[(name, ListenerConfig)]} for the enabled listeners."""
         return [(n, l) for n, l in (("socks5", self.socks5), ("http", self.http)) if l]
+
+    def all_frontends(self):
+        """
+        Every listener as a L{FrontendConfig}: C{proxy.socks5} and C{proxy.http}
+        (served by the built-in plugins of those names), then C{proxy.frontends}.
+        """
+        builtin = [FrontendConfig(type=n, listener=l, name=n + " proxy", path="proxy." + n)
+                   for n, l in self.listeners()]
+        return builtin + list(self.frontends)
+
+
+@attr.s(frozen=True, slots=True)
+class FrontendConfig:
+    """
+    A listener served by a frontend plugin (L{anyproxy.interfaces.IFrontendFactory}).
+
+    @ivar type: the plugin's name.
+    @ivar listener: the L{ListenerConfig} (address and credentials).
+    @ivar name: the listener's name in the gateway and its logs.
+    @ivar path: the key path in the file, for errors.
+    @ivar options: the read-only C{options} mapping the plugin checked.
+    @ivar authenticates: whether the plugin checks credentials itself.
+    """
+
+    type = attr.ib()
+    listener = attr.ib()
+    name = attr.ib()
+    path = attr.ib()
+    options = attr.ib(factory=lambda: types.MappingProxyType({}), repr=False, hash=False)
+    authenticates = attr.ib(default=True)
 
 
 @attr.s(frozen=True, slots=True)
@@ -160,6 +199,7 @@ class ClientConfig:
     metrics_endpoint = attr.ib(default=None)
     reconnect_initial_delay = attr.ib(default=1.0)
     reconnect_max_delay = attr.ib(default=60.0)
+    weight = attr.ib(default=1.0)
 
     def server_name_for(self, host):
         """The TLS server name to verify when dialing gateway C{host}."""
@@ -500,7 +540,44 @@ def _listener(node):
 
 def _proxy(node):
     return ProxyConfig(socks5=_listener(node.child("socks5", _LISTENER_KEYS)),
-                       http=_listener(node.child("http", _LISTENER_KEYS)))
+                       http=_listener(node.child("http", _LISTENER_KEYS)),
+                       frontends=_frontends(node))
+
+
+_FRONTEND_KEYS = ("type",) + _LISTENER_KEYS + ("options",)
+
+
+def _frontends(node):
+    """C{proxy.frontends}: listeners served by frontend plugins, checked by them."""
+    frontends = []
+    for index, (path, item) in enumerate(node.items("frontends")):
+        entry = _Node.of(node.reader, path, item, _FRONTEND_KEYS)
+        kind = entry.string("type")
+        if not kind:
+            entry.fail("type", "required (available: %s)" % (", ".join(sorted(available_frontends())),))
+        try:
+            plugin = find_frontend(kind)
+        except UnknownFrontend as e:
+            entry.fail("type", e)
+        listener = _listener(entry)
+        if listener is None:
+            entry.fail("listen_addr", "required, e.g. '127.0.0.1:2222'")
+        authenticates = bool(getattr(plugin, "authenticates", False))
+        if listener.auth_username and not authenticates:
+            entry.fail("auth_username", "the %s frontend does not check credentials; remove "
+                                        "auth_username/auth_password" % (kind,))
+        options = entry.get("options", (dict,), {}, "a mapping")
+        options = types.MappingProxyType(dict(options))
+        try:
+            check_frontend_options(plugin, options)
+        except OptionError as e:
+            node.reader.fail("%s.%s" % (entry.key("options"), e.key), e.problem)
+        except ValueError as e:
+            entry.fail("options", e)
+        frontends.append(FrontendConfig(
+            type=kind, listener=listener, name="%s frontend #%d" % (kind, index + 1),
+            path=path, options=options, authenticates=authenticates))
+    return tuple(frontends)
 
 
 _GATEWAY_KEYS = (
@@ -571,7 +648,7 @@ _CLIENT_KEYS = (
     "group_password", "replicas", "max_concurrent_conns", "auth_username", "auth_password",
     "forbidden_hosts", "limit", "tls_cert", "tls_key", "insecure_skip_verify", "allow_udp",
     "connect_timeout", "idle_timeout", "ping_interval", "open_ports", "metrics_addr",
-    "reconnect_initial_delay", "reconnect_max_delay")
+    "reconnect_initial_delay", "reconnect_max_delay", "weight")
 _OPEN_PORT_KEYS = ("remote_port", "local_host", "local_port", "protocol")
 
 
@@ -635,6 +712,20 @@ def _open_ports(node):
     return tuple(ports)
 
 
+def _weight(node):
+    weight = node.get("weight", (int, float), 1, "a number > 0")
+    if not 0 < weight <= MAX_WEIGHT:
+        node.fail("weight", "must be > 0 and at most %d, got %r" % (MAX_WEIGHT, weight))
+    return float(weight)
+
+
+def _group_password(node):
+    password = node.string("group_password")
+    if len(password) > MAX_GROUP_PASSWORD:
+        node.fail("group_password", "longer than %d characters" % (MAX_GROUP_PASSWORD,))
+    return password
+
+
 def _client(node):
     username, password = node.credentials("auth_username", "auth_password")
     tls_cert, tls_key = node.file("tls_cert"), node.file("tls_key")
@@ -648,7 +739,7 @@ def _client(node):
         gateway_server_name=node.string("gateway_server_name") or None,
         client_id=node.string("client_id") or socket.gethostname(),
         group_id=node.string("group_id", DEFAULT_GROUP) or DEFAULT_GROUP,
-        group_password=node.string("group_password"),
+        group_password=_group_password(node),
         replicas=node.integer("replicas", 1, 1, 64),
         max_concurrent_conns=node.integer("max_concurrent_conns", 100),
         auth_username=username, auth_password=password,
@@ -661,7 +752,8 @@ def _client(node):
         open_ports=_open_ports(node),
         metrics_addr=metrics_addr, metrics_endpoint=metrics_endpoint,
         reconnect_initial_delay=node.number("reconnect_initial_delay", 1.0, positive=True),
-        reconnect_max_delay=node.number("reconnect_max_delay", 60.0, positive=True))
+        reconnect_max_delay=node.number("reconnect_max_delay", 60.0, positive=True),
+        weight=_weight(node))
 
 
 def _log(node):
@@ -676,12 +768,18 @@ def _cross_check(node, proxy, gateway):
     """Listener users must not clash with gateway.users; anonymous needs opt-in."""
     users = gateway.users if gateway is not None else ()
     names = set(user.username for user in users)
-    for name, listener in proxy.listeners():
+    for frontend in proxy.all_frontends():
+        listener, path = frontend.listener, frontend.path
         if listener.auth_username in names:
-            node.reader.fail("proxy.%s.auth_username" % (name,), "user %r is also in "
+            node.reader.fail("%s.auth_username" % (path,), "user %r is also in "
                              "gateway.users" % (listener.auth_username,))
+        if not (frontend.authenticates or listener.local or listener.allow_anonymous):
+            node.reader.fail("%s.listen_addr" % (path,),
+                             "%r is not loopback and the %s frontend cannot check credentials:"
+                             " use a loopback address, or allow_anonymous: true"
+                             % (listener.listen_addr, frontend.type))
         if not (listener.local or listener.auth_username or users or listener.allow_anonymous):
-            node.reader.fail("proxy.%s.listen_addr" % (name,),
+            node.reader.fail("%s.listen_addr" % (path,),
                              "%r is not loopback and has no credentials: set auth_username/"
                              "auth_password (or gateway.users), or allow_anonymous: true"
                              % (listener.listen_addr,))
@@ -718,7 +816,7 @@ def load_config(path, check_files=True, role=None):
     """
     reader = _Reader(path, os.path.dirname(os.path.abspath(path)), check_files)
     root = _Node.of(reader, "", _read_yaml(reader, path), ("proxy", "gateway", "client", "log"))
-    proxy = _proxy(root.child("proxy", ("socks5", "http")))
+    proxy = _proxy(root.child("proxy", ("socks5", "http", "frontends")))
     gateway = client = None
     if root.data.get("gateway") is not None:
         gateway = _gateway(root.child("gateway", _GATEWAY_KEYS, role in (None, GATEWAY)))

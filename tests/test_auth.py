@@ -5,7 +5,7 @@ Tests for L{anyproxy.auth}.
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.auth import ANONYMOUS, DEFAULT_GROUP, User, UserDatabase
+from anyproxy.auth import ANONYMOUS, DEFAULT_GROUP, GroupLogins, User, UserDatabase
 
 PASSWORD = "correct horse battery staple"
 OTHER_PASSWORD = "hunter2-other-secret"
@@ -139,3 +139,156 @@ class ReprTests(SynchronousTestCase):
         self.assertIn("alice", text)
         self.assertIn("red", text)
         self.assertNotIn(PASSWORD, text)
+
+
+# -- group logins ---------------------------------------------------------------
+
+
+class Holder:
+    """Stands in for a tunnel: any hashable object holds a login."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+class GroupLoginsTests(SynchronousTestCase):
+    """L{GroupLogins} admits C{group:password} while a holder of that pair is registered."""
+
+    def test_login_while_held(self):
+        """A registered pair authenticates as a user named after the group and routed to it."""
+        logins = GroupLogins()
+        lab = Holder("lab-1")
+        logins.add(lab, "lab", "lab-pw")
+        self.assertEqual(logins.authenticate("lab", "lab-pw"), User("lab", "lab"))
+        self.assertEqual(logins.authenticate(b"lab", b"lab-pw"), User("lab", "lab"))
+        logins.remove(lab)
+        self.assertIsNone(logins.authenticate("lab", "lab-pw"))
+
+    def test_wrong_password_and_unknown_group(self):
+        """A wrong password, a prefix, an empty one or an unknown group is refused."""
+        logins = GroupLogins()
+        logins.add(Holder("a"), "lab", "lab-pw")
+        for username, password in [("lab", "lab-pw2"), ("lab", "lab-p"), ("lab", ""),
+                                   ("LAB", "lab-pw"), ("other", "lab-pw"), ("", "")]:
+            self.assertIsNone(logins.authenticate(username, password), (username, password))
+
+    def test_last_holder_counts(self):
+        """Two clients with the same pair: the login lasts until both are gone."""
+        logins = GroupLogins()
+        first, second = Holder("1"), Holder("2")
+        logins.add(first, "lab", "lab-pw")
+        logins.add(second, "lab", "lab-pw")
+        logins.remove(first)
+        self.assertEqual(logins.authenticate("lab", "lab-pw"), User("lab", "lab"))
+        logins.remove(second)
+        self.assertIsNone(logins.authenticate("lab", "lab-pw"))
+        self.assertEqual(logins.groups(), [])
+
+    def test_different_passwords_in_one_group(self):
+        """Clients of one group with different passwords each make their own valid."""
+        logins = GroupLogins()
+        old, new = Holder("old"), Holder("new")
+        logins.add(old, "lab", "old-pw")
+        logins.add(new, "lab", "new-pw")
+        self.assertIsNotNone(logins.authenticate("lab", "old-pw"))
+        self.assertIsNotNone(logins.authenticate("lab", "new-pw"))
+        logins.remove(old)
+        self.assertIsNone(logins.authenticate("lab", "old-pw"))
+        self.assertIsNotNone(logins.authenticate("lab", "new-pw"))
+
+    def test_groups_isolated(self):
+        """One group's password does not open another group."""
+        logins = GroupLogins()
+        logins.add(Holder("a"), "lab", "lab-pw")
+        logins.add(Holder("b"), "ops", "ops-pw")
+        self.assertIsNone(logins.authenticate("ops", "lab-pw"))
+        self.assertEqual(logins.authenticate("ops", "ops-pw").group, "ops")
+        self.assertEqual(logins.groups(), ["lab", "ops"])
+
+    def test_empty_password_registers_nothing(self):
+        """A client without a group password adds no login."""
+        logins = GroupLogins()
+        logins.add(Holder("a"), "lab", "")
+        self.assertIsNone(logins.authenticate("lab", ""))
+        self.assertEqual(logins.groups(), [])
+
+    def test_readd_replaces(self):
+        """Adding the same holder again replaces its pair."""
+        logins = GroupLogins()
+        holder = Holder("a")
+        logins.add(holder, "lab", "one-pw")
+        logins.add(holder, "lab", "two-pw")
+        self.assertIsNone(logins.authenticate("lab", "one-pw"))
+        self.assertIsNotNone(logins.authenticate("lab", "two-pw"))
+        logins.remove(holder)
+        logins.remove(holder)  # harmless
+        self.assertEqual(logins.groups(), [])
+
+    def test_non_ascii(self):
+        """Non-ASCII group ids and passwords work as text or UTF-8 bytes."""
+        logins = GroupLogins()
+        logins.add(Holder("a"), "läb", "pässwört")
+        self.assertEqual(logins.authenticate("läb".encode("utf-8"), "pässwört".encode("utf-8")),
+                         User("läb", "läb"))
+
+    def test_plaintext_not_kept(self):
+        """Only digests are stored, and the repr shows neither."""
+        logins = GroupLogins()
+        logins.add(Holder("a"), "lab", "lab-secret-pw")
+        self.assertNotIn(b"lab-secret-pw", repr(vars(logins)).encode("utf-8"))
+        self.assertEqual(repr(logins), "<GroupLogins 1 groups>")
+
+    def test_constant_time_comparison(self):
+        """Passwords are compared with hmac.compare_digest, also for an unknown group."""
+        import hmac as hmac_module
+        calls = []
+        real = hmac_module.compare_digest
+
+        def spy(a, b):
+            calls.append((len(a), len(b)))
+            return real(a, b)
+
+        self.patch(hmac_module, "compare_digest", spy)
+        logins = GroupLogins()
+        logins.add(Holder("a"), "lab", "lab-pw")
+        logins.authenticate("lab", "nope")
+        logins.authenticate("nobody", "nope")
+        self.assertEqual(calls, [(32, 32), (32, 32)])
+
+
+class UserDatabaseGroupLoginTests(SynchronousTestCase):
+    """A L{UserDatabase} with group logins consults them after its static users."""
+
+    def setUp(self):
+        self.logins = GroupLogins()
+        self.logins.add(Holder("lab-1"), "lab", "lab-pw")
+        self.logins.add(Holder("x"), "alice", "group-alice-pw")
+
+    def test_group_login(self):
+        """group:password works through the database."""
+        users = UserDatabase([("alice", PASSWORD, "red")], group_logins=self.logins)
+        self.assertEqual(users.authenticate("lab", "lab-pw"), User("lab", "lab"))
+        self.assertIsNone(users.authenticate("lab", "wrong"))
+
+    def test_static_user_wins(self):
+        """A static user with the group's name shadows the group login."""
+        users = UserDatabase([("alice", PASSWORD, "red")], group_logins=self.logins)
+        self.assertEqual(users.authenticate("alice", PASSWORD), User("alice", "red"))
+        self.assertIsNone(users.authenticate("alice", "group-alice-pw"))
+
+    def test_static_users_still_work(self):
+        """Static users authenticate as before."""
+        users = UserDatabase([("bob", OTHER_PASSWORD, "blue")], group_logins=self.logins)
+        self.assertEqual(users.authenticate("bob", OTHER_PASSWORD), User("bob", "blue"))
+        self.assertIsNone(users.authenticate("mallory", OTHER_PASSWORD))
+
+    def test_open_listener_stays_open(self):
+        """Group logins do not make an open listener require authentication."""
+        users = UserDatabase([], group_logins=self.logins)
+        self.assertFalse(users.required)
+        self.assertIs(users.authenticate("anyone", "anything"), ANONYMOUS)
+
+    def test_repr(self):
+        """The repr says group logins are consulted and shows no password."""
+        users = UserDatabase([("alice", PASSWORD, "red")], group_logins=self.logins)
+        self.assertEqual(repr(users), "<UserDatabase 1 users + group logins>")

@@ -353,3 +353,35 @@ class AnonymousTests(ConfigTestMixin, SynchronousTestCase):
         message = self.error(GATEWAY + "  users: [{username: a, password: b}]\n"
                              "proxy: {socks5: {listen_addr: ':1', auth_username: a, auth_password: c}}")
         self.assertTrue(message.startswith("proxy.socks5.auth_username: user 'a'"))
+
+
+class WeightTests(ConfigTestMixin, SynchronousTestCase):
+    """client.weight: a positive number, default 1; group_password is bounded."""
+
+    def test_default(self):
+        """Without weight the client's weight is 1."""
+        self.assertEqual(self.load(CLIENT).client.weight, 1.0)
+
+    def test_values(self):
+        """Integers and fractions are accepted, as floats."""
+        self.assertEqual(self.load(CLIENT + "  weight: 3\n").client.weight, 3.0)
+        self.assertEqual(self.load(CLIENT + "  weight: 0.5\n").client.weight, 0.5)
+
+    def test_bad(self):
+        """Zero, negative, too large, non-numeric and boolean weights are refused at client.weight."""
+        for value in ("0", "-1", "10001", ".inf", ".nan", "heavy", "true"):
+            message = self.error(CLIENT + "  weight: %s\n" % (value,))
+            self.assertTrue(message.startswith("client.weight: "), message)
+
+    def test_group_password_too_long(self):
+        """A group_password over 1024 characters is refused without being shown."""
+        secret = "p" * 1025
+        message = self.error(CLIENT + "  group_password: %s\n" % (secret,))
+        self.assertTrue(message.startswith("client.group_password: "), message)
+        self.assertNotIn(secret, message)
+
+    def test_group_password_not_in_repr(self):
+        """The group password is never in the config's repr."""
+        config = self.load(CLIENT + "  group_password: lab-secret-pw\n")
+        self.assertEqual(config.client.group_password, "lab-secret-pw")
+        self.assertNotIn("lab-secret-pw", repr(config))

@@ -239,3 +239,71 @@ class GroupRoutingTests(unittest.TestCase):
         self.addCleanup(sock.close)
         streams = {t.client_id: t.active_streams for t in deployment.gateway.registry.tunnels()}
         self.assertEqual(streams, {"office": 0, "lab-1": 1})
+
+
+class GroupPasswordTests(unittest.TestCase):
+    """A client's group_password makes group_id:group_password a proxy login for its group."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_group_login(self):
+        """lab:lab-pw reaches only the lab client, on both proxies, and only while it is connected."""
+        from tests.support import web_site
+        from tests.test_e2e_tcp import socks_error
+        from twisted.logger import formatEvent, globalLogPublisher
+        logged = []
+
+        def observer(event):
+            logged.append(formatEvent(event) + repr(event))
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        deployment = Deployment(self)
+        yield deployment.start_gateway()
+        echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        web_port = listen_tcp(self, web_site()).getHost().port
+        # Other groups, one of them announcing the same password: never used for lab.
+        yield deployment.start_client(client={"client_id": "office", "group_password": "lab-pw"})
+        yield deployment.start_client(group="ops", client={
+            "client_id": "ops-1", "group_id": "ops", "group_password": "lab-pw"})
+        lab = yield deployment.start_client(group="lab", client={
+            "client_id": "lab-1", "group_id": "lab", "group_password": "lab-pw"})
+        yield wait_for_tunnels(deployment, 3)
+
+        def streams():
+            return {t.client_id: t.active_streams for t in deployment.gateway.registry.tunnels()}
+
+        sock = yield deferToThread(socks_connect, deployment.socks_port, "127.0.0.1",
+                                   echo_port, username="lab", password="lab-pw")
+        self.addCleanup(sock.close)
+        yield deferToThread(sock.sendall, b"lab?")
+        self.assertEqual((yield deferToThread(sock.recv, 4)), b"lab?")
+        self.assertEqual(streams(), {"office": 0, "ops-1": 0, "lab-1": 1})
+
+        url = "http://127.0.0.1:%d/" % (web_port,)
+        out, err, code = yield run_curl(
+            "-x", "http://lab:lab-pw@127.0.0.1:%d" % (deployment.http_port,), url)
+        self.assertEqual((code, out), (0, b"hello from the target\n"), err)
+
+        wrong = yield deferToThread(socks_error, deployment.socks_port, "127.0.0.1", echo_port,
+                                    username="lab", password="lab-pw-wrong")
+        self.assertIn("authentication failed", wrong)
+        out, _, _ = yield run_curl(
+            "-x", "http://lab:nope@127.0.0.1:%d" % (deployment.http_port,), "-i", url)
+        self.assertIn(b"407", out.split(b"\r\n")[0])
+        sock.close()
+
+        yield lab.stopService()
+        yield wait_for_tunnels(deployment, 2)
+        gone = yield deferToThread(socks_error, deployment.socks_port, "127.0.0.1", echo_port,
+                                   username="lab", password="lab-pw")
+        self.assertIn("authentication failed", gone)
+        self.assertEqual(streams(), {"office": 0, "ops-1": 0})
+        # The static user is unaffected, and ops' own login still works.
+        self.assertIsNone((yield deferToThread(socks_error, deployment.socks_port, "127.0.0.1",
+                                               echo_port)))
+        self.assertIsNone((yield deferToThread(socks_error, deployment.socks_port, "127.0.0.1",
+                                               echo_port, username="ops", password="lab-pw")))
+        self.assertTrue(any("group login" in line for line in logged))
+        self.assertEqual([line for line in logged if "lab-pw" in line], [])

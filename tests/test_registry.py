@@ -338,3 +338,119 @@ class WaitForTests(SynchronousTestCase):
         pool.add(tunnel("idle"))
         self.assertEqual(busy.client_id, "busy")
         self.assertEqual(self.successResultOf(pool.wait_for("default", 5)).client_id, "idle")
+
+
+# -- weights and spread ---------------------------------------------------------
+
+def weighted(client_id, weight, group="default", streams=0):
+    """A L{tunnel} with a weight."""
+    each = tunnel(client_id, group=group, streams=streams)
+    each.weight = weight
+    return each
+
+
+def within(testcase, counts, expected, tolerance=0.2):
+    """Assert every count is within C{tolerance} (a fraction) of its expected value."""
+    for name, want in expected.items():
+        got = counts.get(name, 0)
+        testcase.assertTrue(abs(got - want) <= tolerance * want,
+                            "%s: %d picks, expected %d +-%d%% (%r)"
+                            % (name, got, want, tolerance * 100, dict(counts)))
+
+
+class SpreadTests(SynchronousTestCase):
+    """With N equal tunnels, N*100 new streams spread within +-20% of even, for every strategy."""
+
+    def pick_with_streams(self, pool, count):
+        """C{count} picks where each picked tunnel opens (keeps) a stream."""
+        counts = collections.Counter()
+        for _ in range(count):
+            chosen = pool.pick("default")
+            chosen.mux.stream_count += 1
+            counts[chosen.client_id] += 1
+        return counts
+
+    def test_even_spread_every_strategy(self):
+        """Each strategy gives N equal tunnels 100 +-20 of N*100 picks, counts fixed or growing."""
+        for name in TunnelRegistry.STRATEGIES:
+            for count in (2, 3, 5, 8):
+                for grow in (False, True):
+                    tunnels = [tunnel("t%d" % (i,), streams=2) for i in range(count)]
+                    pool = registry(*tunnels, balance=name, rng=random.Random(count))
+                    if grow:
+                        counts = self.pick_with_streams(pool, count * 100)
+                    else:
+                        counts = picks(pool, count * 100)
+                    within(self, counts, {each.client_id: 100 for each in tunnels})
+
+    def test_exactly_even_when_counts_fixed(self):
+        """least_streams and round_robin give N equal tunnels exactly 100 each of N*100."""
+        for name in ("least_streams", "round_robin"):
+            for count in (2, 3, 5, 8):
+                tunnels = [tunnel("t%d" % (i,), streams=4) for i in range(count)]
+                pool = registry(*tunnels, balance=name)
+                self.assertEqual(picks(pool, count * 100),
+                                 {each.client_id: 100 for each in tunnels})
+
+    def test_weights_one_to_three(self):
+        """Weights 1:3 give about 1:3 of the picks for every strategy."""
+        for name in TunnelRegistry.STRATEGIES:
+            for grow in (False, True):
+                light, heavy = weighted("light", 1), weighted("heavy", 3)
+                pool = registry(light, heavy, balance=name, rng=random.Random(42))
+                if grow:
+                    counts = self.pick_with_streams(pool, 400)
+                else:
+                    counts = picks(pool, 400)
+                within(self, counts, {"light": 100, "heavy": 300})
+
+    def test_round_robin_weights_exact_and_interleaved(self):
+        """Smooth weighted round robin: 1:3 is exact over 4 picks and never bunches the heavy one."""
+        pool = registry(weighted("light", 1), weighted("heavy", 3), balance="round_robin")
+        sequence = [pool.pick("default").client_id for _ in range(8)]
+        self.assertEqual(sequence[:4], ["heavy", "light", "heavy", "heavy"])
+        self.assertEqual(sequence[4:], sequence[:4])
+
+    def test_round_robin_nginx_sequence(self):
+        """Weights 5:1:1 give nginx's smooth sequence a a b a c a a."""
+        pool = registry(weighted("a", 5), weighted("b", 1), weighted("c", 1),
+                        balance="round_robin")
+        sequence = "".join(pool.pick("default").client_id for _ in range(7))
+        self.assertEqual(sequence, "aabacaa")
+
+    def test_least_streams_divides_by_weight(self):
+        """least_streams compares open streams per unit of weight."""
+        big, small = weighted("big", 4, streams=6), weighted("small", 1, streams=2)
+        pool = registry(big, small)
+        self.assertIs(pool.pick("default"), big)  # 6/4 < 2/1
+        big.mux.stream_count = 9
+        self.assertIs(pool.pick("default"), small)  # 2/1 < 9/4
+
+    def test_fractional_weights(self):
+        """Weights need not be integers: 0.5:1.5 is 1:3."""
+        pool = registry(weighted("light", 0.5), weighted("heavy", 1.5), balance="round_robin")
+        self.assertEqual(picks(pool, 400), {"light": 100, "heavy": 300})
+
+    def test_weighted_random_uses_rng(self):
+        """Weighted random maps the rng's draw onto the cumulative weights."""
+
+        class Draws:
+            def __init__(self, values):
+                self.values = list(values)
+
+            def random(self):
+                return self.values.pop(0)
+
+        pool = registry(weighted("a", 1), weighted("b", 3), balance="random",
+                        rng=Draws([0.0, 0.24, 0.25, 0.99]))
+        self.assertEqual([pool.pick("default").client_id for _ in range(4)],
+                         ["a", "a", "b", "b"])
+
+    def test_removed_tunnel_forgets_score(self):
+        """A removed tunnel's round robin score is dropped with it."""
+        a, b = tunnel("a"), tunnel("b")
+        pool = registry(a, b, balance="round_robin")
+        picks(pool, 3)
+        pool.remove(a)
+        self.assertNotIn(a, pool._scores)
+        self.assertEqual(picks(pool, 3), {"b": 3})

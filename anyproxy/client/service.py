@@ -26,12 +26,25 @@ log = Logger()
 
 
 class ClientTunnelFactory(WebSocketClientFactory):
-    """Builds the client's tunnel protocols for one gateway."""
+    """
+    Builds the client's tunnel protocols for one gateway.
+
+    @param weight: this client's share of its group's new streams, announced
+        in the HELLO.
+    @param group_password: announced in the HELLO when set: the gateway then
+        accepts the proxy login C{group:group_password} while we are
+        connected.  The tunnel is TLS-protected and we have authenticated.
+    @param open_ports: L{anyproxy.config.OpenPortConfig}s the gateway is
+        asked (HELLO C{open_ports}) to listen on and forward to us.
+    @ivar open_ports_answer: the gateway's last C{open_ports} answer.
+    """
 
     protocol = ClientTunnelProtocol
+    open_ports_answer = None
 
     def __init__(self, url, dialer, client_id, group, username, password,
-                 ping_interval=10.0, handshake_timeout=10.0):
+                 ping_interval=10.0, handshake_timeout=10.0, weight=1.0, group_password="",
+                 open_ports=()):
         headers = {"Authorization": basic_authorization(username, password)} if username else {}
         super().__init__(url=url, protocols=[frames.SUBPROTOCOL], headers=headers,
                          useragent="AnyProxy/" + __version__)
@@ -39,6 +52,9 @@ class ClientTunnelFactory(WebSocketClientFactory):
         self.client_id = client_id
         self.group = group
         self.gateway = url
+        self.weight = weight
+        self._group_password = group_password
+        self.open_ports = tuple(open_ports)
         self.connected = set()
         tune_factory(self, ping_interval, handshake_timeout)
 
@@ -50,18 +66,50 @@ class ClientTunnelFactory(WebSocketClientFactory):
         self.dialer.handle_open(stream)
 
     def hello_info(self):
-        return {"version": frames.PROTOCOL_VERSION, "client_id": self.client_id,
+        info = {"version": frames.PROTOCOL_VERSION, "client_id": self.client_id,
                 "group": self.group, "software": "anyproxy/" + __version__}
+        info["weight"] = int(self.weight) if self.weight == int(self.weight) else self.weight
+        if self._group_password:
+            info["group_password"] = self._group_password
+        if self.open_ports:
+            info["open_ports"] = [
+                {"remote_port": p.remote_port, "local_host": p.local_host,
+                 "local_port": p.local_port, "protocol": p.protocol} for p in self.open_ports]
+        return info
 
     def tunnel_ready(self, protocol, info):
         self.connected.add(protocol)
         log.info("tunnel to {gateway} up (gateway {software})", gateway=self.gateway,
                  software=info.get("software", "?"))
+        if self.open_ports:
+            self.open_ports_answer = info.get("open_ports")
+            _log_open_ports(self.gateway, self.open_ports, self.open_ports_answer)
 
     def tunnel_lost(self, protocol, reason):
         self.connected.discard(protocol)
         log.warn("tunnel to {gateway} lost: {reason}; reconnecting", gateway=self.gateway,
                  reason=reason or "connection closed")
+
+
+def _log_open_ports(gateway, asked, answered):
+    """Log the gateway's answer to our C{open_ports}: a refusal is a warning."""
+    if not isinstance(answered, list):
+        log.warn("gateway {gateway} did not answer open_ports: it does not forward ports",
+                 gateway=gateway)
+        return
+    wanted = {(p.remote_port, p.protocol): p for p in asked}
+    for entry in answered:
+        entry = entry if isinstance(entry, dict) else {}
+        key = (entry.get("remote_port"), entry.get("protocol"))
+        port = wanted.get(key)
+        target = "%s:%d" % (port.local_host, port.local_port) if port is not None else "?"
+        if entry.get("ok") is True:
+            log.info("gateway {gateway} forwards port {port}/{protocol} to {target}",
+                     gateway=gateway, port=key[0], protocol=key[1], target=target)
+        else:
+            log.warn("gateway {gateway} refused to forward port {port}/{protocol} to {target}: "
+                     "{error}", gateway=gateway, port=key[0], protocol=key[1], target=target,
+                     error=entry.get("error") or "no reason given")
 
 
 @implementer(IStreamClientEndpoint)
@@ -127,7 +175,8 @@ def make_client_service(config, reactor, resolver=None):
         factory = ClientTunnelFactory(
             "wss://%s:%d/anyproxy" % (url_host, port), dialer, client.client_id,
             client.group_id, client.auth_username, client.auth_password,
-            ping_interval=client.ping_interval)
+            ping_interval=client.ping_interval, weight=client.weight,
+            group_password=client.group_password, open_ports=client.open_ports)
         factories[(host, port)] = factory
         for replica in range(client.replicas):
             endpoint = wrapClientTLS(tls, HostnameEndpoint(reactor, host, port,

@@ -24,6 +24,7 @@ class Tunnel:
     version = attr.ib(default="")
     connected_at = attr.ib(factory=time.time)
     close = attr.ib(default=None, repr=False)  # callable: drop the connection
+    weight = attr.ib(default=1.0)  # the client's share of new streams (HELLO "weight")
 
     @property
     def active_streams(self):
@@ -32,9 +33,18 @@ class Tunnel:
 
 class TunnelRegistry:
     """
-    Connected tunnels by group.  L{pick} chooses by the configured strategy:
-    C{least_streams} (fewest open streams, ties in turn), C{round_robin} or
-    C{random}.
+    Connected tunnels by group.  L{pick} chooses by the configured strategy,
+    each weighted by L{Tunnel.weight}:
+
+      - C{least_streams}: the fewest open streams per unit of weight
+        (C{active_streams / weight}); ties are broken by smooth weighted
+        round robin, so equal tunnels are picked strictly in turn.
+      - C{round_robin}: smooth weighted round robin (as nginx does it): each
+        pick adds every tunnel's weight to its running score, takes the
+        highest score and charges it the group's total weight.  Over any
+        run of C{total} picks each tunnel gets exactly its share, and the
+        picks of a heavy tunnel are interleaved, not bunched.
+      - C{random}: a random tunnel, with probability proportional to weight.
     """
 
     STRATEGIES = ("least_streams", "round_robin", "random")
@@ -46,7 +56,7 @@ class TunnelRegistry:
         self.balance = balance
         self._rng = rng
         self._groups = {}
-        self._turn = 0
+        self._scores = {}  # tunnel -> its smooth weighted round robin score
         self._waiters = {}
 
     def add(self, tunnel):
@@ -61,6 +71,7 @@ class TunnelRegistry:
         tunnels = self._groups.get(tunnel.group, [])
         if tunnel in tunnels:
             tunnels.remove(tunnel)
+        self._scores.pop(tunnel, None)
         if not tunnels:
             self._groups.pop(tunnel.group, None)
 
@@ -75,14 +86,36 @@ class TunnelRegistry:
         tunnels = self._groups.get(group)
         if not tunnels:
             return None
-        self._turn += 1
         if self.balance == "random":
-            return self._rng.choice(tunnels)
+            return self._weighted_random(tunnels)
         if self.balance == "round_robin":
-            return tunnels[self._turn % len(tunnels)]
-        fewest = min(t.active_streams for t in tunnels)
-        ties = [t for t in tunnels if t.active_streams == fewest]
-        return ties[self._turn % len(ties)]
+            return self._smooth_round_robin(tunnels)
+        load = [(t.active_streams / t.weight, t) for t in tunnels]
+        fewest = min(each for each, _ in load)
+        return self._smooth_round_robin([t for each, t in load if each == fewest])
+
+    def _smooth_round_robin(self, tunnels):
+        total = 0.0
+        best = best_score = None
+        for each in tunnels:
+            score = self._scores.get(each, 0.0) + each.weight
+            self._scores[each] = score
+            total += each.weight
+            if best is None or score > best_score:
+                best, best_score = each, score
+        self._scores[best] = best_score - total
+        return best
+
+    def _weighted_random(self, tunnels):
+        first = tunnels[0].weight
+        if all(each.weight == first for each in tunnels):
+            return self._rng.choice(tunnels)
+        point = self._rng.random() * sum(each.weight for each in tunnels)
+        for each in tunnels:
+            point -= each.weight
+            if point < 0:
+                return each
+        return tunnels[-1]  # rounding left a sliver past the last one
 
     def wait_for(self, group, timeout):
         """

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_e2e_tcp -*-
 """
 The gateway program: the TLS WebSocket listener for client tunnels and the
-user-facing proxy listeners (SOCKS5, HTTP), composed in one C{MultiService}
+user-facing listeners (SOCKS5, HTTP and any other frontend plugin, see
+docs/FRONTENDS.md), composed in one C{MultiService}
 around a shared L{TunnelRegistry}.
 """
 
@@ -12,12 +13,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from anyproxy.auth import UserDatabase
-from anyproxy.frontends.http import HttpProxyFactory
-from anyproxy.frontends.socks5 import Socks5Factory
+from anyproxy.auth import GroupLogins, UserDatabase
+from anyproxy.frontends.registry import find_frontend
 from anyproxy.gateway.endpoint import TunnelEndpoint
+from anyproxy.gateway.forwarding import PortForwarding, listen_interface
 from anyproxy.gateway.registry import TunnelRegistry
 from anyproxy.gateway.tunnels import TunnelServerFactory
+from anyproxy.interfaces import FrontendContext
 from anyproxy.tls import server_tls_options
 
 log = Logger()
@@ -94,6 +96,8 @@ class Listener(Service):
 class GatewayService(MultiService):
     """Everything the gateway runs; build with L{make_gateway_service}."""
 
+    forwarding = None  # the PortForwarding (client.open_ports), if any
+
     def __init__(self, reactor, registry):
         super().__init__()
         self.reactor = reactor
@@ -104,6 +108,9 @@ class GatewayService(MultiService):
         # Stop listening, then drop every tunnel so clients reconnect elsewhere
         # (or to our successor) at once instead of waiting for a ping timeout.
         d = defer.maybeDeferred(super().stopService)
+        if self.forwarding is not None:
+            released = self.forwarding.stop()
+            d.addCallback(lambda result: released.addCallback(lambda _: result))
         for tunnel in self.registry.tunnels():
             if tunnel.close is not None:
                 tunnel.close()
@@ -121,10 +128,16 @@ def make_gateway_service(config, reactor):
     gateway = config.require_gateway()
     registry = TunnelRegistry(reactor, balance=gateway.balance)
     service = GatewayService(reactor, registry)
+    # group_id:group_password logins, valid while such a client is connected.
+    service.group_logins = group_logins = GroupLogins()
+    # client.open_ports: on the tunnel listener's interface (docs/PROTOCOL.md, HELLO).
+    service.forwarding = PortForwarding(reactor, gateway.port_allowed,
+                                        interface=listen_interface(gateway.endpoint))
 
     tunnels = TunnelServerFactory.for_credentials(
         registry, gateway.auth_username, gateway.auth_password, reactor,
-        ping_interval=gateway.ping_interval, handshake_timeout=gateway.handshake_timeout)
+        ping_interval=gateway.ping_interval, handshake_timeout=gateway.handshake_timeout,
+        group_logins=group_logins, forwarding=service.forwarding)
     tls = server_tls_options(gateway.tls_cert, gateway.tls_key,
                              client_ca_path=gateway.client_ca or None)
     service.add_listener("tunnel server", gateway.endpoint, TLSMemoryBIOFactory(tls, False, tunnels))
@@ -133,13 +146,14 @@ def make_gateway_service(config, reactor):
         return TunnelEndpoint(registry, reactor, user.group, host, port, kind=kind,
                               wait=gateway.no_tunnel_wait)
 
-    frontends = (("socks5", config.proxy.socks5, Socks5Factory),
-                 ("http", config.proxy.http, HttpProxyFactory))
-    for name, listener, factory_class in frontends:
-        if listener is None:
-            continue
-        users = UserDatabase(config.gateway_users_for(listener))
-        factory = factory_class(users, endpoint_for, reactor,
-                                handshake_timeout=gateway.handshake_timeout)
-        service.add_listener(name + " proxy", listener.endpoint, factory)
+    # Every user-facing listener comes from a frontend plugin (docs/FRONTENDS.md):
+    # proxy.socks5/proxy.http from the built-in ones, then proxy.frontends.
+    for frontend in config.proxy.all_frontends():
+        context = FrontendContext(
+            name=frontend.name, reactor=reactor, endpoint_for=endpoint_for,
+            users=UserDatabase(config.gateway_users_for(frontend.listener),
+                               group_logins=group_logins),
+            handshake_timeout=gateway.handshake_timeout)
+        factory = find_frontend(frontend.type).build(frontend.options, context)
+        service.add_listener(frontend.name, frontend.listener.endpoint, factory)
     return service

@@ -1,0 +1,447 @@
+# -*- test-case-name: tests.test_forwarding -*-
+"""
+Port forwarding (the original project's C{open_ports}): a client asks, in its
+HELLO, for gateway ports; the gateway listens on them and carries every
+connection or datagram through that client's tunnel to C{local_host:local_port}
+as seen from the client, where the client's access control applies as for
+proxy traffic.
+
+Theory of operation
+-------------------
+A forwarded port belongs to one client: the pair C{(group, client_id)}, not
+one tunnel.  A client with C{replicas > 1} sends the same request on every
+tunnel; the first opens the port and the others join it, and each connection
+goes to the member tunnel with the fewest open streams.  The port is released
+when the client's last tunnel goes away, and opened again when the client
+comes back (its next HELLO asks again).  Keying on the client also means a
+client that reconnects before the gateway has noticed its old tunnel is dead
+(ping timeout) gets its ports at once instead of being refused by itself.
+
+Another client asking for a port that is taken is refused; so are ports
+outside C{gateway.open_ports_allowed} and ports that fail to bind.  Every
+refusal is logged here and its reason goes back in the HELLO answer, where
+the client logs it too.  A refused client keeps serving; it is not retried
+until it reconnects.
+
+Listening is synchronous (C{listenTCP}/C{listenUDP}), so the HELLO answer can
+say whether each port is open.  Forwarded ports listen on the interface of
+the tunnel listener (C{gateway.listen_addr}): a gateway whose tunnel listener
+is on all interfaces forwards on all interfaces, one bound to a single
+address forwards on that address only.
+
+TCP: each accepted connection is paused, a tcp stream is opened to the
+target through the chosen tunnel, and the two are spliced
+(L{anyproxy.splice.SpliceEnd}: backpressure and half-close).  If the open
+fails (refused by access control, connection refused at the client, no
+answer in time) the user's connection is aborted, so the user sees a reset
+rather than a clean, empty close.
+
+UDP: see L{anyproxy.gateway.forwarding_udp}; each user source address gets
+its own udp stream (association), ended after an idle timeout.
+"""
+
+import attr
+from twisted.internet import defer, error
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from anyproxy.config import _split_endpoint
+from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.gateway.endpoint import DEFAULT_OPEN_TIMEOUT
+from anyproxy.gateway.forwarding_udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
+from anyproxy.splice import SpliceEnd
+
+log = Logger()
+
+PROTOCOLS = ("tcp", "udp")
+# The tunnel carries host names of 1..255 bytes (docs/PROTOCOL.md, OPEN).
+MAX_HOST_BYTES = 255
+
+
+# -- requests and answers (pure) --------------------------------------------
+
+
+@attr.s(frozen=True, slots=True)
+class PortRequest:
+    """One C{open_ports} entry of a client's HELLO, checked."""
+
+    remote_port = attr.ib()
+    local_host = attr.ib()
+    local_port = attr.ib()
+    protocol = attr.ib(default="tcp")
+
+    @property
+    def key(self):
+        return (self.remote_port, self.protocol)
+
+    @property
+    def label(self):
+        """C{'9001/tcp'}, as logs and answers name the port."""
+        return "%d/%s" % self.key
+
+    @property
+    def target(self):
+        host = "[%s]" % (self.local_host,) if ":" in self.local_host else self.local_host
+        return "%s:%d" % (host, self.local_port)
+
+
+def _port_field(item, key):
+    value = item.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError("%s must be a port number 1..65535, got %r" % (key, value))
+    return value
+
+
+def parse_request(item):
+    """
+    A L{PortRequest} from one HELLO C{open_ports} entry.
+
+    @raise ValueError: naming the bad field.
+    """
+    if not isinstance(item, dict):
+        raise ValueError("entry must be an object, got %r" % (type(item).__name__,))
+    remote_port = _port_field(item, "remote_port")
+    local_port = _port_field(item, "local_port")
+    local_host = item.get("local_host")
+    if not isinstance(local_host, str):
+        raise ValueError("local_host must be a string")
+    try:
+        encoded = local_host.encode("ascii") if local_host.isascii() else local_host.encode("idna")
+    except UnicodeError:
+        raise ValueError("local_host %r is not a valid host name" % (local_host,)) from None
+    if not 1 <= len(encoded) <= MAX_HOST_BYTES:
+        raise ValueError("local_host must be 1..%d bytes" % (MAX_HOST_BYTES,))
+    protocol = item.get("protocol", "tcp")
+    if protocol not in PROTOCOLS:
+        raise ValueError("protocol must be tcp or udp, got %r" % (protocol,))
+    return PortRequest(remote_port, local_host, local_port, protocol)
+
+
+def answer(item, ok, why=""):
+    """The HELLO answer for one requested entry (raw or L{PortRequest})."""
+    if isinstance(item, PortRequest):
+        port, protocol = item.key
+    else:
+        item = item if isinstance(item, dict) else {}
+        port, protocol = item.get("remote_port"), item.get("protocol", "tcp")
+        port = port if isinstance(port, int) and not isinstance(port, bool) else None
+        protocol = protocol if isinstance(protocol, str) else None
+    return {"remote_port": port, "protocol": protocol, "ok": ok, "error": why}
+
+
+def refuse_all(requested, why):
+    """Answers refusing every entry of C{requested} (None when nothing was asked)."""
+    if requested is None:
+        return None
+    if not isinstance(requested, list):
+        return []
+    return [answer(item, False, why) for item in requested]
+
+
+def listen_interface(endpoint):
+    """
+    The interface forwarded ports listen on, from the tunnel listener's
+    endpoint string: its C{interface=} (C{'127.0.0.1'}, C{'::1'}), or all
+    interfaces (C{''}, or C{'::'} for a C{tcp6} listener) when it names none.
+    """
+    parts = _split_endpoint(endpoint or "")
+    options = dict(part.split("=", 1) for part in parts[1:] if "=" in part)
+    if "interface" in options:
+        return options["interface"]
+    return "::" if parts[0] == "tcp6" else ""
+
+
+# -- streams through one chosen tunnel -----------------------------------------
+
+
+@implementer(IStreamClientEndpoint)
+class BoundTunnelEndpoint:
+    """
+    Like L{anyproxy.gateway.endpoint.TunnelEndpoint}, but through one given
+    tunnel (the forwarding client's) rather than any tunnel of a group.
+    """
+
+    def __init__(self, tunnel, clock, host, port, kind="tcp", open_timeout=DEFAULT_OPEN_TIMEOUT):
+        self.tunnel = tunnel
+        self._clock = clock
+        self.host = host
+        self.port = port
+        self.kind = kind
+        self._open_timeout = open_timeout
+
+    def connect(self, protocol_factory):
+        d = self.tunnel.mux.open_stream(self.kind, self.host, self.port)
+
+        def timed_out(failure):
+            failure.trap(defer.TimeoutError)
+            raise StreamOpenError(Reason.TIMED_OUT, "client did not answer in time")
+
+        def attach(stream):
+            protocol = protocol_factory.buildProtocol(stream.getPeer())
+            if protocol is None:
+                stream.reset(Reason.GENERAL_FAILURE)
+                raise StreamOpenError(Reason.GENERAL_FAILURE, "no protocol for the stream")
+            stream.attach(protocol)
+            return protocol
+
+        d.addTimeout(self._open_timeout, self._clock)
+        return d.addErrback(timed_out).addCallback(attach)
+
+
+@attr.s(eq=False)
+class Route:
+    """One tunnel of the owning client, and the target it asked for."""
+
+    tunnel = attr.ib()
+    request = attr.ib()
+
+    def endpoint(self, clock, open_timeout=DEFAULT_OPEN_TIMEOUT):
+        request = self.request
+        if request.protocol == "udp":
+            # An association's OPEN names no target; each datagram does.
+            host, port = "0.0.0.0", 0
+        else:
+            host, port = request.local_host, request.local_port
+        return BoundTunnelEndpoint(self.tunnel, clock, host, port, kind=request.protocol,
+                                   open_timeout=open_timeout)
+
+
+# -- TCP ------------------------------------------------------------------------
+
+
+class ForwardedConnection(SpliceEnd):
+    """A user's connection to a forwarded TCP port, spliced to a tunnel stream."""
+
+    _opening = None
+
+    def connectionMade(self):
+        forward = self.factory.forward
+        route = forward.pick_route()
+        if route is None:  # the client left while we were accepting
+            self.transport.abortConnection()
+            return
+        forward.connections.add(self)
+        self._where = "%s (client %s) %s -> %s" % (
+            forward.label, route.tunnel.client_id, _peer_text(self.transport.getPeer()),
+            route.request.target)
+        # Read nothing until the stream exists (Twisted's portforward pattern).
+        self.transport.pauseProducing()
+        opening = connectProtocol(route.endpoint(forward.clock, forward.open_timeout), SpliceEnd())
+        self._opening = opening
+        opening.addCallbacks(self._opened, self._failed)
+
+    def _opened(self, target):
+        self._opening = None
+        if self._lost:
+            target.transport.loseConnection()
+            return
+        if target._lost:
+            self.transport.abortConnection()
+            return
+        log.info("forwarded port {where}: connected", where=self._where)
+        self.transport.resumeProducing()
+        self.join(target)
+        if self._read_closed and not target._lost:
+            target._shut_down_write()
+
+    def _failed(self, failure):
+        self._opening = None
+        if failure.check(defer.CancelledError):
+            return  # the user left first
+        log.info("forwarded port {where}: {why}", where=self._where, why=failure.getErrorMessage())
+        if not self._lost:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self.factory.forward.connections.discard(self)
+        if self._opening is not None:
+            opening, self._opening = self._opening, None
+            opening.cancel()
+        super().connectionLost(reason)
+
+
+def _peer_text(address):
+    host, port = getattr(address, "host", "?"), getattr(address, "port", "?")
+    return "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port)
+
+
+class ForwardedPort:
+    """
+    One open forwarded port: its listener, the owning client and its routes.
+
+    @ivar connections: the open L{ForwardedConnection}s (TCP).
+    """
+
+    def __init__(self, request, owner, clock, open_timeout=DEFAULT_OPEN_TIMEOUT):
+        self.key = request.key
+        self.label = request.label
+        self.protocol = request.protocol
+        self.owner = owner
+        self.clock = clock
+        self.open_timeout = open_timeout
+        self.routes = []
+        self.connections = set()
+        self.listening = None
+        self.udp = None  # the forwarding_udp.UdpForwarder of a udp port
+
+    @property
+    def client_id(self):
+        return self.owner[1]
+
+    def pick_route(self):
+        """The route whose tunnel has the fewest open streams, or C{None}."""
+        if not self.routes:
+            return None
+        return min(self.routes, key=lambda route: route.tunnel.active_streams)
+
+    def route_for(self, tunnel):
+        for route in self.routes:
+            if route.tunnel is tunnel:
+                return route
+        return None
+
+    def close(self):
+        """Stop listening and end what is in flight; a Deferred firing when released."""
+        listening, self.listening = self.listening, None
+        if self.udp is not None:
+            self.udp.end_all()
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
+        if listening is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(listening.stopListening)
+
+
+# -- the manager ----------------------------------------------------------------
+
+
+class PortForwarding:
+    """
+    Every forwarded port of one gateway.
+
+    @param reactor: an C{IReactorTCP} + C{IReactorUDP} + C{IReactorTime}.
+    @param port_allowed: C{port -> bool}, normally
+        L{anyproxy.config.GatewayConfig.port_allowed}.
+    @param interface: where forwarded ports listen (L{listen_interface}).
+    @param udp_idle_timeout: seconds without a datagram either way before a
+        UDP source's association is ended.
+    """
+
+    def __init__(self, reactor, port_allowed, interface="", open_timeout=DEFAULT_OPEN_TIMEOUT,
+                 udp_idle_timeout=None):
+        self._reactor = reactor
+        self._port_allowed = port_allowed
+        self.interface = interface
+        self._open_timeout = open_timeout
+        self._udp_idle_timeout = (udp_idle_timeout if udp_idle_timeout is not None
+                                  else UDP_IDLE_TIMEOUT)
+        self._forwards = {}
+        self._by_tunnel = {}
+        self._stopped = False
+
+    def forwards(self):
+        """C{{(port, protocol): client_id}} of the open ports (a snapshot)."""
+        return {key: forward.client_id for key, forward in self._forwards.items()}
+
+    def port_for(self, port, protocol="tcp"):
+        """The L{ForwardedPort} of C{port/protocol}, or C{None}."""
+        return self._forwards.get((port, protocol))
+
+    def tunnel_connected(self, tunnel, requested):
+        """
+        Open the ports a new tunnel's HELLO asked for.
+
+        @param requested: the HELLO's C{open_ports} value (C{None}: not asked).
+        @return: the C{open_ports} list for our HELLO answer, or C{None}.
+        """
+        if requested is None:
+            return None
+        if not isinstance(requested, list):
+            log.warn("client {client_id}: open_ports in HELLO is not a list; ignored",
+                     client_id=tunnel.client_id)
+            return []
+        return [self._open(tunnel, item) for item in requested]
+
+    def _open(self, tunnel, item):
+        try:
+            request = parse_request(item)
+        except ValueError as e:
+            return self._refuse(tunnel, answer(item, False), "bad open_ports entry: %s" % (e,))
+        if self._stopped:
+            return self._refuse(tunnel, request, "the gateway is stopping")
+        if not self._port_allowed(request.remote_port):
+            return self._refuse(tunnel, request, "port %s is not in the gateway's open_ports_allowed"
+                                % (request.label,))
+        owner = (tunnel.group, tunnel.client_id)
+        forward = self._forwards.get(request.key)
+        if forward is not None:
+            if forward.owner != owner:
+                return self._refuse(tunnel, request, "port %s already forwarded for client %s"
+                                    % (request.label, forward.client_id))
+            if forward.route_for(tunnel) is not None:
+                return self._refuse(tunnel, request, "port %s asked for twice" % (request.label,))
+        else:
+            forward = ForwardedPort(request, owner, self._reactor, self._open_timeout)
+            try:
+                self._listen(forward, request)
+            except error.CannotListenError as e:
+                return self._refuse(tunnel, request, "cannot listen on port %s: %s"
+                                    % (request.label, e.socketError or e))
+            self._forwards[request.key] = forward
+        forward.routes.append(Route(tunnel, request))
+        self._by_tunnel.setdefault(tunnel, []).append(request.key)
+        log.info("forwarding port {port} on {interface} to {target} through client {client_id}",
+                 port=request.label, interface=self.interface or "*", target=request.target,
+                 client_id=tunnel.client_id)
+        return answer(request, True)
+
+    def _refuse(self, tunnel, request, why):
+        log.warn("client {client_id}: port forwarding refused: {why}",
+                 client_id=tunnel.client_id, why=why)
+        return answer(request, False, why)
+
+    def _listen(self, forward, request):
+        if request.protocol == "tcp":
+            factory = Factory.forProtocol(ForwardedConnection)
+            factory.noisy = False
+            factory.forward = forward
+            forward.listening = self._reactor.listenTCP(
+                request.remote_port, factory, interface=self.interface)
+        else:
+            forward.udp = UdpForwarder(forward, self._reactor, self._udp_idle_timeout)
+            forward.listening = self._reactor.listenUDP(
+                request.remote_port, forward.udp, interface=self.interface,
+                maxPacketSize=MAX_DATAGRAM)
+
+    def tunnel_disconnected(self, tunnel):
+        """
+        Take C{tunnel} out of its ports; release those it was the last route of.
+
+        @return: a Deferred firing once the released ports are closed.
+        """
+        closing = []
+        for key in self._by_tunnel.pop(tunnel, ()):
+            forward = self._forwards.get(key)
+            route = forward.route_for(tunnel) if forward is not None else None
+            if route is None:
+                continue
+            forward.routes.remove(route)
+            if not forward.routes:
+                del self._forwards[key]
+                log.info("released port {port} (client {client_id} gone)",
+                         port=forward.label, client_id=forward.client_id)
+                closing.append(forward.close())
+        return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
+
+    def stop(self):
+        """Release every port (the gateway is stopping); a Deferred."""
+        self._stopped = True
+        forwards, self._forwards = list(self._forwards.values()), {}
+        self._by_tunnel.clear()
+        for forward in forwards:
+            log.info("released port {port} (gateway stopping)", port=forward.label)
+        closing = [forward.close() for forward in forwards]
+        return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)

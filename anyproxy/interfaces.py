@@ -1,0 +1,112 @@
+# -*- test-case-name: tests.test_frontend_plugins -*-
+"""
+Interfaces that other packages may implement.
+
+L{IFrontendFactory} is what a frontend plugin provides: the gateway finds
+plugins with C{twisted.plugin.getPlugins(IFrontendFactory, anyproxy.plugins)}
+(see L{anyproxy.frontends.registry} and C{docs/FRONTENDS.md}), checks each
+C{proxy.frontends} entry's options with it when the config is loaded, and
+asks it for the C{IProtocolFactory} it then listens with.  A plugin needs
+nothing from the gateway beyond the L{FrontendContext} it is given.
+"""
+
+import attr
+from zope.interface import Attribute, Interface
+
+
+class IFrontendFactory(Interface):
+    """
+    A user-facing protocol on the gateway (SOCKS5, HTTP proxy, a port
+    forward, ...), selected by C{name} in the config.
+    """
+
+    name = Attribute(
+        "The C{type} that selects this frontend in C{proxy.frontends} "
+        "(a short lowercase string such as C{'socks5'}); unique among plugins.")
+
+    description = Attribute("One line for operators: what this frontend offers.")
+
+    authenticates = Attribute(
+        "C{True} if the protocol checks proxy credentials itself (through "
+        "C{context.users}).  C{False} (or absent) means it accepts anyone: the "
+        "config then refuses C{auth_username}/C{auth_password} for it and a "
+        "listener that is not loopback-only needs C{allow_anonymous: true}, "
+        "even when C{gateway.users} is set.")
+
+    def check_options(options):
+        """
+        Check a C{proxy.frontends[N].options} mapping when the config is
+        loaded.  Optional: a plugin without this method accepts any options.
+
+        @param options: a read-only mapping parsed from YAML (C{{}} when the
+            entry has none; always C{{}} for C{proxy.socks5}/C{proxy.http}).
+        @raise ValueError: with a one-line reason.  Raise L{OptionError} to
+            name the offending option so the error shows its key path
+            (C{proxy.frontends[0].options.target_port: ...}).
+        """
+
+    def build(options, context):
+        """
+        Make the protocol factory for one listener.
+
+        @param options: the mapping C{check_options} accepted.
+        @param context: a L{FrontendContext}.
+        @return: an C{IProtocolFactory}; the gateway listens on the
+            configured C{listen_addr} with it.
+        """
+
+
+class OptionError(ValueError):
+    """
+    A bad frontend option, named so the config error can point at it.
+
+    @ivar key: the option's name (or a dotted path inside C{options}).
+    @ivar problem: what is wrong with it.
+    """
+
+    def __init__(self, key, problem):
+        super().__init__("%s: %s" % (key, problem))
+        self.key = key
+        self.problem = problem
+
+
+@attr.s(frozen=True, slots=True)
+class FrontendContext:
+    """
+    Everything a frontend gets from the gateway, for one listener.
+
+    @ivar name: the listener's name, for logs (C{"socks5 proxy"},
+        C{"fixed-forward frontend #1"}).
+    @ivar reactor: the reactor (a C{Clock}/C{MemoryReactor} in unit tests):
+        use it for timers and listening, never the global one.
+    @ivar users: the listener's L{anyproxy.auth.UserDatabase}: its own
+        C{auth_username} plus C{gateway.users}.  When C{users.required} is
+        false the listener is open and every user is
+        L{anyproxy.auth.ANONYMOUS}.
+    @ivar endpoint_for: C{endpoint_for(user, host, port, kind="tcp")} returns
+        an C{IStreamClientEndpoint} reaching C{host:port} through a tunnel to
+        a client of C{user.group}.  Its C{connect} fails with
+        L{anyproxy.errors.StreamOpenError} for the known reasons (access
+        denied, no tunnel, refused, ...); map the reason for your users with
+        L{anyproxy.errors}.  C{kind="udp"} opens a datagram stream.
+    @ivar handshake_timeout: seconds a user may take to finish the
+        protocol's handshake (C{gateway.handshake_timeout}).
+    """
+
+    name = attr.ib()
+    reactor = attr.ib()
+    users = attr.ib()
+    endpoint_for = attr.ib()
+    handshake_timeout = attr.ib(default=10.0)
+
+
+def reject_unknown_options(options, known):
+    """
+    A C{check_options} helper: raise L{OptionError} for the first key of
+    C{options} not in C{known}, so typos fail at start as elsewhere in the
+    config.
+    """
+    for key in options:
+        if key not in known:
+            raise OptionError(key, "unknown option (expected %s)" % (
+                "one of: %s" % (", ".join(known),) if known else "no options",))

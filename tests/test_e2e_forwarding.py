@@ -1,0 +1,303 @@
+"""
+End to end on loopback: port forwarding (C{client.open_ports}).  The gateway
+listens on ports from its C{open_ports_allowed} range and carries each
+connection or datagram through the asking client's tunnel to a target that
+the client names (and resolves).
+"""
+
+import errno
+import hashlib
+import socket
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+
+from tests.support import AnswerAfterEOF, Deployment, Echo, blob, listen_tcp
+from tests.test_e2e_tcp import socks_echo
+
+MB = 1024 * 1024
+
+
+class UdpEcho(protocol.DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        self.transport.write(b"echo:" + data, addr)
+
+
+def sleep(seconds):
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def wait_until(predicate, timeout=10.0, what="condition"):
+    """Poll C{predicate} until true; fail the test after C{timeout} seconds."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("timed out waiting for %s" % (what,))
+        yield sleep(0.02)
+
+
+def _is_free(port):
+    """Whether 127.0.0.1:port can be listened on for TCP (as Twisted does) and UDP."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        sock = socket.socket(socket.AF_INET, kind)
+        try:
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        finally:
+            sock.close()
+    return True
+
+
+def free_ports(count):
+    """C{count} ports free for TCP and UDP on 127.0.0.1, ascending (bind port 0, close)."""
+    found = set()
+    for _ in range(100 * count):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        if _is_free(port):
+            found.add(port)
+            if len(found) == count:
+                return sorted(found)
+    raise RuntimeError("could not find %d free ports" % (count,))
+
+
+def recv_all(sock):
+    chunks = []
+    while True:
+        data = sock.recv(256 * 1024)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def tcp_exchange(port, payload, timeout=10):
+    """Connect to 127.0.0.1:port, send C{payload}, half-close, read to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def tcp_echo_then_half_close(port, timeout=10):
+    """An interactive echo round trip, then half-close: the echo finishes and closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"hello")
+        first = b""
+        while len(first) < 5:
+            first += sock.recv(5 - len(first))
+        sock.sendall(b" world")
+        sock.shutdown(socket.SHUT_WR)
+        return first, recv_all(sock)
+
+
+def tcp_refused(port):
+    """Whether nothing listens on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError as e:
+        return e.errno == errno.ECONNREFUSED
+    return False
+
+
+def udp_exchange(port, payloads, timeout=10):
+    """From one socket, send each payload to 127.0.0.1:port; the replies and their source."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.bind(("127.0.0.1", 0))
+        answers = []
+        for payload in payloads:
+            sock.sendto(payload, ("127.0.0.1", port))
+            answers.append(sock.recvfrom(70000))
+        return answers
+
+
+def open_port(remote_port, local_port, protocol="tcp", local_host="127.0.0.1"):
+    return {"remote_port": remote_port, "local_host": local_host, "local_port": local_port,
+            "protocol": protocol}
+
+
+class _Base(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        # The range spans the four lowest of five free ports; the fifth is outside it.
+        *self.ports, self.outside = free_ports(5)
+        self.deployment = Deployment(self)
+        yield self.deployment.start_gateway(
+            gateway={"open_ports_allowed": ["%d-%d" % (self.ports[0], self.ports[-1])]})
+        self.forwarding = self.deployment.gateway.forwarding
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    @defer.inlineCallbacks
+    def start_client(self, open_ports, client_id="client-1", wait=True):
+        client = yield self.deployment.start_client(wait=False, client={
+            "client_id": client_id, "open_ports": open_ports})
+        factory = list(client.factories.values())[0]
+        if wait:
+            yield wait_until(lambda: factory.open_ports_answer is not None,
+                             what="the gateway's open_ports answer")
+        return client, factory
+
+    def logged(self, level_name, text):
+        return [e for e in self.events
+                if e.get("log_level") is not None and e["log_level"].name == level_name
+                and text in (e.get("log_format") or "") + repr(e)]
+
+
+class TcpForwardingTests(_Base):
+    """A TCP service named by the client is reached through the gateway's port."""
+
+    @defer.inlineCallbacks
+    def test_bytes_both_ways_and_half_close(self):
+        """Megabytes go up, the user half-closes, and the target's answer comes back."""
+        target = listen_tcp(self, protocol.Factory.forProtocol(AnswerAfterEOF)).getHost().port
+        remote = self.ports[0]
+        _, factory = yield self.start_client(
+            [open_port(remote, target, local_host="target.test")])
+        self.assertEqual(factory.open_ports_answer,
+                         [{"remote_port": remote, "protocol": "tcp", "ok": True, "error": ""}])
+        payload = blob(3 * MB + 17)
+        got = yield deferToThread(tcp_exchange, remote, payload)
+        self.assertEqual(got, b"%d %s\n" % (len(payload),
+                                            hashlib.sha256(payload).hexdigest().encode()))
+        # The client resolved the name: the gateway never saw it as an address.
+        self.assertIn("target.test", self.deployment.resolver.asked)
+
+    @defer.inlineCallbacks
+    def test_interactive_echo(self):
+        """An echo answers while the connection is open; after a half-close it finishes and closes."""
+        target = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        remote = self.ports[1]
+        yield self.start_client([open_port(remote, target)])
+        first, rest = yield deferToThread(tcp_echo_then_half_close, remote)
+        self.assertEqual((first, rest), (b"hello", b" world"))
+        yield wait_until(lambda: not self.forwarding.port_for(remote).connections,
+                         what="the forwarded connection to close")
+
+    @defer.inlineCallbacks
+    def test_target_refused_at_client(self):
+        """A forward to a closed port at the client resets the user's connection; the port stays."""
+        closed = listen_tcp(self, protocol.Factory.forProtocol(Echo))
+        target = closed.getHost().port
+        yield closed.stopListening()
+        remote = self.ports[0]
+        yield self.start_client([open_port(remote, target)])
+
+        def attempt():
+            try:
+                return tcp_exchange(remote, b"x")
+            except ConnectionResetError:
+                return "reset"
+
+        self.assertEqual((yield deferToThread(attempt)), "reset")
+        self.assertIsNotNone(self.forwarding.port_for(remote))
+
+
+class UdpForwardingTests(_Base):
+    """Datagrams reach a UDP service through the gateway's port, one association per source."""
+
+    @defer.inlineCallbacks
+    def test_udp_echo(self):
+        """Two sources each get their own replies, from the forwarded port."""
+        echo = reactor.listenUDP(0, UdpEcho(), interface="127.0.0.1", maxPacketSize=65535)
+        self.addCleanup(echo.stopListening)
+        remote = self.ports[2]
+        _, factory = yield self.start_client(
+            [open_port(remote, echo.getHost().port, protocol="udp")])
+        self.assertEqual(factory.open_ports_answer,
+                         [{"remote_port": remote, "protocol": "udp", "ok": True, "error": ""}])
+        payloads = [b"a" * 1, b"b" * 1000, b"c" * 60000]
+        first, second = yield defer.gatherResults([
+            deferToThread(udp_exchange, remote, payloads),
+            deferToThread(udp_exchange, remote, [b"other source"])])
+        self.assertEqual(first, [(b"echo:" + p, ("127.0.0.1", remote)) for p in payloads])
+        self.assertEqual(second, [(b"echo:other source", ("127.0.0.1", remote))])
+        self.assertEqual(len(self.forwarding.port_for(remote, "udp").udp.sessions), 2)
+
+
+class RefusalTests(_Base):
+    """Ports outside the range or taken are refused clearly; the client keeps serving."""
+
+    @defer.inlineCallbacks
+    def test_outside_allowed_range(self):
+        """A port outside open_ports_allowed is refused; the allowed one and the proxy still work."""
+        target = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        outside = self.outside
+        allowed = self.ports[0]
+        _, factory = yield self.start_client([open_port(outside, target),
+                                              open_port(allowed, target)])
+        refused, ok = factory.open_ports_answer
+        self.assertEqual((refused["remote_port"], refused["ok"]), (outside, False))
+        self.assertIn("open_ports_allowed", refused["error"])
+        self.assertTrue(ok["ok"])
+        self.assertTrue((yield deferToThread(tcp_refused, outside)))
+        self.assertEqual((yield deferToThread(tcp_exchange, allowed, b"still")), b"still")
+        got = yield deferToThread(socks_echo, self.deployment.socks_port, "127.0.0.1", target,
+                                  b"proxy too")
+        self.assertEqual(got, b"proxy too")
+        self.assertTrue(self.logged("warn", "refused"), "no warning logged")
+
+    @defer.inlineCallbacks
+    def test_second_client_refused(self):
+        """Two clients ask for one port: the second is refused, naming the first."""
+        one = listen_tcp(self, protocol.Factory.forProtocol(AnswerAfterEOF)).getHost().port
+        two = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        remote = self.ports[3]
+        _, first = yield self.start_client([open_port(remote, one)], client_id="one")
+        _, second = yield self.start_client([open_port(remote, two)], client_id="two")
+        self.assertTrue(first.open_ports_answer[0]["ok"])
+        self.assertEqual(second.open_ports_answer, [{
+            "remote_port": remote, "protocol": "tcp", "ok": False,
+            "error": "port %d/tcp already forwarded for client one" % (remote,)}])
+        self.assertEqual(len(self.deployment.gateway.registry.tunnels()), 2)
+        got = yield deferToThread(tcp_exchange, remote, b"abc")
+        self.assertEqual(got, b"3 %s\n" % (hashlib.sha256(b"abc").hexdigest().encode(),))
+
+
+class LifecycleTests(_Base):
+    """Ports follow the client: released when it goes, opened again when it returns."""
+
+    @defer.inlineCallbacks
+    def test_released_and_reopened(self):
+        """After the client stops the port is closed; a returning client gets it again."""
+        target = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        echo = reactor.listenUDP(0, UdpEcho(), interface="127.0.0.1", maxPacketSize=65535)
+        self.addCleanup(echo.stopListening)
+        remote = self.ports[0]
+        wanted = [open_port(remote, target), open_port(remote, echo.getHost().port, "udp")]
+        client, _ = yield self.start_client(wanted)
+        self.assertEqual(set(self.forwarding.forwards()),
+                         {(remote, "tcp"), (remote, "udp")})
+        yield deferToThread(udp_exchange, remote, [b"before"])
+
+        yield client.stopService()
+        yield wait_until(lambda: not self.forwarding.forwards(), what="the ports to be released")
+        yield sleep(0.05)  # a stopped port closes its socket on the next reactor turn
+        self.assertTrue((yield deferToThread(tcp_refused, remote)))
+
+        _, factory = yield self.start_client(wanted)
+        self.assertTrue(all(entry["ok"] for entry in factory.open_ports_answer))
+        self.assertEqual((yield deferToThread(tcp_exchange, remote, b"back")), b"back")
+        answers = yield deferToThread(udp_exchange, remote, [b"after"])
+        self.assertEqual(answers, [(b"echo:after", ("127.0.0.1", remote))])
+
+    @defer.inlineCallbacks
+    def test_gateway_stop_releases_ports(self):
+        """Stopping the gateway closes its forwarded ports."""
+        target = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        remote = self.ports[1]
+        yield self.start_client([open_port(remote, target)])
+        yield self.deployment.gateway.stopService()
+        self.assertEqual(self.forwarding.forwards(), {})
+        self.assertTrue((yield deferToThread(tcp_refused, remote)))

@@ -1,0 +1,509 @@
+# -*- test-case-name: tests.test_forwarding -*-
+"""
+Tests for L{anyproxy.gateway.forwarding} and L{anyproxy.gateway.forwarding_udp}:
+which ports are opened or refused, release when the client goes, and the
+TCP and UDP forwarding logic, all against fakes on a L{Clock}.
+"""
+
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.gateway import forwarding_udp
+from anyproxy.gateway.forwarding import (
+    PortForwarding, listen_interface, parse_request, refuse_all)
+from anyproxy.gateway.registry import Tunnel
+from anyproxy.gateway.tunnels import TunnelServerFactory
+
+
+# -- fakes ----------------------------------------------------------------------
+
+class FakePort:
+    """A listening port that records whether it was stopped."""
+
+    def __init__(self, port, owner, interface):
+        self.port = port
+        self.owner = owner
+        self.interface = interface
+        self.stopped = False
+
+    def stopListening(self):
+        self.stopped = True
+        return defer.succeed(None)
+
+
+class FakeReactor(Clock):
+    """A clock whose listenTCP/listenUDP record, and fail for the ports in C{busy}."""
+
+    def __init__(self, busy=()):
+        super().__init__()
+        self.busy = set(busy)
+        self.listening = []
+
+    def _listen(self, kind, port, owner, interface):
+        if port in self.busy:
+            raise error.CannotListenError(interface, port, OSError(98, "Address already in use"))
+        result = FakePort(port, owner, interface)
+        self.listening.append((kind, result))
+        return result
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        return self._listen("tcp", port, factory, interface)
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        protocol.transport = FakeUdpTransport()
+        return self._listen("udp", port, protocol, interface)
+
+    def open_ports(self):
+        return sorted((port.port, kind) for kind, port in self.listening if not port.stopped)
+
+
+class FakeUdpTransport:
+    """The forwarded UDP port's socket: records what is sent to users."""
+
+    def __init__(self):
+        self.sent = []
+
+    def write(self, payload, address):
+        self.sent.append((payload, address))
+
+
+class FakeStream:
+    """A tunnel stream: records datagrams and writes, closes like the real one."""
+
+    def __init__(self, kind, host, port):
+        self.kind, self.host, self.port = kind, host, port
+        self.protocol = None
+        self.datagrams = []
+        self.closed = False
+        self.reset_with = None
+
+    def attach(self, protocol):
+        self.protocol = protocol
+        protocol.makeConnection(self)
+
+    def getPeer(self):
+        return IPv4Address("TCP", "127.0.0.1", self.port)
+
+    def getHost(self):
+        return IPv4Address("TCP", "127.0.0.1", 0)
+
+    def send_datagram(self, host, port, payload):
+        self.datagrams.append((host, port, payload))
+        return True
+
+    def write(self, data):
+        pass
+
+    def registerProducer(self, producer, streaming):
+        pass
+
+    def unregisterProducer(self):
+        pass
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def reset(self, reason=Reason.GENERAL_FAILURE):
+        self.reset_with = reason
+        self._lose()
+
+    def loseConnection(self):
+        self._lose()
+
+    def _lose(self):
+        if not self.closed:
+            self.closed = True
+            if self.protocol is not None:
+                self.protocol.connectionLost(Failure(error.ConnectionDone()))
+
+
+class FakeMux:
+    """A mux whose open_stream returns a Deferred the test fires."""
+
+    def __init__(self):
+        self.opens = []  # (kind, host, port, deferred)
+        self.stream_count = 0
+
+    def open_stream(self, kind, host, port):
+        d = defer.Deferred()
+        self.opens.append((kind, host, port, d))
+        return d
+
+
+def tunnel(client_id, group="default"):
+    return Tunnel(client_id=client_id, group=group, mux=FakeMux())
+
+
+def wanted(remote_port, local_port=22, protocol="tcp", local_host="localhost"):
+    return {"remote_port": remote_port, "local_host": local_host, "local_port": local_port,
+            "protocol": protocol}
+
+
+def ok(remote_port, protocol="tcp"):
+    return {"remote_port": remote_port, "protocol": protocol, "ok": True, "error": ""}
+
+
+def forwarding(busy=(), allowed=range(9000, 9101)):
+    reactor = FakeReactor(busy)
+    return reactor, PortForwarding(reactor, lambda port: port in allowed,
+                                   interface="127.0.0.1", udp_idle_timeout=30)
+
+
+# -- requests ---------------------------------------------------------------------
+
+class RequestTests(SynchronousTestCase):
+    """HELLO entries are checked field by field."""
+
+    def test_good_entry(self):
+        """A complete entry parses; protocol defaults to tcp."""
+        request = parse_request({"remote_port": 9001, "local_host": "db", "local_port": 5432})
+        self.assertEqual((request.key, request.local_host, request.local_port, request.label),
+                         ((9001, "tcp"), "db", 5432, "9001/tcp"))
+
+    def test_bad_entries(self):
+        """Bad ports, hosts and protocols are refused naming the field."""
+        cases = [
+            ("not a dict", "object"),
+            ({"remote_port": 0, "local_host": "a", "local_port": 1}, "remote_port"),
+            ({"remote_port": True, "local_host": "a", "local_port": 1}, "remote_port"),
+            ({"remote_port": 9001, "local_host": "a", "local_port": 70000}, "local_port"),
+            ({"remote_port": 9001, "local_host": "", "local_port": 1}, "local_host"),
+            ({"remote_port": 9001, "local_host": 5, "local_port": 1}, "local_host"),
+            ({"remote_port": 9001, "local_host": "a" * 256, "local_port": 1}, "local_host"),
+            ({"remote_port": 9001, "local_host": "a", "local_port": 1, "protocol": "sctp"},
+             "protocol"),
+        ]
+        for item, field in cases:
+            with self.assertRaises(ValueError) as caught:
+                parse_request(item)
+            self.assertIn(field, str(caught.exception))
+
+    def test_refuse_all(self):
+        """Without forwarding every entry is refused; nothing asked, nothing answered."""
+        self.assertIsNone(refuse_all(None, "off"))
+        self.assertEqual(refuse_all([wanted(9001)], "off"),
+                         [{"remote_port": 9001, "protocol": "tcp", "ok": False, "error": "off"}])
+
+    def test_listen_interface(self):
+        """Forwarded ports listen where the tunnel listener does."""
+        self.assertEqual(listen_interface("tcp:8443:interface=127.0.0.1"), "127.0.0.1")
+        self.assertEqual(listen_interface("tcp6:8443:interface=\\:\\:1"), "::1")
+        self.assertEqual(listen_interface("tcp:8443"), "")
+        self.assertEqual(listen_interface("tcp6:8443"), "::")
+
+
+# -- the manager ------------------------------------------------------------------
+
+class PortForwardingTests(SynchronousTestCase):
+    """Which ports are opened, refused, shared and released."""
+
+    def test_allowed_ports_open(self):
+        """Allowed, free ports are listened on (TCP and UDP) on the configured interface."""
+        reactor, manager = forwarding()
+        answers = manager.tunnel_connected(tunnel("a"), [wanted(9001), wanted(9001, 53, "udp")])
+        self.assertEqual(answers, [ok(9001), ok(9001, "udp")])
+        self.assertEqual(reactor.open_ports(), [(9001, "tcp"), (9001, "udp")])
+        self.assertEqual({port.interface for _, port in reactor.listening}, {"127.0.0.1"})
+        self.assertEqual(manager.forwards(), {(9001, "tcp"): "a", (9001, "udp"): "a"})
+
+    def test_nothing_asked(self):
+        """A HELLO without open_ports gets no open_ports answer."""
+        _, manager = forwarding()
+        self.assertIsNone(manager.tunnel_connected(tunnel("a"), None))
+        self.assertEqual(manager.tunnel_connected(tunnel("a"), "9001"), [])
+
+    def test_outside_range_refused(self):
+        """A port outside open_ports_allowed is refused and never bound."""
+        reactor, manager = forwarding()
+        [answer] = manager.tunnel_connected(tunnel("a"), [wanted(22)])
+        self.assertFalse(answer["ok"])
+        self.assertEqual(answer["error"], "port 22/tcp is not in the gateway's open_ports_allowed")
+        self.assertEqual(reactor.listening, [])
+
+    def test_bind_failure_refused(self):
+        """A port that fails to bind is refused with the reason; others still open."""
+        reactor, manager = forwarding(busy={9002})
+        busy, fine = manager.tunnel_connected(tunnel("a"), [wanted(9002), wanted(9003)])
+        self.assertFalse(busy["ok"])
+        self.assertIn("cannot listen on port 9002/tcp", busy["error"])
+        self.assertIn("Address already in use", busy["error"])
+        self.assertEqual(fine, ok(9003))
+        self.assertEqual(manager.forwards(), {(9003, "tcp"): "a"})
+
+    def test_bad_entry_refused(self):
+        """A malformed entry is refused on its own; the rest of the list is served."""
+        _, manager = forwarding()
+        bad, good = manager.tunnel_connected(tunnel("a"), [{"remote_port": 9001}, wanted(9002)])
+        self.assertEqual((bad["remote_port"], bad["ok"]), (9001, False))
+        self.assertIn("bad open_ports entry", bad["error"])
+        self.assertEqual(good, ok(9002))
+
+    def test_other_client_refused(self):
+        """A port taken by one client is refused to another, naming the owner."""
+        reactor, manager = forwarding()
+        manager.tunnel_connected(tunnel("one"), [wanted(9001)])
+        [answer] = manager.tunnel_connected(tunnel("two"), [wanted(9001), ])
+        self.assertEqual(answer, {"remote_port": 9001, "protocol": "tcp", "ok": False,
+                                  "error": "port 9001/tcp already forwarded for client one"})
+        self.assertEqual(len(reactor.listening), 1)
+
+    def test_same_id_other_group_refused(self):
+        """The owner is the client id within its group."""
+        _, manager = forwarding()
+        manager.tunnel_connected(tunnel("one", group="lab"), [wanted(9001)])
+        [answer] = manager.tunnel_connected(tunnel("one"), [wanted(9001)])
+        self.assertFalse(answer["ok"])
+
+    def test_tcp_and_udp_are_separate(self):
+        """9001/tcp and 9001/udp may belong to different clients."""
+        _, manager = forwarding()
+        manager.tunnel_connected(tunnel("one"), [wanted(9001)])
+        self.assertEqual(manager.tunnel_connected(tunnel("two"), [wanted(9001, 53, "udp")]),
+                         [ok(9001, "udp")])
+
+    def test_replicas_share_the_port(self):
+        """A second tunnel of the same client joins the port; it stays until the last goes."""
+        reactor, manager = forwarding()
+        first, second = tunnel("a"), tunnel("a")
+        manager.tunnel_connected(first, [wanted(9001)])
+        self.assertEqual(manager.tunnel_connected(second, [wanted(9001)]), [ok(9001)])
+        self.assertEqual(len(reactor.listening), 1)
+        first.mux.stream_count = 5
+        self.assertIs(manager.port_for(9001).pick_route().tunnel, second)
+        manager.tunnel_disconnected(second)
+        self.assertEqual(reactor.open_ports(), [(9001, "tcp")])
+        self.assertIs(manager.port_for(9001).pick_route().tunnel, first)
+        manager.tunnel_disconnected(first)
+        self.assertEqual(reactor.open_ports(), [])
+
+    def test_asked_twice_refused(self):
+        """One tunnel asking for the same port twice gets the second refused."""
+        _, manager = forwarding()
+        first, second = manager.tunnel_connected(tunnel("a"), [wanted(9001), wanted(9001, 23)])
+        self.assertTrue(first["ok"])
+        self.assertEqual(second["error"], "port 9001/tcp asked for twice")
+
+    def test_released_on_disconnect_and_reopened(self):
+        """The client's ports close when its tunnel goes; a returning client gets them back."""
+        reactor, manager = forwarding()
+        old = tunnel("a")
+        manager.tunnel_connected(old, [wanted(9001), wanted(9002, 53, "udp")])
+        released = manager.tunnel_disconnected(old)
+        self.assertEqual(self.successResultOf(released), None)
+        self.assertEqual((reactor.open_ports(), manager.forwards()), ([], {}))
+        self.assertEqual(manager.tunnel_connected(tunnel("a"), [wanted(9001)]), [ok(9001)])
+        self.assertEqual(reactor.open_ports(), [(9001, "tcp")])
+
+    def test_released_port_goes_to_another_client(self):
+        """Once released, another client may take the port."""
+        _, manager = forwarding()
+        one = tunnel("one")
+        manager.tunnel_connected(one, [wanted(9001)])
+        manager.tunnel_disconnected(one)
+        self.assertEqual(manager.tunnel_connected(tunnel("two"), [wanted(9001)]), [ok(9001)])
+
+    def test_unknown_tunnel_disconnect(self):
+        """A tunnel that forwarded nothing leaves the others alone."""
+        reactor, manager = forwarding()
+        manager.tunnel_connected(tunnel("a"), [wanted(9001)])
+        self.successResultOf(manager.tunnel_disconnected(tunnel("b")))
+        self.assertEqual(reactor.open_ports(), [(9001, "tcp")])
+
+    def test_stop(self):
+        """Stopping releases every port and refuses new requests."""
+        reactor, manager = forwarding()
+        manager.tunnel_connected(tunnel("a"), [wanted(9001), wanted(9002, 53, "udp")])
+        self.successResultOf(manager.stop())
+        self.assertEqual(reactor.open_ports(), [])
+        [answer] = manager.tunnel_connected(tunnel("b"), [wanted(9003)])
+        self.assertEqual(answer["error"], "the gateway is stopping")
+
+
+# -- TCP connections ------------------------------------------------------------
+
+class TcpForwardTests(SynchronousTestCase):
+    """Each accepted connection becomes a tcp stream through the owner's tunnel."""
+
+    def connect(self):
+        reactor, manager = forwarding()
+        owner = tunnel("a")
+        manager.tunnel_connected(owner, [wanted(9001, 22, local_host="db.internal")])
+        [(_, port)] = reactor.listening
+        user = port.owner.buildProtocol(IPv4Address("TCP", "203.0.113.9", 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "203.0.113.9", 40000))
+        user.makeConnection(transport)
+        return manager, owner, user, transport
+
+    def test_opens_stream_to_target(self):
+        """The stream asks the client for local_host:local_port; reading waits for it."""
+        manager, owner, user, transport = self.connect()
+        [(kind, host, port, opening)] = owner.mux.opens
+        self.assertEqual((kind, host, port), ("tcp", "db.internal", 22))
+        self.assertEqual(transport.producerState, "paused")
+        stream = FakeStream(kind, host, port)
+        opening.callback(stream)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertIs(user.other, stream.protocol)
+        self.assertEqual(manager.port_for(9001).connections, {user})
+
+    def test_open_refused_aborts_user(self):
+        """A refusal at the client (e.g. access control) aborts the user's connection."""
+        _, owner, user, transport = self.connect()
+        owner.mux.opens[0][3].errback(StreamOpenError(Reason.NOT_ALLOWED, "forbidden"))
+        self.assertTrue(transport.disconnecting)
+
+    def test_user_leaves_while_opening(self):
+        """A user who leaves first cancels the open; the connection is forgotten."""
+        manager, owner, user, _ = self.connect()
+        opening = owner.mux.opens[0][3]
+        user.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(opening.called)  # cancelled: a real mux resets the stream
+        self.assertEqual(manager.port_for(9001).connections, set())
+
+
+# -- UDP --------------------------------------------------------------------------
+
+class UdpForwardTests(SynchronousTestCase):
+    """One association per source address, with a bounded queue and an idle timeout."""
+
+    def setUp(self):
+        self.reactor, self.manager = forwarding()
+        self.owner = tunnel("a")
+        self.manager.tunnel_connected(self.owner, [wanted(9053, 53, "udp", "dns.internal")])
+        self.forwarder = self.manager.port_for(9053, "udp").udp
+
+    def open(self, index=-1):
+        kind, host, port, opening = self.owner.mux.opens[index]
+        stream = FakeStream(kind, host, port)
+        opening.callback(stream)
+        return stream
+
+    def test_association_per_source(self):
+        """Each source gets its own udp stream; replies go back to that source only."""
+        self.forwarder.datagramReceived(b"q1", ("10.0.0.1", 5000))
+        self.forwarder.datagramReceived(b"q2", ("10.0.0.2", 5000))
+        self.assertEqual([o[:3] for o in self.owner.mux.opens], [("udp", "0.0.0.0", 0)] * 2)
+        first, second = self.open(0), self.open(1)
+        self.assertEqual(first.datagrams, [("dns.internal", 53, b"q1")])
+        self.assertEqual(second.datagrams, [("dns.internal", 53, b"q2")])
+        second.protocol.datagram_received("127.0.0.1", 53, b"a2")
+        self.assertEqual(self.forwarder.transport.sent, [(b"a2", ("10.0.0.2", 5000))])
+        self.forwarder.datagramReceived(b"q1 again", ("10.0.0.1", 5000))
+        self.assertEqual(len(self.owner.mux.opens), 2)
+        self.assertEqual(first.datagrams[-1], ("dns.internal", 53, b"q1 again"))
+
+    def test_queue_while_opening_is_bounded(self):
+        """Datagrams wait while the stream opens, up to MAX_PENDING; more are dropped."""
+        for i in range(forwarding_udp.MAX_PENDING + 3):
+            self.forwarder.datagramReceived(b"%d" % i, ("10.0.0.1", 5000))
+        stream = self.open()
+        self.assertEqual(len(stream.datagrams), forwarding_udp.MAX_PENDING)
+        self.assertEqual(self.forwarder.dropped, 3)
+
+    def test_idle_timeout(self):
+        """A source silent both ways for the idle timeout loses its association."""
+        self.forwarder.datagramReceived(b"q", ("10.0.0.1", 5000))
+        stream = self.open()
+        self.reactor.advance(20)
+        stream.protocol.datagram_received("127.0.0.1", 53, b"a")
+        self.reactor.advance(20)
+        self.assertFalse(stream.closed)
+        self.reactor.advance(15)
+        self.assertTrue(stream.closed)
+        self.assertEqual(self.forwarder.sessions, {})
+
+    def test_stream_lost(self):
+        """When the stream goes (tunnel lost, refused) the next datagram opens a new one."""
+        self.forwarder.datagramReceived(b"q", ("10.0.0.1", 5000))
+        self.open().loseConnection()
+        self.assertEqual(self.forwarder.sessions, {})
+        self.forwarder.datagramReceived(b"q", ("10.0.0.1", 5000))
+        self.assertEqual(len(self.owner.mux.opens), 2)
+
+    def test_open_refused(self):
+        """A refused association is forgotten and its waiting datagrams dropped."""
+        self.forwarder.datagramReceived(b"q", ("10.0.0.1", 5000))
+        self.owner.mux.opens[0][3].errback(StreamOpenError(Reason.PROTOCOL_NOT_ALLOWED, "no udp"))
+        self.assertEqual(self.forwarder.sessions, {})
+
+    def test_session_limit(self):
+        """Beyond max_sessions new sources are dropped."""
+        self.forwarder.max_sessions = 2
+        for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+            self.forwarder.datagramReceived(b"q", (host, 5000))
+        self.assertEqual((len(self.forwarder.sessions), self.forwarder.dropped), (2, 1))
+
+    def test_release_ends_associations(self):
+        """Releasing the port closes open associations and cancels opening ones."""
+        self.forwarder.datagramReceived(b"q", ("10.0.0.1", 5000))
+        stream = self.open()
+        self.forwarder.datagramReceived(b"q", ("10.0.0.2", 5000))
+        opening = self.owner.mux.opens[1][3]
+        self.manager.tunnel_disconnected(self.owner)
+        self.assertTrue(stream.closed)
+        self.assertTrue(opening.called)  # cancelled: a real mux resets the stream
+        self.assertEqual(self.forwarder.sessions, {})
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+# -- the tunnel server ------------------------------------------------------------
+
+class FakeProtocol:
+    """What TunnelServerFactory.tunnel_connected reads of a GatewayTunnelProtocol."""
+
+    peer = "tcp:127.0.0.1:5000"
+
+    def __init__(self):
+        self.mux = FakeMux()
+        self.mux.name = ""
+        self.hellos = []
+        self.mux.send_hello = self.hellos.append
+
+    def dropConnection(self, abort=False):
+        pass
+
+
+class TunnelServerTests(SynchronousTestCase):
+    """The gateway's HELLO answers open_ports and disconnection releases them."""
+
+    def factory(self, manager=None):
+        from anyproxy.gateway.registry import TunnelRegistry
+        return TunnelServerFactory.for_credentials(
+            TunnelRegistry(Clock()), "u", "p", Clock(), forwarding=manager)
+
+    def test_hello_answer(self):
+        """The answer lists each asked port; the tunnel's going releases them."""
+        reactor, manager = forwarding()
+        factory = self.factory(manager)
+        protocol = FakeProtocol()
+        tunnel = factory.tunnel_connected(protocol, {
+            "version": 1, "client_id": "a", "open_ports": [wanted(9001), wanted(80)]})
+        [hello] = protocol.hellos
+        self.assertEqual(hello["open_ports"][0], ok(9001))
+        self.assertFalse(hello["open_ports"][1]["ok"])
+        factory.tunnel_disconnected(tunnel)
+        self.assertEqual(reactor.open_ports(), [])
+
+    def test_no_open_ports_key_without_request(self):
+        """A client that asked for nothing gets no open_ports key."""
+        _, manager = forwarding()
+        protocol = FakeProtocol()
+        self.factory(manager).tunnel_connected(protocol, {"version": 1, "client_id": "a"})
+        self.assertNotIn("open_ports", protocol.hellos[0])
+
+    def test_forwarding_disabled(self):
+        """Without a PortForwarding every asked port is refused."""
+        protocol = FakeProtocol()
+        self.factory().tunnel_connected(protocol, {
+            "version": 1, "client_id": "a", "open_ports": [wanted(9001)]})
+        [answer] = protocol.hellos[0]["open_ports"]
+        self.assertEqual((answer["ok"], answer["error"]),
+                         (False, "port forwarding is not enabled"))
