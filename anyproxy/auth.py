@@ -129,10 +129,18 @@ class UserDatabase:
             authentication: an open listener stays open.
         """
         self._group_logins = group_logins
-        self._users = {}
+        self.replace(entries)
+
+    def replace(self, entries):
+        """
+        Put C{entries} in place of the current users (config reload): every
+        later check uses them; a user already let in stays in.
+        """
+        users = {}
         for name, password, group in entries:
-            self._users[_to_bytes(name)] = (_to_bytes(password), group or DEFAULT_GROUP)
-        self.required = bool(self._users)
+            users[_to_bytes(name)] = (_to_bytes(password), group or DEFAULT_GROUP)
+        self._users = users
+        self.required = bool(users)
 
     def authenticate(self, username, password):
         """

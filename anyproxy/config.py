@@ -58,6 +58,7 @@ class ListenerConfig:
     allow_anonymous = attr.ib(default=False)
     listen_addr = attr.ib(default="")
     local = attr.ib(default=False)
+    max_conns = attr.ib(default=0)  # streams open through this listener; 0 = unlimited
 
 
 @attr.s(frozen=True, slots=True)
@@ -133,6 +134,8 @@ class GatewayConfig:
     handshake_timeout = attr.ib(default=10.0)
     open_ports_allowed = attr.ib(default=())
     max_conns_per_user = attr.ib(default=0)
+    queue_size = attr.ib(default=100)  # streams waiting for a max_conns* slot, per user/listener
+    queue_timeout = attr.ib(default=5.0)  # seconds one may wait; then OVERLOADED
     metrics_addr = attr.ib(default="")
     status_addr = attr.ib(default="")
     status_username = attr.ib(default="")
@@ -184,6 +187,8 @@ class ClientConfig:
     group_password = _secret()
     replicas = attr.ib(default=1)
     max_concurrent_conns = attr.ib(default=100)
+    queue_size = attr.ib(default=100)  # OPENs waiting for a max_concurrent_conns slot
+    queue_timeout = attr.ib(default=5.0)  # seconds one may wait; then OVERLOADED
     auth_username = attr.ib(default="")
     auth_password = _secret()
     policy = attr.ib(factory=AccessPolicy)
@@ -526,16 +531,19 @@ def _join(path, key):
 # ---------------------------------------------------------------------------
 # Sections
 
-_LISTENER_KEYS = ("listen_addr", "auth_username", "auth_password", "allow_anonymous")
+_LISTENER_KEYS = ("listen_addr", "auth_username", "auth_password", "allow_anonymous",
+                  "max_conns")
 
 
 def _listener(node):
     raw, endpoint, local = node.listen("listen_addr")
     username, password = node.credentials("auth_username", "auth_password")
     allow_anonymous = node.boolean("allow_anonymous", False)
+    max_conns = node.integer("max_conns", 0)
     if endpoint is None:
         return None
-    return ListenerConfig(endpoint, username, password, allow_anonymous, raw, local)
+    return ListenerConfig(endpoint, username, password, allow_anonymous, raw, local,
+                          max_conns=max_conns)
 
 
 def _proxy(node):
@@ -584,7 +592,7 @@ _GATEWAY_KEYS = (
     "listen_addr", "tls_cert", "tls_key", "auth_username", "auth_password", "client_ca",
     "users", "balance", "ping_interval", "no_tunnel_wait", "handshake_timeout",
     "open_ports_allowed", "max_conns_per_user", "metrics_addr", "status_addr",
-    "status_username", "status_password")
+    "status_username", "status_password", "queue_size", "queue_timeout")
 
 
 def _users(node):
@@ -638,6 +646,8 @@ def _gateway(node):
         handshake_timeout=node.number("handshake_timeout", 10.0, positive=True),
         open_ports_allowed=tuple(ranges),
         max_conns_per_user=node.integer("max_conns_per_user", 0),
+        queue_size=node.integer("queue_size", 100),
+        queue_timeout=node.number("queue_timeout", 5.0),
         metrics_addr=metrics_addr, metrics_endpoint=metrics_endpoint,
         status_addr=status_addr, status_endpoint=status_endpoint,
         status_username=status_username, status_password=status_password)
@@ -648,7 +658,7 @@ _CLIENT_KEYS = (
     "group_password", "replicas", "max_concurrent_conns", "auth_username", "auth_password",
     "forbidden_hosts", "limit", "tls_cert", "tls_key", "insecure_skip_verify", "allow_udp",
     "connect_timeout", "idle_timeout", "ping_interval", "open_ports", "metrics_addr",
-    "reconnect_initial_delay", "reconnect_max_delay", "weight")
+    "reconnect_initial_delay", "reconnect_max_delay", "weight", "queue_size", "queue_timeout")
 _OPEN_PORT_KEYS = ("remote_port", "local_host", "local_port", "protocol")
 
 
@@ -742,6 +752,8 @@ def _client(node):
         group_password=_group_password(node),
         replicas=node.integer("replicas", 1, 1, 64),
         max_concurrent_conns=node.integer("max_concurrent_conns", 100),
+        queue_size=node.integer("queue_size", 100),
+        queue_timeout=node.number("queue_timeout", 5.0),
         auth_username=username, auth_password=password,
         policy=_policy(node, allow_udp), tls_cert=tls_cert, tls_key=tls_key,
         insecure_skip_verify=node.boolean("insecure_skip_verify", False),

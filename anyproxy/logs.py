@@ -79,8 +79,22 @@ def make_observer(log_config, twistd_logfile=None, nodaemon=True):
     else:
         observer = textFileLogObserver(stream)
     level = LEVELS[log_config.level]
-    return FilteringLogObserver(RedactingObserver(observer),
-                                [LogLevelFilterPredicate(defaultLogLevel=level)])
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    filtering = FilteringLogObserver(RedactingObserver(observer), [predicate])
+    filtering.level_predicate = predicate  # for set_log_level (reload)
+    return filtering
+
+
+def set_log_level(observer, level):
+    """
+    Change the level at once (config reload): of C{observer}, made by
+    L{make_observer} (or C{None} when twistd's own logging is in use), and
+    of the libraries that log through txaio.
+    """
+    predicate = getattr(observer, "level_predicate", None)
+    if predicate is not None:
+        predicate.setLogLevelForNamespace(None, LEVELS[level])
+    txaio.set_global_log_level(level)
 
 
 def apply_library_levels(log_config):

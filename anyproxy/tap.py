@@ -45,4 +45,21 @@ def logging_root(service, options):
         root = LoggingRoot(make_observer(config.log, twistd.get("logfile"),
                                          nodaemon=bool(twistd.get("nodaemon", True))))
     service.setServiceParent(root)
+    add_reloader(root, service, options)
     return root
+
+
+def add_reloader(root, service, options):
+    """
+    Reload the config file on SIGHUP (L{anyproxy.reload}): C{service}'s
+    C{reconfigure} gets each good new version, at the log level of
+    C{root}'s observer.
+    """
+    from twisted.internet import reactor
+
+    from anyproxy.reload import Reloader
+
+    reloader = Reloader(options["config"], options.role, service, options["loaded"], reactor,
+                        observer=getattr(root, "observer", None), handle_signal=True)
+    reloader.setServiceParent(root)
+    return reloader

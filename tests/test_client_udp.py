@@ -340,8 +340,9 @@ class LifecycleTests(TestCase):
 
     @defer.inlineCallbacks
     def test_overloaded(self):
-        """At max_streams the next association is refused OVERLOADED; closing frees the slot."""
-        harness = UdpHarness(self, max_streams=1)
+        """At max_streams, with no queue, the next association is refused OVERLOADED; closing
+        frees the slot."""
+        harness = UdpHarness(self, max_streams=1, queue_size=0)
         stream, recorder, _ = yield harness.open()
         self.assertEqual(harness.dialer.active, 1)
         refused = yield self.assertFailure(harness.open(), StreamOpenError)

@@ -289,8 +289,8 @@ class RefusalTests(DialerTestMixin, SynchronousTestCase):
         self.assertEqual(dialer.active, 0)
 
     def test_overloaded(self):
-        """With max_streams dials in progress, the next is rejected OVERLOADED."""
-        dialer = self.dialer(pending=True, max_streams=2)
+        """With max_streams dials in progress and no queue, the next is rejected OVERLOADED."""
+        dialer = self.dialer(pending=True, max_streams=2, queue_size=0)
         first, second, third = (FakeStream("target.test", 80, stream_id=i) for i in (1, 3, 5))
         dialer.handle_open(first)
         dialer.handle_open(second)
@@ -299,6 +299,46 @@ class RefusalTests(DialerTestMixin, SynchronousTestCase):
         self.assertEqual(third.rejected, [Reason.OVERLOADED])
         self.assertEqual(dialer.active, 2)
         self.assertEqual(len(self.resolver.asked), 2)
+
+    def test_overloaded_after_queue_timeout(self):
+        """Beyond max_streams an OPEN waits; after queue_timeout it is rejected OVERLOADED."""
+        dialer = self.dialer(pending=True, max_streams=2, queue_timeout=3.0)
+        streams = [FakeStream("target.test", 80, stream_id=i) for i in (1, 3, 5)]
+        for stream in streams:
+            dialer.handle_open(stream)
+        self.assertEqual([s.rejected for s in streams], [[], [], []])
+        self.assertEqual(len(self.resolver.asked), 2)
+        self.reactor.advance(2.9)
+        self.assertEqual(streams[2].rejected, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(streams[2].rejected, [Reason.OVERLOADED])
+        self.assertEqual(dialer.active, 2)
+        self.assertEqual(len(self.resolver.asked), 2)
+
+    def test_queued_open_proceeds(self):
+        """A waiting OPEN is dialled as soon as an earlier stream frees its slot."""
+        dialer = self.dialer(max_streams=1)
+        first, second = FakeStream("target.test", 80), FakeStream("target.test", 81, stream_id=3)
+        dialer.handle_open(first)
+        dialer.handle_open(second)
+        self.assertEqual(self.dialed(), [("192.0.2.10", 80)])
+        self.fail_connect(error.ConnectionRefusedError())
+        self.assertEqual(first.rejected, [Reason.CONNECTION_REFUSED])
+        self.assertEqual(self.dialed(), [("192.0.2.10", 80), ("192.0.2.10", 81)])
+        self.assertEqual(second.rejected, [])
+        self.assertEqual(dialer.active, 1)
+
+    def test_queued_open_cancelled(self):
+        """The gateway giving up on a waiting OPEN takes it out of the queue."""
+        dialer = self.dialer(pending=True, max_streams=1)
+        first, second = FakeStream("target.test", 80), FakeStream("target.test", 81, stream_id=3)
+        dialer.handle_open(first)
+        dialer.handle_open(second)
+        self.assertEqual(dialer.slots.waiting(), 1)
+        second.opener_gives_up()
+        self.assertEqual(dialer.slots.waiting(), 0)
+        self.assertEqual(second.rejected, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_not_overloaded_after_failure(self):
         """A failed dial frees its slot for the next stream."""

@@ -201,16 +201,18 @@ class NoTunnelTests(unittest.TestCase):
 
 
 class OverloadTests(unittest.TestCase):
-    """A client at max_concurrent_conns refuses further streams with 'overloaded'."""
+    """A client at max_concurrent_conns refuses further streams with 'overloaded' once its
+    queue_timeout has passed."""
 
     timeout = 30
 
     @defer.inlineCallbacks
     def test_max_concurrent_conns(self):
-        """Beyond the limit: SOCKS5 REP 0x01 and HTTP 503; below it again, service resumes."""
+        """Beyond the limit and its short queue wait: SOCKS5 REP 0x01 and HTTP 503; below it
+        again, service resumes."""
         deployment = Deployment(self)
         yield deployment.start_gateway()
-        yield deployment.start_client(client={"max_concurrent_conns": 2})
+        yield deployment.start_client(client={"max_concurrent_conns": 2, "queue_timeout": 0.3})
         port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
         held = yield deferToThread(lambda: [
             socks_connect(deployment.socks_port, "127.0.0.1", port) for _ in range(2)])

@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from anyproxy.auth import ANONYMOUS, User, UserDatabase
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.frontends.socks5 import Socks5Factory
+from anyproxy.frontends.socks5 import OPENING_HIGH_WATER, Socks5Factory
 
 CONNECT_IPV4 = b"\x05\x01\x00\x01\xcb\x00\x71\x05\x00\x50"  # 203.0.113.5:80
 CONNECT_DOMAIN = b"\x05\x01\x00\x03\x0bexample.com\x01\xbb"  # example.com:443
@@ -104,10 +104,11 @@ class Socks5ProtocolTests(SynchronousTestCase):
         self.assertEqual(self.send(request), b"")
 
     def test_connect_success(self):
-        """CONNECT pauses the user, replies 0 with our address once open, and splices."""
+        """CONNECT replies 0 with our address once open, and splices; the user is read
+        meanwhile, so that one who leaves is noticed."""
         self.open_request()
         self.assertEqual(self.asked, [(ANONYMOUS, "203.0.113.5", 80)])
-        self.assertEqual(self.transport.producerState, "paused")
+        self.assertEqual(self.transport.producerState, "producing")
         target, target_transport = self.endpoint.succeed()
         self.assertEqual(self.transport.value(), b"\x05\x00\x00\x01\x0a\x00\x00\x01\x30\x39")
         self.assertEqual(self.transport.producerState, "producing")
@@ -138,6 +139,17 @@ class Socks5ProtocolTests(SynchronousTestCase):
         self.send(b"later")
         _, target_transport = self.endpoint.succeed()
         self.assertEqual(target_transport.value(), b"early later")
+
+    def test_early_data_bounded(self):
+        """Past OPENING_HIGH_WATER early bytes the user is paused until the stream opens."""
+        self.open_request()
+        self.send(b"x" * OPENING_HIGH_WATER)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.send(b"y")
+        self.assertEqual(self.transport.producerState, "paused")
+        _, target_transport = self.endpoint.succeed()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(len(target_transport.value()), OPENING_HIGH_WATER + 1)
 
     def test_half_close_while_opening(self):
         """A user EOF while the target is opening is passed on once spliced."""

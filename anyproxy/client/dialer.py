@@ -10,7 +10,7 @@ import errno
 import functools
 import ipaddress
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IResolutionReceiver
 from twisted.logger import Logger
@@ -18,6 +18,8 @@ from zope.interface import implementer
 
 from anyproxy.client.udp import UdpAssociation, UdpStats, serves_udp
 from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.limits import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT, Limiter
+from anyproxy.records import record_of
 from anyproxy.splice import SpliceEnd
 
 log = Logger()
@@ -88,26 +90,67 @@ class Dialer:
     """
     Answers the gateway's OPEN requests.
 
+    Every stream holds one of C{max_streams} slots (L{anyproxy.limits}) from
+    the moment it is admitted until it ends; an OPEN finding them all taken
+    waits for one in a bounded queue.  Spliced TCP streams are swept for
+    idleness by one C{LoopingCall}, running only while there are some: a
+    stream records when it last carried a byte (C{Stream.last_active}), so no
+    timer is touched per DATA frame.
+
     @param policy: an L{anyproxy.client.acl.AccessPolicy}.
     @param max_streams: open streams at most (the seed's max_concurrent_conns);
-        more are refused with OVERLOADED.
+        0 = unlimited.  Beyond it an OPEN waits (at most C{queue_size} of
+        them, each at most C{queue_timeout} seconds) for a stream to end, and
+        is then refused with OVERLOADED.
     @param resolver: an C{IHostnameResolver}; default C{reactor.nameResolver}.
-    @param idle_timeout: seconds without a datagram either way before a UDP
-        association is closed; 0 = never.
+    @param idle_timeout: seconds without a byte either way before a TCP
+        stream is closed (both ends), and without a datagram before a UDP
+        association is; 0 = never.
 
     @ivar udp_stats: a L{UdpStats} aggregating every UDP association.
+    @ivar slots: the L{Limiter} of C{max_streams}.
     """
 
+    # How often idle streams are looked for, as a fraction of idle_timeout:
+    # a stream is closed between idle_timeout and 1.1 x idle_timeout.
+    IDLE_SWEEP_FRACTION = 10
+    acl_refusals = 0  # streams refused by access control (metrics)
+
     def __init__(self, policy, reactor, connect_timeout=10.0, max_streams=100, resolver=None,
-                 idle_timeout=300.0):
+                 idle_timeout=300.0, queue_size=DEFAULT_QUEUE_SIZE,
+                 queue_timeout=DEFAULT_QUEUE_TIMEOUT):
         self.policy = policy
         self._reactor = reactor
         self._resolver = resolver if resolver is not None else reactor.nameResolver
         self.connect_timeout = connect_timeout
-        self.max_streams = max_streams
+        self.slots = Limiter(reactor, max_streams, queue_size, queue_timeout,
+                             what="max_concurrent_conns")
         self.idle_timeout = idle_timeout
         self.udp_stats = UdpStats()
-        self.active = 0
+        self._spliced = set()  # tcp streams joined to a target (swept for idleness)
+        self._associations = set()  # udp streams
+        self._sweeper = None
+
+    @property
+    def max_streams(self):
+        """The seed's C{max_concurrent_conns}; setting it admits waiters if raised."""
+        return self.slots.limit
+
+    @max_streams.setter
+    def max_streams(self, value):
+        self.slots.configure(limit=value)
+
+    @property
+    def active(self):
+        """Streams holding a slot: connecting, spliced or associated."""
+        return self.slots.active()
+
+    def records(self):
+        """
+        An L{anyproxy.records.StreamRecord} (id, target, created, last
+        active, bytes) for every open TCP and UDP stream.
+        """
+        return [record_of(stream) for stream in list(self._spliced) + list(self._associations)]
 
     def handle_open(self, stream):
         """Called by the mux with each incoming stream request."""
@@ -116,34 +159,59 @@ class Dialer:
             if not serves_udp(self.policy):
                 self._refuse(stream, Reason.PROTOCOL_NOT_ALLOWED, "udp is not allowed")
                 return
-            if self.max_streams and self.active >= self.max_streams:
-                log.warn("refusing a udp association: {active} streams open "
-                         "(max_concurrent_conns)", active=self.active)
-                stream.reject(Reason.OVERLOADED, "client at max_concurrent_conns")
-                return
-            self.active += 1
-            stream.accept(UdpAssociation(
-                lambda: self.policy, self._reactor, functools.partial(resolve, self._resolver),
-                idle_timeout=self.idle_timeout, parent_stats=self.udp_stats,
-                on_close=lambda association: self._stream_done()))
+            self._when_admitted(stream, self._associate)
             return
         if stream.kind != "tcp":
             stream.reject(Reason.PROTOCOL_NOT_ALLOWED, "only tcp streams are served")
-            return
-        if self.max_streams and self.active >= self.max_streams:
-            log.warn("refusing {host}:{port}: {active} streams open (max_concurrent_conns)",
-                     host=stream.host, port=stream.port, active=self.active)
-            stream.reject(Reason.OVERLOADED, "client at max_concurrent_conns")
             return
         refused = self.policy.check_name(stream.host, stream.port, "tcp")
         if refused is not None:
             self._refuse(stream, refused, "forbidden by access control")
             return
-        self.active += 1
+        self._when_admitted(stream, self._open_tcp)
+
+    def _when_admitted(self, stream, proceed):
+        waiting = self.slots.acquire()
+        if not waiting.called:
+            log.debug("{kind} stream {sid} to {host}:{port} waits for a slot "
+                      "({active} open, max_concurrent_conns)", kind=stream.kind,
+                      sid=stream.stream_id, host=stream.host, port=stream.port,
+                      active=self.active)
+            # The gateway giving up (RESET) takes it out of the queue.
+            stream.set_cancel_hook(waiting.cancel)
+        waiting.addCallbacks(lambda release: proceed(stream, release),
+                             lambda failure: self._not_admitted(stream, failure))
+
+    def _not_admitted(self, stream, failure):
+        if failure.check(defer.CancelledError) or stream.closed:
+            return None
+        log.warn("refusing {kind} {host}:{port}: {error}", kind=stream.kind,
+                 host=stream.host, port=stream.port, error=failure.getErrorMessage())
+        stream.reject(Reason.OVERLOADED, "client at max_concurrent_conns")
+        return None
+
+    def _associate(self, stream, release):
+        if stream.closed:
+            release()
+            return
+
+        def closed(association):
+            self._associations.discard(stream)
+            release()
+
+        self._associations.add(stream)
+        stream.accept(UdpAssociation(
+            lambda: self.policy, self._reactor, functools.partial(resolve, self._resolver),
+            idle_timeout=self.idle_timeout, parent_stats=self.udp_stats, on_close=closed))
+
+    def _open_tcp(self, stream, release):
+        if stream.closed:
+            release()
+            return
         d = self._dial(stream)
         stream.set_cancel_hook(d.cancel)
-        d.addCallbacks(lambda target: self._connected(stream, target),
-                       lambda failure: self._failed(stream, failure))
+        d.addCallbacks(lambda target: self._connected(stream, target, release),
+                       lambda failure: self._failed(stream, failure, release))
 
     def _dial(self, stream):
         d = resolve(self._resolver, stream.host, stream.port)
@@ -179,23 +247,29 @@ class Dialer:
             return target
         raise last
 
-    def _connected(self, stream, target):
+    def _connected(self, stream, target, release):
         if stream.closed:
             target.transport.loseConnection()
-            self.active -= 1
+            release()
             return
         end = SpliceEnd()
-        end.on_close = lambda end, reason: self._stream_done()
+        end.on_close = lambda end, reason: self._stream_done(stream, release)
+        self._spliced.add(stream)
         stream.accept(end)
         end.join(target)
         log.debug("stream {sid} connected to {host}:{port}", sid=stream.stream_id,
                   host=stream.host, port=stream.port)
+        if stream in self._spliced:
+            self._watch_idle()
 
-    def _stream_done(self):
-        self.active -= 1
+    def _stream_done(self, stream, release):
+        self._spliced.discard(stream)
+        release()
+        if not self._spliced:
+            self.stop()
 
-    def _failed(self, stream, failure):
-        self.active -= 1
+    def _failed(self, stream, failure, release):
+        release()
         reason = reason_for_failure(failure)
         if reason is Reason.NOT_ALLOWED or reason is Reason.PROTOCOL_NOT_ALLOWED:
             self._refuse(stream, reason, failure.getErrorMessage())
@@ -205,5 +279,32 @@ class Dialer:
         stream.reject(reason, failure.getErrorMessage())
 
     def _refuse(self, stream, reason, text):
+        self.acl_refusals += 1
         log.warn("refused {host}:{port} ({why})", host=stream.host, port=stream.port, why=text)
         stream.reject(reason, text)
+
+    # -- idle timeout -------------------------------------------------------
+
+    def _watch_idle(self):
+        if self.idle_timeout > 0 and self._sweeper is None:
+            self._sweeper = task.LoopingCall(self._sweep_idle)
+            self._sweeper.clock = self._reactor
+            self._sweeper.start(self.idle_timeout / self.IDLE_SWEEP_FRACTION, now=False)
+
+    def _sweep_idle(self):
+        now = self._reactor.seconds()
+        for stream in [s for s in self._spliced if now - s.last_active >= self.idle_timeout]:
+            log.info("stream {sid} to {host}:{port}: no bytes for {idle:.0f}s "
+                     "(idle_timeout); closing", sid=stream.stream_id, host=stream.host,
+                     port=stream.port, idle=now - stream.last_active)
+            # A reset closes the user's end at the gateway as well; our end's
+            # SpliceEnd then closes the target connection.
+            stream.reset(Reason.TIMED_OUT)
+        if not self._spliced:
+            self.stop()
+
+    def stop(self):
+        """Stop the idle sweep (it restarts with the next spliced stream)."""
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None and sweeper.running:
+            sweeper.stop()

@@ -10,6 +10,7 @@ import random
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -18,6 +19,8 @@ from zope.interface import implementer
 
 from anyproxy import __version__
 from anyproxy.client.dialer import Dialer
+from anyproxy.gateway.service import Listener, rebind
+from anyproxy.metrics import ClientMetrics, metrics_site
 from anyproxy.tls import client_tls_options
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.websocket import ClientTunnelProtocol, basic_authorization, tune_factory
@@ -37,10 +40,17 @@ class ClientTunnelFactory(WebSocketClientFactory):
     @param open_ports: L{anyproxy.config.OpenPortConfig}s the gateway is
         asked (HELLO C{open_ports}) to listen on and forward to us.
     @ivar open_ports_answer: the gateway's last C{open_ports} answer.
+    @ivar established: tunnels that completed the handshake (metrics).
+    @ivar lost: established tunnels lost since.
+    @ivar retired_bytes_sent: DATA bytes the lost tunnels sent (their muxes'
+        totals; the connected ones' are read live).
+    @ivar retired_bytes_received: DATA bytes the lost tunnels received.
     """
 
     protocol = ClientTunnelProtocol
     open_ports_answer = None
+    established = lost = 0
+    retired_bytes_sent = retired_bytes_received = 0
 
     def __init__(self, url, dialer, client_id, group, username, password,
                  ping_interval=10.0, handshake_timeout=10.0, weight=1.0, group_password="",
@@ -62,6 +72,20 @@ class ClientTunnelFactory(WebSocketClientFactory):
         # The headers hold the client's password: never show them.
         return "<ClientTunnelFactory %s>" % (self.gateway,)
 
+    def configure(self, client):
+        """
+        Take a reloaded L{anyproxy.config.ClientConfig}: credentials, HELLO
+        fields and ping interval, for the tunnels connected from now on.
+        """
+        username, password = client.auth_username, client.auth_password
+        self.headers = {"Authorization": basic_authorization(username, password)} if username else {}
+        self.client_id = client.client_id
+        self.group = client.group_id
+        self.weight = client.weight
+        self._group_password = client.group_password
+        self.open_ports = tuple(client.open_ports)
+        tune_factory(self, client.ping_interval, self.openHandshakeTimeout)
+
     def open_requested(self, stream):
         self.dialer.handle_open(stream)
 
@@ -79,6 +103,7 @@ class ClientTunnelFactory(WebSocketClientFactory):
 
     def tunnel_ready(self, protocol, info):
         self.connected.add(protocol)
+        self.established += 1
         log.info("tunnel to {gateway} up (gateway {software})", gateway=self.gateway,
                  software=info.get("software", "?"))
         if self.open_ports:
@@ -86,6 +111,10 @@ class ClientTunnelFactory(WebSocketClientFactory):
             _log_open_ports(self.gateway, self.open_ports, self.open_ports_answer)
 
     def tunnel_lost(self, protocol, reason):
+        if protocol in self.connected:
+            self.lost += 1
+            self.retired_bytes_sent += protocol.mux.bytes_sent
+            self.retired_bytes_received += protocol.mux.bytes_received
         self.connected.discard(protocol)
         log.warn("tunnel to {gateway} lost: {reason}; reconnecting", gateway=self.gateway,
                  reason=reason or "connection closed")
@@ -146,6 +175,142 @@ class ReadyTunnelEndpoint:
         return d.addCallback(opened).addCallback(ready)
 
 
+class ClientRoot(MultiService):
+    """
+    The client program's top service: C{replicas} tunnels per gateway (one
+    C{ClientService} each) sharing one L{Dialer}; built by
+    L{make_client_service}.
+
+    L{reconfigure} applies a reloaded config (L{anyproxy.reload}).  The
+    dialer's access control, limits and timeouts apply to the next stream.
+    Credentials, certificates, HELLO fields (client id, group, weight,
+    group password, open ports) and the backoff apply when a tunnel next
+    connects: a connected tunnel is not dropped for them, so its streams go
+    on.  Tunnels to a gateway no longer listed, and replicas beyond a
+    lowered C{replicas}, are closed; new ones are started.
+
+    @ivar config: the L{anyproxy.config.Config} in force.
+    @ivar factories: C{(host, port)} -> L{ClientTunnelFactory}, the dict
+        L{make_client_service} returns (kept up to date).
+    @ivar reload_hooks: callables given each applied config (metrics...).
+    """
+
+    metrics_listener = None  # the metrics Listener (anyproxy.metrics), if any
+
+    def __init__(self, reactor, config, dialer, factories):
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.dialer = dialer
+        self.factories = factories
+        self.reload_hooks = []
+        self._tunnels = {}  # (host, port) -> [ClientService], in replica order
+        self._tls = {}  # (host, port) -> TLS options
+
+    def _retry(self, attempt):
+        client = self.config.client
+        return backoffPolicy(initialDelay=client.reconnect_initial_delay,
+                             maxDelay=client.reconnect_max_delay, factor=2.0,
+                             jitter=random.random)(attempt)
+
+    @staticmethod
+    def tls_options(client, host):
+        """The TLS options for dialing gateway C{host}; reads the files now."""
+        return client_tls_options(client.server_name_for(host), client.gateway_tls_cert,
+                                  client_cert_path=client.tls_cert or None,
+                                  client_key_path=client.tls_key or None,
+                                  insecure=client.insecure_skip_verify)
+
+    def _endpoint(self, host, port):
+        return wrapClientTLS(self._tls[(host, port)], HostnameEndpoint(
+            self.reactor, host, port, timeout=self.config.client.connect_timeout))
+
+    def add_gateway(self, host, port, tls):
+        """Start C{replicas} tunnels to C{host:port}, dialed with C{tls}."""
+        client = self.config.client
+        url_host = "[%s]" % host if ":" in host else host
+        factory = ClientTunnelFactory(
+            "wss://%s:%d/anyproxy" % (url_host, port), self.dialer, client.client_id,
+            client.group_id, client.auth_username, client.auth_password,
+            ping_interval=client.ping_interval, weight=client.weight,
+            group_password=client.group_password, open_ports=client.open_ports)
+        self.factories[(host, port)] = factory
+        self._tls[(host, port)] = tls
+        self._tunnels[(host, port)] = []
+        self._set_replicas(host, port, client.replicas)
+
+    def _set_replicas(self, host, port, count):
+        services, stopped = self._tunnels[(host, port)], []
+        while len(services) > count:
+            stopped.append(_remove(services.pop()))
+        while len(services) < count:
+            endpoint = ReadyTunnelEndpoint(self._endpoint(host, port), self.factories[(host, port)])
+            service = ClientService(endpoint, Factory.forProtocol(Protocol),
+                                    retryPolicy=self._retry, clock=self.reactor)
+            service.ready_endpoint = endpoint
+            service.setName("tunnel %s:%d #%d" % (host, port, len(services) + 1))
+            service.setServiceParent(self)
+            services.append(service)
+        return stopped
+
+    def reconfigure(self, config):
+        """
+        Apply a reloaded L{anyproxy.config.Config}; see the class docstring.
+
+        @return: a Deferred firing with a list of notes (none) once the
+            tunnels to drop are closed.
+        @raise anyproxy.errors.ConfigError: with nothing changed, if a
+            certificate or key cannot be used.
+        """
+        client = config.require_client()
+        tls = {(host, port): self.tls_options(client, host) for host, port in client.gateway_addrs}
+        self.config = config
+        dialer = self.dialer
+        dialer.policy = client.policy
+        dialer.connect_timeout = client.connect_timeout
+        dialer.idle_timeout = client.idle_timeout
+        dialer.slots.configure(limit=client.max_concurrent_conns, queue_size=client.queue_size,
+                               queue_timeout=client.queue_timeout)
+        stopped = []
+        for gateway in [key for key in self.factories if key not in tls]:
+            stopped.extend(_remove(service) for service in self._tunnels.pop(gateway))
+            del self.factories[gateway], self._tls[gateway]
+        for (host, port), options in tls.items():
+            if (host, port) not in self.factories:
+                self.add_gateway(host, port, options)
+                continue
+            self._tls[(host, port)] = options
+            self.factories[(host, port)].configure(client)
+            for service in self._tunnels[(host, port)]:
+                service.ready_endpoint._endpoint = self._endpoint(host, port)
+            stopped.extend(self._set_replicas(host, port, client.replicas))
+        for hook in list(self.reload_hooks):
+            hook(config)
+        return defer.gatherResults(stopped + [self._move_metrics(client.metrics_endpoint)]) \
+            .addCallback(lambda results: [note for note in results if note])
+
+    def _move_metrics(self, wanted):
+        current = self.metrics_listener
+        if (current is None) != (wanted is None):
+            return defer.succeed("client.metrics_addr: turning the metrics listener on or "
+                                 "off takes effect at the next restart")
+        if current is None or wanted == current.description:
+            return defer.succeed(None)
+        new = Listener(self.reactor, wanted, current.factory, current.what)
+
+        def moved(note):
+            if note is None:
+                self.metrics_listener = new
+            return note
+
+        return rebind(self, current, new).addCallback(moved)
+
+
+def _remove(service):
+    """Stop a tunnel's C{ClientService} and take it out of the tree."""
+    return defer.maybeDeferred(service.disownServiceParent)
+
+
 def make_client_service(config, reactor, resolver=None):
     """
     The client's L{MultiService} for a validated L{anyproxy.config.Config}.
@@ -159,32 +324,17 @@ def make_client_service(config, reactor, resolver=None):
     client = config.require_client()
     dialer = Dialer(client.policy, reactor, connect_timeout=client.connect_timeout,
                     max_streams=client.max_concurrent_conns, resolver=resolver,
-                    idle_timeout=client.idle_timeout)
-    top = MultiService()
+                    idle_timeout=client.idle_timeout, queue_size=client.queue_size,
+                    queue_timeout=client.queue_timeout)
     factories = {}
-    retry = backoffPolicy(initialDelay=client.reconnect_initial_delay,
-                          maxDelay=client.reconnect_max_delay, factor=2.0,
-                          jitter=random.random)
+    top = ClientRoot(reactor, config, dialer, factories)
     for host, port in client.gateway_addrs:
-        server_name = client.gateway_server_name or host
-        tls = client_tls_options(server_name, client.gateway_tls_cert,
-                                 client_cert_path=client.tls_cert or None,
-                                 client_key_path=client.tls_key or None,
-                                 insecure=client.insecure_skip_verify)
-        url_host = "[%s]" % host if ":" in host else host
-        factory = ClientTunnelFactory(
-            "wss://%s:%d/anyproxy" % (url_host, port), dialer, client.client_id,
-            client.group_id, client.auth_username, client.auth_password,
-            ping_interval=client.ping_interval, weight=client.weight,
-            group_password=client.group_password, open_ports=client.open_ports)
-        factories[(host, port)] = factory
-        for replica in range(client.replicas):
-            endpoint = wrapClientTLS(tls, HostnameEndpoint(reactor, host, port,
-                                                           timeout=client.connect_timeout))
-            service = ClientService(ReadyTunnelEndpoint(endpoint, factory),
-                                    Factory.forProtocol(Protocol), retryPolicy=retry,
-                                    clock=reactor)
-            service.setName("tunnel %s:%d #%d" % (host, port, replica + 1))
-            service.setServiceParent(top)
-    top.dialer = dialer
+        top.add_gateway(host, port, ClientRoot.tls_options(client, host))
+    # Prometheus metrics (anyproxy.metrics), read at scrape time; served at metrics_addr.
+    top.metrics = ClientMetrics(factories, dialer)
+    top.metrics_listener = None
+    if client.metrics_endpoint is not None:
+        top.metrics_listener = Listener(reactor, client.metrics_endpoint,
+                                        metrics_site(top.metrics.registry, reactor), "metrics")
+        top.metrics_listener.setServiceParent(top)
     return top, factories

@@ -8,10 +8,12 @@ A connection goes through three phases:
  - negotiating: bytes feed the parser; greeting, RFC 1929 authentication and
    the request are answered as they come.  A handshake timeout runs from
    C{connectionMade} until the request has been read.
- - opening: reading from the user is paused while
-   C{factory.endpoint_for(user, host, port)} connects (in production a tunnel
-   stream).  Bytes the user sent early are kept and forwarded later.  If the
-   user leaves, the pending connect is cancelled.
+ - opening: C{factory.endpoint_for(user, host, port)} connects (in
+   production a tunnel stream, which may first wait for a slot of the
+   gateway's limits).  Reading from the user goes on, so that a user who
+   leaves (a connection reset) is noticed and the pending connect, or its
+   place in a limits queue, is cancelled.  Bytes the user sent early are kept
+   and forwarded later; past C{OPENING_HIGH_WATER} of them reading pauses.
  - spliced: the reply has been sent and the connection is a plain
    L{SpliceEnd} joined to the target: backpressure and half-close both ways.
 
@@ -64,6 +66,10 @@ _OPENING = "opening"
 _SPLICED = "spliced"
 _ASSOCIATED = "associated"  # a UDP association's control connection
 _CLOSING = "closing"
+
+# Bytes a user may send after its CONNECT request before the stream is open;
+# past this we stop reading until it opens or fails.
+OPENING_HIGH_WATER = 64 * 1024
 
 
 def _describe_address(address):
@@ -129,6 +135,8 @@ class Socks5Protocol(SpliceEnd):
         elif self._phase is not _CLOSING:
             # Opening: SpliceEnd keeps it until joined.  Spliced: forwarded.
             SpliceEnd.dataReceived(self, data)
+            if self._phase is _OPENING and len(self._pending) > OPENING_HIGH_WATER:
+                self.transport.pauseProducing()
 
     def readConnectionLost(self):
         if self._association is not None:
@@ -238,7 +246,6 @@ class Socks5Protocol(SpliceEnd):
             )
             self._reply_and_close(REP_COMMAND_NOT_SUPPORTED)
             return
-        self.transport.pauseProducing()
         try:
             endpoint = self.factory.endpoint_for(self._user, request.host, request.port)
             opening = connectProtocol(endpoint, SpliceEnd())
@@ -262,7 +269,6 @@ class Socks5Protocol(SpliceEnd):
             self._log.warn("SOCKS5 {peer}: UDP ASSOCIATE over a non-IP connection", peer=self._peer)
             self._reply_and_close(REP_GENERAL_FAILURE)
             return
-        self.transport.pauseProducing()
         try:
             endpoint = self.factory.endpoint_for(self._user, "0.0.0.0", 0, kind="udp")
             opening = connectProtocol(endpoint, association)

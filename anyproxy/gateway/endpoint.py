@@ -23,10 +23,17 @@ class TunnelEndpoint:
 
     @param wait: seconds to wait for a tunnel of the group to connect when
         none is (then the connection fails with NO_TUNNEL).
+    @param admit: C{None}, or a callable returning a Deferred that fires
+        with a release callable once the stream may be opened (a slot of
+        the user's and the listener's limits, L{anyproxy.limits}) or fails
+        (OVERLOADED).  The slot is held until the stream is finished.
+    @param frontend: the name of the listener the stream is for (metrics).
+    @param metrics: an L{anyproxy.metrics.GatewayMetrics} counting opens,
+        their latency and the stream's bytes for C{frontend}, or C{None}.
     """
 
     def __init__(self, registry, clock, group, host, port, kind="tcp", wait=3.0,
-                 open_timeout=DEFAULT_OPEN_TIMEOUT):
+                 open_timeout=DEFAULT_OPEN_TIMEOUT, admit=None, frontend=None, metrics=None):
         self._registry = registry
         self._clock = clock
         self.group = group
@@ -35,9 +42,36 @@ class TunnelEndpoint:
         self.kind = kind
         self._wait = wait
         self._open_timeout = open_timeout
+        self._admit = admit
+        self.frontend = frontend
+        self._metrics = metrics
 
     def open_stream(self):
         """A Deferred firing with an accepted L{anyproxy.tunnel.mux.Stream}."""
+        if self._admit is None:
+            d = self._open_stream()
+        else:
+            d = self._admit().addCallback(self._open_admitted)
+        if self._metrics is not None:
+            d = self._metrics.track_open(d, self.frontend)
+        return d
+
+    def _open_admitted(self, release):
+        # Queue time is not open time: the open timeout starts here.
+        def opened(stream):
+            # Slots go back one turn later: a stream lost with its tunnel must
+            # not hand its slot to a waiter that would pick the same, dying
+            # tunnel before the registry has dropped it.
+            stream.notify_closed(lambda _: self._clock.callLater(0, release))
+            return stream
+
+        def failed(failure):
+            self._clock.callLater(0, release)
+            return failure
+
+        return self._open_stream().addCallbacks(opened, failed)
+
+    def _open_stream(self):
         d = self._registry.wait_for(self.group, self._wait)
         d.addCallback(lambda tunnel: tunnel.mux.open_stream(self.kind, self.host, self.port))
 

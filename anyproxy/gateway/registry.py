@@ -58,6 +58,8 @@ class TunnelRegistry:
         self._groups = {}
         self._scores = {}  # tunnel -> its smooth weighted round robin score
         self._waiters = {}
+        # Called with each tunnel taken out of the pool (metrics keep its totals).
+        self.removal_observers = []
 
     def add(self, tunnel):
         """Make C{tunnel} available for new streams and wake waiting users."""
@@ -71,6 +73,8 @@ class TunnelRegistry:
         tunnels = self._groups.get(tunnel.group, [])
         if tunnel in tunnels:
             tunnels.remove(tunnel)
+            for observer in self.removal_observers:
+                observer(tunnel)
         self._scores.pop(tunnel, None)
         if not tunnels:
             self._groups.pop(tunnel.group, None)

@@ -6,6 +6,8 @@ docs/FRONTENDS.md), composed in one C{MultiService}
 around a shared L{TunnelRegistry}.
 """
 
+import functools
+
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet import defer
@@ -17,9 +19,13 @@ from anyproxy.auth import GroupLogins, UserDatabase
 from anyproxy.frontends.registry import find_frontend
 from anyproxy.gateway.endpoint import TunnelEndpoint
 from anyproxy.gateway.forwarding import PortForwarding, listen_interface
+from anyproxy.gateway.reconfigure import FrontendRecord, ReloadableServerTLS, reconfigure_gateway
 from anyproxy.gateway.registry import TunnelRegistry
+from anyproxy.gateway.status import status_site
 from anyproxy.gateway.tunnels import TunnelServerFactory
 from anyproxy.interfaces import FrontendContext
+from anyproxy.limits import Limiter, acquire_all
+from anyproxy.metrics import GatewayMetrics, metrics_site
 from anyproxy.tls import server_tls_options
 
 log = Logger()
@@ -55,7 +61,9 @@ class Listener(Service):
         self._listening = endpoint.listen(self.factory)
         self._listening.addBoth(self._listen_result)
         if isinstance(self._listening.result if self._listening.called else None, Failure):
-            failure, self._listening = self._listening.result, None
+            listening, self._listening = self._listening, None
+            failure = listening.result
+            listening.addErrback(lambda _: None)  # handled: raised here instead
             failure.raiseException()
 
     def _listen_result(self, result):
@@ -103,6 +111,9 @@ class GatewayService(MultiService):
         self.reactor = reactor
         self.registry = registry
         self.listeners = {}
+        self.frontends = {}  # listener name -> FrontendRecord
+        # Callables given each new Config after a reload, once the rest applies.
+        self.reload_hooks = []
 
     def stopService(self):
         # Stop listening, then drop every tunnel so clients reconnect elsewhere
@@ -122,38 +133,151 @@ class GatewayService(MultiService):
         self.listeners[name] = listener
         return listener
 
+    def reconfigure(self, config):
+        """
+        Apply a reloaded L{anyproxy.config.Config} (L{anyproxy.reload}) to
+        new connections; established ones are kept.  See
+        L{anyproxy.gateway.reconfigure}.
+
+        @return: a Deferred firing with a list of notes (listeners that could
+            not be re-bound).
+        @raise anyproxy.errors.ConfigError: with nothing changed.
+        """
+        return reconfigure_gateway(self, config)
+
+    def move_listener(self, name, description, factory):
+        """
+        Listen as C{name} on C{description}: start the new listener and,
+        once it listens, stop the old one (its connections stay up).
+
+        @return: a Deferred firing with C{None}, or with a note when the new
+            address could not be bound (the old listener is kept then).
+        """
+        new = Listener(self.reactor, description, factory, name)
+
+        def moved(note):
+            if note is None:
+                self.listeners[name] = new
+            return note
+
+        return rebind(self, self.listeners.get(name), new).addCallback(moved)
+
+    def remove_listener(self, name):
+        """Stop listener C{name}; connections it accepted stay up.  A Deferred."""
+        return _remove_child(self, self.listeners.pop(name, None))
+
+
+def rebind(parent, old, new):
+    """
+    Replace listener C{old} (or nothing) under C{parent} by the not yet
+    started L{Listener} C{new}: C{new} listens first, and only then is
+    C{old} stopped.  Stopping a listener closes its listening socket, not
+    the connections it accepted, so nobody is dropped (config reload).
+
+    @return: a Deferred firing with C{None} once done, or with a note for
+        the log when C{new} could not listen (then C{old} is kept).
+    """
+    if not parent.running:
+        new.setServiceParent(parent)
+        return _remove_child(parent, old)
+    try:
+        new.startService()
+        d = new.when_listening()
+    except Exception as e:
+        d = defer.fail(e)
+
+    def listening(_):
+        new.setServiceParent(parent)
+        return _remove_child(parent, old)
+
+    def failed(failure):
+        new.stopService()
+        return "%s: cannot listen on %s (%s); %s" % (
+            new.what, new.description, failure.getErrorMessage(),
+            "still on %s" % (old.description,) if old is not None else "not listening")
+
+    return d.addCallbacks(listening, failed)
+
+
+def _remove_child(parent, child):
+    if child is None or child.parent is not parent:
+        return defer.succeed(None)
+    return defer.maybeDeferred(child.disownServiceParent).addCallback(lambda _: None)
+
 
 def make_gateway_service(config, reactor):
     """The gateway's service tree for a validated L{anyproxy.config.Config}."""
     gateway = config.require_gateway()
     registry = TunnelRegistry(reactor, balance=gateway.balance)
     service = GatewayService(reactor, registry)
+    # Prometheus metrics (anyproxy.metrics): always counted, served at metrics_addr.
+    service.metrics = GatewayMetrics(registry, reactor)
     # group_id:group_password logins, valid while such a client is connected.
     service.group_logins = group_logins = GroupLogins()
     # client.open_ports: on the tunnel listener's interface (docs/PROTOCOL.md, HELLO).
-    service.forwarding = PortForwarding(reactor, gateway.port_allowed,
-                                        interface=listen_interface(gateway.endpoint))
+    service.forwarding = PortForwarding(
+        reactor, lambda port: service.config.gateway.port_allowed(port),
+        interface=listen_interface(gateway.endpoint))
+    service.config = config  # the config in force; a reload replaces it (reconfigure)
 
     tunnels = TunnelServerFactory.for_credentials(
         registry, gateway.auth_username, gateway.auth_password, reactor,
         ping_interval=gateway.ping_interval, handshake_timeout=gateway.handshake_timeout,
         group_logins=group_logins, forwarding=service.forwarding)
-    tls = server_tls_options(gateway.tls_cert, gateway.tls_key,
-                             client_ca_path=gateway.client_ca or None)
-    service.add_listener("tunnel server", gateway.endpoint, TLSMemoryBIOFactory(tls, False, tunnels))
+    service.tunnels = tunnels
+    # Asked for each new connection, so a reload can swap the certificate.
+    service.tunnel_tls = ReloadableServerTLS(server_tls_options(
+        gateway.tls_cert, gateway.tls_key, client_ca_path=gateway.client_ca or None))
+    service.add_listener("tunnel server", gateway.endpoint,
+                         TLSMemoryBIOFactory(service.tunnel_tls, False, tunnels))
 
-    def endpoint_for(user, host, port, kind="tcp"):
+    # Limits: a stream beyond gateway.max_conns_per_user or its listener's
+    # max_conns waits in a bounded queue (gateway.queue_size/queue_timeout)
+    # for a slot, then fails OVERLOADED (anyproxy.limits).  The user's slot is
+    # taken first, so a user waiting on their own limit never holds a slot of
+    # the listener that others need.  Kept on the service for reload/metrics.
+    service.user_limits = Limiter(reactor, gateway.max_conns_per_user, gateway.queue_size,
+                                  gateway.queue_timeout, what="max_conns_per_user")
+    service.listener_limits = {}
+
+    def endpoint_for(user, host, port, kind="tcp", listener_limits=None, frontend=None):
+        requests = [(service.user_limits, user.name)]
+        if listener_limits is not None:
+            requests.append((listener_limits, None))
         return TunnelEndpoint(registry, reactor, user.group, host, port, kind=kind,
-                              wait=gateway.no_tunnel_wait)
+                              wait=service.config.gateway.no_tunnel_wait,
+                              admit=functools.partial(acquire_all, requests),
+                              frontend=frontend, metrics=service.metrics)
 
     # Every user-facing listener comes from a frontend plugin (docs/FRONTENDS.md):
     # proxy.socks5/proxy.http from the built-in ones, then proxy.frontends.
-    for frontend in config.proxy.all_frontends():
+    # A reload builds a changed frontend with this too (service.build_frontend).
+    def build_frontend(frontend, config):
+        gateway = config.gateway
+        listener_limits = Limiter(
+            reactor, frontend.listener.max_conns, gateway.queue_size, gateway.queue_timeout,
+            what="max_conns of %s" % (frontend.name,))
+        users = UserDatabase(config.gateway_users_for(frontend.listener),
+                             group_logins=group_logins)
         context = FrontendContext(
-            name=frontend.name, reactor=reactor, endpoint_for=endpoint_for,
-            users=UserDatabase(config.gateway_users_for(frontend.listener),
-                               group_logins=group_logins),
-            handshake_timeout=gateway.handshake_timeout)
+            name=frontend.name, reactor=reactor,
+            endpoint_for=functools.partial(endpoint_for, listener_limits=listener_limits,
+                                           frontend=frontend.name),
+            users=users, handshake_timeout=gateway.handshake_timeout)
         factory = find_frontend(frontend.type).build(frontend.options, context)
-        service.add_listener(frontend.name, frontend.listener.endpoint, factory)
+        service.metrics.add_frontend(frontend.name)
+        return FrontendRecord(frontend, factory, users, listener_limits)
+
+    service.build_frontend = build_frontend
+    for frontend in config.proxy.all_frontends():
+        record = service.frontends[frontend.name] = build_frontend(frontend, config)
+        service.listener_limits[frontend.name] = record.limits
+        service.add_listener(frontend.name, frontend.listener.endpoint, record.factory)
+    if gateway.status_endpoint is not None:
+        # The status page (anyproxy.gateway.status): clients and totals, behind Basic auth.
+        service.add_listener("status page", gateway.status_endpoint, status_site(
+            registry, gateway.status_username, gateway.status_password))
+    if gateway.metrics_endpoint is not None:
+        service.add_listener("metrics", gateway.metrics_endpoint,
+                             metrics_site(service.metrics.registry, reactor))
     return service

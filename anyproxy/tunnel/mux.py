@@ -62,10 +62,16 @@ class Mux:
     @param on_hello: called with the peer's HELLO dict.
     @param on_protocol_error: called with a L{MuxProtocolError} or
         L{frames.FrameError}; the owner must close the tunnel.
+    @ivar bytes_sent: DATA payload bytes sent on all streams (metrics).
+    @ivar bytes_received: DATA payload bytes received on all streams.
+    @ivar lowest_transport: the socket transport under TLS and WebSocket,
+        whose send buffer metrics report; set by the WebSocket binding.
     """
 
     paused = False
     datagrams_dropped = 0
+    bytes_sent = bytes_received = 0
+    lowest_transport = None
 
     def __init__(self, send_message, initiator, on_open_request=None, on_hello=None,
                  on_protocol_error=None, window=DEFAULT_WINDOW, name=""):

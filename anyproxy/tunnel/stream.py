@@ -10,6 +10,7 @@ creates streams and feeds them frames.
 """
 
 import collections
+import time
 
 from twisted.internet import error
 from twisted.internet.interfaces import (
@@ -33,6 +34,9 @@ STREAM_HIGH_WATER = 64 * 1024
 # Credit is granted once this fraction of the window has been consumed, so a
 # busy stream sends one CREDIT per quarter window, not one per DATA frame.
 CREDIT_FRACTION = 4
+# The clock of the connection records (created, last_active): one call per
+# write or DATA frame, no timer, so an idle check is a cheap periodic sweep.
+_now = time.time
 
 
 class MuxProtocolError(Exception):
@@ -57,10 +61,13 @@ class Stream:
     @ivar kind: C{'tcp'} or C{'udp'}.
     @ivar host: the target asked for when the stream was opened.
     @ivar port: the target port.
+    @ivar bytes_sent: DATA payload bytes sent on this stream (metrics).
+    @ivar bytes_received: DATA payload bytes received on this stream.
     """
 
     disconnecting = False
     protocol = None
+    bytes_sent = bytes_received = 0  # plain ints: one add per DATA frame
 
     def __init__(self, mux, stream_id, kind, host, port, send_window=0):
         self._mux = mux
@@ -84,11 +91,19 @@ class Stream:
         self._closed = False
         self._cancel_hook = None
         self._opening = None  # Deferred of a stream this side is opening
+        # Connection records (status page, idle timeout): wall-clock seconds.
+        self.created = self.last_active = _now()
+        self._close_hooks = None
 
     @property
     def closed(self):
         """C{True} once the stream is finished (closed, reset or rejected)."""
         return self._closed
+
+    @property
+    def queued_bytes(self):
+        """Bytes written but not yet sent (waiting for credit)."""
+        return self._queued
 
     def __repr__(self):
         return "<Stream %d %s %s:%s>" % (self.stream_id, self.kind, self.host, self.port)
@@ -130,6 +145,7 @@ class Stream:
     def write(self, data):
         if self._close_requested or self._fin_pending or self._closed or not data:
             return
+        self.last_active = _now()
         self._queue.append(data)
         self._queued += len(data)
         self._flush()
@@ -228,8 +244,11 @@ class Stream:
             if len(chunk) > room:
                 queue.appendleft(chunk[room:])
                 chunk = chunk[:room]
-            self._send_window -= len(chunk)
-            self._queued -= len(chunk)
+            size = len(chunk)
+            self._send_window -= size
+            self._queued -= size
+            self.bytes_sent += size
+            self._mux.bytes_sent += size
             send(frames.HEADER.pack(frames.T_DATA, sid) + chunk)
         if self._closed:
             return
@@ -275,6 +294,9 @@ class Stream:
         if self._recv_window < 0:
             raise MuxProtocolError("stream %d overran its window" % (self.stream_id,))
         self._unacked += len(payload)
+        self.bytes_received += len(payload)
+        self._mux.bytes_received += len(payload)
+        self.last_active = _now()
         if self._close_requested:
             # We no longer read; keep the sender going until it sees our FIN.
             self._grant_credit(force=True)
@@ -337,5 +359,20 @@ class Stream:
         self._closed = True
         self.disconnecting = True
         self._mux._streams.pop(self.stream_id, None)
+        hooks, self._close_hooks = self._close_hooks, None
+        for hook in hooks or ():
+            hook(self)
+
+    def notify_closed(self, hook):
+        """
+        Call C{hook(stream)} once when the stream is finished (closed, reset,
+        rejected or its tunnel lost); at once if it already is.
+        """
+        if self._closed:
+            hook(self)
+        elif self._close_hooks is None:
+            self._close_hooks = [hook]
+        else:
+            self._close_hooks.append(hook)
 
 

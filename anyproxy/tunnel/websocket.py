@@ -79,6 +79,7 @@ class _TunnelProtocol:
         # writes straight down, so the TCP buffer is the one that fills.
         lowest = getattr(self.transport, "transport", None) or self.transport
         lowest.registerProducer(self.mux, True)
+        self.mux.lowest_transport = lowest
         read_in_bulk(lowest)
 
     def _send_tunnel_message(self, message):

@@ -1,0 +1,261 @@
+# -*- test-case-name: tests.test_e2e_status -*-
+"""
+The gateway's status page (C{gateway.status_addr}): who is connected and how
+busy they are, for an operator's browser (C{/}) and for scripts
+(C{/api/status}, JSON).  Both are behind HTTP Basic auth with
+C{gateway.status_username}/C{gateway.status_password}.
+
+Theory of operation
+-------------------
+Nothing here keeps state of its own: every request takes a fresh snapshot of
+the L{TunnelRegistry} (L{status_snapshot}).  The HTML page is static and
+self-contained (L{anyproxy.gateway.status_page}); its inline script polls the
+JSON API once a second and rewrites the DOM, so the page never holds data the
+API does not also give.
+
+Authentication is the stock C{twisted.web.guard} + C{twisted.cred} pairing: a
+L{Portal} whose one checker compares the username and the password in
+constant time, and whose realm hands out the resource tree.  A wrong or
+missing login gets C{401} with C{WWW-Authenticate: Basic}.  The password is
+kept only as bytes on the checker and never reaches a log event; the access
+log of the site is off (the page polls every second, which would fill it).
+
+Traffic counters are read defensively: a tunnel (or its mux) that has no byte
+or stream counters reports C{null} for them, and the page shows "n/a".  The
+traffic totals run since the gateway started: L{TrafficHistory} adds up the
+counters of each tunnel as the registry lets it go.
+"""
+
+import hmac
+import json
+import time
+
+from twisted.cred import credentials as cred_credentials
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.web import guard, resource, server
+from zope.interface import implementer
+
+from anyproxy import __version__
+from anyproxy.gateway.status_page import CONTENT_SECURITY_POLICY, PAGE
+
+REALM = "AnyProxy status"
+
+# Counter attributes looked up on a Tunnel, then on its Mux, first match wins.
+# "in" is what the gateway received over the tunnel from the client (the
+# targets' answers), "out" what it sent to the client (the users' requests).
+BYTES_IN_NAMES = ("bytes_in", "bytes_received")
+BYTES_OUT_NAMES = ("bytes_out", "bytes_sent")
+STREAMS_OPENED_NAMES = ("streams_opened", "opened_streams", "streams_total")
+COUNTERS = {"streams_opened": STREAMS_OPENED_NAMES, "bytes_in": BYTES_IN_NAMES,
+            "bytes_out": BYTES_OUT_NAMES}
+
+_COMMON_HEADERS = {
+    b"cache-control": b"no-store",
+    b"x-content-type-options": b"nosniff",
+    b"x-frame-options": b"DENY",
+    b"referrer-policy": b"no-referrer",
+}
+
+
+def _counter(tunnel, names):
+    """The first integer counter of C{names} on C{tunnel} or its mux, or C{None}."""
+    for owner in (tunnel, getattr(tunnel, "mux", None)):
+        for name in names:
+            value = getattr(owner, name, None)
+            if callable(value):
+                value = value()
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return int(value)
+    return None
+
+
+def _sum(values):
+    """The sum of the known values, or C{None} if none is known."""
+    known = [each for each in values if each is not None]
+    return sum(known) if known else None
+
+
+class TrafficHistory:
+    """
+    The traffic counters of tunnels that have gone, so that totals run since
+    the gateway started rather than over the tunnels connected now.
+
+    @ivar since_start: C{False} if the registry cannot report removed
+        tunnels (then the totals cover connected tunnels only).
+    """
+
+    def __init__(self, registry):
+        self.retired = dict.fromkeys(COUNTERS)
+        observers = getattr(registry, "removal_observers", None)
+        self.since_start = observers is not None
+        if observers is not None:
+            observers.append(self.tunnel_removed)
+
+    def tunnel_removed(self, tunnel):
+        for key, names in COUNTERS.items():
+            value = _counter(tunnel, names)
+            if value is not None:
+                self.retired[key] = (self.retired[key] or 0) + value
+
+
+def tunnel_status(tunnel, now):
+    """One connected tunnel as a JSON-able dict."""
+    return {
+        "client_id": tunnel.client_id,
+        "group": tunnel.group,
+        "address": str(tunnel.address),
+        "version": str(tunnel.version),
+        "weight": tunnel.weight,
+        "connected_at": tunnel.connected_at,
+        "connected_for": max(0.0, now - tunnel.connected_at),
+        "active_streams": tunnel.active_streams,
+        "streams_opened": _counter(tunnel, STREAMS_OPENED_NAMES),
+        "bytes_in": _counter(tunnel, BYTES_IN_NAMES),
+        "bytes_out": _counter(tunnel, BYTES_OUT_NAMES),
+    }
+
+
+def status_snapshot(registry, started_at, now, history=None):
+    """
+    What C{/api/status} answers: the gateway, live totals and one entry per
+    connected tunnel (oldest first).  C{tunnels}, C{clients}, C{groups} and
+    C{active_streams} are now; the traffic totals are since the start when
+    C{totals.since_start} is true, else over the connected tunnels.
+
+    @param registry: the gateway's L{anyproxy.gateway.registry.TunnelRegistry}.
+    @param started_at: when the gateway started (seconds since the epoch).
+    @param now: the current time (seconds since the epoch).
+    @param history: the L{TrafficHistory} of tunnels gone, or C{None}.
+    """
+    tunnels = sorted(registry.tunnels(), key=lambda t: (t.connected_at, t.client_id))
+    clients = [tunnel_status(t, now) for t in tunnels]
+    totals = {
+        "tunnels": len(clients),
+        "clients": len({c["client_id"] for c in clients}),
+        "groups": len({c["group"] for c in clients}),
+        "active_streams": sum(c["active_streams"] for c in clients),
+    }
+    for key in COUNTERS:
+        retired = history.retired[key] if history is not None else None
+        totals[key] = _sum([retired] + [c[key] for c in clients])
+    totals["since_start"] = history is not None and history.since_start
+    return {
+        "gateway": {"software": "anyproxy/" + __version__, "started_at": started_at,
+                    "uptime": max(0.0, now - started_at), "now": now},
+        "totals": totals,
+        "clients": clients,
+    }
+
+
+def _set_headers(request, content_type):
+    request.setHeader(b"content-type", content_type)
+    for name, value in _COMMON_HEADERS.items():
+        request.setHeader(name, value)
+
+
+class StatusAPI(resource.Resource):
+    """C{GET /api/status}: L{status_snapshot} as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, registry, started_at, now):
+        super().__init__()
+        self._registry = registry
+        self._started_at = started_at
+        self._now = now
+        self._history = TrafficHistory(registry)
+
+    def render_GET(self, request):
+        _set_headers(request, b"application/json; charset=utf-8")
+        snapshot = status_snapshot(self._registry, self._started_at, self._now(), self._history)
+        return json.dumps(snapshot, sort_keys=True).encode("utf-8")
+
+
+class StatusPage(resource.Resource):
+    """C{GET /}: the self-contained HTML page."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        _set_headers(request, b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY)
+        return PAGE
+
+
+def status_tree(registry, started_at=None, now=time.time):
+    """The unauthenticated resource tree: C{/} and C{/api/status}."""
+    root = resource.Resource()
+    root.putChild(b"", StatusPage())
+    api = resource.Resource()
+    api.putChild(b"status", StatusAPI(registry, now() if started_at is None else started_at, now))
+    root.putChild(b"api", api)
+    return root
+
+
+@implementer(ICredentialsChecker)
+class SingleUserChecker:
+    """
+    Accepts exactly one username/password, compared in constant time (both
+    are always compared, so timing tells nothing about which one was wrong).
+    """
+
+    credentialInterfaces = (cred_credentials.IUsernamePassword,)
+
+    def __init__(self, username, password):
+        self._username = username.encode("utf-8")
+        self._password = password.encode("utf-8")
+
+    def __repr__(self):
+        return "<SingleUserChecker>"  # never show the password
+
+    def requestAvatarId(self, credentials):
+        username = credentials.username
+        password = credentials.password
+        if isinstance(username, str):
+            username = username.encode("utf-8")
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        user_ok = hmac.compare_digest(username, self._username)
+        password_ok = hmac.compare_digest(password, self._password)
+        if user_ok & password_ok:
+            return defer.succeed(self._username)
+        return defer.fail(UnauthorizedLogin())
+
+
+@implementer(IRealm)
+class _StatusRealm:
+    def __init__(self, tree):
+        self._tree = tree
+
+    def requestAvatar(self, avatar_id, mind, *interfaces):
+        if resource.IResource not in interfaces:
+            raise NotImplementedError("the status page only serves web resources")
+        return resource.IResource, self._tree, lambda: None
+
+
+class StatusSite(server.Site):
+    """A C{Site} without an access log (the page polls once a second)."""
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+def status_site(registry, username, password, started_at=None, now=time.time):
+    """
+    The status page's C{Site}: L{status_tree} behind Basic auth.
+
+    @param registry: the gateway's tunnel registry.
+    @param username: the one login (C{gateway.status_username}).
+    @param password: its password (C{gateway.status_password}).
+    """
+    if not username or not password:
+        raise ValueError("the status page needs a username and a password")
+    portal = Portal(_StatusRealm(status_tree(registry, started_at, now)),
+                    [SingleUserChecker(username, password)])
+    wrapper = guard.HTTPAuthSessionWrapper(portal, [guard.BasicCredentialFactory(REALM)])
+    return StatusSite(wrapper)

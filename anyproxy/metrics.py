@@ -1,0 +1,385 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+Prometheus metrics for the gateway and the client (prometheus_client), and
+the C{/metrics} page that serves them (C{metrics_addr}).
+
+Theory of operation
+-------------------
+The data path pays almost nothing.  Each DATA frame adds its length to two
+integers, the stream's and its mux's (L{anyproxy.tunnel.stream}); each
+stream open costs one counter increment and one histogram observation.
+Everything else is read from live state when Prometheus scrapes: the
+gateway's tunnel registry, the streams' byte counts and send queues, the
+client's dialer and UDP counters, the tunnel sockets' send buffers.
+
+Counters must never go backwards, so a byte count read from a live object
+is folded into a retired total at the moment that object goes: a frontend
+stream's when it closes (L{GatewayMetrics.stream_closed}), a gateway
+tunnel's when the registry drops it (L{GatewayMetrics.tunnel_removed}), a
+client tunnel's when it is lost (the factory keeps the total).  A scrape
+reports retired + live.
+
+Each service has its own C{CollectorRegistry}, never the global default, so
+several services in one process (the tests) do not see each other.  The
+page is rendered in the reactor thread: prometheus_client's own
+C{twisted.MetricsResource} renders in a WSGI thread pool, where reading the
+reactor's objects (stream tables, transports) would race with the reactor,
+and it uses the global reactor.  L{MetricsPage} calls the same exposition
+code (including OpenMetrics negotiation) synchronously instead.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from twisted.internet import defer
+from twisted.web import resource, server
+
+from anyproxy.errors import Reason, StreamOpenError
+
+# Stream-open latency: a LAN target answers in milliseconds, a slow one
+# within connect_timeout (10 s), a wedged client within the 60 s open timeout.
+OPEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0)
+
+# Outcomes of a stream open: "ok", "cancelled" (the user went away first) or
+# the lowercase name of the L{Reason} it failed with.
+OUTCOMES = ("ok", "cancelled") + tuple(reason.name.lower() for reason in Reason)
+
+# The UdpRelay counters (anyproxy.frontends.socks5_udp) and what they become.
+_RELAYED = {"forwarded": "to_target", "returned": "to_user"}
+_RELAY_DROPS = ("source", "malformed", "fragmented", "tunnel", "too_large", "unaddressed",
+                "send_error")
+
+
+def transport_buffered(transport):
+    """
+    Bytes written to a Twisted TCP transport and not yet sent (its send
+    buffer, not the kernel's); 0 for a transport that does not say.
+    """
+    try:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except (AttributeError, TypeError):
+        return 0
+
+
+def outcome_of(failure):
+    """The C{outcome} label for a failed stream open."""
+    if failure.check(defer.CancelledError):
+        return "cancelled"
+    if failure.check(StreamOpenError):
+        return failure.value.reason.name.lower()
+    return "general_failure"
+
+
+def _bytes_family(name, documentation, label, totals):
+    family = CounterMetricFamily(name, documentation, labels=[label, "direction"])
+    for key, (bytes_in, bytes_out) in sorted(totals.items()):
+        family.add_metric([key, "in"], bytes_in)
+        family.add_metric([key, "out"], bytes_out)
+    return family
+
+
+def _add(totals, key, bytes_in, bytes_out):
+    pair = totals.get(key)
+    if pair is None:
+        totals[key] = [bytes_in, bytes_out]
+    else:
+        pair[0] += bytes_in
+        pair[1] += bytes_out
+
+
+def _buffered_family(streams, transports):
+    family = GaugeMetricFamily(
+        "anyproxy_buffered_bytes",
+        "Bytes held in memory waiting to be sent: stream send queues (waiting for credit) "
+        "and tunnel sockets' send buffers.", labels=["buffer"])
+    family.add_metric(["streams"], streams)
+    family.add_metric(["tunnel_sockets"], transports)
+    return family
+
+
+def _new_registry():
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes, process_open_fds...
+    return registry
+
+
+class GatewayMetrics(Collector):
+    """
+    The gateway's metrics; L{make_gateway_service} builds one per service.
+
+    Byte directions: C{in} is what users send towards targets, C{out} what
+    comes back to users (as haproxy counts a frontend's bytes).
+
+    @ivar registry: the C{CollectorRegistry} to expose.
+    """
+
+    def __init__(self, tunnels, clock):
+        """
+        @param tunnels: the L{anyproxy.gateway.registry.TunnelRegistry}.
+        @param clock: an C{IReactorTime}, for open latencies.
+        """
+        self._tunnels = tunnels
+        self._clock = clock
+        self._live = {}  # frontend stream -> its frontend's name
+        self._frontend_bytes = {}  # frontend -> [in, out] of closed streams
+        self._client_bytes = {}  # client_id -> [in, out] of removed tunnels
+        self._relay_retired = dict.fromkeys(("forwarded", "returned") + tuple(
+            "dropped_" + each for each in _RELAY_DROPS), 0)
+        self.registry = _new_registry()
+        self.streams_opened = Counter(
+            "anyproxy_gateway_streams_opened",
+            "Streams users asked for, by frontend and outcome (ok, cancelled, or the reason "
+            "it failed).", ["frontend", "outcome"], registry=self.registry)
+        self.open_seconds = Histogram(
+            "anyproxy_gateway_stream_open_seconds",
+            "Seconds from a user's request to the stream being open or refused (queueing, "
+            "waiting for a tunnel, the client's resolve and connect).", ["frontend"],
+            buckets=OPEN_BUCKETS, registry=self.registry)
+        self.registry.register(self)
+        tunnels.removal_observers.append(self.tunnel_removed)
+
+    def add_frontend(self, name):
+        """Start every series of frontend C{name} at 0, so rates work from the start."""
+        for outcome in OUTCOMES:
+            self.streams_opened.labels(name, outcome)
+        self.open_seconds.labels(name)
+        self._frontend_bytes.setdefault(name, [0, 0])
+
+    # -- events ---------------------------------------------------------
+
+    def track_open(self, opening, frontend):
+        """
+        Count the outcome and latency of the stream open C{opening} (a
+        Deferred firing with a stream) for C{frontend}; an opened stream's
+        bytes then count for C{frontend}.
+
+        @return: C{opening}.
+        """
+        started = self._clock.seconds()
+
+        def opened(stream):
+            self._opened(frontend, "ok", started)
+            self._live[stream] = frontend
+            stream.notify_closed(self.stream_closed)
+            return stream
+
+        def failed(failure):
+            self._opened(frontend, outcome_of(failure), started)
+            return failure
+
+        return opening.addCallbacks(opened, failed)
+
+    def _opened(self, frontend, outcome, started):
+        self.streams_opened.labels(frontend, outcome).inc()
+        if outcome != "cancelled":
+            self.open_seconds.labels(frontend).observe(self._clock.seconds() - started)
+
+    def stream_closed(self, stream):
+        """A frontend stream finished: keep its counts in the retired totals."""
+        frontend = self._live.pop(stream, None)
+        if frontend is None:
+            return
+        _add(self._frontend_bytes, frontend, stream.bytes_sent, stream.bytes_received)
+        relay = _udp_relay(stream)
+        if relay is not None:
+            for name, value in relay.counters().items():
+                self._relay_retired[name] = self._relay_retired.get(name, 0) + value
+
+    def tunnel_removed(self, tunnel):
+        """A tunnel left the registry: keep its byte counts in the retired totals."""
+        mux = tunnel.mux
+        _add(self._client_bytes, tunnel.client_id, mux.bytes_sent, mux.bytes_received)
+
+    # -- scraping -------------------------------------------------------
+
+    def collect(self):
+        tunnels = self._tunnels.tunnels()
+        connected = GaugeMetricFamily(
+            "anyproxy_gateway_tunnels_connected", "Client tunnels connected now.",
+            labels=["client_id", "group"])
+        client_streams = GaugeMetricFamily(
+            "anyproxy_gateway_client_streams",
+            "Streams open (or opening) now through each client's tunnels, all frontends and "
+            "forwarded ports.", labels=["client_id"])
+        per_tunnel, per_client, client_bytes = {}, {}, {}
+        for key, pair in self._client_bytes.items():
+            client_bytes[key] = list(pair)
+        queued = sockets = 0
+        for tunnel in tunnels:
+            key = (tunnel.client_id, tunnel.group)
+            per_tunnel[key] = per_tunnel.get(key, 0) + 1
+            mux = tunnel.mux
+            per_client[tunnel.client_id] = per_client.get(tunnel.client_id, 0) + mux.stream_count
+            _add(client_bytes, tunnel.client_id, mux.bytes_sent, mux.bytes_received)
+            queued += sum(stream.queued_bytes for stream in mux.streams())
+            sockets += transport_buffered(mux.lowest_transport)
+        for (client_id, group), count in sorted(per_tunnel.items()):
+            connected.add_metric([client_id, group], count)
+        for client_id, count in sorted(per_client.items()):
+            client_streams.add_metric([client_id], count)
+        yield connected
+        yield client_streams
+        yield _bytes_family("anyproxy_gateway_client_bytes",
+                            "Stream payload bytes through each client's tunnels (in: from "
+                            "users towards targets, out: back to users).",
+                            "client_id", client_bytes)
+
+        active = dict.fromkeys(self._frontend_bytes, 0)
+        frontend_bytes = {key: list(pair) for key, pair in self._frontend_bytes.items()}
+        relay = dict(self._relay_retired)
+        for stream, frontend in self._live.items():
+            active[frontend] = active.get(frontend, 0) + 1
+            _add(frontend_bytes, frontend, stream.bytes_sent, stream.bytes_received)
+            live_relay = _udp_relay(stream)
+            if live_relay is not None:
+                for name, value in live_relay.counters().items():
+                    relay[name] = relay.get(name, 0) + value
+        streams = GaugeMetricFamily("anyproxy_gateway_streams_active",
+                                    "Streams open now, by frontend.", labels=["frontend"])
+        for frontend, count in sorted(active.items()):
+            streams.add_metric([frontend], count)
+        yield streams
+        yield _bytes_family("anyproxy_gateway_frontend_bytes",
+                            "Stream payload bytes by frontend (in: from users towards "
+                            "targets, out: back to users).", "frontend", frontend_bytes)
+
+        relayed = CounterMetricFamily("anyproxy_gateway_udp_datagrams_relayed",
+                                      "SOCKS5 UDP datagrams relayed.", labels=["direction"])
+        for name, direction in sorted(_RELAYED.items()):
+            relayed.add_metric([direction], relay.get(name, 0))
+        dropped = CounterMetricFamily("anyproxy_gateway_udp_datagrams_dropped",
+                                      "SOCKS5 UDP datagrams dropped, by reason.",
+                                      labels=["reason"])
+        for reason in _RELAY_DROPS:
+            dropped.add_metric([reason], relay.get("dropped_" + reason, 0))
+        yield relayed
+        yield dropped
+        yield _buffered_family(queued, sockets)
+
+
+def _udp_relay(stream):
+    """The L{UdpRelay} of a gateway udp stream (SOCKS5 UDP ASSOCIATE), or C{None}."""
+    if stream.kind != "udp":
+        return None
+    relay = getattr(stream.protocol, "relay", None)
+    return relay if hasattr(relay, "counters") else None
+
+
+class ClientMetrics(Collector):
+    """
+    The client's metrics, all read at scrape time; L{make_client_service}
+    builds one per service.
+
+    Byte directions: C{in} is what users send towards targets (received from
+    the gateway), C{out} what goes back to them, as on the gateway.
+
+    @ivar registry: the C{CollectorRegistry} to expose.
+    """
+
+    def __init__(self, factories, dialer):
+        """
+        @param factories: C{{(host, port): ClientTunnelFactory}}, one per gateway.
+        @param dialer: the L{anyproxy.client.dialer.Dialer}.
+        """
+        self._factories = factories
+        self._dialer = dialer
+        self.registry = _new_registry()
+        self.registry.register(self)
+
+    def collect(self):
+        connected = GaugeMetricFamily("anyproxy_client_tunnels_connected",
+                                      "Tunnels up now, by gateway.", labels=["gateway"])
+        established = CounterMetricFamily(
+            "anyproxy_client_tunnels_established",
+            "Tunnels that completed the handshake (the first connection and every "
+            "reconnect).", labels=["gateway"])
+        lost = CounterMetricFamily(
+            "anyproxy_client_tunnels_lost",
+            "Tunnels lost after the handshake; each is then reconnected with backoff.",
+            labels=["gateway"])
+        totals = {}
+        queued = sockets = 0
+        for (host, port), factory in sorted(self._factories.items()):
+            gateway = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+            connected.add_metric([gateway], len(factory.connected))
+            established.add_metric([gateway], factory.established)
+            lost.add_metric([gateway], factory.lost)
+            pair = totals[gateway] = [factory.retired_bytes_received, factory.retired_bytes_sent]
+            for protocol in list(factory.connected):
+                mux = protocol.mux
+                pair[0] += mux.bytes_received
+                pair[1] += mux.bytes_sent
+                queued += sum(stream.queued_bytes for stream in mux.streams())
+                sockets += transport_buffered(mux.lowest_transport)
+        yield connected
+        yield established
+        yield lost
+        yield _bytes_family("anyproxy_client_bytes",
+                            "Stream payload bytes through the tunnels to each gateway (in: "
+                            "from users towards targets, out: back to users).",
+                            "gateway", totals)
+
+        dialer = self._dialer
+        stats = dialer.udp_stats
+        yield GaugeMetricFamily("anyproxy_client_streams_active",
+                                "Streams (TCP connections and UDP associations) open now.",
+                                value=dialer.active)
+        refusals = CounterMetricFamily(
+            "anyproxy_client_acl_refusals",
+            "Refused by access control: stream opens, and single UDP datagrams.",
+            labels=["kind"])
+        refusals.add_metric(["stream"], dialer.acl_refusals)
+        refusals.add_metric(["udp_datagram"], stats.dropped_acl)
+        yield refusals
+        yield CounterMetricFamily("anyproxy_client_udp_associations",
+                                  "UDP associations opened.", value=stats.associations)
+        datagrams = CounterMetricFamily("anyproxy_client_udp_datagrams",
+                                        "UDP datagrams relayed.", labels=["direction"])
+        datagrams.add_metric(["to_target"], stats.sent)
+        datagrams.add_metric(["to_user"], stats.received)
+        yield datagrams
+        udp_bytes = CounterMetricFamily("anyproxy_client_udp_bytes",
+                                        "UDP payload bytes relayed.", labels=["direction"])
+        udp_bytes.add_metric(["to_target"], stats.bytes_sent)
+        udp_bytes.add_metric(["to_user"], stats.bytes_received)
+        yield udp_bytes
+        dropped = CounterMetricFamily("anyproxy_client_udp_datagrams_dropped",
+                                      "UDP datagrams dropped, by reason.", labels=["reason"])
+        dropped.add_metric(["acl"], stats.dropped_acl)
+        dropped.add_metric(["error"], stats.dropped_error)
+        dropped.add_metric(["unsolicited"], stats.dropped_unsolicited)
+        yield dropped
+        yield _buffered_family(queued, sockets)
+
+
+class MetricsPage(resource.Resource):
+    """C{GET /metrics}: the registry in the Prometheus text (or OpenMetrics) format."""
+
+    isLeaf = True
+
+    def __init__(self, registry):
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request):
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        return encoder(self._registry)
+
+
+class _QuietSite(server.Site):
+    # A scrape every few seconds is not worth an access-log line.
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+def metrics_site(registry, reactor):
+    """The C{IProtocolFactory} serving C{registry} at C{/metrics} (404 elsewhere)."""
+    root = resource.Resource()
+    root.putChild(b"metrics", MetricsPage(registry))
+    return _QuietSite(root, reactor=reactor)

@@ -1,0 +1,56 @@
+# -*- test-case-name: tests.test_limits -*-
+"""
+Connection records: what the status page and metrics show about each open
+stream (id, target, tunnel, created, last active, bytes each way).
+
+A record is a snapshot read off a L{anyproxy.tunnel.stream.Stream}; nothing is
+kept per stream beyond the stream's own attributes, so taking records costs
+nothing until someone asks for them.
+"""
+
+import attr
+
+
+@attr.s(frozen=True, slots=True)
+class StreamRecord:
+    """
+    One open stream.
+
+    @ivar stream_id: the stream's id within its tunnel.
+    @ivar tunnel: the tunnel's name (C{client_id@address} at the gateway).
+    @ivar kind: C{"tcp"} or C{"udp"}.
+    @ivar host: the target asked for.
+    @ivar port: the target port.
+    @ivar created: when the stream was opened (seconds since the epoch).
+    @ivar last_active: when it last carried a byte (seconds since the epoch).
+    @ivar bytes_sent: DATA bytes this side sent on the stream.
+    @ivar bytes_received: DATA bytes this side received on it.
+    """
+
+    stream_id = attr.ib()
+    tunnel = attr.ib()
+    kind = attr.ib()
+    host = attr.ib()
+    port = attr.ib()
+    created = attr.ib()
+    last_active = attr.ib()
+    bytes_sent = attr.ib(default=0)
+    bytes_received = attr.ib(default=0)
+
+    def as_dict(self):
+        """A JSON-able dict (for the status page's API)."""
+        return attr.asdict(self)
+
+
+def record_of(stream):
+    """The L{StreamRecord} of one stream, now."""
+    return StreamRecord(
+        stream_id=stream.stream_id, tunnel=stream.getHost().tunnel, kind=stream.kind,
+        host=stream.host, port=stream.port, created=stream.created,
+        last_active=stream.last_active,
+        bytes_sent=stream.bytes_sent, bytes_received=stream.bytes_received)
+
+
+def gateway_records(registry):
+    """The records of every open stream of every tunnel in a L{TunnelRegistry}."""
+    return [record_of(stream) for tunnel in registry.tunnels() for stream in tunnel.mux.streams()]

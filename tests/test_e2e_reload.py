@@ -1,0 +1,255 @@
+"""
+Config reload end to end on loopback: a gateway and a client in this
+process (L{tests.support.Deployment}), a new YAML written over the config
+file, then L{anyproxy.reload.Reloader.reload} (what SIGHUP calls).  Each
+test also keeps a stream opened before the reload and checks it still
+carries data afterwards.
+"""
+
+import os
+import ssl
+
+import yaml
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial import unittest
+
+from anyproxy.reload import Reloader
+from tests.support import (
+    PROXY_PASSWORD, PROXY_USER, Deployment, Echo, SecretWatch, listen_tcp, run_curl, web_site)
+from tests.test_e2e_tcp import socks_connect, socks_error
+from tests.test_e2e_twistd import free_port, port_open, wait_until
+
+NEW_PASSWORD = "n3w-proxy-pw"
+
+
+def roundtrip(sock, data):
+    """Send C{data} on an echo stream and read it back."""
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def socks_roundtrip(proxy_port, port, data, password=PROXY_PASSWORD):
+    sock = socks_connect(proxy_port, "127.0.0.1", port, password=password)
+    try:
+        return roundtrip(sock, data)
+    finally:
+        sock.close()
+
+
+def write_yaml(path, data):
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+
+
+class _ReloadBase(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.deployment = Deployment(self)
+        SecretWatch(self, secrets=[NEW_PASSWORD])
+        self.gateway = yield self.deployment.start_gateway()
+        self.client = yield self.deployment.start_client()
+        self.gateway_reloader = Reloader(self.gateway.config.path, "gateway", self.gateway,
+                                         self.gateway.config, reactor)
+        self.client_reloader = Reloader(self.client.config.path, "client", self.client,
+                                        self.client.config, reactor)
+        self.echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        self.web_port = listen_tcp(self, web_site()).getHost().port
+        self.lines = []
+        globalLogPublisher.addObserver(self._log)
+        self.addCleanup(globalLogPublisher.removeObserver, self._log)
+
+    def _log(self, event):
+        self.lines.append(formatEvent(event))
+
+    def reload_lines(self, prefix):
+        return [line for line in self.lines if line.startswith(prefix)]
+
+    @defer.inlineCallbacks
+    def open_stream(self):
+        """An echo stream through SOCKS5 (old credentials), checked once; closed at cleanup."""
+        sock = yield deferToThread(socks_connect, self.deployment.socks_port, "127.0.0.1",
+                                   self.echo_port)
+        self.addCleanup(sock.close)
+        got = yield deferToThread(roundtrip, sock, b"before the reload")
+        self.assertEqual(got, b"before the reload")
+        return sock
+
+    @defer.inlineCallbacks
+    def assert_flows(self, sock):
+        payload = os.urandom(100000)
+        got = yield deferToThread(roundtrip, sock, payload)
+        self.assertEqual(got, payload)
+
+    def reload_gateway(self, **overrides):
+        write_yaml(self.gateway.config.path, self.deployment.gateway_config(**overrides))
+        return self.gateway_reloader.reload()
+
+    def reload_client(self, **overrides):
+        data = self.deployment.client_config(client=overrides)
+        write_yaml(self.client.config.path, data)
+        return self.client_reloader.reload()
+
+    @defer.inlineCallbacks
+    def http_status(self, password, port=None):
+        out, err, code = yield run_curl(
+            "-x", "http://%s:%s@127.0.0.1:%d" % (PROXY_USER, password,
+                                                 port or self.deployment.http_port),
+            "-o", "/dev/null", "-w", "%{http_code}",
+            "http://127.0.0.1:%d/hello" % (self.web_port,))
+        self.assertEqual(code, 0, err)
+        return out.decode()
+
+
+def proxies(password, socks_addr="127.0.0.1:0"):
+    """The C{proxy} section with C{password} on both listeners."""
+    return {"socks5": {"listen_addr": socks_addr, "auth_username": PROXY_USER,
+                       "auth_password": password},
+            "http": {"listen_addr": "127.0.0.1:0", "auth_username": PROXY_USER,
+                     "auth_password": password}}
+
+
+class GatewayReloadTests(_ReloadBase):
+    """Passwords, listen addresses and certificates changed on a running gateway."""
+
+    @defer.inlineCallbacks
+    def test_password_change(self):
+        """A new proxy password replaces the old one for new logins; a running stream goes on."""
+        sock = yield self.open_stream()
+        self.assertTrue((yield self.reload_gateway(proxy=proxies(NEW_PASSWORD))))
+        msg = yield deferToThread(socks_error, self.deployment.socks_port, "127.0.0.1",
+                                  self.echo_port)
+        self.assertIn("authentication failed", msg.lower())
+        got = yield deferToThread(socks_roundtrip, self.deployment.socks_port, self.echo_port,
+                                  b"new", password=NEW_PASSWORD)
+        self.assertEqual(got, b"new")
+        self.assertEqual((yield self.http_status(PROXY_PASSWORD)), "407")
+        self.assertEqual((yield self.http_status(NEW_PASSWORD)), "200")
+        yield self.assert_flows(sock)
+        self.assertEqual(self.reload_lines("reload applied"), [
+            "reload applied: proxy.socks5.auth_password, proxy.http.auth_password changed; "
+            "certificates re-read"])
+
+    @defer.inlineCallbacks
+    def test_listen_port_change(self):
+        """A new SOCKS5 port serves; the old one closes after; its connection survives."""
+        old_port = self.deployment.socks_port
+        sock = yield self.open_stream()
+        new_port = free_port()
+        self.assertTrue((yield self.reload_gateway(
+            proxy=proxies(PROXY_PASSWORD, "127.0.0.1:%d" % (new_port,)))))
+        self.assertEqual(self.gateway.listeners["socks5 proxy"].port.getHost().port, new_port)
+        got = yield deferToThread(socks_roundtrip, new_port, self.echo_port, b"via the new port")
+        self.assertEqual(got, b"via the new port")
+        self.assertFalse(port_open(old_port))
+        yield self.assert_flows(sock)
+
+    @defer.inlineCallbacks
+    def test_tunnel_port_and_gateway_list(self):
+        """
+        The tunnel listener moves without dropping the connected tunnel; the
+        client, given the new address, drops its old tunnel and connects there.
+        """
+        old_port = self.deployment.gateway_port
+        sock = yield self.open_stream()
+        new_port = free_port()
+        self.assertTrue((yield self.reload_gateway(
+            gateway={"listen_addr": "127.0.0.1:%d" % (new_port,)})))
+        self.assertFalse(port_open(old_port))
+        yield self.assert_flows(sock)  # the tunnel came in on the old port
+        [old_tunnel] = self.gateway.registry.tunnels()
+
+        self.assertTrue((yield self.reload_client(gateway_addr="127.0.0.1:%d" % (new_port,))))
+        self.assertEqual(list(self.client.factories), [("127.0.0.1", new_port)])
+        yield wait_until(lambda: [t for t in self.gateway.registry.tunnels()
+                                  if t is not old_tunnel], timeout=10)
+        yield wait_until(lambda: old_tunnel not in self.gateway.registry.tunnels(), timeout=10)
+        got = yield deferToThread(socks_roundtrip, self.deployment.socks_port, self.echo_port,
+                                  b"through the new tunnel")
+        self.assertEqual(got, b"through the new tunnel")
+
+    @defer.inlineCallbacks
+    def test_certificate_reread(self):
+        """New TLS connections get the new certificate; the connected tunnel stays."""
+        sock = yield self.open_stream()
+        cert = self.deployment.pki.ca.issue_cert("localhost", "127.0.0.1")
+        directory = self.deployment.pki.directory
+        cert_path, key_path = (os.path.join(directory, "new.crt"),
+                               os.path.join(directory, "new.key"))
+        cert.cert_chain_pems[0].write_to_path(cert_path)
+        cert.private_key_pem.write_to_path(key_path)
+        self.assertTrue((yield self.reload_gateway(
+            gateway={"tls_cert": cert_path, "tls_key": key_path})))
+        served = yield deferToThread(ssl.get_server_certificate,
+                                     ("127.0.0.1", self.deployment.gateway_port))
+        self.assertEqual(ssl.PEM_cert_to_DER_cert(served),
+                         ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode()))
+        yield self.assert_flows(sock)
+
+    @defer.inlineCallbacks
+    def test_broken_file_refused(self):
+        """Bad YAML is refused in one line naming the file; the old password still works."""
+        sock = yield self.open_stream()
+        with open(self.gateway.config.path, "w") as f:
+            f.write("proxy:\n  socks5: {listen_addr: [\n")
+        self.assertFalse((yield self.gateway_reloader.reload()))
+        [line] = self.reload_lines("reload refused")
+        self.assertTrue(line.startswith("reload refused: %s: " % (self.gateway.config.path,)))
+        self.assertIn("bad YAML", line)
+        got = yield deferToThread(socks_roundtrip, self.deployment.socks_port, self.echo_port,
+                                  b"still the old password")
+        self.assertEqual(got, b"still the old password")
+        yield self.assert_flows(sock)
+
+
+class ClientReloadTests(_ReloadBase):
+    """Access control and replicas changed on a running client."""
+
+    @defer.inlineCallbacks
+    def test_acl_change_both_ways(self):
+        """An allowed target is refused after a reload, then allowed again; a stream goes on."""
+        sock = yield self.open_stream()
+        self.assertTrue((yield self.reload_client(forbidden_hosts=["127.0.0.0/8"])))
+        msg = yield deferToThread(socks_error, self.deployment.socks_port, "127.0.0.1",
+                                  self.echo_port)
+        self.assertIn("0x02", msg)
+        yield self.assert_flows(sock)
+
+        self.assertTrue((yield self.reload_client(forbidden_hosts=[])))
+        got = yield deferToThread(socks_roundtrip, self.deployment.socks_port, self.echo_port,
+                                  b"allowed again")
+        self.assertEqual(got, b"allowed again")
+        yield self.assert_flows(sock)
+
+    @defer.inlineCallbacks
+    def test_bad_cidr_refused(self):
+        """A bad CIDR is refused naming the file and key; the old ACL stays in force."""
+        sock = yield self.open_stream()
+        self.assertFalse((yield self.reload_client(forbidden_hosts=["127.0.0.0/33"])))
+        [line] = self.reload_lines("reload refused")
+        self.assertIn("%s: client.forbidden_hosts[0]: " % (self.client.config.path,), line)
+        got = yield deferToThread(socks_roundtrip, self.deployment.socks_port, self.echo_port,
+                                  b"still allowed")
+        self.assertEqual(got, b"still allowed")
+        yield self.assert_flows(sock)
+
+    @defer.inlineCallbacks
+    def test_replicas(self):
+        """Raising replicas connects more tunnels; lowering closes the extra ones."""
+        registry = self.gateway.registry
+        self.assertTrue((yield self.reload_client(replicas=3)))
+        yield wait_until(lambda: len(registry.tunnels()) == 3, timeout=10)
+        self.assertTrue((yield self.reload_client(replicas=1)))
+        yield wait_until(lambda: len(registry.tunnels()) == 1, timeout=10)
+        got = yield deferToThread(socks_roundtrip, self.deployment.socks_port, self.echo_port,
+                                  b"one tunnel left")
+        self.assertEqual(got, b"one tunnel left")
