@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from anyproxy.tuning import read_in_bulk
+from anyproxy.tuning import read_in_bulk, set_no_delay
 
 
 @implementer(IHalfCloseableProtocol)
@@ -46,8 +46,11 @@ class SpliceEnd(Protocol):
         """Pair this end with C{other}; both must be connected (have transports)."""
         self.other = other
         other.other = self
-        read_in_bulk(self.transport)
-        read_in_bulk(other.transport)
+        for end in (self, other):
+            # Bulk reads; and no Nagle delay: we forward what we read at once,
+            # as Go's net package (the original project) does by default.
+            read_in_bulk(end.transport)
+            set_no_delay(end.transport)
         self.transport.registerProducer(other.transport, True)
         other.transport.registerProducer(self.transport, True)
         self._has_producer = other._has_producer = True

@@ -43,3 +43,14 @@ def read_in_bulk(transport):
     transport = getattr(transport, "transport", None) or transport  # under TLS
     if hasattr(transport, "bufferSize"):
         transport.bufferSize = READ_SIZE
+
+
+def set_no_delay(transport):
+    """Turn off Nagle's algorithm on a TCP transport (best effort)."""
+    transport = getattr(transport, "transport", None) or transport
+    set_option = getattr(transport, "setTcpNoDelay", None)
+    if set_option is not None:
+        try:
+            set_option(True)
+        except OSError:
+            pass  # not a TCP socket (e.g. a UNIX socket)

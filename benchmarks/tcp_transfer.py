@@ -12,6 +12,7 @@ to the direct download.  Usage: .venv/bin/python benchmarks/tcp_transfer.py [--m
 import argparse
 import importlib.util
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -123,6 +124,8 @@ def main():
         for proc in procs:
             proc.kill()
             proc.wait()
+        log.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,20 @@ class TuningTests(unittest.TestCase):
         """On glibc the mmap threshold is set (and setting it twice is harmless)."""
         first = tuning.tune_malloc()
         self.assertEqual(tuning.tune_malloc(), first)
+
+
+class NoDelayTests(unittest.TestCase):
+    """Nagle's algorithm is turned off where we ask."""
+
+    def test_set_no_delay(self):
+        """setTcpNoDelay(True) is called on the TCP transport, also under TLS."""
+        calls = []
+
+        class TCP:
+            def setTcpNoDelay(self, enabled):
+                calls.append(enabled)
+
+        tuning.set_no_delay(TCP())
+        tuning.set_no_delay(FakeTLS(TCP()))
+        tuning.set_no_delay(object())  # no such option: ignored
+        self.assertEqual(calls, [True, True])
