@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.auth import ANONYMOUS
+from anyproxy.tuning import set_no_delay
 from anyproxy.frontends.http_forward import (
     ForwardExchange,
     ReadGate,
@@ -88,6 +89,9 @@ class HttpProxyProtocol(Protocol):
     # -- Twisted protocol ---------------------------------------------------
 
     def connectionMade(self):
+        # Responses go out as several writes (head, body pieces); with Nagle
+        # on, each would wait for the user's delayed ACK (~40 ms a request).
+        set_no_delay(self.transport)
         # Public: a ForwardExchange pauses user reads through it too.
         self.read_gate = ReadGate(self.transport)
         peer = self.transport.getPeer()

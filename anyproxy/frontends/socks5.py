@@ -60,6 +60,7 @@ from anyproxy.frontends.socks5_parser import (
 )
 from anyproxy.frontends.socks5_udp import UdpAssociation
 from anyproxy.splice import SpliceEnd
+from anyproxy.tuning import set_no_delay
 
 _NEGOTIATING = "negotiating"
 _OPENING = "opening"
@@ -121,6 +122,7 @@ class Socks5Protocol(SpliceEnd):
         self._association = None
 
     def connectionMade(self):
+        set_no_delay(self.transport)  # replies must not wait for delayed ACKs
         self._peer = _describe_address(self.transport.getPeer())
         self._timeout_call = self.factory.reactor.callLater(
             self.factory.handshake_timeout, self._handshake_timed_out
