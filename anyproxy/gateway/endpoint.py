@@ -74,21 +74,28 @@ class TunnelEndpoint:
     def _open_stream(self):
         d = self._registry.wait_for(self.group, self._wait)
         d.addCallback(lambda tunnel: tunnel.mux.open_stream(self.kind, self.host, self.port))
-
-        def timed_out(failure):
-            failure.trap(defer.TimeoutError)
-            raise StreamOpenError(Reason.TIMED_OUT, "client did not answer in time")
-
-        d.addTimeout(self._open_timeout, self._clock)
-        return d.addErrback(timed_out)
+        return bound_open(d, self._open_timeout, self._clock)
 
     def connect(self, protocol_factory):
-        def attach(stream):
-            protocol = protocol_factory.buildProtocol(stream.getPeer())
-            if protocol is None:
-                stream.reset(Reason.GENERAL_FAILURE)
-                raise StreamOpenError(Reason.GENERAL_FAILURE, "no protocol for the stream")
-            stream.attach(protocol)
-            return protocol
+        return self.open_stream().addCallback(attach_protocol, protocol_factory)
 
-        return self.open_stream().addCallback(attach)
+
+def bound_open(opening, timeout, clock):
+    """Fail a pending stream open with TIMED_OUT after C{timeout} seconds."""
+
+    def timed_out(failure):
+        failure.trap(defer.TimeoutError)
+        raise StreamOpenError(Reason.TIMED_OUT, "client did not answer in time")
+
+    opening.addTimeout(timeout, clock)
+    return opening.addErrback(timed_out)
+
+
+def attach_protocol(stream, protocol_factory):
+    """Connect a protocol from C{protocol_factory} to an opened stream."""
+    protocol = protocol_factory.buildProtocol(stream.getPeer())
+    if protocol is None:
+        stream.reset(Reason.GENERAL_FAILURE)
+        raise StreamOpenError(Reason.GENERAL_FAILURE, "no protocol for the stream")
+    stream.attach(protocol)
+    return protocol

@@ -49,8 +49,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.config import _split_endpoint
-from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.gateway.endpoint import DEFAULT_OPEN_TIMEOUT
+from anyproxy.gateway.endpoint import DEFAULT_OPEN_TIMEOUT, attach_protocol, bound_open
 from anyproxy.gateway.forwarding_udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
 from anyproxy.splice import SpliceEnd
 
@@ -174,21 +173,8 @@ class BoundTunnelEndpoint:
 
     def connect(self, protocol_factory):
         d = self.tunnel.mux.open_stream(self.kind, self.host, self.port)
-
-        def timed_out(failure):
-            failure.trap(defer.TimeoutError)
-            raise StreamOpenError(Reason.TIMED_OUT, "client did not answer in time")
-
-        def attach(stream):
-            protocol = protocol_factory.buildProtocol(stream.getPeer())
-            if protocol is None:
-                stream.reset(Reason.GENERAL_FAILURE)
-                raise StreamOpenError(Reason.GENERAL_FAILURE, "no protocol for the stream")
-            stream.attach(protocol)
-            return protocol
-
-        d.addTimeout(self._open_timeout, self._clock)
-        return d.addErrback(timed_out).addCallback(attach)
+        d = bound_open(d, self._open_timeout, self._clock)
+        return d.addCallback(attach_protocol, protocol_factory)
 
 
 @attr.s(eq=False)
