@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from anyproxy import __version__
 from anyproxy.client.dialer import Dialer
-from anyproxy.gateway.service import Listener, rebind
+from anyproxy.listeners import Listener, rebind
 from anyproxy.metrics import ClientMetrics, metrics_site
 from anyproxy.tls import client_tls_options
 from anyproxy.tunnel import frames
