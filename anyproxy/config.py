@@ -10,23 +10,21 @@ never shows a password.  Unknown keys are refused, so a typo fails at start
 instead of silently falling back to a default.
 """
 
-import difflib
-import ipaddress
 import os
 import socket
 import types
 
 import attr
-import yaml
 
+from anyproxy.addresses import dial_address, port_range
 from anyproxy.auth import DEFAULT_GROUP
+from anyproxy.config_reader import Node, Reader, read_yaml, type_name
 from anyproxy.client.acl import AccessPolicy, HostRule, LimitRule
 from anyproxy.errors import ConfigError
 from anyproxy.frontends.registry import (
     UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
 from anyproxy.interfaces import OptionError
 
-ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 BALANCE_POLICIES = ("least_streams", "round_robin", "random")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
@@ -259,278 +257,6 @@ class Config:
 # ---------------------------------------------------------------------------
 # Address conversions (pure; raise ValueError)
 
-def _split_endpoint(text):
-    """Split a Twisted endpoint string on unescaped colons."""
-    parts, current, escaped = [], [], False
-    for char in text:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-def _check_port(text, low=0):
-    if not (isinstance(text, str) and text.isascii() and text.isdigit()) or not low <= int(text) <= 65535:
-        raise ValueError("bad port %r (want %d-65535)" % (text, low))
-    return int(text)
-
-
-def _is_loopback(host):
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_endpoint(text):
-    """Validate a Twisted endpoint string; return whether it is local-only."""
-    kind, *args = _split_endpoint(text)
-    positional = [a for a in args if "=" not in a]
-    options = dict(a.split("=", 1) for a in args if "=" in a)
-    if kind == "unix":
-        if not ((positional and positional[0]) or options.get("address")):
-            raise ValueError("unix endpoint needs a socket path")
-        return True
-    if kind == "systemd":
-        return False
-    _check_port(positional[0] if positional else options.get("port", ""))
-    if kind == "ssl" and not options.get("privateKey"):
-        raise ValueError("ssl endpoint needs privateKey=")
-    return _is_loopback(options.get("interface", ""))
-
-
-def listen_endpoint(text):
-    """
-    Convert a C{listen_addr} to C{(endpoint string, local-only)}.
-
-    C{host:port} -> C{tcp:port:interface=host}, C{[::1]:port} ->
-    C{tcp6:port:interface=\\:\\:1}, C{:port} -> C{tcp:port}, and a string
-    starting with a known endpoint type passes through unchanged.
-
-    @raise ValueError: with the reason.
-    """
-    kind = text.split(":", 1)[0]
-    if kind in ENDPOINT_TYPES and ":" in text:
-        return text, _check_endpoint(text)
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError("expected [IPv6]:port, got %r" % (text,))
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        raise ValueError("expected host:port, :port or an endpoint string such as "
-                         "tcp:1080:interface=127.0.0.1, got %r (IPv6 goes in brackets)" % (text,))
-    port = _check_port(port)
-    if not host:
-        return "tcp:%d" % (port,), False
-    try:
-        address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
-    except ValueError:
-        raise ValueError("%r is not an IP address or localhost (endpoint types: %s)"
-                         % (host, ", ".join(ENDPOINT_TYPES))) from None
-    if address.version == 6:
-        return "tcp6:%d:interface=%s" % (port, str(address).replace(":", "\\:")), address.is_loopback
-    return "tcp:%d:interface=%s" % (port, address), address.is_loopback
-
-
-def dial_address(text):
-    """C{host:port} or C{[v6]:port} -> C{(host, port)}; raise ValueError."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError("expected [IPv6]:port, got %r" % (text,))
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        raise ValueError("expected host:port, got %r" % (text,))
-    if not host or any(c.isspace() or c in "/@" for c in host):
-        raise ValueError("bad host in %r" % (text,))
-    return host, _check_port(port, low=1)
-
-
-def port_range(value):
-    """C{9001}, C{"9001"} or C{"9000-9100"} -> C{(low, high)}."""
-    text = str(value).strip() if not isinstance(value, bool) else ""
-    low, _, high = text.partition("-")
-    low = _check_port(low.strip(), low=1)
-    high = _check_port(high.strip(), low=1) if high else low
-    if high < low:
-        raise ValueError("empty port range %r" % (text,))
-    return low, high
-
-
-# ---------------------------------------------------------------------------
-# The loader: typed reads of one mapping, with the key path for errors
-
-_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number",
-               str: "a string", list: "a list", dict: "a mapping", type(None): "nothing"}
-
-
-def _type_name(value):
-    return _TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (the later one would win)."""
-
-
-def _construct_mapping(loader, node, deep=False):
-    loader.flatten_mapping(node)
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, "duplicate key %r" % (key,), key_node.start_mark)
-            seen.add(key)
-        except TypeError:
-            pass
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-@attr.s
-class _Reader:
-    """The file being loaded: where errors point and how paths resolve."""
-
-    source = attr.ib()
-    base_dir = attr.ib()
-    check_files = attr.ib()
-
-    def fail(self, path, problem):
-        problem = " ".join(str(problem).split())
-        raise ConfigError("%s: %s: %s" % (self.source, path, problem) if path
-                          else "%s: %s" % (self.source, problem))
-
-
-@attr.s
-class _Node:
-    """One mapping in the file, with its key path."""
-
-    reader = attr.ib()
-    path = attr.ib()
-    data = attr.ib()
-    check_files = attr.ib(default=True)
-
-    @classmethod
-    def of(cls, reader, path, value, known, check_files=True):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            reader.fail(path, "expected a mapping, got %s" % (_type_name(value),))
-        for key in value:
-            if key not in known:
-                hint = difflib.get_close_matches(str(key), known, n=1)
-                reader.fail(_join(path, key), "unknown key%s" % (
-                    " (did you mean %r?)" % (hint[0],) if hint else
-                    " (expected one of: %s)" % (", ".join(known),)))
-        return cls(reader, path, value, check_files)
-
-    def key(self, key):
-        return _join(self.path, key)
-
-    def fail(self, key, problem):
-        self.reader.fail(self.key(key), problem)
-
-    def get(self, key, types, default, what):
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-            self.fail(key, "expected %s, got %s" % (what, _type_name(value)))
-        return value
-
-    def string(self, key, default=""):
-        value = self.get(key, (str,), default, "a string (quote numbers)")
-        # Passwords keep their spaces; everything else is trimmed.
-        return value.strip() if isinstance(value, str) and "password" not in key else value
-
-    def boolean(self, key, default):
-        return self.get(key, (bool,), default, "true or false")
-
-    def integer(self, key, default, low=0, high=None):
-        value = self.get(key, (int,), default, "an integer")
-        if value < low or (high is not None and value > high):
-            self.fail(key, "%d is out of range (%d-%s)" % (value, low, high or "..."))
-        return value
-
-    def number(self, key, default, positive=False):
-        try:
-            value = float(self.get(key, (int, float), default, "a number of seconds"))
-        except OverflowError:
-            value = float("inf")
-        if value < 0 or (positive and value == 0) or value != value or value == float("inf"):
-            self.fail(key, "must be %s, got %r" % ("> 0" if positive else ">= 0", value))
-        return value
-
-    def choice(self, key, default, choices, aliases=None):
-        value = self.get(key, (str,), default, "one of: %s" % (", ".join(choices),)).strip().lower()
-        value = (aliases or {}).get(value, value)
-        if value not in choices:
-            self.fail(key, "%r is not one of: %s" % (value, ", ".join(choices)))
-        return value
-
-    def items(self, key):
-        value = self.get(key, (list,), [], "a list")
-        return [("%s[%d]" % (self.key(key), i), item) for i, item in enumerate(value)]
-
-    def child(self, key, known, check_files=None):
-        check = self.check_files if check_files is None else check_files
-        return _Node.of(self.reader, self.key(key), self.data.get(key), known, check)
-
-    def file(self, key, required=False):
-        value = self.string(key)
-        if not value:
-            if required:
-                self.fail(key, "required (path to a PEM file)")
-            return None
-        path = os.path.normpath(os.path.join(self.reader.base_dir, os.path.expanduser(value)))
-        if self.check_files and self.reader.check_files and not os.path.isfile(path):
-            self.fail(key, "file not found: %s (relative paths are relative to the "
-                           "config file's directory)" % (path,))
-        return path
-
-    def listen(self, key):
-        """C{(raw listen_addr, endpoint, local)}; endpoint C{None} if empty."""
-        value = self.get(key, (str, int), "", "a string such as ':1080'")
-        raw = (":%d" % value) if isinstance(value, int) else value.strip()
-        if not raw:
-            return raw, None, False
-        try:
-            endpoint, local = listen_endpoint(raw)
-        except ValueError as e:
-            self.fail(key, e)
-        return raw, endpoint, local
-
-    def credentials(self, user_key, password_key):
-        username, password = self.string(user_key), self.string(password_key)
-        if bool(username) != bool(password):
-            self.fail(password_key if username else user_key,
-                      "set both %s and %s, or neither" % (user_key, password_key))
-        return username, password
-
-
-def _join(path, key):
-    return "%s.%s" % (path, key) if path else str(key)
-
-
-# ---------------------------------------------------------------------------
-# Sections
-
 _LISTENER_KEYS = ("listen_addr", "auth_username", "auth_password", "allow_anonymous",
                   "max_conns")
 
@@ -559,7 +285,7 @@ def _frontends(node):
     """C{proxy.frontends}: listeners served by frontend plugins, checked by them."""
     frontends = []
     for index, (path, item) in enumerate(node.items("frontends")):
-        entry = _Node.of(node.reader, path, item, _FRONTEND_KEYS)
+        entry = Node.of(node.reader, path, item, _FRONTEND_KEYS)
         kind = entry.string("type")
         if not kind:
             entry.fail("type", "required (available: %s)" % (", ".join(sorted(available_frontends())),))
@@ -598,7 +324,7 @@ _GATEWAY_KEYS = (
 def _users(node):
     users, seen = [], set()
     for path, item in node.items("users"):
-        entry = _Node.of(node.reader, path, item, ("username", "password", "group"))
+        entry = Node.of(node.reader, path, item, ("username", "password", "group"))
         username = entry.string("username")
         if not username:
             entry.fail("username", "required")
@@ -670,13 +396,13 @@ def _gateway_addrs(node):
         items = node.items("gateway_addr")
     else:
         node.fail("gateway_addr", "expected 'host:port' or a list of them, got %s"
-                  % (_type_name(value),))
+                  % (type_name(value),))
     if not items or not any(isinstance(v, str) and v.strip() for _, v in items):
         node.fail("gateway_addr", "required, e.g. 'gateway.example.com:8443'")
     addrs = []
     for path, item in items:
         if not isinstance(item, str):
-            node.reader.fail(path, "expected a string 'host:port', got %s" % (_type_name(item),))
+            node.reader.fail(path, "expected a string 'host:port', got %s" % (type_name(item),))
         try:
             addrs.append(dial_address(item.strip()))
         except ValueError as e:
@@ -694,7 +420,7 @@ def _policy(node, allow_udp):
     for path, item in node.items("limit"):
         if isinstance(item, str):
             item = {"addr": item}
-        entry = _Node.of(node.reader, path, item, ("name", "addr", "protocol"))
+        entry = Node.of(node.reader, path, item, ("name", "addr", "protocol"))
         name, addr = entry.string("name"), entry.string("addr")
         if not addr:
             entry.fail("addr", "required, e.g. 'localhost:8080'")
@@ -710,7 +436,7 @@ def _policy(node, allow_udp):
 def _open_ports(node):
     ports = []
     for path, item in node.items("open_ports"):
-        entry = _Node.of(node.reader, path, item, _OPEN_PORT_KEYS)
+        entry = Node.of(node.reader, path, item, _OPEN_PORT_KEYS)
         for key in ("remote_port", "local_port"):
             if entry.data.get(key) is None:
                 entry.fail(key, "required")
@@ -797,22 +523,6 @@ def _cross_check(node, proxy, gateway):
                              % (listener.listen_addr,))
 
 
-def _read_yaml(reader, path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=_StrictLoader)
-    except OSError as e:
-        reader.fail("", "cannot read: %s" % (e.strerror or e,))
-    except UnicodeDecodeError:
-        reader.fail("", "not UTF-8 text")
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = "line %d, column %d: " % (mark.line + 1, mark.column + 1) if mark else ""
-        reader.fail("", "%sbad YAML: %s" % (where, e.problem or e.context))
-    except yaml.YAMLError as e:
-        reader.fail("", "bad YAML: %s" % (e,))
-
-
 def load_config(path, check_files=True, role=None):
     """
     Load and check one YAML config file.
@@ -826,8 +536,8 @@ def load_config(path, check_files=True, role=None):
     @return: a L{Config}.
     @raise ConfigError: one line naming the file and key.
     """
-    reader = _Reader(path, os.path.dirname(os.path.abspath(path)), check_files)
-    root = _Node.of(reader, "", _read_yaml(reader, path), ("proxy", "gateway", "client", "log"))
+    reader = Reader(path, os.path.dirname(os.path.abspath(path)), check_files)
+    root = Node.of(reader, "", read_yaml(reader, path), ("proxy", "gateway", "client", "log"))
     proxy = _proxy(root.child("proxy", ("socks5", "http", "frontends")))
     gateway = client = None
     if root.data.get("gateway") is not None:

@@ -8,7 +8,8 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyproxy.client.acl import AccessPolicy
-from anyproxy.config import dial_address, listen_endpoint, load_config, port_range
+from anyproxy.addresses import dial_address, listen_endpoint, port_range
+from anyproxy.config import load_config
 from anyproxy.errors import ConfigError, Reason
 
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")

@@ -48,7 +48,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from anyproxy.config import _split_endpoint
+from anyproxy.addresses import split_endpoint
 from anyproxy.gateway.endpoint import DEFAULT_OPEN_TIMEOUT, attach_protocol, bound_open
 from anyproxy.gateway.forwarding_udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
 from anyproxy.splice import SpliceEnd
@@ -146,7 +146,7 @@ def listen_interface(endpoint):
     endpoint string: its C{interface=} (C{'127.0.0.1'}, C{'::1'}), or all
     interfaces (C{''}, or C{'::'} for a C{tcp6} listener) when it names none.
     """
-    parts = _split_endpoint(endpoint or "")
+    parts = split_endpoint(endpoint or "")
     options = dict(part.split("=", 1) for part in parts[1:] if "=" in part)
     if "interface" in options:
         return options["interface"]

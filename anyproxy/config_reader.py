@@ -1,0 +1,189 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Reading a YAML config strictly: duplicate keys and unknown keys refused, each
+value type-checked, and every error one line naming the file and key path.
+L{anyproxy.config} builds its classes on top of these readers.
+"""
+
+import difflib
+import os
+
+import attr
+import yaml
+
+from anyproxy.addresses import listen_endpoint
+from anyproxy.errors import ConfigError
+
+_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number",
+               str: "a string", list: "a list", dict: "a mapping", type(None): "nothing"}
+
+
+def type_name(value):
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (the later one would win)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "duplicate key %r" % (key,), key_node.start_mark)
+            seen.add(key)
+        except TypeError:
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+@attr.s
+class Reader:
+    """The file being loaded: where errors point and how paths resolve."""
+
+    source = attr.ib()
+    base_dir = attr.ib()
+    check_files = attr.ib()
+
+    def fail(self, path, problem):
+        problem = " ".join(str(problem).split())
+        raise ConfigError("%s: %s: %s" % (self.source, path, problem) if path
+                          else "%s: %s" % (self.source, problem))
+
+
+@attr.s
+class Node:
+    """One mapping in the file, with its key path."""
+
+    reader = attr.ib()
+    path = attr.ib()
+    data = attr.ib()
+    check_files = attr.ib(default=True)
+
+    @classmethod
+    def of(cls, reader, path, value, known, check_files=True):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            reader.fail(path, "expected a mapping, got %s" % (type_name(value),))
+        for key in value:
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), known, n=1)
+                reader.fail(join_path(path, key), "unknown key%s" % (
+                    " (did you mean %r?)" % (hint[0],) if hint else
+                    " (expected one of: %s)" % (", ".join(known),)))
+        return cls(reader, path, value, check_files)
+
+    def key(self, key):
+        return join_path(self.path, key)
+
+    def fail(self, key, problem):
+        self.reader.fail(self.key(key), problem)
+
+    def get(self, key, types, default, what):
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            self.fail(key, "expected %s, got %s" % (what, type_name(value)))
+        return value
+
+    def string(self, key, default=""):
+        value = self.get(key, (str,), default, "a string (quote numbers)")
+        # Passwords keep their spaces; everything else is trimmed.
+        return value.strip() if isinstance(value, str) and "password" not in key else value
+
+    def boolean(self, key, default):
+        return self.get(key, (bool,), default, "true or false")
+
+    def integer(self, key, default, low=0, high=None):
+        value = self.get(key, (int,), default, "an integer")
+        if value < low or (high is not None and value > high):
+            self.fail(key, "%d is out of range (%d-%s)" % (value, low, high or "..."))
+        return value
+
+    def number(self, key, default, positive=False):
+        try:
+            value = float(self.get(key, (int, float), default, "a number of seconds"))
+        except OverflowError:
+            value = float("inf")
+        if value < 0 or (positive and value == 0) or value != value or value == float("inf"):
+            self.fail(key, "must be %s, got %r" % ("> 0" if positive else ">= 0", value))
+        return value
+
+    def choice(self, key, default, choices, aliases=None):
+        value = self.get(key, (str,), default, "one of: %s" % (", ".join(choices),)).strip().lower()
+        value = (aliases or {}).get(value, value)
+        if value not in choices:
+            self.fail(key, "%r is not one of: %s" % (value, ", ".join(choices)))
+        return value
+
+    def items(self, key):
+        value = self.get(key, (list,), [], "a list")
+        return [("%s[%d]" % (self.key(key), i), item) for i, item in enumerate(value)]
+
+    def child(self, key, known, check_files=None):
+        check = self.check_files if check_files is None else check_files
+        return Node.of(self.reader, self.key(key), self.data.get(key), known, check)
+
+    def file(self, key, required=False):
+        value = self.string(key)
+        if not value:
+            if required:
+                self.fail(key, "required (path to a PEM file)")
+            return None
+        path = os.path.normpath(os.path.join(self.reader.base_dir, os.path.expanduser(value)))
+        if self.check_files and self.reader.check_files and not os.path.isfile(path):
+            self.fail(key, "file not found: %s (relative paths are relative to the "
+                           "config file's directory)" % (path,))
+        return path
+
+    def listen(self, key):
+        """C{(raw listen_addr, endpoint, local)}; endpoint C{None} if empty."""
+        value = self.get(key, (str, int), "", "a string such as ':1080'")
+        raw = (":%d" % value) if isinstance(value, int) else value.strip()
+        if not raw:
+            return raw, None, False
+        try:
+            endpoint, local = listen_endpoint(raw)
+        except ValueError as e:
+            self.fail(key, e)
+        return raw, endpoint, local
+
+    def credentials(self, user_key, password_key):
+        username, password = self.string(user_key), self.string(password_key)
+        if bool(username) != bool(password):
+            self.fail(password_key if username else user_key,
+                      "set both %s and %s, or neither" % (user_key, password_key))
+        return username, password
+
+
+def join_path(path, key):
+    return "%s.%s" % (path, key) if path else str(key)
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+
+def read_yaml(reader, path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_StrictLoader)
+    except OSError as e:
+        reader.fail("", "cannot read: %s" % (e.strerror or e,))
+    except UnicodeDecodeError:
+        reader.fail("", "not UTF-8 text")
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = "line %d, column %d: " % (mark.line + 1, mark.column + 1) if mark else ""
+        reader.fail("", "%sbad YAML: %s" % (where, e.problem or e.context))
+    except yaml.YAMLError as e:
+        reader.fail("", "bad YAML: %s" % (e,))
