@@ -4,11 +4,13 @@ real proxy clients (PySocks, curl), real target servers.
 """
 
 import hashlib
+import json
 import socket
 
 import socks
-from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.internet.threads import deferToThread
+from twisted.logger import eventAsJSON, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import server
 
@@ -197,3 +199,31 @@ class HttpsProxyListenerTests(unittest.TestCase):
             "--proxy-cacert", pki.ca_path, "http://127.0.0.1:%d/blob/%d" % (web_port, MB))
         self.assertEqual(code, 0, err)
         self.assertEqual(out, blob(MB))
+
+
+class StreamLogTests(_Base):
+    """Each stream ends with one structured log event (for JSON log shippers)."""
+
+    @defer.inlineCallbacks
+    def test_stream_end_event(self):
+        """The event carries ids, user, client, target, bytes, duration and outcome."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        payload = blob(300000)
+        yield deferToThread(socks_echo, self.deployment.socks_port, "127.0.0.1",
+                            self.echo_port, payload)
+        for _ in range(100):
+            ends = [e for e in events if e.get("event") == "stream_end"]
+            if ends:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        (end,) = ends
+        self.assertEqual(
+            (end["user"], end["client_id"], end["target"], end["bytes_in"], end["bytes_out"],
+             end["outcome"], end["frontend"]),
+            (PROXY_USER, "client-1", "127.0.0.1:%d" % (self.echo_port,), len(payload),
+             len(payload), "closed", "socks5 proxy"))
+        self.assertGreaterEqual(end["duration"], 0)
+        record = json.loads(eventAsJSON(end))
+        self.assertEqual(record["stream_id"], end["stream_id"])

@@ -7,6 +7,7 @@ endpoint, so any Twisted protocol runs over the tunnel unchanged.
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.errors import Reason, StreamOpenError
@@ -14,6 +15,8 @@ from anyproxy.errors import Reason, StreamOpenError
 # A client answers OPEN within its own connect timeout; this bounds the wait if
 # it never does (a wedged client whose pings still flow).
 DEFAULT_OPEN_TIMEOUT = 60.0
+
+log = Logger()
 
 
 @implementer(IStreamClientEndpoint)
@@ -30,10 +33,12 @@ class TunnelEndpoint:
     @param frontend: the name of the listener the stream is for (metrics).
     @param metrics: an L{anyproxy.metrics.GatewayMetrics} counting opens,
         their latency and the stream's bytes for C{frontend}, or C{None}.
+    @param user: the user's name, for the stream's end-of-stream log event.
     """
 
     def __init__(self, registry, clock, group, host, port, kind="tcp", wait=3.0,
-                 open_timeout=DEFAULT_OPEN_TIMEOUT, admit=None, frontend=None, metrics=None):
+                 open_timeout=DEFAULT_OPEN_TIMEOUT, admit=None, frontend=None, metrics=None,
+                 user=""):
         self._registry = registry
         self._clock = clock
         self.group = group
@@ -45,6 +50,7 @@ class TunnelEndpoint:
         self._admit = admit
         self.frontend = frontend
         self._metrics = metrics
+        self.user = user
 
     def open_stream(self):
         """A Deferred firing with an accepted L{anyproxy.tunnel.mux.Stream}."""
@@ -73,8 +79,31 @@ class TunnelEndpoint:
 
     def _open_stream(self):
         d = self._registry.wait_for(self.group, self._wait)
-        d.addCallback(lambda tunnel: tunnel.mux.open_stream(self.kind, self.host, self.port))
+
+        def chosen(tunnel):
+            started = self._clock.seconds()
+            opening = tunnel.mux.open_stream(self.kind, self.host, self.port)
+            return opening.addCallback(self._record_end, tunnel, started)
+
+        d.addCallback(chosen)
         return bound_open(d, self._open_timeout, self._clock)
+
+    def _record_end(self, stream, tunnel, started):
+        # One event per stream when it ends, with what a log shipper wants
+        # (log.format: json turns each field into a JSON key).
+        def ended(stream):
+            log.info(
+                "stream {stream_id} {kind} {user!r} -> {target} via {client_id}: "
+                "{outcome} after {duration:.3f}s, {bytes_in} B in, {bytes_out} B out",
+                event="stream_end", stream_id=stream.stream_id, kind=self.kind,
+                user=self.user, frontend=self.frontend, target="%s:%s" % (self.host, self.port),
+                client_id=tunnel.client_id, group=tunnel.group,
+                outcome="closed" if stream.ended_cleanly else "reset",
+                duration=self._clock.seconds() - started,
+                bytes_in=stream.bytes_sent, bytes_out=stream.bytes_received)
+
+        stream.notify_closed(ended)
+        return stream
 
     def connect(self, protocol_factory):
         return self.open_stream().addCallback(attach_protocol, protocol_factory)

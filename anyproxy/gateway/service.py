@@ -138,7 +138,7 @@ def make_gateway_service(config, reactor):
         return TunnelEndpoint(registry, reactor, user.group, host, port, kind=kind,
                               wait=service.config.gateway.no_tunnel_wait,
                               admit=functools.partial(acquire_all, requests),
-                              frontend=frontend, metrics=service.metrics)
+                              frontend=frontend, metrics=service.metrics, user=user.name)
 
     # Every user-facing listener comes from a frontend plugin (docs/FRONTENDS.md):
     # proxy.socks5/proxy.http from the built-in ones, then proxy.frontends.

@@ -94,6 +94,7 @@ class Stream:
         # Connection records (status page, idle timeout): wall-clock seconds.
         self.created = self.last_active = _now()
         self._close_hooks = None
+        self.ended_cleanly = None  # True: closed by FINs; False: reset or lost
 
     @property
     def closed(self):
@@ -344,6 +345,7 @@ class Stream:
         """The stream is finished: forget it and tell the protocol."""
         if self._closed:
             return
+        self.ended_cleanly = isinstance(reason, error.ConnectionDone)
         self._forget()
         self._queue.clear()
         self._queued = 0
