@@ -101,8 +101,8 @@ def port_open(port):
         return False
 
 
-class TwistdTests(unittest.TestCase):
-    """The gateway and client as twistd plugins in their own processes."""
+class TwistdBase(unittest.TestCase):
+    """A config, certificates and targets for twistd processes on loopback."""
 
     timeout = 120
 
@@ -145,6 +145,10 @@ class TwistdTests(unittest.TestCase):
                                    "--max-time", "5",
                                    "http://127.0.0.1:%d/blob/100000" % self.target)
         return out == blob(100000)
+
+
+class TwistdTests(TwistdBase):
+    """The gateway and client as twistd plugins in their own processes."""
 
     @defer.inlineCallbacks
     def test_serves_restarts_and_detects_frozen_client(self):
@@ -223,3 +227,55 @@ class TwistdTests(unittest.TestCase):
         yield watcher.ended
         self.assertIn("anyproxy-gateway", watcher.text())
         self.assertIn("anyproxy-client", watcher.text())
+
+
+class FrozenClientFailoverTests(TwistdBase):
+    """With two client processes, freezing one moves service to the other."""
+
+    def second_client(self):
+        with open(self.config) as f:
+            data = yaml.safe_load(f)
+        data["client"]["client_id"] = "proc-client-2"
+        path = os.path.join(os.path.dirname(self.config), "client-2.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump({"client": data["client"]}, f)
+        return spawn_twistd(self, "anyproxy-client", "--config=" + path)
+
+    @defer.inlineCallbacks
+    def test_frozen_client_streams_reset_others_serve(self):
+        """SIGSTOP one of two clients: its stream is reset by ping timeout, new streams succeed."""
+        gateway = self.start_gateway()
+        first = self.start_client()
+        self.second_client()
+        yield wait_until(lambda: port_open(self.ports["socks"]))
+        yield wait_until(lambda: "client proc-client group" in gateway.text()
+                         and "client proc-client-2 group" in gateway.text())
+        yield wait_until(self.served)
+
+        def open_two():
+            socks = [socks_connect(self.ports["socks"], "127.0.0.1", self.echo,
+                                   username="user", password="proxy-pw") for _ in range(2)]
+            for sock in socks:
+                sock.sendall(b"ping")
+                if sock.recv(4) != b"ping":
+                    raise AssertionError("no echo")
+            return socks
+
+        # Two clients, least-streams balancing: one stream on each.
+        socks = yield deferToThread(open_two)
+        self.addCleanup(lambda: [s.close() for s in socks])
+        first.transport.signalProcess(signal.SIGSTOP)
+        self.addCleanup(lambda: first.ended.called or first.transport.signalProcess(signal.SIGCONT))
+        frozen_at = reactor.seconds()
+
+        def which_closed():
+            import select
+            readable, _, _ = select.select(socks, [], [], 15)
+            return [s.recv(10) for s in readable]
+
+        got = yield deferToThread(which_closed)
+        detected = reactor.seconds() - frozen_at
+        self.assertIn(b"", got)  # the frozen client's stream was closed, not left hanging
+        served = yield self.served()  # and new streams go to the other client
+        self.assertTrue(served)
+        print("\nfrozen client detected and its stream reset after %.1f s" % (detected,))
