@@ -7,7 +7,7 @@ directly with the venv's Python once the tools are installed:
 
     benchmarks/run                    # full run: 3 interleaved rounds
     benchmarks/run --quick            # smoke test: 1 round, short runs, fewer streams
-    benchmarks/run --only bulk        # one measurement (bulk, http, idle, slow, churn)
+    benchmarks/run --only bulk        # one measurement (bulk, http, idle, slow, churn, udp)
 
 Everything listens on loopback with free ports; every file lives in one
 temporary directory.  Processes are killed and the directory is removed at the
@@ -26,10 +26,14 @@ Measurements (see benchmarks/README.md for how to read them):
           client, and another stream's download speed meanwhile vs solo.
 5. churn  thousands of short streams opened and closed in batches: RSS and
           open file descriptors after each batch.
+6. udp    a UDP echo, directly and through AnyProxy's SOCKS5 UDP ASSOCIATE:
+          ping-pong round trips/s (100 B), and a burst with a bounded number
+          of datagrams in flight (1,200 B): datagrams/s, Mbit/s, loss.
 """
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime
 import getpass
@@ -40,6 +44,7 @@ import os
 import platform
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -62,12 +67,22 @@ LOOPBACK = "127.0.0.1"
 # can exclude 127.0.0.1 (the proxies themselves, the other local services)
 # and send only the iperf3 target through the proxy under test.
 IPERF_HOST = "127.0.0.2"
-MEASUREMENTS = ("bulk", "http", "idle", "slow", "churn")
+MEASUREMENTS = ("bulk", "http", "idle", "slow", "churn", "udp")
 # Run order: the 10,000 idle streams leave the allocator with the most memory,
 # so they go last and the slow-reader and churn figures start from a calmer heap.
-RUN_ORDER = ("bulk", "http", "slow", "churn", "idle")
+RUN_ORDER = ("bulk", "http", "udp", "slow", "churn", "idle")
 MiB = 1024 * 1024
 KiB = 1024
+
+# UDP: datagram sizes (payload, SOCKS5 header not counted), the burst's
+# datagrams in flight (--udp-window), and how long an answer may take before
+# its datagram counts as lost (answers take a few milliseconds at most here).
+UDP_PING_SIZE = 100
+UDP_BURST_SIZE = 1200
+UDP_WINDOW = 64
+UDP_LOSS_TIMEOUT = 0.25
+UDP_BUFFER = 4 * MiB  # asked for our UDP socket's buffers; the kernel may grant less
+UDP_SEQ = struct.Struct("!Q")  # every datagram starts with its sequence number
 
 # Issue 5's targets, checked in the table's last column.
 TARGET_VS_SSH = 1.0
@@ -174,8 +189,8 @@ class Harness:
             shutil.rmtree(self.work, ignore_errors=True)
 
 
-def free_port():
-    with socket.socket() as s:
+def free_port(kind=socket.SOCK_STREAM):
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
 
@@ -207,8 +222,8 @@ def raise_nofile(wanted):
 # ---------------------------------------------------------------------------
 # SOCKS5 clients (no authentication; every listener here is loopback-only)
 
-def _socks_request(host, port):
-    return b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack("!H", port)
+def _socks_request(host, port, command=1):
+    return b"\x05" + bytes([command]) + b"\x00\x01" + socket.inet_aton(host) + struct.pack("!H", port)
 
 
 def _recv_exact(sock, n):
@@ -242,14 +257,47 @@ def socks_connect(proxy_port, host, port, timeout=10.0, rcvbuf=None):
         if _recv_exact(sock, 2) != b"\x05\x00":
             raise BenchError("SOCKS5 method refused")
         sock.sendall(_socks_request(host, port))
-        head = _recv_exact(sock, 5)
-        if head[1] != 0:
-            raise BenchError("SOCKS5 reply 0x%02x" % head[1])
-        _recv_exact(sock, _reply_rest(head[3], head[4]) - 1)
+        _socks_reply(sock)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _socks_reply(sock):
+    """Read a SOCKS5 reply; return its BND.ADDR and BND.PORT."""
+    head = _recv_exact(sock, 5)
+    if head[1] != 0:
+        raise BenchError("SOCKS5 reply 0x%02x" % head[1])
+    rest = _recv_exact(sock, _reply_rest(head[3], head[4]) - 1)
+    if head[3] == 1:
+        host = socket.inet_ntoa(head[4:5] + rest[:3])
+    elif head[3] == 4:
+        host = socket.inet_ntop(socket.AF_INET6, head[4:5] + rest[:15])
+    else:
+        host = rest[:head[4]].decode("ascii", "replace")
+    return host, struct.unpack("!H", rest[-2:])[0]
+
+
+def socks_udp_associate(proxy_port, local, timeout=10.0):
+    """
+    SOCKS5 UDP ASSOCIATE for the UDP socket bound to C{local}: returns the
+    control connection (the association lives as long as it stays open) and
+    the relay's address.
+    """
+    control = socket.socket()
+    control.settimeout(timeout)
+    try:
+        control.connect((LOOPBACK, proxy_port))
+        control.sendall(b"\x05\x01\x00")
+        if _recv_exact(control, 2) != b"\x05\x00":
+            raise BenchError("SOCKS5 method refused")
+        control.sendall(_socks_request(local[0], local[1], command=3))
+        host, port = _socks_reply(control)
+    except BaseException:
+        control.close()
+        raise
+    return control, (LOOPBACK if host in ("0.0.0.0", "::") else host, port)
 
 
 async def socks_open(proxy_port, host, port):
@@ -288,6 +336,72 @@ def http_proxy_check(proxy_port, http_port):
             answer += chunk
     if not answer.startswith(b"HTTP/1.1 200"):
         raise BenchError("HTTP proxy answered %r" % answer[:60])
+
+
+class UdpPath:
+    """
+    A UDP socket and the way to the UDP echo: straight to it (C{proxy_port}
+    None), or through a SOCKS5 UDP association, every datagram then carrying
+    the RFC 1928 header (the relay answers with the same header, naming the
+    echo as the source).
+    """
+
+    def __init__(self, echo_port, proxy_port=None):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.control = None
+        try:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    self.sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
+            self.sock.bind((LOOPBACK, 0))
+            if proxy_port is None:
+                self.address, self.header = (LOOPBACK, echo_port), b""
+            else:
+                self.control, self.address = socks_udp_associate(proxy_port, self.sock.getsockname())
+                self.header = b"\x00\x00\x00\x01" + socket.inet_aton(LOOPBACK) + struct.pack("!H", echo_port)
+        except BaseException:
+            self.close()
+            raise
+
+    def alive(self):
+        """False once the proxy has closed the association's control connection."""
+        if self.control is None:
+            return True
+        if not select.select([self.control], [], [], 0)[0]:
+            return True
+        try:
+            return self.control.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
+
+    def probe(self, timeout=0.5):
+        self.sock.settimeout(timeout)
+        self.sock.sendto(self.header + b"probe", self.address)
+        data = self.sock.recv(65536)
+        if data != self.header + b"probe":
+            raise BenchError("UDP echo answered %r" % data[:60])
+
+    def close(self):
+        self.sock.close()
+        if self.control is not None:
+            self.control.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_udp_path(echo_port, proxy_port=None):
+    """A L{UdpPath} whose first datagram has come back."""
+    path = UdpPath(echo_port, proxy_port)
+    try:
+        path.probe()
+    except BaseException:
+        path.close()
+        raise
+    return path
 
 
 def retry(what, check, timeout=30.0, harness=None, names=()):
@@ -392,8 +506,8 @@ class Setup:
         self.socks = {}   # path name -> SOCKS5 port, for bulk
         self.http = {}    # path name -> HTTP proxy port
 
-    def port(self, name):
-        self.ports[name] = free_port()
+    def port(self, name, kind=socket.SOCK_STREAM):
+        self.ports[name] = free_port(kind)
         return self.ports[name]
 
     def twistd(self, name, *args):
@@ -417,9 +531,14 @@ class Setup:
         argv = [sys.executable, os.path.join(HERE, "targets.py"), "--host", LOOPBACK,
                 "--echo", str(self.port("echo")), "--http", str(self.port("http_target")),
                 "--source", str(self.port("source"))]
+        if "udp" in self.needed:
+            argv += ["--udp-echo", str(self.port("udp_echo", socket.SOCK_DGRAM))]
         self.h.spawn("targets", argv)
         for name in ("echo", "http_target", "source"):
             wait_port(self.ports[name], harness=self.h, names=("targets",))
+        if "udp" in self.needed:
+            retry("UDP echo", lambda: open_udp_path(self.ports["udp_echo"]).close(),
+                  timeout=15, harness=self.h, names=("targets",))
 
     def start_anyproxy(self):
         certs = self.h.path("certs")
@@ -525,6 +644,9 @@ class Setup:
         for name, port in self.http.items():
             retry("HTTP proxy via " + name, lambda: http_proxy_check(port, self.ports["http_target"]),
                   timeout=15)
+        if "udp" in self.needed:
+            retry("SOCKS5 UDP ASSOCIATE via AnyProxy",
+                  lambda: open_udp_path(self.ports["udp_echo"], self.socks["AnyProxy"]).close(), timeout=15)
         log("ready: %s", ", ".join("%s :%d" % kv for kv in sorted(self.ports.items())))
 
     def write_proxychains(self, name, port):
@@ -805,6 +927,162 @@ def measure_churn(setup, args, rss):
 
 
 # ---------------------------------------------------------------------------
+# measurement 6: UDP
+
+def udp_pingpong(path, seconds, size=UDP_PING_SIZE, timeout=UDP_LOSS_TIMEOUT):
+    """One datagram at a time: send, wait for its echo (or C{timeout}: lost), repeat."""
+    sock, header, address = path.sock, path.header, path.address
+    offset, expected = len(header), len(header) + size
+    pad = b"\x5a" * (size - UDP_SEQ.size)
+    sock.settimeout(timeout)
+    seq = done = lost = late = bad = 0
+    start = time.monotonic()
+    end = start + seconds
+    while time.monotonic() < end:
+        sock.sendto(header + UDP_SEQ.pack(seq) + pad, address)
+        while True:
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                lost += 1
+                if not path.alive():
+                    raise BenchError("the proxy ended the UDP association")
+                break
+            if len(data) != expected or not data.startswith(header):
+                bad += 1
+            elif UDP_SEQ.unpack_from(data, offset)[0] == seq:
+                done += 1
+                break
+            else:
+                late += 1  # to an earlier datagram; ours may still come
+        seq += 1
+    elapsed = time.monotonic() - start
+    return {"rate": done / elapsed, "sent": seq, "lost": lost, "late": late, "bad": bad, "seconds": elapsed}
+
+
+def udp_burst(path, seconds, window, size=UDP_BURST_SIZE, timeout=UDP_LOSS_TIMEOUT):
+    """
+    Keep C{window} datagrams in flight for C{seconds}: a new one goes out for
+    every answer, and for every datagram unanswered after C{timeout} (lost;
+    an answer after that counts as late).  The rate counts the answers that
+    came within C{seconds}; then the last datagrams get C{timeout} to come back.
+    """
+    sock, header, address = path.sock, path.header, path.address
+    offset, expected = len(header), len(header) + size
+    pad = b"\xa5" * (size - UDP_SEQ.size)
+    sock.setblocking(False)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if path.control is not None:
+        poller.register(path.control, select.POLLIN)  # readable: the proxy closed it
+    flying = collections.OrderedDict()  # seq -> when sent, oldest first
+    seq = answered = lost = late = bad = 0
+    counted = elapsed = None
+    start = time.monotonic()
+    end = start + seconds
+    while True:
+        now = time.monotonic()
+        if now < end:
+            while len(flying) < window:
+                try:
+                    sock.sendto(header + UDP_SEQ.pack(seq) + pad, address)
+                except (BlockingIOError, InterruptedError):
+                    break  # send buffer full: answers first
+                flying[seq] = now
+                seq += 1
+        elif counted is None:
+            counted, elapsed = answered, now - start
+        while flying:
+            oldest = next(iter(flying.values()))
+            if now - oldest < timeout:
+                break
+            flying.popitem(last=False)
+            lost += 1
+        if counted is not None and not flying:
+            break
+        if counted is not None:  # the last ones: until the oldest is due
+            wait = next(iter(flying.values())) + timeout - now
+        elif len(flying) >= window:  # for an answer, or until the oldest is due or the end
+            wait = min(next(iter(flying.values())) + timeout, end) - now
+        else:  # the send buffer was full
+            wait = 0.001
+        for fd, _ in poller.poll(max(0.0, wait) * 1000):
+            if fd != sock.fileno():
+                if not path.alive():
+                    raise BenchError("the proxy ended the UDP association")
+                continue
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if len(data) != expected or not data.startswith(header):
+                    bad += 1
+                elif flying.pop(UDP_SEQ.unpack_from(data, offset)[0], None) is None:
+                    late += 1
+                else:
+                    answered += 1
+    return {"rate": counted / elapsed, "mbps": counted * size * 8 / elapsed / 1e6, "sent": seq,
+            "lost": lost, "late": late, "bad": bad, "seconds": elapsed}
+
+
+def measure_udp(setup, args):
+    paths = {"direct (no proxy)": None, "AnyProxy": setup.socks["AnyProxy"]}
+    runs = {(name, kind): [] for name in paths for kind in ("pingpong", "burst")}
+    for r in range(args.rounds):
+        log("udp round %d/%d (%ds per run; ping-pong %d B; burst %d B, %d in flight)", r + 1, args.rounds,
+            args.seconds, UDP_PING_SIZE, UDP_BURST_SIZE, args.udp_window)
+        for name, proxy in paths.items():
+            # A new association per path and round, used by both runs.
+            try:
+                path = retry("UDP echo via " + name, lambda: open_udp_path(setup.ports["udp_echo"], proxy),
+                             timeout=15)
+            except BenchError as e:
+                log("  %-24s failed: %s", name, e)
+                runs[(name, "pingpong")].append(None)
+                runs[(name, "burst")].append(None)
+                continue
+            with path:
+                for kind in ("pingpong", "burst"):
+                    try:
+                        if kind == "pingpong":
+                            result = udp_pingpong(path, args.seconds)
+                        else:
+                            result = udp_burst(path, args.seconds, args.udp_window)
+                    except (OSError, BenchError) as e:
+                        log("  %-24s %-9s failed: %s", name, kind, e)
+                        result = None
+                    else:
+                        log("  %-24s %-9s %8.0f %s%s; lost %d of %d%s%s", name, kind, result["rate"],
+                            "round trips/s" if kind == "pingpong" else "datagrams/s",
+                            " (%.0f Mbit/s)" % result["mbps"] if "mbps" in result else "",
+                            result["lost"], result["sent"],
+                            ", %d late" % result["late"] if result["late"] else "",
+                            ", %d bad" % result["bad"] if result["bad"] else "")
+                    runs[(name, kind)].append(result)
+    return {"runs": runs, "paths": list(paths), "window": args.udp_window}
+
+
+def udp_lost(results):
+    """(lost, sent) over the runs that finished."""
+    done = [x for x in results if x]
+    return sum(x["lost"] for x in done), sum(x["sent"] for x in done)
+
+
+def udp_loss(results):
+    """Datagrams lost over every run that finished, as text."""
+    done = [x for x in results if x]
+    lost, sent = udp_lost(results)
+    text = "lost %s%% (%s of %s)" % (_fmt(100 * lost / sent if sent else None, "%.2g"), num(lost), num(sent))
+    bad = sum(x["bad"] for x in done)
+    if bad:
+        text += ", %d malformed" % bad
+    if len(done) < len(results):
+        text += ", %d of %d runs failed" % (len(results) - len(done), len(results))
+    return text
+
+
+# ---------------------------------------------------------------------------
 # the report
 
 def median(values):
@@ -905,6 +1183,23 @@ def build_rows(results, window):
         rows.append(("5 churn", "gateway + client RSS change over the last batch, MiB",
                      num(last / MiB, "{:+.2f}"), "", "flat (≤ %+.0f)" % (CHURN_SLACK / MiB),
                      check(last, CHURN_SLACK, higher=False)))
+    udp = results.get("udp")
+    if udp:
+        for kind, key, label in (
+                ("pingpong", "rate", "6 UDP ping-pong %d B, round trips/s" % UDP_PING_SIZE),
+                ("burst", "rate", "6 UDP burst %s B, %d in flight, datagrams/s" % (num(UDP_BURST_SIZE),
+                                                                                  udp["window"])),
+                ("burst", "mbps", "6 UDP burst %s B, %d in flight, Mbit/s" % (num(UDP_BURST_SIZE),
+                                                                             udp["window"]))):
+            ours = median([x[key] for x in udp["runs"][("AnyProxy", kind)] if x])
+            for name in udp["paths"]:
+                value = median([x[key] for x in udp["runs"][(name, kind)] if x])
+                loss = "" if key == "mbps" else "; " + udp_loss(udp["runs"][(name, kind)])
+                if name == "AnyProxy":
+                    rows.append((label, "**AnyProxy** (SOCKS5 UDP ASSOCIATE → gateway → wss → client)" + loss,
+                                 num(value), "", "", ""))
+                else:
+                    rows.append((label, name + loss, num(value), num(ratio(ours, value), "{:.2f}"), "", ""))
     return rows
 
 
@@ -977,10 +1272,12 @@ def write_report(results, args, window, started, out_dir, chart_path):
     info = machine()
     when = started.strftime("%Y-%m-%d %H:%M")
     settings = ("rounds %d; iperf3 %ds per run (+%ds omitted); hey %d requests, %d concurrent, no keep-alive; "
-                "%d idle streams; %d slow readers; churn %d × %d streams; AnyProxy log level %s, replicas 1, "
-                "DEFAULT_WINDOW %d KiB" % (
+                "%d idle streams; %d slow readers; churn %d × %d streams; UDP %ds per run, %d B ping-pong, "
+                "%d B burst with %d in flight, lost after %g s without an answer; AnyProxy log level %s, "
+                "replicas 1, DEFAULT_WINDOW %d KiB" % (
                     args.rounds, args.seconds, args.omit, args.requests, args.concurrency, args.streams,
-                    args.slow_readers, args.churn_batches, args.churn, args.anyproxy_log_level, window // KiB))
+                    args.slow_readers, args.churn_batches, args.churn, args.seconds, UDP_PING_SIZE,
+                    UDP_BURST_SIZE, args.udp_window, UDP_LOSS_TIMEOUT, args.anyproxy_log_level, window // KiB))
     md = ["# AnyProxy benchmarks, %s%s" % (when, " (--quick smoke test)" if args.quick else ""),
           "",
           "Produced by `benchmarks/run%s` (see benchmarks/README.md). Medians of the rounds; "
@@ -1038,6 +1335,20 @@ def write_report(results, args, window, started, out_dir, chart_path):
             ", ".join("%.0f" % x for x in churn["rates"]),
             "; first errors: %s" % "; ".join(churn["errors"]) if churn["errors"] else ""))
         md.append("")
+    udp = results.get("udp")
+    if udp:
+        md.append("UDP, per round: ping-pong round trips/s; burst datagrams/s and Mbit/s (lost / sent; "
+                  "lost: no answer within %g s; late: answers after that, if any):" % UDP_LOSS_TIMEOUT)
+        md.append("")
+        for name in udp["paths"]:
+            pingpong = ["failed" if x is None else "%.0f (%d / %d%s)" % (
+                x["rate"], x["lost"], x["sent"], ", %d late" % x["late"] if x["late"] else "")
+                for x in udp["runs"][(name, "pingpong")]]
+            burst = ["failed" if x is None else "%.0f, %.0f Mbit/s (%d / %d%s)" % (
+                x["rate"], x["mbps"], x["lost"], x["sent"], ", %d late" % x["late"] if x["late"] else "")
+                for x in udp["runs"][(name, "burst")]]
+            md.append("- %s: ping-pong %s; burst %s" % (name, ", ".join(pingpong), "; ".join(burst)))
+        md.append("")
     if chart_path:
         md += ["![chart](%s)" % os.path.basename(chart_path), ""]
     text = "\n".join(md)
@@ -1072,7 +1383,7 @@ def chart(results, window, path, title):
     import matplotlib.patches
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    fig, axes = plt.subplots(3, 2, figsize=(14, 13.5))
     fig.suptitle(title)
     ax = axes[0][0]
     bulk = results.get("bulk")
@@ -1161,6 +1472,30 @@ def chart(results, window, path, title):
         ax.legend()
     else:
         ax.text(0.5, 0.5, "slow, churn: not run", ha="center")
+    udp = results.get("udp")
+    for ax, kind, key, unit in ((axes[2][0], "pingpong", "rate", "round trips/s"),
+                                (axes[2][1], "burst", "mbps", "Mbit/s")):
+        if not udp:
+            ax.text(0.5, 0.5, "udp: not run", ha="center")
+            continue
+        names = udp["paths"]
+        values = [median([x[key] for x in udp["runs"][(n, kind)] if x]) for n in names]
+        labels = []
+        for n, v in zip(names, values):
+            lost, sent = udp_lost(udp["runs"][(n, kind)])
+            label = "%s %s" % (_fmt(v), unit)
+            if kind == "burst":
+                label += "\n%s datagrams/s" % _fmt(median([x["rate"] for x in udp["runs"][(n, kind)] if x]))
+            labels.append(label + "\nlost %s%%" % _fmt(100 * lost / sent if sent else None, "%.2g"))
+        bars = ax.bar(names, [v or 0 for v in values],
+                      color=["#d62728" if n == "AnyProxy" else "#1f77b4" for n in names])
+        ax.bar_label(bars, labels=labels, fontsize=8)
+        ax.set_ylabel("%s (median)" % unit)
+        ax.margins(y=0.2)
+        r = ratio(values[names.index("AnyProxy")], values[names.index("direct (no proxy)")])
+        ax.set_title("6. UDP echo, %s: AnyProxy %s× direct" % (
+            "ping-pong %d B" % UDP_PING_SIZE if kind == "pingpong" else
+            "burst %s B, %d in flight" % (num(UDP_BURST_SIZE), udp["window"]), _fmt(r, "%.2f")))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -1173,7 +1508,7 @@ def parse_args():
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, short runs, fewer streams")
     parser.add_argument("--only", default="", help="comma-separated measurements to run: " + ", ".join(MEASUREMENTS))
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick: 1)")
-    parser.add_argument("--seconds", type=int, help="iperf3 run length (default 5; --quick: 2)")
+    parser.add_argument("--seconds", type=int, help="iperf3 and UDP run length (default 5; --quick: 2)")
     parser.add_argument("--omit", type=int, help="iperf3 warm-up seconds left out (default 1; --quick: 0)")
     parser.add_argument("--requests", type=int, help="hey requests per run (default 5000; --quick: 1000)")
     parser.add_argument("--concurrency", type=int, default=20, help="hey concurrency (default 20)")
@@ -1182,6 +1517,8 @@ def parse_args():
     parser.add_argument("--churn-batches", type=int, help="churn batches (default 3; --quick: 2)")
     parser.add_argument("--slow-readers", type=int, default=4,
                         help="users that stall a download at once in the slow measurement (default 4)")
+    parser.add_argument("--udp-window", type=int, default=UDP_WINDOW,
+                        help="datagrams in flight in the UDP burst (default %d)" % UDP_WINDOW)
     parser.add_argument("--anyproxy-log-level", default="warn", choices=("debug", "info", "warn", "error"),
                         help="log.level for the gateway and client (default warn: no per-stream log lines)")
     parser.add_argument("--out", help="results directory (default benchmarks/results for full runs, "
@@ -1196,6 +1533,7 @@ def parse_args():
     args.rounds = max(1, args.rounds)
     args.churn_batches = max(1, args.churn_batches)
     args.slow_readers = max(1, args.slow_readers)
+    args.udp_window = max(1, args.udp_window)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     for name in only:
         if name not in MEASUREMENTS:
@@ -1246,6 +1584,8 @@ def main():
                 results[name] = measure_slow(setup, args, rss, window)
             elif name == "churn":
                 results[name] = measure_churn(setup, args, rss)
+            elif name == "udp":
+                results[name] = measure_udp(setup, args)
         harness.check_alive("gateway", "client")
         os.makedirs(args.out, exist_ok=True)
         chart_path = os.path.join(args.out, "latest.png")

@@ -2,14 +2,17 @@
 """
 The benchmark's own targets, in one asyncio process (started by bench.py).
 
-    python benchmarks/targets.py --host 127.0.0.1 --echo PORT --http PORT --source PORT
+    python benchmarks/targets.py --host 127.0.0.1 --echo PORT --http PORT --source PORT [--udp-echo PORT]
 
 - echo:   sends back whatever it receives (idle-stream and churn measurements);
 - http:   answers every request with "200 OK" and a 2-byte body; keeps the
           connection open unless the request says "Connection: close"
           (request-rate measurement);
 - source: sends an endless stream of bytes to whoever connects, respecting
-          the socket's backpressure (slow-reader measurement).
+          the socket's backpressure (slow-reader measurement);
+- udp-echo: sends every UDP datagram back to where it came from (UDP
+          measurement); large socket buffers, so that a burst of datagrams
+          is not dropped here.
 
 All listeners use a large backlog so that 10,000 connections opened quickly
 are not dropped.  Prints "ready" on stdout once every port listens.
@@ -18,9 +21,12 @@ are not dropped.  Prints "ready" on stdout once every port listens.
 import argparse
 import asyncio
 import resource
+import socket
 import sys
 
 BACKLOG = 4096
+# Asked for the UDP echo's socket buffers; the kernel may grant less.
+UDP_BUFFER = 4 * 1024 * 1024
 CHUNK = b"\xa5" * (256 * 1024)
 HTTP_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                  b"Content-Length: 2\r\n%s\r\nok")
@@ -83,6 +89,29 @@ class Source(asyncio.Protocol):
         self.closed = True
 
 
+class UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data, addr)
+
+    def error_received(self, exc):
+        pass  # e.g. ICMP "port unreachable" after a user went away
+
+
+def udp_socket(host, port):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
+        except OSError:
+            pass
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
 async def main(args):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -92,6 +121,8 @@ async def main(args):
         if port:
             servers.append(await loop.create_server(factory, args.host, port, backlog=BACKLOG,
                                                     reuse_address=True))
+    if args.udp_echo:
+        await loop.create_datagram_endpoint(UdpEcho, sock=udp_socket(args.host, args.udp_echo))
     print("ready", flush=True)
     await asyncio.Event().wait()
 
@@ -102,6 +133,7 @@ if __name__ == "__main__":
     parser.add_argument("--echo", type=int, default=0)
     parser.add_argument("--http", type=int, default=0)
     parser.add_argument("--source", type=int, default=0)
+    parser.add_argument("--udp-echo", type=int, default=0)
     try:
         asyncio.run(main(parser.parse_args()))
     except KeyboardInterrupt:
