@@ -290,8 +290,10 @@ def forward_echo(port, payload, timeout=20):
                 if not data:
                     break
                 chunks.append(data)
-        except ConnectionError:
-            pass  # closed on us: the caller sees what arrived
+        except socket.timeout:
+            raise  # a hang is a failure, not an empty answer
+        except OSError:
+            pass  # reset, or already gone at our shutdown: the caller sees what arrived
     finally:
         sock.close()
     return b"".join(chunks)
