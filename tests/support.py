@@ -53,7 +53,9 @@ class TestPKI:
 # -- name resolution ----------------------------------------------------------
 
 @implementer(IHostResolution)
-class _Resolution:
+class Resolution:
+    """The C{IHostResolution} a fake resolver hands out."""
+
     def __init__(self, name):
         self.name = name
 
@@ -73,7 +75,7 @@ class StaticResolver:
     def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None,
                         transportSemantics="TCP"):
         self.asked.append(hostName)
-        resolution = _Resolution(hostName)
+        resolution = Resolution(hostName)
         receiver.resolutionBegan(resolution)
         for ip in self.table.get(hostName.lower(), []):
             cls = IPv6Address if ":" in ip else IPv4Address

@@ -10,9 +10,9 @@ import errno
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHostnameResolver, IHostResolution
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHostnameResolver
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -22,18 +22,11 @@ from anyproxy.client.dialer import Dialer, reason_for_failure, resolve
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.splice import SpliceEnd
 from anyproxy.tunnel.mux import Mux
+from tests.support import Resolution
+from tests.test_splice import HalfCloseTransport
 
 
 # -- fakes ----------------------------------------------------------------------
-
-@implementer(IHostResolution)
-class FakeResolution:
-    def __init__(self, name):
-        self.name = name
-
-    def cancel(self):
-        pass
-
 
 @implementer(IHostnameResolver)
 class FakeResolver:
@@ -51,7 +44,7 @@ class FakeResolver:
     def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None,
                         transportSemantics="TCP"):
         self.asked.append((hostName, portNumber))
-        resolution = FakeResolution(hostName)
+        resolution = Resolution(hostName)
         receiver.resolutionBegan(resolution)
         if self.pending:
             self.waiting.append((receiver, hostName, portNumber))
@@ -70,21 +63,6 @@ class FakeResolver:
             address_class = IPv6Address if ":" in ip else IPv4Address
             receiver.addressResolved(address_class("TCP", ip, port))
         receiver.resolutionComplete()
-
-
-class HalfCloseTransport(StringTransport):
-    """A L{StringTransport} that records half-close and close calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def loseWriteConnection(self):
-        self.calls.append("loseWriteConnection")
-
-    def loseConnection(self):
-        self.calls.append("loseConnection")
-        super().loseConnection()
 
 
 class FakeStream:
