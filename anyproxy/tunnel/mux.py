@@ -62,6 +62,9 @@ class Mux:
     @param on_hello: called with the peer's HELLO dict.
     @param on_protocol_error: called with a L{MuxProtocolError} or
         L{frames.FrameError}; the owner must close the tunnel.
+    @param send_parts: optional; called with C{(header, payload)} for each
+        DATA message, so the transport can frame both in one copy instead of
+        this side joining them first (the bulk data path).
     @ivar bytes_sent: DATA payload bytes sent on all streams (metrics).
     @ivar bytes_received: DATA payload bytes received on all streams.
     @ivar lowest_transport: the socket transport under TLS and WebSocket,
@@ -74,8 +77,9 @@ class Mux:
     lowest_transport = None
 
     def __init__(self, send_message, initiator, on_open_request=None, on_hello=None,
-                 on_protocol_error=None, window=DEFAULT_WINDOW, name=""):
+                 on_protocol_error=None, window=DEFAULT_WINDOW, name="", send_parts=None):
         self._send_message = send_message
+        self._send_parts = send_parts
         self._next_id = 1 if initiator else 2
         self._peer_parity = 0 if initiator else 1
         self.on_open_request = on_open_request
@@ -105,6 +109,14 @@ class Mux:
     def _send_raw(self, message):
         if not self._lost:
             self._send_message(message)
+
+    def _send_data(self, header, payload):
+        if self._lost:
+            return
+        if self._send_parts is not None:
+            self._send_parts(header, payload)
+        else:
+            self._send_message(header + payload)
 
     def send_hello(self, info):
         """Send this side's HELLO (a JSON-able dict)."""

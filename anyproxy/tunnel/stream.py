@@ -237,7 +237,7 @@ class Stream:
 
     def _flush(self):
         queue = self._queue
-        send = self._mux._send_raw
+        send_data = self._mux._send_data
         sid = self.stream_id
         while queue and self._send_window > 0 and not self._closed:
             chunk = queue.popleft()
@@ -250,7 +250,7 @@ class Stream:
             self._queued -= size
             self.bytes_sent += size
             self._mux.bytes_sent += size
-            send(frames.HEADER.pack(frames.T_DATA, sid) + chunk)
+            send_data(frames.HEADER.pack(frames.T_DATA, sid), chunk)
         if self._closed:
             return
         if not queue and self._fin_pending and not self._fin_sent:

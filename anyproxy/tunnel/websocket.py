@@ -7,6 +7,7 @@ handshake (L{GatewayTunnelProtocol.onConnect}), before the upgrade.
 """
 
 import base64
+import struct
 
 from autobahn.twisted.websocket import WebSocketClientProtocol, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -22,6 +23,9 @@ from anyproxy.tunnel.mux import Mux
 # own (txaio) `self.log`, whose debug calls are no-ops below the configured
 # level; shadowing it made every frame format a debug event.
 log = Logger()
+
+_WS_LEN16 = struct.Struct("!BBH")
+_WS_LEN64 = struct.Struct("!BBQ")
 
 HTTP_UNAUTHORIZED = 401  # autobahn's ConnectionDeny names no constant for it
 
@@ -79,9 +83,11 @@ class _TunnelProtocol:
     mux = None
 
     def _start_mux(self, initiator, on_open_request, name):
+        unmasked = self.factory.isServer or not self.maskClientFrames
         self.mux = Mux(self._send_tunnel_message, initiator=initiator,
                        on_open_request=on_open_request, on_hello=self.hello_received,
-                       on_protocol_error=self._protocol_error, name=name)
+                       on_protocol_error=self._protocol_error, name=name,
+                       send_parts=self._send_tunnel_parts if unmasked else None)
         # WebSocket send-buffer backpressure pauses every stream's producer.
         # Register on the TCP transport under TLS: Twisted's TLS wrapper will
         # not close while a producer is registered on it, and TLS passes our
@@ -96,6 +102,22 @@ class _TunnelProtocol:
 
     def _send_tunnel_message(self, message):
         self.sendMessage(message, isBinary=True)
+
+    def _send_tunnel_parts(self, header, payload):
+        # The bulk path: one unmasked binary WebSocket frame (FIN, opcode 2)
+        # built with a single join, where sendMessage would copy the payload
+        # twice (our header + payload, then its frame header + that).  Frames
+        # are written whole, so they never interleave with Autobahn's pings.
+        if self.state != self.STATE_OPEN:
+            return
+        length = len(header) + len(payload)
+        if length < 126:
+            prefix = bytes((0x82, length))
+        elif length < 0x10000:
+            prefix = _WS_LEN16.pack(0x82, 126, length)
+        else:
+            prefix = _WS_LEN64.pack(0x82, 127, length)
+        self.transport.write(b"".join((prefix, header, payload)))
 
     def onMessage(self, payload, isBinary):
         if not isBinary:
