@@ -74,15 +74,9 @@ def listen_endpoint(text):
     kind = text.split(":", 1)[0]
     if kind in ENDPOINT_TYPES and ":" in text:
         return text, _check_endpoint(text)
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError("expected [IPv6]:port, got %r" % (text,))
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        raise ValueError("expected host:port, :port or an endpoint string such as "
-                         "tcp:1080:interface=127.0.0.1, got %r (IPv6 goes in brackets)" % (text,))
+    host, port = _split_host_port(
+        text, "host:port, :port or an endpoint string such as tcp:1080:interface=127.0.0.1",
+        " (IPv6 goes in brackets)")
     port = _check_port(port)
     if not host:
         return "tcp:%d" % (port,), False
@@ -96,16 +90,21 @@ def listen_endpoint(text):
     return "tcp:%d:interface=%s" % (port, address), address.is_loopback
 
 
-def dial_address(text):
-    """C{host:port} or C{[v6]:port} -> C{(host, port)}; raise ValueError."""
+def _split_host_port(text, expected, hint=""):
+    """C{host:port} or C{[v6]:port} -> C{(host, port text)}."""
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
             raise ValueError("expected [IPv6]:port, got %r" % (text,))
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        raise ValueError("expected host:port, got %r" % (text,))
+        return host, port
+    if text.count(":") == 1:
+        return tuple(text.split(":"))
+    raise ValueError("expected %s, got %r%s" % (expected, text, hint))
+
+
+def dial_address(text):
+    """C{host:port} or C{[v6]:port} -> C{(host, port)}; raise ValueError."""
+    host, port = _split_host_port(text, "host:port")
     if not host or any(c.isspace() or c in "/@" for c in host):
         raise ValueError("bad host in %r" % (text,))
     return host, _check_port(port, low=1)
@@ -120,7 +119,3 @@ def port_range(value):
     if high < low:
         raise ValueError("empty port range %r" % (text,))
     return low, high
-
-
-# ---------------------------------------------------------------------------
-# The loader: typed reads of one mapping, with the key path for errors

@@ -255,7 +255,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------
-# Address conversions (pure; raise ValueError)
+# Sections: each reads one part of the file into the classes above
 
 _LISTENER_KEYS = ("listen_addr", "auth_username", "auth_password", "allow_anonymous",
                   "max_conns")

@@ -169,10 +169,6 @@ def join_path(path, key):
     return "%s.%s" % (path, key) if path else str(key)
 
 
-# ---------------------------------------------------------------------------
-# Sections
-
-
 def read_yaml(reader, path):
     try:
         with open(path, encoding="utf-8") as f:
