@@ -1057,3 +1057,42 @@ class InterleavingTests(SynchronousTestCase):
         self.assertIs(acceptor_protocol.lost_reason, error.ConnectionDone)
         self.assertEqual((pair.gateway.stream_count, pair.client.stream_count), (0, 0))
         self.assertEqual(pair.client_errors + pair.gateway_errors, [])
+
+
+class MessagePartsTests(SynchronousTestCase):
+    """A message handed over in pieces (as Autobahn collects it) means the same as whole."""
+
+    def test_data_in_pieces(self):
+        """A DATA message split anywhere after its header delivers the whole payload once."""
+        pair = MuxPair()
+        _, _, acceptor, protocol = pair.open()
+        message = frames.encode(frames.Data(acceptor.stream_id, b"0123456789" * 10))
+        pair.client.message_parts_received([message[:7], message[7:50], message[50:]])
+        self.assertEqual(protocol.received, b"0123456789" * 10)
+        self.assertEqual(len(protocol.chunks), 1)
+
+    def test_header_split(self):
+        """A first piece shorter than the frame header still decodes (joined whole)."""
+        pair = MuxPair()
+        _, _, acceptor, protocol = pair.open()
+        message = frames.encode(frames.Data(acceptor.stream_id, b"payload"))
+        pair.client.message_parts_received([message[:3], message[3:]])
+        self.assertEqual(protocol.received, b"payload")
+
+    def test_other_frames_in_pieces(self):
+        """Non-DATA messages in pieces are joined and decoded as usual."""
+        pair = MuxPair()
+        opener, _, acceptor, _ = pair.open()
+        message = frames.encode(frames.Fin(opener.stream_id))
+        pair.gateway.message_parts_received([message[:2], message[2:]])
+        self.assertTrue(opener._fin_received)
+
+    def test_empty_data_in_pieces(self):
+        """An empty DATA split after its header is still a protocol error."""
+        pair = MuxPair()
+        _, _, acceptor, _ = pair.open()
+        message = frames.encode(frames.Fin(acceptor.stream_id))
+        message = bytes([frames.T_DATA]) + message[1:]
+        pair.client.message_parts_received([message, b""])
+        self.assertEqual(len(pair.client_errors), 1)
+        self.assertIsInstance(pair.client_errors[0], frames.FrameError)

@@ -160,6 +160,30 @@ class Mux:
             else:
                 raise
 
+    def message_parts_received(self, parts):
+        """
+        Handle one WebSocket message that arrived as several byte strings.
+
+        The bulk path: a DATA payload is joined once, without its header,
+        instead of joining the message and then slicing the header off.
+        """
+        first = parts[0] if parts else b""
+        if len(parts) < 2 or len(first) < frames.HEADER_SIZE or first[0] != frames.T_DATA:
+            self.message_received(b"".join(parts))
+            return
+        _, stream_id = frames.HEADER.unpack_from(first)
+        payload = b"".join([first[frames.HEADER_SIZE:]] + parts[1:])
+        if not payload:
+            self.message_received(first)  # an empty DATA: decode reports it
+            return
+        try:
+            self._dispatch(frames.Data(stream_id, payload))
+        except MuxProtocolError as e:
+            if self.on_protocol_error is not None:
+                self.on_protocol_error(e)
+            else:
+                raise
+
     def _dispatch(self, frame):
         kind = type(frame)
         stream = self._streams.get(frame.stream_id)

@@ -125,6 +125,18 @@ class _TunnelProtocol:
             return
         self.mux.message_received(payload)
 
+    def onMessageEnd(self):
+        # Autobahn's version joins the message's pieces, which we would then
+        # slice the frame header off (two copies of every DATA byte), and
+        # fires an observer event (a Deferred) per message that nobody here
+        # listens to.  The mux joins the pieces once, without the header.
+        if not self.failedByMe:
+            if not self.message_is_binary:
+                self._protocol_error(frames.FrameError("text message on a binary tunnel"))
+            else:
+                self.mux.message_parts_received(self.message_data)
+        self.message_data = None
+
     def _protocol_error(self, exc):
         log.warn("tunnel {name}: protocol error: {error}; closing", name=self.mux.name, error=exc)
         self._lose_mux()
