@@ -17,8 +17,8 @@ from anyproxy.client.acl import AccessPolicy, HostRule, LimitRule
 from anyproxy.client.dialer import Dialer
 from anyproxy.client.udp import UdpAssociation, UdpStats, serves_udp
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.tunnel.mux import Mux
 from tests.support import StaticResolver
+from tests.test_dialer import LoopbackMuxPair
 
 
 # -- fixtures -------------------------------------------------------------------
@@ -60,25 +60,6 @@ class DatagramRecorder(Protocol):
     def connectionLost(self, reason):
         self.reason = reason
         self.lost.callback(None)
-
-
-class LoopbackMuxPair:
-    """A gateway and a client mux whose messages are delivered by the reactor, in order."""
-
-    def __init__(self, on_open_request):
-        self.calls = []
-        self.gateway = Mux(lambda message: self._later(self.client, message), initiator=False)
-        self.client = Mux(lambda message: self._later(self.gateway, message), initiator=True,
-                          on_open_request=on_open_request)
-
-    def _later(self, mux, message):
-        self.calls = [call for call in self.calls if call.active()]
-        self.calls.append(reactor.callLater(0, mux.message_received, message))
-
-    def cancel_pending(self):
-        for call in self.calls:
-            if call.active():
-                call.cancel()
 
 
 def policy(forbidden=(), allowed=(), allow_udp=True):

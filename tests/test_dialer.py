@@ -652,6 +652,7 @@ class LoopbackMuxPair:
                           on_open_request=on_open_request)
 
     def _later(self, mux, message):
+        self.calls = [call for call in self.calls if call.active()]
         self.calls.append(reactor.callLater(0, mux.message_received, message))
 
     def cancel_pending(self):

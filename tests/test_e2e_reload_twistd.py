@@ -11,20 +11,10 @@ from twisted.trial import unittest
 from tests.support import run_curl
 from tests.test_e2e_tcp import socks_connect
 from tests import test_e2e_twistd
+from tests.test_e2e_reload import roundtrip
 from tests.test_e2e_twistd import wait_until
 
 NEW_PASSWORD = "fresh-secret-9"
-
-
-def echo_once(sock, data):
-    sock.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        got += chunk
-    return got
 
 
 class ReloadTwistdTests(unittest.TestCase):
@@ -61,7 +51,7 @@ class ReloadTwistdTests(unittest.TestCase):
         sock = yield deferToThread(socks_connect, self.ports["socks"], "127.0.0.1", self.echo,
                                    username="user", password="proxy-pw")
         self.addCleanup(sock.close)
-        self.assertEqual((yield deferToThread(echo_once, sock, b"before")), b"before")
+        self.assertEqual((yield deferToThread(roundtrip, sock, b"before")), b"before")
 
         # A broken file first: refused, the old password still works.
         self.edit(lambda data: data["gateway"].update(balance="fastest"))
@@ -80,7 +70,7 @@ class ReloadTwistdTests(unittest.TestCase):
         yield wait_until(lambda: "reload applied" in gateway.text())
         self.assertEqual((yield self.status(NEW_PASSWORD)), "200")
         self.assertEqual((yield self.status("proxy-pw")), "407")
-        self.assertEqual((yield deferToThread(echo_once, sock, b"after")), b"after")
+        self.assertEqual((yield deferToThread(roundtrip, sock, b"after")), b"after")
         self.assertFalse(gateway.ended.called)
         for secret in ("proxy-pw", NEW_PASSWORD, "tunnel-pw"):
             self.assertNotIn(secret, gateway.text())
