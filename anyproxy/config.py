@@ -57,6 +57,8 @@ class ListenerConfig:
     listen_addr = attr.ib(default="")
     local = attr.ib(default=False)
     max_conns = attr.ib(default=0)  # streams open through this listener; 0 = unlimited
+    # proxy.socks5/proxy.http only: the built-in plugin's options (FrontendConfig.options).
+    options = attr.ib(factory=lambda: types.MappingProxyType({}), repr=False, hash=False)
 
 
 @attr.s(frozen=True, slots=True)
@@ -76,7 +78,8 @@ class ProxyConfig:
         Every listener as a L{FrontendConfig}: C{proxy.socks5} and C{proxy.http}
         (served by the built-in plugins of those names), then C{proxy.frontends}.
         """
-        builtin = [FrontendConfig(type=n, listener=l, name=n + " proxy", path="proxy." + n)
+        builtin = [FrontendConfig(type=n, listener=l, name=n + " proxy", path="proxy." + n,
+                                  options=l.options)
                    for n, l in self.listeners()]
         return builtin + list(self.frontends)
 
@@ -272,9 +275,31 @@ def _listener(node):
                           max_conns=max_conns)
 
 
+def _builtin_listener(node, kind):
+    """C{proxy.socks5} / C{proxy.http}: a listener plus its plugin's C{options}."""
+    entry = node.child(kind, _LISTENER_KEYS + ("options",))
+    listener = _listener(entry)
+    if listener is None:
+        return None
+    return attr.evolve(listener, options=_options(entry, find_frontend(kind)))
+
+
+def _options(entry, plugin):
+    """An entry's C{options} mapping, checked by its frontend plugin."""
+    options = entry.get("options", (dict,), {}, "a mapping")
+    options = types.MappingProxyType(dict(options))
+    try:
+        check_frontend_options(plugin, options)
+    except OptionError as e:
+        entry.reader.fail("%s.%s" % (entry.key("options"), e.key), e.problem)
+    except ValueError as e:
+        entry.fail("options", e)
+    return options
+
+
 def _proxy(node):
-    return ProxyConfig(socks5=_listener(node.child("socks5", _LISTENER_KEYS)),
-                       http=_listener(node.child("http", _LISTENER_KEYS)),
+    return ProxyConfig(socks5=_builtin_listener(node, "socks5"),
+                       http=_builtin_listener(node, "http"),
                        frontends=_frontends(node))
 
 
@@ -300,14 +325,7 @@ def _frontends(node):
         if listener.auth_username and not authenticates:
             entry.fail("auth_username", "the %s frontend does not check credentials; remove "
                                         "auth_username/auth_password" % (kind,))
-        options = entry.get("options", (dict,), {}, "a mapping")
-        options = types.MappingProxyType(dict(options))
-        try:
-            check_frontend_options(plugin, options)
-        except OptionError as e:
-            node.reader.fail("%s.%s" % (entry.key("options"), e.key), e.problem)
-        except ValueError as e:
-            entry.fail("options", e)
+        options = _options(entry, plugin)
         frontends.append(FrontendConfig(
             type=kind, listener=listener, name="%s frontend #%d" % (kind, index + 1),
             path=path, options=options, authenticates=authenticates))

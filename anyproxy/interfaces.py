@@ -56,6 +56,30 @@ class IFrontendFactory(Interface):
         """
 
 
+class IAdmittingEndpoint(Interface):
+    """
+    An endpoint from C{endpoint_for} whose connections count against limits
+    (C{gateway.max_conns_per_user}, a listener's C{max_conns}).
+
+    C{connect} takes a slot for the connection's whole life.  A frontend
+    that keeps idle connections for reuse (the HTTP proxy's upstream pool)
+    takes slots itself instead, so that only connections in use count.
+    """
+
+    def admit():
+        """
+        Take one slot: a Deferred firing with a release callable once one is
+        free (calling it again does nothing), or failing with
+        L{anyproxy.errors.StreamOpenError} C{OVERLOADED}.
+        """
+
+    def connect_admitted(protocol_factory):
+        """
+        Connect like C{connect}, but take no slot: the caller holds one from
+        L{admit} while it uses the connection and gives it back itself.
+        """
+
+
 class OptionError(ValueError):
     """
     A bad frontend option, named so the config error can point at it.

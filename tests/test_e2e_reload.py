@@ -36,8 +36,22 @@ def roundtrip(sock, data):
     return got
 
 
-def socks_roundtrip(proxy_port, port, data, password=PROXY_PASSWORD):
-    sock = socks_connect(proxy_port, "127.0.0.1", port, password=password)
+def recv_until_closed(sock):
+    """What arrives until the proxy closes C{sock} (b"" if it closes at once)."""
+    sock.settimeout(10)
+    got = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+    except ConnectionResetError:
+        return got
+
+
+def socks_roundtrip(proxy_port, port, data, password=PROXY_PASSWORD, host="127.0.0.1"):
+    sock = socks_connect(proxy_port, host, port, password=password)
     try:
         return roundtrip(sock, data)
     finally:
@@ -216,17 +230,25 @@ class ClientReloadTests(_ReloadBase):
 
     @defer.inlineCallbacks
     def test_acl_change_both_ways(self):
-        """An allowed target is refused after a reload, then allowed again; a stream goes on."""
+        """
+        A target forbidden by a reload is refused, and its open streams are
+        closed; streams to other targets go on.  Allowing it again works.
+        """
         sock = yield self.open_stream()
-        self.assertTrue((yield self.reload_client(forbidden_hosts=["127.0.0.0/8"])))
-        msg = yield deferToThread(socks_error, self.deployment.socks_port, "127.0.0.1",
+        revoked = yield deferToThread(socks_connect, self.deployment.socks_port, "target.test",
+                                      self.echo_port)
+        self.addCleanup(revoked.close)
+        self.assertEqual((yield deferToThread(roundtrip, revoked, b"before")), b"before")
+        self.assertTrue((yield self.reload_client(forbidden_hosts=["target.test"])))
+        msg = yield deferToThread(socks_error, self.deployment.socks_port, "target.test",
                                   self.echo_port)
         self.assertIn("0x02", msg)
+        self.assertEqual((yield deferToThread(recv_until_closed, revoked)), b"")
         yield self.assert_flows(sock)
 
         self.assertTrue((yield self.reload_client(forbidden_hosts=[])))
         got = yield deferToThread(socks_roundtrip, self.deployment.socks_port, self.echo_port,
-                                  b"allowed again")
+                                  b"allowed again", host="target.test")
         self.assertEqual(got, b"allowed again")
         yield self.assert_flows(sock)
 

@@ -140,8 +140,12 @@ class TwistdBase(unittest.TestCase):
         return spawn_twistd(self, "anyproxy-client", "--config=" + self.config)
 
     @defer.inlineCallbacks
-    def served(self):
-        out, _, _ = yield run_curl("-x", "http://user:proxy-pw@127.0.0.1:%d" % self.ports["http"],
+    def served(self, proxy="http"):
+        # The HTTP proxy keeps the target connection for reuse (its upstream
+        # pool); through SOCKS5 nothing stays open afterwards.
+        scheme = {"http": "http", "socks": "socks5h"}[proxy]
+        out, _, _ = yield run_curl("-x", "%s://user:proxy-pw@127.0.0.1:%d" % (
+                                   scheme, self.ports[proxy]),
                                    "--max-time", "5",
                                    "http://127.0.0.1:%d/blob/100000" % self.target)
         return out == blob(100000)
@@ -250,7 +254,7 @@ class FrozenClientFailoverTests(TwistdBase):
         yield wait_until(lambda: port_open(self.ports["socks"]))
         yield wait_until(lambda: "client proc-client group" in gateway.text()
                          and "client proc-client-2 group" in gateway.text())
-        yield wait_until(self.served)
+        yield wait_until(lambda: self.served("socks"))
 
         def open_two():
             socks = [socks_connect(self.ports["socks"], "127.0.0.1", self.echo,

@@ -233,6 +233,30 @@ class ConfigTests(ThirdPartyMixin, ConfigTestMixin, unittest.SynchronousTestCase
             self.error(self.frontends('{type: http, listen_addr: ":1", options: {realm: 7}}')),
             "proxy.frontends[0].options.realm: expected a non-empty printable ASCII string")
 
+    def test_builtin_listener_options(self):
+        """proxy.http and proxy.socks5 take their plugin's options, checked the same way."""
+        config = self.load(GATEWAY + 'proxy:\n  http: {listen_addr: "127.0.0.1:8080", '
+                                     'options: {upstream_keepalive: 0, upstream_idle_timeout: 2.5}}\n')
+        [http] = config.proxy.all_frontends()
+        self.assertEqual(dict(http.options), {"upstream_keepalive": 0, "upstream_idle_timeout": 2.5})
+        context = FrontendContext(name="test", reactor=Clock(), users=UserDatabase(),
+                                  endpoint_for=lambda *a, **k: None)
+        factory = find_frontend("http").build(http.options, context)
+        self.assertEqual((factory.upstream_pool.max_idle, factory.upstream_pool.idle_timeout),
+                         (0, 2.5))
+        for options, error in [
+                ("{upstream_keepalive: -1}",
+                 "proxy.http.options.upstream_keepalive: expected a whole number >= 0 (0 = off)"),
+                ("{upstream_keepalive: 1.5}",
+                 "proxy.http.options.upstream_keepalive: expected a whole number >= 0 (0 = off)"),
+                ("{upstream_idle_timeout: 0}",
+                 "proxy.http.options.upstream_idle_timeout: expected a number of seconds > 0")]:
+            self.assertEqual(self.error(GATEWAY + 'proxy:\n  http: {listen_addr: ":1", options: %s}\n'
+                                        % (options,)), error)
+        self.assertEqual(
+            self.error(GATEWAY + 'proxy:\n  socks5: {listen_addr: ":1", options: {a: 1}}\n'),
+            "proxy.socks5.options.a: unknown option (expected no options)")
+
     def test_plain_value_error(self):
         """A plugin's plain ValueError is reported at the options key."""
         self.add_third_party_plugin("discard")

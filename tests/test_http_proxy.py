@@ -91,12 +91,12 @@ class _FakeStream:
 class _User:
     """A proxy connection driven like an HTTP client, with fake streams behind it."""
 
-    def __init__(self, testcase, users=None, timeout=30.0, realm="anyproxy"):
+    def __init__(self, testcase, users=None, timeout=30.0, realm="anyproxy", **options):
         self.clock = Clock()
         self.streams = []
         self.factory = HttpProxyFactory(
             users or UserDatabase(), self._endpoint_for, self.clock,
-            handshake_timeout=timeout, realm=realm,
+            handshake_timeout=timeout, realm=realm, **options
         )
         self.protocol = self.factory.buildProtocol(None)
         self.transport = StringTransport()
@@ -290,10 +290,10 @@ class ConnectTests(SynchronousTestCase):
 
 
 class ForwardTests(SynchronousTestCase):
-    """Absolute-URI requests are relayed in origin form, one stream each."""
+    """Absolute-URI requests are relayed in origin form, one stream each (no pool)."""
 
     def setUp(self):
-        self.user = _User(self)
+        self.user = _User(self, upstream_keepalive=0)
 
     def open(self, method=b"GET", target=b"http://example.com:8080/a?b=1", headers=(), body=None):
         self.user.request(method, target, headers, body)
@@ -415,7 +415,7 @@ class ForwardTests(SynchronousTestCase):
         stream = self.open()
         self.user.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(stream.transport.disconnecting)
-        user = _User(self)
+        user = _User(self, upstream_keepalive=0)
         user.request(b"GET", b"http://example.com/")
         user.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(user.streams[0].cancelled)

@@ -127,7 +127,7 @@ class Dialer:
                              what="max_concurrent_conns")
         self.idle_timeout = idle_timeout
         self.udp_stats = UdpStats()
-        self._spliced = set()  # tcp streams joined to a target (swept for idleness)
+        self._spliced = {}  # tcp stream joined to a target -> the target's address
         self._associations = set()  # udp streams
         self._sweeper = None
 
@@ -151,6 +151,22 @@ class Dialer:
         active, bytes) for every open TCP and UDP stream.
         """
         return [record_of(stream) for stream in list(self._spliced) + list(self._associations)]
+
+    def set_policy(self, policy):
+        """
+        Use C{policy} from now on, also for open TCP streams: those it no
+        longer allows (by name or by the address they reached) are reset,
+        so a reload revokes access at once.  UDP associations check every
+        datagram against the policy in force anyway.
+        """
+        self.policy = policy
+        for stream, address in list(self._spliced.items()):
+            refused = policy.check_resolved(stream.host, stream.port, "tcp", [address])
+            if refused is not None:
+                self.acl_refusals += 1
+                log.warn("stream {sid} to {host}:{port}: no longer allowed after a reload; "
+                         "closing", sid=stream.stream_id, host=stream.host, port=stream.port)
+                stream.reset(refused)
 
     def handle_open(self, stream):
         """Called by the mux with each incoming stream request."""
@@ -254,7 +270,7 @@ class Dialer:
             return
         end = SpliceEnd()
         end.on_close = lambda end, reason: self._stream_done(stream, release)
-        self._spliced.add(stream)
+        self._spliced[stream] = target.transport.getPeer().host
         stream.accept(end)
         end.join(target)
         log.debug("stream {sid} connected to {host}:{port}", sid=stream.stream_id,
@@ -263,7 +279,7 @@ class Dialer:
             self._watch_idle()
 
     def _stream_done(self, stream, release):
-        self._spliced.discard(stream)
+        self._spliced.pop(stream, None)
         release()
         if not self._spliced:
             self.stop()

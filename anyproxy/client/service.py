@@ -266,7 +266,7 @@ class ClientRoot(MultiService):
         tls = {(host, port): self.tls_options(client, host) for host, port in client.gateway_addrs}
         self.config = config
         dialer = self.dialer
-        dialer.policy = client.policy
+        dialer.set_policy(client.policy)
         dialer.connect_timeout = client.connect_timeout
         dialer.idle_timeout = client.idle_timeout
         dialer.slots.configure(limit=client.max_concurrent_conns, queue_size=client.queue_size,

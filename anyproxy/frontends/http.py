@@ -38,6 +38,7 @@ from anyproxy.frontends.http_forward import (
     ReadGate,
     describe_open_failure,
 )
+from anyproxy.frontends.http_pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE, UpstreamPool
 from anyproxy.frontends.http_messages import (
     MAX_HEAD_SIZE,
     BadTarget,
@@ -148,10 +149,11 @@ class HttpProxyProtocol(Protocol):
         @return: a L{Deferred} firing with C{protocol}, or failing (typically
             with L{anyproxy.errors.StreamOpenError}).
         """
-        endpoint_for = self.factory.endpoint_for
-        return maybeDeferred(
-            lambda: connectProtocol(endpoint_for(self._user, host, port), protocol)
-        )
+        return maybeDeferred(lambda: connectProtocol(self.endpoint_to(host, port), protocol))
+
+    def endpoint_to(self, host, port):
+        """The endpoint reaching C{host:port} for this connection's user."""
+        return self.factory.endpoint_for(self._user, host, port)
 
     def respond(self, event):
         """Send an h11 event to the user."""
@@ -265,7 +267,11 @@ class HttpProxyProtocol(Protocol):
             # The stream opens once h11 has seen the end of the request.
             self._connect_target = target
         else:
-            self._exchange = ForwardExchange(self, request, target)
+            user = self._user
+            factory = self.factory
+            self._exchange = ForwardExchange(
+                self, request, target, factory.upstream_pool,
+                (user.name, user.group, target.host, target.port), factory.reactor)
             self._exchange.start()
 
     def _authenticate(self, request):
@@ -422,7 +428,8 @@ class HttpProxyFactory(ServerFactory):
 
     protocol = HttpProxyProtocol
 
-    def __init__(self, users, endpoint_for, reactor, handshake_timeout=30.0, realm="anyproxy"):
+    def __init__(self, users, endpoint_for, reactor, handshake_timeout=30.0, realm="anyproxy",
+                 upstream_keepalive=DEFAULT_MAX_IDLE, upstream_idle_timeout=DEFAULT_IDLE_TIMEOUT):
         """
         @param users: a L{anyproxy.auth.UserDatabase}; when it has no users
             the proxy is open and everyone is L{ANONYMOUS}.
@@ -433,12 +440,20 @@ class HttpProxyFactory(ServerFactory):
         @param handshake_timeout: seconds a user has to send a complete
             request head, at the start and between keep-alive requests.
         @param realm: the realm in C{Proxy-Authenticate}.
+        @param upstream_keepalive: idle upstream connections kept for reuse
+            by forwarded requests, at most (L{UpstreamPool}); 0 = none.
+        @param upstream_idle_timeout: seconds an idle one is kept.
         """
         self.users = users
         self.endpoint_for = endpoint_for
         self.reactor = reactor
         self.handshake_timeout = handshake_timeout
         self.realm = realm
+        self.upstream_pool = UpstreamPool(reactor, upstream_keepalive, upstream_idle_timeout)
+
+    def stopFactory(self):
+        # The listener stopped (shutdown, or a reload replaced it).
+        self.upstream_pool.clear()
 
     def acceptableProtocols(self):
         # Behind an ssl: listener (an HTTPS proxy) Twisted always installs an

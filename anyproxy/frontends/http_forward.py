@@ -2,10 +2,23 @@
 """
 Relay one absolute-URI request to its origin server, and the response back.
 
-Each request gets its own stream and its own h11 client connection, and asks
-the origin for C{Connection: close}.  That costs a stream open per request but
-means a stream never outlives the exchange that opened it, so no state from
-one user request (a half-read body, a confused origin) can leak into the next.
+An exchange runs over an L{UpstreamConnection}: a stream to the origin and
+its own h11 client connection.  When the exchange ends cleanly (the request
+and the response both complete, and neither side asked to close) the
+connection goes to the proxy's L{UpstreamPool} and the user's next request to
+that origin reuses it, as squid and nginx reuse server connections.  Any other
+ending closes it, so no state from one request (a half-read body, a confused
+origin) can reach the next.  With the pool disabled each request gets its own
+stream and asks the origin for C{Connection: close}.
+
+Limits (C{max_conns_per_user}, a listener's C{max_conns}) count connections in
+use: an exchange takes a slot before it takes or opens a connection and gives
+it back when it ends, so idle pooled connections hold none.
+
+A reused connection may have been closed by the origin just as we sent on it.
+A request that lost its connection that way before any response byte, and that
+is safe to send again (an idempotent method without a body), is retried once
+on a new connection (RFC 9110 9.2.2).
 
 Bodies stream both ways without buffering beyond the transports' own buffers:
 the user transport is registered as producer of the upstream transport and
@@ -15,12 +28,14 @@ bytes ourselves, up to L{HIGH_WATER}, after which reading from the user pauses.
 """
 
 import h11
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.errors import StreamOpenError, http_status
+from anyproxy.interfaces import IAdmittingEndpoint
 from anyproxy.frontends.http_messages import (
     MAX_RESPONSE_HEAD_SIZE,
     upstream_request,
@@ -32,6 +47,9 @@ _log = Logger()
 
 # Request body bytes we hold while the stream opens before pausing the user.
 HIGH_WATER = 64 * 1024
+
+# Methods a request may be sent again with, when it carries no body (RFC 9110 9.2.2).
+IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
 
 def describe_open_failure(failure):
@@ -98,63 +116,132 @@ class ReadGate:
         return GateProducer(self, reason)
 
 
-class _UpstreamProtocol(Protocol):
-    """The origin side of a L{ForwardExchange}: passes everything to it."""
+class UpstreamConnection(Protocol):
+    """
+    The origin side of forwarded requests: one stream and its h11 client.
 
-    def __init__(self, exchange):
-        self._exchange = exchange
+    Serves one L{ForwardExchange} at a time (C{exchange}); between exchanges
+    it waits in an L{UpstreamPool}, where anything it receives or its loss
+    takes it out.
+    """
+
+    exchange = None
+
+    def __init__(self, pool):
+        self.client = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_SIZE)
+        self._pool = pool
+        self.exchanges = 0  # how many exchanges used it (tests, logs)
 
     def dataReceived(self, data):
-        self._exchange.upstream_data(data)
+        if self.exchange is None:
+            # Nothing may arrive between exchanges (an origin's 408, junk):
+            # the connection's framing can no longer be trusted.
+            self._pool.discard(self)
+            self.close()
+            return
+        self.exchange.upstream_data(data)
 
     def connectionLost(self, reason):
-        self._exchange.upstream_lost()
+        if self.exchange is None:
+            self._pool.discard(self)
+        else:
+            self.exchange.upstream_lost()
+
+    def close(self):
+        self.transport.loseConnection()
+
+
+class _Only(Factory):
+    """A factory building one given protocol (what C{connectProtocol} does)."""
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self._protocol
 
 
 class ForwardExchange:
     """
-    One user request relayed over one stream.
+    One user request relayed over one upstream connection.
 
     The proxy protocol feeds it the user's request body (L{request_data},
     L{request_done}) and tells it when the user is gone (L{user_lost}).  It
-    uses the proxy's C{open_stream(host, port, protocol)}, its C{read_gate}
-    and C{transport} for backpressure, and answers through C{respond(event)}
+    uses the proxy's C{endpoint_to(host, port)}, its C{read_gate} and
+    C{transport} for backpressure, and answers through C{respond(event)}
     (the user's h11 connection), then exactly one of C{forward_done(exchange)}
     or C{forward_failed(exchange, status, text)}.
 
     @ivar status: the origin's status code once its response head arrived.
     @ivar response_started: C{True} once a response head went to the user;
         after that a failure can only be signalled by closing the connection.
+    @ivar reused: C{True} if the connection came from the pool.
     """
 
     status = None
     response_started = False
+    reused = False
 
-    def __init__(self, proxy, request, target):
+    def __init__(self, proxy, request, target, pool, key, clock):
         """
         @param proxy: the L{anyproxy.frontends.http.HttpProxyProtocol}.
         @param request: the user's L{h11.Request}.
         @param target: its L{anyproxy.frontends.http_messages.ForwardTarget}.
+        @param pool: the listener's L{UpstreamPool}.
+        @param key: this request's pool key (user, group, host, port).
+        @param clock: for giving limit slots back a turn later.
         """
         self._proxy = proxy
         self._request = request
         self._target = target
-        self._client = h11.Connection(
-            h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_SIZE
-        )
+        self._pool = pool
+        self._key = key
+        self._clock = clock
+        self._endpoint = None
+        self._release = None
         self._upstream = None
         self._opening = None
         self._held = []
         self._held_size = 0
         self._request_complete = False
+        self._body_sent = False
+        self._retried = False
+        self._answered = False  # any byte from the origin on this exchange
         self._finished = False
 
     def start(self):
-        """Open the stream to the target."""
-        self._opening = self._proxy.open_stream(
-            self._target.host, self._target.port, _UpstreamProtocol(self)
-        )
-        self._opening.addCallbacks(self._opened, self._open_failed)
+        """Take a limits slot, then a pooled connection or a new stream."""
+        self._opening = maybeDeferred(self._admit)
+        self._opening.addCallbacks(self._admitted, self._open_failed)
+
+    def _admit(self):
+        self._endpoint = self._proxy.endpoint_to(self._target.host, self._target.port)
+        if IAdmittingEndpoint.providedBy(self._endpoint):
+            return self._endpoint.admit()
+        return None
+
+    def _admitted(self, release):
+        self._opening = None
+        self._release = release
+        if self._finished:
+            self._give_back_slot()
+            return
+        upstream = self._pool.take(self._key)
+        if upstream is not None:
+            self.reused = True
+            self._opened(upstream)
+        else:
+            self._connect()
+
+    def _connect(self):
+        upstream = UpstreamConnection(self._pool)
+        if self._release is not None:
+            # We hold the slot ourselves, so the stream may outlive this exchange.
+            opening = self._endpoint.connect_admitted(_Only(upstream))
+        else:
+            opening = self._endpoint.connect(_Only(upstream))
+        self._opening = opening
+        opening.addCallbacks(self._opened, self._open_failed)
 
     # -- the user side --------------------------------------------------------
 
@@ -177,12 +264,13 @@ class ForwardExchange:
             self._send_upstream(h11.EndOfMessage())
 
     def user_lost(self):
-        """The user's connection is gone: drop the stream, whatever its state."""
+        """The user's connection is gone: drop the connection, whatever its state."""
         self._finished = True
         if self._opening is not None:
             opening, self._opening = self._opening, None
             opening.cancel()
         self._close_upstream()
+        self._give_back_slot()
 
     # -- the upstream side ----------------------------------------------------
 
@@ -190,14 +278,20 @@ class ForwardExchange:
         self._opening = None
         if self._finished:
             # The user left and the endpoint could not cancel in time.
-            upstream.transport.loseConnection()
+            upstream.close()
+            self._give_back_slot()
             return
         self._upstream = upstream
+        upstream.exchange = self
+        upstream.exchanges += 1
         transport = upstream.transport
         transport.registerProducer(self._proxy.read_gate.producer("upstream"), True)
         self._proxy.transport.registerProducer(transport, True)
-        self._send_upstream(upstream_request(self._request, self._target))
+        self._send_upstream(upstream_request(self._request, self._target,
+                                             keep_alive=self._pool.enabled))
         held, self._held, self._held_size = self._held, [], 0
+        if held:
+            self._body_sent = True
         for data in held:
             if self._finished:
                 return
@@ -213,12 +307,15 @@ class ForwardExchange:
         if self._finished:
             # Cancelled because the user left: nothing to answer.
             return
+        self._give_back_slot()
         status, text = describe_open_failure(failure)
         self._fail(status, text)
 
     def _send_upstream(self, event):
+        if type(event) is h11.Data:
+            self._body_sent = True
         try:
-            data = self._client.send(event)
+            data = self._upstream.client.send(event)
         except h11.LocalProtocolError:
             # Our h11 client refuses: the origin already ended the exchange
             # in a way that makes this message impossible to finish.
@@ -231,62 +328,105 @@ class ForwardExchange:
         """Bytes from the origin server."""
         if self._finished:
             return
-        self._client.receive_data(data)
-        if self._upstream is not None:
-            self._relay()
+        self._answered = True
+        self._upstream.client.receive_data(data)
+        self._relay()
 
     def upstream_lost(self):
         """The stream to the origin closed."""
         if self._finished:
             return
-        self._client.receive_data(b"")
+        if self._may_retry():
+            self._retried = True
+            self.reused = False
+            self._detach()
+            self._connect()
+            return
+        self._upstream.client.receive_data(b"")
         self._relay()
         if not self._finished:
             self._fail(502, "the upstream server closed the connection")
 
+    def _may_retry(self):
+        # Only a pooled connection that died before answering anything: the
+        # origin closed it while idle.  A new one failing means what it says.
+        if not self.reused or self._retried or self._answered or self._body_sent:
+            return False
+        if self._request.method not in IDEMPOTENT:
+            return False
+        headers = self._request.headers
+        lengths = [value for name, value in headers if name == b"content-length"]
+        chunked = any(name == b"transfer-encoding" for name, _ in headers)
+        return not chunked and lengths in ([], [b"0"])
+
     def _relay(self):
+        client = self._upstream.client
         while not self._finished:
             try:
-                event = self._client.next_event()
+                event = client.next_event()
             except h11.RemoteProtocolError:
                 self._fail(502, "the upstream server sent a malformed response")
                 return
-            if event in (h11.NEED_DATA, h11.PAUSED) or isinstance(
-                event, h11.ConnectionClosed
-            ):
+            if event is h11.NEED_DATA or event is h11.PAUSED or type(event) is h11.ConnectionClosed:
                 return
-            if isinstance(event, h11.InformationalResponse):
-                # 1xx is HTTP/1.1 only; 101 cannot occur (we strip Upgrade
-                # and h11 rejects an unsolicited one as a protocol error).
-                if self._proxy.user_http_version >= b"1.1":
-                    self._proxy.respond(user_informational(event))
-            elif isinstance(event, h11.Response):
+            event_type = type(event)
+            if event_type is h11.Data:
+                self._proxy.respond(event)
+            elif event_type is h11.Response:
                 self.status = event.status_code
                 self.response_started = True
                 self._proxy.respond(user_response(event))
-            elif isinstance(event, h11.Data):
-                self._proxy.respond(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
+            elif event_type is h11.InformationalResponse:
+                # 1xx is HTTP/1.1 only; 101 cannot occur (we strip Upgrade
+                # and h11 rejects an unsolicited one as a protocol error).
+                self.status = event.status_code
+                if self._proxy.user_http_version >= b"1.1":
+                    self._proxy.respond(user_informational(event))
+            elif event_type is h11.EndOfMessage:
                 # Trailers are dropped: we strip the Trailer header too.
                 self._proxy.respond(h11.EndOfMessage())
                 self._finished = True
-                self._close_upstream()
+                self._keep_or_close()
                 self._proxy.forward_done(self)
+
+    def _keep_or_close(self):
+        upstream = self._detach()
+        client = upstream.client
+        if client.our_state is h11.DONE and client.their_state is h11.DONE:
+            client.start_next_cycle()
+            # The user may have paused it; an idle connection must not stay paused.
+            upstream.transport.resumeProducing()
+            if self._pool.put(self._key, upstream):
+                self._give_back_slot()
+                return
+        upstream.close()
+        self._give_back_slot()
 
     def _fail(self, status, text):
         if self._finished:
             return
         self._finished = True
         self._close_upstream()
+        self._give_back_slot()
         self._proxy.forward_failed(self, status, text)
 
-    def _close_upstream(self):
+    def _detach(self):
         upstream, self._upstream = self._upstream, None
-        if upstream is None:
-            return
-        # Unregister before closing: a transport with a paused producer
-        # registered waits for that producer instead of closing.
+        upstream.exchange = None
+        # Unregister before closing or pooling: a transport with a paused
+        # producer registered waits for that producer instead of closing.
         self._proxy.transport.unregisterProducer()
         self._proxy.read_gate.resume("upstream")
         upstream.transport.unregisterProducer()
-        upstream.transport.loseConnection()
+        return upstream
+
+    def _close_upstream(self):
+        if self._upstream is not None:
+            self._detach().close()
+
+    def _give_back_slot(self):
+        release, self._release = self._release, None
+        if release is not None:
+            # A turn later, as TunnelEndpoint does: a waiter must not pick a
+            # tunnel that is dying with this connection.
+            self._clock.callLater(0, release)

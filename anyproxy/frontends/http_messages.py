@@ -216,14 +216,15 @@ def _header_values(headers, wanted):
     return [value for name, value in headers if name == wanted]
 
 
-def upstream_request(request, target):
+def upstream_request(request, target, keep_alive=True):
     """
     The request to send to the origin: origin-form, correct C{Host}, no hop-by-hop
-    headers, the user's body framing, and C{Connection: close} since each
-    request gets its own stream.
+    headers and the user's body framing.
 
     @param request: the user's h11 L{h11.Request}.
     @param target: its L{ForwardTarget}.
+    @param keep_alive: C{False} adds C{Connection: close}, for a connection
+        that will not be reused.
     @return: an L{h11.Request}.
     """
     headers = [(b"Host", target.authority)]
@@ -233,7 +234,8 @@ def upstream_request(request, target):
     else:
         for value in _header_values(request.headers, b"content-length"):
             headers.append((b"Content-Length", value))
-    headers.append((b"Connection", b"close"))
+    if not keep_alive:
+        headers.append((b"Connection", b"close"))
     return h11.Request(
         method=request.method,
         target=target.origin_form(request.method),

@@ -11,6 +11,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.interfaces import IAdmittingEndpoint
+from anyproxy.limits import Release
 
 # A client answers OPEN within its own connect timeout; this bounds the wait if
 # it never does (a wedged client whose pings still flow).
@@ -19,7 +21,7 @@ DEFAULT_OPEN_TIMEOUT = 60.0
 log = Logger()
 
 
-@implementer(IStreamClientEndpoint)
+@implementer(IStreamClientEndpoint, IAdmittingEndpoint)
 class TunnelEndpoint:
     """
     Connect to C{host:port} through a tunnel of C{group}.
@@ -52,15 +54,27 @@ class TunnelEndpoint:
         self._metrics = metrics
         self.user = user
 
-    def open_stream(self):
-        """A Deferred firing with an accepted L{anyproxy.tunnel.mux.Stream}."""
-        if self._admit is None:
+    def open_stream(self, admitted=False):
+        """
+        A Deferred firing with an accepted L{anyproxy.tunnel.mux.Stream}.
+
+        @param admitted: C{True} when the caller holds a slot from L{admit}
+            for this stream and gives it back itself; otherwise the stream
+            takes one and holds it until it ends.
+        """
+        if self._admit is None or admitted:
             d = self._open_stream()
         else:
             d = self._admit().addCallback(self._open_admitted)
         if self._metrics is not None:
             d = self._metrics.track_open(d, self.frontend)
         return d
+
+    def admit(self):
+        """See L{IAdmittingEndpoint.admit}."""
+        if self._admit is None:
+            return defer.succeed(Release(None))
+        return self._admit()
 
     def _open_admitted(self, release):
         # Queue time is not open time: the open timeout starts here.
@@ -107,6 +121,10 @@ class TunnelEndpoint:
 
     def connect(self, protocol_factory):
         return self.open_stream().addCallback(attach_protocol, protocol_factory)
+
+    def connect_admitted(self, protocol_factory):
+        """See L{IAdmittingEndpoint.connect_admitted}."""
+        return self.open_stream(admitted=True).addCallback(attach_protocol, protocol_factory)
 
 
 def bound_open(opening, timeout, clock):

@@ -39,16 +39,25 @@ class HttpFrontend:
     authenticates = True
 
     def check_options(self, options):
-        reject_unknown_options(options, ("realm",))
+        reject_unknown_options(options, ("realm", "upstream_keepalive", "upstream_idle_timeout"))
         realm = options.get("realm", "anyproxy")
         if not (isinstance(realm, str) and realm and realm.isascii() and realm.isprintable()):
             raise OptionError("realm", "expected a non-empty printable ASCII string")
+        keepalive = options.get("upstream_keepalive", 0)
+        if type(keepalive) is not int or keepalive < 0:
+            raise OptionError("upstream_keepalive", "expected a whole number >= 0 (0 = off)")
+        timeout = options.get("upstream_idle_timeout", 1)
+        if type(timeout) not in (int, float) or not timeout > 0:
+            raise OptionError("upstream_idle_timeout", "expected a number of seconds > 0")
 
     def build(self, options, context):
         from anyproxy.frontends.http import HttpProxyFactory
-        return HttpProxyFactory(context.users, context.endpoint_for, context.reactor,
-                                handshake_timeout=context.handshake_timeout,
-                                realm=options.get("realm", "anyproxy"))
+        from anyproxy.frontends.http_pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE
+        return HttpProxyFactory(
+            context.users, context.endpoint_for, context.reactor,
+            handshake_timeout=context.handshake_timeout, realm=options.get("realm", "anyproxy"),
+            upstream_keepalive=options.get("upstream_keepalive", DEFAULT_MAX_IDLE),
+            upstream_idle_timeout=options.get("upstream_idle_timeout", DEFAULT_IDLE_TIMEOUT))
 
 
 socks5 = Socks5Frontend()
