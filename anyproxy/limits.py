@@ -122,12 +122,10 @@ class Limiter:
             full or the wait reaches C{queue_timeout}.  Cancelling it while
             it waits takes the request out of the queue.
         """
-        entry = self._keys.get(key)
-        if entry is None:
-            entry = self._keys[key] = _Key()
-        if self._has_room(entry) and not entry.queue:
-            entry.active += 1
-            return defer.succeed(self._release_for(key, entry))
+        release = self.try_acquire(key)
+        if release is not None:
+            return defer.succeed(release)
+        entry = self._keys[key]
         if (self.queue_size <= 0 or self.queue_timeout <= 0
                 or len(entry.queue) >= self.queue_size):
             self.refused += 1
@@ -139,6 +137,16 @@ class Limiter:
             self.queue_timeout, self._expired, key, entry, waiter)
         entry.queue.append(waiter)
         return waiter.deferred
+
+    def try_acquire(self, key=None):
+        """A L{Release} for a slot of C{key} if one is free now (nobody waiting), else C{None}."""
+        entry = self._keys.get(key)
+        if entry is None:
+            entry = self._keys[key] = _Key()
+        elif entry.queue or not self._has_room(entry):
+            return None
+        entry.active += 1
+        return self._release_for(key, entry)
 
     def active(self, key=None):
         """How many slots C{key} holds now."""
@@ -237,6 +245,18 @@ def acquire_all(requests):
     def release_all():
         while held:
             held.pop()()
+
+    # The usual case, every slot free now, needs no Deferred chain.
+    requests = list(requests)
+    while requests:
+        limiter, key = requests[0]
+        release = limiter.try_acquire(key)
+        if release is None:
+            break
+        held.append(release)
+        requests.pop(0)
+    if not requests:
+        return defer.succeed(Release(release_all))
 
     d = defer.succeed(None)
     for limiter, key in requests:

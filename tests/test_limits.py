@@ -52,6 +52,18 @@ class LimiterTests(SynchronousTestCase):
         self.assertEqual(limiter.active("alice"), 0)
         self.successResultOf(limiter.acquire("alice"))
 
+    def test_try_acquire(self):
+        """try_acquire takes a free slot at once, and never queues or overtakes a waiter."""
+        limiter = self.limiter(limit=1)
+        release = limiter.try_acquire("alice")
+        self.assertEqual(limiter.active("alice"), 1)
+        self.assertIsNone(limiter.try_acquire("alice"))
+        waiting = limiter.acquire("alice")
+        release()
+        self.assertEqual(limiter.waiting("alice"), 0)
+        self.successResultOf(waiting)()
+        self.assertEqual(limiter.keys(), [])
+
     def test_waits_at_limit(self):
         """At the limit a request waits, and gets the slot the next release frees."""
         limiter = self.limiter(limit=1)

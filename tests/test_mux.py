@@ -401,6 +401,18 @@ class FlowControlTests(SynchronousTestCase):
         self.assertEqual(acceptor_protocol.received, data)
         self.assertEqual(pair.client_errors + pair.gateway_errors, [])
 
+    def test_resume_without_pause_sends_nothing(self):
+        """resumeProducing on a stream that was not paused sends no CREDIT (a pooled HTTP
+        connection is resumed after every exchange)."""
+        pair = MuxPair(client_window=SMALL_WINDOW)
+        opener, _, acceptor, acceptor_protocol = pair.open()
+        opener.write(b"small")
+        pair.pump()
+        acceptor.resumeProducing()
+        pair.pump()
+        self.assertEqual(acceptor_protocol.received, b"small")
+        self.assertEqual(of_type(pair.sent_by_client, frames.Credit), [])
+
     def test_exactly_one_window_in_flight(self):
         """Without credit the sender sends exactly one window of DATA and queues the rest."""
         pair = MuxPair(client_window=SMALL_WINDOW)

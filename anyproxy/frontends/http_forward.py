@@ -397,7 +397,7 @@ class ForwardExchange:
             # The user may have paused it; an idle connection must not stay paused.
             upstream.transport.resumeProducing()
             if self._pool.put(self._key, upstream):
-                self._give_back_slot()
+                self._give_back_slot(now=True)
                 return
         upstream.close()
         self._give_back_slot()
@@ -424,9 +424,13 @@ class ForwardExchange:
         if self._upstream is not None:
             self._detach().close()
 
-    def _give_back_slot(self):
+    def _give_back_slot(self, now=False):
         release, self._release = self._release, None
-        if release is not None:
+        if release is None:
+            return
+        if now:
+            release()
+        else:
             # A turn later, as TunnelEndpoint does: a waiter must not pick a
             # tunnel that is dying with this connection.
             self._clock.callLater(0, release)

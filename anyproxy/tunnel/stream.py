@@ -227,8 +227,10 @@ class Stream:
         self._reading_paused = True
 
     def resumeProducing(self):
-        self._reading_paused = False
-        self._grant_credit(force=True)
+        if self._reading_paused:
+            self._reading_paused = False
+            # What arrived while paused is granted back in one CREDIT.
+            self._grant_credit(force=True)
 
     def stopProducing(self):
         self.loseConnection()
