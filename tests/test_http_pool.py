@@ -287,6 +287,16 @@ class ReuseTests(SynchronousTestCase):
         self.user.clock.advance(0)
         self.assertEqual(self.user.slots, [])
 
+    def test_endpoint_for_raises(self):
+        """An endpoint_for that raises is a 502 for that request, and the connection goes on."""
+        def broken(user, host, port):
+            raise RuntimeError("no endpoint")
+        self.user.factory.endpoint_for = broken
+        self.user.request(b"GET", b"http://example.com/")
+        self.assertEqual(self.user.response()[0], 502)
+        self.assertFalse(self.user.closed)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 0)
+
     def test_disabled(self):
         """upstream_keepalive 0: each request its own stream, with Connection: close."""
         user = _PoolUser(self, upstream_keepalive=0)

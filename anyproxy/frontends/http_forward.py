@@ -28,10 +28,10 @@ bytes ourselves, up to L{HIGH_WATER}, after which reading from the user pauses.
 """
 
 import h11
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from anyproxy.errors import StreamOpenError, http_status
@@ -211,14 +211,16 @@ class ForwardExchange:
 
     def start(self):
         """Take a limits slot, then a pooled connection or a new stream."""
-        self._opening = maybeDeferred(self._admit)
+        try:
+            self._endpoint = self._proxy.endpoint_to(self._target.host, self._target.port)
+        except Exception:
+            self._open_failed(Failure())
+            return
+        if not IAdmittingEndpoint.providedBy(self._endpoint):
+            self._admitted(None)
+            return
+        self._opening = self._endpoint.admit()
         self._opening.addCallbacks(self._admitted, self._open_failed)
-
-    def _admit(self):
-        self._endpoint = self._proxy.endpoint_to(self._target.host, self._target.port)
-        if IAdmittingEndpoint.providedBy(self._endpoint):
-            return self._endpoint.admit()
-        return None
 
     def _admitted(self, release):
         self._opening = None
