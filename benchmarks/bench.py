@@ -19,7 +19,8 @@ Measurements (see benchmarks/README.md for how to read them):
           for AnyProxy, OpenSSH reverse dynamic forwarding (default cipher and
           aes128-gcm), pproxy and microsocks, in interleaved rounds.
 2. http   hey, one new connection per request, 20 concurrent, through the HTTP
-          proxy of AnyProxy and of pproxy: requests/s and share of 200s.
+          proxy of AnyProxy and of pproxy: requests/s and share of 200s; also
+          AnyProxy with its upstream pool off (upstream_keepalive: 0).
 3. idle   10,000 concurrent idle SOCKS5 streams through one tunnel: RSS of
           gateway + client before/after, KiB per stream, all streams checked.
 4. slow   a user stops reading a large download: RSS growth of gateway and
@@ -68,6 +69,8 @@ LOOPBACK = "127.0.0.1"
 # and send only the iperf3 target through the proxy under test.
 IPERF_HOST = "127.0.0.2"
 MEASUREMENTS = ("bulk", "http", "idle", "slow", "churn", "udp")
+# AnyProxy's HTTP proxy with its upstream pool off (upstream_keepalive: 0).
+NO_REUSE = "AnyProxy, upstream_keepalive: 0"
 # Run order: the 10,000 idle streams leave the allocator with the most memory,
 # so they go last and the slow-reader and churn figures start from a calmer heap.
 RUN_ORDER = ("bulk", "http", "udp", "slow", "churn", "idle")
@@ -544,12 +547,18 @@ class Setup:
         certs = self.h.path("certs")
         load_generate().generate(certs, ["localhost", LOOPBACK])
         gw, socks, http = self.port("gateway"), self.port("anyproxy_socks"), self.port("anyproxy_http")
+        # The same proxy without upstream reuse (each request its own stream
+        # and target connection), measured beside it for comparison.
+        no_reuse = self.port("anyproxy_http_no_reuse")
         config = self.h.path("anyproxy.yaml")
         with open(config, "w") as f:
             yaml.safe_dump({
                 "log": {"level": self.args.anyproxy_log_level},
                 "proxy": {"socks5": {"listen_addr": "%s:%d" % (LOOPBACK, socks)},
-                          "http": {"listen_addr": "%s:%d" % (LOOPBACK, http)}},
+                          "http": {"listen_addr": "%s:%d" % (LOOPBACK, http)},
+                          "frontends": [{"type": "http",
+                                         "listen_addr": "%s:%d" % (LOOPBACK, no_reuse),
+                                         "options": {"upstream_keepalive": 0}}]},
                 "gateway": {"listen_addr": "%s:%d" % (LOOPBACK, gw),
                             "tls_cert": os.path.join(certs, "server.crt"),
                             "tls_key": os.path.join(certs, "server.key"),
@@ -564,12 +573,13 @@ class Setup:
         self.gateway = self.twistd("gateway", "anyproxy-gateway", "--config=" + config)
         wait_port(gw, harness=self.h, names=("gateway",))
         self.client = self.twistd("client", "anyproxy-client", "--config=" + config)
-        for port in (socks, http):
+        for port in (socks, http, no_reuse):
             wait_port(port, harness=self.h, names=("gateway", "client"))
         retry("AnyProxy tunnel", lambda: echo_check(socks, self.ports["echo"]),
               harness=self.h, names=("gateway", "client"))
         self.socks["AnyProxy"] = socks
         self.http["AnyProxy"] = http
+        self.http[NO_REUSE] = no_reuse
 
     def start_iperf(self):
         self.port("iperf")
@@ -728,7 +738,7 @@ def hey(proxy_port, url, requests, concurrency):
 
 def measure_http(setup, args):
     url = "http://%s:%d/" % (LOOPBACK, setup.ports["http_target"])
-    runs = {name: [] for name in ("AnyProxy", "pproxy")}
+    runs = {name: [] for name in ("AnyProxy", "pproxy", NO_REUSE)}
     for r in range(args.rounds):
         log("http round %d/%d (%d requests, %d concurrent, no keep-alive)", r + 1, args.rounds,
             args.requests, args.concurrency)
@@ -1135,6 +1145,13 @@ def build_rows(results, window):
                          "≥ 1.0, all 200" if name == "pproxy" else "all 200",
                          (check(r, TARGET_HTTP_VS_PPROXY) if name == "pproxy" else
                           ("yes" if ok == 1.0 else "**no**"))))
+        if http["runs"].get(NO_REUSE):
+            value = median([x["rps"] for x in http["runs"][NO_REUSE]])
+            ok = min(x["ok"] for x in http["runs"][NO_REUSE])
+            rows.append(("2 HTTP new conn/request, req/s",
+                         "%s, for comparison (lowest share of 200s: %.2f%%); ratio: / pproxy"
+                         % (NO_REUSE, 100 * ok), num(value), num(ratio(value, theirs), "{:.2f}"),
+                         "", ""))
     idle = results.get("idle")
     if idle:
         grow = idle["after_use"]["total"] - idle["before"]["total"]
@@ -1415,7 +1432,9 @@ def chart(results, window, path, title):
     if http:
         names = list(http["runs"])
         values = [median([x["rps"] for x in http["runs"][n]]) for n in names]
-        bars = ax.bar(names, values, color=["#d62728" if n == "AnyProxy" else "#1f77b4" for n in names])
+        bars = ax.bar([n.replace(", ", ",\n") for n in names], values,
+                      color=["#d62728" if n == "AnyProxy" else "#ff9896" if n == NO_REUSE
+                             else "#1f77b4" for n in names])
         ax.bar_label(bars, labels=["%.0f req/s\n%.2f%% 200" % (v, 100 * min(x["ok"] for x in http["runs"][n]))
                                    for n, v in zip(names, values)], fontsize=8)
         ax.set_ylabel("requests/s (median)")
