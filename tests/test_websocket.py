@@ -44,3 +44,20 @@ class DataFramingTests(unittest.TestCase):
         protocol.transport = StringTransport()
         protocol._send_tunnel_parts(b"HEAD!", b"x")
         self.assertEqual(protocol.transport.value(), b"")
+
+
+class ReceiveTests(unittest.TestCase):
+    """Bytes from the network reach Autobahn's frame parser without its per-read debug line."""
+
+    def test_no_debug_formatting_per_read(self):
+        """Autobahn's debug-argument helpers are not called for each read."""
+        import autobahn.twisted.websocket as autobahn_twisted
+
+        calls = []
+        self.patch(autobahn_twisted, "hltype", lambda *a: calls.append(a))
+        self.patch(autobahn_twisted, "hlval", lambda *a: calls.append(a))
+        protocol = GatewayTunnelProtocol()
+        received = []
+        protocol._dataReceived = received.append
+        protocol.dataReceived(b"some bytes")
+        self.assertEqual((received, calls), ([b"some bytes"], []))
