@@ -37,6 +37,14 @@ class DataFramingTests(unittest.TestCase):
         self.assertEqual(frame[:10], struct.pack("!BBQ", 0x82, 127, 5 + 256 * 1024))
         self.assertEqual(frame[10:15], b"HEAD!")
 
+    def test_small_frames(self):
+        """Other tunnel frames (CREDIT, FIN, DATAGRAM...) are framed the same way."""
+        protocol = GatewayTunnelProtocol()
+        protocol.state = protocol.STATE_OPEN
+        protocol.transport = StringTransport()
+        protocol._send_tunnel_frame(b"\x04\x00\x00\x00\x07credit")
+        self.assertEqual(protocol.transport.value(), bytes((0x82, 11)) + b"\x04\x00\x00\x00\x07credit")
+
     def test_not_open(self):
         """Nothing is written once the WebSocket is no longer open."""
         protocol = GatewayTunnelProtocol()

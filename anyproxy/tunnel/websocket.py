@@ -84,7 +84,8 @@ class _TunnelProtocol:
 
     def _start_mux(self, initiator, on_open_request, name):
         unmasked = self.factory.isServer or not self.maskClientFrames
-        self.mux = Mux(self._send_tunnel_message, initiator=initiator,
+        send = self._send_tunnel_frame if unmasked else self._send_tunnel_message
+        self.mux = Mux(send, initiator=initiator,
                        on_open_request=on_open_request, on_hello=self.hello_received,
                        on_protocol_error=self._protocol_error, name=name,
                        send_parts=self._send_tunnel_parts if unmasked else None)
@@ -102,6 +103,11 @@ class _TunnelProtocol:
 
     def _send_tunnel_message(self, message):
         self.sendMessage(message, isBinary=True)
+
+    def _send_tunnel_frame(self, message):
+        # Small frames (OPEN, CREDIT, FIN, DATAGRAM...) framed the same way:
+        # Autobahn's sendMessage would also format a debug line per frame.
+        self._send_tunnel_parts(message, b"")
 
     def _send_tunnel_parts(self, header, payload):
         # The bulk path: one unmasked binary WebSocket frame (FIN, opcode 2)
