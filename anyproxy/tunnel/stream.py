@@ -245,6 +245,8 @@ class Stream:
             chunk = queue.popleft()
             room = min(self._send_window, MAX_DATA_PAYLOAD)
             if len(chunk) > room:
+                # Views, not copies: the frame is joined from them in one copy.
+                chunk = memoryview(chunk)
                 queue.appendleft(chunk[room:])
                 chunk = chunk[:room]
             size = len(chunk)
