@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from anyproxy.tuning import read_in_bulk, set_no_delay
+from anyproxy.tuning import tune_for_bulk, set_no_delay
 
 
 @implementer(IHalfCloseableProtocol)
@@ -49,7 +49,7 @@ class SpliceEnd(Protocol):
         for end in (self, other):
             # Bulk reads; and no Nagle delay: we forward what we read at once,
             # as Go's net package (the original project) does by default.
-            read_in_bulk(end.transport)
+            tune_for_bulk(end.transport)
             set_no_delay(end.transport)
         self.transport.registerProducer(other.transport, True)
         other.transport.registerProducer(self.transport, True)

@@ -4,6 +4,7 @@ from twisted.trial import unittest
 
 from anyproxy import tuning
 
+
 class FakeLibc:
     """Records mallopt calls."""
 
@@ -17,6 +18,7 @@ class FakeLibc:
 
 class FakeTCP:
     bufferSize = 65536
+    SEND_LIMIT = 128 * 1024
 
 
 class FakeTLS:
@@ -25,21 +27,32 @@ class FakeTLS:
 
 
 class TuningTests(unittest.TestCase):
-    """Bulk read sizes and the malloc threshold."""
+    """Bulk read and send sizes and the malloc thresholds."""
 
-    def test_read_in_bulk(self):
-        """A TCP transport reads READ_SIZE at a time; under TLS the TCP transport is tuned."""
+    def test_tune_for_bulk(self):
+        """
+        A TCP transport reads READ_SIZE and sends up to WRITE_SIZE at a time;
+        under TLS the TCP transport is tuned.  Other transports keep theirs.
+        """
         tcp = FakeTCP()
-        tuning.read_in_bulk(tcp)
-        self.assertEqual(tcp.bufferSize, tuning.READ_SIZE)
+        tuning.tune_for_bulk(tcp)
+        self.assertEqual((tcp.bufferSize, tcp.SEND_LIMIT), (tuning.READ_SIZE, tuning.WRITE_SIZE))
         below = FakeTCP()
-        tuning.read_in_bulk(FakeTLS(below))
-        self.assertEqual(below.bufferSize, tuning.READ_SIZE)
+        tuning.tune_for_bulk(FakeTLS(below))
+        self.assertEqual((below.bufferSize, below.SEND_LIMIT),
+                         (tuning.READ_SIZE, tuning.WRITE_SIZE))
+        self.assertEqual(FakeTCP.SEND_LIMIT, 128 * 1024)
+
+    def test_real_tcp_transport(self):
+        """Twisted's TCP transports take both settings per connection."""
+        from twisted.internet import tcp
+        self.assertTrue(hasattr(tcp.Connection, "SEND_LIMIT"))
+        self.assertTrue(hasattr(tcp.Connection, "bufferSize"))
 
     def test_no_buffer_size(self):
         """A transport without a read size (a tunnel stream) is left alone."""
         transport = object()
-        tuning.read_in_bulk(transport)
+        tuning.tune_for_bulk(transport)
 
     def test_tune_malloc(self):
         """

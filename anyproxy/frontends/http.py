@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.auth import ANONYMOUS
-from anyproxy.tuning import set_no_delay
+from anyproxy.tuning import set_no_delay, tune_for_bulk
 from anyproxy.frontends.http_forward import (
     ForwardExchange,
     ReadGate,
@@ -93,6 +93,7 @@ class HttpProxyProtocol(Protocol):
         # Responses go out as several writes (head, body pieces); with Nagle
         # on, each would wait for the user's delayed ACK (~40 ms a request).
         set_no_delay(self.transport)
+        tune_for_bulk(self.transport)  # forwarded bodies can be large
         # Public: a ForwardExchange pauses user reads through it too.
         self.read_gate = ReadGate(self.transport)
         peer = self.transport.getPeer()

@@ -15,7 +15,7 @@ from twisted.internet import defer, error
 from twisted.python import failure
 from twisted.logger import Logger
 
-from anyproxy.tuning import read_in_bulk, set_no_delay
+from anyproxy.tuning import tune_for_bulk, set_no_delay
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.mux import Mux
 
@@ -96,7 +96,7 @@ class _TunnelProtocol:
         lowest = getattr(self.transport, "transport", None) or self.transport
         lowest.registerProducer(self.mux, True)
         self.mux.lowest_transport = lowest
-        read_in_bulk(lowest)
+        tune_for_bulk(lowest)
         # Small frames (OPEN, CREDIT, FIN) must not wait for Nagle + delayed
         # ACK: without this each stream open or close could stall ~40 ms.
         set_no_delay(lowest)
