@@ -2,13 +2,14 @@
 """
 Process and socket settings for bulk throughput, measured in benchmarks/.
 
-Reading large chunks is the biggest single gain on the data path (fewer
-system calls and fewer Python calls per byte), and writing in large ones the
-next: Twisted hands the kernel at most 128 KiB per send by default, and each
-send on loopback also wakes the reader, so 1 MiB sends cut the CPU per byte
-of both ends by about a tenth (benchmarks/, 6.4 -> 7.2 Gbit/s).  Reading
-more than 256 KiB at a time did not help: a read would then take most of a
-stream's flow-control window at once.  Large reads pay off only if glibc's malloc
+Reading and writing in large chunks is the biggest gain on the data path:
+fewer system calls, fewer wake-ups of the process at the other end, and
+fewer Python calls per byte.  Twisted reads 64 KiB and sends at most 128 KiB
+at a time by default.  Measured on one tunnel stream (benchmarks/, same
+runs): 256 KiB reads with 128 KiB sends 6.4 Gbit/s; with 1 MiB sends 7.2;
+512 KiB reads with 1 MiB sends 8.4-8.8.  1 MiB reads were slower again: one
+read then takes a whole flow-control window (DEFAULT_WINDOW) and the stream
+waits for credit.  Large reads pay off only if glibc's malloc
 keeps buffers that large on its heap: by default each allocation over 128 KiB
 gets a fresh mmap and is unmapped on free, which costs more than the larger
 reads save.  Raising the mmap threshold fixes that.  The trim threshold goes
@@ -21,7 +22,7 @@ import ctypes
 import ctypes.util
 
 # Bytes read per doRead on bulk connections (user, target and tunnel sockets).
-READ_SIZE = 256 * 1024
+READ_SIZE = 512 * 1024
 # Bytes handed to the kernel per send on the same connections, at most.
 WRITE_SIZE = 1024 * 1024
 # glibc: allocations below this stay on the heap and are reused.
