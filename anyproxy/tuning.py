@@ -7,9 +7,17 @@ fewer system calls, fewer wake-ups of the process at the other end, and
 fewer Python calls per byte.  Twisted reads 64 KiB and sends at most 128 KiB
 at a time by default.  Measured on one tunnel stream (benchmarks/, same
 runs): 256 KiB reads with 128 KiB sends 6.4 Gbit/s; with 1 MiB sends 7.2;
-512 KiB reads with 1 MiB sends 8.4-8.8.  1 MiB reads were slower again: one
-read then takes a whole flow-control window (DEFAULT_WINDOW) and the stream
-waits for credit.  Large reads pay off only if glibc's malloc
+384-512 KiB reads with 1 MiB sends 7.4-8.8.  1 MiB reads were slower again:
+one read then takes a whole flow-control window (DEFAULT_WINDOW) and the
+stream waits for credit.
+
+Twisted uses the read size as the write high-water mark too: a transport
+pauses its producer only once that much is buffered.  A user who stops
+reading therefore costs one window in flight plus up to one read size
+buffered before the pause; 384 KiB keeps that near 1.4 windows, where 512
+KiB measured 1.55.
+
+Large reads pay off only if glibc's malloc
 keeps buffers that large on its heap: by default each allocation over 128 KiB
 gets a fresh mmap and is unmapped on free, which costs more than the larger
 reads save.  Raising the mmap threshold fixes that.  The trim threshold goes
@@ -22,7 +30,7 @@ import ctypes
 import ctypes.util
 
 # Bytes read per doRead on bulk connections (user, target and tunnel sockets).
-READ_SIZE = 512 * 1024
+READ_SIZE = 384 * 1024
 # Bytes handed to the kernel per send on the same connections, at most.
 WRITE_SIZE = 1024 * 1024
 # glibc: allocations below this stay on the heap and are reused.

@@ -43,6 +43,15 @@ class TuningTests(unittest.TestCase):
                          (tuning.READ_SIZE, tuning.WRITE_SIZE))
         self.assertEqual(FakeTCP.SEND_LIMIT, 128 * 1024)
 
+    def test_read_size_within_window(self):
+        """
+        A stalled user costs a window plus up to one read size (the write
+        high-water mark): reads stay well under a window, so that this is
+        about one window and one read never takes a whole window's credit.
+        """
+        from anyproxy.tunnel.stream import DEFAULT_WINDOW
+        self.assertLessEqual(tuning.READ_SIZE, 3 * DEFAULT_WINDOW // 8)
+
     def test_real_tcp_transport(self):
         """Twisted's TCP transports take both settings per connection."""
         from twisted.internet import tcp
