@@ -448,8 +448,23 @@ class ForwardTests(SynchronousTestCase):
             b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n"
             b"GET http://b.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n")
         [first] = self.user.streams
+        self.assertEqual(self.user.transport.producerState, "paused")
         first.succeed()
         first.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        self.assertEqual([s.host for s in self.user.streams], ["a.example", "b.example"])
+        self.assertEqual(self.user.transport.producerState, "producing")
+
+    def test_pipelined_later(self):
+        """Reading goes on during a plain request, and pauses once a pipelined one arrives."""
+        self.user.protocol.dataReceived(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        self.assertEqual(self.user.transport.producerState, "producing")
+        self.user.protocol.dataReceived(b"GET http://b.example/ HTTP/1.1\r\n")
+        self.assertEqual(self.user.transport.producerState, "paused")
+        [first] = self.user.streams
+        first.succeed()
+        first.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        self.assertEqual(self.user.transport.producerState, "producing")
+        self.user.protocol.dataReceived(b"Host: b.example\r\n\r\n")
         self.assertEqual([s.host for s in self.user.streams], ["a.example", "b.example"])
 
 

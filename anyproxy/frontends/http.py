@@ -209,10 +209,12 @@ class HttpProxyProtocol(Protocol):
                 if event is h11.NEED_DATA:
                     return
                 if event is h11.PAUSED:
-                    if self._connect_target is None:
+                    if self._connect_target is None and self._server.trailing_data[0]:
                         # A pipelined request (or bytes after a proposed
-                        # Upgrade): hold them in the kernel until we answered.
-                        # A pending CONNECT keeps reading, to see the user leave.
+                        # Upgrade): hold the rest in the kernel until we
+                        # answered.  Only once such bytes arrive: pausing
+                        # costs system calls on every plain request.  A
+                        # pending CONNECT keeps reading, to see the user leave.
                         self.read_gate.pause("pipeline")
                     return
                 self._handle(event)
