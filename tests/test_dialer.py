@@ -80,6 +80,7 @@ class FakeStream:
         self.closed = False
         self.accepted = []
         self.rejected = []
+        self.resets = []
         self.cancel_hook = None
         self.transport = None
 
@@ -90,6 +91,10 @@ class FakeStream:
 
     def reject(self, reason, text=""):
         self.rejected.append(reason)
+        self.closed = True
+
+    def reset(self, reason):
+        self.resets.append(reason)
         self.closed = True
 
     def set_cancel_hook(self, hook):
@@ -244,7 +249,7 @@ class DialerTestMixin:
         """Complete connection attempt C{index}; returns the target's transport."""
         host, port, factory, _, _ = self.reactor.tcpClients[index]
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = HalfCloseTransport()
+        transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", host, port))
         protocol.makeConnection(transport)
         return transport
 
@@ -437,6 +442,32 @@ class DialTests(DialerTestMixin, SynchronousTestCase):
         self.assertEqual(stream.transport.value(), b"response")
         self.assertEqual(stream.rejected, [])
         self.assertEqual(dialer.active, 1)
+
+    def test_reload_revokes_open_streams(self):
+        """A new policy resets the open streams it forbids, by name or by address, only those."""
+        dialer = self.dialer({"target.test": ["192.0.2.10"], "other.test": ["192.0.2.20"]})
+        streams = [FakeStream("target.test", 80, stream_id=1), FakeStream("other.test", 80, stream_id=3),
+                   FakeStream("192.0.2.30", 80, stream_id=5)]
+        for index, stream in enumerate(streams):
+            dialer.handle_open(stream)
+            self.succeed_connect(index)
+        dialer.set_policy(policy(forbidden=["target.test", "192.0.2.30"]))
+        self.assertEqual([s.resets for s in streams],
+                         [[Reason.NOT_ALLOWED], [], [Reason.NOT_ALLOWED]])
+        self.assertEqual(dialer.acl_refusals, 2)
+        dialer.set_policy(policy(forbidden=["192.0.2.20"]))  # by the address it reached
+        self.assertEqual(streams[1].resets, [Reason.NOT_ALLOWED])
+
+    def test_reload_while_connecting(self):
+        """A connect that completes after a reload forbade its target is refused, not spliced."""
+        dialer = self.dialer()
+        stream = FakeStream("target.test", 80)
+        dialer.handle_open(stream)
+        dialer.set_policy(policy(forbidden=["192.0.2.0/24"]))
+        target = self.succeed_connect()
+        self.assertEqual((stream.accepted, stream.rejected), ([], [Reason.NOT_ALLOWED]))
+        self.assertTrue(target.disconnecting)
+        self.assertEqual(dialer.active, 0)
 
     def test_next_address(self):
         """When the first address refuses, the next one is tried."""

@@ -83,6 +83,12 @@ class UpstreamPoolTests(SynchronousTestCase):
         self.pool.clear()
         self.assertEqual((b.closed, len(self.pool), self.clock.getDelayedCalls()), (True, 0, []))
 
+    def test_cleared_for_good(self):
+        """After clear(), put() keeps nothing."""
+        self.pool.clear()
+        self.assertFalse(self.pool.put("k", _Entry("a")))
+        self.assertEqual(len(self.pool), 0)
+
     def test_disabled(self):
         """max_idle 0 keeps nothing."""
         pool = UpstreamPool(self.clock, max_idle=0)
@@ -199,6 +205,41 @@ class ReuseTests(SynchronousTestCase):
         self.assertEqual(self.user.response()[2], b"ok")
         self.assertEqual(len(self.user.factory.upstream_pool), 0)
 
+    def test_bytes_after_the_response_not_kept(self):
+        """
+        Bytes past the end of a response (a second response, a body after
+        HEAD) close the connection: reused, they would answer the next request.
+        """
+        first = self.exchange(reply=OK + b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+        self.assertTrue(first.transport.disconnecting)
+        second = self.exchange(b"http://example.com/b", reply=b"HTTP/1.1 200 OK\r\n"
+                                                             b"Content-Length: 4\r\n\r\nreal")
+        self.assertIsNot(second, first)
+        self.user.request(b"HEAD", b"http://example.com/")
+        second.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertEqual(self.user.response()[0], 200)
+        self.assertTrue(second.transport.disconnecting)
+        self.assertEqual(len(self.user.factory.upstream_pool), 0)
+
+    def test_connection_authentication_not_kept(self):
+        """NTLM or Negotiate on either side pins the connection: it is closed, never shared."""
+        stream = self.exchange(headers=[(b"Authorization", b"NTLM TlRMTVNTUAABAAAA")])
+        self.assertTrue(stream.transport.disconnecting)
+        stream = self.exchange(reply=b"HTTP/1.1 200 OK\r\nWWW-Authenticate: Negotiate\r\n"
+                                     b"Content-Length: 2\r\n\r\nok")
+        self.assertTrue(stream.transport.disconnecting)
+        stream = self.exchange(headers=[(b"Authorization", b"Basic dXNlcjpwdw==")])
+        self.assertFalse(stream.transport.disconnecting)  # per-request schemes are fine
+        self.assertEqual(len(self.user.factory.upstream_pool), 1)
+
+    def test_closing_connection_not_taken(self):
+        """A pooled connection already closing is passed over for a new one."""
+        first = self.exchange()
+        first.transport.disconnecting = True
+        second = self.exchange()
+        self.assertIsNot(second, first)
+        self.assertEqual(len(self.user.streams), 2)
+
     def test_unfinished_request_not_kept(self):
         """An origin answering before the request body is complete: closed, not kept."""
         self.user.send(h11.Request(method=b"POST", target=b"http://example.com/", headers=[
@@ -221,7 +262,10 @@ class ReuseTests(SynchronousTestCase):
         self.assertIsNot(self.exchange(), second)
 
     def test_idle_timeout_and_stop(self):
-        """Idle connections close after upstream_idle_timeout, and when the listener stops."""
+        """
+        Idle connections close after upstream_idle_timeout, and when the
+        listener stops; after that, exchanges still finishing keep nothing.
+        """
         user = _PoolUser(self, upstream_idle_timeout=5)
         self.user = user
         stream = self.exchange()
@@ -230,6 +274,9 @@ class ReuseTests(SynchronousTestCase):
         stream = self.exchange(b"http://other.example/")
         user.factory.stopFactory()
         self.assertTrue(stream.transport.disconnecting)
+        stream = self.exchange(b"http://third.example/")
+        self.assertTrue(stream.transport.disconnecting)
+        self.assertEqual(len(user.factory.upstream_pool), 0)
 
     def test_retry_when_origin_closed_idle_connection(self):
         """A GET sent on a pooled connection the origin had closed is retried on a new one."""

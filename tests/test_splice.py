@@ -17,8 +17,8 @@ from anyproxy.splice import SpliceEnd, splice
 class HalfCloseTransport(StringTransport):
     """A L{StringTransport} that records half-close and close calls in order."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self.calls = []
 
     def loseWriteConnection(self):

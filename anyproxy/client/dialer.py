@@ -268,9 +268,17 @@ class Dialer:
             target.transport.loseConnection()
             release()
             return
+        address = target.transport.getPeer().host
+        # A reload while we were connecting: check the policy in force now.
+        refused = self.policy.check_resolved(stream.host, stream.port, "tcp", [address])
+        if refused is not None:
+            target.transport.loseConnection()
+            release()
+            self._refuse(stream, refused, "forbidden by access control")
+            return
         end = SpliceEnd()
         end.on_close = lambda end, reason: self._stream_done(stream, release)
-        self._spliced[stream] = target.transport.getPeer().host
+        self._spliced[stream] = address
         stream.accept(end)
         end.join(target)
         log.debug("stream {sid} connected to {host}:{port}", sid=stream.stream_id,

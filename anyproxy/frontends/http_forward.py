@@ -52,6 +52,20 @@ HIGH_WATER = 64 * 1024
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
 
+def binds_connection(headers, name):
+    """
+    Whether h11 C{headers} carry NTLM or Negotiate in header C{name}
+    (C{authorization} or C{www-authenticate}): schemes that authenticate the
+    connection rather than the request (RFC 4559), so it cannot be shared.
+    """
+    for header, value in headers:
+        if header == name:
+            scheme = value.split(None, 1)[0].lower() if value.strip() else b""
+            if scheme in (b"ntlm", b"negotiate"):
+                return True
+    return False
+
+
 def describe_open_failure(failure):
     """
     The HTTP status and user-facing text for a failed stream open.
@@ -208,6 +222,9 @@ class ForwardExchange:
         self._retried = False
         self._answered = False  # any byte from the origin on this exchange
         self._finished = False
+        # NTLM and Negotiate authenticate the connection, not the request:
+        # such a connection must never serve anyone else's next request.
+        self._connection_authenticated = binds_connection(request.headers, b"authorization")
 
     def start(self):
         """Take a limits slot, then a pooled connection or a new stream."""
@@ -229,6 +246,10 @@ class ForwardExchange:
             self._give_back_slot()
             return
         upstream = self._pool.take(self._key)
+        while upstream is not None and upstream.transport.disconnecting:
+            # Closing already (the origin's FIN arrived while it had bytes queued).
+            upstream.close()
+            upstream = self._pool.take(self._key)
         if upstream is not None:
             self.reused = True
             self._opened(upstream)
@@ -301,8 +322,9 @@ class ForwardExchange:
         self._proxy.read_gate.resume("opening")
         if self._request_complete and not self._finished:
             self._send_upstream(h11.EndOfMessage())
-        # The origin may have answered while we were still writing.
-        self._relay()
+        if not self._finished:
+            # The origin may have answered while we were still writing.
+            self._relay()
 
     def _open_failed(self, failure):
         self._opening = None
@@ -362,6 +384,8 @@ class ForwardExchange:
         return not chunked and lengths in ([], [b"0"])
 
     def _relay(self):
+        if self._finished:
+            return
         client = self._upstream.client
         while not self._finished:
             try:
@@ -377,6 +401,8 @@ class ForwardExchange:
             elif event_type is h11.Response:
                 self.status = event.status_code
                 self.response_started = True
+                if binds_connection(event.headers, b"www-authenticate"):
+                    self._connection_authenticated = True
                 self._proxy.respond(user_response(event))
             elif event_type is h11.InformationalResponse:
                 # 1xx is HTTP/1.1 only; 101 cannot occur (we strip Upgrade
@@ -394,7 +420,11 @@ class ForwardExchange:
     def _keep_or_close(self):
         upstream = self._detach()
         client = upstream.client
-        if client.our_state is h11.DONE and client.their_state is h11.DONE:
+        if (client.our_state is h11.DONE and client.their_state is h11.DONE
+                # Bytes past the response (a second response, a body after
+                # HEAD or 204): reused, they would answer the next request.
+                and client.trailing_data == (b"", False)
+                and not self._connection_authenticated):
             client.start_next_cycle()
             # The user may have paused it; an idle connection must not stay paused.
             upstream.transport.resumeProducing()

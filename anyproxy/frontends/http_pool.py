@@ -41,6 +41,7 @@ class UpstreamPool:
         # Every idle entry -> (key, timer), oldest first; and entries per key.
         self._idle = collections.OrderedDict()
         self._by_key = {}
+        self._closed = False
 
     def __len__(self):
         return len(self._idle)
@@ -67,9 +68,10 @@ class UpstreamPool:
         Keep C{entry} for C{key}.  When the pool is full, the entry idle
         longest is closed to make room.
 
-        @return: C{False} (and nothing kept) when the pool is disabled.
+        @return: C{False} (and nothing kept) when the pool is disabled or
+            was cleared for good.
         """
-        if not self.enabled:
+        if not self.enabled or self._closed:
             return False
         timer = self._clock.callLater(self.idle_timeout, self._expired, entry)
         self._idle[entry] = (key, timer)
@@ -94,7 +96,12 @@ class UpstreamPool:
             del self._by_key[key]
 
     def clear(self):
-        """Close every idle entry (the listener stopped, or a reload replaced it)."""
+        """
+        Close every idle entry and keep none from now on (the listener
+        stopped, or a reload replaced it; its connections may still finish
+        exchanges).
+        """
+        self._closed = True
         while self._idle:
             entry = next(iter(self._idle))
             self.discard(entry)
