@@ -221,6 +221,11 @@ class HttpProxyProtocol(Protocol):
                 if isinstance(event, h11.ConnectionClosed):
                     # h11 repeats ConnectionClosed forever: nothing more to read.
                     return
+                server = self._server
+                if server.their_state is h11.DONE and server.trailing_data == (b"", False):
+                    # The request is complete and nothing else arrived: h11
+                    # has nothing to say until we answer (saves a poll).
+                    return
         finally:
             self._pumping = False
 

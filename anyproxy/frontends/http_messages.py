@@ -204,11 +204,32 @@ def end_to_end_headers(headers, drop=()):
     @param headers: h11 C{Headers}.
     @return: a list of C{(name, value)} pairs.
     """
+    return _forwardable(headers, drop)[0]
+
+
+def _forwardable(headers, drop=(), chunked_drops_length=False):
+    """
+    L{end_to_end_headers}, and the framing the message had.
+
+    @param chunked_drops_length: also drop C{Content-Length} when the
+        message is chunked.
+    @return: C{(kept headers, chunked, [Content-Length values])}.
+    """
     raw = headers.raw_items()
     listed = set()
+    chunked = False
+    lengths = []
     for name, value in raw:
-        if name.lower() == b"connection":
+        lower = name.lower()
+        if lower == b"connection":
             listed.update(token.strip().lower() for token in value.split(b","))
+        elif lower == b"transfer-encoding":
+            chunked = True
+        elif lower == b"content-length":
+            lengths.append(value)
+    if chunked and chunked_drops_length:
+        # Transfer-Encoding beats Content-Length; a stale one must not survive.
+        drop = tuple(drop) + (b"content-length",)
     kept = []
     for name, value in raw:
         lower = name.lower()
@@ -217,11 +238,7 @@ def end_to_end_headers(headers, drop=()):
         if lower.startswith(b"proxy-"):
             continue
         kept.append((name, value))
-    return kept
-
-
-def _header_values(headers, wanted):
-    return [value for name, value in headers if name == wanted]
+    return kept, chunked, lengths
 
 
 def upstream_request(request, target, keep_alive=True):
@@ -235,12 +252,13 @@ def upstream_request(request, target, keep_alive=True):
         that will not be reused.
     @return: an L{h11.Request}.
     """
+    kept, chunked, lengths = _forwardable(request.headers, (b"host", b"content-length"))
     headers = [(b"Host", target.authority)]
-    headers += end_to_end_headers(request.headers, drop=(b"host", b"content-length"))
-    if _header_values(request.headers, b"transfer-encoding"):
+    headers += kept
+    if chunked:
         headers.append((b"Transfer-Encoding", b"chunked"))
     else:
-        for value in _header_values(request.headers, b"content-length"):
+        for value in lengths:
             headers.append((b"Content-Length", value))
     if not keep_alive:
         headers.append((b"Connection", b"close"))
@@ -259,14 +277,10 @@ def user_response(response):
     Framing is left to the user's h11 connection: a known C{Content-Length}
     is kept, anything else (chunked or close-delimited) is re-framed by h11.
     """
-    drop = ()
-    if _header_values(response.headers, b"transfer-encoding"):
-        # Transfer-Encoding beats Content-Length; a stale one must not survive.
-        drop = (b"content-length",)
     return h11.Response(
         status_code=response.status_code,
         reason=response.reason,
-        headers=end_to_end_headers(response.headers, drop=drop),
+        headers=_forwardable(response.headers, chunked_drops_length=True)[0],
         **_TRUSTED,
     )
 
