@@ -11,7 +11,9 @@ event pump over one h11 server connection:
   - CONNECT opens a stream, answers 200 and becomes a L{SpliceEnd} over the
     same transport (h11's C{trailing_data} is what the user already sent);
   - an absolute-URI request is handed to a L{ForwardExchange}, which relays
-    it over its own stream and answers through L{respond};
+    it over a new stream or one kept from the user's earlier request to the
+    same origin (L{anyproxy.frontends.http_pool}), and answers through
+    L{respond};
   - any answer we make ourselves (407, 400, 502...) is followed by reading
     and dropping the rest of the request body, so the connection stays usable
     for the next request (curl retries a 407 on the same connection).
