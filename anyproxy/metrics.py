@@ -137,6 +137,9 @@ class GatewayMetrics(Collector):
             "Seconds from a user's request to the stream being open or refused (queueing, "
             "waiting for a tunnel, the client's resolve and connect).", ["frontend"],
             buckets=OPEN_BUCKETS, registry=self.registry)
+        # () -> {frontend name: its protocol factory}; set by the service, so
+        # that listeners rebuilt by a reload are what is reported.
+        self.frontend_factories = dict
         self.registry.register(self)
         tunnels.removal_observers.append(self.tunnel_removed)
 
@@ -257,6 +260,24 @@ class GatewayMetrics(Collector):
         yield relayed
         yield dropped
         yield _buffered_family(queued, sockets)
+        yield from self._upstream_pools()
+
+    def _upstream_pools(self):
+        idle = GaugeMetricFamily(
+            "anyproxy_gateway_http_upstream_idle",
+            "Idle upstream connections the HTTP proxy keeps for reuse, by frontend.",
+            labels=["frontend"])
+        reuses = CounterMetricFamily(
+            "anyproxy_gateway_http_upstream_reuses",
+            "Forwarded requests that reused a kept upstream connection, by frontend.",
+            labels=["frontend"])
+        for name, factory in sorted(self.frontend_factories().items()):
+            pool = getattr(factory, "upstream_pool", None)
+            if pool is not None:
+                idle.add_metric([name], len(pool))
+                reuses.add_metric([name], pool.reuses)
+        yield idle
+        yield reuses
 
 
 def _udp_relay(stream):

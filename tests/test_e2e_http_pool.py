@@ -59,6 +59,10 @@ class UpstreamPoolEndToEndTests(unittest.TestCase):
         self.assertEqual(self.site.connections, 1)
         self.assertEqual(self.client.dialer.active, 1)  # the pooled stream, idle
         self.assertEqual(self.gateway.user_limits.active(PROXY_USER), 0)
+        metric = self.gateway.metrics.registry.get_sample_value
+        self.assertEqual(metric("anyproxy_gateway_http_upstream_reuses_total",
+                                {"frontend": "http proxy"}), 4)
+        self.assertEqual(metric("anyproxy_gateway_http_upstream_idle", {"frontend": "http proxy"}), 1)
 
     @defer.inlineCallbacks
     def test_target_closing_idle_connection(self):

@@ -260,6 +260,27 @@ class GatewayMetricsTests(SynchronousTestCase):
         self.assertEqual(self.value("anyproxy_buffered_bytes", buffer="streams"), 40)
         self.assertEqual(self.value("anyproxy_buffered_bytes", buffer="tunnel_sockets"), 50)
 
+    def test_http_upstream_pool(self):
+        """The HTTP proxy's idle upstream connections and reuses are reported per frontend."""
+        from anyproxy.frontends.http_pool import UpstreamPool
+
+        class Factory:
+            upstream_pool = UpstreamPool(self.clock)
+
+        class Entry:
+            def close(self):
+                pass
+
+        pool = Factory.upstream_pool
+        self.metrics.frontend_factories = lambda: {"http proxy": Factory(), "socks5 proxy": object()}
+        pool.put("key", Entry())
+        pool.put("key", Entry())
+        pool.take("key")
+        self.assertEqual(self.value("anyproxy_gateway_http_upstream_idle", frontend="http proxy"), 1)
+        self.assertEqual(self.value("anyproxy_gateway_http_upstream_reuses_total",
+                                    frontend="http proxy"), 1)
+        self.assertIsNone(self.value("anyproxy_gateway_http_upstream_idle", frontend="socks5 proxy"))
+
     def test_process_metrics(self):
         """Process RSS and open file descriptors are exported."""
         self.assertGreater(self.value("process_resident_memory_bytes"), 0)

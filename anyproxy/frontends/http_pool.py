@@ -42,6 +42,7 @@ class UpstreamPool:
         self._idle = collections.OrderedDict()
         self._by_key = {}
         self._closed = False
+        self.reuses = 0  # idle connections taken back for a request (metrics)
 
     def __len__(self):
         return len(self._idle)
@@ -61,6 +62,7 @@ class UpstreamPool:
             del self._by_key[key]
         _, timer = self._idle.pop(entry)
         timer.cancel()
+        self.reuses += 1
         return entry
 
     def put(self, key, entry):

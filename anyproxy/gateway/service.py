@@ -103,6 +103,8 @@ def make_gateway_service(config, reactor):
     service = GatewayService(reactor, registry)
     # Prometheus metrics (anyproxy.metrics): always counted, served at metrics_addr.
     service.metrics = GatewayMetrics(registry, reactor)
+    service.metrics.frontend_factories = lambda: {
+        name: record.factory for name, record in service.frontends.items()}
     # group_id:group_password logins, valid while such a client is connected.
     service.group_logins = group_logins = GroupLogins()
     # client.open_ports: on the tunnel listener's interface (docs/PROTOCOL.md, HELLO).
