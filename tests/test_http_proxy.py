@@ -35,6 +35,7 @@ from anyproxy.frontends import http as http_module
 from anyproxy.frontends import http_forward
 from anyproxy.frontends.http import HttpProxyFactory
 from anyproxy.frontends.http_messages import (
+    binds_connection,
     BadTarget,
     parse_absolute_uri,
     parse_authority,
@@ -568,6 +569,16 @@ class MessageTests(SynchronousTestCase):
         headers = [(b"proxy-authorization", _basic("a", "b:c"))]
         self.assertEqual(parse_basic_credentials(headers), (b"a", b"b:c"))
         self.assertIsNone(parse_basic_credentials(headers * 2))
+
+    def test_binds_connection(self):
+        """NTLM and Negotiate, in any case, bind a connection; other schemes do not."""
+        def headers(*pairs):
+            return h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"x")] + list(pairs)).headers
+        for value in (b"NTLM TlRMTQ==", b"negotiate abc", b"Negotiate"):
+            self.assertTrue(binds_connection(headers((b"Authorization", value)), b"authorization"))
+        for value in (b"Basic dTpw", b"Bearer x", b""):
+            self.assertFalse(binds_connection(headers((b"Authorization", value)), b"authorization"))
+        self.assertFalse(binds_connection(headers((b"X-NTLM", b"NTLM")), b"authorization"))
 
     @given(st.binary(max_size=40))
     def test_authority_fuzz(self, data):

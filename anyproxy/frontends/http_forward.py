@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_http_proxy -*-
+# -*- test-case-name: tests.test_http_proxy,tests.test_http_pool -*-
 """
 Relay one absolute-URI request to its origin server, and the response back.
 
@@ -38,6 +38,7 @@ from anyproxy.errors import StreamOpenError, http_status
 from anyproxy.interfaces import IAdmittingEndpoint
 from anyproxy.frontends.http_messages import (
     MAX_RESPONSE_HEAD_SIZE,
+    binds_connection,
     upstream_request,
     user_informational,
     user_response,
@@ -50,20 +51,6 @@ HIGH_WATER = 64 * 1024
 
 # Methods a request may be sent again with, when it carries no body (RFC 9110 9.2.2).
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
-
-
-def binds_connection(headers, name):
-    """
-    Whether h11 C{headers} carry NTLM or Negotiate in header C{name}
-    (C{authorization} or C{www-authenticate}): schemes that authenticate the
-    connection rather than the request (RFC 4559), so it cannot be shared.
-    """
-    for header, value in headers:
-        if header == name:
-            scheme = value.split(None, 1)[0].lower() if value.strip() else b""
-            if scheme in (b"ntlm", b"negotiate"):
-                return True
-    return False
 
 
 def describe_open_failure(failure):

@@ -241,6 +241,20 @@ def _forwardable(headers, drop=(), chunked_drops_length=False):
     return kept, chunked, lengths
 
 
+def binds_connection(headers, name):
+    """
+    Whether h11 C{headers} carry NTLM or Negotiate in header C{name}
+    (C{authorization} or C{www-authenticate}): schemes that authenticate the
+    connection rather than the request (RFC 4559), so it cannot be shared.
+    """
+    for header, value in headers:
+        if header == name:
+            scheme = value.split(None, 1)[0].lower() if value.strip() else b""
+            if scheme in (b"ntlm", b"negotiate"):
+                return True
+    return False
+
+
 def upstream_request(request, target, keep_alive=True):
     """
     The request to send to the origin: origin-form, correct C{Host}, no hop-by-hop
