@@ -226,17 +226,20 @@ class Dialer:
             return
         d = self._dial(stream)
         stream.set_cancel_hook(d.cancel)
-        d.addCallbacks(lambda target: self._connected(stream, target, release),
+        d.addCallbacks(lambda connected: self._connected(stream, *connected, release),
                        lambda failure: self._failed(stream, failure, release))
 
     def _dial(self, stream):
+        """A Deferred firing with C{(target, the policy it was checked against)}."""
         d = resolve(self._resolver, stream.host, stream.port)
 
         def checked(addresses):
-            refused = self.policy.check_resolved(stream.host, stream.port, "tcp", addresses)
+            policy = self.policy
+            refused = policy.check_resolved(stream.host, stream.port, "tcp", addresses)
             if refused is not None:
                 raise StreamOpenError(refused, "forbidden by access control")
-            return self._connect_any(addresses, stream.port)
+            return self._connect_any(addresses, stream.port).addCallback(
+                lambda target: (target, policy))
 
         d.addCallback(checked)
         d.addTimeout(self.connect_timeout, self._reactor)
@@ -263,14 +266,15 @@ class Dialer:
             return target
         raise last
 
-    def _connected(self, stream, target, release):
+    def _connected(self, stream, target, checked_with, release):
         if stream.closed:
             target.transport.loseConnection()
             release()
             return
         address = target.transport.getPeer().host
         # A reload while we were connecting: check the policy in force now.
-        refused = self.policy.check_resolved(stream.host, stream.port, "tcp", [address])
+        refused = None if self.policy is checked_with else self.policy.check_resolved(
+            stream.host, stream.port, "tcp", [address])
         if refused is not None:
             target.transport.loseConnection()
             release()
