@@ -2,14 +2,14 @@
 """
 The HTTP proxy frontend: CONNECT tunnels and absolute-URI forwarding.
 
-h11 does all HTTP/1.1 parsing and framing on the user's connection; this
-module only decides what each request means.  The protocol is a small
-event pump over one h11 server connection:
+L{anyproxy.frontends.http11} does all HTTP/1.1 parsing and framing on the
+user's connection; this module only decides what each request means.  The
+protocol is a small event pump over one server connection:
 
   - a request head is authenticated (every request, when users are
     configured), then its target parsed;
   - CONNECT opens a stream, answers 200 and becomes a L{SpliceEnd} over the
-    same transport (h11's C{trailing_data} is what the user already sent);
+    same transport (with whatever the user sent after the CONNECT head);
   - an absolute-URI request is handed to a L{ForwardExchange}, which relays
     it over a new stream or one kept from the user's earlier request to the
     same origin (L{anyproxy.frontends.http_pool}), and answers through
@@ -25,7 +25,6 @@ another's pause.  A handshake timer closes users that do not finish a request
 head in time, including idle keep-alive connections.
 """
 
-import h11
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory
@@ -34,6 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.auth import ANONYMOUS
+from anyproxy.frontends import http11
 from anyproxy.tuning import set_no_delay, tune_for_bulk
 from anyproxy.frontends.http_forward import (
     ForwardExchange,
@@ -77,7 +77,7 @@ class HttpProxyProtocol(Protocol):
     _pumping = False
 
     def __init__(self):
-        self._server = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
+        self._server = http11.ServerConnection(MAX_HEAD_SIZE)
         self._user = None
         self._method = None
         self._target_for_log = None
@@ -110,7 +110,7 @@ class HttpProxyProtocol(Protocol):
             return
         self._server.receive_data(data)
         if self._opening is not None and self._connect_target is not None:
-            # h11 holds these bytes (it is PAUSED until we answer CONNECT).
+            # The connection holds these bytes until we answer CONNECT.
             self._connect_backlog += len(data)
             if self._connect_backlog > CONNECT_HIGH_WATER:
                 self.read_gate.pause("connect")
@@ -159,15 +159,14 @@ class HttpProxyProtocol(Protocol):
         return self.factory.endpoint_for(self._user, host, port)
 
     def respond(self, event):
-        """Send an h11 event to the user."""
-        if type(event) is h11.Response and self._server.they_are_waiting_for_100_continue:
+        """Send an L{http11} event to the user."""
+        if type(event) is http11.Response and self._server.they_are_waiting_for_100_continue:
             # A final answer instead of 100 Continue: the user may never send
             # the body, so the framing of this connection is lost.
-            headers = list(event.headers.raw_items())
-            if not any(name.lower() == b"connection" for name, _ in headers):
+            headers = event.headers.raw_items()
+            if not event.headers.get_all(b"connection"):
                 headers.append((b"Connection", b"close"))
-            event = h11.Response(status_code=event.status_code, reason=event.reason,
-                                 headers=headers)
+            event = http11.Response(event.status_code, event.reason, headers)
         data = self._server.send(event)
         if data and not self._closed:
             self.transport.write(data)
@@ -183,7 +182,7 @@ class HttpProxyProtocol(Protocol):
         """C{exchange} failed; answer C{status} unless its response already began."""
         self._exchange = None
         self.read_gate.resume("opening")
-        if exchange.response_started or self._server.our_state is not h11.SEND_RESPONSE:
+        if exchange.response_started or self._server.our_state is not http11.SEND_RESPONSE:
             _log.info(
                 "{user} {method} {target}: upstream failed mid-response ({text})",
                 user=self._user_name(), method=self._method,
@@ -197,7 +196,7 @@ class HttpProxyProtocol(Protocol):
 
     def _pump(self):
         # Re-entrant calls (an answer sent from inside an event handler) are
-        # absorbed: the loop below polls h11 again after every event anyway.
+        # absorbed: the loop below polls the connection after every event anyway.
         if self._pumping:
             return
         self._pumping = True
@@ -205,13 +204,13 @@ class HttpProxyProtocol(Protocol):
             while not self._closing and self._tunnel is None:
                 try:
                     event = self._server.next_event()
-                except h11.RemoteProtocolError as error:
+                except http11.RemoteProtocolError as error:
                     self._bad_request(error.error_status_hint)
                     return
-                if event is h11.NEED_DATA:
+                if event is http11.NEED_DATA:
                     return
-                if event is h11.PAUSED:
-                    if self._connect_target is None and self._server.trailing_data[0]:
+                if event is http11.PAUSED:
+                    if self._connect_target is None and self._server.has_pending_input:
                         # A pipelined request (or bytes after a proposed
                         # Upgrade): hold the rest in the kernel until we
                         # answered.  Only once such bytes arrive: pausing
@@ -220,37 +219,32 @@ class HttpProxyProtocol(Protocol):
                         self.read_gate.pause("pipeline")
                     return
                 self._handle(event)
-                if isinstance(event, h11.ConnectionClosed):
-                    # h11 repeats ConnectionClosed forever: nothing more to read.
-                    return
-                server = self._server
-                if server.their_state is h11.DONE and server.trailing_data == (b"", False):
-                    # The request is complete and nothing else arrived: h11
-                    # has nothing to say until we answer (saves a poll).
+                if isinstance(event, http11.ConnectionClosed):
+                    # ConnectionClosed repeats forever: nothing more to read.
                     return
         finally:
             self._pumping = False
 
     def _handle(self, event):
-        if isinstance(event, h11.Request):
+        if isinstance(event, http11.Request):
             self._cancel_timer()
             self._handle_request(event)
-        elif isinstance(event, h11.Data):
+        elif isinstance(event, http11.Data):
             if self._exchange is not None:
                 self._exchange.request_data(event.data)
             else:
                 self._discard(len(event.data))
-        elif isinstance(event, h11.EndOfMessage):
+        elif isinstance(event, http11.EndOfMessage):
             if self._exchange is not None:
                 self._exchange.request_done()
             elif self._connect_target is not None:
                 self._open_tunnel()
             else:
                 self._after_response()
-        elif isinstance(event, h11.ConnectionClosed):
+        elif isinstance(event, http11.ConnectionClosed):
             if self._exchange is None and self._opening is None:
                 self._close()
-            # Otherwise an answer is on its way; h11 makes us close after it.
+            # Otherwise an answer is on its way, and we close after it.
 
     def _handle_request(self, request):
         self._method = request.method.decode("ascii", "replace")
@@ -274,7 +268,7 @@ class HttpProxyProtocol(Protocol):
         elif bad_target is not None:
             self._reject(400, bad_target)
         elif request.method == b"CONNECT":
-            # The stream opens once h11 has seen the end of the request.
+            # The stream opens once the end of the request arrived.
             self._connect_target = target
         else:
             user = self._user
@@ -309,11 +303,11 @@ class HttpProxyProtocol(Protocol):
             # The user left and the endpoint could not cancel in time.
             upstream.transport.loseConnection()
             return
-        self.respond(h11.Response(status_code=200, reason=b"Connection established", headers=[]))
+        self.respond(http11.Response(200, b"Connection established", []))
         self._log_request(200)
         self.read_gate.resume("connect")
         self._cancel_timer()
-        data, user_eof = self._server.trailing_data
+        data, user_eof = self._server.take_upgraded_data()
         user_end = SpliceEnd(initial_data=data)
         user_end.makeConnection(self.transport)
         self._tunnel = user_end
@@ -337,14 +331,14 @@ class HttpProxyProtocol(Protocol):
         """Answer the current request ourselves, keeping the connection if we can."""
         response, body = error_response(status, text, headers)
         self.respond(response)
-        self.respond(h11.Data(data=body))
-        self.respond(h11.EndOfMessage())
+        self.respond(http11.Data(data=body))
+        self.respond(http11.EndOfMessage())
         self._discarded = 0
         self._log_request(status, text)
         self._after_response()
 
     def _bad_request(self, status):
-        # Never log h11's message: it may quote header values (credentials).
+        # Never log the parser's message: it could quote the request (credentials).
         _log.info("{peer}: malformed request, answering {status}", peer=self._peer, status=status)
         if self._exchange is not None:
             exchange, self._exchange = self._exchange, None
@@ -352,14 +346,14 @@ class HttpProxyProtocol(Protocol):
             if exchange.response_started:
                 self._close()
                 return
-        if self._server.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        if self._server.our_state in (http11.IDLE, http11.SEND_RESPONSE):
             response, body = error_response(status, "malformed request", close=True)
             try:
                 self.respond(response)
-                self.respond(h11.Data(data=body))
-                self.respond(h11.EndOfMessage())
-            except h11.LocalProtocolError:
-                pass  # h11 found no way to answer in this state: just close.
+                self.respond(http11.Data(data=body))
+                self.respond(http11.EndOfMessage())
+            except http11.LocalProtocolError:
+                pass  # No way to answer in this state: just close.
         self._close()
 
     def _discard(self, size):
@@ -370,15 +364,15 @@ class HttpProxyProtocol(Protocol):
     def _after_response(self):
         """Our answer is complete: close, start the next cycle, or drain the body."""
         server = self._server
-        if server.our_state is not h11.DONE and server.our_state is not h11.MUST_CLOSE:
+        if server.our_state is not http11.DONE and server.our_state is not http11.MUST_CLOSE:
             return
-        if server.our_state is h11.MUST_CLOSE or server.their_state in (
-            h11.MUST_CLOSE,
-            h11.CLOSED,
-            h11.ERROR,
+        if server.our_state is http11.MUST_CLOSE or server.their_state in (
+            http11.MUST_CLOSE,
+            http11.CLOSED,
+            http11.ERROR,
         ):
             self._close()
-        elif server.their_state is h11.DONE:
+        elif server.their_state is http11.DONE:
             server.start_next_cycle()
             self.read_gate.resume("pipeline")
             self._arm_timer()

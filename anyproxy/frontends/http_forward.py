@@ -3,7 +3,7 @@
 Relay one absolute-URI request to its origin server, and the response back.
 
 An exchange runs over an L{UpstreamConnection}: a stream to the origin and
-its own h11 client connection.  When the exchange ends cleanly (the request
+its own L{http11.ClientConnection}.  When the exchange ends cleanly (the request
 and the response both complete, and neither side asked to close) the
 connection goes to the proxy's L{UpstreamPool} and the user's next request to
 that origin reuses it, as squid and nginx reuse server connections.  Any other
@@ -27,7 +27,6 @@ own reasons).  Only while the stream is still opening do we hold request body
 bytes ourselves, up to L{HIGH_WATER}, after which reading from the user pauses.
 """
 
-import h11
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -35,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from anyproxy.errors import StreamOpenError, http_status
+from anyproxy.frontends import http11
 from anyproxy.interfaces import IAdmittingEndpoint
 from anyproxy.frontends.http_messages import (
     MAX_RESPONSE_HEAD_SIZE,
@@ -119,7 +119,7 @@ class ReadGate:
 
 class UpstreamConnection(Protocol):
     """
-    The origin side of forwarded requests: one stream and its h11 client.
+    The origin side of forwarded requests: one stream and its client connection.
 
     Serves one L{ForwardExchange} at a time (C{exchange}); between exchanges
     it waits in an L{UpstreamPool}, where anything it receives or its loss
@@ -129,7 +129,7 @@ class UpstreamConnection(Protocol):
     exchange = None
 
     def __init__(self, pool):
-        self.client = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_SIZE)
+        self.client = http11.ClientConnection(MAX_RESPONSE_HEAD_SIZE)
         self._pool = pool
         self.exchanges = 0  # how many exchanges used it (tests, logs)
 
@@ -170,7 +170,7 @@ class ForwardExchange:
     L{request_done}) and tells it when the user is gone (L{user_lost}).  It
     uses the proxy's C{endpoint_to(host, port)}, its C{read_gate} and
     C{transport} for backpressure, and answers through C{respond(event)}
-    (the user's h11 connection), then exactly one of C{forward_done(exchange)}
+    (the user's connection), then exactly one of C{forward_done(exchange)}
     or C{forward_failed(exchange, status, text)}.
 
     @ivar status: the origin's status code once its response head arrived.
@@ -186,7 +186,7 @@ class ForwardExchange:
     def __init__(self, proxy, request, target, pool, key, clock):
         """
         @param proxy: the L{anyproxy.frontends.http.HttpProxyProtocol}.
-        @param request: the user's L{h11.Request}.
+        @param request: the user's L{http11.Request}.
         @param target: its L{anyproxy.frontends.http_messages.ForwardTarget}.
         @param pool: the listener's L{UpstreamPool}.
         @param key: this request's pool key (user, group, host, port).
@@ -265,13 +265,13 @@ class ForwardExchange:
             if self._held_size > HIGH_WATER:
                 self._proxy.read_gate.pause("opening")
         else:
-            self._send_upstream(h11.Data(data=data))
+            self._send_upstream(http11.Data(data))
 
     def request_done(self):
         """The user's request body is complete."""
         self._request_complete = True
         if self._upstream is not None and not self._finished:
-            self._send_upstream(h11.EndOfMessage())
+            self._send_upstream(http11.EndOfMessage())
 
     def user_lost(self):
         """The user's connection is gone: drop the connection, whatever its state."""
@@ -305,10 +305,10 @@ class ForwardExchange:
         for data in held:
             if self._finished:
                 return
-            self._send_upstream(h11.Data(data=data))
+            self._send_upstream(http11.Data(data))
         self._proxy.read_gate.resume("opening")
         if self._request_complete and not self._finished:
-            self._send_upstream(h11.EndOfMessage())
+            self._send_upstream(http11.EndOfMessage())
         if not self._finished:
             # The origin may have answered while we were still writing.
             self._relay()
@@ -323,13 +323,13 @@ class ForwardExchange:
         self._fail(status, text)
 
     def _send_upstream(self, event):
-        if type(event) is h11.Data:
+        if type(event) is http11.Data:
             self._body_sent = True
         try:
             data = self._upstream.client.send(event)
-        except h11.LocalProtocolError:
-            # Our h11 client refuses: the origin already ended the exchange
-            # in a way that makes this message impossible to finish.
+        except http11.LocalProtocolError:
+            # The body does not match its declared length: the exchange
+            # cannot be finished correctly.
             self._fail(502, "the upstream server ended the exchange early")
             return
         if data:
@@ -377,29 +377,29 @@ class ForwardExchange:
         while not self._finished:
             try:
                 event = client.next_event()
-            except h11.RemoteProtocolError:
+            except http11.RemoteProtocolError:
                 self._fail(502, "the upstream server sent a malformed response")
                 return
-            if event is h11.NEED_DATA or event is h11.PAUSED or type(event) is h11.ConnectionClosed:
+            if event is http11.NEED_DATA or type(event) is http11.ConnectionClosed:
                 return
             event_type = type(event)
-            if event_type is h11.Data:
+            if event_type is http11.Data:
                 self._proxy.respond(event)
-            elif event_type is h11.Response:
+            elif event_type is http11.Response:
                 self.status = event.status_code
                 self.response_started = True
                 if binds_connection(event.headers, b"www-authenticate"):
                     self._connection_authenticated = True
                 self._proxy.respond(user_response(event))
-            elif event_type is h11.InformationalResponse:
+            elif event_type is http11.InformationalResponse:
                 # 1xx is HTTP/1.1 only; 101 cannot occur (we strip Upgrade
-                # and h11 rejects an unsolicited one as a protocol error).
+                # and an unsolicited one is a protocol error).
                 self.status = event.status_code
                 if self._proxy.user_http_version >= b"1.1":
                     self._proxy.respond(user_informational(event))
-            elif event_type is h11.EndOfMessage:
+            elif event_type is http11.EndOfMessage:
                 # Trailers are dropped: we strip the Trailer header too.
-                self._proxy.respond(h11.EndOfMessage())
+                self._proxy.respond(event)
                 self._finished = True
                 self._keep_or_close()
                 self._proxy.forward_done(self)
@@ -407,11 +407,10 @@ class ForwardExchange:
     def _keep_or_close(self):
         upstream = self._detach()
         client = upstream.client
-        if (client.our_state is h11.DONE and client.their_state is h11.DONE
-                # Bytes past the response (a second response, a body after
-                # HEAD or 204): reused, they would answer the next request.
-                and client.trailing_data == (b"", False)
-                and not self._connection_authenticated):
+        # Not reusable (client.reusable) after bytes past the response (a
+        # second response, a body after 204): they would answer the next
+        # request.  Nor after a HEAD, whose end llhttp cannot tell.
+        if client.reusable and not self._connection_authenticated:
             client.start_next_cycle()
             # The user may have paused it; an idle connection must not stay paused.
             upstream.transport.resumeProducing()

@@ -2,7 +2,8 @@
 """
 Pure helpers of the HTTP proxy: request targets, credentials and headers.
 
-Nothing here does I/O: each function takes h11 events or bytes and returns
+Nothing here does I/O: each function takes L{anyproxy.frontends.http11}
+events or bytes and returns
 values, so the rules a proxy must get right (RFC 9110 section 7.6.1 on
 hop-by-hop headers, RFC 9112 section 3.2 on request targets) can be read and
 tested in one place.
@@ -10,16 +11,16 @@ tested in one place.
 
 import base64
 import binascii
-import inspect
 import ipaddress
 import re
 from http import HTTPStatus
 
 import attr
-import h11
 
-# The largest request head we wait for.  h11 answers 431 once an incomplete
-# head grows past it, so a slowloris user costs at most this much memory.
+from anyproxy.frontends.http11 import InformationalResponse, Request, Response
+
+# The largest request head we accept.  Past it we answer 431, so a slowloris
+# user costs at most about this much memory.
 MAX_HEAD_SIZE = 16 * 1024
 
 # Origin servers legitimately send larger heads (long Set-Cookie lists).
@@ -40,13 +41,6 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     ]
 )
-
-# The requests and responses we relay are made of header names and values
-# that h11 parsed (and so validated) plus values built from validated parts.
-# h11's own parser marks such events _parsed, which skips the per-header
-# regular expressions: about a tenth of the gateway's work per forwarded
-# request.  _parsed is h11's internal flag, so it is used only when present.
-_TRUSTED = {"_parsed": True} if "_parsed" in inspect.signature(h11.Response).parameters else {}
 
 _HOST_NAME = re.compile(rb"[A-Za-z0-9._~-]{1,253}")
 _PORT = re.compile(rb"[0-9]{1,5}")
@@ -174,7 +168,7 @@ def parse_basic_credentials(headers):
     """
     The C{(username, password)} bytes of a C{Proxy-Authorization: Basic} header.
 
-    @param headers: h11 headers (lower-case names).
+    @param headers: C{(lower-case name, value)} pairs.
     @return: the pair, or C{None} when the header is missing, repeated, of
         another scheme or malformed.
     """
@@ -201,7 +195,7 @@ def end_to_end_headers(headers, drop=()):
     Removes L{HOP_BY_HOP} headers, every header named in C{Connection}, every
     C{Proxy-*} header and the lower-case names in C{drop}.
 
-    @param headers: h11 C{Headers}.
+    @param headers: received L{anyproxy.frontends.http11.Headers}.
     @return: a list of C{(name, value)} pairs.
     """
     return _forwardable(headers, drop)[0]
@@ -215,12 +209,10 @@ def _forwardable(headers, drop=(), chunked_drops_length=False):
         message is chunked.
     @return: C{(kept headers, chunked, [Content-Length values])}.
     """
-    raw = headers.raw_items()
     listed = set()
     chunked = False
     lengths = []
-    for name, value in raw:
-        lower = name.lower()
+    for lower, value in headers:
         if lower == b"connection":
             listed.update(token.strip().lower() for token in value.split(b","))
         elif lower == b"transfer-encoding":
@@ -231,8 +223,7 @@ def _forwardable(headers, drop=(), chunked_drops_length=False):
         # Transfer-Encoding beats Content-Length; a stale one must not survive.
         drop = tuple(drop) + (b"content-length",)
     kept = []
-    for name, value in raw:
-        lower = name.lower()
+    for name, (lower, value) in zip(headers.raw_names, headers):
         if lower in HOP_BY_HOP or lower in listed or lower in drop:
             continue
         if lower.startswith(b"proxy-"):
@@ -243,7 +234,7 @@ def _forwardable(headers, drop=(), chunked_drops_length=False):
 
 def binds_connection(headers, name):
     """
-    Whether h11 C{headers} carry NTLM or Negotiate in header C{name}
+    Whether C{headers} (lower-case names) carry NTLM or Negotiate in header C{name}
     (C{authorization} or C{www-authenticate}): schemes that authenticate the
     connection rather than the request (RFC 4559), so it cannot be shared.
     """
@@ -260,11 +251,11 @@ def upstream_request(request, target, keep_alive=True):
     The request to send to the origin: origin-form, correct C{Host}, no hop-by-hop
     headers and the user's body framing.
 
-    @param request: the user's h11 L{h11.Request}.
+    @param request: the user's L{Request}.
     @param target: its L{ForwardTarget}.
     @param keep_alive: C{False} adds C{Connection: close}, for a connection
         that will not be reused.
-    @return: an L{h11.Request}.
+    @return: a L{Request}.
     """
     kept, chunked, lengths = _forwardable(request.headers, (b"host", b"content-length"))
     headers = [(b"Host", target.authority)]
@@ -276,37 +267,24 @@ def upstream_request(request, target, keep_alive=True):
             headers.append((b"Content-Length", value))
     if not keep_alive:
         headers.append((b"Connection", b"close"))
-    return h11.Request(
-        method=request.method,
-        target=target.origin_form(request.method),
-        headers=headers,
-        **_TRUSTED,
-    )
+    return Request(request.method, target.origin_form(request.method), headers)
 
 
 def user_response(response):
     """
     The origin's response as relayed to the user, minus hop-by-hop headers.
 
-    Framing is left to the user's h11 connection: a known C{Content-Length}
-    is kept, anything else (chunked or close-delimited) is re-framed by h11.
+    Framing is left to the user's connection: a known C{Content-Length} is
+    kept, anything else (chunked or close-delimited) is framed anew there.
     """
-    return h11.Response(
-        status_code=response.status_code,
-        reason=response.reason,
-        headers=_forwardable(response.headers, chunked_drops_length=True)[0],
-        **_TRUSTED,
-    )
+    kept = _forwardable(response.headers, chunked_drops_length=True)[0]
+    return Response(response.status_code, response.reason, kept)
 
 
 def user_informational(response):
     """A 1xx response from the origin as relayed to the user."""
-    return h11.InformationalResponse(
-        status_code=response.status_code,
-        reason=response.reason,
-        headers=end_to_end_headers(response.headers),
-        **_TRUSTED,
-    )
+    return InformationalResponse(
+        response.status_code, response.reason, end_to_end_headers(response.headers))
 
 
 def reason_phrase(status):
@@ -321,7 +299,7 @@ def error_response(status, text, headers=(), close=False):
     """
     A short text/plain answer from the proxy itself.
 
-    @return: C{(h11.Response, body bytes)}.
+    @return: C{(Response, body bytes)}.
     """
     body = text.encode("utf-8") + b"\n"
     all_headers = [
@@ -331,7 +309,5 @@ def error_response(status, text, headers=(), close=False):
     all_headers.extend(headers)
     if close:
         all_headers.append((b"Connection", b"close"))
-    response = h11.Response(
-        status_code=status, reason=reason_phrase(status), headers=all_headers
-    )
+    response = Response(status, reason_phrase(status), all_headers)
     return response, body
