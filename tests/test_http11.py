@@ -136,6 +136,13 @@ class RequestTests(SynchronousTestCase):
         self.server.receive_data(b"")
         self.assertEqual(self.server.take_upgraded_data(), (b"\x16\x03\x01more", True))
 
+    def test_connect_http10(self):
+        """An HTTP/1.0 CONNECT (the connection's last request) keeps the bytes after it too."""
+        self.server.receive_data(b"CONNECT a:443 HTTP/1.0\r\n\r\n\x16\x03\x01")
+        self.server.receive_data(b"hello")
+        self.assertEqual(drain(self.server)[-1], PAUSED)
+        self.assertEqual(self.server.take_upgraded_data(), (b"\x16\x03\x01hello", False))
+
     def test_refused_connect_then_http(self):
         """After a refused CONNECT, what followed it is read as HTTP."""
         self.server.receive_data(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n" + GET)
@@ -190,6 +197,31 @@ class RequestTests(SynchronousTestCase):
                           b"Upgrade: h2c\r\nContent-Length: 3\r\n\r\nabc", 400)
         self.assert_error(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
                           400)
+
+    def test_broken_request_behind_a_good_one(self):
+        """A malformed pipelined request waits until the good one before it is answered."""
+        self.server.receive_data(GET + b"GET http://a/ HTTP/1.1\r\nBad Header: x\r\n\r\n")
+        self.assertEqual(drain(self.server)[-1], PAUSED)
+        self.server.send(Response(204, b"No Content", []))
+        self.server.send(EndOfMessage())
+        self.server.start_next_cycle()
+        self.assertRaises(RemoteProtocolError, self.server.next_event)
+
+    def test_unknown_method(self):
+        """A well-formed method llhttp does not know is 501; garbage stays 400."""
+        self.assert_error(b"BAN http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 501)
+        self.assert_error(b"get http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 501)
+        self.assert_error(b"\x00\x01 http://a/ HTTP/1.1\r\n\r\n", 400)
+
+    def test_trailers_size(self):
+        """Trailers that never end are cut off like a head that never ends."""
+        chunked = b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        self.assert_error([chunked + b"2\r\nhi\r\n0\r\nX-T: "] + [b"a" * 4096] * 5, 431)
+        # A body that trickles in a byte at a time is progress, not a stall.
+        server = ServerConnection()
+        for byte in chunked + b"5\r\nhello\r\n" + b"3\r\nabc\r\n" * 3000 + b"0\r\n\r\n":
+            server.receive_data(bytes([byte]))
+        self.assertEqual(len(body_of(drain(server))), 5 + 3 * 3000)
 
     def test_head_size(self):
         """Heads past the limit are answered 431, whether complete or still arriving."""
@@ -461,6 +493,21 @@ class ClientTests(SynchronousTestCase):
             client.receive_data(partial)
             client.receive_data(b"")
             self.assertRaises(RemoteProtocolError, drain, client)
+
+    def test_bare_lf(self):
+        """Bare LF line ends from an origin are read (we write every head anew)."""
+        self.send()
+        self.client.receive_data(b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok")
+        response, data, end, need = drain(self.client)
+        self.assertEqual((response.status_code, data.data), (200, b"ok"))
+
+    def test_endless_trailers(self):
+        """An origin's trailers are limited too."""
+        self.send()
+        self.client.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: ")
+        for _ in range(20):
+            self.client.receive_data(b"a" * 4096)
+        self.assertRaises(RemoteProtocolError, drain, self.client)
 
     def test_errors(self):
         """Garbage, a 101, an unknown coding and a huge head are errors."""

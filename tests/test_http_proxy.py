@@ -248,6 +248,14 @@ class ConnectTests(SynchronousTestCase):
         stream.lose()
         self.assertTrue(self.user.closed)
 
+    def test_http10_tunnel(self):
+        """An HTTP/1.0 CONNECT tunnels the bytes sent before it opened too."""
+        self.user.protocol.dataReceived(b"CONNECT example.com:443 HTTP/1.0\r\n\r\n\x16\x03\x01")
+        self.user.protocol.dataReceived(b"hello")
+        [stream] = self.user.streams
+        stream.succeed()
+        self.assertEqual(stream.transport.value(), b"\x16\x03\x01hello")
+
     def test_ipv6(self):
         """A bracketed IPv6 target opens a stream to the bare address."""
         self.user.request(b"CONNECT", b"[::1]:8443")
@@ -482,6 +490,24 @@ class MalformedTests(SynchronousTestCase):
     def test_garbage(self):
         """A garbage request line is answered 400 and closed."""
         self.assert_rejected(b"\x16\x03\x01 hello\r\n\r\n", 400, True)
+
+    def test_unknown_method(self):
+        """A method the parser does not know is answered 501 and closed."""
+        self.assert_rejected(b"BAN http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 501, True)
+
+    def test_broken_pipelined_request(self):
+        """A malformed request behind a good one: the good one is answered, then 400."""
+        user = _User(self, upstream_keepalive=0)
+        user.protocol.dataReceived(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n"
+                                   b"GET http://a/ HTTP/1.1\r\nBad Header: x\r\n\r\n")
+        [stream] = user.streams
+        stream.succeed()
+        self.assertFalse(user.closed)
+        stream.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        answers = user.transport.value()
+        self.assertTrue(answers.startswith(b"HTTP/1.1 200 OK\r\n"), answers)
+        self.assertIn(b"\r\n\r\nokHTTP/1.1 400 ", answers)
+        self.assertTrue(user.closed)
 
     def test_oversized_head(self):
         """A request head past the size limit is answered 431 and closed."""

@@ -31,9 +31,21 @@ What each side may send:
 Bytes after a request that upgrades the connection (CONNECT) are not parsed:
 they wait in C{trailing_data} for the tunnel, or are parsed as HTTP if the
 CONNECT is refused.  A pipelined request waits (C{next_event} returns
-L{PAUSED}) until the current exchange is over.
+L{PAUSED}) until the current exchange is over; so does a malformed one, whose
+error is raised only then.
+
+Limits: a head (or trailers) that stays incomplete past C{max_head_size} is
+an error with status 431.  A read in which one message ended and the next
+began is not counted, so the slack is one read.
+
+Where llhttp is stricter than h11 was (RFC 9112 allows each): methods it does
+not know are refused (501), and so are obs-fold line continuations and
+repeated C{Content-Length} headers.  Responses may end lines with a bare LF.
+A connection that carried a HEAD is not reused: llhttp cannot be told that no
+body follows, so we stop it after the head and cannot see what came next.
 """
 
+import re
 from collections import deque
 
 import attr
@@ -192,6 +204,10 @@ def _write_head(first_line, headers, extra):
     return b"".join(parts)
 
 
+# A method token (RFC 9110 5.6.2) and the space after it, at a message's start.
+_METHOD = re.compile(rb"(?:\r\n)*[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+
+
 class _Stop(Exception):
     """Raised from a parser callback to stop llhttp at that point."""
 
@@ -257,15 +273,16 @@ class _Reader:
     def _new_parser(self):
         self._parser = self._parser_class(self)
         self._in_head = False
-        self._head_size = 0  # bytes fed while a head is incomplete
-        self._began_here = self._ended_here = False  # in the current feed
+        self._in_message = False
+        self._stalled = 0  # bytes fed since the message last produced an event
+        self._progress = False  # an event was produced in the current feed
         self.stopped = False
 
     def feed(self, data):
         """Parse C{data}; returns the offset where an upgrade stopped parsing, or C{None}."""
         if self.stopped:
             return None
-        self._began_here = self._ended_here = False
+        self._progress = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -275,24 +292,26 @@ class _Reader:
         except httptools.HttpParserError as error:
             self.stopped = True
             if not isinstance(error.__context__, _Stop):
-                self.events.append(RemoteProtocolError(self._describe(error)))
+                self.events.append(RemoteProtocolError(*self._describe(error, data)))
             return None
-        if self._in_head and not (self._began_here and self._ended_here):
-            # llhttp itself has no limit: a head that never ends must not
-            # cost more than this much memory.  Only bytes surely in the
-            # head count (none of a read where another message ended first).
-            self._head_size += len(data)
-            if self._head_size > self._max_head_size:
+        if self._in_message and not self._progress:
+            # llhttp holds nothing, but httptools gathers a header (or a
+            # trailer) until it ends, and we the head: a head or trailers
+            # that never end must cost at most about the limit.  A read in
+            # which an event came is not counted: the slack is one read.
+            self._stalled += len(data)
+            if self._stalled > self._max_head_size:
                 self.stopped = True
-                self.events.append(RemoteProtocolError("message head too large", 431))
+                self.events.append(RemoteProtocolError("message head or trailers too large", 431))
         return None
 
-    def _describe(self, error):
-        return "malformed message: %s" % (error,)
+    def _describe(self, error, data):
+        """The message and status for llhttp's C{error}."""
+        return "malformed message: %s" % (error,), 400
 
     def on_message_begin(self):
-        self._in_head = self._began_here = True
-        self._head_size = 0
+        self._in_head = self._in_message = True
+        self._stalled = 0
         self._size = 0
         self._names = []
         self._raw_names = []
@@ -309,6 +328,7 @@ class _Reader:
 
     def on_headers_complete(self):
         self._in_head = False
+        self._progress = True
         if self._size + len(self._first) > self._max_head_size:
             self.events.append(RemoteProtocolError("message head too large", 431))
             raise _Stop()
@@ -316,10 +336,12 @@ class _Reader:
         self._head(headers, self._parser.get_http_version().encode("ascii"))
 
     def on_body(self, body):
+        self._progress = True
         self.events.append(Data(body))
 
     def on_message_complete(self):
-        self._ended_here = True
+        self._in_message = False
+        self._progress = True
         self.events.append(_END)
 
 
@@ -357,14 +379,28 @@ class _RequestReader(_Reader):
 
     def on_message_complete(self):
         _Reader.on_message_complete(self)
-        if not self._keep_alive:
+        if not self._keep_alive and self._parser.get_method() != b"CONNECT":
             # The connection ends with this request: whatever follows is
-            # never read (llhttp would call it an error).
+            # never read (llhttp would call it an error).  After a CONNECT
+            # it is the tunnel's: llhttp hands it over as an upgrade.
             raise _Stop()
+
+    def _describe(self, error, data):
+        if isinstance(error, httptools.HttpParserInvalidMethodError) and _METHOD.match(data):
+            # A well-formed method llhttp does not know (BAN, lower-case
+            # get...): not implemented, rather than malformed (RFC 9110 9.1).
+            return "method not supported", 501
+        return _Reader._describe(self, error, data)
 
 
 class _ResponseReader(_Reader):
     _parser_class = httptools.HttpResponseParser
+
+    def _new_parser(self):
+        _Reader._new_parser(self)
+        # Bare LF line ends are common in small embedded servers; we write
+        # every head anew, so reading them costs no framing ambiguity.
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
 
     method = None  # of the request being answered
     final = False  # the final response head arrived
@@ -402,11 +438,13 @@ class _ResponseReader(_Reader):
             raise _Stop()
 
     def on_message_complete(self):
+        self._in_message = False
+        self._progress = True
         if self.final:
             self.events.append(_END)
 
-    def _describe(self, error):
-        return "malformed response: %s" % (error,)
+    def _describe(self, error, data):
+        return "malformed response: %s" % (error,), 400
 
 
 class _Connection:
@@ -533,6 +571,9 @@ class ServerConnection(_Connection):
                 self.they_are_waiting_for_100_continue = False
                 self.their_state = DONE if self._keep_alive else MUST_CLOSE
                 return event
+            if self.their_state is DONE or self.their_state is MUST_CLOSE:
+                # A broken request behind a good one: answer the good one first.
+                return PAUSED
             events.popleft()
             self._take_error(event)
         if self.their_state is DONE or self.their_state is MUST_CLOSE:
