@@ -142,6 +142,13 @@ class HostRuleMatchTests(SynchronousTestCase):
         self.assertFalse(rule.matches_address(normalise_address("::ffff:10.0.0.1"), 1))
         self.assertTrue(rule.matches_address(normalise_address("2001:db8::1"), 1))
 
+    def test_normalise_text(self):
+        """Literals in any spelling normalise, every time; names are refused every time."""
+        for _ in range(2):  # the second time from the cache
+            self.assertEqual(normalise_address(" [::ffff:10.0.0.1] "), ipaddress.IPv4Address("10.0.0.1"))
+            self.assertEqual(normalise_address("fe80::1%eth0"), ipaddress.IPv6Address("fe80::1"))
+            self.assertRaises(ValueError, normalise_address, "example.com")
+
     def test_family_mismatch(self):
         """An IPv6 address never matches an IPv4 network."""
         self.assertFalse(HostRule.parse("10.").matches_address(address("fd00::1"), 1))

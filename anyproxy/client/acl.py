@@ -21,6 +21,7 @@ stored as C{10.0.0.0/8}), and a trailing dot in a name
 (C{internal.example.com.}) is treated as absent.
 """
 
+import functools
 import ipaddress
 import re
 
@@ -68,12 +69,27 @@ def normalise_address(address):
     @raise ValueError: C{address} is not an IP address.
     """
     if isinstance(address, str):
-        address = ipaddress.ip_address(address.strip().strip("[]").split("%", 1)[0])
-    elif isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        parsed = _parse_literal(address)
+        if parsed is None:
+            raise ValueError("%r is not an IP address" % (address,))
+        return parsed
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
         address = ipaddress.IPv6Address(address.packed)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+# Every UDP datagram names its destination as text, and checking it parses
+# that text three times: remember recent answers (addresses are immutable).
+@functools.lru_cache(maxsize=1024)
+def _parse_literal(text):
+    """The normalised address C{text} stands for, or C{None} for a name."""
+    try:
+        address = ipaddress.ip_address(text.strip().strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+    return normalise_address(address)
 
 
 def _literal_address(host):

@@ -42,6 +42,7 @@ Usernames and passwords are kept as C{bytes}: RFC 1929 does not name an
 encoding, and L{anyproxy.auth.UserDatabase.authenticate} compares bytes.
 """
 
+import functools
 import ipaddress
 import struct
 
@@ -261,6 +262,7 @@ _READERS = {
 }
 
 
+@functools.lru_cache(maxsize=256)  # each UDP datagram to a user carries its source
 def _encode_address(host):
     """ATYP + address bytes for a bind address given as text."""
     try:
