@@ -625,7 +625,10 @@ def _blob(size):
 
 
 class _Target(resource.Resource):
-    """GET /blob/N returns N bytes; POST returns the SHA-256 of the body."""
+    """
+    GET /blob/N returns N bytes (with a length), /stream/N the same bytes
+    without one (chunked); POST returns the SHA-256 of the body.
+    """
 
     isLeaf = True
 
@@ -633,6 +636,12 @@ class _Target(resource.Resource):
         parts = request.path.decode().strip("/").split("/")
         if parts[0] == "blob":
             return _blob(int(parts[1]))
+        if parts[0] == "stream":
+            data = _blob(int(parts[1]))
+            for start in range(0, len(data), 65536):
+                request.write(data[start:start + 65536])
+            request.finish()
+            return server.NOT_DONE_YET
         return b"hello " + request.getHeader(b"host") + b"\n"
 
     def render_POST(self, request):
@@ -708,6 +717,8 @@ class CurlLoopbackTests(TestCase):
     @inlineCallbacks
     def _settle(self):
         # Wait for every connection to close, so trial sees a clean reactor.
+        # Kept upstream connections would wait for their idle timeout.
+        self.proxy.upstream_pool.clear()
         for _ in range(500):
             if not self.proxy.live and not any(s.protocols for s in self.sites) and all(
                 t.disconnected for t in self.upstreams
@@ -751,6 +762,27 @@ class CurlLoopbackTests(TestCase):
         out, err, code = yield self.curl("-H", "Transfer-Encoding: chunked",
                                          "--data-binary", "@" + path, self.url("/upload"))
         self.assertEqual((code, out), (0, expected))
+
+    @inlineCallbacks
+    def test_unknown_length(self):
+        """A chunked response arrives intact, re-chunked for HTTP/1.1, close-delimited for 1.0."""
+        size = (1 << 20) + 12345
+        for version in ["--http1.1", "--http1.0"]:
+            out, err, code = yield self.curl(version, self.url("/stream/%d" % (size,)))
+            self.assertEqual(code, 0, err)
+            self.assertEqual(hashlib.sha256(out).digest(), hashlib.sha256(_blob(size)).digest())
+
+    @inlineCallbacks
+    def test_head_then_get(self):
+        """A HEAD is answered without a body and the same proxy connection serves a GET next."""
+        out, err, code = yield self.curl("-sS", "-I", self.url("/blob/1000"), "--next",
+                                         "--proxy", "http://127.0.0.1:%d" % (self.proxy_port,),
+                                         "--proxy-user", "alice:" + PASSWORD, self.url("/a"))
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"), out)
+        self.assertIn(b"\r\ncontent-length: 1000\r\n", out.lower())
+        self.assertTrue(out.endswith(b"\r\n\r\nhello 127.0.0.1:%d\n" % (self.web_port,)), out)
+        self.assertEqual(self.proxy.made, 1)
 
     @inlineCallbacks
     def test_keep_alive(self):
