@@ -122,9 +122,10 @@ class StatusAPITests(_StatusBase):
             snapshot = yield self.api()
             self.assertEqual(snapshot["totals"]["active_streams"], 1)
             self.assertEqual(snapshot["clients"][0]["active_streams"], 1)
-            for key in ("bytes_in", "bytes_out"):  # counted by the mux, when it counts
-                if snapshot["totals"][key] is not None:
-                    self.assertGreaterEqual(snapshot["totals"][key], 4096, key)
+            for key in ("bytes_in", "bytes_out"):
+                self.assertGreaterEqual(snapshot["totals"][key], 4096, key)
+            self.assertEqual(snapshot["clients"][0]["streams_opened"], 1)
+            self.assertEqual(snapshot["totals"]["streams_opened"], 1)
         finally:
             sock.close()
         snapshot = yield self.wait_for_api(lambda s: s["totals"]["active_streams"] == 0)

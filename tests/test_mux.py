@@ -213,6 +213,22 @@ class OpenTests(SynchronousTestCase):
         self.assertEqual(pair.gateway.streams(), [stream])
         self.assertFalse(stream.closed)
 
+    def test_streams_opened(self):
+        """Each side counts the streams opened on the tunnel, either way; refused ones do not count."""
+        pair = MuxPair()
+        pair.open()
+        pair.open()
+        d = pair.gateway.open_stream("tcp", "example.com", 25)
+        pair.pump()
+        pair.client_requests[-1].reject(Reason.CONNECTION_REFUSED)
+        pair.pump()
+        self.failureResultOf(d, StreamOpenError)
+        pair.client.open_stream("tcp", "h", 1)
+        pair.pump()
+        pair.gateway_requests[-1].accept(Recorder())
+        pair.pump()
+        self.assertEqual((pair.gateway.streams_opened, pair.client.streams_opened), (3, 3))
+
     def test_addresses(self):
         """A stream's peer is the target it was opened to, named after the tunnel."""
         pair = MuxPair()

@@ -67,6 +67,8 @@ class Mux:
         this side joining them first (the bulk data path).
     @ivar bytes_sent: DATA payload bytes sent on all streams (metrics).
     @ivar bytes_received: DATA payload bytes received on all streams.
+    @ivar streams_opened: streams opened on this tunnel, by either side
+        (an OPEN answered OPEN_OK); the status page shows it.
     @ivar lowest_transport: the socket transport under TLS and WebSocket,
         whose send buffer metrics report; set by the WebSocket binding.
     """
@@ -74,6 +76,7 @@ class Mux:
     paused = False
     datagrams_dropped = 0
     bytes_sent = bytes_received = 0
+    streams_opened = 0
     lowest_transport = None
 
     def __init__(self, send_message, initiator, on_open_request=None, on_hello=None,
@@ -253,6 +256,7 @@ class Mux:
             return  # answer to a stream we already cancelled
         if type(frame) is frames.OpenOk:
             stream._send_window = frame.window
+            self.streams_opened += 1
             opening.callback(stream)
         else:
             stream._forget()

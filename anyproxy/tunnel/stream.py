@@ -128,6 +128,7 @@ class Stream:
     def accept(self, protocol):
         """Accept an incoming open request and connect C{protocol} to it."""
         self._mux._send(frames.OpenOk(self.stream_id, self._mux.window))
+        self._mux.streams_opened += 1
         self.attach(protocol)
 
     def reject(self, reason, text=""):
