@@ -9,6 +9,8 @@ import os
 import signal
 
 import yaml
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
@@ -363,6 +365,19 @@ class GatewayReconfigureTests(unittest.TestCase):
         self.assertEqual(self.reactor.events, [("listen", 9101), ("stop", 9100)])
         self.assertEqual(notes, ["gateway.status_addr: turning the status page on or off "
                                  "takes effect at the next restart"])
+
+    def test_status_login(self):
+        """A new status page login replaces the old one at once."""
+        data = self.data(status_addr="127.0.0.1:9090", status_username="admin",
+                         status_password="status-pw")
+        service = make_gateway_service(self.load(data), self.reactor)
+        checker = service.listeners["status page"].factory.checker
+        self.successResultOf(checker.requestAvatarId(UsernamePassword(b"admin", b"status-pw")))
+        data["gateway"]["status_password"] = "new-status-pw"
+        self.successResultOf(service.reconfigure(self.load(data)))
+        self.failureResultOf(checker.requestAvatarId(UsernamePassword(b"admin", b"status-pw")),
+                             UnauthorizedLogin)
+        self.successResultOf(checker.requestAvatarId(UsernamePassword(b"admin", b"new-status-pw")))
 
     def test_certificate_reread(self):
         """TLS options are rebuilt from the files on every reload."""

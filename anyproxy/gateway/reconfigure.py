@@ -30,7 +30,7 @@ them:
 
 Last, listeners whose address changed are re-bound: the tunnel server, the
 proxy listeners, and the status page and metrics listeners (switching those
-two on or off, or the status login, needs a restart).  The new one is
+two on or off needs a restart; the status login is taken at once).  The new one is
 started and only once it listens is the old one stopped; C{stopListening}
 closes the listening socket, not the connections accepted on it, so nobody
 connected through the old address is dropped.  If the new address cannot be

@@ -168,8 +168,15 @@ def make_gateway_service(config, reactor):
         service.add_listener(frontend.name, frontend.listener.endpoint, record.factory)
     if gateway.status_endpoint is not None:
         # The status page (anyproxy.gateway.status): clients and totals, behind Basic auth.
-        service.add_listener("status page", gateway.status_endpoint, status_site(
-            registry, gateway.status_username, gateway.status_password))
+        site = status_site(registry, gateway.status_username, gateway.status_password)
+        service.add_listener("status page", gateway.status_endpoint, site)
+
+        def new_status_login(config, checker=site.checker):
+            if config.gateway.status_endpoint is not None:
+                checker.set_credentials(config.gateway.status_username,
+                                        config.gateway.status_password)
+
+        service.reload_hooks.append(new_status_login)
     if gateway.metrics_endpoint is not None:
         service.add_listener("metrics", gateway.metrics_endpoint,
                              metrics_site(service.metrics.registry, reactor))

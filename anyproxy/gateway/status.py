@@ -205,6 +205,10 @@ class SingleUserChecker:
     credentialInterfaces = (cred_credentials.IUsernamePassword,)
 
     def __init__(self, username, password):
+        self.set_credentials(username, password)
+
+    def set_credentials(self, username, password):
+        """Accept these from now on (a reload); sessions are per request, so at once."""
         self._username = username.encode("utf-8")
         self._password = password.encode("utf-8")
 
@@ -252,10 +256,14 @@ def status_site(registry, username, password, started_at=None, now=time.time):
     @param registry: the gateway's tunnel registry.
     @param username: the one login (C{gateway.status_username}).
     @param password: its password (C{gateway.status_password}).
+    @return: the site; its C{checker} (L{SingleUserChecker}) takes new
+        credentials on reload.
     """
     if not username or not password:
         raise ValueError("the status page needs a username and a password")
-    portal = Portal(_StatusRealm(status_tree(registry, started_at, now)),
-                    [SingleUserChecker(username, password)])
+    checker = SingleUserChecker(username, password)
+    portal = Portal(_StatusRealm(status_tree(registry, started_at, now)), [checker])
     wrapper = guard.HTTPAuthSessionWrapper(portal, [guard.BasicCredentialFactory(REALM)])
-    return StatusSite(wrapper)
+    site = StatusSite(wrapper)
+    site.checker = checker
+    return site
