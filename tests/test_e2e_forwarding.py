@@ -268,6 +268,23 @@ class RefusalTests(_Base):
         got = yield deferToThread(tcp_exchange, remote, b"abc")
         self.assertEqual(got, b"3 %s\n" % (hashlib.sha256(b"abc").hexdigest().encode(),))
 
+    @defer.inlineCallbacks
+    def test_standby_takes_over(self):
+        """When the holder goes, the refused client gets the port without reconnecting."""
+        one = listen_tcp(self, protocol.Factory.forProtocol(AnswerAfterEOF)).getHost().port
+        two = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        remote = self.ports[3]
+        first_client, _ = yield self.start_client([open_port(remote, one)], client_id="one")
+        _, second = yield self.start_client([open_port(remote, two)], client_id="two")
+        self.assertFalse(second.open_ports_answer[0]["ok"])
+        established = second.established
+        yield first_client.stopService()
+        yield wait_until(lambda: second.open_ports_answer[0]["ok"],
+                         what="the port to be handed over")
+        self.assertEqual(self.forwarding.forwards(), {(remote, "tcp"): "two"})
+        self.assertEqual((yield deferToThread(tcp_exchange, remote, b"standby")), b"standby")
+        self.assertEqual(second.established, established)  # the same tunnel, no reconnect
+
 
 class LifecycleTests(_Base):
     """Ports follow the client: released when it goes, opened again when it returns."""

@@ -130,7 +130,11 @@ class FakeMux:
 
     def __init__(self):
         self.opens = []  # (kind, host, port, deferred)
+        self.hellos = []
         self.stream_count = 0
+
+    def send_hello(self, info):
+        self.hellos.append(info)
 
     def open_stream(self, kind, host, port):
         d = defer.Deferred()
@@ -309,6 +313,35 @@ class PortForwardingTests(SynchronousTestCase):
         manager.tunnel_connected(one, [wanted(9001)])
         manager.tunnel_disconnected(one)
         self.assertEqual(manager.tunnel_connected(tunnel("two"), [wanted(9001)]), [ok(9001)])
+
+    def test_waiting_client_takes_over(self):
+        """A client refused for a taken port gets it once the holder goes, and is told."""
+        reactor, manager = forwarding()
+        holder, standby, third = tunnel("one"), tunnel("two"), tunnel("three")
+        manager.tunnel_connected(holder, [wanted(9001)])
+        manager.tunnel_connected(standby, [wanted(9001, 23)])
+        manager.tunnel_connected(third, [wanted(9001, 24)])
+        self.successResultOf(manager.tunnel_disconnected(holder))
+        self.assertEqual(manager.forwards(), {(9001, "tcp"): "two"})
+        self.assertEqual(manager.port_for(9001).pick_route().request.local_port, 23)
+        self.assertEqual(standby.mux.hellos, [{"version": 1, "open_ports": [ok(9001)]}])
+        self.assertEqual(third.mux.hellos, [])
+        # The third waits on: it is next once the standby goes.
+        self.successResultOf(manager.tunnel_disconnected(standby))
+        self.assertEqual(manager.forwards(), {(9001, "tcp"): "three"})
+        self.assertEqual(reactor.open_ports(), [(9001, "tcp")])
+
+    def test_gone_waiter_skipped(self):
+        """A waiting tunnel that disconnected is not handed the port."""
+        _, manager = forwarding()
+        holder, gone, standby = tunnel("one"), tunnel("two"), tunnel("three")
+        manager.tunnel_connected(holder, [wanted(9001)])
+        manager.tunnel_connected(gone, [wanted(9001)])
+        manager.tunnel_connected(standby, [wanted(9001)])
+        manager.tunnel_disconnected(gone)
+        manager.tunnel_disconnected(holder)
+        self.assertEqual(manager.forwards(), {(9001, "tcp"): "three"})
+        self.assertEqual(gone.mux.hellos, [])
 
     def test_unknown_tunnel_disconnect(self):
         """A tunnel that forwarded nothing leaves the others alone."""

@@ -110,6 +110,16 @@ class ClientTunnelFactory(WebSocketClientFactory):
             self.open_ports_answer = info.get("open_ports")
             _log_open_ports(self.gateway, self.open_ports, self.open_ports_answer)
 
+    def hello_updated(self, protocol, info):
+        """A further HELLO from the gateway: entries of C{open_ports} whose answer changed."""
+        update = info.get("open_ports")
+        if not self.open_ports or not isinstance(update, list):
+            return
+        changed = {_port_key(entry) for entry in update}
+        kept = [entry for entry in (self.open_ports_answer or []) if _port_key(entry) not in changed]
+        self.open_ports_answer = kept + update
+        _log_open_ports(self.gateway, self.open_ports, update)
+
     def tunnel_lost(self, protocol, reason):
         if protocol in self.connected:
             self.lost += 1
@@ -118,6 +128,11 @@ class ClientTunnelFactory(WebSocketClientFactory):
         self.connected.discard(protocol)
         log.warn("tunnel to {gateway} lost: {reason}; reconnecting", gateway=self.gateway,
                  reason=reason or "connection closed")
+
+
+def _port_key(entry):
+    entry = entry if isinstance(entry, dict) else {}
+    return (entry.get("remote_port"), entry.get("protocol"))
 
 
 def _log_open_ports(gateway, asked, answered):

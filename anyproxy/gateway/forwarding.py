@@ -20,8 +20,11 @@ client that reconnects before the gateway has noticed its old tunnel is dead
 Another client asking for a port that is taken is refused; so are ports
 outside C{gateway.open_ports_allowed} and ports that fail to bind.  Every
 refusal is logged here and its reason goes back in the HELLO answer, where
-the client logs it too.  A refused client keeps serving; it is not retried
-until it reconnects.
+the client logs it too.  A refused client keeps serving.  One refused only
+because another client holds the port waits for it: once the holder's last
+tunnel is gone and the port closed, the waiting tunnels (oldest first, those
+still connected) ask again, and a tunnel granted the port that way is told in
+a further HELLO from the gateway (a standby client takes over a port).
 
 Listening is synchronous (C{listenTCP}/C{listenUDP}), so the HELLO answer can
 say whether each port is open.  Forwarded ports listen on the interface of
@@ -52,6 +55,7 @@ from anyproxy.addresses import split_endpoint
 from anyproxy.gateway.endpoint import DEFAULT_OPEN_TIMEOUT, attach_protocol, bound_open
 from anyproxy.gateway.forwarding_udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
 from anyproxy.splice import SpliceEnd
+from anyproxy.tunnel.frames import PROTOCOL_VERSION
 
 log = Logger()
 
@@ -326,6 +330,7 @@ class PortForwarding:
                                   else UDP_IDLE_TIMEOUT)
         self._forwards = {}
         self._by_tunnel = {}
+        self._waiting = {}  # key -> [(tunnel, HELLO entry)] refused while another client held it
         self._stopped = False
 
     def forwards(self):
@@ -365,6 +370,9 @@ class PortForwarding:
         forward = self._forwards.get(request.key)
         if forward is not None:
             if forward.owner != owner:
+                waiting = self._waiting.setdefault(request.key, [])
+                if not any(waiter is tunnel for waiter, _ in waiting):
+                    waiting.append((tunnel, item))
                 return self._refuse(tunnel, request, "port %s already forwarded for client %s"
                                     % (request.label, forward.client_id))
             if forward.route_for(tunnel) is not None:
@@ -408,6 +416,10 @@ class PortForwarding:
 
         @return: a Deferred firing once the released ports are closed.
         """
+        for key, waiting in list(self._waiting.items()):
+            waiting[:] = [(waiter, item) for waiter, item in waiting if waiter is not tunnel]
+            if not waiting:
+                del self._waiting[key]
         closing = []
         for key in self._by_tunnel.pop(tunnel, ()):
             forward = self._forwards.get(key)
@@ -419,14 +431,30 @@ class PortForwarding:
                 del self._forwards[key]
                 log.info("released port {port} (client {client_id} gone)",
                          port=forward.label, client_id=forward.client_id)
-                closing.append(forward.close())
+                closed = forward.close()
+                closed.addCallback(lambda _, key=key: self._hand_over(key))
+                closing.append(closed)
         return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
+
+    def _hand_over(self, key):
+        """A released port is closed: the tunnels waiting for it ask again, in order."""
+        waiting = self._waiting.pop(key, [])
+        if self._stopped or key in self._forwards:
+            # Stopping, or the owner came back before the port closed.
+            if waiting and not self._stopped:
+                self._waiting[key] = waiting
+            return
+        for tunnel, item in waiting:
+            result = self._open(tunnel, item)  # another client's is refused, and waits again
+            if result["ok"]:
+                tunnel.mux.send_hello({"version": PROTOCOL_VERSION, "open_ports": [result]})
 
     def stop(self):
         """Release every port (the gateway is stopping); a Deferred."""
         self._stopped = True
         forwards, self._forwards = list(self._forwards.values()), {}
         self._by_tunnel.clear()
+        self._waiting.clear()
         for forward in forwards:
             log.info("released port {port} (gateway stopping)", port=forward.label)
         closing = [forward.close() for forward in forwards]

@@ -228,6 +228,9 @@ class ClientTunnelProtocol(_TunnelProtocol, WebSocketClientProtocol):
         if not self.ready.called:
             self.factory.tunnel_ready(self, info)
             self.ready.callback(self)
+        else:
+            # A later HELLO updates what the first announced (a port granted).
+            self.factory.hello_updated(self, info)
 
     def onClose(self, wasClean, code, reason):
         self._lose_mux()
