@@ -5,7 +5,7 @@ the C{/metrics} page that serves them (C{metrics_addr}).
 
 Theory of operation
 -------------------
-The data path pays almost nothing.  Each DATA frame adds its length to two
+The data path pays almost nothing.  Each DATA or DATAGRAM frame adds its length to two
 integers, the stream's and its mux's (L{anyproxy.tunnel.stream}); each
 stream open costs one counter increment and one histogram observation.
 Everything else is read from live state when Prometheus scrapes: the

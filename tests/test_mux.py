@@ -16,6 +16,7 @@ from zope.interface import implementer
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.splice import SpliceEnd
 from anyproxy.tunnel import frames
+from anyproxy.tunnel import stream as stream_module
 from anyproxy.tunnel.mux import (
     CREDIT_FRACTION,
     DEFAULT_WINDOW,
@@ -388,6 +389,52 @@ class DataTests(SynchronousTestCase):
         self.assertEqual(protocol.received, data)
         self.assertEqual(protocol.events[0], ("made",))
         self.assertEqual(pair.client_errors + pair.gateway_errors, [])
+
+
+class DatagramRecorder(Recorder):
+    """A udp stream's protocol: records the datagrams it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.datagrams = []
+
+    def datagram_received(self, host, port, payload):
+        self.datagrams.append((host, port, payload))
+
+
+class DatagramTests(SynchronousTestCase):
+    """
+    DATAGRAM frames on udp streams: delivered as they are, counted in the
+    stream's records like DATA.
+    """
+
+    def test_both_ways_and_records(self):
+        """Datagrams arrive with their address; bytes and last activity are recorded."""
+        clock = [1000.0]
+        self.patch(stream_module, "_now", lambda: clock[0])
+        pair = MuxPair()
+        opener, opener_protocol, acceptor, acceptor_protocol = pair.open(
+            DatagramRecorder(), DatagramRecorder(), kind="udp")
+        clock[0] = 1005.0
+        self.assertTrue(opener.send_datagram("10.0.0.1", 53, b"query"))
+        pair.pump()
+        clock[0] = 1007.0
+        self.assertTrue(acceptor.send_datagram("10.0.0.1", 53, b"answer!"))
+        pair.pump()
+        self.assertEqual(acceptor_protocol.datagrams, [("10.0.0.1", 53, b"query")])
+        self.assertEqual(opener_protocol.datagrams, [("10.0.0.1", 53, b"answer!")])
+        self.assertEqual((opener.bytes_sent, opener.bytes_received, opener.last_active),
+                         (5, 7, 1007.0))
+        self.assertEqual((acceptor.bytes_sent, acceptor.bytes_received), (7, 5))
+        self.assertEqual((pair.gateway.bytes_sent, pair.client.bytes_sent), (5, 7))
+
+    def test_dropped_while_congested(self):
+        """While the tunnel is paused a datagram is dropped, counted, not recorded as sent."""
+        pair = MuxPair()
+        opener, _, _, _ = pair.open(DatagramRecorder(), DatagramRecorder(), kind="udp")
+        pair.gateway.pauseProducing()
+        self.assertFalse(opener.send_datagram("h", 1, b"x"))
+        self.assertEqual((pair.gateway.datagrams_dropped, opener.bytes_sent), (1, 0))
 
 
 class FlowControlTests(SynchronousTestCase):

@@ -65,8 +65,8 @@ class Mux:
     @param send_parts: optional; called with C{(header, payload)} for each
         DATA message, so the transport can frame both in one copy instead of
         this side joining them first (the bulk data path).
-    @ivar bytes_sent: DATA payload bytes sent on all streams (metrics).
-    @ivar bytes_received: DATA payload bytes received on all streams.
+    @ivar bytes_sent: DATA and DATAGRAM payload bytes sent on all streams (metrics).
+    @ivar bytes_received: the same, received.
     @ivar streams_opened: streams opened on this tunnel, by either side
         (an OPEN answered OPEN_OK); the status page shows it.
     @ivar lowest_transport: the socket transport under TLS and WebSocket,

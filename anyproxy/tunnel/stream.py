@@ -61,13 +61,15 @@ class Stream:
     @ivar kind: C{'tcp'} or C{'udp'}.
     @ivar host: the target asked for when the stream was opened.
     @ivar port: the target port.
-    @ivar bytes_sent: DATA payload bytes sent on this stream (metrics).
-    @ivar bytes_received: DATA payload bytes received on this stream.
+    @ivar bytes_sent: DATA payload bytes sent on this stream, or datagram
+        payload bytes on a udp stream (metrics, records).
+    @ivar bytes_received: the same, received.
+    @ivar last_active: when it last carried a byte or a datagram.
     """
 
     disconnecting = False
     protocol = None
-    bytes_sent = bytes_received = 0  # plain ints: one add per DATA frame
+    bytes_sent = bytes_received = 0  # plain ints: one add per DATA or DATAGRAM frame
 
     def __init__(self, mux, stream_id, kind, host, port, send_window=0):
         self._mux = mux
@@ -208,6 +210,9 @@ class Stream:
             self._mux.datagrams_dropped += 1
             return False
         self._mux._send(frames.Datagram(self.stream_id, host, port, payload))
+        self.last_active = _now()
+        self.bytes_sent += len(payload)
+        self._mux.bytes_sent += len(payload)
         return True
 
     # -- IConsumer ------------------------------------------------------
@@ -319,6 +324,9 @@ class Stream:
         if self.protocol is None or self._closed or self._close_requested:
             self._mux.datagrams_dropped += 1
             return
+        self.last_active = _now()
+        self.bytes_received += len(payload)
+        self._mux.bytes_received += len(payload)
         self.protocol.datagram_received(host, port, payload)
 
     def _credit_received(self, increment):
