@@ -331,6 +331,22 @@ class PortForwardingTests(SynchronousTestCase):
         self.assertEqual(manager.forwards(), {(9001, "tcp"): "three"})
         self.assertEqual(reactor.open_ports(), [(9001, "tcp")])
 
+    def test_waiter_told_of_final_refusal(self):
+        """A waiter whose port cannot be bound at hand-over hears so, and waits no more."""
+        reactor, manager = forwarding()
+        holder, standby = tunnel("one"), tunnel("two")
+        manager.tunnel_connected(holder, [wanted(9001)])
+        manager.tunnel_connected(standby, [wanted(9001)])
+        reactor.busy.add(9001)  # another program took the port meanwhile
+        manager.tunnel_disconnected(holder)
+        [hello] = standby.mux.hellos
+        [entry] = hello["open_ports"]
+        self.assertFalse(entry["ok"])
+        self.assertIn("cannot listen on port 9001/tcp", entry["error"])
+        reactor.busy.clear()
+        manager.tunnel_disconnected(tunnel("three"))
+        self.assertEqual(manager.forwards(), {})
+
     def test_gone_waiter_skipped(self):
         """A waiting tunnel that disconnected is not handed the port."""
         _, manager = forwarding()

@@ -446,7 +446,10 @@ class PortForwarding:
             return
         for tunnel, item in waiting:
             result = self._open(tunnel, item)  # another client's is refused, and waits again
-            if result["ok"]:
+            still_waiting = any(waiter is tunnel for waiter, _ in self._waiting.get(key, ()))
+            if not still_waiting:
+                # Granted, or refused for good (the port no longer binds or is
+                # allowed): either way the client hears how its wait ended.
                 tunnel.mux.send_hello({"version": PROTOCOL_VERSION, "open_ports": [result]})
 
     def stop(self):
