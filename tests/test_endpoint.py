@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from anyproxy.endpoints import OneProtocolFactory, connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.gateway.endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
 from anyproxy.gateway.registry import Tunnel, TunnelRegistry
@@ -361,3 +362,33 @@ class FailureTests(SynchronousTestCase):
         pair.gateway.connection_lost()
         self.assertEqual(self.failureResultOf(d, StreamOpenError).value.reason, Reason.NO_TUNNEL)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class ConnectProtocolTests(SynchronousTestCase):
+    """L{connect_protocol} connects one given protocol instance, as connectProtocol does."""
+
+    def test_through_tunnel_endpoint(self):
+        """The stream is connected to that very protocol, and the Deferred fires with it."""
+        _, pair, _, endpoint = setup()
+        protocol = Protocol()
+        d = connect_protocol(endpoint, protocol)
+        pair.pump()
+        pair.requests[0].accept(Protocol())
+        pair.pump()
+        self.assertIs(self.successResultOf(d), protocol)
+        self.assertIsInstance(protocol.transport, Stream)
+
+    def test_one_class(self):
+        """Every call uses the same factory class (none is defined per call)."""
+        factories = []
+
+        class Recording:
+            def connect(self, factory):
+                factories.append(factory)
+                return defer.succeed(factory.buildProtocol(None))
+
+        first, second = Protocol(), Protocol()
+        self.assertIs(self.successResultOf(connect_protocol(Recording(), first)), first)
+        self.assertIs(self.successResultOf(connect_protocol(Recording(), second)), second)
+        self.assertIs(type(factories[0]), type(factories[1]))
+        self.assertIs(type(factories[0]), OneProtocolFactory)

@@ -11,12 +11,13 @@ import functools
 import ipaddress
 
 from twisted.internet import defer, error, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IResolutionReceiver
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.client.udp import UdpAssociation, UdpStats, serves_udp
+from anyproxy.endpoints import connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.limits import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT, Limiter
 from anyproxy.records import record_of
@@ -253,7 +254,7 @@ class Dialer:
             endpoint_class = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
             endpoint = endpoint_class(self._reactor, address, port, timeout=self.connect_timeout)
             try:
-                target = yield connectProtocol(endpoint, SpliceEnd())
+                target = yield connect_protocol(endpoint, SpliceEnd())
             except defer.CancelledError:
                 raise
             except error.ConnectingCancelledError:

@@ -26,13 +26,13 @@ head in time, including idle keep-alive connections.
 """
 
 from twisted.internet.defer import maybeDeferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.auth import ANONYMOUS
+from anyproxy.endpoints import connect_protocol
 from anyproxy.frontends import http11
 from anyproxy.tuning import set_no_delay, tune_for_bulk
 from anyproxy.frontends.http_forward import (
@@ -152,7 +152,7 @@ class HttpProxyProtocol(Protocol):
         @return: a L{Deferred} firing with C{protocol}, or failing (typically
             with L{anyproxy.errors.StreamOpenError}).
         """
-        return maybeDeferred(lambda: connectProtocol(self.endpoint_to(host, port), protocol))
+        return maybeDeferred(lambda: connect_protocol(self.endpoint_to(host, port), protocol))
 
     def endpoint_to(self, host, port):
         """The endpoint reaching C{host:port} for this connection's user."""

@@ -28,11 +28,12 @@ bytes ourselves, up to L{HIGH_WATER}, after which reading from the user pauses.
 """
 
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from anyproxy.endpoints import OneProtocolFactory
 from anyproxy.errors import StreamOpenError, http_status
 from anyproxy.frontends import http11
 from anyproxy.interfaces import IAdmittingEndpoint
@@ -152,16 +153,6 @@ class UpstreamConnection(Protocol):
         self.transport.loseConnection()
 
 
-class _Only(Factory):
-    """A factory building one given protocol (what C{connectProtocol} does)."""
-
-    def __init__(self, protocol):
-        self._protocol = protocol
-
-    def buildProtocol(self, addr):
-        return self._protocol
-
-
 class ForwardExchange:
     """
     One user request relayed over one upstream connection.
@@ -247,9 +238,9 @@ class ForwardExchange:
         upstream = UpstreamConnection(self._pool)
         if self._release is not None:
             # We hold the slot ourselves, so the stream may outlive this exchange.
-            opening = self._endpoint.connect_admitted(_Only(upstream))
+            opening = self._endpoint.connect_admitted(OneProtocolFactory(upstream))
         else:
-            opening = self._endpoint.connect(_Only(upstream))
+            opening = self._endpoint.connect(OneProtocolFactory(upstream))
         self._opening = opening
         opening.addCallbacks(self._opened, self._open_failed)
 

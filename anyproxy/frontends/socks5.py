@@ -34,12 +34,12 @@ target, never a password.
 import ipaddress
 
 from twisted.internet.defer import fail
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from anyproxy.auth import ANONYMOUS
+from anyproxy.endpoints import connect_protocol
 from anyproxy.errors import StreamOpenError, socks_reply_code
 from anyproxy.frontends.socks5_parser import (
     CMD_CONNECT,
@@ -250,7 +250,7 @@ class Socks5Protocol(SpliceEnd):
             return
         try:
             endpoint = self.factory.endpoint_for(self._user, request.host, request.port)
-            opening = connectProtocol(endpoint, SpliceEnd())
+            opening = connect_protocol(endpoint, SpliceEnd())
         except Exception:
             opening = fail()
         self._opening = opening
@@ -273,7 +273,7 @@ class Socks5Protocol(SpliceEnd):
             return
         try:
             endpoint = self.factory.endpoint_for(self._user, "0.0.0.0", 0, kind="udp")
-            opening = connectProtocol(endpoint, association)
+            opening = connect_protocol(endpoint, association)
         except Exception:
             opening = fail()
         self._opening = opening

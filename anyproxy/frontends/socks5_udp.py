@@ -287,7 +287,7 @@ class UdpAssociation(Protocol):
     One UDP ASSOCIATE: the protocol of its udp tunnel stream, owner of the
     relay port.
 
-    Connect it to a udp stream (C{connectProtocol(endpoint, association)}),
+    Connect it to a udp stream (C{connect_protocol(endpoint, association)}),
     then call L{listen}.  L{end} finishes everything; it is called by the
     control connection when it closes, and by this object when the stream is
     lost or on error.

@@ -45,13 +45,13 @@ its own udp stream (association), ended after an idle timeout.
 
 import attr
 from twisted.internet import defer, error
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.addresses import split_endpoint
+from anyproxy.endpoints import connect_protocol
 from anyproxy.gateway.endpoint import DEFAULT_OPEN_TIMEOUT, attach_protocol, bound_open
 from anyproxy.gateway.forwarding_udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
 from anyproxy.splice import SpliceEnd
@@ -219,7 +219,7 @@ class ForwardedConnection(SpliceEnd):
             route.request.target)
         # Read nothing until the stream exists (Twisted's portforward pattern).
         self.transport.pauseProducing()
-        opening = connectProtocol(route.endpoint(forward.clock, forward.open_timeout), SpliceEnd())
+        opening = connect_protocol(route.endpoint(forward.clock, forward.open_timeout), SpliceEnd())
         self._opening = opening
         opening.addCallbacks(self._opened, self._failed)
 

@@ -23,9 +23,10 @@ wait; beyond that datagrams are dropped and counted, as UDP may.
 """
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
+
+from anyproxy.endpoints import connect_protocol
 
 log = Logger()
 
@@ -113,7 +114,7 @@ class UdpSession(Protocol):
 
     def open(self):
         forward = self.forwarder.forward
-        opening = connectProtocol(self.route.endpoint(forward.clock, forward.open_timeout), self)
+        opening = connect_protocol(self.route.endpoint(forward.clock, forward.open_timeout), self)
         self._opening = opening
         if self.forwarder.idle_timeout:
             self._idle_call = self._clock.callLater(self.forwarder.idle_timeout, self._idle_check)
