@@ -20,7 +20,8 @@ Measurements (see benchmarks/README.md for how to read them):
           aes128-gcm), pproxy and microsocks, in interleaved rounds.
 2. http   hey, one new connection per request, 20 concurrent, through the HTTP
           proxy of AnyProxy and of pproxy: requests/s and share of 200s; also
-          AnyProxy with its upstream pool off (upstream_keepalive: 0).
+          AnyProxy with its upstream pool off (upstream_keepalive: 0); and
+          CONNECT tunnels per second, a new one each (as browsers open for https).
 3. idle   10,000 concurrent idle SOCKS5 streams through one tunnel: RSS of
           gateway + client before/after, KiB per stream, all streams checked.
 4. slow   a user stops reading a large download: RSS growth of gateway and
@@ -736,9 +737,47 @@ def hey(proxy_port, url, requests, concurrency):
             "errors": [(int(n), text[:120]) for n, text in errors]}
 
 
+async def _connect_once(proxy_port, echo_port):
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy_port)
+    try:
+        writer.write(b"CONNECT %s:%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n"
+                     % (LOOPBACK.encode(), echo_port, LOOPBACK.encode(), echo_port))
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.split(b" ", 2)[1:2] != [b"200"]:
+            return False
+        writer.write(b"ping")
+        return await reader.readexactly(4) == b"ping"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def connect_rate(proxy_port, echo_port, count, concurrency):
+    """
+    CONNECT tunnels per second through an HTTP proxy, a new one each time (as
+    browsers open for https): CONNECT, the 200, one echoed round trip, close.
+    """
+    async def run():
+        left, failed = [count], [0]
+
+        async def worker():
+            while left[0] > 0:
+                left[0] -= 1
+                try:
+                    ok = await asyncio.wait_for(_connect_once(proxy_port, echo_port), 10)
+                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                    ok = False
+                failed[0] += not ok
+        started = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        return {"rate": count / (time.perf_counter() - started), "failed": failed[0]}
+    return asyncio.run(run())
+
+
 def measure_http(setup, args):
     url = "http://%s:%d/" % (LOOPBACK, setup.ports["http_target"])
     runs = {name: [] for name in ("AnyProxy", "pproxy", NO_REUSE)}
+    connect = {name: [] for name in ("AnyProxy", "pproxy")}
     for r in range(args.rounds):
         log("http round %d/%d (%d requests, %d concurrent, no keep-alive)", r + 1, args.rounds,
             args.requests, args.concurrency)
@@ -747,7 +786,12 @@ def measure_http(setup, args):
             log("  %-10s %8.0f req/s  %.2f%% 200%s", name, result["rps"], 100 * result["ok"],
                 "  errors: %s" % result["errors"][:3] if result["errors"] else "")
             runs[name].append(result)
-    return {"runs": runs}
+        for name in connect:
+            result = connect_rate(setup.http[name], setup.ports["echo"], args.requests // 2,
+                                  args.concurrency)
+            log("  %-10s %8.0f CONNECT/s  %d failed", name, result["rate"], result["failed"])
+            connect[name].append(result)
+    return {"runs": runs, "connect": connect}
 
 
 # ---------------------------------------------------------------------------
@@ -1152,6 +1196,16 @@ def build_rows(results, window):
                          "%s, for comparison (lowest share of 200s: %.2f%%); ratio: / pproxy"
                          % (NO_REUSE, 100 * ok), num(value), num(ratio(value, theirs), "{:.2f}"),
                          "", ""))
+        connect = http.get("connect")
+        if connect:
+            ours = median([x["rate"] for x in connect["AnyProxy"]])
+            for name in ("AnyProxy", "pproxy"):
+                value = median([x["rate"] for x in connect[name]])
+                failed = sum(x["failed"] for x in connect[name])
+                rows.append(("2 CONNECT, a new tunnel each (as for https), per s",
+                             "%s (failed: %d)" % (name, failed), num(value),
+                             "" if name == "AnyProxy" else num(ratio(ours, value), "{:.2f}"),
+                             "", ""))
     idle = results.get("idle")
     if idle:
         grow = idle["after_use"]["total"] - idle["before"]["total"]
@@ -1325,6 +1379,9 @@ def write_report(results, args, window, started, out_dir, chart_path):
             errors = [e for x in runs for e in x["errors"]]
             if errors:
                 md.append("  - errors: %s" % "; ".join("%d× %s" % e for e in errors[:5]))
+        for name, runs in (http.get("connect") or {}).items():
+            md.append("- CONNECT via %s, per s: %s" % (
+                name, ", ".join("%.0f (%d failed)" % (x["rate"], x["failed"]) for x in runs)))
         md.append("")
     idle = results.get("idle")
     if idle:
