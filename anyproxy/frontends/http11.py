@@ -57,6 +57,7 @@ from anyproxy.frontends.http11_parse import (
     header_tokens,
     keeps_alive,
 )
+from anyproxy.sentinels import sentinel
 
 __all__ = [
     "NEED_DATA", "PAUSED",
@@ -67,26 +68,18 @@ __all__ = [
 ]
 
 
-class _Sentinel:
-    def __init__(self, name):
-        self._name = name
-
-    def __repr__(self):
-        return self._name
-
-
 # What next_event returns when it has no event to give.
-NEED_DATA = _Sentinel("NEED_DATA")  # feed more bytes
-PAUSED = _Sentinel("PAUSED")  # the next request waits for start_next_cycle
+NEED_DATA = sentinel("NEED_DATA")  # feed more bytes
+PAUSED = sentinel("PAUSED")  # the next request waits for start_next_cycle
 
 # Connection states, per side.
-IDLE = _Sentinel("IDLE")
-SEND_RESPONSE = _Sentinel("SEND_RESPONSE")
-SEND_BODY = _Sentinel("SEND_BODY")
-DONE = _Sentinel("DONE")
-MUST_CLOSE = _Sentinel("MUST_CLOSE")
-CLOSED = _Sentinel("CLOSED")
-ERROR = _Sentinel("ERROR")
+IDLE = sentinel("IDLE")
+SEND_RESPONSE = sentinel("SEND_RESPONSE")
+SEND_BODY = sentinel("SEND_BODY")
+DONE = sentinel("DONE")
+MUST_CLOSE = sentinel("MUST_CLOSE")
+CLOSED = sentinel("CLOSED")
+ERROR = sentinel("ERROR")
 
 
 def _write_head(first_line, headers, extra):
@@ -153,18 +146,21 @@ class _Connection:
         self._writer = None
         self._eof = False
 
-    def _send_data(self, data):
-        if self.our_state is not SEND_BODY:
-            raise LocalProtocolError("no message body is being sent")
-        return self._writer.data(data)
-
-    def _send_end(self, keep_alive):
-        if self.our_state is not SEND_BODY:
-            raise LocalProtocolError("no message body is being sent")
-        data = self._writer.end()
-        self._writer = None
-        self.our_state = DONE if keep_alive else MUST_CLOSE
-        return data
+    def send(self, event):
+        """The bytes that send C{event} to the peer."""
+        event_type = type(event)
+        if event_type is Data:
+            if self.our_state is not SEND_BODY:
+                raise LocalProtocolError("no message body is being sent")
+            return self._writer.data(event.data)
+        if event_type is EndOfMessage:
+            if self.our_state is not SEND_BODY:
+                raise LocalProtocolError("no message body is being sent")
+            data = self._writer.end()
+            self._writer = None
+            self.our_state = DONE if self._keep_alive else MUST_CLOSE
+            return data
+        return self._send_head(event)
 
     def _take_error(self, error):
         self.their_state = ERROR
@@ -297,13 +293,8 @@ class ServerConnection(_Connection):
 
     # -- sending --------------------------------------------------------------
 
-    def send(self, event):
-        """The bytes that send C{event} to the user."""
+    def _send_head(self, event):
         event_type = type(event)
-        if event_type is Data:
-            return self._send_data(event.data)
-        if event_type is EndOfMessage:
-            return self._send_end(self._keep_alive)
         if event_type is Response:
             return self._send_response(event)
         if event_type is InformationalResponse:
@@ -397,14 +388,8 @@ class ClientConnection(_Connection):
 
     # -- sending --------------------------------------------------------------
 
-    def send(self, event):
-        """The bytes that send C{event} to the origin."""
-        event_type = type(event)
-        if event_type is Data:
-            return self._send_data(event.data)
-        if event_type is EndOfMessage:
-            return self._send_end(self._keep_alive)
-        if event_type is Request:
+    def _send_head(self, event):
+        if type(event) is Request:
             return self._send_request(event)
         raise LocalProtocolError("cannot send %r" % (event,))
 

@@ -48,6 +48,8 @@ import struct
 
 import attr
 
+from anyproxy.sentinels import sentinel
+
 SOCKS_VERSION = 0x05
 AUTH_VERSION = 0x01  # RFC 1929 sub-negotiation version
 
@@ -83,28 +85,18 @@ MAX_DOMAIN_LENGTH = 255
 MAX_HANDSHAKE_BUFFER = 16 * 1024
 
 
-class _SentinelBase(type):
-    def __repr__(cls):
-        return cls.__name__
+NEED_DATA = sentinel("NEED_DATA")
+PAUSED = sentinel("PAUSED")
 
-
-def _sentinel(name):
-    """A unique marker class whose repr is its name (as h11's sentinels)."""
-    return _SentinelBase(name, (), {})
-
-
-NEED_DATA = _sentinel("NEED_DATA")
-PAUSED = _sentinel("PAUSED")
-
-AWAIT_GREETING = _sentinel("AWAIT_GREETING")
-SEND_METHOD = _sentinel("SEND_METHOD")
-AWAIT_AUTH = _sentinel("AWAIT_AUTH")
-SEND_AUTH_REPLY = _sentinel("SEND_AUTH_REPLY")
-AWAIT_REQUEST = _sentinel("AWAIT_REQUEST")
-SEND_REPLY = _sentinel("SEND_REPLY")
-DONE = _sentinel("DONE")
-CLOSED = _sentinel("CLOSED")
-ERROR = _sentinel("ERROR")
+AWAIT_GREETING = sentinel("AWAIT_GREETING")
+SEND_METHOD = sentinel("SEND_METHOD")
+AWAIT_AUTH = sentinel("AWAIT_AUTH")
+SEND_AUTH_REPLY = sentinel("SEND_AUTH_REPLY")
+AWAIT_REQUEST = sentinel("AWAIT_REQUEST")
+SEND_REPLY = sentinel("SEND_REPLY")
+DONE = sentinel("DONE")
+CLOSED = sentinel("CLOSED")
+ERROR = sentinel("ERROR")
 
 # (state, move) -> next state.  Moves are the events we parse and the
 # answers we send.
