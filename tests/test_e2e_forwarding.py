@@ -253,13 +253,19 @@ class RefusalTests(_Base):
         self.assertTrue(self.logged("warn", "refused"), "no warning logged")
 
     @defer.inlineCallbacks
-    def test_second_client_refused(self):
-        """Two clients ask for one port: the second is refused, naming the first."""
+    def two_clients_one_port(self):
+        """Clients "one" (an AnswerAfterEOF target) and "two" (an Echo) ask for one port."""
         one = listen_tcp(self, protocol.Factory.forProtocol(AnswerAfterEOF)).getHost().port
         two = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
         remote = self.ports[3]
-        _, first = yield self.start_client([open_port(remote, one)], client_id="one")
-        _, second = yield self.start_client([open_port(remote, two)], client_id="two")
+        first = yield self.start_client([open_port(remote, one)], client_id="one")
+        second = yield self.start_client([open_port(remote, two)], client_id="two")
+        return remote, first, second
+
+    @defer.inlineCallbacks
+    def test_second_client_refused(self):
+        """Two clients ask for one port: the second is refused, naming the first."""
+        remote, (_, first), (_, second) = yield self.two_clients_one_port()
         self.assertTrue(first.open_ports_answer[0]["ok"])
         self.assertEqual(second.open_ports_answer, [{
             "remote_port": remote, "protocol": "tcp", "ok": False,
@@ -271,11 +277,7 @@ class RefusalTests(_Base):
     @defer.inlineCallbacks
     def test_standby_takes_over(self):
         """When the holder goes, the refused client gets the port without reconnecting."""
-        one = listen_tcp(self, protocol.Factory.forProtocol(AnswerAfterEOF)).getHost().port
-        two = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
-        remote = self.ports[3]
-        first_client, _ = yield self.start_client([open_port(remote, one)], client_id="one")
-        _, second = yield self.start_client([open_port(remote, two)], client_id="two")
+        remote, (first_client, _), (_, second) = yield self.two_clients_one_port()
         self.assertFalse(second.open_ports_answer[0]["ok"])
         established = second.established
         yield first_client.stopService()
