@@ -76,6 +76,12 @@ class RequestTests(SynchronousTestCase):
         self.assertIs(need, NEED_DATA)
         self.assertEqual((self.server.their_state, self.server.our_state), (DONE, http11.SEND_RESPONSE))
 
+    def test_value_whitespace(self):
+        """Whitespace around a header value is not part of it."""
+        self.server.receive_data(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX:  \t a b \t \r\nY:\r\n\r\n")
+        request = self.server.next_event()
+        self.assertEqual(list(request.headers), [(b"host", b"a"), (b"x", b"a b"), (b"y", b"")])
+
     def test_bodies(self):
         """Content-Length and chunked bodies arrive as Data, chunk framing and trailers removed."""
         self.server.receive_data(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab")

@@ -219,7 +219,9 @@ class _Reader:
         self._size += len(name) + len(value) + 4
         self._raw_names.append(name)
         self._names.append(name.lower())
-        self._values.append(value)
+        # llhttp drops the whitespace before a value but keeps what trails
+        # it; neither is part of the value (RFC 9110 5.5).
+        self._values.append(value.rstrip(b" \t"))
 
     def on_headers_complete(self):
         self._in_head = False
