@@ -123,8 +123,6 @@ class _BodyWriter:
 class _NoBody:
     """Responses to HEAD, 204 and 304: any body offered is dropped (RFC 9110 9.3.2)."""
 
-    chunked = False
-
     def data(self, data):
         return b""
 
@@ -144,7 +142,9 @@ class _Connection:
         self.our_state = IDLE
         self.their_state = IDLE
         self._writer = None
+        self._keep_alive = True  # this exchange may be followed by another
         self._eof = False
+        self._error = None
 
     def send(self, event):
         """The bytes that send C{event} to the peer."""
@@ -184,10 +184,8 @@ class ServerConnection(_Connection):
         _Connection.__init__(self)
         self._reader = RequestReader(max_head_size)
         self._method = None
-        self._keep_alive = True
         self._upgraded = False  # after CONNECT: bytes wait unparsed
         self._backlog = []
-        self._error = None
 
     # -- receiving ------------------------------------------------------------
 
@@ -343,10 +341,6 @@ class ServerConnection(_Connection):
         self._writer = writer
         return _write_head(b"HTTP/1.1 %d %s\r\n" % (status, response.reason), pairs, extra)
 
-    def send_failed(self):
-        """Nothing more can be sent (we will close)."""
-        self.our_state = ERROR
-
     def start_next_cycle(self):
         """Both sides are DONE: the connection waits for the next request."""
         if self.our_state is not DONE or self.their_state is not DONE:
@@ -373,12 +367,9 @@ class ClientConnection(_Connection):
     def __init__(self, max_head_size=64 * 1024):
         _Connection.__init__(self)
         self.their_state = SEND_RESPONSE
-        self._max_head_size = max_head_size
         self._reader = ResponseReader(max_head_size)
-        self._keep_alive = True
         self._their_keep_alive = True
         self._until_close = False  # the response body ends with the connection
-        self._error = None
 
     @property
     def reusable(self):

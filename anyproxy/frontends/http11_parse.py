@@ -292,16 +292,15 @@ class RequestReader(_Reader):
 
 class ResponseReader(_Reader):
     _parser_class = httptools.HttpResponseParser
+    method = None  # of the request being answered
+    final = False  # the final response head arrived
+    trailing = False  # bytes came after the response ended
 
     def _new_parser(self):
         _Reader._new_parser(self)
         # Bare LF line ends are common in small embedded servers; we write
         # every head anew, so reading them costs no framing ambiguity.
         self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
-
-    method = None  # of the request being answered
-    final = False  # the final response head arrived
-    trailing = False  # bytes came after the response ended
 
     def on_message_begin(self):
         if self.final:
