@@ -16,8 +16,9 @@ an error with status 431.  A read in which one message ended and the next
 began is not counted, so the slack is one read.
 
 Where llhttp is stricter than h11 was (RFC 9112 allows each): methods it does
-not know are refused (501), and so are obs-fold line continuations and
-repeated C{Content-Length} headers.  Responses may end lines with a bare LF.
+not know are refused (501), and so are obs-fold line continuations, repeated
+C{Content-Length} headers, control characters in values and versions other
+than 1.0 and 1.1.  Responses may end lines with a bare LF.
 llhttp cannot be told that a response to HEAD has no body, so the response
 reader stops after that head (what follows is unknown to it).
 """
