@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.frontends import http11
+from anyproxy.frontends import http11, http11_parse
 from anyproxy.frontends.http11 import (
     DONE,
     IDLE,
@@ -212,6 +212,20 @@ class RequestTests(SynchronousTestCase):
         self.server.send(EndOfMessage())
         self.server.start_next_cycle()
         self.assertRaises(RemoteProtocolError, self.server.next_event)
+
+    def test_pipelining_is_bounded(self):
+        """Requests parsed ahead are capped; the one past the cap is an error after the others."""
+        self.server.receive_data(GET * (http11_parse.MAX_PIPELINED + 5))
+        served = 0
+        with self.assertRaises(RemoteProtocolError):
+            while True:
+                events = drain(self.server)
+                self.assertIs(type(events[0]), Request)
+                served += 1
+                self.server.send(Response(204, b"No Content", []))
+                self.server.send(EndOfMessage())
+                self.server.start_next_cycle()
+        self.assertEqual(served, http11_parse.MAX_PIPELINED)
 
     def test_unknown_method(self):
         """A well-formed method llhttp does not know is 501; garbage stays 400."""

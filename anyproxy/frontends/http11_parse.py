@@ -13,7 +13,8 @@ coding, no body with an Upgrade, and limits on heads and trailers.
 
 Limits: a head (or trailers) that stays incomplete past C{max_head_size} is
 an error with status 431.  A read in which one message ended and the next
-began is not counted, so the slack is one read.
+began is not counted, so the slack is one read.  At most L{MAX_PIPELINED}
+requests wait parsed; one more is an error (400).
 
 Where llhttp is stricter than h11 was (RFC 9112 allows each): methods it does
 not know are refused (501), and so are obs-fold line continuations, repeated
@@ -143,6 +144,11 @@ def keeps_alive(http_version, headers):
     return http_version == b"1.1" and b"close" not in header_tokens(headers, b"connection")
 
 
+# Requests parsed ahead of the one being answered, at most.  llhttp parses a
+# whole read at once, and a read of tiny pipelined requests would otherwise
+# become thousands of queued events: past this the connection is refused.
+MAX_PIPELINED = 32
+
 # A method token (RFC 9110 5.6.2) and the space after it, at a message's start.
 _METHOD = re.compile(rb"(?:\r\n)*[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
 
@@ -271,6 +277,9 @@ class RequestReader(_Reader):
             # llhttp would take the body for the upgraded protocol's bytes
             # and we would parse it as requests: refuse rather than guess.
             self.events.append(RemoteProtocolError("a body with Upgrade is not supported"))
+            raise _Stop()
+        if sum(type(event) is Request for event in self.events) >= MAX_PIPELINED:
+            self.events.append(RemoteProtocolError("too many pipelined requests"))
             raise _Stop()
         self._keep_alive = keeps_alive(version, headers)
         self.events.append(Request(method, self._first, headers, version))
