@@ -2,7 +2,7 @@
 """
 Reading a YAML config strictly: duplicate keys and unknown keys refused, each
 value type-checked, and every error one line naming the file and key path.
-L{anyproxy.config} builds its classes on top of these readers.
+L{anyproxy.config_parse} builds the L{anyproxy.config} classes with these readers.
 """
 
 import difflib

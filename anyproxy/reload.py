@@ -32,7 +32,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from anyproxy.config import (
-    ClientConfig, Config, GatewayConfig, ListenerConfig, LogConfig, ProxyConfig, load_config)
+    ClientConfig, Config, GatewayConfig, ListenerConfig, LogConfig, ProxyConfig)
+from anyproxy.config_parse import load_config
 from anyproxy.errors import ConfigError
 from anyproxy.logs import set_log_level
 

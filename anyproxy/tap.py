@@ -7,7 +7,7 @@ validated in C{postOptions} so a bad file stops twistd with one line.
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from anyproxy.config import load_config
+from anyproxy.config_parse import load_config
 from anyproxy.errors import ConfigError
 from anyproxy.tuning import tune_malloc
 from anyproxy.logs import LoggingRoot, apply_library_levels, make_observer

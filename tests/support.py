@@ -19,7 +19,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from anyproxy.client.service import make_client_service
-from anyproxy.config import load_config
+from anyproxy.config_parse import load_config
 from anyproxy.gateway.service import make_gateway_service
 
 PROXY_USER = "alice"

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_config -*-
 """
-Tests for L{anyproxy.config}.
+Tests for L{anyproxy.config} and L{anyproxy.config_parse}.
 """
 
 import os
@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anyproxy.client.acl import AccessPolicy
 from anyproxy.addresses import dial_address, listen_endpoint, port_range
-from anyproxy.config import load_config
+from anyproxy.config_parse import load_config
 from anyproxy.errors import ConfigError, Reason
 
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")

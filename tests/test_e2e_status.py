@@ -18,7 +18,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from anyproxy.config import load_config
+from anyproxy.config_parse import load_config
 from anyproxy.gateway.service import make_gateway_service
 from tests.support import Deployment, Echo, SecretWatch, listen_tcp, run_curl
 from tests.test_e2e_tcp import socks_connect

@@ -20,7 +20,8 @@ from twisted.trial import unittest
 
 from anyproxy.auth import UserDatabase
 from anyproxy.client.service import make_client_service
-from anyproxy.config import LogConfig, load_config
+from anyproxy.config import LogConfig
+from anyproxy.config_parse import load_config
 from anyproxy.errors import ConfigError
 from anyproxy.gateway.reconfigure import ReloadableServerTLS
 from anyproxy.gateway.service import make_gateway_service

@@ -1,0 +1,335 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Reading the YAML file into the L{anyproxy.config} classes, and checking it.
+
+L{load_config} reads the original single-file format (C{proxy}, C{gateway},
+C{client}, C{log}; any may be absent) plus the additive keys of DESIGN.md
+section 4.1.  Each section has its reader here.  Every problem is an
+L{anyproxy.errors.ConfigError} with one line, C{<file>: <key.path[0].sub>: <problem>}, and
+never shows a password.  Unknown keys are refused, so a typo fails at start
+instead of silently falling back to a default.
+"""
+
+import os
+import socket
+import types
+
+import attr
+
+from anyproxy.addresses import dial_address, port_range
+from anyproxy.auth import DEFAULT_GROUP
+from anyproxy.client.acl import AccessPolicy, HostRule, LimitRule
+from anyproxy.config import (
+    BALANCE_POLICIES, CLIENT, GATEWAY, LOG_FORMATS, LOG_LEVELS, MAX_GROUP_PASSWORD, MAX_WEIGHT,
+    ClientConfig, Config, FrontendConfig, GatewayConfig, ListenerConfig, LogConfig,
+    OpenPortConfig, ProxyConfig, UserConfig)
+from anyproxy.config_reader import Node, Reader, read_yaml, type_name
+from anyproxy.frontends.registry import (
+    UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
+from anyproxy.interfaces import OptionError
+
+_LISTENER_KEYS = ("listen_addr", "auth_username", "auth_password", "allow_anonymous",
+                  "max_conns")
+
+
+def _listener(node):
+    raw, endpoint, local = node.listen("listen_addr")
+    username, password = node.credentials("auth_username", "auth_password")
+    allow_anonymous = node.boolean("allow_anonymous", False)
+    max_conns = node.integer("max_conns", 0)
+    if endpoint is None:
+        return None
+    return ListenerConfig(endpoint, username, password, allow_anonymous, raw, local,
+                          max_conns=max_conns)
+
+
+def _builtin_listener(node, kind):
+    """C{proxy.socks5} / C{proxy.http}: a listener plus its plugin's C{options}."""
+    entry = node.child(kind, _LISTENER_KEYS + ("options",))
+    listener = _listener(entry)
+    if listener is None:
+        return None
+    return attr.evolve(listener, options=_options(entry, find_frontend(kind)))
+
+
+def _options(entry, plugin):
+    """An entry's C{options} mapping, checked by its frontend plugin."""
+    options = entry.get("options", (dict,), {}, "a mapping")
+    options = types.MappingProxyType(dict(options))
+    try:
+        check_frontend_options(plugin, options)
+    except OptionError as e:
+        entry.reader.fail("%s.%s" % (entry.key("options"), e.key), e.problem)
+    except ValueError as e:
+        entry.fail("options", e)
+    return options
+
+
+def _proxy(node):
+    return ProxyConfig(socks5=_builtin_listener(node, "socks5"),
+                       http=_builtin_listener(node, "http"),
+                       frontends=_frontends(node))
+
+
+_FRONTEND_KEYS = ("type",) + _LISTENER_KEYS + ("options",)
+
+
+def _frontends(node):
+    """C{proxy.frontends}: listeners served by frontend plugins, checked by them."""
+    frontends = []
+    for index, (path, item) in enumerate(node.items("frontends")):
+        entry = Node.of(node.reader, path, item, _FRONTEND_KEYS)
+        kind = entry.string("type")
+        if not kind:
+            entry.fail("type", "required (available: %s)" % (", ".join(sorted(available_frontends())),))
+        try:
+            plugin = find_frontend(kind)
+        except UnknownFrontend as e:
+            entry.fail("type", e)
+        listener = _listener(entry)
+        if listener is None:
+            entry.fail("listen_addr", "required, e.g. '127.0.0.1:2222'")
+        authenticates = bool(getattr(plugin, "authenticates", False))
+        if listener.auth_username and not authenticates:
+            entry.fail("auth_username", "the %s frontend does not check credentials; remove "
+                                        "auth_username/auth_password" % (kind,))
+        options = _options(entry, plugin)
+        frontends.append(FrontendConfig(
+            type=kind, listener=listener, name="%s frontend #%d" % (kind, index + 1),
+            path=path, options=options, authenticates=authenticates))
+    return tuple(frontends)
+
+
+_GATEWAY_KEYS = (
+    "listen_addr", "tls_cert", "tls_key", "auth_username", "auth_password", "client_ca",
+    "users", "balance", "ping_interval", "no_tunnel_wait", "handshake_timeout",
+    "open_ports_allowed", "max_conns_per_user", "metrics_addr", "status_addr",
+    "status_username", "status_password", "queue_size", "queue_timeout")
+
+
+def _users(node):
+    users, seen = [], set()
+    for path, item in node.items("users"):
+        entry = Node.of(node.reader, path, item, ("username", "password", "group"))
+        username = entry.string("username")
+        if not username:
+            entry.fail("username", "required")
+        if username in seen:
+            entry.fail("username", "duplicate user %r" % (username,))
+        if not entry.string("password"):
+            entry.fail("password", "required")
+        seen.add(username)
+        users.append(UserConfig(username, entry.string("password"),
+                                entry.string("group", DEFAULT_GROUP) or DEFAULT_GROUP))
+    return tuple(users)
+
+
+def _gateway(node):
+    raw, endpoint, _ = node.listen("listen_addr")
+    if endpoint is None:
+        node.fail("listen_addr", "required, e.g. ':8443'")
+    if endpoint.startswith("ssl:"):
+        node.fail("listen_addr", "the gateway adds TLS itself from tls_cert/tls_key; "
+                                 "use host:port or a tcp: endpoint")
+    username, password = node.credentials("auth_username", "auth_password")
+    client_ca = node.file("client_ca")
+    if not username and client_ca is None:
+        node.fail("auth_username", "required (or client_ca): otherwise anyone could "
+                                   "register as a client and receive user traffic")
+    ranges = []
+    for path, item in node.items("open_ports_allowed"):
+        try:
+            ranges.append(port_range(item))
+        except ValueError as e:
+            node.reader.fail(path, e)
+    metrics_addr, metrics_endpoint, _ = node.listen("metrics_addr")
+    status_addr, status_endpoint, _ = node.listen("status_addr")
+    status_username, status_password = node.credentials("status_username", "status_password")
+    if status_endpoint and not status_username:
+        node.fail("status_username", "required when status_addr is set")
+    return GatewayConfig(
+        endpoint=endpoint, listen_addr=raw,
+        tls_cert=node.file("tls_cert", required=True),
+        tls_key=node.file("tls_key", required=True),
+        auth_username=username, auth_password=password, client_ca=client_ca,
+        users=_users(node), balance=node.choice("balance", "least_streams", BALANCE_POLICIES),
+        ping_interval=node.number("ping_interval", 10.0, positive=True),
+        no_tunnel_wait=node.number("no_tunnel_wait", 3.0),
+        handshake_timeout=node.number("handshake_timeout", 10.0, positive=True),
+        open_ports_allowed=tuple(ranges),
+        max_conns_per_user=node.integer("max_conns_per_user", 0),
+        queue_size=node.integer("queue_size", 100),
+        queue_timeout=node.number("queue_timeout", 5.0),
+        metrics_addr=metrics_addr, metrics_endpoint=metrics_endpoint,
+        status_addr=status_addr, status_endpoint=status_endpoint,
+        status_username=status_username, status_password=status_password)
+
+
+_CLIENT_KEYS = (
+    "gateway_addr", "gateway_tls_cert", "gateway_server_name", "client_id", "group_id",
+    "group_password", "replicas", "max_concurrent_conns", "auth_username", "auth_password",
+    "forbidden_hosts", "limit", "tls_cert", "tls_key", "insecure_skip_verify", "allow_udp",
+    "connect_timeout", "idle_timeout", "ping_interval", "open_ports", "metrics_addr",
+    "reconnect_initial_delay", "reconnect_max_delay", "weight", "queue_size", "queue_timeout")
+_OPEN_PORT_KEYS = ("remote_port", "local_host", "local_port", "protocol")
+
+
+def _gateway_addrs(node):
+    value = node.data.get("gateway_addr")
+    if isinstance(value, str):
+        items = [(node.key("gateway_addr"), value)]
+    elif value is None or isinstance(value, list):
+        items = node.items("gateway_addr")
+    else:
+        node.fail("gateway_addr", "expected 'host:port' or a list of them, got %s"
+                  % (type_name(value),))
+    if not items or not any(isinstance(v, str) and v.strip() for _, v in items):
+        node.fail("gateway_addr", "required, e.g. 'gateway.example.com:8443'")
+    addrs = []
+    for path, item in items:
+        if not isinstance(item, str):
+            node.reader.fail(path, "expected a string 'host:port', got %s" % (type_name(item),))
+        try:
+            addrs.append(dial_address(item.strip()))
+        except ValueError as e:
+            node.reader.fail(path, e)
+    return tuple(addrs)
+
+
+def _policy(node, allow_udp):
+    forbidden, allowed = [], []
+    for path, item in node.items("forbidden_hosts"):
+        try:
+            forbidden.append(HostRule.parse(item))
+        except ValueError as e:
+            node.reader.fail(path, e)
+    for path, item in node.items("limit"):
+        if isinstance(item, str):
+            item = {"addr": item}
+        entry = Node.of(node.reader, path, item, ("name", "addr", "protocol"))
+        name, addr = entry.string("name"), entry.string("addr")
+        if not addr:
+            entry.fail("addr", "required, e.g. 'localhost:8080'")
+        try:
+            rule = HostRule.parse(addr)
+        except ValueError as e:
+            entry.fail("addr", e)
+        protocol = entry.choice("protocol", "both", ("tcp", "udp", "both"))
+        allowed.append(LimitRule(name, rule, protocol))
+    return AccessPolicy(forbidden=tuple(forbidden), allowed=tuple(allowed), allow_udp=allow_udp)
+
+
+def _open_ports(node):
+    ports = []
+    for path, item in node.items("open_ports"):
+        entry = Node.of(node.reader, path, item, _OPEN_PORT_KEYS)
+        for key in ("remote_port", "local_port"):
+            if entry.data.get(key) is None:
+                entry.fail(key, "required")
+        ports.append(OpenPortConfig(
+            remote_port=entry.integer("remote_port", 0, 1, 65535),
+            local_host=entry.string("local_host", "localhost") or "localhost",
+            local_port=entry.integer("local_port", 0, 1, 65535),
+            protocol=entry.choice("protocol", "tcp", ("tcp", "udp"))))
+    return tuple(ports)
+
+
+def _weight(node):
+    weight = node.get("weight", (int, float), 1, "a number > 0")
+    if not 0 < weight <= MAX_WEIGHT:
+        node.fail("weight", "must be > 0 and at most %d, got %r" % (MAX_WEIGHT, weight))
+    return float(weight)
+
+
+def _group_password(node):
+    password = node.string("group_password")
+    if len(password) > MAX_GROUP_PASSWORD:
+        node.fail("group_password", "longer than %d characters" % (MAX_GROUP_PASSWORD,))
+    return password
+
+
+def _client(node):
+    username, password = node.credentials("auth_username", "auth_password")
+    tls_cert, tls_key = node.file("tls_cert"), node.file("tls_key")
+    if (tls_cert is None) != (tls_key is None):
+        node.fail("tls_key" if tls_cert else "tls_cert", "set both tls_cert and tls_key, or neither")
+    allow_udp = node.boolean("allow_udp", True)
+    metrics_addr, metrics_endpoint, _ = node.listen("metrics_addr")
+    return ClientConfig(
+        gateway_addrs=_gateway_addrs(node),
+        gateway_tls_cert=node.file("gateway_tls_cert"),
+        gateway_server_name=node.string("gateway_server_name") or None,
+        client_id=node.string("client_id") or socket.gethostname(),
+        group_id=node.string("group_id", DEFAULT_GROUP) or DEFAULT_GROUP,
+        group_password=_group_password(node),
+        replicas=node.integer("replicas", 1, 1, 64),
+        max_concurrent_conns=node.integer("max_concurrent_conns", 100),
+        queue_size=node.integer("queue_size", 100),
+        queue_timeout=node.number("queue_timeout", 5.0),
+        auth_username=username, auth_password=password,
+        policy=_policy(node, allow_udp), tls_cert=tls_cert, tls_key=tls_key,
+        insecure_skip_verify=node.boolean("insecure_skip_verify", False),
+        allow_udp=allow_udp,
+        connect_timeout=node.number("connect_timeout", 10.0, positive=True),
+        idle_timeout=node.number("idle_timeout", 300.0),
+        ping_interval=node.number("ping_interval", 10.0, positive=True),
+        open_ports=_open_ports(node),
+        metrics_addr=metrics_addr, metrics_endpoint=metrics_endpoint,
+        reconnect_initial_delay=node.number("reconnect_initial_delay", 1.0, positive=True),
+        reconnect_max_delay=node.number("reconnect_max_delay", 60.0, positive=True),
+        weight=_weight(node))
+
+
+def _log(node):
+    file = node.string("file")
+    return LogConfig(
+        level=node.choice("level", "info", LOG_LEVELS, {"warning": "warn"}),
+        format=node.choice("format", "text", LOG_FORMATS),
+        file=os.path.normpath(os.path.join(node.reader.base_dir, file)) if file else None)
+
+
+def _cross_check(node, proxy, gateway):
+    """Listener users must not clash with gateway.users; anonymous needs opt-in."""
+    users = gateway.users if gateway is not None else ()
+    names = set(user.username for user in users)
+    for frontend in proxy.all_frontends():
+        listener, path = frontend.listener, frontend.path
+        if listener.auth_username in names:
+            node.reader.fail("%s.auth_username" % (path,), "user %r is also in "
+                             "gateway.users" % (listener.auth_username,))
+        if not (frontend.authenticates or listener.local or listener.allow_anonymous):
+            node.reader.fail("%s.listen_addr" % (path,),
+                             "%r is not loopback and the %s frontend cannot check credentials:"
+                             " use a loopback address, or allow_anonymous: true"
+                             % (listener.listen_addr, frontend.type))
+        if not (listener.local or listener.auth_username or users or listener.allow_anonymous):
+            node.reader.fail("%s.listen_addr" % (path,),
+                             "%r is not loopback and has no credentials: set auth_username/"
+                             "auth_password (or gateway.users), or allow_anonymous: true"
+                             % (listener.listen_addr,))
+
+
+def load_config(path, check_files=True, role=None):
+    """
+    Load and check one YAML config file.
+
+    @param path: the file.  Relative file paths inside it resolve against
+        its directory; the returned paths are absolute.
+    @param check_files: C{False} skips checking that cert/key files exist.
+    @param role: C{"gateway"} or C{"client"} to check only the files that
+        program uses (a shared single file need not hold the other side's
+        key); C{None} checks all.  Every section is still validated.
+    @return: a L{Config}.
+    @raise ConfigError: one line naming the file and key.
+    """
+    reader = Reader(path, os.path.dirname(os.path.abspath(path)), check_files)
+    root = Node.of(reader, "", read_yaml(reader, path), ("proxy", "gateway", "client", "log"))
+    proxy = _proxy(root.child("proxy", ("socks5", "http", "frontends")))
+    gateway = client = None
+    if root.data.get("gateway") is not None:
+        gateway = _gateway(root.child("gateway", _GATEWAY_KEYS, role in (None, GATEWAY)))
+    if root.data.get("client") is not None:
+        client = _client(root.child("client", _CLIENT_KEYS, role in (None, CLIENT)))
+    _cross_check(root, proxy, gateway)
+    log = _log(root.child("log", ("level", "format", "file")))
+    return Config(path=os.path.abspath(path), proxy=proxy, gateway=gateway, client=client, log=log)
