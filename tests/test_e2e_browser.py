@@ -12,7 +12,6 @@ proxy connections), and the same app is loaded over https (CONNECT).
 
 import hashlib
 import json
-import os
 
 from twisted.internet import defer, reactor
 from twisted.internet.ssl import PrivateCertificate
@@ -21,7 +20,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from tests.support import PROXY_PASSWORD, PROXY_USER, Deployment
-from tests.test_e2e_status import CHROMIUM, CHROMIUM_ARGS, EXPECT_MS
+from tests.test_e2e_status import CHROMIUM, CHROMIUM_ARGS, EXPECT_MS, SKIP_WITHOUT_CHROMIUM
 
 APP_HOST = "app.internal"
 ASSET_SIZE = (1 << 20) + 321
@@ -97,9 +96,7 @@ class BrowserThroughProxyTests(unittest.TestCase):
     """Chromium reaches a private web app through the HTTP proxy, over http and https."""
 
     timeout = 120
-    if not os.path.exists(CHROMIUM):
-        skip = ("%s is not installed (apt-get install chromium; .ci/run installs it)"
-                % (CHROMIUM,))
+    skip = SKIP_WITHOUT_CHROMIUM
 
     @defer.inlineCallbacks
     def test_private_app(self):

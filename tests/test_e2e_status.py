@@ -27,6 +27,10 @@ STATUS_USER = "operator"
 STATUS_PASSWORD = "s3cret-status-pw"
 
 CHROMIUM = "/usr/bin/chromium"
+# A browser test class's skip: None when Chromium is there.
+SKIP_WITHOUT_CHROMIUM = (None if os.path.exists(CHROMIUM) else
+                         "%s is not installed (apt-get install chromium; .ci/run installs it)"
+                         % (CHROMIUM,))
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -257,9 +261,7 @@ class StatusBrowserTests(_StatusBase):
     """The status page in a real headless browser (Debian chromium + Playwright)."""
 
     timeout = 120
-    if not os.path.exists(CHROMIUM):
-        skip = ("%s is not installed (apt-get install chromium; .ci/run installs it)"
-                % (CHROMIUM,))
+    skip = SKIP_WITHOUT_CHROMIUM
 
     @defer.inlineCallbacks
     def test_page_shows_client_and_live_totals(self):

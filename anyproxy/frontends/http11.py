@@ -269,10 +269,8 @@ class ServerConnection(_Connection):
             if self._upgraded or self.has_pending_input:
                 return PAUSED
         if self._eof:
-            if self.their_state is IDLE and not self._reader._in_head:
-                self.their_state = CLOSED
-                return CLOSED_EVENT
-            if self.their_state in (DONE, MUST_CLOSE, CLOSED):
+            if self.their_state in (DONE, MUST_CLOSE, CLOSED) or (
+                    self.their_state is IDLE and not self._reader._in_head):
                 self.their_state = CLOSED
                 return CLOSED_EVENT
             self._take_error(RemoteProtocolError("the user closed in the middle of a request"))
