@@ -65,14 +65,21 @@ class GroupLogins:
         Make C{group:password} a valid login while C{holder} is registered.
         An empty password registers nothing; a holder registered before is
         replaced.
+
+        Holders of one group may announce different passwords (a password
+        being rolled out client by client): each is valid while a holder of
+        it is registered.
+
+        @return: C{True} when the group now has more than one valid password.
         """
         self.remove(holder)
         if not password:
-            return
+            return False
         name, digest = _to_bytes(group), self._digest(password)
         self._holders[holder] = (name, digest)
         digests = self._groups.setdefault(name, (group, {}))[1]
         digests[digest] = digests.get(digest, 0) + 1
+        return len(digests) > 1
 
     def remove(self, holder):
         """Forget C{holder}'s login (harmless if it has none)."""

@@ -14,12 +14,18 @@ import attr
 from anyproxy.auth import DEFAULT_GROUP
 from anyproxy.client.acl import AccessPolicy
 from anyproxy.errors import ConfigError
+from anyproxy.limits import DEFAULT_MAX_CONCURRENT_CONNS, DEFAULT_MAX_CONNS_PER_USER
 
 BALANCE_POLICIES = ("least_streams", "round_robin", "random")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
+# log.max_size (MB per file before it is rotated) and log.max_backups
+# (rotated files kept): together they bound the disk a log can take.
+LOG_MAX_SIZE = 100
+LOG_MAX_BACKUPS = 10
 # client.weight and client.group_password travel in the HELLO; the gateway
 # refuses a HELLO outside these bounds, so the config refuses them first.
+MIN_WEIGHT = 0.01
 MAX_WEIGHT = 10000
 MAX_GROUP_PASSWORD = 1024
 GATEWAY = "gateway"
@@ -105,6 +111,26 @@ class UserConfig:
 
 
 @attr.s(frozen=True, slots=True)
+class ClientEntryConfig:
+    """
+    One entry of C{gateway.clients}: a tunnel credential (a password, or a
+    client certificate's C{subject}) and what it may serve
+    (L{anyproxy.gateway.client_access}).
+    """
+
+    username = attr.ib(default="")
+    password = _secret()
+    subject = attr.ib(default="")
+    groups = attr.ib(default=(DEFAULT_GROUP,))
+    client_ids = attr.ib(default=())
+    max_tunnels = attr.ib(default=256)
+
+    @property
+    def name(self):
+        return self.username or "subject:" + self.subject
+
+
+@attr.s(frozen=True, slots=True)
 class GatewayConfig:
     """
     The gateway section.  File paths are absolute; C{*_endpoint} fields are
@@ -118,19 +144,28 @@ class GatewayConfig:
     auth_username = attr.ib(default="")
     auth_password = _secret()
     client_ca = attr.ib(default=None)
+    clients = attr.ib(default=())  # ClientEntryConfig: per-client credentials
+    auth_groups = attr.ib(default=(DEFAULT_GROUP,))  # what the shared credential may serve
+    auth_max_tunnels = attr.ib(default=1024)
     users = attr.ib(default=())
     balance = attr.ib(default="least_streams")
     ping_interval = attr.ib(default=10.0)
     no_tunnel_wait = attr.ib(default=3.0)
     handshake_timeout = attr.ib(default=10.0)
     open_ports_allowed = attr.ib(default=())
-    max_conns_per_user = attr.ib(default=0)
+    # Where forwarded ports (client.open_ports) listen: loopback unless the
+    # config opts in, like OpenSSH's GatewayPorts.
+    open_ports_interface = attr.ib(default="127.0.0.1")
+    max_conns_per_user = attr.ib(default=DEFAULT_MAX_CONNS_PER_USER)
     queue_size = attr.ib(default=100)  # streams waiting for a max_conns* slot, per user/listener
     queue_timeout = attr.ib(default=5.0)  # seconds one may wait; then OVERLOADED
     metrics_addr = attr.ib(default="")
     status_addr = attr.ib(default="")
     status_username = attr.ib(default="")
     status_password = _secret()
+    metrics_username = attr.ib(default="")  # Basic auth for /metrics; empty = none
+    metrics_password = _secret()
+    metrics_allow_anonymous = attr.ib(default=False)  # a public metrics_addr without a login
     listen_addr = attr.ib(default="")
     metrics_endpoint = attr.ib(default=None)
     status_endpoint = attr.ib(default=None)
@@ -177,7 +212,7 @@ class ClientConfig:
     group_id = attr.ib(default=DEFAULT_GROUP)
     group_password = _secret()
     replicas = attr.ib(default=1)
-    max_concurrent_conns = attr.ib(default=100)
+    max_concurrent_conns = attr.ib(default=DEFAULT_MAX_CONCURRENT_CONNS)
     queue_size = attr.ib(default=100)  # OPENs waiting for a max_concurrent_conns slot
     queue_timeout = attr.ib(default=5.0)  # seconds one may wait; then OVERLOADED
     auth_username = attr.ib(default="")
@@ -193,6 +228,9 @@ class ClientConfig:
     open_ports = attr.ib(default=())
     metrics_addr = attr.ib(default="")
     metrics_endpoint = attr.ib(default=None)
+    metrics_username = attr.ib(default="")  # as on the gateway
+    metrics_password = _secret()
+    metrics_allow_anonymous = attr.ib(default=False)
     reconnect_initial_delay = attr.ib(default=1.0)
     reconnect_max_delay = attr.ib(default=60.0)
     weight = attr.ib(default=1.0)
@@ -204,11 +242,17 @@ class ClientConfig:
 
 @attr.s(frozen=True, slots=True)
 class LogConfig:
-    """Logging: level, C{text}/C{json}, and a file (C{None} = stdout)."""
+    """
+    Logging: level, C{text}/C{json}, and a file (C{None} = stdout).  A log
+    file is rotated when it reaches C{max_size} MB, and C{max_backups}
+    rotated files are kept (C{0}: all of them, as the original's keys).
+    """
 
     level = attr.ib(default="info")
     format = attr.ib(default="text")
     file = attr.ib(default=None)
+    max_size = attr.ib(default=LOG_MAX_SIZE)
+    max_backups = attr.ib(default=LOG_MAX_BACKUPS)
 
 
 @attr.s(frozen=True, slots=True)

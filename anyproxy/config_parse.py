@@ -10,6 +10,7 @@ never shows a password.  Unknown keys are refused, so a typo fails at start
 instead of silently falling back to a default.
 """
 
+import ipaddress
 import os
 import socket
 import types
@@ -20,13 +21,15 @@ from anyproxy.addresses import dial_address, port_range
 from anyproxy.auth import DEFAULT_GROUP
 from anyproxy.client.acl import AccessPolicy, HostRule, LimitRule
 from anyproxy.config import (
-    BALANCE_POLICIES, CLIENT, GATEWAY, LOG_FORMATS, LOG_LEVELS, MAX_GROUP_PASSWORD, MAX_WEIGHT,
-    ClientConfig, Config, FrontendConfig, GatewayConfig, ListenerConfig, LogConfig,
+    BALANCE_POLICIES, CLIENT, GATEWAY, LOG_FORMATS, LOG_LEVELS, LOG_MAX_BACKUPS, LOG_MAX_SIZE,
+    MAX_GROUP_PASSWORD, MAX_WEIGHT,
+    MIN_WEIGHT, ClientConfig, ClientEntryConfig, Config, FrontendConfig, GatewayConfig, ListenerConfig, LogConfig,
     OpenPortConfig, ProxyConfig, UserConfig)
 from anyproxy.config_reader import Node, Reader, read_yaml, type_name
 from anyproxy.frontends.registry import (
     UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
 from anyproxy.interfaces import OptionError
+from anyproxy.limits import DEFAULT_MAX_CONCURRENT_CONNS, DEFAULT_MAX_CONNS_PER_USER
 
 _LISTENER_KEYS = ("listen_addr", "auth_username", "auth_password", "allow_anonymous",
                   "max_conns")
@@ -103,8 +106,72 @@ def _frontends(node):
 _GATEWAY_KEYS = (
     "listen_addr", "tls_cert", "tls_key", "auth_username", "auth_password", "client_ca",
     "users", "balance", "ping_interval", "no_tunnel_wait", "handshake_timeout",
-    "open_ports_allowed", "max_conns_per_user", "metrics_addr", "status_addr",
-    "status_username", "status_password", "queue_size", "queue_timeout")
+    "open_ports_allowed", "open_ports_interface", "max_conns_per_user", "metrics_addr",
+    "metrics_username",
+    "metrics_password", "metrics_allow_anonymous", "status_addr",
+    "status_username", "status_password", "queue_size", "queue_timeout", "clients",
+    "auth_groups", "auth_max_tunnels")
+_CLIENT_ENTRY_KEYS = ("username", "password", "subject", "groups", "client_ids", "max_tunnels")
+
+
+def _names(node, key, default, what):
+    """A list of non-empty strings (group names, patterns)."""
+    names = []
+    for path, item in node.items(key):
+        if not isinstance(item, str) or not item.strip():
+            node.reader.fail(path, "expected %s, got %s" % (what, type_name(item)))
+        names.append(item.strip())
+    if key in node.data and not names:
+        node.fail(key, "must not be empty (leave the key out for the default)")
+    return tuple(names) or default
+
+
+def _client_entries(node, shared_username):
+    """C{gateway.clients}: per-client tunnel credentials and what each may serve."""
+    entries, seen = [], set()
+    for path, item in node.items("clients"):
+        entry = Node.of(node.reader, path, item, _CLIENT_ENTRY_KEYS)
+        username, password = entry.string("username"), entry.string("password")
+        subject = entry.string("subject")
+        if bool(username) == bool(subject):
+            entry.fail("username", "set username/password, or subject (a client "
+                                   "certificate's common name or DNS name), not both")
+        if username and not password:
+            entry.fail("password", "required with username")
+        if subject and password:
+            entry.fail("password", "a subject entry is proven by its certificate; "
+                                   "remove password")
+        if username and username == shared_username:
+            entry.fail("username", "%r is also gateway.auth_username" % (username,))
+        name = username or "subject:" + subject
+        if name in seen:
+            entry.fail("username" if username else "subject", "duplicate entry %r" % (name,))
+        seen.add(name)
+        groups = _names(entry, "groups", (DEFAULT_GROUP,), "a group name")
+        client_ids = _names(entry, "client_ids", (), "a client id pattern such as 'site-a*'")
+        entries.append(ClientEntryConfig(
+            username=username, password=password, subject=subject, groups=groups,
+            client_ids=client_ids, max_tunnels=entry.integer("max_tunnels", 256, 1)))
+    if any(e.subject for e in entries) and node.data.get("client_ca") in (None, ""):
+        node.fail("clients", "an entry with subject needs client_ca (mutual TLS)")
+    return tuple(entries)
+
+
+def _metrics(node):
+    """
+    C{metrics_addr} and its login, for the gateway or the client section: a
+    non-loopback address needs credentials or C{metrics_allow_anonymous},
+    as a proxy listener does.
+    """
+    addr, endpoint, local = node.listen("metrics_addr")
+    username, password = node.credentials("metrics_username", "metrics_password")
+    allow_anonymous = node.boolean("metrics_allow_anonymous", False)
+    if endpoint is not None and not (local or username or allow_anonymous):
+        node.fail("metrics_addr", "%r is not loopback and has no credentials: set "
+                                  "metrics_username/metrics_password, or "
+                                  "metrics_allow_anonymous: true" % (addr,))
+    return dict(metrics_addr=addr, metrics_endpoint=endpoint, metrics_username=username,
+                metrics_password=password, metrics_allow_anonymous=allow_anonymous)
 
 
 def _users(node):
@@ -124,6 +191,20 @@ def _users(node):
     return tuple(users)
 
 
+def _open_ports_interface(node):
+    """
+    C{gateway.open_ports_interface}: the IP address forwarded ports listen
+    on; absent or empty = 127.0.0.1 (loopback, like OpenSSH's GatewayPorts
+    no), "0.0.0.0" or "::" = every interface.
+    """
+    value = node.string("open_ports_interface", "") or "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        node.fail("open_ports_interface", "%r is not an IP address (e.g. '127.0.0.1', "
+                  "or '0.0.0.0' / '::' for every interface)" % (value,))
+
+
 def _gateway(node):
     raw, endpoint, _ = node.listen("listen_addr")
     if endpoint is None:
@@ -133,16 +214,17 @@ def _gateway(node):
                                  "use host:port or a tcp: endpoint")
     username, password = node.credentials("auth_username", "auth_password")
     client_ca = node.file("client_ca")
-    if not username and client_ca is None:
-        node.fail("auth_username", "required (or client_ca): otherwise anyone could "
-                                   "register as a client and receive user traffic")
+    clients = _client_entries(node, username)
+    if not username and client_ca is None and not clients:
+        node.fail("auth_username", "required (or clients, or client_ca): otherwise anyone "
+                                   "could register as a client and receive user traffic")
     ranges = []
     for path, item in node.items("open_ports_allowed"):
         try:
             ranges.append(port_range(item))
         except ValueError as e:
             node.reader.fail(path, e)
-    metrics_addr, metrics_endpoint, _ = node.listen("metrics_addr")
+    metrics = _metrics(node)
     status_addr, status_endpoint, _ = node.listen("status_addr")
     status_username, status_password = node.credentials("status_username", "status_password")
     if status_endpoint and not status_username:
@@ -152,15 +234,17 @@ def _gateway(node):
         tls_cert=node.file("tls_cert", required=True),
         tls_key=node.file("tls_key", required=True),
         auth_username=username, auth_password=password, client_ca=client_ca,
+        clients=clients, auth_groups=_names(node, "auth_groups", (DEFAULT_GROUP,), "a group name"),
+        auth_max_tunnels=node.integer("auth_max_tunnels", 1024, 1),
         users=_users(node), balance=node.choice("balance", "least_streams", BALANCE_POLICIES),
         ping_interval=node.number("ping_interval", 10.0, positive=True),
         no_tunnel_wait=node.number("no_tunnel_wait", 3.0),
         handshake_timeout=node.number("handshake_timeout", 10.0, positive=True),
-        open_ports_allowed=tuple(ranges),
-        max_conns_per_user=node.integer("max_conns_per_user", 0),
+        open_ports_allowed=tuple(ranges), open_ports_interface=_open_ports_interface(node),
+        max_conns_per_user=node.integer("max_conns_per_user", DEFAULT_MAX_CONNS_PER_USER),
         queue_size=node.integer("queue_size", 100),
         queue_timeout=node.number("queue_timeout", 5.0),
-        metrics_addr=metrics_addr, metrics_endpoint=metrics_endpoint,
+        **metrics,
         status_addr=status_addr, status_endpoint=status_endpoint,
         status_username=status_username, status_password=status_password)
 
@@ -170,6 +254,7 @@ _CLIENT_KEYS = (
     "group_password", "replicas", "max_concurrent_conns", "auth_username", "auth_password",
     "forbidden_hosts", "limit", "tls_cert", "tls_key", "insecure_skip_verify", "allow_udp",
     "connect_timeout", "idle_timeout", "ping_interval", "open_ports", "metrics_addr",
+    "metrics_username", "metrics_password", "metrics_allow_anonymous",
     "reconnect_initial_delay", "reconnect_max_delay", "weight", "queue_size", "queue_timeout")
 _OPEN_PORT_KEYS = ("remote_port", "local_host", "local_port", "protocol")
 
@@ -236,8 +321,9 @@ def _open_ports(node):
 
 def _weight(node):
     weight = node.get("weight", (int, float), 1, "a number > 0")
-    if not 0 < weight <= MAX_WEIGHT:
-        node.fail("weight", "must be > 0 and at most %d, got %r" % (MAX_WEIGHT, weight))
+    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        node.fail("weight", "must be at least %g and at most %d, got %r"
+                  % (MIN_WEIGHT, MAX_WEIGHT, weight))
     return float(weight)
 
 
@@ -254,7 +340,7 @@ def _client(node):
     if (tls_cert is None) != (tls_key is None):
         node.fail("tls_key" if tls_cert else "tls_cert", "set both tls_cert and tls_key, or neither")
     allow_udp = node.boolean("allow_udp", True)
-    metrics_addr, metrics_endpoint, _ = node.listen("metrics_addr")
+    metrics = _metrics(node)
     return ClientConfig(
         gateway_addrs=_gateway_addrs(node),
         gateway_tls_cert=node.file("gateway_tls_cert"),
@@ -263,7 +349,7 @@ def _client(node):
         group_id=node.string("group_id", DEFAULT_GROUP) or DEFAULT_GROUP,
         group_password=_group_password(node),
         replicas=node.integer("replicas", 1, 1, 64),
-        max_concurrent_conns=node.integer("max_concurrent_conns", 100),
+        max_concurrent_conns=node.integer("max_concurrent_conns", DEFAULT_MAX_CONCURRENT_CONNS),
         queue_size=node.integer("queue_size", 100),
         queue_timeout=node.number("queue_timeout", 5.0),
         auth_username=username, auth_password=password,
@@ -274,7 +360,7 @@ def _client(node):
         idle_timeout=node.number("idle_timeout", 300.0),
         ping_interval=node.number("ping_interval", 10.0, positive=True),
         open_ports=_open_ports(node),
-        metrics_addr=metrics_addr, metrics_endpoint=metrics_endpoint,
+        **metrics,
         reconnect_initial_delay=node.number("reconnect_initial_delay", 1.0, positive=True),
         reconnect_max_delay=node.number("reconnect_max_delay", 60.0, positive=True),
         weight=_weight(node))
@@ -285,7 +371,10 @@ def _log(node):
     return LogConfig(
         level=node.choice("level", "info", LOG_LEVELS, {"warning": "warn"}),
         format=node.choice("format", "text", LOG_FORMATS),
-        file=os.path.normpath(os.path.join(node.reader.base_dir, file)) if file else None)
+        file=os.path.normpath(os.path.join(node.reader.base_dir, file)) if file else None,
+        # MB, as the original; at most 1 TB.  max_backups 0 keeps every file.
+        max_size=node.integer("max_size", LOG_MAX_SIZE, 1, 1024 * 1024),
+        max_backups=node.integer("max_backups", LOG_MAX_BACKUPS, 0))
 
 
 def _cross_check(node, proxy, gateway):
@@ -331,5 +420,5 @@ def load_config(path, check_files=True, role=None):
     if root.data.get("client") is not None:
         client = _client(root.child("client", _CLIENT_KEYS, role in (None, CLIENT)))
     _cross_check(root, proxy, gateway)
-    log = _log(root.child("log", ("level", "format", "file")))
+    log = _log(root.child("log", ("level", "format", "file", "max_size", "max_backups")))
     return Config(path=os.path.abspath(path), proxy=proxy, gateway=gateway, client=client, log=log)

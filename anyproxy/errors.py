@@ -1,8 +1,9 @@
 """
 Why a stream could not be opened, and what each frontend tells the user.
 
-One table (DESIGN.md section 5) maps a L{Reason} to a SOCKS5 reply code and an
-HTTP status; frontends never invent their own mapping.  The numeric values of
+One table (DESIGN.md section 5) maps a L{Reason} to a SOCKS5 reply code, an
+HTTP status and the text users see (L{user_text}); frontends never invent their
+own mapping.  The numeric values of
 L{Reason} are the reason codes carried in OPEN_ERROR frames (docs/PROTOCOL.md),
 so they are part of the wire format: add values, never renumber.
 """
@@ -40,6 +41,30 @@ _USER_FACING = {
 }
 
 
+# Reason -> what users are told (the body of an HTTP error answer): the row of
+# the error table, nothing more.  A StreamOpenError's detail can carry an OS
+# error from the client ("111: Connection refused", "[Errno -2] Name or
+# service not known"), host names or the name of a limit: it goes to the
+# gateway's log, never to users.
+_USER_TEXT = {
+    Reason.GENERAL_FAILURE: "general failure",
+    Reason.NOT_ALLOWED: "target not allowed",
+    Reason.PROTOCOL_NOT_ALLOWED: "protocol not allowed",
+    Reason.NETWORK_UNREACHABLE: "network unreachable",
+    Reason.HOST_UNREACHABLE: "host unreachable",
+    Reason.NAME_NOT_RESOLVED: "name not resolved",
+    Reason.CONNECTION_REFUSED: "connection refused",
+    Reason.TIMED_OUT: "connect timed out",
+    Reason.NO_TUNNEL: "no tunnel available",
+    Reason.OVERLOADED: "too many connections, try again later",
+}
+
+
+def user_text(reason):
+    """The generic text users are shown for C{reason} (a L{Reason} or wire code)."""
+    return _USER_TEXT.get(coerce_reason(reason), _USER_TEXT[Reason.GENERAL_FAILURE])
+
+
 def socks_reply_code(reason):
     """The SOCKS5 REP byte for C{reason}."""
     return _USER_FACING.get(reason, (0x01, 502))[0]
@@ -63,8 +88,9 @@ class StreamOpenError(Exception):
     A stream could not be opened.
 
     @ivar reason: a L{Reason}.
-    @ivar detail: a short human-readable explanation, safe to log and to show
-        to the user (never contains credentials).
+    @ivar detail: a short human-readable explanation for logs (never contains
+        credentials).  It may quote an OS error or the peer's OPEN_ERROR
+        text, so users are shown L{user_text} of the reason instead.
     """
 
     def __init__(self, reason, detail=""):
@@ -75,9 +101,27 @@ class StreamOpenError(Exception):
     def __str__(self):
         return "%s: %s" % (self.reason.name, self.detail)
 
+    @property
+    def user_text(self):
+        """What users are told: the reason's generic text (L{user_text})."""
+        return user_text(self.reason)
+
 
 class ConfigError(Exception):
     """
     The configuration is invalid.  The message names the file and key path,
     in one line, e.g. C{etc/anyproxy.yaml: client.limit[0].addr: bad port 'x'}.
     """
+
+
+class HelloRefused(Exception):
+    """
+    A tunnel's HELLO the gateway will not register: the tunnel is closed with
+    C{code} (one of L{anyproxy.tunnel.frames}' C{CLOSE_*} codes) and
+    C{reason}, which both sides log.
+    """
+
+    def __init__(self, code, reason):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason

@@ -17,7 +17,9 @@ is folded into a retired total at the moment that object goes: a frontend
 stream's when it closes (L{GatewayMetrics.stream_closed}), a gateway
 tunnel's when the registry drops it (L{GatewayMetrics.tunnel_removed}), a
 client tunnel's when it is lost (the factory keeps the total).  A scrape
-reports retired + live.
+reports retired + live.  Per-client series end with the client's last
+tunnel, or reconnects under new ids would grow the page without bound; the
+totals of such departed clients go on in one series of their own.
 
 Each service has its own C{CollectorRegistry}, never the global default, so
 several services in one process (the tests) do not see each other.  The
@@ -26,6 +28,11 @@ C{twisted.MetricsResource} renders in a WSGI thread pool, where reading the
 reactor's objects (stream tables, transports) would race with the reactor,
 and it uses the global reactor.  L{MetricsPage} calls the same exposition
 code (including OpenMetrics negotiation) synchronously instead.
+
+The page is served by an L{anyproxy.operator_site.OperatorSite}, as the
+status page is: optional Basic auth (C{metrics_username}/C{metrics_password};
+required off loopback unless C{metrics_allow_anonymous}), a deadline for each
+request, at most L{MAX_CONNECTIONS} open connections.
 """
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -33,9 +40,14 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.internet import defer
-from twisted.web import resource, server
+from twisted.web import resource
 
 from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.operator_site import DEFAULT_REQUEST_TIMEOUT, OperatorSite
+
+REALM = "AnyProxy metrics"
+# Open connections at most: Prometheus keeps one per scraper.
+MAX_CONNECTIONS = 16
 
 # Stream-open latency: a LAN target answers in milliseconds, a slow one
 # within connect_timeout (10 s), a wedged client within the 60 s open timeout.
@@ -50,6 +62,10 @@ OUTCOMES = ("ok", "cancelled") + tuple(reason.name.lower() for reason in Reason)
 _RELAYED = {"forwarded": "to_target", "returned": "to_user"}
 _RELAY_DROPS = ("source", "malformed", "fragmented", "tunnel", "too_large", "unaddressed",
                 "send_error")
+
+# GatewayMetrics keeps the retired byte totals of at most this many clients
+# (or twice those last found connected) before dropping the departed ones.
+_PRUNE_MIN = 64
 
 
 def transport_buffered(transport):
@@ -125,6 +141,8 @@ class GatewayMetrics(Collector):
         self._live = {}  # frontend stream -> its frontend's name
         self._frontend_bytes = {}  # frontend -> [in, out] of closed streams
         self._client_bytes = {}  # client_id -> [in, out] of removed tunnels
+        self._departed_bytes = [0, 0]  # [in, out] of clients with no tunnel left
+        self._prune_at = _PRUNE_MIN  # len(_client_bytes) that triggers a prune
         self._relay_retired = dict.fromkeys(("forwarded", "returned") + tuple(
             "dropped_" + each for each in _RELAY_DROPS), 0)
         self.registry = _new_registry()
@@ -191,9 +209,27 @@ class GatewayMetrics(Collector):
                 self._relay_retired[name] = self._relay_retired.get(name, 0) + value
 
     def tunnel_removed(self, tunnel):
-        """A tunnel left the registry: keep its byte counts in the retired totals."""
+        """
+        A tunnel left the registry: keep its byte counts in its client's
+        retired totals.  Clients come and go with new ids, so a client's
+        series do not outlive its last tunnel: L{_drop_departed} folds them
+        into C{anyproxy_gateway_departed_client_bytes} at each scrape, and
+        here too when the table has doubled since the last prune (so each
+        prune is paid for by the removals before it): memory stays bounded
+        by the clients connected, scraped or not.
+        """
         mux = tunnel.mux
         _add(self._client_bytes, tunnel.client_id, mux.bytes_sent, mux.bytes_received)
+        if len(self._client_bytes) > self._prune_at:
+            self._drop_departed(set(t.client_id for t in self._tunnels.tunnels()))
+            self._prune_at = max(_PRUNE_MIN, 2 * len(self._client_bytes))
+
+    def _drop_departed(self, live):
+        """Fold the retired totals of clients not in C{live} (ids) into the departed total."""
+        for client_id in [each for each in self._client_bytes if each not in live]:
+            bytes_in, bytes_out = self._client_bytes.pop(client_id)
+            self._departed_bytes[0] += bytes_in
+            self._departed_bytes[1] += bytes_out
 
     # -- scraping -------------------------------------------------------
 
@@ -207,6 +243,8 @@ class GatewayMetrics(Collector):
             "Streams open (or opening) now through each client's tunnels, all frontends and "
             "forwarded ports.", labels=["client_id"])
         per_tunnel, per_client, client_bytes = {}, {}, {}
+        # A client whose last tunnel went since the last scrape: its series end.
+        self._drop_departed(set(tunnel.client_id for tunnel in tunnels))
         for key, pair in self._client_bytes.items():
             client_bytes[key] = list(pair)
         queued = sockets = 0
@@ -228,6 +266,14 @@ class GatewayMetrics(Collector):
                             "Stream payload bytes through each client's tunnels (in: from "
                             "users towards targets, out: back to users).",
                             "client_id", client_bytes)
+        departed = CounterMetricFamily(
+            "anyproxy_gateway_departed_client_bytes",
+            "Stream payload bytes of clients that have no tunnel any more (each client's "
+            "anyproxy_gateway_client_bytes series ends with its last tunnel).",
+            labels=["direction"])
+        departed.add_metric(["in"], self._departed_bytes[0])
+        departed.add_metric(["out"], self._departed_bytes[1])
+        yield departed
 
         active = dict.fromkeys(self._frontend_bytes, 0)
         frontend_bytes = {key: list(pair) for key, pair in self._frontend_bytes.items()}
@@ -391,16 +437,21 @@ class MetricsPage(resource.Resource):
         return encoder(self._registry)
 
 
-class _QuietSite(server.Site):
-    # A scrape every few seconds is not worth an access-log line.
-    noisy = False
+def metrics_site(registry, reactor, username="", password="",
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT, max_connections=MAX_CONNECTIONS):
+    """
+    The C{IProtocolFactory} serving C{registry} at C{/metrics} (404
+    elsewhere): an L{OperatorSite}, so with a deadline for each request, a
+    cap on connections and no access log (a scrape every few seconds is not
+    worth a line).
 
-    def log(self, request):
-        pass
-
-
-def metrics_site(registry, reactor):
-    """The C{IProtocolFactory} serving C{registry} at C{/metrics} (404 elsewhere)."""
+    @param username: the Basic login scrapers must give (C{metrics_username});
+        empty = none.  C{site.set_login} changes it on reload.
+    @param password: its password (C{metrics_password}).
+    @param request_timeout: seconds a request head may take.
+    @param max_connections: open connections at most; more get 503.
+    """
     root = resource.Resource()
     root.putChild(b"metrics", MetricsPage(registry))
-    return _QuietSite(root, reactor=reactor)
+    return OperatorSite(root, reactor, "metrics", REALM, request_timeout=request_timeout,
+                        max_connections=max_connections, username=username, password=password)

@@ -563,7 +563,10 @@ class Setup:
                 "gateway": {"listen_addr": "%s:%d" % (LOOPBACK, gw),
                             "tls_cert": os.path.join(certs, "server.crt"),
                             "tls_key": os.path.join(certs, "server.key"),
-                            "auth_username": "bench", "auth_password": "bench-password"},
+                            "auth_username": "bench", "auth_password": "bench-password",
+                            # One user opens every stream here: no per-user share
+                            # (anonymous users are not counted anyway).
+                            "max_conns_per_user": 0},
                 "client": {"gateway_addr": "%s:%d" % (LOOPBACK, gw),
                            "gateway_tls_cert": os.path.join(certs, "ca.crt"),
                            "client_id": "bench", "replicas": 1,

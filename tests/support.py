@@ -9,6 +9,7 @@ import hashlib
 import os
 
 import trustme
+import txaio
 import yaml
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -19,8 +20,10 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from anyproxy.client.service import make_client_service
+from anyproxy.config import LOG_FORMATS, LogConfig
 from anyproxy.config_parse import load_config
 from anyproxy.gateway.service import make_gateway_service
+from anyproxy.logs import apply_library_levels, make_observer
 
 PROXY_USER = "alice"
 PROXY_PASSWORD = "s3cret-proxy-pw"
@@ -199,6 +202,74 @@ class SecretWatch:
             for secret in self.secrets:
                 if secret in text:
                     self.testcase.fail("a secret was logged: %s" % (formatEvent(event)[:300],))
+
+
+def basic_token(username, password):
+    """The base64 part of a Basic credential, as it travels in a header."""
+    return base64.b64encode(("%s:%s" % (username, password)).encode()).decode()
+
+
+class ProgramLogs:
+    """
+    The programs' own log pipeline at C{level} (default debug) for one test:
+    an observer per C{log.format} (text, JSON) built by
+    L{anyproxy.logs.make_observer}, writing files, plus Autobahn's (txaio)
+    level set the way twistd startup sets it.  Every event in the process
+    reaches them, Autobahn's handshake dumps included.
+
+    At cleanup (or on L{assert_clean}) the test fails if any of C{secrets}
+    appears in a written file or in a raw event (formatted or its C{repr}):
+    the raw events are what any other observer, twistd's own included,
+    would see.  Use it in any end-to-end test::
+
+        logs = ProgramLogs(self)
+        ...
+        logs.assert_clean()   # optional; cleanup checks too
+    """
+
+    def __init__(self, testcase, level="debug", secrets=None):
+        self.testcase = testcase
+        self.secrets = list(secrets or _secrets())
+        directory = os.path.abspath(testcase.mktemp())
+        os.makedirs(directory)
+        self.paths = [os.path.join(directory, "anyproxy-%s.log" % (each,)) for each in LOG_FORMATS]
+        self.observers = [make_observer(LogConfig(level=level, format=each, file=path))
+                          for each, path in zip(LOG_FORMATS, self.paths)]
+        self.events = []
+        previous = txaio.get_global_log_level()
+        for observer in self.observers + [self.events.append]:
+            globalLogPublisher.addObserver(observer)
+        apply_library_levels(LogConfig(level=level))
+        testcase.addCleanup(self._stop, previous)
+
+    def _stop(self, previous):
+        txaio.set_global_log_level(previous)
+        for observer in self.observers + [self.events.append]:
+            globalLogPublisher.removeObserver(observer)
+        for observer in self.observers:
+            observer.stream.close()
+        self.assert_clean()
+
+    def text(self):
+        """Everything written so far, all formats."""
+        texts = []
+        for path in self.paths:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                texts.append(f.read())
+        return "\n".join(texts)
+
+    def assert_clean(self):
+        """Fail the test if a secret was written or emitted."""
+        written = self.text()
+        for secret in self.secrets:
+            if secret in written:
+                line = [each for each in written.splitlines() if secret in each][0]
+                self.testcase.fail("a secret was written to the log: %s" % (line[:300],))
+        for event in list(self.events):
+            raw = "%s %r" % (formatEvent(event), event)
+            for secret in self.secrets:
+                if secret in raw:
+                    self.testcase.fail("a secret reached the log publisher: %s" % (raw[:300],))
 
 
 class Deployment:

@@ -160,7 +160,7 @@ class LoadTests(ConfigTestMixin, SynchronousTestCase):
         client = self.load(CLIENT).client
         self.assertEqual((client.group_id, client.replicas, client.max_concurrent_conns,
                           client.allow_udp, client.connect_timeout, client.idle_timeout),
-                         ("default", 1, 100, True, 10.0, 300.0))
+                         ("default", 1, 1024, True, 10.0, 300.0))
         self.assertEqual((client.reconnect_initial_delay, client.reconnect_max_delay), (1.0, 60.0))
         self.assertEqual(client.policy, AccessPolicy())
         self.assertTrue(client.client_id)
@@ -218,6 +218,18 @@ proxy:
         config = self.load("log: {level: WARNING, format: json, file: x.log}")
         self.assertEqual((config.log.level, config.log.format), ("warn", "json"))
         self.assertEqual(config.log.file, os.path.join(os.path.dirname(config.path), "x.log"))
+
+    def test_log_rotation(self):
+        """log.max_size (MB) and log.max_backups: bounded by default, as configured."""
+        config = self.load("log: {file: x.log}")
+        self.assertEqual((config.log.max_size, config.log.max_backups), (100, 10))
+        config = self.load("log: {file: x.log, max_size: 5, max_backups: 3}")
+        self.assertEqual((config.log.max_size, config.log.max_backups), (5, 3))
+        self.assertEqual(self.load("log: {max_backups: 0}").log.max_backups, 0)
+        for text, prefix in [("log: {max_size: 0}", "log.max_size: 0 is out of range"),
+                             ("log: {max_size: '10MB'}", "log.max_size: expected an integer"),
+                             ("log: {max_backups: -1}", "log.max_backups: -1 is out of range")]:
+            self.assertTrue(self.error(text).startswith(prefix), self.error(text))
 
 
 class FileCheckTests(ConfigTestMixin, SynchronousTestCase):
@@ -294,7 +306,7 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
                           "gateway.listen_addr: the gateway adds TLS")
         self.assert_error(GATEWAY.replace('  tls_cert: "server.crt"\n', ""), "gateway.tls_cert: required")
         self.assert_error("gateway: {listen_addr: ':1', tls_cert: a, tls_key: b}",
-                          "gateway.auth_username: required (or client_ca)")
+                          "gateway.auth_username: required (or clients, or client_ca)")
 
     def test_client_key_paths(self):
         """Client values are reported at their key paths."""
@@ -356,6 +368,44 @@ class AnonymousTests(ConfigTestMixin, SynchronousTestCase):
         self.assertTrue(message.startswith("proxy.socks5.auth_username: user 'a'"))
 
 
+class MetricsLoginTests(ConfigTestMixin, SynchronousTestCase):
+    """A non-loopback metrics_addr needs metrics credentials or an explicit opt-in."""
+
+    def test_refused(self):
+        """All interfaces, or a public address, with no login fail at metrics_addr."""
+        for section, addr in [(GATEWAY, "0.0.0.0:9100"), (GATEWAY, ":9100"),
+                              (CLIENT, "tcp:9101"), (CLIENT, "[::]:9101")]:
+            message = self.error(section + "  metrics_addr: '%s'\n" % (addr,))
+            name = section.split(":")[0].strip()
+            self.assertTrue(message.startswith(
+                "%s.metrics_addr: %r is not loopback and has no credentials: set "
+                "metrics_username/metrics_password, or metrics_allow_anonymous: true"
+                % (name, addr)), message)
+
+    def test_allowed(self):
+        """Loopback, a login or metrics_allow_anonymous each suffice, on both sides."""
+        for section in (GATEWAY, CLIENT):
+            name = section.split(":")[0].strip()
+            config = getattr(self.load(section + "  metrics_addr: '127.0.0.1:9100'\n"), name)
+            self.assertEqual((config.metrics_username, config.metrics_allow_anonymous),
+                             ("", False))
+            config = getattr(self.load(
+                section + "  metrics_addr: '0.0.0.0:9100'\n  metrics_username: prom\n"
+                          "  metrics_password: scrape-pw\n"), name)
+            self.assertEqual((config.metrics_username, config.metrics_password),
+                             ("prom", "scrape-pw"))
+            self.assertNotIn("scrape-pw", repr(config))
+            config = getattr(self.load(section + "  metrics_addr: ':9100'\n"
+                                                 "  metrics_allow_anonymous: true\n"), name)
+            self.assertTrue(config.metrics_allow_anonymous)
+
+    def test_half_credentials(self):
+        """A metrics username without its password is refused."""
+        message = self.error(GATEWAY + "  metrics_addr: '127.0.0.1:9100'\n"
+                                       "  metrics_username: prom\n")
+        self.assertTrue(message.startswith("gateway.metrics_password: set both"), message)
+
+
 class WeightTests(ConfigTestMixin, SynchronousTestCase):
     """client.weight: a positive number, default 1; group_password is bounded."""
 
@@ -386,3 +436,27 @@ class WeightTests(ConfigTestMixin, SynchronousTestCase):
         config = self.load(CLIENT + "  group_password: lab-secret-pw\n")
         self.assertEqual(config.client.group_password, "lab-secret-pw")
         self.assertNotIn("lab-secret-pw", repr(config))
+
+
+class OpenPortsInterfaceTests(ConfigTestMixin, SynchronousTestCase):
+    """gateway.open_ports_interface: forwarded ports listen on loopback unless it opts in."""
+
+    def test_default_loopback(self):
+        """Absent or empty: 127.0.0.1, whatever the tunnel listener's address."""
+        for extra in ["", '  open_ports_interface: ""\n']:
+            gateway = self.load(GATEWAY.replace("127.0.0.1:8443", ":8443") + extra).gateway
+            self.assertEqual(gateway.open_ports_interface, "127.0.0.1")
+
+    def test_opt_in(self):
+        """An IPv4 or IPv6 address, the wildcard ones included, is taken as given."""
+        for value, expected in [("0.0.0.0", "0.0.0.0"), ("::", "::"), ("[::1]", "::1"),
+                                ("127.0.0.2", "127.0.0.2")]:
+            gateway = self.load(GATEWAY + '  open_ports_interface: "%s"\n' % (value,)).gateway
+            self.assertEqual(gateway.open_ports_interface, expected)
+
+    def test_bad(self):
+        """A name or a port is refused at its key path."""
+        for value in ["localhost", "0.0.0.0:9000", "eth0"]:
+            message = self.error(GATEWAY + '  open_ports_interface: "%s"\n' % (value,))
+            self.assertTrue(message.startswith("gateway.open_ports_interface: "), message)
+            self.assertIn("not an IP address", message)

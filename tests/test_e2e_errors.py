@@ -8,6 +8,7 @@ import socket
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tests.support import PROXY_PASSWORD, PROXY_USER, Deployment, Echo, listen_tcp, run_curl
@@ -172,6 +173,34 @@ class ErrorTableTests(unittest.TestCase):
                                      + b"\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
+    def test_bodies_without_os_text(self):
+        """A 502's body is the error table's text, for http and CONNECT: never the OS error
+        the client met (e.g. '111: Connection refused'), which the gateway logs instead."""
+        logged = []
+        observer = lambda event: logged.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        closed = listen_tcp(self, protocol.Factory.forProtocol(Echo))
+        port = closed.getHost().port
+        yield closed.stopListening()
+        proxy = "http://%s:%s@127.0.0.1:%d" % (PROXY_USER, PROXY_PASSWORD,
+                                               self.deployment.http_port)
+        for target, text in [("127.0.0.1:%d" % (port,), b"connection refused\n"),
+                             ("nowhere.test:80", b"name not resolved\n")]:
+            body, _, _ = yield run_curl("-x", proxy, "http://%s/" % (target,))
+            self.assertEqual(body, text)
+            # curl prints a CONNECT answer's head and body with --proxytunnel -v only;
+            # ask the proxy directly.
+            answer = yield deferToThread(
+                raw_exchange, self.deployment.http_port,
+                b"CONNECT " + target.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Proxy-Authorization: Basic " + self.credentials() + b"\r\n\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), answer)
+            self.assertEqual(answer.split(b"\r\n\r\n", 1)[1], text)
+        self.assertTrue(any("127.0.0.1:%d" % (port,) in line and "111" in line
+                            for line in logged), "the gateway logs the client's detail")
 
     @defer.inlineCallbacks
     def test_still_serving_after_errors(self):

@@ -14,6 +14,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
+from anyproxy.config_parse import load_config
 from tests.support import AnswerAfterEOF, Deployment, Echo, blob, listen_tcp
 from tests.test_e2e_tcp import socks_echo
 
@@ -324,3 +325,76 @@ class LifecycleTests(_Base):
         yield self.deployment.gateway.stopService()
         self.assertEqual(self.forwarding.forwards(), {})
         self.assertTrue((yield deferToThread(tcp_refused, remote)))
+
+
+def tcp_exchange_at(host, port, payload, timeout=10):
+    """Connect to host:port, send C{payload}, half-close, read to EOF."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def tcp_refused_at(host, port):
+    """Whether nothing listens on host:port."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        return e.errno == errno.ECONNREFUSED
+    return False
+
+
+class InterfaceTests(unittest.TestCase):
+    """
+    Forwarded ports listen on 127.0.0.1 unless gateway.open_ports_interface
+    names another address, whatever address the tunnel listener has.  In
+    these tests 127.0.0.2 stands for a public interface.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def forward(self, tunnel_host="127.0.0.1", reload_to=None, **gateway):
+        remote, self.outside = free_ports(2)
+        deployment = Deployment(self)
+        gateway["open_ports_allowed"] = [remote]
+        gateway["listen_addr"] = "%s:0" % (tunnel_host,)
+        yield deployment.start_gateway(gateway=gateway)
+        if reload_to is not None:
+            config = deployment.gateway_config(gateway=dict(gateway, **reload_to))
+            yield deployment.gateway.reconfigure(load_config(deployment.write_config(config)))
+        target = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        client = yield deployment.start_client(wait=False, client={
+            "gateway_addr": "%s:%d" % (tunnel_host, deployment.gateway_port),
+            "gateway_server_name": "localhost", "open_ports": [open_port(remote, target)]})
+        factory = list(client.factories.values())[0]
+        yield wait_until(lambda: factory.open_ports_answer is not None,
+                         what="the gateway's open_ports answer")
+        self.assertTrue(factory.open_ports_answer[0]["ok"], factory.open_ports_answer)
+        forward = deployment.gateway.forwarding.port_for(remote)
+        return remote, forward.listening.getHost().host
+
+    @defer.inlineCallbacks
+    def test_loopback_by_default(self):
+        """With the tunnel listener on another address, the forwarded port is on 127.0.0.1
+        only."""
+        remote, host = yield self.forward(tunnel_host="127.0.0.2")
+        self.assertEqual(host, "127.0.0.1")
+        self.assertEqual((yield deferToThread(tcp_exchange_at, "127.0.0.1", remote, b"hi")),
+                         b"hi")
+        self.assertTrue((yield deferToThread(tcp_refused_at, "127.0.0.2", remote)))
+
+    @defer.inlineCallbacks
+    def test_opt_in(self):
+        """open_ports_interface names where forwarded ports listen."""
+        remote, host = yield self.forward(open_ports_interface="127.0.0.2")
+        self.assertEqual(host, "127.0.0.2")
+        self.assertEqual((yield deferToThread(tcp_exchange_at, "127.0.0.2", remote, b"hi")),
+                         b"hi")
+        self.assertTrue((yield deferToThread(tcp_refused_at, "127.0.0.1", remote)))
+
+    @defer.inlineCallbacks
+    def test_reload(self):
+        """A reload's open_ports_interface applies to ports opened afterwards."""
+        remote, host = yield self.forward(reload_to={"open_ports_interface": "127.0.0.2"})
+        self.assertEqual(host, "127.0.0.2")

@@ -252,6 +252,48 @@ class ClientQueueTests(_LimitsBase):
         self.assertEqual(self.dialer.active, 1)
 
 
+class FairShareTests(_LimitsBase):
+    """
+    gateway.max_conns_per_user below a client's max_concurrent_conns: one user
+    opening more than their share waits in their own queue at the gateway,
+    and another user of the same group still gets the client's free slots.
+    """
+
+    @defer.inlineCallbacks
+    def test_one_user_cannot_starve_another(self):
+        """Alice holds her 4 streams and queues 3 more; Bob's 2 streams open at once."""
+        yield self.start(gateway={"max_conns_per_user": 4, "queue_timeout": 20},
+                         client={"max_concurrent_conns": 6, "queue_timeout": 0.3})
+        yield self.hold(4)
+        queued = [deferToThread(socks_connect, self.deployment.socks_port, "127.0.0.1",
+                                self.echo_port) for _ in range(3)]
+        yield wait_until(lambda: self.gateway.user_limits.waiting(PROXY_USER) == 3)
+        # Alice's extra streams wait at the gateway, holding no slot of the client.
+        self.assertEqual(self.dialer.active, 4)
+        bob = yield self.hold(2, username=OTHER_USER, password=OTHER_PASSWORD)
+        for sock in bob:
+            got = yield deferToThread(echo_through, sock, b"bob")
+            self.assertEqual(got, b"bob")
+        self.assertEqual((self.dialer.active, self.gateway.user_limits.active(OTHER_USER)),
+                         (6, 2))
+        close_all(self.held)  # then Alice's queued streams get their turn
+        for waiting in queued:
+            sock = yield waiting
+            self.held.append(sock)
+            self.assertEqual((yield deferToThread(echo_through, sock, b"alice")), b"alice")
+
+    @defer.inlineCallbacks
+    def test_anonymous_not_counted(self):
+        """Users of a listener without credentials are not one user: max_conns_per_user
+        leaves them to the listener's max_conns."""
+        socks5 = {"listen_addr": "127.0.0.1:0", "auth_username": "", "auth_password": ""}
+        yield self.start(gateway={"max_conns_per_user": 1, "queue_size": 0, "users": []},
+                         proxy={"socks5": socks5})
+        yield self.hold(3, username=None, password=None)
+        self.assertEqual(self.dialer.active, 3)
+        self.assertEqual(self.gateway.user_limits.keys(), [])
+
+
 class IdleTimeoutTests(_LimitsBase):
     """client.idle_timeout closes a TCP stream that carried no byte for that long."""
 

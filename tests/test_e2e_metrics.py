@@ -3,13 +3,17 @@ End to end on loopback: the gateway's and the client's /metrics pages
 (metrics_addr), scraped with curl before and after known traffic.
 """
 
+import base64
+
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from anyproxy.config_parse import load_config
 from tests.support import (
-    PROXY_PASSWORD, PROXY_USER, Deployment, Echo, blob, listen_tcp, run_curl, web_site)
+    PROXY_PASSWORD, PROXY_USER, Deployment, Echo, SecretWatch, blob, listen_tcp, run_curl,
+    web_site)
 from tests.test_e2e_tcp import socks_echo, socks_error
 from tests.test_e2e_udp import UdpEcho, exchange, listen_udp, udp_socket
 
@@ -214,3 +218,65 @@ class UdpMetricsEndToEndTests(unittest.TestCase):
         self.assertEqual(value(on_client, "anyproxy_client_acl_refusals_total",
                                kind="udp_datagram"), 1)
         self.assertEqual(value(on_client, "anyproxy_client_udp_associations_total"), 1)
+
+
+METRICS_USER = "prometheus"
+METRICS_PASSWORD = "s3cret-scrape-pw"
+
+
+class MetricsLoginEndToEndTests(unittest.TestCase):
+    """metrics_username/metrics_password: curl needs the login on both pages, and a reload
+    replaces it at once."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.deployment = Deployment(self)
+        token = base64.b64encode(("%s:%s" % (METRICS_USER, METRICS_PASSWORD)).encode()).decode()
+        SecretWatch(self, secrets=[METRICS_PASSWORD, "new-scrape-pw", token])
+        login = {"metrics_addr": "127.0.0.1:0", "metrics_username": METRICS_USER,
+                 "metrics_password": METRICS_PASSWORD}
+        yield self.deployment.start_gateway(gateway=dict(login))
+        self.client = yield self.deployment.start_client(client=dict(login))
+        self.gateway_port = self.deployment.gateway.listeners["metrics"].port.getHost().port
+        self.client_port = (yield self.client.metrics_listener.when_listening()).getHost().port
+
+    @defer.inlineCallbacks
+    def status(self, port, login=None):
+        args = ("-o", "/dev/null", "-w", "%{http_code}")
+        if login is not None:
+            args += ("-u", "%s:%s" % login)
+        out, err, code = yield run_curl(*args + ("http://127.0.0.1:%d/metrics" % (port,),))
+        self.assertEqual(code, 0, err)
+        return int(out)
+
+    @defer.inlineCallbacks
+    def test_login_required(self):
+        """No login or a wrong one gets 401 from both programs; the right one scrapes."""
+        for port in (self.gateway_port, self.client_port):
+            statuses = []
+            for login in (None, (METRICS_USER, "wrong"), ("other", METRICS_PASSWORD),
+                          (METRICS_USER, METRICS_PASSWORD)):
+                statuses.append((yield self.status(port, login)))
+            self.assertEqual(statuses, [401, 401, 401, 200])
+        out, err, code = yield run_curl("-u", "%s:%s" % (METRICS_USER, METRICS_PASSWORD),
+                                        "http://127.0.0.1:%d/metrics" % (self.gateway_port,))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(value(parse(out.decode("utf-8")), "anyproxy_gateway_tunnels_connected",
+                               client_id="client-1", group="default"), 1)
+
+    @defer.inlineCallbacks
+    def test_reload_replaces_login(self):
+        """A reloaded metrics_password applies to the next scrape, on both programs."""
+        login = {"metrics_addr": "127.0.0.1:0", "metrics_username": METRICS_USER,
+                 "metrics_password": "new-scrape-pw"}
+        for program, data, port in (
+                (self.deployment.gateway, self.deployment.gateway_config(gateway=dict(login)),
+                 self.gateway_port),
+                (self.client, self.deployment.client_config(client=dict(login)),
+                 self.client_port)):
+            config = load_config(self.deployment.write_config(data))
+            yield program.reconfigure(config)
+            self.assertEqual((yield self.status(port, (METRICS_USER, METRICS_PASSWORD))), 401)
+            self.assertEqual((yield self.status(port, (METRICS_USER, "new-scrape-pw"))), 200)

@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import re
+import socket
 import time
 
 from twisted.internet import defer, protocol, reactor, task
@@ -108,7 +109,8 @@ class StatusAPITests(_StatusBase):
         self.assertEqual(snapshot["totals"]["clients"], 1)
         self.assertEqual(snapshot["totals"]["active_streams"], 0)
         [client] = snapshot["clients"]
-        self.assertEqual((client["client_id"], client["group"]), ("client-1", "default"))
+        self.assertEqual((client["client_id"], client["group"], client["credential"]),
+                         ("client-1", "default", "gateway.auth_username"))
         self.assertIn("127.0.0.1", client["address"])
         self.assertEqual(client["active_streams"], 0)
         self.assertGreaterEqual(client["connected_for"], 0)
@@ -180,6 +182,57 @@ class StatusOffTests(unittest.TestCase):
         config = load_config(deployment.write_config(deployment.gateway_config()))
         service = make_gateway_service(config, reactor)
         self.assertNotIn("status page", service.listeners)
+
+
+def trickle(port, interval, give_up):
+    """
+    Send a request head to C{port} one byte every C{interval} seconds, as a
+    slow-loris client does, reading meanwhile (runs in a thread).
+
+    @return: C{(seconds until the server closed or None if it had not after
+        C{give_up} seconds, bytes received)}.
+    """
+    head = b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"z" * 200
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    started = time.monotonic()
+    received = b""
+    try:
+        sock.settimeout(interval)
+        for byte in head:
+            if time.monotonic() - started > give_up:
+                return None, received
+            try:
+                sock.sendall(bytes([byte]))
+                data = sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:  # reset: closed
+                return time.monotonic() - started, received
+            if not data:
+                return time.monotonic() - started, received
+            received += data
+        return None, received
+    finally:
+        sock.close()
+
+
+class StatusDeadlineTests(unittest.TestCase):
+    """A client trickling a request head is cut off at gateway.handshake_timeout."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_slow_head_cut_off(self):
+        """One byte every 0.2 s: 408 and closed about handshake_timeout (2 s) after connecting."""
+        deployment = Deployment(self)
+        overrides = status_overrides()
+        overrides["gateway"]["handshake_timeout"] = 2
+        yield deployment.start_gateway(**overrides)
+        port = deployment.gateway.listeners["status page"].port.getHost().port
+        closed_after, received = yield deferToThread(trickle, port, 0.2, 8.0)
+        self.assertIsNotNone(closed_after, "still open after 8 s")
+        self.assertTrue(1.5 <= closed_after < 6.0, closed_after)
+        self.assertTrue(received.startswith(b"HTTP/1.1 408 "), received)
 
 
 def browser_session(url, socks_port, echo_port, screenshot_path):

@@ -222,7 +222,8 @@ class GroupRoutingTests(unittest.TestCase):
         """bob (group lab) reaches only the lab client; with none connected he gets 'no tunnel'."""
         deployment = Deployment(self)
         yield deployment.start_gateway(gateway={
-            "users": [{"username": "bob", "password": "bob-pw", "group": "lab"}]})
+            "users": [{"username": "bob", "password": "bob-pw", "group": "lab"}],
+            "clients": [{"username": "lab-site", "password": "lab-site-pw", "groups": ["lab"]}]})
         echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
         yield deployment.start_client(client={"client_id": "office"})
 
@@ -232,8 +233,9 @@ class GroupRoutingTests(unittest.TestCase):
                                  username="bob", password="bob-pw")
 
         self.assertIn("0x01", (yield bob_error()))  # the default-group client is not his
-        yield deployment.start_client(group="lab", client={"client_id": "lab-1",
-                                                           "group_id": "lab"})
+        yield deployment.start_client(group="lab", client={
+            "client_id": "lab-1", "group_id": "lab", "auth_username": "lab-site",
+            "auth_password": "lab-site-pw"})
         sock = yield deferToThread(socks_connect, deployment.socks_port, "127.0.0.1",
                                    echo_port, username="bob", password="bob-pw")
         self.addCleanup(sock.close)
@@ -260,7 +262,7 @@ class GroupPasswordTests(unittest.TestCase):
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         deployment = Deployment(self)
-        yield deployment.start_gateway()
+        yield deployment.start_gateway(gateway={"auth_groups": ["default", "ops", "lab"]})
         echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
         web_port = listen_tcp(self, web_site()).getHost().port
         # Other groups, one of them announcing the same password: never used for lab.

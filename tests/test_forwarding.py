@@ -14,8 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.gateway import forwarding_udp
+from anyproxy.gateway.client_access import ClientGrant
 from anyproxy.gateway.forwarding import (
-    PortForwarding, listen_interface, parse_request, refuse_all)
+    PortForwarding, parse_request, refuse_all)
 from anyproxy.gateway.registry import Tunnel
 from anyproxy.gateway.tunnels import TunnelServerFactory
 
@@ -196,12 +197,22 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(refuse_all([wanted(9001)], "off"),
                          [{"remote_port": 9001, "protocol": "tcp", "ok": False, "error": "off"}])
 
-    def test_listen_interface(self):
-        """Forwarded ports listen where the tunnel listener does."""
-        self.assertEqual(listen_interface("tcp:8443:interface=127.0.0.1"), "127.0.0.1")
-        self.assertEqual(listen_interface("tcp6:8443:interface=\\:\\:1"), "::1")
-        self.assertEqual(listen_interface("tcp:8443"), "")
-        self.assertEqual(listen_interface("tcp6:8443"), "::")
+    def test_loopback_by_default(self):
+        """Without an interface given, forwarded ports (TCP and UDP) listen on 127.0.0.1."""
+        reactor = FakeReactor(())
+        manager = PortForwarding(reactor, lambda port: True)
+        manager.tunnel_connected(tunnel("a"), [wanted(9001), wanted(9001, 53, "udp")])
+        self.assertEqual([(port.port, port.interface) for _, port in reactor.listening],
+                         [(9001, "127.0.0.1"), (9001, "127.0.0.1")])
+
+    def test_interface_change_applies_to_new_ports(self):
+        """A new interface (a reload) applies to ports opened afterwards."""
+        reactor, manager = forwarding()
+        manager.tunnel_connected(tunnel("a"), [wanted(9001)])
+        manager.interface = "0.0.0.0"
+        manager.tunnel_connected(tunnel("b"), [wanted(9002)])
+        self.assertEqual(sorted((port.port, port.interface) for _, port in reactor.listening),
+                         [(9001, "127.0.0.1"), (9002, "0.0.0.0")])
 
 
 # -- the manager ------------------------------------------------------------------
@@ -509,6 +520,7 @@ class FakeProtocol:
     """What TunnelServerFactory.tunnel_connected reads of a GatewayTunnelProtocol."""
 
     peer = "tcp:127.0.0.1:5000"
+    grant = ClientGrant("u", ("default",), (), 1024)
 
     def __init__(self):
         self.mux = FakeMux()

@@ -8,7 +8,9 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.auth import GroupLogins, User, UserDatabase
+from anyproxy.auth import GroupLogins, User
+from anyproxy.errors import HelloRefused
+from anyproxy.gateway.client_access import ClientCredentials, ClientGrant
 from anyproxy.gateway.registry import TunnelRegistry
 from anyproxy.gateway.tunnels import TunnelServerFactory
 
@@ -30,6 +32,7 @@ class FakeProtocol:
     """The parts of a L{GatewayTunnelProtocol} that C{tunnel_connected} reads."""
 
     peer = "tcp4:127.0.0.1:40000"
+    grant = ClientGrant("test", ("*",), (), 1024)
 
     def __init__(self):
         self.mux = FakeMux()
@@ -51,7 +54,7 @@ class HelloKeysTests(SynchronousTestCase):
     def setUp(self):
         self.registry = TunnelRegistry(Clock())
         self.logins = GroupLogins()
-        self.factory = TunnelServerFactory(self.registry, UserDatabase(), Clock(),
+        self.factory = TunnelServerFactory(self.registry, ClientCredentials(), Clock(),
                                            group_logins=self.logins)
         self.logged = []
         observer = lambda event: self.logged.append(formatEvent(event))  # noqa: E731
@@ -59,7 +62,12 @@ class HelloKeysTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def connect(self, **extra):
-        return self.factory.tunnel_connected(FakeProtocol(), hello(**extra))
+        """The registered tunnel, or C{None} when the HELLO is refused."""
+        try:
+            return self.factory.tunnel_connected(FakeProtocol(), hello(**extra))
+        except HelloRefused as refused:
+            self.logged.append(refused.reason)
+            return None
 
     def test_default_weight(self):
         """A HELLO without weight gives weight 1."""
@@ -71,8 +79,8 @@ class HelloKeysTests(SynchronousTestCase):
         self.assertEqual(self.connect(weight=0.25).weight, 0.25)
 
     def test_bad_weight_refused(self):
-        """A weight that is not a number in (0, 10000] refuses the tunnel."""
-        for bad in (0, -1, 10001, "3", True, None, [1]):
+        """A weight that is not a number in [0.01, 10000] refuses the tunnel."""
+        for bad in (0, -1, 1e-300, 0.009, 10001, "3", True, None, [1]):
             self.assertIsNone(self.connect(weight=bad), bad)
         self.assertEqual(self.registry.tunnels(), [])
 
@@ -108,7 +116,7 @@ class HelloKeysTests(SynchronousTestCase):
 
     def test_without_group_logins(self):
         """A factory without group logins ignores group passwords."""
-        factory = TunnelServerFactory(self.registry, UserDatabase(), Clock())
+        factory = TunnelServerFactory(self.registry, ClientCredentials(), Clock())
         self.assertIsNotNone(factory.tunnel_connected(FakeProtocol(),
                                                       hello(group_password="lab-secret-pw")))
 
@@ -137,7 +145,7 @@ class ClientHelloTests(SynchronousTestCase):
     def test_hello_accepted_by_gateway(self):
         """The gateway takes the client's HELLO as it is."""
         registry, logins = TunnelRegistry(Clock()), GroupLogins()
-        gateway = TunnelServerFactory(registry, UserDatabase(), Clock(), group_logins=logins)
+        gateway = TunnelServerFactory(registry, ClientCredentials(), Clock(), group_logins=logins)
         info = self.factory(weight=3, group_password="lab-secret-pw").hello_info()
         tunnel = gateway.tunnel_connected(FakeProtocol(), info)
         self.assertEqual((tunnel.group, tunnel.weight), ("lab", 3.0))

@@ -21,7 +21,7 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -30,10 +30,11 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from anyproxy.auth import User, UserDatabase
-from anyproxy.errors import Reason, StreamOpenError, http_status
+from anyproxy.errors import Reason, StreamOpenError, http_status, user_text
 from anyproxy.frontends import http as http_module
 from anyproxy.frontends import http_forward
 from anyproxy.frontends.http import HttpProxyFactory
+from tests.test_operator_site import connect_raw, wait_until
 from anyproxy.frontends.http_messages import (
     binds_connection,
     BadTarget,
@@ -49,6 +50,35 @@ PASSWORD = "s3cret-pw"
 def _basic(username, password):
     token = base64.b64encode(("%s:%s" % (username, password)).encode())
     return b"Basic " + token
+
+
+# What a client's OPEN_ERROR text or a local exception can say (OS error
+# strings); users must see none of it (DESIGN.md section 5).
+OS_DETAILS = [
+    (Reason.CONNECTION_REFUSED,
+     "Connection was refused by other side: 111: Connection refused."),
+    (Reason.NAME_NOT_RESOLVED, "DNS lookup failed: [Errno -2] Name or service not known."),
+    (Reason.HOST_UNREACHABLE, "No route to host: 113: No route to host."),
+    (Reason.NETWORK_UNREACHABLE, "[Errno 101] Network is unreachable"),
+    (Reason.TIMED_OUT, "TCP connection timed out: 110: Connection timed out."),
+    (Reason.GENERAL_FAILURE, "[Errno 24] Too many open files"),
+]
+
+
+def assert_no_os_text(testcase, body):
+    """No errno numbers or OS error phrases in a body users see."""
+    for marker in (b"Errno", b"111", b"113", b"-2", b"Name or service", b"No route",
+                   b"Connection was refused", b"Too many open files", b"by other side"):
+        testcase.assertNotIn(marker, body)
+
+
+def capture_log(testcase):
+    """Formatted log lines emitted while the test runs."""
+    lines = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return lines
 
 
 # -- fakes ----------------------------------------------------------------------
@@ -272,6 +302,18 @@ class ConnectTests(SynchronousTestCase):
             self.assertFalse(self.user.closed)
         self.assertEqual(http_status(Reason.NOT_ALLOWED), 403)
 
+    def test_failure_body_has_no_os_text(self):
+        """The body is the reason's generic text; the detail (an OS error from the client)
+        goes to the log only."""
+        logged = capture_log(self)
+        for reason, detail in OS_DETAILS:
+            self.user.request(b"CONNECT", b"example.com:443")
+            self.user.streams[-1].deferred.errback(StreamOpenError(reason, detail))
+            status, _, body = self.user.response()
+            self.assertEqual(body, user_text(reason).encode() + b"\n")
+            assert_no_os_text(self, body)
+            self.assertTrue(any(detail in line for line in logged), (detail, logged))
+
     def test_unexpected_failure(self):
         """A failure that is not a StreamOpenError is answered 502."""
         self.user.request(b"CONNECT", b"example.com:443")
@@ -402,6 +444,18 @@ class ForwardTests(SynchronousTestCase):
             self.user.request(b"GET", b"http://example.com/")
             self.user.streams[-1].deferred.errback(StreamOpenError(reason))
             self.assertEqual(self.user.response()[0], http_status(reason))
+
+    def test_failure_body_has_no_os_text(self):
+        """A forwarded request's open failure shows the generic text, logs the detail."""
+        logged = capture_log(self)
+        for reason, detail in OS_DETAILS:
+            self.user.request(b"GET", b"http://example.com/")
+            self.user.streams[-1].deferred.errback(StreamOpenError(reason, detail))
+            status, _, body = self.user.response()
+            self.assertEqual((status, body), (http_status(reason),
+                                              user_text(reason).encode() + b"\n"))
+            assert_no_os_text(self, body)
+            self.assertTrue(any(detail in line for line in logged), (detail, logged))
 
     def test_bad_origin(self):
         """Garbage or an early close from the origin is answered 502."""
@@ -570,6 +624,56 @@ class TimeoutTests(SynchronousTestCase):
         user.clock.advance(30)
         self.assertTrue(user.closed)
         self.assertEqual(user.clock.getDelayedCalls(), [])
+
+    def test_deadline_not_extended_by_bytes(self):
+        """A head trickling in is closed at the timeout however recently a byte came."""
+        user = _User(self, timeout=5)
+        for byte in b"GET http://a/ HTTP/1.1\r\n":
+            if user.clock.seconds() >= 4.9:
+                break
+            user.protocol.dataReceived(bytes([byte]))
+            user.clock.advance(0.2)
+        self.assertFalse(user.closed)
+        user.clock.advance(0.2)
+        self.assertTrue(user.closed)
+
+
+class HandshakeCapTests(SynchronousTestCase):
+    """At most max_handshakes connections wait for their first request to be let in."""
+
+    def setUp(self):
+        self.user = _User(self, users=UserDatabase([("alice", PASSWORD, "lab")]),
+                          max_handshakes=1)
+
+    def another(self):
+        protocol = self.user.factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_cap(self):
+        """Beyond the cap a new connection is closed at once, without a byte."""
+        _, transport = self.another()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.user.factory.handshakes.refused, 1)
+
+    def test_wrong_login_still_counts(self):
+        """A request refused with 407 leaves the connection counted."""
+        self.user.request(b"GET", b"http://example.com/")
+        self.assertEqual(self.user.response()[0], 407)
+        self.assertTrue(self.another()[1].disconnecting)
+
+    def test_login_leaves(self):
+        """A request let in frees the place for the next connection."""
+        self.user.request(b"GET", b"http://example.com/",
+                          headers=[(b"Proxy-Authorization", _basic("alice", PASSWORD))])
+        self.assertEqual(self.user.factory.handshakes.count, 0)
+        protocol, transport = self.another()
+        self.assertFalse(transport.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.user.protocol.connectionLost(Failure(ConnectionDone()))  # counted once only
+        self.assertEqual(self.user.factory.handshakes.count, 0)
 
 
 class MessageTests(SynchronousTestCase):
@@ -743,6 +847,21 @@ class CurlLoopbackTests(TestCase):
         with open(path, "wb") as f:
             f.write(data)
         return path
+
+    @inlineCallbacks
+    def test_handshake_cap(self):
+        """Idle connections that fill max_handshakes make curl's connection close at once;
+        once one leaves, curl gets through."""
+        self.proxy.handshakes.limit = 1
+        idle = yield connect_raw(self, self.proxy_port)
+        yield wait_until(lambda: self.proxy.handshakes.count == 1)
+        out, err, code = yield self.curl(self.url("/"))
+        self.assertNotEqual(code, 0)
+        self.assertEqual(out, b"")
+        idle.transport.loseConnection()
+        yield wait_until(lambda: self.proxy.handshakes.count == 0)
+        out, err, code = yield self.curl(self.url("/blob/1000"))
+        self.assertEqual((code, err, len(out)), (0, b"", 1000))
 
     @inlineCallbacks
     def test_large_get(self):

@@ -5,10 +5,13 @@ its use by L{TunnelEndpoint}, L{Stream.notify_closed} and the connection
 records of L{anyproxy.records}, all on a L{Clock}.
 """
 
+import os
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from anyproxy.config_parse import load_config
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.gateway.registry import TunnelRegistry
 from anyproxy.gateway.endpoint import TunnelEndpoint
@@ -390,3 +393,39 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(calls, [near.transport])
         near.transport.notify_closed(calls.append)
         self.assertEqual(calls, [near.transport] * 2)
+
+
+class DefaultsTests(SynchronousTestCase):
+    """
+    The shipped limits serve a small office and share a client between users:
+    one user's allowance (gateway.max_conns_per_user) is below a client's
+    capacity (client.max_concurrent_conns), in the code and in etc/.
+    """
+
+    def load(self, *names, text=None):
+        if text is not None:
+            path = self.mktemp() + ".yaml"
+            with open(path, "w") as f:
+                f.write(text)
+            return load_config(path, check_files=False)
+        etc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
+        return [load_config(os.path.join(etc, name), check_files=False) for name in names]
+
+    def assert_shared(self, per_user, capacity):
+        self.assertGreater(per_user, 0, "max_conns_per_user: 0 lets one user take a client")
+        self.assertLess(per_user, capacity)
+        # A few people browsing (a browser opens up to 6 connections per host).
+        self.assertGreaterEqual(capacity, 1024)
+
+    def test_defaults(self):
+        """Keys left out: per-user below the client's capacity."""
+        config = self.load(text="gateway: {listen_addr: ':8443', tls_cert: c, tls_key: k, "
+                                "auth_username: u, auth_password: p}\n"
+                                "client: {gateway_addr: 'gw:8443'}\n")
+        self.assert_shared(config.gateway.max_conns_per_user, config.client.max_concurrent_conns)
+
+    def test_example_files(self):
+        """The same for the values written in etc/."""
+        single, gateway, client = self.load("anyproxy.yaml", "gateway.yaml", "client.yaml")
+        self.assert_shared(single.gateway.max_conns_per_user, single.client.max_concurrent_conns)
+        self.assert_shared(gateway.gateway.max_conns_per_user, client.client.max_concurrent_conns)

@@ -3,12 +3,17 @@
 import json
 import os
 
+import txaio
+from autobahn.websocket.types import ConnectingRequest
 from twisted.application.service import Application
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver, Logger, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from anyproxy.config import LogConfig
-from anyproxy.logs import REDACTED, LoggingRoot, make_observer, redact
+from anyproxy.logs import (
+    REDACTED, LoggingRoot, RedactingLogger, library_logger, make_observer, redact)
+
+TOKEN = b"dHVubmVsLXVzZXI6czNjcmV0"  # base64 of "tunnel-user:s3cret"
 
 
 class MakeObserverTests(unittest.TestCase):
@@ -72,9 +77,66 @@ class RedactTests(unittest.TestCase):
                          (REDACTED, REDACTED, "bob"))
 
     def test_credentials_in_text(self):
-        """A Basic or Bearer credential inside a text value is masked."""
-        clean = redact({"line": "Proxy-Authorization: Basic YWxpY2U6cHc= next"})
-        self.assertEqual(clean["line"], "Proxy-Authorization: Basic <redacted> next")
+        """
+        A Basic or Bearer credential inside a text value is masked; after a
+        credential header's name, the whole value to the end of its line.
+        """
+        clean = redact({"line": "Proxy-Authorization: Basic YWxpY2U6cHc= next\nHost: h",
+                        "other": "sent Bearer tok3n.x later", "cookie": "Cookie: a=1; b=2"})
+        self.assertEqual(clean["line"], "Proxy-Authorization: Basic <redacted>\nHost: h")
+        self.assertEqual(clean["other"], "sent Bearer <redacted> later")
+        self.assertEqual(clean["cookie"], REDACTED)
+        self.assertEqual(redact({"x": "Set-Cookie: sid=abc; Path=/"})["x"],
+                         "Set-Cookie: <redacted>")
+
+    def test_bytes(self):
+        """A raw HTTP request in bytes (Autobahn's handshake dump) keeps its type, masked."""
+        data = (b"GET /anyproxy HTTP/1.1\r\nHost: gw\r\nAuthorization: Basic " + TOKEN +
+                b"\r\nCookie: sid=s3cr3t\r\nUpgrade: websocket\r\n\r\n")
+        clean = redact({"data": data, "view": bytearray(data)})
+        self.assertEqual(clean["data"], b"GET /anyproxy HTTP/1.1\r\nHost: gw\r\nAuthorization: "
+                                        b"Basic <redacted>\r\nCookie: <redacted>\r\n"
+                                        b"Upgrade: websocket\r\n\r\n")
+        self.assertEqual(clean["view"], clean["data"])
+
+    def test_reprs(self):
+        """Headers inside the repr of bytes or a dict end at the escaped line end or quote."""
+        text = "%r %r" % (b"Authorization: Basic " + TOKEN + b"\r\nHost: gw",
+                          {"authorization": "Basic " + TOKEN.decode()})
+        clean = redact({"text": text})["text"]
+        self.assertNotIn(TOKEN.decode(), clean)
+        self.assertIn("\\r\\nHost: gw", clean)
+
+    def test_header_containers(self):
+        """Header dicts (str or bytes keys), header pairs and nested lists are masked."""
+        clean = redact({"headers": {"authorization": "Basic " + TOKEN.decode(), "host": "gw",
+                                    b"Cookie": b"sid=1"},
+                        "pairs": [("Proxy-Authorization", "Basic x"), ("Host", "gw")],
+                        "nested": ({"x": ["Authorization: Bearer abcdef"]},)})
+        self.assertEqual(clean["headers"], {"authorization": REDACTED, "host": "gw",
+                                            b"Cookie": REDACTED})
+        self.assertEqual(clean["pairs"], [("Proxy-Authorization", REDACTED), ("Host", "gw")])
+        self.assertEqual(clean["nested"], ({"x": ["Authorization: Bearer <redacted>"]},))
+
+    def test_objects(self):
+        """
+        Autobahn's request objects (their headers) and any object whose text
+        shows a credential are masked; others pass untouched.
+        """
+        request = ConnectingRequest(host="gw", port=443, resource="/anyproxy",
+                                    headers={"Authorization": "Basic " + TOKEN.decode()})
+        marker = object()
+        clean = redact({"request": request, "error": ValueError("bad Basic " + TOKEN.decode()),
+                        "plain": marker, "n": 3})
+        self.assertEqual(clean["request"]["headers"], {"Authorization": REDACTED})
+        self.assertEqual(clean["error"], "bad Basic <redacted>")
+        self.assertIs(clean["plain"], marker)
+        self.assertEqual(clean["n"], 3)
+
+    def test_format_string(self):
+        """A credential in the format string itself is masked too."""
+        clean = redact({"log_format": "got Authorization: Basic " + TOKEN.decode()})
+        self.assertNotIn(TOKEN.decode(), clean["log_format"])
 
     def test_destination_sees_redacted(self):
         """The configured observer writes the redacted text."""
@@ -86,3 +148,80 @@ class RedactTests(unittest.TestCase):
             text = f.read()
         self.assertNotIn("tok3n", text)
         self.assertNotIn("pw123", text)
+
+
+class LibraryLoggerTests(unittest.TestCase):
+    """Autobahn's events are masked as they are made, for every observer."""
+
+    def setUp(self):
+        txaio.use_twisted()  # as twistd startup does (apply_library_levels)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.addCleanup(txaio.set_global_log_level, txaio.get_global_log_level())
+
+    def test_every_observer_sees_masked_events(self):
+        """An observer of the global publisher gets the event already masked."""
+        txaio.set_global_log_level("debug")
+        library_logger("autobahn.test").debug("received HTTP request:\n\n{data}\n\n",
+                                               data=b"Authorization: Basic " + TOKEN)
+        [event] = [e for e in self.events if e.get("log_namespace") == "autobahn.test"]
+        self.assertEqual(event["data"], b"Authorization: Basic <redacted>")
+        self.assertNotIn(TOKEN.decode(), formatEvent(event))
+
+    def test_follows_txaio_level(self):
+        """Below the global txaio level its methods stay no-ops (nothing is emitted)."""
+        logger = library_logger("autobahn.test")
+        txaio.set_global_log_level("info")
+        logger.debug("quiet {data}", data=b"x")
+        txaio.set_global_log_level("debug")
+        logger.debug("loud {data}", data=b"x")
+        self.assertEqual([e["log_format"] for e in self.events
+                          if e.get("log_namespace") == "autobahn.test"], ["loud {data}"])
+
+    def test_tunnel_protocols_use_it(self):
+        """Both ends' Autobahn protocols log through a masking logger."""
+        from anyproxy.tunnel.websocket import ClientTunnelProtocol, GatewayTunnelProtocol
+        for cls in (ClientTunnelProtocol, GatewayTunnelProtocol):
+            self.assertIsInstance(cls.log._logger, RedactingLogger)
+
+
+class RotationTests(unittest.TestCase):
+    """log.max_size and log.max_backups bound the files a log leaves."""
+
+    def test_at_most_max_backups(self):
+        """
+        After many rotations (and with stale files from an unbounded run),
+        at most max_backups rotated files remain, the newest ones.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "anyproxy.log")
+        for number in range(1, 31):  # what an earlier run without a bound left
+            with open("%s.%d" % (path, number), "w") as f:
+                f.write("stale\n")
+        observer = make_observer(LogConfig(level="info", format="text", file=path,
+                                           max_size=2, max_backups=3))
+        self.addCleanup(observer.stream.close)
+        self.assertEqual(observer.stream.rotateLength, 2 * 1024 * 1024)
+        observer.stream.rotateLength = 200  # rotate every few lines, not every 2 MB
+        log = Logger(observer=observer)
+        for n in range(500):
+            log.info("line {n}", n=n)
+        rotated = sorted(name for name in os.listdir(directory) if name != "anyproxy.log")
+        self.assertEqual(rotated, ["anyproxy.log.1", "anyproxy.log.2", "anyproxy.log.3"])
+        texts = []
+        for name in ["anyproxy.log"] + rotated:
+            with open(os.path.join(directory, name)) as f:
+                texts.append(f.read())
+        self.assertNotIn("stale", "".join(texts))
+        self.assertIn("line 499", texts[0])  # newest first: current, .1, .2, .3
+        numbers = [int(text.rsplit("line ", 1)[1].split()[0]) for text in texts]
+        self.assertEqual(numbers, sorted(numbers, reverse=True))
+
+    def test_zero_keeps_all(self):
+        """max_backups 0 is the original's "no limit"."""
+        observer = make_observer(LogConfig(level="info", format="text", file=self.mktemp(),
+                                           max_backups=0))
+        self.addCleanup(observer.stream.close)
+        self.assertIsNone(observer.stream.maxRotatedFiles)

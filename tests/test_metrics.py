@@ -4,6 +4,7 @@ wired back to back, a real L{TunnelRegistry}, fake client factories), and the
 byte counters the tunnel keeps for them.
 """
 
+from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -222,7 +223,13 @@ class GatewayMetricsTests(SynchronousTestCase):
                          0)
 
     def test_client_bytes_survive_tunnel(self):
-        """A client's byte counters keep a tunnel's totals once it is removed."""
+        """
+        A client's byte counters keep a removed tunnel's totals while the
+        client has another tunnel; with its last tunnel its series end and
+        the totals go on in the departed series.
+        """
+        other = Tunnel("client-1", "lab", MuxPair().gateway)
+        self.tunnels.add(other)
         stream, _ = opened(self.pair, self.metrics, "socks5 proxy")
         stream.write(b"u" * 1234)
         self.pair.pump()
@@ -232,8 +239,54 @@ class GatewayMetricsTests(SynchronousTestCase):
         self.tunnels.remove(self.tunnel)
         self.assertEqual(self.value("anyproxy_gateway_client_bytes_total",
                                     client_id="client-1", direction="in"), 1234)
+        self.assertEqual(self.value("anyproxy_gateway_departed_client_bytes_total",
+                                    direction="in"), 0)
+        self.tunnels.remove(other)
+        self.assertIsNone(self.value("anyproxy_gateway_client_bytes_total",
+                                     client_id="client-1", direction="in"))
         self.assertIsNone(self.value("anyproxy_gateway_tunnels_connected",
                                      client_id="client-1", group="lab"))
+        self.assertEqual(self.value("anyproxy_gateway_departed_client_bytes_total",
+                                    direction="in"), 1234)
+
+    def cycle(self, count, scrape):
+        """C{count} clients, each with a new id, connect, carry bytes and go."""
+        for n in range(count):
+            pair = MuxPair()
+            tunnel = Tunnel("gone-%d" % (n,), "lab", pair.gateway)
+            self.tunnels.add(tunnel)
+            stream, _ = opened(pair, self.metrics, "socks5 proxy")
+            stream.write(b"x" * 10)
+            pair.pump()
+            if scrape:
+                generate_latest(self.metrics.registry)
+            pair.gateway.connection_lost()
+            self.tunnels.remove(tunnel)
+
+    def test_departed_clients_leave_no_series(self):
+        """
+        Reconnects under new client ids do not grow /metrics: no series names
+        a gone client, the page is as long as before, and the bytes are kept
+        in the departed total.
+        """
+        self.cycle(1, scrape=True)
+        before = len(generate_latest(self.metrics.registry))
+        self.cycle(300, scrape=True)
+        page = generate_latest(self.metrics.registry)
+        self.assertNotIn(b"gone-", page)
+        self.assertLess(len(page), before + 200)  # process gauges' digits may vary
+        self.assertEqual(self.value("anyproxy_gateway_departed_client_bytes_total",
+                                    direction="in"), 301 * 10)
+        self.assertEqual(self.value("anyproxy_gateway_client_bytes_total",
+                                    client_id="client-1", direction="in"), 0)
+
+    def test_departed_clients_bounded_without_scrapes(self):
+        """Unscraped, the gateway still forgets gone clients (memory stays bounded)."""
+        self.cycle(1000, scrape=False)
+        self.assertLessEqual(len(self.metrics._client_bytes), 2 * 64 + 1)
+        self.assertEqual(self.value("anyproxy_gateway_departed_client_bytes_total",
+                                    direction="in"), 1000 * 10)
+        self.assertEqual(self.metrics._client_bytes, {})  # the scrape dropped the rest
 
     def test_udp_relay_counters(self):
         """UDP relay counters are read live and kept when the association ends."""

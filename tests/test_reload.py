@@ -301,8 +301,8 @@ class GatewayReconfigureTests(unittest.TestCase):
         self.assertEqual(self.reconfigure(self.data(password="new-pw", auth_password="t2-pw")), [])
         self.assertIsNone(socks.users.authenticate("user", "proxy-pw"))
         self.assertIsNotNone(socks.users.authenticate("user", "new-pw"))
-        self.assertFalse(self.service.tunnels.check_client("tunnel", "tunnel-pw"))
-        self.assertTrue(self.service.tunnels.check_client("tunnel", "t2-pw"))
+        self.assertIsNone(self.service.tunnels.grant_for(None, ("tunnel", "tunnel-pw")))
+        self.assertIsNotNone(self.service.tunnels.grant_for(None, ("tunnel", "t2-pw")))
         self.assertEqual(self.reactor.events, [])  # nothing re-bound
 
     def test_settings_applied(self):
@@ -379,6 +379,26 @@ class GatewayReconfigureTests(unittest.TestCase):
         self.failureResultOf(checker.requestAvatarId(UsernamePassword(b"admin", b"status-pw")),
                              UnauthorizedLogin)
         self.successResultOf(checker.requestAvatarId(UsernamePassword(b"admin", b"new-status-pw")))
+
+    def test_metrics_login(self):
+        """A new metrics login, or none on loopback, applies at once; so does the deadline."""
+        data = self.data(metrics_addr="127.0.0.1:9100", metrics_username="prom",
+                         metrics_password="scrape-pw")
+        service = make_gateway_service(self.load(data), self.reactor)
+        site = service.listeners["metrics"].factory
+        self.successResultOf(site.checker.requestAvatarId(UsernamePassword(b"prom", b"scrape-pw")))
+        self.assertIsNot(site.resource, site.tree)
+        self.assertEqual(site.request_timeout, 10.0)
+        data["gateway"].update(metrics_password="new-scrape-pw", handshake_timeout=3)
+        self.successResultOf(service.reconfigure(self.load(data)))
+        self.failureResultOf(site.checker.requestAvatarId(
+            UsernamePassword(b"prom", b"scrape-pw")), UnauthorizedLogin)
+        self.successResultOf(site.checker.requestAvatarId(
+            UsernamePassword(b"prom", b"new-scrape-pw")))
+        self.assertEqual(site.request_timeout, 3)
+        del data["gateway"]["metrics_username"], data["gateway"]["metrics_password"]
+        self.successResultOf(service.reconfigure(self.load(data)))
+        self.assertIs(site.resource, site.tree)
 
     def test_certificate_reread(self):
         """TLS options are rebuilt from the files on every reload."""
@@ -472,6 +492,25 @@ class ClientReconfigureTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(root.reconfigure(config)), [])
         self.assertEqual(root.metrics_listener.description, "tcp:9201:interface=127.0.0.1")
         self.assertIn(root.metrics_listener, list(root))
+
+    def test_metrics_login(self):
+        """A new metrics login applies at once; with metrics_addr gone it stays until the
+        restart that stops the listener."""
+        login = dict(metrics_addr="127.0.0.1:9200", metrics_username="prom")
+        root, _ = make_client_service(load_config(write_yaml(
+            self.path, client_data(metrics_password="scrape-pw", **login)), role="client"),
+            MemoryReactor())
+        site = root.metrics_listener.factory
+        config = load_config(write_yaml(self.path, client_data(metrics_password="new-pw",
+                                                               **login)), role="client")
+        self.assertEqual(self.successResultOf(root.reconfigure(config)), [])
+        self.failureResultOf(site.checker.requestAvatarId(
+            UsernamePassword(b"prom", b"scrape-pw")), UnauthorizedLogin)
+        self.successResultOf(site.checker.requestAvatarId(UsernamePassword(b"prom", b"new-pw")))
+        config = load_config(write_yaml(self.path, client_data()), role="client")
+        self.assertEqual(len(self.successResultOf(root.reconfigure(config))), 1)
+        self.assertIsNot(site.resource, site.tree)
+        self.successResultOf(site.checker.requestAvatarId(UsernamePassword(b"prom", b"new-pw")))
 
     def test_credentials_and_hello(self):
         """Credentials and HELLO fields are updated for the next connection."""

@@ -28,6 +28,7 @@ from zope.interface import implementer
 from anyproxy.auth import ANONYMOUS, User, UserDatabase
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.frontends.socks5 import OPENING_HIGH_WATER, Socks5Factory
+from tests.test_operator_site import connect_raw, wait_until
 
 CONNECT_IPV4 = b"\x05\x01\x00\x01\xcb\x00\x71\x05\x00\x50"  # 203.0.113.5:80
 CONNECT_DOMAIN = b"\x05\x01\x00\x03\x0bexample.com\x01\xbb"  # example.com:443
@@ -549,3 +550,89 @@ class Socks5LoopbackTests(TestCase):
         received = yield deferToThread(socks_exchange, proxy, target, payload, half_close=True)
         self.assertEqual(received, payload)
 
+
+
+class HandshakeCapTests(SynchronousTestCase):
+    """A listener keeps at most max_handshakes connections in their handshake."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.endpoint = FakeEndpoint()
+        self.factory = Socks5Factory(UserDatabase(), lambda user, host, port: self.endpoint,
+                                     self.clock, handshake_timeout=5.0, max_handshakes=2)
+
+    def connect(self):
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_cap(self):
+        """Beyond the cap a new connection is closed at once, without a byte."""
+        self.connect()
+        self.connect()
+        _, transport = self.connect()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual((self.factory.handshakes.count, self.factory.handshakes.refused), (2, 1))
+
+    def test_request_leaves(self):
+        """A connection whose request has arrived no longer counts: a new one is let in."""
+        first, _ = self.connect()
+        self.connect()
+        first.dataReceived(b"\x05\x01\x00" + CONNECT_IPV4)
+        self.assertEqual(self.factory.handshakes.count, 1)
+        _, transport = self.connect()
+        self.assertFalse(transport.disconnecting)
+        first.connectionLost(Failure(ConnectionDone()))  # counted once only
+        self.assertEqual(self.factory.handshakes.count, 2)
+
+    def test_close_leaves(self):
+        """A connection closed in its handshake (by the user or the timeout) frees its place."""
+        first, _ = self.connect()
+        second, second_transport = self.connect()
+        first.connectionLost(Failure(ConnectionDone()))
+        self.clock.advance(5)
+        self.assertTrue(second_transport.disconnecting)
+        second.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.factory.handshakes.count, 0)
+
+    def test_timeout_is_a_deadline(self):
+        """Bytes arriving do not extend the handshake timeout."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"\x05")
+        self.clock.advance(2.5)
+        protocol.dataReceived(b"\x01")
+        self.clock.advance(2.4)
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"\x00")  # greeting done; the request still missing
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+
+
+class HandshakeCapLoopbackTests(TestCase):
+    """Over loopback: idle connections fill the cap, the next is closed, a freed place is
+    taken again."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_cap(self):
+        factory = Socks5Factory(UserDatabase(), lambda user, host, port: FakeEndpoint(),
+                                reactor, handshake_timeout=10.0, max_handshakes=2)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        first = yield connect_raw(self, number)
+        yield connect_raw(self, number)
+        yield wait_until(lambda: factory.handshakes.count == 2)
+        refused = yield connect_raw(self, number)
+        refused.transport.write(b"\x05\x01\x00")
+        yield refused.closed
+        self.assertEqual(refused.data, b"")
+        first.transport.loseConnection()
+        yield wait_until(lambda: factory.handshakes.count == 1)
+        client = yield connect_raw(self, number)
+        client.transport.write(b"\x05\x01\x00")
+        yield wait_until(lambda: client.data)
+        self.assertEqual(client.data, b"\x05\x00")

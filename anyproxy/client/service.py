@@ -349,7 +349,16 @@ def make_client_service(config, reactor, resolver=None):
     top.metrics = ClientMetrics(factories, dialer)
     top.metrics_listener = None
     if client.metrics_endpoint is not None:
-        top.metrics_listener = Listener(reactor, client.metrics_endpoint,
-                                        metrics_site(top.metrics.registry, reactor), "metrics")
+        # Basic auth when metrics_username is set (required off loopback, unless
+        # metrics_allow_anonymous); a reload changes it for the next scrape.
+        site = metrics_site(top.metrics.registry, reactor, client.metrics_username,
+                            client.metrics_password)
+        top.metrics_listener = Listener(reactor, client.metrics_endpoint, site, "metrics")
         top.metrics_listener.setServiceParent(top)
+
+        def new_metrics_login(config, site=site):
+            if config.client.metrics_endpoint is not None:  # else it stops at the restart
+                site.set_login(config.client.metrics_username, config.client.metrics_password)
+
+        top.reload_hooks.append(new_metrics_login)
     return top, factories

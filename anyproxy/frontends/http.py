@@ -22,7 +22,10 @@ Reading from the user is paused through one L{ReadGate} that ORs
 independent reasons (upstream backpressure, a stream still opening, a
 pipelined request waiting for our answer), so one reason's resume never undoes
 another's pause.  A handshake timer closes users that do not finish a request
-head in time, including idle keep-alive connections.
+head in time, including idle keep-alive connections: a deadline, which bytes
+arriving do not extend.  Until its first request is let in (authenticated),
+a connection counts in C{factory.handshakes}; beyond that cap a new
+connection is closed at once (L{anyproxy.connection_cap}).
 """
 
 from twisted.internet.defer import maybeDeferred
@@ -32,6 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.auth import ANONYMOUS
+from anyproxy.connection_cap import DEFAULT_MAX_HANDSHAKES, ConnectionCap, Refused
 from anyproxy.endpoints import connect_protocol
 from anyproxy.frontends import http11
 from anyproxy.tuning import set_no_delay, tune_for_bulk
@@ -75,6 +79,8 @@ class HttpProxyProtocol(Protocol):
     _closing = False
     _closed = False
     _pumping = False
+    # Whether this connection counts in factory.handshakes (until a request is let in).
+    holds_handshake_place = False
 
     def __init__(self):
         self._server = http11.ServerConnection(MAX_HEAD_SIZE)
@@ -134,6 +140,7 @@ class HttpProxyProtocol(Protocol):
         self._closed = self._closing = True
         self.read_gate.closed = True
         self._cancel_timer()
+        self._handshake_over()
         if self._tunnel is not None:
             self._tunnel.connectionLost(reason)
         if self._opening is not None:
@@ -178,19 +185,22 @@ class HttpProxyProtocol(Protocol):
         self._log_request(exchange.status)
         self._after_response()
 
-    def forward_failed(self, exchange, status, text):
-        """C{exchange} failed; answer C{status} unless its response already began."""
+    def forward_failed(self, exchange, status, text, detail=None):
+        """
+        C{exchange} failed; answer C{status} with C{text} unless its response
+        already began.  C{detail}, if given, is logged instead of C{text}.
+        """
         self._exchange = None
         self.read_gate.resume("opening")
         if exchange.response_started or self._server.our_state is not http11.SEND_RESPONSE:
             _log.info(
                 "{user} {method} {target}: upstream failed mid-response ({text})",
                 user=self._user_name(), method=self._method,
-                target=self._target_for_log, text=text,
+                target=self._target_for_log, text=detail or text,
             )
             self._close()
         else:
-            self._reject(status, text)
+            self._reject(status, text, detail=detail)
 
     # -- the event pump -----------------------------------------------------
 
@@ -260,6 +270,8 @@ class HttpProxyProtocol(Protocol):
         except BadTarget as error:
             bad_target = str(error)
         self._user = self._authenticate(request)
+        if self._user is not None:
+            self._handshake_over()  # let in: no longer counts in factory.handshakes
         if self._user is None:
             realm = self.factory.realm.replace("\\", "\\\\").replace('"', '\\"')
             challenge = ('Basic realm="%s"' % (realm,)).encode("utf-8")
@@ -321,20 +333,24 @@ class HttpProxyProtocol(Protocol):
         if self._closing:
             return
         self.read_gate.resume("connect")
-        status, text = describe_open_failure(failure)
+        status, text, detail = describe_open_failure(failure)
         # Whatever the user sent after CONNECT is now parsed as HTTP.
-        self._reject(status, text)
+        self._reject(status, text, detail=detail)
 
     # -- answers of our own ---------------------------------------------------
 
-    def _reject(self, status, text, headers=()):
-        """Answer the current request ourselves, keeping the connection if we can."""
+    def _reject(self, status, text, headers=(), detail=None):
+        """
+        Answer the current request ourselves, keeping the connection if we
+        can.  The log gets C{detail} if given (what users must not see), else
+        C{text}.
+        """
         response, body = error_response(status, text, headers)
         self.respond(response)
         self.respond(http11.Data(data=body))
         self.respond(http11.EndOfMessage())
         self._discarded = 0
-        self._log_request(status, text)
+        self._log_request(status, detail or text)
         self._after_response()
 
     def _bad_request(self, status):
@@ -390,6 +406,11 @@ class HttpProxyProtocol(Protocol):
 
     # -- timer and logging ----------------------------------------------------
 
+    def _handshake_over(self):
+        if self.holds_handshake_place:
+            self.holds_handshake_place = False
+            self.factory.handshakes.leave()
+
     def _arm_timer(self):
         self._cancel_timer()
         self._timer = self.factory.reactor.callLater(
@@ -433,7 +454,8 @@ class HttpProxyFactory(ServerFactory):
     protocol = HttpProxyProtocol
 
     def __init__(self, users, endpoint_for, reactor, handshake_timeout=30.0, realm="anyproxy",
-                 upstream_keepalive=DEFAULT_MAX_IDLE, upstream_idle_timeout=DEFAULT_IDLE_TIMEOUT):
+                 upstream_keepalive=DEFAULT_MAX_IDLE, upstream_idle_timeout=DEFAULT_IDLE_TIMEOUT,
+                 max_handshakes=DEFAULT_MAX_HANDSHAKES, name="http proxy"):
         """
         @param users: a L{anyproxy.auth.UserDatabase}; when it has no users
             the proxy is open and everyone is L{ANONYMOUS}.
@@ -447,6 +469,10 @@ class HttpProxyFactory(ServerFactory):
         @param upstream_keepalive: idle upstream connections kept for reuse
             by forwarded requests, at most (L{UpstreamPool}); 0 = none.
         @param upstream_idle_timeout: seconds an idle one is kept.
+        @param max_handshakes: connections with no request let in yet, at
+            most (C{handshakes}, a L{ConnectionCap}); beyond, a new
+            connection is closed at once.  0 = no cap.
+        @param name: the listener's name, for logs.
         """
         self.users = users
         self.endpoint_for = endpoint_for
@@ -454,6 +480,15 @@ class HttpProxyFactory(ServerFactory):
         self.handshake_timeout = handshake_timeout
         self.realm = realm
         self.upstream_pool = UpstreamPool(reactor, upstream_keepalive, upstream_idle_timeout)
+        self.handshakes = ConnectionCap(max_handshakes, "%s (connections not logged in yet)"
+                                        % (name,), reactor)
+
+    def buildProtocol(self, addr):
+        if not self.handshakes.enter():
+            return Refused()
+        protocol = super().buildProtocol(addr)
+        protocol.holds_handshake_place = True
+        return protocol
 
     def stopFactory(self):
         # The listener stopped (shutdown, or a reload replaced it).

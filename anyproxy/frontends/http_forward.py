@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from anyproxy.endpoints import OneProtocolFactory
-from anyproxy.errors import StreamOpenError, http_status
+from anyproxy.errors import StreamOpenError, http_status, user_text
 from anyproxy.frontends import http11
 from anyproxy.interfaces import IAdmittingEndpoint
 from anyproxy.frontends.http_messages import (
@@ -56,22 +56,25 @@ IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 
 def describe_open_failure(failure):
     """
-    The HTTP status and user-facing text for a failed stream open.
+    The HTTP status, the user-facing text and the detail for the log of a
+    failed stream open.
 
-    A L{StreamOpenError} maps through L{http_status}; anything else is a
-    general failure (502) and is logged, since it means a bug or an
+    A L{StreamOpenError} maps through L{http_status} and L{user_text}: users
+    see the reason's generic text, never its detail (which may quote an OS
+    error from the client, e.g. C{111: Connection refused}).  Anything else
+    is a general failure (502) and is logged, since it means a bug or an
     unexpected network error.
 
-    @return: C{(status, text)}.
+    @return: C{(status, text, detail)}.
     """
     if failure.check(StreamOpenError):
         error = failure.value
-        return http_status(error.reason), error.detail
+        return http_status(error.reason), user_text(error.reason), error.detail
     _log.warn(
         "opening a stream failed unexpectedly: {error}",
         error=failure.getErrorMessage(),
     )
-    return 502, "bad gateway"
+    return 502, "bad gateway", "bad gateway"
 
 
 @implementer(IPushProducer)
@@ -310,8 +313,8 @@ class ForwardExchange:
             # Cancelled because the user left: nothing to answer.
             return
         self._give_back_slot()
-        status, text = describe_open_failure(failure)
-        self._fail(status, text)
+        status, text, detail = describe_open_failure(failure)
+        self._fail(status, text, detail)
 
     def _send_upstream(self, event):
         if type(event) is http11.Data:
@@ -411,13 +414,13 @@ class ForwardExchange:
         upstream.close()
         self._give_back_slot()
 
-    def _fail(self, status, text):
+    def _fail(self, status, text, detail=None):
         if self._finished:
             return
         self._finished = True
         self._close_upstream()
         self._give_back_slot()
-        self._proxy.forward_failed(self, status, text)
+        self._proxy.forward_failed(self, status, text, detail)
 
     def _detach(self):
         upstream, self._upstream = self._upstream, None

@@ -7,7 +7,10 @@ A connection goes through three phases:
 
  - negotiating: bytes feed the parser; greeting, RFC 1929 authentication and
    the request are answered as they come.  A handshake timeout runs from
-   C{connectionMade} until the request has been read.
+   C{connectionMade} until the request has been read: a deadline, which
+   bytes arriving do not extend.  At most C{factory.handshakes.limit}
+   connections of a listener are in this phase at once; beyond that a new
+   connection is closed at once (L{anyproxy.connection_cap}).
  - opening: C{factory.endpoint_for(user, host, port)} connects (in
    production a tunnel stream, which may first wait for a slot of the
    gateway's limits).  Reading from the user goes on, so that a user who
@@ -39,6 +42,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from anyproxy.auth import ANONYMOUS
+from anyproxy.connection_cap import DEFAULT_MAX_HANDSHAKES, ConnectionCap, Refused
 from anyproxy.endpoints import connect_protocol
 from anyproxy.errors import StreamOpenError, socks_reply_code
 from anyproxy.frontends.socks5_parser import (
@@ -107,6 +111,8 @@ class Socks5Protocol(SpliceEnd):
     """
 
     _log = Logger()
+    # Whether this connection counts in factory.handshakes (until its request).
+    holds_handshake_place = False
 
     def __init__(self):
         super().__init__()
@@ -155,6 +161,7 @@ class Socks5Protocol(SpliceEnd):
 
     def connectionLost(self, reason):
         self._cancel_timeout()
+        self._handshake_over()
         self._lost = True
         opening, self._opening = self._opening, None
         if opening is not None:
@@ -232,6 +239,7 @@ class Socks5Protocol(SpliceEnd):
 
     def _on_request(self, request):
         self._cancel_timeout()
+        self._handshake_over()
         self._phase = _OPENING
         self._pending = self._parser.trailing_data[0]
         host = "[%s]" % (request.host,) if ":" in request.host else request.host
@@ -393,6 +401,11 @@ class Socks5Protocol(SpliceEnd):
         self._cancel_timeout()
         self.transport.loseConnection()
 
+    def _handshake_over(self):
+        if self.holds_handshake_place:
+            self.holds_handshake_place = False
+            self.factory.handshakes.leave()
+
     def _cancel_timeout(self):
         call, self._timeout_call = self._timeout_call, None
         if call is not None and call.active():
@@ -419,12 +432,25 @@ class Socks5Factory(Factory):
     @ivar reactor: the clock for the handshake timeout, and the
         C{IReactorUDP} for relay ports.
     @ivar handshake_timeout: seconds from connect to a complete request.
+    @ivar handshakes: the L{ConnectionCap} on connections still in their
+        handshake (C{max_handshakes}, 0 = no cap); beyond it a new
+        connection is closed at once.
     """
 
     protocol = Socks5Protocol
 
-    def __init__(self, users, endpoint_for, reactor, handshake_timeout=10.0):
+    def __init__(self, users, endpoint_for, reactor, handshake_timeout=10.0,
+                 max_handshakes=DEFAULT_MAX_HANDSHAKES, name="socks5 proxy"):
         self.users = users
         self.endpoint_for = endpoint_for
         self.reactor = reactor
         self.handshake_timeout = handshake_timeout
+        self.handshakes = ConnectionCap(max_handshakes, "%s (connections in their handshake)"
+                                        % (name,), reactor)
+
+    def buildProtocol(self, addr):
+        if not self.handshakes.enter():
+            return Refused()
+        protocol = super().buildProtocol(addr)
+        protocol.holds_handshake_place = True
+        return protocol

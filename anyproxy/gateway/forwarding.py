@@ -27,10 +27,11 @@ still connected) ask again, and a tunnel granted the port that way is told in
 a further HELLO from the gateway (a standby client takes over a port).
 
 Listening is synchronous (C{listenTCP}/C{listenUDP}), so the HELLO answer can
-say whether each port is open.  Forwarded ports listen on the interface of
-the tunnel listener (C{gateway.listen_addr}): a gateway whose tunnel listener
-is on all interfaces forwards on all interfaces, one bound to a single
-address forwards on that address only.
+say whether each port is open.  Forwarded ports listen on
+C{gateway.open_ports_interface}: 127.0.0.1 unless the config opts in to
+another address ("0.0.0.0" or "::" for every interface), as OpenSSH's
+C{GatewayPorts} does for C{ssh -R}; the tunnel listener's own address, usually
+public, says nothing about who should reach a client's services.
 
 TCP: each accepted connection is paused, a tcp stream is opened to the
 target through the chosen tunnel, and the two are spliced
@@ -50,7 +51,6 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from anyproxy.addresses import split_endpoint
 from anyproxy.endpoints import connect_protocol
 from anyproxy.gateway.endpoint import DEFAULT_OPEN_TIMEOUT, attach_protocol, bound_open
 from anyproxy.gateway.forwarding_udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
@@ -142,19 +142,6 @@ def refuse_all(requested, why):
     if not isinstance(requested, list):
         return []
     return [answer(item, False, why) for item in requested]
-
-
-def listen_interface(endpoint):
-    """
-    The interface forwarded ports listen on, from the tunnel listener's
-    endpoint string: its C{interface=} (C{'127.0.0.1'}, C{'::1'}), or all
-    interfaces (C{''}, or C{'::'} for a C{tcp6} listener) when it names none.
-    """
-    parts = split_endpoint(endpoint or "")
-    options = dict(part.split("=", 1) for part in parts[1:] if "=" in part)
-    if "interface" in options:
-        return options["interface"]
-    return "::" if parts[0] == "tcp6" else ""
 
 
 # -- streams through one chosen tunnel -----------------------------------------
@@ -315,12 +302,15 @@ class PortForwarding:
     @param reactor: an C{IReactorTCP} + C{IReactorUDP} + C{IReactorTime}.
     @param port_allowed: C{port -> bool}, normally
         L{anyproxy.config.GatewayConfig.port_allowed}.
-    @param interface: where forwarded ports listen (L{listen_interface}).
+    @param interface: the address forwarded ports listen on
+        (C{gateway.open_ports_interface}); a reload may change it for ports
+        opened afterwards.
     @param udp_idle_timeout: seconds without a datagram either way before a
         UDP source's association is ended.
     """
 
-    def __init__(self, reactor, port_allowed, interface="", open_timeout=DEFAULT_OPEN_TIMEOUT,
+    def __init__(self, reactor, port_allowed, interface="127.0.0.1",
+                 open_timeout=DEFAULT_OPEN_TIMEOUT,
                  udp_idle_timeout=None):
         self._reactor = reactor
         self._port_allowed = port_allowed

@@ -16,13 +16,17 @@ them:
     L{anyproxy.auth.UserDatabase} is refilled; a connection already let in
     keeps going, its next login (an HTTP keep-alive request) is checked
     against the new users;
-  - client credentials: the tunnel factory's user database, likewise;
+  - client credentials (C{auth_*}, C{clients}): the tunnel factory's
+    L{anyproxy.gateway.client_access.ClientCredentials} are replaced, and
+    tunnels whose credential was removed or no longer allows their group or
+    client id are closed;
   - TLS (C{tls_cert}, C{tls_key}, C{client_ca}): the tunnel listener's
     L{ReloadableServerTLS} gets the new options; each new TLS connection
     asks it, an established one keeps its session;
   - C{balance}, C{no_tunnel_wait}, C{handshake_timeout}, C{ping_interval},
-    C{open_ports_allowed}: read from the service's current config or set on
-    the registry and factories, for the next stream, handshake or tunnel;
+    C{open_ports_allowed}, C{open_ports_interface}: read from the service's
+    current config or set on the registry, factories and port forwarding,
+    for the next stream, handshake, tunnel or forwarded port;
   - limits (C{max_conns_per_user}, each listener's C{max_conns},
     C{queue_size}, C{queue_timeout}): L{anyproxy.limits.Limiter.configure}
     (streams holding a slot keep it);
@@ -30,7 +34,8 @@ them:
 
 Last, listeners whose address changed are re-bound: the tunnel server, the
 proxy listeners, and the status page and metrics listeners (switching those
-two on or off needs a restart; the status login is taken at once).  The new one is
+two on or off needs a restart; their logins and request deadline, set by
+C{reload_hooks}, are taken at once).  The new one is
 started and only once it listens is the old one stopped; C{stopListening}
 closes the listening socket, not the connections accepted on it, so nobody
 connected through the old address is dropped.  If the new address cannot be
@@ -41,12 +46,14 @@ says so.  Listeners added to the file start, removed ones stop.
 import attr
 from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from anyproxy.auth import DEFAULT_GROUP
-from anyproxy.gateway.forwarding import listen_interface
+from anyproxy.gateway.client_access import ClientCredentials, log_client_grants
 from anyproxy.tls import server_tls_options
 from anyproxy.tunnel.websocket import tune_factory
+
+log = Logger()
 
 TUNNEL_SERVER = "tunnel server"
 # Listeners other modules add, moved when their address changes.
@@ -91,13 +98,6 @@ class ReloadableServerTLS:
         return self.options.serverConnectionForTLS(tlsProtocol)
 
 
-def client_users_for(gateway):
-    """The C{(username, password, group)} entries clients must match."""
-    if not gateway.auth_username:
-        return []
-    return [(gateway.auth_username, gateway.auth_password, DEFAULT_GROUP)]
-
-
 def _same_factory(old, new):
     """Whether a frontend's protocol factory can be kept (users are refilled)."""
     return old.type == new.type and dict(old.options) == dict(new.options)
@@ -129,14 +129,22 @@ def reconfigure_gateway(service, config):
     service.config = config
     service.tunnel_tls.options = tls
     tunnels = service.tunnels
-    tunnels.client_users.replace(client_users_for(gateway))
+    tunnels.credentials = ClientCredentials.from_config(gateway)
+    log_client_grants(tunnels.credentials)
+    for tunnel in service.registry.tunnels():
+        if not tunnels.still_allowed(tunnel):
+            log.warn("closing tunnel of client {client_id} (group {group}): its credential "
+                     "{credential} no longer allows it", client_id=tunnel.client_id,
+                     group=tunnel.group, credential=tunnel.credential)
+            tunnel.close()
     tunnels.handshake_timeout = gateway.handshake_timeout
     tune_factory(tunnels, gateway.ping_interval, gateway.handshake_timeout)
     service.registry.balance = gateway.balance
     queue = dict(queue_size=gateway.queue_size, queue_timeout=gateway.queue_timeout)
     service.user_limits.configure(limit=gateway.max_conns_per_user, **queue)
     if service.forwarding is not None:
-        service.forwarding.interface = listen_interface(gateway.endpoint)
+        # Ports opened from now on; those open keep their address.
+        service.forwarding.interface = gateway.open_ports_interface
     for name, record in service.frontends.items():
         frontend = wanted.get(name, record.config)
         # Also for a replaced factory: its keep-alive connections log in again.

@@ -25,6 +25,7 @@ class Tunnel:
     connected_at = attr.ib(factory=time.time)
     close = attr.ib(default=None, repr=False)  # callable: drop the connection
     weight = attr.ib(default=1.0)  # the client's share of new streams (HELLO "weight")
+    credential = attr.ib(default="")  # the name of the client credential it logged in with
 
     @property
     def active_streams(self):

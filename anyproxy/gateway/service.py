@@ -15,8 +15,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from anyproxy.auth import GroupLogins, UserDatabase
 from anyproxy.frontends.registry import find_frontend
+from anyproxy.gateway.client_access import ClientCredentials, log_client_grants
 from anyproxy.gateway.endpoint import TunnelEndpoint
-from anyproxy.gateway.forwarding import PortForwarding, listen_interface
+from anyproxy.gateway.forwarding import PortForwarding
 from anyproxy.gateway.reconfigure import FrontendRecord, ReloadableServerTLS, reconfigure_gateway
 from anyproxy.gateway.registry import TunnelRegistry
 from anyproxy.gateway.status import status_site
@@ -107,14 +108,17 @@ def make_gateway_service(config, reactor):
         name: record.factory for name, record in service.frontends.items()}
     # group_id:group_password logins, valid while such a client is connected.
     service.group_logins = group_logins = GroupLogins()
-    # client.open_ports: on the tunnel listener's interface (docs/PROTOCOL.md, HELLO).
+    # client.open_ports (docs/PROTOCOL.md, HELLO): on gateway.open_ports_interface,
+    # loopback unless the config opts in to another.
     service.forwarding = PortForwarding(
         reactor, lambda port: service.config.gateway.port_allowed(port),
-        interface=listen_interface(gateway.endpoint))
+        interface=gateway.open_ports_interface)
     service.config = config  # the config in force; a reload replaces it (reconfigure)
 
-    tunnels = TunnelServerFactory.for_credentials(
-        registry, gateway.auth_username, gateway.auth_password, reactor,
+    credentials = ClientCredentials.from_config(gateway)
+    log_client_grants(credentials)
+    tunnels = TunnelServerFactory(
+        registry, credentials, reactor,
         ping_interval=gateway.ping_interval, handshake_timeout=gateway.handshake_timeout,
         group_logins=group_logins, forwarding=service.forwarding)
     service.tunnels = tunnels
@@ -134,7 +138,11 @@ def make_gateway_service(config, reactor):
     service.listener_limits = {}
 
     def endpoint_for(user, host, port, kind="tcp", listener_limits=None, frontend=None):
-        requests = [(service.user_limits, user.name)]
+        # Anonymous users (an open listener, a fixed-forward port) cannot be
+        # told apart, so max_conns_per_user does not count them: sharing one
+        # key they would all fit in one user's allowance.  Their listener's
+        # max_conns bounds them (etc/gateway.yaml).
+        requests = [(service.user_limits, user.name)] if user.name else []
         if listener_limits is not None:
             requests.append((listener_limits, None))
         return TunnelEndpoint(registry, reactor, user.group, host, port, kind=kind,
@@ -168,16 +176,28 @@ def make_gateway_service(config, reactor):
         service.add_listener(frontend.name, frontend.listener.endpoint, record.factory)
     if gateway.status_endpoint is not None:
         # The status page (anyproxy.gateway.status): clients and totals, behind Basic auth.
-        site = status_site(registry, gateway.status_username, gateway.status_password)
+        # Each request's head must arrive within handshake_timeout (anyproxy.operator_site).
+        site = status_site(registry, gateway.status_username, gateway.status_password,
+                           reactor=reactor, request_timeout=gateway.handshake_timeout)
         service.add_listener("status page", gateway.status_endpoint, site)
 
-        def new_status_login(config, checker=site.checker):
+        def new_status_login(config, site=site):
+            site.request_timeout = config.gateway.handshake_timeout
             if config.gateway.status_endpoint is not None:
-                checker.set_credentials(config.gateway.status_username,
-                                        config.gateway.status_password)
+                site.set_login(config.gateway.status_username, config.gateway.status_password)
 
         service.reload_hooks.append(new_status_login)
     if gateway.metrics_endpoint is not None:
-        service.add_listener("metrics", gateway.metrics_endpoint,
-                             metrics_site(service.metrics.registry, reactor))
+        # Basic auth when metrics_username is set (required off loopback, unless
+        # metrics_allow_anonymous); a reload changes it for the next scrape.
+        site = metrics_site(service.metrics.registry, reactor, gateway.metrics_username,
+                            gateway.metrics_password, request_timeout=gateway.handshake_timeout)
+        service.add_listener("metrics", gateway.metrics_endpoint, site)
+
+        def new_metrics_login(config, site=site):
+            site.request_timeout = config.gateway.handshake_timeout
+            if config.gateway.metrics_endpoint is not None:  # else it stops at the restart
+                site.set_login(config.gateway.metrics_username, config.gateway.metrics_password)
+
+        service.reload_hooks.append(new_metrics_login)
     return service

@@ -13,12 +13,13 @@ self-contained (L{anyproxy.gateway.status_page}); its inline script polls the
 JSON API once a second and rewrites the DOM, so the page never holds data the
 API does not also give.
 
-Authentication is the stock C{twisted.web.guard} + C{twisted.cred} pairing: a
-L{Portal} whose one checker compares the username and the password in
-constant time, and whose realm hands out the resource tree.  A wrong or
-missing login gets C{401} with C{WWW-Authenticate: Basic}.  The password is
-kept only as bytes on the checker and never reaches a log event; the access
-log of the site is off (the page polls every second, which would fill it).
+The site is an L{anyproxy.operator_site.OperatorSite}, as the C{/metrics}
+pages are: Basic auth through C{twisted.web.guard} with one login compared in
+constant time (a wrong or missing one gets C{401} with C{WWW-Authenticate:
+Basic}; the password never reaches a log event), a deadline for each request
+(C{gateway.handshake_timeout}) instead of an idle timeout, at most
+L{MAX_CONNECTIONS} open connections, and no access log (the page polls every
+second, which would fill it).
 
 Traffic counters are read defensively: a tunnel (or its mux) that has no byte
 or stream counters reports C{null} for them, and the page shows "n/a".  The
@@ -26,22 +27,21 @@ traffic totals run since the gateway started: L{TrafficHistory} adds up the
 counters of each tunnel as the registry lets it go.
 """
 
-import hmac
 import json
 import time
 
-from twisted.cred import credentials as cred_credentials
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer
-from twisted.web import guard, resource, server
-from zope.interface import implementer
+from twisted.web import resource
 
 from anyproxy import __version__
 from anyproxy.gateway.status_page import CONTENT_SECURITY_POLICY, PAGE
+# SingleUserChecker lives with the site now; imported here for older callers.
+from anyproxy.operator_site import (  # noqa: F401
+    DEFAULT_REQUEST_TIMEOUT, OperatorSite, SingleUserChecker)
 
 REALM = "AnyProxy status"
+# Open connections at most: a browser opens about 6, a few operators and
+# scripts fit; the rest get 503 rather than the proxy's file descriptors.
+MAX_CONNECTIONS = 64
 
 # Counter attributes looked up on a Tunnel, then on its Mux, first match wins.
 # "in" is what the gateway received over the tunnel from the client (the
@@ -106,6 +106,7 @@ def tunnel_status(tunnel, now):
     return {
         "client_id": tunnel.client_id,
         "group": tunnel.group,
+        "credential": tunnel.credential,
         "address": str(tunnel.address),
         "version": str(tunnel.version),
         "weight": tunnel.weight,
@@ -195,75 +196,24 @@ def status_tree(registry, started_at=None, now=time.time):
     return root
 
 
-@implementer(ICredentialsChecker)
-class SingleUserChecker:
+def status_site(registry, username, password, started_at=None, now=time.time, reactor=None,
+                request_timeout=DEFAULT_REQUEST_TIMEOUT, max_connections=MAX_CONNECTIONS):
     """
-    Accepts exactly one username/password, compared in constant time (both
-    are always compared, so timing tells nothing about which one was wrong).
-    """
-
-    credentialInterfaces = (cred_credentials.IUsernamePassword,)
-
-    def __init__(self, username, password):
-        self.set_credentials(username, password)
-
-    def set_credentials(self, username, password):
-        """Accept these from now on (a reload); sessions are per request, so at once."""
-        self._username = username.encode("utf-8")
-        self._password = password.encode("utf-8")
-
-    def __repr__(self):
-        return "<SingleUserChecker>"  # never show the password
-
-    def requestAvatarId(self, credentials):
-        username = credentials.username
-        password = credentials.password
-        if isinstance(username, str):
-            username = username.encode("utf-8")
-        if isinstance(password, str):
-            password = password.encode("utf-8")
-        user_ok = hmac.compare_digest(username, self._username)
-        password_ok = hmac.compare_digest(password, self._password)
-        if user_ok & password_ok:
-            return defer.succeed(self._username)
-        return defer.fail(UnauthorizedLogin())
-
-
-@implementer(IRealm)
-class _StatusRealm:
-    def __init__(self, tree):
-        self._tree = tree
-
-    def requestAvatar(self, avatar_id, mind, *interfaces):
-        if resource.IResource not in interfaces:
-            raise NotImplementedError("the status page only serves web resources")
-        return resource.IResource, self._tree, lambda: None
-
-
-class StatusSite(server.Site):
-    """A C{Site} without an access log (the page polls once a second)."""
-
-    noisy = False
-
-    def log(self, request):
-        pass
-
-
-def status_site(registry, username, password, started_at=None, now=time.time):
-    """
-    The status page's C{Site}: L{status_tree} behind Basic auth.
+    The status page's C{Site}: L{status_tree} behind Basic auth, with the
+    request deadline and connection cap of every L{OperatorSite}.
 
     @param registry: the gateway's tunnel registry.
     @param username: the one login (C{gateway.status_username}).
     @param password: its password (C{gateway.status_password}).
-    @return: the site; its C{checker} (L{SingleUserChecker}) takes new
-        credentials on reload.
+    @param reactor: for timers (C{None}: the global reactor).
+    @param request_timeout: seconds a request head may take
+        (C{gateway.handshake_timeout}).
+    @param max_connections: open connections at most; more get 503.
+    @return: the L{OperatorSite}; its C{checker} (L{SingleUserChecker})
+        takes new credentials on reload.
     """
     if not username or not password:
         raise ValueError("the status page needs a username and a password")
-    checker = SingleUserChecker(username, password)
-    portal = Portal(_StatusRealm(status_tree(registry, started_at, now)), [checker])
-    wrapper = guard.HTTPAuthSessionWrapper(portal, [guard.BasicCredentialFactory(REALM)])
-    site = StatusSite(wrapper)
-    site.checker = checker
-    return site
+    return OperatorSite(status_tree(registry, started_at, now), reactor, "status page", REALM,
+                        request_timeout=request_timeout, max_connections=max_connections,
+                        username=username, password=password)

@@ -89,6 +89,7 @@ SCRIPT = """
       row.dataset.clientId = c.client_id;
       cell(row, "client-id", c.client_id);
       cell(row, "group", c.group);
+      cell(row, "credential", c.credential);
       cell(row, "address", c.address);
       cell(row, "version", c.version);
       cell(row, "since", clock(c.connected_at), false, duration(c.connected_for) + " ago");
@@ -158,7 +159,7 @@ _BODY = """<!DOCTYPE html>
 </div>
 <h2>Connected clients</h2>
 <table id="clients">
-<thead><tr><th>Client</th><th>Group</th><th>Address</th><th>Version</th><th>Connected since</th>
+<thead><tr><th>Client</th><th>Group</th><th>Credential</th><th>Address</th><th>Version</th><th>Connected since</th>
 <th>Active streams</th><th>Streams opened</th><th>Bytes in</th><th>Bytes out</th></tr></thead>
 <tbody id="clients-body"></tbody>
 </table>

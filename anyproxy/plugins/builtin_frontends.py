@@ -27,7 +27,7 @@ class Socks5Frontend:
     def build(self, options, context):
         from anyproxy.frontends.socks5 import Socks5Factory
         return Socks5Factory(context.users, context.endpoint_for, context.reactor,
-                             handshake_timeout=context.handshake_timeout)
+                             handshake_timeout=context.handshake_timeout, name=context.name)
 
 
 @implementer(IPlugin, IFrontendFactory)
@@ -57,7 +57,8 @@ class HttpFrontend:
             context.users, context.endpoint_for, context.reactor,
             handshake_timeout=context.handshake_timeout, realm=options.get("realm", "anyproxy"),
             upstream_keepalive=options.get("upstream_keepalive", DEFAULT_MAX_IDLE),
-            upstream_idle_timeout=options.get("upstream_idle_timeout", DEFAULT_IDLE_TIMEOUT))
+            upstream_idle_timeout=options.get("upstream_idle_timeout", DEFAULT_IDLE_TIMEOUT),
+            name=context.name)
 
 
 socks5 = Socks5Frontend()

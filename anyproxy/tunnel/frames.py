@@ -16,6 +16,12 @@ import attr
 SUBPROTOCOL = "anyproxy.v1"
 PROTOCOL_VERSION = 1
 
+# WebSocket close codes (RFC 6455 7.4.2: 4000-4999 are the application's) with
+# which the gateway refuses a tunnel after the upgrade; the close reason says why.
+CLOSE_BAD_HELLO = 4000  # malformed HELLO, or a version the gateway does not speak
+CLOSE_NOT_ALLOWED = 4003  # the credential may not serve this group or client id
+CLOSE_TOO_MANY_TUNNELS = 4029  # the credential holds its max_tunnels already
+
 HEADER = struct.Struct(">BI")
 HEADER_SIZE = HEADER.size  # 5
 

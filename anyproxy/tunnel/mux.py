@@ -23,6 +23,19 @@ The tunnel as a whole has backpressure too: the mux is registered as the
 streaming producer of the WebSocket transport, and while that transport's send
 buffer is above its high-water mark every stream's producer is paused.
 
+Answers the peer asks for (OPEN_OK or OPEN_ERROR for its OPEN, RESET for DATA
+on a stream we do not have) are written whether or not that buffer drains, so
+a peer that keeps asking and never reads could make us buffer without bound.
+While the buffer is above its mark, the bytes of such answers are counted
+(C{reply_backlog}, reset when it drains); a request that arrives with more
+than L{MAX_REPLY_BACKLOG} of them unread is a protocol error and the tunnel
+is closed.  Legitimate answers are a few bytes per stream opened or closed,
+so only a peer that does not read reaches it.  We never stop reading the
+peer instead: both ends doing that while their buffers are full would
+deadlock.  WebSocket pings are answered in the same spirit by the binding
+(L{anyproxy.tunnel.websocket}): while congested, only the latest is kept, and
+answered once the buffer drains (C{on_resume}).
+
 Closing follows TCP: FIN is a half-close (C{loseWriteConnection}); after a
 full C{loseConnection} the stream is forgotten once its FIN is sent, and DATA
 that still arrives for it is answered with RESET.  RESET aborts the stream at
@@ -45,6 +58,12 @@ __all__ = ["Mux", "Stream", "TunnelAddress", "MuxProtocolError", "DEFAULT_WINDOW
            "MAX_DATA_PAYLOAD", "STREAM_HIGH_WATER", "CREDIT_FRACTION"]
 
 log = Logger()
+
+# Bytes of answers to the peer's requests written while our send buffer is
+# above its high-water mark, beyond which the peer is taken as not reading
+# (module docstring).  An OPEN_OK is 9 bytes, an OPEN_ERROR with its text some
+# 40: answering a burst of 10,000 opens while congested stays under 400 KiB.
+MAX_REPLY_BACKLOG = 1024 * 1024
 
 
 @implementer(IPushProducer)
@@ -71,6 +90,11 @@ class Mux:
         (an OPEN answered OPEN_OK); the status page shows it.
     @ivar lowest_transport: the socket transport under TLS and WebSocket,
         whose send buffer metrics report; set by the WebSocket binding.
+    @ivar reply_backlog: bytes of answers to the peer's requests sent since
+        the send buffer went above its high-water mark (0 while below it).
+    @ivar on_resume: C{None}, or called with no arguments each time the send
+        buffer drains below its high-water mark (the WebSocket binding
+        answers a ping it held back).
     """
 
     paused = False
@@ -78,6 +102,8 @@ class Mux:
     bytes_sent = bytes_received = 0
     streams_opened = 0
     lowest_transport = None
+    reply_backlog = 0
+    on_resume = None
 
     def __init__(self, send_message, initiator, on_open_request=None, on_hello=None,
                  on_protocol_error=None, window=DEFAULT_WINDOW, name="", send_parts=None):
@@ -112,6 +138,19 @@ class Mux:
     def _send_raw(self, message):
         if not self._lost:
             self._send_message(message)
+
+    def _send_reply(self, frame):
+        """Send an answer the peer asked for, counted while we are congested."""
+        message = frames.encode(frame)
+        if self.paused:
+            self.reply_backlog += len(message)
+        self._send_raw(message)
+
+    def _check_reply_backlog(self):
+        # Called when the peer asks for an answer: see the module docstring.
+        if self.paused and self.reply_backlog > MAX_REPLY_BACKLOG:
+            raise MuxProtocolError("the peer does not read: %d bytes of answers to it are "
+                                   "waiting" % (self.reply_backlog,))
 
     def _send_data(self, header, payload):
         if self._lost:
@@ -231,15 +270,17 @@ class Mux:
     def _unknown_stream_data(self, stream_id):
         # Data for a stream we closed (or never had): refuse it once, like TCP.
         if stream_id not in self._refused:
+            self._check_reply_backlog()
             if len(self._refused) > 1024:
                 self._refused.clear()
             self._refused.add(stream_id)
-            self._send(frames.Reset(stream_id, int(Reason.GENERAL_FAILURE)))
+            self._send_reply(frames.Reset(stream_id, int(Reason.GENERAL_FAILURE)))
 
     def _open_received(self, frame):
         sid = frame.stream_id
         if sid % 2 != self._peer_parity or sid <= self._last_peer_id:
             raise MuxProtocolError("bad stream id %d in OPEN" % (sid,))
+        self._check_reply_backlog()
         self._last_peer_id = sid
         stream = Stream(self, sid, frame.kind, frame.host, frame.port, send_window=frame.window)
         self._streams[sid] = stream
@@ -271,6 +312,9 @@ class Mux:
 
     def resumeProducing(self):
         self.paused = False
+        self.reply_backlog = 0
+        if self.on_resume is not None:
+            self.on_resume()
         for stream in list(self._streams.values()):
             stream._update_producer()
 

@@ -129,7 +129,7 @@ class Stream:
 
     def accept(self, protocol):
         """Accept an incoming open request and connect C{protocol} to it."""
-        self._mux._send(frames.OpenOk(self.stream_id, self._mux.window))
+        self._mux._send_reply(frames.OpenOk(self.stream_id, self._mux.window))
         self._mux.streams_opened += 1
         self.attach(protocol)
 
@@ -137,7 +137,7 @@ class Stream:
         """Refuse an incoming open request with a L{Reason}."""
         if self._closed:
             return
-        self._mux._send(frames.OpenError(self.stream_id, int(reason), text))
+        self._mux._send_reply(frames.OpenError(self.stream_id, int(reason), text))
         self._forget()
 
     def set_cancel_hook(self, hook):

@@ -15,6 +15,8 @@ from twisted.internet import defer, error
 from twisted.python import failure
 from twisted.logger import Logger
 
+from anyproxy.errors import HelloRefused
+from anyproxy.logs import library_logger
 from anyproxy.tuning import tune_for_bulk, set_no_delay
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.mux import Mux
@@ -28,6 +30,8 @@ _WS_LEN16 = struct.Struct("!BBH")
 _WS_LEN64 = struct.Struct("!BBQ")
 
 HTTP_UNAUTHORIZED = 401  # autobahn's ConnectionDeny names no constant for it
+# A close frame's payload is at most 125 bytes: 2 of code, then the reason.
+MAX_CLOSE_REASON = 120
 
 # Autobahn limits: one frame per message, the largest being a DATA frame.
 MAX_MESSAGE = frames.HEADER_SIZE + 256 * 1024 + 1024
@@ -77,10 +81,28 @@ def parse_basic(header):
     return (username, password) if sep else None
 
 
+class TunnelNotEstablished(ConnectionError):
+    """
+    The tunnel closed before the gateway's HELLO.  C{code} is the WebSocket
+    close code: 4000-4999 when the gateway refused the HELLO
+    (L{anyproxy.tunnel.frames} C{CLOSE_*}).
+    """
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
 class _TunnelProtocol:
     """What both ends share: a mux wired to the WebSocket."""
 
+    # Autobahn's own self.log, replaced by the same kind of txaio logger
+    # (no-ops below the level) whose events are redacted as they are made:
+    # at debug Autobahn dumps the opening handshake, Authorization included
+    # (anyproxy.logs.library_logger).  Our own lines use the module's `log`.
+    log = library_logger("autobahn.websocket")
     mux = None
+    _unanswered_ping = None  # the latest ping's payload, held while we are congested
 
     def _start_mux(self, initiator, on_open_request, name):
         unmasked = self.factory.isServer or not self.maskClientFrames
@@ -96,10 +118,28 @@ class _TunnelProtocol:
         lowest = getattr(self.transport, "transport", None) or self.transport
         lowest.registerProducer(self.mux, True)
         self.mux.lowest_transport = lowest
+        self.mux.on_resume = self._answer_held_ping
         tune_for_bulk(lowest)
         # Small frames (OPEN, CREDIT, FIN) must not wait for Nagle + delayed
         # ACK: without this each stream open or close could stall ~40 ms.
         set_no_delay(lowest)
+
+    def onPing(self, payload):
+        # Autobahn answers every ping at once.  A peer that pings and never
+        # reads would then grow our send buffer without bound (measured: 200
+        # MB in 30 s).  While the buffer is above its high-water mark (the
+        # mux is paused), keep only the latest ping and answer it once the
+        # buffer drains: RFC 6455 5.5.3 allows answering only the most
+        # recent ping.  Our own pings (liveness) are unaffected.
+        if self.mux is not None and self.mux.paused:
+            self._unanswered_ping = payload
+            return
+        self.sendPong(payload)
+
+    def _answer_held_ping(self):
+        payload, self._unanswered_ping = self._unanswered_ping, None
+        if payload is not None:
+            self.sendPong(payload)
 
     def _send_tunnel_message(self, message):
         self.sendMessage(message, isBinary=True)
@@ -168,11 +208,14 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
     tunnel = None
     _hello_timer = None
 
+    grant = None  # the ClientGrant of the credential the client presented
+
     def onConnect(self, request):
         if frames.SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol %s required" % frames.SUBPROTOCOL)
         credentials = parse_basic(request.headers.get("authorization"))
-        if credentials is None or not self.factory.check_client(*credentials):
+        self.grant = self.factory.grant_for(self.transport, credentials)
+        if self.grant is None:
             log.warn("tunnel from {peer}: client authentication failed", peer=request.peer)
             raise ConnectionDeny(HTTP_UNAUTHORIZED, "client authentication failed")
         return frames.SUBPROTOCOL
@@ -193,9 +236,13 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        self.tunnel = self.factory.tunnel_connected(self, info)
-        if self.tunnel is None:
-            self.sendClose(code=1008)
+        try:
+            self.tunnel = self.factory.tunnel_connected(self, info)
+        except HelloRefused as refused:
+            log.warn("tunnel {peer}: HELLO refused: {reason}", peer=self.peer,
+                     reason=refused.reason)
+            reason = refused.reason.encode("utf-8")[:MAX_CLOSE_REASON].decode("utf-8", "ignore")
+            self.sendClose(code=refused.code, reason=reason)
 
     def onClose(self, wasClean, code, reason):
         if self._hello_timer is not None:
@@ -235,10 +282,14 @@ class ClientTunnelProtocol(_TunnelProtocol, WebSocketClientProtocol):
     def onClose(self, wasClean, code, reason):
         self._lose_mux()
         if not self.ready.called:
-            why = reason or "code %s" % (code,)
-            log.warn("tunnel to {gateway} not established: {why}",
-                          gateway=self.factory.gateway, why=why)
-            self.ready.errback(ConnectionError("tunnel not established: %s" % (why,)))
+            if code is not None and 4000 <= code <= 4999:
+                # The gateway's own refusal (frames.CLOSE_*): say what it said.
+                why = "gateway refused the tunnel (%d): %s" % (code, reason or "no reason given")
+                log.error("tunnel to {gateway}: {why}", gateway=self.factory.gateway, why=why)
+            else:
+                why = "not established: %s" % (reason or "code %s" % (code,),)
+                log.warn("tunnel to {gateway} {why}", gateway=self.factory.gateway, why=why)
+            self.ready.errback(TunnelNotEstablished(code, "tunnel %s" % (why,)))
             return
         self.factory.tunnel_lost(self, reason)
         if self.handle is not None:

@@ -1,0 +1,232 @@
+# -*- test-case-name: tests.test_client_access -*-
+"""
+What each client credential may do at the gateway.
+
+A client tunnel proves who it is in two ways: a password in the WebSocket
+opening handshake (C{Authorization: Basic}), or, with C{gateway.client_ca},
+a certificate verified by TLS.  Either way the gateway finds the
+L{ClientGrant} behind it, and the grant, not the client's HELLO, decides
+which groups the tunnel may serve, which client ids it may announce and how
+many tunnels the credential may hold at once.  So a client host that is
+compromised exposes only the groups its own credential serves.
+
+Where a grant comes from:
+
+  - a C{gateway.clients} entry with C{username}/C{password}: that password;
+  - a C{gateway.clients} entry with C{subject}: a verified client
+    certificate whose common name or a DNS/URI subject alternative name is
+    that subject (no password needed);
+  - the shared credential: C{gateway.auth_username}/C{auth_password}, or a
+    certificate from C{client_ca} that matches no C{subject} entry (with a
+    password too when one is configured).  It serves C{gateway.auth_groups},
+    by default only the group C{default}.
+
+Passwords are compared in constant time, and an unknown name costs the same
+comparison as a known one.
+"""
+
+import fnmatch
+import hashlib
+import hmac
+
+import attr
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from twisted.logger import Logger
+
+log = Logger()
+
+ANY_GROUP = "*"
+SHARED = "gateway.auth_username"  # the shared credential's name in logs and counts
+SHARED_CERTIFICATE = "gateway.client_ca"  # a CA-verified certificate matching no subject entry
+
+def _to_bytes(text):
+    return text.encode("utf-8") if isinstance(text, str) else bytes(text)
+
+
+def _digest(password):
+    # Compared as fixed-size digests, so the time taken says nothing of the length.
+    return hashlib.sha256(_to_bytes(password)).digest()
+
+
+_UNKNOWN = _digest(b"\0unknown")
+
+
+@attr.s(frozen=True, slots=True)
+class ClientGrant:
+    """
+    What one client credential may serve.
+
+    @ivar name: how logs, counts and the status page name the credential
+        (its username, C{subject:<subject>}, or the shared names).
+    @ivar groups: the group names it may serve; C{"*"} among them = any.
+    @ivar client_ids: C{fnmatch} patterns its HELLO C{client_id} must
+        match; empty = any id.
+    @ivar max_tunnels: tunnels it may hold open at once.
+    """
+
+    name = attr.ib()
+    groups = attr.ib(converter=tuple)
+    client_ids = attr.ib(converter=tuple)
+    max_tunnels = attr.ib()
+
+    def allows_group(self, group):
+        return ANY_GROUP in self.groups or group in self.groups
+
+    def allows_client_id(self, client_id):
+        if not self.client_ids:
+            return True
+        return any(fnmatch.fnmatchcase(client_id, pattern) for pattern in self.client_ids)
+
+    def describe(self):
+        """The groups, for start-up and refusal messages."""
+        return "any group" if ANY_GROUP in self.groups else ", ".join(self.groups)
+
+
+@attr.s(frozen=True)
+class ClientCredentials:
+    """
+    Every credential a client may present, built from the gateway config
+    (L{from_config}); replaced whole on reload.
+
+    @ivar passwords: C{username (bytes) -> (SHA-256 of the password, ClientGrant)}.
+    @ivar subjects: C{certificate subject -> ClientGrant}.
+    @ivar shared: the grant of the shared credential.
+    @ivar certificates: whether TLS verifies client certificates
+        (C{client_ca}): a verified certificate is then a credential too.
+    """
+
+    passwords = attr.ib(factory=dict, repr=False)
+    subjects = attr.ib(factory=dict)
+    shared = attr.ib(default=None)
+    certificates = attr.ib(default=False)
+
+    @classmethod
+    def from_config(cls, gateway):
+        """The credentials of a L{anyproxy.config.GatewayConfig}."""
+        shared = ClientGrant(SHARED if gateway.auth_username else SHARED_CERTIFICATE,
+                             gateway.auth_groups, (), gateway.auth_max_tunnels)
+        passwords, subjects = {}, {}
+        if gateway.auth_username:
+            passwords[_to_bytes(gateway.auth_username)] = (_digest(gateway.auth_password),
+                                                           shared)
+        for entry in gateway.clients:
+            grant = ClientGrant(entry.name, entry.groups, entry.client_ids, entry.max_tunnels)
+            if entry.subject:
+                subjects[entry.subject] = grant
+            else:
+                passwords[_to_bytes(entry.username)] = (_digest(entry.password), grant)
+        return cls(passwords=passwords, subjects=subjects, shared=shared,
+                   certificates=gateway.client_ca is not None)
+
+    digest = staticmethod(_digest)
+
+    def check_password(self, username, password):
+        """The grant of a username/password pair, or C{None}."""
+        stored, grant = self.passwords.get(_to_bytes(username), (_UNKNOWN, None))
+        ok = hmac.compare_digest(stored, _digest(password))
+        return grant if ok and grant is not None else None
+
+    def grant_named(self, name):
+        """The grant called C{name} now (after a reload), or C{None}."""
+        for grant in self.grants():
+            if grant.name == name:
+                return grant
+        return None
+
+    def grants(self):
+        """Every grant a client can log in with now."""
+        found = [grant for _, grant in self.passwords.values()] + list(self.subjects.values())
+        if self._certificate_is_shared:
+            found.append(self.shared)
+        return found
+
+    def grant_for(self, certificate_subjects, credentials):
+        """
+        The grant of a connecting client, or C{None} to refuse it.
+
+        @param certificate_subjects: the subjects of the client certificate
+            TLS verified (L{certificate_subjects}); empty without one.
+        @param credentials: C{(username, password)} from the handshake's
+            C{Authorization} header, or C{None}.
+        """
+        if self.certificates:
+            for subject in certificate_subjects:
+                grant = self.subjects.get(subject)
+                if grant is not None:
+                    return grant
+        if credentials is not None and self.passwords:
+            return self.check_password(*credentials)
+        if self._certificate_is_shared and certificate_subjects:
+            return self.shared
+        return None
+
+    @property
+    def _certificate_is_shared(self):
+        # With client_ca and no auth_username, a verified certificate that
+        # matches no subject entry is the shared credential.
+        return self.certificates and self.shared.name == SHARED_CERTIFICATE
+
+
+def certificate_subjects(certificate):
+    """
+    The names a client certificate may be granted by (C{subject} entries):
+    its common names, then its DNS and URI subject alternative names.
+
+    @param certificate: a pyOpenSSL C{X509} or a C{cryptography} certificate,
+        or C{None}.
+    """
+    if certificate is None:
+        return []
+    if hasattr(certificate, "to_cryptography"):
+        certificate = certificate.to_cryptography()
+    names = [attribute.value for attribute in
+             certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return names
+    names.extend(san.get_values_for_type(x509.DNSName))
+    names.extend(san.get_values_for_type(x509.UniformResourceIdentifier))
+    return names
+
+
+class TunnelCounts:
+    """How many tunnels each credential holds, by grant name."""
+
+    def __init__(self):
+        self._counts = {}
+
+    def full(self, grant):
+        return self._counts.get(grant.name, 0) >= grant.max_tunnels
+
+    def add(self, name):
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def remove(self, name):
+        left = self._counts.get(name, 0) - 1
+        if left > 0:
+            self._counts[name] = left
+        else:
+            self._counts.pop(name, None)
+
+    def get(self, name):
+        return self._counts.get(name, 0)
+
+
+def log_client_grants(credentials):
+    """
+    Say at start-up (and reload) what each client credential may serve, and
+    warn when the shared one may serve any group: then every client host
+    holding it can take any group's users.
+    """
+    for grant in credentials.grants():
+        log.info("client credential {credential} may serve {groups}{ids}, at most "
+                 "{max_tunnels} tunnels", credential=grant.name, groups=grant.describe(),
+                 ids=" as client ids %s" % (", ".join(grant.client_ids),) if grant.client_ids
+                 else "", max_tunnels=grant.max_tunnels)
+    shared = credentials.shared
+    if shared is not None and shared in credentials.grants() and ANY_GROUP in shared.groups:
+        log.warn("gateway.auth_groups is ['*']: the shared client credential may serve every "
+                 "group, so any client host holding it can receive any group's users; give "
+                 "each site its own entry in gateway.clients instead")

@@ -1,0 +1,307 @@
+# -*- test-case-name: tests.test_operator_site -*-
+"""
+The web listeners for operators and their tools: the gateway's status page
+(L{anyproxy.gateway.status}) and the C{/metrics} pages of both programs
+(L{anyproxy.metrics}).  Both build an L{OperatorSite}.
+
+Theory of operation
+-------------------
+These listeners run in the proxy's process, share its file descriptors, and
+may face the internet (an operator's choice), so every connection is bounded
+in time and every listener in connections:
+
+  - B{a deadline per request}, not an idle timeout.  Twisted's own
+    C{HTTPChannel} timeout is reset by every byte, so a client sending one
+    byte a second kept a connection forever.  Here (L{DeadlineChannel}) a
+    request's head must be complete within C{request_timeout} seconds of the
+    connection being made, or of the previous answer being handed to the
+    transport (a keep-alive connection waiting for its next request), however
+    the bytes trickle in: nginx's C{client_header_timeout}, haproxy's
+    C{timeout http-request}.  A body, if any, gets C{request_timeout} more
+    and at most L{MAX_BODY} bytes (these pages take none).  When the
+    deadline passes, a request partly received gets 408, an idle keep-alive
+    connection is just closed; either way a client that does not read is cut
+    off L{ABORT_GRACE} seconds later.  The same deadline bounds a TLS
+    handshake (an C{ssl:} endpoint) and a client that does not read its
+    answer: the next wait starts when the answer is written.
+  - B{a cap on open connections} (L{anyproxy.connection_cap.ConnectionCap}):
+    beyond it a new connection gets 503 and is closed; refusals are logged
+    once per burst.
+  - B{one login}, HTTP Basic, through the stock C{twisted.web.guard} and
+    C{twisted.cred} pairing: a L{Portal} whose one checker
+    (L{SingleUserChecker}) compares username and password in constant time.
+    A wrong or missing login gets 401 with C{WWW-Authenticate: Basic}.
+    L{OperatorSite.set_login} changes it for the next request (a reload); an
+    empty login serves the pages without one (C{/metrics} on loopback, or
+    with C{metrics_allow_anonymous}).  Passwords are kept only as bytes on the
+    checker and never reach a log event.
+  - B{no access log}: the status page polls once a second and Prometheus
+    scrapes every few seconds.
+
+Every timer runs on the site's reactor (a C{Clock} in tests).
+"""
+
+import hmac
+
+from twisted.cred import credentials as cred_credentials
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web import guard, http, resource, server
+from zope.interface import implementer
+
+from anyproxy.connection_cap import ConnectionCap
+
+log = Logger()
+
+# Seconds a request head (and then its body) may take; the gateway passes its
+# handshake_timeout instead.
+DEFAULT_REQUEST_TIMEOUT = 10.0
+# The largest request body accepted: these pages take none, an API call
+# takes a little JSON.
+MAX_BODY = 64 * 1024
+# Seconds a connection we closed may take to read what we last wrote.
+ABORT_GRACE = 5.0
+
+
+def _plain_response(status, reason, text):
+    body = text.encode("utf-8") + b"\n"
+    return (b"HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8"
+            b"\r\nContent-Length: %d\r\n\r\n%s" % (status, reason, len(body), body))
+
+
+def _peer(transport):
+    peer = transport.getPeer()
+    return "%s:%s" % (getattr(peer, "host", "?"), getattr(peer, "port", "?"))
+
+
+@implementer(ICredentialsChecker)
+class SingleUserChecker:
+    """
+    Accepts exactly one username/password, compared in constant time (both
+    are always compared, so timing tells nothing about which one was wrong).
+    """
+
+    credentialInterfaces = (cred_credentials.IUsernamePassword,)
+
+    def __init__(self, username, password):
+        self.set_credentials(username, password)
+
+    def set_credentials(self, username, password):
+        """Accept these from now on (a reload); sessions are per request, so at once."""
+        self._username = username.encode("utf-8")
+        self._password = password.encode("utf-8")
+
+    def __repr__(self):
+        return "<SingleUserChecker>"  # never show the password
+
+    def requestAvatarId(self, credentials):
+        username = credentials.username
+        password = credentials.password
+        if isinstance(username, str):
+            username = username.encode("utf-8")
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        user_ok = hmac.compare_digest(username, self._username)
+        password_ok = hmac.compare_digest(password, self._password)
+        if user_ok & password_ok & bool(self._username):
+            return defer.succeed(self._username)
+        return defer.fail(UnauthorizedLogin())
+
+
+@implementer(IRealm)
+class _TreeRealm:
+    """Hands every logged-in user the same resource tree."""
+
+    def __init__(self, tree):
+        self._tree = tree
+
+    def requestAvatar(self, avatar_id, mind, *interfaces):
+        if resource.IResource not in interfaces:
+            raise NotImplementedError("only web resources are served here")
+        return resource.IResource, self._tree, lambda: None
+
+
+class DeadlineChannel(http.HTTPChannel):
+    """
+    An C{HTTPChannel} whose requests have a deadline (see the module
+    docstring).  It reads C{site.request_timeout} each time a wait starts, so
+    a reload changes it for the next one; its timers use C{self.callLater},
+    which the site points at its reactor.
+
+    @ivar request_bytes: bytes received so far of the request being waited
+        for; 0 while a keep-alive connection is idle.
+    """
+
+    request_bytes = 0
+    _holds_place = False  # counted by the site's ConnectionCap
+    _deadline = None
+    _abort_call = None
+    _chunked_bytes = None  # bytes of a chunked body so far, while it arrives
+    _closed_by_us = False
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._start_deadline()
+
+    def dataReceived(self, data):
+        if self._closed_by_us:
+            return  # e.g. the rest of a request we refused
+        if self._deadline is not None:
+            self.request_bytes += len(data)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self):
+        if self.length is not None and self.length > MAX_BODY:
+            self._refuse(413, b"Content Too Large", "request body too large")
+            return
+        super().allHeadersReceived()
+        if self.length != 0:
+            # The body gets a deadline of its own; a chunked one is counted.
+            self._chunked_bytes = 0 if self.length is None else None
+            self._start_deadline(new_request=False)
+
+    def rawDataReceived(self, data):
+        if self._closed_by_us:
+            return
+        if self._chunked_bytes is not None and not self._handlingRequest:
+            self._chunked_bytes += len(data)
+            if self._chunked_bytes > MAX_BODY:
+                self._refuse(413, b"Content Too Large", "request body too large")
+                return
+        super().rawDataReceived(data)
+
+    def allContentReceived(self):
+        self._cancel_deadline()
+        self._chunked_bytes = None
+        super().allContentReceived()
+
+    def requestDone(self, request):
+        # Before the base class, which may go straight on with a pipelined
+        # request (or close, after a last answer that must still be read).
+        self._start_deadline()
+        super().requestDone(request)
+
+    def connectionLost(self, reason):
+        self._cancel_deadline()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        if self._holds_place:
+            self._holds_place = False
+            self.site.connections.leave()
+        super().connectionLost(reason)
+
+    # -- the deadline ----------------------------------------------------------
+
+    def _start_deadline(self, new_request=True):
+        self._cancel_deadline()
+        if new_request:
+            self.request_bytes = 0
+        self._deadline = self.callLater(self.site.request_timeout, self._deadline_passed)
+
+    def _cancel_deadline(self):
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _deadline_passed(self):
+        self._deadline = None
+        if self.request_bytes and self.persistent:
+            self._refuse(408, b"Request Timeout", "request not received in time")
+        else:
+            log.debug("{what} {peer}: idle for {timeout}s, closing", what=self.site.what,
+                      peer=_peer(self.transport), timeout=self.site.request_timeout)
+            self._close()
+
+    def _refuse(self, status, reason, text):
+        log.info("{what} {peer}: {text}, answering {status} and closing", what=self.site.what,
+                 peer=_peer(self.transport), text=text, status=status)
+        self.transport.write(_plain_response(status, reason, text))
+        self._close()
+
+    def _close(self):
+        self._closed_by_us = True
+        self._cancel_deadline()
+        self.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.callLater(ABORT_GRACE, self.transport.abortConnection)
+
+
+class _Busy(Protocol):
+    """A connection beyond the site's cap: 503, closed."""
+
+    _RESPONSE = _plain_response(503, b"Service Unavailable", "too many connections")
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._abort_call = None
+
+    def connectionMade(self):
+        self.transport.write(self._RESPONSE)
+        self.transport.loseConnection()
+        self._abort_call = self._clock.callLater(ABORT_GRACE, self.transport.abortConnection)
+
+    def connectionLost(self, reason):
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+
+
+class OperatorSite(server.Site):
+    """
+    A C{Site} for operators: request deadlines, a connection cap, an
+    optional Basic login and no access log (see the module docstring).
+
+    @ivar tree: the pages, without the login.
+    @ivar what: the listener's name in logs (C{"status page"}, C{"metrics"}).
+    @ivar request_timeout: seconds a request head (then its body) may take;
+        may be changed while running.
+    @ivar connections: the L{ConnectionCap} on open connections; its
+        C{limit} may be changed while running.
+    @ivar checker: the L{SingleUserChecker} of the login.
+    """
+
+    protocol = DeadlineChannel
+    noisy = False
+
+    def __init__(self, tree, reactor, what, realm, request_timeout=DEFAULT_REQUEST_TIMEOUT,
+                 max_connections=0, username="", password=""):
+        """
+        @param tree: the resource tree to serve.
+        @param reactor: for every timer (a C{Clock} in tests).
+        @param realm: the realm of the Basic challenge.
+        @param max_connections: the cap on open connections; 0 = none.
+        @param username: the login; empty = none (see L{set_login}).
+        @param password: its password.
+        """
+        super().__init__(tree, reactor=reactor)
+        self.tree = tree
+        self.what = what
+        self.request_timeout = request_timeout
+        self.connections = ConnectionCap(max_connections, "%s (open connections)" % (what,),
+                                         self.reactor)
+        self.checker = SingleUserChecker(username, password)
+        portal = Portal(_TreeRealm(tree), [self.checker])
+        self._guarded = guard.HTTPAuthSessionWrapper(
+            portal, [guard.BasicCredentialFactory(realm)])
+        self.set_login(username, password)
+
+    def set_login(self, username, password):
+        """
+        Ask for this login from the next request on; an empty username serves
+        the pages to anybody.
+        """
+        self.checker.set_credentials(username, password)
+        self.resource = self._guarded if username else self.tree
+
+    def buildProtocol(self, addr):
+        if not self.connections.enter():
+            return _Busy(self.reactor)
+        channel = super().buildProtocol(addr)
+        channel._holds_place = True
+        return channel
+
+    def log(self, request):
+        pass
