@@ -101,3 +101,20 @@ class Refused(Protocol):
 
     def connectionMade(self):
         self.transport.loseConnection()
+
+
+class HandshakeCappedFactory:
+    """
+    Mixin for a proxy listener's factory: each new connection takes a place
+    in C{self.handshakes} (a L{ConnectionCap}) and its protocol gets
+    C{holds_handshake_place = True}; the protocol gives the place back
+    (C{handshakes.leave()}) once it logs in or closes.  Over the cap the
+    connection is L{Refused}.
+    """
+
+    def buildProtocol(self, addr):
+        if not self.handshakes.enter():
+            return Refused()
+        protocol = super().buildProtocol(addr)
+        protocol.holds_handshake_place = True
+        return protocol

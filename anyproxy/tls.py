@@ -203,7 +203,7 @@ def _identity_options(cert_path, key_path):
     except (SSL.Error, TypeError, ValueError) as error:
         raise TLSFileError(
             "%s: OpenSSL refuses this certificate or its key %s (%s)"
-            % (cert_path, key_path, _openssl_reason(error))
+            % (cert_path, key_path, openssl_reason(error))
         ) from error
     return options
 
@@ -380,7 +380,7 @@ def _public_bytes(public_key):
     )
 
 
-def _openssl_reason(error):
+def openssl_reason(error):
     """The innermost reason of an OpenSSL error stack, else the text."""
     details = error.args[0] if error.args else None
     if isinstance(details, list) and details and len(details[-1]) == 3:

@@ -309,3 +309,40 @@ class GroupPasswordTests(unittest.TestCase):
                                                echo_port, username="ops", password="lab-pw")))
         self.assertTrue(any("group login" in line for line in logged))
         self.assertEqual([line for line in logged if "lab-pw" in line], [])
+
+
+class TlsNoiseTests(unittest.TestCase):
+    """Plain text on the tunnel port is the peer's failure: no error-level log line."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_plain_text_logged_at_info(self):
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        deployment = Deployment(self)
+        yield deployment.start_gateway()
+
+        def send_noise():
+            with socket.create_connection(("127.0.0.1", deployment.gateway_port)) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.settimeout(5)
+                try:
+                    while sock.recv(4096):
+                        pass
+                except OSError:
+                    pass
+
+        for _ in range(3):
+            yield deferToThread(send_noise)
+        for _ in range(100):
+            if len([e for e in events if "TLS failed" in formatEvent(e)]) == 3:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        failed = [e for e in events if "TLS failed" in formatEvent(e)]
+        self.assertEqual(len(failed), 3)
+        self.assertEqual({e["log_level"] for e in failed}, {LogLevel.info})
+        self.assertEqual([formatEvent(e) for e in events
+                          if e.get("log_level") in (LogLevel.error, LogLevel.critical)], [])

@@ -222,6 +222,21 @@ class AuthenticationTests(SynchronousTestCase):
         [stream] = self.user.streams
         self.assertEqual(stream.user, User(name="alice", group="lab"))
 
+    def test_login_attempts_bounded(self):
+        """
+        The fourth 407 on one connection closes it: a client that never logs
+        in cannot keep its handshake place by retrying.
+        """
+        for attempt in range(3):
+            self.user.request(b"GET", b"http://example.com/",
+                              [(b"Proxy-Authorization", _basic("alice", "nope%d" % attempt))])
+            self.assert_407()
+        self.user.request(b"GET", b"http://example.com/",
+                          [(b"Proxy-Authorization", _basic("alice", "nope"))])
+        status, headers, _ = self.user.response()
+        self.assertEqual((status, headers[b"connection"]), (407, b"close"))
+        self.assertTrue(self.user.closed)
+
     def test_realm(self):
         """The realm comes from the factory."""
         user = _User(self, users=UserDatabase([("a", "b", "")]), realm="lab")

@@ -35,7 +35,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.auth import ANONYMOUS
-from anyproxy.connection_cap import DEFAULT_MAX_HANDSHAKES, ConnectionCap, Refused
+from anyproxy.connection_cap import (
+    DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory)
 from anyproxy.endpoints import connect_protocol
 from anyproxy.frontends import http11
 from anyproxy.tuning import set_no_delay, tune_for_bulk
@@ -62,6 +63,11 @@ _log = Logger()
 # stop reading until it opens or fails.
 CONNECT_HIGH_WATER = 64 * 1024
 
+# 407 answers on one connection, the last with "Connection: close": a browser
+# asks without credentials first, then with them, then maybe with a retyped
+# password.  Bounds how long a connection that never logs in is kept.
+MAX_LOGIN_ATTEMPTS = 4
+
 # Request body we read and throw away after answering early (407, 502...):
 # reading it keeps the connection usable; past this, closing is cheaper.
 DISCARD_LIMIT = 1024 * 1024
@@ -81,6 +87,7 @@ class HttpProxyProtocol(Protocol):
     _pumping = False
     # Whether this connection counts in factory.handshakes (until a request is let in).
     holds_handshake_place = False
+    _failed_logins = 0
 
     def __init__(self):
         self._server = http11.ServerConnection(MAX_HEAD_SIZE)
@@ -275,8 +282,12 @@ class HttpProxyProtocol(Protocol):
         if self._user is None:
             realm = self.factory.realm.replace("\\", "\\\\").replace('"', '\\"')
             challenge = ('Basic realm="%s"' % (realm,)).encode("utf-8")
+            # Each 407 re-arms the request timer, so without a count a client
+            # failing to log in could hold its handshake place for ever.
+            self._failed_logins += 1
             self._reject(407, "proxy authentication required",
-                         [(b"Proxy-Authenticate", challenge)])
+                         [(b"Proxy-Authenticate", challenge)],
+                         close=self._failed_logins >= MAX_LOGIN_ATTEMPTS)
         elif bad_target is not None:
             self._reject(400, bad_target)
         elif request.method == b"CONNECT":
@@ -339,13 +350,13 @@ class HttpProxyProtocol(Protocol):
 
     # -- answers of our own ---------------------------------------------------
 
-    def _reject(self, status, text, headers=(), detail=None):
+    def _reject(self, status, text, headers=(), detail=None, close=False):
         """
         Answer the current request ourselves, keeping the connection if we
-        can.  The log gets C{detail} if given (what users must not see), else
-        C{text}.
+        can (and not C{close}).  The log gets C{detail} if given (what users
+        must not see), else C{text}.
         """
-        response, body = error_response(status, text, headers)
+        response, body = error_response(status, text, headers, close=close)
         self.respond(response)
         self.respond(http11.Data(data=body))
         self.respond(http11.EndOfMessage())
@@ -445,7 +456,7 @@ class HttpProxyProtocol(Protocol):
 
 
 @implementer(IProtocolNegotiationFactory)
-class HttpProxyFactory(ServerFactory):
+class HttpProxyFactory(HandshakeCappedFactory, ServerFactory):
     """
     The HTTP proxy listener: CONNECT tunnels and absolute-URI http forwarding,
     every stream opened through C{endpoint_for}.
@@ -483,12 +494,6 @@ class HttpProxyFactory(ServerFactory):
         self.handshakes = ConnectionCap(max_handshakes, "%s (connections not logged in yet)"
                                         % (name,), reactor)
 
-    def buildProtocol(self, addr):
-        if not self.handshakes.enter():
-            return Refused()
-        protocol = super().buildProtocol(addr)
-        protocol.holds_handshake_place = True
-        return protocol
 
     def stopFactory(self):
         # The listener stopped (shutdown, or a reload replaced it).

@@ -42,7 +42,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from anyproxy.auth import ANONYMOUS
-from anyproxy.connection_cap import DEFAULT_MAX_HANDSHAKES, ConnectionCap, Refused
+from anyproxy.connection_cap import (
+    DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory)
 from anyproxy.endpoints import connect_protocol
 from anyproxy.errors import StreamOpenError, socks_reply_code
 from anyproxy.frontends.socks5_parser import (
@@ -417,7 +418,7 @@ class Socks5Protocol(SpliceEnd):
         self._close()
 
 
-class Socks5Factory(Factory):
+class Socks5Factory(HandshakeCappedFactory, Factory):
     """
     Builds L{Socks5Protocol}s for one SOCKS5 listener.
 
@@ -448,9 +449,3 @@ class Socks5Factory(Factory):
         self.handshakes = ConnectionCap(max_handshakes, "%s (connections in their handshake)"
                                         % (name,), reactor)
 
-    def buildProtocol(self, addr):
-        if not self.handshakes.enter():
-            return Refused()
-        protocol = super().buildProtocol(addr)
-        protocol.holds_handshake_place = True
-        return protocol

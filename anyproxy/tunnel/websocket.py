@@ -11,12 +11,14 @@ import struct
 
 from autobahn.twisted.websocket import WebSocketClientProtocol, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.python import failure
 from twisted.logger import Logger
 
 from anyproxy.errors import HelloRefused
 from anyproxy.logs import library_logger
+from anyproxy.tls import openssl_reason
 from anyproxy.tuning import tune_for_bulk, set_no_delay
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.mux import Mux
@@ -209,6 +211,16 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
     _hello_timer = None
 
     grant = None  # the ClientGrant of the credential the client presented
+
+    def connectionLost(self, reason=failure.Failure(error.ConnectionDone())):
+        # Autobahn logs a failed TLS handshake at error level: anyone who
+        # sends the public tunnel port plain text or noise would fill the
+        # error log.  It is the peer's failure, not ours: one info line.
+        if isinstance(reason.value, SSL.Error):
+            log.info("tunnel from {peer}: TLS failed: {why}", peer=self.peer,
+                     why=openssl_reason(reason.value))
+            reason = failure.Failure(error.ConnectionLost("TLS failed"))
+        super().connectionLost(reason)
 
     def onConnect(self, request):
         if frames.SUBPROTOCOL not in request.protocols:
