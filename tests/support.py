@@ -191,6 +191,11 @@ class SecretWatch:
         self.events = []
         globalLogPublisher.addObserver(self)
         testcase.addCleanup(self.check)
+        # Autobahn's debug lines (its dumps of the tunnel's opening handshake,
+        # Authorization included) are made only at debug: watch those too.
+        previous = txaio.get_global_log_level()
+        txaio.set_global_log_level("debug")
+        testcase.addCleanup(txaio.set_global_log_level, previous)
 
     def __call__(self, event):
         self.events.append(event)

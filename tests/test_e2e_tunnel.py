@@ -337,11 +337,14 @@ class TlsNoiseTests(unittest.TestCase):
 
         for _ in range(3):
             yield deferToThread(send_noise)
+        def failed_lines():
+            return [e for e in events if e.get("log_format", "").startswith("tunnel from {peer}: TLS failed")]
+
         for _ in range(100):
-            if len([e for e in events if "TLS failed" in formatEvent(e)]) == 3:
+            if len(failed_lines()) == 3:
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
-        failed = [e for e in events if "TLS failed" in formatEvent(e)]
+        failed = failed_lines()
         self.assertEqual(len(failed), 3)
         self.assertEqual({e["log_level"] for e in failed}, {LogLevel.info})
         self.assertEqual([formatEvent(e) for e in events

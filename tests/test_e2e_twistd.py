@@ -101,6 +101,20 @@ def port_open(port):
         return False
 
 
+def http_answers(port):
+    """
+    Whether the HTTP proxy on C{port} answers a request: only a running
+    reactor does, and only then has twistd installed its SIGTERM handler
+    (a listening socket accepts before that, in the kernel).
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"GET http://example.invalid/ HTTP/1.1\r\nHost: example.invalid\r\n\r\n")
+            return sock.recv(12).startswith(b"HTTP/1.1 ")
+    except OSError:
+        return False
+
+
 class TwistdBase(unittest.TestCase):
     """A config, certificates and targets for twistd processes on loopback."""
 
@@ -204,6 +218,7 @@ class TwistdTests(TwistdBase):
             pid = int(f.read())
         self.addCleanup(kill_quietly, pid)
         yield wait_until(lambda: "listening on" in open(logfile).read())
+        yield wait_until(lambda: http_answers(self.ports["http"]))
         os.kill(pid, signal.SIGTERM)
         yield wait_until(lambda: not os.path.exists(pidfile))
         self.assertNotIn("tunnel-pw", open(logfile).read())
