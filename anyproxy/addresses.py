@@ -11,6 +11,25 @@ import ipaddress
 ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 
 
+def bracketed(host):
+    """C{host} as it goes before C{:port}: an IPv6 literal in brackets."""
+    host = str(host)
+    return "[%s]" % (host,) if ":" in host else host
+
+
+def host_port(host, port):
+    """C{host:port} as text, with brackets around an IPv6 literal."""
+    return "%s:%s" % (bracketed(host), port)
+
+
+def address_text(address):
+    """A Twisted address (C{IPv4Address}, C{IPv6Address}...) as C{host:port}, else its text."""
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    return host_port(host, getattr(address, "port", "?"))
+
+
 def split_endpoint(text):
     """Split a Twisted endpoint string on unescaped colons."""
     parts, current, escaped = [], [], False

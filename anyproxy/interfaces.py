@@ -4,7 +4,7 @@ Interfaces that other packages may implement.
 
 L{IFrontendFactory} is what a frontend plugin provides: the gateway finds
 plugins with C{twisted.plugin.getPlugins(IFrontendFactory, anyproxy.plugins)}
-(see L{anyproxy.frontends.registry} and C{docs/FRONTENDS.md}), checks each
+(see L{anyproxy.frontends.lookup} and C{docs/FRONTENDS.md}), checks each
 C{proxy.frontends} entry's options with it when the config is loaded, and
 asks it for the C{IProtocolFactory} it then listens with.  A plugin needs
 nothing from the gateway beyond the L{FrontendContext} it is given.

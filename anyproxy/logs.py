@@ -216,7 +216,7 @@ def _open(path, nodaemon, log_config):
 
 def make_observer(log_config, twistd_logfile=None, nodaemon=True):
     """
-    The observer for a L{anyproxy.config.LogConfig}.
+    The observer for a L{anyproxy.config.model.LogConfig}.
 
     @param twistd_logfile: twistd's C{--logfile} value, used when the config
         names no file.

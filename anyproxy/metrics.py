@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from twisted.internet import defer
 from twisted.web import resource
 
+from anyproxy.addresses import host_port
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.operator_site import DEFAULT_REQUEST_TIMEOUT, OperatorSite
 
@@ -58,7 +59,7 @@ OPEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 # the lowercase name of the L{Reason} it failed with.
 OUTCOMES = ("ok", "cancelled") + tuple(reason.name.lower() for reason in Reason)
 
-# The UdpRelay counters (anyproxy.frontends.socks5_udp) and what they become.
+# The UdpRelay counters (anyproxy.frontends.socks5.relay) and what they become.
 _RELAYED = {"forwarded": "to_target", "returned": "to_user"}
 _RELAY_DROPS = ("source", "malformed", "fragmented", "tunnel", "too_large", "unaddressed",
                 "send_error")
@@ -133,7 +134,7 @@ class GatewayMetrics(Collector):
 
     def __init__(self, tunnels, clock):
         """
-        @param tunnels: the L{anyproxy.gateway.registry.TunnelRegistry}.
+        @param tunnels: the L{anyproxy.gateway.tunnel_pool.TunnelPool}.
         @param clock: an C{IReactorTime}, for open latencies.
         """
         self._tunnels = tunnels
@@ -369,7 +370,7 @@ class ClientMetrics(Collector):
         totals = {}
         queued = sockets = 0
         for (host, port), factory in sorted(self._factories.items()):
-            gateway = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+            gateway = host_port(host, port)
             connected.add_metric([gateway], len(factory.connected))
             established.add_metric([gateway], factory.established)
             lost.add_metric([gateway], factory.lost)

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_operator_site -*-
 """
 The web listeners for operators and their tools: the gateway's status page
-(L{anyproxy.gateway.status}) and the C{/metrics} pages of both programs
+(L{anyproxy.gateway.status.api}) and the C{/metrics} pages of both programs
 (L{anyproxy.metrics}).  Both build an L{OperatorSite}.
 
 Theory of operation

@@ -19,10 +19,10 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web import resource, server
 from zope.interface import implementer
 
-from anyproxy.client.service import make_client_service
-from anyproxy.config import LOG_FORMATS, LogConfig
-from anyproxy.config_parse import load_config
-from anyproxy.gateway.service import make_gateway_service
+from anyproxy.client.app import make_client_service
+from anyproxy.config.model import LOG_FORMATS, LogConfig
+from anyproxy.config.load import load_config
+from anyproxy.gateway.app import make_gateway_service
 from anyproxy.logs import apply_library_levels, make_observer
 
 PROXY_USER = "alice"

@@ -15,12 +15,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyproxy.auth import GroupLogins
-from anyproxy.config import ClientEntryConfig, GatewayConfig
+from anyproxy.config.model import ClientEntryConfig, GatewayConfig
 from anyproxy.errors import ConfigError, HelloRefused
 from anyproxy.gateway.client_access import (
     SHARED, SHARED_CERTIFICATE, ClientCredentials, certificate_subjects)
-from anyproxy.gateway.registry import TunnelRegistry
-from anyproxy.gateway.tunnels import TunnelServerFactory
+from anyproxy.gateway.tunnel_pool import TunnelPool
+from anyproxy.gateway.tunnel_server import TunnelServerFactory
 from anyproxy.tunnel import frames
 from tests.test_config import ConfigTestMixin
 from tests.test_gateway_hello import FakeProtocol, hello
@@ -132,7 +132,7 @@ class HelloGrantTests(SynchronousTestCase):
     """The tunnel server checks each HELLO against the credential's grant."""
 
     def setUp(self):
-        self.registry = TunnelRegistry(Clock())
+        self.registry = TunnelPool(Clock())
         self.logins = GroupLogins()
         self.credentials = ClientCredentials.from_config(gateway(
             auth_username="u", auth_password="p", clients=(SITE_A,)))

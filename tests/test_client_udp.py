@@ -13,7 +13,7 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anyproxy.client import udp
-from anyproxy.client.acl import AccessPolicy, HostRule, LimitRule
+from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule
 from anyproxy.client.dialer import Dialer
 from anyproxy.client.udp import UdpAssociation, UdpStats, serves_udp
 from anyproxy.errors import Reason, StreamOpenError

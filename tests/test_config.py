@@ -1,15 +1,15 @@
 # -*- test-case-name: tests.test_config -*-
 """
-Tests for L{anyproxy.config} and L{anyproxy.config_parse}.
+Tests for L{anyproxy.config.model} and L{anyproxy.config.load}.
 """
 
 import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.client.acl import AccessPolicy
+from anyproxy.access_policy import AccessPolicy
 from anyproxy.addresses import dial_address, listen_endpoint, port_range
-from anyproxy.config_parse import load_config
+from anyproxy.config.load import load_config
 from anyproxy.errors import ConfigError, Reason
 
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")

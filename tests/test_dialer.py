@@ -17,7 +17,7 @@ from twisted.python import failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from anyproxy.client.acl import AccessPolicy, HostRule, LimitRule
+from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule
 from anyproxy.client.dialer import Dialer, reason_for_failure, resolve
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.splice import SpliceEnd

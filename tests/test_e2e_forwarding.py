@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from anyproxy.config_parse import load_config
+from anyproxy.config.load import load_config
 from tests.support import AnswerAfterEOF, Deployment, Echo, blob, listen_tcp
 from tests.test_e2e_tcp import socks_echo
 

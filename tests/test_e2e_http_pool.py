@@ -7,7 +7,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web import server
 
-from anyproxy.reload import Reloader
+from anyproxy.twistd.reload import Reloader
 from tests.support import PROXY_PASSWORD, PROXY_USER, BlobResource, Deployment, listen_tcp, run_curl
 from tests.test_e2e_reload import write_yaml
 

@@ -10,7 +10,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from anyproxy.config_parse import load_config
+from anyproxy.config.load import load_config
 from tests.support import (
     PROXY_PASSWORD, PROXY_USER, Deployment, Echo, SecretWatch, blob, listen_tcp, run_curl,
     web_site)

@@ -1,7 +1,7 @@
 """
 Config reload end to end on loopback: a gateway and a client in this
 process (L{tests.support.Deployment}), a new YAML written over the config
-file, then L{anyproxy.reload.Reloader.reload} (what SIGHUP calls).  Each
+file, then L{anyproxy.twistd.reload.Reloader.reload} (what SIGHUP calls).  Each
 test also keeps a stream opened before the reload and checks it still
 carries data afterwards.
 """
@@ -15,7 +15,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from anyproxy.reload import Reloader
+from anyproxy.twistd.reload import Reloader
 from tests.support import (
     PROXY_PASSWORD, PROXY_USER, Deployment, Echo, SecretWatch, listen_tcp, run_curl, web_site)
 from tests.test_e2e_tcp import socks_connect, socks_error

@@ -19,8 +19,8 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from anyproxy.config_parse import load_config
-from anyproxy.gateway.service import make_gateway_service
+from anyproxy.config.load import load_config
+from anyproxy.gateway.app import make_gateway_service
 from tests.support import Deployment, Echo, SecretWatch, listen_tcp, run_curl
 from tests.test_e2e_tcp import socks_connect
 
@@ -300,6 +300,17 @@ def browser_session(url, socks_port, echo_port, screenshot_path):
             seen["errors"] = errors
             context.close()
 
+            # Opened with the login in the address: the page's own fetches
+            # must not carry it (fetch refuses such URLs), and still work.
+            in_url = browser.new_context()
+            in_url.set_default_timeout(EXPECT_MS)
+            page = in_url.new_page()
+            page.goto(url.replace("http://", "http://%s:%s@" % (STATUS_USER, STATUS_PASSWORD), 1))
+            expect(page.locator("#state")).to_have_text(
+                re.compile("^live, updated "), timeout=EXPECT_MS)
+            seen["login_in_url"] = page.text_content("#state")
+            in_url.close()
+
             wrong = browser.new_context(
                 http_credentials={"username": STATUS_USER, "password": "wrong"})
             seen["wrong_status"] = wrong.new_page().goto(url).status
@@ -328,6 +339,7 @@ class StatusBrowserTests(_StatusBase):
         self.assertEqual(seen["title"], "AnyProxy gateway status")
         self.assertEqual(seen["errors"], [])
         self.assertEqual(seen["wrong_status"], 401)
+        self.assertTrue(seen["login_in_url"].startswith("live, updated "))
         self.assertEqual(seen["api"]["totals"]["tunnels"], 1)
         self.assertEqual(seen["api"]["clients"][0]["client_id"], "client-1")
         self.assertGreater(os.path.getsize(screenshot), 1000)

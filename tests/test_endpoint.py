@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_endpoint -*-
 """
-Tests for L{anyproxy.gateway.endpoint}: a L{TunnelEndpoint} over a real gateway
+Tests for L{anyproxy.tunnel.endpoint}: a L{TunnelEndpoint} over a real gateway
 L{Mux} wired back to back with a client L{Mux}, on a L{Clock}.
 """
 
@@ -11,10 +11,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from anyproxy.endpoints import OneProtocolFactory, connect_protocol
+from anyproxy.connect_protocol import OneProtocolFactory, connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.gateway.endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
-from anyproxy.gateway.registry import Tunnel, TunnelRegistry
+from anyproxy.tunnel.endpoint import DEFAULT_OPEN_TIMEOUT, TunnelEndpoint
+from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.mux import Mux, Stream, TunnelAddress
 
@@ -97,7 +97,7 @@ def setup(with_tunnel=True, **kwargs):
     """A clock, a mux pair, a registry (holding a tunnel) and an endpoint to target.example:443."""
     clock = Clock()
     pair = MuxPair()
-    registry = TunnelRegistry(clock)
+    registry = TunnelPool(clock)
     if with_tunnel:
         registry.add(tunnel_for(pair))
     endpoint = TunnelEndpoint(registry, clock, "default", "target.example", 443, **kwargs)
@@ -204,7 +204,7 @@ class ConnectTests(SynchronousTestCase):
         """Only a tunnel of the endpoint's group is used."""
         clock = Clock()
         red, blue = MuxPair(), MuxPair()
-        registry = TunnelRegistry(clock)
+        registry = TunnelPool(clock)
         registry.add(tunnel_for(red, group="red"))
         registry.add(tunnel_for(blue, group="blue"))
         endpoint = TunnelEndpoint(registry, clock, "blue", "target.example", 443)

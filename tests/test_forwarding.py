@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_forwarding -*-
 """
-Tests for L{anyproxy.gateway.forwarding} and L{anyproxy.gateway.forwarding_udp}:
+Tests for L{anyproxy.gateway.port_forwarding.forwarder} and L{anyproxy.gateway.port_forwarding.udp}:
 which ports are opened or refused, release when the client goes, and the
 TCP and UDP forwarding logic, all against fakes on a L{Clock}.
 """
@@ -13,12 +13,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.gateway import forwarding_udp
+from anyproxy.gateway.port_forwarding import udp as forwarding_udp
 from anyproxy.gateway.client_access import ClientGrant
-from anyproxy.gateway.forwarding import (
+from anyproxy.gateway.port_forwarding.forwarder import (
     PortForwarding, parse_request, refuse_all)
-from anyproxy.gateway.registry import Tunnel
-from anyproxy.gateway.tunnels import TunnelServerFactory
+from anyproxy.gateway.tunnel_pool import Tunnel
+from anyproxy.gateway.tunnel_server import TunnelServerFactory
 
 
 # -- fakes ----------------------------------------------------------------------
@@ -536,9 +536,9 @@ class TunnelServerTests(SynchronousTestCase):
     """The gateway's HELLO answers open_ports and disconnection releases them."""
 
     def factory(self, manager=None):
-        from anyproxy.gateway.registry import TunnelRegistry
+        from anyproxy.gateway.tunnel_pool import TunnelPool
         return TunnelServerFactory.for_credentials(
-            TunnelRegistry(Clock()), "u", "p", Clock(), forwarding=manager)
+            TunnelPool(Clock()), "u", "p", Clock(), forwarding=manager)
 
     def test_hello_answer(self):
         """The answer lists each asked port; the tunnel's going releases them."""

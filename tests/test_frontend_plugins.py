@@ -1,5 +1,5 @@
 """
-Tests for frontend plugins: L{anyproxy.interfaces}, L{anyproxy.frontends.registry},
+Tests for frontend plugins: L{anyproxy.interfaces}, L{anyproxy.frontends.lookup},
 the built-in and example plugins in L{anyproxy.plugins}, C{proxy.frontends}
 in the config, and the example C{fixed-forward} plugin end to end.
 """
@@ -23,9 +23,9 @@ from zope.interface.verify import verifyObject
 import anyproxy.plugins
 from anyproxy.auth import ANONYMOUS, UserDatabase
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.frontends.http import HttpProxyFactory
-from anyproxy.frontends.registry import UnknownFrontend, available_frontends, find_frontend
-from anyproxy.frontends.socks5 import Socks5Factory
+from anyproxy.frontends.http.proxy import HttpProxyFactory
+from anyproxy.frontends.lookup import UnknownFrontend, available_frontends, find_frontend
+from anyproxy.frontends.socks5.protocol import Socks5Factory
 from anyproxy.interfaces import FrontendContext, IFrontendFactory
 from anyproxy.plugins.example_fixed_forward import FixedForwardFactory
 from tests.support import PROXY_PASSWORD, PROXY_USER, Deployment, Echo, blob, listen_tcp

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_gateway_hello -*-
 """
-Tests for the HELLO keys of L{anyproxy.gateway.tunnels.TunnelServerFactory}
+Tests for the HELLO keys of L{anyproxy.gateway.tunnel_server.TunnelServerFactory}
 that balancing and group logins use: C{weight} and C{group_password}.
 """
 
@@ -11,8 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from anyproxy.auth import GroupLogins, User
 from anyproxy.errors import HelloRefused
 from anyproxy.gateway.client_access import ClientCredentials, ClientGrant
-from anyproxy.gateway.registry import TunnelRegistry
-from anyproxy.gateway.tunnels import TunnelServerFactory
+from anyproxy.gateway.tunnel_pool import TunnelPool
+from anyproxy.gateway.tunnel_server import TunnelServerFactory
 
 
 class FakeMux:
@@ -52,7 +52,7 @@ class HelloKeysTests(SynchronousTestCase):
     """C{weight} sets the tunnel's weight; C{group_password} adds a group login while connected."""
 
     def setUp(self):
-        self.registry = TunnelRegistry(Clock())
+        self.registry = TunnelPool(Clock())
         self.logins = GroupLogins()
         self.factory = TunnelServerFactory(self.registry, ClientCredentials(), Clock(),
                                            group_logins=self.logins)
@@ -125,7 +125,7 @@ class ClientHelloTests(SynchronousTestCase):
     """The client announces its weight, and its group password only when set."""
 
     def factory(self, **kwargs):
-        from anyproxy.client.service import ClientTunnelFactory
+        from anyproxy.client.app import ClientTunnelFactory
         return ClientTunnelFactory("wss://127.0.0.1:8443/anyproxy", None, "c1", "lab",
                                    "user", "tunnel-pw", **kwargs)
 
@@ -144,7 +144,7 @@ class ClientHelloTests(SynchronousTestCase):
 
     def test_hello_accepted_by_gateway(self):
         """The gateway takes the client's HELLO as it is."""
-        registry, logins = TunnelRegistry(Clock()), GroupLogins()
+        registry, logins = TunnelPool(Clock()), GroupLogins()
         gateway = TunnelServerFactory(registry, ClientCredentials(), Clock(), group_logins=logins)
         info = self.factory(weight=3, group_password="lab-secret-pw").hello_info()
         tunnel = gateway.tunnel_connected(FakeProtocol(), info)

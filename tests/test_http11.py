@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_http11 -*-
 """
-Tests for L{anyproxy.frontends.http11}: bytes in, events out, no I/O.
+Tests for L{anyproxy.frontends.http.connection}: bytes in, events out, no I/O.
 
 h11, an independent implementation, plays the other side: it writes the
 requests and responses we parse, and parses the ones we write.
@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.frontends import http11, http11_parse
-from anyproxy.frontends.http11 import (
+from anyproxy.frontends.http import connection as http11
+
+from anyproxy.frontends.http import parse as http11_parse
+from anyproxy.frontends.http.connection import (
     DONE,
     IDLE,
     MUST_CLOSE,

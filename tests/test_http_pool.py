@@ -1,6 +1,6 @@
 """
 The HTTP proxy's upstream pool: idle connections reused by the same user's
-next request to the same origin (anyproxy.frontends.http_pool and
+next request to the same origin (anyproxy.frontends.http.pool and
 ForwardExchange).  End to end through a gateway and client: test_e2e_http_pool.
 """
 
@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from anyproxy.auth import UserDatabase
-from anyproxy.frontends.http_pool import UpstreamPool
+from anyproxy.frontends.http.pool import UpstreamPool
 from anyproxy.interfaces import IAdmittingEndpoint
 from anyproxy.limits import Release
 from tests.test_http_proxy import PASSWORD, _basic, _FakeStream, _User

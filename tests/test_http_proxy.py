@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_http_proxy -*-
 """
-Tests for L{anyproxy.frontends.http}: unit tests on C{StringTransport} and
+Tests for L{anyproxy.frontends.http.proxy}: unit tests on C{StringTransport} and
 C{Clock} with fake stream endpoints, then loopback tests driven by real curl.
 """
 
@@ -31,11 +31,11 @@ from zope.interface import implementer
 
 from anyproxy.auth import User, UserDatabase
 from anyproxy.errors import Reason, StreamOpenError, http_status, user_text
-from anyproxy.frontends import http as http_module
-from anyproxy.frontends import http_forward
-from anyproxy.frontends.http import HttpProxyFactory
+from anyproxy.frontends.http import proxy as http_module
+from anyproxy.frontends.http import exchange as http_forward
+from anyproxy.frontends.http.proxy import HttpProxyFactory
 from tests.test_operator_site import connect_raw, wait_until
-from anyproxy.frontends.http_messages import (
+from anyproxy.frontends.http.messages import (
     binds_connection,
     BadTarget,
     parse_absolute_uri,

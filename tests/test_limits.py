@@ -11,10 +11,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.config_parse import load_config
+from anyproxy.config.load import load_config
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.gateway.registry import TunnelRegistry
-from anyproxy.gateway.endpoint import TunnelEndpoint
+from anyproxy.gateway.tunnel_pool import TunnelPool
+from anyproxy.tunnel.endpoint import TunnelEndpoint
 from anyproxy.limits import Limiter, Release, acquire_all
 from anyproxy.records import StreamRecord, gateway_records, record_of
 from anyproxy.tunnel import stream as stream_module
@@ -268,7 +268,7 @@ def limited_setup(limit=1, queue_size=10, queue_timeout=5.0):
     """A clock, a mux pair with a tunnel in a registry, and a limiter of C{limit}."""
     clock = Clock()
     pair = MuxPair()
-    registry = TunnelRegistry(clock)
+    registry = TunnelPool(clock)
     registry.add(tunnel_for(pair))
     limiter = Limiter(clock, limit, queue_size, queue_timeout)
 
@@ -356,7 +356,7 @@ class RecordTests(SynchronousTestCase):
     def open(self):
         clock = Clock()
         pair = MuxPair()
-        registry = TunnelRegistry(clock)
+        registry = TunnelPool(clock)
         registry.add(tunnel_for(pair))
         endpoint = TunnelEndpoint(registry, clock, "default", "target.example", 443)
         d = endpoint.connect(RecordingFactory())

@@ -9,7 +9,7 @@ from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from anyproxy.config import LogConfig
+from anyproxy.config.model import LogConfig
 from anyproxy.logs import (
     REDACTED, LoggingRoot, RedactingLogger, library_logger, make_observer, redact)
 

@@ -1,6 +1,6 @@
 """
 Tests for L{anyproxy.metrics}: the collectors' output from known state (muxes
-wired back to back, a real L{TunnelRegistry}, fake client factories), and the
+wired back to back, a real L{TunnelPool}, fake client factories), and the
 byte counters the tunnel keeps for them.
 """
 
@@ -13,7 +13,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from anyproxy.client.udp import UdpStats
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.gateway.registry import Tunnel, TunnelRegistry
+from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
 from anyproxy.metrics import (
     OUTCOMES, ClientMetrics, GatewayMetrics, MetricsPage, metrics_site, transport_buffered)
 from tests.test_mux import SMALL_WINDOW, MuxPair, Recorder
@@ -136,7 +136,7 @@ class GatewayMetricsTests(SynchronousTestCase):
 
     def setUp(self):
         self.clock = Clock()
-        self.tunnels = TunnelRegistry(self.clock)
+        self.tunnels = TunnelPool(self.clock)
         self.metrics = GatewayMetrics(self.tunnels, self.clock)
         self.metrics.add_frontend("socks5 proxy")
         self.pair = MuxPair()
@@ -315,7 +315,7 @@ class GatewayMetricsTests(SynchronousTestCase):
 
     def test_http_upstream_pool(self):
         """The HTTP proxy's idle upstream connections and reuses are reported per frontend."""
-        from anyproxy.frontends.http_pool import UpstreamPool
+        from anyproxy.frontends.http.pool import UpstreamPool
 
         class Factory:
             upstream_pool = UpstreamPool(self.clock)
@@ -341,7 +341,7 @@ class GatewayMetricsTests(SynchronousTestCase):
 
     def test_registries_are_separate(self):
         """Two services' metrics never share series."""
-        other = GatewayMetrics(TunnelRegistry(self.clock), self.clock)
+        other = GatewayMetrics(TunnelPool(self.clock), self.clock)
         self.assertIsNone(other.registry.get_sample_value(
             "anyproxy_gateway_tunnels_connected", {"client_id": "client-1", "group": "lab"}))
 
@@ -405,7 +405,7 @@ class MetricsPageTests(SynchronousTestCase):
 
     def setUp(self):
         clock = Clock()
-        self.metrics = GatewayMetrics(TunnelRegistry(clock), clock)
+        self.metrics = GatewayMetrics(TunnelPool(clock), clock)
         self.metrics.add_frontend("http proxy")
 
     def test_text_format(self):

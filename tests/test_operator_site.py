@@ -16,8 +16,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
-from anyproxy.gateway.registry import TunnelRegistry
-from anyproxy.gateway.status import status_site
+from anyproxy.gateway.tunnel_pool import TunnelPool
+from anyproxy.gateway.status.api import status_site
 from anyproxy import metrics
 from anyproxy.metrics import GatewayMetrics, metrics_site
 from anyproxy.operator_site import ABORT_GRACE, MAX_BODY, OperatorSite
@@ -117,7 +117,7 @@ class DeadlineTests(_SiteTestCase):
 
     def setUp(self):
         self.clock = Clock()
-        self.listen(status_site(TunnelRegistry(self.clock), USER, PASSWORD, reactor=self.clock,
+        self.listen(status_site(TunnelPool(self.clock), USER, PASSWORD, reactor=self.clock,
                                 request_timeout=10))
 
     @defer.inlineCallbacks
@@ -207,7 +207,7 @@ class SiteCapTests(_SiteTestCase):
 
     def setUp(self):
         self.clock = Clock()
-        gateway_metrics = GatewayMetrics(TunnelRegistry(self.clock), self.clock)
+        gateway_metrics = GatewayMetrics(TunnelPool(self.clock), self.clock)
         self.listen(metrics_site(gateway_metrics.registry, self.clock, max_connections=2))
         self.warnings = []
 
@@ -245,7 +245,7 @@ class LoginTests(_SiteTestCase):
     def test_metrics_login(self):
         """With a login a scrape needs it; set_login changes or removes it at once."""
         clock = Clock()
-        site = metrics_site(GatewayMetrics(TunnelRegistry(clock), clock).registry, clock,
+        site = metrics_site(GatewayMetrics(TunnelPool(clock), clock).registry, clock,
                             USER, PASSWORD)
         self.listen(site)
         statuses = []
@@ -263,8 +263,8 @@ class LoginTests(_SiteTestCase):
     def test_defaults(self):
         """Both pages are OperatorSites with their own caps and the default deadline."""
         clock = Clock()
-        status = status_site(TunnelRegistry(clock), USER, PASSWORD, reactor=clock)
-        scrape = metrics_site(GatewayMetrics(TunnelRegistry(clock), clock).registry, clock)
+        status = status_site(TunnelPool(clock), USER, PASSWORD, reactor=clock)
+        scrape = metrics_site(GatewayMetrics(TunnelPool(clock), clock).registry, clock)
         self.assertIsInstance(status, OperatorSite)
         self.assertIsInstance(scrape, OperatorSite)
         self.assertEqual((status.connections.limit, scrape.connections.limit),

@@ -1,6 +1,6 @@
 """
-Tests for L{anyproxy.reload} and the C{reconfigure} methods it drives
-(L{anyproxy.gateway.reconfigure}, L{anyproxy.client.service.ClientRoot}),
+Tests for L{anyproxy.twistd.reload} and the C{reconfigure} methods it drives
+(L{anyproxy.gateway.reconfigure}, L{anyproxy.client.app.ClientRoot}),
 on fakes: a recording L{MemoryReactor}, no sockets.
 """
 
@@ -19,14 +19,14 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.trial import unittest
 
 from anyproxy.auth import UserDatabase
-from anyproxy.client.service import make_client_service
-from anyproxy.config import LogConfig
-from anyproxy.config_parse import load_config
+from anyproxy.client.app import make_client_service
+from anyproxy.config.model import LogConfig
+from anyproxy.config.load import load_config
 from anyproxy.errors import ConfigError
 from anyproxy.gateway.reconfigure import ReloadableServerTLS
-from anyproxy.gateway.service import make_gateway_service
+from anyproxy.gateway.app import make_gateway_service
 from anyproxy.logs import make_observer, set_log_level
-from anyproxy.reload import Reloader, changed_keys, summarize
+from anyproxy.twistd.reload import Reloader, changed_keys, summarize
 from tests.support import TestPKI
 
 

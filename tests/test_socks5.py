@@ -1,5 +1,5 @@
 """
-Tests for L{anyproxy.frontends.socks5}: the protocol on fakes, then loopback
+Tests for L{anyproxy.frontends.socks5.protocol}: the protocol on fakes, then loopback
 with real SOCKS clients (PySocks, python-socks) on the real reactor.
 """
 
@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from anyproxy.auth import ANONYMOUS, User, UserDatabase
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.frontends.socks5 import OPENING_HIGH_WATER, Socks5Factory
+from anyproxy.frontends.socks5.protocol import OPENING_HIGH_WATER, Socks5Factory
 from tests.test_operator_site import connect_raw, wait_until
 
 CONNECT_IPV4 = b"\x05\x01\x00\x01\xcb\x00\x71\x05\x00\x50"  # 203.0.113.5:80

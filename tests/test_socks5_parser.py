@@ -1,5 +1,5 @@
 """
-Tests for L{anyproxy.frontends.socks5_parser}.
+Tests for L{anyproxy.frontends.socks5.parser}.
 """
 
 import ipaddress
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.frontends.socks5_parser import (
+from anyproxy.frontends.socks5.parser import (
     AWAIT_AUTH,
     AWAIT_GREETING,
     AWAIT_REQUEST,

@@ -1,6 +1,6 @@
 """
-Tests for L{anyproxy.frontends.socks5_udp} and the UDP ASSOCIATE handshake of
-L{anyproxy.frontends.socks5}: the header codec (examples, then hypothesis),
+Tests for L{anyproxy.frontends.socks5.relay} and the UDP ASSOCIATE handshake of
+L{anyproxy.frontends.socks5.protocol}: the header codec (examples, then hypothesis),
 the relay and association on the real reactor with real UDP sockets on
 loopback and a fake udp stream, the handshake on StringTransport, and PySocks
 through a real listener.
@@ -28,9 +28,9 @@ from zope.interface import implementer
 
 from anyproxy.auth import ANONYMOUS, User, UserDatabase
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.frontends.socks5 import Socks5Factory
-from anyproxy.frontends.socks5_parser import SocksError
-from anyproxy.frontends.socks5_udp import (
+from anyproxy.frontends.socks5.protocol import Socks5Factory
+from anyproxy.frontends.socks5.parser import SocksError
+from anyproxy.frontends.socks5.relay import (
     MAX_UDP_PAYLOAD_IPV4,
     MAX_UDP_PAYLOAD_IPV6,
     RELAY_READ_SIZE,

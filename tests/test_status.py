@@ -1,5 +1,5 @@
 """
-Tests for L{anyproxy.gateway.status}: the snapshot behind C{/api/status}
+Tests for L{anyproxy.gateway.status.api}: the snapshot behind C{/api/status}
 and the status page's login check.
 """
 
@@ -8,10 +8,10 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from anyproxy.gateway.registry import Tunnel, TunnelRegistry
-from anyproxy.gateway.status import (
-    SingleUserChecker, TrafficHistory, status_site, status_snapshot)
-from anyproxy.gateway.status_page import CONTENT_SECURITY_POLICY, PAGE
+from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
+from anyproxy.gateway.status.api import TrafficHistory, status_site, status_snapshot
+from anyproxy.operator_site import SingleUserChecker
+from anyproxy.gateway.status.page import CONTENT_SECURITY_POLICY, PAGE
 
 
 class FakeMux:
@@ -24,7 +24,7 @@ class FakeMux:
 
 
 def make_registry(*tunnels):
-    registry = TunnelRegistry(Clock())
+    registry = TunnelPool(Clock())
     for tunnel in tunnels:
         registry.add(tunnel)
     return registry
@@ -70,7 +70,7 @@ class SnapshotTests(unittest.TestCase):
 
 
 class FakeRegistry:
-    """A registry that reports removed tunnels, as L{TunnelRegistry} does for metrics."""
+    """A registry that reports removed tunnels, as L{TunnelPool} does for metrics."""
 
     def __init__(self, *tunnels):
         self._tunnels = list(tunnels)

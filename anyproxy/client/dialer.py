@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.client.udp import UdpAssociation, UdpStats, serves_udp
-from anyproxy.endpoints import connect_protocol
+from anyproxy.connect_protocol import connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.limits import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT, Limiter
 from anyproxy.records import record_of
@@ -98,7 +98,7 @@ class Dialer:
     stream records when it last carried a byte (C{Stream.last_active}), so no
     timer is touched per DATA frame.
 
-    @param policy: an L{anyproxy.client.acl.AccessPolicy}.
+    @param policy: an L{anyproxy.access_policy.AccessPolicy}.
     @param max_streams: open streams at most (the seed's max_concurrent_conns);
         0 = unlimited.  Beyond it an OPEN waits (at most C{queue_size} of
         them, each at most C{queue_timeout} seconds) for a stream to end, and

@@ -41,7 +41,7 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 
-from anyproxy.client.acl import UDP, normalise_address, normalise_name
+from anyproxy.access_policy import UDP, normalise_address, normalise_name
 
 log = Logger()
 
@@ -130,7 +130,7 @@ class UdpAssociation(Protocol):
     their targets and passes the targets' replies back.
 
     @param get_policy: a zero-argument callable returning the current
-        L{anyproxy.client.acl.AccessPolicy} (read per datagram, so a reload
+        L{anyproxy.access_policy.AccessPolicy} (read per datagram, so a reload
         applies to live associations).
     @param reactor: provides C{listenUDP}.
     @param resolve_name: C{resolve_name(host, port)} -> Deferred firing with a

@@ -103,7 +103,7 @@ class ClientCredentials:
 
     @classmethod
     def from_config(cls, gateway):
-        """The credentials of a L{anyproxy.config.GatewayConfig}."""
+        """The credentials of a L{anyproxy.config.model.GatewayConfig}."""
         shared = ClientGrant(SHARED if gateway.auth_username else SHARED_CERTIFICATE,
                              gateway.auth_groups, (), gateway.auth_max_tunnels)
         passwords, subjects = {}, {}

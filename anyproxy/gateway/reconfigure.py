@@ -65,7 +65,7 @@ class FrontendRecord:
     """
     What the gateway keeps of one frontend listener, to reconfigure it.
 
-    @ivar config: the L{anyproxy.config.FrontendConfig} it was last set to.
+    @ivar config: the L{anyproxy.config.model.FrontendConfig} it was last set to.
     @ivar factory: its protocol factory (from the plugin).
     @ivar users: its L{anyproxy.auth.UserDatabase}, refilled on reload.
     @ivar limits: its L{anyproxy.limits.Limiter} (C{max_conns}).

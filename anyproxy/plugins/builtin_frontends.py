@@ -25,7 +25,7 @@ class Socks5Frontend:
         reject_unknown_options(options, ())
 
     def build(self, options, context):
-        from anyproxy.frontends.socks5 import Socks5Factory
+        from anyproxy.frontends.socks5.protocol import Socks5Factory
         return Socks5Factory(context.users, context.endpoint_for, context.reactor,
                              handshake_timeout=context.handshake_timeout, name=context.name)
 
@@ -51,8 +51,8 @@ class HttpFrontend:
             raise OptionError("upstream_idle_timeout", "expected a number of seconds > 0")
 
     def build(self, options, context):
-        from anyproxy.frontends.http import HttpProxyFactory
-        from anyproxy.frontends.http_pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE
+        from anyproxy.frontends.http.proxy import HttpProxyFactory
+        from anyproxy.frontends.http.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE
         return HttpProxyFactory(
             context.users, context.endpoint_for, context.reactor,
             handshake_timeout=context.handshake_timeout, realm=options.get("realm", "anyproxy"),

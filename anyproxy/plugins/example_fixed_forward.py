@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from anyproxy.addresses import host_port
 from anyproxy.auth import ANONYMOUS
 from anyproxy.errors import StreamOpenError
 from anyproxy.interfaces import IFrontendFactory, OptionError, reject_unknown_options
@@ -109,8 +110,7 @@ class FixedForwardFactory(Factory):
         self.context = context
         self.target_host = target_host
         self.target_port = target_port
-        host = "[%s]" % (target_host,) if ":" in target_host else target_host
-        self.target = "%s:%d" % (host, target_port)
+        self.target = host_port(target_host, target_port)
 
 
 @implementer(IPlugin, IFrontendFactory)

@@ -205,7 +205,7 @@ class _TunnelProtocol:
 
 
 class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
-    """The gateway's end of a tunnel; the factory is a L{gateway.tunnels.TunnelServerFactory}."""
+    """The gateway's end of a tunnel; the factory is a L{anyproxy.gateway.tunnel_server.TunnelServerFactory}."""
 
     tunnel = None
     _hello_timer = None
@@ -270,7 +270,7 @@ class ClientTunnelProtocol(_TunnelProtocol, WebSocketClientProtocol):
     The client's end of a tunnel.  C{ready} fires with this protocol once
     the gateway has answered our HELLO, or fails if the tunnel closes first;
     cancelling it drops the connection.  C{handle}, once set, is told when
-    the tunnel is lost (see L{anyproxy.client.service.ReadyTunnelEndpoint}).
+    the tunnel is lost (see L{anyproxy.client.app.ReadyTunnelEndpoint}).
     """
 
     handle = None

@@ -3,11 +3,11 @@
 from twisted.application.service import ServiceMaker
 
 anyproxy_gateway = ServiceMaker(
-    "AnyProxy gateway", "anyproxy.gateway.tap",
+    "AnyProxy gateway", "anyproxy.twistd.gateway",
     "AnyProxy gateway: HTTP/SOCKS5 proxies for users, WebSocket+TLS server for clients",
     "anyproxy-gateway")
 
 anyproxy_client = ServiceMaker(
-    "AnyProxy client", "anyproxy.client.tap",
+    "AnyProxy client", "anyproxy.twistd.client",
     "AnyProxy client: dials out to the gateway and reaches targets in its network",
     "anyproxy-client")

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_forwarding -*-
 """
-The UDP half of port forwarding (L{anyproxy.gateway.forwarding}).
+The UDP half of port forwarding (L{anyproxy.gateway.port_forwarding.forwarder}).
 
 Why it is built this way
 ------------------------
@@ -26,7 +26,7 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 
-from anyproxy.endpoints import connect_protocol
+from anyproxy.connect_protocol import connect_protocol
 
 log = Logger()
 
@@ -45,7 +45,7 @@ class UdpForwarder(DatagramProtocol):
     """
     The protocol of a forwarded UDP port: one L{UdpSession} per source.
 
-    @ivar forward: the L{anyproxy.gateway.forwarding.ForwardedPort}.
+    @ivar forward: the L{anyproxy.gateway.port_forwarding.forwarder.ForwardedPort}.
     @ivar sessions: C{{(host, port): UdpSession}}.
     @ivar dropped: datagrams dropped (too many sources, queue full, tunnel
         congested, reply not sendable).

@@ -3,7 +3,7 @@
 The configuration: frozen attrs classes, one per section of the YAML file.
 
 Only these objects are passed around, never dicts.
-L{anyproxy.config_parse.load_config} builds them from a file and checks
+L{anyproxy.config.load.load_config} builds them from a file and checks
 every value; the rules of what a section may hold live there.
 """
 
@@ -12,7 +12,7 @@ import types
 import attr
 
 from anyproxy.auth import DEFAULT_GROUP
-from anyproxy.client.acl import AccessPolicy
+from anyproxy.access_policy import AccessPolicy
 from anyproxy.errors import ConfigError
 from anyproxy.limits import DEFAULT_MAX_CONCURRENT_CONNS, DEFAULT_MAX_CONNS_PER_USER
 

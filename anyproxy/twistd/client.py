@@ -1,6 +1,6 @@
-"""C{twistd anyproxy-client}: see L{anyproxy.client.service}."""
+"""C{twistd anyproxy-client}: see L{anyproxy.client.app}."""
 
-from anyproxy.tap import ConfigOptions
+from anyproxy.twistd.options import ConfigOptions
 
 
 class Options(ConfigOptions):
@@ -13,8 +13,8 @@ class Options(ConfigOptions):
 def makeService(options):
     from twisted.internet import reactor
 
-    from anyproxy.client.service import make_client_service
-    from anyproxy.tap import logging_root
+    from anyproxy.client.app import make_client_service
+    from anyproxy.twistd.options import logging_root
 
     service, _ = make_client_service(options["loaded"], reactor)
     return logging_root(service, options)

@@ -40,7 +40,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 
-from anyproxy.frontends.socks5_parser import (
+from anyproxy.frontends.socks5.parser import (
     ATYP_DOMAIN,
     ATYP_IPV4,
     ATYP_IPV6,

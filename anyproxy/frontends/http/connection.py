@@ -34,12 +34,12 @@ CONNECT is refused.  A pipelined request waits (C{next_event} returns
 L{PAUSED}) until the current exchange is over; so does a malformed one, whose
 error is raised only then.
 
-The events, the parsing and its limits are in L{anyproxy.frontends.http11_parse}
+The events, the parsing and its limits are in L{anyproxy.frontends.http.parse}
 (imported from here).  A connection that carried a HEAD is not reused: its
 reader stops after the head, so what came next is unknown.
 """
 
-from anyproxy.frontends.http11_parse import (
+from anyproxy.frontends.http.parse import (
     CLOSED_EVENT,
     END,
     ConnectionClosed,

@@ -3,7 +3,7 @@
 The gateway program: the TLS WebSocket listener for client tunnels and the
 user-facing listeners (SOCKS5, HTTP and any other frontend plugin, see
 docs/FRONTENDS.md), composed in one C{MultiService}
-around a shared L{TunnelRegistry}.
+around a shared L{TunnelPool}.
 """
 
 import functools
@@ -14,14 +14,14 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from anyproxy.auth import GroupLogins, UserDatabase
-from anyproxy.frontends.registry import find_frontend
+from anyproxy.frontends.lookup import find_frontend
 from anyproxy.gateway.client_access import ClientCredentials, log_client_grants
-from anyproxy.gateway.endpoint import TunnelEndpoint
-from anyproxy.gateway.forwarding import PortForwarding
+from anyproxy.tunnel.endpoint import TunnelEndpoint
+from anyproxy.gateway.port_forwarding.forwarder import PortForwarding
 from anyproxy.gateway.reconfigure import FrontendRecord, ReloadableServerTLS, reconfigure_gateway
-from anyproxy.gateway.registry import TunnelRegistry
-from anyproxy.gateway.status import status_site
-from anyproxy.gateway.tunnels import TunnelServerFactory
+from anyproxy.gateway.tunnel_pool import TunnelPool
+from anyproxy.gateway.status.api import status_site
+from anyproxy.gateway.tunnel_server import TunnelServerFactory
 from anyproxy.interfaces import FrontendContext
 from anyproxy.limits import Limiter, acquire_all
 from anyproxy.metrics import GatewayMetrics, metrics_site
@@ -65,7 +65,7 @@ class GatewayService(MultiService):
 
     def reconfigure(self, config):
         """
-        Apply a reloaded L{anyproxy.config.Config} (L{anyproxy.reload}) to
+        Apply a reloaded L{anyproxy.config.model.Config} (L{anyproxy.twistd.reload}) to
         new connections; established ones are kept.  See
         L{anyproxy.gateway.reconfigure}.
 
@@ -98,9 +98,9 @@ class GatewayService(MultiService):
 
 
 def make_gateway_service(config, reactor):
-    """The gateway's service tree for a validated L{anyproxy.config.Config}."""
+    """The gateway's service tree for a validated L{anyproxy.config.model.Config}."""
     gateway = config.require_gateway()
-    registry = TunnelRegistry(reactor, balance=gateway.balance)
+    registry = TunnelPool(reactor, balance=gateway.balance)
     service = GatewayService(reactor, registry)
     # Prometheus metrics (anyproxy.metrics): always counted, served at metrics_addr.
     service.metrics = GatewayMetrics(registry, reactor)
@@ -175,7 +175,7 @@ def make_gateway_service(config, reactor):
         service.listener_limits[frontend.name] = record.limits
         service.add_listener(frontend.name, frontend.listener.endpoint, record.factory)
     if gateway.status_endpoint is not None:
-        # The status page (anyproxy.gateway.status): clients and totals, behind Basic auth.
+        # The status page (anyproxy.gateway.status.api): clients and totals, behind Basic auth.
         # Each request's head must arrive within handshake_timeout (anyproxy.operator_site).
         site = status_site(registry, gateway.status_username, gateway.status_password,
                            reactor=reactor, request_timeout=gateway.handshake_timeout)

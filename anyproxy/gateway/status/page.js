@@ -1,37 +1,3 @@
-# -*- test-case-name: tests.test_e2e_status -*-
-"""
-The HTML of the gateway's status page (served by L{anyproxy.gateway.status}).
-
-One self-contained document: no external scripts, styles, fonts or images.
-Its script polls C{api/status} (relative, so the page also works behind a
-path prefix) once a second and rewrites the DOM with C{textContent} only, so
-a client id or address can never inject markup.  The Content-Security-Policy
-allows exactly this script and this style, by hash, and fetches to the same
-origin.
-"""
-
-import base64
-import hashlib
-
-STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #1d2330; background: #f6f7f9; }
-h1 { font-size: 1.4em; margin: 0 0 .2em; }
-h2 { font-size: 1.1em; margin: 1.5em 0 .5em; }
-.meta { color: #5b6475; }
-.state { display: inline-block; padding: 0 .5em; border-radius: 3px; color: #fff; background: #2f8f46; }
-.state.stale { background: #b3261e; }
-.totals { display: flex; flex-wrap: wrap; gap: .8em; }
-.total { background: #fff; border: 1px solid #d9dde5; border-radius: 6px; padding: .6em 1em; min-width: 8em; }
-.total .label { color: #5b6475; font-size: .85em; }
-.total .value { font-size: 1.6em; font-variant-numeric: tabular-nums; }
-table { border-collapse: collapse; background: #fff; width: 100%; }
-th, td { border: 1px solid #d9dde5; padding: .35em .6em; text-align: left; }
-th { background: #eceff4; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.empty { color: #5b6475; font-style: italic; }
-"""
-
-SCRIPT = """
 "use strict";
 (function () {
   var POLL_MS = 1000;
@@ -101,7 +67,7 @@ SCRIPT = """
     });
     if (!rows.length) {
       var row = document.createElement("tr"), td = document.createElement("td");
-      td.colSpan = 9;
+      td.colSpan = 10;
       td.className = "empty";
       td.textContent = "No clients connected.";
       row.appendChild(td);
@@ -114,8 +80,17 @@ SCRIPT = """
     state.className = ok ? "state" : "state stale";
     state.textContent = text;
   }
+  function statusUrl() {
+    // Relative, so the page works behind a path prefix; and without the
+    // user:password of a page opened with a login in its address, which
+    // fetch() refuses (the browser sends the login it already has).
+    var url = new URL("api/status", window.location.href);
+    url.username = "";
+    url.password = "";
+    return url.href;
+  }
   function poll() {
-    fetch("api/status", {cache: "no-store", credentials: "same-origin"})
+    fetch(statusUrl(), {cache: "no-store", credentials: "same-origin"})
       .then(function (response) {
         if (!response.ok) { throw new Error("HTTP " + response.status); }
         return response.json();
@@ -129,55 +104,3 @@ SCRIPT = """
   }
   poll();
 }());
-"""
-
-_BODY = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>AnyProxy gateway status</title>
-<style>%(style)s</style>
-</head>
-<body>
-<h1>AnyProxy gateway</h1>
-<p class="meta"><span id="software">anyproxy</span> &middot; up <span id="uptime">?</span>
-&middot; <span id="state" class="state stale">loading&hellip;</span></p>
-<h2>Totals</h2>
-<div class="totals">
-<div class="total"><div class="label">Tunnels</div><div class="value" id="total-tunnels">?</div></div>
-<div class="total"><div class="label">Clients</div><div class="value" id="total-clients">?</div></div>
-<div class="total"><div class="label">Active streams</div>
-<div class="value" id="total-active-streams">?</div></div>
-<div class="total"><div class="label">Streams opened</div>
-<div class="value" id="total-streams-opened">?</div></div>
-<div class="total"><div class="label">Bytes in (from clients)</div>
-<div class="value" id="total-bytes-in">?</div></div>
-<div class="total"><div class="label">Bytes out (to clients)</div>
-<div class="value" id="total-bytes-out">?</div></div>
-</div>
-<h2>Connected clients</h2>
-<table id="clients">
-<thead><tr><th>Client</th><th>Group</th><th>Credential</th><th>Address</th><th>Version</th><th>Connected since</th>
-<th>Active streams</th><th>Streams opened</th><th>Bytes in</th><th>Bytes out</th></tr></thead>
-<tbody id="clients-body"></tbody>
-</table>
-<p class="meta"><span id="scope">Traffic totals</span>; JSON at <code>api/status</code>.</p>
-<script>%(script)s</script>
-</body>
-</html>
-"""
-
-PAGE = (_BODY % {"style": STYLE, "script": SCRIPT}).encode("utf-8")
-
-
-def _hash_source(text):
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return "'sha256-%s'" % (base64.b64encode(digest).decode("ascii"),)
-
-
-CONTENT_SECURITY_POLICY = (
-    "default-src 'none'; script-src %s; style-src %s; connect-src 'self'; img-src data:; "
-    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    % (_hash_source(SCRIPT), _hash_source(STYLE))).encode("ascii")

@@ -1,6 +1,6 @@
-"""C{twistd anyproxy-gateway}: see L{anyproxy.gateway.service}."""
+"""C{twistd anyproxy-gateway}: see L{anyproxy.gateway.app}."""
 
-from anyproxy.tap import ConfigOptions
+from anyproxy.twistd.options import ConfigOptions
 
 
 class Options(ConfigOptions):
@@ -13,7 +13,7 @@ class Options(ConfigOptions):
 def makeService(options):
     from twisted.internet import reactor
 
-    from anyproxy.gateway.service import make_gateway_service
-    from anyproxy.tap import logging_root
+    from anyproxy.gateway.app import make_gateway_service
+    from anyproxy.twistd.options import logging_root
 
     return logging_root(make_gateway_service(options["loaded"], reactor), options)

@@ -2,7 +2,7 @@
 """
 The HTTP proxy frontend: CONNECT tunnels and absolute-URI forwarding.
 
-L{anyproxy.frontends.http11} does all HTTP/1.1 parsing and framing on the
+L{anyproxy.frontends.http.connection} does all HTTP/1.1 parsing and framing on the
 user's connection; this module only decides what each request means.  The
 protocol is a small event pump over one server connection:
 
@@ -12,7 +12,7 @@ protocol is a small event pump over one server connection:
     same transport (with whatever the user sent after the CONNECT head);
   - an absolute-URI request is handed to a L{ForwardExchange}, which relays
     it over a new stream or one kept from the user's earlier request to the
-    same origin (L{anyproxy.frontends.http_pool}), and answers through
+    same origin (L{anyproxy.frontends.http.pool}), and answers through
     L{respond};
   - any answer we make ourselves (407, 400, 502...) is followed by reading
     and dropping the rest of the request body, so the connection stays usable
@@ -37,16 +37,16 @@ from zope.interface import implementer
 from anyproxy.auth import ANONYMOUS
 from anyproxy.connection_cap import (
     DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory)
-from anyproxy.endpoints import connect_protocol
-from anyproxy.frontends import http11
+from anyproxy.connect_protocol import connect_protocol
+from anyproxy.frontends.http import connection as http11
 from anyproxy.tuning import set_no_delay, tune_for_bulk
-from anyproxy.frontends.http_forward import (
+from anyproxy.frontends.http.exchange import (
     ForwardExchange,
     ReadGate,
     describe_open_failure,
 )
-from anyproxy.frontends.http_pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE, UpstreamPool
-from anyproxy.frontends.http_messages import (
+from anyproxy.frontends.http.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE, UpstreamPool
+from anyproxy.frontends.http.messages import (
     MAX_HEAD_SIZE,
     BadTarget,
     error_response,

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy import __version__
+from anyproxy.addresses import host_port
 from anyproxy.client.dialer import Dialer
 from anyproxy.listeners import Listener, rebind
 from anyproxy.metrics import ClientMetrics, metrics_site
@@ -37,7 +38,7 @@ class ClientTunnelFactory(WebSocketClientFactory):
     @param group_password: announced in the HELLO when set: the gateway then
         accepts the proxy login C{group:group_password} while we are
         connected.  The tunnel is TLS-protected and we have authenticated.
-    @param open_ports: L{anyproxy.config.OpenPortConfig}s the gateway is
+    @param open_ports: L{anyproxy.config.model.OpenPortConfig}s the gateway is
         asked (HELLO C{open_ports}) to listen on and forward to us.
     @ivar open_ports_answer: the gateway's last C{open_ports} answer.
     @ivar established: tunnels that completed the handshake (metrics).
@@ -74,7 +75,7 @@ class ClientTunnelFactory(WebSocketClientFactory):
 
     def configure(self, client):
         """
-        Take a reloaded L{anyproxy.config.ClientConfig}: credentials, HELLO
+        Take a reloaded L{anyproxy.config.model.ClientConfig}: credentials, HELLO
         fields and ping interval, for the tunnels connected from now on.
         """
         username, password = client.auth_username, client.auth_password
@@ -196,7 +197,7 @@ class ClientRoot(MultiService):
     C{ClientService} each) sharing one L{Dialer}; built by
     L{make_client_service}.
 
-    L{reconfigure} applies a reloaded config (L{anyproxy.reload}).  The
+    L{reconfigure} applies a reloaded config (L{anyproxy.twistd.reload}).  The
     dialer's access control, limits and timeouts apply to the next stream.
     Credentials, certificates, HELLO fields (client id, group, weight,
     group password, open ports) and the backoff apply when a tunnel next
@@ -204,7 +205,7 @@ class ClientRoot(MultiService):
     on.  Tunnels to a gateway no longer listed, and replicas beyond a
     lowered C{replicas}, are closed; new ones are started.
 
-    @ivar config: the L{anyproxy.config.Config} in force.
+    @ivar config: the L{anyproxy.config.model.Config} in force.
     @ivar factories: C{(host, port)} -> L{ClientTunnelFactory}, the dict
         L{make_client_service} returns (kept up to date).
     @ivar reload_hooks: callables given each applied config (metrics...).
@@ -243,9 +244,8 @@ class ClientRoot(MultiService):
     def add_gateway(self, host, port, tls):
         """Start C{replicas} tunnels to C{host:port}, dialed with C{tls}."""
         client = self.config.client
-        url_host = "[%s]" % host if ":" in host else host
         factory = ClientTunnelFactory(
-            "wss://%s:%d/anyproxy" % (url_host, port), self.dialer, client.client_id,
+            "wss://%s/anyproxy" % (host_port(host, port),), self.dialer, client.client_id,
             client.group_id, client.auth_username, client.auth_password,
             ping_interval=client.ping_interval, weight=client.weight,
             group_password=client.group_password, open_ports=client.open_ports)
@@ -270,7 +270,7 @@ class ClientRoot(MultiService):
 
     def reconfigure(self, config):
         """
-        Apply a reloaded L{anyproxy.config.Config}; see the class docstring.
+        Apply a reloaded L{anyproxy.config.model.Config}; see the class docstring.
 
         @return: a Deferred firing with a list of notes (none) once the
             tunnels to drop are closed.
@@ -328,7 +328,7 @@ def _remove(service):
 
 def make_client_service(config, reactor, resolver=None):
     """
-    The client's L{MultiService} for a validated L{anyproxy.config.Config}.
+    The client's L{MultiService} for a validated L{anyproxy.config.model.Config}.
 
     @param resolver: an C{IHostnameResolver} for target names (default: the
         reactor's, i.e. the system's getaddrinfo).

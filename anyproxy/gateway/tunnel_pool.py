@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_registry -*-
+# -*- test-case-name: tests.test_tunnel_pool -*-
 """
 The gateway's pool of connected client tunnels, grouped by client group, and
 the choice of a tunnel for each new stream.
@@ -32,7 +32,7 @@ class Tunnel:
         return self.mux.stream_count
 
 
-class TunnelRegistry:
+class TunnelPool:
     """
     Connected tunnels by group.  L{pick} chooses by the configured strategy,
     each weighted by L{Tunnel.weight}:

@@ -8,8 +8,8 @@ C{gateway.status_username}/C{gateway.status_password}.
 Theory of operation
 -------------------
 Nothing here keeps state of its own: every request takes a fresh snapshot of
-the L{TunnelRegistry} (L{status_snapshot}).  The HTML page is static and
-self-contained (L{anyproxy.gateway.status_page}); its inline script polls the
+the L{TunnelPool} (L{status_snapshot}).  The HTML page is static and
+self-contained (L{anyproxy.gateway.status.page}); its inline script polls the
 JSON API once a second and rewrites the DOM, so the page never holds data the
 API does not also give.
 
@@ -33,10 +33,8 @@ import time
 from twisted.web import resource
 
 from anyproxy import __version__
-from anyproxy.gateway.status_page import CONTENT_SECURITY_POLICY, PAGE
-# SingleUserChecker lives with the site now; imported here for older callers.
-from anyproxy.operator_site import (  # noqa: F401
-    DEFAULT_REQUEST_TIMEOUT, OperatorSite, SingleUserChecker)
+from anyproxy.gateway.status.page import CONTENT_SECURITY_POLICY, PAGE
+from anyproxy.operator_site import DEFAULT_REQUEST_TIMEOUT, OperatorSite
 
 REALM = "AnyProxy status"
 # Open connections at most: a browser opens about 6, a few operators and
@@ -126,7 +124,7 @@ def status_snapshot(registry, started_at, now, history=None):
     C{active_streams} are now; the traffic totals are since the start when
     C{totals.since_start} is true, else over the connected tunnels.
 
-    @param registry: the gateway's L{anyproxy.gateway.registry.TunnelRegistry}.
+    @param registry: the gateway's L{anyproxy.gateway.tunnel_pool.TunnelPool}.
     @param started_at: when the gateway started (seconds since the epoch).
     @param now: the current time (seconds since the epoch).
     @param history: the L{TrafficHistory} of tunnels gone, or C{None}.

@@ -1,6 +1,6 @@
-# -*- test-case-name: tests.test_registry -*-
+# -*- test-case-name: tests.test_tunnel_pool -*-
 """
-Tests for L{anyproxy.gateway.registry}: tunnel choice and waiting for a tunnel.
+Tests for L{anyproxy.gateway.tunnel_pool}: tunnel choice and waiting for a tunnel.
 """
 
 import collections
@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.gateway.registry import Tunnel, TunnelRegistry
+from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
 
 
 # -- fakes ----------------------------------------------------------------------
@@ -29,8 +29,8 @@ def tunnel(client_id, group="default", streams=0):
 
 
 def registry(*tunnels, balance="least_streams", clock=None, rng=random):
-    """A L{TunnelRegistry} holding C{tunnels}."""
-    result = TunnelRegistry(clock if clock is not None else Clock(), balance=balance, rng=rng)
+    """A L{TunnelPool} holding C{tunnels}."""
+    result = TunnelPool(clock if clock is not None else Clock(), balance=balance, rng=rng)
     for each in tunnels:
         result.add(each)
     return result
@@ -71,17 +71,17 @@ class StrategyTests(SynchronousTestCase):
 
     def test_unknown_strategy(self):
         """An unknown strategy name raises ValueError naming it."""
-        exc = self.assertRaises(ValueError, TunnelRegistry, Clock(), balance="fastest")
+        exc = self.assertRaises(ValueError, TunnelPool, Clock(), balance="fastest")
         self.assertIn("fastest", str(exc))
 
     def test_strategies_accepted(self):
         """Every documented strategy is accepted."""
         for name in ("least_streams", "round_robin", "random"):
-            self.assertEqual(TunnelRegistry(Clock(), balance=name).balance, name)
+            self.assertEqual(TunnelPool(Clock(), balance=name).balance, name)
 
     def test_default_is_least_streams(self):
         """Without a strategy the registry balances by least streams."""
-        self.assertEqual(TunnelRegistry(Clock()).balance, "least_streams")
+        self.assertEqual(TunnelPool(Clock()).balance, "least_streams")
 
     def test_least_streams_fewest(self):
         """least_streams picks the tunnel with the fewest open streams."""
@@ -148,7 +148,7 @@ class StrategyTests(SynchronousTestCase):
 
     def test_single_tunnel(self):
         """Every strategy returns the only tunnel there is."""
-        for name in TunnelRegistry.STRATEGIES:
+        for name in TunnelPool.STRATEGIES:
             only = tunnel("only")
             pool = registry(only, balance=name)
             self.assertEqual([pool.pick("default") for _ in range(3)], [only] * 3)
@@ -163,7 +163,7 @@ class PoolTests(SynchronousTestCase):
 
     def test_groups_isolated(self):
         """pick(group) never returns a tunnel of another group, whatever the strategy."""
-        for name in TunnelRegistry.STRATEGIES:
+        for name in TunnelPool.STRATEGIES:
             red = [tunnel("red%d" % (i,), group="red", streams=i) for i in range(3)]
             blue = [tunnel("blue%d" % (i,), group="blue") for i in range(2)]
             pool = registry(*(red + blue), balance=name, rng=random.Random(7))
@@ -174,7 +174,7 @@ class PoolTests(SynchronousTestCase):
 
     def test_remove(self):
         """A removed tunnel is no longer picked."""
-        for name in TunnelRegistry.STRATEGIES:
+        for name in TunnelPool.STRATEGIES:
             a, b = tunnel("a"), tunnel("b")
             pool = registry(a, b, balance=name, rng=random.Random(3))
             pool.remove(a)
@@ -372,7 +372,7 @@ class SpreadTests(SynchronousTestCase):
 
     def test_even_spread_every_strategy(self):
         """Each strategy gives N equal tunnels 100 +-20 of N*100 picks, counts fixed or growing."""
-        for name in TunnelRegistry.STRATEGIES:
+        for name in TunnelPool.STRATEGIES:
             for count in (2, 3, 5, 8):
                 for grow in (False, True):
                     tunnels = [tunnel("t%d" % (i,), streams=2) for i in range(count)]
@@ -394,7 +394,7 @@ class SpreadTests(SynchronousTestCase):
 
     def test_weights_one_to_three(self):
         """Weights 1:3 give about 1:3 of the picks for every strategy."""
-        for name in TunnelRegistry.STRATEGIES:
+        for name in TunnelPool.STRATEGIES:
             for grow in (False, True):
                 light, heavy = weighted("light", 1), weighted("heavy", 3)
                 pool = registry(light, heavy, balance=name, rng=random.Random(42))

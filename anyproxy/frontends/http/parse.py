@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_http11 -*-
 """
-HTTP/1.1 messages as events: the vocabulary of L{anyproxy.frontends.http11}
+HTTP/1.1 messages as events: the vocabulary of L{anyproxy.frontends.http.connection}
 and the readers that turn llhttp's callbacks into it.
 
 llhttp (Node's parser, through httptools) parses and validates in C and

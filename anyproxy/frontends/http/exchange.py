@@ -33,11 +33,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from anyproxy.endpoints import OneProtocolFactory
+from anyproxy.connect_protocol import OneProtocolFactory
 from anyproxy.errors import StreamOpenError, http_status, user_text
-from anyproxy.frontends import http11
+from anyproxy.frontends.http import connection as http11
 from anyproxy.interfaces import IAdmittingEndpoint
-from anyproxy.frontends.http_messages import (
+from anyproxy.frontends.http.messages import (
     MAX_RESPONSE_HEAD_SIZE,
     binds_connection,
     upstream_request,
@@ -179,9 +179,9 @@ class ForwardExchange:
 
     def __init__(self, proxy, request, target, pool, key, clock):
         """
-        @param proxy: the L{anyproxy.frontends.http.HttpProxyProtocol}.
+        @param proxy: the L{anyproxy.frontends.http.proxy.HttpProxyProtocol}.
         @param request: the user's L{http11.Request}.
-        @param target: its L{anyproxy.frontends.http_messages.ForwardTarget}.
+        @param target: its L{anyproxy.frontends.http.messages.ForwardTarget}.
         @param pool: the listener's L{UpstreamPool}.
         @param key: this request's pool key (user, group, host, port).
         @param clock: for giving limit slots back a turn later.

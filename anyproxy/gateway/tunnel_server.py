@@ -13,12 +13,12 @@ from zope.interface import implementer
 
 from anyproxy import __version__
 from anyproxy.auth import DEFAULT_GROUP
-from anyproxy.config import MAX_GROUP_PASSWORD, MAX_WEIGHT, MIN_WEIGHT
+from anyproxy.config.model import MAX_GROUP_PASSWORD, MAX_WEIGHT, MIN_WEIGHT
 from anyproxy.errors import HelloRefused
 from anyproxy.gateway.client_access import (
     ClientCredentials, ClientGrant, TunnelCounts, certificate_subjects)
-from anyproxy.gateway.forwarding import refuse_all
-from anyproxy.gateway.registry import Tunnel
+from anyproxy.gateway.port_forwarding.forwarder import refuse_all
+from anyproxy.gateway.tunnel_pool import Tunnel
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.websocket import GatewayTunnelProtocol, tune_factory
 
@@ -63,7 +63,7 @@ class TunnelServerFactory(WebSocketServerFactory):
     @param group_logins: an L{anyproxy.auth.GroupLogins} that learns each
         tunnel's C{group_password} (HELLO) while it is connected, or C{None}
         to ignore group passwords.
-    @param forwarding: the L{anyproxy.gateway.forwarding.PortForwarding}
+    @param forwarding: the L{anyproxy.gateway.port_forwarding.forwarder.PortForwarding}
         that opens the ports a HELLO asks for (C{open_ports}), or C{None} to
         refuse them all.
     """

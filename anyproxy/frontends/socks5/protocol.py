@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_socks5 -*-
 """
 The SOCKS5 proxy listener: a thin Twisted adapter over the sans-I/O
-L{anyproxy.frontends.socks5_parser.Socks5Server}.
+L{anyproxy.frontends.socks5.parser.Socks5Server}.
 
 A connection goes through three phases:
 
@@ -27,7 +27,7 @@ local IP the control connection came in on (never 0.0.0.0), and the reply
 carries it as BND.ADDR/BND.PORT.  The connection then stays open as the
 association's control connection (phase "associated"): bytes on it are
 discarded, and its EOF or close ends the association, which in turn closes it
-when the stream is lost.  See L{anyproxy.frontends.socks5_udp}.
+when the stream is lost.  See L{anyproxy.frontends.socks5.relay}.
 
 BIND gets REP 0x07.  Reasons become REP codes only through
 L{anyproxy.errors.socks_reply_code}.  Logs name the peer, the user and the
@@ -41,12 +41,13 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from anyproxy.addresses import address_text, host_port
 from anyproxy.auth import ANONYMOUS
 from anyproxy.connection_cap import (
     DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory)
-from anyproxy.endpoints import connect_protocol
+from anyproxy.connect_protocol import connect_protocol
 from anyproxy.errors import StreamOpenError, socks_reply_code
-from anyproxy.frontends.socks5_parser import (
+from anyproxy.frontends.socks5.parser import (
     CMD_CONNECT,
     CMD_UDP_ASSOCIATE,
     METHOD_NO_AUTH,
@@ -63,7 +64,7 @@ from anyproxy.frontends.socks5_parser import (
     SocksStateError,
     UserPassAuth,
 )
-from anyproxy.frontends.socks5_udp import UdpAssociation
+from anyproxy.frontends.socks5.relay import UdpAssociation
 from anyproxy.splice import SpliceEnd
 from anyproxy.tuning import set_no_delay
 
@@ -77,14 +78,6 @@ _CLOSING = "closing"
 # past this we stop reading until it opens or fails.
 OPENING_HIGH_WATER = 64 * 1024
 
-
-def _describe_address(address):
-    host = getattr(address, "host", None)
-    if host is None:
-        return str(address)
-    if ":" in host:
-        return "[%s]:%s" % (host, address.port)
-    return "%s:%s" % (host, address.port)
 
 
 def _bind_address(address):
@@ -130,7 +123,7 @@ class Socks5Protocol(SpliceEnd):
 
     def connectionMade(self):
         set_no_delay(self.transport)  # replies must not wait for delayed ACKs
-        self._peer = _describe_address(self.transport.getPeer())
+        self._peer = address_text(self.transport.getPeer())
         self._timeout_call = self.factory.reactor.callLater(
             self.factory.handshake_timeout, self._handshake_timed_out
         )
@@ -243,8 +236,7 @@ class Socks5Protocol(SpliceEnd):
         self._handshake_over()
         self._phase = _OPENING
         self._pending = self._parser.trailing_data[0]
-        host = "[%s]" % (request.host,) if ":" in request.host else request.host
-        self._target = "%s:%d" % (host, request.port)
+        self._target = host_port(request.host, request.port)
         if request.command == CMD_UDP_ASSOCIATE:
             self._open_udp(request)
             return

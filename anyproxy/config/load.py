@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_config -*-
 """
-Reading the YAML file into the L{anyproxy.config} classes, and checking it.
+Reading the YAML file into the L{anyproxy.config.model} classes, and checking it.
 
 L{load_config} reads the original single-file format (C{proxy}, C{gateway},
 C{client}, C{log}; any may be absent) plus the additive keys of DESIGN.md
@@ -19,14 +19,14 @@ import attr
 
 from anyproxy.addresses import dial_address, port_range
 from anyproxy.auth import DEFAULT_GROUP
-from anyproxy.client.acl import AccessPolicy, HostRule, LimitRule
-from anyproxy.config import (
+from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule
+from anyproxy.config.model import (
     BALANCE_POLICIES, CLIENT, GATEWAY, LOG_FORMATS, LOG_LEVELS, LOG_MAX_BACKUPS, LOG_MAX_SIZE,
     MAX_GROUP_PASSWORD, MAX_WEIGHT,
     MIN_WEIGHT, ClientConfig, ClientEntryConfig, Config, FrontendConfig, GatewayConfig, ListenerConfig, LogConfig,
     OpenPortConfig, ProxyConfig, UserConfig)
-from anyproxy.config_reader import Node, Reader, read_yaml, type_name
-from anyproxy.frontends.registry import (
+from anyproxy.config.yaml_reader import Node, Reader, read_yaml, type_name
+from anyproxy.frontends.lookup import (
     UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
 from anyproxy.interfaces import OptionError
 from anyproxy.limits import DEFAULT_MAX_CONCURRENT_CONNS, DEFAULT_MAX_CONNS_PER_USER

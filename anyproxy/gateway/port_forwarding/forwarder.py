@@ -40,7 +40,7 @@ fails (refused by access control, connection refused at the client, no
 answer in time) the user's connection is aborted, so the user sees a reset
 rather than a clean, empty close.
 
-UDP: see L{anyproxy.gateway.forwarding_udp}; each user source address gets
+UDP: see L{anyproxy.gateway.port_forwarding.udp}; each user source address gets
 its own udp stream (association), ended after an idle timeout.
 """
 
@@ -51,9 +51,10 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from anyproxy.endpoints import connect_protocol
-from anyproxy.gateway.endpoint import DEFAULT_OPEN_TIMEOUT, attach_protocol, bound_open
-from anyproxy.gateway.forwarding_udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
+from anyproxy.addresses import address_text, host_port
+from anyproxy.connect_protocol import connect_protocol
+from anyproxy.tunnel.endpoint import DEFAULT_OPEN_TIMEOUT, attach_protocol, bound_open
+from anyproxy.gateway.port_forwarding.udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
 from anyproxy.splice import SpliceEnd
 from anyproxy.tunnel.frames import PROTOCOL_VERSION
 
@@ -87,8 +88,7 @@ class PortRequest:
 
     @property
     def target(self):
-        host = "[%s]" % (self.local_host,) if ":" in self.local_host else self.local_host
-        return "%s:%d" % (host, self.local_port)
+        return host_port(self.local_host, self.local_port)
 
 
 def _port_field(item, key):
@@ -150,7 +150,7 @@ def refuse_all(requested, why):
 @implementer(IStreamClientEndpoint)
 class BoundTunnelEndpoint:
     """
-    Like L{anyproxy.gateway.endpoint.TunnelEndpoint}, but through one given
+    Like L{anyproxy.tunnel.endpoint.TunnelEndpoint}, but through one given
     tunnel (the forwarding client's) rather than any tunnel of a group.
     """
 
@@ -202,7 +202,7 @@ class ForwardedConnection(SpliceEnd):
             return
         forward.connections.add(self)
         self._where = "%s (client %s) %s -> %s" % (
-            forward.label, route.tunnel.client_id, _peer_text(self.transport.getPeer()),
+            forward.label, route.tunnel.client_id, address_text(self.transport.getPeer()),
             route.request.target)
         # Read nothing until the stream exists (Twisted's portforward pattern).
         self.transport.pauseProducing()
@@ -240,11 +240,6 @@ class ForwardedConnection(SpliceEnd):
         super().connectionLost(reason)
 
 
-def _peer_text(address):
-    host, port = getattr(address, "host", "?"), getattr(address, "port", "?")
-    return "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port)
-
-
 class ForwardedPort:
     """
     One open forwarded port: its listener, the owning client and its routes.
@@ -262,7 +257,7 @@ class ForwardedPort:
         self.routes = []
         self.connections = set()
         self.listening = None
-        self.udp = None  # the forwarding_udp.UdpForwarder of a udp port
+        self.udp = None  # the udp.UdpForwarder of a udp port
 
     @property
     def client_id(self):
@@ -301,7 +296,7 @@ class PortForwarding:
 
     @param reactor: an C{IReactorTCP} + C{IReactorUDP} + C{IReactorTime}.
     @param port_allowed: C{port -> bool}, normally
-        L{anyproxy.config.GatewayConfig.port_allowed}.
+        L{anyproxy.config.model.GatewayConfig.port_allowed}.
     @param interface: the address forwarded ports listen on
         (C{gateway.open_ports_interface}); a reload may change it for ports
         opened afterwards.

@@ -2,7 +2,7 @@
 """
 Reading a YAML config strictly: duplicate keys and unknown keys refused, each
 value type-checked, and every error one line naming the file and key path.
-L{anyproxy.config_parse} builds the L{anyproxy.config} classes with these readers.
+L{anyproxy.config.load} builds the L{anyproxy.config.model} classes with these readers.
 """
 
 import difflib

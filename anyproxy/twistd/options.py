@@ -7,7 +7,7 @@ validated in C{postOptions} so a bad file stops twistd with one line.
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from anyproxy.config_parse import load_config
+from anyproxy.config.load import load_config
 from anyproxy.errors import ConfigError
 from anyproxy.tuning import tune_malloc
 from anyproxy.logs import LoggingRoot, apply_library_levels, make_observer
@@ -51,13 +51,13 @@ def logging_root(service, options):
 
 def add_reloader(root, service, options):
     """
-    Reload the config file on SIGHUP (L{anyproxy.reload}): C{service}'s
+    Reload the config file on SIGHUP (L{anyproxy.twistd.reload}): C{service}'s
     C{reconfigure} gets each good new version, at the log level of
     C{root}'s observer.
     """
     from twisted.internet import reactor
 
-    from anyproxy.reload import Reloader
+    from anyproxy.twistd.reload import Reloader
 
     reloader = Reloader(options["config"], options.role, service, options["loaded"], reactor,
                         observer=getattr(root, "observer", None), handle_signal=True)

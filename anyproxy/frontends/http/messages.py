@@ -2,7 +2,7 @@
 """
 Pure helpers of the HTTP proxy: request targets, credentials and headers.
 
-Nothing here does I/O: each function takes L{anyproxy.frontends.http11}
+Nothing here does I/O: each function takes L{anyproxy.frontends.http.connection}
 events or bytes and returns
 values, so the rules a proxy must get right (RFC 9110 section 7.6.1 on
 hop-by-hop headers, RFC 9112 section 3.2 on request targets) can be read and
@@ -17,7 +17,8 @@ from http import HTTPStatus
 
 import attr
 
-from anyproxy.frontends.http11 import InformationalResponse, Request, Response
+from anyproxy.addresses import bracketed
+from anyproxy.frontends.http.connection import InformationalResponse, Request, Response
 
 # The largest request head we accept.  Past it we answer 431, so a slowloris
 # user costs at most about this much memory.
@@ -88,7 +89,7 @@ def format_authority(host, port, default_port=None):
     """
     C{host:port} as bytes, with brackets around IPv6 and without a default port.
     """
-    name = "[%s]" % (host,) if ":" in host else host
+    name = bracketed(host)
     if port == default_port:
         return name.encode("ascii")
     return ("%s:%d" % (name, port)).encode("ascii")
@@ -195,7 +196,7 @@ def end_to_end_headers(headers, drop=()):
     Removes L{HOP_BY_HOP} headers, every header named in C{Connection}, every
     C{Proxy-*} header and the lower-case names in C{drop}.
 
-    @param headers: received L{anyproxy.frontends.http11.Headers}.
+    @param headers: received L{anyproxy.frontends.http.connection.Headers}.
     @return: a list of C{(name, value)} pairs.
     """
     return _forwardable(headers, drop)[0]

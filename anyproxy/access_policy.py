@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_acl -*-
+# -*- test-case-name: tests.test_access_policy -*-
 """
 Access control for the client: which targets a tunnel stream may reach.
 

@@ -1,6 +1,6 @@
-# -*- test-case-name: tests.test_acl -*-
+# -*- test-case-name: tests.test_access_policy -*-
 """
-Tests for L{anyproxy.client.acl}.
+Tests for L{anyproxy.access_policy}.
 """
 
 import ipaddress
@@ -8,7 +8,7 @@ import ipaddress
 from hypothesis import assume, given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.client.acl import AccessPolicy, HostRule, LimitRule, normalise_address
+from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule, normalise_address
 from anyproxy.errors import Reason
 
 

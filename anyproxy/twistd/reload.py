@@ -7,8 +7,8 @@ The file is loaded and checked exactly as at start (L{load_config}).  A file
 that does not load (bad YAML, unknown key, bad CIDR, missing certificate) is
 refused with one log line, C{reload refused: <file>: <key>: <problem>}, and
 the running config stays in force.  A good one is handed to the program's
-C{reconfigure(config)} (L{anyproxy.gateway.service.GatewayService},
-L{anyproxy.client.service.ClientRoot}), which applies it to new connections
+C{reconfigure(config)} (L{anyproxy.gateway.app.GatewayService},
+L{anyproxy.client.app.ClientRoot}), which applies it to new connections
 and leaves established ones alone; then the log level changes and one line
 says C{reload applied: <the keys that changed>}.  A C{reconfigure} that
 raises L{ConfigError} (a key that does not match its certificate) has
@@ -31,9 +31,9 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from anyproxy.config import (
+from anyproxy.config.model import (
     ClientConfig, Config, GatewayConfig, ListenerConfig, LogConfig, ProxyConfig)
-from anyproxy.config_parse import load_config
+from anyproxy.config.load import load_config
 from anyproxy.errors import ConfigError
 from anyproxy.logs import set_log_level
 
