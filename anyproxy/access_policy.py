@@ -27,6 +27,7 @@ import re
 
 import attr
 
+from anyproxy.config.schema import setting
 from anyproxy.errors import Reason
 
 TCP = "tcp"
@@ -217,10 +218,6 @@ class HostRule:
         _check_name(name, whole)
         return cls(_NAME, name, port, whole)
 
-    def matches_port(self, port):
-        """Whether C{port} is within this rule (a rule without port: any)."""
-        return self.port is None or self.port == port
-
     def matches_name(self, name, port):
         """
         Whether a normalised host name (see L{normalise_name}) and port match
@@ -264,11 +261,13 @@ class LimitRule:
     @ivar name: the operator's label for the entry (for logs only).
     @ivar rule: a L{HostRule}.
     @ivar protocol: C{"tcp"}, C{"udp"} or C{"both"}.
+
+    Also the schema of a C{client.limit} entry (L{anyproxy.config.schema}).
     """
 
-    name = attr.ib()
-    rule = attr.ib()
-    protocol = attr.ib(default=BOTH)
+    name = setting()
+    rule = setting(key="addr")
+    protocol = setting(BOTH)
 
     @classmethod
     def parse(cls, addr, protocol=None, name=""):

@@ -6,7 +6,7 @@ Passwords are compared in constant time (L{hmac.compare_digest}) and an unknown
 user costs the same comparison as a known one, so timing does not reveal which
 usernames exist.
 
-L{GroupLogins} adds the original project's convention: a client that sets
+L{GroupLogins} adds group logins: a client that sets
 C{group_password} announces it in its HELLO, and while it is connected the
 proxy login C{group_id:group_password} is valid and routed to that group.
 Static users (the listeners' own and C{gateway.users}) take precedence for

@@ -1,7 +1,7 @@
 """
 Why a stream could not be opened, and what each frontend tells the user.
 
-One table (DESIGN.md section 5) maps a L{Reason} to a SOCKS5 reply code, an
+One table maps a L{Reason} to a SOCKS5 reply code, an
 HTTP status and the text users see (L{user_text}); frontends never invent their
 own mapping.  The numeric values of
 L{Reason} are the reason codes carried in OPEN_ERROR frames (docs/PROTOCOL.md),

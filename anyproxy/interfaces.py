@@ -8,6 +8,16 @@ plugins with C{twisted.plugin.getPlugins(IFrontendFactory, anyproxy.plugins)}
 C{proxy.frontends} entry's options with it when the config is loaded, and
 asks it for the C{IProtocolFactory} it then listens with.  A plugin needs
 nothing from the gateway beyond the L{FrontendContext} it is given.
+
+L{IReconfigurable} is the reload contract of each part of the gateway
+(L{anyproxy.gateway.reconfigure}): build first, then swap.
+
+L{ITunnelPool} is the gateway's set of client tunnels, which streams are
+opened through.  L{anyproxy.gateway.tunnel_pool.TunnelPool} keeps this
+gateway's tunnels in memory; a fleet registry shared by several gateways
+(Redis) is a second implementation of the same interface.  Frontends never
+see the pool: they get endpoints (L{anyproxy.tunnel.endpoint.TunnelEndpoint})
+that wait on it.
 """
 
 import attr
@@ -77,6 +87,67 @@ class IAdmittingEndpoint(Interface):
         """
         Connect like C{connect}, but take no slot: the caller holds one from
         L{admit} while it uses the connection and gives it back itself.
+        """
+
+
+class IReconfigurable(Interface):
+    """
+    A part of a running program that applies a reloaded config itself, in
+    two steps, so that a reload either applies whole or changes nothing
+    (L{anyproxy.gateway.reconfigure}).
+    """
+
+    def prepare(config):
+        """
+        Build aside everything C{config} needs that can fail (certificates
+        re-read, protocol factories), changing nothing that runs.
+
+        @param config: the reloaded L{anyproxy.config.model.Config}.
+        @return: a callable taking no arguments that swaps the new values
+            in, where new connections read them, and returns a Deferred
+            firing with a list of notes for the log (a listener that could
+            not be re-bound, a key that needs a restart).  It does not
+            raise.
+        @raise anyproxy.errors.ConfigError: C{config} cannot be applied;
+            nothing has changed.
+        """
+
+
+class ITunnelPool(IReconfigurable):
+    """
+    The client tunnels a gateway opens streams through, by client group.
+
+    A tunnel here is a record with at least C{client_id}, C{group},
+    C{weight}, C{active_streams} and C{mux}, whose
+    C{mux.open_stream(kind, host, port)} opens a stream
+    (L{anyproxy.gateway.tunnel_pool.Tunnel}).  The tunnel server adds and
+    removes this gateway's tunnels; endpoints wait for one (L{wait_for});
+    metrics and the status page read L{tunnels} and watch removals.  Its
+    C{prepare} takes C{gateway.balance}.
+    """
+
+    removal_observers = Attribute(
+        "A list of callables, each called with every tunnel taken out of the pool "
+        "(metrics and the status page keep its traffic totals).")
+
+    def add(tunnel):
+        """Make C{tunnel}, connected to this gateway, available for new streams."""
+
+    def remove(tunnel):
+        """Take C{tunnel} out (it went away); tell the removal observers."""
+
+    def tunnels(group=None):
+        """The tunnels connected to this gateway, of C{group} or of all: a new list."""
+
+    def pick(group):
+        """A tunnel of C{group} for a new stream now, or C{None}."""
+
+    def wait_for(group, timeout):
+        """
+        A Deferred firing with a tunnel of C{group} for a new stream, waiting
+        up to C{timeout} seconds for one to connect; it fails with
+        L{anyproxy.errors.StreamOpenError} C{NO_TUNNEL}.  Cancelling it
+        stops the wait.
         """
 
 

@@ -124,7 +124,8 @@ def _new_registry():
 
 class GatewayMetrics(Collector):
     """
-    The gateway's metrics; L{make_gateway_service} builds one per service.
+    The gateway's metrics; L{anyproxy.gateway.app.make_gateway_service}
+    builds one per gateway.
 
     Byte directions: C{in} is what users send towards targets, C{out} what
     comes back to users (as haproxy counts a frontend's bytes).
@@ -134,7 +135,7 @@ class GatewayMetrics(Collector):
 
     def __init__(self, tunnels, clock):
         """
-        @param tunnels: the L{anyproxy.gateway.tunnel_pool.TunnelPool}.
+        @param tunnels: the gateway's L{anyproxy.interfaces.ITunnelPool}.
         @param clock: an C{IReactorTime}, for open latencies.
         """
         self._tunnels = tunnels
@@ -156,8 +157,9 @@ class GatewayMetrics(Collector):
             "Seconds from a user's request to the stream being open or refused (queueing, "
             "waiting for a tunnel, the client's resolve and connect).", ["frontend"],
             buckets=OPEN_BUCKETS, registry=self.registry)
-        # () -> {frontend name: its protocol factory}; set by the service, so
-        # that listeners rebuilt by a reload are what is reported.
+        # () -> {frontend name: its protocol factory}; the gateway sets it to
+        # its Frontends.factories, so listeners rebuilt by a reload are what
+        # is reported.
         self.frontend_factories = dict
         self.registry.register(self)
         tunnels.removal_observers.append(self.tunnel_removed)

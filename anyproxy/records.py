@@ -52,5 +52,8 @@ def record_of(stream):
 
 
 def gateway_records(registry):
-    """The records of every open stream of every tunnel in a L{TunnelPool}."""
+    """
+    The records of every open stream of every tunnel of an
+    L{anyproxy.interfaces.ITunnelPool}.
+    """
     return [record_of(stream) for tunnel in registry.tunnels() for stream in tunnel.mux.streams()]

@@ -11,19 +11,35 @@ pauses reading on the other (standard IPushProducer backpressure).
 
 The ends work over any transport: TCP, TLS, or a tunnel stream
 (L{anyproxy.tunnel.mux.Stream}).
+
+Every frontend that carries a byte stream (SOCKS5 CONNECT, the HTTP proxy's
+CONNECT, forwarded TCP ports, the C{fixed-forward} example plugin) reaches its
+target through L{open_and_splice}: open the target through an endpoint, then
+splice.  Before the join an end holds what it receives, and its EOF; the join
+passes both on, so nothing a user sent while the target was opening is lost.
+Only the success reply (L{open_and_splice}'s C{on_open}) and the error answer
+differ between frontends.
 """
 
+from twisted.internet.defer import fail
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from anyproxy.connect_protocol import connect_protocol
+from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.tuning import tune_for_bulk, set_no_delay
 
 
 @implementer(IHalfCloseableProtocol)
 class SpliceEnd(Protocol):
     """
-    One end of a splice.  Use L{splice} or L{SpliceEnd.join} to pair two ends.
+    One end of a splice.  Use L{open_and_splice}, L{splice} or
+    L{SpliceEnd.join} to pair two ends.
+
+    Before the join an end holds the bytes it receives, and its peer's EOF,
+    and the join passes them on.  A frontend protocol may subclass it and
+    call its methods only once its handshake is over.
 
     @ivar other: the L{SpliceEnd} on the other connection.
     @ivar on_close: called with C{(end, reason)} once, when this end's
@@ -36,21 +52,44 @@ class SpliceEnd(Protocol):
     _write_closed = False
     _lost = False
     _has_producer = False
+    # Set by open_and_splice while the target opens: the open (cancelled if
+    # this end's connection is lost first), and how many held bytes pause
+    # reading (None: reading is left alone).
+    _target_opening = None
+    _hold_limit = None
+    _reading_paused = False
 
     def __init__(self, initial_data=b""):
         # Bytes that arrived before the splice existed (e.g. sent right after a
         # SOCKS request): forwarded as soon as the other end is connected.
         self._pending = initial_data
 
+    @property
+    def lost(self):
+        """Whether this end's connection is lost."""
+        return self._lost
+
+    @property
+    def read_closed(self):
+        """Whether this end's peer has sent EOF (shut down its write side)."""
+        return self._read_closed
+
     def join(self, other):
-        """Pair this end with C{other}; both must be connected (have transports)."""
+        """
+        Pair this end with C{other}; both must be connected (have transports).
+
+        Each transport becomes the streaming producer of the other.  What
+        either end received before the join is written to the other, and an
+        EOF either end received shuts down the other's write side.
+        """
         self.other = other
         other.other = self
         for end in (self, other):
-            # Bulk reads; and no Nagle delay: we forward what we read at once,
-            # as Go's net package (the original project) does by default.
+            # Bulk reads; and no Nagle delay: we forward what we read at once.
             tune_for_bulk(end.transport)
             set_no_delay(end.transport)
+            # Resume before registering, so a pause the other side asks for wins.
+            end._stop_holding()
         self.transport.registerProducer(other.transport, True)
         other.transport.registerProducer(self.transport, True)
         self._has_producer = other._has_producer = True
@@ -58,25 +97,35 @@ class SpliceEnd(Protocol):
             if end._pending:
                 data, end._pending = end._pending, b""
                 end.other.transport.write(data)
+        for end in (self, other):
+            if end._read_closed and not end.other._lost:
+                end.other.shut_down_write()
 
     def dataReceived(self, data):
         if self.other is None:
             self._pending += data
+            if self._hold_limit is not None and len(self._pending) > self._hold_limit:
+                self._pause_reading()
         else:
             self.other.transport.write(data)
 
     def readConnectionLost(self):
-        # Our peer sent EOF: pass the half-close on.
+        # Our peer sent EOF: pass the half-close on (at the join, if not joined yet).
         self._read_closed = True
         if self.other is not None and not self.other._lost:
-            self.other._shut_down_write()
+            self.other.shut_down_write()
         self._close_if_done()
 
     def writeConnectionLost(self):
         self._write_closed = True
         self._close_if_done()
 
-    def _shut_down_write(self):
+    def shut_down_write(self):
+        """
+        Shut down the write side of this end's connection (send EOF), as when
+        the other end's peer did; the connection closes once both directions
+        are done.  A transport without half-close is closed instead.
+        """
         self._write_closed = True
         self._release_producer()
         try:
@@ -99,8 +148,29 @@ class SpliceEnd(Protocol):
             self._has_producer = False
             self.transport.unregisterProducer()
 
+    def _hold(self, limit):
+        # Hold what arrives until the join; past `limit` bytes (at once for
+        # 0) stop reading.
+        self._hold_limit = limit
+        if limit == 0 or len(self._pending) > limit:
+            self._pause_reading()
+
+    def _pause_reading(self):
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _stop_holding(self):
+        self._hold_limit = None
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
     def connectionLost(self, reason):
         self._lost = True
+        opening, self._target_opening = self._target_opening, None
+        if opening is not None:
+            opening.cancel()  # the user left while the target was opening
         if self.other is not None and not self.other._lost:
             self.other._release_producer()
             self.other.transport.loseConnection()
@@ -113,3 +183,73 @@ def splice(a, b):
     """Join two connected L{SpliceEnd}s; returns C{(a, b)}."""
     a.join(b)
     return a, b
+
+
+def open_and_splice(user_end, endpoint, on_open=None, read_while_opening=0):
+    """
+    Open a connection to the target through C{endpoint}, then splice
+    C{user_end} to it: Twisted's C{portforward} with half-close.
+
+    While the target opens, C{user_end} holds what it receives and its peer's
+    EOF, and the join passes them on.  If C{user_end}'s connection is lost
+    first, the open is cancelled.  The caller answers a failure in its own
+    protocol (a SOCKS5 reply code, an HTTP status, a plain close).
+
+    @param user_end: a connected L{SpliceEnd}: the user's protocol itself, or
+        a L{SpliceEnd} over its transport that the protocol gives what it
+        receives once spliced.
+    @param endpoint: the C{IStreamClientEndpoint} of the target, e.g. from
+        C{FrontendContext.endpoint_for}; or a callable with no arguments
+        returning one, whose exceptions fail the open as the connect's do.
+    @param on_open: C{None}, or called with the target's L{SpliceEnd} once it
+        is open, before any byte flows: the place for a protocol's success
+        reply.  If it raises, the target is closed and the open fails.
+    @param read_while_opening: bytes C{user_end} may receive while the target
+        opens before reading from it pauses.  0 pauses at once (as
+        C{portforward} does); more keeps reading, so that a user who leaves
+        is noticed and the open cancelled at once; C{None} leaves reading to
+        the caller (which then holds early bytes itself).  Reading resumes at
+        the join.
+
+    @return: a L{Deferred} that fires with the target's L{SpliceEnd} once
+        spliced, or with C{None} if C{user_end}'s connection was lost first.
+        It fails with the open's failure: typically
+        L{anyproxy.errors.StreamOpenError}, whose C{reason} the caller maps
+        (L{anyproxy.errors.socks_reply_code}, L{anyproxy.errors.http_status}),
+        also for a target that closed before the splice (C{GENERAL_FAILURE}).
+        Cancelling it cancels the open.
+    """
+    if read_while_opening is not None:
+        user_end._hold(read_while_opening)
+    try:
+        if not hasattr(endpoint, "connect"):
+            endpoint = endpoint()
+        opening = connect_protocol(endpoint, SpliceEnd())
+    except Exception:
+        opening = fail()
+    user_end._target_opening = opening
+
+    def opened(target):
+        user_end._target_opening = None
+        if user_end._lost:
+            # The user left and the endpoint could not cancel in time.
+            target.transport.loseConnection()
+            return None
+        if target._lost:
+            raise StreamOpenError(Reason.GENERAL_FAILURE, "target closed at once")
+        if on_open is not None:
+            try:
+                on_open(target)
+            except Exception:
+                target.transport.loseConnection()
+                raise
+        user_end.join(target)
+        return target
+
+    def failed(failure):
+        user_end._target_opening = None
+        if user_end._lost:
+            return None  # the user left first and the open was cancelled
+        return failure
+
+    return opening.addCallbacks(opened, failed)

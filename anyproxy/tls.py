@@ -2,7 +2,7 @@
 """
 TLS for the tunnel: the gateway's server options and the client's options.
 
-The tunnel is WebSocket over TLS (DESIGN.md sections 3 and 6).  Both sides
+The tunnel is WebSocket over TLS.  Both sides
 require TLS 1.2 or newer.  By default the client checks the gateway's
 certificate and hostname.  The gateway can also require client certificates
 (mutual TLS).
@@ -17,7 +17,7 @@ the problem (malformed, encrypted, key does not match).  Twisted would give an
 OpenSSL error stack from the first handshake instead.
 
 Trust: the file the client trusts (C{gateway_tls_cert}) may be a CA or the
-gateway's own certificate, as in the original project's configuration.  Go
+gateway's own certificate, as configs commonly do.  Go's TLS
 accepts a CA-issued leaf in that role, but plain OpenSSL only accepts
 self-signed roots.  So every certificate in our trust files is a trust anchor
 (C{X509_V_FLAG_PARTIAL_CHAIN}).  The operator chose those files
@@ -60,7 +60,7 @@ __all__ = [
 
 log = Logger()
 
-# DESIGN.md section 6: nothing older than TLS 1.2 on the tunnel, either side.
+# Nothing older than TLS 1.2 on the tunnel, either side.
 MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
 
 # Key files are read once at start-up and reload.  The limit keeps a mistaken

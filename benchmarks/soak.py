@@ -79,6 +79,8 @@ import tempfile
 import threading
 import time
 
+from harness.processes import free_port  # benchmarks/ is sys.path[0] when run as a script
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
@@ -316,12 +318,6 @@ class Harness:
             print("kept %s" % self.work, file=sys.stderr)
         else:
             shutil.rmtree(self.work, ignore_errors=True)
-
-
-def free_port(kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port, timeout=30.0, check=None):

@@ -334,7 +334,7 @@ class Deployment:
 
     @defer.inlineCallbacks
     def start_gateway(self, **overrides):
-        """Start a gateway; returns its service (ports in self.*_port)."""
+        """Start a gateway; returns its L{anyproxy.gateway.app.Gateway} (ports in self.*_port)."""
         config = load_config(self.write_config(self.gateway_config(**overrides)))
         service = make_gateway_service(config, reactor)
         service.startService()
@@ -365,7 +365,7 @@ class Deployment:
         return service
 
     def wait_for_tunnel(self, group="default", timeout=10):
-        return self.gateway.registry.wait_for(group, timeout)
+        return self.gateway.tunnel_pool.wait_for(group, timeout)
 
 
 def run_curl(*args, env=None):

@@ -4,12 +4,20 @@ Tests for L{anyproxy.config.model} and L{anyproxy.config.load}.
 """
 
 import os
+import socket
 
+import attr
+import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.access_policy import AccessPolicy
+from anyproxy.access_policy import AccessPolicy, LimitRule
 from anyproxy.addresses import dial_address, listen_endpoint, port_range
+from anyproxy.config import load as load_module, schema
 from anyproxy.config.load import load_config
+from anyproxy.config.model import (
+    ClientConfig, ClientEntryConfig, Config, FrontendConfig, GatewayConfig, ListenerConfig,
+    LogConfig, OpenPortConfig, ProxyConfig, UserConfig)
+from anyproxy.config.yaml_reader import Node, Reader
 from anyproxy.errors import ConfigError, Reason
 
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
@@ -460,3 +468,172 @@ class OpenPortsInterfaceTests(ConfigTestMixin, SynchronousTestCase):
             message = self.error(GATEWAY + '  open_ports_interface: "%s"\n' % (value,))
             self.assertTrue(message.startswith("gateway.open_ports_interface: "), message)
             self.assertIn("not an IP address", message)
+
+
+# The YAML keys of each config class: a contract with users' files (add keys,
+# never rename them).  A field's name is its key, so this catches a
+# renamed field as well as a renamed key.
+CONTRACT = {
+    Config: {"proxy", "gateway", "client", "log"},
+    ProxyConfig: {"socks5", "http", "frontends"},
+    ListenerConfig: {"listen_addr", "auth_username", "auth_password", "allow_anonymous",
+                     "max_conns", "options"},
+    FrontendConfig: {"type", "listen_addr", "auth_username", "auth_password",
+                     "allow_anonymous", "max_conns", "options"},
+    GatewayConfig: {
+        "listen_addr", "tls_cert", "tls_key", "auth_username", "auth_password", "client_ca",
+        "users", "balance", "ping_interval", "no_tunnel_wait", "handshake_timeout",
+        "open_ports_allowed", "open_ports_interface", "max_conns_per_user", "metrics_addr",
+        "metrics_username", "metrics_password", "metrics_allow_anonymous", "status_addr",
+        "status_username", "status_password", "queue_size", "queue_timeout", "clients",
+        "auth_groups", "auth_max_tunnels"},
+    UserConfig: {"username", "password", "group"},
+    ClientEntryConfig: {"username", "password", "subject", "groups", "client_ids",
+                        "max_tunnels"},
+    ClientConfig: {
+        "gateway_addr", "gateway_tls_cert", "gateway_server_name", "client_id", "group_id",
+        "group_password", "replicas", "max_concurrent_conns", "auth_username", "auth_password",
+        "forbidden_hosts", "limit", "tls_cert", "tls_key", "insecure_skip_verify", "allow_udp",
+        "connect_timeout", "idle_timeout", "ping_interval", "open_ports", "metrics_addr",
+        "metrics_username", "metrics_password", "metrics_allow_anonymous",
+        "reconnect_initial_delay", "reconnect_max_delay", "weight", "queue_size",
+        "queue_timeout"},
+    OpenPortConfig: {"remote_port", "local_host", "local_port", "protocol"},
+    LimitRule: {"name", "addr", "protocol"},
+    LogConfig: {"level", "format", "file", "max_size", "max_backups"},
+}
+
+# Every kind of mapping the file has, each with only what it requires.
+EVERY_SECTION = """
+proxy:
+  socks5: {listen_addr: "127.0.0.1:1080"}
+  http: {listen_addr: "127.0.0.1:8080"}
+  frontends:
+    - {type: fixed-forward, listen_addr: "127.0.0.1:2222",
+       options: {target_host: db, target_port: 5432}}
+gateway:
+  listen_addr: ":8443"
+  tls_cert: c.pem
+  tls_key: k.pem
+  auth_username: u
+  auth_password: p
+  users: [{username: bob, password: b}]
+  clients: [{username: site-a, password: a}]
+client:
+  gateway_addr: "gw:8443"
+  open_ports: [{remote_port: 9001, local_port: 22}]
+  limit: [{addr: "db:5432"}]
+log: {}
+"""
+
+
+def model_default(field):
+    """A field's default as the model states it."""
+    if isinstance(field.default, attr.Factory):
+        return field.default.factory()
+    return field.default
+
+
+class SchemaTests(ConfigTestMixin, SynchronousTestCase):
+    """Each key and its default are stated once, in the model, and the reader follows it."""
+
+    def load_nodes(self, text):
+        """Load C{text}; return the config and every L{Node} the loader read."""
+        readers = []
+
+        class RecordingReader(Reader):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                readers.append(self)
+
+        self.patch(load_module, "Reader", RecordingReader)
+        config = self.load(text)
+        return config, [node for reader in readers for node in reader.nodes]
+
+    def test_contract(self):
+        """Each config class's YAML keys are the documented ones."""
+        for config_class, keys in CONTRACT.items():
+            self.assertEqual(set(schema.yaml_keys(config_class)), keys, config_class.__name__)
+
+    def test_reader_reads_every_key(self):
+        """For every mapping, the known keys are the model's and the reader asks for each one."""
+        config, nodes = self.load_nodes(EVERY_SECTION)
+        self.assertEqual(set(node.model for node in nodes), set(CONTRACT))
+        for node in nodes:
+            self.assertEqual(node.consulted, set(schema.yaml_keys(node.model)),
+                             node.path or "(top level)")
+
+    def test_reader_cannot_read_an_undeclared_key(self):
+        """A reader asking for a key its model does not state fails at once."""
+        node = Node.of(Reader("x.yaml", ".", False), "log", {}, LogConfig)
+        self.assertRaises(KeyError, node.integer, "max_sise")
+
+    def test_every_field_declared(self):
+        """A field declared neither as a setting nor as derived is refused."""
+        @attr.s
+        class Forgotten:
+            listen_addr = schema.setting("")
+            extra = attr.ib(default=0)
+
+        error = self.assertRaises(TypeError, schema.yaml_keys, Forgotten)
+        self.assertIn("Forgotten.extra", str(error))
+
+    def assert_defaults(self, pairs, checked):
+        """Each field of each loaded value whose keys were left out has the model's default."""
+        for value, given in pairs:
+            for field in attr.fields(type(value)):
+                key = schema.key_name(field)
+                if key is None or field.default is attr.NOTHING or set(key.split("/")) & set(given):
+                    continue
+                self.assertEqual(getattr(value, field.name), model_default(field),
+                                 "%s.%s" % (type(value).__name__, key))
+                checked.add((type(value), key))
+
+    def test_defaults_stated_once(self):
+        """Every key left out reads as the default the model states for it."""
+        checked = set()
+        config = self.load(EVERY_SECTION)
+        data = yaml.safe_load(EVERY_SECTION)
+        frontend = data["proxy"]["frontends"][0]
+        self.assert_defaults([
+            (config.proxy.socks5, data["proxy"]["socks5"]),
+            (config.proxy.http, data["proxy"]["http"]),
+            (config.proxy.frontends[0], frontend), (config.proxy.frontends[0].listener, frontend),
+            (config.gateway, data["gateway"]), (config.gateway.users[0], data["gateway"]["users"][0]),
+            (config.gateway.clients[0], data["gateway"]["clients"][0]),
+            (config.client, data["client"]),
+            (config.client.open_ports[0], data["client"]["open_ports"][0]),
+            (config.client.policy.allowed[0], data["client"]["limit"][0]), (config.log, {}),
+        ], checked)
+        empty = self.load("")
+        self.assert_defaults([(empty, {}), (empty.proxy, {})], checked)
+        for text in [GATEWAY + CLIENT,
+                     "gateway: {listen_addr: ':8443', tls_cert: c.pem, tls_key: k.pem, "
+                     "client_ca: ca.pem, clients: [{subject: site-b}]}\n"]:
+            other, data = self.load(text), yaml.safe_load(text)
+            pairs = [(other.gateway, data["gateway"])] + [
+                (entry, given) for entry, given in zip(other.gateway.clients,
+                                                       data["gateway"].get("clients", []))]
+            if other.client is not None:
+                pairs.append((other.client, data["client"]))
+            self.assert_defaults(pairs, checked)
+        self.assertEqual(config.client.client_id, socket.gethostname())
+        # Every key with a default was left out above, but a listen_addr: a
+        # listener is built only when it has one, and the gateway requires it.
+        unchecked = set()
+        for config_class in CONTRACT:
+            for field in attr.fields(config_class):
+                key = schema.key_name(field)
+                if key is not None and field.default is not attr.NOTHING:
+                    unchecked.add((config_class, key))
+        self.assertEqual(unchecked - checked, {(ListenerConfig, "listen_addr"),
+                                               (GatewayConfig, "listen_addr")})
+
+    def test_empty_string_is_the_default(self):
+        """An empty string reads as the key's default, as an absent key does."""
+        config = self.load(CLIENT + '  group_id: ""\n  client_id: " "\n'
+                                    '  gateway_server_name: ""\n'
+                                    '  open_ports: [{remote_port: 1, local_port: 2, local_host: ""}]\n')
+        self.assertEqual((config.client.group_id, config.client.client_id,
+                          config.client.gateway_server_name, config.client.open_ports[0].local_host),
+                         ("default", socket.gethostname(), None, "localhost"))

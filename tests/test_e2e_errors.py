@@ -1,5 +1,5 @@
 """
-End to end on loopback: every row of the error table (DESIGN.md section 5)
+End to end on loopback: every row of the error table (anyproxy.errors)
 through both proxies, and malformed input answered correctly.
 """
 

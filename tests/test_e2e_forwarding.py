@@ -135,7 +135,7 @@ class _Base(unittest.TestCase):
         self.deployment = Deployment(self)
         yield self.deployment.start_gateway(
             gateway={"open_ports_allowed": ["%d-%d" % (self.ports[0], self.ports[-1])]})
-        self.forwarding = self.deployment.gateway.forwarding
+        self.forwarding = self.deployment.gateway.port_forwarding
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -271,7 +271,7 @@ class RefusalTests(_Base):
         self.assertEqual(second.open_ports_answer, [{
             "remote_port": remote, "protocol": "tcp", "ok": False,
             "error": "port %d/tcp already forwarded for client one" % (remote,)}])
-        self.assertEqual(len(self.deployment.gateway.registry.tunnels()), 2)
+        self.assertEqual(len(self.deployment.gateway.tunnel_pool.tunnels()), 2)
         got = yield deferToThread(tcp_exchange, remote, b"abc")
         self.assertEqual(got, b"3 %s\n" % (hashlib.sha256(b"abc").hexdigest().encode(),))
 
@@ -371,7 +371,7 @@ class InterfaceTests(unittest.TestCase):
         yield wait_until(lambda: factory.open_ports_answer is not None,
                          what="the gateway's open_ports answer")
         self.assertTrue(factory.open_ports_answer[0]["ok"], factory.open_ports_answer)
-        forward = deployment.gateway.forwarding.port_for(remote)
+        forward = deployment.gateway.port_forwarding.port_for(remote)
         return remote, forward.listening.getHost().host
 
     @defer.inlineCallbacks

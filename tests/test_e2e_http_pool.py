@@ -58,7 +58,7 @@ class UpstreamPoolEndToEndTests(unittest.TestCase):
             self.assertEqual((status, body), (200, b"hello from the target\n"))
         self.assertEqual(self.site.connections, 1)
         self.assertEqual(self.client.dialer.active, 1)  # the pooled stream, idle
-        self.assertEqual(self.gateway.user_limits.active(PROXY_USER), 0)
+        self.assertEqual(self.gateway.limits.per_user.active(PROXY_USER), 0)
         metric = self.gateway.metrics.registry.get_sample_value
         self.assertEqual(metric("anyproxy_gateway_http_upstream_reuses_total",
                                 {"frontend": "http proxy"}), 4)

@@ -127,15 +127,15 @@ class GatewayUserLimitTests(_LimitsBase):
         first, _ = yield self.hold(2)
         third = deferToThread(socks_connect, self.deployment.socks_port, "127.0.0.1",
                               self.echo_port)
-        yield wait_until(lambda: self.gateway.user_limits.waiting(PROXY_USER) == 1)
+        yield wait_until(lambda: self.gateway.limits.per_user.waiting(PROXY_USER) == 1)
         self.assertFalse(third.called)
         first.close()
         sock = yield third
         self.held.append(sock)
         got = yield deferToThread(echo_through, sock, b"third")
         self.assertEqual(got, b"third")
-        self.assertEqual(self.gateway.user_limits.active(PROXY_USER), 2)
-        self.assertEqual(self.gateway.user_limits.waiting(PROXY_USER), 0)
+        self.assertEqual(self.gateway.limits.per_user.active(PROXY_USER), 2)
+        self.assertEqual(self.gateway.limits.per_user.waiting(PROXY_USER), 0)
 
     @defer.inlineCallbacks
     def test_other_user_not_held_up(self):
@@ -144,7 +144,7 @@ class GatewayUserLimitTests(_LimitsBase):
         yield self.hold(1)
         queued = deferToThread(socks_error, self.deployment.socks_port, "127.0.0.1",
                                self.echo_port)
-        yield wait_until(lambda: self.gateway.user_limits.waiting(PROXY_USER) == 1)
+        yield wait_until(lambda: self.gateway.limits.per_user.waiting(PROXY_USER) == 1)
         sock = yield deferToThread(socks_connect, self.deployment.socks_port, "127.0.0.1",
                                    self.echo_port, username=OTHER_USER, password=OTHER_PASSWORD)
         self.held.append(sock)
@@ -166,8 +166,8 @@ class GatewayUserLimitTests(_LimitsBase):
         self.assertGreaterEqual(time.monotonic() - started, 0.3)
         out, _, _ = yield self.curl()
         self.assertEqual(out, b"503")
-        self.assertEqual(self.gateway.user_limits.waiting(PROXY_USER), 0)
-        self.assertEqual(self.gateway.user_limits.active(PROXY_USER), 1)
+        self.assertEqual(self.gateway.limits.per_user.waiting(PROXY_USER), 0)
+        self.assertEqual(self.gateway.limits.per_user.active(PROXY_USER), 1)
 
     @defer.inlineCallbacks
     def test_queue_full(self):
@@ -187,10 +187,10 @@ class GatewayUserLimitTests(_LimitsBase):
         yield self.start(gateway={"max_conns_per_user": 1, "queue_timeout": 20})
         yield self.hold(1)
         sock = yield deferToThread(send_connect, self.deployment.socks_port, self.echo_port)
-        yield wait_until(lambda: self.gateway.user_limits.waiting(PROXY_USER) == 1)
+        yield wait_until(lambda: self.gateway.limits.per_user.waiting(PROXY_USER) == 1)
         abort(sock)
-        yield wait_until(lambda: self.gateway.user_limits.waiting(PROXY_USER) == 0)
-        self.assertEqual(self.gateway.user_limits.active(PROXY_USER), 1)
+        yield wait_until(lambda: self.gateway.limits.per_user.waiting(PROXY_USER) == 0)
+        self.assertEqual(self.gateway.limits.per_user.active(PROXY_USER), 1)
 
 
 class ListenerLimitTests(_LimitsBase):
@@ -208,7 +208,7 @@ class ListenerLimitTests(_LimitsBase):
         self.assertIn("0x01", msg)
         out, _, _ = yield self.curl(OTHER_USER, OTHER_PASSWORD)
         self.assertEqual(out, b"200")
-        self.assertEqual(self.gateway.listener_limits["socks5 proxy"].active(), 1)
+        self.assertEqual(self.gateway.limits.per_listener["socks5 proxy"].active(), 1)
 
 
 class ClientQueueTests(_LimitsBase):
@@ -267,14 +267,14 @@ class FairShareTests(_LimitsBase):
         yield self.hold(4)
         queued = [deferToThread(socks_connect, self.deployment.socks_port, "127.0.0.1",
                                 self.echo_port) for _ in range(3)]
-        yield wait_until(lambda: self.gateway.user_limits.waiting(PROXY_USER) == 3)
+        yield wait_until(lambda: self.gateway.limits.per_user.waiting(PROXY_USER) == 3)
         # Alice's extra streams wait at the gateway, holding no slot of the client.
         self.assertEqual(self.dialer.active, 4)
         bob = yield self.hold(2, username=OTHER_USER, password=OTHER_PASSWORD)
         for sock in bob:
             got = yield deferToThread(echo_through, sock, b"bob")
             self.assertEqual(got, b"bob")
-        self.assertEqual((self.dialer.active, self.gateway.user_limits.active(OTHER_USER)),
+        self.assertEqual((self.dialer.active, self.gateway.limits.per_user.active(OTHER_USER)),
                          (6, 2))
         close_all(self.held)  # then Alice's queued streams get their turn
         for waiting in queued:
@@ -291,7 +291,7 @@ class FairShareTests(_LimitsBase):
                          proxy={"socks5": socks5})
         yield self.hold(3, username=None, password=None)
         self.assertEqual(self.dialer.active, 3)
-        self.assertEqual(self.gateway.user_limits.keys(), [])
+        self.assertEqual(self.gateway.limits.per_user.keys(), [])
 
 
 class IdleTimeoutTests(_LimitsBase):

@@ -159,7 +159,7 @@ class MetricsEndToEndTests(unittest.TestCase):
         (factory,) = self.client.factories.values()
         # The gateway registers the tunnel a moment before the client hears its HELLO.
         yield wait_until(lambda: factory.established == 1)
-        for tunnel in self.deployment.gateway.registry.tunnels():
+        for tunnel in self.deployment.gateway.tunnel_pool.tunnels():
             tunnel.close()
         yield wait_until(lambda: factory.established == 2)
         after = yield self.scrape(self.client_metrics)

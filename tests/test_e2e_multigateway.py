@@ -65,11 +65,11 @@ class GatewayPair:
 def wait_for_tunnels(deployment, count, timeout=10):
     """Wait until C{deployment}'s gateway has exactly C{count} tunnels."""
     for _ in range(int(timeout / 0.02)):
-        if len(deployment.gateway.registry.tunnels()) == count:
+        if len(deployment.gateway.tunnel_pool.tunnels()) == count:
             return
         yield sleep(0.02)
     raise AssertionError("expected %d tunnels, have %d"
-                         % (count, len(deployment.gateway.registry.tunnels())))
+                         % (count, len(deployment.gateway.tunnel_pool.tunnels())))
 
 
 def try_echo(socks_port, echo_port, payload=b"ping"):
@@ -130,7 +130,7 @@ class TwoGatewaysTests(unittest.TestCase):
         self.assertEqual((yield self.echo(a, b"via A")), b"via A")
         self.assertEqual((yield self.echo(b, b"via B")), b"via B")
         for deployment in (a, b):
-            (tunnel,) = deployment.gateway.registry.tunnels()
+            (tunnel,) = deployment.gateway.tunnel_pool.tunnels()
             self.assertEqual(tunnel.client_id, "client-1")
 
     @defer.inlineCallbacks
@@ -194,7 +194,7 @@ class TwoGatewaysTests(unittest.TestCase):
         yield deferToThread(on_a.sendall, b"flowing")
         self.assertEqual((yield deferToThread(on_a.recv, 7)), b"flowing")
         self.assertEqual((yield self.echo(a)), b"ping")
-        self.assertEqual([t.client_id for t in a.gateway.registry.tunnels()], ["client-1"])
+        self.assertEqual([t.client_id for t in a.gateway.tunnel_pool.tunnels()], ["client-1"])
 
 
 class ReplicaTests(unittest.TestCase):
@@ -209,7 +209,7 @@ class ReplicaTests(unittest.TestCase):
         echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
         yield pair.start(replicas=2)
         for deployment in (pair.a, pair.b):
-            tunnels = deployment.gateway.registry.tunnels()
+            tunnels = deployment.gateway.tunnel_pool.tunnels()
             self.assertEqual([t.client_id for t in tunnels], ["client-1", "client-1"])
             self.assertEqual(len(set(t.address for t in tunnels)), 2)  # two connections
             socks = yield deferToThread(lambda: [
@@ -225,7 +225,7 @@ class ReplicaTests(unittest.TestCase):
         pair = GatewayPair(self)
         echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
         yield pair.start(replicas=2)
-        registry = pair.a.gateway.registry
+        registry = pair.a.gateway.tunnel_pool
         first, second = registry.tunnels()
         first.close()
         got = yield deferToThread(socks_echo, pair.a.socks_port, "127.0.0.1", echo_port, b"x")

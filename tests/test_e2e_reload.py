@@ -180,13 +180,13 @@ class GatewayReloadTests(_ReloadBase):
             gateway={"listen_addr": "127.0.0.1:%d" % (new_port,)})))
         self.assertFalse(port_open(old_port))
         yield self.assert_flows(sock)  # the tunnel came in on the old port
-        [old_tunnel] = self.gateway.registry.tunnels()
+        [old_tunnel] = self.gateway.tunnel_pool.tunnels()
 
         self.assertTrue((yield self.reload_client(gateway_addr="127.0.0.1:%d" % (new_port,))))
         self.assertEqual(list(self.client.factories), [("127.0.0.1", new_port)])
-        yield wait_until(lambda: [t for t in self.gateway.registry.tunnels()
+        yield wait_until(lambda: [t for t in self.gateway.tunnel_pool.tunnels()
                                   if t is not old_tunnel], timeout=10)
-        yield wait_until(lambda: old_tunnel not in self.gateway.registry.tunnels(), timeout=10)
+        yield wait_until(lambda: old_tunnel not in self.gateway.tunnel_pool.tunnels(), timeout=10)
         got = yield deferToThread(socks_roundtrip, self.deployment.socks_port, self.echo_port,
                                   b"through the new tunnel")
         self.assertEqual(got, b"through the new tunnel")
@@ -267,7 +267,7 @@ class ClientReloadTests(_ReloadBase):
     @defer.inlineCallbacks
     def test_replicas(self):
         """Raising replicas connects more tunnels; lowering closes the extra ones."""
-        registry = self.gateway.registry
+        registry = self.gateway.tunnel_pool
         self.assertTrue((yield self.reload_client(replicas=3)))
         yield wait_until(lambda: len(registry.tunnels()) == 3, timeout=10)
         self.assertTrue((yield self.reload_client(replicas=1)))

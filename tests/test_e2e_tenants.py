@@ -51,7 +51,7 @@ class LogLines:
 
 def tunnels_by_group(deployment):
     found = {}
-    for tunnel in deployment.gateway.registry.tunnels():
+    for tunnel in deployment.gateway.tunnel_pool.tunnels():
         found.setdefault(tunnel.group, []).append(tunnel.client_id)
     return {group: sorted(ids) for group, ids in found.items()}
 
@@ -87,7 +87,7 @@ class RogueGroupTests(unittest.TestCase):
         sock = yield deferToThread(socks_connect, self.deployment.socks_port, "127.0.0.1",
                                    self.echo_port, username="bob", password="bob-pw")
         self.addCleanup(sock.close)
-        [tunnel] = self.deployment.gateway.registry.tunnels()
+        [tunnel] = self.deployment.gateway.tunnel_pool.tunnels()
         self.assertEqual((tunnel.client_id, tunnel.active_streams), ("lab-1", 1))
 
     @defer.inlineCallbacks
@@ -126,8 +126,9 @@ class RogueGroupTests(unittest.TestCase):
         yield self.deployment.gateway.reconfigure(
             load_config(self.deployment.write_config(config)))
         yield self.logs.wait_for("no longer allows it")
+        yield self.logs.wait_for("peer is going away (NOT_ALLOWED)")
         for _ in range(100):
-            if not self.deployment.gateway.registry.tunnels():
+            if not self.deployment.gateway.tunnel_pool.tunnels():
                 break
             yield sleep(0.05)
         self.assertEqual(tunnels_by_group(self.deployment), {})
@@ -192,7 +193,7 @@ class CertificateSubjectTests(unittest.TestCase):
         yield deployment.start_client(client=dict(site_b, client_id="site-b-default"))
         self.assertEqual(tunnels_by_group(deployment),
                          {"lab": ["site-a"], "default": ["site-b-default"]})
-        [tunnel] = deployment.gateway.registry.tunnels("lab")
+        [tunnel] = deployment.gateway.tunnel_pool.tunnels("lab")
         self.assertEqual(tunnel.credential, "subject:site-a.clients.test")
 
 
@@ -248,7 +249,7 @@ class GroupPasswordConflictTests(unittest.TestCase):
             sock.close()
         yield old.stopService()
         for _ in range(100):
-            if len(deployment.gateway.registry.tunnels()) == 1:
+            if len(deployment.gateway.tunnel_pool.tunnels()) == 1:
                 break
             yield sleep(0.05)
         error = yield deferToThread(socks_error, deployment.socks_port, "127.0.0.1",

@@ -10,6 +10,7 @@ import socket
 import trustme
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tests.support import CLIENT_PASSWORD, CLIENT_USER, Deployment, Echo, listen_tcp, run_curl
@@ -55,7 +56,7 @@ class TunnelAuthTests(unittest.TestCase):
         """A client presenting a wrong password gets no tunnel and keeps backing off."""
         client = yield self.deployment.start_client(wait=False, client={"auth_password": "bad"})
         yield sleep(1.5)
-        self.assertEqual(self.deployment.gateway.registry.tunnels(), [])
+        self.assertEqual(self.deployment.gateway.tunnel_pool.tunnels(), [])
         factory = list(client.factories.values())[0]
         self.assertEqual(factory.connected, set())
 
@@ -67,7 +68,7 @@ class TunnelAuthTests(unittest.TestCase):
             f.write(trustme.CA().cert_pem.bytes())
         yield self.deployment.start_client(wait=False, client={"gateway_tls_cert": other_ca})
         yield sleep(1.5)
-        self.assertEqual(self.deployment.gateway.registry.tunnels(), [])
+        self.assertEqual(self.deployment.gateway.tunnel_pool.tunnels(), [])
 
     @defer.inlineCallbacks
     def test_client_checks_gateway_hostname(self):
@@ -75,7 +76,7 @@ class TunnelAuthTests(unittest.TestCase):
         yield self.deployment.start_client(wait=False, client={
             "gateway_server_name": "not-the-gateway.example"})
         yield sleep(1.5)
-        self.assertEqual(self.deployment.gateway.registry.tunnels(), [])
+        self.assertEqual(self.deployment.gateway.tunnel_pool.tunnels(), [])
 
 
 class MutualTLSTests(unittest.TestCase):
@@ -91,7 +92,7 @@ class MutualTLSTests(unittest.TestCase):
         yield deployment.start_gateway(gateway={"client_ca": pki.ca_path})
         yield deployment.start_client(wait=False)
         yield sleep(1.5)
-        self.assertEqual(deployment.gateway.registry.tunnels(), [])
+        self.assertEqual(deployment.gateway.tunnel_pool.tunnels(), [])
 
         issued = pki.ca.issue_cert("client-2")
         cert = os.path.join(deployment.directory, "client.crt")
@@ -100,7 +101,7 @@ class MutualTLSTests(unittest.TestCase):
         issued.private_key_pem.write_to_path(key)
         yield deployment.start_client(client={"tls_cert": cert, "tls_key": key,
                                               "client_id": "client-2"})
-        ids = [t.client_id for t in deployment.gateway.registry.tunnels()]
+        ids = [t.client_id for t in deployment.gateway.tunnel_pool.tunnels()]
         self.assertEqual(ids, ["client-2"])
 
 
@@ -136,12 +137,31 @@ class ReconnectTests(unittest.TestCase):
         self.assertEqual((yield self.echo()), b"ping")
 
     @defer.inlineCallbacks
+    def test_gateway_stop_says_goaway(self):
+        """A gateway that stops sends GOAWAY on each tunnel before closing it."""
+        lines = []
+
+        def observe(event):
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        yield self.deployment.start_client()
+        yield self.deployment.gateway.stopService()
+        for _ in range(100):
+            if [line for line in lines if "peer is going away (NO_TUNNEL)" in line]:
+                break
+            yield sleep(0.05)
+        else:
+            self.fail("the client did not log the gateway's GOAWAY")
+
+    @defer.inlineCallbacks
     def test_client_restart(self):
         """A client that stops is dropped from the pool; a new one serves again."""
         client = yield self.deployment.start_client()
         yield client.stopService()
         yield sleep(0.2)
-        self.assertEqual(self.deployment.gateway.registry.tunnels(), [])
+        self.assertEqual(self.deployment.gateway.tunnel_pool.tunnels(), [])
         yield self.deployment.start_client()
         self.assertEqual((yield self.echo()), b"ping")
 
@@ -189,7 +209,7 @@ class RoutingTests(unittest.TestCase):
 
         socks = yield open_streams(20)
         self.addCleanup(lambda: [s.close() for s in socks])
-        counts = {t.client_id: t.active_streams for t in deployment.gateway.registry.tunnels()}
+        counts = {t.client_id: t.active_streams for t in deployment.gateway.tunnel_pool.tunnels()}
         self.assertEqual(counts, {"one": 10, "two": 10})
 
         yield second.stopService()
@@ -199,14 +219,14 @@ class RoutingTests(unittest.TestCase):
         got = yield deferToThread(lambda: [socks_echo(deployment.socks_port, "127.0.0.1",
                                                       echo_port, b"x") for _ in range(3)])
         self.assertEqual(got, [b"x"] * 3)
-        (tunnel,) = deployment.gateway.registry.tunnels()
+        (tunnel,) = deployment.gateway.tunnel_pool.tunnels()
         self.assertEqual((tunnel.client_id, tunnel.active_streams), ("one", 15))
 
 
 @defer.inlineCallbacks
 def wait_for_tunnels(deployment, count, timeout=10):
     for _ in range(int(timeout / 0.05)):
-        if len(deployment.gateway.registry.tunnels()) == count:
+        if len(deployment.gateway.tunnel_pool.tunnels()) == count:
             return
         yield sleep(0.05)
     raise AssertionError("expected %d tunnels" % (count,))
@@ -239,7 +259,8 @@ class GroupRoutingTests(unittest.TestCase):
         sock = yield deferToThread(socks_connect, deployment.socks_port, "127.0.0.1",
                                    echo_port, username="bob", password="bob-pw")
         self.addCleanup(sock.close)
-        streams = {t.client_id: t.active_streams for t in deployment.gateway.registry.tunnels()}
+        tunnels = deployment.gateway.tunnel_pool.tunnels()
+        streams = {t.client_id: t.active_streams for t in tunnels}
         self.assertEqual(streams, {"office": 0, "lab-1": 1})
 
 
@@ -274,7 +295,8 @@ class GroupPasswordTests(unittest.TestCase):
         yield wait_for_tunnels(deployment, 3)
 
         def streams():
-            return {t.client_id: t.active_streams for t in deployment.gateway.registry.tunnels()}
+            tunnels = deployment.gateway.tunnel_pool.tunnels()
+            return {t.client_id: t.active_streams for t in tunnels}
 
         sock = yield deferToThread(socks_connect, deployment.socks_port, "127.0.0.1",
                                    echo_port, username="lab", password="lab-pw")

@@ -63,14 +63,14 @@ class MuxPair:
     kept in C{requests}.
     """
 
-    def __init__(self):
+    def __init__(self, clock=None):
         self.to_client = []
         self.to_gateway = []
         self.sent_by_gateway = []
         self.requests = []
-        self.gateway = Mux(self._gateway_sends, initiator=False, name="tunnel-1")
+        self.gateway = Mux(self._gateway_sends, initiator=False, name="tunnel-1", clock=clock)
         self.client = Mux(self._client_sends, initiator=True,
-                          on_open_request=self.requests.append, name="client")
+                          on_open_request=self.requests.append, name="client", clock=clock)
 
     def _gateway_sends(self, message):
         self.sent_by_gateway.append(frames.decode(message))

@@ -15,8 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.gateway.port_forwarding import udp as forwarding_udp
 from anyproxy.gateway.client_access import ClientGrant
-from anyproxy.gateway.port_forwarding.forwarder import (
-    PortForwarding, parse_request, refuse_all)
+from anyproxy.gateway.port_forwarding.forwarder import PortForwarding
 from anyproxy.gateway.tunnel_pool import Tunnel
 from anyproxy.gateway.tunnel_server import TunnelServerFactory
 
@@ -162,40 +161,10 @@ def forwarding(busy=(), allowed=range(9000, 9101)):
                                    interface="127.0.0.1", udp_idle_timeout=30)
 
 
-# -- requests ---------------------------------------------------------------------
+# -- listening --------------------------------------------------------------------
 
-class RequestTests(SynchronousTestCase):
-    """HELLO entries are checked field by field."""
-
-    def test_good_entry(self):
-        """A complete entry parses; protocol defaults to tcp."""
-        request = parse_request({"remote_port": 9001, "local_host": "db", "local_port": 5432})
-        self.assertEqual((request.key, request.local_host, request.local_port, request.label),
-                         ((9001, "tcp"), "db", 5432, "9001/tcp"))
-
-    def test_bad_entries(self):
-        """Bad ports, hosts and protocols are refused naming the field."""
-        cases = [
-            ("not a dict", "object"),
-            ({"remote_port": 0, "local_host": "a", "local_port": 1}, "remote_port"),
-            ({"remote_port": True, "local_host": "a", "local_port": 1}, "remote_port"),
-            ({"remote_port": 9001, "local_host": "a", "local_port": 70000}, "local_port"),
-            ({"remote_port": 9001, "local_host": "", "local_port": 1}, "local_host"),
-            ({"remote_port": 9001, "local_host": 5, "local_port": 1}, "local_host"),
-            ({"remote_port": 9001, "local_host": "a" * 256, "local_port": 1}, "local_host"),
-            ({"remote_port": 9001, "local_host": "a", "local_port": 1, "protocol": "sctp"},
-             "protocol"),
-        ]
-        for item, field in cases:
-            with self.assertRaises(ValueError) as caught:
-                parse_request(item)
-            self.assertIn(field, str(caught.exception))
-
-    def test_refuse_all(self):
-        """Without forwarding every entry is refused; nothing asked, nothing answered."""
-        self.assertIsNone(refuse_all(None, "off"))
-        self.assertEqual(refuse_all([wanted(9001)], "off"),
-                         [{"remote_port": 9001, "protocol": "tcp", "ok": False, "error": "off"}])
+class InterfaceTests(SynchronousTestCase):
+    """Forwarded ports listen on the configured interface."""
 
     def test_loopback_by_default(self):
         """Without an interface given, forwarded ports (TCP and UDP) listen on 127.0.0.1."""
@@ -283,6 +252,18 @@ class PortForwardingTests(SynchronousTestCase):
         manager.tunnel_connected(tunnel("one"), [wanted(9001)])
         self.assertEqual(manager.tunnel_connected(tunnel("two"), [wanted(9001, 53, "udp")]),
                          [ok(9001, "udp")])
+
+    def test_draining_tunnel_not_picked(self):
+        """A tunnel going away (GOAWAY) gets no new forwarded connections."""
+        _, manager = forwarding()
+        first, second = tunnel("a"), tunnel("a")
+        manager.tunnel_connected(first, [wanted(9001)])
+        manager.tunnel_connected(second, [wanted(9001)])
+        second.mux.stream_count = 5
+        first.mux.draining = True
+        self.assertIs(manager.port_for(9001).pick_route().tunnel, second)
+        second.mux.draining = True
+        self.assertIsNone(manager.port_for(9001).pick_route())
 
     def test_replicas_share_the_port(self):
         """A second tunnel of the same client joins the port; it stays until the last goes."""

@@ -53,7 +53,7 @@ def _basic(username, password):
 
 
 # What a client's OPEN_ERROR text or a local exception can say (OS error
-# strings); users must see none of it (DESIGN.md section 5).
+# strings); users must see none of it.
 OS_DETAILS = [
     (Reason.CONNECTION_REFUSED,
      "Connection was refused by other side: 111: Connection refused."),

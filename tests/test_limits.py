@@ -17,7 +17,6 @@ from anyproxy.gateway.tunnel_pool import TunnelPool
 from anyproxy.tunnel.endpoint import TunnelEndpoint
 from anyproxy.limits import Limiter, Release, acquire_all
 from anyproxy.records import StreamRecord, gateway_records, record_of
-from anyproxy.tunnel import stream as stream_module
 from tests.test_endpoint import MuxPair, Recorder, RecordingFactory, tunnel_for
 
 
@@ -350,12 +349,12 @@ class RecordTests(SynchronousTestCase):
     """Streams carry their connection record: created, last active, bytes."""
 
     def setUp(self):
-        self.now = [1000.0]
-        self.patch(stream_module, "_now", lambda: self.now[0])
+        self.clock = Clock()
+        self.clock.advance(1000)
 
     def open(self):
-        clock = Clock()
-        pair = MuxPair()
+        clock = self.clock
+        pair = MuxPair(clock=clock)
         registry = TunnelPool(clock)
         registry.add(tunnel_for(pair))
         endpoint = TunnelEndpoint(registry, clock, "default", "target.example", 443)
@@ -368,12 +367,11 @@ class RecordTests(SynchronousTestCase):
 
     def test_record(self):
         """A record shows id, tunnel, target, times and bytes each way."""
-        self.now[0] = 1000.0
         pair, registry, near, far = self.open()
-        self.now[0] = 1005.0
+        self.clock.advance(5)
         near.transport.write(b"12345")
         pair.pump()
-        self.now[0] = 1007.0
+        self.clock.advance(2)
         far.transport.write(b"abc")
         pair.pump()
         self.assertEqual(record_of(near.transport), StreamRecord(

@@ -220,7 +220,7 @@ class RotationTests(unittest.TestCase):
         self.assertEqual(numbers, sorted(numbers, reverse=True))
 
     def test_zero_keeps_all(self):
-        """max_backups 0 is the original's "no limit"."""
+        """max_backups 0 means no limit."""
         observer = make_observer(LogConfig(level="info", format="text", file=self.mktemp(),
                                            max_backups=0))
         self.addCleanup(observer.stream.close)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python import failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,7 +17,7 @@ from zope.interface import implementer
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.splice import SpliceEnd
 from anyproxy.tunnel import frames
-from anyproxy.tunnel import stream as stream_module
+from anyproxy.tunnel import stream_state
 from anyproxy.tunnel.mux import (
     CREDIT_FRACTION,
     DEFAULT_WINDOW,
@@ -106,9 +107,13 @@ class MuxPair:
     A client mux (initiator, odd ids) and a gateway mux (even ids) joined
     back to back.  Messages wait in a queue per direction until delivered, so
     tests control ordering; every message is also logged as a decoded frame.
+    Both muxes read C{clock} (a L{Clock}), and record the peer's GOAWAYs.
     """
 
     def __init__(self, client_window=DEFAULT_WINDOW, gateway_window=DEFAULT_WINDOW):
+        self.clock = Clock()
+        self.client_go_aways = []
+        self.gateway_go_aways = []
         self.to_gateway = []
         self.to_client = []
         self.sent_by_client = []
@@ -120,11 +125,13 @@ class MuxPair:
         self.client = Mux(self._client_sends, initiator=True,
                           on_open_request=self.client_requests.append,
                           on_protocol_error=self.client_errors.append,
-                          window=client_window, name="client")
+                          window=client_window, name="client", clock=self.clock,
+                          on_go_away=self.client_go_aways.append)
         self.gateway = Mux(self._gateway_sends, initiator=False,
                            on_open_request=self.gateway_requests.append,
                            on_protocol_error=self.gateway_errors.append,
-                           window=gateway_window, name="gateway")
+                           window=gateway_window, name="gateway", clock=self.clock,
+                           on_go_away=self.gateway_go_aways.append)
 
     def _client_sends(self, message):
         self.sent_by_client.append(frames.decode(message))
@@ -152,6 +159,19 @@ class MuxPair:
             if self.to_client:
                 self.deliver_to_client()
         raise AssertionError("the muxes never went quiet")
+
+    def open_unattached(self):
+        """
+        The gateway opens a stream and the client accepts it with a
+        L{HalfCloseRecorder}; the opener has no protocol yet.
+
+        @return: C{(the opener's Deferred, the acceptor stream)}.
+        """
+        d = self.gateway.open_stream("tcp", "h", 1)
+        self.pump()
+        acceptor = self.client_requests[-1]
+        acceptor.accept(HalfCloseRecorder())
+        return d, acceptor
 
     def open(self, opener_protocol=None, acceptor_protocol=None, kind="tcp",
              host="target.example", port=22):
@@ -410,15 +430,14 @@ class DatagramTests(SynchronousTestCase):
 
     def test_both_ways_and_records(self):
         """Datagrams arrive with their address; bytes and last activity are recorded."""
-        clock = [1000.0]
-        self.patch(stream_module, "_now", lambda: clock[0])
         pair = MuxPair()
+        pair.clock.advance(1000)
         opener, opener_protocol, acceptor, acceptor_protocol = pair.open(
             DatagramRecorder(), DatagramRecorder(), kind="udp")
-        clock[0] = 1005.0
+        pair.clock.advance(5)
         self.assertTrue(opener.send_datagram("10.0.0.1", 53, b"query"))
         pair.pump()
-        clock[0] = 1007.0
+        pair.clock.advance(2)
         self.assertTrue(acceptor.send_datagram("10.0.0.1", 53, b"answer!"))
         pair.pump()
         self.assertEqual(acceptor_protocol.datagrams, [("10.0.0.1", 53, b"query")])
@@ -724,16 +743,29 @@ class HalfCloseTests(SynchronousTestCase):
     def test_fin_before_attach(self):
         """A FIN that arrives before the opener attaches its protocol is delivered after the data."""
         pair = MuxPair()
-        d = pair.gateway.open_stream("tcp", "h", 1)
-        pair.pump()
-        acceptor = pair.client_requests[0]
-        acceptor.accept(HalfCloseRecorder())
+        d, acceptor = pair.open_unattached()
         acceptor.write(b"banner")
         acceptor.loseWriteConnection()
         pair.pump()
         protocol = HalfCloseRecorder()
         self.successResultOf(d).attach(protocol)
         self.assertEqual(protocol.events, [("made",), ("data", b"banner"), ("read-closed",)])
+
+    def test_finished_before_attach(self):
+        """A stream that finishes before its protocol is attached hands over its data, then its end."""
+        pair = MuxPair()
+        d, acceptor = pair.open_unattached()
+        pair.pump()
+        opener = self.successResultOf(d)
+        opener.loseWriteConnection()
+        acceptor.write(b"last words")
+        acceptor.loseWriteConnection()
+        pair.pump()
+        self.assertTrue(opener.closed)
+        protocol = HalfCloseRecorder()
+        opener.attach(protocol)
+        self.assertEqual(protocol.events, [("made",), ("data", b"last words"),
+                                           ("lost", error.ConnectionDone)])
 
     def test_lose_connection_flushes_then_fin(self):
         """loseConnection sends every queued byte, then FIN, then forgets the stream."""
@@ -1157,10 +1189,10 @@ class MessagePartsTests(SynchronousTestCase):
     def test_other_frames_in_pieces(self):
         """Non-DATA messages in pieces are joined and decoded as usual."""
         pair = MuxPair()
-        opener, _, acceptor, _ = pair.open()
+        opener, _, acceptor, _ = pair.open(HalfCloseRecorder())
         message = frames.encode(frames.Fin(opener.stream_id))
         pair.gateway.message_parts_received([message[:2], message[2:]])
-        self.assertTrue(opener._fin_received)
+        self.assertIs(opener.state, stream_state.HALF_CLOSED_REMOTE)
 
     def test_empty_data_in_pieces(self):
         """An empty DATA split after its header is still a protocol error."""
@@ -1171,3 +1203,162 @@ class MessagePartsTests(SynchronousTestCase):
         pair.client.message_parts_received([message, b""])
         self.assertEqual(len(pair.client_errors), 1)
         self.assertIsInstance(pair.client_errors[0], frames.FrameError)
+
+
+class GoAwayTests(SynchronousTestCase):
+    """
+    GOAWAY: the tunnel takes no new streams either way; open ones finish.
+    """
+
+    def assert_no_new_streams(self, mux):
+        failure = self.failureResultOf(mux.open_stream("tcp", "h", 1), StreamOpenError)
+        self.assertIs(failure.value.reason, Reason.NO_TUNNEL)
+        self.assertEqual(failure.value.detail, "tunnel going away")
+
+    def test_gateway_goes_away(self):
+        """The gateway's GOAWAY reaches the client's hook; neither side opens new streams."""
+        pair = MuxPair()
+        pair.gateway.go_away()
+        self.assertEqual(pair.sent_by_gateway, [frames.GoAway(Reason.NO_TUNNEL)])
+        self.assertEqual((pair.gateway.draining, pair.gateway.go_away_sent), (True, True))
+        self.assertFalse(pair.client.draining)
+        pair.pump()
+        self.assertEqual(pair.client_go_aways, [Reason.NO_TUNNEL])
+        self.assertIs(pair.client.go_away_received, Reason.NO_TUNNEL)
+        self.assertTrue(pair.client.draining)
+        self.assert_no_new_streams(pair.gateway)
+        self.assert_no_new_streams(pair.client)
+        self.assertEqual(pair.to_client + pair.to_gateway, [])
+        self.assertEqual(pair.client_errors + pair.gateway_errors + pair.gateway_go_aways, [])
+
+    def test_client_goes_away(self):
+        """The client's GOAWAY, with its reason, stops the gateway opening streams on the tunnel."""
+        pair = MuxPair()
+        pair.client.go_away(Reason.OVERLOADED)
+        pair.pump()
+        self.assertEqual(pair.gateway_go_aways, [Reason.OVERLOADED])
+        self.assertTrue(pair.gateway.draining)
+        self.assert_no_new_streams(pair.gateway)
+        self.assertEqual(pair.client_requests, [])
+
+    def test_open_streams_finish(self):
+        """Streams open when GOAWAY is sent still carry data both ways and close cleanly."""
+        pair = MuxPair()
+        opener, opener_protocol, acceptor, acceptor_protocol = pair.open(
+            HalfCloseRecorder(), HalfCloseRecorder())
+        pair.gateway.go_away()
+        pair.pump()
+        opener.write(b"request")
+        acceptor.write(b"response")
+        opener.loseWriteConnection()
+        acceptor.loseWriteConnection()
+        pair.pump()
+        self.assertEqual((acceptor_protocol.received, opener_protocol.received),
+                         (b"request", b"response"))
+        self.assertIs(opener_protocol.lost_reason, error.ConnectionDone)
+        self.assertIs(acceptor_protocol.lost_reason, error.ConnectionDone)
+        self.assertEqual(pair.client_errors + pair.gateway_errors, [])
+
+    def test_when_drained(self):
+        """when_drained fires on each side once it is draining and its last stream has ended."""
+        pair = MuxPair()
+        opener, _, acceptor, _ = pair.open()
+        early = pair.gateway.when_drained()
+        pair.gateway.go_away()
+        pair.pump()
+        drained = [pair.gateway.when_drained(), pair.client.when_drained()]
+        self.assertNoResult(early)
+        self.assertNoResult(drained[1])
+        opener.loseConnection()
+        pair.pump()
+        self.assertEqual([self.successResultOf(d) for d in [early] + drained], [None] * 3)
+
+    def test_when_drained_without_streams(self):
+        """A draining tunnel without streams is drained at once; a tunnel not draining is not."""
+        pair = MuxPair()
+        waiting = pair.gateway.when_drained()
+        self.assertNoResult(waiting)
+        pair.gateway.go_away()
+        self.successResultOf(waiting)
+        self.successResultOf(pair.gateway.when_drained())
+
+    def test_when_drained_tunnel_lost(self):
+        """Losing the tunnel ends the wait for it to drain."""
+        pair = MuxPair()
+        pair.open()
+        pair.gateway.go_away()
+        waiting = pair.gateway.when_drained()
+        self.assertNoResult(waiting)
+        pair.gateway.connection_lost()
+        self.successResultOf(waiting)
+
+    def test_open_crossing_go_away_served(self):
+        """An OPEN that crossed our GOAWAY is still answered: the peer had not heard it yet."""
+        pair = MuxPair()
+        d = pair.gateway.open_stream("tcp", "h", 1)
+        pair.client.go_away()
+        pair.pump()
+        pair.client_requests[0].accept(Recorder())
+        pair.pump()
+        self.successResultOf(d)
+        self.assertEqual(pair.client_errors + pair.gateway_errors, [])
+
+    def test_open_after_peer_go_away(self):
+        """An OPEN from a peer that has sent GOAWAY is a protocol error."""
+        pair = MuxPair()
+        pair.to_client.append(frames.encode(frames.GoAway(Reason.NO_TUNNEL)))
+        pair.to_client.append(frames.encode(frames.Open(2, "tcp", "h", 1, 100)))
+        pair.pump()
+        [exc] = pair.client_errors
+        self.assertIsInstance(exc, MuxProtocolError)
+        self.assertEqual(pair.client_requests, [])
+
+    def test_sent_once(self):
+        """go_away sends GOAWAY once; a repeated GOAWAY from the peer calls the hook once."""
+        pair = MuxPair()
+        pair.gateway.go_away()
+        pair.gateway.go_away(Reason.OVERLOADED)
+        self.assertEqual(len(pair.to_client), 1)
+        pair.to_client.append(frames.encode(frames.GoAway(Reason.OVERLOADED)))
+        pair.pump()
+        self.assertEqual(pair.client_go_aways, [Reason.NO_TUNNEL])
+
+    def test_unknown_reason(self):
+        """An unknown GOAWAY reason code is read as GENERAL_FAILURE."""
+        pair = MuxPair()
+        pair.to_gateway.append(frames.encode(frames.GoAway(0xEE)))
+        pair.pump()
+        self.assertEqual(pair.gateway_go_aways, [Reason.GENERAL_FAILURE])
+
+    def test_not_sent_after_loss(self):
+        """go_away on a lost tunnel sends nothing."""
+        pair = MuxPair()
+        pair.gateway.connection_lost()
+        pair.gateway.go_away()
+        self.assertEqual(pair.to_client, [])
+        self.assertFalse(pair.gateway.go_away_sent)
+
+
+class ClockTests(SynchronousTestCase):
+    """
+    Streams date their records with the mux's injected clock.
+    """
+
+    def test_created_and_last_active(self):
+        """created is the clock's time at the open; last_active moves with writes and DATA."""
+        pair = MuxPair()
+        pair.clock.advance(100)
+        opener, _, acceptor, _ = pair.open()
+        self.assertEqual((opener.created, opener.last_active, acceptor.created), (100, 100, 100))
+        pair.clock.advance(3)
+        opener.write(b"x")
+        self.assertEqual((opener.last_active, acceptor.last_active), (103, 100))
+        pair.clock.advance(4)
+        pair.pump()
+        self.assertEqual((opener.last_active, acceptor.last_active), (103, 107))
+        self.assertEqual(opener.created, 100)
+
+    def test_default_is_the_reactor(self):
+        """Without a clock a mux reads the global reactor's."""
+        from twisted.internet import reactor
+        self.assertIs(Mux(lambda message: None, initiator=True).clock, reactor)

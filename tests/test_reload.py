@@ -7,6 +7,7 @@ on fakes: a recording L{MemoryReactor}, no sockets.
 import errno
 import os
 import signal
+from types import SimpleNamespace
 
 import yaml
 from twisted.cred.credentials import UsernamePassword
@@ -14,6 +15,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger, globalLogPublisher
 from twisted.trial import unittest
@@ -22,10 +24,12 @@ from anyproxy.auth import UserDatabase
 from anyproxy.client.app import make_client_service
 from anyproxy.config.model import LogConfig
 from anyproxy.config.load import load_config
-from anyproxy.errors import ConfigError
+from anyproxy.errors import ConfigError, Reason
 from anyproxy.gateway.reconfigure import ReloadableServerTLS
 from anyproxy.gateway.app import make_gateway_service
 from anyproxy.logs import make_observer, set_log_level
+from anyproxy.tunnel import frames
+from anyproxy.tunnel.mux import Mux
 from anyproxy.twistd.reload import Reloader, changed_keys, summarize
 from tests.support import TestPKI
 
@@ -265,7 +269,7 @@ class ReloaderTests(unittest.TestCase):
 # -- the gateway ------------------------------------------------------------------
 
 class GatewayReconfigureTests(unittest.TestCase):
-    """GatewayService.reconfigure on a recording reactor."""
+    """Gateway.reconfigure on a recording reactor."""
 
     def setUp(self):
         directory = os.path.abspath(self.mktemp())
@@ -301,19 +305,22 @@ class GatewayReconfigureTests(unittest.TestCase):
         self.assertEqual(self.reconfigure(self.data(password="new-pw", auth_password="t2-pw")), [])
         self.assertIsNone(socks.users.authenticate("user", "proxy-pw"))
         self.assertIsNotNone(socks.users.authenticate("user", "new-pw"))
-        self.assertIsNone(self.service.tunnels.grant_for(None, ("tunnel", "tunnel-pw")))
-        self.assertIsNotNone(self.service.tunnels.grant_for(None, ("tunnel", "t2-pw")))
+        tunnels = self.service.tunnel_server.factory
+        self.assertIsNone(tunnels.grant_for(None, ("tunnel", "tunnel-pw")))
+        self.assertIsNotNone(tunnels.grant_for(None, ("tunnel", "t2-pw")))
         self.assertEqual(self.reactor.events, [])  # nothing re-bound
 
     def test_settings_applied(self):
         """Balance, no_tunnel_wait, handshake timeout and limits take the new values."""
         self.reconfigure(self.data(balance="random", no_tunnel_wait=7, handshake_timeout=4,
                                    max_conns_per_user=3, queue_timeout=2))
-        self.assertEqual(self.service.registry.balance, "random")
+        self.assertEqual(self.service.tunnel_pool.balance, "random")
         self.assertEqual(self.service.config.gateway.no_tunnel_wait, 7)
+        self.assertEqual(self.service.user_endpoints.no_tunnel_wait, 7)
         self.assertEqual(self.service.listeners["socks5 proxy"].factory.handshake_timeout, 4)
-        self.assertEqual(self.service.user_limits.limit, 3)
-        self.assertEqual(self.service.user_limits.queue_timeout, 2)
+        self.assertEqual(self.service.limits.per_user.limit, 3)
+        self.assertEqual(self.service.limits.per_user.queue_timeout, 2)
+        self.assertEqual(self.service.limits.per_listener["socks5 proxy"].queue_timeout, 2)
 
     def test_listener_moved_new_first(self):
         """A changed address listens anew before the old listener stops."""
@@ -323,7 +330,7 @@ class GatewayReconfigureTests(unittest.TestCase):
         listener = self.service.listeners["socks5 proxy"]
         self.assertEqual(listener.port.getHost().port, 1081)
         self.assertIs(listener.factory, old_factory)
-        self.assertIn(listener, list(self.service))
+        self.assertIn(listener, list(self.service.frontends))
 
     def test_listener_move_refused_keeps_old(self):
         """A new address that cannot be bound leaves the old listener, with a note."""
@@ -350,7 +357,8 @@ class GatewayReconfigureTests(unittest.TestCase):
         self.assertNotIn("http proxy", self.service.listeners)
         self.reconfigure(self.data())
         self.assertEqual(self.reactor.events[1:], [("listen", 8080)])
-        self.assertIn("http proxy", self.service.frontends)
+        self.assertIn("http proxy", self.service.frontends.records)
+        self.assertIn("http proxy", self.service.limits.per_listener)
 
     def test_side_listeners(self):
         """The metrics listener moves; switching the status page on needs a restart."""
@@ -402,19 +410,19 @@ class GatewayReconfigureTests(unittest.TestCase):
 
     def test_certificate_reread(self):
         """TLS options are rebuilt from the files on every reload."""
-        before = self.service.tunnel_tls.options
+        before = self.service.tunnel_server.tls.options
         self.reconfigure(self.data())
-        self.assertIsNot(self.service.tunnel_tls.options, before)
+        self.assertIsNot(self.service.tunnel_server.tls.options, before)
 
     def test_bad_key_changes_nothing(self):
         """A key that does not match its certificate raises ConfigError before any change."""
         other = self.pki.ca.issue_cert("other.test")
         key_path = os.path.join(self.pki.directory, "other.key")
         other.private_key_pem.write_to_path(key_path)
-        before = self.service.tunnel_tls.options
+        before = self.service.tunnel_server.tls.options
         self.assertRaises(ConfigError, self.service.reconfigure,
                           self.load(self.data(password="new-pw", tls_key=key_path)))
-        self.assertIs(self.service.tunnel_tls.options, before)
+        self.assertIs(self.service.tunnel_server.tls.options, before)
         users = self.service.listeners["socks5 proxy"].factory.users
         self.assertIsNotNone(users.authenticate("user", "proxy-pw"))
 
@@ -474,6 +482,21 @@ class ClientReconfigureTests(unittest.TestCase):
                                         "tunnel 127.0.0.1:8443 #3"])
         self.reconfigure(replicas=1)
         self.assertEqual(self.names(), ["tunnel 127.0.0.1:8443 #1"])
+
+    def test_dropped_tunnel_goes_away(self):
+        """A tunnel a reload drops sends its gateway GOAWAY before it closes; a kept one does not."""
+        self.reconfigure(replicas=2)
+        sent = {}
+        for service in self.root:
+            if service.name and service.name.startswith("tunnel "):
+                sent[service.name] = []
+                mux = Mux(sent[service.name].append, initiator=True, clock=Clock())
+                service.ready_endpoint.tunnel = SimpleNamespace(mux=mux)
+        self.reconfigure(replicas=1)
+        self.assertEqual({name: [frames.decode(m) for m in messages]
+                          for name, messages in sent.items()},
+                         {"tunnel 127.0.0.1:8443 #1": [],
+                          "tunnel 127.0.0.1:8443 #2": [frames.GoAway(Reason.NO_TUNNEL)]})
 
     def test_gateways(self):
         """A gateway removed loses its tunnels and factory; one added gets them."""

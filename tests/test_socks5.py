@@ -34,7 +34,7 @@ CONNECT_IPV4 = b"\x05\x01\x00\x01\xcb\x00\x71\x05\x00\x50"  # 203.0.113.5:80
 CONNECT_DOMAIN = b"\x05\x01\x00\x03\x0bexample.com\x01\xbb"  # example.com:443
 USERS = UserDatabase([("alice", "hunter2", "lab")])
 
-# DESIGN.md section 5, written out independently of anyproxy.errors.
+# The error table, written out independently of anyproxy.errors.
 EXPECTED_REP = {
     Reason.GENERAL_FAILURE: 0x01,
     Reason.NOT_ALLOWED: 0x02,

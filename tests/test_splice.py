@@ -1,15 +1,18 @@
 # -*- test-case-name: tests.test_splice -*-
 """
-Tests for L{anyproxy.splice}: two L{SpliceEnd}s over fake transports.
+Tests for L{anyproxy.splice}: two L{SpliceEnd}s over fake transports, and
+L{open_and_splice} against a fake endpoint.
 """
 
 from twisted.internet import error
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import StringTransport
 from twisted.python import failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.splice import SpliceEnd, splice
+from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.splice import SpliceEnd, open_and_splice, splice
 
 
 # -- fakes ----------------------------------------------------------------------
@@ -269,3 +272,220 @@ class ProducerReleaseTests(SynchronousTestCase):
         splice(left, right)
         left.connectionLost(lost())
         self.assertEqual(right.transport.calls, ["unregisterProducer", "loseConnection"])
+
+
+class PublicStateTests(SynchronousTestCase):
+    """What a frontend may read and call on an end."""
+
+    def test_lost_and_read_closed(self):
+        """C{lost} and C{read_closed} follow the connection's events."""
+        end = connected_end()
+        self.assertEqual((end.lost, end.read_closed), (False, False))
+        end.readConnectionLost()
+        self.assertEqual((end.lost, end.read_closed), (False, True))
+        end.connectionLost(lost())
+        self.assertEqual((end.lost, end.read_closed), (True, True))
+
+    def test_shut_down_write(self):
+        """shut_down_write half-closes the transport, releasing its producer first."""
+        left = connected_end(OrderRecordingTransport())
+        right = connected_end(OrderRecordingTransport())
+        splice(left, right)
+        left.shut_down_write()
+        self.assertEqual(left.transport.calls, ["unregisterProducer", "loseWriteConnection"])
+
+    def test_eof_before_join_passed_on(self):
+        """An EOF either end received before the join half-closes the other, after its bytes."""
+        left, right = connected_end(OrderRecordingTransport()), connected_end()
+        right.dataReceived(b"last words")
+        right.readConnectionLost()
+        left.join(right)
+        self.assertEqual(left.transport.value(), b"last words")
+        self.assertEqual(left.transport.calls, ["unregisterProducer", "loseWriteConnection"])
+        self.assertEqual(right.transport.calls, [])
+
+
+class FakeEndpoint:
+    """An endpoint whose connects the test completes: C{succeed}, C{fail}."""
+
+    def __init__(self):
+        self.factory = self.connecting = None
+        self.cancelled = False
+
+    def connect(self, factory):
+        self.factory = factory
+        self.connecting = Deferred(self._cancel)
+        return self.connecting
+
+    def _cancel(self, connecting):
+        self.cancelled = True
+
+    def succeed(self, transport=None):
+        """Connect the protocol to C{transport}; returns it."""
+        target = self.factory.buildProtocol(None)
+        target.makeConnection(transport if transport is not None else HalfCloseTransport())
+        self.connecting.callback(target)
+        return target
+
+    def fail(self, exception):
+        self.connecting.errback(exception)
+
+
+class OpenAndSpliceTests(SynchronousTestCase):
+    """L{open_and_splice} opens the target, then splices, as every frontend does."""
+
+    def setUp(self):
+        self.endpoint = FakeEndpoint()
+        self.user = connected_end()
+
+    def open(self, **kwargs):
+        self.results = []
+        opening = open_and_splice(self.user, self.endpoint, **kwargs)
+        opening.addBoth(self.results.append)
+        return opening
+
+    def test_reading_paused_until_spliced(self):
+        """By default reading pauses at once, and resumes at the splice."""
+        self.open()
+        self.assertEqual(self.user.transport.producerState, "paused")
+        target = self.endpoint.succeed()
+        self.assertEqual(self.user.transport.producerState, "producing")
+        self.assertEqual(self.results, [target])
+        self.assertIs(self.user.other, target)
+
+    def test_producers_both_ways(self):
+        """The spliced transports are each other's streaming producers."""
+        self.open()
+        target = self.endpoint.succeed()
+        self.assertIs(self.user.transport.producer, target.transport)
+        self.assertIs(target.transport.producer, self.user.transport)
+
+    def test_early_bytes_and_eof_delivered(self):
+        """Bytes and an EOF the user sent while the target opened reach it, in order."""
+        self.user.dataReceived(b"before ")
+        self.open()
+        self.user.dataReceived(b"during")
+        self.user.readConnectionLost()
+        target = self.endpoint.succeed()
+        self.assertEqual(target.transport.value(), b"before during")
+        self.assertEqual(target.transport.calls, ["loseWriteConnection"])
+        target.dataReceived(b"answer")
+        self.assertEqual(self.user.transport.value(), b"answer")
+
+    def test_read_while_opening(self):
+        """A positive read_while_opening keeps reading until more than that is held."""
+        self.open(read_while_opening=10)
+        self.user.dataReceived(b"x" * 10)
+        self.assertEqual(self.user.transport.producerState, "producing")
+        self.user.dataReceived(b"y")
+        self.assertEqual(self.user.transport.producerState, "paused")
+        target = self.endpoint.succeed()
+        self.assertEqual(self.user.transport.producerState, "producing")
+        self.assertEqual(target.transport.value(), b"x" * 10 + b"y")
+
+    def test_reading_left_to_caller(self):
+        """read_while_opening=None never pauses nor resumes the user's transport."""
+        self.open(read_while_opening=None)
+        self.user.dataReceived(b"x" * 100000)
+        self.assertEqual(self.user.transport.producerState, "producing")
+        self.user.transport.pauseProducing()
+        self.endpoint.succeed()
+        self.assertEqual(self.user.transport.producerState, "paused")
+
+    def test_on_open_before_any_byte(self):
+        """on_open gets the target before the held bytes flow: the place for a reply."""
+        seen = []
+
+        def on_open(target):
+            seen.append((target.transport.value(), self.user.other))
+            self.user.transport.write(b"reply ")
+
+        self.user.dataReceived(b"early")
+        self.open(on_open=on_open)
+        target = self.endpoint.succeed()
+        target.dataReceived(b"data")
+        self.assertEqual(seen, [(b"", None)])
+        self.assertEqual(self.user.transport.value(), b"reply data")
+        self.assertEqual(target.transport.value(), b"early")
+
+    def test_on_open_raises(self):
+        """If on_open raises, the target is closed and the open fails with that error."""
+        def on_open(target):
+            raise RuntimeError("no reply")
+
+        self.open(on_open=on_open)
+        target = self.endpoint.succeed()
+        self.assertTrue(target.transport.disconnecting)
+        [failure] = self.results
+        failure.trap(RuntimeError)
+
+    def test_open_fails(self):
+        """An open failure is the caller's to answer: the user's connection is left open."""
+        self.open()
+        self.endpoint.fail(StreamOpenError(Reason.NOT_ALLOWED, "forbidden"))
+        [failure] = self.results
+        self.assertEqual(failure.trap(StreamOpenError), StreamOpenError)
+        self.assertEqual(failure.value.reason, Reason.NOT_ALLOWED)
+        self.assertFalse(self.user.transport.disconnecting)
+
+    def test_endpoint_callable_raises(self):
+        """A callable giving the endpoint may refuse by raising: the open fails with that."""
+        def endpoint_for():
+            raise StreamOpenError(Reason.NO_TUNNEL)
+
+        opening = open_and_splice(self.user, endpoint_for)
+        self.assertEqual(self.failureResultOf(opening, StreamOpenError).value.reason,
+                         Reason.NO_TUNNEL)
+
+    def test_endpoint_callable(self):
+        """A callable is called once, at once, for the endpoint."""
+        self.results = []
+        open_and_splice(self.user, lambda: self.endpoint).addBoth(self.results.append)
+        target = self.endpoint.succeed()
+        self.assertEqual(self.results, [target])
+
+    def test_target_closed_before_splice(self):
+        """A target lost before the splice fails the open with GENERAL_FAILURE."""
+        self.open()
+        transport = HalfCloseTransport()
+        target = self.endpoint.factory.buildProtocol(None)
+        target.makeConnection(transport)
+        target.connectionLost(lost())
+        self.endpoint.connecting.callback(target)
+        [failure] = self.results
+        failure.trap(StreamOpenError)
+        self.assertEqual(failure.value.reason, Reason.GENERAL_FAILURE)
+        self.assertIsNone(self.user.other)
+
+    def test_user_leaves_while_opening(self):
+        """A user who leaves cancels the open; the result is None, not a failure."""
+        self.open()
+        self.user.connectionLost(lost())
+        self.assertTrue(self.endpoint.cancelled)
+        self.assertEqual(self.results, [None])
+
+    def test_target_arrives_after_user_left(self):
+        """A target that opens although the user left (cancel too late) is closed."""
+        late = HalfCloseTransport()
+        self.endpoint._cancel = lambda connecting: self.endpoint.succeed(late)
+        self.open()
+        self.user.connectionLost(lost())
+        self.assertEqual(self.results, [None])
+        self.assertTrue(late.disconnecting)
+
+    def test_cancel(self):
+        """Cancelling the returned Deferred cancels the open."""
+        opening = self.open()
+        opening.cancel()
+        self.assertTrue(self.endpoint.cancelled)
+        [failure] = self.results
+        failure.trap(CancelledError)
+
+    def test_half_close_after_splice(self):
+        """Half-close and close carry through a splice made by the helper."""
+        self.open()
+        target = self.endpoint.succeed()
+        target.readConnectionLost()
+        self.assertEqual(self.user.transport.calls, ["loseWriteConnection"])
+        self.user.connectionLost(lost())
+        self.assertEqual(target.transport.calls, ["loseConnection"])

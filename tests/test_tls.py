@@ -13,6 +13,7 @@ import io
 import ipaddress
 import os
 import stat
+from typing import Callable, NamedTuple, Optional
 
 import trustme
 from cryptography import x509
@@ -168,6 +169,11 @@ class TLSTests(TestCase):
     def setUp(self):
         self.directory = self.mktemp()
         os.makedirs(self.directory)
+        self._cas = {}
+        self._outs = {}
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def _path(self, name):
         return os.path.join(self.directory, name)
@@ -184,9 +190,6 @@ class TLSTests(TestCase):
                           leaf.private_key_pem.bytes())
         return cert_path, key_path
 
-    def _trustme_ca_file(self, ca, name="tm-ca.crt"):
-        return _write(self._path(name), ca.cert_pem.bytes(), 0o644)
-
     def _generated(self, name="gen", client_name=None, hosts=None):
         """Run certs/generate.py into a fresh directory; return its path."""
         out = os.path.join(self.directory, name)
@@ -194,6 +197,72 @@ class TLSTests(TestCase):
             out, hosts or generate_tool.DEFAULT_HOSTS, client_name
         )
         return out
+
+    # Named certificates for the handshake table: each name is made on its
+    # first use in a test, so two columns of one row can share a CA.
+
+    def _ca(self, name):
+        """The trustme CA called C{name} in this test."""
+        if name not in self._cas:
+            self._cas[name] = trustme.CA()
+        return self._cas[name]
+
+    def _trusting(self, *ca_names):
+        """A trust file holding the named trustme CAs."""
+        return _write(
+            self._path("tm-%s.crt" % "-".join(ca_names)),
+            b"".join(self._ca(name).cert_pem.bytes() for name in ca_names),
+            0o644,
+        )
+
+    def _trustme_options(self, ca_name, *identities, intermediate=False,
+                         client_ca=None):
+        """Server options for a certificate issued by the named CA (or by
+        an intermediate CA under it), for C{identities}."""
+        ca = self._ca(ca_name)
+        if intermediate:
+            ca = ca.create_child_ca()
+        cert_path, key_path = self._trustme_server(ca, *identities)
+        return server_tls_options(cert_path, key_path, client_ca_path=client_ca)
+
+    def _trustme_client(self, ca_name, identity):
+        """A combined key + certificate PEM file issued by the named CA."""
+        client = self._ca(ca_name).issue_cert(identity)
+        return _write(self._path("tm-client.pem"),
+                      client.private_key_and_cert_chain_pem.bytes())
+
+    def _gen(self, name, filename, **generate):
+        """A file of the generate.py directory C{name} (run on first use,
+        with C{generate}'s client_name and hosts)."""
+        if name not in self._outs:
+            self._outs[name] = self._generated(name, **generate)
+        return os.path.join(self._outs[name], filename)
+
+    def _gen_options(self, name="gen", client_ca=False, **generate):
+        """Server options for the generate.py directory C{name}; with
+        C{client_ca}, its CA must have signed the client's certificate."""
+        return server_tls_options(
+            self._gen(name, "server.crt", **generate),
+            self._gen(name, "server.key"),
+            client_ca_path=self._gen(name, "ca.crt") if client_ca else None,
+        )
+
+    def _gen_client(self, server_name="localhost", trust=("gen", "ca.crt"),
+                    identity=None, **generate):
+        """
+        Client options trusting a file of a generate.py directory.
+
+        @param identity: C{(directory, "client" or "server")}: present that
+            pair of the directory (run with C{generate} on first use).
+        """
+        extra = {}
+        if identity is not None:
+            where, pair = identity
+            extra = dict(
+                client_cert_path=self._gen(where, pair + ".crt", **generate),
+                client_key_path=self._gen(where, pair + ".key"),
+            )
+        return client_tls_options(server_name, self._gen(*trust), **extra)
 
     @inlineCallbacks
     def _connect(self, server_options, client_options):
@@ -223,262 +292,6 @@ class TLSTests(TestCase):
             outcome.client_reason.check(*errors),
             "unexpected reason: %r" % (outcome.client_reason.value,),
         )
-
-    @inlineCallbacks
-    def test_trustme_right_ca_connects(self):
-        """A client trusting the CA of a trustme certificate echoes data."""
-        ca = trustme.CA()
-        cert_path, key_path = self._trustme_server(ca, "localhost")
-        outcome = yield self._connect(
-            server_tls_options(cert_path, key_path),
-            client_tls_options("localhost", self._trustme_ca_file(ca)),
-        )
-        self._assert_echoed(outcome)
-
-    @inlineCallbacks
-    def test_generated_right_ca_connects(self):
-        """A client trusting ca.crt from generate.py echoes data."""
-        out = self._generated()
-        outcome = yield self._connect(
-            server_tls_options(os.path.join(out, "server.crt"),
-                               os.path.join(out, "server.key")),
-            client_tls_options("localhost", os.path.join(out, "ca.crt")),
-        )
-        self._assert_echoed(outcome)
-
-    @inlineCallbacks
-    def test_trustme_other_ca_fails(self):
-        """A client trusting a different CA refuses the server."""
-        cert_path, key_path = self._trustme_server(trustme.CA(), "localhost")
-        outcome = yield self._connect(
-            server_tls_options(cert_path, key_path),
-            client_tls_options("localhost",
-                               self._trustme_ca_file(trustme.CA())),
-        )
-        self._assert_refused(outcome, SSL.Error)
-        self.assertFalse(outcome.client.handshake_done)
-
-    @inlineCallbacks
-    def test_generated_other_ca_fails(self):
-        """A client trusting another generate.py CA refuses the server."""
-        served, other = self._generated("one"), self._generated("two")
-        outcome = yield self._connect(
-            server_tls_options(os.path.join(served, "server.crt"),
-                               os.path.join(served, "server.key")),
-            client_tls_options("localhost", os.path.join(other, "ca.crt")),
-        )
-        self._assert_refused(outcome, SSL.Error)
-
-    @inlineCallbacks
-    def test_trust_file_with_several_certificates(self):
-        """A trust file holding several CAs trusts each of them."""
-        ca = trustme.CA()
-        cert_path, key_path = self._trustme_server(ca, "localhost")
-        bundle = _write(
-            self._path("bundle.crt"),
-            trustme.CA().cert_pem.bytes() + ca.cert_pem.bytes(),
-            0o644,
-        )
-        outcome = yield self._connect(
-            server_tls_options(cert_path, key_path),
-            client_tls_options("localhost", bundle),
-        )
-        self._assert_echoed(outcome)
-
-    @inlineCallbacks
-    def test_pinned_gateway_certificate(self):
-        """Trusting the gateway's own CA-issued certificate is enough."""
-        out = self._generated()
-        outcome = yield self._connect(
-            server_tls_options(os.path.join(out, "server.crt"),
-                               os.path.join(out, "server.key")),
-            client_tls_options("localhost", os.path.join(out, "server.crt")),
-        )
-        self._assert_echoed(outcome)
-
-    @inlineCallbacks
-    def test_intermediate_chain_is_sent(self):
-        """A cert file with an intermediate verifies against the root alone."""
-        root = trustme.CA()
-        cert_path, key_path = self._trustme_server(
-            root.create_child_ca(), "localhost"
-        )
-        self.assertEqual(len(load_certificates(cert_path)), 2)
-        outcome = yield self._connect(
-            server_tls_options(cert_path, key_path),
-            client_tls_options("localhost", self._trustme_ca_file(root)),
-        )
-        self._assert_echoed(outcome)
-
-    @inlineCallbacks
-    def test_wrong_server_name_fails(self):
-        """A server name that is not in the certificate is refused."""
-        ca = trustme.CA()
-        cert_path, key_path = self._trustme_server(ca, "localhost")
-        outcome = yield self._connect(
-            server_tls_options(cert_path, key_path),
-            client_tls_options("gateway.example.com",
-                               self._trustme_ca_file(ca)),
-        )
-        self._assert_refused(outcome, VerificationError, SSL.Error)
-
-    @inlineCallbacks
-    def test_ip_san_verifies(self):
-        """The server name 127.0.0.1 matches an IP subjectAltName."""
-        out = self._generated()
-        outcome = yield self._connect(
-            server_tls_options(os.path.join(out, "server.crt"),
-                               os.path.join(out, "server.key")),
-            client_tls_options("127.0.0.1", os.path.join(out, "ca.crt")),
-        )
-        self._assert_echoed(outcome)
-
-    @inlineCallbacks
-    def test_ipv6_san_verifies(self):
-        """A bracketed IPv6 server name matches an IPv6 subjectAltName."""
-        out = self._generated()
-        outcome = yield self._connect(
-            server_tls_options(os.path.join(out, "server.crt"),
-                               os.path.join(out, "server.key")),
-            client_tls_options("[::1]", os.path.join(out, "ca.crt")),
-        )
-        self._assert_echoed(outcome)
-
-    @inlineCallbacks
-    def test_ip_not_in_certificate_fails(self):
-        """An IP address missing from the certificate's SANs is refused."""
-        ca = trustme.CA()
-        cert_path, key_path = self._trustme_server(ca, "localhost",
-                                                   "127.0.0.1")
-        outcome = yield self._connect(
-            server_tls_options(cert_path, key_path),
-            client_tls_options("127.0.0.2", self._trustme_ca_file(ca)),
-        )
-        self._assert_refused(outcome, VerificationError, SSL.Error)
-
-    @inlineCallbacks
-    def test_dns_name_does_not_match_ip_san(self):
-        """A DNS name spelled like a SAN IP is not accepted as that IP."""
-        out = self._generated(hosts=["127.0.0.1"])
-        outcome = yield self._connect(
-            server_tls_options(os.path.join(out, "server.crt"),
-                               os.path.join(out, "server.key")),
-            client_tls_options("localhost", os.path.join(out, "ca.crt")),
-        )
-        self._assert_refused(outcome, VerificationError, SSL.Error)
-
-    @inlineCallbacks
-    def test_tls11_client_refused(self):
-        """The server refuses a client that offers at most TLS 1.1."""
-        ca = trustme.CA()
-        cert_path, key_path = self._trustme_server(ca, "localhost")
-        outcome = yield self._connect(
-            server_tls_options(cert_path, key_path), _OldTLSClientOptions()
-        )
-        self._assert_refused(outcome, SSL.Error)
-        self.assertTrue(outcome.server_reason.check(SSL.Error))
-        self.assertIn("protocol", str(outcome.server_reason.value))
-
-    @inlineCallbacks
-    def test_mutual_tls_without_client_certificate_refused(self):
-        """With client_ca set, a client without a certificate is refused."""
-        out = self._generated(client_name="client1")
-        outcome = yield self._connect(
-            server_tls_options(os.path.join(out, "server.crt"),
-                               os.path.join(out, "server.key"),
-                               client_ca_path=os.path.join(out, "ca.crt")),
-            client_tls_options("localhost", os.path.join(out, "ca.crt")),
-        )
-        self._assert_refused(outcome, SSL.Error)
-        self.assertTrue(outcome.server_reason.check(SSL.Error))
-        self.assertIn("certificate", str(outcome.server_reason.value))
-        self.assertIsNone(outcome.server.peer_certificate)
-
-    @inlineCallbacks
-    def test_mutual_tls_with_ca_signed_client_certificate(self):
-        """With client_ca set, a client with a CA-signed certificate is let in."""
-        out = self._generated(client_name="client1")
-        outcome = yield self._connect(
-            server_tls_options(os.path.join(out, "server.crt"),
-                               os.path.join(out, "server.key"),
-                               client_ca_path=os.path.join(out, "ca.crt")),
-            client_tls_options("localhost", os.path.join(out, "ca.crt"),
-                               client_cert_path=os.path.join(out, "client.crt"),
-                               client_key_path=os.path.join(out, "client.key")),
-        )
-        self._assert_echoed(outcome)
-        seen = outcome.server.peer_certificate.to_cryptography()
-        self.assertEqual(
-            seen.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value,
-            "client1",
-        )
-
-    @inlineCallbacks
-    def test_mutual_tls_with_trustme_client_certificate(self):
-        """A trustme client certificate in one combined PEM file is let in."""
-        ca = trustme.CA()
-        cert_path, key_path = self._trustme_server(ca, "localhost")
-        client = ca.issue_cert("client@example.com")
-        combined = _write(self._path("tm-client.pem"),
-                          client.private_key_and_cert_chain_pem.bytes())
-        ca_path = self._trustme_ca_file(ca)
-        outcome = yield self._connect(
-            server_tls_options(cert_path, key_path, client_ca_path=ca_path),
-            client_tls_options("localhost", ca_path,
-                               client_cert_path=combined),
-        )
-        self._assert_echoed(outcome)
-        self.assertIsNotNone(outcome.server.peer_certificate)
-
-    @inlineCallbacks
-    def test_mutual_tls_with_other_ca_client_certificate_refused(self):
-        """A client certificate from a CA the gateway does not trust fails."""
-        out = self._generated()
-        stranger = self._generated("stranger", client_name="mallory")
-        outcome = yield self._connect(
-            server_tls_options(os.path.join(out, "server.crt"),
-                               os.path.join(out, "server.key"),
-                               client_ca_path=os.path.join(out, "ca.crt")),
-            client_tls_options(
-                "localhost", os.path.join(out, "ca.crt"),
-                client_cert_path=os.path.join(stranger, "client.crt"),
-                client_key_path=os.path.join(stranger, "client.key")),
-        )
-        self._assert_refused(outcome, SSL.Error)
-        self.assertTrue(outcome.server_reason.check(SSL.Error))
-
-    @inlineCallbacks
-    def test_mutual_tls_server_certificate_as_client_refused(self):
-        """A CA-signed certificate without clientAuth usage is refused."""
-        out = self._generated()
-        outcome = yield self._connect(
-            server_tls_options(os.path.join(out, "server.crt"),
-                               os.path.join(out, "server.key"),
-                               client_ca_path=os.path.join(out, "ca.crt")),
-            client_tls_options(
-                "localhost", os.path.join(out, "ca.crt"),
-                client_cert_path=os.path.join(out, "server.crt"),
-                client_key_path=os.path.join(out, "server.key")),
-        )
-        self._assert_refused(outcome, SSL.Error)
-
-    @inlineCallbacks
-    def test_insecure_connects_to_untrusted_server_and_warns(self):
-        """insecure=True skips verification and logs a warning."""
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        cert_path, key_path = self._trustme_server(trustme.CA(), "localhost")
-        client_options = client_tls_options("gateway.example.com", None,
-                                            insecure=True)
-        warnings = [event for event in events
-                    if event.get("log_level") == LogLevel.warn
-                    and "VERIFICATION IS DISABLED" in event["log_format"]]
-        self.assertEqual(len(warnings), 1)
-        outcome = yield self._connect(
-            server_tls_options(cert_path, key_path), client_options
-        )
-        self._assert_echoed(outcome)
 
     def test_malformed_certificate_pem(self):
         """A malformed PEM certificate raises an error naming the file."""
@@ -586,6 +399,181 @@ class TLSTests(TestCase):
         out = self._generated()
         self.assertRaises(ValueError, client_tls_options, "",
                           os.path.join(out, "ca.crt"))
+
+
+class _Handshake(NamedTuple):
+    """
+    One row of the handshake table: L{TLSTests} gets a C{test_<name>}
+    method that connects a client made by C{client} to a server made by
+    C{server} (each called with the test) and checks the outcome.
+    """
+
+    doc: str
+    server: Callable
+    client: Callable
+    # The client's connection fails with one of these; () means the payload
+    # is echoed over TLS 1.2 or newer.
+    refused: tuple = ()
+    # If not None, the server's end fails with an SSL.Error whose text
+    # contains this.
+    server_error: Optional[str] = None
+    # More assertions: called with the test and the L{_Outcome}.
+    check: Optional[Callable] = None
+
+
+def _no_handshake(test, outcome):
+    test.assertFalse(outcome.client.handshake_done)
+
+
+def _chain_of_two_sent(test, outcome):
+    test.assertEqual(len(load_certificates(test._path("tm-server.crt"))), 2)
+
+
+def _no_client_certificate_seen(test, outcome):
+    test.assertIsNone(outcome.server.peer_certificate)
+
+
+def _client1_seen(test, outcome):
+    seen = outcome.server.peer_certificate.to_cryptography()
+    test.assertEqual(
+        seen.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value,
+        "client1",
+    )
+
+
+def _a_client_certificate_seen(test, outcome):
+    test.assertIsNotNone(outcome.server.peer_certificate)
+
+
+def _warned_once(test, outcome):
+    warnings = [event for event in test.events
+                if event.get("log_level") == LogLevel.warn
+                and "VERIFICATION IS DISABLED" in event["log_format"]]
+    test.assertEqual(len(warnings), 1)
+
+
+_NAME_REFUSED = (VerificationError, SSL.Error)
+
+HANDSHAKES = {
+    "trustme_right_ca_connects": _Handshake(
+        "A client trusting the CA of a trustme certificate echoes data.",
+        lambda t: t._trustme_options("ca", "localhost"),
+        lambda t: client_tls_options("localhost", t._trusting("ca"))),
+    "generated_right_ca_connects": _Handshake(
+        "A client trusting ca.crt from generate.py echoes data.",
+        lambda t: t._gen_options(),
+        lambda t: t._gen_client()),
+    "trustme_other_ca_fails": _Handshake(
+        "A client trusting a different CA refuses the server.",
+        lambda t: t._trustme_options("ca", "localhost"),
+        lambda t: client_tls_options("localhost", t._trusting("other")),
+        refused=(SSL.Error,), check=_no_handshake),
+    "generated_other_ca_fails": _Handshake(
+        "A client trusting another generate.py CA refuses the server.",
+        lambda t: t._gen_options("one"),
+        lambda t: t._gen_client(trust=("two", "ca.crt")),
+        refused=(SSL.Error,)),
+    "trust_file_with_several_certificates": _Handshake(
+        "A trust file holding several CAs trusts each of them.",
+        lambda t: t._trustme_options("ca", "localhost"),
+        lambda t: client_tls_options("localhost", t._trusting("other", "ca"))),
+    "pinned_gateway_certificate": _Handshake(
+        "Trusting the gateway's own CA-issued certificate is enough.",
+        lambda t: t._gen_options(),
+        lambda t: t._gen_client(trust=("gen", "server.crt"))),
+    "intermediate_chain_is_sent": _Handshake(
+        "A cert file with an intermediate verifies against the root alone.",
+        lambda t: t._trustme_options("root", "localhost", intermediate=True),
+        lambda t: client_tls_options("localhost", t._trusting("root")),
+        check=_chain_of_two_sent),
+    "wrong_server_name_fails": _Handshake(
+        "A server name that is not in the certificate is refused.",
+        lambda t: t._trustme_options("ca", "localhost"),
+        lambda t: client_tls_options("gateway.example.com", t._trusting("ca")),
+        refused=_NAME_REFUSED),
+    "ip_san_verifies": _Handshake(
+        "The server name 127.0.0.1 matches an IP subjectAltName.",
+        lambda t: t._gen_options(),
+        lambda t: t._gen_client("127.0.0.1")),
+    "ipv6_san_verifies": _Handshake(
+        "A bracketed IPv6 server name matches an IPv6 subjectAltName.",
+        lambda t: t._gen_options(),
+        lambda t: t._gen_client("[::1]")),
+    "ip_not_in_certificate_fails": _Handshake(
+        "An IP address missing from the certificate's SANs is refused.",
+        lambda t: t._trustme_options("ca", "localhost", "127.0.0.1"),
+        lambda t: client_tls_options("127.0.0.2", t._trusting("ca")),
+        refused=_NAME_REFUSED),
+    "dns_name_does_not_match_ip_san": _Handshake(
+        "A DNS name spelled like a SAN IP is not accepted as that IP.",
+        lambda t: t._gen_options(hosts=["127.0.0.1"]),
+        lambda t: t._gen_client(),
+        refused=_NAME_REFUSED),
+    "tls11_client_refused": _Handshake(
+        "The server refuses a client that offers at most TLS 1.1.",
+        lambda t: t._trustme_options("ca", "localhost"),
+        lambda t: _OldTLSClientOptions(),
+        refused=(SSL.Error,), server_error="protocol"),
+    "mutual_tls_without_client_certificate_refused": _Handshake(
+        "With client_ca set, a client without a certificate is refused.",
+        lambda t: t._gen_options(client_ca=True, client_name="client1"),
+        lambda t: t._gen_client(),
+        refused=(SSL.Error,), server_error="certificate",
+        check=_no_client_certificate_seen),
+    "mutual_tls_with_ca_signed_client_certificate": _Handshake(
+        "With client_ca set, a client with a CA-signed certificate is let in.",
+        lambda t: t._gen_options(client_ca=True, client_name="client1"),
+        lambda t: t._gen_client(identity=("gen", "client")),
+        check=_client1_seen),
+    "mutual_tls_with_trustme_client_certificate": _Handshake(
+        "A trustme client certificate in one combined PEM file is let in.",
+        lambda t: t._trustme_options("ca", "localhost",
+                                     client_ca=t._trusting("ca")),
+        lambda t: client_tls_options(
+            "localhost", t._trusting("ca"),
+            client_cert_path=t._trustme_client("ca", "client@example.com")),
+        check=_a_client_certificate_seen),
+    "mutual_tls_with_other_ca_client_certificate_refused": _Handshake(
+        "A client certificate from a CA the gateway does not trust fails.",
+        lambda t: t._gen_options(client_ca=True),
+        lambda t: t._gen_client(identity=("stranger", "client"),
+                                client_name="mallory"),
+        refused=(SSL.Error,), server_error=""),
+    "mutual_tls_server_certificate_as_client_refused": _Handshake(
+        "A CA-signed certificate without clientAuth usage is refused.",
+        lambda t: t._gen_options(client_ca=True),
+        lambda t: t._gen_client(identity=("gen", "server")),
+        refused=(SSL.Error,)),
+    "insecure_connects_to_untrusted_server_and_warns": _Handshake(
+        "insecure=True skips verification and logs a warning.",
+        lambda t: t._trustme_options("ca", "localhost"),
+        lambda t: client_tls_options("gateway.example.com", None,
+                                     insecure=True),
+        check=_warned_once),
+}
+
+
+def _handshake_test(name, case):
+    @inlineCallbacks
+    def test(self):
+        outcome = yield self._connect(case.server(self), case.client(self))
+        if case.refused:
+            self._assert_refused(outcome, *case.refused)
+        else:
+            self._assert_echoed(outcome)
+        if case.server_error is not None:
+            self.assertTrue(outcome.server_reason.check(SSL.Error))
+            self.assertIn(case.server_error, str(outcome.server_reason.value))
+        if case.check is not None:
+            case.check(self, outcome)
+
+    test.__name__ = test.__qualname__ = "test_" + name
+    test.__doc__ = case.doc
+    return test
+
+
+for _name, _case in HANDSHAKES.items():
+    setattr(TLSTests, "test_" + _name, _handshake_test(_name, _case))
 
 
 class CertificateToolTests(TestCase):

@@ -23,6 +23,7 @@ from twisted.trial import unittest
 
 from anyproxy.metrics import transport_buffered
 from anyproxy.tunnel import frames
+from anyproxy.tunnel.hello import PROTOCOL_VERSION
 from anyproxy.tunnel.mux import MAX_REPLY_BACKLOG
 from anyproxy.tunnel.websocket import GatewayTunnelProtocol, tune_factory
 from tests.support import CLIENT_PASSWORD, CLIENT_USER, Deployment
@@ -186,7 +187,7 @@ def tunnel_login(port, ca_path):
             raise AssertionError("gateway closed during the upgrade: %r" % (answer,))
         answer += chunk
     assert b" 101 " in answer.split(b"\r\n")[0], answer
-    hello = {"version": frames.PROTOCOL_VERSION, "client_id": "flooder", "group": "default"}
+    hello = {"version": PROTOCOL_VERSION, "client_id": "flooder", "group": "default"}
     sock.sendall(ws_frame(2, frames.encode(frames.Hello(hello))))
     return sock
 
@@ -205,7 +206,7 @@ class PingFloodLoopbackTests(unittest.TestCase):
         sock = yield deferToThread(tunnel_login, deployment.gateway_port, deployment.pki.ca_path)
         self.addCleanup(sock.close)
         yield deployment.wait_for_tunnel()
-        tunnel = deployment.gateway.registry.tunnels()[0]
+        tunnel = deployment.gateway.tunnel_pool.tunnels()[0]
         lowest = tunnel.mux.lowest_transport
         # A small kernel send buffer: what the kernel does not take stays in
         # Twisted's buffer, the one that grew.
@@ -222,4 +223,4 @@ class PingFloodLoopbackTests(unittest.TestCase):
         # The high-water mark (384 KiB, anyproxy.tuning.READ_SIZE) plus the
         # pongs of one read before the pause.
         self.assertLess(peak, 1024 * 1024)
-        self.assertEqual(deployment.gateway.registry.tunnels(), [tunnel])
+        self.assertEqual(deployment.gateway.tunnel_pool.tunnels(), [tunnel])

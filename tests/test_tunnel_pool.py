@@ -9,9 +9,11 @@ import random
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
+from anyproxy.interfaces import ITunnelPool
 
 
 # -- fakes ----------------------------------------------------------------------
@@ -55,8 +57,21 @@ class FixedRandom:
 
 # -- tests ----------------------------------------------------------------------
 
+class GoAwayMux(FakeMux):
+    """A L{FakeMux} that can send GOAWAY: records it in C{events}, then drains."""
+
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+        self.draining = False
+
+    def go_away(self, reason):
+        self.events.append(("go_away", reason))
+        self.draining = True
+
+
 class TunnelTests(SynchronousTestCase):
-    """A L{Tunnel} reports its mux's stream count."""
+    """A L{Tunnel} reports its mux's stream count and closes with a GOAWAY."""
 
     def test_active_streams(self):
         """active_streams follows the mux's stream_count."""
@@ -64,6 +79,26 @@ class TunnelTests(SynchronousTestCase):
         self.assertEqual(each.active_streams, 3)
         each.mux.stream_count = 5
         self.assertEqual(each.active_streams, 5)
+
+    def test_go_away(self):
+        """go_away sends GOAWAY now and drops the connection on a later reactor turn."""
+        clock, events = Clock(), []
+        each = Tunnel("a", "default", GoAwayMux(events), close=lambda: events.append("close"))
+        done = each.go_away(clock, Reason.NOT_ALLOWED)
+        self.assertEqual(events, [("go_away", Reason.NOT_ALLOWED)])
+        self.assertTrue(each.draining)
+        self.assertNoResult(done)
+        clock.advance(0)
+        self.assertEqual(events, [("go_away", Reason.NOT_ALLOWED), "close"])
+        self.successResultOf(done)
+
+    def test_go_away_without_goaway_frame(self):
+        """A mux that cannot send GOAWAY: the connection is dropped at once."""
+        closed = []
+        each = Tunnel("a", "default", FakeMux(), close=lambda: closed.append(True))
+        self.successResultOf(each.go_away(Clock()))
+        self.assertEqual(closed, [True])
+        self.assertFalse(each.draining)
 
 
 class StrategyTests(SynchronousTestCase):
@@ -212,6 +247,34 @@ class PoolTests(SynchronousTestCase):
         pool = registry(a)
         pool.tunnels("default").clear()
         self.assertIs(pool.pick("default"), a)
+
+    def test_provides_interface(self):
+        """TunnelPool provides ITunnelPool, the interface every pool user relies on."""
+        verifyObject(ITunnelPool, TunnelPool(Clock()))
+
+    def test_draining_not_picked(self):
+        """A draining tunnel (GOAWAY sent or received) gets no new streams, but stays listed."""
+        for balance in TunnelPool.STRATEGIES:
+            draining, other = tunnel("draining"), tunnel("other", streams=5)
+            pool = registry(draining, other, balance=balance)
+            draining.mux.draining = True
+            self.assertEqual(picks(pool, 6), {"other": 6})
+            self.assertEqual(len(pool.tunnels()), 2)
+            other.mux.draining = True
+            self.assertIsNone(pool.pick("default"))
+
+    def test_reload_balance(self):
+        """prepare takes gateway.balance aside; apply switches the strategy."""
+
+        class Config:
+            class gateway:
+                balance = "round_robin"
+
+        pool = registry()
+        apply = pool.prepare(Config)
+        self.assertEqual(pool.balance, "least_streams")
+        self.assertEqual(self.successResultOf(apply()), [])
+        self.assertEqual(pool.balance, "round_robin")
 
 
 class WaitForTests(SynchronousTestCase):

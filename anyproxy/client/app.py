@@ -24,6 +24,7 @@ from anyproxy.listeners import Listener, rebind
 from anyproxy.metrics import ClientMetrics, metrics_site
 from anyproxy.tls import client_tls_options
 from anyproxy.tunnel import frames
+from anyproxy.tunnel.hello import client_hello, read_gateway_hello
 from anyproxy.tunnel.websocket import ClientTunnelProtocol, basic_authorization, tune_factory
 
 log = Logger()
@@ -40,7 +41,9 @@ class ClientTunnelFactory(WebSocketClientFactory):
         connected.  The tunnel is TLS-protected and we have authenticated.
     @param open_ports: L{anyproxy.config.model.OpenPortConfig}s the gateway is
         asked (HELLO C{open_ports}) to listen on and forward to us.
-    @ivar open_ports_answer: the gateway's last C{open_ports} answer.
+    @ivar port_answers: the gateway's answers to our C{open_ports}
+        (L{anyproxy.tunnel.hello.PortAnswer}s, the latest for each port), or
+        C{None} before it answered.
     @ivar established: tunnels that completed the handshake (metrics).
     @ivar lost: established tunnels lost since.
     @ivar retired_bytes_sent: DATA bytes the lost tunnels sent (their muxes'
@@ -49,7 +52,7 @@ class ClientTunnelFactory(WebSocketClientFactory):
     """
 
     protocol = ClientTunnelProtocol
-    open_ports_answer = None
+    port_answers = None
     established = lost = 0
     retired_bytes_sent = retired_bytes_received = 0
 
@@ -90,35 +93,36 @@ class ClientTunnelFactory(WebSocketClientFactory):
     def open_requested(self, stream):
         self.dialer.handle_open(stream)
 
+    @property
+    def open_ports_answer(self):
+        """L{port_answers} as the gateway's HELLO carries them (JSON objects), or C{None}."""
+        if self.port_answers is None:
+            return None
+        return [answer.to_json() for answer in self.port_answers]
+
     def hello_info(self):
-        info = {"version": frames.PROTOCOL_VERSION, "client_id": self.client_id,
-                "group": self.group, "software": "anyproxy/" + __version__}
-        info["weight"] = int(self.weight) if self.weight == int(self.weight) else self.weight
-        if self._group_password:
-            info["group_password"] = self._group_password
-        if self.open_ports:
-            info["open_ports"] = [
-                {"remote_port": p.remote_port, "local_host": p.local_host,
-                 "local_port": p.local_port, "protocol": p.protocol} for p in self.open_ports]
-        return info
+        """Our HELLO (L{anyproxy.tunnel.hello.client_hello})."""
+        return client_hello(self.client_id, self.group, self.weight, self._group_password,
+                            self.open_ports)
 
     def tunnel_ready(self, protocol, info):
+        hello = read_gateway_hello(info)
         self.connected.add(protocol)
         self.established += 1
         log.info("tunnel to {gateway} up (gateway {software})", gateway=self.gateway,
-                 software=info.get("software", "?"))
+                 software=hello.software or "?")
         if self.open_ports:
-            self.open_ports_answer = info.get("open_ports")
-            _log_open_ports(self.gateway, self.open_ports, self.open_ports_answer)
+            self.port_answers = hello.open_ports
+            _log_open_ports(self.gateway, self.open_ports, hello.open_ports)
 
     def hello_updated(self, protocol, info):
         """A further HELLO from the gateway: entries of C{open_ports} whose answer changed."""
-        update = info.get("open_ports")
-        if not self.open_ports or not isinstance(update, list):
+        update = read_gateway_hello(info).open_ports
+        if not self.open_ports or update is None:
             return
-        changed = {_port_key(entry) for entry in update}
-        kept = [entry for entry in (self.open_ports_answer or []) if _port_key(entry) not in changed]
-        self.open_ports_answer = kept + update
+        changed = {answer.key for answer in update}
+        kept = [answer for answer in (self.port_answers or ()) if answer.key not in changed]
+        self.port_answers = tuple(kept) + update
         _log_open_ports(self.gateway, self.open_ports, update)
 
     def tunnel_lost(self, protocol, reason):
@@ -131,30 +135,29 @@ class ClientTunnelFactory(WebSocketClientFactory):
                  reason=reason or "connection closed")
 
 
-def _port_key(entry):
-    entry = entry if isinstance(entry, dict) else {}
-    return (entry.get("remote_port"), entry.get("protocol"))
-
-
 def _log_open_ports(gateway, asked, answered):
-    """Log the gateway's answer to our C{open_ports}: a refusal is a warning."""
-    if not isinstance(answered, list):
+    """
+    Log the gateway's answer to our C{open_ports}: a refusal is a warning.
+
+    @param answered: L{anyproxy.tunnel.hello.PortAnswer}s, or C{None}.
+    """
+    if answered is None:
         log.warn("gateway {gateway} did not answer open_ports: it does not forward ports",
                  gateway=gateway)
         return
     wanted = {(p.remote_port, p.protocol): p for p in asked}
-    for entry in answered:
-        entry = entry if isinstance(entry, dict) else {}
-        key = (entry.get("remote_port"), entry.get("protocol"))
-        port = wanted.get(key)
+    for answer in answered:
+        port = wanted.get(answer.key)
         target = "%s:%d" % (port.local_host, port.local_port) if port is not None else "?"
-        if entry.get("ok") is True:
+        if answer.ok:
             log.info("gateway {gateway} forwards port {port}/{protocol} to {target}",
-                     gateway=gateway, port=key[0], protocol=key[1], target=target)
+                     gateway=gateway, port=answer.remote_port, protocol=answer.protocol,
+                     target=target)
         else:
             log.warn("gateway {gateway} refused to forward port {port}/{protocol} to {target}: "
-                     "{error}", gateway=gateway, port=key[0], protocol=key[1], target=target,
-                     error=entry.get("error") or "no reason given")
+                     "{error}", gateway=gateway, port=answer.remote_port,
+                     protocol=answer.protocol, target=target,
+                     error=answer.error or "no reason given")
 
 
 @implementer(IStreamClientEndpoint)
@@ -170,7 +173,11 @@ class ReadyTunnelEndpoint:
     service's own protocol is a stand-in handle sharing the tunnel's
     transport: closing it closes the tunnel, and it is told when the tunnel
     is lost.
+
+    @ivar tunnel: the L{ClientTunnelProtocol} last made ready, or C{None}.
     """
+
+    tunnel = None
 
     def __init__(self, endpoint, tunnel_factory):
         self._endpoint = endpoint
@@ -186,6 +193,7 @@ class ReadyTunnelEndpoint:
             handle = protocol_factory.buildProtocol(tunnel.transport.getPeer())
             handle.makeConnection(tunnel.transport)
             tunnel.handle = handle
+            self.tunnel = tunnel
             return handle
 
         return d.addCallback(opened).addCallback(ready)
@@ -322,7 +330,14 @@ class ClientRoot(MultiService):
 
 
 def _remove(service):
-    """Stop a tunnel's C{ClientService} and take it out of the tree."""
+    """
+    Stop a tunnel's C{ClientService} and take it out of the tree.  The
+    gateway hears GOAWAY first, so it picks the tunnel for no new stream
+    (nothing is sent if the tunnel is already lost).
+    """
+    tunnel = service.ready_endpoint.tunnel
+    if tunnel is not None and tunnel.mux is not None:
+        tunnel.mux.go_away()
     return defer.maybeDeferred(service.disownServiceParent)
 
 

@@ -17,9 +17,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.client.udp import UdpAssociation, UdpStats, serves_udp
+from anyproxy.config.model import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
 from anyproxy.connect_protocol import connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.limits import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT, Limiter
+from anyproxy.limits import Limiter
 from anyproxy.records import record_of
 from anyproxy.splice import SpliceEnd
 
@@ -27,7 +28,7 @@ log = Logger()
 
 
 def reason_for_failure(failure):
-    """The L{Reason} a failed resolve/connect maps to (DESIGN.md section 5)."""
+    """The L{Reason} a failed resolve/connect maps to."""
     exc = failure.value
     if isinstance(exc, StreamOpenError):
         return exc.reason
@@ -99,7 +100,7 @@ class Dialer:
     timer is touched per DATA frame.
 
     @param policy: an L{anyproxy.access_policy.AccessPolicy}.
-    @param max_streams: open streams at most (the seed's max_concurrent_conns);
+    @param max_streams: open streams at most (client.max_concurrent_conns);
         0 = unlimited.  Beyond it an OPEN waits (at most C{queue_size} of
         them, each at most C{queue_timeout} seconds) for a stream to end, and
         is then refused with OVERLOADED.

@@ -2,53 +2,52 @@
 """
 Reading the YAML file into the L{anyproxy.config.model} classes, and checking it.
 
-L{load_config} reads the original single-file format (C{proxy}, C{gateway},
-C{client}, C{log}; any may be absent) plus the additive keys of DESIGN.md
-section 4.1.  Each section has its reader here.  Every problem is an
+L{load_config} reads one file with the sections C{proxy}, C{gateway},
+C{client} and C{log}, any of which may be absent.  Each section has its reader here.  Every problem is an
 L{anyproxy.errors.ConfigError} with one line, C{<file>: <key.path[0].sub>: <problem>}, and
 never shows a password.  Unknown keys are refused, so a typo fails at start
 instead of silently falling back to a default.
+
+Which keys a mapping may hold, and each key's default, are the model
+classes' (L{anyproxy.config.schema}): a reader here names a key and gets its
+value or its default, and says only what the model cannot (ranges, required
+keys, how keys combine).
 """
 
 import ipaddress
 import os
-import socket
 import types
 
 import attr
 
 from anyproxy.addresses import dial_address, port_range
-from anyproxy.auth import DEFAULT_GROUP
 from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule
 from anyproxy.config.model import (
-    BALANCE_POLICIES, CLIENT, GATEWAY, LOG_FORMATS, LOG_LEVELS, LOG_MAX_BACKUPS, LOG_MAX_SIZE,
-    MAX_GROUP_PASSWORD, MAX_WEIGHT,
-    MIN_WEIGHT, ClientConfig, ClientEntryConfig, Config, FrontendConfig, GatewayConfig, ListenerConfig, LogConfig,
+    BALANCE_POLICIES, CLIENT, GATEWAY, LOG_FORMATS, LOG_LEVELS,
+    ClientConfig, ClientEntryConfig, Config, FrontendConfig, GatewayConfig, ListenerConfig, LogConfig,
     OpenPortConfig, ProxyConfig, UserConfig)
 from anyproxy.config.yaml_reader import Node, Reader, read_yaml, type_name
 from anyproxy.frontends.lookup import (
     UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
 from anyproxy.interfaces import OptionError
-from anyproxy.limits import DEFAULT_MAX_CONCURRENT_CONNS, DEFAULT_MAX_CONNS_PER_USER
-
-_LISTENER_KEYS = ("listen_addr", "auth_username", "auth_password", "allow_anonymous",
-                  "max_conns")
+from anyproxy.tunnel.hello import MAX_GROUP_PASSWORD, MAX_WEIGHT, MIN_WEIGHT
 
 
 def _listener(node):
     raw, endpoint, local = node.listen("listen_addr")
     username, password = node.credentials("auth_username", "auth_password")
-    allow_anonymous = node.boolean("allow_anonymous", False)
-    max_conns = node.integer("max_conns", 0)
+    allow_anonymous = node.boolean("allow_anonymous")
+    max_conns = node.integer("max_conns")
     if endpoint is None:
         return None
-    return ListenerConfig(endpoint, username, password, allow_anonymous, raw, local,
+    return ListenerConfig(endpoint=endpoint, auth_username=username, auth_password=password,
+                          allow_anonymous=allow_anonymous, listen_addr=raw, local=local,
                           max_conns=max_conns)
 
 
 def _builtin_listener(node, kind):
     """C{proxy.socks5} / C{proxy.http}: a listener plus its plugin's C{options}."""
-    entry = node.child(kind, _LISTENER_KEYS + ("options",))
+    entry = node.child(kind, ListenerConfig)
     listener = _listener(entry)
     if listener is None:
         return None
@@ -57,7 +56,7 @@ def _builtin_listener(node, kind):
 
 def _options(entry, plugin):
     """An entry's C{options} mapping, checked by its frontend plugin."""
-    options = entry.get("options", (dict,), {}, "a mapping")
+    options = entry.get("options", (dict,), "a mapping")
     options = types.MappingProxyType(dict(options))
     try:
         check_frontend_options(plugin, options)
@@ -74,14 +73,11 @@ def _proxy(node):
                        frontends=_frontends(node))
 
 
-_FRONTEND_KEYS = ("type",) + _LISTENER_KEYS + ("options",)
-
-
 def _frontends(node):
     """C{proxy.frontends}: listeners served by frontend plugins, checked by them."""
     frontends = []
     for index, (path, item) in enumerate(node.items("frontends")):
-        entry = Node.of(node.reader, path, item, _FRONTEND_KEYS)
+        entry = Node.of(node.reader, path, item, FrontendConfig)
         kind = entry.string("type")
         if not kind:
             entry.fail("type", "required (available: %s)" % (", ".join(sorted(available_frontends())),))
@@ -103,19 +99,8 @@ def _frontends(node):
     return tuple(frontends)
 
 
-_GATEWAY_KEYS = (
-    "listen_addr", "tls_cert", "tls_key", "auth_username", "auth_password", "client_ca",
-    "users", "balance", "ping_interval", "no_tunnel_wait", "handshake_timeout",
-    "open_ports_allowed", "open_ports_interface", "max_conns_per_user", "metrics_addr",
-    "metrics_username",
-    "metrics_password", "metrics_allow_anonymous", "status_addr",
-    "status_username", "status_password", "queue_size", "queue_timeout", "clients",
-    "auth_groups", "auth_max_tunnels")
-_CLIENT_ENTRY_KEYS = ("username", "password", "subject", "groups", "client_ids", "max_tunnels")
-
-
-def _names(node, key, default, what):
-    """A list of non-empty strings (group names, patterns)."""
+def _names(node, key, what):
+    """A list of non-empty strings (group names, patterns); absent: the key's default."""
     names = []
     for path, item in node.items(key):
         if not isinstance(item, str) or not item.strip():
@@ -123,14 +108,14 @@ def _names(node, key, default, what):
         names.append(item.strip())
     if key in node.data and not names:
         node.fail(key, "must not be empty (leave the key out for the default)")
-    return tuple(names) or default
+    return tuple(names) or node.default(key)
 
 
-def _client_entries(node, shared_username):
+def _client_entries(node, shared_username, client_ca):
     """C{gateway.clients}: per-client tunnel credentials and what each may serve."""
     entries, seen = [], set()
     for path, item in node.items("clients"):
-        entry = Node.of(node.reader, path, item, _CLIENT_ENTRY_KEYS)
+        entry = Node.of(node.reader, path, item, ClientEntryConfig)
         username, password = entry.string("username"), entry.string("password")
         subject = entry.string("subject")
         if bool(username) == bool(subject):
@@ -147,12 +132,12 @@ def _client_entries(node, shared_username):
         if name in seen:
             entry.fail("username" if username else "subject", "duplicate entry %r" % (name,))
         seen.add(name)
-        groups = _names(entry, "groups", (DEFAULT_GROUP,), "a group name")
-        client_ids = _names(entry, "client_ids", (), "a client id pattern such as 'site-a*'")
+        groups = _names(entry, "groups", "a group name")
+        client_ids = _names(entry, "client_ids", "a client id pattern such as 'site-a*'")
         entries.append(ClientEntryConfig(
             username=username, password=password, subject=subject, groups=groups,
-            client_ids=client_ids, max_tunnels=entry.integer("max_tunnels", 256, 1)))
-    if any(e.subject for e in entries) and node.data.get("client_ca") in (None, ""):
+            client_ids=client_ids, max_tunnels=entry.integer("max_tunnels", low=1)))
+    if any(e.subject for e in entries) and client_ca is None:
         node.fail("clients", "an entry with subject needs client_ca (mutual TLS)")
     return tuple(entries)
 
@@ -165,7 +150,7 @@ def _metrics(node):
     """
     addr, endpoint, local = node.listen("metrics_addr")
     username, password = node.credentials("metrics_username", "metrics_password")
-    allow_anonymous = node.boolean("metrics_allow_anonymous", False)
+    allow_anonymous = node.boolean("metrics_allow_anonymous")
     if endpoint is not None and not (local or username or allow_anonymous):
         node.fail("metrics_addr", "%r is not loopback and has no credentials: set "
                                   "metrics_username/metrics_password, or "
@@ -177,7 +162,7 @@ def _metrics(node):
 def _users(node):
     users, seen = [], set()
     for path, item in node.items("users"):
-        entry = Node.of(node.reader, path, item, ("username", "password", "group"))
+        entry = Node.of(node.reader, path, item, UserConfig)
         username = entry.string("username")
         if not username:
             entry.fail("username", "required")
@@ -186,18 +171,17 @@ def _users(node):
         if not entry.string("password"):
             entry.fail("password", "required")
         seen.add(username)
-        users.append(UserConfig(username, entry.string("password"),
-                                entry.string("group", DEFAULT_GROUP) or DEFAULT_GROUP))
+        users.append(UserConfig(username, entry.string("password"), entry.string("group")))
     return tuple(users)
 
 
 def _open_ports_interface(node):
     """
     C{gateway.open_ports_interface}: the IP address forwarded ports listen
-    on; absent or empty = 127.0.0.1 (loopback, like OpenSSH's GatewayPorts
+    on; absent or empty = the default, loopback (like OpenSSH's GatewayPorts
     no), "0.0.0.0" or "::" = every interface.
     """
-    value = node.string("open_ports_interface", "") or "127.0.0.1"
+    value = node.string("open_ports_interface")
     try:
         return str(ipaddress.ip_address(value.strip("[]")))
     except ValueError:
@@ -214,7 +198,7 @@ def _gateway(node):
                                  "use host:port or a tcp: endpoint")
     username, password = node.credentials("auth_username", "auth_password")
     client_ca = node.file("client_ca")
-    clients = _client_entries(node, username)
+    clients = _client_entries(node, username, client_ca)
     if not username and client_ca is None and not clients:
         node.fail("auth_username", "required (or clients, or client_ca): otherwise anyone "
                                    "could register as a client and receive user traffic")
@@ -234,40 +218,27 @@ def _gateway(node):
         tls_cert=node.file("tls_cert", required=True),
         tls_key=node.file("tls_key", required=True),
         auth_username=username, auth_password=password, client_ca=client_ca,
-        clients=clients, auth_groups=_names(node, "auth_groups", (DEFAULT_GROUP,), "a group name"),
-        auth_max_tunnels=node.integer("auth_max_tunnels", 1024, 1),
-        users=_users(node), balance=node.choice("balance", "least_streams", BALANCE_POLICIES),
-        ping_interval=node.number("ping_interval", 10.0, positive=True),
-        no_tunnel_wait=node.number("no_tunnel_wait", 3.0),
-        handshake_timeout=node.number("handshake_timeout", 10.0, positive=True),
+        clients=clients, auth_groups=_names(node, "auth_groups", "a group name"),
+        auth_max_tunnels=node.integer("auth_max_tunnels", low=1),
+        users=_users(node), balance=node.choice("balance", BALANCE_POLICIES),
+        ping_interval=node.number("ping_interval", positive=True),
+        no_tunnel_wait=node.number("no_tunnel_wait"),
+        handshake_timeout=node.number("handshake_timeout", positive=True),
         open_ports_allowed=tuple(ranges), open_ports_interface=_open_ports_interface(node),
-        max_conns_per_user=node.integer("max_conns_per_user", DEFAULT_MAX_CONNS_PER_USER),
-        queue_size=node.integer("queue_size", 100),
-        queue_timeout=node.number("queue_timeout", 5.0),
+        max_conns_per_user=node.integer("max_conns_per_user"),
+        queue_size=node.integer("queue_size"),
+        queue_timeout=node.number("queue_timeout"),
         **metrics,
         status_addr=status_addr, status_endpoint=status_endpoint,
         status_username=status_username, status_password=status_password)
 
 
-_CLIENT_KEYS = (
-    "gateway_addr", "gateway_tls_cert", "gateway_server_name", "client_id", "group_id",
-    "group_password", "replicas", "max_concurrent_conns", "auth_username", "auth_password",
-    "forbidden_hosts", "limit", "tls_cert", "tls_key", "insecure_skip_verify", "allow_udp",
-    "connect_timeout", "idle_timeout", "ping_interval", "open_ports", "metrics_addr",
-    "metrics_username", "metrics_password", "metrics_allow_anonymous",
-    "reconnect_initial_delay", "reconnect_max_delay", "weight", "queue_size", "queue_timeout")
-_OPEN_PORT_KEYS = ("remote_port", "local_host", "local_port", "protocol")
-
-
 def _gateway_addrs(node):
-    value = node.data.get("gateway_addr")
+    value = node.get("gateway_addr", (str, list), "'host:port' or a list of them")
     if isinstance(value, str):
         items = [(node.key("gateway_addr"), value)]
-    elif value is None or isinstance(value, list):
-        items = node.items("gateway_addr")
     else:
-        node.fail("gateway_addr", "expected 'host:port' or a list of them, got %s"
-                  % (type_name(value),))
+        items = node.items("gateway_addr")
     if not items or not any(isinstance(v, str) and v.strip() for _, v in items):
         node.fail("gateway_addr", "required, e.g. 'gateway.example.com:8443'")
     addrs = []
@@ -291,7 +262,7 @@ def _policy(node, allow_udp):
     for path, item in node.items("limit"):
         if isinstance(item, str):
             item = {"addr": item}
-        entry = Node.of(node.reader, path, item, ("name", "addr", "protocol"))
+        entry = Node.of(node.reader, path, item, LimitRule)
         name, addr = entry.string("name"), entry.string("addr")
         if not addr:
             entry.fail("addr", "required, e.g. 'localhost:8080'")
@@ -299,7 +270,7 @@ def _policy(node, allow_udp):
             rule = HostRule.parse(addr)
         except ValueError as e:
             entry.fail("addr", e)
-        protocol = entry.choice("protocol", "both", ("tcp", "udp", "both"))
+        protocol = entry.choice("protocol", ("tcp", "udp", "both"))
         allowed.append(LimitRule(name, rule, protocol))
     return AccessPolicy(forbidden=tuple(forbidden), allowed=tuple(allowed), allow_udp=allow_udp)
 
@@ -307,20 +278,17 @@ def _policy(node, allow_udp):
 def _open_ports(node):
     ports = []
     for path, item in node.items("open_ports"):
-        entry = Node.of(node.reader, path, item, _OPEN_PORT_KEYS)
-        for key in ("remote_port", "local_port"):
-            if entry.data.get(key) is None:
-                entry.fail(key, "required")
+        entry = Node.of(node.reader, path, item, OpenPortConfig)
         ports.append(OpenPortConfig(
-            remote_port=entry.integer("remote_port", 0, 1, 65535),
-            local_host=entry.string("local_host", "localhost") or "localhost",
-            local_port=entry.integer("local_port", 0, 1, 65535),
-            protocol=entry.choice("protocol", "tcp", ("tcp", "udp"))))
+            remote_port=entry.integer("remote_port", low=1, high=65535),
+            local_host=entry.string("local_host"),
+            local_port=entry.integer("local_port", low=1, high=65535),
+            protocol=entry.choice("protocol", ("tcp", "udp"))))
     return tuple(ports)
 
 
 def _weight(node):
-    weight = node.get("weight", (int, float), 1, "a number > 0")
+    weight = node.get("weight", (int, float), "a number > 0")
     if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
         node.fail("weight", "must be at least %g and at most %d, got %r"
                   % (MIN_WEIGHT, MAX_WEIGHT, weight))
@@ -339,42 +307,42 @@ def _client(node):
     tls_cert, tls_key = node.file("tls_cert"), node.file("tls_key")
     if (tls_cert is None) != (tls_key is None):
         node.fail("tls_key" if tls_cert else "tls_cert", "set both tls_cert and tls_key, or neither")
-    allow_udp = node.boolean("allow_udp", True)
+    allow_udp = node.boolean("allow_udp")
     metrics = _metrics(node)
     return ClientConfig(
         gateway_addrs=_gateway_addrs(node),
         gateway_tls_cert=node.file("gateway_tls_cert"),
-        gateway_server_name=node.string("gateway_server_name") or None,
-        client_id=node.string("client_id") or socket.gethostname(),
-        group_id=node.string("group_id", DEFAULT_GROUP) or DEFAULT_GROUP,
+        gateway_server_name=node.string("gateway_server_name"),
+        client_id=node.string("client_id"),
+        group_id=node.string("group_id"),
         group_password=_group_password(node),
-        replicas=node.integer("replicas", 1, 1, 64),
-        max_concurrent_conns=node.integer("max_concurrent_conns", DEFAULT_MAX_CONCURRENT_CONNS),
-        queue_size=node.integer("queue_size", 100),
-        queue_timeout=node.number("queue_timeout", 5.0),
+        replicas=node.integer("replicas", low=1, high=64),
+        max_concurrent_conns=node.integer("max_concurrent_conns"),
+        queue_size=node.integer("queue_size"),
+        queue_timeout=node.number("queue_timeout"),
         auth_username=username, auth_password=password,
         policy=_policy(node, allow_udp), tls_cert=tls_cert, tls_key=tls_key,
-        insecure_skip_verify=node.boolean("insecure_skip_verify", False),
+        insecure_skip_verify=node.boolean("insecure_skip_verify"),
         allow_udp=allow_udp,
-        connect_timeout=node.number("connect_timeout", 10.0, positive=True),
-        idle_timeout=node.number("idle_timeout", 300.0),
-        ping_interval=node.number("ping_interval", 10.0, positive=True),
+        connect_timeout=node.number("connect_timeout", positive=True),
+        idle_timeout=node.number("idle_timeout"),
+        ping_interval=node.number("ping_interval", positive=True),
         open_ports=_open_ports(node),
         **metrics,
-        reconnect_initial_delay=node.number("reconnect_initial_delay", 1.0, positive=True),
-        reconnect_max_delay=node.number("reconnect_max_delay", 60.0, positive=True),
+        reconnect_initial_delay=node.number("reconnect_initial_delay", positive=True),
+        reconnect_max_delay=node.number("reconnect_max_delay", positive=True),
         weight=_weight(node))
 
 
 def _log(node):
     file = node.string("file")
     return LogConfig(
-        level=node.choice("level", "info", LOG_LEVELS, {"warning": "warn"}),
-        format=node.choice("format", "text", LOG_FORMATS),
+        level=node.choice("level", LOG_LEVELS, {"warning": "warn"}),
+        format=node.choice("format", LOG_FORMATS),
         file=os.path.normpath(os.path.join(node.reader.base_dir, file)) if file else None,
-        # MB, as the original; at most 1 TB.  max_backups 0 keeps every file.
-        max_size=node.integer("max_size", LOG_MAX_SIZE, 1, 1024 * 1024),
-        max_backups=node.integer("max_backups", LOG_MAX_BACKUPS, 0))
+        # MB; at most 1 TB.  max_backups 0 keeps every file.
+        max_size=node.integer("max_size", low=1, high=1024 * 1024),
+        max_backups=node.integer("max_backups"))
 
 
 def _cross_check(node, proxy, gateway):
@@ -412,13 +380,13 @@ def load_config(path, check_files=True, role=None):
     @raise ConfigError: one line naming the file and key.
     """
     reader = Reader(path, os.path.dirname(os.path.abspath(path)), check_files)
-    root = Node.of(reader, "", read_yaml(reader, path), ("proxy", "gateway", "client", "log"))
-    proxy = _proxy(root.child("proxy", ("socks5", "http", "frontends")))
+    root = Node.of(reader, "", read_yaml(reader, path), Config)
+    proxy = _proxy(root.child("proxy", ProxyConfig))
     gateway = client = None
-    if root.data.get("gateway") is not None:
-        gateway = _gateway(root.child("gateway", _GATEWAY_KEYS, role in (None, GATEWAY)))
-    if root.data.get("client") is not None:
-        client = _client(root.child("client", _CLIENT_KEYS, role in (None, CLIENT)))
+    if root.given("gateway"):
+        gateway = _gateway(root.child("gateway", GatewayConfig, role in (None, GATEWAY)))
+    if root.given("client"):
+        client = _client(root.child("client", ClientConfig, role in (None, CLIENT)))
     _cross_check(root, proxy, gateway)
-    log = _log(root.child("log", ("level", "format", "file", "max_size", "max_backups")))
+    log = _log(root.child("log", LogConfig))
     return Config(path=os.path.abspath(path), proxy=proxy, gateway=gateway, client=client, log=log)

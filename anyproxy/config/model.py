@@ -2,39 +2,48 @@
 """
 The configuration: frozen attrs classes, one per section of the YAML file.
 
-Only these objects are passed around, never dicts.
-L{anyproxy.config.load.load_config} builds them from a file and checks
-every value; the rules of what a section may hold live there.
+Only these objects are passed around, never dicts.  They are also the
+schema: each field states its YAML key and the key's default once, with
+L{anyproxy.config.schema.setting} (or is L{derived} from other keys), and
+L{anyproxy.config.load.load_config} takes the known keys and the defaults
+from here when it reads a file.  The rules of what a value may be (ranges,
+required keys, how keys combine) live in the loader.
 """
 
+import socket
 import types
 
 import attr
 
 from anyproxy.auth import DEFAULT_GROUP
 from anyproxy.access_policy import AccessPolicy
+from anyproxy.config.schema import derived, inline, setting
 from anyproxy.errors import ConfigError
-from anyproxy.limits import DEFAULT_MAX_CONCURRENT_CONNS, DEFAULT_MAX_CONNS_PER_USER
 
 BALANCE_POLICIES = ("least_streams", "round_robin", "random")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
-# log.max_size (MB per file before it is rotated) and log.max_backups
-# (rotated files kept): together they bound the disk a log can take.
-LOG_MAX_SIZE = 100
-LOG_MAX_BACKUPS = 10
-# client.weight and client.group_password travel in the HELLO; the gateway
-# refuses a HELLO outside these bounds, so the config refuses them first.
-MIN_WEIGHT = 0.01
-MAX_WEIGHT = 10000
-MAX_GROUP_PASSWORD = 1024
+# Defaults for gateway.queue_size / gateway.queue_timeout and the client's
+# keys of the same names (anyproxy.limits): enough to ride out a burst, short
+# enough that a user waiting in the queue still gets an answer before giving up.
+DEFAULT_QUEUE_SIZE = 100
+DEFAULT_QUEUE_TIMEOUT = 5.0
+# Defaults for client.max_concurrent_conns and gateway.max_conns_per_user,
+# sized for a small office.  A stream costs a client about 10 KiB, so 1024 of
+# them are cheap; a browser opens up to 6 connections per host, so a few
+# people browsing reach the hundreds.  The per-user limit is a quarter of a
+# client's capacity: no single user can take all of it, and the others of the
+# group keep getting slots (their streams never wait behind that user's).
+# Keep DEFAULT_MAX_CONNS_PER_USER below DEFAULT_MAX_CONCURRENT_CONNS
+# (tests.test_limits checks it).
+DEFAULT_MAX_CONCURRENT_CONNS = 1024
+DEFAULT_MAX_CONNS_PER_USER = 256
 GATEWAY = "gateway"
 CLIENT = "client"
 
 
-def _secret():
-    """An attribute that is never shown by repr (passwords)."""
-    return attr.ib(default="", repr=False)
+def _no_options():
+    return types.MappingProxyType({})
 
 
 @attr.s(frozen=True, slots=True)
@@ -46,24 +55,25 @@ class ListenerConfig:
     @ivar local: C{True} when it listens only on loopback or a UNIX socket.
     """
 
-    endpoint = attr.ib()
-    auth_username = attr.ib(default="")
-    auth_password = _secret()
-    allow_anonymous = attr.ib(default=False)
-    listen_addr = attr.ib(default="")
-    local = attr.ib(default=False)
-    max_conns = attr.ib(default=0)  # streams open through this listener; 0 = unlimited
-    # proxy.socks5/proxy.http only: the built-in plugin's options (FrontendConfig.options).
-    options = attr.ib(factory=lambda: types.MappingProxyType({}), repr=False, hash=False)
+    endpoint = derived()  # from listen_addr
+    auth_username = setting("")
+    auth_password = setting("", secret=True)
+    allow_anonymous = setting(False)
+    listen_addr = setting("")  # empty: the listener is disabled
+    local = derived(False)  # from listen_addr
+    max_conns = setting(0)  # streams open through this listener; 0 = unlimited
+    # The plugin's options.  Kept here for proxy.socks5/proxy.http; a
+    # proxy.frontends entry's are in its FrontendConfig.options.
+    options = setting(factory=_no_options, repr=False, hash=False)
 
 
 @attr.s(frozen=True, slots=True)
 class ProxyConfig:
     """The proxy listeners; C{None} means that listener is disabled."""
 
-    socks5 = attr.ib(default=None)
-    http = attr.ib(default=None)
-    frontends = attr.ib(default=())
+    socks5 = setting(None)
+    http = setting(None)
+    frontends = setting(())
 
     def listeners(self):
         """C{[(name, ListenerConfig)]} for the enabled listeners."""
@@ -84,6 +94,7 @@ class ProxyConfig:
 class FrontendConfig:
     """
     A listener served by a frontend plugin (L{anyproxy.interfaces.IFrontendFactory}).
+    A C{proxy.frontends} entry holds C{type} and a listener's keys.
 
     @ivar type: the plugin's name.
     @ivar listener: the L{ListenerConfig} (address and credentials).
@@ -93,21 +104,21 @@ class FrontendConfig:
     @ivar authenticates: whether the plugin checks credentials itself.
     """
 
-    type = attr.ib()
-    listener = attr.ib()
-    name = attr.ib()
-    path = attr.ib()
-    options = attr.ib(factory=lambda: types.MappingProxyType({}), repr=False, hash=False)
-    authenticates = attr.ib(default=True)
+    type = setting()
+    listener = inline(ListenerConfig)
+    name = derived()
+    path = derived()
+    options = derived(factory=_no_options, repr=False, hash=False)  # the entry's options
+    authenticates = derived(True)  # from the plugin
 
 
 @attr.s(frozen=True, slots=True)
 class UserConfig:
     """One entry of C{gateway.users}."""
 
-    username = attr.ib()
-    password = attr.ib(repr=False)
-    group = attr.ib(default=DEFAULT_GROUP)
+    username = setting()
+    password = setting(secret=True)
+    group = setting(DEFAULT_GROUP)
 
 
 @attr.s(frozen=True, slots=True)
@@ -118,12 +129,12 @@ class ClientEntryConfig:
     (L{anyproxy.gateway.client_access}).
     """
 
-    username = attr.ib(default="")
-    password = _secret()
-    subject = attr.ib(default="")
-    groups = attr.ib(default=(DEFAULT_GROUP,))
-    client_ids = attr.ib(default=())
-    max_tunnels = attr.ib(default=256)
+    username = setting("")
+    password = setting("", secret=True)
+    subject = setting("")
+    groups = setting((DEFAULT_GROUP,))
+    client_ids = setting(())
+    max_tunnels = setting(256)
 
     @property
     def name(self):
@@ -138,37 +149,37 @@ class GatewayConfig:
     C{open_ports_allowed} is a tuple of inclusive C{(low, high)} ranges.
     """
 
-    endpoint = attr.ib()
-    tls_cert = attr.ib()
-    tls_key = attr.ib()
-    auth_username = attr.ib(default="")
-    auth_password = _secret()
-    client_ca = attr.ib(default=None)
-    clients = attr.ib(default=())  # ClientEntryConfig: per-client credentials
-    auth_groups = attr.ib(default=(DEFAULT_GROUP,))  # what the shared credential may serve
-    auth_max_tunnels = attr.ib(default=1024)
-    users = attr.ib(default=())
-    balance = attr.ib(default="least_streams")
-    ping_interval = attr.ib(default=10.0)
-    no_tunnel_wait = attr.ib(default=3.0)
-    handshake_timeout = attr.ib(default=10.0)
-    open_ports_allowed = attr.ib(default=())
+    endpoint = derived()  # from listen_addr
+    tls_cert = setting()
+    tls_key = setting()
+    auth_username = setting("")
+    auth_password = setting("", secret=True)
+    client_ca = setting(None)
+    clients = setting(())  # ClientEntryConfig: per-client credentials
+    auth_groups = setting((DEFAULT_GROUP,))  # what the shared credential may serve
+    auth_max_tunnels = setting(1024)
+    users = setting(())
+    balance = setting("least_streams")
+    ping_interval = setting(10.0)
+    no_tunnel_wait = setting(3.0)
+    handshake_timeout = setting(10.0)
+    open_ports_allowed = setting(())
     # Where forwarded ports (client.open_ports) listen: loopback unless the
     # config opts in, like OpenSSH's GatewayPorts.
-    open_ports_interface = attr.ib(default="127.0.0.1")
-    max_conns_per_user = attr.ib(default=DEFAULT_MAX_CONNS_PER_USER)
-    queue_size = attr.ib(default=100)  # streams waiting for a max_conns* slot, per user/listener
-    queue_timeout = attr.ib(default=5.0)  # seconds one may wait; then OVERLOADED
-    metrics_addr = attr.ib(default="")
-    status_addr = attr.ib(default="")
-    status_username = attr.ib(default="")
-    status_password = _secret()
-    metrics_username = attr.ib(default="")  # Basic auth for /metrics; empty = none
-    metrics_password = _secret()
-    metrics_allow_anonymous = attr.ib(default=False)  # a public metrics_addr without a login
-    listen_addr = attr.ib(default="")
-    metrics_endpoint = attr.ib(default=None)
-    status_endpoint = attr.ib(default=None)
+    open_ports_interface = setting("127.0.0.1")
+    max_conns_per_user = setting(DEFAULT_MAX_CONNS_PER_USER)
+    queue_size = setting(DEFAULT_QUEUE_SIZE)  # streams waiting for a max_conns* slot, per user/listener
+    queue_timeout = setting(DEFAULT_QUEUE_TIMEOUT)  # seconds one may wait; then OVERLOADED
+    metrics_addr = setting("")
+    status_addr = setting("")
+    status_username = setting("")
+    status_password = setting("", secret=True)
+    metrics_username = setting("")  # Basic auth for /metrics; empty = none
+    metrics_password = setting("", secret=True)
+    metrics_allow_anonymous = setting(False)  # a public metrics_addr without a login
+    listen_addr = setting("")
+    metrics_endpoint = derived(None)  # from metrics_addr
+    status_endpoint = derived(None)  # from status_addr
 
     def users_for(self, listener):
         """
@@ -191,10 +202,10 @@ class GatewayConfig:
 class OpenPortConfig:
     """One C{client.open_ports} entry: the gateway listens, we forward."""
 
-    remote_port = attr.ib()
-    local_host = attr.ib()
-    local_port = attr.ib()
-    protocol = attr.ib(default="tcp")
+    remote_port = setting()
+    local_host = setting("localhost", kw_only=True)
+    local_port = setting()
+    protocol = setting("tcp")
 
 
 @attr.s(frozen=True, slots=True)
@@ -205,35 +216,35 @@ class ClientConfig:
     the platform's CA store).
     """
 
-    gateway_addrs = attr.ib()
-    gateway_tls_cert = attr.ib(default=None)
-    gateway_server_name = attr.ib(default=None)
-    client_id = attr.ib(default="")
-    group_id = attr.ib(default=DEFAULT_GROUP)
-    group_password = _secret()
-    replicas = attr.ib(default=1)
-    max_concurrent_conns = attr.ib(default=DEFAULT_MAX_CONCURRENT_CONNS)
-    queue_size = attr.ib(default=100)  # OPENs waiting for a max_concurrent_conns slot
-    queue_timeout = attr.ib(default=5.0)  # seconds one may wait; then OVERLOADED
-    auth_username = attr.ib(default="")
-    auth_password = _secret()
-    policy = attr.ib(factory=AccessPolicy)
-    tls_cert = attr.ib(default=None)
-    tls_key = attr.ib(default=None)
-    insecure_skip_verify = attr.ib(default=False)
-    allow_udp = attr.ib(default=True)
-    connect_timeout = attr.ib(default=10.0)
-    idle_timeout = attr.ib(default=300.0)
-    ping_interval = attr.ib(default=10.0)
-    open_ports = attr.ib(default=())
-    metrics_addr = attr.ib(default="")
-    metrics_endpoint = attr.ib(default=None)
-    metrics_username = attr.ib(default="")  # as on the gateway
-    metrics_password = _secret()
-    metrics_allow_anonymous = attr.ib(default=False)
-    reconnect_initial_delay = attr.ib(default=1.0)
-    reconnect_max_delay = attr.ib(default=60.0)
-    weight = attr.ib(default=1.0)
+    gateway_addrs = setting(key="gateway_addr")
+    gateway_tls_cert = setting(None)
+    gateway_server_name = setting(None)
+    client_id = setting(factory=socket.gethostname)
+    group_id = setting(DEFAULT_GROUP)
+    group_password = setting("", secret=True)
+    replicas = setting(1)
+    max_concurrent_conns = setting(DEFAULT_MAX_CONCURRENT_CONNS)
+    queue_size = setting(DEFAULT_QUEUE_SIZE)  # OPENs waiting for a max_concurrent_conns slot
+    queue_timeout = setting(DEFAULT_QUEUE_TIMEOUT)  # seconds one may wait; then OVERLOADED
+    auth_username = setting("")
+    auth_password = setting("", secret=True)
+    policy = setting(factory=AccessPolicy, keys=("forbidden_hosts", "limit"))
+    tls_cert = setting(None)
+    tls_key = setting(None)
+    insecure_skip_verify = setting(False)
+    allow_udp = setting(True)
+    connect_timeout = setting(10.0)
+    idle_timeout = setting(300.0)
+    ping_interval = setting(10.0)
+    open_ports = setting(())
+    metrics_addr = setting("")
+    metrics_endpoint = derived(None)  # from metrics_addr
+    metrics_username = setting("")  # as on the gateway
+    metrics_password = setting("", secret=True)
+    metrics_allow_anonymous = setting(False)
+    reconnect_initial_delay = setting(1.0)
+    reconnect_max_delay = setting(60.0)
+    weight = setting(1.0)
 
     def server_name_for(self, host):
         """The TLS server name to verify when dialing gateway C{host}."""
@@ -245,25 +256,27 @@ class LogConfig:
     """
     Logging: level, C{text}/C{json}, and a file (C{None} = stdout).  A log
     file is rotated when it reaches C{max_size} MB, and C{max_backups}
-    rotated files are kept (C{0}: all of them, as the original's keys).
+    rotated files are kept (C{0}: all of them).
     """
 
-    level = attr.ib(default="info")
-    format = attr.ib(default="text")
-    file = attr.ib(default=None)
-    max_size = attr.ib(default=LOG_MAX_SIZE)
-    max_backups = attr.ib(default=LOG_MAX_BACKUPS)
+    level = setting("info")
+    format = setting("text")
+    file = setting(None)
+    # MB per file before it is rotated, and rotated files kept: together
+    # they bound the disk a log can take.
+    max_size = setting(100)
+    max_backups = setting(10)
 
 
 @attr.s(frozen=True, slots=True)
 class Config:
     """A whole config file.  C{gateway}/C{client} are C{None} when absent."""
 
-    path = attr.ib()
-    proxy = attr.ib(factory=ProxyConfig)
-    gateway = attr.ib(default=None)
-    client = attr.ib(default=None)
-    log = attr.ib(factory=LogConfig)
+    path = derived()  # the file's absolute path
+    proxy = setting(factory=ProxyConfig)
+    gateway = setting(None)
+    client = setting(None)
+    log = setting(factory=LogConfig)
 
     def require_gateway(self):
         """The L{GatewayConfig}, or L{ConfigError} if the section is absent."""

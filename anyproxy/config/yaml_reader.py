@@ -2,7 +2,9 @@
 """
 Reading a YAML config strictly: duplicate keys and unknown keys refused, each
 value type-checked, and every error one line naming the file and key path.
-L{anyproxy.config.load} builds the L{anyproxy.config.model} classes with these readers.
+Each mapping is read as a config class, which gives its known keys and their
+defaults (L{anyproxy.config.schema}); L{anyproxy.config.load} builds the
+L{anyproxy.config.model} classes with these readers.
 """
 
 import difflib
@@ -12,6 +14,7 @@ import attr
 import yaml
 
 from anyproxy.addresses import listen_endpoint
+from anyproxy.config import schema
 from anyproxy.errors import ConfigError
 
 _TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number",
@@ -46,11 +49,16 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 @attr.s
 class Reader:
-    """The file being loaded: where errors point and how paths resolve."""
+    """
+    The file being loaded: where errors point and how paths resolve.
+
+    @ivar nodes: every L{Node} read from the file, in order (for tests).
+    """
 
     source = attr.ib()
     base_dir = attr.ib()
     check_files = attr.ib()
+    nodes = attr.ib(factory=list, repr=False)
 
     def fail(self, path, problem):
         problem = " ".join(str(problem).split())
@@ -60,26 +68,42 @@ class Reader:
 
 @attr.s
 class Node:
-    """One mapping in the file, with its key path."""
+    """
+    One mapping in the file, with its key path, read as a config class.
+
+    The class (L{anyproxy.config.model}) states the mapping's keys and
+    their defaults (L{anyproxy.config.schema}): any other key is refused, and
+    a key that is absent or null takes its default, as does an empty string.
+    A required key (one without a default) reads as C{""} when it is a
+    string; the loader says what it needs.
+
+    @ivar model: the config class.
+    @ivar consulted: the keys read so far.
+    """
 
     reader = attr.ib()
     path = attr.ib()
     data = attr.ib()
+    model = attr.ib()
     check_files = attr.ib(default=True)
+    consulted = attr.ib(factory=set, repr=False)
 
     @classmethod
-    def of(cls, reader, path, value, known, check_files=True):
+    def of(cls, reader, path, value, model, check_files=True):
         if value is None:
             value = {}
         if not isinstance(value, dict):
             reader.fail(path, "expected a mapping, got %s" % (type_name(value),))
+        known = schema.yaml_keys(model)
         for key in value:
             if key not in known:
                 hint = difflib.get_close_matches(str(key), known, n=1)
                 reader.fail(join_path(path, key), "unknown key%s" % (
                     " (did you mean %r?)" % (hint[0],) if hint else
                     " (expected one of: %s)" % (", ".join(known),)))
-        return cls(reader, path, value, check_files)
+        node = cls(reader, path, value, model, check_files)
+        reader.nodes.append(node)
+        return node
 
     def key(self, key):
         return join_path(self.path, key)
@@ -87,51 +111,74 @@ class Node:
     def fail(self, key, problem):
         self.reader.fail(self.key(key), problem)
 
-    def get(self, key, types, default, what):
+    def default(self, key):
+        """The model's default for C{key}; C{attr.NOTHING} if it is required."""
+        return schema.default(self.model, key)
+
+    def given(self, key):
+        """Whether C{key} has a value (null counts as absent)."""
+        self.consulted.add(key)
+        return self.data.get(key) is not None
+
+    def _value(self, key, types, what):
+        """C{key}'s value checked against C{types}, or C{None} when absent."""
+        self.consulted.add(key)
         value = self.data.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+        if value is not None and (not isinstance(value, types)
+                                  or (bool not in types and isinstance(value, bool))):
             self.fail(key, "expected %s, got %s" % (what, type_name(value)))
         return value
 
-    def string(self, key, default=""):
-        value = self.get(key, (str,), default, "a string (quote numbers)")
-        # Passwords keep their spaces; everything else is trimmed.
-        return value.strip() if isinstance(value, str) and "password" not in key else value
+    def get(self, key, types, what):
+        """C{key}'s value checked against C{types}, or its default when absent."""
+        value = self._value(key, types, what)
+        return self.default(key) if value is None else value
 
-    def boolean(self, key, default):
-        return self.get(key, (bool,), default, "true or false")
+    def string(self, key):
+        value = self.get(key, (str,), "a string (quote numbers)")
+        # Secrets (passwords) keep their spaces; everything else is trimmed.
+        if isinstance(value, str) and not schema.is_secret(self.model, key):
+            value = value.strip()
+        if value == "":
+            value = self.default(key)
+        return "" if value is attr.NOTHING else value
 
-    def integer(self, key, default, low=0, high=None):
-        value = self.get(key, (int,), default, "an integer")
+    def boolean(self, key):
+        return self.get(key, (bool,), "true or false")
+
+    def integer(self, key, low=0, high=None):
+        value = self.get(key, (int,), "an integer")
+        if value is attr.NOTHING:
+            self.fail(key, "required")
         if value < low or (high is not None and value > high):
             self.fail(key, "%d is out of range (%d-%s)" % (value, low, high or "..."))
         return value
 
-    def number(self, key, default, positive=False):
+    def number(self, key, positive=False):
         try:
-            value = float(self.get(key, (int, float), default, "a number of seconds"))
+            value = float(self.get(key, (int, float), "a number of seconds"))
         except OverflowError:
             value = float("inf")
         if value < 0 or (positive and value == 0) or value != value or value == float("inf"):
             self.fail(key, "must be %s, got %r" % ("> 0" if positive else ">= 0", value))
         return value
 
-    def choice(self, key, default, choices, aliases=None):
-        value = self.get(key, (str,), default, "one of: %s" % (", ".join(choices),)).strip().lower()
+    def choice(self, key, choices, aliases=None):
+        value = self.get(key, (str,), "one of: %s" % (", ".join(choices),)).strip().lower()
         value = (aliases or {}).get(value, value)
         if value not in choices:
             self.fail(key, "%r is not one of: %s" % (value, ", ".join(choices)))
         return value
 
     def items(self, key):
-        value = self.get(key, (list,), [], "a list")
+        """C{[(key path, item)]} of the list at C{key}; absent: C{[]}."""
+        value = self._value(key, (list,), "a list") or []
         return [("%s[%d]" % (self.key(key), i), item) for i, item in enumerate(value)]
 
-    def child(self, key, known, check_files=None):
+    def child(self, key, model, check_files=None):
+        self.consulted.add(key)
         check = self.check_files if check_files is None else check_files
-        return Node.of(self.reader, self.key(key), self.data.get(key), known, check)
+        return Node.of(self.reader, self.key(key), self.data.get(key), model, check)
 
     def file(self, key, required=False):
         value = self.string(key)
@@ -147,7 +194,7 @@ class Node:
 
     def listen(self, key):
         """C{(raw listen_addr, endpoint, local)}; endpoint C{None} if empty."""
-        value = self.get(key, (str, int), "", "a string such as ':1080'")
+        value = self.get(key, (str, int), "a string such as ':1080'")
         raw = (":%d" % value) if isinstance(value, int) else value.strip()
         if not raw:
             return raw, None, False

@@ -1,203 +1,382 @@
-# -*- test-case-name: tests.test_e2e_tcp -*-
+# -*- test-case-name: tests.test_gateway_app,tests.test_reload -*-
 """
-The gateway program: the TLS WebSocket listener for client tunnels and the
-user-facing listeners (SOCKS5, HTTP and any other frontend plugin, see
-docs/FRONTENDS.md), composed in one C{MultiService}
-around a shared L{TunnelPool}.
+The gateway program: a L{Gateway} made of explicit parts, built by
+L{make_gateway_service} from a validated config.
+
+Who owns what:
+
+  - the B{tunnel pool} (L{anyproxy.interfaces.ITunnelPool}; in memory,
+    L{anyproxy.gateway.tunnel_pool.TunnelPool}): the connected client
+    tunnels and the choice of one for each stream;
+  - the B{tunnel server} (L{anyproxy.gateway.tunnel_server.TunnelServer}):
+    the TLS WebSocket listener clients connect to, their credentials, and
+    the closing of tunnels on reload and shutdown;
+  - the B{limits} (L{Limits}): C{max_conns_per_user} and each listener's
+    C{max_conns};
+  - the B{user endpoints} (L{UserEndpoints}): the endpoint each frontend
+    stream is opened with, which waits on the pool and takes the limits;
+  - the B{frontends} (L{anyproxy.gateway.frontend_listeners.Frontends}):
+    the user-facing listeners (SOCKS5, HTTP and any other frontend plugin,
+    see C{docs/FRONTENDS.md});
+  - B{port forwarding}
+    (L{anyproxy.gateway.port_forwarding.forwarder.PortForwarding}): the
+    ports clients ask for in their HELLO (C{open_ports});
+  - the B{status page} and the B{metrics} listener (L{OperatorPage}), and
+    the metrics themselves (L{anyproxy.metrics.GatewayMetrics}).
+
+Each part applies a reloaded config to itself, first building aside what
+can fail, then swapping it in (L{anyproxy.gateway.reconfigure});
+L{Gateway.reconfigure} runs them together, so a reload applies whole or not
+at all.  The parts that listen are child services of the gateway, and each
+listener is a child of its part.
 """
 
 import functools
 
+import attr
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
-from anyproxy.auth import GroupLogins, UserDatabase
-from anyproxy.frontends.lookup import find_frontend
-from anyproxy.gateway.client_access import ClientCredentials, log_client_grants
-from anyproxy.tunnel.endpoint import TunnelEndpoint
+from anyproxy.auth import GroupLogins
+from anyproxy.gateway.frontend_listeners import Frontends
 from anyproxy.gateway.port_forwarding.forwarder import PortForwarding
-from anyproxy.gateway.reconfigure import FrontendRecord, ReloadableServerTLS, reconfigure_gateway
-from anyproxy.gateway.tunnel_pool import TunnelPool
+from anyproxy.gateway.reconfigure import reconfigure_all, relisten, restart_note
 from anyproxy.gateway.status.api import status_site
-from anyproxy.gateway.tunnel_server import TunnelServerFactory
-from anyproxy.interfaces import FrontendContext
+from anyproxy.gateway.tunnel_pool import TunnelPool
+from anyproxy.gateway.tunnel_server import TunnelServer
+from anyproxy.interfaces import IReconfigurable, ITunnelPool
 from anyproxy.limits import Limiter, acquire_all
+from anyproxy.listeners import Listener
 from anyproxy.metrics import GatewayMetrics, metrics_site
-from anyproxy.listeners import Listener, rebind, remove_child
-from anyproxy.tls import server_tls_options
-
-log = Logger()
+from anyproxy.tunnel.endpoint import TunnelEndpoint
 
 
-class GatewayService(MultiService):
-    """Everything the gateway runs; build with L{make_gateway_service}."""
+def _provides(interface):
+    """An attrs validator: the value provides C{interface}."""
 
-    forwarding = None  # the PortForwarding (client.open_ports), if any
+    def check(instance, attribute, value):
+        if not interface.providedBy(value):
+            raise TypeError("%s must provide %s, not %r" % (attribute.name, interface.__name__,
+                                                           value))
 
-    def __init__(self, reactor, registry):
-        super().__init__()
-        self.reactor = reactor
-        self.registry = registry
-        self.listeners = {}
-        self.frontends = {}  # listener name -> FrontendRecord
-        # Callables given each new Config after a reload, once the rest applies.
-        self.reload_hooks = []
+    return check
 
-    def stopService(self):
-        # Stop listening, then drop every tunnel so clients reconnect elsewhere
-        # (or to our successor) at once instead of waiting for a ping timeout.
-        d = defer.maybeDeferred(super().stopService)
-        if self.forwarding is not None:
-            released = self.forwarding.stop()
-            d.addCallback(lambda result: released.addCallback(lambda _: result))
-        for tunnel in self.registry.tunnels():
-            if tunnel.close is not None:
-                tunnel.close()
-        return d
 
-    def add_listener(self, name, description, factory):
-        listener = Listener(self.reactor, description, factory, name)
-        listener.setServiceParent(self)
-        self.listeners[name] = listener
-        return listener
+def _applied():
+    """What C{apply} returns when it has nothing to wait for and nothing to say."""
+    return defer.succeed([])
 
-    def reconfigure(self, config):
+
+@implementer(IReconfigurable)
+@attr.s(eq=False)
+class Limits:
+    """
+    The gateway's stream limits: a stream beyond C{gateway.max_conns_per_user}
+    or its listener's C{max_conns} waits in a bounded queue
+    (C{gateway.queue_size}/C{queue_timeout}) for a slot, then fails
+    OVERLOADED (L{anyproxy.limits}).  The user's slot is taken first, so a
+    user waiting on their own limit never holds a slot of the listener that
+    others need.
+
+    A reload configures the limiters in place (streams holding a slot keep
+    it), adds those of new listeners and drops those of removed ones: the
+    connections a removed listener leaves open are limited per user only.
+
+    @ivar per_user: the L{Limiter} of C{max_conns_per_user}, by user name.
+    @ivar per_listener: C{{listener name: Limiter}} of each C{max_conns}.
+    """
+
+    _reactor = attr.ib()
+    per_user = attr.ib()
+    per_listener = attr.ib(factory=dict)
+
+    @classmethod
+    def from_config(cls, config, reactor):
+        gateway = config.gateway
+        limits = cls(reactor, Limiter(reactor, gateway.max_conns_per_user, gateway.queue_size,
+                                      gateway.queue_timeout, what="max_conns_per_user"))
+        limits._set_listeners(config)
+        return limits
+
+    def admit(self, user_name, listener):
         """
-        Apply a reloaded L{anyproxy.config.model.Config} (L{anyproxy.twistd.reload}) to
-        new connections; established ones are kept.  See
-        L{anyproxy.gateway.reconfigure}.
-
-        @return: a Deferred firing with a list of notes (listeners that could
-            not be re-bound).
-        @raise anyproxy.errors.ConfigError: with nothing changed.
+        Slots for one stream of user C{user_name} on listener C{listener}:
+        see L{anyproxy.limits.acquire_all}.
         """
-        return reconfigure_gateway(self, config)
-
-    def move_listener(self, name, description, factory):
-        """
-        Listen as C{name} on C{description}: start the new listener and,
-        once it listens, stop the old one (its connections stay up).
-
-        @return: a Deferred firing with C{None}, or with a note when the new
-            address could not be bound (the old listener is kept then).
-        """
-        new = Listener(self.reactor, description, factory, name)
-
-        def moved(note):
-            if note is None:
-                self.listeners[name] = new
-            return note
-
-        return rebind(self, self.listeners.get(name), new).addCallback(moved)
-
-    def remove_listener(self, name):
-        """Stop listener C{name}; connections it accepted stay up.  A Deferred."""
-        return remove_child(self, self.listeners.pop(name, None))
-
-
-def make_gateway_service(config, reactor):
-    """The gateway's service tree for a validated L{anyproxy.config.model.Config}."""
-    gateway = config.require_gateway()
-    registry = TunnelPool(reactor, balance=gateway.balance)
-    service = GatewayService(reactor, registry)
-    # Prometheus metrics (anyproxy.metrics): always counted, served at metrics_addr.
-    service.metrics = GatewayMetrics(registry, reactor)
-    service.metrics.frontend_factories = lambda: {
-        name: record.factory for name, record in service.frontends.items()}
-    # group_id:group_password logins, valid while such a client is connected.
-    service.group_logins = group_logins = GroupLogins()
-    # client.open_ports (docs/PROTOCOL.md, HELLO): on gateway.open_ports_interface,
-    # loopback unless the config opts in to another.
-    service.forwarding = PortForwarding(
-        reactor, lambda port: service.config.gateway.port_allowed(port),
-        interface=gateway.open_ports_interface)
-    service.config = config  # the config in force; a reload replaces it (reconfigure)
-
-    credentials = ClientCredentials.from_config(gateway)
-    log_client_grants(credentials)
-    tunnels = TunnelServerFactory(
-        registry, credentials, reactor,
-        ping_interval=gateway.ping_interval, handshake_timeout=gateway.handshake_timeout,
-        group_logins=group_logins, forwarding=service.forwarding)
-    service.tunnels = tunnels
-    # Asked for each new connection, so a reload can swap the certificate.
-    service.tunnel_tls = ReloadableServerTLS(server_tls_options(
-        gateway.tls_cert, gateway.tls_key, client_ca_path=gateway.client_ca or None))
-    service.add_listener("tunnel server", gateway.endpoint,
-                         TLSMemoryBIOFactory(service.tunnel_tls, False, tunnels))
-
-    # Limits: a stream beyond gateway.max_conns_per_user or its listener's
-    # max_conns waits in a bounded queue (gateway.queue_size/queue_timeout)
-    # for a slot, then fails OVERLOADED (anyproxy.limits).  The user's slot is
-    # taken first, so a user waiting on their own limit never holds a slot of
-    # the listener that others need.  Kept on the service for reload/metrics.
-    service.user_limits = Limiter(reactor, gateway.max_conns_per_user, gateway.queue_size,
-                                  gateway.queue_timeout, what="max_conns_per_user")
-    service.listener_limits = {}
-
-    def endpoint_for(user, host, port, kind="tcp", listener_limits=None, frontend=None):
         # Anonymous users (an open listener, a fixed-forward port) cannot be
         # told apart, so max_conns_per_user does not count them: sharing one
         # key they would all fit in one user's allowance.  Their listener's
         # max_conns bounds them (etc/gateway.yaml).
-        requests = [(service.user_limits, user.name)] if user.name else []
-        if listener_limits is not None:
-            requests.append((listener_limits, None))
-        return TunnelEndpoint(registry, reactor, user.group, host, port, kind=kind,
-                              wait=service.config.gateway.no_tunnel_wait,
-                              admit=functools.partial(acquire_all, requests),
-                              frontend=frontend, metrics=service.metrics, user=user.name)
+        requests = [(self.per_user, user_name)] if user_name else []
+        limiter = self.per_listener.get(listener)
+        if limiter is not None:
+            requests.append((limiter, None))
+        return acquire_all(requests)
 
-    # Every user-facing listener comes from a frontend plugin (docs/FRONTENDS.md):
-    # proxy.socks5/proxy.http from the built-in ones, then proxy.frontends.
-    # A reload builds a changed frontend with this too (service.build_frontend).
-    def build_frontend(frontend, config):
+    def prepare(self, config):
+        """See L{anyproxy.interfaces.IReconfigurable} and the class docstring."""
+
+        def apply():
+            gateway = config.gateway
+            self.per_user.configure(limit=gateway.max_conns_per_user,
+                                    queue_size=gateway.queue_size,
+                                    queue_timeout=gateway.queue_timeout)
+            self._set_listeners(config)
+            return _applied()
+
+        return apply
+
+    def _set_listeners(self, config):
         gateway = config.gateway
-        listener_limits = Limiter(
-            reactor, frontend.listener.max_conns, gateway.queue_size, gateway.queue_timeout,
-            what="max_conns of %s" % (frontend.name,))
-        users = UserDatabase(config.gateway_users_for(frontend.listener),
-                             group_logins=group_logins)
-        context = FrontendContext(
-            name=frontend.name, reactor=reactor,
-            endpoint_for=functools.partial(endpoint_for, listener_limits=listener_limits,
-                                           frontend=frontend.name),
-            users=users, handshake_timeout=gateway.handshake_timeout)
-        factory = find_frontend(frontend.type).build(frontend.options, context)
-        service.metrics.add_frontend(frontend.name)
-        return FrontendRecord(frontend, factory, users, listener_limits)
+        queue = dict(queue_size=gateway.queue_size, queue_timeout=gateway.queue_timeout)
+        wanted = {each.name: each.listener.max_conns for each in config.proxy.all_frontends()}
+        for name in [each for each in self.per_listener if each not in wanted]:
+            del self.per_listener[name]
+        for name, max_conns in wanted.items():
+            limiter = self.per_listener.get(name)
+            if limiter is None:
+                self.per_listener[name] = Limiter(self._reactor, max_conns,
+                                                  what="max_conns of %s" % (name,), **queue)
+            else:
+                limiter.configure(limit=max_conns, **queue)
 
-    service.build_frontend = build_frontend
-    for frontend in config.proxy.all_frontends():
-        record = service.frontends[frontend.name] = build_frontend(frontend, config)
-        service.listener_limits[frontend.name] = record.limits
-        service.add_listener(frontend.name, frontend.listener.endpoint, record.factory)
-    if gateway.status_endpoint is not None:
-        # The status page (anyproxy.gateway.status.api): clients and totals, behind Basic auth.
-        # Each request's head must arrive within handshake_timeout (anyproxy.operator_site).
-        site = status_site(registry, gateway.status_username, gateway.status_password,
-                           reactor=reactor, request_timeout=gateway.handshake_timeout)
-        service.add_listener("status page", gateway.status_endpoint, site)
 
-        def new_status_login(config, site=site):
-            site.request_timeout = config.gateway.handshake_timeout
-            if config.gateway.status_endpoint is not None:
-                site.set_login(config.gateway.status_username, config.gateway.status_password)
+@implementer(IReconfigurable)
+@attr.s(eq=False)
+class UserEndpoints:
+    """
+    The endpoint for each stream a user asks a frontend for: a
+    L{TunnelEndpoint} that waits up to C{gateway.no_tunnel_wait} seconds on
+    the pool for a tunnel of the user's group, takes its slots from the
+    L{Limits}, and is counted by the metrics.  L{endpoint_for} is what each
+    L{anyproxy.interfaces.FrontendContext} carries.
+    """
 
-        service.reload_hooks.append(new_status_login)
-    if gateway.metrics_endpoint is not None:
-        # Basic auth when metrics_username is set (required off loopback, unless
-        # metrics_allow_anonymous); a reload changes it for the next scrape.
-        site = metrics_site(service.metrics.registry, reactor, gateway.metrics_username,
-                            gateway.metrics_password, request_timeout=gateway.handshake_timeout)
-        service.add_listener("metrics", gateway.metrics_endpoint, site)
+    tunnel_pool = attr.ib(validator=_provides(ITunnelPool))
+    _reactor = attr.ib()
+    _limits = attr.ib()
+    _metrics = attr.ib()
+    no_tunnel_wait = attr.ib()
 
-        def new_metrics_login(config, site=site):
-            site.request_timeout = config.gateway.handshake_timeout
-            if config.gateway.metrics_endpoint is not None:  # else it stops at the restart
-                site.set_login(config.gateway.metrics_username, config.gateway.metrics_password)
+    def endpoint_for(self, user, host, port, kind="tcp", frontend=None):
+        """See L{anyproxy.interfaces.FrontendContext}; C{frontend} names the listener."""
+        return TunnelEndpoint(self.tunnel_pool, self._reactor, user.group, host, port, kind=kind,
+                              wait=self.no_tunnel_wait,
+                              admit=functools.partial(self._limits.admit, user.name, frontend),
+                              frontend=frontend, metrics=self._metrics, user=user.name)
 
-        service.reload_hooks.append(new_metrics_login)
-    return service
+    def prepare(self, config):
+        """See L{anyproxy.interfaces.IReconfigurable}: C{no_tunnel_wait}."""
+        wait = config.gateway.no_tunnel_wait
+
+        def apply():
+            self.no_tunnel_wait = wait
+            return _applied()
+
+        return apply
+
+
+@implementer(IReconfigurable)
+@attr.s(eq=False)
+class OperatorPage(MultiService):
+    """
+    The status page or the metrics listener: an
+    L{anyproxy.operator_site.OperatorSite} listening on C{gateway.<addr_key>},
+    if that was set at start.
+
+    A reload sets its login and request deadline (C{handshake_timeout}) at
+    once and moves it to a new address; switching it on or off takes a
+    restart, which the reload notes.
+
+    @ivar what: its listener's name (C{"status page"}, C{"metrics"}).
+    @ivar addr_key: its address key in the gateway section, for the note.
+    @ivar settings: C{settings(gateway_config)} returns its C{(endpoint,
+        username, password)}.
+    @ivar site: the site, or C{None} when it is off.
+    @ivar listener: the L{Listener}, or C{None} when it is off.
+    """
+
+    _reactor = attr.ib()
+    what = attr.ib()
+    addr_key = attr.ib()
+    settings = attr.ib()
+    site = attr.ib(default=None)
+    listener = attr.ib(default=None)
+
+    def __attrs_post_init__(self):
+        MultiService.__init__(self)
+
+    @classmethod
+    def from_config(cls, gateway, reactor, what, addr_key, settings, make_site):
+        """
+        @param make_site: C{make_site(username, password)} builds the site
+            (called only when the page is on).
+        """
+        page = cls(reactor, what, addr_key, settings)
+        endpoint, username, password = settings(gateway)
+        if endpoint is not None:
+            page.site = make_site(username, password)
+            page.listener = Listener(reactor, endpoint, page.site, what)
+            page.listener.setServiceParent(page)
+        return page
+
+    def listeners(self):
+        """C{{name: Listener}}: its listener, if it is on."""
+        return {self.what: self.listener} if self.listener is not None else {}
+
+    def prepare(self, config):
+        """See L{anyproxy.interfaces.IReconfigurable} and the class docstring."""
+        gateway = config.gateway
+        endpoint, username, password = self.settings(gateway)
+
+        def apply():
+            if self.site is not None:
+                self.site.request_timeout = gateway.handshake_timeout
+                if endpoint is not None:  # else it stops at the restart
+                    self.site.set_login(username, password)
+            if (self.listener is None) != (endpoint is None):
+                return defer.succeed([restart_note(self.addr_key, self.what)])
+            if self.listener is None or endpoint == self.listener.description:
+                return _applied()
+            return relisten(self._reactor, self, self.listener, endpoint, self.site,
+                            self.what).addCallback(self._moved)
+
+        return apply
+
+    def _moved(self, result):
+        self.listener, note = result
+        return [note] if note else []
+
+
+def _status_settings(gateway):
+    return gateway.status_endpoint, gateway.status_username, gateway.status_password
+
+
+def _metrics_settings(gateway):
+    return gateway.metrics_endpoint, gateway.metrics_username, gateway.metrics_password
+
+
+@attr.s(eq=False, repr=False)
+class Gateway(MultiService):
+    """
+    Everything the gateway runs (see the module docstring); build it with
+    L{make_gateway_service}.
+
+    @ivar reactor: the reactor everything runs on.
+    @ivar config: the L{anyproxy.config.model.Config} in force; a reload
+        replaces it.
+    @ivar tunnel_pool: the L{anyproxy.interfaces.ITunnelPool}.
+    @ivar limits: the L{Limits}.
+    @ivar user_endpoints: the L{UserEndpoints}.
+    @ivar port_forwarding: the
+        L{anyproxy.gateway.port_forwarding.forwarder.PortForwarding}.
+    @ivar tunnel_server: the L{anyproxy.gateway.tunnel_server.TunnelServer}.
+    @ivar frontends: the L{anyproxy.gateway.frontend_listeners.Frontends}.
+    @ivar status_page: the status page's L{OperatorPage}.
+    @ivar metrics: the L{anyproxy.metrics.GatewayMetrics}, always counted.
+    @ivar metrics_page: the metrics listener's L{OperatorPage}.
+    @ivar group_logins: the L{anyproxy.auth.GroupLogins} the tunnel server
+        fills (C{group_password} in a HELLO) and the frontends' users check.
+    """
+
+    reactor = attr.ib()
+    config = attr.ib()
+    tunnel_pool = attr.ib(validator=_provides(ITunnelPool))
+    limits = attr.ib()
+    user_endpoints = attr.ib()
+    port_forwarding = attr.ib()
+    tunnel_server = attr.ib()
+    frontends = attr.ib()
+    status_page = attr.ib()
+    metrics = attr.ib()
+    metrics_page = attr.ib()
+    group_logins = attr.ib()
+
+    def __attrs_post_init__(self):
+        MultiService.__init__(self)
+        # Started in this order and stopped in the reverse one: the tunnels
+        # are closed last, after the listeners that would use them.
+        for part in self._listening_parts():
+            part.setServiceParent(self)
+
+    def _listening_parts(self):
+        return [self.tunnel_server, self.frontends, self.status_page, self.metrics_page]
+
+    def parts(self):
+        """The L{anyproxy.interfaces.IReconfigurable} parts, in the order a reload applies them."""
+        return [self.tunnel_pool, self.limits, self.user_endpoints, self.tunnel_server,
+                self.port_forwarding, self.frontends, self.status_page, self.metrics_page]
+
+    @property
+    def listeners(self):
+        """C{{name: Listener}} of every listener of every part (a new dict)."""
+        found = {}
+        for part in self._listening_parts():
+            found.update(part.listeners())
+        return found
+
+    def reconfigure(self, config):
+        """
+        Apply a reloaded L{anyproxy.config.model.Config}
+        (L{anyproxy.twistd.reload}) to new connections; established ones are
+        kept.  See L{anyproxy.gateway.reconfigure}.
+
+        @return: a Deferred firing with a list of notes for the log
+            (listeners that could not be re-bound, listeners switched on or
+            off).
+        @raise anyproxy.errors.ConfigError: with nothing changed.
+        """
+        config.require_gateway()
+        applied = reconfigure_all(self.parts(), config)
+        self.config = config
+        return applied
+
+    def stopService(self):
+        # The parts stop their listeners; the tunnel server then closes every
+        # tunnel (GOAWAY first), and forwarded ports are released.
+        stopped = defer.maybeDeferred(super().stopService)
+        released = self.port_forwarding.stop()
+        return stopped.addCallback(lambda result: released.addCallback(lambda _: result))
+
+
+def make_gateway_service(config, reactor):
+    """The L{Gateway} for a validated L{anyproxy.config.model.Config}, not started."""
+    gateway = config.require_gateway()
+    tunnel_pool = TunnelPool(reactor, balance=gateway.balance)
+    # Prometheus metrics (anyproxy.metrics): always counted, served at metrics_addr.
+    metrics = GatewayMetrics(tunnel_pool, reactor)
+    # group_id:group_password logins, valid while such a client is connected.
+    group_logins = GroupLogins()
+    # client.open_ports (docs/PORT_FORWARDING.md): on gateway.open_ports_interface,
+    # loopback unless the config opts in to another.
+    port_forwarding = PortForwarding(reactor, gateway.port_allowed,
+                                     interface=gateway.open_ports_interface)
+    limits = Limits.from_config(config, reactor)
+    user_endpoints = UserEndpoints(tunnel_pool, reactor, limits, metrics, gateway.no_tunnel_wait)
+    tunnel_server = TunnelServer.from_config(gateway, reactor, tunnel_pool,
+                                             group_logins=group_logins,
+                                             port_forwarding=port_forwarding)
+    frontends = Frontends.from_config(config, reactor, user_endpoints.endpoint_for,
+                                      group_logins, metrics)
+    # Listeners rebuilt by a reload are what metrics report.
+    metrics.frontend_factories = frontends.factories
+    # The status page (anyproxy.gateway.status.api): clients and totals, behind
+    # Basic auth.  Each request's head must arrive within handshake_timeout
+    # (anyproxy.operator_site).
+    status_page = OperatorPage.from_config(
+        gateway, reactor, "status page", "status_addr", _status_settings,
+        lambda username, password: status_site(
+            tunnel_pool, username, password, reactor=reactor,
+            request_timeout=gateway.handshake_timeout))
+    # Basic auth when metrics_username is set (required off loopback, unless
+    # metrics_allow_anonymous).
+    metrics_page = OperatorPage.from_config(
+        gateway, reactor, "metrics", "metrics_addr", _metrics_settings,
+        lambda username, password: metrics_site(
+            metrics.registry, reactor, username, password,
+            request_timeout=gateway.handshake_timeout))
+    return Gateway(reactor=reactor, config=config, tunnel_pool=tunnel_pool, limits=limits,
+                   user_endpoints=user_endpoints, port_forwarding=port_forwarding,
+                   tunnel_server=tunnel_server, frontends=frontends, status_page=status_page,
+                   metrics=metrics, metrics_page=metrics_page, group_logins=group_logins)

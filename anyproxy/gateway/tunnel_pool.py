@@ -1,16 +1,26 @@
 # -*- test-case-name: tests.test_tunnel_pool -*-
 """
-The gateway's pool of connected client tunnels, grouped by client group, and
-the choice of a tunnel for each new stream.
+The gateway's pool of connected client tunnels (L{TunnelPool}, an
+L{anyproxy.interfaces.ITunnelPool} kept in memory), grouped by client group,
+and the choice of a tunnel for each new stream.
+
+The tunnel server (L{anyproxy.gateway.tunnel_server}) adds and removes
+tunnels; endpoints (L{anyproxy.tunnel.endpoint.TunnelEndpoint}) wait for one;
+metrics and the status page read it.  Each of them knows only the interface,
+so a fleet registry shared by several gateways can take this one's place.
+A tunnel whose mux is draining (a GOAWAY sent or received) is not picked for
+new streams; its open streams go on until it closes.
 """
 
 import random
 import time
 
 import attr
-from twisted.internet import defer
+from twisted.internet import defer, task
+from zope.interface import implementer
 
-from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.errors import ConfigError, Reason, StreamOpenError
+from anyproxy.interfaces import ITunnelPool
 
 
 @attr.s(eq=False)
@@ -31,7 +41,39 @@ class Tunnel:
     def active_streams(self):
         return self.mux.stream_count
 
+    @property
+    def draining(self):
+        """Whether the tunnel takes no new streams (GOAWAY sent or received)."""
+        return bool(getattr(self.mux, "draining", False))
 
+    def go_away(self, clock, reason=Reason.NO_TUNNEL):
+        """
+        Close the tunnel, telling the client first: a GOAWAY frame (no new
+        streams on this tunnel; the client may reconnect at once) if the mux
+        can send one, then the connection is dropped two reactor turns
+        later.  The frame waits in the TCP transport's buffer until the
+        reactor's next pass over its sockets, and a call scheduled while the
+        reactor handles I/O runs before that pass: the second turn lets the
+        frame out before the abort (which would discard it).  Streams still
+        open are reset by the close: the gateway goes away on shutdown, and
+        a revoked credential keeps nothing open.
+
+        @param clock: the C{IReactorTime} to wait the turns on.
+        @param reason: the L{Reason} the GOAWAY gives, for the client's log.
+        @return: a Deferred firing once the connection has been dropped.
+        """
+        go_away = getattr(self.mux, "go_away", None)
+        if go_away is None:
+            if self.close is not None:
+                self.close()
+            return defer.succeed(None)
+        go_away(reason)
+        close = self.close if self.close is not None else (lambda: None)
+        return task.deferLater(clock, 0, lambda: None).addCallback(
+            lambda _: task.deferLater(clock, 0, close))
+
+
+@implementer(ITunnelPool)
 class TunnelPool:
     """
     Connected tunnels by group.  L{pick} chooses by the configured strategy,
@@ -46,6 +88,9 @@ class TunnelPool:
         run of C{total} picks each tunnel gets exactly its share, and the
         picks of a heavy tunnel are interleaved, not bunched.
       - C{random}: a random tunnel, with probability proportional to weight.
+
+    Draining tunnels (L{Tunnel.draining}) are left out of every strategy.
+    A reload changes the strategy for the next pick (L{prepare}).
     """
 
     STRATEGIES = ("least_streams", "round_robin", "random")
@@ -61,6 +106,18 @@ class TunnelPool:
         self._waiters = {}
         # Called with each tunnel taken out of the pool (metrics keep its totals).
         self.removal_observers = []
+
+    def prepare(self, config):
+        """See L{anyproxy.interfaces.IReconfigurable}: C{gateway.balance}."""
+        balance = config.gateway.balance
+        if balance not in self.STRATEGIES:
+            raise ConfigError("%s: gateway.balance: unknown strategy %r" % (config.path, balance))
+
+        def apply():
+            self.balance = balance
+            return defer.succeed([])
+
+        return apply
 
     def add(self, tunnel):
         """Make C{tunnel} available for new streams and wake waiting users."""
@@ -88,7 +145,7 @@ class TunnelPool:
 
     def pick(self, group):
         """A tunnel of C{group} for a new stream, or C{None}."""
-        tunnels = self._groups.get(group)
+        tunnels = [each for each in self._groups.get(group, ()) if not each.draining]
         if not tunnels:
             return None
         if self.balance == "random":

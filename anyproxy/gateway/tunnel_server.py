@@ -2,55 +2,39 @@
 """
 The gateway's WebSocket server for client tunnels: finds the client's
 credential in the opening handshake (L{anyproxy.gateway.client_access}),
-registers each tunnel once its HELLO arrives and the credential allows what
-the HELLO asks, and removes it (resetting its streams) when it goes away.
+registers each tunnel once its HELLO arrives, well formed
+(L{anyproxy.tunnel.hello}), and the credential allows what the HELLO asks,
+and removes it (resetting its streams) when it goes away.
+
+L{TunnelServer} is that factory as a part of the gateway
+(L{anyproxy.gateway.app.Gateway}): it owns the tunnel listener, its TLS
+options and the client credentials, applies a reload to them, and closes
+the tunnels (GOAWAY first) when the gateway stops.
 """
 
+import attr
 from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from anyproxy import __version__
 from anyproxy.auth import DEFAULT_GROUP
-from anyproxy.config.model import MAX_GROUP_PASSWORD, MAX_WEIGHT, MIN_WEIGHT
-from anyproxy.errors import HelloRefused
+from anyproxy.errors import HelloRefused, Reason
 from anyproxy.gateway.client_access import (
-    ClientCredentials, ClientGrant, TunnelCounts, certificate_subjects)
-from anyproxy.gateway.port_forwarding.forwarder import refuse_all
+    ClientCredentials, ClientGrant, TunnelCounts, certificate_subjects, log_client_grants)
+from anyproxy.gateway.reconfigure import ReloadableServerTLS, relisten
 from anyproxy.gateway.tunnel_pool import Tunnel
+from anyproxy.interfaces import IReconfigurable
+from anyproxy.listeners import Listener
+from anyproxy.tls import server_tls_options
 from anyproxy.tunnel import frames
+from anyproxy.tunnel.hello import gateway_hello, read_client_hello, refuse_all
 from anyproxy.tunnel.websocket import GatewayTunnelProtocol, tune_factory
 
-MAX_ID_LENGTH = 128
-
 log = Logger()
-
-
-def _hello_text(info, key, default):
-    value = info.get(key, default)
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
-        raise HelloRefused(frames.CLOSE_BAD_HELLO, "HELLO field %r must be a string of 1..%d "
-                                                   "characters" % (key, MAX_ID_LENGTH))
-    return value
-
-
-def _hello_weight(info):
-    value = info.get("weight", 1)
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not MIN_WEIGHT <= value <= MAX_WEIGHT):
-        raise HelloRefused(frames.CLOSE_BAD_HELLO, "HELLO field 'weight' must be a number from "
-                                                   "%g to %d" % (MIN_WEIGHT, MAX_WEIGHT))
-    return float(value)
-
-
-def _hello_group_password(info):
-    # The error never quotes the value: it is a password.
-    value = info.get("group_password", "")
-    if not isinstance(value, str) or len(value) > MAX_GROUP_PASSWORD:
-        raise HelloRefused(frames.CLOSE_BAD_HELLO, "HELLO field 'group_password' must be a "
-                           "string of at most %d characters" % (MAX_GROUP_PASSWORD,))
-    return value
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -116,16 +100,13 @@ class TunnelServerFactory(WebSocketServerFactory):
         Register the tunnel behind C{protocol}, whose credential's grant is
         C{protocol.grant}.
 
+        @param info: the client's HELLO, a dict (L{anyproxy.tunnel.hello}).
         @raise HelloRefused: the HELLO is malformed, or asks for what the
             credential may not serve.
         """
-        if info.get("version") != frames.PROTOCOL_VERSION:
-            raise HelloRefused(frames.CLOSE_BAD_HELLO, "protocol version %r not supported"
-                               % (info.get("version"),))
-        client_id = _hello_text(info, "client_id", None)
-        group = _hello_text(info, "group", DEFAULT_GROUP)
-        weight = _hello_weight(info)
-        group_password = _hello_group_password(info)
+        hello = read_client_hello(info)
+        client_id, group, weight = hello.client_id, hello.group, hello.weight
+        group_password = hello.group_password
         grant = protocol.grant
         if not grant.allows_group(group):
             raise HelloRefused(frames.CLOSE_NOT_ALLOWED, "credential %r may not serve group %r "
@@ -137,18 +118,18 @@ class TunnelServerFactory(WebSocketServerFactory):
             raise HelloRefused(frames.CLOSE_TOO_MANY_TUNNELS, "credential %r holds its "
                                "max_tunnels (%d) already" % (grant.name, grant.max_tunnels))
         tunnel = Tunnel(client_id=client_id, group=group, mux=protocol.mux,
-                        address=protocol.peer, version=str(info.get("software", "")),
+                        address=protocol.peer, version=hello.software,
                         close=lambda: protocol.dropConnection(abort=True), weight=weight,
                         credential=grant.name)
         protocol.mux.name = "%s@%s" % (client_id, protocol.peer)
-        hello = {"version": frames.PROTOCOL_VERSION, "software": "anyproxy/" + __version__}
+        if hello.open_ports_not_a_list:
+            log.warn("client {client_id}: open_ports in HELLO is not a list; ignored",
+                     client_id=client_id)
         if self.forwarding is not None:
-            open_ports = self.forwarding.tunnel_connected(tunnel, info.get("open_ports"))
+            open_ports = self.forwarding.tunnel_connected(tunnel, hello.open_ports)
         else:
-            open_ports = refuse_all(info.get("open_ports"), "port forwarding is not enabled")
-        if open_ports is not None:
-            hello["open_ports"] = open_ports
-        protocol.mux.send_hello(hello)
+            open_ports = refuse_all(hello.open_ports, "port forwarding is not enabled")
+        protocol.mux.send_hello(gateway_hello(open_ports))
         if self.group_logins is not None and group_password:
             if self.group_logins.add(tunnel, group, group_password):
                 log.warn("group {group}: client {client_id} announced a group_password other "
@@ -178,3 +159,103 @@ class TunnelServerFactory(WebSocketServerFactory):
         self.registry.remove(tunnel)
         log.info("tunnel down: client {client_id} group {group} from {peer}",
                  client_id=tunnel.client_id, group=tunnel.group, peer=tunnel.address)
+
+
+@implementer(IReconfigurable)
+@attr.s(eq=False)
+class TunnelServer(MultiService):
+    """
+    The gateway's part that clients connect to: the L{TunnelServerFactory},
+    its client credentials and TLS options, listening on
+    C{gateway.listen_addr}.  Build it with L{from_config}.
+
+    A reload (L{prepare}) re-reads the certificate files, replaces the
+    credentials and closes, with a GOAWAY first, the tunnels they no longer
+    allow; the handshake timeout and ping interval apply to the next tunnel,
+    and a new address is listened on before the old one is let go.
+    Stopping it stops the listener and closes every tunnel of the pool the
+    same way, so that clients reconnect elsewhere (or to our successor) at
+    once instead of waiting for a ping timeout.
+
+    @ivar tunnel_pool: the L{anyproxy.interfaces.ITunnelPool} tunnels join.
+    @ivar factory: the L{TunnelServerFactory}.
+    @ivar tls: the L{ReloadableServerTLS} the listener's TLS asks.
+    @ivar listener: the L{Listener} named L{NAME}.
+    """
+
+    NAME = "tunnel server"
+
+    _reactor = attr.ib()
+    tunnel_pool = attr.ib()
+    factory = attr.ib()
+    tls = attr.ib()
+    listener = attr.ib(default=None)
+
+    def __attrs_post_init__(self):
+        MultiService.__init__(self)
+
+    @classmethod
+    def from_config(cls, gateway, reactor, tunnel_pool, group_logins=None, port_forwarding=None):
+        """
+        The tunnel server of a L{anyproxy.config.model.GatewayConfig}.
+
+        @param group_logins: see L{TunnelServerFactory}.
+        @param port_forwarding: see L{TunnelServerFactory} (C{forwarding}).
+        """
+        credentials = ClientCredentials.from_config(gateway)
+        log_client_grants(credentials)
+        factory = TunnelServerFactory(
+            tunnel_pool, credentials, reactor, ping_interval=gateway.ping_interval,
+            handshake_timeout=gateway.handshake_timeout, group_logins=group_logins,
+            forwarding=port_forwarding)
+        server = cls(reactor, tunnel_pool, factory, ReloadableServerTLS(_tls_options(gateway)))
+        server.listener = Listener(reactor, gateway.endpoint,
+                                   TLSMemoryBIOFactory(server.tls, False, factory), cls.NAME)
+        server.listener.setServiceParent(server)
+        return server
+
+    def listeners(self):
+        """C{{name: Listener}}: the one listener."""
+        return {self.NAME: self.listener}
+
+    def prepare(self, config):
+        """See L{anyproxy.interfaces.IReconfigurable} and the class docstring."""
+        gateway = config.gateway
+        tls = _tls_options(gateway)
+        credentials = ClientCredentials.from_config(gateway)
+
+        def apply():
+            self.tls.options = tls
+            factory = self.factory
+            factory.credentials = credentials
+            log_client_grants(credentials)
+            for tunnel in self.tunnel_pool.tunnels():
+                if not factory.still_allowed(tunnel):
+                    log.warn("closing tunnel of client {client_id} (group {group}): its "
+                             "credential {credential} no longer allows it",
+                             client_id=tunnel.client_id, group=tunnel.group,
+                             credential=tunnel.credential)
+                    tunnel.go_away(self._reactor, Reason.NOT_ALLOWED)
+            factory.handshake_timeout = gateway.handshake_timeout
+            tune_factory(factory, gateway.ping_interval, gateway.handshake_timeout)
+            if gateway.endpoint == self.listener.description:
+                return defer.succeed([])
+            return relisten(self._reactor, self, self.listener, gateway.endpoint,
+                            self.listener.factory, self.NAME).addCallback(self._moved)
+
+        return apply
+
+    def _moved(self, result):
+        self.listener, note = result
+        return [note] if note else []
+
+    def stopService(self):
+        stopped = defer.maybeDeferred(super().stopService)
+        closed = [tunnel.go_away(self._reactor) for tunnel in self.tunnel_pool.tunnels()]
+        return defer.gatherResults([stopped] + closed).addCallback(lambda _: None)
+
+
+def _tls_options(gateway):
+    """The tunnel listener's TLS options; reads the files now (L{ConfigError} if unusable)."""
+    return server_tls_options(gateway.tls_cert, gateway.tls_key,
+                              client_ca_path=gateway.client_ca or None)

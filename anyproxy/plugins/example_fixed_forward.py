@@ -16,15 +16,14 @@ allows it only on loopback or with C{allow_anonymous: true}.  Its streams
 belong to the anonymous user, so they go to clients of group C{default},
 and the client's access control applies to the target as for proxy traffic.
 
-A connection has two phases.  Opening: reading from the user is paused while
-the tunnel stream opens (bytes that arrive anyway are kept by L{SpliceEnd}),
-and a user who leaves cancels the open.  Spliced: the two connections are
-joined, with backpressure and half-close both ways.  A target that cannot be
-reached closes the user's connection; the reason is logged.
+A connection has two phases, both run by L{open_and_splice}.  Opening:
+reading from the user is paused while the tunnel stream opens (bytes and an
+EOF that arrive anyway are kept for the target), and a user who leaves cancels
+the open.  Spliced: the two connections are joined, with backpressure and
+half-close both ways.  A target that cannot be reached closes the user's
+connection; the reason is logged.
 """
 
-from twisted.internet.defer import fail
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -34,44 +33,29 @@ from anyproxy.addresses import host_port
 from anyproxy.auth import ANONYMOUS
 from anyproxy.errors import StreamOpenError
 from anyproxy.interfaces import IFrontendFactory, OptionError, reject_unknown_options
-from anyproxy.splice import SpliceEnd
+from anyproxy.splice import SpliceEnd, open_and_splice
 
 
 class FixedForwardProtocol(SpliceEnd):
     """One user connection, forwarded to C{factory.target_host:target_port}."""
 
     _log = Logger()
-    _opening = None
 
     def connectionMade(self):
         factory = self.factory
         self._peer = getattr(self.transport.getPeer(), "host", "?")
-        self.transport.pauseProducing()
-        try:
-            endpoint = factory.context.endpoint_for(ANONYMOUS, factory.target_host,
-                                                    factory.target_port)
-            self._opening = connectProtocol(endpoint, SpliceEnd())
-        except Exception:
-            self._opening = fail()
-        self._opening.addCallbacks(self._opened, self._open_failed)
+        context = factory.context
+        # Reading pauses until the stream is open; a user who leaves cancels the open.
+        opening = open_and_splice(
+            self, lambda: context.endpoint_for(ANONYMOUS, factory.target_host, factory.target_port))
+        opening.addCallbacks(self._spliced, self._open_failed)
 
-    def _opened(self, target):
-        self._opening = None
-        if self._lost or target._lost:
-            target.transport.loseConnection()
-            self.transport.loseConnection()
-            return
-        self._log.info("{name} {peer} -> {target}: connected", name=self.factory.context.name,
-                       peer=self._peer, target=self.factory.target)
-        self.transport.resumeProducing()
-        self.join(target)
-        if self._read_closed:
-            target._shut_down_write()  # the user's EOF came while opening
+    def _spliced(self, target):
+        if target is not None:  # None: the user left first
+            self._log.info("{name} {peer} -> {target}: connected", name=self.factory.context.name,
+                           peer=self._peer, target=self.factory.target)
 
     def _open_failed(self, failure):
-        self._opening = None
-        if self._lost:
-            return  # the user left first and the open was cancelled
         if failure.check(StreamOpenError):
             self._log.info("{name} {peer} -> {target}: {error}", name=self.factory.context.name,
                            peer=self._peer, target=self.factory.target, error=str(failure.value))
@@ -80,19 +64,6 @@ class FixedForwardProtocol(SpliceEnd):
                               name=self.factory.context.name, peer=self._peer,
                               target=self.factory.target)
         self.transport.loseConnection()
-
-    def readConnectionLost(self):
-        if self.other is None:
-            self._read_closed = True  # passed on once the splice exists
-        else:
-            SpliceEnd.readConnectionLost(self)
-
-    def connectionLost(self, reason):
-        self._lost = True
-        opening, self._opening = self._opening, None
-        if opening is not None:
-            opening.cancel()
-        SpliceEnd.connectionLost(self, reason)
 
 
 class FixedForwardFactory(Factory):

@@ -3,6 +3,10 @@
 L{TunnelEndpoint}: an C{IStreamClientEndpoint} whose connections are streams
 through a client tunnel.  Frontends (SOCKS5, HTTP) use it exactly like a TCP
 endpoint, so any Twisted protocol runs over the tunnel unchanged.
+
+It finds its tunnel through an L{anyproxy.interfaces.ITunnelPool} (only
+C{wait_for}), so the gateway's in-memory pool and a fleet registry serve it
+alike.
 """
 
 from twisted.internet import defer
@@ -26,6 +30,7 @@ class TunnelEndpoint:
     """
     Connect to C{host:port} through a tunnel of C{group}.
 
+    @param tunnel_pool: the L{anyproxy.interfaces.ITunnelPool} to wait on.
     @param wait: seconds to wait for a tunnel of the group to connect when
         none is (then the connection fails with NO_TUNNEL).
     @param admit: C{None}, or a callable returning a Deferred that fires
@@ -38,10 +43,10 @@ class TunnelEndpoint:
     @param user: the user's name, for the stream's end-of-stream log event.
     """
 
-    def __init__(self, registry, clock, group, host, port, kind="tcp", wait=3.0,
+    def __init__(self, tunnel_pool, clock, group, host, port, kind="tcp", wait=3.0,
                  open_timeout=DEFAULT_OPEN_TIMEOUT, admit=None, frontend=None, metrics=None,
                  user=""):
-        self._registry = registry
+        self._tunnel_pool = tunnel_pool
         self._clock = clock
         self.group = group
         self.host = host
@@ -81,7 +86,7 @@ class TunnelEndpoint:
         def opened(stream):
             # Slots go back one turn later: a stream lost with its tunnel must
             # not hand its slot to a waiter that would pick the same, dying
-            # tunnel before the registry has dropped it.
+            # tunnel before the pool has dropped it.
             stream.notify_closed(lambda _: self._clock.callLater(0, release))
             return stream
 
@@ -92,7 +97,7 @@ class TunnelEndpoint:
         return self._open_stream().addCallbacks(opened, failed)
 
     def _open_stream(self):
-        d = self._registry.wait_for(self.group, self._wait)
+        d = self._tunnel_pool.wait_for(self.group, self._wait)
 
         def chosen(tunnel):
             started = self._clock.seconds()

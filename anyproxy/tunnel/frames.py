@@ -14,7 +14,6 @@ import struct
 import attr
 
 SUBPROTOCOL = "anyproxy.v1"
-PROTOCOL_VERSION = 1
 
 # WebSocket close codes (RFC 6455 7.4.2: 4000-4999 are the application's) with
 # which the gateway refuses a tunnel after the upgrade; the close reason says why.

@@ -7,10 +7,16 @@ Theory of operation
 A L{Mux} owns the stream table of one tunnel.  It is fed whole WebSocket
 messages (L{Mux.message_received}) and writes whole messages through the
 C{send_message} callable it was given; it never touches a socket, so tests
-wire two muxes back to back with plain functions.
+wire two muxes back to back with plain functions.  It is not sans-I/O in
+h11's sense, though: it calls the streams' protocols directly, answers with
+Deferreds, and its streams read the clock it is given (an C{IReactorTime}).
 
 Each L{Stream} is an C{ITransport} + C{IPushProducer} + C{IConsumer}, so any
-Twisted protocol runs over it unchanged (see L{anyproxy.splice}).
+Twisted protocol runs over it unchanged (see L{anyproxy.splice}).  The mux
+and its streams talk only through two named interfaces
+(L{anyproxy.tunnel.interfaces}): L{IStreamMux}, what a stream may ask of its
+mux, and L{IStreamEvents}, what the mux tells a stream.  A stream's
+lifecycle is the table of L{anyproxy.tunnel.stream_state}.
 
 Flow control is per stream and credit based, as in yamux and HTTP/2: a sender
 may have at most C{window} bytes of DATA unacknowledged.  The receiver grants
@@ -40,6 +46,13 @@ Closing follows TCP: FIN is a half-close (C{loseWriteConnection}); after a
 full C{loseConnection} the stream is forgotten once its FIN is sent, and DATA
 that still arrives for it is answered with RESET.  RESET aborts the stream at
 once and its protocol sees C{ConnectionLost}.
+
+GOAWAY drains a tunnel: once either side has sent it (L{Mux.go_away}), the
+tunnel takes no new streams in either direction (L{Mux.draining}; an OPEN
+from a peer that sent GOAWAY is a protocol error, while OPENs that crossed
+our own GOAWAY are served) and the streams it carries go on to their end.
+The side that sent GOAWAY closes the tunnel when it sees fit, typically once
+L{Mux.when_drained} fires or a deadline passes.
 """
 
 from twisted.internet import defer, error
@@ -47,8 +60,9 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.errors import Reason, StreamOpenError, coerce_reason
 from anyproxy.tunnel import frames
+from anyproxy.tunnel.interfaces import IStreamMux
 from anyproxy.tunnel.stream import (
     CREDIT_FRACTION, DEFAULT_WINDOW, MAX_DATA_PAYLOAD, STREAM_HIGH_WATER, MuxProtocolError,
     Stream, TunnelAddress)
@@ -66,7 +80,7 @@ log = Logger()
 MAX_REPLY_BACKLOG = 1024 * 1024
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IStreamMux)
 class Mux:
     """
     The stream table of one tunnel.
@@ -84,6 +98,14 @@ class Mux:
     @param send_parts: optional; called with C{(header, payload)} for each
         DATA message, so the transport can frame both in one copy instead of
         this side joining them first (the bulk data path).
+    @param clock: the C{IReactorTime} whose C{seconds()} dates the streams'
+        records (C{created}, C{last_active}); the global reactor if C{None}.
+    @param on_go_away: called with the L{Reason} of the peer's GOAWAY, once.
+    @ivar draining: C{True} once GOAWAY was sent or received: the tunnel
+        takes no new streams (pick another tunnel for them); the streams it
+        has go on.  Read by the gateway's tunnel pool.
+    @ivar go_away_sent: C{True} once this side sent GOAWAY (L{go_away}).
+    @ivar go_away_received: the L{Reason} of the peer's GOAWAY, or C{None}.
     @ivar bytes_sent: DATA and DATAGRAM payload bytes sent on all streams (metrics).
     @ivar bytes_received: the same, received.
     @ivar streams_opened: streams opened on this tunnel, by either side
@@ -104,9 +126,14 @@ class Mux:
     lowest_transport = None
     reply_backlog = 0
     on_resume = None
+    go_away_sent = False
+    go_away_received = None
 
     def __init__(self, send_message, initiator, on_open_request=None, on_hello=None,
-                 on_protocol_error=None, window=DEFAULT_WINDOW, name="", send_parts=None):
+                 on_protocol_error=None, window=DEFAULT_WINDOW, name="", send_parts=None,
+                 clock=None, on_go_away=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
         self._send_message = send_message
         self._send_parts = send_parts
         self._next_id = 1 if initiator else 2
@@ -114,12 +141,15 @@ class Mux:
         self.on_open_request = on_open_request
         self.on_hello = on_hello
         self.on_protocol_error = on_protocol_error
+        self.on_go_away = on_go_away
         self.window = window
         self.name = name
+        self.clock = clock
         self._streams = {}
         self._lost = False
         self._last_peer_id = 0
         self._refused = set()
+        self._drain_waiters = []
 
     @property
     def stream_count(self):
@@ -129,6 +159,11 @@ class Mux:
     def streams(self):
         """The open streams (a snapshot list)."""
         return list(self._streams.values())
+
+    @property
+    def draining(self):
+        """See the class docstring."""
+        return self.go_away_sent or self.go_away_received is not None
 
     # -- sending --------------------------------------------------------
 
@@ -152,17 +187,53 @@ class Mux:
             raise MuxProtocolError("the peer does not read: %d bytes of answers to it are "
                                    "waiting" % (self.reply_backlog,))
 
-    def _send_data(self, header, payload):
+    def send_hello(self, info):
+        """Send this side's HELLO (a JSON-able dict)."""
+        self._send(frames.Hello(info))
+
+    # -- IStreamMux: what a stream may ask of us ------------------------
+
+    def send_open_ok(self, stream_id):
+        self._send_reply(frames.OpenOk(stream_id, self.window))
+        self.streams_opened += 1
+
+    def send_open_error(self, stream_id, reason, text):
+        self._send_reply(frames.OpenError(stream_id, int(reason), text))
+
+    def send_data(self, stream_id, payload):
         if self._lost:
             return
+        self.bytes_sent += len(payload)
+        header = frames.HEADER.pack(frames.T_DATA, stream_id)
         if self._send_parts is not None:
             self._send_parts(header, payload)
         else:
             self._send_message(header + payload)
 
-    def send_hello(self, info):
-        """Send this side's HELLO (a JSON-able dict)."""
-        self._send(frames.Hello(info))
+    def send_credit(self, stream_id, increment):
+        self._send(frames.Credit(stream_id, increment))
+
+    def send_fin(self, stream_id):
+        self._send(frames.Fin(stream_id))
+
+    def send_reset(self, stream_id, reason):
+        self._send(frames.Reset(stream_id, int(reason)))
+
+    def send_datagram(self, stream_id, host, port, payload):
+        if self.paused or self._lost:
+            self.datagrams_dropped += 1
+            return False
+        self._send(frames.Datagram(stream_id, host, port, payload))
+        self.bytes_sent += len(payload)
+        return True
+
+    def datagram_dropped(self):
+        self.datagrams_dropped += 1
+
+    def stream_ended(self, stream):
+        self._streams.pop(stream.stream_id, None)
+        if not self._streams:
+            self._check_drained()
 
     # -- opening --------------------------------------------------------
 
@@ -172,22 +243,65 @@ class Mux:
 
         @return: a Deferred firing with the L{Stream} once the peer answers
             OPEN_OK (attach a protocol with L{Stream.attach}), or failing with
-            L{StreamOpenError}.  Cancelling it resets the stream.
+            L{StreamOpenError}: NO_TUNNEL at once if the tunnel is lost or
+            draining.  Cancelling it resets the stream.
         """
         if self._lost:
             return defer.fail(StreamOpenError(Reason.NO_TUNNEL, "tunnel closed"))
+        if self.draining:
+            return defer.fail(StreamOpenError(Reason.NO_TUNNEL, "tunnel going away"))
         stream_id = self._next_id
         self._next_id += 2
-        stream = Stream(self, stream_id, kind, host, port)
 
-        def cancel(d):
-            if not stream._closed:
-                stream.reset(Reason.GENERAL_FAILURE)
+        def cancel(_):
+            stream.reset(Reason.GENERAL_FAILURE)  # nothing if it has finished
 
-        stream._opening = defer.Deferred(cancel)
+        opening = defer.Deferred(cancel)
+        stream = Stream(self, stream_id, kind, host, port, opening=opening)
         self._streams[stream_id] = stream
         self._send(frames.Open(stream_id, kind, host, port, self.window))
-        return stream._opening
+        return opening
+
+    # -- going away -----------------------------------------------------
+
+    def go_away(self, reason=Reason.NO_TUNNEL):
+        """
+        Send GOAWAY: the peer opens no new streams on this tunnel, and
+        neither do we (L{draining}).  Streams already open go on; closing
+        the tunnel is up to the caller (see L{when_drained}).  Only the
+        first call sends; nothing is sent once the tunnel is lost.
+
+        @param reason: a L{Reason} for the peer's log.
+        """
+        if self.go_away_sent or self._lost:
+            return
+        self.go_away_sent = True
+        self._send(frames.GoAway(int(reason)))
+        self._check_drained()
+
+    def when_drained(self):
+        """
+        A Deferred firing with C{None} once the tunnel is draining and has
+        no stream left, or is lost; at once if it already is.
+        """
+        d = defer.Deferred()
+        self._drain_waiters.append(d)
+        self._check_drained()
+        return d
+
+    def _check_drained(self):
+        if self._drain_waiters and (self._lost or (self.draining and not self._streams)):
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _go_away_received(self, code):
+        if self.go_away_received is not None:
+            return  # a repeat says nothing new
+        self.go_away_received = coerce_reason(code)
+        if self.on_go_away is not None:
+            self.on_go_away(self.go_away_received)
+        self._check_drained()
 
     # -- receiving ------------------------------------------------------
 
@@ -227,43 +341,45 @@ class Mux:
                 raise
 
     def _dispatch(self, frame):
+        # Frames for a stream we do not have: DATA gets one RESET (_unknown_stream_data),
+        # a DATAGRAM is dropped, the rest is ignored (the stream was just closed).
         kind = type(frame)
         stream = self._streams.get(frame.stream_id)
         if kind is frames.Data:
             if stream is None:
                 self._unknown_stream_data(frame.stream_id)
             else:
-                stream._data_received(frame.payload)
+                self.bytes_received += len(frame.payload)
+                stream.data_received(frame.payload)
         elif kind is frames.Datagram:
-            if stream is not None:
-                stream._datagram_received(frame.host, frame.port, frame.payload)
+            if stream is not None and stream.datagram_received(frame.host, frame.port,
+                                                               frame.payload):
+                self.bytes_received += len(frame.payload)
             else:
                 self.datagrams_dropped += 1
         elif kind is frames.Credit:
             if stream is not None:
-                stream._credit_received(frame.increment)
+                stream.credit_received(frame.increment)
         elif kind is frames.Fin:
             if stream is not None:
-                stream._fin_frame_received()
+                stream.fin_received()
         elif kind is frames.Reset:
             if stream is not None:
-                opening = stream._opening
-                if opening is not None and not opening.called:
-                    stream._forget()
-                    opening.errback(StreamOpenError(frame.reason, "reset by peer"))
-                else:
-                    stream._reset_received(frame.reason)
+                stream.reset_received(frame.reason)
         elif kind is frames.Open:
             self._open_received(frame)
         elif kind is frames.OpenOk:
-            self._open_answer(stream, frame)
+            if stream is not None:
+                self.streams_opened += 1
+                stream.open_succeeded(frame.window)
         elif kind is frames.OpenError:
-            self._open_answer(stream, frame)
+            if stream is not None:
+                stream.open_failed(frame.reason, frame.text)
         elif kind is frames.Hello:
             if self.on_hello is not None:
                 self.on_hello(frame.info)
         elif kind is frames.GoAway:
-            pass  # the owner learns of the end from the WebSocket close
+            self._go_away_received(frame.reason)
         else:
             raise MuxProtocolError("unexpected %s frame" % (kind.__name__,))
 
@@ -280,6 +396,8 @@ class Mux:
         sid = frame.stream_id
         if sid % 2 != self._peer_parity or sid <= self._last_peer_id:
             raise MuxProtocolError("bad stream id %d in OPEN" % (sid,))
+        if self.go_away_received is not None:
+            raise MuxProtocolError("OPEN of stream %d after the peer's GOAWAY" % (sid,))
         self._check_reply_backlog()
         self._last_peer_id = sid
         stream = Stream(self, sid, frame.kind, frame.host, frame.port, send_window=frame.window)
@@ -289,26 +407,12 @@ class Mux:
         else:
             self.on_open_request(stream)
 
-    def _open_answer(self, stream, frame):
-        if stream is None:
-            return  # answer to a stream we already cancelled and forgot
-        opening = stream._opening
-        if opening is None or opening.called:
-            return  # answer to a stream we already cancelled
-        if type(frame) is frames.OpenOk:
-            stream._send_window = frame.window
-            self.streams_opened += 1
-            opening.callback(stream)
-        else:
-            stream._forget()
-            opening.errback(StreamOpenError(frame.reason, frame.text))
-
     # -- IPushProducer: the WebSocket transport's backpressure ----------
 
     def pauseProducing(self):
         self.paused = True
         for stream in list(self._streams.values()):
-            stream._update_producer()
+            stream.tunnel_pause_changed()
 
     def resumeProducing(self):
         self.paused = False
@@ -316,7 +420,7 @@ class Mux:
         if self.on_resume is not None:
             self.on_resume()
         for stream in list(self._streams.values()):
-            stream._update_producer()
+            stream.tunnel_pause_changed()
 
     def stopProducing(self):
         self.connection_lost(error.ConnectionLost("tunnel transport stopped"))
@@ -328,12 +432,7 @@ class Mux:
         if self._lost:
             return
         self._lost = True
-        lost = error.ConnectionLost("tunnel lost")
         for stream in list(self._streams.values()):
-            opening = stream._opening
-            if opening is not None and not opening.called:
-                stream._forget()
-                opening.errback(StreamOpenError(Reason.NO_TUNNEL, "tunnel lost"))
-            else:
-                stream._lose(lost)
+            stream.tunnel_lost()
         self._streams.clear()
+        self._check_drained()

@@ -4,13 +4,15 @@ One multiplexed stream: an ordinary Twisted transport over a tunnel.
 
 A L{Stream} is an C{ITransport} + C{IPushProducer} + C{IConsumer}, so any
 Twisted protocol runs over it unchanged.  It keeps the per-stream state of
-docs/PROTOCOL.md: the send window and its queue, the receive window and the
-credit still owed, and the half-close flags.  L{anyproxy.tunnel.mux.Mux}
-creates streams and feeds them frames.
+docs/PROTOCOL.md: its lifecycle state (L{anyproxy.tunnel.stream_state}), the
+send window and its queue, the receive window and the credit still owed.
+
+Its mux creates it and tells it what the peer sent (L{IStreamEvents}); it
+asks the mux to send its frames (L{IStreamMux}).  Neither touches the
+other's attributes beyond those two interfaces.
 """
 
 import collections
-import time
 
 from twisted.internet import error
 from twisted.internet.interfaces import (
@@ -20,8 +22,13 @@ from zope.interface import implementer
 
 import attr
 
-from anyproxy.errors import Reason
-from anyproxy.tunnel import frames
+from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.tunnel.interfaces import IStreamEvents
+from anyproxy.tunnel.stream_state import (
+    ACCEPTING, CLOSE, CLOSED, FINISHED, HALF_CLOSED_LOCAL, HALF_CLOSED_REMOTE, OPEN, OPENING,
+    RECV_CREDIT, RECV_DATA, RECV_DATAGRAM, RECV_FIN, RECV_OPEN_ERROR, RECV_OPEN_OK, RECV_RESET,
+    RESET, SEND_FIN, SEND_OPEN_ERROR, SEND_OPEN_OK, SEND_RESET, TRANSITIONS, TUNNEL_LOST,
+    StreamStateError, next_state)
 
 # A stream's receive window (the default; a Mux may use another).  Big enough to keep a loopback or LAN path busy
 # (bandwidth x delay), small enough that 10,000 stalled streams stay bounded.
@@ -34,9 +41,11 @@ STREAM_HIGH_WATER = 64 * 1024
 # Credit is granted once this fraction of the window has been consumed, so a
 # busy stream sends one CREDIT per quarter window, not one per DATA frame.
 CREDIT_FRACTION = 4
-# The clock of the connection records (created, last_active): one call per
-# write or DATA frame, no timer, so an idle check is a cheap periodic sweep.
-_now = time.time
+# The largest a send window may grow (docs/PROTOCOL.md, Flow control).
+MAX_WINDOW = 0x7FFFFFFF
+
+# The states in which this side may still send DATA (and its FIN).
+_SENDING = frozenset([OPEN, HALF_CLOSED_REMOTE])
 
 
 class MuxProtocolError(Exception):
@@ -53,32 +62,48 @@ class TunnelAddress:
     tunnel = attr.ib(default="")
 
 
-@implementer(ITransport, IPushProducer, IConsumer)
+@implementer(ITransport, IPushProducer, IConsumer, IStreamEvents)
 class Stream:
     """
-    One multiplexed byte stream.  Created by L{Mux}; do not build directly.
+    One multiplexed byte stream.  Created by L{anyproxy.tunnel.mux.Mux}; do
+    not build directly.
 
     @ivar kind: C{'tcp'} or C{'udp'}.
     @ivar host: the target asked for when the stream was opened.
     @ivar port: the target port.
+    @ivar state: where the stream is in its lifecycle, a sentinel of
+        L{anyproxy.tunnel.stream_state} (C{OPENING} ... C{REFUSED}).
     @ivar bytes_sent: DATA payload bytes sent on this stream, or datagram
         payload bytes on a udp stream (metrics, records).
     @ivar bytes_received: the same, received.
-    @ivar last_active: when it last carried a byte or a datagram.
+    @ivar created: when the stream was created, in seconds of the mux's clock
+        (the reactor's: seconds since the epoch).
+    @ivar last_active: when it last carried a byte or a datagram, likewise.
     """
 
     disconnecting = False
     protocol = None
     bytes_sent = bytes_received = 0  # plain ints: one add per DATA or DATAGRAM frame
 
-    def __init__(self, mux, stream_id, kind, host, port, send_window=0):
+    def __init__(self, mux, stream_id, kind, host, port, send_window=None, opening=None):
+        """
+        @param mux: the L{anyproxy.tunnel.interfaces.IStreamMux} carrying it.
+        @param send_window: for a stream the peer opened, the window of its
+            OPEN (the stream starts C{ACCEPTING}); C{None} for one this side
+            opens (it starts C{OPENING}, the window comes with OPEN_OK).
+        @param opening: for a stream this side opens, the Deferred to fire
+            with the stream on OPEN_OK or fail with L{StreamOpenError}.
+        """
         self._mux = mux
         self.stream_id = stream_id
         self.kind = kind
         self.host = host
         self.port = port
-        self._send_window = send_window
+        self.state = OPENING if send_window is None else ACCEPTING
+        self._opening = opening
+        self._send_window = send_window or 0
         self._recv_window = mux.window
+        self._credit_batch = mux.window // CREDIT_FRACTION
         self._unacked = 0
         self._queue = collections.deque()
         self._queued = 0
@@ -86,22 +111,28 @@ class Stream:
         self._producer = None
         self._producer_paused = False
         self._reading_paused = False
-        self._fin_pending = False
-        self._fin_sent = False
-        self._fin_received = False
-        self._close_requested = False
-        self._closed = False
+        self._fin_pending = False  # FIN asked for; it goes once the queue is sent
+        self._close_requested = False  # loseConnection: stop reading after our FIN
         self._cancel_hook = None
-        self._opening = None  # Deferred of a stream this side is opening
-        # Connection records (status page, idle timeout): wall-clock seconds.
-        self.created = self.last_active = _now()
+        self._end_reason = None  # why it finished (told to a protocol attached later)
+        self._told_lost = False  # the protocol has had its connectionLost
         self._close_hooks = None
-        self.ended_cleanly = None  # True: closed by FINs; False: reset or lost
+        # Connection records (status page, idle timeout): one clock read per
+        # write or DATA frame and no timer, so an idle check is a periodic sweep.
+        self._seconds = mux.clock.seconds
+        self.created = self.last_active = self._seconds()
 
     @property
     def closed(self):
-        """C{True} once the stream is finished (closed, reset or rejected)."""
-        return self._closed
+        """C{True} once the stream is finished (closed, reset or refused)."""
+        return self.state in FINISHED
+
+    @property
+    def ended_cleanly(self):
+        """C{None} while the stream lives; then C{True} if closed by FINs, C{False} if not."""
+        if self.state in FINISHED:
+            return self.state is CLOSED
+        return None
 
     @property
     def queued_bytes(self):
@@ -109,7 +140,21 @@ class Stream:
         return self._queued
 
     def __repr__(self):
-        return "<Stream %d %s %s:%s>" % (self.stream_id, self.kind, self.host, self.port)
+        return "<Stream %d %s %s:%s %r>" % (self.stream_id, self.kind, self.host, self.port,
+                                            self.state)
+
+    # -- state ----------------------------------------------------------
+
+    def _move(self, event):
+        """Take a local event: an illegal one raises L{StreamStateError}."""
+        self.state = next_state(self.stream_id, self.state, event)
+
+    def _peer_move(self, event):
+        """Take an event from the peer: an illegal one is a protocol error."""
+        try:
+            self.state = next_state(self.stream_id, self.state, event)
+        except StreamStateError as e:
+            raise MuxProtocolError(str(e)) from e
 
     # -- attaching a protocol -------------------------------------------
 
@@ -119,26 +164,35 @@ class Stream:
         protocol.makeConnection(self)
         early, self._early = self._early, []
         for data in early:
-            if self._closed:
+            if self._told_lost:
                 return
             protocol.dataReceived(data)
-        if self._fin_received and not self._closed:
-            self._deliver_fin()
+        if self.state in FINISHED:
+            if not self._told_lost:
+                self._tell_lost()  # it finished before it had a protocol
+            return
+        if self.state is HALF_CLOSED_REMOTE:
+            self._deliver_fin()  # a FIN that came before the protocol
         # Early DATA was never credited; without this a full window of it stalls the sender.
         self._grant_credit()
 
     def accept(self, protocol):
-        """Accept an incoming open request and connect C{protocol} to it."""
-        self._mux._send_reply(frames.OpenOk(self.stream_id, self._mux.window))
-        self._mux.streams_opened += 1
+        """
+        Accept an incoming open request and connect C{protocol} to it.
+
+        @raise StreamStateError: if the stream is not waiting for an answer.
+        """
+        self._move(SEND_OPEN_OK)
+        self._mux.send_open_ok(self.stream_id)
         self.attach(protocol)
 
     def reject(self, reason, text=""):
-        """Refuse an incoming open request with a L{Reason}."""
-        if self._closed:
+        """Refuse an incoming open request with a L{Reason} (nothing, if it has finished)."""
+        if self.state in FINISHED:
             return
-        self._mux._send_reply(frames.OpenError(self.stream_id, int(reason), text))
-        self._forget()
+        self._move(SEND_OPEN_ERROR)
+        self._mux.send_open_error(self.stream_id, reason, text)
+        self._finished(error.ConnectionRefusedError("stream refused"))
 
     def set_cancel_hook(self, hook):
         """Call C{hook()} if the opener gives up before accept/reject."""
@@ -147,9 +201,9 @@ class Stream:
     # -- ITransport -----------------------------------------------------
 
     def write(self, data):
-        if self._close_requested or self._fin_pending or self._closed or not data:
+        if self._close_requested or self._fin_pending or self.state in FINISHED or not data:
             return
-        self.last_active = _now()
+        self.last_active = self._seconds()
         self._queue.append(data)
         self._queued += len(data)
         self._flush()
@@ -159,20 +213,21 @@ class Stream:
 
     def loseWriteConnection(self):
         """Half-close: send FIN once queued data is sent."""
-        if self._closed or self._fin_pending:
+        if self.state in FINISHED or self._fin_pending:
             return
         self._fin_pending = True
         self._flush()
 
     def loseConnection(self):
         """Close after queued data is sent; incoming data is then refused."""
-        if self._closed or self._close_requested:
+        if self.state in FINISHED or self._close_requested:
             return
         self._close_requested = True
         self.disconnecting = True
-        if self._fin_sent:
+        if self.state is HALF_CLOSED_LOCAL:
             # Already half-closed: nothing left to send, so finish now.
-            self._lose(error.ConnectionDone("stream closed"))
+            self._move(CLOSE)
+            self._finished(error.ConnectionDone("stream closed"))
             return
         self._fin_pending = True
         self._flush()
@@ -183,10 +238,11 @@ class Stream:
 
     def reset(self, reason=Reason.GENERAL_FAILURE):
         """Send RESET with C{reason} and close the stream at once."""
-        if self._closed:
+        if self.state in FINISHED:
             return
-        self._mux._send(frames.Reset(self.stream_id, int(reason)))
-        self._lose(error.ConnectionLost("stream reset locally"))
+        self._move(SEND_RESET)
+        self._mux.send_reset(self.stream_id, reason)
+        self._finished(error.ConnectionLost("stream reset locally"))
 
     def getPeer(self):
         return TunnelAddress(self.host, self.port, self._mux.name)
@@ -206,13 +262,13 @@ class Stream:
 
         @return: C{True} if sent, C{False} if dropped.
         """
-        if self._closed or self._close_requested or self._mux.paused:
-            self._mux.datagrams_dropped += 1
+        if self.state in FINISHED or self._close_requested:
+            self._mux.datagram_dropped()
             return False
-        self._mux._send(frames.Datagram(self.stream_id, host, port, payload))
-        self.last_active = _now()
+        if not self._mux.send_datagram(self.stream_id, host, port, payload):
+            return False
+        self.last_active = self._seconds()
         self.bytes_sent += len(payload)
-        self._mux.bytes_sent += len(payload)
         return True
 
     # -- IConsumer ------------------------------------------------------
@@ -245,9 +301,9 @@ class Stream:
 
     def _flush(self):
         queue = self._queue
-        send_data = self._mux._send_data
+        send_data = self._mux.send_data
         sid = self.stream_id
-        while queue and self._send_window > 0 and not self._closed:
+        while queue and self._send_window > 0 and self.state in _SENDING:
             chunk = queue.popleft()
             room = min(self._send_window, MAX_DATA_PAYLOAD)
             if len(chunk) > room:
@@ -259,20 +315,22 @@ class Stream:
             self._send_window -= size
             self._queued -= size
             self.bytes_sent += size
-            self._mux.bytes_sent += size
-            send_data(frames.HEADER.pack(frames.T_DATA, sid), chunk)
-        if self._closed:
+            send_data(sid, chunk)
+        if self.state in FINISHED:
             return
-        if not queue and self._fin_pending and not self._fin_sent:
-            self._fin_sent = True
-            self._mux._send(frames.Fin(sid))
+        if not queue and self._fin_pending and self.state in _SENDING:
+            self._move(SEND_FIN)
+            self._mux.send_fin(sid)
             if self._close_requested:
-                self._lose(error.ConnectionDone("stream closed"))
+                if self.state is HALF_CLOSED_LOCAL:
+                    self._move(CLOSE)
+                self._finished(error.ConnectionDone("stream closed"))
                 return
             if IHalfCloseableProtocol.providedBy(self.protocol):
                 self.protocol.writeConnectionLost()
-            if self._fin_received:
-                self._lose(error.ConnectionDone("stream closed"))
+            if self.state is CLOSED:
+                # The peer's FIN came first: both directions are done.
+                self._finished(error.ConnectionDone("stream closed"))
                 return
         self._update_producer()
 
@@ -289,25 +347,38 @@ class Stream:
 
     def _grant_credit(self, force=False):
         unacked = self._unacked
-        if self._closed or self._reading_paused or not unacked:
+        if self.state in FINISHED or self._reading_paused or not unacked:
             return
-        if force or unacked >= self._mux.window // CREDIT_FRACTION:
+        if force or unacked >= self._credit_batch:
             self._unacked = 0
             self._recv_window += unacked
-            self._mux._send(frames.Credit(self.stream_id, unacked))
+            self._mux.send_credit(self.stream_id, unacked)
 
-    # -- receiving (called by the Mux) ----------------------------------
+    # -- IStreamEvents: what the mux tells us ---------------------------
 
-    def _data_received(self, payload):
-        if self._fin_received:
-            raise MuxProtocolError("DATA after FIN on stream %d" % (self.stream_id,))
-        self._recv_window -= len(payload)
+    def open_succeeded(self, send_window):
+        self._peer_move(RECV_OPEN_OK)
+        self._send_window = send_window
+        self._opening.callback(self)
+
+    def open_failed(self, reason, text):
+        self._peer_move(RECV_OPEN_ERROR)
+        self._finished(error.ConnectionRefusedError("stream refused"))
+        self._opening.errback(StreamOpenError(reason, text))
+
+    def data_received(self, payload):
+        # The table lookup of _peer_move, inlined: this runs once per DATA frame.
+        try:
+            self.state = TRANSITIONS[self.state, RECV_DATA]
+        except KeyError:
+            self._peer_move(RECV_DATA)  # raises, naming the state
+        size = len(payload)
+        self._recv_window -= size
         if self._recv_window < 0:
             raise MuxProtocolError("stream %d overran its window" % (self.stream_id,))
-        self._unacked += len(payload)
-        self.bytes_received += len(payload)
-        self._mux.bytes_received += len(payload)
-        self.last_active = _now()
+        self._unacked += size
+        self.bytes_received += size
+        self.last_active = self._seconds()
         if self._close_requested:
             # We no longer read; keep the sender going until it sees our FIN.
             self._grant_credit(force=True)
@@ -318,76 +389,91 @@ class Stream:
         self.protocol.dataReceived(payload)
         self._grant_credit()
 
-    def _datagram_received(self, host, port, payload):
+    def datagram_received(self, host, port, payload):
         if self.kind != "udp":
             raise MuxProtocolError("DATAGRAM on tcp stream %d" % (self.stream_id,))
-        if self.protocol is None or self._closed or self._close_requested:
-            self._mux.datagrams_dropped += 1
-            return
-        self.last_active = _now()
+        self._peer_move(RECV_DATAGRAM)
+        if self.protocol is None or self._close_requested:
+            return False
+        self.last_active = self._seconds()
         self.bytes_received += len(payload)
-        self._mux.bytes_received += len(payload)
         self.protocol.datagram_received(host, port, payload)
+        return True
 
-    def _credit_received(self, increment):
+    def credit_received(self, increment):
+        self._peer_move(RECV_CREDIT)
         self._send_window += increment
-        if self._send_window > 0x7FFFFFFF:
+        if self._send_window > MAX_WINDOW:
             raise MuxProtocolError("stream %d window overflow" % (self.stream_id,))
         self._flush()
 
-    def _fin_frame_received(self):
-        if self._fin_received:
-            return
-        self._fin_received = True
-        if self.protocol is None:
-            return  # delivered by attach()
-        self._deliver_fin()
+    def fin_received(self):
+        self._peer_move(RECV_FIN)
+        if self.protocol is not None:
+            self._deliver_fin()
+        elif self.state is CLOSED:
+            self._finished(error.ConnectionDone("stream closed"))
+        # Otherwise attach() delivers it after the early data.
 
     def _deliver_fin(self):
-        if self._fin_sent:
-            self._lose(error.ConnectionDone("stream closed"))
+        if self.state is CLOSED:
+            self._finished(error.ConnectionDone("stream closed"))
         elif IHalfCloseableProtocol.providedBy(self.protocol):
             self.protocol.readConnectionLost()
         else:
             self.loseConnection()
 
-    def _reset_received(self, reason):
-        self._lose(error.ConnectionLost("stream reset by peer (%s)" % (reason,)))
+    def reset_received(self, reason):
+        opening = self.state is OPENING
+        self._peer_move(RECV_RESET)
+        self._finished(error.ConnectionLost("stream reset by peer (%s)" % (reason,)))
+        if opening:
+            self._opening.errback(StreamOpenError(reason, "reset by peer"))
 
-    def _lose(self, reason):
-        """The stream is finished: forget it and tell the protocol."""
-        if self._closed:
+    def tunnel_lost(self):
+        if self.state in FINISHED:
             return
-        self.ended_cleanly = isinstance(reason, error.ConnectionDone)
-        self._forget()
+        opening = self.state is OPENING
+        self._move(TUNNEL_LOST)
+        self._finished(error.ConnectionLost("tunnel lost"))
+        if opening:
+            self._opening.errback(StreamOpenError(Reason.NO_TUNNEL, "tunnel lost"))
+
+    def tunnel_pause_changed(self):
+        self._update_producer()
+
+    # -- the end --------------------------------------------------------
+
+    def _finished(self, reason):
+        """The stream has reached a finished state: forget it and tell everyone."""
+        self.disconnecting = True
+        self._end_reason = reason
+        self._mux.stream_ended(self)
+        hooks, self._close_hooks = self._close_hooks, None
+        for hook in hooks or ():
+            hook(self)
         self._queue.clear()
         self._queued = 0
         if self._cancel_hook is not None:
             hook, self._cancel_hook = self._cancel_hook, None
-            if self.protocol is None:
-                hook()
+            if self.protocol is None and self.state is RESET:
+                hook()  # the opener gave up (or the tunnel went) before we answered
         self._producer = None
         if self.protocol is not None:
-            self.protocol.connectionLost(failure.Failure(reason))
+            self._tell_lost()
 
-    def _forget(self):
-        self._closed = True
-        self.disconnecting = True
-        self._mux._streams.pop(self.stream_id, None)
-        hooks, self._close_hooks = self._close_hooks, None
-        for hook in hooks or ():
-            hook(self)
+    def _tell_lost(self):
+        self._told_lost = True
+        self.protocol.connectionLost(failure.Failure(self._end_reason))
 
     def notify_closed(self, hook):
         """
         Call C{hook(stream)} once when the stream is finished (closed, reset,
-        rejected or its tunnel lost); at once if it already is.
+        refused or its tunnel lost); at once if it already is.
         """
-        if self._closed:
+        if self.state in FINISHED:
             hook(self)
         elif self._close_hooks is None:
             self._close_hooks = [hook]
         else:
             self._close_hooks.append(hook)
-
-

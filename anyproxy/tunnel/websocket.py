@@ -28,6 +28,46 @@ from anyproxy.tunnel.mux import Mux
 # level; shadowing it made every frame format a debug event.
 log = Logger()
 
+# Autobahn internals.  Beyond Autobahn's documented interfaces
+# (IWebSocketChannel and its frame API, the factories' setProtocolOptions),
+# AnyProxy relies on these parts of Autobahn's classes.  setup.cfg bounds
+# Autobahn to the release series tested, and tests/test_autobahn_contract.py
+# fails if any of them moves or changes shape; list a new one here first.
+#
+#   _dataReceived       WebSocketProtocol._dataReceived(data): the receive path
+#                       that Autobahn's Twisted dataReceived calls after its
+#                       per-read debug line; our dataReceived calls it directly.
+#   onMessageEnd        called once a message's frames are in; Autobahn's own
+#                       joins message_data and calls onMessage.  Ours replaces
+#                       it and hands the pieces on.
+#   message_data        the list of a message's payload pieces (onMessageBegin
+#                       makes it, each frame extends it); reset to None after.
+#   message_is_binary   set by onMessageBegin.
+#   failedByMe          true once Autobahn has failed the connection (a frame
+#                       too large, say): the message is then dropped.
+#   state, STATE_OPEN   we write frames ourselves only while the state is open.
+#   transport.write     the unmasked sending path writes whole binary frames
+#                       (FIN, opcode 2) on the transport: Autobahn writes each
+#                       of its own frames whole too, so they never interleave,
+#                       and a gateway with requireMaskedClientFrames=False
+#                       takes them.
+#   maskClientFrames    the client's option, copied onto its protocol.
+#   isServer            which side a factory (self.factory.isServer) is.
+#   onPing              Autobahn answers a ping only from its default onPing,
+#                       so overriding it can hold the pong.
+#   log                 Autobahn's classes log through a class attribute (never
+#                       set on the instance), so ours replaces it.
+#   peer                the peer's address, as a string.
+#   dropConnection      dropConnection(abort=True) closes without a handshake.
+#   reactor             the factory's reactor attribute, which Autobahn's
+#                       constructor sets (reactor=) and our factories replace;
+#                       this module schedules on it.
+#   headers             the client factory's opening-handshake headers, read at
+#                       each handshake: ClientTunnelFactory.configure replaces
+#                       them (anyproxy.client.app).
+#   openHandshakeTimeout  setProtocolOptions' options are factory attributes
+#                       of the same name: the client's reload reads this back.
+
 _WS_LEN16 = struct.Struct("!BBH")
 _WS_LEN64 = struct.Struct("!BBQ")
 
@@ -48,7 +88,7 @@ def tune_factory(factory, ping_interval, handshake_timeout):
         openHandshakeTimeout=handshake_timeout,
         closeHandshakeTimeout=5,
         autoPingInterval=ping_interval,
-        # A tunnel silent for three intervals is dead (DESIGN.md 4.1).
+        # A tunnel silent for three intervals is dead.
         autoPingTimeout=2 * ping_interval,
         autoPingRestartOnAnyTraffic=True,
         failByDrop=True,
@@ -112,7 +152,8 @@ class _TunnelProtocol:
         self.mux = Mux(send, initiator=initiator,
                        on_open_request=on_open_request, on_hello=self.hello_received,
                        on_protocol_error=self._protocol_error, name=name,
-                       send_parts=self._send_tunnel_parts if unmasked else None)
+                       send_parts=self._send_tunnel_parts if unmasked else None,
+                       clock=self.factory.reactor, on_go_away=self._peer_going_away)
         # WebSocket send-buffer backpressure pauses every stream's producer.
         # Register on the TCP transport under TLS: Twisted's TLS wrapper will
         # not close while a producer is registered on it, and TLS passes our
@@ -190,6 +231,12 @@ class _TunnelProtocol:
             else:
                 self.mux.message_parts_received(self.message_data)
         self.message_data = None
+
+    def _peer_going_away(self, reason):
+        # The mux now opens nothing more here (mux.draining, which the
+        # gateway's tunnel pool reads); the peer closes the tunnel itself.
+        log.info("tunnel {name}: peer is going away ({reason}); no new streams on it",
+                 name=self.mux.name, reason=reason.name)
 
     def _protocol_error(self, exc):
         log.warn("tunnel {name}: protocol error: {error}; closing", name=self.mux.name, error=exc)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_e2e_twistd -*-
 """
 twistd glue shared by both programs: the C{--config} option, loaded and
 validated in C{postOptions} so a bad file stops twistd with one line.

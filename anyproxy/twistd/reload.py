@@ -7,7 +7,7 @@ The file is loaded and checked exactly as at start (L{load_config}).  A file
 that does not load (bad YAML, unknown key, bad CIDR, missing certificate) is
 refused with one log line, C{reload refused: <file>: <key>: <problem>}, and
 the running config stays in force.  A good one is handed to the program's
-C{reconfigure(config)} (L{anyproxy.gateway.app.GatewayService},
+C{reconfigure(config)} (L{anyproxy.gateway.app.Gateway},
 L{anyproxy.client.app.ClientRoot}), which applies it to new connections
 and leaves established ones alone; then the log level changes and one line
 says C{reload applied: <the keys that changed>}.  A C{reconfigure} that
@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from anyproxy.config.model import (
     ClientConfig, Config, GatewayConfig, ListenerConfig, LogConfig, ProxyConfig)
 from anyproxy.config.load import load_config
+from anyproxy.config.schema import key_name
 from anyproxy.errors import ConfigError
 from anyproxy.logs import set_log_level
 
@@ -47,11 +48,9 @@ RESTART_KEYS = ("log.format", "log.file", "log.max_size", "log.max_backups")
 
 # Each program's part of a (possibly shared) file.
 _SECTIONS = {"gateway": ("proxy", "gateway", "log"), "client": ("client", "log")}
-# Classes compared key by key; any other value is compared whole.
+# Classes compared key by key (their keys are the schema's, derived fields
+# left out); any other value is compared whole.
 _SECTION_CLASSES = (Config, ProxyConfig, ListenerConfig, GatewayConfig, ClientConfig, LogConfig)
-# Fields that are derived from another key, or are not keys at all.
-_NOT_KEYS = frozenset(("path", "endpoint", "local", "metrics_endpoint", "status_endpoint"))
-_KEY_NAMES = {"gateway_addrs": "gateway_addr", "policy": "forbidden_hosts/limit"}
 
 
 def changed_keys(old, new, path=""):
@@ -62,9 +61,9 @@ def changed_keys(old, new, path=""):
     if type(old) is type(new) and isinstance(old, _SECTION_CLASSES):
         keys = []
         for field in attr.fields(type(old)):
-            if field.name in _NOT_KEYS:
+            key = key_name(field)
+            if key is None:
                 continue
-            key = _KEY_NAMES.get(field.name, field.name)
             keys.extend(changed_keys(getattr(old, field.name), getattr(new, field.name),
                                      "%s.%s" % (path, key) if path else key))
         return keys

@@ -8,8 +8,9 @@ protocol is a small event pump over one server connection:
 
   - a request head is authenticated (every request, when users are
     configured), then its target parsed;
-  - CONNECT opens a stream, answers 200 and becomes a L{SpliceEnd} over the
-    same transport (with whatever the user sent after the CONNECT head);
+  - CONNECT opens a stream and splices a L{SpliceEnd} over the same
+    transport to it (L{anyproxy.splice.open_and_splice}), answering 200 just
+    before; whatever the user sent after the CONNECT head goes through;
   - an absolute-URI request is handed to a L{ForwardExchange}, which relays
     it over a new stream or one kept from the user's earlier request to the
     same origin (L{anyproxy.frontends.http.pool}), and answers through
@@ -28,7 +29,6 @@ a connection counts in C{factory.handshakes}; beyond that cap a new
 connection is closed at once (L{anyproxy.connection_cap}).
 """
 
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
@@ -37,7 +37,6 @@ from zope.interface import implementer
 from anyproxy.auth import ANONYMOUS
 from anyproxy.connection_cap import (
     DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory)
-from anyproxy.connect_protocol import connect_protocol
 from anyproxy.frontends.http import connection as http11
 from anyproxy.tuning import set_no_delay, tune_for_bulk
 from anyproxy.frontends.http.exchange import (
@@ -55,7 +54,7 @@ from anyproxy.frontends.http.messages import (
     parse_authority,
     parse_basic_credentials,
 )
-from anyproxy.splice import SpliceEnd, splice
+from anyproxy.splice import SpliceEnd, open_and_splice
 
 _log = Logger()
 
@@ -80,6 +79,9 @@ class HttpProxyProtocol(Protocol):
     _exchange = None
     _connect_target = None
     _opening = None
+    # A CONNECT's side of the splice, over our transport, from its open on;
+    # once spliced it is also _tunnel, and gets what the user sends.
+    _user_end = None
     _tunnel = None
     _timer = None
     _closing = False
@@ -148,25 +150,14 @@ class HttpProxyProtocol(Protocol):
         self.read_gate.closed = True
         self._cancel_timer()
         self._handshake_over()
-        if self._tunnel is not None:
-            self._tunnel.connectionLost(reason)
-        if self._opening is not None:
-            opening, self._opening = self._opening, None
-            opening.cancel()
+        if self._user_end is not None:
+            # Closes the upstream, or cancels its open.
+            self._user_end.connectionLost(reason)
         if self._exchange is not None:
             exchange, self._exchange = self._exchange, None
             exchange.user_lost()
 
     # -- what ForwardExchange uses ------------------------------------------
-
-    def open_stream(self, host, port, protocol):
-        """
-        Connect C{protocol} to C{host:port} through the factory's C{endpoint_for}.
-
-        @return: a L{Deferred} firing with C{protocol}, or failing (typically
-            with L{anyproxy.errors.StreamOpenError}).
-        """
-        return maybeDeferred(lambda: connect_protocol(self.endpoint_to(host, port), protocol))
 
     def endpoint_to(self, host, port):
         """The endpoint reaching C{host:port} for this connection's user."""
@@ -314,33 +305,37 @@ class HttpProxyProtocol(Protocol):
 
     def _open_tunnel(self):
         host, port = self._connect_target
-        upstream = SpliceEnd()
         self._connect_backlog = 0
-        self._opening = self.open_stream(host, port, upstream)
-        self._opening.addCallbacks(self._tunnel_opened, self._tunnel_failed)
+        self._user_end = SpliceEnd()
+        self._user_end.makeConnection(self.transport)
+        # Until the answer the parser holds what the user sends (read_gate
+        # pauses past CONNECT_HIGH_WATER): after a failure it is the next request.
+        self._opening = open_and_splice(
+            self._user_end, lambda: self.endpoint_to(host, port),
+            on_open=self._tunnel_opened, read_while_opening=None)
+        self._opening.addCallbacks(self._tunnel_spliced, self._tunnel_failed)
 
     def _tunnel_opened(self, upstream):
-        self._opening = None
+        # Open, and nothing has flowed yet: answer 200, then what the user
+        # sent after the CONNECT head (and its EOF) goes up the tunnel.
         self._connect_target = None
-        if self._closing:
-            # The user left and the endpoint could not cancel in time.
-            upstream.transport.loseConnection()
-            return
         self.respond(http11.Response(200, b"Connection established", []))
         self._log_request(200)
         self.read_gate.resume("connect")
         self._cancel_timer()
         data, user_eof = self._server.take_upgraded_data()
-        user_end = SpliceEnd(initial_data=data)
-        user_end.makeConnection(self.transport)
-        self._tunnel = user_end
-        splice(user_end, upstream)
+        self._tunnel = self._user_end
+        self._tunnel.dataReceived(data)
         if user_eof:
-            user_end.readConnectionLost()
+            self._tunnel.readConnectionLost()
+
+    def _tunnel_spliced(self, upstream):
+        self._opening = None
 
     def _tunnel_failed(self, failure):
         self._opening = None
         self._connect_target = None
+        self._user_end = None
         if self._closing:
             return
         self.read_gate.resume("connect")

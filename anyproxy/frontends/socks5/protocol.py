@@ -65,7 +65,7 @@ from anyproxy.frontends.socks5.parser import (
     UserPassAuth,
 )
 from anyproxy.frontends.socks5.relay import UdpAssociation
-from anyproxy.splice import SpliceEnd
+from anyproxy.splice import SpliceEnd, open_and_splice
 from anyproxy.tuning import set_no_delay
 
 _NEGOTIATING = "negotiating"
@@ -135,20 +135,17 @@ class Socks5Protocol(SpliceEnd):
         elif self._udp:
             pass  # RFC 1928: the control connection carries no payload
         elif self._phase is not _CLOSING:
-            # Opening: SpliceEnd keeps it until joined.  Spliced: forwarded.
+            # Opening: SpliceEnd holds it until joined (reading pauses past
+            # OPENING_HIGH_WATER).  Spliced: forwarded.
             SpliceEnd.dataReceived(self, data)
-            if self._phase is _OPENING and len(self._pending) > OPENING_HIGH_WATER:
-                self.transport.pauseProducing()
 
     def readConnectionLost(self):
         if self._association is not None:
             self._association.end("user closed the control connection")
         elif self._udp and self._phase is _OPENING:
             self._close()  # the user gave up: cancels the open
-        elif self._phase is _SPLICED:
-            SpliceEnd.readConnectionLost(self)
-        elif self._phase is _OPENING:
-            self._read_closed = True  # passed on once the splice exists
+        elif self._phase is _SPLICED or self._phase is _OPENING:
+            SpliceEnd.readConnectionLost(self)  # while opening: passed on at the join
         else:
             self._log.debug("SOCKS5 {peer}: closed during the handshake", peer=self._peer)
             self._close()
@@ -156,8 +153,10 @@ class Socks5Protocol(SpliceEnd):
     def connectionLost(self, reason):
         self._cancel_timeout()
         self._handshake_over()
-        self._lost = True
         opening, self._opening = self._opening, None
+        association, self._association = self._association, None
+        # Marks this end lost, and cancels a CONNECT's open in progress.
+        SpliceEnd.connectionLost(self, reason)
         if opening is not None:
             self._log.info(
                 "SOCKS5 {peer} user {user!r} -> {target}: user left, open cancelled",
@@ -165,11 +164,9 @@ class Socks5Protocol(SpliceEnd):
                 user=self._user_label,
                 target=self._target,
             )
-            opening.cancel()
-        association, self._association = self._association, None
+            opening.cancel()  # a UDP ASSOCIATE's open (a CONNECT's is already cancelled)
         if association is not None:
             association.end("control connection closed")
-        SpliceEnd.connectionLost(self, reason)
 
     # negotiation
 
@@ -235,7 +232,6 @@ class Socks5Protocol(SpliceEnd):
         self._cancel_timeout()
         self._handshake_over()
         self._phase = _OPENING
-        self._pending = self._parser.trailing_data[0]
         self._target = host_port(request.host, request.port)
         if request.command == CMD_UDP_ASSOCIATE:
             self._open_udp(request)
@@ -249,18 +245,17 @@ class Socks5Protocol(SpliceEnd):
             )
             self._reply_and_close(REP_COMMAND_NOT_SUPPORTED)
             return
-        try:
-            endpoint = self.factory.endpoint_for(self._user, request.host, request.port)
-            opening = connect_protocol(endpoint, SpliceEnd())
-        except Exception:
-            opening = fail()
+        # Bytes sent right after the request are the first payload.
+        SpliceEnd.dataReceived(self, self._parser.trailing_data[0])
+        opening = open_and_splice(
+            self, lambda: self.factory.endpoint_for(self._user, request.host, request.port),
+            on_open=self._reply_succeeded, read_while_opening=OPENING_HIGH_WATER)
         self._opening = opening
-        opening.addCallbacks(self._open_succeeded, self._open_failed)
+        opening.addCallbacks(self._spliced, self._open_failed)
         opening.addErrback(self._internal_error)
 
     def _open_udp(self, request):
         self._udp = True
-        self._pending = b""  # not payload: the control connection carries none
         self._target = "UDP relay (user port %d)" % (request.port,)
         try:
             association = UdpAssociation(
@@ -283,35 +278,25 @@ class Socks5Protocol(SpliceEnd):
 
     # opening
 
-    def _open_succeeded(self, target):
-        self._opening = None
-        if self._lost or self._phase is not _OPENING:
-            target.transport.loseConnection()
-            return
-        if target._lost:
-            self._log.info(
-                "SOCKS5 {peer} -> {target}: target closed at once", peer=self._peer, target=self._target
-            )
-            self._reply_and_close(REP_GENERAL_FAILURE)
-            return
+    def _reply_succeeded(self, target):
+        # The target is open and nothing has flowed yet: the reply goes first.
         self._phase = _SPLICED
         bind_host, bind_port = _bind_address(self.transport.getHost())
         self.transport.write(self._parser.reply(REP_SUCCEEDED, bind_host, bind_port))
-        self._log.info(
-            "SOCKS5 {peer} user {user!r} -> {target}: connected",
-            peer=self._peer,
-            user=self._user_label,
-            target=self._target,
-        )
-        # Resume before joining, so a pause asked for by the target side wins.
-        self.transport.resumeProducing()
-        self.join(target)
-        if self._read_closed and not target._lost:
-            target._shut_down_write()
+
+    def _spliced(self, target):
+        self._opening = None
+        if target is not None:  # None: the user left first
+            self._log.info(
+                "SOCKS5 {peer} user {user!r} -> {target}: connected",
+                peer=self._peer,
+                user=self._user_label,
+                target=self._target,
+            )
 
     def _udp_open_succeeded(self, association):
         self._opening = None
-        if self._lost or self._phase is not _OPENING:
+        if self.lost or self._phase is not _OPENING:
             association.end("user left")
             return
         if association.ended:
@@ -350,12 +335,12 @@ class Socks5Protocol(SpliceEnd):
             why=why,
             counters=association.relay.counters(),
         )
-        if not self._lost and self._phase is _ASSOCIATED:
+        if not self.lost and self._phase is _ASSOCIATED:
             self._close()  # the user must notice that its relay is gone
 
     def _open_failed(self, failure):
         self._opening = None
-        if self._lost or self._phase is not _OPENING:
+        if self.lost or self._phase is not _OPENING:
             return None  # the user left and the open was cancelled
         if failure.check(StreamOpenError):
             code = socks_reply_code(failure.value.reason)

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_forwarding -*-
 """
-Port forwarding (the original project's C{open_ports}): a client asks, in its
+Port forwarding (C{client.open_ports}): a client asks, in its
 HELLO, for gateway ports; the gateway listens on them and carries every
 connection or datagram through that client's tunnel to C{local_host:local_port}
 as seen from the client, where the client's access control applies as for
@@ -35,7 +35,7 @@ public, says nothing about who should reach a client's services.
 
 TCP: each accepted connection is paused, a tcp stream is opened to the
 target through the chosen tunnel, and the two are spliced
-(L{anyproxy.splice.SpliceEnd}: backpressure and half-close).  If the open
+(L{anyproxy.splice.open_and_splice}: backpressure and half-close).  If the open
 fails (refused by access control, connection refused at the client, no
 answer in time) the user's connection is aborted, so the user sees a reset
 rather than a clean, empty close.
@@ -51,97 +51,14 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from anyproxy.addresses import address_text, host_port
-from anyproxy.connect_protocol import connect_protocol
+from anyproxy.addresses import address_text
+from anyproxy.interfaces import IReconfigurable
 from anyproxy.tunnel.endpoint import DEFAULT_OPEN_TIMEOUT, attach_protocol, bound_open
 from anyproxy.gateway.port_forwarding.udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
-from anyproxy.splice import SpliceEnd
-from anyproxy.tunnel.frames import PROTOCOL_VERSION
+from anyproxy.splice import SpliceEnd, open_and_splice
+from anyproxy.tunnel.hello import BadPortRequest, gateway_hello, port_answer, read_open_ports
 
 log = Logger()
-
-PROTOCOLS = ("tcp", "udp")
-# The tunnel carries host names of 1..255 bytes (docs/PROTOCOL.md, OPEN).
-MAX_HOST_BYTES = 255
-
-
-# -- requests and answers (pure) --------------------------------------------
-
-
-@attr.s(frozen=True, slots=True)
-class PortRequest:
-    """One C{open_ports} entry of a client's HELLO, checked."""
-
-    remote_port = attr.ib()
-    local_host = attr.ib()
-    local_port = attr.ib()
-    protocol = attr.ib(default="tcp")
-
-    @property
-    def key(self):
-        return (self.remote_port, self.protocol)
-
-    @property
-    def label(self):
-        """C{'9001/tcp'}, as logs and answers name the port."""
-        return "%d/%s" % self.key
-
-    @property
-    def target(self):
-        return host_port(self.local_host, self.local_port)
-
-
-def _port_field(item, key):
-    value = item.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ValueError("%s must be a port number 1..65535, got %r" % (key, value))
-    return value
-
-
-def parse_request(item):
-    """
-    A L{PortRequest} from one HELLO C{open_ports} entry.
-
-    @raise ValueError: naming the bad field.
-    """
-    if not isinstance(item, dict):
-        raise ValueError("entry must be an object, got %r" % (type(item).__name__,))
-    remote_port = _port_field(item, "remote_port")
-    local_port = _port_field(item, "local_port")
-    local_host = item.get("local_host")
-    if not isinstance(local_host, str):
-        raise ValueError("local_host must be a string")
-    try:
-        encoded = local_host.encode("ascii") if local_host.isascii() else local_host.encode("idna")
-    except UnicodeError:
-        raise ValueError("local_host %r is not a valid host name" % (local_host,)) from None
-    if not 1 <= len(encoded) <= MAX_HOST_BYTES:
-        raise ValueError("local_host must be 1..%d bytes" % (MAX_HOST_BYTES,))
-    protocol = item.get("protocol", "tcp")
-    if protocol not in PROTOCOLS:
-        raise ValueError("protocol must be tcp or udp, got %r" % (protocol,))
-    return PortRequest(remote_port, local_host, local_port, protocol)
-
-
-def answer(item, ok, why=""):
-    """The HELLO answer for one requested entry (raw or L{PortRequest})."""
-    if isinstance(item, PortRequest):
-        port, protocol = item.key
-    else:
-        item = item if isinstance(item, dict) else {}
-        port, protocol = item.get("remote_port"), item.get("protocol", "tcp")
-        port = port if isinstance(port, int) and not isinstance(port, bool) else None
-        protocol = protocol if isinstance(protocol, str) else None
-    return {"remote_port": port, "protocol": protocol, "ok": ok, "error": why}
-
-
-def refuse_all(requested, why):
-    """Answers refusing every entry of C{requested} (None when nothing was asked)."""
-    if requested is None:
-        return None
-    if not isinstance(requested, list):
-        return []
-    return [answer(item, False, why) for item in requested]
 
 
 # -- streams through one chosen tunnel -----------------------------------------
@@ -192,8 +109,6 @@ class Route:
 class ForwardedConnection(SpliceEnd):
     """A user's connection to a forwarded TCP port, spliced to a tunnel stream."""
 
-    _opening = None
-
     def connectionMade(self):
         forward = self.factory.forward
         route = forward.pick_route()
@@ -204,40 +119,22 @@ class ForwardedConnection(SpliceEnd):
         self._where = "%s (client %s) %s -> %s" % (
             forward.label, route.tunnel.client_id, address_text(self.transport.getPeer()),
             route.request.target)
-        # Read nothing until the stream exists (Twisted's portforward pattern).
-        self.transport.pauseProducing()
-        opening = connect_protocol(route.endpoint(forward.clock, forward.open_timeout), SpliceEnd())
-        self._opening = opening
-        opening.addCallbacks(self._opened, self._failed)
+        # Reading pauses until the stream exists (Twisted's portforward pattern).
+        opening = open_and_splice(self, route.endpoint(forward.clock, forward.open_timeout))
+        opening.addCallbacks(self._spliced, self._failed)
 
-    def _opened(self, target):
-        self._opening = None
-        if self._lost:
-            target.transport.loseConnection()
-            return
-        if target._lost:
-            self.transport.abortConnection()
-            return
-        log.info("forwarded port {where}: connected", where=self._where)
-        self.transport.resumeProducing()
-        self.join(target)
-        if self._read_closed and not target._lost:
-            target._shut_down_write()
+    def _spliced(self, target):
+        if target is not None:  # None: the user left first
+            log.info("forwarded port {where}: connected", where=self._where)
 
     def _failed(self, failure):
-        self._opening = None
-        if failure.check(defer.CancelledError):
-            return  # the user left first
+        # A reset tells the user more than a clean, empty close.
         log.info("forwarded port {where}: {why}", where=self._where, why=failure.getErrorMessage())
-        if not self._lost:
-            self.transport.abortConnection()
+        self.transport.abortConnection()
 
     def connectionLost(self, reason):
         self.factory.forward.connections.discard(self)
-        if self._opening is not None:
-            opening, self._opening = self._opening, None
-            opening.cancel()
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # cancels an open in progress
 
 
 class ForwardedPort:
@@ -264,10 +161,14 @@ class ForwardedPort:
         return self.owner[1]
 
     def pick_route(self):
-        """The route whose tunnel has the fewest open streams, or C{None}."""
-        if not self.routes:
+        """
+        The route whose tunnel has the fewest open streams, or C{None}.
+        Tunnels going away (GOAWAY sent or received) open no new streams.
+        """
+        routes = [route for route in self.routes if not route.tunnel.draining]
+        if not routes:
             return None
-        return min(self.routes, key=lambda route: route.tunnel.active_streams)
+        return min(routes, key=lambda route: route.tunnel.active_streams)
 
     def route_for(self, tunnel):
         for route in self.routes:
@@ -290,6 +191,7 @@ class ForwardedPort:
 # -- the manager ----------------------------------------------------------------
 
 
+@implementer(IReconfigurable)
 class PortForwarding:
     """
     Every forwarded port of one gateway.
@@ -298,8 +200,9 @@ class PortForwarding:
     @param port_allowed: C{port -> bool}, normally
         L{anyproxy.config.model.GatewayConfig.port_allowed}.
     @param interface: the address forwarded ports listen on
-        (C{gateway.open_ports_interface}); a reload may change it for ports
-        opened afterwards.
+        (C{gateway.open_ports_interface}).  A reload (L{prepare}) changes
+        it and C{port_allowed} for ports opened afterwards; open ones keep
+        their address.
     @param udp_idle_timeout: seconds without a datagram either way before a
         UDP source's association is ended.
     """
@@ -315,8 +218,22 @@ class PortForwarding:
                                   else UDP_IDLE_TIMEOUT)
         self._forwards = {}
         self._by_tunnel = {}
-        self._waiting = {}  # key -> [(tunnel, HELLO entry)] refused while another client held it
+        self._waiting = {}  # key -> [(tunnel, PortRequest)] refused while another client held it
         self._stopped = False
+
+    def prepare(self, config):
+        """
+        The reload step (L{anyproxy.interfaces.IReconfigurable}):
+        C{gateway.open_ports_allowed} and C{open_ports_interface}.
+        """
+        gateway = config.gateway
+
+        def apply():
+            self._port_allowed = gateway.port_allowed
+            self.interface = gateway.open_ports_interface
+            return defer.succeed([])
+
+        return apply
 
     def forwards(self):
         """C{{(port, protocol): client_id}} of the open ports (a snapshot)."""
@@ -330,22 +247,19 @@ class PortForwarding:
         """
         Open the ports a new tunnel's HELLO asked for.
 
-        @param requested: the HELLO's C{open_ports} value (C{None}: not asked).
+        @param requested: the HELLO's C{open_ports}
+            (L{anyproxy.tunnel.hello.ClientHello.open_ports}, or as received;
+            C{None}: not asked).
         @return: the C{open_ports} list for our HELLO answer, or C{None}.
         """
+        requested = read_open_ports(requested)
         if requested is None:
             return None
-        if not isinstance(requested, list):
-            log.warn("client {client_id}: open_ports in HELLO is not a list; ignored",
-                     client_id=tunnel.client_id)
-            return []
-        return [self._open(tunnel, item) for item in requested]
+        return [self._open(tunnel, request) for request in requested]
 
-    def _open(self, tunnel, item):
-        try:
-            request = parse_request(item)
-        except ValueError as e:
-            return self._refuse(tunnel, answer(item, False), "bad open_ports entry: %s" % (e,))
+    def _open(self, tunnel, request):
+        if isinstance(request, BadPortRequest):
+            return self._refuse(tunnel, request, "bad open_ports entry: %s" % (request.problem,))
         if self._stopped:
             return self._refuse(tunnel, request, "the gateway is stopping")
         if not self._port_allowed(request.remote_port):
@@ -357,7 +271,7 @@ class PortForwarding:
             if forward.owner != owner:
                 waiting = self._waiting.setdefault(request.key, [])
                 if not any(waiter is tunnel for waiter, _ in waiting):
-                    waiting.append((tunnel, item))
+                    waiting.append((tunnel, request))
                 return self._refuse(tunnel, request, "port %s already forwarded for client %s"
                                     % (request.label, forward.client_id))
             if forward.route_for(tunnel) is not None:
@@ -375,12 +289,12 @@ class PortForwarding:
         log.info("forwarding port {port} on {interface} to {target} through client {client_id}",
                  port=request.label, interface=self.interface or "*", target=request.target,
                  client_id=tunnel.client_id)
-        return answer(request, True)
+        return port_answer(request, True)
 
     def _refuse(self, tunnel, request, why):
         log.warn("client {client_id}: port forwarding refused: {why}",
                  client_id=tunnel.client_id, why=why)
-        return answer(request, False, why)
+        return port_answer(request, False, why)
 
     def _listen(self, forward, request):
         if request.protocol == "tcp":
@@ -402,7 +316,7 @@ class PortForwarding:
         @return: a Deferred firing once the released ports are closed.
         """
         for key, waiting in list(self._waiting.items()):
-            waiting[:] = [(waiter, item) for waiter, item in waiting if waiter is not tunnel]
+            waiting[:] = [(waiter, request) for waiter, request in waiting if waiter is not tunnel]
             if not waiting:
                 del self._waiting[key]
         closing = []
@@ -429,13 +343,13 @@ class PortForwarding:
             if waiting and not self._stopped:
                 self._waiting[key] = waiting
             return
-        for tunnel, item in waiting:
-            result = self._open(tunnel, item)  # another client's is refused, and waits again
+        for tunnel, request in waiting:
+            result = self._open(tunnel, request)  # another client's is refused, and waits again
             still_waiting = any(waiter is tunnel for waiter, _ in self._waiting.get(key, ()))
             if not still_waiting:
                 # Granted, or refused for good (the port no longer binds or is
                 # allowed): either way the client hears how its wait ended.
-                tunnel.mux.send_hello({"version": PROTOCOL_VERSION, "open_ports": [result]})
+                tunnel.mux.send_hello(gateway_hello([result], software=None))
 
     def stop(self):
         """Release every port (the gateway is stopping); a Deferred."""

@@ -124,7 +124,7 @@ def status_snapshot(registry, started_at, now, history=None):
     C{active_streams} are now; the traffic totals are since the start when
     C{totals.since_start} is true, else over the connected tunnels.
 
-    @param registry: the gateway's L{anyproxy.gateway.tunnel_pool.TunnelPool}.
+    @param registry: the gateway's L{anyproxy.interfaces.ITunnelPool}.
     @param started_at: when the gateway started (seconds since the epoch).
     @param now: the current time (seconds since the epoch).
     @param history: the L{TrafficHistory} of tunnels gone, or C{None}.

@@ -1,0 +1,178 @@
+# -*- test-case-name: tests.test_reload -*-
+"""
+The gateway's user-facing listeners: one per frontend, that is per
+C{proxy.socks5}, C{proxy.http} and C{proxy.frontends} entry
+(C{docs/FRONTENDS.md}).
+
+L{Frontends} asks each entry's plugin (L{anyproxy.frontends.lookup}) for a
+protocol factory, handing it a L{anyproxy.interfaces.FrontendContext}: the
+listener's users and an C{endpoint_for} that opens streams through the
+tunnels.  That context is all a frontend gets from the gateway; it never
+sees the tunnel pool.  L{Frontends} listens with each factory and applies a
+reload to them (see L{Frontends.prepare}).
+"""
+
+import functools
+
+import attr
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from zope.interface import implementer
+
+from anyproxy.auth import UserDatabase
+from anyproxy.frontends.lookup import find_frontend
+from anyproxy.gateway.reconfigure import relisten
+from anyproxy.interfaces import FrontendContext, IReconfigurable
+from anyproxy.listeners import Listener, remove_child
+
+
+@attr.s(eq=False)
+class FrontendRecord:
+    """
+    What the gateway keeps of one frontend listener, to reconfigure it.
+
+    @ivar config: the L{anyproxy.config.model.FrontendConfig} it was last set to.
+    @ivar factory: its protocol factory (from the plugin).
+    @ivar users: its L{anyproxy.auth.UserDatabase}, refilled on reload.
+    @ivar listener: its L{anyproxy.listeners.Listener}, or C{None} when a
+        reload could not bind its new address.
+    """
+
+    config = attr.ib()
+    factory = attr.ib()
+    users = attr.ib(repr=False)
+    listener = attr.ib(default=None)
+
+
+def _same_factory(old, new):
+    """Whether a frontend's protocol factory can be kept (users are refilled)."""
+    return old.type == new.type and dict(old.options) == dict(new.options)
+
+
+@implementer(IReconfigurable)
+@attr.s(eq=False)
+class Frontends(MultiService):
+    """
+    The frontend listeners of a gateway, by listener name.  Build it with
+    L{from_config}.
+
+    @ivar records: C{{listener name: FrontendRecord}}.
+    """
+
+    _reactor = attr.ib()
+    # endpoint_for(user, host, port, kind="tcp", frontend=name): the gateway's
+    # (anyproxy.gateway.app.UserEndpoints.endpoint_for).
+    _endpoint_for = attr.ib()
+    _group_logins = attr.ib()  # anyproxy.auth.GroupLogins, or None
+    _metrics = attr.ib()  # anyproxy.metrics.GatewayMetrics: series per frontend
+    records = attr.ib(factory=dict)
+
+    def __attrs_post_init__(self):
+        MultiService.__init__(self)
+
+    @classmethod
+    def from_config(cls, config, reactor, endpoint_for, group_logins, metrics):
+        """The listeners of every frontend of the L{anyproxy.config.model.Config}."""
+        frontends = cls(reactor, endpoint_for, group_logins, metrics)
+        for frontend in config.proxy.all_frontends():
+            record = frontends.build(frontend, config)
+            frontends._metrics.add_frontend(frontend.name)
+            record.listener = frontends._listener(frontend, record.factory)
+            record.listener.setServiceParent(frontends)
+            frontends.records[frontend.name] = record
+        return frontends
+
+    def build(self, frontend, config):
+        """
+        A new L{FrontendRecord} for C{frontend} (not listening yet); nothing
+        running changes.
+
+        @raise Exception: whatever the plugin's C{build} raises.
+        """
+        users = UserDatabase(config.gateway_users_for(frontend.listener),
+                             group_logins=self._group_logins)
+        context = FrontendContext(
+            name=frontend.name, reactor=self._reactor,
+            endpoint_for=functools.partial(self._endpoint_for, frontend=frontend.name),
+            users=users, handshake_timeout=config.gateway.handshake_timeout)
+        factory = find_frontend(frontend.type).build(frontend.options, context)
+        return FrontendRecord(frontend, factory, users)
+
+    def _listener(self, frontend, factory):
+        return Listener(self._reactor, frontend.listener.endpoint, factory, frontend.name)
+
+    def factories(self):
+        """C{{listener name: protocol factory}} (metrics report each one's counters)."""
+        return {name: record.factory for name, record in self.records.items()}
+
+    def listeners(self):
+        """C{{listener name: Listener}} of those listening."""
+        return {name: record.listener for name, record in self.records.items()
+                if record.listener is not None}
+
+    def prepare(self, config):
+        """
+        See L{anyproxy.interfaces.IReconfigurable}.
+
+        First, the factories of frontends that are new or whose type or
+        options changed are built.  Then every listener's users are
+        refilled (a removed listener's too: its connections stay up and log
+        in again on their next request), the kept factories get the new
+        C{handshake_timeout}, and listeners are removed, added, re-bound
+        (a new address) or replaced (a new factory on the same address: the
+        old one is let go first).
+        """
+        wanted = {frontend.name: frontend for frontend in config.proxy.all_frontends()}
+        rebuilt = {}
+        for name, frontend in wanted.items():
+            current = self.records.get(name)
+            if current is None or not _same_factory(current.config, frontend):
+                rebuilt[name] = self.build(frontend, config)
+
+        def apply():
+            self._refill(config, wanted, rebuilt)
+            moves = []
+            for name in [each for each in self.records if each not in wanted]:
+                moves.append(remove_child(self, self.records.pop(name).listener)
+                             .addCallback(lambda _: []))
+            for name, frontend in wanted.items():
+                moves.extend(self._place(frontend, rebuilt.get(name)))
+            return defer.gatherResults(moves).addCallback(
+                lambda notes: [note for each in notes for note in each])
+
+        return apply
+
+    def _refill(self, config, wanted, rebuilt):
+        for name, record in self.records.items():
+            frontend = wanted.get(name, record.config)
+            # Also for a replaced factory: its keep-alive connections log in again.
+            record.users.replace(config.gateway_users_for(frontend.listener))
+            if name in wanted and name not in rebuilt:
+                record.config = frontend
+                if hasattr(record.factory, "handshake_timeout"):
+                    record.factory.handshake_timeout = config.gateway.handshake_timeout
+
+    def _place(self, frontend, new_record):
+        """Listen for C{frontend} as the reload wants: a list of Deferreds of notes."""
+        name, endpoint = frontend.name, frontend.listener.endpoint
+        current = self.records.get(name)
+        listener = current.listener if current is not None else None
+        if new_record is None:
+            if listener is not None and listener.description == endpoint:
+                return []
+            moving = relisten(self._reactor, self, listener, endpoint, current.factory, name)
+            return [moving.addCallback(self._moved, current)]
+        self._metrics.add_frontend(name)
+        self.records[name] = new_record
+        if listener is not None and listener.description == endpoint:
+            # The same address with another factory: it must be let go first.
+            moving = remove_child(self, listener).addCallback(
+                lambda _: relisten(self._reactor, self, None, endpoint, new_record.factory, name))
+        else:
+            moving = relisten(self._reactor, self, listener, endpoint, new_record.factory, name)
+        return [moving.addCallback(self._moved, new_record)]
+
+    @staticmethod
+    def _moved(result, record):
+        record.listener, note = result
+        return [note] if note else []
