@@ -9,13 +9,13 @@ The data path pays almost nothing.  Each DATA or DATAGRAM frame adds its length 
 integers, the stream's and its mux's (L{anyproxy.tunnel.stream}); each
 stream open costs one counter increment and one histogram observation.
 Everything else is read from live state when Prometheus scrapes: the
-gateway's tunnel registry, the streams' byte counts and send queues, the
+gateway's tunnel pool, the streams' byte counts and send queues, the
 client's dialer and UDP counters, the tunnel sockets' send buffers.
 
 Counters must never go backwards, so a byte count read from a live object
 is folded into a retired total at the moment that object goes: a frontend
 stream's when it closes (L{GatewayMetrics.stream_closed}), a gateway
-tunnel's when the registry drops it (L{GatewayMetrics.tunnel_removed}), a
+tunnel's when the pool drops it (L{GatewayMetrics.tunnel_removed}), a
 client tunnel's when it is lost (the factory keeps the total).  A scrape
 reports retired + live.  Per-client series end with the client's last
 tunnel, or reconnects under new ids would grow the page without bound; the

@@ -51,9 +51,9 @@ def record_of(stream):
         bytes_sent=stream.bytes_sent, bytes_received=stream.bytes_received)
 
 
-def gateway_records(registry):
+def gateway_records(tunnel_pool):
     """
     The records of every open stream of every tunnel of an
     L{anyproxy.interfaces.ITunnelPool}.
     """
-    return [record_of(stream) for tunnel in registry.tunnels() for stream in tunnel.mux.streams()]
+    return [record_of(stream) for tunnel in tunnel_pool.tunnels() for stream in tunnel.mux.streams()]

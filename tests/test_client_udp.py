@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from anyproxy.client import udp
 from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule
 from anyproxy.client.dialer import Dialer
-from anyproxy.client.udp import UdpAssociation, UdpStats, serves_udp
+from anyproxy.client.udp import TargetAssociation, UdpStats, serves_udp
 from anyproxy.errors import Reason, StreamOpenError
 from tests.support import StaticResolver
 from tests.test_dialer import LoopbackMuxPair
@@ -114,7 +114,7 @@ class UdpHarness:
             if not request.closed:
                 request.loseConnection()
         for request in self.requests:
-            if isinstance(request.protocol, UdpAssociation):
+            if isinstance(request.protocol, TargetAssociation):
                 yield request.protocol.wait_closed()
         yield turns(0)
         self.pair.cancel_pending()
@@ -438,7 +438,7 @@ class AssociationUnitTests(SynchronousTestCase):
             self.resolutions.append((host, d))
             return d
 
-        association = UdpAssociation(lambda: access or AccessPolicy(), self.reactor,
+        association = TargetAssociation(lambda: access or AccessPolicy(), self.reactor,
                                      resolve_name or pending_resolve,
                                      idle_timeout=idle_timeout, clock=self.clock)
         self.stream = FakeStream()
@@ -531,7 +531,7 @@ class AssociationUnitTests(SynchronousTestCase):
     def test_stats_aggregate(self):
         """Counters add up on the association and on its parent."""
         parent = UdpStats()
-        association = UdpAssociation(lambda: policy(forbidden=["192.0.2.0/24"]),
+        association = TargetAssociation(lambda: policy(forbidden=["192.0.2.0/24"]),
                                      FakeUdpReactor(), None, parent_stats=parent,
                                      clock=task.Clock())
         association.makeConnection(FakeStream())

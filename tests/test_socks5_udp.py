@@ -35,7 +35,7 @@ from anyproxy.frontends.socks5.relay import (
     MAX_UDP_PAYLOAD_IPV6,
     RELAY_READ_SIZE,
     RELAY_RECEIVE_BUFFER,
-    UdpAssociation,
+    Socks5Association,
     UdpDatagram,
     encode_udp_datagram,
     parse_udp_datagram,
@@ -348,7 +348,7 @@ def receive(sock, timeout=5.0):
 
 
 class UdpRelayTests(TestCase):
-    """UdpAssociation + UdpRelay on 127.0.0.1 with real sockets and a fake stream."""
+    """Socks5Association + UdpRelay on 127.0.0.1 with real sockets and a fake stream."""
 
     timeout = 20
 
@@ -363,7 +363,7 @@ class UdpRelayTests(TestCase):
         """Listen a relay for a user on 127.0.0.1; returns the relay's (host, port)."""
         self.ends = []
         self.stream = FakeUdpStream(accept=accept)
-        self.association = UdpAssociation(
+        self.association = Socks5Association(
             "127.0.0.1", user_port, on_end=lambda association, why: self.ends.append(why)
         )
         self.stream.attach(self.association)

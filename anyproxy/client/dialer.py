@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IResolutionReceiver
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from anyproxy.client.udp import UdpAssociation, UdpStats, serves_udp
+from anyproxy.client.udp import TargetAssociation, UdpStats, serves_udp
 from anyproxy.config.model import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
 from anyproxy.connect_protocol import connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
@@ -173,7 +173,7 @@ class Dialer:
     def handle_open(self, stream):
         """Called by the mux with each incoming stream request."""
         if stream.kind == "udp":
-            # One association, many targets: each datagram is checked in UdpAssociation.
+            # One association, many targets: each datagram is checked in TargetAssociation.
             if not serves_udp(self.policy):
                 self._refuse(stream, Reason.PROTOCOL_NOT_ALLOWED, "udp is not allowed")
                 return
@@ -218,7 +218,7 @@ class Dialer:
             release()
 
         self._associations.add(stream)
-        stream.accept(UdpAssociation(
+        stream.accept(TargetAssociation(
             lambda: self.policy, self._reactor, functools.partial(resolve, self._resolver),
             idle_timeout=self.idle_timeout, parent_stats=self.udp_stats, on_close=closed))
 

@@ -124,7 +124,7 @@ class _TargetSocket(DatagramProtocol):
         self._association._count("dropped_error")
 
 
-class UdpAssociation(Protocol):
+class TargetAssociation(Protocol):
     """
     The protocol of an accepted udp stream: sends the user's datagrams to
     their targets and passes the targets' replies back.

@@ -40,7 +40,7 @@ log = Logger()
 @implementer(IProtocolNegotiationFactory)
 class TunnelServerFactory(WebSocketServerFactory):
     """
-    Accepts client tunnels into C{registry}.
+    Accepts client tunnels into C{tunnel_pool}.
 
     @param credentials: the L{ClientCredentials} clients may present; a
         reload replaces the attribute.
@@ -54,11 +54,11 @@ class TunnelServerFactory(WebSocketServerFactory):
 
     protocol = GatewayTunnelProtocol
 
-    def __init__(self, registry, credentials, reactor, ping_interval=10.0,
+    def __init__(self, tunnel_pool, credentials, reactor, ping_interval=10.0,
                  handshake_timeout=10.0, url="wss://localhost/anyproxy", group_logins=None,
                  forwarding=None):
         super().__init__(url=url, protocols=[frames.SUBPROTOCOL], server="AnyProxy")
-        self.registry = registry
+        self.tunnel_pool = tunnel_pool
         self.credentials = credentials
         self.group_logins = group_logins
         self.forwarding = forwarding
@@ -68,13 +68,13 @@ class TunnelServerFactory(WebSocketServerFactory):
         tune_factory(self, ping_interval, handshake_timeout)
 
     @classmethod
-    def for_credentials(cls, registry, username, password, reactor, groups=(DEFAULT_GROUP,),
+    def for_credentials(cls, tunnel_pool, username, password, reactor, groups=(DEFAULT_GROUP,),
                         **kwargs):
         """A factory whose clients must present C{username}/C{password}, serving C{groups}."""
         grant = ClientGrant(username, groups, (), 1024)
         credentials = ClientCredentials(passwords={username.encode("utf-8"): (
             ClientCredentials.digest(password), grant)}, shared=grant)
-        return cls(registry, credentials, reactor, **kwargs)
+        return cls(tunnel_pool, credentials, reactor, **kwargs)
 
     def acceptableProtocols(self):
         # WebSocket upgrades happen over HTTP/1.1.  Naming it matters: Twisted
@@ -137,7 +137,7 @@ class TunnelServerFactory(WebSocketServerFactory):
                          "while a client announcing it is connected", group=group,
                          client_id=client_id)
         self.tunnel_counts.add(grant.name)
-        self.registry.add(tunnel)
+        self.tunnel_pool.add(tunnel)
         log.info("tunnel up: client {client_id} group {group} weight {weight:g}{login} from "
                  "{peer} (credential {credential})", client_id=client_id, group=group,
                  weight=weight, peer=protocol.peer, credential=grant.name,
@@ -156,7 +156,7 @@ class TunnelServerFactory(WebSocketServerFactory):
         if self.group_logins is not None:
             self.group_logins.remove(tunnel)
         self.tunnel_counts.remove(tunnel.credential)
-        self.registry.remove(tunnel)
+        self.tunnel_pool.remove(tunnel)
         log.info("tunnel down: client {client_id} group {group} from {peer}",
                  client_id=tunnel.client_id, group=tunnel.group, peer=tunnel.address)
 

@@ -64,7 +64,7 @@ from anyproxy.frontends.socks5.parser import (
     SocksStateError,
     UserPassAuth,
 )
-from anyproxy.frontends.socks5.relay import UdpAssociation
+from anyproxy.frontends.socks5.relay import Socks5Association
 from anyproxy.splice import SpliceEnd, open_and_splice
 from anyproxy.tuning import set_no_delay
 
@@ -258,7 +258,7 @@ class Socks5Protocol(SpliceEnd):
         self._udp = True
         self._target = "UDP relay (user port %d)" % (request.port,)
         try:
-            association = UdpAssociation(
+            association = Socks5Association(
                 getattr(self.transport.getPeer(), "host", None),
                 request.port,
                 on_end=self._association_ended,

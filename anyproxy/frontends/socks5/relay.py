@@ -9,7 +9,7 @@ Three layers, smallest first:
  - L{UdpRelay}, a C{DatagramProtocol} on the relay port: it checks where a
    datagram came from, unwraps it and hands it to the udp tunnel stream, and
    wraps what the stream brings back for the user;
- - L{UdpAssociation}, the protocol of the udp tunnel stream, which owns the
+ - L{Socks5Association}, the protocol of the udp tunnel stream, which owns the
    relay port and ties the three lifetimes together.
 
 Theory of operation
@@ -282,7 +282,7 @@ class UdpRelay(DatagramProtocol):
         return True
 
 
-class UdpAssociation(Protocol):
+class Socks5Association(Protocol):
     """
     One UDP ASSOCIATE: the protocol of its udp tunnel stream, owner of the
     relay port.

@@ -24,7 +24,7 @@ second, which would fill it).
 Traffic counters are read defensively: a tunnel (or its mux) that has no byte
 or stream counters reports C{null} for them, and the page shows "n/a".  The
 traffic totals run since the gateway started: L{TrafficHistory} adds up the
-counters of each tunnel as the registry lets it go.
+counters of each tunnel as the pool lets it go.
 """
 
 import json
@@ -81,13 +81,13 @@ class TrafficHistory:
     The traffic counters of tunnels that have gone, so that totals run since
     the gateway started rather than over the tunnels connected now.
 
-    @ivar since_start: C{False} if the registry cannot report removed
+    @ivar since_start: C{False} if the pool cannot report removed
         tunnels (then the totals cover connected tunnels only).
     """
 
-    def __init__(self, registry):
+    def __init__(self, tunnel_pool):
         self.retired = dict.fromkeys(COUNTERS)
-        observers = getattr(registry, "removal_observers", None)
+        observers = getattr(tunnel_pool, "removal_observers", None)
         self.since_start = observers is not None
         if observers is not None:
             observers.append(self.tunnel_removed)
@@ -117,19 +117,19 @@ def tunnel_status(tunnel, now):
     }
 
 
-def status_snapshot(registry, started_at, now, history=None):
+def status_snapshot(tunnel_pool, started_at, now, history=None):
     """
     What C{/api/status} answers: the gateway, live totals and one entry per
     connected tunnel (oldest first).  C{tunnels}, C{clients}, C{groups} and
     C{active_streams} are now; the traffic totals are since the start when
     C{totals.since_start} is true, else over the connected tunnels.
 
-    @param registry: the gateway's L{anyproxy.interfaces.ITunnelPool}.
+    @param tunnel_pool: the gateway's L{anyproxy.interfaces.ITunnelPool}.
     @param started_at: when the gateway started (seconds since the epoch).
     @param now: the current time (seconds since the epoch).
     @param history: the L{TrafficHistory} of tunnels gone, or C{None}.
     """
-    tunnels = sorted(registry.tunnels(), key=lambda t: (t.connected_at, t.client_id))
+    tunnels = sorted(tunnel_pool.tunnels(), key=lambda t: (t.connected_at, t.client_id))
     clients = [tunnel_status(t, now) for t in tunnels]
     totals = {
         "tunnels": len(clients),
@@ -160,16 +160,16 @@ class StatusAPI(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, registry, started_at, now):
+    def __init__(self, tunnel_pool, started_at, now):
         super().__init__()
-        self._registry = registry
+        self._tunnel_pool = tunnel_pool
         self._started_at = started_at
         self._now = now
-        self._history = TrafficHistory(registry)
+        self._history = TrafficHistory(tunnel_pool)
 
     def render_GET(self, request):
         _set_headers(request, b"application/json; charset=utf-8")
-        snapshot = status_snapshot(self._registry, self._started_at, self._now(), self._history)
+        snapshot = status_snapshot(self._tunnel_pool, self._started_at, self._now(), self._history)
         return json.dumps(snapshot, sort_keys=True).encode("utf-8")
 
 
@@ -184,23 +184,23 @@ class StatusPage(resource.Resource):
         return PAGE
 
 
-def status_tree(registry, started_at=None, now=time.time):
+def status_tree(tunnel_pool, started_at=None, now=time.time):
     """The unauthenticated resource tree: C{/} and C{/api/status}."""
     root = resource.Resource()
     root.putChild(b"", StatusPage())
     api = resource.Resource()
-    api.putChild(b"status", StatusAPI(registry, now() if started_at is None else started_at, now))
+    api.putChild(b"status", StatusAPI(tunnel_pool, now() if started_at is None else started_at, now))
     root.putChild(b"api", api)
     return root
 
 
-def status_site(registry, username, password, started_at=None, now=time.time, reactor=None,
+def status_site(tunnel_pool, username, password, started_at=None, now=time.time, reactor=None,
                 request_timeout=DEFAULT_REQUEST_TIMEOUT, max_connections=MAX_CONNECTIONS):
     """
     The status page's C{Site}: L{status_tree} behind Basic auth, with the
     request deadline and connection cap of every L{OperatorSite}.
 
-    @param registry: the gateway's tunnel registry.
+    @param tunnel_pool: the gateway's tunnel pool.
     @param username: the one login (C{gateway.status_username}).
     @param password: its password (C{gateway.status_password}).
     @param reactor: for timers (C{None}: the global reactor).
@@ -212,6 +212,6 @@ def status_site(registry, username, password, started_at=None, now=time.time, re
     """
     if not username or not password:
         raise ValueError("the status page needs a username and a password")
-    return OperatorSite(status_tree(registry, started_at, now), reactor, "status page", REALM,
+    return OperatorSite(status_tree(tunnel_pool, started_at, now), reactor, "status page", REALM,
                         request_timeout=request_timeout, max_connections=max_connections,
                         username=username, password=password)
