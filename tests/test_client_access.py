@@ -154,7 +154,8 @@ class HelloGrantTests(SynchronousTestCase):
         refused = self.refused(SHARED, group="lab", weight=10000)
         self.assertEqual(refused.code, frames.CLOSE_NOT_ALLOWED)
         self.assertEqual(refused.reason, "credential 'gateway.auth_username' may not serve "
-                                         "group 'lab' (it may serve: default)")
+                                         "group 'lab' (it may serve: default); add it to "
+                                         "gateway.auth_groups")
         self.assertEqual(self.registry.tunnels(), [])
 
     def test_minted_group_login_refused(self):

@@ -39,6 +39,7 @@ log = Logger()
 ANY_GROUP = "*"
 SHARED = "gateway.auth_username"  # the shared credential's name in logs and counts
 SHARED_CERTIFICATE = "gateway.client_ca"  # a CA-verified certificate matching no subject entry
+SHARED_NAMES = (SHARED, SHARED_CERTIFICATE)  # the shared credential's grant is named one of these
 
 def _to_bytes(text):
     return text.encode("utf-8") if isinstance(text, str) else bytes(text)

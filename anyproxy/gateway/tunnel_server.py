@@ -24,7 +24,8 @@ from zope.interface import implementer
 from anyproxy.auth import DEFAULT_GROUP
 from anyproxy.errors import HelloRefused, Reason
 from anyproxy.gateway.client_access import (
-    ClientCredentials, ClientGrant, TunnelCounts, certificate_subjects, log_client_grants)
+    SHARED_NAMES, ClientCredentials, ClientGrant, TunnelCounts, certificate_subjects,
+    log_client_grants)
 from anyproxy.gateway.reconfigure import ReloadableServerTLS, relisten
 from anyproxy.gateway.tunnel_pool import Tunnel
 from anyproxy.interfaces import IReconfigurable
@@ -109,8 +110,10 @@ class TunnelServerFactory(WebSocketServerFactory):
         group_password = hello.group_password
         grant = protocol.grant
         if not grant.allows_group(group):
+            # For the shared credential the fix is one key: name it.
+            fix = "; add it to gateway.auth_groups" if grant.name in SHARED_NAMES else ""
             raise HelloRefused(frames.CLOSE_NOT_ALLOWED, "credential %r may not serve group %r "
-                               "(it may serve: %s)" % (grant.name, group, grant.describe()))
+                               "(it may serve: %s)%s" % (grant.name, group, grant.describe(), fix))
         if not grant.allows_client_id(client_id):
             raise HelloRefused(frames.CLOSE_NOT_ALLOWED, "credential %r may not announce "
                                "client_id %r" % (grant.name, client_id))
