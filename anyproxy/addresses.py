@@ -85,8 +85,10 @@ def listen_endpoint(text):
     Convert a C{listen_addr} to C{(endpoint string, local-only)}.
 
     C{host:port} -> C{tcp:port:interface=host}, C{[::1]:port} ->
-    C{tcp6:port:interface=\\:\\:1}, C{:port} -> C{tcp:port}, and a string
-    starting with a known endpoint type passes through unchanged.
+    C{tcp6:port:interface=\\:\\:1}, C{:port} and C{[::]:port} ->
+    C{dualstack:port} (IPv6 and IPv4 on every interface, as Go's C{:port};
+    see L{anyproxy.dual_stack}), and a string starting with a known
+    endpoint type passes through unchanged (C{tcp:port} is IPv4 only).
 
     @raise ValueError: with the reason.
     """
@@ -98,12 +100,14 @@ def listen_endpoint(text):
         " (IPv6 goes in brackets)")
     port = _check_port(port)
     if not host:
-        return "tcp:%d" % (port,), False
+        return "dualstack:%d" % (port,), False
     try:
         address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
     except ValueError:
         raise ValueError("%r is not an IP address or localhost (endpoint types: %s)"
                          % (host, ", ".join(ENDPOINT_TYPES))) from None
+    if address.version == 6 and address.is_unspecified:
+        return "dualstack:%d" % (port,), False
     if address.version == 6:
         return "tcp6:%d:interface=%s" % (port, str(address).replace(":", "\\:")), address.is_loopback
     return "tcp:%d:interface=%s" % (port, address), address.is_loopback

@@ -11,6 +11,13 @@ C{group_password} announces it in its HELLO, and while it is connected the
 proxy login C{group_id:group_password} is valid and routed to that group.
 Static users (the listeners' own and C{gateway.users}) take precedence for
 the same username.
+
+A static user may also log in as C{username.group} (the original Go
+AnyProxy's form) with its own password, and is then routed to that group,
+but only to a group the entry allows (its C{groups}, C{"*"} meaning any);
+any other suffix fails like a wrong password.  As in the original, the
+first dot splits: the group id may hold dots, a username that holds one
+can log in only by its full name.
 """
 
 import hashlib
@@ -120,54 +127,91 @@ class GroupLogins:
         return "<GroupLogins %d groups>" % (len(self._groups),)
 
 
+def _allowed_group(groups, suffix):
+    """The group C{suffix} names if C{groups} allows it (C{"*"}: any), else C{None}."""
+    try:
+        group = suffix.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if group and (group in groups or "*" in groups):
+        return group
+    return None
+
+
 class UserDatabase:
     """
-    A set of C{username -> (password, group)} entries.
+    A set of C{username -> (password, group, groups)} entries.
 
-    @ivar required: C{False} when no users are configured: the listener is
-        open and every connection is L{ANONYMOUS}.
+    @ivar required: C{False} when no users are configured and no login is
+        required: the listener is open and every connection is L{ANONYMOUS}.
     """
 
-    def __init__(self, entries=(), group_logins=None):
+    def __init__(self, entries=(), group_logins=None, require_login=False):
         """
-        @param entries: iterable of C{(username, password, group)}.
+        @param entries: iterable of C{(username, password, group)} or
+            C{(username, password, group, groups)}: C{group} is where a login
+            by the bare name goes, C{groups} the groups a C{username.group}
+            login may name (C{"*"}: any; absent: only C{group}).
         @param group_logins: a L{GroupLogins} consulted for names that are
             not in C{entries}, or C{None}.  It makes no listener require
             authentication: an open listener stays open.
+        @param require_login: require a login even with no C{entries}, so
+            that only group logins let users in (the listener's
+            C{require_login}).
         """
         self._group_logins = group_logins
+        self._require_login = require_login
         self.replace(entries)
 
-    def replace(self, entries):
+    def replace(self, entries, require_login=None):
         """
         Put C{entries} in place of the current users (config reload): every
         later check uses them; a user already let in stays in.
+        C{require_login}, unless C{None}, replaces the one given before.
         """
+        if require_login is not None:
+            self._require_login = require_login
         users = {}
-        for name, password, group in entries:
-            users[_to_bytes(name)] = (_to_bytes(password), group or DEFAULT_GROUP)
+        for entry in entries:
+            name, password, group = entry[:3]
+            group = group or DEFAULT_GROUP
+            groups = frozenset(entry[3]) if len(entry) > 3 else frozenset((group,))
+            users[_to_bytes(name)] = (_to_bytes(password), group, groups)
         self._users = users
-        self.required = bool(users)
+        self.required = bool(users) or self._require_login
 
     def authenticate(self, username, password):
         """
-        Check a username/password pair.
+        Check a username/password pair: a static user by its name, then
+        C{user.group} for a static user and a group the entry allows, then a
+        group login.
 
         @return: the L{User}, or C{None} when the pair is wrong.
         """
         if not self.required:
             return ANONYMOUS
-        name = _to_bytes(username)
-        stored, group = self._users.get(name, (_UNKNOWN, None))
-        ok = hmac.compare_digest(stored, _to_bytes(password))
+        name, password = _to_bytes(username), _to_bytes(password)
+        stored, group, _ = self._users.get(name, (_UNKNOWN, None, None))
+        ok = hmac.compare_digest(stored, password)
+        # The original's "user.group": the first dot splits.  Compared every
+        # time (an unknown or undotted name against the placeholder), so the
+        # cost never depends on which names exist.
+        base, dot, suffix = name.partition(b".")
+        base_stored, _, base_groups = self._users.get(base, (_UNKNOWN, None, None)) \
+            if dot else (_UNKNOWN, None, None)
+        base_ok = hmac.compare_digest(base_stored, password)
         # Asked every time, so a static user costs the same as any other name.
         by_group = (self._group_logins.authenticate(name, password)
                     if self._group_logins is not None else None)
-        if group is None:
-            return by_group
-        if ok:
-            return User(name=name.decode("utf-8", "replace"), group=group)
-        return None
+        if group is not None:
+            if ok:
+                return User(name=name.decode("utf-8", "replace"), group=group)
+            return None
+        if base_ok and base_groups is not None:
+            chosen = _allowed_group(base_groups, suffix)
+            if chosen is not None:
+                return User(name=base.decode("utf-8", "replace"), group=chosen)
+        return by_group
 
     def __repr__(self):
         # Never show passwords, even in a debugger or a traceback.

@@ -175,7 +175,8 @@ class FrontendContext:
     @ivar reactor: the reactor (a C{Clock}/C{MemoryReactor} in unit tests):
         use it for timers and listening, never the global one.
     @ivar users: the listener's L{anyproxy.auth.UserDatabase}: its own
-        C{auth_username} plus C{gateway.users}.  When C{users.required} is
+        C{auth_username} plus the C{gateway.users} it takes (its C{users}
+        key, L{anyproxy.config.model.ListenerConfig.user_scope}).  When C{users.required} is
         false the listener is open and every user is
         L{anyproxy.auth.ANONYMOUS}.
     @ivar endpoint_for: C{endpoint_for(user, host, port, kind="tcp")} returns

@@ -7,16 +7,18 @@ for their proxy, tunnel, status and metrics listeners).
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from anyproxy.dual_stack import server_endpoint
 
 log = Logger()
 
 
 class Listener(Service):
     """
-    Listen on a Twisted server endpoint string while running.
+    Listen on a Twisted server endpoint string (or C{dualstack:PORT}, see
+    L{anyproxy.dual_stack}) while running.
 
     A listen error that happens at once (address in use, bad interface) is
     raised from C{startService}, so twistd stops with it instead of running
@@ -40,7 +42,7 @@ class Listener(Service):
         super().privilegedStartService()
         if self._listening is not None:
             return
-        endpoint = serverFromString(self._reactor, self.description)
+        endpoint = server_endpoint(self._reactor, self.description)
         self._listening = endpoint.listen(self.factory)
         self._listening.addBoth(self._listen_result)
         if isinstance(self._listening.result if self._listening.called else None, Failure):

@@ -7,11 +7,14 @@ twistd builds its log observer before our services start, but it first asks
 the application for an C{ILogObserver} component; L{LoggingRoot} registers one
 when twistd attaches our service tree to the application.  The observer
 filters by C{log.level}, writes text or JSON lines (C{log.format}) to
-C{log.file}, or else where twistd would have written (its C{--logfile},
-stdout with C{-n}, C{twistd.log} for a daemon).  Autobahn logs through txaio,
-which gets the same level so that debug messages are not even formatted on
-the data path.  A log file is rotated at C{log.max_size} MB and keeps
-C{log.max_backups} rotated files.
+C{log.file} when C{log.output} is C{file} (the default when a file is
+named), or else where twistd would have written (its C{--logfile}; the
+console with C{-n}, stdout or stderr as C{log.output} says; C{twistd.log}
+for a daemon).  Autobahn logs through txaio, which gets the same level so
+that debug messages are not even formatted on the data path.  A log file is
+rotated at C{log.max_size} MB and keeps C{log.max_backups} rotated files,
+none older than C{log.max_age} days, gzipped with C{log.compress}
+(L{RotatingLogFile}).
 
 Secrets never reach a destination: what Autobahn's tunnel protocols log is
 masked as each event is made (L{library_logger}: its debug lines dump the
@@ -20,14 +23,20 @@ observer, twistd's own too, receives it clean; and our observer masks every
 event again (L{RedactingObserver}) before writing it.
 """
 
+import gzip
+import os
 import re
+import shutil
 import sys
+import threading
+import time
 
 import txaio
 from twisted.application.service import MultiService
 from twisted.logger import (
     FilteringLogObserver, ILogObserver, Logger, LogLevel, LogLevelFilterPredicate,
     jsonFileLogObserver, textFileLogObserver)
+from twisted.python import threadable
 from twisted.python.logfile import LogFile
 from txaio import tx as _txaio_twisted
 from zope.interface import implementer
@@ -202,26 +211,191 @@ class RedactingObserver:
 
 
 _MB = 1024 * 1024
+_DAY = 24 * 60 * 60
+_GZ = ".gz"
 
 
-def _open(path, nodaemon, log_config):
-    if path == "-" or (not path and nodaemon):
+class RotatingLogFile(LogFile):
+    """
+    Twisted's L{LogFile} (rotated by size; C{path.1} is the newest rotated
+    file, and a rotation deletes those numbered C{maxRotatedFiles} and
+    above), plus what the Go AnyProxy's log section asks for: rotated files
+    older than C{maxAge} seconds are deleted, and with C{compress} each
+    rotated file is gzipped to C{path.N.gz}.  A number counts once, gzipped
+    or not, so C{maxRotatedFiles} and C{maxAge} bound the compressed files
+    too.
+
+    Compression runs in a thread, so that a large file does not stall the
+    reactor: the file is written to C{path.N.gz.tmp}, renamed to
+    C{path.N.gz}, and then C{path.N} is removed, so an interrupted run
+    leaves whole files (the next rotation compresses what it left, and
+    deletes the partial C{.gz.tmp}).
+    While it runs, rotation waits: the current file grows past the size
+    until the thread is done, and the next write rotates.
+
+    @ivar maxAge: seconds; C{0} keeps rotated files of any age.
+    @ivar compress: gzip rotated files.
+    """
+
+    def __init__(self, name, directory, rotateLength=1000000, defaultMode=None,
+                 maxRotatedFiles=None, maxAge=0, compress=False):
+        self.maxAge = maxAge
+        self.compress = compress
+        self._compressor = None
+        LogFile.__init__(self, name, directory, rotateLength, defaultMode, maxRotatedFiles)
+        self.remove_expired()
+
+    def _rotated(self, number):
+        """The files on disk numbered C{number}: C{path.N} and/or C{path.N.gz}."""
+        names = ("%s.%d" % (self.path, number), "%s.%d%s" % (self.path, number, _GZ))
+        return [name for name in names if os.path.exists(name)]
+
+    def listLogs(self):
+        """The rotated files' numbers, gzipped or not, in order."""
+        prefix = self.name + "."
+        numbers = set()
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        for name in names:
+            if not name.startswith(prefix):
+                continue
+            number = name[len(prefix):]
+            if number.endswith(_GZ):
+                number = number[:-len(_GZ)]
+            if number.isascii() and number.isdigit() and int(number) > 0:
+                numbers.add(int(number))
+        return sorted(numbers)
+
+    def compressing(self):
+        """Whether a rotated file is being compressed now."""
+        return self._compressor is not None and self._compressor.is_alive()
+
+    def wait_for_compression(self, timeout=None):
+        """Block until the compression thread (if any) is done (tests, shutdown)."""
+        if self._compressor is not None:
+            self._compressor.join(timeout)
+
+    def rotate(self):
+        """
+        As L{LogFile.rotate}, for plain and gzipped files; then delete those
+        past C{maxAge} and compress the new one.  Skipped, as Twisted skips
+        a rotation it cannot do, while a compression runs or if the
+        directory or the file is not writable.
+        """
+        if self.compressing():
+            return
+        if not (os.access(self.directory, os.W_OK) and os.access(self.path, os.W_OK)):
+            return
+        for number in reversed(self.listLogs()):
+            for name in self._rotated(number):
+                if self.maxRotatedFiles is not None and number >= self.maxRotatedFiles:
+                    os.remove(name)
+                else:
+                    suffix = _GZ if name.endswith(_GZ) else ""
+                    os.rename(name, "%s.%d%s" % (self.path, number + 1, suffix))
+        self._file.close()
+        os.rename(self.path, "%s.1" % (self.path,))
+        self._openFile()
+        self.remove_expired()
+        if self.compress:
+            self._remove_partial()
+            plain = ["%s.%d" % (self.path, number) for number in self.listLogs()
+                     if os.path.exists("%s.%d" % (self.path, number))]
+            if plain:
+                self._compressor = threading.Thread(
+                    target=_gzip_files, args=(plain,), name="anyproxy log compression")
+                self._compressor.start()
+
+    def _remove_partial(self):
+        """Delete what a compression killed midway left (C{path.N.gz.tmp}); none runs now."""
+        prefix, suffix = self.name + ".", _GZ + ".tmp"
+        for name in os.listdir(self.directory):
+            if name.startswith(prefix) and name.endswith(suffix):
+                try:
+                    os.remove(os.path.join(self.directory, name))
+                except OSError:
+                    pass
+
+    def remove_expired(self):
+        """Delete the rotated files last written more than C{maxAge} seconds ago."""
+        if not self.maxAge:
+            return
+        oldest = time.time() - self.maxAge
+        for number in self.listLogs():
+            for name in self._rotated(number):
+                try:
+                    if os.path.getmtime(name) < oldest:
+                        os.remove(name)
+                except OSError:
+                    pass  # gone already, or not ours to delete: the next rotation retries
+
+
+# As Twisted does for LogFile (whose write is locked already, and calls rotate).
+RotatingLogFile.synchronized = ["rotate"]
+threadable.synchronize(RotatingLogFile)
+
+
+def _gzip_files(paths):
+    """
+    Gzip each of C{paths} to C{path.gz} (keeping its time, which C{maxAge}
+    reads) and remove it.  A file that cannot be compressed is left as it
+    is, for the next rotation to retry.
+    """
+    for path in paths:
+        temporary = path + _GZ + ".tmp"
+        try:
+            with open(path, "rb") as source, gzip.open(temporary, "wb") as target:
+                shutil.copyfileobj(source, target, 1024 * 1024)
+            shutil.copystat(path, temporary)
+            os.rename(temporary, path + _GZ)
+            os.remove(path)
+        except OSError:
+            try:
+                os.remove(temporary)
+            except OSError:
+                pass
+
+
+def _open(log_config, twistd_logfile, nodaemon):
+    """
+    Where the log goes.  C{log.output: file} (or, when C{output} is absent,
+    a C{log.file}) writes C{log.file}; otherwise twistd's choice holds:
+    its C{--logfile} when given (a command line beats the file), else the
+    console, C{stdout} or C{stderr} as C{log.output} says, when twistd
+    runs in the foreground (C{-n}), else C{twistd.log} (a daemon has no
+    console).
+    """
+    output = log_config.effective_output()
+    if output == "file" and log_config.file:
+        path = log_config.file
+    elif twistd_logfile == "-":
         return sys.stdout
+    elif twistd_logfile:
+        path = twistd_logfile
+    elif nodaemon:
+        return sys.stderr if output == "stderr" else sys.stdout
+    else:
+        path = "twistd.log"
     # Rotated at log.max_size; a rotation deletes the files numbered
     # log.max_backups and above (path.1 is the newest), so at most that many
-    # are kept, whatever an earlier run left (max_backups 0: all are kept).
-    return LogFile.fromFullPath(path or "twistd.log", rotateLength=log_config.max_size * _MB,
-                                maxRotatedFiles=log_config.max_backups or None)
+    # are kept, whatever an earlier run left (max_backups 0: all are kept),
+    # and those older than log.max_age days.
+    return RotatingLogFile.fromFullPath(path, rotateLength=log_config.max_size * _MB,
+                                        maxRotatedFiles=log_config.max_backups or None,
+                                        maxAge=log_config.max_age * _DAY,
+                                        compress=log_config.compress)
 
 
 def make_observer(log_config, twistd_logfile=None, nodaemon=True):
     """
     The observer for a L{anyproxy.config.model.LogConfig}.
 
-    @param twistd_logfile: twistd's C{--logfile} value, used when the config
-        names no file.
+    @param twistd_logfile: twistd's C{--logfile} value, used unless the
+        config's output is a file (L{_open}).
     """
-    stream = _open(log_config.file or twistd_logfile, nodaemon, log_config)
+    stream = _open(log_config, twistd_logfile, nodaemon)
     if log_config.format == "json":
         observer = jsonFileLogObserver(stream)
     else:

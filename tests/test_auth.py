@@ -292,3 +292,96 @@ class UserDatabaseGroupLoginTests(SynchronousTestCase):
         """The repr says group logins are consulted and shows no password."""
         users = UserDatabase([("alice", PASSWORD, "red")], group_logins=self.logins)
         self.assertEqual(repr(users), "<UserDatabase 1 users + group logins>")
+
+
+class DottedLoginTests(SynchronousTestCase):
+    """
+    The original Go AnyProxy's C{username.group} login: a static user's own
+    password, routed to a group the entry allows, and to no other.
+    """
+
+    def setUp(self):
+        self.logins = GroupLogins()
+        self.logins.add(Holder("ops-1"), "alice.ops", "ops-group-pw")
+        self.users = UserDatabase([
+            ("alice", PASSWORD, "default", ("default", "lab", "lab.eu")),
+            ("bob", OTHER_PASSWORD, "blue"),
+            ("carol.smith", "pw-carol", "red"),
+        ], group_logins=self.logins)
+
+    def test_allowed_group(self):
+        """user.group with the user's password is that user, routed to the group."""
+        self.assertEqual(self.users.authenticate("alice.lab", PASSWORD), User("alice", "lab"))
+        self.assertEqual(self.users.authenticate(b"alice.default", PASSWORD.encode()),
+                         User("alice", "default"))
+        self.assertEqual(self.users.authenticate("alice", PASSWORD), User("alice", "default"))
+
+    def test_group_not_allowed(self):
+        """A suffix naming a group the entry does not allow fails like a wrong password."""
+        for name in ("alice.blue", "alice.red", "alice.", "alice.LAB", "alice.lab.us"):
+            self.assertIsNone(self.users.authenticate(name, PASSWORD), name)
+
+    def test_wrong_password(self):
+        """The right suffix with a wrong password, or another user's, fails."""
+        self.assertIsNone(self.users.authenticate("alice.lab", OTHER_PASSWORD))
+        self.assertIsNone(self.users.authenticate("alice.lab", ""))
+        self.assertIsNone(self.users.authenticate("mallory.lab", PASSWORD))
+
+    def test_entry_without_groups_allows_its_own(self):
+        """A (name, password, group) entry may name only its own group."""
+        self.assertEqual(self.users.authenticate("bob.blue", OTHER_PASSWORD), User("bob", "blue"))
+        self.assertIsNone(self.users.authenticate("bob.default", OTHER_PASSWORD))
+
+    def test_first_dot_splits(self):
+        """As in the original, the first dot splits: the group id may hold dots."""
+        self.assertEqual(self.users.authenticate("alice.lab.eu", PASSWORD),
+                         User("alice", "lab.eu"))
+        # A dotted username logs in by its full name only.
+        self.assertEqual(self.users.authenticate("carol.smith", "pw-carol"),
+                         User("carol.smith", "red"))
+        self.assertIsNone(self.users.authenticate("carol.smith.red", "pw-carol"))
+
+    def test_any_group(self):
+        """C{"*"} (auth_groups: ["*"]) lets the suffix name any group."""
+        users = UserDatabase([("al", "pw-al", "default", ("*",))])
+        self.assertEqual(users.authenticate("al.anything", "pw-al"), User("al", "anything"))
+        self.assertIsNone(users.authenticate("al.", "pw-al"))
+        self.assertIsNone(users.authenticate(b"al.\xff", b"pw-al"))
+
+    def test_exact_name_wins(self):
+        """A static user whose name has the dotted form decides by its own password."""
+        users = UserDatabase([("al", "pw-al", "default", ("lab",)),
+                              ("al.lab", "pw-other", "ops")])
+        self.assertEqual(users.authenticate("al.lab", "pw-other"), User("al.lab", "ops"))
+        self.assertIsNone(users.authenticate("al.lab", "pw-al"))
+
+    def test_group_login_with_a_dotted_id(self):
+        """A group login whose id looks dotted still works, with its own password."""
+        self.assertEqual(self.users.authenticate("alice.ops", "ops-group-pw"),
+                         User("alice.ops", "alice.ops"))
+        self.assertIsNone(self.users.authenticate("alice.ops", PASSWORD))
+
+    def test_open_listener(self):
+        """An open listener stays open: a dotted name is anonymous there too."""
+        self.assertIs(UserDatabase([]).authenticate("alice.lab", PASSWORD), ANONYMOUS)
+
+    def test_same_cost_for_every_name(self):
+        """
+        Every login makes the same comparisons (two static, one group
+        login), whether the name, its base or its group exist or not.
+        """
+        import hmac as hmac_module
+        calls = []
+        real = hmac_module.compare_digest
+
+        def spy(a, b):
+            calls.append(len(a))
+            return real(a, b)
+
+        self.patch(hmac_module, "compare_digest", spy)
+        counts = []
+        for name in ("alice", "mallory", "alice.lab", "alice.blue", "mallory.lab", "x.y.z"):
+            del calls[:]
+            self.users.authenticate(name, "a wrong password")
+            counts.append(len(calls))
+        self.assertEqual(set(counts), {3})

@@ -8,7 +8,7 @@ import socket
 
 import attr
 import yaml
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from anyproxy.access_policy import AccessPolicy, LimitRule
 from anyproxy.addresses import dial_address, listen_endpoint, port_range
@@ -72,7 +72,8 @@ class ExampleFilesTests(SynchronousTestCase):
         self.assertEqual(config.require_gateway().tls_cert,
                          os.path.normpath(os.path.join(ETC, "..", "certs", "server.crt")))
         self.assertEqual(config.require_client().gateway_addrs, (("127.0.0.1", 8443),))
-        self.assertEqual(len(config.client.policy.forbidden), 3)
+        # The last is 127.0.0.1:8443, the demo's loopback example of a 403.
+        self.assertEqual(len(config.client.policy.forbidden), 4)
 
     def test_gateway_file(self):
         """etc/gateway.yaml has a gateway and no client."""
@@ -91,13 +92,19 @@ class ListenAddrTests(SynchronousTestCase):
     """L{listen_endpoint} conversions."""
 
     def test_conversions(self):
-        """host:port, [v6]:port, :port and localhost become endpoint strings."""
+        """host:port, [v6]:port, :port and localhost become endpoint strings.
+
+        C{:port} and C{[::]:port} are dual-stack (IPv6 and IPv4, as Go's
+        C{:port}); C{0.0.0.0:port} stays IPv4 and C{[::1]:port} IPv6 loopback.
+        """
         for text, endpoint, local in [
             ("127.0.0.1:1080", "tcp:1080:interface=127.0.0.1", True),
             ("0.0.0.0:1080", "tcp:1080:interface=0.0.0.0", False),
             ("[::1]:1080", "tcp6:1080:interface=\\:\\:1", True),
-            ("[::]:1080", "tcp6:1080:interface=\\:\\:", False),
-            (":1080", "tcp:1080", False),
+            ("[::]:1080", "dualstack:1080", False),
+            (":1080", "dualstack:1080", False),
+            (":0", "dualstack:0", False),
+            ("[0:0::0]:1080", "dualstack:1080", False),
             ("localhost:1080", "tcp:1080:interface=127.0.0.1", True),
         ]:
             self.assertEqual(listen_endpoint(text), (endpoint, local), text)
@@ -106,6 +113,7 @@ class ListenAddrTests(SynchronousTestCase):
         """Strings starting with a known endpoint type pass unchanged."""
         for text, local in [("tcp:1080:interface=127.0.0.1", True), ("tcp:1080", False),
                             ("tcp6:1080:interface=\\:\\:1", True), ("unix:/tmp/p.sock", True),
+                            ("tcp6:1080:interface=\\:\\:", False),
                             ("ssl:8443:privateKey=k.pem", False),
                             ("systemd:domain=INET:index=0", False)]:
             self.assertEqual(listen_endpoint(text), (text, local), text)
@@ -113,7 +121,8 @@ class ListenAddrTests(SynchronousTestCase):
     def test_bad(self):
         """Malformed addresses raise ValueError."""
         for text in ["1080", "gw.example.com:1080", "::1:1080", "[::1]", ":70000", ":x",
-                     "tcp:abc", "ssl:8443", "unix:"]:
+                     "tcp:abc", "ssl:8443", "unix:", "dualstack:1080", "[::1:1080",
+                     "[::1]1080", "::1080"]:
             self.assertRaises(ValueError, listen_endpoint, text)
 
     def test_dial_address(self):
@@ -149,7 +158,7 @@ class LoadTests(ConfigTestMixin, SynchronousTestCase):
     def test_integer_listen_addr(self):
         """A bare port number means all interfaces."""
         config = self.load("proxy: {http: {listen_addr: 8080, allow_anonymous: true}}")
-        self.assertEqual(config.proxy.http.endpoint, "tcp:8080")
+        self.assertEqual(config.proxy.http.endpoint, "dualstack:8080")
 
     def test_gateway_addr_string_or_list(self):
         """gateway_addr is a string or a list."""
@@ -186,6 +195,30 @@ class LoadTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(client.policy.check_name("10.1.1.1", 1, "tcp"), Reason.NOT_ALLOWED)
         self.assertEqual(client.policy.check_name("x", 1, "udp"), Reason.PROTOCOL_NOT_ALLOWED)
 
+    def test_allowed_hosts(self):
+        """
+        client.allowed_hosts takes the Go forms, next to limit; the gateway
+        reads a file holding it too (it was an unknown key).
+        """
+        text = GATEWAY + CLIENT + r"""
+  forbidden_hosts: ["*:25", '^metadata\..*$']
+  allowed_hosts:
+    - "api.example.com:443"
+    - "*.example.org:*"
+    - "10.0.0.0/8:22"
+    - '.*\.trusted\.com:(80|443)'  # single quotes: no YAML escapes
+  limit: ["*:*"]
+"""
+        policy = self.load(text, role="gateway").client.policy
+        self.assertEqual([rule.kind for rule in policy.allowed_hosts],
+                         ["name", "wildcard", "network", "regex"])
+        self.assertEqual([rule.kind for rule in policy.forbidden], ["any", "regex"])
+        self.assertIsNone(policy.check_resolved("x.trusted.com", 443, "tcp", ["192.0.2.1"]))
+        self.assertEqual(policy.check_resolved("x.trusted.com", 22, "tcp", ["192.0.2.1"]),
+                         Reason.NOT_ALLOWED)
+        self.assertEqual(policy.check_name("metadata.internal", 80, "tcp"), Reason.NOT_ALLOWED)
+        self.assertEqual(self.load(CLIENT + "  allowed_hosts: []\n").client.policy, AccessPolicy())
+
     def test_gateway_fields(self):
         """Gateway extension keys are read and converted."""
         gateway = self.load(GATEWAY + """
@@ -204,16 +237,51 @@ class LoadTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(gateway.endpoint, "tcp:8443:interface=127.0.0.1")
 
     def test_gateway_users_for(self):
-        """A listener's users are its own user in group default plus gateway.users."""
+        """
+        A listener's users are its own user in group default (user.group: the
+        auth_groups) plus the gateway.users it takes (user.group: the entry's
+        group); a loopback listener without auth_username takes none by
+        default and stays open.
+        """
         config = self.load(GATEWAY + """
+  auth_groups: [default, lab]
   users: [{username: bob, password: b, group: lab}]
 proxy:
   socks5: {listen_addr: "127.0.0.1:1080", auth_username: al, auth_password: a}
   http: {listen_addr: "127.0.0.1:8080"}
 """)
         self.assertEqual(config.gateway_users_for(config.proxy.socks5),
-                         [("al", "a", "default"), ("bob", "b", "lab")])
-        self.assertEqual(config.gateway_users_for(config.proxy.http), [("bob", "b", "lab")])
+                         [("al", "a", "default", ("default", "lab")),
+                          ("bob", "b", "lab", ("lab",))])
+        self.assertEqual(config.proxy.http.user_scope(), "none")
+        self.assertEqual(config.gateway_users_for(config.proxy.http), [])
+
+    def test_listener_users_scope(self):
+        """users: all, none or names picks the gateway.users a listener takes."""
+        config = self.load(GATEWAY + """
+  users: [{username: bob, password: b, group: lab}, {username: eve, password: e}]
+proxy:
+  socks5: {listen_addr: "127.0.0.1:1080", users: all}
+  http: {listen_addr: ":8080", users: [eve]}
+  frontends:
+    - {type: socks5, listen_addr: ":1081", auth_username: al, auth_password: a, users: none}
+    - {type: socks5, listen_addr: ":1082", allow_anonymous: true}
+    - {type: socks5, listen_addr: ":1083"}
+""")
+        names = lambda listener: [e[0] for e in config.gateway_users_for(listener)]
+        self.assertEqual(names(config.proxy.socks5), ["bob", "eve"])
+        self.assertEqual(names(config.proxy.http), ["eve"])
+        first, anonymous, public = [f.listener for f in config.proxy.frontends]
+        self.assertEqual(names(first), ["al"])
+        self.assertEqual(names(anonymous), [])  # allow_anonymous: open beside gateway.users
+        self.assertEqual(names(public), ["bob", "eve"])  # public, no opt-in: as before
+
+    def test_gateway_users_for_without_gateway(self):
+        """Without a gateway section the listener's user may name the default auth_groups."""
+        config = self.load("proxy: {socks5: {listen_addr: ':1', auth_username: a, "
+                           "auth_password: b}}")
+        self.assertEqual(config.gateway_users_for(config.proxy.socks5),
+                         [("a", "b", "default", ("default",))])
 
     def test_passwords_not_in_repr(self):
         """repr of a config never shows a password."""
@@ -238,6 +306,67 @@ proxy:
                              ("log: {max_size: '10MB'}", "log.max_size: expected an integer"),
                              ("log: {max_backups: -1}", "log.max_backups: -1 is out of range")]:
             self.assertTrue(self.error(text).startswith(prefix), self.error(text))
+
+    def test_log_output(self):
+        """
+        log.output: stdout, stderr or file; absent, file when log.file is
+        set, else stdout; log.file is used only when the output is file.
+        """
+        config = self.load("log: {}")
+        self.assertEqual((config.log.output, config.log.effective_output()), (None, "stdout"))
+        config = self.load("log: {file: x.log}")
+        self.assertEqual((config.log.output, config.log.effective_output()), (None, "file"))
+        config = self.load("log: {file: x.log, output: stdout}")
+        self.assertEqual(config.log.effective_output(), "stdout")
+        self.assertEqual(self.load("log: {output: ' STDERR '}").log.output, "stderr")
+        self.assertEqual(self.load("log: {output: ''}").log.output, None)
+        self.assertEqual(self.load("log: {output: file, file: x.log}").log.output, "file")
+        for text, prefix in [
+                ("log: {output: syslog}", "log.output: 'syslog' is not one of: stdout, stderr, file"),
+                ("log: {output: 1}", "log.output: expected a string"),
+                ("log: {output: file}", "log.file: required when output is file")]:
+            self.assertTrue(self.error(text).startswith(prefix), self.error(text))
+
+    def test_log_max_age_compress(self):
+        """log.max_age (days, 0 = any age) and log.compress (off by default)."""
+        config = self.load("log: {file: x.log}")
+        self.assertEqual((config.log.max_age, config.log.compress), (0, False))
+        config = self.load("log: {file: x.log, max_age: 28, compress: true}")
+        self.assertEqual((config.log.max_age, config.log.compress), (28, True))
+        for text, prefix in [("log: {max_age: -1}", "log.max_age: -1 is out of range"),
+                             ("log: {max_age: 7d}", "log.max_age: expected an integer"),
+                             ("log: {compress: 'yes'}", "log.compress: expected true or false")]:
+            self.assertTrue(self.error(text).startswith(prefix), self.error(text))
+
+    def test_log_file_directory_checked(self):
+        """
+        A log file that would be written must be in an existing, writable
+        directory: one line at load, not a traceback when twistd opens it.
+        An unused file (output stdout) and check_files=False are not checked.
+        """
+        message = self.error("log: {file: missing/x.log}", check_files=True)
+        self.assertTrue(message.startswith("log.file: directory not found: /"), message)
+        self.assertTrue(message.endswith("/missing (relative paths are relative to the config "
+                                         "file's directory)"), message)
+        self.assertTrue(self.error("log: {file: missing/x.log, output: file}", check_files=True)
+                        .startswith("log.file: directory not found: "))
+        self.assertTrue(self.error("log: {file: .}", check_files=True).endswith(" is a directory"))
+        self.assertIsNotNone(self.load("log: {file: x.log}", check_files=True).log.file)
+        self.assertEqual(self.load("log: {file: missing/x.log, output: stdout}",
+                                   check_files=True).log.effective_output(), "stdout")
+        self.load("log: {file: missing/x.log}", check_files=False)
+
+    def test_log_directory_not_writable(self):
+        """A directory the program cannot write to is refused at load."""
+        if os.geteuid() == 0:
+            raise SkipTest("root writes anywhere")
+        directory = self.mktemp()
+        os.makedirs(directory)
+        os.chmod(directory, 0o555)
+        self.addCleanup(os.chmod, directory, 0o755)
+        message = self.error("log: {file: %s}" % (os.path.abspath(directory) + "/x.log",),
+                             check_files=True)
+        self.assertTrue(message.startswith("log.file: directory not writable: "), message)
 
 
 class FileCheckTests(ConfigTestMixin, SynchronousTestCase):
@@ -322,6 +451,13 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
             ("  gateway_addr: ['a:1', 'b:x']\n", "client.gateway_addr[1]: bad port"),
             ("  gateway_addr: 5\n", "client.gateway_addr: expected 'host:port' or a list"),
             ("  forbidden_hosts: ['10.', 'a', '10.0.0.0/40']\n", "client.forbidden_hosts[2]: bad CIDR"),
+            ("  allowed_hosts: ['a', '*:*', '(evil|bad']\n",
+             "client.allowed_hosts[2]: bad regex '(evil|bad': missing ), unterminated subpattern"),
+            ("  allowed_hosts: ['(a+)+']\n", "client.allowed_hosts[0]: bad regex '(a+)+': a repeat"),
+            ("  forbidden_hosts: ['.*a.*a.*a.*a']\n",
+             "client.forbidden_hosts[0]: bad regex '.*a.*a.*a.*a': too many ways"),
+            ("  allowed_hosts: [22]\n", "client.allowed_hosts[0]: host rule must be a string"),
+            ("  allowed_hosts: 'a.example'\n", "client.allowed_hosts: expected a list"),
             ("  limit: [{addr: 'a:99999'}]\n", "client.limit[0].addr: bad port"),
             ("  limit: [{name: x}]\n", "client.limit[0].addr: required"),
             ("  limit: [{addr: a, protocol: icmp}]\n", "client.limit[0].protocol: 'icmp' is not one of"),
@@ -363,6 +499,36 @@ class AnonymousTests(ConfigTestMixin, SynchronousTestCase):
         self.load("proxy: {socks5: {listen_addr: ':1080', allow_anonymous: true}}")
         self.load(GATEWAY + "  users: [{username: a, password: b}]\n"
                   "proxy: {socks5: {listen_addr: ':1080'}}")
+
+    def test_users_none_needs_opt_in(self):
+        """A public listener taking none of gateway.users, without a login, is refused."""
+        message = self.error(GATEWAY + "  users: [{username: a, password: b}]\n"
+                             "proxy: {socks5: {listen_addr: ':1080', users: none}}")
+        self.assertTrue(message.startswith("proxy.socks5.listen_addr: ':1080' is not loopback"),
+                        message)
+        self.load(GATEWAY + "  users: [{username: a, password: b}]\n"
+                  "proxy: {socks5: {listen_addr: ':1080', users: [a]}}")
+        self.load(GATEWAY + "  users: [{username: a, password: b}]\n"
+                  "proxy: {socks5: {listen_addr: ':1080', users: none, allow_anonymous: true}}")
+
+    def test_users_bad_values(self):
+        """users must be all, none or known gateway.users names."""
+        users = GATEWAY + "  users: [{username: a, password: b}]\n"
+        for listener, expected in [
+                ("users: some", "proxy.socks5.users: 'some' is not all, none"),
+                ("users: 3", "proxy.socks5.users: expected all, none"),
+                ("users: []", "proxy.socks5.users: must not be empty"),
+                ("users: [a, a]", "proxy.socks5.users[1]: 'a' is listed twice"),
+                ("users: [a, zed]", "proxy.socks5.users[1]: no gateway.users entry 'zed'"),
+                ("users: [{}]", "proxy.socks5.users[0]: expected a gateway.users name")]:
+            message = self.error(users + "proxy: {socks5: {listen_addr: '127.0.0.1:1', %s}}"
+                                 % (listener,))
+            self.assertTrue(message.startswith(expected), message)
+        message = self.error(users + "proxy: {frontends: [{type: fixed-forward, listen_addr: "
+                             "'127.0.0.1:1', users: all, options: {target_host: h, "
+                             "target_port: 1}}]}")
+        self.assertTrue(message.startswith("proxy.frontends[0].users: the fixed-forward "
+                                           "frontend does not check credentials"), message)
 
     def test_half_credentials(self):
         """A username without a password is refused."""
@@ -477,9 +643,9 @@ CONTRACT = {
     Config: {"proxy", "gateway", "client", "log"},
     ProxyConfig: {"socks5", "http", "frontends"},
     ListenerConfig: {"listen_addr", "auth_username", "auth_password", "allow_anonymous",
-                     "max_conns", "options"},
+                     "max_conns", "users", "require_login", "options"},
     FrontendConfig: {"type", "listen_addr", "auth_username", "auth_password",
-                     "allow_anonymous", "max_conns", "options"},
+                     "allow_anonymous", "max_conns", "users", "require_login", "options"},
     GatewayConfig: {
         "listen_addr", "tls_cert", "tls_key", "auth_username", "auth_password", "client_ca",
         "users", "balance", "ping_interval", "no_tunnel_wait", "handshake_timeout",
@@ -493,14 +659,15 @@ CONTRACT = {
     ClientConfig: {
         "gateway_addr", "gateway_tls_cert", "gateway_server_name", "client_id", "group_id",
         "group_password", "replicas", "max_concurrent_conns", "auth_username", "auth_password",
-        "forbidden_hosts", "limit", "tls_cert", "tls_key", "insecure_skip_verify", "allow_udp",
+        "forbidden_hosts", "limit", "allowed_hosts", "tls_cert", "tls_key", "insecure_skip_verify", "allow_udp",
         "connect_timeout", "idle_timeout", "ping_interval", "open_ports", "metrics_addr",
         "metrics_username", "metrics_password", "metrics_allow_anonymous",
         "reconnect_initial_delay", "reconnect_max_delay", "weight", "queue_size",
         "queue_timeout"},
     OpenPortConfig: {"remote_port", "local_host", "local_port", "protocol"},
     LimitRule: {"name", "addr", "protocol"},
-    LogConfig: {"level", "format", "file", "max_size", "max_backups"},
+    LogConfig: {"level", "format", "file", "max_size", "max_backups", "output", "max_age",
+                "compress"},
 }
 
 # Every kind of mapping the file has, each with only what it requires.

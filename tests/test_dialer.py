@@ -107,11 +107,12 @@ class FakeStream:
         hook()
 
 
-def policy(forbidden=(), allowed=(), allow_udp=True):
-    """An L{AccessPolicy} from rule texts and C{(addr, protocol)} pairs."""
+def policy(forbidden=(), allowed=(), allow_udp=True, allowed_hosts=()):
+    """An L{AccessPolicy} from rule texts and C{(addr, protocol)} pairs (C{limit})."""
     return AccessPolicy(forbidden=[HostRule.parse(text) for text in forbidden],
                         allowed=[LimitRule.parse(addr, protocol) for addr, protocol in allowed],
-                        allow_udp=allow_udp)
+                        allow_udp=allow_udp,
+                        allowed_hosts=[HostRule.parse(text) for text in allowed_hosts])
 
 
 def fail(exception):
@@ -364,6 +365,28 @@ class RefusalTests(DialerTestMixin, SynchronousTestCase):
         self.assertEqual(stream.rejected, [Reason.NOT_ALLOWED])
         self.assertEqual(self.dialed(), [])
         self.assertEqual(dialer.active, 0)
+
+    def test_allowed_hosts_names_only(self):
+        """allowed_hosts of names only: another name is refused without a DNS query."""
+        dialer = self.dialer(policy=policy(allowed_hosts=["*.example.test:443", "api.test:*"]))
+        stream = FakeStream("target.test", 443)
+        dialer.handle_open(stream)
+        self.assertEqual(stream.rejected, [Reason.NOT_ALLOWED])
+        self.assertEqual(self.resolver.asked, [])
+        self.assertEqual(self.dialed(), [])
+        self.assertEqual(dialer.active, 0)
+
+    def test_allowed_hosts_admits_then_checks_addresses(self):
+        """A name allowed_hosts admits is still refused if it resolves to a forbidden address."""
+        dialer = self.dialer({"a.example.test": ["192.0.2.7"], "b.example.test": ["10.0.0.5"]},
+                             policy=policy(forbidden=[r"10\..*"],
+                                           allowed_hosts=[r".*\.example\.test:443"]))
+        allowed, rebound = FakeStream("a.example.test", 443), FakeStream("b.example.test", 443,
+                                                                         stream_id=3)
+        dialer.handle_open(allowed)
+        dialer.handle_open(rebound)
+        self.assertEqual((allowed.rejected, rebound.rejected), ([], [Reason.NOT_ALLOWED]))
+        self.assertEqual(self.dialed(), [("192.0.2.7", 443)])
 
     def test_one_forbidden_address_is_enough(self):
         """A name with one forbidden address among good ones is refused outright."""

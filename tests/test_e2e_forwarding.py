@@ -16,6 +16,7 @@ from twisted.trial import unittest
 
 from anyproxy.config.load import load_config
 from tests.support import AnswerAfterEOF, Deployment, Echo, blob, listen_tcp
+from tests.test_dual_stack import NO_IPV6_LOOPBACK
 from tests.test_e2e_tcp import socks_echo
 
 MB = 1024 * 1024
@@ -392,6 +393,17 @@ class InterfaceTests(unittest.TestCase):
         self.assertEqual((yield deferToThread(tcp_exchange_at, "127.0.0.2", remote, b"hi")),
                          b"hi")
         self.assertTrue((yield deferToThread(tcp_refused_at, "127.0.0.1", remote)))
+
+    @defer.inlineCallbacks
+    def test_every_interface_dual_stack(self):
+        """open_ports_interface "::" takes IPv6 and IPv4 users (IPV6_V6ONLY off)."""
+        remote, host = yield self.forward(open_ports_interface="::")
+        self.assertEqual(host, "::")
+        for address in ("127.0.0.1", "::1"):
+            self.assertEqual((yield deferToThread(tcp_exchange_at, address, remote, b"hi")),
+                             b"hi", address)
+
+    test_every_interface_dual_stack.skip = NO_IPV6_LOOPBACK
 
     @defer.inlineCallbacks
     def test_reload(self):

@@ -8,7 +8,6 @@ logins for it, or exceed its tunnel cap; the refused client hears why.
 
 import os
 
-import trustme
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
@@ -255,3 +254,95 @@ class GroupPasswordConflictTests(unittest.TestCase):
         error = yield deferToThread(socks_error, deployment.socks_port, "127.0.0.1",
                                     echo_port, username="lab", password="old-pw")
         self.assertIn("authentication", error.lower())
+
+
+def upgrade_without_hello(port, ca_path, username, password):
+    """
+    A TLS WebSocket upgrade that logs in and then never sends its HELLO.
+    @return: C{(socket, status line)}; the caller closes the socket.
+    """
+    import base64
+    import socket
+    import ssl
+    context = ssl.create_default_context(cafile=ca_path)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = context.wrap_socket(raw, server_hostname="localhost")
+    token = base64.b64encode(("%s:%s" % (username, password)).encode()).decode()
+    sock.sendall((
+        "GET /anyproxy HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: anyproxy.v1\r\n"
+        "Authorization: Basic %s\r\n\r\n" % (token,)).encode())
+    head = b""
+    try:
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    except ConnectionResetError:
+        pass  # a refusal's close can overtake its answer under load
+    return sock, head.split(b"\r\n", 1)[0]
+
+
+class BeforeHelloCapTests(unittest.TestCase):
+    """Connections that logged in but sent no HELLO yet are capped per credential and in all."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_per_credential(self):
+        """A credential with max_tunnels 2 holds at most 2 connections waiting for their HELLO."""
+        deployment = Deployment(self)
+        yield deployment.start_gateway(gateway={"clients": [dict(LAB_SITE, max_tunnels=2)]})
+        held = []
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        waiting = deployment.gateway.tunnel_server.factory.waiting_for_hello
+        for expected in (b"101", b"101", b"429"):
+            sock, status = yield deferToThread(
+                upgrade_without_hello, deployment.gateway_port, deployment.pki.ca_path,
+                "lab-site", "lab-site-pw")
+            held.append(sock)
+            if expected == b"429" and not status:
+                self.assertEqual(waiting.get("lab-site"), 2)  # refused, answer lost to a reset
+            else:
+                self.assertIn(expected, status)
+        held.pop(0).close()  # one leaves: a place is free again
+        for _ in range(100):
+            if deployment.gateway.tunnel_server.factory.waiting_for_hello.get("lab-site") < 2:
+                break
+            yield sleep(0.05)
+        sock, status = yield deferToThread(
+            upgrade_without_hello, deployment.gateway_port, deployment.pki.ca_path,
+            "lab-site", "lab-site-pw")
+        held.append(sock)
+        self.assertIn(b"101", status)
+
+    @defer.inlineCallbacks
+    def test_all_connections(self):
+        """Past the cap, a new connection to the tunnel port is closed at once."""
+        import socket
+        deployment = Deployment(self)
+        yield deployment.start_gateway()
+        deployment.gateway.tunnel_server.factory.handshakes.limit = 2
+        held = []
+        self.addCleanup(lambda: [sock.close() for sock in held])
+
+        def connect():
+            sock = socket.create_connection(("127.0.0.1", deployment.gateway_port), timeout=5)
+            held.append(sock)
+            return sock
+
+        for _ in range(2):
+            yield deferToThread(connect)
+        third = yield deferToThread(connect)
+
+        def read():
+            try:
+                return third.recv(10)
+            except ConnectionResetError:
+                return b""
+
+        got = yield deferToThread(read)
+        self.assertEqual(got, b"")  # closed by the gateway (or reset), not held
+        self.assertEqual(deployment.gateway.tunnel_server.factory.handshakes.count, 2)

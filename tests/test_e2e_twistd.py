@@ -225,17 +225,23 @@ class TwistdTests(TwistdBase):
 
     @defer.inlineCallbacks
     def test_bad_config_one_line(self):
-        """A bad config stops twistd with one line naming the file and the key."""
+        """
+        A bad config stops twistd with exit code 1 and one line naming the
+        file and the key: no twistd Usage block, no traceback, nothing else.
+        """
         with open(self.config) as f:
             data = yaml.safe_load(f)
         data["client"]["forbidden_hosts"] = ["10.0.0.0/33"]
         with open(self.config, "w") as f:
             yaml.safe_dump(data, f)
         watcher = self.start_client()
-        yield watcher.ended
-        self.assertIn("client.forbidden_hosts[0]", watcher.text())
-        self.assertIn(self.config, watcher.text())
-        self.assertNotIn("Traceback", watcher.text())
+        ended = yield watcher.ended
+        self.assertIsInstance(ended, error.ProcessTerminated)
+        self.assertEqual(ended.exitCode, 1)
+        lines = watcher.text().splitlines()
+        self.assertEqual(len(lines), 1, watcher.text())
+        self.assertTrue(lines[0].startswith(self.config + ": client.forbidden_hosts[0]: "),
+                        lines[0])
 
     @defer.inlineCallbacks
     def test_help_lists_plugins(self):

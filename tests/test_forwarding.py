@@ -209,7 +209,8 @@ class PortForwardingTests(SynchronousTestCase):
         reactor, manager = forwarding()
         [answer] = manager.tunnel_connected(tunnel("a"), [wanted(22)])
         self.assertFalse(answer["ok"])
-        self.assertEqual(answer["error"], "port 22/tcp is not in the gateway's open_ports_allowed")
+        self.assertEqual(answer["error"], "port 22/tcp is not in the gateway's open_ports_allowed"
+                         " (add 22 to gateway.open_ports_allowed)")
         self.assertEqual(reactor.listening, [])
 
     def test_bind_failure_refused(self):

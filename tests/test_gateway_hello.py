@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anyproxy.auth import GroupLogins, User
 from anyproxy.errors import HelloRefused
-from anyproxy.gateway.client_access import ClientCredentials, ClientGrant
+from anyproxy.gateway.client_access import ClientGrant
 from anyproxy.gateway.tunnel_pool import TunnelPool
 from anyproxy.gateway.tunnel_server import TunnelServerFactory
 
@@ -54,7 +54,7 @@ class HelloKeysTests(SynchronousTestCase):
     def setUp(self):
         self.registry = TunnelPool(Clock())
         self.logins = GroupLogins()
-        self.factory = TunnelServerFactory(self.registry, ClientCredentials(), Clock(),
+        self.factory = TunnelServerFactory.for_credentials(self.registry, "test", "pw", Clock(), groups=("*",),
                                            group_logins=self.logins)
         self.logged = []
         observer = lambda event: self.logged.append(formatEvent(event))  # noqa: E731
@@ -116,7 +116,7 @@ class HelloKeysTests(SynchronousTestCase):
 
     def test_without_group_logins(self):
         """A factory without group logins ignores group passwords."""
-        factory = TunnelServerFactory(self.registry, ClientCredentials(), Clock())
+        factory = TunnelServerFactory.for_credentials(self.registry, "test", "pw", Clock(), groups=("*",))
         self.assertIsNotNone(factory.tunnel_connected(FakeProtocol(),
                                                       hello(group_password="lab-secret-pw")))
 
@@ -145,7 +145,8 @@ class ClientHelloTests(SynchronousTestCase):
     def test_hello_accepted_by_gateway(self):
         """The gateway takes the client's HELLO as it is."""
         registry, logins = TunnelPool(Clock()), GroupLogins()
-        gateway = TunnelServerFactory(registry, ClientCredentials(), Clock(), group_logins=logins)
+        gateway = TunnelServerFactory.for_credentials(registry, "test", "pw", Clock(), groups=("*",),
+                                                      group_logins=logins)
         info = self.factory(weight=3, group_password="lab-secret-pw").hello_info()
         tunnel = gateway.tunnel_connected(FakeProtocol(), info)
         self.assertEqual((tunnel.group, tunnel.weight), ("lab", 3.0))

@@ -1,7 +1,11 @@
 """Tests for L{anyproxy.logs}."""
 
+import gzip
 import json
 import os
+import sys
+import threading
+import time
 
 import txaio
 from autobahn.websocket.types import ConnectingRequest
@@ -9,9 +13,11 @@ from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from anyproxy import logs as logs_module
 from anyproxy.config.model import LogConfig
 from anyproxy.logs import (
-    REDACTED, LoggingRoot, RedactingLogger, library_logger, make_observer, redact)
+    REDACTED, LoggingRoot, RedactingLogger, RotatingLogFile, library_logger, make_observer,
+    redact)
 
 TOKEN = b"dHVubmVsLXVzZXI6czNjcmV0"  # base64 of "tunnel-user:s3cret"
 
@@ -225,3 +231,185 @@ class RotationTests(unittest.TestCase):
                                            max_backups=0))
         self.addCleanup(observer.stream.close)
         self.assertIsNone(observer.stream.maxRotatedFiles)
+
+
+def _rotated_names(directory, current="anyproxy.log"):
+    return sorted(name for name in os.listdir(directory) if name != current)
+
+
+def _gunzip_text(path):
+    with gzip.open(path, "rt") as f:
+        return f.read()
+
+
+class MaxAgeCompressTests(unittest.TestCase):
+    """log.max_age and log.compress, on top of Twisted's size rotation."""
+
+    def log_file(self, **kwargs):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        log = RotatingLogFile("anyproxy.log", directory, **kwargs)
+        self.addCleanup(log.close)
+        self.addCleanup(log.wait_for_compression)
+        return directory, log
+
+    def test_compressed_and_counted(self):
+        """
+        Rotated files are gzipped (whole, readable, newest first) and
+        max_backups counts them: at most that many, gzipped or not.
+        """
+        directory, log = self.log_file(rotateLength=100, maxRotatedFiles=3, compress=True)
+        for number in range(1, 4):  # an earlier run's files, one of them plain
+            with open(os.path.join(directory, "anyproxy.log.%d%s" % (
+                    number, "" if number == 1 else ".gz")), "wb") as f:
+                f.write(b"stale\n" if number == 1 else gzip.compress(b"stale\n"))
+        for n in range(60):
+            log.write("line %d %s\n" % (n, "x" * 20))
+            log.wait_for_compression()
+        self.assertEqual(_rotated_names(directory),
+                         ["anyproxy.log.1.gz", "anyproxy.log.2.gz", "anyproxy.log.3.gz"])
+        texts = [_gunzip_text(os.path.join(directory, "anyproxy.log.%d.gz" % (number,)))
+                 for number in (1, 2, 3)]
+        self.assertNotIn("stale", "".join(texts))
+        numbers = [int(text.split()[1]) for text in texts]
+        self.assertEqual(numbers, sorted(numbers, reverse=True))
+        self.assertLess(numbers[0], 59)  # the newest lines are in the current file
+
+    def test_rotation_waits_for_compression(self):
+        """
+        While a rotated file is being compressed, the current file grows past
+        the size; the first write after the thread is done rotates.
+        """
+        release = threading.Event()
+        real = logs_module._gzip_files
+
+        def slow_gzip(paths):
+            release.wait(10)
+            real(paths)
+
+        self.patch(logs_module, "_gzip_files", slow_gzip)
+        self.addCleanup(release.set)
+        directory, log = self.log_file(rotateLength=50, compress=True)
+        log.write("a" * 60 + "\n")
+        log.write("b\n")  # rotates: a... is being compressed
+        log.write("c" * 60 + "\n")
+        log.write("d\n")  # due, but waits for the compression
+        self.assertTrue(log.compressing())
+        self.assertEqual(_rotated_names(directory), ["anyproxy.log.1"])
+        release.set()
+        log.wait_for_compression()
+        log.write("e\n")
+        log.wait_for_compression()
+        self.assertEqual(_rotated_names(directory), ["anyproxy.log.1.gz", "anyproxy.log.2.gz"])
+        self.assertEqual(_gunzip_text(os.path.join(directory, "anyproxy.log.1.gz")),
+                         "b\n" + "c" * 60 + "\nd\n")
+        with open(log.path) as f:
+            self.assertEqual(f.read(), "e\n")
+
+    def test_interrupted_compression(self):
+        """
+        What a killed compression left (the plain file and a partial
+        .gz.tmp) is compressed and cleaned up at the next rotation.
+        """
+        directory, log = self.log_file(rotateLength=10, compress=True)
+        for name, data in [("anyproxy.log.1", b"left plain\n"),
+                           ("anyproxy.log.1.gz.tmp", b"\x1f\x8b partial")]:
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+        log.write("0123456789\n")
+        log.write("next\n")
+        log.wait_for_compression()
+        self.assertEqual(_rotated_names(directory), ["anyproxy.log.1.gz", "anyproxy.log.2.gz"])
+        self.assertEqual(_gunzip_text(os.path.join(directory, "anyproxy.log.2.gz")),
+                         "left plain\n")
+
+    def test_compression_keeps_the_time(self):
+        """A gzipped file keeps its plain file's time, which max_age reads."""
+        directory, log = self.log_file(rotateLength=10, compress=True)
+        log.write("first line\n")
+        os.utime(log.path, (1000000000, 1000000000))
+        log.write("x\n")
+        log.wait_for_compression()
+        self.assertEqual(os.path.getmtime(log.path + ".1.gz"), 1000000000)
+
+    def test_max_age(self):
+        """
+        Rotated files last written more than max_age ago are deleted, gzipped
+        or not, at start and at each rotation; newer ones and the current
+        file stay.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "anyproxy.log")
+        old = time.time() - 3 * 86400
+        for name, when in [("anyproxy.log", old), ("anyproxy.log.1", None),
+                           ("anyproxy.log.2.gz", old), ("anyproxy.log.3", old),
+                           ("anyproxy.log.backup", old)]:
+            with open(os.path.join(directory, name), "w") as f:
+                f.write("x\n")
+            if when:
+                os.utime(os.path.join(directory, name), (when, when))
+        log = RotatingLogFile.fromFullPath(path, rotateLength=10, maxAge=2 * 86400)
+        self.addCleanup(log.close)
+        self.assertEqual(_rotated_names(directory), ["anyproxy.log.1", "anyproxy.log.backup"])
+        os.utime(path + ".1", (old, old))  # now past max_age
+        log.write("0123456789\n")
+        log.write("next\n")  # rotates: the current file (just written) to .1, .1 to .2, deleted
+        self.assertEqual(_rotated_names(directory), ["anyproxy.log.1", "anyproxy.log.backup"])
+
+    def test_zero_max_age_keeps_all(self):
+        """max_age 0 deletes nothing for its age."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "anyproxy.log.1"), "w") as f:
+            f.write("x\n")
+        os.utime(os.path.join(directory, "anyproxy.log.1"), (0, 0))
+        log = RotatingLogFile.fromFullPath(os.path.join(directory, "anyproxy.log"), maxAge=0)
+        self.addCleanup(log.close)
+        self.assertEqual(_rotated_names(directory), ["anyproxy.log.1"])
+
+    def test_from_config(self):
+        """make_observer passes max_age (days) and compress on."""
+        observer = make_observer(LogConfig(file=self.mktemp(), max_age=7, compress=True))
+        self.addCleanup(observer.stream.close)
+        self.assertIsInstance(observer.stream, RotatingLogFile)
+        self.assertEqual((observer.stream.maxAge, observer.stream.compress), (7 * 86400, True))
+
+
+class OutputTests(unittest.TestCase):
+    """log.output: the console stream, or the file, and twistd's --logfile."""
+
+    def stream(self, twistd_logfile=None, nodaemon=True, **kwargs):
+        observer = make_observer(LogConfig(**kwargs), twistd_logfile, nodaemon=nodaemon)
+        if observer.stream not in (sys.stdout, sys.stderr):
+            self.addCleanup(observer.stream.close)
+        return observer.stream
+
+    def test_console(self):
+        """In the foreground, stdout (the default) or stderr."""
+        self.assertIs(self.stream(), sys.stdout)
+        self.assertIs(self.stream(output="stdout"), sys.stdout)
+        self.assertIs(self.stream(output="stderr"), sys.stderr)
+
+    def test_file_only_with_output_file(self):
+        """log.file is written when output is file or absent, not with stdout/stderr."""
+        path = os.path.abspath(self.mktemp())
+        self.assertEqual(self.stream(file=path).path, path)
+        self.assertEqual(self.stream(file=path, output="file").path, path)
+        unused = os.path.abspath(self.mktemp())
+        self.assertIs(self.stream(file=unused, output="stdout"), sys.stdout)
+        self.assertIs(self.stream(file=unused, output="stderr"), sys.stderr)
+        self.assertFalse(os.path.exists(unused))
+
+    def test_twistd_logfile(self):
+        """
+        twistd's --logfile beats output stdout/stderr (a command line beats
+        the file), and a daemon has no console: twistd.log.
+        """
+        path = os.path.abspath(self.mktemp())
+        self.assertEqual(self.stream(path, output="stderr").path, path)
+        self.assertEqual(self.stream(path, nodaemon=False).path, path)
+        self.assertIs(self.stream("-", output="stderr"), sys.stdout)
+        self.assertEqual(self.stream(path, file=path + ".mine").path, path + ".mine")
+        self.assertEqual(os.path.basename(self.stream(nodaemon=False, output="stderr").path),
+                         "twistd.log")

@@ -123,7 +123,7 @@ class SummaryTests(unittest.TestCase):
         old = self.load(client_data(forbidden_hosts=["10.0.0.0/8"]))
         new = self.load(client_data(auth_password="other-pw", replicas=2))
         keys = changed_keys(old, new)
-        self.assertEqual(sorted(keys), ["client.auth_password", "client.forbidden_hosts/limit",
+        self.assertEqual(sorted(keys), ["client.auth_password", "client.forbidden_hosts/limit/allowed_hosts",
                                         "client.replicas"])
         summary, restart = summarize(old, new, "client")
         self.assertNotIn("other-pw", summary)
@@ -138,6 +138,15 @@ class SummaryTests(unittest.TestCase):
         summary, restart = summarize(old, self.load(data), "gateway")
         self.assertEqual(summary, "log.level changed; certificates re-read")
         self.assertEqual(restart, ["log.format"])
+
+    def test_log_destination_keys_need_restart(self):
+        """log.output, log.max_age and log.compress are set up at start: restart keys."""
+        old = self.load(client_data())
+        data = client_data()
+        data["log"] = {"output": "stderr", "max_age": 7, "compress": True}
+        summary, restart = summarize(old, self.load(data), "client")
+        self.assertEqual(summary, "no key changed; certificates re-read")
+        self.assertEqual(restart, ["log.output", "log.max_age", "log.compress"])
 
     def test_nothing_changed(self):
         """An unchanged file says so."""
@@ -297,6 +306,26 @@ class GatewayReconfigureTests(unittest.TestCase):
 
     def reconfigure(self, data):
         return self.successResultOf(self.service.reconfigure(self.load(data)))
+
+    def test_failed_move_keeps_the_serving_record(self):
+        """Later reloads still reach the listener that serves (a revoked password is refused)."""
+        from twisted.internet.error import CannotListenError
+
+        def data(port, password, realm):
+            d = self.data(password=password)
+            d["proxy"]["http"] = {"listen_addr": "127.0.0.1:%d" % port, "auth_username": "user",
+                                  "auth_password": password, "options": {"realm": realm}}
+            return d
+
+        self.reconfigure(data(8080, "pw1", "a"))
+        self.reactor.refuse.add(8081)
+        notes = self.reconfigure(data(8081, "pw1", "b"))  # options and address change
+        self.flushLoggedErrors(CannotListenError)
+        self.assertTrue(any("not applied" in note for note in notes), notes)
+        self.reconfigure(data(8080, "pw2", "b"))
+        running = self.service.listeners["http proxy"].factory
+        self.assertIsNone(running.users.authenticate("user", "pw1"))
+        self.assertIsNotNone(running.users.authenticate("user", "pw2"))
 
     def test_users_swapped(self):
         """New proxy and client credentials apply to the next login."""
@@ -543,3 +572,4 @@ class ClientReconfigureTests(unittest.TestCase):
         self.assertNotEqual(factory.headers, before)
         self.assertEqual((factory.hello_info()["group"], factory.hello_info()["weight"]),
                          ("lab", 3))
+

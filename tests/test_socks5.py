@@ -257,8 +257,21 @@ class Socks5ProtocolTests(SynchronousTestCase):
     def test_data_after_close_ignored(self):
         """Bytes arriving after we decided to close are dropped quietly."""
         self.connect_user()
-        self.send(b"\x04\x01")
+        self.send(b"\x06\x01")
         self.assertEqual(self.send(b"\x05\x01\x00"), b"")
+
+    def test_socks4_refused(self):
+        """
+        A SOCKS4 request gets the SOCKS4 rejection (VN 0, CD 91) and a close,
+        not a silent one; nothing is opened.
+        """
+        self.connect_user()
+        self.assertEqual(self.send(b"\x04\x01\x00"), b"")  # not whole yet
+        reply = self.send(b"\x50\x7f\x00\x00\x01me\x00")
+        self.assertEqual(reply, b"\x00\x5b\x00\x50\x7f\x00\x00\x01")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.asked, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_eof_during_handshake(self):
         """A user closing its side mid-handshake is closed."""

@@ -31,8 +31,10 @@ from anyproxy.frontends.socks5.parser import (
     SEND_AUTH_REPLY,
     SEND_METHOD,
     SEND_REPLY,
+    SEND_SOCKS4_REFUSAL,
     Greeting,
     Request,
+    Socks4Request,
     Socks5Server,
     SocksError,
     SocksStateError,
@@ -278,6 +280,59 @@ class Socks5ParserTests(SynchronousTestCase):
         self.assertEqual(run([stream[i : i + 1] for i in range(len(stream))]), whole)
 
 
+class Socks4RefusalTests(SynchronousTestCase):
+    """A SOCKS4/4a request gets the SOCKS4 rejection, as dante answers it."""
+
+    def test_socks4(self):
+        """
+        A whole SOCKS4 CONNECT (user id included) is one event; the answer
+        is VN 0, CD 91 with DSTPORT/DSTIP echoed, and nothing follows.
+        """
+        parser = Socks5Server()
+        parser.receive_data(b"\x04\x01\x1f\x90\x0a\x00\x00\x07alice\x00")
+        event = parser.next_event()
+        self.assertEqual(event, Socks4Request(command=1, host="10.0.0.7", port=8080,
+                                              socks4a=False, destination=b"\x1f\x90\x0a\x00\x00\x07"))
+        self.assertIs(parser.state, SEND_SOCKS4_REFUSAL)
+        self.assertIs(parser.next_event(), PAUSED)
+        self.assertEqual(parser.refuse_socks4(), b"\x00\x5b\x1f\x90\x0a\x00\x00\x07")
+        self.assertIs(parser.state, CLOSED)
+        self.assertRaises(SocksStateError, parser.refuse_socks4)
+        self.assertRaises(SocksStateError, parser.choose_method, METHOD_NO_AUTH)
+
+    def test_socks4a(self):
+        """SOCKS4a (DSTIP 0.0.0.x) is read up to the end of its domain name."""
+        parser = Socks5Server()
+        wire = b"\x04\x01\x00\x50\x00\x00\x00\x01\x00example.test\x00"
+        for byte in wire[:-1]:
+            parser.receive_data(bytes([byte]))
+            self.assertIs(parser.next_event(), NEED_DATA)
+        parser.receive_data(wire[-1:])
+        event = parser.next_event()
+        self.assertEqual((event.host, event.port, event.socks4a), ("example.test", 80, True))
+        self.assertEqual(parser.refuse_socks4(), b"\x00\x5b\x00\x50\x00\x00\x00\x01")
+
+    def test_socks4_bind(self):
+        """BIND (CD 2) is refused the same way."""
+        parser = Socks5Server()
+        parser.receive_data(b"\x04\x02\x00\x15\x7f\x00\x00\x01\x00")
+        self.assertEqual(parser.next_event().command, 2)
+        self.assertEqual(parser.refuse_socks4()[:2], b"\x00\x5b")
+
+    def test_not_before_the_greeting_only(self):
+        """Version 4 after a SOCKS5 greeting is no SOCKS4 request."""
+        parser = at_request()
+        parser.receive_data(b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00")
+        self.assertEqual(self.assertRaises(SocksError, parser.next_event).reply_code, 0x01)
+
+    def test_repr_leaves_out_destination_bytes(self):
+        """The event's repr names the target, for the log."""
+        event = Socks4Request(command=1, host="10.0.0.7", port=80, socks4a=False,
+                              destination=b"\x00\x50\x0a\x00\x00\x07")
+        self.assertIn("10.0.0.7", repr(event))
+        self.assertNotIn("destination", repr(event))
+
+
 class Socks5ParserErrorTests(SynchronousTestCase):
     """Malformed input and misuse."""
 
@@ -288,9 +343,24 @@ class Socks5ParserErrorTests(SynchronousTestCase):
         return error
 
     def test_greeting_wrong_version(self):
-        """A greeting that is not version 5 closes without a reply."""
+        """A greeting that is neither version 5 nor 4 closes without a reply."""
+        for version in (0, 3, 6, 0x47):
+            parser = Socks5Server()
+            parser.receive_data(bytes([version]) + b"\x01\x00\x50")
+            self.assert_socks_error(parser, None)
+
+    def test_socks4_eof_mid_request(self):
+        """A SOCKS4 request cut short by EOF closes without a reply."""
         parser = Socks5Server()
-        parser.receive_data(b"\x04\x01\x00\x50")
+        parser.receive_data(b"\x04\x01\x00\x50\x7f\x00\x00\x01user")
+        self.assertIs(parser.next_event(), NEED_DATA)
+        parser.receive_data(b"")
+        self.assert_socks_error(parser, None)
+
+    def test_socks4_without_terminator(self):
+        """A SOCKS4 user id that never ends is cut off at the handshake limit."""
+        parser = Socks5Server()
+        parser.receive_data(b"\x04\x01\x00\x50\x7f\x00\x00\x01" + b"u" * MAX_HANDSHAKE_BUFFER)
         self.assert_socks_error(parser, None)
 
     def test_error_is_sticky(self):
@@ -385,7 +455,7 @@ class Socks5ParserErrorTests(SynchronousTestCase):
     def test_no_error_reply_outside_request(self):
         """After a greeting error no reply may be sent."""
         parser = Socks5Server()
-        parser.receive_data(b"\x04\x01")
+        parser.receive_data(b"\x06\x01")
         self.assert_socks_error(parser, None)
         self.assertRaises(SocksStateError, parser.reply, 0x01)
 
@@ -489,6 +559,9 @@ class Socks5ParserPropertyTests(SynchronousTestCase):
                         parser.choose_method(method)
                     else:
                         parser.choose_method(METHOD_NONE_ACCEPTABLE)
+                elif isinstance(event, Socks4Request):
+                    self.assertEqual(parser.refuse_socks4()[:2], b"\x00\x5b")
+                    break
                 elif isinstance(event, UserPassAuth):
                     parser.auth_reply(True)
                 elif isinstance(event, Request):

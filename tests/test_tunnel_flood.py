@@ -7,7 +7,6 @@ tunnel (L{anyproxy.tunnel.mux}, L{anyproxy.tunnel.websocket}).
 """
 
 import base64
-import json
 import os
 import socket
 import ssl

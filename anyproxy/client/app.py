@@ -160,6 +160,25 @@ def _log_open_ports(gateway, asked, answered):
                      error=answer.error or "no reason given")
 
 
+def _log_open_ports_wanted(client):
+    """
+    Say at start-up which ports C{client.open_ports} asks the gateways for,
+    and the key each gateway needs: it forwards only ports its
+    C{gateway.open_ports_allowed} lists (the Go AnyProxy's gateway opened
+    any port asked for).
+    """
+    if not client.open_ports:
+        return
+    ports = sorted({port.remote_port for port in client.open_ports})
+    log.info("open_ports: asking each gateway to forward {wanted}; a gateway forwards only "
+             "ports its gateway.open_ports_allowed lists, so there set at least "
+             "gateway.open_ports_allowed: [{ports}]",
+             wanted=", ".join("%d/%s to %s" % (port.remote_port, port.protocol,
+                                               host_port(port.local_host, port.local_port))
+                              for port in client.open_ports),
+             ports=", ".join(str(port) for port in ports))
+
+
 @implementer(IStreamClientEndpoint)
 class ReadyTunnelEndpoint:
     """
@@ -358,6 +377,7 @@ def make_client_service(config, reactor, resolver=None):
                     queue_timeout=client.queue_timeout)
     factories = {}
     top = ClientRoot(reactor, config, dialer, factories)
+    _log_open_ports_wanted(client)
     for host, port in client.gateway_addrs:
         top.add_gateway(host, port, ClientRoot.tls_options(client, host))
     # Prometheus metrics (anyproxy.metrics), read at scrape time; served at metrics_addr.

@@ -23,9 +23,10 @@ import attr
 from anyproxy.addresses import dial_address, port_range
 from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule
 from anyproxy.config.model import (
-    BALANCE_POLICIES, CLIENT, GATEWAY, LOG_FORMATS, LOG_LEVELS,
+    BALANCE_POLICIES, CLIENT, GATEWAY, LOG_FORMATS, LOG_LEVELS, LOG_OUTPUTS,
     ClientConfig, ClientEntryConfig, Config, FrontendConfig, GatewayConfig, ListenerConfig, LogConfig,
-    OpenPortConfig, ProxyConfig, UserConfig)
+    OpenPortConfig, ProxyConfig, SHARED_CERTIFICATE_CREDENTIAL, SHARED_CREDENTIAL, UserConfig)
+from anyproxy.config import go_format
 from anyproxy.config.yaml_reader import Node, Reader, read_yaml, type_name
 from anyproxy.frontends.lookup import (
     UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
@@ -38,11 +39,39 @@ def _listener(node):
     username, password = node.credentials("auth_username", "auth_password")
     allow_anonymous = node.boolean("allow_anonymous")
     max_conns = node.integer("max_conns")
+    users = _user_scope(node)
+    require_login = node.boolean("require_login")
     if endpoint is None:
         return None
     return ListenerConfig(endpoint=endpoint, auth_username=username, auth_password=password,
                           allow_anonymous=allow_anonymous, listen_addr=raw, local=local,
-                          max_conns=max_conns)
+                          max_conns=max_conns, users=users, require_login=require_login)
+
+
+def _user_scope(node):
+    """
+    A listener's C{users}: C{"all"}, C{"none"}, a tuple of C{gateway.users}
+    names (checked against them in L{_cross_check}), or the model's default
+    (C{None}: L{ListenerConfig.user_scope} decides).
+    """
+    value = node.get("users", (str, list), "all, none or a list of gateway.users names")
+    if isinstance(value, str):
+        value = value.strip().lower()
+        if value not in ("all", "none"):
+            node.fail("users", "%r is not all, none or a list of gateway.users names" % (value,))
+        return value
+    if value is None or value is attr.NOTHING:
+        return None
+    names = []
+    for path, item in node.items("users"):
+        if not isinstance(item, str) or not item.strip():
+            node.reader.fail(path, "expected a gateway.users name, got %s" % (type_name(item),))
+        if item.strip() in names:
+            node.reader.fail(path, "%r is listed twice" % (item.strip(),))
+        names.append(item.strip())
+    if not names:
+        node.fail("users", "must not be empty (use 'none')")
+    return tuple(names)
 
 
 def _builtin_listener(node, kind):
@@ -128,6 +157,10 @@ def _client_entries(node, shared_username, client_ca):
                                    "remove password")
         if username and username == shared_username:
             entry.fail("username", "%r is also gateway.auth_username" % (username,))
+        if username in (SHARED_CREDENTIAL, SHARED_CERTIFICATE_CREDENTIAL) or \
+                username.startswith("subject:"):
+            # Grants are known by name: these name the shared credential and certificates.
+            entry.fail("username", "%r is reserved; choose another name" % (username,))
         name = username or "subject:" + subject
         if name in seen:
             entry.fail("username" if username else "subject", "duplicate entry %r" % (name,))
@@ -252,13 +285,19 @@ def _gateway_addrs(node):
     return tuple(addrs)
 
 
-def _policy(node, allow_udp):
-    forbidden, allowed = [], []
-    for path, item in node.items("forbidden_hosts"):
+def _host_rules(node, key):
+    """A list of host rules (C{forbidden_hosts}, C{allowed_hosts}); absent: none."""
+    rules = []
+    for path, item in node.items(key):
         try:
-            forbidden.append(HostRule.parse(item))
+            rules.append(HostRule.parse(item))
         except ValueError as e:
-            node.reader.fail(path, e)
+            node.reader.fail(path, e)  # "client.allowed_hosts[2]: bad regex '(': ..."
+    return tuple(rules)
+
+
+def _policy(node, allow_udp):
+    forbidden, allowed = _host_rules(node, "forbidden_hosts"), []
     for path, item in node.items("limit"):
         if isinstance(item, str):
             item = {"addr": item}
@@ -272,7 +311,8 @@ def _policy(node, allow_udp):
             entry.fail("addr", e)
         protocol = entry.choice("protocol", ("tcp", "udp", "both"))
         allowed.append(LimitRule(name, rule, protocol))
-    return AccessPolicy(forbidden=tuple(forbidden), allowed=tuple(allowed), allow_udp=allow_udp)
+    return AccessPolicy(forbidden=forbidden, allowed=tuple(allowed), allow_udp=allow_udp,
+                        allowed_hosts=_host_rules(node, "allowed_hosts"))
 
 
 def _open_ports(node):
@@ -336,34 +376,84 @@ def _client(node):
 
 def _log(node):
     file = node.string("file")
-    return LogConfig(
+    file = os.path.normpath(os.path.join(node.reader.base_dir, file)) if file else None
+    # Absent: the model's None, which means "file" when file is set, else
+    # "stdout" (LogConfig.effective_output).  As in the Go AnyProxy, file
+    # is used only when the output is "file".
+    output = node.choice("output", LOG_OUTPUTS) if node.string("output") else None
+    log = LogConfig(
         level=node.choice("level", LOG_LEVELS, {"warning": "warn"}),
         format=node.choice("format", LOG_FORMATS),
-        file=os.path.normpath(os.path.join(node.reader.base_dir, file)) if file else None,
+        file=file, output=output,
         # MB; at most 1 TB.  max_backups 0 keeps every file.
         max_size=node.integer("max_size", low=1, high=1024 * 1024),
-        max_backups=node.integer("max_backups"))
+        max_backups=node.integer("max_backups"),
+        max_age=node.integer("max_age", high=100 * 366),  # days; 0 keeps every file
+        compress=node.boolean("compress"))
+    if log.effective_output() == "file":
+        if file is None:
+            node.fail("file", "required when output is file (the log file's path)")
+        if node.check_files and node.reader.check_files:
+            _check_log_file(node, file)
+    return log
+
+
+def _check_log_file(node, path):
+    """
+    Whether the log file can be written, and rotated beside itself: checked
+    at load, so that a missing directory is one line, not a traceback when
+    twistd opens the file.
+    """
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        node.fail("file", "directory not found: %s (relative paths are relative to %s)"
+                  % (directory, node.reader.relative_to))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        node.fail("file", "directory not writable: %s (the file and its rotated copies "
+                          "are created there)" % (directory,))
+    if os.path.isdir(path):
+        node.fail("file", "%s is a directory" % (path,))
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        node.fail("file", "not writable: %s" % (path,))
 
 
 def _cross_check(node, proxy, gateway):
-    """Listener users must not clash with gateway.users; anonymous needs opt-in."""
+    """
+    Listener users must not clash with gateway.users, a listener's C{users}
+    must name entries of gateway.users, and anonymous needs opt-in: a
+    listener off loopback needs its own user, gateway.users it takes, or
+    C{allow_anonymous}.
+    """
     users = gateway.users if gateway is not None else ()
-    names = set(user.username for user in users)
+    names = [user.username for user in users]
     for frontend in proxy.all_frontends():
         listener, path = frontend.listener, frontend.path
         if listener.auth_username in names:
             node.reader.fail("%s.auth_username" % (path,), "user %r is also in "
                              "gateway.users" % (listener.auth_username,))
+        if isinstance(listener.users, tuple):
+            for index, name in enumerate(listener.users):
+                if name not in names:
+                    node.reader.fail("%s.users[%d]" % (path, index), "no gateway.users entry "
+                                     "%r (known: %s)" % (name, ", ".join(names) or "none"))
+        if listener.users not in (None, "none") and not frontend.authenticates:
+            node.reader.fail("%s.users" % (path,), "the %s frontend does not check "
+                             "credentials; remove users" % (frontend.type,))
+        if listener.require_login and not frontend.authenticates:
+            node.reader.fail("%s.require_login" % (path,), "the %s frontend does not check "
+                             "credentials; remove require_login" % (frontend.type,))
         if not (frontend.authenticates or listener.local or listener.allow_anonymous):
             node.reader.fail("%s.listen_addr" % (path,),
                              "%r is not loopback and the %s frontend cannot check credentials:"
                              " use a loopback address, or allow_anonymous: true"
                              % (listener.listen_addr, frontend.type))
-        if not (listener.local or listener.auth_username or users or listener.allow_anonymous):
+        taken = [name for name in names if listener.takes_user(name)]
+        if not (listener.local or listener.auth_username or taken or listener.allow_anonymous
+                or listener.require_login):
             node.reader.fail("%s.listen_addr" % (path,),
                              "%r is not loopback and has no credentials: set auth_username/"
-                             "auth_password (or gateway.users), or allow_anonymous: true"
-                             % (listener.listen_addr,))
+                             "auth_password (or gateway.users, with users: all or their "
+                             "names), or allow_anonymous: true" % (listener.listen_addr,))
 
 
 def load_config(path, check_files=True, role=None):
@@ -380,7 +470,9 @@ def load_config(path, check_files=True, role=None):
     @raise ConfigError: one line naming the file and key.
     """
     reader = Reader(path, os.path.dirname(os.path.abspath(path)), check_files)
-    root = Node.of(reader, "", read_yaml(reader, path), Config)
+    # The Go AnyProxy's newest form is rewritten into ours first.
+    data, warnings = go_format.translate(reader, read_yaml(reader, path), role)
+    root = Node.of(reader, "", data, Config)
     proxy = _proxy(root.child("proxy", ProxyConfig))
     gateway = client = None
     if root.given("gateway"):
@@ -389,4 +481,5 @@ def load_config(path, check_files=True, role=None):
         client = _client(root.child("client", ClientConfig, role in (None, CLIENT)))
     _cross_check(root, proxy, gateway)
     log = _log(root.child("log", LogConfig))
-    return Config(path=os.path.abspath(path), proxy=proxy, gateway=gateway, client=client, log=log)
+    return Config(path=os.path.abspath(path), proxy=proxy, gateway=gateway, client=client, log=log,
+                  warnings=warnings)

@@ -17,12 +17,13 @@ import attr
 
 from anyproxy.auth import DEFAULT_GROUP
 from anyproxy.access_policy import AccessPolicy
-from anyproxy.config.schema import derived, inline, setting
+from anyproxy.config.schema import default, derived, inline, setting
 from anyproxy.errors import ConfigError
 
 BALANCE_POLICIES = ("least_streams", "round_robin", "random")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
+LOG_OUTPUTS = ("stdout", "stderr", "file")
 # Defaults for gateway.queue_size / gateway.queue_timeout and the client's
 # keys of the same names (anyproxy.limits): enough to ride out a burst, short
 # enough that a user waiting in the queue still gets an answer before giving up.
@@ -46,6 +47,11 @@ def _no_options():
     return types.MappingProxyType({})
 
 
+# How the shared client credential's grant is named (in logs, counts and
+# refusals): no gateway.clients entry may take these names.
+SHARED_CREDENTIAL = "gateway.auth_username"
+SHARED_CERTIFICATE_CREDENTIAL = "gateway.client_ca"  # a client_ca certificate matching no subject
+
 @attr.s(frozen=True, slots=True)
 class ListenerConfig:
     """
@@ -53,6 +59,9 @@ class ListenerConfig:
 
     @ivar endpoint: a Twisted server endpoint string.
     @ivar local: C{True} when it listens only on loopback or a UNIX socket.
+    @ivar users: which C{gateway.users} entries log in here: C{"all"},
+        C{"none"}, a tuple of their names, or C{None} (the key absent) for
+        L{user_scope}'s default.
     """
 
     endpoint = derived()  # from listen_addr
@@ -62,9 +71,33 @@ class ListenerConfig:
     listen_addr = setting("")  # empty: the listener is disabled
     local = derived(False)  # from listen_addr
     max_conns = setting(0)  # streams open through this listener; 0 = unlimited
+    users = setting(None)  # "all" | "none" | (names,); None: see user_scope
+    # A login is required even with no users of this listener's own: the
+    # clients' group logins (group_id:group_password) let users in, as on
+    # the Go AnyProxy's listeners (anyproxy.config.go_format sets it).
+    require_login = setting(False)
     # The plugin's options.  Kept here for proxy.socks5/proxy.http; a
     # proxy.frontends entry's are in its FrontendConfig.options.
     options = setting(factory=_no_options, repr=False, hash=False)
+
+    def user_scope(self):
+        """
+        C{"all"}, C{"none"} or a tuple of names: the C{gateway.users}
+        entries this listener takes.  Without a C{users} key, a listener
+        that is open by intent (no C{auth_username}, and loopback or
+        C{allow_anonymous}) takes none and stays open; any other takes all,
+        as before C{users} existed.
+        """
+        if self.users is not None:
+            return self.users
+        if not self.auth_username and (self.local or self.allow_anonymous):
+            return "none"
+        return "all"
+
+    def takes_user(self, name):
+        """Whether the C{gateway.users} entry C{name} logs in on this listener."""
+        scope = self.user_scope()
+        return scope == "all" or (scope != "none" and name in scope)
 
 
 @attr.s(frozen=True, slots=True)
@@ -110,6 +143,13 @@ class FrontendConfig:
     path = derived()
     options = derived(factory=_no_options, repr=False, hash=False)  # the entry's options
     authenticates = derived(True)  # from the plugin
+
+
+def _listener_user(listener, groups):
+    """C{[entry]} for a listener's own C{auth_username}, or C{[]}."""
+    if listener is not None and listener.auth_username:
+        return [(listener.auth_username, listener.auth_password, DEFAULT_GROUP, tuple(groups))]
+    return []
 
 
 @attr.s(frozen=True, slots=True)
@@ -183,14 +223,15 @@ class GatewayConfig:
 
     def users_for(self, listener):
         """
-        The C{(username, password, group)} entries for a proxy listener's
-        L{anyproxy.auth.UserDatabase}: its own user (group C{default}) and
-        every C{gateway.users} entry.
+        The C{(username, password, group, groups)} entries for a proxy
+        listener's L{anyproxy.auth.UserDatabase}: its own user (group
+        C{default}; as C{user.group}, the groups of C{auth_groups}) and the
+        C{gateway.users} entries it takes (L{ListenerConfig.user_scope}; as
+        C{user.group}, the entry's own group).
         """
-        entries = []
-        if listener is not None and listener.auth_username:
-            entries.append((listener.auth_username, listener.auth_password, DEFAULT_GROUP))
-        entries.extend((u.username, u.password, u.group) for u in self.users)
+        entries = _listener_user(listener, self.auth_groups)
+        entries.extend((u.username, u.password, u.group, (u.group,)) for u in self.users
+                       if listener is None or listener.takes_user(u.username))
         return entries
 
     def port_allowed(self, port):
@@ -228,7 +269,8 @@ class ClientConfig:
     queue_timeout = setting(DEFAULT_QUEUE_TIMEOUT)  # seconds one may wait; then OVERLOADED
     auth_username = setting("")
     auth_password = setting("", secret=True)
-    policy = setting(factory=AccessPolicy, keys=("forbidden_hosts", "limit"))
+    # forbidden_hosts refuse; limit and allowed_hosts are allow-lists, both applied when set.
+    policy = setting(factory=AccessPolicy, keys=("forbidden_hosts", "limit", "allowed_hosts"))
     tls_cert = setting(None)
     tls_key = setting(None)
     insecure_skip_verify = setting(False)
@@ -254,9 +296,11 @@ class ClientConfig:
 @attr.s(frozen=True, slots=True)
 class LogConfig:
     """
-    Logging: level, C{text}/C{json}, and a file (C{None} = stdout).  A log
-    file is rotated when it reaches C{max_size} MB, and C{max_backups}
-    rotated files are kept (C{0}: all of them).
+    Logging: level, C{text}/C{json}, and where (C{output}: C{stdout},
+    C{stderr} or C{file}, the file being C{file}).  A log file is rotated
+    when it reaches C{max_size} MB; C{max_backups} rotated files are kept
+    (C{0}: all of them), and none older than C{max_age} days (C{0}: any
+    age); C{compress} gzips each rotated file (C{name.N.gz}).
     """
 
     level = setting("info")
@@ -266,6 +310,16 @@ class LogConfig:
     # they bound the disk a log can take.
     max_size = setting(100)
     max_backups = setting(10)
+    # None (absent): "file" when file is set, else "stdout" (see
+    # effective_output).  As in the Go AnyProxy, file is used only when
+    # the output is "file".
+    output = setting(None)
+    max_age = setting(0)  # days a rotated file is kept; 0 = no age limit
+    compress = setting(False)  # gzip rotated files
+
+    def effective_output(self):
+        """C{output}, or when it is absent C{"file"} if C{file} is set, else C{"stdout"}."""
+        return self.output or ("file" if self.file else "stdout")
 
 
 @attr.s(frozen=True, slots=True)
@@ -277,6 +331,9 @@ class Config:
     gateway = setting(None)
     client = setting(None)
     log = setting(factory=LogConfig)
+    # ((key path, problem),): features of another form the file asks for
+    # that are not started here (anyproxy.config.go_format), logged at start.
+    warnings = derived(())
 
     def require_gateway(self):
         """The L{GatewayConfig}, or L{ConfigError} if the section is absent."""
@@ -294,11 +351,10 @@ class Config:
 
     def gateway_users_for(self, listener):
         """
-        C{[(username, password, group)]} for a proxy listener's user
-        database: the listener's own user plus C{gateway.users}.
+        C{[(username, password, group, groups)]} for a proxy listener's
+        user database: the listener's own user plus the C{gateway.users}
+        entries it takes (L{GatewayConfig.users_for}).
         """
         if self.gateway is not None:
             return self.gateway.users_for(listener)
-        if listener is not None and listener.auth_username:
-            return [(listener.auth_username, listener.auth_password, DEFAULT_GROUP)]
-        return []
+        return _listener_user(listener, default(GatewayConfig, "auth_groups"))

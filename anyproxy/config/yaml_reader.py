@@ -53,15 +53,29 @@ class Reader:
     The file being loaded: where errors point and how paths resolve.
 
     @ivar nodes: every L{Node} read from the file, in order (for tests).
+    @ivar aliases: C{{our key path: the path as written}} for keys a file in
+        another form holds elsewhere (L{anyproxy.config.go_format}): an
+        error under one of our paths names the key the user wrote.
+    @ivar relative_to: what relative file paths are relative to, for errors.
     """
 
     source = attr.ib()
     base_dir = attr.ib()
     check_files = attr.ib()
     nodes = attr.ib(factory=list, repr=False)
+    aliases = attr.ib(factory=dict, repr=False)
+    relative_to = attr.ib(default="the config file's directory", repr=False)
+
+    def written(self, path):
+        """C{path} as the file writes it (see C{aliases})."""
+        for ours in sorted(self.aliases, key=len, reverse=True):
+            if path == ours or path.startswith((ours + ".", ours + "[")):
+                return self.aliases[ours] + path[len(ours):]
+        return path
 
     def fail(self, path, problem):
         problem = " ".join(str(problem).split())
+        path = self.written(path)
         raise ConfigError("%s: %s: %s" % (self.source, path, problem) if path
                           else "%s: %s" % (self.source, problem))
 
@@ -188,8 +202,8 @@ class Node:
             return None
         path = os.path.normpath(os.path.join(self.reader.base_dir, os.path.expanduser(value)))
         if self.check_files and self.reader.check_files and not os.path.isfile(path):
-            self.fail(key, "file not found: %s (relative paths are relative to the "
-                           "config file's directory)" % (path,))
+            self.fail(key, "file not found: %s (relative paths are relative to %s)"
+                      % (path, self.reader.relative_to))
         return path
 
     def listen(self, key):
@@ -219,7 +233,7 @@ def join_path(path, key):
 def read_yaml(reader, path):
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=_StrictLoader)
+            documents = list(yaml.load_all(f, Loader=_StrictLoader))
     except OSError as e:
         reader.fail("", "cannot read: %s" % (e.strerror or e,))
     except UnicodeDecodeError:
@@ -230,3 +244,9 @@ def read_yaml(reader, path):
         reader.fail("", "%sbad YAML: %s" % (where, e.problem or e.context))
     except yaml.YAMLError as e:
         reader.fail("", "bad YAML: %s" % (e,))
+    # A "---" followed only by comments (as the Go AnyProxy's examples end)
+    # is an empty document; a second document with content would be ignored.
+    if any(document is not None for document in documents[1:]):
+        reader.fail("", "more than one YAML document ('---'): only one is read; "
+                        "remove the others")
+    return documents[0] if documents else None

@@ -41,6 +41,7 @@ from zope.interface import implementer
 from anyproxy.auth import GroupLogins
 from anyproxy.gateway.frontend_listeners import Frontends
 from anyproxy.gateway.port_forwarding.forwarder import PortForwarding
+from anyproxy.gateway.port_forwarding.forwarder import log_policy as log_port_policy
 from anyproxy.gateway.reconfigure import reconfigure_all, relisten, restart_note
 from anyproxy.gateway.status.api import status_site
 from anyproxy.gateway.tunnel_pool import TunnelPool
@@ -352,6 +353,7 @@ def make_gateway_service(config, reactor):
     # loopback unless the config opts in to another.
     port_forwarding = PortForwarding(reactor, gateway.port_allowed,
                                      interface=gateway.open_ports_interface)
+    log_port_policy(config)
     limits = Limits.from_config(config, reactor)
     user_endpoints = UserEndpoints(tunnel_pool, reactor, limits, metrics, gateway.no_tunnel_wait)
     tunnel_server = TunnelServer.from_config(gateway, reactor, tunnel_pool,

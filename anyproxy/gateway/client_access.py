@@ -34,11 +34,13 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
+from anyproxy.config.model import SHARED_CERTIFICATE_CREDENTIAL, SHARED_CREDENTIAL
+
 log = Logger()
 
 ANY_GROUP = "*"
-SHARED = "gateway.auth_username"  # the shared credential's name in logs and counts
-SHARED_CERTIFICATE = "gateway.client_ca"  # a CA-verified certificate matching no subject entry
+SHARED = SHARED_CREDENTIAL  # the shared credential's name in logs and counts
+SHARED_CERTIFICATE = SHARED_CERTIFICATE_CREDENTIAL  # a client_ca certificate, no subject entry
 SHARED_NAMES = (SHARED, SHARED_CERTIFICATE)  # the shared credential's grant is named one of these
 
 def _to_bytes(text):

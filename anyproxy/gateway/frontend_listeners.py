@@ -90,7 +90,8 @@ class Frontends(MultiService):
         @raise Exception: whatever the plugin's C{build} raises.
         """
         users = UserDatabase(config.gateway_users_for(frontend.listener),
-                             group_logins=self._group_logins)
+                             group_logins=self._group_logins,
+                             require_login=frontend.listener.require_login)
         context = FrontendContext(
             name=frontend.name, reactor=self._reactor,
             endpoint_for=functools.partial(self._endpoint_for, frontend=frontend.name),
@@ -146,7 +147,8 @@ class Frontends(MultiService):
         for name, record in self.records.items():
             frontend = wanted.get(name, record.config)
             # Also for a replaced factory: its keep-alive connections log in again.
-            record.users.replace(config.gateway_users_for(frontend.listener))
+            record.users.replace(config.gateway_users_for(frontend.listener),
+                                 require_login=frontend.listener.require_login)
             if name in wanted and name not in rebuilt:
                 record.config = frontend
                 if hasattr(record.factory, "handshake_timeout"):
@@ -170,9 +172,15 @@ class Frontends(MultiService):
                 lambda _: relisten(self._reactor, self, None, endpoint, new_record.factory, name))
         else:
             moving = relisten(self._reactor, self, listener, endpoint, new_record.factory, name)
-        return [moving.addCallback(self._moved, new_record)]
+        return [moving.addCallback(self._moved, new_record, current)]
 
-    @staticmethod
-    def _moved(result, record):
-        record.listener, note = result
+    def _moved(self, result, record, previous=None):
+        listener, note = result
+        if previous is not None and listener is not None and listener is previous.listener:
+            # The new address could not be bound, so the old listener, with the
+            # old factory, still serves: keep its record, so that later reloads
+            # (users, limits) reach the listener that is actually serving.
+            self.records[previous.config.name] = previous
+            return [note + "; its other changes were not applied either"]
+        record.listener = listener
         return [note] if note else []

@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from anyproxy.auth import DEFAULT_GROUP
+from anyproxy.connection_cap import DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory
 from anyproxy.errors import HelloRefused, Reason
 from anyproxy.gateway.client_access import (
     SHARED_NAMES, ClientCredentials, ClientGrant, TunnelCounts, certificate_subjects,
@@ -39,7 +40,7 @@ log = Logger()
 
 
 @implementer(IProtocolNegotiationFactory)
-class TunnelServerFactory(WebSocketServerFactory):
+class TunnelServerFactory(HandshakeCappedFactory, WebSocketServerFactory):
     """
     Accepts client tunnels into C{tunnel_pool}.
 
@@ -57,7 +58,7 @@ class TunnelServerFactory(WebSocketServerFactory):
 
     def __init__(self, tunnel_pool, credentials, reactor, ping_interval=10.0,
                  handshake_timeout=10.0, url="wss://localhost/anyproxy", group_logins=None,
-                 forwarding=None):
+                 forwarding=None, max_handshakes=DEFAULT_MAX_HANDSHAKES):
         super().__init__(url=url, protocols=[frames.SUBPROTOCOL], server="AnyProxy")
         self.tunnel_pool = tunnel_pool
         self.credentials = credentials
@@ -66,6 +67,12 @@ class TunnelServerFactory(WebSocketServerFactory):
         self.reactor = reactor
         self.handshake_timeout = handshake_timeout
         self.tunnel_counts = TunnelCounts()
+        # Connections before their HELLO: at most max_handshakes in all (TLS
+        # and WebSocket handshakes included), and per credential at most its
+        # max_tunnels (waiting_for_hello).
+        self.handshakes = ConnectionCap(max_handshakes, "tunnel server (connections before "
+                                        "their HELLO)", reactor)
+        self.waiting_for_hello = TunnelCounts()
         tune_factory(self, ping_interval, handshake_timeout)
 
     @classmethod
@@ -108,7 +115,12 @@ class TunnelServerFactory(WebSocketServerFactory):
         hello = read_client_hello(info)
         client_id, group, weight = hello.client_id, hello.group, hello.weight
         group_password = hello.group_password
-        grant = protocol.grant
+        # The grant as configured now: a reload between the handshake and
+        # this HELLO may have narrowed or removed the credential.
+        grant = self.credentials.grant_named(protocol.grant.name)
+        if grant is None:
+            raise HelloRefused(frames.CLOSE_NOT_ALLOWED, "credential %r is no longer "
+                               "configured" % (protocol.grant.name,))
         if not grant.allows_group(group):
             # For the shared credential the fix is one key: name it.
             fix = "; add it to gateway.auth_groups" if grant.name in SHARED_NAMES else ""

@@ -71,7 +71,8 @@ log = Logger()
 _WS_LEN16 = struct.Struct("!BBH")
 _WS_LEN64 = struct.Struct("!BBQ")
 
-HTTP_UNAUTHORIZED = 401  # autobahn's ConnectionDeny names no constant for it
+HTTP_UNAUTHORIZED = 401  # autobahn's ConnectionDeny names no constant for these
+HTTP_TOO_MANY_REQUESTS = 429
 # A close frame's payload is at most 125 bytes: 2 of code, then the reason.
 MAX_CLOSE_REASON = 120
 
@@ -267,17 +268,37 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
             log.info("tunnel from {peer}: TLS failed: {why}", peer=self.peer,
                      why=openssl_reason(reason.value))
             reason = failure.Failure(error.ConnectionLost("TLS failed"))
+        self._handshake_over()
         super().connectionLost(reason)
 
     def onConnect(self, request):
         if frames.SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "subprotocol %s required" % frames.SUBPROTOCOL)
         credentials = parse_basic(request.headers.get("authorization"))
-        self.grant = self.factory.grant_for(self.transport, credentials)
-        if self.grant is None:
+        grant = self.factory.grant_for(self.transport, credentials)
+        if grant is None:
             log.warn("tunnel from {peer}: client authentication failed", peer=request.peer)
             raise ConnectionDeny(HTTP_UNAUTHORIZED, "client authentication failed")
+        waiting = self.factory.waiting_for_hello
+        if waiting.full(grant):
+            log.warn("tunnel from {peer}: credential {credential} already has {count} "
+                     "connections waiting to send their HELLO", peer=request.peer,
+                     credential=grant.name, count=waiting.get(grant.name))
+            raise ConnectionDeny(HTTP_TOO_MANY_REQUESTS, "too many connections for this credential")
+        waiting.add(grant.name)
+        self.grant = grant
         return frames.SUBPROTOCOL
+
+    holds_handshake_place = False  # set by the factory (HandshakeCappedFactory)
+
+    def _handshake_over(self):
+        # Once per connection: at its HELLO, or when it closes before one.
+        if self.holds_handshake_place:
+            self.holds_handshake_place = False
+            self.factory.handshakes.leave()
+        if self.grant is not None and not getattr(self, "_hello_counted", False):
+            self._hello_counted = True
+            self.factory.waiting_for_hello.remove(self.grant.name)
 
     def onOpen(self):
         self._start_mux(False, None, self.peer)
@@ -292,6 +313,7 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
     def hello_received(self, info):
         if self.tunnel is not None:
             return
+        self._handshake_over()
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None

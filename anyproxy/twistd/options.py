@@ -1,16 +1,23 @@
 # -*- test-case-name: tests.test_e2e_twistd -*-
 """
 twistd glue shared by both programs: the C{--config} option, loaded and
-validated in C{postOptions} so a bad file stops twistd with one line.
+validated in C{postOptions} so a bad file stops twistd with one line on
+stderr and exit code 1.
 """
 
+import sys
+
 from twisted.application.service import MultiService
+from twisted.logger import Logger
 from twisted.python import usage
 
+from anyproxy.config.go_format import warnings_for
 from anyproxy.config.load import load_config
 from anyproxy.errors import ConfigError
 from anyproxy.tuning import tune_malloc
 from anyproxy.logs import LoggingRoot, apply_library_levels, make_observer
+
+log = Logger()
 
 
 class ConfigOptions(usage.Options):
@@ -26,7 +33,10 @@ class ConfigOptions(usage.Options):
             config = load_config(self["config"], role=self.role)
             getattr(config, "require_" + self.role)()
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # Not a UsageError: twistd would print its whole Usage block
+            # before it.  The one line (file: key: problem), exit code 1.
+            print(str(e), file=sys.stderr)
+            raise SystemExit(1) from None
         self["loaded"] = config
 
 
@@ -46,6 +56,9 @@ def logging_root(service, options):
                                          nodaemon=bool(twistd.get("nodaemon", True))))
     service.setServiceParent(root)
     add_reloader(root, service, options)
+    # Features a Go AnyProxy file asks for that are not started here.
+    for line in warnings_for(config, options.role):
+        log.warn("{line}", line=line)
     return root
 
 

@@ -44,7 +44,8 @@ log = Logger()
 # set up once, at start.  A change is logged as needing a restart.
 # (metrics_addr and status_addr move when changed; switching them on or off
 # is reported by reconfigure.)
-RESTART_KEYS = ("log.format", "log.file", "log.max_size", "log.max_backups")
+RESTART_KEYS = ("log.format", "log.file", "log.output", "log.max_size", "log.max_backups",
+                "log.max_age", "log.compress")
 
 # Each program's part of a (possibly shared) file.
 _SECTIONS = {"gateway": ("proxy", "gateway", "log"), "client": ("client", "log")}

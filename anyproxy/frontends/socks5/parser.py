@@ -14,6 +14,8 @@ The client speaks first and then waits for an answer at every step, so the
 handshake is a strict alternation.  The parser's state says whose turn it is::
 
     AWAIT_GREETING  --Greeting-->      SEND_METHOD
+    AWAIT_GREETING  --Socks4Request--> SEND_SOCKS4_REFUSAL
+    SEND_SOCKS4_REFUSAL --refuse-->    CLOSED
     SEND_METHOD     --choose 0x00-->   AWAIT_REQUEST
     SEND_METHOD     --choose 0x02-->   AWAIT_AUTH
     SEND_METHOD     --choose 0xFF-->   CLOSED
@@ -34,7 +36,13 @@ Malformed input raises L{SocksError} and moves the parser to C{ERROR}, where
 every later C{next_event} raises again.  C{SocksError.reply_code} says how to
 answer: a REP code for errors inside a request (then L{Socks5Server.reply} may
 still be called once, to send that error reply), or C{None} to close the
-connection without a word (e.g. a greeting that is not SOCKS5 at all).
+connection without a word (e.g. a greeting that is not SOCKS at all).
+
+A SOCKS4 or SOCKS4a request in place of the greeting is read whole (its
+user id, and the 4a domain name) and becomes a L{Socks4Request};
+L{Socks5Server.refuse_socks4} answers it with the SOCKS4 rejection (VN 0,
+CD 91), as dante does, so that the client reports a clear error rather
+than a connection closed without a word.
 Calling a method when it is not our turn is a bug in the caller and raises
 L{SocksStateError}, which is deliberately not a L{SocksError}.
 
@@ -51,6 +59,9 @@ import attr
 from anyproxy.sentinels import sentinel
 
 SOCKS_VERSION = 0x05
+SOCKS4_VERSION = 0x04
+SOCKS4_REPLY_VERSION = 0x00  # VN of a SOCKS4 reply
+SOCKS4_REJECTED = 91  # CD: request rejected or failed
 AUTH_VERSION = 0x01  # RFC 1929 sub-negotiation version
 
 METHOD_NO_AUTH = 0x00
@@ -90,6 +101,7 @@ PAUSED = sentinel("PAUSED")
 
 AWAIT_GREETING = sentinel("AWAIT_GREETING")
 SEND_METHOD = sentinel("SEND_METHOD")
+SEND_SOCKS4_REFUSAL = sentinel("SEND_SOCKS4_REFUSAL")
 AWAIT_AUTH = sentinel("AWAIT_AUTH")
 SEND_AUTH_REPLY = sentinel("SEND_AUTH_REPLY")
 AWAIT_REQUEST = sentinel("AWAIT_REQUEST")
@@ -102,6 +114,8 @@ ERROR = sentinel("ERROR")
 # answers we send.
 _TRANSITIONS = {
     (AWAIT_GREETING, "Greeting"): SEND_METHOD,
+    (AWAIT_GREETING, "Socks4Request"): SEND_SOCKS4_REFUSAL,
+    (SEND_SOCKS4_REFUSAL, "refuse socks4"): CLOSED,
     (SEND_METHOD, "method no-auth"): AWAIT_REQUEST,
     (SEND_METHOD, "method user/pass"): AWAIT_AUTH,
     (SEND_METHOD, "method refused"): CLOSED,
@@ -140,6 +154,22 @@ class Greeting:
 
 
 @attr.s(frozen=True, slots=True, kw_only=True)
+class Socks4Request:
+    """
+    A SOCKS4 or SOCKS4a request where the greeting should be: only ever
+    refused.  C{host} is the dotted IPv4 address, or the SOCKS4a name as
+    sent (undecoded bytes shown with backslashes); the user id is not kept.
+    """
+
+    command = attr.ib(validator=attr.validators.instance_of(int))
+    host = attr.ib(validator=attr.validators.instance_of(str))
+    port = attr.ib(validator=attr.validators.instance_of(int))
+    socks4a = attr.ib(validator=attr.validators.instance_of(bool))
+    # DSTPORT and DSTIP as sent: the refusal echoes them.
+    destination = attr.ib(validator=attr.validators.instance_of(bytes), repr=False)
+
+
+@attr.s(frozen=True, slots=True, kw_only=True)
 class UserPassAuth:
     """
     RFC 1929 credentials, as raw C{bytes}.  The password is left out of
@@ -164,7 +194,35 @@ class Request:
     address_type = attr.ib(validator=attr.validators.in_((ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6)))
 
 
+def _read_socks4(buffer):
+    """
+    VN CD DSTPORT(2) DSTIP(4) USERID NUL, and for SOCKS4a (DSTIP 0.0.0.x,
+    x not 0) a domain name NUL after it.  Bounded by MAX_HANDSHAKE_BUFFER.
+    """
+    if len(buffer) < 8:
+        return None
+    user_end = buffer.find(b"\0", 8)
+    if user_end < 0:
+        return None
+    address = bytes(buffer[4:8])
+    (port,) = struct.unpack("!H", buffer[2:4])
+    socks4a = address[:3] == b"\0\0\0" and address[3] != 0
+    end = user_end + 1
+    if socks4a:
+        name_end = buffer.find(b"\0", end)
+        if name_end < 0:
+            return None
+        host = bytes(buffer[end:name_end]).decode("ascii", "backslashreplace")
+        end = name_end + 1
+    else:
+        host = str(ipaddress.IPv4Address(address))
+    return Socks4Request(command=buffer[1], host=host, port=port, socks4a=socks4a,
+                         destination=bytes(buffer[2:8])), end
+
+
 def _read_greeting(buffer):
+    if buffer[:1] == bytes([SOCKS4_VERSION]):
+        return _read_socks4(buffer)
     if len(buffer) < 2:
         return None
     if buffer[0] != SOCKS_VERSION:
@@ -281,6 +339,7 @@ class Socks5Server:
         self._buffer = bytearray()
         self._eof = False
         self._offered_methods = ()
+        self._socks4_destination = b"\0" * 6
         self._error_reply_owed = False
 
     def _move(self, move):
@@ -306,7 +365,8 @@ class Socks5Server:
         """
         Parse the next client message, if it is the client's turn.
 
-        @return: a L{Greeting}, L{UserPassAuth} or L{Request}; L{NEED_DATA}
+        @return: a L{Greeting} (or a L{Socks4Request} in its place),
+            L{UserPassAuth} or L{Request}; L{NEED_DATA}
             when the message is incomplete; L{PAUSED} when it is our turn to
             send, or the handshake is over.
         @raise SocksError: the client sent something invalid (or closed its
@@ -334,6 +394,8 @@ class Socks5Server:
         self._move(type(event).__name__)
         if isinstance(event, Greeting):
             self._offered_methods = event.methods
+        elif isinstance(event, Socks4Request):
+            self._socks4_destination = event.destination
         return event
 
     @property
@@ -366,6 +428,17 @@ class Socks5Server:
                 raise SocksStateError("method %#04x was not offered" % (method,))
         self._move(moves[method])
         return bytes([SOCKS_VERSION, method])
+
+    def refuse_socks4(self):
+        """
+        Answer a L{Socks4Request} with the SOCKS4 rejection: VN 0, CD 91
+        ("request rejected or failed"), DSTPORT and DSTIP echoed.  Then
+        close the connection.
+
+        @return: the 8 bytes to send.
+        """
+        self._move("refuse socks4")
+        return bytes([SOCKS4_REPLY_VERSION, SOCKS4_REJECTED]) + self._socks4_destination
 
     def auth_reply(self, ok):
         """

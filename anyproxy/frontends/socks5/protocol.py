@@ -29,7 +29,8 @@ association's control connection (phase "associated"): bytes on it are
 discarded, and its EOF or close ends the association, which in turn closes it
 when the stream is lost.  See L{anyproxy.frontends.socks5.relay}.
 
-BIND gets REP 0x07.  Reasons become REP codes only through
+BIND gets REP 0x07, and a SOCKS4/4a request the SOCKS4 rejection (CD 91)
+before the close.  Reasons become REP codes only through
 L{anyproxy.errors.socks_reply_code}.  Logs name the peer, the user and the
 target, never a password.
 """
@@ -59,6 +60,7 @@ from anyproxy.frontends.socks5.parser import (
     REP_GENERAL_FAILURE,
     REP_SUCCEEDED,
     Greeting,
+    Socks4Request,
     Socks5Server,
     SocksError,
     SocksStateError,
@@ -181,6 +183,8 @@ class Socks5Protocol(SpliceEnd):
                 return
             if isinstance(event, Greeting):
                 self._on_greeting(event)
+            elif isinstance(event, Socks4Request):
+                self._refuse_socks4(event)
             elif isinstance(event, UserPassAuth):
                 self._on_userpass(event)
             else:
@@ -193,6 +197,18 @@ class Socks5Protocol(SpliceEnd):
                 self.transport.write(self._parser.reply(error.reply_code))
             except SocksStateError:
                 pass  # no reply is owed in this phase: just close
+        self._close()
+
+    def _refuse_socks4(self, request):
+        # The SOCKS4 rejection (CD 91), as dante answers: the client reports
+        # "request rejected" instead of a connection closed without a word.
+        self._log.info(
+            "SOCKS5 {peer}: SOCKS{version} request for {target} refused (only SOCKS5 is served)",
+            peer=self._peer,
+            version="4a" if request.socks4a else "4",
+            target=host_port(request.host, request.port),
+        )
+        self.transport.write(self._parser.refuse_socks4())
         self._close()
 
     def _on_greeting(self, greeting):

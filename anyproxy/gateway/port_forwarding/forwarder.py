@@ -52,6 +52,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.addresses import address_text
+from anyproxy.dual_stack import listen_tcp, listen_udp
 from anyproxy.interfaces import IReconfigurable
 from anyproxy.tunnel.endpoint import DEFAULT_OPEN_TIMEOUT, attach_protocol, bound_open
 from anyproxy.gateway.port_forwarding.udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
@@ -59,6 +60,40 @@ from anyproxy.splice import SpliceEnd, open_and_splice
 from anyproxy.tunnel.hello import BadPortRequest, gateway_hello, port_answer, read_open_ports
 
 log = Logger()
+
+
+def _yaml_ports(ranges):
+    """C{[(low, high)]} as a YAML list for C{gateway.open_ports_allowed}."""
+    return "[%s]" % (", ".join(str(low) if low == high else '"%d-%d"' % (low, high)
+                               for low, high in ranges),)
+
+
+def log_policy(config):
+    """
+    Say at start-up which ports clients may have forwarded, naming the key
+    to add: nothing is forwarded unless C{gateway.open_ports_allowed} lists
+    the port (the Go AnyProxy opened any port a client asked for).  When the
+    same file holds the client section, its C{open_ports} are checked now.
+    """
+    gateway = config.gateway
+    asked = config.client.open_ports if config.client is not None else ()
+    missing = sorted({port.remote_port for port in asked
+                      if not gateway.port_allowed(port.remote_port)})
+    if missing:
+        log.warn("port forwarding: client.open_ports asks for port(s) {ports}, which "
+                 "gateway.open_ports_allowed does not list, so they will be refused; to "
+                 "forward them, set gateway.open_ports_allowed: {wanted}",
+                 ports=", ".join(str(port) for port in missing),
+                 wanted=_yaml_ports(list(gateway.open_ports_allowed)
+                                    + [(port, port) for port in missing]))
+    elif not gateway.open_ports_allowed:
+        log.info("port forwarding is off: clients' open_ports are refused until "
+                 "gateway.open_ports_allowed lists the ports, e.g. "
+                 "gateway.open_ports_allowed: [8000, \"9000-9100\"]")
+    else:
+        log.info("port forwarding: clients may open ports {ports} (gateway.open_ports_allowed) "
+                 "on {interface}", ports=_yaml_ports(gateway.open_ports_allowed),
+                 interface=gateway.open_ports_interface)
 
 
 # -- streams through one chosen tunnel -----------------------------------------
@@ -264,7 +299,8 @@ class PortForwarding:
             return self._refuse(tunnel, request, "the gateway is stopping")
         if not self._port_allowed(request.remote_port):
             return self._refuse(tunnel, request, "port %s is not in the gateway's open_ports_allowed"
-                                % (request.label,))
+                                " (add %d to gateway.open_ports_allowed)"
+                                % (request.label, request.remote_port))
         owner = (tunnel.group, tunnel.client_id)
         forward = self._forwards.get(request.key)
         if forward is not None:
@@ -301,12 +337,12 @@ class PortForwarding:
             factory = Factory.forProtocol(ForwardedConnection)
             factory.noisy = False
             factory.forward = forward
-            forward.listening = self._reactor.listenTCP(
-                request.remote_port, factory, interface=self.interface)
+            forward.listening = listen_tcp(  # "::": dual-stack
+                self._reactor, request.remote_port, factory, interface=self.interface)
         else:
             forward.udp = UdpForwarder(forward, self._reactor, self._udp_idle_timeout)
-            forward.listening = self._reactor.listenUDP(
-                request.remote_port, forward.udp, interface=self.interface,
+            forward.listening = listen_udp(
+                self._reactor, request.remote_port, forward.udp, interface=self.interface,
                 maxPacketSize=MAX_DATAGRAM)
 
     def tunnel_disconnected(self, tunnel):
