@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from anyproxy.connect_protocol import connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.tuning import tune_for_bulk, set_no_delay
+from anyproxy.tuning import QUICKACK_BELOW, quick_acker, set_no_delay, tune_for_bulk
 
 
 @implementer(IHalfCloseableProtocol)
@@ -58,6 +58,9 @@ class SpliceEnd(Protocol):
     _target_opening = None
     _hold_limit = None
     _reading_paused = False
+    # Re-arms TCP_QUICKACK on this end's socket after small reads
+    # (anyproxy.tuning.quick_acker); None for tunnel streams.
+    _quick_ack = None
 
     def __init__(self, initial_data=b""):
         # Bytes that arrived before the splice existed (e.g. sent right after a
@@ -88,6 +91,8 @@ class SpliceEnd(Protocol):
             # Bulk reads; and no Nagle delay: we forward what we read at once.
             tune_for_bulk(end.transport)
             set_no_delay(end.transport)
+            # And no delayed ACK holding a peer's Nagle-delayed second send.
+            end._quick_ack = quick_acker(end.transport)
             # Resume before registering, so a pause the other side asks for wins.
             end._stop_holding()
         self.transport.registerProducer(other.transport, True)
@@ -102,6 +107,8 @@ class SpliceEnd(Protocol):
                 end.other.shut_down_write()
 
     def dataReceived(self, data):
+        if self._quick_ack is not None and len(data) < QUICKACK_BELOW:
+            self._quick_ack()
         if self.other is None:
             self._pending += data
             if self._hold_limit is not None and len(self._pending) > self._hold_limit:

@@ -28,6 +28,7 @@ pages back to the kernel, and the next read faults them in again (about
 
 import ctypes
 import ctypes.util
+import socket
 
 # Bytes read per doRead on bulk connections (user, target and tunnel sockets).
 READ_SIZE = 384 * 1024
@@ -82,3 +83,47 @@ def set_no_delay(transport):
             set_option(True)
         except OSError:
             pass  # not a TCP socket (e.g. a UNIX socket)
+
+
+# Reads smaller than this re-arm TCP_QUICKACK (L{quick_acker}); larger ones
+# are bulk, where the kernel acknowledges every other full segment anyway.
+QUICKACK_BELOW = 64 * 1024
+
+
+def quick_acker(transport):
+    """
+    A callable re-arming C{TCP_QUICKACK} on a TCP transport's socket, or
+    C{None} where there is no such option (not Linux, not a TCP socket, a
+    tunnel stream).
+
+    Why: once a connection carries requests and answers (an upstream
+    connection the HTTP proxy reuses, a kept-alive user), Linux puts its
+    receiving side in "pingpong" mode and delays every ACK (up to 40 ms),
+    expecting to piggyback it on an answer.  We forward what we read and
+    send nothing back, so the ACK waits out the timer, and a peer with
+    Nagle on that writes a response as a head and a body (Python's
+    http.server, many application servers) holds the body until that ACK:
+    40 ms per reused request.  Setting C{TCP_QUICKACK} after a read takes
+    the socket out of pingpong mode and sends the pending ACK at once;
+    the kernel turns it off again by itself, so it is re-armed after each
+    read.  It costs one setsockopt (about 0.6 us), so only reads under
+    L{QUICKACK_BELOW} do it: bulk transfers keep their reads free of it.
+    """
+    option = getattr(socket, "TCP_QUICKACK", None)
+    transport = getattr(transport, "transport", None) or transport  # under TLS
+    get_handle = getattr(transport, "getHandle", None)
+    if option is None or get_handle is None:
+        return None
+    try:
+        set_option = get_handle().setsockopt
+        set_option(socket.IPPROTO_TCP, option, 1)
+    except (OSError, AttributeError):
+        return None  # not a TCP socket (e.g. a UNIX socket)
+    level = socket.IPPROTO_TCP
+
+    def rearm():
+        try:
+            set_option(level, option, 1)
+        except OSError:
+            pass  # closing: nothing left to acknowledge
+    return rearm

@@ -210,9 +210,12 @@ class GoRuleFormTests(SynchronousTestCase):
         except ValueError:
             return
         for subject in ["a" * 253, "a." * 126 + "a", ":" * 253, "aa:" * 84]:
-            started = time.perf_counter()
+            # CPU time of this process, so a busy machine does not fail it: a
+            # refused pattern would take seconds to minutes, accepted ones at
+            # most about 0.15 s.
+            started = time.process_time()
             rule.matches_name(subject, 65535)
-            self.assertLess(time.perf_counter() - started, 0.5, (text, subject))
+            self.assertLess(time.process_time() - started, 1.0, (text, subject))
 
     @given(st.from_regex(re.compile(r"[a-z0-9]{1,10}(\.[a-z0-9]{1,10}){0,3}", re.ASCII),
                          fullmatch=True), st.integers(1, 65535))

@@ -20,6 +20,7 @@ from anyproxy.tunnel import frames
 from anyproxy.tunnel import stream_state
 from anyproxy.tunnel.mux import (
     CREDIT_FRACTION,
+    DEFAULT_MAX_WINDOW,
     DEFAULT_WINDOW,
     MAX_DATA_PAYLOAD,
     STREAM_HIGH_WATER,
@@ -110,7 +111,8 @@ class MuxPair:
     Both muxes read C{clock} (a L{Clock}), and record the peer's GOAWAYs.
     """
 
-    def __init__(self, client_window=DEFAULT_WINDOW, gateway_window=DEFAULT_WINDOW):
+    def __init__(self, client_window=DEFAULT_WINDOW, gateway_window=DEFAULT_WINDOW,
+                 max_window=DEFAULT_MAX_WINDOW):
         self.clock = Clock()
         self.client_go_aways = []
         self.gateway_go_aways = []
@@ -126,12 +128,12 @@ class MuxPair:
                           on_open_request=self.client_requests.append,
                           on_protocol_error=self.client_errors.append,
                           window=client_window, name="client", clock=self.clock,
-                          on_go_away=self.client_go_aways.append)
+                          on_go_away=self.client_go_aways.append, max_window=max_window)
         self.gateway = Mux(self._gateway_sends, initiator=False,
                            on_open_request=self.gateway_requests.append,
                            on_protocol_error=self.gateway_errors.append,
                            window=gateway_window, name="gateway", clock=self.clock,
-                           on_go_away=self.gateway_go_aways.append)
+                           on_go_away=self.gateway_go_aways.append, max_window=max_window)
 
     def _client_sends(self, message):
         self.sent_by_client.append(frames.decode(message))
@@ -605,6 +607,140 @@ class FlowControlTests(SynchronousTestCase):
             busy.write(data[offset:offset + 1000])
             pair.pump()
         self.assertEqual(busy_protocol.received, data)
+
+
+class WindowTuningTests(SynchronousTestCase):
+    """
+    Receive-window auto-tuning: over a path with delay, a window doubles each
+    credit round trip in which the sender waited for credit while the reader
+    kept up, up to the bound; a paused reader never grows it.  The gateway
+    sends, the client receives; messages cross in C{ONE_WAY} seconds of the
+    pair's clock.
+    """
+
+    WINDOW = 64 * 1024
+    ONE_WAY = 0.025
+
+    def make(self, bound=4 * WINDOW):
+        self.pair = pair = MuxPair(client_window=self.WINDOW, max_window=bound)
+        self.sender, _, self.receiver, self.received = pair.open()
+        return pair
+
+    def round_trip(self):
+        """
+        Data in flight reaches the receiver after ONE_WAY, the credit it
+        grants reaches the sender ONE_WAY later (which sends at once).
+
+        @return: DATA payload bytes the receiver got in this round trip.
+        """
+        pair = self.pair
+        before = len(self.received.received)
+        pair.clock.advance(self.ONE_WAY)
+        while pair.to_client:
+            pair.deliver_to_client()
+        pair.clock.advance(self.ONE_WAY)
+        while pair.to_gateway:
+            pair.deliver_to_gateway()
+        return len(self.received.received) - before
+
+    @staticmethod
+    def data(size):
+        """pattern(size), built fast: these tests move megabytes."""
+        return (pattern(251) * (size // 251 + 1))[:size]
+
+    def credits(self):
+        return sum(f.increment for f in of_type(self.pair.sent_by_client, frames.Credit))
+
+    def test_grows_while_reader_keeps_up(self):
+        """A sender held back by the window: it doubles every round trip, then stops at the bound."""
+        self.make(bound=8 * self.WINDOW)
+        data = self.data(64 * self.WINDOW)
+        self.sender.write(data)
+        windows, per_trip = [], []
+        for _ in range(8):
+            per_trip.append(self.round_trip())
+            windows.append(self.receiver.receive_window)
+        w = self.WINDOW
+        # The first round trip only times the credit; from the second on, each one doubles.
+        self.assertEqual(windows, [w, 2 * w, 4 * w, 8 * w, 8 * w, 8 * w, 8 * w, 8 * w])
+        # What arrives per round trip is the window the sender had: the throughput follows it.
+        self.assertEqual(per_trip, [w, w, 2 * w, 4 * w, 8 * w, 8 * w, 8 * w, 8 * w])
+        for _ in range(30):
+            self.round_trip()
+        self.assertEqual(self.received.received, data)
+        # The sender never had more than the bound unacknowledged.
+        self.assertLessEqual(len(data) - self.credits(), 8 * w)
+        self.assertEqual(self.pair.client_errors + self.pair.gateway_errors, [])
+
+    def test_bound_is_the_mux_window(self):
+        """max_window equal to the window turns auto-tuning off."""
+        self.make(bound=self.WINDOW)
+        self.sender.write(self.data(16 * self.WINDOW))
+        self.assertEqual([self.round_trip() for _ in range(4)], [self.WINDOW] * 4)
+        self.assertEqual(self.receiver.receive_window, self.WINDOW)
+
+    def test_no_growth_without_delay(self):
+        """Credit that comes back at once (no time passes) never starves the sender: no growth."""
+        pair = self.make()
+        data = self.data(16 * self.WINDOW)
+        self.sender.write(data)
+        pair.pump()
+        self.assertEqual(self.received.received, data)
+        self.assertEqual(self.receiver.receive_window, self.WINDOW)
+
+    def test_no_growth_when_sender_is_the_limit(self):
+        """A sender that writes less than a window per round trip is not held back: no growth."""
+        self.make()
+        size = self.WINDOW // 2 - 1000  # what a socket read gives: not cut at the credit's edge
+        for _ in range(10):
+            self.sender.write(self.data(size))
+            self.assertEqual(self.round_trip(), size)
+        self.assertEqual(self.receiver.receive_window, self.WINDOW)
+
+    def test_no_growth_while_paused(self):
+        """A reader that paused during the round trip gets no growth from it, and costs one window."""
+        pair = self.make()
+        self.sender.write(self.data(64 * self.WINDOW))
+        for _ in range(5):
+            pair.clock.advance(self.ONE_WAY)
+            while pair.to_client:
+                pair.deliver_to_client()
+                self.receiver.pauseProducing()  # the local socket is full after every frame
+            self.receiver.resumeProducing()
+            pair.clock.advance(self.ONE_WAY)
+            while pair.to_gateway:
+                pair.deliver_to_gateway()
+        self.assertEqual(self.receiver.receive_window, self.WINDOW)
+        # Stalled for good: the sender stops after what it may still send, one window at most.
+        self.receiver.pauseProducing()
+        before = len(self.received.received)
+        for _ in range(5):
+            self.round_trip()
+        self.assertLessEqual(len(self.received.received) - before, self.WINDOW)
+        self.assertEqual(self.receiver.receive_window, self.WINDOW)
+
+    def test_stalled_reader_costs_the_current_window(self):
+        """After growing, a reader that stalls pins the window it has now, never the bound."""
+        self.make(bound=64 * self.WINDOW)
+        self.sender.write(self.data(256 * self.WINDOW))
+        for _ in range(3):
+            self.round_trip()
+        current = self.receiver.receive_window
+        self.assertEqual(current, 4 * self.WINDOW)
+        self.receiver.pauseProducing()
+        before = len(self.received.received)
+        for _ in range(10):
+            self.round_trip()
+        self.assertEqual(self.receiver.receive_window, current)
+        stalled = len(self.received.received) - before
+        self.assertLessEqual(stalled, current)
+        self.assertGreater(stalled, current // 2)  # it did take a window's worth while stalled
+        # Reading again: the stream carries on, and grows again while the reader keeps up.
+        self.receiver.resumeProducing()
+        for _ in range(3):
+            self.round_trip()
+        self.assertGreater(self.receiver.receive_window, current)
+        self.assertEqual(self.pair.client_errors + self.pair.gateway_errors, [])
 
 
 class ProtocolErrorTests(SynchronousTestCase):

@@ -93,3 +93,30 @@ class NoDelayTests(unittest.TestCase):
         tuning.set_no_delay(FakeTLS(TCP()))
         tuning.set_no_delay(object())  # no such option: ignored
         self.assertEqual(calls, [True, True])
+
+    def test_quick_acker(self):
+        """
+        A TCP socket gets a callable re-arming TCP_QUICKACK (Linux); a
+        transport without a socket (a tunnel stream) gets None.
+        """
+        import socket
+        self.assertIsNone(tuning.quick_acker(FakeTCP()))
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        sock = socket.create_connection(listener.getsockname())
+        self.addCleanup(sock.close)
+
+        class Transport:
+            def getHandle(self):
+                return sock
+
+        rearm = tuning.quick_acker(Transport())
+        if not hasattr(socket, "TCP_QUICKACK"):
+            self.assertIsNone(rearm)
+            return
+        rearm()
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK), 1)
+        sock.close()
+        rearm()  # a closed socket: no error

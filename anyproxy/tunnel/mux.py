@@ -23,7 +23,11 @@ may have at most C{window} bytes of DATA unacknowledged.  The receiver grants
 CREDIT only while its own consumer (the local socket the stream is spliced to)
 is not paused, so a stalled reader costs at most one window of memory on each
 side and never blocks the other streams.  Writes beyond the window are queued
-in the stream and its producer is paused until credit arrives.
+in the stream and its producer is paused until credit arrives.  A stream's
+receive window starts at C{window} and doubles (up to C{max_window}) each
+credit round trip in which its sender was starved for credit while its
+reader kept up: auto-tuning, for paths whose bandwidth x delay is above one
+window.
 
 The tunnel as a whole has backpressure too: the mux is registered as the
 streaming producer of the WebSocket transport, and while that transport's send
@@ -64,12 +68,12 @@ from anyproxy.errors import Reason, StreamOpenError, coerce_reason
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.interfaces import IStreamMux
 from anyproxy.tunnel.stream import (
-    CREDIT_FRACTION, DEFAULT_WINDOW, MAX_DATA_PAYLOAD, STREAM_HIGH_WATER, MuxProtocolError,
-    Stream, TunnelAddress)
+    CREDIT_FRACTION, DEFAULT_MAX_WINDOW, DEFAULT_WINDOW, MAX_DATA_PAYLOAD, STREAM_HIGH_WATER,
+    MuxProtocolError, Stream, TunnelAddress)
 
 # The stream names are re-exported: callers deal with one module.
 __all__ = ["Mux", "Stream", "TunnelAddress", "MuxProtocolError", "DEFAULT_WINDOW",
-           "MAX_DATA_PAYLOAD", "STREAM_HIGH_WATER", "CREDIT_FRACTION"]
+           "DEFAULT_MAX_WINDOW", "MAX_DATA_PAYLOAD", "STREAM_HIGH_WATER", "CREDIT_FRACTION"]
 
 log = Logger()
 
@@ -101,6 +105,8 @@ class Mux:
     @param clock: the C{IReactorTime} whose C{seconds()} dates the streams'
         records (C{created}, C{last_active}); the global reactor if C{None}.
     @param on_go_away: called with the L{Reason} of the peer's GOAWAY, once.
+    @param max_window: the bound of a stream's auto-tuned receive window
+        (C{window} turns auto-tuning off).
     @ivar draining: C{True} once GOAWAY was sent or received: the tunnel
         takes no new streams (pick another tunnel for them); the streams it
         has go on.  Read by the gateway's tunnel pool.
@@ -131,7 +137,7 @@ class Mux:
 
     def __init__(self, send_message, initiator, on_open_request=None, on_hello=None,
                  on_protocol_error=None, window=DEFAULT_WINDOW, name="", send_parts=None,
-                 clock=None, on_go_away=None):
+                 clock=None, on_go_away=None, max_window=DEFAULT_MAX_WINDOW):
         if clock is None:
             from twisted.internet import reactor as clock
         self._send_message = send_message
@@ -143,6 +149,7 @@ class Mux:
         self.on_protocol_error = on_protocol_error
         self.on_go_away = on_go_away
         self.window = window
+        self.max_window = max_window
         self.name = name
         self.clock = clock
         self._streams = {}

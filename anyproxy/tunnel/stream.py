@@ -43,6 +43,17 @@ STREAM_HIGH_WATER = 64 * 1024
 CREDIT_FRACTION = 4
 # The largest a send window may grow (docs/PROTOCOL.md, Flow control).
 MAX_WINDOW = 0x7FFFFFFF
+# Receive-window auto-tuning (docs/PROTOCOL.md, Flow control): a stream's
+# receive window starts at the mux's window and doubles, up to this bound (the
+# default; a Mux may use another), each credit round trip in which the sender
+# was seen starved for credit while the local reader kept up.  16 MiB keeps one
+# stream at about 1.3 Gbit/s over 100 ms of round trip; only a stream that grew
+# pins more than DEFAULT_WINDOW when its reader stalls.
+DEFAULT_MAX_WINDOW = 16 * 1024 * 1024
+# A round trip counts as starved only if the sender sat idle at the edge of its
+# credit for at least this long (seconds): scheduling noise on loopback or a
+# LAN, where one DEFAULT_WINDOW is plenty, never grows a window.
+MIN_STARVED_GAP = 0.002
 
 # The states in which this side may still send DATA (and its FIN).
 _SENDING = frozenset([OPEN, HALF_CLOSED_REMOTE])
@@ -103,7 +114,13 @@ class Stream:
         self._opening = opening
         self._send_window = send_window or 0
         self._recv_window = mux.window
+        self._window_size = mux.window  # the receive window now (auto-tuned: it may grow)
+        self._max_window = max(mux.window, getattr(mux, "max_window", mux.window))
         self._credit_batch = mux.window // CREDIT_FRACTION
+        # The growth probe: the receive limit (bytes_received + _recv_window)
+        # before our latest credit and when we sent it; None: no probe.
+        self._probe_limit = None
+        self._probe_time = self._data_at = 0.0  # _data_at: when the latest DATA came
         self._unacked = 0
         self._queue = collections.deque()
         self._queued = 0
@@ -133,6 +150,11 @@ class Stream:
         if self.state in FINISHED:
             return self.state is CLOSED
         return None
+
+    @property
+    def receive_window(self):
+        """The receive window this side grants the stream now (it grows by auto-tuning)."""
+        return self._window_size
 
     @property
     def queued_bytes(self):
@@ -287,6 +309,7 @@ class Stream:
 
     def pauseProducing(self):
         self._reading_paused = True
+        self._probe_limit = None  # the reader fell behind: no growth from this round trip
 
     def resumeProducing(self):
         if self._reading_paused:
@@ -350,9 +373,39 @@ class Stream:
         if self.state in FINISHED or self._reading_paused or not unacked:
             return
         if force or unacked >= self._credit_batch:
+            if not force and self._probe_limit is None and self._window_size < self._max_window:
+                # Time this credit's round trip: the first DATA beyond today's limit
+                # can only have been sent once the peer had it (see _check_probe).
+                self._probe_limit = self.bytes_received + self._recv_window
+                self._probe_time = self._seconds()
             self._unacked = 0
             self._recv_window += unacked
             self._mux.send_credit(self.stream_id, unacked)
+
+    def _check_probe(self, before, now):
+        """
+        DATA from C{before} (bytes received before this frame) has just gone
+        past the probe's limit, at C{now}.  If the frame starts exactly at that
+        limit and the sender was silent for at least half the credit's round
+        trip (and L{MIN_STARVED_GAP}), the sender had used all its credit and
+        waited for ours: the window, not the path or a reader, held the stream
+        back.  The reader kept up meanwhile (a pause drops the probe), so the
+        window doubles, up to its bound, and the increase goes out as CREDIT.
+        """
+        limit, self._probe_limit = self._probe_limit, None
+        gap = now - self._data_at
+        if (before != limit or gap < MIN_STARVED_GAP
+                or 2 * gap < now - self._probe_time or self._close_requested):
+            return
+        grow = min(self._window_size, self._max_window - self._window_size)
+        self._window_size += grow
+        self._credit_batch = self._window_size // CREDIT_FRACTION
+        if self._window_size < self._max_window:
+            # This credit starts the next probe: the sender's limit now is its edge.
+            self._probe_limit = self.bytes_received + self._recv_window
+            self._probe_time = now
+        self._recv_window += grow
+        self._mux.send_credit(self.stream_id, grow)
 
     # -- IStreamEvents: what the mux tells us ---------------------------
 
@@ -377,8 +430,12 @@ class Stream:
         if self._recv_window < 0:
             raise MuxProtocolError("stream %d overran its window" % (self.stream_id,))
         self._unacked += size
-        self.bytes_received += size
-        self.last_active = self._seconds()
+        before = self.bytes_received
+        self.bytes_received = before + size
+        now = self._seconds()
+        if self._probe_limit is not None and before + size > self._probe_limit:
+            self._check_probe(before, now)
+        self.last_active = self._data_at = now
         if self._close_requested:
             # We no longer read; keep the sender going until it sees our FIN.
             self._grant_credit(force=True)

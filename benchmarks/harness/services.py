@@ -208,6 +208,10 @@ class Services:
         wait_port(port, processes=self.processes, names=("microsocks",))
         self.socks["microsocks"] = port
 
+    def ssh_connect_port(self, port):
+        """The port ssh dials to reach the sshd on C{port} (a subclass may put a relay there)."""
+        return port
+
     def start_ssh(self):
         """A throwaway sshd; ssh -R PORT from "inside" offers SOCKS5 on the sshd side."""
         sshd = sshd_path()
@@ -236,7 +240,7 @@ class Services:
         wait_port(port, processes=self.processes, names=("sshd",))
         for name, cipher in (("OpenSSH -R", None), ("OpenSSH -R aes128-gcm", "aes128-gcm@openssh.com")):
             socks = self.port(name)
-            argv = ["ssh", "-N", "-F", "/dev/null", "-p", str(port), "-i", os.path.join(d, "user_key"),
+            argv = ["ssh", "-N", "-F", "/dev/null", "-p", str(self.ssh_connect_port(port)), "-i", os.path.join(d, "user_key"),
                     "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
                     "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                     "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",

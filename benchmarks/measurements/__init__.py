@@ -21,6 +21,8 @@ RUN_ORDER = (
     "churn",
     "idle",
     "download",
+    "many_tunnels",
+    "origins",
 )
 
 ALL = [importlib.import_module("measurements." + module).MEASUREMENT for module in RUN_ORDER]

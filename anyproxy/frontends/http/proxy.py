@@ -38,7 +38,7 @@ from anyproxy.auth import ANONYMOUS
 from anyproxy.connection_cap import (
     DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory)
 from anyproxy.frontends.http import connection as http11
-from anyproxy.tuning import set_no_delay, tune_for_bulk
+from anyproxy.tuning import QUICKACK_BELOW, quick_acker, set_no_delay, tune_for_bulk
 from anyproxy.frontends.http.exchange import (
     ForwardExchange,
     ReadGate,
@@ -90,6 +90,7 @@ class HttpProxyProtocol(Protocol):
     # Whether this connection counts in factory.handshakes (until a request is let in).
     holds_handshake_place = False
     _failed_logins = 0
+    _quick_ack = None  # anyproxy.tuning.quick_acker on the user's socket
 
     def __init__(self):
         self._server = http11.ServerConnection(MAX_HEAD_SIZE)
@@ -111,6 +112,9 @@ class HttpProxyProtocol(Protocol):
         # on, each would wait for the user's delayed ACK (~40 ms a request).
         set_no_delay(self.transport)
         tune_for_bulk(self.transport)  # forwarded bodies can be large
+        # A kept-alive user with Nagle on sends a request's body only once
+        # we ACK its head: no delayed ACK (anyproxy.tuning.quick_acker).
+        self._quick_ack = quick_acker(self.transport)
         # Public: a ForwardExchange pauses user reads through it too.
         self.read_gate = ReadGate(self.transport)
         peer = self.transport.getPeer()
@@ -119,8 +123,10 @@ class HttpProxyProtocol(Protocol):
 
     def dataReceived(self, data):
         if self._tunnel is not None:
-            self._tunnel.dataReceived(data)
+            self._tunnel.dataReceived(data)  # a SpliceEnd: re-arms itself
             return
+        if self._quick_ack is not None and len(data) < QUICKACK_BELOW:
+            self._quick_ack()
         if self._closing:
             return
         self._server.receive_data(data)

@@ -1,0 +1,140 @@
+"""
+One bulk stream across a WAN-like delay: AnyProxy next to OpenSSH `ssh -R`.
+
+    .venv/bin/python benchmarks/wan.py                       # 0, 25, 50 and 100 ms round trip
+    .venv/bin/python benchmarks/wan.py --rtt-ms 50 --seconds 10
+
+For each round trip time, a fresh set of processes (harness/services.py):
+targets, AnyProxy's gateway and client, and (unless --no-openssh) a throwaway
+sshd with `ssh -R PORT` from the "inside".  A delay relay
+(benchmarks/delay_relay.py, each direction delayed by half the round trip)
+sits on the tunnel connection: between AnyProxy's client and its gateway,
+and between ssh and sshd.  The user side and the target side stay on plain
+loopback.  One SOCKS5 download from the endless source target, --omit
+seconds of warm-up (window growth, TCP slow start on loopback) then
+--seconds measured; Mbit/s of payload, per path and round trip.  The
+"window / RTT" column is what a fixed 1 MiB window allows (AnyProxy before
+auto-tuning); OpenSSH's channel window is 2 MiB.
+
+Needs the venv and, for OpenSSH, `openssh-server openssh-client`.
+Nothing is written to results/: it prints a Markdown table.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import HERE, LOOPBACK, log  # noqa: E402
+from harness.clients import socks_connect  # noqa: E402
+from harness.processes import Processes, free_port, wait_port  # noqa: E402
+from harness.services import Services, default_window, missing  # noqa: E402
+
+ANYPROXY = "AnyProxy"
+OPENSSH = "OpenSSH -R"
+
+
+class WanServices(Services):
+    """The usual services, with a delay relay in front of the gateway and of sshd."""
+
+    def __init__(self, processes, args, delay_ms, **kw):
+        super().__init__(processes, args, **kw)
+        self.delay_ms = delay_ms
+
+    def relay(self, name, to):
+        """A delay relay to port C{to}; the port to dial instead (C{to} itself with no delay)."""
+        if not self.delay_ms:
+            return to
+        port = free_port()
+        self.processes.spawn(name, [sys.executable, os.path.join(HERE, "delay_relay.py"),
+                                    "--listen", str(port), "--to", str(to),
+                                    "--delay-ms", str(self.delay_ms / 2.0)])
+        wait_port(port, processes=self.processes, names=(name,))
+        return port
+
+    def anyproxy_config(self, certs):
+        config = super().anyproxy_config(certs)
+        port = self.relay("relay-anyproxy", self.ports["gateway"])
+        config["client"]["gateway_addr"] = "%s:%d" % (LOOPBACK, port)
+        return config
+
+    def ssh_connect_port(self, port):
+        if not hasattr(self, "_ssh_relay"):
+            self._ssh_relay = self.relay("relay-ssh", port)
+        return self._ssh_relay
+
+    def start_ssh(self):
+        super().start_ssh()
+        self.socks.pop("OpenSSH -R aes128-gcm", None)  # one OpenSSH path is enough here
+
+
+def download(proxy_port, source_port, seconds, omit):
+    """One SOCKS5 stream from the endless source: payload Mbit/s over C{seconds} after C{omit}."""
+    sock = socks_connect(proxy_port, LOOPBACK, source_port, timeout=30)
+    buf = bytearray(1024 * 1024)
+    start = time.monotonic()
+    begin, end = start + omit, start + omit + seconds
+    counted = 0
+    try:
+        while True:
+            n = sock.recv_into(buf)
+            if not n:
+                raise RuntimeError("the source closed")
+            now = time.monotonic()
+            if now >= end:
+                break
+            if now >= begin:
+                counted += n
+    finally:
+        sock.close()
+    return counted * 8 / seconds / 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--rtt-ms", default="0,25,50,100", help="round trip times, comma-separated")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--omit", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--no-openssh", action="store_true")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--anyproxy-log-level", default="warn")
+    args = parser.parse_args()
+    needs = frozenset() if args.no_openssh else frozenset({"openssh"})
+    lacking = missing(needs, ())
+    if lacking:
+        sys.exit("missing: %s (or --no-openssh)" % ", ".join(lacking))
+    window = default_window()
+    results = {}
+    for rtt in [float(x) for x in args.rtt_ms.split(",")]:
+        processes = Processes(keep=args.keep)
+        failed = True
+        try:
+            services = WanServices(processes, args, rtt, needs=needs)
+            services.start()
+            paths = [ANYPROXY] + ([] if args.no_openssh else [OPENSSH])
+            for r in range(args.rounds):
+                for name in paths:
+                    mbps = download(services.socks[name], services.ports["source"], args.seconds, args.omit)
+                    log("rtt %g ms, round %d: %-12s %.0f Mbit/s", rtt, r + 1, name, mbps)
+                    results.setdefault((rtt, name), []).append(mbps)
+            failed = False
+        finally:
+            processes.close(failed=failed)
+    print()
+    print("| RTT | AnyProxy Mbit/s | OpenSSH -R Mbit/s | AnyProxy / OpenSSH | 1 MiB window / RTT |")
+    print("|---|---|---|---|---|")
+    for rtt in sorted({k[0] for k in results}):
+        ours = sorted(results[(rtt, ANYPROXY)])[len(results[(rtt, ANYPROXY)]) // 2]
+        theirs = results.get((rtt, OPENSSH))
+        theirs = sorted(theirs)[len(theirs) // 2] if theirs else None
+        cap = "-" if not rtt else "%.0f" % (window * 8 / (rtt / 1000.0) / 1e6)
+        print("| %g ms | %.0f | %s | %s | %s |" % (
+            rtt, ours, "-" if theirs is None else "%.0f" % theirs,
+            "-" if not theirs else "%.2f" % (ours / theirs), cap))
+
+
+if __name__ == "__main__":
+    main()
