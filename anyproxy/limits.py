@@ -38,8 +38,24 @@ import collections
 
 from twisted.internet import defer
 
-from anyproxy.config.model import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
 from anyproxy.errors import Reason, StreamOpenError
+
+# Defaults for gateway.queue_size / gateway.queue_timeout and the client's
+# keys of the same names (the config model takes them from here): enough to
+# ride out a burst, short enough that a user waiting in the queue still gets
+# an answer before giving up.
+DEFAULT_QUEUE_SIZE = 100
+DEFAULT_QUEUE_TIMEOUT = 5.0
+# Defaults for client.max_concurrent_conns and gateway.max_conns_per_user,
+# sized for a small office.  A stream costs a client about 10 KiB, so 1024 of
+# them are cheap; a browser opens up to 6 connections per host, so a few
+# people browsing reach the hundreds.  The per-user limit is a quarter of a
+# client's capacity: no single user can take all of it, and the others of the
+# group keep getting slots (their streams never wait behind that user's).
+# Keep DEFAULT_MAX_CONNS_PER_USER below DEFAULT_MAX_CONCURRENT_CONNS
+# (tests.test_limits checks it).
+DEFAULT_MAX_CONCURRENT_CONNS = 1024
+DEFAULT_MAX_CONNS_PER_USER = 256
 
 
 class Release:

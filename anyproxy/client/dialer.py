@@ -13,14 +13,15 @@ import ipaddress
 from twisted.internet import defer, error, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IResolutionReceiver
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from anyproxy.client.udp import TargetAssociation, UdpStats, serves_udp
-from anyproxy.config.model import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
+from anyproxy.limits import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
 from anyproxy.connect_protocol import connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.limits import Limiter
+from anyproxy.logs import emits
 from anyproxy.records import record_of
 from anyproxy.splice import SpliceEnd
 
@@ -287,8 +288,9 @@ class Dialer:
         self._spliced[stream] = address
         stream.accept(end)
         end.join(target)
-        log.debug("stream {sid} connected to {host}:{port}", sid=stream.stream_id,
-                  host=stream.host, port=stream.port)
+        if emits(LogLevel.debug):
+            log.debug("stream {sid} connected to {host}:{port}", sid=stream.stream_id,
+                      host=stream.host, port=stream.port)
         if stream in self._spliced:
             self._watch_idle()
 
