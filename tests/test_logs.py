@@ -67,8 +67,32 @@ class LoggingRootTests(unittest.TestCase):
         """Joining an application registers the observer as its ILogObserver."""
         observer = make_observer(LogConfig(level="info", format="text", file=self.mktemp()))
         application = Application("test")
-        LoggingRoot(observer).setServiceParent(application)
+        root = LoggingRoot(observer)
+        root.setServiceParent(application)
+        self.addCleanup(root.disownServiceParent)
         self.assertIs(application.getComponent(ILogObserver), observer)
+
+    def test_level_gate(self):
+        """
+        As the process's observer, events below its level are not even built
+        (L{emits}); a reload's level applies; leaving the application ends it.
+        """
+        import txaio
+        from twisted.logger import LogLevel
+        from anyproxy.logs import emits, set_log_level
+        self.addCleanup(txaio.set_global_log_level, txaio.get_global_log_level())
+        observer = make_observer(LogConfig(level="warn", format="text", file=self.mktemp()))
+        self.assertTrue(emits(LogLevel.info))  # not installed yet: everything is built
+        root = LoggingRoot(observer)
+        root.setServiceParent(Application("test"))
+        self.addCleanup(lambda: root.disownServiceParent() if root.parent else None)
+        self.assertFalse(emits(LogLevel.info))
+        self.assertTrue(emits(LogLevel.warn))
+        set_log_level(observer, "info")
+        self.assertTrue(emits(LogLevel.info))
+        self.assertFalse(emits(LogLevel.debug))
+        root.disownServiceParent()
+        self.assertTrue(emits(LogLevel.debug))
 
 
 class RedactTests(unittest.TestCase):

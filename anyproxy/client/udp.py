@@ -63,6 +63,8 @@ MAX_PENDING_BYTES = 256 * 1024
 RESOLVE_TIMEOUT = 10.0
 # IPs we sent to, for the reply filter (oldest forgotten first).
 MAX_PEERS = 1024
+# Access-control verdicts remembered for IP literals (cleared when full).
+MAX_VERDICTS = 1024
 
 _INTERFACES = {4: "0.0.0.0", 6: "::"}
 
@@ -157,6 +159,7 @@ class TargetAssociation(Protocol):
         self._ports = {}  # IP version -> listening port
         self._closing = []  # Deferreds of ports being stopped
         self._peers = collections.OrderedDict()  # IP string -> None (an ordered set)
+        self._verdicts = {}  # (IP literal, port) -> (policy, IP to send to or None: refused, version)
         self._cache = collections.OrderedDict()  # name -> (expiry, addresses or None)
         self._resolving = {}  # name -> (Deferred, [(host, port, payload), ...])
         self._pending_count = 0
@@ -183,16 +186,34 @@ class TargetAssociation(Protocol):
         if not 0 < port < 65536:
             self._count("dropped_error")
             return
+        policy = self._get_policy()
+        # An IP literal: its verdict depends only on the policy (immutable;
+        # a reload makes a new one), so remember it for the next datagrams.
+        verdict = self._verdicts.get((host, port))
+        if verdict is not None and verdict[0] is policy:
+            if verdict[1] is None:
+                self._refused(host, port)
+            else:
+                self._send(verdict[1], port, payload, verdict[2])
+            return
         try:
             address = normalise_address(host)
         except ValueError:
             # A name: checked before DNS, then again with what it resolves to.
-            if self._get_policy().check_name(host, port, UDP) is not None:
+            if policy.check_name(host, port, UDP) is not None:
                 self._refused(host, port)
                 return
             self._to_name(host, port, payload)
             return
-        self._send_checked(host, port, payload, [address])  # check_resolved covers check_name
+        refused = policy.check_resolved(host, port, UDP, [address]) is not None
+        if len(self._verdicts) >= MAX_VERDICTS:
+            self._verdicts.clear()
+        self._verdicts[(host, port)] = (policy, None if refused else str(address),
+                                        address.version)
+        if refused:
+            self._refused(host, port)
+        else:
+            self._send(str(address), port, payload, address.version)
 
     def connectionLost(self, reason=None):
         """The association ended: close the sockets, cancel timers and lookups."""
@@ -213,6 +234,7 @@ class TargetAssociation(Protocol):
         self._ports.clear()
         self._peers.clear()
         self._cache.clear()
+        self._verdicts.clear()
         stats = self.stats
         log.debug("udp association closed: sent={sent} received={received} "
                   "dropped_acl={acl} dropped_error={err} dropped_unsolicited={unsolicited}",
@@ -312,11 +334,16 @@ class TargetAssociation(Protocol):
             self._refused(host, port)
             return
         address = addresses[0]
-        sock = self._socket(address.version)
+        self._send(str(address), port, payload, address.version)
+
+    def _send(self, ip, port, payload, version):
+        """Send C{payload} to C{ip:port}, already checked; C{version} is C{ip}'s."""
+        if self._closed:
+            return
+        sock = self._socket(version)
         if sock is None:
             self._count("dropped_error")
             return
-        ip = str(address)
         try:
             sock.write(payload, (ip, port))
         except (OSError, ValueError, error.MessageLengthError) as e:
@@ -333,8 +360,14 @@ class TargetAssociation(Protocol):
             if len(peers) >= MAX_PEERS:
                 peers.popitem(last=False)
             peers[ip] = None
-        self._count("sent")
-        self._count("bytes_sent", len(payload))
+        # Counted inline (not through _count): this runs once per datagram.
+        stats = self.stats
+        stats.sent += 1
+        stats.bytes_sent += len(payload)
+        parent = self._parent_stats
+        if parent is not None:
+            parent.sent += 1
+            parent.bytes_sent += len(payload)
 
     def _socket(self, version):
         """This association's socket for IP C{version}, bound on first use."""
@@ -371,8 +404,13 @@ class TargetAssociation(Protocol):
             return
         self._last_activity = self._clock.seconds()
         if self.transport.send_datagram(host, port, payload):
-            self._count("received")
-            self._count("bytes_received", len(payload))
+            stats = self.stats
+            stats.received += 1
+            stats.bytes_received += len(payload)
+            parent = self._parent_stats
+            if parent is not None:
+                parent.received += 1
+                parent.bytes_received += len(payload)
         else:
             self._count("dropped_error")  # tunnel congested or closing
 

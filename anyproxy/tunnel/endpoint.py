@@ -11,12 +11,13 @@ alike.
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.interfaces import IAdmittingEndpoint
 from anyproxy.limits import Release
+from anyproxy.logs import emits
 
 # A client answers OPEN within its own connect timeout; this bounds the wait if
 # it never does (a wedged client whose pings still flow).
@@ -111,6 +112,8 @@ class TunnelEndpoint:
         # One event per stream when it ends, with what a log shipper wants
         # (log.format: json turns each field into a JSON key).
         def ended(stream):
+            if not emits(LogLevel.info):
+                return
             log.info(
                 "stream {stream_id} {kind} {user!r} -> {target} via {client_id}: "
                 "{outcome} after {duration:.3f}s, {bytes_in} B in, {bytes_out} B out",

@@ -59,6 +59,8 @@ The side that sent GOAWAY closes the tunnel when it sees fit, typically once
 L{Mux.when_drained} fires or a deadline passes.
 """
 
+import struct
+
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -82,6 +84,12 @@ log = Logger()
 # (module docstring).  An OPEN_OK is 9 bytes, an OPEN_ERROR with its text some
 # 40: answering a burst of 10,000 opens while congested stays under 400 KiB.
 MAX_REPLY_BACKLOG = 1024 * 1024
+# DATAGRAM frames: the encoded address (port, host length, host) is remembered
+# per (host, port), a few at a time per tunnel; and the fixed part of one
+# frame, header and address, is read with one unpack.
+MAX_DATAGRAM_ADDRESSES = 256
+_DATAGRAM_START = struct.Struct(">BIHB")  # type, stream id, port, host length
+_T_DATAGRAM = bytes((frames.T_DATAGRAM,))
 
 
 @implementer(IPushProducer, IStreamMux)
@@ -226,11 +234,29 @@ class Mux:
     def send_reset(self, stream_id, reason):
         self._send(frames.Reset(stream_id, int(reason)))
 
+    _datagram_addresses = None  # (host, port) -> encoded address, made on first use
+
     def send_datagram(self, stream_id, host, port, payload):
         if self.paused or self._lost:
             self.datagrams_dropped += 1
             return False
-        self._send(frames.Datagram(stream_id, host, port, payload))
+        # frames.encode(frames.Datagram(...)) without the frame object, the
+        # host encoding and one copy of the payload, once per datagram.
+        addresses = self._datagram_addresses
+        if addresses is None:
+            addresses = self._datagram_addresses = {}
+        address = addresses.get((host, port))
+        if address is None:
+            message = frames.encode(frames.Datagram(stream_id, host, port, b""))
+            address = message[frames.HEADER_SIZE:]
+            if len(addresses) >= MAX_DATAGRAM_ADDRESSES:
+                addresses.clear()
+            addresses[(host, port)] = address
+        header = frames.HEADER.pack(frames.T_DATAGRAM, stream_id) + address
+        if self._send_parts is not None:
+            self._send_parts(header, payload)
+        else:
+            self._send_message(header + payload)
         self.bytes_sent += len(payload)
         return True
 
@@ -331,6 +357,9 @@ class Mux:
         instead of joining the message and then slicing the header off.
         """
         first = parts[0] if parts else b""
+        if first[:1] == _T_DATAGRAM:
+            self._datagram_message(first if len(parts) == 1 else b"".join(parts))
+            return
         if len(parts) < 2 or len(first) < frames.HEADER_SIZE or first[0] != frames.T_DATA:
             self.message_received(b"".join(parts))
             return
@@ -346,6 +375,31 @@ class Mux:
                 self.on_protocol_error(e)
             else:
                 raise
+
+    def _datagram_message(self, message):
+        # The DATAGRAM path of message_received, without the frame object;
+        # anything unusual (truncated, not ASCII) goes the general way, which
+        # reports it.
+        if len(message) >= _DATAGRAM_START.size:
+            _, stream_id, port, host_length = _DATAGRAM_START.unpack_from(message)
+            end = _DATAGRAM_START.size + host_length
+            host = message[_DATAGRAM_START.size:end]
+            if host_length and len(message) >= end and host.isascii():
+                stream = self._streams.get(stream_id)
+                payload = message[end:]
+                try:
+                    if stream is not None and stream.datagram_received(
+                            host.decode("ascii"), port, payload):
+                        self.bytes_received += len(payload)
+                    else:
+                        self.datagrams_dropped += 1
+                except MuxProtocolError as e:
+                    if self.on_protocol_error is not None:
+                        self.on_protocol_error(e)
+                    else:
+                        raise
+                return
+        self.message_received(message)
 
     def _dispatch(self, frame):
         # Frames for a stream we do not have: DATA gets one RESET (_unknown_stream_data),

@@ -31,13 +31,14 @@ connection is closed at once (L{anyproxy.connection_cap}).
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from anyproxy.auth import ANONYMOUS
 from anyproxy.connection_cap import (
     DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory)
 from anyproxy.frontends.http import connection as http11
+from anyproxy.logs import emits
 from anyproxy.tuning import QUICKACK_BELOW, quick_acker, set_no_delay, tune_for_bulk
 from anyproxy.frontends.http.exchange import (
     ForwardExchange,
@@ -449,6 +450,8 @@ class HttpProxyProtocol(Protocol):
         return self._user.name or "anonymous"
 
     def _log_request(self, status, detail=""):
+        if not emits(LogLevel.info):
+            return
         _log.info(
             "{peer} {user} {method} {target} {status} {detail}",
             peer=self._peer, user=self._user_name(), method=self._method,
