@@ -360,14 +360,21 @@ class TargetAssociation(Protocol):
             if len(peers) >= MAX_PEERS:
                 peers.popitem(last=False)
             peers[ip] = None
-        # Counted inline (not through _count): this runs once per datagram.
-        stats = self.stats
-        stats.sent += 1
-        stats.bytes_sent += len(payload)
-        parent = self._parent_stats
-        if parent is not None:
-            parent.sent += 1
-            parent.bytes_sent += len(payload)
+        self._counted_sent(len(payload))
+
+    # Counted with plain attributes (not through _count): these run once per
+    # datagram, for this association and the client's totals.
+    def _counted_sent(self, size):
+        for stats in (self.stats, self._parent_stats):
+            if stats is not None:
+                stats.sent += 1
+                stats.bytes_sent += size
+
+    def _counted_received(self, size):
+        for stats in (self.stats, self._parent_stats):
+            if stats is not None:
+                stats.received += 1
+                stats.bytes_received += size
 
     def _socket(self, version):
         """This association's socket for IP C{version}, bound on first use."""
@@ -404,13 +411,7 @@ class TargetAssociation(Protocol):
             return
         self._last_activity = self._clock.seconds()
         if self.transport.send_datagram(host, port, payload):
-            stats = self.stats
-            stats.received += 1
-            stats.bytes_received += len(payload)
-            parent = self._parent_stats
-            if parent is not None:
-                parent.received += 1
-                parent.bytes_received += len(payload)
+            self._counted_received(len(payload))
         else:
             self._count("dropped_error")  # tunnel congested or closing
 
