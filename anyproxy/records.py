@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_limits -*-
 """
-Connection records: what the status page and metrics show about each open
-stream (id, target, tunnel, created, last active, bytes each way).
+Connection records: a snapshot of each open stream (id, target, tunnel,
+created, last active, bytes each way), read by the client's dialer and the
+tests; the management API's stream list is meant to be built on them.
 
 A record is a snapshot read off a L{anyproxy.tunnel.stream.Stream}; nothing is
 kept per stream beyond the stream's own attributes, so taking records costs
