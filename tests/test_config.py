@@ -15,7 +15,7 @@ from anyproxy.addresses import dial_address, listen_endpoint, port_range
 from anyproxy.config import load as load_module, schema
 from anyproxy.config.load import load_config
 from anyproxy.config.model import (
-    ClientConfig, ClientEntryConfig, Config, FrontendConfig, GatewayConfig, ListenerConfig,
+    ClientConfig, ClientEntryConfig, Config, FleetConfig, FrontendConfig, GatewayConfig, ListenerConfig,
     LogConfig, OpenPortConfig, ProxyConfig, UserConfig)
 from anyproxy.config.yaml_reader import Node, Reader
 from anyproxy.errors import ConfigError, Reason
@@ -652,7 +652,9 @@ CONTRACT = {
         "open_ports_allowed", "open_ports_interface", "max_conns_per_user", "metrics_addr",
         "metrics_username", "metrics_password", "metrics_allow_anonymous", "status_addr",
         "status_username", "status_password", "queue_size", "queue_timeout", "clients",
-        "auth_groups", "auth_max_tunnels"},
+        "auth_groups", "auth_max_tunnels", "fleet", "drain_timeout"},
+    FleetConfig: {"redis", "node_id", "peer_addr", "peer_ca", "peer_cert", "peer_key",
+                  "advertise_addr", "heartbeat", "keep_peers"},
     UserConfig: {"username", "password", "group"},
     ClientEntryConfig: {"username", "password", "subject", "groups", "client_ids",
                         "max_tunnels"},
@@ -663,7 +665,7 @@ CONTRACT = {
         "connect_timeout", "idle_timeout", "ping_interval", "open_ports", "metrics_addr",
         "metrics_username", "metrics_password", "metrics_allow_anonymous",
         "reconnect_initial_delay", "reconnect_max_delay", "weight", "queue_size",
-        "queue_timeout"},
+        "queue_timeout", "gateways_per_client"},
     OpenPortConfig: {"remote_port", "local_host", "local_port", "protocol"},
     LimitRule: {"name", "addr", "protocol"},
     LogConfig: {"level", "format", "file", "max_size", "max_backups", "output", "max_age",
@@ -686,6 +688,8 @@ gateway:
   auth_password: p
   users: [{username: bob, password: b}]
   clients: [{username: site-a, password: a}]
+  fleet: {redis: "redis://r:6379/0", peer_addr: "10.0.0.5:8444", peer_ca: ca.pem,
+          peer_cert: gw.pem, peer_key: gw.key}
 client:
   gateway_addr: "gw:8443"
   open_ports: [{remote_port: 9001, local_port: 22}]
@@ -768,6 +772,7 @@ class SchemaTests(ConfigTestMixin, SynchronousTestCase):
             (config.proxy.frontends[0], frontend), (config.proxy.frontends[0].listener, frontend),
             (config.gateway, data["gateway"]), (config.gateway.users[0], data["gateway"]["users"][0]),
             (config.gateway.clients[0], data["gateway"]["clients"][0]),
+            (config.gateway.fleet, data["gateway"]["fleet"]),
             (config.client, data["client"]),
             (config.client.open_ports[0], data["client"]["open_ports"][0]),
             (config.client.policy.allowed[0], data["client"]["limit"][0]), (config.log, {}),
@@ -786,15 +791,18 @@ class SchemaTests(ConfigTestMixin, SynchronousTestCase):
             self.assert_defaults(pairs, checked)
         self.assertEqual(config.client.client_id, socket.gethostname())
         # Every key with a default was left out above, but a listen_addr: a
-        # listener is built only when it has one, and the gateway requires it.
+        # listener is built only when it has one, and the gateway requires it;
+        # a fleet requires its peer address and certificates.
         unchecked = set()
         for config_class in CONTRACT:
             for field in attr.fields(config_class):
                 key = schema.key_name(field)
                 if key is not None and field.default is not attr.NOTHING:
                     unchecked.add((config_class, key))
-        self.assertEqual(unchecked - checked, {(ListenerConfig, "listen_addr"),
-                                               (GatewayConfig, "listen_addr")})
+        self.assertEqual(unchecked - checked, {
+            (ListenerConfig, "listen_addr"), (GatewayConfig, "listen_addr"),
+            (FleetConfig, "peer_addr"), (FleetConfig, "peer_ca"), (FleetConfig, "peer_cert"),
+            (FleetConfig, "peer_key")})
 
     def test_empty_string_is_the_default(self):
         """An empty string reads as the key's default, as an absent key does."""

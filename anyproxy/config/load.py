@@ -17,6 +17,7 @@ keys, how keys combine).
 import ipaddress
 import os
 import types
+import urllib.parse
 
 import attr
 
@@ -24,7 +25,7 @@ from anyproxy.addresses import dial_address, port_range
 from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule
 from anyproxy.config.model import (
     BALANCE_POLICIES, CLIENT, GATEWAY, LOG_FORMATS, LOG_LEVELS, LOG_OUTPUTS,
-    ClientConfig, ClientEntryConfig, Config, FrontendConfig, GatewayConfig, ListenerConfig, LogConfig,
+    ClientConfig, ClientEntryConfig, Config, FleetConfig, FrontendConfig, GatewayConfig, ListenerConfig, LogConfig,
     OpenPortConfig, ProxyConfig, SHARED_CERTIFICATE_CREDENTIAL, SHARED_CREDENTIAL, UserConfig)
 from anyproxy.config import go_format
 from anyproxy.config.yaml_reader import Node, Reader, read_yaml, type_name
@@ -222,6 +223,39 @@ def _open_ports_interface(node):
                   "or '0.0.0.0' / '::' for every interface)" % (value,))
 
 
+def _fleet(node):
+    """C{gateway.fleet}: absent = no fleet (None)."""
+    if not node.given("fleet"):
+        return None
+    fleet = node.child("fleet", FleetConfig)
+    redis = fleet.string("redis")
+    if not redis:
+        fleet.fail("redis", "required, e.g. 'redis://127.0.0.1:6379/0'")
+    if urllib.parse.urlsplit(redis).scheme not in ("redis", "rediss"):
+        fleet.fail("redis", "%r is not a redis:// or rediss:// URL" % (redis,))
+    peer_addr, peer_endpoint, _ = fleet.listen("peer_addr")
+    if peer_endpoint is None:
+        fleet.fail("peer_addr", "required: where other gateways relay streams to this "
+                                "one, e.g. '10.0.0.5:8444'")
+    if not peer_endpoint.startswith("tcp"):
+        fleet.fail("peer_addr", "host:port; the link adds mutual TLS itself")
+    advertise = fleet.string("advertise_addr")
+    if advertise:
+        try:
+            dial_address(advertise)
+        except ValueError as e:
+            fleet.fail("advertise_addr", e)
+    heartbeat = fleet.number("heartbeat", positive=True)
+    keep_peers = fleet.number("keep_peers")
+    return FleetConfig(
+        redis=redis, node_id=fleet.string("node_id"), peer_addr=peer_addr,
+        peer_endpoint=peer_endpoint,
+        peer_ca=fleet.file("peer_ca", required=True),
+        peer_cert=fleet.file("peer_cert", required=True),
+        peer_key=fleet.file("peer_key", required=True),
+        advertise_addr=advertise, heartbeat=heartbeat, keep_peers=keep_peers)
+
+
 def _gateway(node):
     raw, endpoint, _ = node.listen("listen_addr")
     if endpoint is None:
@@ -263,7 +297,8 @@ def _gateway(node):
         queue_timeout=node.number("queue_timeout"),
         **metrics,
         status_addr=status_addr, status_endpoint=status_endpoint,
-        status_username=status_username, status_password=status_password)
+        status_username=status_username, status_password=status_password,
+        fleet=_fleet(node), drain_timeout=node.number("drain_timeout"))
 
 
 def _gateway_addrs(node):
@@ -371,7 +406,8 @@ def _client(node):
         **metrics,
         reconnect_initial_delay=node.number("reconnect_initial_delay", positive=True),
         reconnect_max_delay=node.number("reconnect_max_delay", positive=True),
-        weight=_weight(node))
+        weight=_weight(node),
+        gateways_per_client=node.integer("gateways_per_client", low=1, high=64))
 
 
 def _log(node):

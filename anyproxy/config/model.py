@@ -169,6 +169,41 @@ class ClientEntryConfig:
 
 
 @attr.s(frozen=True, slots=True)
+class FleetConfig:
+    """
+    C{gateway.fleet}: this gateway as one node of a fleet sharing a Redis
+    registry (L{anyproxy.fleet}).  Absent: one gateway on its own, with the
+    in-memory tunnel pool.
+
+    @ivar redis: a C{redis://} or C{rediss://} URL (password, database and
+        TLS as usual in the URL).
+    @ivar node_id: this node's name in the registry; empty in the file means
+        the host name and the tunnel port.
+    @ivar peer_endpoint: the Twisted server endpoint string of C{peer_addr},
+        where other gateways relay streams to this one (mutual TLS with
+        C{peer_ca}, C{peer_cert}, C{peer_key}).
+    @ivar advertise_addr: the tunnel address clients are told to dial
+        (C{host:port}); empty means the gateway's C{listen_addr} as seen
+        from the peer address's host.
+    @ivar heartbeat: seconds between registry refreshes; a node silent for
+        three heartbeats leaves routing.
+    @ivar keep_peers: seconds the last known peer map is still used while
+        Redis cannot be reached (then only local tunnels serve).
+    """
+
+    redis = setting(secret=True)  # the URL may hold Redis's password
+    node_id = setting("")
+    peer_addr = setting("")  # required (the loader says so)
+    peer_endpoint = derived(None)  # from peer_addr
+    peer_ca = setting(None)  # required, as are peer_cert and peer_key
+    peer_cert = setting(None)
+    peer_key = setting(None)
+    advertise_addr = setting("")
+    heartbeat = setting(2.0)
+    keep_peers = setting(60.0)
+
+
+@attr.s(frozen=True, slots=True)
 class GatewayConfig:
     """
     The gateway section.  File paths are absolute; C{*_endpoint} fields are
@@ -207,6 +242,10 @@ class GatewayConfig:
     listen_addr = setting("")
     metrics_endpoint = derived(None)  # from metrics_addr
     status_endpoint = derived(None)  # from status_addr
+    fleet = setting(None)  # FleetConfig, or None: one gateway on its own
+    # Seconds open streams may finish after SIGTERM, once the gateway has
+    # left the fleet, told its clients to go and stopped taking users.
+    drain_timeout = setting(30.0)
 
     def users_for(self, listener):
         """
@@ -274,6 +313,9 @@ class ClientConfig:
     reconnect_initial_delay = setting(1.0)
     reconnect_max_delay = setting(60.0)
     weight = setting(1.0)
+    # With a fleet (the gateway's HELLO lists its nodes): keep tunnels to
+    # this many distinct gateways, chosen by rendezvous hashing on client_id.
+    gateways_per_client = setting(2)
 
     def server_name_for(self, host):
         """The TLS server name to verify when dialing gateway C{host}."""
