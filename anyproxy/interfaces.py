@@ -139,15 +139,29 @@ class ITunnelPool(IReconfigurable):
     def tunnels(group=None):
         """The tunnels connected to this gateway, of C{group} or of all: a new list."""
 
-    def pick(group):
-        """A tunnel of C{group} for a new stream now, or C{None}."""
-
-    def wait_for(group, timeout):
+    def pick(group, host=None, avoid=None):
         """
-        A Deferred firing with a tunnel of C{group} for a new stream, waiting
-        up to C{timeout} seconds for one to connect; it fails with
-        L{anyproxy.errors.StreamOpenError} C{NO_TUNNEL}.  Cancelling it
+        A tunnel of C{group} for a new stream now, or C{None}.  With a
+        target C{host}, only tunnels whose client routes it most
+        specifically (C{client.routes}, L{anyproxy.gateway.routing}); a
+        client id to C{avoid} is not chosen.
+        """
+
+    def wait_for(group, timeout, host=None):
+        """
+        A Deferred firing with a tunnel of C{group} for a new stream (routed
+        to C{host}, as L{pick}), waiting up to C{timeout} seconds for one to
+        connect; it fails with L{anyproxy.errors.StreamOpenError}
+        C{NO_TUNNEL}, or at once with C{HOST_UNREACHABLE} when the group's
+        clients all have routes and none routes C{host}.  Cancelling it
         stops the wait.
+        """
+
+    def retry_choice(group, host, failed, failure):
+        """
+        Another tunnel for a stream whose OPEN failed on tunnel C{failed}
+        (C{failure}), to be tried once, or C{None}
+        (L{anyproxy.gateway.tunnel_pool.TunnelPool.retry_choice}).
         """
 
 
@@ -184,7 +198,9 @@ class FrontendContext:
         a client of C{user.group}.  Its C{connect} fails with
         L{anyproxy.errors.StreamOpenError} for the known reasons (access
         denied, no tunnel, refused, ...); map the reason for your users with
-        L{anyproxy.errors}.  C{kind="udp"} opens a datagram stream.
+        L{anyproxy.errors}.  C{kind="udp"} opens a datagram stream.  The
+        optional keyword C{source="host:port"} names the user's address for
+        the gateway's stream list and access log.
     @ivar handshake_timeout: seconds a user may take to finish the
         protocol's handshake (C{gateway.handshake_timeout}).
     """

@@ -141,6 +141,7 @@ class GatewayMetrics(Collector):
         self._tunnels = tunnels
         self._clock = clock
         self._live = {}  # frontend stream -> its frontend's name
+        self._open_series = {}  # (frontend, outcome) -> (counter, histogram or None), see _opened
         self._frontend_bytes = {}  # frontend -> [in, out] of closed streams
         self._client_bytes = {}  # client_id -> [in, out] of removed tunnels
         self._departed_bytes = [0, 0]  # [in, out] of clients with no tunnel left
@@ -196,9 +197,21 @@ class GatewayMetrics(Collector):
         return opening.addCallbacks(opened, failed)
 
     def _opened(self, frontend, outcome, started):
-        self.streams_opened.labels(frontend, outcome).inc()
-        if outcome != "cancelled":
-            self.open_seconds.labels(frontend).observe(self._clock.seconds() - started)
+        # The labelled series, looked up once per (frontend, outcome): labels()
+        # takes a lock and checks its arguments on every call.
+        series = self._open_series.get((frontend, outcome))
+        if series is None:
+            series = self._open_series[frontend, outcome] = (
+                self.streams_opened.labels(frontend, outcome),
+                None if outcome == "cancelled" else self.open_seconds.labels(frontend))
+        opened, seconds = series
+        opened.inc()
+        if seconds is not None:
+            seconds.observe(self._clock.seconds() - started)
+
+    def live_streams(self):
+        """The frontend streams open now, a new list (a draining gateway waits for them)."""
+        return list(self._live)
 
     def stream_closed(self, stream):
         """A frontend stream finished: keep its counts in the retired totals."""
@@ -310,6 +323,21 @@ class GatewayMetrics(Collector):
         yield dropped
         yield _buffered_family(queued, sockets)
         yield from self._upstream_pools()
+        yield from self._login_throttle()
+
+    # The gateway's anyproxy.auth.Logins, once make_gateway_service made it.
+    logins = None
+
+    def _login_throttle(self):
+        if self.logins is None:
+            return
+        events = CounterMetricFamily(
+            "anyproxy_gateway_login_throttle_events",
+            "Brute-force defence: sources blocked, logins refused while blocked, failed "
+            "logins whose answer was delayed (every listener).", labels=["event"])
+        for event, count in sorted(self.logins.stats().items()):
+            events.add_metric([event], count)
+        yield events
 
     def _upstream_pools(self):
         idle = GaugeMetricFamily(

@@ -29,8 +29,14 @@ in time and every listener in connections:
     once per burst.
   - B{one login}, HTTP Basic, through the stock C{twisted.web.guard} and
     C{twisted.cred} pairing: a L{Portal} whose one checker
-    (L{SingleUserChecker}) compares username and password in constant time.
-    A wrong or missing login gets 401 with C{WWW-Authenticate: Basic}.
+    (L{SingleUserChecker}) compares the username in constant time and the
+    password as L{anyproxy.passwords} does (an argon2id or bcrypt hash, or
+    plain text in constant time).
+    A wrong or missing login gets 401 with C{WWW-Authenticate: Basic} (a
+    JSON body under C{/api/}).  Failed logins count in the gateway's login
+    throttle (L{anyproxy.auth.Logins}, L{OperatorSite.use_logins}): a
+    repeated failure's 401 is delayed, and a blocked address gets 429 with
+    C{Retry-After}, its password unchecked.
     L{OperatorSite.set_login} changes it for the next request (a reload); an
     empty login serves the pages without one (C{/metrics} on loopback, or
     with C{metrics_allow_anonymous}).  Passwords are kept only as bytes on the
@@ -42,6 +48,7 @@ Every timer runs on the site's reactor (a C{Clock} in tests).
 """
 
 import hmac
+import json
 
 from twisted.cred import credentials as cred_credentials
 from twisted.cred.checkers import ICredentialsChecker
@@ -51,8 +58,10 @@ from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import guard, http, resource, server
+from twisted.web._auth.wrapper import UnauthorizedResource
 from zope.interface import implementer
 
+from anyproxy.auth import BLOCKED, PENDING, Logins
 from anyproxy.connection_cap import ConnectionCap
 
 log = Logger()
@@ -81,19 +90,24 @@ def _peer(transport):
 @implementer(ICredentialsChecker)
 class SingleUserChecker:
     """
-    Accepts exactly one username/password, compared in constant time (both
-    are always compared, so timing tells nothing about which one was wrong).
+    Accepts exactly one username/password: the username compared in
+    constant time, the password checked against its configured form (a hash
+    or plain text) every time, so timing tells nothing about which one was
+    wrong.  Logins go through C{logins} (L{anyproxy.auth.Logins}): the
+    password checker and the throttle, counted under the credentials'
+    C{source} (the address L{_SourcedBasicCredentials} notes).
     """
 
     credentialInterfaces = (cred_credentials.IUsernamePassword,)
 
-    def __init__(self, username, password):
+    def __init__(self, username, password, logins=None):
+        self.logins = logins if logins is not None else Logins()
         self.set_credentials(username, password)
 
     def set_credentials(self, username, password):
         """Accept these from now on (a reload); sessions are per request, so at once."""
         self._username = username.encode("utf-8")
-        self._password = password.encode("utf-8")
+        self._secrets = (password,)
 
     def __repr__(self):
         return "<SingleUserChecker>"  # never show the password
@@ -103,13 +117,56 @@ class SingleUserChecker:
         password = credentials.password
         if isinstance(username, str):
             username = username.encode("utf-8")
-        if isinstance(password, str):
-            password = password.encode("utf-8")
-        user_ok = hmac.compare_digest(username, self._username)
-        password_ok = hmac.compare_digest(password, self._password)
-        if user_ok & password_ok & bool(self._username):
-            return defer.succeed(self._username)
-        return defer.fail(UnauthorizedLogin())
+        configured, secrets, checker = self._username, self._secrets, self.logins.checker
+        user_ok = hmac.compare_digest(username, configured) and bool(configured)
+
+        def now():
+            ok = checker.check_now(configured, password, secrets)
+            return PENDING if ok is None else (ok and user_ok)
+
+        def later():
+            return checker.check(configured, password, secrets).addCallback(
+                lambda ok: ok and user_ok)
+
+        answer = self.logins.attempt(getattr(credentials, "source", ""), username, now, later)
+        return defer.maybeDeferred(lambda: answer).addCallback(self._answered, configured)
+
+    def _answered(self, answer, username):
+        if answer is BLOCKED or not answer:
+            raise UnauthorizedLogin()
+        return username
+
+
+class _SourcedBasicCredentials(guard.BasicCredentialFactory):
+    """Basic credentials that note the client's IP address (the login throttle's source)."""
+
+    def decode(self, response, request):
+        credentials = super().decode(response, request)
+        credentials.source = getattr(request.getClientAddress(), "host", "") or ""
+        return credentials
+
+
+class _Blocked(resource.Resource):
+    """429 with C{Retry-After}: the client's address is blocked after repeated failed logins."""
+
+    isLeaf = True
+
+    def __init__(self, retry_after):
+        super().__init__()
+        self._retry_after = max(1, round(retry_after))
+
+    def render(self, request):
+        request.setResponseCode(429)
+        request.setHeader(b"retry-after", b"%d" % (self._retry_after,))
+        request.setHeader(b"cache-control", b"no-store")
+        text = "too many failed logins; try again later"
+        if request.path.startswith(b"/api/"):
+            request.setHeader(b"content-type", b"application/json; charset=utf-8")
+            body = json.dumps({"error": text}).encode("utf-8")
+        else:
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            body = text.encode("utf-8") + b"\n"
+        return b"" if request.method == b"HEAD" else body
 
 
 @implementer(IRealm)
@@ -123,6 +180,50 @@ class _TreeRealm:
         if resource.IResource not in interfaces:
             raise NotImplementedError("only web resources are served here")
         return resource.IResource, self._tree, lambda: None
+
+
+class _Unauthorized(UnauthorizedResource):
+    """
+    The stock 401 with its Basic challenge; under C{/api/} its body is
+    JSON, as every other answer of the management API is.
+    """
+
+    def render(self, request):
+        body = super().render(request)
+        if request.path.startswith(b"/api/"):
+            request.setHeader(b"content-type", b"application/json; charset=utf-8")
+            request.setHeader(b"cache-control", b"no-store")
+            return b"" if request.method == b"HEAD" else b'{"error": "authentication required"}'
+        return body
+
+
+class _Guard(guard.HTTPAuthSessionWrapper):
+    """
+    C{HTTPAuthSessionWrapper} answering 401 with L{_Unauthorized}, and 429
+    (L{_Blocked}) to a login from an address the throttle blocks, before
+    its password is checked.
+    """
+
+    def __init__(self, portal, credential_factories, checker):
+        super().__init__(portal, credential_factories)
+        self._checker = checker
+
+    def _authorizedResource(self, request):
+        if request.getHeader(b"authorization"):
+            source = getattr(request.getClientAddress(), "host", "") or ""
+            verdict = self._checker.logins.throttle.check(source)
+            if verdict.blocked:
+                return _Blocked(verdict.retry_after)
+        found = super()._authorizedResource(request)
+        return self._json_aware(found)
+
+    def _loginFailed(self, result):
+        return self._json_aware(super()._loginFailed(result))
+
+    def _json_aware(self, found):
+        if type(found) is UnauthorizedResource:
+            return _Unauthorized(self._credentialFactories)
+        return found
 
 
 class DeadlineChannel(http.HTTPChannel):
@@ -284,9 +385,15 @@ class OperatorSite(server.Site):
                                          self.reactor)
         self.checker = SingleUserChecker(username, password)
         portal = Portal(_TreeRealm(tree), [self.checker])
-        self._guarded = guard.HTTPAuthSessionWrapper(
-            portal, [guard.BasicCredentialFactory(realm)])
+        self._guarded = _Guard(portal, [_SourcedBasicCredentials(realm)], self.checker)
         self.set_login(username, password)
+
+    def use_logins(self, logins):
+        """
+        Check logins with the gateway's L{anyproxy.auth.Logins} (its
+        password checker and login throttle) from now on.
+        """
+        self.checker.logins = logins
 
     def set_login(self, username, password):
         """
@@ -295,6 +402,31 @@ class OperatorSite(server.Site):
         """
         self.checker.set_credentials(username, password)
         self.resource = self._guarded if username else self.tree
+
+    # Pages a capability URL opens without the login: name -> (resource,
+    # check(request) -> bool).  A browser cannot answer a Basic challenge
+    # for a proxy auto-config file, so /proxy.pac takes a token instead.
+    capabilities = None
+
+    def add_capability(self, name, page, check):
+        """
+        Serve C{page} at C{/name} to a request that C{check(request)}
+        accepts (a token in its query), without the login; any other
+        request for it goes through the login as usual.
+        """
+        if self.capabilities is None:
+            self.capabilities = {}
+        self.capabilities[name] = (page, check)
+
+    def getResourceFor(self, request):
+        if self.capabilities and len(request.postpath) == 1:
+            entry = self.capabilities.get(request.postpath[0])
+            if entry is not None and entry[1](request):
+                request.site = self
+                request.sitepath = request.prepath[:]
+                request.prepath.append(request.postpath.pop(0))
+                return entry[0]
+        return super().getResourceFor(request)
 
     def buildProtocol(self, addr):
         if not self.connections.enter():

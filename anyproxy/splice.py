@@ -21,6 +21,7 @@ Only the success reply (L{open_and_splice}'s C{on_open}) and the error answer
 differ between frontends.
 """
 
+from twisted.internet import tcp
 from twisted.internet.defer import fail
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
@@ -29,6 +30,44 @@ from zope.interface import implementer
 from anyproxy.connect_protocol import connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.tuning import QUICKACK_BELOW, quick_acker, set_no_delay, tune_for_bulk
+from anyproxy.tunnel.stream import Stream
+
+
+# Plain TCP transports, whose buffer write_now may bypass (not TLS: startTLS
+# replaces their write path).
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+# Writes below this size are sent at once by write_now; bulk writes keep
+# Twisted's path, which sends what the socket refuses without copying it.
+WRITE_NOW_BELOW = 64 * 1024
+
+
+def write_now(transport, data):
+    """
+    Write C{data} to C{transport}, sending it at once when it is small
+    (L{WRITE_NOW_BELOW}) and the transport a plain TCP one with nothing
+    buffered.
+
+    Twisted's C{write} always buffers and sends on the reactor's next turn:
+    two C{epoll_ctl} calls, a wake-up and its dispatch per write.  On the
+    short exchanges of a new stream (a CONNECT's 200, an echoed line) that was
+    a few percent of the process.  Whatever the socket does not take at once
+    (or any error, which Twisted's own write then meets) goes the usual way,
+    so ordering, backpressure and close are Twisted's.  Relies on Twisted's
+    C{FileDescriptor} buffer attributes (C{dataBuffer}, C{_tempDataLen}),
+    checked by tests.test_splice.
+    """
+    if (len(data) < WRITE_NOW_BELOW and type(transport) in _PLAIN_TCP and not transport.TLS
+            and transport.connected
+            and not transport.disconnecting and not transport._writeDisconnected
+            and not transport.dataBuffer and not transport._tempDataLen and data):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent >= len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -61,11 +100,22 @@ class SpliceEnd(Protocol):
     # Re-arms TCP_QUICKACK on this end's socket after small reads
     # (anyproxy.tuning.quick_acker); None for tunnel streams.
     _quick_ack = None
+    _tuned = False  # see transport_tuned
 
     def __init__(self, initial_data=b""):
         # Bytes that arrived before the splice existed (e.g. sent right after a
         # SOCKS request): forwarded as soon as the other end is connected.
         self._pending = initial_data
+
+    def transport_tuned(self, quick_ack):
+        """
+        Say that this end's transport is already set for bulk reads and
+        without Nagle's delay (L{anyproxy.tuning}), as a frontend does when
+        the connection is made, so that L{join} does not set it again (system
+        calls per stream).  C{quick_ack} is its L{anyproxy.tuning.quick_acker}.
+        """
+        self._tuned = True
+        self._quick_ack = quick_ack
 
     @property
     def lost(self):
@@ -88,11 +138,8 @@ class SpliceEnd(Protocol):
         self.other = other
         other.other = self
         for end in (self, other):
-            # Bulk reads; and no Nagle delay: we forward what we read at once.
-            tune_for_bulk(end.transport)
-            set_no_delay(end.transport)
-            # And no delayed ACK holding a peer's Nagle-delayed second send.
-            end._quick_ack = quick_acker(end.transport)
+            if not end._tuned:
+                end.transport_tuned(_tune(end.transport))
             # Resume before registering, so a pause the other side asks for wins.
             end._stop_holding()
         self.transport.registerProducer(other.transport, True)
@@ -101,7 +148,7 @@ class SpliceEnd(Protocol):
         for end in (self, other):
             if end._pending:
                 data, end._pending = end._pending, b""
-                end.other.transport.write(data)
+                write_now(end.other.transport, data)
         for end in (self, other):
             if end._read_closed and not end.other._lost:
                 end.other.shut_down_write()
@@ -114,7 +161,7 @@ class SpliceEnd(Protocol):
             if self._hold_limit is not None and len(self._pending) > self._hold_limit:
                 self._pause_reading()
         else:
-            self.other.transport.write(data)
+            write_now(self.other.transport, data)
 
     def readConnectionLost(self):
         # Our peer sent EOF: pass the half-close on (at the join, if not joined yet).
@@ -184,6 +231,19 @@ class SpliceEnd(Protocol):
         if self.on_close is not None:
             on_close, self.on_close = self.on_close, None
             on_close(self, reason)
+
+
+def _tune(transport):
+    """
+    Bulk reads, and no Nagle delay: a splice forwards what it reads at once.
+    Returns the transport's quick-acker: no delayed ACK holding a peer's
+    Nagle-delayed second send.  Nothing to do for a tunnel stream.
+    """
+    if isinstance(transport, Stream):
+        return None
+    tune_for_bulk(transport)
+    set_no_delay(transport)
+    return quick_acker(transport)
 
 
 def splice(a, b):

@@ -18,23 +18,28 @@ Exit status 0 when everything holds, 1 otherwise (each problem is printed).
 """
 
 import argparse
+import base64
 import datetime
 import json
 import os
 import pkgutil
+import shutil
+import struct
 import sys
 import tempfile
 import traceback
+import zlib
 
 import attr
 
 import bench
 import measurements
 from harness import HERE, RESULTS
-from harness import chart
+from harness import browser, chart, page_site
 from harness.chart import Panel
 from harness.measurement import Measurement, from_json, to_json
 from harness.report import HEADER, Row, chart_panels, markdown, markdown_table, table_rows
+from harness.services import load_generate
 
 problems = []
 
@@ -65,7 +70,7 @@ def check_registry():
 def check_command_line():
     print("command line:")
     for argv in ([], ["--quick"], ["--only", "http"], ["--only", "idle,churn", "--streams", "10"],
-                 ["--only", "download", "--quick"]):
+                 ["--only", "download", "--quick"], ["--only", "page_load", "--quick"]):
         try:
             args = bench.parse_args(argv)
         except SystemExit as e:
@@ -107,6 +112,41 @@ def check_measurement(m, args):
         problem("%s: the result changes through JSON:\n    %r\n    %r" % (m.name, result, again))
     print("  %-9s %d rows, %d raw lines, %d panels, JSON round trip ok" % (m.name, len(rows), len(raw),
                                                                           len(panels)))
+
+
+def check_page_site():
+    """page_load's site without nginx: valid images, the page's tags, the certificate's SPKI, the flags."""
+    print("page_load's site and browser flags:")
+    side = page_site.image_side(7)
+    image = page_site.png(side, side, seed=7)
+    width, height, depth, colour = struct.unpack(">IIBB", image[16:26])
+    idat = image.index(b"IDAT")
+    (length,) = struct.unpack(">I", image[idat - 4:idat])
+    pixels = zlib.decompress(image[idat + 4:idat + 4 + length])
+    if image[:8] != b"\x89PNG\r\n\x1a\n" or (width, height, depth, colour) != (side, side, 8, 2) \
+            or len(pixels) != side * (1 + 3 * side) or not image.endswith(b"IEND\xaeB`\x82"):
+        problem("page_site.png() does not make a %dx%d RGB PNG" % (side, side))
+    origins = ["https://127.0.0.1:%d" % port for port in range(1001, 1001 + page_site.ORIGINS)]
+    html = page_site.page_html(origins).decode()
+    for origin in origins:
+        if html.count('src="%s/img/' % origin) != page_site.IMAGES // page_site.ORIGINS:
+            problem("the page does not take %d images from %s" % (page_site.IMAGES // page_site.ORIGINS, origin))
+    certs = tempfile.mkdtemp(prefix="anyproxy-selfcheck-certs-")
+    try:
+        load_generate().generate(certs, ["127.0.0.1"])
+        with open(os.path.join(certs, "server.crt"), "rb") as f:
+            spki = page_site.spki_hash(f.read())
+    finally:
+        shutil.rmtree(certs)
+    if len(base64.b64decode(spki)) != 32:
+        problem("spki_hash() is not a base64 SHA-256: %r" % spki)
+    args = browser.chromium_args([spki])
+    for wanted in ("--ignore-certificate-errors-spki-list=" + spki, "--disable-background-networking",
+                   "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+        if wanted not in args:
+            problem("Chromium's flags lack %s" % wanted)
+    print("  %dx%d PNG of %d bytes, %d images over %d origins, SPKI %s..., %d Chromium flags" % (
+        side, side, len(image), html.count("<img"), len(origins), spki[:8], len(args)))
 
 
 def check_report(args, out):
@@ -192,6 +232,10 @@ def main():
                 check_measurement(m, args)
             except Exception:  # noqa: BLE001 - reported as a problem
                 problem("%s:\n%s" % (m.name, traceback.format_exc()))
+        try:
+            check_page_site()
+        except Exception:  # noqa: BLE001 - reported as a problem
+            problem("page_load's site:\n%s" % traceback.format_exc())
         check_report(args, out)
         if options.against:
             check_against(os.path.join(HERE, options.against) if not os.path.isabs(options.against)

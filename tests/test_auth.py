@@ -3,6 +3,7 @@
 Tests for L{anyproxy.auth}.
 """
 
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyproxy.auth import ANONYMOUS, DEFAULT_GROUP, GroupLogins, User, UserDatabase
@@ -367,8 +368,9 @@ class DottedLoginTests(SynchronousTestCase):
 
     def test_same_cost_for_every_name(self):
         """
-        Every login makes the same comparisons (two static, one group
-        login), whether the name, its base or its group exist or not.
+        Every login makes the same comparisons (the entry's password, or a
+        decoy's, and one group login), whether the name, its base or its
+        group exist or not.
         """
         import hmac as hmac_module
         calls = []
@@ -384,4 +386,189 @@ class DottedLoginTests(SynchronousTestCase):
             del calls[:]
             self.users.authenticate(name, "a wrong password")
             counts.append(len(calls))
-        self.assertEqual(set(counts), {3})
+        self.assertEqual(set(counts), {2})
+
+
+# -- hashed passwords, rotation and the login throttle --------------------------
+
+import argon2  # noqa: E402
+import bcrypt  # noqa: E402
+from twisted.internet.task import Clock  # noqa: E402
+from twisted.trial.unittest import TestCase  # noqa: E402
+
+from anyproxy.auth import BLOCKED, PENDING, Logins, plain_password_keys  # noqa: E402
+from anyproxy.config.load import load_config  # noqa: E402
+from anyproxy.errors import ConfigError  # noqa: E402
+from anyproxy.login_throttle import LoginThrottle  # noqa: E402
+from anyproxy.passwords import PasswordChecker  # noqa: E402
+
+_CHEAP = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+def argon2_hash(password):
+    return _CHEAP.hash(password)
+
+
+def bcrypt_hash(password):
+    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(4)).decode("ascii")
+
+
+class HashedUserTests(TestCase):
+    """Hashed and rotated passwords: answered at once when known, else through the pool."""
+
+    def setUp(self):
+        self.logins = Logins()
+        self.addCleanup(self.logins.checker.stop)
+        self.users = UserDatabase([
+            ("argon", argon2_hash("a-pw"), "red"),
+            ("bcrypt", bcrypt_hash("b-pw"), "blue"),
+            ("roller", (argon2_hash("old-pw"), "new-plain-pw"), "green"),
+        ], logins=self.logins)
+
+    @defer.inlineCallbacks
+    def test_hash_pending_then_remembered(self):
+        """A hash is PENDING at first, right later, then known at once (the cache)."""
+        self.assertIs(self.users.authenticate("argon", "a-pw"), PENDING)
+        user = yield self.users.authenticate_later("argon", "a-pw")
+        self.assertEqual(user, User("argon", "red"))
+        self.assertEqual(self.users.authenticate("argon", "a-pw"), User("argon", "red"))
+        self.assertIs(self.users.authenticate("argon", "a-pw!"), PENDING)
+
+    @defer.inlineCallbacks
+    def test_wrong_against_hash(self):
+        """A wrong password against a hash (either scheme) answers None."""
+        for name in ("argon", "bcrypt"):
+            user = yield self.users.authenticate_later(name, "nope")
+            self.assertIsNone(user, name)
+        user = yield self.users.authenticate_later("bcrypt", b"b-pw")
+        self.assertEqual(user, User("bcrypt", "blue"))
+
+    @defer.inlineCallbacks
+    def test_rotation(self):
+        """Either password of a rotation logs in: a plain one at once, a hash later."""
+        self.assertEqual(self.users.authenticate("roller", "new-plain-pw"), User("roller", "green"))
+        user = yield self.users.authenticate_later("roller", "old-pw")
+        self.assertEqual(user, User("roller", "green"))
+        user = yield self.users.authenticate_later("roller", "other")
+        self.assertIsNone(user)
+
+    @defer.inlineCallbacks
+    def test_unknown_name_costs_a_hash(self):
+        """An unknown name is checked against a decoy hash, and never let in."""
+        self.assertIs(self.users.authenticate("mallory", "a-pw"), PENDING)
+        checks = self.logins.checker.hash_checks
+        user = yield self.users.authenticate_later("mallory", "a-pw")
+        self.assertIsNone(user)
+        self.assertEqual(self.logins.checker.hash_checks, checks + 1)
+
+    def test_sentinels_are_false(self):
+        """PENDING and BLOCKED are no users: a careless truth test refuses."""
+        self.assertFalse(PENDING)
+        self.assertFalse(BLOCKED)
+
+
+class LoginsTests(SynchronousTestCase):
+    """L{Logins.attempt}: blocked sources refused unchecked, failures delayed, successes not."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.logins = Logins(self.clock, PasswordChecker(), LoginThrottle(
+            failures=3, window=60, block=300, clock=self.clock.seconds))
+        self.users = UserDatabase([("alice", PASSWORD, "red")], logins=self.logins)
+
+    def test_success_at_once(self):
+        """A correct plain login is answered at once, even after failures of its name."""
+        self.users.login("10.0.0.9", "alice", "x")
+        self.assertEqual(self.users.login("10.0.0.1", "alice", PASSWORD), User("alice", "red"))
+
+    def test_failures_delayed_then_blocked(self):
+        """The first failure is answered at once, the next ones later; then BLOCKED, unchecked."""
+        self.assertIsNone(self.users.login("10.0.0.9", "alice", "x"))
+        delayed = self.users.login("10.0.0.9", "alice", "y")
+        self.assertNoResult(delayed)
+        self.clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(delayed))
+        third = self.users.login("10.0.0.9", "alice", "z")
+        self.clock.advance(1)
+        self.assertIsNone(self.successResultOf(third))
+        checked = []
+        self.assertIs(self.logins.attempt("10.0.0.9", b"alice", lambda: checked.append(1),
+                                          None), BLOCKED)
+        self.assertEqual(checked, [])
+        self.assertIs(self.users.login("10.0.0.9", "alice", PASSWORD), BLOCKED)
+        self.assertEqual(self.logins.stats(), {"blocks": 1, "refused_blocked": 2, "delayed": 2})
+        self.assertEqual(self.users.login("10.0.0.1", "alice", PASSWORD), User("alice", "red"))
+        self.clock.advance(300)
+        self.assertEqual(self.users.login("10.0.0.9", "alice", PASSWORD), User("alice", "red"))
+
+
+GATEWAY_YAML = """
+proxy:
+  socks5: {listen_addr: "127.0.0.1:0", auth_username: alice, auth_password: "%(listener)s"}
+gateway:
+  listen_addr: "127.0.0.1:0"
+  tls_cert: c.pem
+  tls_key: k.pem
+  auth_username: tunnel
+  auth_password: "%(tunnel)s"
+  users: [%(users)s]
+  clients: [%(clients)s]
+"""
+
+
+class ConfiguredPasswordTests(SynchronousTestCase):
+    """Passwords in the config: hashes checked at load, rotation lists, the plain-text list."""
+
+    def load(self, listener="pw", tunnel="pw2", users="", clients=""):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(GATEWAY_YAML % dict(listener=listener, tunnel=tunnel, users=users,
+                                        clients=clients))
+        return load_config(path, check_files=False)
+
+    def test_truncated_hash_names_the_key(self):
+        """A hash cut short fails at load, naming the key and never showing the value."""
+        good = argon2_hash("x")
+        cases = [
+            (dict(tunnel=good[:40]), "gateway.auth_password"),
+            (dict(listener=bcrypt_hash("x")[:-2]), "proxy.socks5.auth_password"),
+            (dict(users='{username: bob, password: "%s"}' % (good[:30],)),
+             "gateway.users[0].password"),
+            (dict(users='{username: bob, passwords: [pw, "%s"]}' % (good[:55],)),
+             "gateway.users[0].passwords[1]"),
+            (dict(clients='{username: s, passwords: ["%s"]}' % (good[:45],)),
+             "gateway.clients[0].passwords[0]"),
+        ]
+        for arguments, key in cases:
+            error = self.assertRaises(ConfigError, self.load, **arguments)
+            self.assertIn(key + ":", str(error))
+            self.assertIn("not a valid", str(error))
+            self.assertNotIn(good[:30], str(error))
+
+    def test_password_or_passwords(self):
+        """An entry takes password or passwords, not both and not neither."""
+        error = self.assertRaises(ConfigError, self.load,
+                                  users="{username: bob, password: a, passwords: [b]}")
+        self.assertIn("gateway.users[0].passwords: set password or passwords", str(error))
+        error = self.assertRaises(ConfigError, self.load, users="{username: bob}")
+        self.assertIn("gateway.users[0].password: required", str(error))
+        error = self.assertRaises(ConfigError, self.load, users="{username: bob, passwords: []}")
+        self.assertIn("must not be empty", str(error))
+
+    def test_rotation_entries(self):
+        """passwords lists reach the users' entries and the clients' credentials."""
+        good = argon2_hash("new")
+        config = self.load(users='{username: bob, passwords: [old, "%s"]}' % (good,),
+                           clients='{username: s, passwords: [a, b]}')
+        self.assertEqual(config.gateway.users[0].secrets, ("old", good))
+        self.assertEqual(config.gateway.clients[0].secrets, ("a", "b"))
+        [entry] = [e for e in config.gateway_users_for(config.proxy.socks5) if e[0] == "bob"]
+        self.assertEqual(tuple(entry[1]), ("old", good))
+
+    def test_plain_password_keys(self):
+        """The plain-text list names keys and entries, not hashed ones."""
+        config = self.load(tunnel=argon2_hash("t"),
+                           users='{username: bob, password: "%s"}, {username: eve, '
+                                 'passwords: [plain, "%s"]}' % (bcrypt_hash("b"), argon2_hash("e")))
+        self.assertEqual(plain_password_keys(config),
+                         ["proxy.socks5.auth_password", "gateway.users[eve]"])

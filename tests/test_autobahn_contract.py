@@ -325,6 +325,23 @@ class AutobahnContractTests(unittest.TestCase):
         self.assertEqual(b"".join(pieces), b"marker")
         self.assertEqual(self.client.pongs, (b"held",))
 
+    @defer.inlineCallbacks
+    def test_between_frames(self):
+        """
+        Between whole frames Autobahn holds no unparsed bytes (C{data} is
+        b"") and no frame (C{current_frame} is None); within a frame's payload
+        it holds the frame, with the bytes so far consumed.
+        """
+        for side in (self.server, self.client):
+            self.assertEqual((side.data, side.current_frame), (b"", None))
+        frame = binary_frame(b"x" * 1000)
+        self.server._dataReceived(frame[:500])
+        self.assertIsNotNone(self.server.current_frame)
+        self.server._dataReceived(frame[500:])
+        _, pieces, _ = yield self.server.messages.get()
+        self.assertEqual(b"".join(pieces), b"x" * 1000)
+        self.assertEqual((self.server.data, self.server.current_frame), (b"", None))
+
     # -- closing -----------------------------------------------------------------
 
     @defer.inlineCallbacks
@@ -356,4 +373,6 @@ CHECKED = {
     "reactor": "test_factory_reactor",
     "headers": "test_handshake_request_and_headers",
     "openHandshakeTimeout": "test_options_are_attributes",
+    "data": "test_between_frames",
+    "current_frame": "test_between_frames",
 }

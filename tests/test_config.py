@@ -16,7 +16,7 @@ from anyproxy.config import load as load_module, schema
 from anyproxy.config.load import load_config
 from anyproxy.config.model import (
     ClientConfig, ClientEntryConfig, Config, FleetConfig, FrontendConfig, GatewayConfig, ListenerConfig,
-    LogConfig, OpenPortConfig, ProxyConfig, UserConfig)
+    LogConfig, OpenPortConfig, ProxyConfig, ThrottleConfig, UserConfig)
 from anyproxy.config.yaml_reader import Node, Reader
 from anyproxy.errors import ConfigError, Reason
 
@@ -250,9 +250,11 @@ proxy:
   socks5: {listen_addr: "127.0.0.1:1080", auth_username: al, auth_password: a}
   http: {listen_addr: "127.0.0.1:8080"}
 """)
+        bob = config.gateway.users[0]
         self.assertEqual(config.gateway_users_for(config.proxy.socks5),
                          [("al", "a", "default", ("default", "lab")),
-                          ("bob", "b", "lab", ("lab",))])
+                          ("bob", ("b",), "lab", ("lab",), bob.policy)])
+        self.assertEqual(bob.policy.groups, ("lab",))
         self.assertEqual(config.proxy.http.user_scope(), "none")
         self.assertEqual(config.gateway_users_for(config.proxy.http), [])
 
@@ -652,11 +654,14 @@ CONTRACT = {
         "open_ports_allowed", "open_ports_interface", "max_conns_per_user", "metrics_addr",
         "metrics_username", "metrics_password", "metrics_allow_anonymous", "status_addr",
         "status_username", "status_password", "queue_size", "queue_timeout", "clients",
-        "auth_groups", "auth_max_tunnels", "fleet", "drain_timeout"},
+        "auth_groups", "auth_max_tunnels", "fleet", "drain_timeout", "access_log",
+        "auth_throttle", "pac_proxy_addr", "pac_proxy_type", "pac_extra_routes"},
+    ThrottleConfig: {"failures", "window", "block"},
     FleetConfig: {"redis", "node_id", "peer_addr", "peer_ca", "peer_cert", "peer_key",
                   "advertise_addr", "heartbeat", "keep_peers"},
-    UserConfig: {"username", "password", "group"},
-    ClientEntryConfig: {"username", "password", "subject", "groups", "client_ids",
+    UserConfig: {"username", "password", "passwords", "group", "groups", "allow", "deny",
+                 "protocols", "max_streams", "bandwidth"},
+    ClientEntryConfig: {"username", "password", "passwords", "subject", "groups", "client_ids",
                         "max_tunnels"},
     ClientConfig: {
         "gateway_addr", "gateway_tls_cert", "gateway_server_name", "client_id", "group_id",
@@ -665,7 +670,8 @@ CONTRACT = {
         "connect_timeout", "idle_timeout", "ping_interval", "open_ports", "metrics_addr",
         "metrics_username", "metrics_password", "metrics_allow_anonymous",
         "reconnect_initial_delay", "reconnect_max_delay", "weight", "queue_size",
-        "queue_timeout", "gateways_per_client"},
+        "queue_timeout", "gateways_per_client", "egress_proxy", "status_addr",
+        "status_username", "status_password", "routes"},
     OpenPortConfig: {"remote_port", "local_host", "local_port", "protocol"},
     LimitRule: {"name", "addr", "protocol"},
     LogConfig: {"level", "format", "file", "max_size", "max_backups", "output", "max_age",
@@ -688,6 +694,7 @@ gateway:
   auth_password: p
   users: [{username: bob, password: b}]
   clients: [{username: site-a, password: a}]
+  auth_throttle: {}
   fleet: {redis: "redis://r:6379/0", peer_addr: "10.0.0.5:8444", peer_ca: ca.pem,
           peer_cert: gw.pem, peer_key: gw.key}
 client:
@@ -773,6 +780,7 @@ class SchemaTests(ConfigTestMixin, SynchronousTestCase):
             (config.gateway, data["gateway"]), (config.gateway.users[0], data["gateway"]["users"][0]),
             (config.gateway.clients[0], data["gateway"]["clients"][0]),
             (config.gateway.fleet, data["gateway"]["fleet"]),
+            (config.gateway.auth_throttle, data["gateway"]["auth_throttle"]),
             (config.client, data["client"]),
             (config.client.open_ports[0], data["client"]["open_ports"][0]),
             (config.client.policy.allowed[0], data["client"]["limit"][0]), (config.log, {}),

@@ -429,6 +429,68 @@ class RefusalTests(DialerTestMixin, SynchronousTestCase):
         self.assertEqual(self.dialed(), [])
 
 
+class CountingPolicy:
+    """An access policy that allows everything and counts its checks."""
+
+    def __init__(self):
+        self.checks = []
+
+    def check_name(self, host, port, protocol):
+        self.checks.append(("name", host, port))
+        return None
+
+    def check_resolved(self, host, port, protocol, addresses):
+        self.checks.append(("resolved", host, port, tuple(addresses)))
+        return None
+
+
+class DecisionTests(DialerTestMixin, SynchronousTestCase):
+    """Access control decisions are kept per policy, never past a change of policy."""
+
+    def test_repeated_target_checked_once(self):
+        """A second stream to the same target uses the decisions of the first."""
+        counting = CountingPolicy()
+        dialer = self.dialer(policy=counting)
+        for stream_id in (1, 3):
+            dialer.handle_open(FakeStream("192.0.2.9", 443, stream_id=stream_id))
+            dialer.handle_open(FakeStream("target.test", 80, stream_id=stream_id + 4))
+        self.assertEqual(counting.checks, [
+            ("name", "192.0.2.9", 443), ("resolved", "192.0.2.9", 443, ("192.0.2.9",)),
+            ("name", "target.test", 80), ("resolved", "target.test", 80, ("192.0.2.10",))])
+        self.assertEqual(len(self.dialed()), 4)
+
+    def test_new_addresses_checked(self):
+        """A name that resolves to other addresses than before is checked again."""
+        counting = CountingPolicy()
+        dialer = self.dialer(policy=counting)
+        dialer.handle_open(FakeStream("target.test", 80))
+        self.resolver.table["target.test"] = ["192.0.2.11"]
+        dialer.handle_open(FakeStream("target.test", 80, stream_id=3))
+        self.assertIn(("resolved", "target.test", 80, ("192.0.2.11",)), counting.checks)
+
+    def test_reload_forbids_cached_target(self):
+        """After set_policy, a target allowed before is refused by the new policy."""
+        dialer = self.dialer()
+        dialer.handle_open(FakeStream("192.0.2.9", 443))
+        dialer.handle_open(FakeStream("target.test", 80, stream_id=3))
+        dialer.set_policy(policy(forbidden=["192.0.2.9", "192.0.2.10"]))
+        literal, named = FakeStream("192.0.2.9", 443, stream_id=5), FakeStream("target.test", 80,
+                                                                               stream_id=7)
+        dialer.handle_open(literal)
+        dialer.handle_open(named)
+        self.assertEqual((literal.rejected, named.rejected), ([Reason.NOT_ALLOWED], [Reason.NOT_ALLOWED]))
+        self.assertEqual(len(self.dialed()), 2)
+
+    def test_policy_replaced_directly(self):
+        """Decisions belong to the policy object: assigning a new one drops them too."""
+        dialer = self.dialer()
+        dialer.handle_open(FakeStream("192.0.2.9", 443))
+        dialer.policy = policy(forbidden=["192.0.2.9"])
+        stream = FakeStream("192.0.2.9", 443, stream_id=3)
+        dialer.handle_open(stream)
+        self.assertEqual(stream.rejected, [Reason.NOT_ALLOWED])
+
+
 class DialTests(DialerTestMixin, SynchronousTestCase):
     """Resolving, dialling the checked addresses, and splicing the stream to the target."""
 
@@ -541,6 +603,28 @@ class DialTests(DialerTestMixin, SynchronousTestCase):
         self.assertEqual(stream.rejected, [Reason.TIMED_OUT])
         self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
         self.assertEqual(dialer.active, 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_literal_connect_timeout(self):
+        """A literal target that never answers: TIMED_OUT after connect_timeout, nothing left."""
+        dialer = self.dialer(connect_timeout=5.0)
+        stream = FakeStream("192.0.2.44", 80)
+        dialer.handle_open(stream)
+        self.assertEqual(self.dialed(), [("192.0.2.44", 80)])
+        self.reactor.advance(5)
+        self.assertEqual(stream.rejected, [Reason.TIMED_OUT])
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+        self.assertEqual(dialer.active, 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_literal_connected(self):
+        """A literal target is spliced once connected, as a resolved one is."""
+        dialer = self.dialer()
+        stream = FakeStream("192.0.2.44", 80)
+        dialer.handle_open(stream)
+        self.succeed_connect()
+        self.assertEqual(len(stream.accepted), 1)
+        dialer.stop()  # the idle sweep: what is left is the connect's timeout, if any
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_connect_timeout_tries_no_other_address(self):

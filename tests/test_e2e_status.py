@@ -350,3 +350,112 @@ class StatusBrowserTests(_StatusBase):
             print("\nstatus page browser test: %.1fs (launch %.1fs), screenshot %s, traffic %r -> %r"
                   % (seen["seconds"], seen["launch_seconds"], screenshot, seen["before"],
                      seen["during"]))
+
+
+def actions_session(url, socks_port, echo_port, gated_port, release, download_size):
+    """
+    Drive the status page's buttons in headless Chromium (runs in a thread):
+    close a stream, drain the client during a download through it (which
+    must complete), then disconnect the client once it is back.
+
+    @param release: called (from this thread) to let the download finish.
+    @return: a dict of what was seen, for the test to check.
+    """
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_e2e_tcp import recv_all
+
+    seen = {"dialogs": []}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(
+                http_credentials={"username": STATUS_USER, "password": STATUS_PASSWORD})
+            context.set_default_timeout(EXPECT_MS)
+            page = context.new_page()
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("console", lambda message: message.type == "error" and
+                    errors.append(message.text))
+
+            def accept(dialog):
+                seen["dialogs"].append(dialog.message)
+                dialog.accept()
+
+            page.on("dialog", accept)
+            page.goto(url)
+            clients = page.locator('#clients-body tr[data-client-id="client-1"]')
+            result = page.locator("#action-result")
+            expect(clients).to_have_count(1)
+
+            # Close one stream.
+            sock = socks_connect(socks_port, "127.0.0.1", echo_port)
+            try:
+                echo_through_socks(sock, 1024)
+                stream_row = page.locator("#streams-body tr[data-stream-id]")
+                expect(stream_row).to_have_count(1)
+                seen["stream_user"] = stream_row.locator("td.user").text_content()
+                seen["stream_id"] = stream_row.get_attribute("data-stream-id")
+                stream_row.locator('button[data-action="close"]').click()
+                expect(result).to_have_text("Stream %s closed." % (seen["stream_id"],))
+                expect(page.locator("#streams-body td.empty")).to_have_text("No open streams.")
+                sock.settimeout(10)
+                seen["closed_stream_rest"] = recv_all(sock)
+            finally:
+                sock.close()
+
+            # Drain the client while a download runs through it.
+            sock = socks_connect(socks_port, "127.0.0.1", gated_port)
+            try:
+                first = sock.recv(65536)
+                clients.locator('button[data-action="drain"]').click()
+                expect(result).to_have_text("Client client-1 draining.")
+                expect(page.locator('#clients-body tr.draining[data-client-id="client-1"]')
+                       ).to_have_count(1)
+                release()
+                sock.settimeout(20)
+                seen["downloaded"] = len(first) + len(recv_all(sock))
+            finally:
+                sock.close()
+
+            # The client comes back on a new tunnel: disconnect it.
+            expect(clients).to_have_count(1, timeout=EXPECT_MS)
+            expect(clients.locator('button[data-action="drain"]')).to_have_text("drain")
+            clients.locator('button[data-action="disconnect"]').click()
+            expect(result).to_have_text("Client client-1 disconnected.")
+            seen["errors"] = errors
+            context.close()
+        finally:
+            browser.close()
+    return seen
+
+
+class StatusActionsBrowserTests(_StatusBase):
+    """The status page's close, drain and disconnect buttons in headless Chromium."""
+
+    timeout = 120
+    skip = SKIP_WITHOUT_CHROMIUM
+
+    @defer.inlineCallbacks
+    def test_close_drain_disconnect(self):
+        """Each button calls the API; a drained client's download completes."""
+        from tests.test_management_api import gated_factory
+
+        first, rest = 256 * 1024, 4 * 1024 * 1024
+        target = gated_factory(first, rest)
+        gated_port = listen_tcp(self, target).getHost().port
+        pool = self.deployment.gateway.tunnel_pool
+        [original] = pool.tunnels()
+
+        def release():
+            reactor.callFromThread(target.release.callback, None)
+
+        seen = yield deferToThread(actions_session, self.url, self.deployment.socks_port,
+                                   self.echo_port, gated_port, release, first + rest)
+        self.assertEqual(seen["errors"], [])
+        self.assertEqual(seen["stream_user"], "alice")
+        self.assertEqual(seen["closed_stream_rest"], b"")
+        self.assertEqual(seen["downloaded"], first + rest)
+        self.assertEqual(len(seen["dialogs"]), 3)
+        self.assertNotIn(original, pool.tunnels())
+        self.assertEqual(self.deployment.gateway.user_endpoints.stream_table.streams, {})

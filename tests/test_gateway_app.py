@@ -62,7 +62,9 @@ class _GatewayBase(unittest.TestCase):
                           "http": {"listen_addr": "127.0.0.1:8080"}},
                 "gateway": {"listen_addr": "127.0.0.1:8443", "tls_cert": self.pki.cert_path,
                             "tls_key": self.pki.key_path, "auth_username": "tunnel",
-                            "auth_password": "tunnel-pw"}}
+                            "auth_password": "tunnel-pw",
+                            # Stop at once; the drain has its own tests (test_drain).
+                            "drain_timeout": 0}}
         data["gateway"].update(gateway)
         return data
 

@@ -539,6 +539,10 @@ class GoFormTwistdTests(unittest.TestCase):
                                        % self.ports["http"], "--max-time", "5", url)
             return out == blob(100000)
 
+        # The group login is valid once the client's tunnel is up: polling
+        # before would count failed logins, and the login throttle would
+        # block loopback after the fifth.
+        yield wait_until(lambda: "tunnel up" in gateway.text())
         yield wait_until(served)
         out, err, code = yield run_curl(
             "--socks5-hostname", "demo:demo-group-secret@127.0.0.1:%d" % self.ports["socks"],

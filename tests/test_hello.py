@@ -14,24 +14,32 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anyproxy import __version__
 from anyproxy.errors import HelloRefused
+from anyproxy.gateway.pac import Routes
 from anyproxy.tunnel import frames, hello
 from anyproxy.tunnel.hello import (
     MAX_GROUP_PASSWORD,
     MAX_ID_LENGTH,
     MAX_WEIGHT,
     MIN_WEIGHT,
+    MAX_FLEET_BYTES,
+    MAX_FLEET_NODES,
+    MAX_ROUTES,
+    MAX_ROUTES_BYTES,
     PROTOCOL_VERSION,
     BadPortRequest,
     ClientHello,
+    FleetNode,
     GatewayHello,
     PortAnswer,
     PortRequest,
     client_hello,
+    fleet_list,
     gateway_hello,
     parse_port_request,
     port_answer,
     read_client_hello,
     read_gateway_hello,
+    read_fleet,
     read_open_ports,
     read_port_request,
     refuse_all,
@@ -461,3 +469,135 @@ class GatewayHelloTests(SynchronousTestCase):
             self.assertIsInstance(answer, PortAnswer)
             self.assertIsInstance(answer.ok, bool)
             self.assertEqual(PortAnswer.from_json(answer.to_json()), answer)
+
+
+# -- the fleet list -------------------------------------------------------------------
+
+
+class FleetListTests(SynchronousTestCase):
+    """The gateway's C{node} and C{fleet} keys: built by L{fleet_list}, read by L{read_fleet}."""
+
+    def test_this_node_first(self):
+        """This node first, then the others by node id, without repeating this node."""
+        self.assertEqual(fleet_list("gw-b", "b.example:8443", [
+            ("gw-c", "c.example:8443"), ("gw-a", "[2001:db8::1]:8443"),
+            ("gw-b", "stale.example:1")]), [
+            {"node": "gw-b", "addr": "b.example:8443"},
+            {"node": "gw-a", "addr": "[2001:db8::1]:8443"},
+            {"node": "gw-c", "addr": "c.example:8443"}])
+
+    def test_bounded(self):
+        """At most MAX_FLEET_NODES entries and MAX_FLEET_BYTES of JSON; this node always."""
+        many = [("gw-%03d" % (n,), "gw-%03d.example:8443" % (n,)) for n in range(200)]
+        listed = fleet_list("self", "self.example:8443", many)
+        self.assertEqual(len(listed), MAX_FLEET_NODES)
+        self.assertEqual(listed[0]["node"], "self")
+        self.assertEqual(listed[1:], [{"node": node, "addr": addr}
+                                      for node, addr in many[:MAX_FLEET_NODES - 1]])
+        long_ids = [("n" * 120 + "%03d" % (n,), "h" * 200 + ":1") for n in range(60)]
+        self.assertLessEqual(len(json.dumps(fleet_list("self", "s:1", long_ids))),
+                             MAX_FLEET_BYTES + 2)
+
+    def test_hello(self):
+        """The HELLO carries node and fleet only with a fleet; the client reads both."""
+        entries = fleet_list("gw-a", "10.0.0.1:8443", [("gw-b", "gw-b.example:443")])
+        sent = gateway_hello(node="gw-a", fleet=entries)
+        self.assertEqual(sent["node"], "gw-a")
+        self.assertNotIn("fleet", gateway_hello())
+        self.assertNotIn("node", gateway_hello())
+        frame = frames.decode(frames.encode(frames.Hello(sent)))
+        read = read_gateway_hello(frame.info)
+        self.assertEqual(read.node, "gw-a")
+        self.assertEqual(read.fleet, (FleetNode("gw-a", "10.0.0.1", 8443),
+                                      FleetNode("gw-b", "gw-b.example", 443)))
+        self.assertEqual(read.fleet[1].key, ("gw-b.example", 443))
+        self.assertIsNone(read_gateway_hello(gateway_hello()).fleet)
+
+    def test_later_hello_without_fleet(self):
+        """A later HELLO about ports has no fleet list (None: nothing to change)."""
+        answer = port_answer(PortRequest(9001, "db", 5432), True)
+        read = read_gateway_hello(gateway_hello([answer], software=None))
+        self.assertEqual((read.node, read.fleet), (None, None))
+
+    def test_bad_entries_dropped(self):
+        """Entries without a usable node id or host:port, and repeated ids, are left out."""
+        self.assertEqual(read_fleet([
+            {"node": "ok", "addr": "h:1"}, {"node": "", "addr": "h:1"},
+            {"node": "x" * (MAX_ID_LENGTH + 1), "addr": "h:1"}, {"node": "a\n", "addr": "h:1"},
+            {"node": "b", "addr": "h"}, {"node": "c", "addr": "h:0"}, {"node": "d", "addr": 5},
+            {"node": "e", "addr": "a b:1"}, {"node": 7, "addr": "h:1"}, "x", None,
+            {"node": "ok", "addr": "other:2"}, {"node": "f", "addr": "[::1]:9"}]),
+            (FleetNode("ok", "h", 1), FleetNode("f", "::1", 9)))
+        self.assertIsNone(read_fleet({"node": "ok"}))
+        self.assertEqual(read_fleet([]), ())
+
+    def test_read_at_most(self):
+        """A list longer than MAX_FLEET_NODES is read up to it."""
+        entries = [{"node": "n%d" % (n,), "addr": "h:%d" % (n + 1,)} for n in range(100)]
+        self.assertEqual(len(read_fleet(entries)), MAX_FLEET_NODES)
+
+    @settings(deadline=None)
+    @given(st.lists(json_values | st.fixed_dictionaries(
+        {"node": mostly(names), "addr": mostly(st.sampled_from(
+            ["gw.example:8443", "[::1]:1", "10.0.0.1:65535", "x:0", ":1", "b\u00fccher.de:1"]))}),
+        max_size=6), mostly(names))
+    def test_read_never_raises(self, fleet, node):
+        """Any fleet value reads as FleetNodes that round-trip."""
+        read = read_gateway_hello({"version": 1, "node": node, "fleet": fleet})
+        self.assertTrue(read.node is None or isinstance(read.node, str))
+        for entry in read.fleet:
+            self.assertEqual(FleetNode.from_json(entry.to_json()), entry)
+
+
+# -- routes ---------------------------------------------------------------------
+
+
+class RoutesHelloTests(SynchronousTestCase):
+    """C{routes}: what a client can reach, announced in its HELLO (docs/ROUTES.md)."""
+
+    def test_sent_only_when_set(self):
+        """The key is sent only when the client has routes."""
+        self.assertNotIn("routes", client_hello("c1"))
+        self.assertEqual(client_hello("c1", routes=("*.corp.example", "10.1.0.0/16"))["routes"],
+                         ["*.corp.example", "10.1.0.0/16"])
+
+    def test_round_trip(self):
+        """Routes sent through a HELLO frame read back as the same routes."""
+        texts = ("*.corp.example", "db.lan", "10.1.0.0/16", "fd00::/8")
+        sent = client_hello("c1", routes=texts)
+        read = read_client_hello(frames.decode(frames.encode(frames.Hello(sent))).info)
+        self.assertEqual(read.routes, Routes.of(texts))
+
+    def test_absent_or_empty_serves_anything(self):
+        """An old client (no key) and an empty list both read as None: it serves anything."""
+        self.assertIsNone(read_client_hello(info()).routes)
+        self.assertIsNone(read_client_hello(info(routes=[])).routes)
+
+    def test_bad_routes_refused(self):
+        """A bad entry, a non-list or too much refuses the HELLO, naming what is wrong."""
+        self.assertEqual(refusal(self, info(routes=["10.0.0.0/8", "not a route"])),
+                         "HELLO routes[1]: 'not a route' is not a CIDR, a name or a "
+                         "*.domain pattern")
+        self.assertIn("routes[0]", refusal(self, info(routes=[7])))
+        self.assertIn("routes[0]", refusal(self, info(routes=["db\x00.lan"])))
+        self.assertIn("routes[0]: 'xxxxxxxxx", refusal(self, info(routes=["x" * 500])))
+        self.assertLessEqual(len(refusal(self, info(routes=["x" * 500])).encode()), 120)
+        self.assertEqual(refusal(self, info(routes="10.0.0.0/8")),
+                         "HELLO field 'routes' must be a list of strings")
+        too_many = ["10.%d.%d.0/24" % (i // 256, i % 256) for i in range(MAX_ROUTES + 1)]
+        self.assertIn("at most %d entries" % (MAX_ROUTES,), refusal(self, info(routes=too_many)))
+        self.assertIn("%d bytes" % (MAX_ROUTES_BYTES,),
+                      refusal(self, info(routes=["a%d.%s.example" % (i, "x" * 50)
+                                                 for i in range(200)])))
+
+    @settings(deadline=None, max_examples=200)
+    @given(st.lists(json_values, max_size=5))
+    def test_read_or_refused(self, value):
+        """Any JSON list is read into routes (or None) or refused with 4000."""
+        try:
+            read = read_client_hello(info(routes=value))
+        except HelloRefused as refused:
+            self.assertEqual(refused.code, frames.CLOSE_BAD_HELLO)
+            refused.reason.encode("utf-8")
+            return
+        self.assertTrue(read.routes is None or isinstance(read.routes, Routes))

@@ -125,7 +125,7 @@ class _PoolUser(_User):
         self.slots = []
         _User.__init__(self, testcase, **options)
 
-    def _endpoint_for(self, user, host, port):
+    def _endpoint_for(self, user, host, port, source=""):
         return _AdmittingStream(self.streams, self.slots, user, host, port)
 
 
@@ -336,7 +336,7 @@ class ReuseTests(SynchronousTestCase):
 
     def test_endpoint_for_raises(self):
         """An endpoint_for that raises is a 502 for that request, and the connection goes on."""
-        def broken(user, host, port):
+        def broken(user, host, port, source=""):
             raise RuntimeError("no endpoint")
         self.user.factory.endpoint_for = broken
         self.user.request(b"GET", b"http://example.com/")

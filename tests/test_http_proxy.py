@@ -134,7 +134,7 @@ class _User:
         self.protocol.makeConnection(self.transport)
         self.client = h11.Connection(h11.CLIENT)
 
-    def _endpoint_for(self, user, host, port):
+    def _endpoint_for(self, user, host, port, source=""):
         stream = _FakeStream(user, host, port)
         self.streams.append(stream)
         return stream
@@ -812,7 +812,7 @@ class CurlLoopbackTests(TestCase):
         self.ports.append(port)
         return port.getHost().port
 
-    def _endpoint_for(self, user, host, port):
+    def _endpoint_for(self, user, host, port, source=""):
         self.assertEqual(user.name, "alice")
         endpoint_class = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
         endpoint = endpoint_class(reactor, host, port, timeout=5)

@@ -817,7 +817,8 @@ class ProtocolErrorTests(SynchronousTestCase):
         mux.message_received(frames.encode(frames.Hello({"version": 1})))
         self.assertEqual(infos, [{"version": 1}])
         mux.send_hello({"version": 1, "software": "x"})
-        self.assertEqual(frames.decode(sent[0]), frames.Hello({"version": 1, "software": "x"}))
+        self.assertEqual(frames.decode(sent[0]), frames.Hello(
+            {"version": 1, "software": "x", frames.HELLO_DATAGRAMS: True}))  # the mux's own key
 
 
 class HalfCloseTests(SynchronousTestCase):

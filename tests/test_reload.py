@@ -295,7 +295,9 @@ class GatewayReconfigureTests(unittest.TestCase):
                                      "auth_username": "user", "auth_password": password}},
                 "gateway": {"listen_addr": "127.0.0.1:8443", "tls_cert": self.pki.cert_path,
                             "tls_key": self.pki.key_path, "auth_username": "tunnel",
-                            "auth_password": "tunnel-pw"}}
+                            "auth_password": "tunnel-pw",
+                            # Stop at once (no clock here); see test_drain.
+                            "drain_timeout": 0}}
         if http:
             data["proxy"]["http"] = {"listen_addr": "127.0.0.1:8080"}
         data["gateway"].update(gateway)

@@ -83,7 +83,7 @@ class Socks5ProtocolTests(SynchronousTestCase):
         self.endpoint = FakeEndpoint()
         self.asked = []
 
-        def endpoint_for(user, host, port):
+        def endpoint_for(user, host, port, source=""):
             self.asked.append((user, host, port))
             return self.endpoint
 
@@ -215,7 +215,7 @@ class Socks5ProtocolTests(SynchronousTestCase):
         """endpoint_for may refuse at once by raising StreamOpenError."""
         self.connect_user()
 
-        def refuse(user, host, port):
+        def refuse(user, host, port, source=""):
             raise StreamOpenError(Reason.NOT_ALLOWED, "forbidden host")
 
         self.protocol.factory.endpoint_for = refuse
@@ -460,7 +460,7 @@ class Socks5LoopbackTests(TestCase):
         target_port = reactor.listenTCP(0, target_factory, interface=target_interface)
         self.addCleanup(target_port.stopListening)
 
-        def endpoint_for(user, host, port):
+        def endpoint_for(user, host, port, source=""):
             return DirectEndpoint(host, port, tracker)
 
         factory = Socks5Factory(users, endpoint_for, reactor, handshake_timeout=10.0)
@@ -571,7 +571,7 @@ class HandshakeCapTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.endpoint = FakeEndpoint()
-        self.factory = Socks5Factory(UserDatabase(), lambda user, host, port: self.endpoint,
+        self.factory = Socks5Factory(UserDatabase(), lambda user, host, port, source="": self.endpoint,
                                      self.clock, handshake_timeout=5.0, max_handshakes=2)
 
     def connect(self):
@@ -631,7 +631,7 @@ class HandshakeCapLoopbackTests(TestCase):
 
     @inlineCallbacks
     def test_cap(self):
-        factory = Socks5Factory(UserDatabase(), lambda user, host, port: FakeEndpoint(),
+        factory = Socks5Factory(UserDatabase(), lambda user, host, port, source="": FakeEndpoint(),
                                 reactor, handshake_timeout=10.0, max_handshakes=2)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)

@@ -588,7 +588,7 @@ class UdpAssociateProtocolTests(SynchronousTestCase):
         self.endpoint = FakeUdpEndpoint()
         self.asked = []
 
-        def endpoint_for(user, host, port, kind="tcp"):
+        def endpoint_for(user, host, port, kind="tcp", source=""):
             self.asked.append((user, host, port, kind))
             return self.endpoint
 
@@ -678,7 +678,7 @@ class UdpAssociateProtocolTests(SynchronousTestCase):
         """endpoint_for refusing at once gives its REP code."""
         self.connect_user()
 
-        def refuse(user, host, port, kind="tcp"):
+        def refuse(user, host, port, kind="tcp", source=""):
             raise StreamOpenError(Reason.PROTOCOL_NOT_ALLOWED, "udp refused")
 
         self.protocol.factory.endpoint_for = refuse
@@ -815,7 +815,7 @@ class UdpAssociateLoopbackTests(TestCase):
     def start(self):
         self.endpoint = FakeUdpEndpoint(immediate=True, echo=True)
         factory = Socks5Factory(
-            UserDatabase(), lambda user, host, port, kind="tcp": self.endpoint, reactor
+            UserDatabase(), lambda user, host, port, kind="tcp", source="": self.endpoint, reactor
         )
         proxy_port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(proxy_port.stopListening)

@@ -5,14 +5,16 @@ L{open_and_splice} against a fake endpoint.
 """
 
 from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import StringTransport
 from twisted.python import failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.splice import SpliceEnd, open_and_splice, splice
+from anyproxy.splice import WRITE_NOW_BELOW, SpliceEnd, open_and_splice, splice, write_now
 
 
 # -- fakes ----------------------------------------------------------------------
@@ -489,3 +491,97 @@ class OpenAndSpliceTests(SynchronousTestCase):
         self.assertEqual(self.user.transport.calls, ["loseWriteConnection"])
         self.user.connectionLost(lost())
         self.assertEqual(target.transport.calls, ["loseConnection"])
+
+
+class _Collect(Protocol):
+    """Gathers what it receives; C{made} fires with itself once connected."""
+
+    def __init__(self):
+        self.received = b""
+        self.made = Deferred()
+        self.lost = Deferred()
+        self.got = None
+
+    def connectionMade(self):
+        self.made.callback(self)
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+    def dataReceived(self, data):
+        self.received += data
+        if self.got is not None and len(self.received) >= self.got[0]:
+            got, self.got = self.got[1], None
+            got.callback(self.received)
+
+    def wait_for(self, size):
+        """A Deferred firing once C{size} bytes have arrived."""
+        if len(self.received) >= size:
+            return succeed(self.received)
+        self.got = (size, Deferred())
+        return self.got[1]
+
+
+class WriteNowTests(TestCase):
+    """write_now sends at once on an idle plain TCP transport, and otherwise writes as usual."""
+
+    def test_other_transport(self):
+        """A transport that is not plain TCP gets an ordinary write."""
+        transport = StringTransport()
+        write_now(transport, b"hello")
+        self.assertEqual(transport.value(), b"hello")
+
+    @inlineCallbacks
+    def connected_pair(self):
+        server = _Collect()
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = _Collect()
+        reactor.connectTCP("127.0.0.1", port.getHost().port,
+                           ClientFactory.forProtocol(lambda: client))
+        yield client.made
+        yield server.made
+
+        def close():
+            client.transport.loseConnection()
+            server.transport.loseConnection()
+            return gatherResults([client.lost, server.lost])
+        self.addCleanup(close)
+        return client, server
+
+    @inlineCallbacks
+    def test_sent_at_once(self):
+        """On an idle TCP transport the bytes leave in the call: nothing is buffered."""
+        client, server = yield self.connected_pair()
+        write_now(client.transport, b"hello")
+        self.assertEqual((client.transport.dataBuffer, client.transport._tempDataLen), (b"", 0))
+        received = yield server.wait_for(5)
+        self.assertEqual(received, b"hello")
+
+    @inlineCallbacks
+    def test_keeps_order_behind_buffered(self):
+        """With bytes already buffered, write_now queues behind them."""
+        client, server = yield self.connected_pair()
+        client.transport.write(b"first ")
+        write_now(client.transport, b"second")
+        self.assertEqual(client.transport._tempDataBuffer, [b"first ", b"second"])
+        received = yield server.wait_for(12)
+        self.assertEqual(received, b"first second")
+
+    @inlineCallbacks
+    def test_not_after_close(self):
+        """After loseConnection it leaves the bytes to Twisted's own write."""
+        client, server = yield self.connected_pair()
+        client.transport.loseConnection()
+        write_now(client.transport, b"late")
+        self.assertEqual(client.transport._tempDataBuffer, [b"late"])
+
+    @inlineCallbacks
+    def test_bulk_goes_through_twisted(self):
+        """A write of WRITE_NOW_BELOW bytes or more is left to Twisted's buffer."""
+        client, server = yield self.connected_pair()
+        data = b"x" * WRITE_NOW_BELOW
+        write_now(client.transport, data)
+        self.assertEqual(client.transport._tempDataBuffer, [data])
+        received = yield server.wait_for(len(data))
+        self.assertEqual(received, data)

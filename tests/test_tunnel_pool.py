@@ -517,3 +517,28 @@ class SpreadTests(SynchronousTestCase):
         pool.remove(a)
         self.assertNotIn(a, pool._scores)
         self.assertEqual(picks(pool, 3), {"b": 3})
+
+
+class TargetWithoutRoutesTests(SynchronousTestCase):
+    """A target host changes nothing in a group whose clients announced no routes."""
+
+    def test_same_choices(self):
+        """With and without a host, the same tunnels in the same turn (round robin)."""
+        with_host = registry(tunnel("a"), tunnel("b"), balance="round_robin")
+        without = registry(tunnel("a"), tunnel("b"), balance="round_robin")
+        self.assertEqual([with_host.pick("default", "10.9.9.9").client_id for _ in range(4)],
+                         [without.pick("default").client_id for _ in range(4)])
+
+    def test_never_unroutable(self):
+        """No target is refused for routes in such a group, and nothing is retried."""
+        pool = registry(tunnel("a"))
+        self.assertFalse(pool.routes_nowhere("default", "anything.example"))
+        self.assertEqual(self.successResultOf(pool.wait_for("default", 0, "x.example")).client_id,
+                         "a")
+        self.assertEqual(pool._routed, {})
+
+    def test_avoid(self):
+        """A client to avoid is left out, as on a retry."""
+        pool = registry(tunnel("a"), tunnel("b"))
+        self.assertEqual({pool.pick("default", "h", avoid="a").client_id for _ in range(3)}, {"b"})
+        self.assertIsNone(registry(tunnel("a")).pick("default", avoid="a"))

@@ -11,14 +11,13 @@ import functools
 import ipaddress
 
 from twisted.internet import defer, error, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from anyproxy.client.udp import TargetAssociation, UdpStats, serves_udp
 from anyproxy.limits import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
-from anyproxy.connect_protocol import connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.limits import Limiter
 from anyproxy.logs import emits
@@ -68,16 +67,28 @@ class _Collector:
         self.done.callback(self.addresses)
 
 
+@functools.lru_cache(maxsize=1024)
+def literal_address(host):
+    """
+    C{host} as a normalised IP address string if it is an IP literal, else
+    C{None}.  Cached: parsing with L{ipaddress} was a few percent of the
+    client's CPU per stream, and targets repeat.
+    """
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return None
+
+
 def resolve(resolver, host, port):
     """
     A Deferred firing with the list of IP address strings C{host} resolves to.
 
     @param resolver: an C{IHostnameResolver} (normally C{reactor.nameResolver}).
     """
-    try:
-        return defer.succeed([str(ipaddress.ip_address(host.strip("[]")))])
-    except ValueError:
-        pass
+    address = literal_address(host)
+    if address is not None:
+        return defer.succeed([address])
     collector = _Collector()
     resolver.resolveHostName(collector, host, port)
 
@@ -87,6 +98,70 @@ def resolve(resolver, host, port):
         return addresses
 
     return collector.done.addCallback(check)
+
+
+def _acl_error(reason, addresses):
+    """The error of a refusal after DNS, carrying the addresses checked (for L{Dialer.refusal_log})."""
+    refused = StreamOpenError(reason, "forbidden by access control")
+    refused.addresses = tuple(addresses)
+    return refused
+
+
+class _TargetEnd(SpliceEnd):
+    """
+    The target's end of a splice, made by one connection attempt: fires
+    C{connected} once its connection is made.
+    """
+
+    def __init__(self, connected):
+        super().__init__()
+        self._connected = connected
+
+    def connectionMade(self):
+        connected, self._connected = self._connected, None
+        if connected is not None and not connected.called:
+            connected.callback(self)
+
+
+class _ConnectAttempt(ClientFactory):
+    """
+    One C{connectTCP} to a checked address, whose C{connected} Deferred fires
+    with the target's L{_TargetEnd} or fails as the connection does.
+    Cancelling it stops the attempt (and fails it with C{CancelledError}).
+
+    What C{TCP4ClientEndpoint} + C{connectProtocol} did, without their
+    wrapping factory and protocol: those cost a layer of calls on every
+    event of the target connection and several objects per stream.
+    """
+
+    noisy = False
+    _connector = None
+
+    def __init__(self, reactor, address, port, timeout):
+        self.connected = defer.Deferred(self._cancel)
+        self._end = _TargetEnd(self.connected)
+        self._connector = reactor.connectTCP(address, port, self, timeout=timeout)
+
+    def buildProtocol(self, addr):
+        return self._end
+
+    def clientConnectionFailed(self, connector, reason):
+        if not self.connected.called:
+            self.connected.errback(reason)
+
+    def _cancel(self, _):
+        connector, self._connector = self._connector, None
+        if connector is not None:
+            try:
+                connector.stopConnecting()
+            except error.NotConnectingError:
+                pass  # it has just connected or failed
+
+
+# Access control decisions kept per policy (Dialer._decide): a policy is a
+# pure function of (host, port, addresses), so a repeated target is checked
+# once.  Bounded: the table is dropped when it reaches this many entries.
+MAX_CACHED_DECISIONS = 4096
 
 
 class Dialer:
@@ -118,6 +193,9 @@ class Dialer:
     # a stream is closed between idle_timeout and 1.1 x idle_timeout.
     IDLE_SWEEP_FRACTION = 10
     acl_refusals = 0  # streams refused by access control (metrics)
+    # Told of each refusal (an anyproxy.client.status.refusals.RefusalLog,
+    # for the status page), or None.
+    refusal_log = None
 
     def __init__(self, policy, reactor, connect_timeout=10.0, max_streams=100, resolver=None,
                  idle_timeout=300.0, queue_size=DEFAULT_QUEUE_SIZE,
@@ -133,6 +211,8 @@ class Dialer:
         self._spliced = {}  # tcp stream joined to a target -> the target's address
         self._associations = set()  # udp streams
         self._sweeper = None
+        self._decisions = {}  # (host, port[, addresses]) -> Reason or None, for _decisions_for
+        self._decisions_for = None
 
     @property
     def max_streams(self):
@@ -183,13 +263,40 @@ class Dialer:
         if stream.kind != "tcp":
             stream.reject(Reason.PROTOCOL_NOT_ALLOWED, "only tcp streams are served")
             return
-        refused = self.policy.check_name(stream.host, stream.port, "tcp")
+        refused = self._decide(stream.host, stream.port)
         if refused is not None:
             self._refuse(stream, refused, "forbidden by access control")
             return
         self._when_admitted(stream, self._open_tcp)
 
+    def _decide(self, host, port, addresses=None):
+        """
+        The policy's C{check_name} (C{addresses} C{None}) or C{check_resolved}
+        answer for a TCP target, from the decisions kept for the policy in
+        force.
+        """
+        policy = self.policy
+        decisions = self._decisions
+        if self._decisions_for is not policy or len(decisions) >= MAX_CACHED_DECISIONS:
+            decisions.clear()
+            self._decisions_for = policy
+        key = (host, port) if addresses is None else (host, port, tuple(addresses))
+        try:
+            return decisions[key]
+        except KeyError:
+            pass
+        if addresses is None:
+            refused = policy.check_name(host, port, "tcp")
+        else:
+            refused = policy.check_resolved(host, port, "tcp", addresses)
+        decisions[key] = refused
+        return refused
+
     def _when_admitted(self, stream, proceed):
+        release = self.slots.try_acquire()
+        if release is not None:
+            proceed(stream, release)  # the usual case: no Deferred
+            return
         waiting = self.slots.acquire()
         if not waiting.called:
             log.debug("{kind} stream {sid} to {host}:{port} waits for a slot "
@@ -234,40 +341,45 @@ class Dialer:
 
     def _dial(self, stream):
         """A Deferred firing with C{(target, the policy it was checked against)}."""
-        d = resolve(self._resolver, stream.host, stream.port)
+        host, port = stream.host, stream.port
+        address = literal_address(host)
+        if address is not None:
+            # An IP literal: nothing to resolve, so no Deferred before the connect.
+            policy = self.policy
+            refused = self._decide(host, port, [address])
+            if refused is not None:
+                return defer.fail(_acl_error(refused, [address]))
+            d = self._connect_any([address], port).addCallback(lambda target: (target, policy))
+            d.addTimeout(self.connect_timeout, self._reactor)
+            return d
+        d = resolve(self._resolver, host, port)
 
         def checked(addresses):
             policy = self.policy
-            refused = policy.check_resolved(stream.host, stream.port, "tcp", addresses)
+            refused = self._decide(host, port, addresses)
             if refused is not None:
-                raise StreamOpenError(refused, "forbidden by access control")
-            return self._connect_any(addresses, stream.port).addCallback(
+                raise _acl_error(refused, addresses)
+            return self._connect_any(addresses, port).addCallback(
                 lambda target: (target, policy))
 
         d.addCallback(checked)
         d.addTimeout(self.connect_timeout, self._reactor)
         return d
 
-    @defer.inlineCallbacks
     def _connect_any(self, addresses, port):
-        # Try each checked address in turn; the last failure is the answer.
-        last = None
-        for address in addresses:
-            endpoint_class = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-            endpoint = endpoint_class(self._reactor, address, port, timeout=self.connect_timeout)
-            try:
-                target = yield connect_protocol(endpoint, SpliceEnd())
-            except defer.CancelledError:
-                raise
-            except error.ConnectingCancelledError:
-                # How an endpoint reports a cancelled connect: stop here (no
-                # next address) and fail as a cancel, so addTimeout says TIMED_OUT.
-                raise defer.CancelledError()
-            except Exception as e:
-                last = e
-                continue
-            return target
-        raise last
+        """
+        Connect to each checked address in turn until one answers; the last
+        failure is the answer.  Cancelling stops the attempt in progress and
+        tries no further address.
+        """
+        d = _ConnectAttempt(self._reactor, addresses[0], port, self.connect_timeout).connected
+        if len(addresses) > 1:
+            def next_address(failure):
+                if failure.check(defer.CancelledError):
+                    return failure
+                return self._connect_any(addresses[1:], port)
+            d.addErrback(next_address)
+        return d
 
     def _connected(self, stream, target, checked_with, release):
         if stream.closed:
@@ -281,7 +393,7 @@ class Dialer:
         if refused is not None:
             target.transport.loseConnection()
             release()
-            self._refuse(stream, refused, "forbidden by access control")
+            self._refuse(stream, refused, "forbidden by access control", [address])
             return
         end = SpliceEnd()
         end.on_close = lambda end, reason: self._stream_done(stream, release)
@@ -304,14 +416,18 @@ class Dialer:
         release()
         reason = reason_for_failure(failure)
         if reason is Reason.NOT_ALLOWED or reason is Reason.PROTOCOL_NOT_ALLOWED:
-            self._refuse(stream, reason, failure.getErrorMessage())
+            self._refuse(stream, reason, failure.getErrorMessage(),
+                         getattr(failure.value, "addresses", ()))
             return
         log.info("stream to {host}:{port} failed: {reason}", host=stream.host,
                  port=stream.port, reason=reason.name)
         stream.reject(reason, failure.getErrorMessage())
 
-    def _refuse(self, stream, reason, text):
+    def _refuse(self, stream, reason, text, addresses=()):
         self.acl_refusals += 1
+        if self.refusal_log is not None:
+            self.refusal_log.record(self.policy, stream.host, stream.port, stream.kind,
+                                    addresses)
         log.warn("refused {host}:{port} ({why})", host=stream.host, port=stream.port, why=text)
         stream.reject(reason, text)
 

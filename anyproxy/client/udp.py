@@ -42,6 +42,7 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 
 from anyproxy.access_policy import UDP, normalise_address, normalise_name
+from anyproxy.datagram_socket import direct_sender, refused_earlier
 
 log = Logger()
 
@@ -157,6 +158,7 @@ class TargetAssociation(Protocol):
         self._parent_stats = parent_stats
         self._on_close = on_close
         self._ports = {}  # IP version -> listening port
+        self._senders = {}  # IP version -> its port's direct_sender
         self._closing = []  # Deferreds of ports being stopped
         self._peers = collections.OrderedDict()  # IP string -> None (an ordered set)
         self._verdicts = {}  # (IP literal, port) -> (policy, IP to send to or None: refused, version)
@@ -232,6 +234,7 @@ class TargetAssociation(Protocol):
             if d is not None:
                 self._closing.append(d)
         self._ports.clear()
+        self._senders.clear()
         self._peers.clear()
         self._cache.clear()
         self._verdicts.clear()
@@ -340,19 +343,22 @@ class TargetAssociation(Protocol):
         """Send C{payload} to C{ip:port}, already checked; C{version} is C{ip}'s."""
         if self._closed:
             return
-        sock = self._socket(version)
-        if sock is None:
-            self._count("dropped_error")
-            return
+        sendto = self._senders.get(version)
+        if sendto is None:
+            sendto = self._socket(version)
+            if sendto is None:
+                self._count("dropped_error")
+                return
         try:
-            sock.write(payload, (ip, port))
+            sendto(payload, (ip, port))
         except (OSError, ValueError, error.MessageLengthError) as e:
-            # ENETUNREACH, EACCES (broadcast), EMSGSIZE...: this datagram is lost.
-            self._count("dropped_error")
-            if "send" not in self._logged:
-                self._logged.add("send")
-                log.info("udp: sending to {ip}:{port} failed: {why}", ip=ip, port=port, why=e)
-            return
+            if not refused_earlier(e):
+                # ENETUNREACH, EACCES (broadcast), EMSGSIZE...: this datagram is lost.
+                self._count("dropped_error")
+                if "send" not in self._logged:
+                    self._logged.add("send")
+                    log.info("udp: sending to {ip}:{port} failed: {why}", ip=ip, port=port, why=e)
+                return
         peers = self._peers
         if ip in peers:
             peers.move_to_end(ip)
@@ -360,27 +366,23 @@ class TargetAssociation(Protocol):
             if len(peers) >= MAX_PEERS:
                 peers.popitem(last=False)
             peers[ip] = None
-        self._counted_sent(len(payload))
-
-    # Counted with plain attributes (not through _count): these run once per
-    # datagram, for this association and the client's totals.
-    def _counted_sent(self, size):
-        for stats in (self.stats, self._parent_stats):
-            if stats is not None:
-                stats.sent += 1
-                stats.bytes_sent += size
-
-    def _counted_received(self, size):
-        for stats in (self.stats, self._parent_stats):
-            if stats is not None:
-                stats.received += 1
-                stats.bytes_received += size
+        # Counted with plain attributes (not through _count): this runs once
+        # per datagram, for this association and the client's totals.
+        size = len(payload)
+        stats = self.stats
+        stats.sent += 1
+        stats.bytes_sent += size
+        stats = self._parent_stats
+        if stats is not None:
+            stats.sent += 1
+            stats.bytes_sent += size
 
     def _socket(self, version):
-        """This association's socket for IP C{version}, bound on first use."""
-        port = self._ports.get(version)
-        if port is not None:
-            return port
+        """
+        Bind this association's socket for IP C{version}.
+
+        @return: its L{direct_sender}, or C{None} if it cannot be bound.
+        """
         try:
             port = self._reactor.listenUDP(0, _TargetSocket(self), interface=_INTERFACES[version],
                                            maxPacketSize=MAX_DATAGRAM)
@@ -397,7 +399,8 @@ class TargetAssociation(Protocol):
                 except OSError:
                     pass  # best effort: keep the kernel's size
         self._ports[version] = port
-        return port
+        sendto = self._senders[version] = direct_sender(port)
+        return sendto
 
     # -- replies ----------------------------------------------------------
 
@@ -411,7 +414,14 @@ class TargetAssociation(Protocol):
             return
         self._last_activity = self._clock.seconds()
         if self.transport.send_datagram(host, port, payload):
-            self._counted_received(len(payload))
+            size = len(payload)
+            stats = self.stats
+            stats.received += 1
+            stats.bytes_received += size
+            stats = self._parent_stats
+            if stats is not None:
+                stats.received += 1
+                stats.bytes_received += size
         else:
             self._count("dropped_error")  # tunnel congested or closing
 

@@ -15,6 +15,7 @@ keys, how keys combine).
 """
 
 import ipaddress
+import json
 import os
 import types
 import urllib.parse
@@ -22,22 +23,78 @@ import urllib.parse
 import attr
 
 from anyproxy.addresses import dial_address, port_range
-from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule
+from anyproxy.access_policy import PROTOCOLS, AccessPolicy, HostRule, LimitRule
+from anyproxy.auth import UserPolicy
+from anyproxy.client.egress import ProxyURL
+from anyproxy.client.gateway_endpoints import SRV_PREFIX
 from anyproxy.config.model import (
     BALANCE_POLICIES, CLIENT, GATEWAY, LOG_FORMATS, LOG_LEVELS, LOG_OUTPUTS,
     ClientConfig, ClientEntryConfig, Config, FleetConfig, FrontendConfig, GatewayConfig, ListenerConfig, LogConfig,
-    OpenPortConfig, ProxyConfig, SHARED_CERTIFICATE_CREDENTIAL, SHARED_CREDENTIAL, UserConfig)
+    OpenPortConfig, ProxyConfig, SHARED_CERTIFICATE_CREDENTIAL, SHARED_CREDENTIAL, ThrottleConfig,
+    UserConfig)
 from anyproxy.config import go_format
+from anyproxy.config.schema import default
 from anyproxy.config.yaml_reader import Node, Reader, read_yaml, type_name
 from anyproxy.frontends.lookup import (
     UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
 from anyproxy.interfaces import OptionError
-from anyproxy.tunnel.hello import MAX_GROUP_PASSWORD, MAX_WEIGHT, MIN_WEIGHT
+from anyproxy.passwords import check_hash_format
+from anyproxy.gateway.routing import Routes, route_texts
+from anyproxy.tunnel.hello import (
+    MAX_GROUP_PASSWORD, MAX_ROUTES, MAX_ROUTES_BYTES, MAX_WEIGHT, MIN_WEIGHT)
+
+
+def _checked_secret(node, key, secret):
+    """C{secret} (read from C{key}), failing if it looks like a hash but is not a valid one."""
+    try:
+        check_hash_format(secret)
+    except ValueError as e:
+        node.fail(key, e)  # the reason only: never the value
+    return secret
+
+
+def _credentials(node, user_key, password_key):
+    """C{node.credentials}, with the password checked if it is a hash."""
+    username, password = node.credentials(user_key, password_key)
+    return username, _checked_secret(node, password_key, password)
+
+
+def _passwords(entry, required):
+    """
+    C{(password, passwords)} of a C{gateway.users} or C{gateway.clients}
+    entry: one of them (C{passwords}: a list, for rotation), each a valid
+    hash or plain text.
+    """
+    password = _checked_secret(entry, "password", entry.string("password"))
+    passwords = []
+    for path, item in entry.items("passwords"):
+        if not isinstance(item, str) or not item:
+            entry.reader.fail(path, "expected a password or a hash, got %s" % (type_name(item),))
+        try:
+            check_hash_format(item)
+        except ValueError as e:
+            entry.reader.fail(path, e)
+        passwords.append(item)
+    if password and passwords:
+        entry.fail("passwords", "set password or passwords, not both")
+    if "passwords" in entry.data and not passwords:
+        entry.fail("passwords", "must not be empty")
+    if required and not (password or passwords):
+        entry.fail("password", "required (or passwords)")
+    return password, tuple(passwords)
+
+
+def _auth_throttle(node):
+    """C{gateway.auth_throttle}: failures (0 = off), window and block in seconds."""
+    throttle = node.child("auth_throttle", ThrottleConfig)
+    return ThrottleConfig(failures=throttle.integer("failures"),
+                          window=throttle.number("window", positive=True),
+                          block=throttle.number("block", positive=True))
 
 
 def _listener(node):
     raw, endpoint, local = node.listen("listen_addr")
-    username, password = node.credentials("auth_username", "auth_password")
+    username, password = _credentials(node, "auth_username", "auth_password")
     allow_anonymous = node.boolean("allow_anonymous")
     max_conns = node.integer("max_conns")
     users = _user_scope(node)
@@ -146,16 +203,17 @@ def _client_entries(node, shared_username, client_ca):
     entries, seen = [], set()
     for path, item in node.items("clients"):
         entry = Node.of(node.reader, path, item, ClientEntryConfig)
-        username, password = entry.string("username"), entry.string("password")
+        username = entry.string("username")
+        password, passwords = _passwords(entry, required=False)
         subject = entry.string("subject")
         if bool(username) == bool(subject):
             entry.fail("username", "set username/password, or subject (a client "
                                    "certificate's common name or DNS name), not both")
-        if username and not password:
-            entry.fail("password", "required with username")
-        if subject and password:
-            entry.fail("password", "a subject entry is proven by its certificate; "
-                                   "remove password")
+        if username and not (password or passwords):
+            entry.fail("password", "required with username (or passwords)")
+        if subject and (password or passwords):
+            entry.fail("passwords" if passwords else "password",
+                       "a subject entry is proven by its certificate; remove it")
         if username and username == shared_username:
             entry.fail("username", "%r is also gateway.auth_username" % (username,))
         if username in (SHARED_CREDENTIAL, SHARED_CERTIFICATE_CREDENTIAL) or \
@@ -169,7 +227,8 @@ def _client_entries(node, shared_username, client_ca):
         groups = _names(entry, "groups", "a group name")
         client_ids = _names(entry, "client_ids", "a client id pattern such as 'site-a*'")
         entries.append(ClientEntryConfig(
-            username=username, password=password, subject=subject, groups=groups,
+            username=username, password=password, passwords=passwords, subject=subject,
+            groups=groups,
             client_ids=client_ids, max_tunnels=entry.integer("max_tunnels", low=1)))
     if any(e.subject for e in entries) and client_ca is None:
         node.fail("clients", "an entry with subject needs client_ca (mutual TLS)")
@@ -183,7 +242,7 @@ def _metrics(node):
     as a proxy listener does.
     """
     addr, endpoint, local = node.listen("metrics_addr")
-    username, password = node.credentials("metrics_username", "metrics_password")
+    username, password = _credentials(node, "metrics_username", "metrics_password")
     allow_anonymous = node.boolean("metrics_allow_anonymous")
     if endpoint is not None and not (local or username or allow_anonymous):
         node.fail("metrics_addr", "%r is not loopback and has no credentials: set "
@@ -202,11 +261,55 @@ def _users(node):
             entry.fail("username", "required")
         if username in seen:
             entry.fail("username", "duplicate user %r" % (username,))
-        if not entry.string("password"):
-            entry.fail("password", "required")
+        password, passwords = _passwords(entry, required=True)
         seen.add(username)
-        users.append(UserConfig(username, entry.string("password"), entry.string("group")))
+        users.append(UserConfig(username=username, password=password, passwords=passwords,
+                                **_user_policy(entry)))
     return tuple(users)
+
+
+# The most a bandwidth cap may say: far above any link, and a float's
+# arithmetic on token counts stays exact below it.
+MAX_BANDWIDTH = 1 << 40
+
+
+def _user_policy(entry):
+    """
+    A C{gateway.users} entry's policy keys, with the L{UserPolicy} built
+    from them: C{group} or C{groups} (not both), C{allow} (C{limit}
+    entries), C{deny} (host rules), C{protocols}, C{max_streams},
+    C{bandwidth}.
+    """
+    group, groups = entry.string("group"), []
+    for path, item in entry.items("groups"):
+        if not isinstance(item, str) or not item.strip():
+            entry.reader.fail(path, "expected a group name, got %r" % (item,))
+        if item.strip() not in groups:
+            groups.append(item.strip())
+    if groups and entry.given("group"):
+        entry.fail("groups", "set group or groups, not both")
+    if groups:
+        group = groups[0] if groups[0] != "*" else group
+    protocols = []
+    for path, item in entry.items("protocols"):
+        if item not in PROTOCOLS:
+            entry.reader.fail(path, "expected tcp or udp, got %r" % (item,))
+        if item not in protocols:
+            protocols.append(item)
+    if entry.given("protocols") and not protocols:
+        entry.fail("protocols", "must not be empty (remove the user instead)")
+    allow, deny = _limit_rules(entry, "allow"), _host_rules(entry, "deny")
+    values = dict(
+        group=group, groups=tuple(groups), allow=allow, deny=deny,
+        protocols=tuple(protocols) or default(UserConfig, "protocols"),
+        max_streams=entry.integer("max_streams"),
+        bandwidth=entry.integer("bandwidth", high=MAX_BANDWIDTH))
+    access = AccessPolicy(forbidden=deny, allowed=allow) if allow or deny else None
+    values["policy"] = UserPolicy(groups=values["groups"] or (group,), access=access,
+                                  protocols=values["protocols"],
+                                  max_streams=values["max_streams"],
+                                  bandwidth=values["bandwidth"])
+    return values
 
 
 def _open_ports_interface(node):
@@ -263,7 +366,7 @@ def _gateway(node):
     if endpoint.startswith("ssl:"):
         node.fail("listen_addr", "the gateway adds TLS itself from tls_cert/tls_key; "
                                  "use host:port or a tcp: endpoint")
-    username, password = node.credentials("auth_username", "auth_password")
+    username, password = _credentials(node, "auth_username", "auth_password")
     client_ca = node.file("client_ca")
     clients = _client_entries(node, username, client_ca)
     if not username and client_ca is None and not clients:
@@ -277,7 +380,7 @@ def _gateway(node):
             node.reader.fail(path, e)
     metrics = _metrics(node)
     status_addr, status_endpoint, _ = node.listen("status_addr")
-    status_username, status_password = node.credentials("status_username", "status_password")
+    status_username, status_password = _credentials(node, "status_username", "status_password")
     if status_endpoint and not status_username:
         node.fail("status_username", "required when status_addr is set")
     return GatewayConfig(
@@ -298,10 +401,26 @@ def _gateway(node):
         **metrics,
         status_addr=status_addr, status_endpoint=status_endpoint,
         status_username=status_username, status_password=status_password,
-        fleet=_fleet(node), drain_timeout=node.number("drain_timeout"))
+        fleet=_fleet(node), drain_timeout=node.number("drain_timeout"),
+        access_log=_access_log(node), auth_throttle=_auth_throttle(node), **_pac(node))
+
+
+def _access_log(node):
+    """C{gateway.access_log}: an absolute path (its directory checked), or empty."""
+    path = node.string("access_log")
+    if not path:
+        return ""
+    path = os.path.normpath(os.path.join(node.reader.base_dir, os.path.expanduser(path)))
+    if node.check_files and node.reader.check_files:
+        _check_log_file(node, path, key="access_log")
+    return path
 
 
 def _gateway_addrs(node):
+    """
+    C{gateway_addr}: C{(addrs, srv_names)}, the C{host:port} entries and the
+    names of the C{srv:_service._tcp.example.com} ones.
+    """
     value = node.get("gateway_addr", (str, list), "'host:port' or a list of them")
     if isinstance(value, str):
         items = [(node.key("gateway_addr"), value)]
@@ -309,15 +428,43 @@ def _gateway_addrs(node):
         items = node.items("gateway_addr")
     if not items or not any(isinstance(v, str) and v.strip() for _, v in items):
         node.fail("gateway_addr", "required, e.g. 'gateway.example.com:8443'")
-    addrs = []
+    addrs, srv_names = [], []
     for path, item in items:
         if not isinstance(item, str):
             node.reader.fail(path, "expected a string 'host:port', got %s" % (type_name(item),))
+        if item.strip().lower().startswith(SRV_PREFIX):
+            name = item.strip()[len(SRV_PREFIX):].strip().rstrip(".")
+            if not name or any(c.isspace() or c in "/@:" for c in name):
+                node.reader.fail(path, "bad SRV name in %r (e.g. 'srv:_anyproxy._tcp.example.com')"
+                                 % (item,))
+            srv_names.append(name)
+            continue
         try:
             addrs.append(dial_address(item.strip()))
         except ValueError as e:
             node.reader.fail(path, e)
-    return tuple(addrs)
+    return tuple(addrs), tuple(srv_names)
+
+
+def _egress_proxy(node):
+    """C{client.egress_proxy}: a L{ProxyURL}, or C{None} (the environment's applies)."""
+    text = node.string("egress_proxy")
+    if not text:
+        return None
+    try:
+        return ProxyURL.parse(text)
+    except ValueError as e:  # its text never repeats the credentials
+        node.fail("egress_proxy", e)
+
+
+def _client_status(node):
+    """C{client.status_addr} and its login, required as the gateway's is."""
+    addr, endpoint, _ = node.listen("status_addr")
+    username, password = node.credentials("status_username", "status_password")
+    if endpoint is not None and not username:
+        node.fail("status_username", "required when status_addr is set")
+    return dict(status_addr=addr, status_endpoint=endpoint, status_username=username,
+                status_password=password)
 
 
 def _host_rules(node, key):
@@ -332,8 +479,15 @@ def _host_rules(node, key):
 
 
 def _policy(node, allow_udp):
-    forbidden, allowed = _host_rules(node, "forbidden_hosts"), []
-    for path, item in node.items("limit"):
+    return AccessPolicy(forbidden=_host_rules(node, "forbidden_hosts"),
+                        allowed=_limit_rules(node, "limit"), allow_udp=allow_udp,
+                        allowed_hosts=_host_rules(node, "allowed_hosts"))
+
+
+def _limit_rules(node, key):
+    """A list of C{limit} entries (a mapping, or a host rule's text: both protocols)."""
+    allowed = []
+    for path, item in node.items(key):
         if isinstance(item, str):
             item = {"addr": item}
         entry = Node.of(node.reader, path, item, LimitRule)
@@ -346,8 +500,7 @@ def _policy(node, allow_udp):
             entry.fail("addr", e)
         protocol = entry.choice("protocol", ("tcp", "udp", "both"))
         allowed.append(LimitRule(name, rule, protocol))
-    return AccessPolicy(forbidden=forbidden, allowed=tuple(allowed), allow_udp=allow_udp,
-                        allowed_hosts=_host_rules(node, "allowed_hosts"))
+    return tuple(allowed)
 
 
 def _open_ports(node):
@@ -377,6 +530,47 @@ def _group_password(node):
     return password
 
 
+def _route_list(node, key):
+    """A list of routes (CIDRs, names, C{*.domain}) at C{key}, as canonical texts."""
+    texts = []
+    for path, item in node.items(key):
+        if not isinstance(item, str):
+            node.reader.fail(path, "expected a string such as '10.1.0.0/16' or "
+                                   "'*.corp.example', got %s" % (type_name(item),))
+        try:
+            texts.extend(route_texts(Routes.of([item])))
+        except ValueError as e:
+            node.reader.fail(path, e)
+    return route_texts(Routes.of(texts))
+
+
+def _pac(node):
+    """C{pac_proxy_addr}, C{pac_proxy_type}, C{pac_extra_routes} (the status listener's profiles)."""
+    addr = node.string("pac_proxy_addr")
+    if addr:
+        try:
+            dial_address(addr)
+        except ValueError as e:
+            node.fail("pac_proxy_addr", "%s (host:port as browsers reach the proxy)" % (e,))
+    kind = node.choice("pac_proxy_type", ("", "http", "socks5")) if \
+        node.string("pac_proxy_type") else ""
+    return dict(pac_proxy_addr=addr, pac_proxy_type=kind,
+                pac_extra_routes=_route_list(node, "pac_extra_routes"))
+
+
+def _routes(node):
+    """
+    C{client.routes}: each entry a CIDR, a name or a C{*.domain} pattern
+    (as L{Routes.of} reads them), within the HELLO's bounds; the canonical
+    texts (L{route_texts}).
+    """
+    texts = _route_list(node, "routes")
+    if len(texts) > MAX_ROUTES or len(json.dumps(list(texts))) > MAX_ROUTES_BYTES:
+        node.fail("routes", "at most %d entries and %d bytes of JSON (the HELLO's bounds)"
+                  % (MAX_ROUTES, MAX_ROUTES_BYTES))
+    return texts
+
+
 def _client(node):
     username, password = node.credentials("auth_username", "auth_password")
     tls_cert, tls_key = node.file("tls_cert"), node.file("tls_key")
@@ -384,8 +578,10 @@ def _client(node):
         node.fail("tls_key" if tls_cert else "tls_cert", "set both tls_cert and tls_key, or neither")
     allow_udp = node.boolean("allow_udp")
     metrics = _metrics(node)
+    gateway_addrs, gateway_srv = _gateway_addrs(node)
     return ClientConfig(
-        gateway_addrs=_gateway_addrs(node),
+        gateway_addrs=gateway_addrs, gateway_srv=gateway_srv,
+        egress_proxy=_egress_proxy(node), **_client_status(node),
         gateway_tls_cert=node.file("gateway_tls_cert"),
         gateway_server_name=node.string("gateway_server_name"),
         client_id=node.string("client_id"),
@@ -407,7 +603,8 @@ def _client(node):
         reconnect_initial_delay=node.number("reconnect_initial_delay", positive=True),
         reconnect_max_delay=node.number("reconnect_max_delay", positive=True),
         weight=_weight(node),
-        gateways_per_client=node.integer("gateways_per_client", low=1, high=64))
+        gateways_per_client=node.integer("gateways_per_client", low=0, high=64),
+        routes=_routes(node))
 
 
 def _log(node):
@@ -434,7 +631,7 @@ def _log(node):
     return log
 
 
-def _check_log_file(node, path):
+def _check_log_file(node, path, key="file"):
     """
     Whether the log file can be written, and rotated beside itself: checked
     at load, so that a missing directory is one line, not a traceback when
@@ -442,15 +639,15 @@ def _check_log_file(node, path):
     """
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
-        node.fail("file", "directory not found: %s (relative paths are relative to %s)"
+        node.fail(key, "directory not found: %s (relative paths are relative to %s)"
                   % (directory, node.reader.relative_to))
     if not os.access(directory, os.W_OK | os.X_OK):
-        node.fail("file", "directory not writable: %s (the file and its rotated copies "
+        node.fail(key, "directory not writable: %s (the file and its rotated copies "
                           "are created there)" % (directory,))
     if os.path.isdir(path):
-        node.fail("file", "%s is a directory" % (path,))
+        node.fail(key, "%s is a directory" % (path,))
     if os.path.exists(path) and not os.access(path, os.W_OK):
-        node.fail("file", "not writable: %s" % (path,))
+        node.fail(key, "not writable: %s" % (path,))
 
 
 def _cross_check(node, proxy, gateway):

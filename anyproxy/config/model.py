@@ -144,8 +144,32 @@ class UserConfig:
     """One entry of C{gateway.users}."""
 
     username = setting()
+    # A hash (argon2id, bcrypt) or plain text; or, to roll a password,
+    # several in passwords (any of them logs in).  One of the two is set.
     password = setting(secret=True)
+    passwords = setting((), secret=True)
     group = setting(DEFAULT_GROUP)
+    # Per-user policy (anyproxy.auth.UserPolicy, docs/USERS.md).  groups:
+    # the groups it may reach, instead of group (the first is where a bare
+    # login goes; group then holds it); allow/deny: destination rules as in
+    # client.limit / client.forbidden_hosts, on the name at the gateway.
+    groups = setting(())
+    allow = setting(())  # LimitRule entries; empty: anything not denied
+    deny = setting(())  # HostRule entries
+    protocols = setting(("tcp", "udp"))
+    max_streams = setting(0)  # streams open at once; 0: max_conns_per_user applies
+    bandwidth = setting(0)  # bytes per second each way; 0 = unlimited
+    policy = derived(None, eq=False, repr=False)  # the UserPolicy the loader builds from the keys above
+
+    @property
+    def reachable_groups(self):
+        """The groups a C{user.group} login may name: C{groups}, or just C{group}."""
+        return self.groups or (self.group,)
+
+    @property
+    def secrets(self):
+        """Every valid password (hash or plain text) of this entry."""
+        return self.passwords or (self.password,)
 
 
 @attr.s(frozen=True, slots=True)
@@ -157,7 +181,8 @@ class ClientEntryConfig:
     """
 
     username = setting("")
-    password = setting("", secret=True)
+    password = setting("", secret=True)  # a hash or plain text
+    passwords = setting((), secret=True)  # rotation: several valid at once (instead of password)
     subject = setting("")
     groups = setting((DEFAULT_GROUP,))
     client_ids = setting(())
@@ -166,6 +191,26 @@ class ClientEntryConfig:
     @property
     def name(self):
         return self.username or "subject:" + self.subject
+
+    @property
+    def secrets(self):
+        """Every valid password of this entry; () for a subject entry."""
+        return self.passwords or ((self.password,) if self.password else ())
+
+
+@attr.s(frozen=True, slots=True)
+class ThrottleConfig:
+    """
+    C{gateway.auth_throttle}: the brute-force defence of every login the
+    gateway checks (L{anyproxy.login_throttle.LoginThrottle}).
+
+    @ivar failures: failed logins from one source address within C{window}
+        seconds that block it for C{block} seconds; 0 = off.
+    """
+
+    failures = setting(5)
+    window = setting(60.0)
+    block = setting(300.0)
 
 
 @attr.s(frozen=True, slots=True)
@@ -242,10 +287,18 @@ class GatewayConfig:
     listen_addr = setting("")
     metrics_endpoint = derived(None)  # from metrics_addr
     status_endpoint = derived(None)  # from status_addr
+    # /proxy.pac and /clash.yaml (anyproxy.gateway.status.profiles): the proxy
+    # they name (default: the HTTP listener, else SOCKS5) and routes sent
+    # through it beside those the clients announce.
+    pac_proxy_addr = setting("")
+    pac_proxy_type = setting("")  # "http" | "socks5"; empty: see above
+    pac_extra_routes = setting(())
     fleet = setting(None)  # FleetConfig, or None: one gateway on its own
     # Seconds open streams may finish after SIGTERM, once the gateway has
     # left the fleet, told its clients to go and stopped taking users.
     drain_timeout = setting(30.0)
+    access_log = setting("")  # one JSON line per user stream (anyproxy.gateway.access_log)
+    auth_throttle = setting(factory=ThrottleConfig)  # failed logins: delays, then blocks
 
     def users_for(self, listener):
         """
@@ -253,10 +306,12 @@ class GatewayConfig:
         listener's L{anyproxy.auth.UserDatabase}: its own user (group
         C{default}; as C{user.group}, the groups of C{auth_groups}) and the
         C{gateway.users} entries it takes (L{ListenerConfig.user_scope}; as
-        C{user.group}, the entry's own group).
+        C{user.group}, the entry's groups), these with their
+        L{anyproxy.auth.UserPolicy} as a fifth item.
         """
         entries = _listener_user(listener, self.auth_groups)
-        entries.extend((u.username, u.password, u.group, (u.group,)) for u in self.users
+        entries.extend((u.username, u.secrets, u.group, u.reachable_groups, u.policy)
+                       for u in self.users
                        if listener is None or listener.takes_user(u.username))
         return entries
 
@@ -278,7 +333,8 @@ class OpenPortConfig:
 @attr.s(frozen=True, slots=True)
 class ClientConfig:
     """
-    The client section.  C{gateway_addrs} is a tuple of C{(host, port)};
+    The client section.  C{gateway_addrs} is a tuple of C{(host, port)}
+    and C{gateway_srv} of SRV names (C{gateway_addr} entries C{srv:NAME});
     file paths are absolute or C{None} (C{gateway_tls_cert} C{None}: trust
     the platform's CA store).
     """
@@ -314,8 +370,24 @@ class ClientConfig:
     reconnect_max_delay = setting(60.0)
     weight = setting(1.0)
     # With a fleet (the gateway's HELLO lists its nodes): keep tunnels to
-    # this many distinct gateways, chosen by rendezvous hashing on client_id.
+    # this many distinct gateways, chosen by rendezvous hashing on client_id;
+    # 0 = ignore the list and stay on the configured addresses.
     gateways_per_client = setting(2)
+    # What this client can reach (HELLO "routes"; docs/ROUTES.md): canonical
+    # route texts (CIDRs, names, "*.domain"); () = anything.
+    routes = setting(())
+    # "srv:NAME" entries of gateway_addr: gateways taken from DNS SRV records
+    # (anyproxy.client.gateway_endpoints.SrvEndpoint).
+    gateway_srv = derived(())
+    # Dial the gateways through this HTTP CONNECT or SOCKS5 proxy (an
+    # anyproxy.client.egress.ProxyURL); None: the HTTPS_PROXY / ALL_PROXY /
+    # NO_PROXY environment applies.  Secret: the URL may hold a password.
+    egress_proxy = setting(None, secret=True)
+    # The client's own status page (anyproxy.client.status), with its login.
+    status_addr = setting("")
+    status_endpoint = derived(None)  # from status_addr
+    status_username = setting("")
+    status_password = setting("", secret=True)
 
     def server_name_for(self, host):
         """The TLS server name to verify when dialing gateway C{host}."""

@@ -75,6 +75,12 @@ class IFleetRegistry(Interface):
     def add_observer(callback):
         """Call C{callback()} whenever the view of other nodes changes."""
 
+    def remove_observer(callback):
+        """Stop calling C{callback} (harmless if it is not registered)."""
+
+    def login_verifier(password):
+        """The salted verifier of a group password, to publish in this node's record."""
+
     def check_group_login(group, password):
         """Whether C{password} is a valid group login for C{group} on any
         other node (the local pool checks its own tunnels first)."""
@@ -84,8 +90,16 @@ class IFleetRegistry(Interface):
         Claim forwarded port C{port} for C{owner} (a client id) fleet-wide:
         a Deferred firing with C{True} if this node now holds it, C{False}
         if another node does.  Held while this node is alive; released by
-        L{release_port} or by the node's expiry.
+        L{release_port} or by the node's expiry.  Fails (C{RegistryUnavailable})
+        while the store cannot be reached: no claim can be decided then.
         """
 
     def release_port(port, owner):
         """Give back a port claimed by L{claim_port}; a Deferred."""
+
+    def port_holder(port):
+        """
+        Who holds forwarded port C{port} fleet-wide now: a Deferred firing
+        with C{(node_id, owner)}, or C{None} if nobody does (to name the
+        holder when L{claim_port} answers C{False}).
+        """

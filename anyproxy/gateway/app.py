@@ -36,14 +36,20 @@ import functools
 import attr
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from anyproxy.auth import GroupLogins
+from anyproxy.auth import GroupLogins, Logins
+from anyproxy.bandwidth import BandwidthLimits
+from anyproxy.errors import StreamOpenError
+from anyproxy.gateway.drain import Drain
 from anyproxy.gateway.frontend_listeners import Frontends
 from anyproxy.gateway.port_forwarding.forwarder import PortForwarding
 from anyproxy.gateway.port_forwarding.forwarder import log_policy as log_port_policy
 from anyproxy.gateway.reconfigure import reconfigure_all, relisten, restart_note
 from anyproxy.gateway.status.api import status_site
+from anyproxy.gateway.status.management import Management
+from anyproxy.gateway.stream_table import StreamTable
 from anyproxy.gateway.tunnel_pool import TunnelPool
 from anyproxy.gateway.tunnel_server import TunnelServer
 from anyproxy.interfaces import IReconfigurable, ITunnelPool
@@ -51,6 +57,8 @@ from anyproxy.limits import Limiter, acquire_all
 from anyproxy.listeners import Listener
 from anyproxy.metrics import GatewayMetrics, metrics_site
 from anyproxy.tunnel.endpoint import TunnelEndpoint
+
+log = Logger()
 
 
 def _provides(interface):
@@ -80,17 +88,26 @@ class Limits:
     user waiting on their own limit never holds a slot of the listener that
     others need.
 
+    A C{gateway.users} entry's C{max_streams} takes the place of
+    C{max_conns_per_user} for that user, and answers the same way: a stream
+    beyond it waits in the same bounded queue, then fails OVERLOADED (SOCKS5
+    0x01, HTTP 503), as a limit the user may soon be under again (a quota of
+    open streams, not a ban).
+
     A reload configures the limiters in place (streams holding a slot keep
-    it), adds those of new listeners and drops those of removed ones: the
-    connections a removed listener leaves open are limited per user only.
+    it), adds those of new listeners and users and drops those of removed
+    ones: the connections a removed listener leaves open are limited per
+    user only.
 
     @ivar per_user: the L{Limiter} of C{max_conns_per_user}, by user name.
     @ivar per_listener: C{{listener name: Limiter}} of each C{max_conns}.
+    @ivar user_caps: C{{user name: Limiter}} of each C{max_streams}.
     """
 
     _reactor = attr.ib()
     per_user = attr.ib()
     per_listener = attr.ib(factory=dict)
+    user_caps = attr.ib(factory=dict)
 
     @classmethod
     def from_config(cls, config, reactor):
@@ -98,6 +115,7 @@ class Limits:
         limits = cls(reactor, Limiter(reactor, gateway.max_conns_per_user, gateway.queue_size,
                                       gateway.queue_timeout, what="max_conns_per_user"))
         limits._set_listeners(config)
+        limits._set_user_caps(config)
         return limits
 
     def admit(self, user_name, listener):
@@ -109,7 +127,8 @@ class Limits:
         # told apart, so max_conns_per_user does not count them: sharing one
         # key they would all fit in one user's allowance.  Their listener's
         # max_conns bounds them (etc/gateway.yaml).
-        requests = [(self.per_user, user_name)] if user_name else []
+        requests = ([(self.user_caps.get(user_name, self.per_user), user_name)]
+                    if user_name else [])
         limiter = self.per_listener.get(listener)
         if limiter is not None:
             requests.append((limiter, None))
@@ -124,9 +143,24 @@ class Limits:
                                     queue_size=gateway.queue_size,
                                     queue_timeout=gateway.queue_timeout)
             self._set_listeners(config)
+            self._set_user_caps(config)
             return _applied()
 
         return apply
+
+    def _set_user_caps(self, config):
+        gateway = config.gateway
+        queue = dict(queue_size=gateway.queue_size, queue_timeout=gateway.queue_timeout)
+        wanted = {user.username: user.max_streams for user in gateway.users if user.max_streams}
+        for name in [each for each in self.user_caps if each not in wanted]:
+            del self.user_caps[name]
+        for name, max_streams in wanted.items():
+            limiter = self.user_caps.get(name)
+            if limiter is None:
+                self.user_caps[name] = Limiter(self._reactor, max_streams,
+                                               what="max_streams of user %s" % (name,), **queue)
+            else:
+                limiter.configure(limit=max_streams, **queue)
 
     def _set_listeners(self, config):
         gateway = config.gateway
@@ -143,6 +177,10 @@ class Limits:
                 limiter.configure(limit=max_conns, **queue)
 
 
+def _filter_datagrams(policy, stream):
+    stream.filter_datagrams(policy.admits_datagram)
+
+
 @implementer(IReconfigurable)
 @attr.s(eq=False)
 class UserEndpoints:
@@ -152,6 +190,15 @@ class UserEndpoints:
     the pool for a tunnel of the user's group, takes its slots from the
     L{Limits}, and is counted by the metrics.  L{endpoint_for} is what each
     L{anyproxy.interfaces.FrontendContext} carries.
+
+    A user of C{gateway.users} carries its L{anyproxy.auth.UserPolicy}
+    (L{anyproxy.auth.User.policy}): its groups, destination rules and
+    protocols are checked here, before any stream opens, and a refusal is
+    the error table's NOT_ALLOWED (SOCKS5 0x02, HTTP 403); its
+    C{max_streams} is in the L{Limits} and its C{bandwidth} in
+    L{anyproxy.bandwidth.BandwidthLimits}.  A reload applies to new streams
+    at once, and closes the open streams of a user it removes or whose new
+    rules refuse their target (L{revoke}).
     """
 
     tunnel_pool = attr.ib(validator=_provides(ITunnelPool))
@@ -159,23 +206,97 @@ class UserEndpoints:
     _limits = attr.ib()
     _metrics = attr.ib()
     no_tunnel_wait = attr.ib()
+    # The open streams (management API) and the access log:
+    # anyproxy.gateway.stream_table.
+    stream_table = attr.ib(default=None)
+    bandwidth = attr.ib(default=None)  # BandwidthLimits; None: made at once
+    # user name -> UserPolicy of each gateway.users entry (the config's)
+    _policies = attr.ib(factory=dict)
 
-    def endpoint_for(self, user, host, port, kind="tcp", frontend=None):
-        """See L{anyproxy.interfaces.FrontendContext}; C{frontend} names the listener."""
+    def __attrs_post_init__(self):
+        if self.bandwidth is None:
+            self.bandwidth = BandwidthLimits(self._reactor)
+
+    @classmethod
+    def from_config(cls, config, tunnel_pool, reactor, limits, metrics, stream_table=None):
+        """The user endpoints of a loaded config (its users' policies and caps)."""
+        endpoints = cls(tunnel_pool, reactor, limits, metrics, config.gateway.no_tunnel_wait,
+                        stream_table=stream_table)
+        endpoints._set_users(config.gateway.users)
+        return endpoints
+
+    def endpoint_for(self, user, host, port, kind="tcp", frontend=None, source=""):
+        """
+        See L{anyproxy.interfaces.FrontendContext}; C{frontend} names the
+        listener, C{source} is the user's address (C{host:port}).
+
+        @raise StreamOpenError: NOT_ALLOWED or PROTOCOL_NOT_ALLOWED when the
+            user's policy refuses the stream (the frontends answer it as
+            they answer a failed open).
+        """
+        policy, shape = user.policy, None
+        if policy is not None:
+            refusal = policy.refusal(user.group, host, port, kind)
+            if refusal is not None:
+                raise StreamOpenError(*refusal)
+            if policy.bandwidth and kind == "tcp":
+                shape = functools.partial(self.bandwidth.shape, user.name)
+            elif kind == "udp" and policy.access is not None:
+                # An association names no target: each datagram's is checked.
+                shape = functools.partial(_filter_datagrams, policy)
         return TunnelEndpoint(self.tunnel_pool, self._reactor, user.group, host, port, kind=kind,
                               wait=self.no_tunnel_wait,
                               admit=functools.partial(self._limits.admit, user.name, frontend),
-                              frontend=frontend, metrics=self._metrics, user=user.name)
+                              frontend=frontend, metrics=self._metrics, user=user.name,
+                              source=source, streams=self.stream_table, policy=policy,
+                              shape=shape)
 
     def prepare(self, config):
-        """See L{anyproxy.interfaces.IReconfigurable}: C{no_tunnel_wait}."""
+        """
+        See L{anyproxy.interfaces.IReconfigurable}: C{no_tunnel_wait}, the
+        users' policies and bandwidth caps, and the stream table's
+        C{access_log}.
+        """
         wait = config.gateway.no_tunnel_wait
+        users = config.gateway.users
+        table_apply = self.stream_table.prepare(config) if self.stream_table else _applied
 
         def apply():
             self.no_tunnel_wait = wait
-            return _applied()
+            self._set_users(users)
+            self.revoke()
+            return table_apply()
 
         return apply
+
+    def _set_users(self, users):
+        self._policies = {user.username: user.policy for user in users}
+        self.bandwidth.configure({user.username: user.bandwidth for user in users})
+
+    def revoke(self):
+        """
+        Close the open streams the users' policies no longer allow: those of
+        a C{gateway.users} entry that is gone, or whose rules now refuse the
+        stream's group, protocol or target (RESET to the client, the user's
+        connection closed; the access log says C{kicked}).
+
+        @return: how many were closed.
+        """
+        if self.stream_table is None:
+            return 0
+        closed = 0
+        for stream_id, entry in self.stream_table.streams.items():
+            endpoint = entry.endpoint
+            if getattr(endpoint, "policy", None) is None:
+                continue  # not a gateway.users entry's: no policy to revoke
+            policy = self._policies.get(endpoint.user)
+            if policy is None or policy.refusal(endpoint.group, endpoint.host, endpoint.port,
+                                                endpoint.kind) is not None:
+                log.info("user {user!r}: revoked by the reload, closing its stream to {target}",
+                         event="stream_revoked", user=endpoint.user,
+                         target="%s:%s" % (endpoint.host, endpoint.port))
+                closed += self.stream_table.kick(stream_id)
+        return closed
 
 
 @implementer(IReconfigurable)
@@ -279,6 +400,8 @@ class Gateway(MultiService):
     @ivar metrics_page: the metrics listener's L{OperatorPage}.
     @ivar group_logins: the L{anyproxy.auth.GroupLogins} the tunnel server
         fills (C{group_password} in a HELLO) and the frontends' users check.
+    @ivar draining: the L{anyproxy.gateway.drain.Drain} once a drain has
+        begun, else C{None}.
     """
 
     reactor = attr.ib()
@@ -293,6 +416,12 @@ class Gateway(MultiService):
     metrics = attr.ib()
     metrics_page = attr.ib()
     group_logins = attr.ib()
+    fleet = attr.ib(default=None)  # the anyproxy.fleet.node.FleetNode, with gateway.fleet
+    draining = attr.ib(default=None, init=False)
+    # The management API's actions (anyproxy.gateway.status.management).
+    management = attr.ib(default=None)
+    # anyproxy.auth.Logins: password checks and the login throttle of every listener.
+    logins = attr.ib(default=None)
 
     def __attrs_post_init__(self):
         MultiService.__init__(self)
@@ -302,12 +431,18 @@ class Gateway(MultiService):
             part.setServiceParent(self)
 
     def _listening_parts(self):
-        return [self.tunnel_server, self.frontends, self.status_page, self.metrics_page]
+        # The fleet node last: it registers once the rest can serve, and
+        # leaves the fleet first when the gateway stops.
+        fleet = [self.fleet] if self.fleet is not None else []
+        return [self.tunnel_server, self.frontends, self.status_page, self.metrics_page] + fleet
 
     def parts(self):
         """The L{anyproxy.interfaces.IReconfigurable} parts, in the order a reload applies them."""
-        return [self.tunnel_pool, self.limits, self.user_endpoints, self.tunnel_server,
-                self.port_forwarding, self.frontends, self.status_page, self.metrics_page]
+        fleet = [self.fleet] if self.fleet is not None else []
+        logins = [self.logins] if self.logins is not None else []
+        return logins + [self.tunnel_pool, self.limits, self.user_endpoints, self.tunnel_server,
+                         self.port_forwarding, self.frontends, self.status_page,
+                         self.metrics_page] + fleet
 
     @property
     def listeners(self):
@@ -333,44 +468,150 @@ class Gateway(MultiService):
         self.config = config
         return applied
 
+    @property
+    def in_fleet(self):
+        """Whether this gateway is a node of a fleet (C{gateway.fleet})."""
+        return self.fleet is not None
+
+    def leave_fleet(self):
+        """
+        Leave the fleet, if in one: the registry
+        (L{anyproxy.fleet.interfaces.IFleetRegistry}) deregisters this node
+        (its record, group entries and port claims deleted, the change
+        published), so peers stop relaying to it and clients stop attaching
+        to it.  The fleet node's own stop, later, finds it done.
+
+        @return: a Deferred firing once done; at once without a fleet.
+        """
+        if self.fleet is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(self.fleet.registry.stop)
+
+    def stop_accepting(self):
+        """
+        Stop taking users and tunnels: the proxy listeners and the tunnel
+        listener close (a balancer's next connect is refused and tried on
+        another server); connections already accepted go on.  The status
+        and metrics pages stay up to watch the drain.
+
+        @return: a Deferred firing once the listeners are closed.
+        """
+        return defer.gatherResults([
+            self.frontends.stop_accepting(),
+            defer.maybeDeferred(self.tunnel_server.listener.stopService),
+        ]).addCallback(lambda _: None)
+
+    def drain(self, timeout, clock=None):
+        """
+        Drain the gateway (L{anyproxy.gateway.drain}): leave the fleet, stop
+        accepting, send GOAWAY on every tunnel and let open streams finish
+        for up to C{timeout} seconds.  Only the first call starts it.
+
+        @param clock: the C{IReactorTime} for its deadline (the reactor by
+            default).
+        @return: a Deferred firing with the drain's outcome when it ends.
+        """
+        if self.draining is None:
+            self.draining = Drain(self, clock if clock is not None else self.reactor, timeout)
+            return self.draining.start()
+        return self.draining.when_ended()
+
+    def cut_drain(self):
+        """End a drain in progress now (a second SIGTERM or SIGINT); nothing otherwise."""
+        if self.draining is not None:
+            self.draining.cut()
+
     def stopService(self):
-        # The parts stop their listeners; the tunnel server then closes every
-        # tunnel (GOAWAY first), and forwarded ports are released.
+        # With gateway.drain_timeout, open streams may finish first
+        # (anyproxy.gateway.drain).  Then the parts stop their listeners; the
+        # tunnel server closes every tunnel (GOAWAY first), and forwarded
+        # ports are released.
+        timeout = self.config.gateway.drain_timeout
+        if self.running and timeout > 0:
+            drained = self.drain(timeout).addCallback(self._listeners_closed)
+        else:
+            drained = defer.succeed(None)
+        return drained.addCallback(lambda _: self._stop_parts())
+
+    def _listeners_closed(self, _):
+        # The drain stopped them; their sockets' closing is waited for here,
+        # since the parts' own stop finds them stopped already.
+        closed = self.draining.listeners_closed
+        return closed if closed is not None else None
+
+    def _stop_parts(self):
         stopped = defer.maybeDeferred(super().stopService)
         released = self.port_forwarding.stop()
+        stopped.addBoth(self._close_stream_table)
         return stopped.addCallback(lambda result: released.addCallback(lambda _: result))
 
+    def _close_stream_table(self, result):
+        # Last: the streams the tunnels' close reset are in the access log.
+        if self.user_endpoints.stream_table is not None:
+            self.user_endpoints.stream_table.close()
+        return result
 
-def make_gateway_service(config, reactor):
-    """The L{Gateway} for a validated L{anyproxy.config.model.Config}, not started."""
+
+def make_gateway_service(config, reactor, make_fleet_registry=None):
+    """
+    The L{Gateway} for a validated L{anyproxy.config.model.Config}, not started.
+
+    @param make_fleet_registry: with C{gateway.fleet}, C{make(node)} -> the
+        node's L{anyproxy.fleet.interfaces.IFleetRegistry}; C{None} for the
+        Redis one (see L{anyproxy.fleet.node.FleetNode.from_config}).
+    """
     gateway = config.require_gateway()
     tunnel_pool = TunnelPool(reactor, balance=gateway.balance)
     # Prometheus metrics (anyproxy.metrics): always counted, served at metrics_addr.
     metrics = GatewayMetrics(tunnel_pool, reactor)
+    fleet = None
+    if gateway.fleet is not None:
+        # A fleet (anyproxy.fleet): the other parts use its pool, which relays
+        # to other gateways when this one holds no tunnel of a group.
+        from anyproxy.fleet.node import FleetNode
+        fleet = FleetNode.from_config(config, reactor, tunnel_pool, metrics.registry,
+                                      make_registry=make_fleet_registry)
+        tunnel_pool = fleet.tunnel_pool
+    # Every configured password is checked through one Logins: hashes in its
+    # thread pool, good pairs remembered, failures counted per source address
+    # (gateway.auth_throttle) on the proxies, the tunnel port and the operator pages.
+    logins = Logins.from_config(config, reactor)
+    metrics.logins = logins
     # group_id:group_password logins, valid while such a client is connected.
     group_logins = GroupLogins()
+    if fleet is not None:
+        fleet.share_group_logins(group_logins)  # valid on every gateway of the fleet
     # client.open_ports (docs/PORT_FORWARDING.md): on gateway.open_ports_interface,
     # loopback unless the config opts in to another.
     port_forwarding = PortForwarding(reactor, gateway.port_allowed,
                                      interface=gateway.open_ports_interface)
+    if fleet is not None:
+        fleet.share_forwarded_ports(port_forwarding)  # a port is claimed fleet-wide first
     log_port_policy(config)
     limits = Limits.from_config(config, reactor)
-    user_endpoints = UserEndpoints(tunnel_pool, reactor, limits, metrics, gateway.no_tunnel_wait)
+    stream_table = StreamTable.from_config(
+        config, reactor, node=(gateway.fleet.node_id or None) if gateway.fleet is not None else None)
+    user_endpoints = UserEndpoints.from_config(config, tunnel_pool, reactor, limits, metrics,
+                                               stream_table=stream_table)
     tunnel_server = TunnelServer.from_config(gateway, reactor, tunnel_pool,
                                              group_logins=group_logins,
-                                             port_forwarding=port_forwarding)
+                                             port_forwarding=port_forwarding, logins=logins)
+    if fleet is not None:
+        fleet.tunnel_listener = tunnel_server.listener  # the tunnel address it publishes
+        fleet.tunnel_server = tunnel_server  # its HELLO lists the fleet
     frontends = Frontends.from_config(config, reactor, user_endpoints.endpoint_for,
-                                      group_logins, metrics)
+                                      group_logins, metrics, logins=logins)
     # Listeners rebuilt by a reload are what metrics report.
     metrics.frontend_factories = frontends.factories
-    # The status page (anyproxy.gateway.status.api): clients and totals, behind
-    # Basic auth.  Each request's head must arrive within handshake_timeout
-    # (anyproxy.operator_site).
+    # The status page and management API (anyproxy.gateway.status): clients,
+    # totals, streams, behind Basic auth.  Each request's head must arrive
+    # within handshake_timeout (anyproxy.operator_site).
+    management = Management(reactor, tunnel_pool, stream_table)
     status_page = OperatorPage.from_config(
         gateway, reactor, "status page", "status_addr", _status_settings,
         lambda username, password: status_site(
             tunnel_pool, username, password, reactor=reactor,
-            request_timeout=gateway.handshake_timeout))
+            request_timeout=gateway.handshake_timeout, management=management))
     # Basic auth when metrics_username is set (required off loopback, unless
     # metrics_allow_anonymous).
     metrics_page = OperatorPage.from_config(
@@ -378,7 +619,13 @@ def make_gateway_service(config, reactor):
         lambda username, password: metrics_site(
             metrics.registry, reactor, username, password,
             request_timeout=gateway.handshake_timeout))
-    return Gateway(reactor=reactor, config=config, tunnel_pool=tunnel_pool, limits=limits,
-                   user_endpoints=user_endpoints, port_forwarding=port_forwarding,
-                   tunnel_server=tunnel_server, frontends=frontends, status_page=status_page,
-                   metrics=metrics, metrics_page=metrics_page, group_logins=group_logins)
+    service = Gateway(reactor=reactor, config=config, tunnel_pool=tunnel_pool, limits=limits,
+                      user_endpoints=user_endpoints, port_forwarding=port_forwarding,
+                      tunnel_server=tunnel_server, frontends=frontends, status_page=status_page,
+                      metrics=metrics, metrics_page=metrics_page, group_logins=group_logins,
+                      fleet=fleet, management=management, logins=logins)
+    for page in (status_page, metrics_page):
+        if page.site is not None:
+            page.site.use_logins(logins)
+    management.gateway = service  # drain, reload, config: the whole gateway
+    return service

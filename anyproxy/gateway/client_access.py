@@ -21,20 +21,27 @@ Where a grant comes from:
     password too when one is configured).  It serves C{gateway.auth_groups},
     by default only the group C{default}.
 
-Passwords are compared in constant time, and an unknown name costs the same
-comparison as a known one.
+A password entry holds one secret or several (C{passwords}: rotation, any
+of them is valid), each an argon2id or bcrypt hash or plain text
+(L{anyproxy.passwords}).  Plain text is compared in constant time; a hash
+is checked in the gateway's L{anyproxy.passwords.PasswordChecker} (its
+thread pool, good pairs remembered), so L{ClientCredentials.grant_for}
+answers at once when it can and says L{PENDING} when
+L{ClientCredentials.check_grant} must.  An unknown name costs the same
+check as a known one (against a decoy: a configured hash).
 """
 
 import fnmatch
-import hashlib
-import hmac
 
 import attr
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from twisted.internet import defer
 from twisted.logger import Logger
 
+from anyproxy.auth import PENDING
 from anyproxy.config.model import SHARED_CERTIFICATE_CREDENTIAL, SHARED_CREDENTIAL
+from anyproxy.passwords import PasswordChecker, scheme_of
 
 log = Logger()
 
@@ -47,12 +54,13 @@ def _to_bytes(text):
     return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
 
-def _digest(password):
-    # Compared as fixed-size digests, so the time taken says nothing of the length.
-    return hashlib.sha256(_to_bytes(password)).digest()
+def _secrets(password):
+    """A configured password, or a rotation's several, as a tuple of texts."""
+    return tuple(password) if isinstance(password, (list, tuple)) else (password,)
 
 
-_UNKNOWN = _digest(b"\0unknown")
+_DECOY_NAME = b"\0unknown"  # never a configured name
+_PLAIN_DECOY = ("\0" * 32,)
 
 
 @attr.s(frozen=True, slots=True)
@@ -92,43 +100,67 @@ class ClientCredentials:
     Every credential a client may present, built from the gateway config
     (L{from_config}); replaced whole on reload.
 
-    @ivar passwords: C{username (bytes) -> (SHA-256 of the password, ClientGrant)}.
+    @ivar passwords: C{username (bytes) -> (password, ClientGrant)}: the
+        password configured (a hash or plain text), or a tuple of several.
     @ivar subjects: C{certificate subject -> ClientGrant}.
     @ivar shared: the grant of the shared credential.
     @ivar certificates: whether TLS verifies client certificates
         (C{client_ca}): a verified certificate is then a credential too.
+    @ivar checker: the L{PasswordChecker} (the gateway's, shared with its
+        other logins).
     """
 
     passwords = attr.ib(factory=dict, repr=False)
     subjects = attr.ib(factory=dict)
     shared = attr.ib(default=None)
     certificates = attr.ib(default=False)
+    checker = attr.ib(factory=PasswordChecker, repr=False, eq=False)
 
     @classmethod
-    def from_config(cls, gateway):
+    def from_config(cls, gateway, checker=None):
         """The credentials of a L{anyproxy.config.model.GatewayConfig}."""
         shared = ClientGrant(SHARED if gateway.auth_username else SHARED_CERTIFICATE,
                              gateway.auth_groups, (), gateway.auth_max_tunnels)
         passwords, subjects = {}, {}
         if gateway.auth_username:
-            passwords[_to_bytes(gateway.auth_username)] = (_digest(gateway.auth_password),
-                                                           shared)
+            passwords[_to_bytes(gateway.auth_username)] = (gateway.auth_password, shared)
         for entry in gateway.clients:
             grant = ClientGrant(entry.name, entry.groups, entry.client_ids, entry.max_tunnels)
             if entry.subject:
                 subjects[entry.subject] = grant
             else:
-                passwords[_to_bytes(entry.username)] = (_digest(entry.password), grant)
+                passwords[_to_bytes(entry.username)] = (entry.secrets, grant)
         return cls(passwords=passwords, subjects=subjects, shared=shared,
-                   certificates=gateway.client_ca is not None)
+                   certificates=gateway.client_ca is not None,
+                   checker=checker if checker is not None else PasswordChecker())
 
-    digest = staticmethod(_digest)
+    def _entry(self, username):
+        """C{(checked name, secrets, grant or None)}: an unknown name gets the decoy."""
+        name = _to_bytes(username)
+        found = self.passwords.get(name)
+        if found is not None:
+            return name, _secrets(found[0]), found[1]
+        decoy = next((secret for password, _ in self.passwords.values()
+                      for secret in _secrets(password) if scheme_of(secret) != "plain"), None)
+        return _DECOY_NAME, (decoy,) if decoy is not None else _PLAIN_DECOY, None
 
     def check_password(self, username, password):
-        """The grant of a username/password pair, or C{None}."""
-        stored, grant = self.passwords.get(_to_bytes(username), (_UNKNOWN, None))
-        ok = hmac.compare_digest(stored, _digest(password))
+        """
+        The grant of a username/password pair when known at once: the
+        L{ClientGrant}, C{None} (wrong), or L{PENDING} when a hash must be
+        checked (L{check_password_later}).
+        """
+        name, secrets, grant = self._entry(username)
+        ok = self.checker.check_now(name, _to_bytes(password), secrets)
+        if ok is None:
+            return PENDING
         return grant if ok and grant is not None else None
+
+    def check_password_later(self, username, password):
+        """A Deferred firing with the grant of a username/password pair, or C{None}."""
+        name, secrets, grant = self._entry(username)
+        return self.checker.check(name, _to_bytes(password), secrets).addCallback(
+            lambda ok: grant if ok and grant is not None else None)
 
     def grant_named(self, name):
         """The grant called C{name} now (after a reload), or C{None}."""
@@ -146,20 +178,30 @@ class ClientCredentials:
 
     def grant_for(self, certificate_subjects, credentials):
         """
-        The grant of a connecting client, or C{None} to refuse it.
+        The grant of a connecting client, or C{None} to refuse it; or
+        L{PENDING} when a password hash must be checked (then
+        L{check_grant}).
 
         @param certificate_subjects: the subjects of the client certificate
             TLS verified (L{certificate_subjects}); empty without one.
         @param credentials: C{(username, password)} from the handshake's
             C{Authorization} header, or C{None}.
         """
+        return self._grant(certificate_subjects, credentials, self.check_password)
+
+    def check_grant(self, certificate_subjects, credentials):
+        """L{grant_for} as a Deferred, hashes checked."""
+        found = self._grant(certificate_subjects, credentials, self.check_password_later)
+        return found if isinstance(found, defer.Deferred) else defer.succeed(found)
+
+    def _grant(self, certificate_subjects, credentials, check_password):
         if self.certificates:
             for subject in certificate_subjects:
                 grant = self.subjects.get(subject)
                 if grant is not None:
                     return grant
         if credentials is not None and self.passwords:
-            return self.check_password(*credentials)
+            return check_password(*credentials)
         if self._certificate_is_shared and certificate_subjects:
             return self.shared
         return None

@@ -66,14 +66,16 @@ class Frontends(MultiService):
     _group_logins = attr.ib()  # anyproxy.auth.GroupLogins, or None
     _metrics = attr.ib()  # anyproxy.metrics.GatewayMetrics: series per frontend
     records = attr.ib(factory=dict)
+    # anyproxy.auth.Logins: the gateway's password checks and login throttle.
+    logins = attr.ib(default=None)
 
     def __attrs_post_init__(self):
         MultiService.__init__(self)
 
     @classmethod
-    def from_config(cls, config, reactor, endpoint_for, group_logins, metrics):
+    def from_config(cls, config, reactor, endpoint_for, group_logins, metrics, logins=None):
         """The listeners of every frontend of the L{anyproxy.config.model.Config}."""
-        frontends = cls(reactor, endpoint_for, group_logins, metrics)
+        frontends = cls(reactor, endpoint_for, group_logins, metrics, logins=logins)
         for frontend in config.proxy.all_frontends():
             record = frontends.build(frontend, config)
             frontends._metrics.add_frontend(frontend.name)
@@ -90,7 +92,7 @@ class Frontends(MultiService):
         @raise Exception: whatever the plugin's C{build} raises.
         """
         users = UserDatabase(config.gateway_users_for(frontend.listener),
-                             group_logins=self._group_logins,
+                             group_logins=self._group_logins, logins=self.logins,
                              require_login=frontend.listener.require_login)
         context = FrontendContext(
             name=frontend.name, reactor=self._reactor,
@@ -110,6 +112,19 @@ class Frontends(MultiService):
         """C{{listener name: Listener}} of those listening."""
         return {name: record.listener for name, record in self.records.items()
                 if record.listener is not None}
+
+    def stop_accepting(self):
+        """
+        Close every listener (a draining gateway, L{anyproxy.gateway.drain}):
+        new connections are refused, those accepted go on.  The listeners
+        stay children, so the service's own stop finds them stopped.  HTTP
+        listeners let their idle upstream connections go as they stop.
+
+        @return: a Deferred firing once every listening socket is closed.
+        """
+        stopping = [defer.maybeDeferred(listener.stopService)
+                    for listener in self.listeners().values()]
+        return defer.gatherResults(stopping).addCallback(lambda _: None)
 
     def prepare(self, config):
         """

@@ -10,6 +10,15 @@ metrics and the status page read it.  Each of them knows only the interface,
 so a fleet registry shared by several gateways can take this one's place.
 A tunnel whose mux is draining (a GOAWAY sent or received) is not picked for
 new streams; its open streams go on until it closes.
+
+Routing by destination (C{client.routes}, L{anyproxy.gateway.routing}): a
+tunnel may carry the routes its client announced.  When a group has any,
+L{TunnelPool.pick} keeps the group's tunnels whose routes match the target
+most specifically, then balances among those; a target no tunnel of the
+group routes is refused at once (L{TunnelPool.wait_for}, HOST_UNREACHABLE),
+and a dial that failed at one client is tried once at another that routes
+the target (L{TunnelPool.retry_choice}).  A group without routes takes the
+path it always took, with one dictionary test more.
 """
 
 import random
@@ -19,8 +28,19 @@ import attr
 from twisted.internet import defer, task
 from zope.interface import implementer
 
+from twisted.logger import Logger
+
 from anyproxy.errors import ConfigError, Reason, StreamOpenError
+from anyproxy.gateway.routing import Target, matcher_for, most_specific, route_texts
 from anyproxy.interfaces import ITunnelPool
+
+log = Logger()
+
+# The failures of an OPEN that another client of the group may not share:
+# the target is unreachable, refused or silent from where this client is.
+# The stream is tried once elsewhere (TunnelPool.retry_choice).
+RETRIED_REASONS = frozenset((Reason.NETWORK_UNREACHABLE, Reason.HOST_UNREACHABLE,
+                             Reason.CONNECTION_REFUSED, Reason.TIMED_OUT))
 
 
 @attr.s(eq=False)
@@ -36,6 +56,18 @@ class Tunnel:
     close = attr.ib(default=None, repr=False)  # callable: drop the connection
     weight = attr.ib(default=1.0)  # the client's share of new streams (HELLO "weight")
     credential = attr.ib(default="")  # the name of the client credential it logged in with
+    # What the client can reach (HELLO "routes"): a pac.Routes, or None
+    # when it announced none and serves anything.
+    routes = attr.ib(default=None)
+    route_matcher = attr.ib(init=False, default=None, repr=False)
+
+    def __attrs_post_init__(self):
+        self.route_matcher = matcher_for(self.routes)
+
+    @property
+    def route_texts(self):
+        """The announced routes as texts (status page), empty when it serves anything."""
+        return list(route_texts(self.routes)) if self.route_matcher is not None else []
 
     @property
     def active_streams(self):
@@ -91,6 +123,11 @@ class TunnelPool:
 
     Draining tunnels (L{Tunnel.draining}) are left out of every strategy.
     A reload changes the strategy for the next pick (L{prepare}).
+
+    Given a target host, a group whose tunnels announced routes is first
+    narrowed to the tunnels matching it most specifically
+    (L{anyproxy.gateway.routing.most_specific}); the strategy then chooses
+    among those equals.
     """
 
     STRATEGIES = ("least_streams", "round_robin", "random")
@@ -104,6 +141,7 @@ class TunnelPool:
         self._groups = {}
         self._scores = {}  # tunnel -> its smooth weighted round robin score
         self._waiters = {}
+        self._routed = {}  # group -> how many of its tunnels announced routes
         # Called with each tunnel taken out of the pool (metrics keep its totals).
         self.removal_observers = []
 
@@ -122,6 +160,8 @@ class TunnelPool:
     def add(self, tunnel):
         """Make C{tunnel} available for new streams and wake waiting users."""
         self._groups.setdefault(tunnel.group, []).append(tunnel)
+        if tunnel.route_matcher is not None:
+            self._routed[tunnel.group] = self._routed.get(tunnel.group, 0) + 1
         for waiter in self._waiters.pop(tunnel.group, []):
             if not waiter.called:
                 waiter.callback(None)
@@ -131,6 +171,10 @@ class TunnelPool:
         tunnels = self._groups.get(tunnel.group, [])
         if tunnel in tunnels:
             tunnels.remove(tunnel)
+            if tunnel.route_matcher is not None:
+                left = self._routed.pop(tunnel.group) - 1
+                if left:
+                    self._routed[tunnel.group] = left
             for observer in self.removal_observers:
                 observer(tunnel)
         self._scores.pop(tunnel, None)
@@ -143,9 +187,24 @@ class TunnelPool:
             return list(self._groups.get(group, ()))
         return [t for tunnels in self._groups.values() for t in tunnels]
 
-    def pick(self, group):
-        """A tunnel of C{group} for a new stream, or C{None}."""
-        tunnels = [each for each in self._groups.get(group, ()) if not each.draining]
+    def pick(self, group, host=None, avoid=None):
+        """
+        A tunnel of C{group} for a new stream, or C{None}.
+
+        @param host: the stream's target host, or C{None} to ignore routes
+            (a UDP association has no single target).  When some tunnel of
+            the group announced routes, only the tunnels matching C{host}
+            most specifically are chosen from.
+        @param avoid: a client id whose tunnels are not chosen (a retry).
+        """
+        # An empty _routed (no routes anywhere: the usual case) costs one test.
+        if self._routed and host is not None and group in self._routed:
+            tunnels = most_specific(self._groups[group], Target.of(host), avoid)
+        elif avoid is None:
+            tunnels = [each for each in self._groups.get(group, ()) if not each.draining]
+        else:
+            tunnels = [each for each in self._groups.get(group, ())
+                       if not each.draining and each.client_id != avoid]
         if not tunnels:
             return None
         if self.balance == "random":
@@ -179,14 +238,54 @@ class TunnelPool:
                 return each
         return tunnels[-1]  # rounding left a sliver past the last one
 
-    def wait_for(self, group, timeout):
+    def routes_nowhere(self, group, host):
+        """
+        Whether C{group} has tunnels taking new streams, every one with
+        routes, and none of them routes C{host}: the stream is refused at
+        once (L{unroutable}) instead of waiting.
+        """
+        if host is None or group not in self._routed:
+            return False
+        tunnels = [each for each in self._groups[group] if not each.draining]
+        return bool(tunnels) and not most_specific(tunnels, Target.of(host))
+
+    def retry_choice(self, group, host, failed, failure):
+        """
+        Another tunnel for a stream whose OPEN failed on C{failed} (no byte
+        has crossed), or C{None}: only when C{failed} announced routes (it
+        is a site's client: a group without routes keeps its old answer),
+        only when the failure is one another site may not share
+        (L{RETRIED_REASONS}), and only a tunnel of another client that
+        matches C{host} (the most specific of those, a client without
+        routes included).  The caller retries once.
+
+        @param failure: the OPEN's L{Failure}.
+        """
+        if host is None or failed.route_matcher is None or group not in self._routed \
+                or not failure.check(StreamOpenError) \
+                or failure.value.reason not in RETRIED_REASONS:
+            return None
+        other = self.pick(group, host, avoid=failed.client_id)
+        if other is not None:
+            log.info("stream to {host}: {reason} via {failed}; trying {other} once",
+                     host=host, reason=failure.value.reason.name, failed=failed.client_id,
+                     other=other.client_id)
+        return other
+
+    def wait_for(self, group, timeout, host=None):
         """
         A Deferred firing with a tunnel of C{group}, waiting up to C{timeout}
-        seconds for one to connect; fails with L{StreamOpenError} NO_TUNNEL.
+        seconds for one to connect; fails with L{StreamOpenError} NO_TUNNEL,
+        or at once with HOST_UNREACHABLE when the group's tunnels all have
+        routes and none routes C{host} (L{routes_nowhere}).
+
+        @param host: the target host, or C{None} to ignore routes (see L{pick}).
         """
-        tunnel = self.pick(group)
+        tunnel = self.pick(group, host)
         if tunnel is not None:
             return defer.succeed(tunnel)
+        if self.routes_nowhere(group, host):
+            return defer.fail(unroutable(group, host))
         if timeout <= 0:
             return defer.fail(StreamOpenError(Reason.NO_TUNNEL, "no client connected for this user"))
         waiter = defer.Deferred()
@@ -197,8 +296,10 @@ class TunnelPool:
         def arrived(_):
             if timer.active():
                 timer.cancel()
-            found = self.pick(group)
+            found = self.pick(group, host)
             if found is None:
+                if self.routes_nowhere(group, host):
+                    raise unroutable(group, host)
                 raise StreamOpenError(Reason.NO_TUNNEL, "no client connected for this user")
             return found
 
@@ -212,3 +313,9 @@ class TunnelPool:
             raise StreamOpenError(Reason.NO_TUNNEL, "no client connected for this user")
 
         return waiter.addCallbacks(arrived, gave_up)
+
+
+def unroutable(group, host):
+    """The L{StreamOpenError} for a target no client of C{group} routes (SOCKS 0x04, HTTP 502)."""
+    return StreamOpenError(Reason.HOST_UNREACHABLE,
+                           "no client of group %s routes %s (client.routes)" % (group, host))

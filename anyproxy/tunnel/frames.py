@@ -39,6 +39,7 @@ T_CREDIT = 0x05
 T_FIN = 0x06
 T_RESET = 0x07
 T_DATAGRAM = 0x08
+T_DATAGRAMS = 0x09
 T_HELLO = 0x10
 T_GOAWAY = 0x11
 
@@ -50,6 +51,14 @@ _KIND_CODES = {name: code for code, name in _KIND_NAMES.items()}
 _OPEN = struct.Struct(">BIHB")  # kind, window, port, host length
 _U32 = struct.Struct(">I")
 _ADDR = struct.Struct(">HB")  # port, host length
+_DATAGRAM_LENGTH = struct.Struct(">H")  # one datagram's length in a DATAGRAMS frame
+_ADDR_SIZE, _LENGTH_SIZE = _ADDR.size, _DATAGRAM_LENGTH.size  # 3, 2
+
+# The HELLO key by which a side says it takes DATAGRAMS frames (docs/PROTOCOL.md);
+# a side sends them only to a peer whose HELLO had it.
+HELLO_DATAGRAMS = "batched_datagrams"
+# The largest datagram a DATAGRAMS frame carries (its length is a u16).
+MAX_BATCHED_DATAGRAM = 0xFFFF
 
 
 class FrameError(Exception):
@@ -126,6 +135,17 @@ class Datagram:
 
 
 @attr.s(frozen=True, slots=True)
+class Datagrams:
+    """
+    Several UDP datagrams of one UDP stream in one frame, in order:
+    C{datagrams} is a tuple of C{(host, port, payload)}, never empty.
+    """
+
+    stream_id = attr.ib()
+    datagrams = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
 class Hello:
     """Session announcement (stream 0): a JSON object, see docs/PROTOCOL.md."""
 
@@ -177,15 +197,64 @@ def encode(frame):
         text = frame.text.encode("utf-8")[:MAX_ERROR_TEXT]
         return HEADER.pack(T_OPEN_ERROR, sid) + bytes((frame.reason,)) + text
     if kind is Datagram:
-        _check_port(frame.port)
-        host = _encode_host(frame.host)
-        return (HEADER.pack(T_DATAGRAM, sid) + _ADDR.pack(frame.port, len(host))
-                + host + frame.payload)
+        return HEADER.pack(T_DATAGRAM, sid) + encode_address(frame.host, frame.port) + frame.payload
+    if kind is Datagrams:
+        if not frame.datagrams:
+            raise FrameError("DATAGRAMS frame without a datagram")
+        return HEADER.pack(T_DATAGRAMS, sid) + b"".join(
+            [encode_datagram_record(host, port, payload) for host, port, payload in frame.datagrams])
     if kind is Hello:
         return HEADER.pack(T_HELLO, 0) + json.dumps(frame.info, sort_keys=True).encode("utf-8")
     if kind is GoAway:
         return HEADER.pack(T_GOAWAY, 0) + bytes((frame.reason,))
     raise TypeError("not a frame: %r" % (frame,))
+
+
+def encode_address(host, port):
+    """The address part of DATAGRAM and DATAGRAMS: port u16, host length u8, host."""
+    _check_port(port)
+    host = _encode_host(host)
+    return _ADDR.pack(port, len(host)) + host
+
+
+def encode_datagram_record(host, port, payload):
+    """One datagram of a DATAGRAMS frame: address, length u16, payload."""
+    if len(payload) > MAX_BATCHED_DATAGRAM:
+        raise FrameError("datagram of %d bytes is too long for DATAGRAMS" % (len(payload),))
+    return encode_address(host, port) + _DATAGRAM_LENGTH.pack(len(payload)) + payload
+
+
+def decode_datagram_records(payload):
+    """
+    The C{(host, port, datagram)} tuples of a DATAGRAMS payload, in order.
+
+    @raise FrameError: no record, or a record truncated or with an empty or
+        non-ASCII host.
+    """
+    records = []
+    hosts = {}  # raw host -> text: a batch names few hosts, often one
+    read_address, read_length = _ADDR.unpack_from, _DATAGRAM_LENGTH.unpack_from
+    offset, size = 0, len(payload)
+    while offset < size:
+        if size - offset < _ADDR_SIZE:
+            raise FrameError("truncated DATAGRAMS record")
+        port, host_len = read_address(payload, offset)
+        start = offset + _ADDR_SIZE
+        end = start + host_len
+        if size < end + _LENGTH_SIZE:
+            raise FrameError("truncated DATAGRAMS address")
+        raw = payload[start:end]
+        host = hosts.get(raw)
+        if host is None:
+            host = hosts[raw] = _decode_host(raw)
+        start = end + _LENGTH_SIZE
+        offset = start + read_length(payload, end)[0]
+        if offset > size:
+            raise FrameError("truncated DATAGRAMS datagram")
+        records.append((host, port, payload[start:offset]))
+    if not records:
+        raise FrameError("DATAGRAMS frame without a datagram")
+    return records
 
 
 def _decode_host(raw):
@@ -254,6 +323,8 @@ def decode(message):
         if len(payload) < end:
             raise FrameError("truncated DATAGRAM address")
         return Datagram(sid, _decode_host(payload[_ADDR.size:end]), port, payload[end:])
+    if ftype == T_DATAGRAMS:
+        return Datagrams(sid, tuple(decode_datagram_records(payload)))
     if ftype in (T_HELLO, T_GOAWAY) and sid != 0:
         raise FrameError("session frame on stream %d" % (sid,))
     if ftype == T_HELLO:

@@ -23,16 +23,31 @@ one becomes a L{BadPortRequest}, which is refused by itself in the answer
 and never refuses the HELLO, so a client with one bad entry still serves
 the others and its proxy traffic.
 
+C{fleet} (a gateway of a fleet, C{gateway.fleet}): the gateway's HELLO
+names its node (C{node}) and lists the fleet's tunnel addresses as
+L{FleetNode}s (L{fleet_list}); the client attaches to some of them
+(L{anyproxy.client.attachment}).  A gateway without a fleet sends neither
+key.
+
+C{routes} (C{client.routes}, docs/ROUTES.md): the networks and names the
+client can reach, as texts (L{read_routes}).  A client announcing none
+serves anything.  A bad entry refuses the HELLO: dropping it would route
+less than the client's operator wrote, and dropping every entry would make
+the client serve anything.
+
 Unknown keys are ignored in both directions, so later versions can
 announce more.
 """
 
+import json
+
 import attr
 
 from anyproxy import __version__
-from anyproxy.addresses import host_port
+from anyproxy.addresses import dial_address, host_port
 from anyproxy.auth import DEFAULT_GROUP
 from anyproxy.errors import HelloRefused
+from anyproxy.gateway.pac import Routes
 from anyproxy.tunnel.frames import CLOSE_BAD_HELLO, MAX_HOST_LENGTH
 
 # The HELLO's C{version}; a gateway refuses any other.
@@ -52,6 +67,18 @@ MAX_WEIGHT = 10000
 MAX_GROUP_PASSWORD = 1024
 # What a forwarded port carries.
 PORT_PROTOCOLS = ("tcp", "udp")
+# The fleet list: at most this many nodes are sent and read, and the list's
+# JSON stays within this many bytes, so that a HELLO with both a fleet list
+# and open_ports answers fits in one HELLO frame (frames.MAX_HELLO, 16 KiB).
+# Dozens of gateways fit; a client attaches to a few of them anyway.
+MAX_FLEET_NODES = 64
+MAX_FLEET_BYTES = 8 * 1024
+# client.routes: at most this many entries and this many bytes of JSON, so
+# that the client's HELLO with its open_ports fits in one HELLO frame
+# (frames.MAX_HELLO, 16 KiB).  Hundreds of sites' networks fit; the
+# client's config refuses more before a gateway can refuse the HELLO.
+MAX_ROUTES = 256
+MAX_ROUTES_BYTES = 8 * 1024
 
 
 def _refuse(reason):
@@ -253,6 +280,9 @@ class ClientHello:
         L{read_open_ports} read.
     @ivar open_ports_not_a_list: the HELLO's C{open_ports} was present but
         not a list; it then asks for nothing (C{open_ports} is empty).
+    @ivar routes: what the client can reach (L{read_routes}), a
+        L{anyproxy.gateway.pac.Routes}; C{None} when it announced none and
+        serves anything.
     """
 
     client_id = attr.ib()
@@ -262,10 +292,11 @@ class ClientHello:
     software = attr.ib(default="")
     open_ports = attr.ib(default=None)
     open_ports_not_a_list = attr.ib(default=False)
+    routes = attr.ib(default=None)
 
 
 def client_hello(client_id, group=DEFAULT_GROUP, weight=1.0, group_password="", open_ports=(),
-                 software=SOFTWARE):
+                 software=SOFTWARE, routes=()):
     """
     The client's HELLO.
 
@@ -276,6 +307,7 @@ def client_hello(client_id, group=DEFAULT_GROUP, weight=1.0, group_password="", 
         C{remote_port}, C{local_host}, C{local_port} and C{protocol}
         (L{PortRequest}s or C{client.open_ports} config entries); the key is
         sent only when there are some.
+    @param routes: C{client.routes}, route texts; sent only when there are some.
     @return: a dict for L{anyproxy.tunnel.frames.Hello}.
     """
     info = {"version": PROTOCOL_VERSION, "client_id": client_id, "group": group,
@@ -287,6 +319,8 @@ def client_hello(client_id, group=DEFAULT_GROUP, weight=1.0, group_password="", 
         info["open_ports"] = [
             PortRequest(port.remote_port, port.local_host, port.local_port, port.protocol).to_json()
             for port in open_ports]
+    if routes:
+        info["routes"] = list(routes)
     return info
 
 
@@ -328,6 +362,41 @@ def _utf8(text):
     return True
 
 
+def _short(value):
+    """A value for a close reason (120 bytes in all): its repr, cut."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def read_routes(value):
+    """
+    A HELLO's C{routes} value: a L{Routes}, or C{None} when it is absent or
+    empty (the client serves anything).
+
+    @raise HelloRefused: with C{CLOSE_BAD_HELLO} when it is not a list of
+        route texts (CIDRs, names, C{*.domain} patterns), or holds more than
+        L{MAX_ROUTES} entries or L{MAX_ROUTES_BYTES} bytes of JSON; the
+        reason names the first bad entry.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise _refuse("HELLO field 'routes' must be a list of strings")
+    if len(value) > MAX_ROUTES or len(json.dumps(value)) > MAX_ROUTES_BYTES:
+        raise _refuse("HELLO field 'routes' must hold at most %d entries and %d bytes"
+                      % (MAX_ROUTES, MAX_ROUTES_BYTES))
+    for index, entry in enumerate(value):
+        try:
+            if not isinstance(entry, str) or not entry.isprintable():
+                raise ValueError(entry)
+            Routes.of([entry])
+        except ValueError:
+            raise _refuse("HELLO routes[%d]: %s is not a CIDR, a name or a *.domain pattern"
+                          % (index, _short(entry))) from None
+    routes = Routes.of(value)
+    return None if routes.empty() else routes
+
+
 def read_client_hello(info):
     """
     Check a client's HELLO.
@@ -336,7 +405,7 @@ def read_client_hello(info):
     @return: a L{ClientHello}.
     @raise HelloRefused: with C{CLOSE_BAD_HELLO} and a reason naming the
         first bad field, checked in this order: C{version}, C{client_id},
-        C{group}, C{weight}, C{group_password}.  A bad C{open_ports} entry
+        C{group}, C{weight}, C{group_password}, C{routes}.  A bad C{open_ports} entry
         does not refuse the HELLO (see L{read_open_ports}).
     """
     if not isinstance(info, dict):
@@ -347,11 +416,109 @@ def read_client_hello(info):
     group = _text(info, "group", DEFAULT_GROUP)
     weight = _weight(info)
     group_password = _group_password(info)
+    routes = read_routes(info.get("routes"))
     requested = info.get("open_ports")
     return ClientHello(
         client_id=client_id, group=group, weight=weight, group_password=group_password,
         software=str(info.get("software", "")), open_ports=read_open_ports(requested),
-        open_ports_not_a_list=requested is not None and not isinstance(requested, list))
+        open_ports_not_a_list=requested is not None and not isinstance(requested, list),
+        routes=routes)
+
+
+# -- the fleet list ---------------------------------------------------------------
+
+
+@attr.s(frozen=True, slots=True)
+class FleetNode:
+    """
+    One gateway of a fleet as the HELLO's C{fleet} list names it.
+
+    @ivar node: its node id (C{gateway.fleet.node_id}).
+    @ivar host: the host of its advertised tunnel address.
+    @ivar port: the port of that address.
+    """
+
+    node = attr.ib()
+    host = attr.ib()
+    port = attr.ib()
+
+    @property
+    def addr(self):
+        """C{host:port} (C{[v6]:port}), as the HELLO carries it."""
+        return host_port(self.host, self.port)
+
+    @property
+    def key(self):
+        """C{(host, port)}: the address the client dials."""
+        return (self.host, self.port)
+
+    def to_json(self):
+        """The entry as the gateway's HELLO carries it."""
+        return {"node": self.node, "addr": self.addr}
+
+    @classmethod
+    def from_json(cls, entry):
+        """
+        A L{FleetNode} from one entry of a gateway's C{fleet} list, or
+        C{None} if the entry is not a valid one (a node id as
+        L{read_client_hello} takes ids, a C{host:port} address).
+        """
+        if not isinstance(entry, dict):
+            return None
+        node, addr = entry.get("node"), entry.get("addr")
+        if not isinstance(node, str) or not 0 < len(node) <= MAX_ID_LENGTH \
+                or not node.isprintable() or not isinstance(addr, str):
+            return None
+        try:
+            host, port = dial_address(addr)
+            encoded = host.encode("ascii") if host.isascii() else host.encode("idna")
+        except (ValueError, UnicodeError):
+            return None
+        if len(encoded) > MAX_HOST_LENGTH or not host.isprintable():
+            return None
+        return cls(node, host, port)
+
+
+def fleet_list(node_id, tunnel_addr, others):
+    """
+    The C{fleet} list of a gateway's HELLO: this node first, then the others
+    by node id, within L{MAX_FLEET_NODES} entries and L{MAX_FLEET_BYTES}
+    bytes (the rest are left out, the same ones on every gateway).
+
+    @param node_id: this gateway's node id.
+    @param tunnel_addr: this gateway's advertised tunnel address (C{host:port}).
+    @param others: C{(node_id, tunnel_addr)} of the other live, non-draining
+        nodes; entries naming this node again are skipped.
+    @return: a list of C{{"node": id, "addr": "host:port"}} objects.
+    """
+    entries = [{"node": node_id, "addr": tunnel_addr}]
+    size = len(json.dumps(entries[0]))
+    for other_id, addr in sorted(set(others)):
+        if other_id == node_id or any(entry["node"] == other_id for entry in entries):
+            continue
+        entry = {"node": other_id, "addr": addr}
+        size += len(json.dumps(entry)) + 2  # and the ", " between entries
+        if len(entries) >= MAX_FLEET_NODES or size > MAX_FLEET_BYTES:
+            break
+        entries.append(entry)
+    return entries
+
+
+def read_fleet(value):
+    """
+    A HELLO's C{fleet} value as a tuple of L{FleetNode}s (invalid entries
+    and repeated node ids left out, at most L{MAX_FLEET_NODES}), or C{None}
+    when it is not a list (the gateway is not part of a fleet).
+    """
+    if not isinstance(value, list):
+        return None
+    found, seen = [], set()
+    for entry in value[:MAX_FLEET_NODES]:
+        node = FleetNode.from_json(entry)
+        if node is not None and node.node not in seen:
+            seen.add(node.node)
+            found.append(node)
+    return tuple(found)
 
 
 # -- the gateway's HELLO ----------------------------------------------------------
@@ -367,19 +534,28 @@ class GatewayHello:
         else a tuple of L{PortAnswer}s.  The first HELLO answers every entry
         the client asked for; a later one only the entries whose answer
         changed.
+    @ivar node: the gateway's node id in its fleet, or C{None}.
+    @ivar fleet: C{None} when the HELLO has no C{fleet} list (no fleet, or
+        a later HELLO about something else), else the fleet's nodes as
+        L{FleetNode}s (L{read_fleet}), the whole list each time.
     """
 
     software = attr.ib(default=None)
     open_ports = attr.ib(default=None)
+    node = attr.ib(default=None)
+    fleet = attr.ib(default=None)
 
 
-def gateway_hello(open_ports=None, software=SOFTWARE):
+def gateway_hello(open_ports=None, software=SOFTWARE, node=None, fleet=None):
     """
     A HELLO from the gateway.
 
     @param open_ports: the C{open_ports} answer (a list of L{port_answer}s),
         or C{None} to send no C{open_ports} key (the client asked for none).
     @param software: C{None} to leave it out (a later HELLO).
+    @param node: the gateway's node id, sent with C{fleet}.
+    @param fleet: the L{fleet_list}, or C{None} to send no C{fleet} key
+        (no fleet, or a later HELLO about something else).
     @return: a dict for L{anyproxy.tunnel.frames.Hello}.
     """
     info = {"version": PROTOCOL_VERSION}
@@ -387,14 +563,19 @@ def gateway_hello(open_ports=None, software=SOFTWARE):
         info["software"] = software
     if open_ports is not None:
         info["open_ports"] = list(open_ports)
+    if fleet is not None:
+        info["node"] = node
+        info["fleet"] = list(fleet)
     return info
 
 
 def read_gateway_hello(info):
     """A L{GatewayHello} from the gateway's JSON object; never raises."""
     info = info if isinstance(info, dict) else {}
-    software, answers = info.get("software"), info.get("open_ports")
+    software, answers, node = info.get("software"), info.get("open_ports"), info.get("node")
     return GatewayHello(
         software=software if isinstance(software, str) else None,
         open_ports=(tuple(PortAnswer.from_json(entry) for entry in answers)
-                    if isinstance(answers, list) else None))
+                    if isinstance(answers, list) else None),
+        node=node if isinstance(node, str) and 0 < len(node) <= MAX_ID_LENGTH else None,
+        fleet=read_fleet(info.get("fleet")))

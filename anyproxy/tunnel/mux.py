@@ -84,12 +84,19 @@ log = Logger()
 # (module docstring).  An OPEN_OK is 9 bytes, an OPEN_ERROR with its text some
 # 40: answering a burst of 10,000 opens while congested stays under 400 KiB.
 MAX_REPLY_BACKLOG = 1024 * 1024
-# DATAGRAM frames: the encoded address (port, host length, host) is remembered
-# per (host, port), a few at a time per tunnel; and the fixed part of one
-# frame, header and address, is read with one unpack.
+# DATAGRAM frames: the encoded header (type, stream id, port, host length,
+# host) is remembered per (stream, host, port), a few at a time per tunnel;
+# and the fixed part of one frame, header and address, is read with one unpack.
 MAX_DATAGRAM_ADDRESSES = 256
 _DATAGRAM_START = struct.Struct(">BIHB")  # type, stream id, port, host length
 _T_DATAGRAM = bytes((frames.T_DATAGRAM,))
+# OPEN_OK and CREDIT: the header (type, stream id) and a 32-bit window or increment.
+_OPEN_OK = _CREDIT = struct.Struct(">BII")
+_T_DATAGRAMS = bytes((frames.T_DATAGRAMS,))
+_DATAGRAM_LENGTH = struct.Struct(">H")
+# A DATAGRAMS frame is sent once it holds this many bytes (well below the
+# WebSocket's message limit), without waiting for the end of the turn.
+MAX_DATAGRAMS_FRAME = 64 * 1024
 
 
 @implementer(IPushProducer, IStreamMux)
@@ -186,12 +193,13 @@ class Mux:
         self._send_raw(frames.encode(frame))
 
     def _send_raw(self, message):
+        if self._datagram_batches:
+            self._send_datagram_batches()  # a FIN or RESET must not overtake them
         if not self._lost:
             self._send_message(message)
 
-    def _send_reply(self, frame):
-        """Send an answer the peer asked for, counted while we are congested."""
-        message = frames.encode(frame)
+    def _send_reply(self, message):
+        """Send an answer the peer asked for (encoded), counted while we are congested."""
         if self.paused:
             self.reply_backlog += len(message)
         self._send_raw(message)
@@ -203,17 +211,23 @@ class Mux:
                                    "waiting" % (self.reply_backlog,))
 
     def send_hello(self, info):
-        """Send this side's HELLO (a JSON-able dict)."""
-        self._send(frames.Hello(info))
+        """
+        Send this side's HELLO (a JSON-able dict), with the mux's own key
+        saying that it takes DATAGRAMS frames.
+        """
+        self._send(frames.Hello(dict(info, **{frames.HELLO_DATAGRAMS: True})))
 
     # -- IStreamMux: what a stream may ask of us ------------------------
 
+    # OPEN_OK, CREDIT and FIN are packed here without a frame object (and
+    # frames.encode's dispatch): they go out once or more per stream.
+
     def send_open_ok(self, stream_id):
-        self._send_reply(frames.OpenOk(stream_id, self.window))
+        self._send_reply(_OPEN_OK.pack(frames.T_OPEN_OK, stream_id, self.window))
         self.streams_opened += 1
 
     def send_open_error(self, stream_id, reason, text):
-        self._send_reply(frames.OpenError(stream_id, int(reason), text))
+        self._send_reply(frames.encode(frames.OpenError(stream_id, int(reason), text)))
 
     def send_data(self, stream_id, payload):
         if self._lost:
@@ -226,39 +240,102 @@ class Mux:
             self._send_message(header + payload)
 
     def send_credit(self, stream_id, increment):
-        self._send(frames.Credit(stream_id, increment))
+        self._send_raw(_CREDIT.pack(frames.T_CREDIT, stream_id, increment))
 
     def send_fin(self, stream_id):
-        self._send(frames.Fin(stream_id))
+        self._send_raw(frames.HEADER.pack(frames.T_FIN, stream_id))
 
     def send_reset(self, stream_id, reason):
         self._send(frames.Reset(stream_id, int(reason)))
 
-    _datagram_addresses = None  # (host, port) -> encoded address, made on first use
+    # -- datagrams ------------------------------------------------------
+    #
+    # A burst of datagrams read in one reactor turn travels in DATAGRAMS
+    # frames (docs/PROTOCOL.md), one per stream, if the peer's HELLO said it
+    # takes them: one WebSocket frame to write and for the peer to parse
+    # instead of one per datagram.  The first datagram of a turn goes out at
+    # once as a DATAGRAM frame, so a lone datagram (a request and its answer)
+    # waits for nothing; the ones after it in the same turn are batched until
+    # the turn ends (a callLater(0)), a batch fills (MAX_DATAGRAMS_FRAME) or
+    # another frame is sent (_send_raw), so none is overtaken by its stream's
+    # FIN or RESET.
+
+    _datagram_headers = None  # (stream id, host, port) -> (DATAGRAM frame header, address)
+    _peer_takes_batches = False  # the peer's HELLO had frames.HELLO_DATAGRAMS
+    _batch_turn = None  # the DelayedCall ending this turn's batching, while one is open
+    _datagram_batches = None  # stream id -> [pieces of a DATAGRAMS payload], bytes so far
 
     def send_datagram(self, stream_id, host, port, payload):
         if self.paused or self._lost:
             self.datagrams_dropped += 1
             return False
         # frames.encode(frames.Datagram(...)) without the frame object, the
-        # host encoding and one copy of the payload, once per datagram.
-        addresses = self._datagram_addresses
-        if addresses is None:
-            addresses = self._datagram_addresses = {}
-        address = addresses.get((host, port))
-        if address is None:
-            message = frames.encode(frames.Datagram(stream_id, host, port, b""))
-            address = message[frames.HEADER_SIZE:]
-            if len(addresses) >= MAX_DATAGRAM_ADDRESSES:
-                addresses.clear()
-            addresses[(host, port)] = address
-        header = frames.HEADER.pack(frames.T_DATAGRAM, stream_id) + address
-        if self._send_parts is not None:
-            self._send_parts(header, payload)
+        # host encoding and one copy of the payload, once per datagram: the
+        # header (type, stream id, address) is remembered.
+        headers = self._datagram_headers
+        if headers is None:
+            headers = self._datagram_headers = {}
+        key = (stream_id, host, port)
+        cached = headers.get(key)
+        if cached is None:
+            address = frames.encode_address(host, port)
+            cached = (frames.HEADER.pack(frames.T_DATAGRAM, stream_id) + address, address)
+            if len(headers) >= MAX_DATAGRAM_ADDRESSES:
+                headers.clear()
+            headers[key] = cached
+        if self._batch_turn is not None and len(payload) <= frames.MAX_BATCHED_DATAGRAM:
+            self._batch_datagram(stream_id, cached[1], payload)
         else:
-            self._send_message(header + payload)
+            if self._datagram_batches:
+                self._send_datagram_batches()  # in order
+            elif self._peer_takes_batches and self._batch_turn is None:
+                self._batch_turn = self.clock.callLater(0, self._end_of_batch_turn)
+            if self._send_parts is not None:
+                self._send_parts(cached[0], payload)
+            else:
+                self._send_message(cached[0] + payload)
         self.bytes_sent += len(payload)
         return True
+
+    def _batch_datagram(self, stream_id, address, payload):
+        batches = self._datagram_batches
+        if batches is None:
+            batches = self._datagram_batches = {}
+        batch = batches.get(stream_id)
+        if batch is None:
+            batch = batches[stream_id] = [[], 0]
+        pieces = batch[0]
+        pieces.append(address)
+        pieces.append(_DATAGRAM_LENGTH.pack(len(payload)))
+        pieces.append(payload)
+        batch[1] += len(address) + 2 + len(payload)
+        if batch[1] >= MAX_DATAGRAMS_FRAME:
+            del batches[stream_id]
+            self._send_datagram_batch(stream_id, pieces)
+
+    def _send_datagram_batch(self, stream_id, pieces):
+        header = frames.HEADER.pack(frames.T_DATAGRAMS, stream_id)
+        if self._send_parts is not None:
+            self._send_parts(header, b"".join(pieces))
+        else:
+            self._send_message(header + b"".join(pieces))
+
+    def _send_datagram_batches(self):
+        batches, self._datagram_batches = self._datagram_batches, None
+        if batches and not self._lost:
+            for stream_id, (pieces, _) in batches.items():
+                self._send_datagram_batch(stream_id, pieces)
+
+    def _end_of_batch_turn(self):
+        self._batch_turn = None
+        self._send_datagram_batches()
+
+    def _end_datagram_batching(self):
+        # The tunnel is lost: what waits is dropped, like datagrams in flight.
+        turn, self._batch_turn = self._batch_turn, None
+        if turn is not None and turn.active():
+            turn.cancel()
+        self._datagram_batches = None
 
     def datagram_dropped(self):
         self.datagrams_dropped += 1
@@ -360,6 +437,9 @@ class Mux:
         if first[:1] == _T_DATAGRAM:
             self._datagram_message(first if len(parts) == 1 else b"".join(parts))
             return
+        if first[:1] == _T_DATAGRAMS:
+            self._datagrams_message(first if len(parts) == 1 else b"".join(parts))
+            return
         if len(parts) < 2 or len(first) < frames.HEADER_SIZE or first[0] != frames.T_DATA:
             self.message_received(b"".join(parts))
             return
@@ -401,6 +481,27 @@ class Mux:
                 return
         self.message_received(message)
 
+    def _datagrams_message(self, message):
+        # A DATAGRAMS frame: frames.decode's checks, without the frame object.
+        try:
+            if len(message) < frames.HEADER_SIZE:
+                raise frames.FrameError("message shorter than the frame header")
+            _, stream_id = frames.HEADER.unpack_from(message)
+            datagrams = frames.decode_datagram_records(message[frames.HEADER_SIZE:])
+            self._datagrams_received(self._streams.get(stream_id), datagrams)
+        except (frames.FrameError, MuxProtocolError) as e:
+            if self.on_protocol_error is not None:
+                self.on_protocol_error(e)
+            else:
+                raise
+
+    def _datagrams_received(self, stream, datagrams):
+        for host, port, payload in datagrams:
+            if stream is not None and stream.datagram_received(host, port, payload):
+                self.bytes_received += len(payload)
+            else:
+                self.datagrams_dropped += 1
+
     def _dispatch(self, frame):
         # Frames for a stream we do not have: DATA gets one RESET (_unknown_stream_data),
         # a DATAGRAM is dropped, the rest is ignored (the stream was just closed).
@@ -436,7 +537,10 @@ class Mux:
         elif kind is frames.OpenError:
             if stream is not None:
                 stream.open_failed(frame.reason, frame.text)
+        elif kind is frames.Datagrams:
+            self._datagrams_received(stream, frame.datagrams)
         elif kind is frames.Hello:
+            self._peer_takes_batches = frame.info.get(frames.HELLO_DATAGRAMS) is True
             if self.on_hello is not None:
                 self.on_hello(frame.info)
         elif kind is frames.GoAway:
@@ -451,7 +555,7 @@ class Mux:
             if len(self._refused) > 1024:
                 self._refused.clear()
             self._refused.add(stream_id)
-            self._send_reply(frames.Reset(stream_id, int(Reason.GENERAL_FAILURE)))
+            self._send_reply(frames.encode(frames.Reset(stream_id, int(Reason.GENERAL_FAILURE))))
 
     def _open_received(self, frame):
         sid = frame.stream_id
@@ -493,6 +597,7 @@ class Mux:
         if self._lost:
             return
         self._lost = True
+        self._end_datagram_batching()
         for stream in list(self._streams.values()):
             stream.tunnel_lost()
         self._streams.clear()

@@ -95,6 +95,11 @@ class Stream:
     disconnecting = False
     protocol = None
     bytes_sent = bytes_received = 0  # plain ints: one add per DATA or DATAGRAM frame
+    # A user's bandwidth cap (shape): anyproxy.bandwidth.ShapedFlow each way,
+    # None (no cap, no cost) unless set.
+    _upload_flow = _download_flow = None
+    # A user's destination rules for a udp stream's datagrams (filter_datagrams).
+    _datagram_filter = None
 
     def __init__(self, mux, stream_id, kind, host, port, send_window=None, opening=None):
         """
@@ -226,8 +231,13 @@ class Stream:
         if self._close_requested or self._fin_pending or self.state in FINISHED or not data:
             return
         self.last_active = self._seconds()
-        self._queue.append(data)
         self._queued += len(data)
+        if self._upload_flow is not None:
+            # Counted as queued: the producer pauses at the high-water mark.
+            self._upload_flow.push(data)
+            self._update_producer()
+            return
+        self._queue.append(data)
         self._flush()
 
     def writeSequence(self, seq):
@@ -266,6 +276,15 @@ class Stream:
         self._mux.send_reset(self.stream_id, reason)
         self._finished(error.ConnectionLost("stream reset locally"))
 
+    @property
+    def tunnel_draining(self):
+        """
+        Whether this stream's tunnel takes no new streams (GOAWAY sent or
+        received): the stream goes on, but a connection kept for reuse
+        should let it go, so the tunnel can close.
+        """
+        return bool(getattr(self._mux, "draining", False))
+
     def getPeer(self):
         return TunnelAddress(self.host, self.port, self._mux.name)
 
@@ -284,7 +303,8 @@ class Stream:
 
         @return: C{True} if sent, C{False} if dropped.
         """
-        if self.state in FINISHED or self._close_requested:
+        if (self.state in FINISHED or self._close_requested
+                or (self._datagram_filter is not None and not self._datagram_filter(host, port))):
             self._mux.datagram_dropped()
             return False
         if not self._mux.send_datagram(self.stream_id, host, port, payload):
@@ -341,7 +361,8 @@ class Stream:
             send_data(sid, chunk)
         if self.state in FINISHED:
             return
-        if not queue and self._fin_pending and self.state in _SENDING:
+        # _queued, not the queue: bytes a bandwidth cap holds go before the FIN.
+        if not self._queued and self._fin_pending and self.state in _SENDING:
             self._move(SEND_FIN)
             self._mux.send_fin(sid)
             if self._close_requested:
@@ -443,6 +464,10 @@ class Stream:
         if self.protocol is None:
             self._early.append(payload)
             return
+        if self._download_flow is not None:
+            self._unacked -= size  # credited as the cap delivers it: the sender waits
+            self._download_flow.push(payload)
+            return
         self.protocol.dataReceived(payload)
         self._grant_credit()
 
@@ -473,6 +498,10 @@ class Stream:
         # Otherwise attach() delivers it after the early data.
 
     def _deliver_fin(self):
+        flow = self._download_flow
+        if flow is not None and flow.held:
+            flow.when_empty(self._deliver_fin)  # after the data the cap still holds
+            return
         if self.state is CLOSED:
             self._finished(error.ConnectionDone("stream closed"))
         elif IHalfCloseableProtocol.providedBy(self.protocol):
@@ -522,6 +551,42 @@ class Stream:
     def _tell_lost(self):
         self._told_lost = True
         self.protocol.connectionLost(failure.Failure(self._end_reason))
+
+    # -- a bandwidth cap (anyproxy.bandwidth) -----------------------------
+
+    def shape(self, upload, download):
+        """
+        Hold this stream to a bandwidth cap: what it sends goes through
+        C{upload}, what it receives through C{download} (each an
+        L{anyproxy.bandwidth.ShapedFlow}).  Nothing is dropped: bytes the
+        cap holds count as queued (the producer pauses at the high-water
+        mark) or are credited only once delivered (the peer's window stops
+        it), and a FIN waits for them.  The receive window stops growing:
+        the cap, not the round trip, sets the pace.
+        """
+        self._upload_flow, self._download_flow = upload, download
+        upload.attach(self._send_shaped)
+        download.attach(self._deliver_shaped)
+        self._max_window = self._window_size
+        self._probe_limit = None
+        self.notify_closed(lambda _: (upload.cancel(), download.cancel()))
+
+    def filter_datagrams(self, admits):
+        """Send only the datagrams C{admits(host, port)} lets go (a user's rules); drop the rest."""
+        self._datagram_filter = admits
+
+    def _send_shaped(self, chunks):
+        self._queue.extend(chunks)
+        self._flush()
+
+    def _deliver_shaped(self, chunks):
+        for chunk in chunks:
+            if self.state in FINISHED:
+                return
+            self._unacked += len(chunk)
+            if not self._close_requested:  # else, as in data_received: credit, drop
+                self.protocol.dataReceived(bytes(chunk) if type(chunk) is memoryview else chunk)
+        self._grant_credit(force=self._close_requested)
 
     def notify_closed(self, hook):
         """

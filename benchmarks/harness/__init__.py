@@ -12,7 +12,9 @@ The rest of the harness, one module each:
 - ``measurement``: what a measurement module provides (L{Measurement}) and
   how its typed result goes to and from JSON;
 - ``report``: the table's rows, formatting, the Markdown report and latest.json;
-- ``chart``: panels of bars, drawn with matplotlib into latest.png.
+- ``chart``: panels of bars, drawn with matplotlib into latest.png;
+- ``page_site`` and ``browser``: page_load's https site (nginx) and its
+  headless Chromium (Playwright).
 
 The measurements themselves live in ``benchmarks/measurements/``.
 """

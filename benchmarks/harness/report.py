@@ -217,4 +217,6 @@ def machine():
             command_output(["ssh", "-V"]), version("pproxy"), deb_version("microsocks"),
             command_output(["iperf3", "--version"]).split(" (")[0], deb_version("hey"),
             deb_version("proxychains4"))),
+        ("browser and web server", "chromium %s (Playwright %s); nginx %s" % (
+            deb_version("chromium"), version("playwright"), deb_version("nginx"))),
     ]

@@ -46,8 +46,13 @@ NEEDS = {
 }
 
 
+def sbin_path(tool):
+    """C{tool} on PATH, or in /usr/sbin (where sshd and nginx live; a user's PATH may lack it), or None."""
+    return shutil.which(tool) or ("/usr/sbin/" + tool if os.access("/usr/sbin/" + tool, os.X_OK) else None)
+
+
 def sshd_path():
-    return shutil.which("sshd") or ("/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None)
+    return sbin_path("sshd")
 
 
 def missing(needs, tools):
@@ -60,7 +65,7 @@ def missing(needs, tools):
         if tool.startswith("python:"):
             if importlib.util.find_spec(tool.split(":", 1)[1]) is None:
                 out.append(tool.split(":", 1)[1] + " (Python)")
-        elif (sshd_path() if tool == "sshd" else shutil.which(tool)) is None:
+        elif sbin_path(tool) is None:
             out.append(tool)
     return out
 

@@ -23,6 +23,9 @@ RUN_ORDER = (
     "download",
     "many_tunnels",
     "origins",
+    "page_load",
+    "fleet_relay",
+    "logins",
 )
 
 ALL = [importlib.import_module("measurements." + module).MEASUREMENT for module in RUN_ORDER]

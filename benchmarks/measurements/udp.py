@@ -10,6 +10,10 @@ paths take turns, ``--seconds`` per run:
 - burst: 1,200-byte datagrams, ``--udp-window`` in flight, a new one for
   every answer; datagrams/s and Mbit/s of payload answered within the run.
 
+Through AnyProxy, each run also reports the CPU time (user + system) that
+the gateway and the client spent per datagram sent, a figure that the other
+programs sharing the machine disturb far less than the rates.
+
 A datagram without an answer after 0.25 s counts as lost.  None of the peers
 relays SOCKS5 UDP (see benchmarks/README.md), so the comparison is with the
 direct path only.
@@ -52,6 +56,7 @@ class UdpRun:
     late: int                              # answers after that
     bad: int                               # malformed answers
     seconds: float
+    cpu_us: typing.Optional[float] = None  # AnyProxy only: gateway + client CPU µs per datagram sent
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -180,6 +185,11 @@ def udp_burst(path, seconds, window, size=UDP_BURST_SIZE, timeout=UDP_LOSS_TIMEO
                   lost=lost, late=late, bad=bad, seconds=elapsed)
 
 
+def _cpu_seconds(procs):
+    """User + system CPU seconds of each of C{procs} (psutil processes) so far."""
+    return [sum(proc.cpu_times()[:2]) for proc in procs]
+
+
 def run(env):
     services, args = env.services, env.args
     paths = {DIRECT: None, "AnyProxy": services.socks["AnyProxy"]}
@@ -199,21 +209,27 @@ def run(env):
                 continue
             with path:
                 for kind in KINDS:
+                    procs = list(env.rss.procs.values()) if proxy is not None else []
                     try:
+                        before = _cpu_seconds(procs)
                         if kind == "pingpong":
                             result = udp_pingpong(path, args.seconds)
                         else:
                             result = udp_burst(path, args.seconds, args.udp_window)
+                        if procs and result.sent:
+                            spent = sum(_cpu_seconds(procs)) - sum(before)
+                            result = attr.evolve(result, cpu_us=spent * 1e6 / result.sent)
                     except (OSError, BenchError) as e:
                         log("  %-24s %-9s failed: %s", name, kind, e)
                         result = None
                     else:
-                        log("  %-24s %-9s %8.0f %s%s; lost %d of %d%s%s", name, kind, result.rate,
+                        log("  %-24s %-9s %8.0f %s%s; lost %d of %d%s%s%s", name, kind, result.rate,
                             "round trips/s" if kind == "pingpong" else "datagrams/s",
                             " (%.0f Mbit/s)" % result.mbps if result.mbps is not None else "",
                             result.lost, result.sent,
                             ", %d late" % result.late if result.late else "",
-                            ", %d bad" % result.bad if result.bad else "")
+                            ", %d bad" % result.bad if result.bad else "",
+                            "; CPU %.1f µs/datagram" % result.cpu_us if result.cpu_us is not None else "")
                     runs[(name, kind)].append(result)
     return UdpResult(runs=runs, paths=list(paths), window=args.udp_window)
 
@@ -238,6 +254,11 @@ def rows(result):
                                num(value)))
             else:
                 out.append(Row(label, name + loss, num(value), num(ratio(ours, value), "{:.2f}")))
+    for kind, label in (("pingpong", "6 UDP ping-pong"), ("burst", "6 UDP burst")):
+        cpu = median([x.cpu_us for x in result.runs[("AnyProxy", kind)] if x and x.cpu_us is not None])
+        if cpu is not None:
+            out.append(Row(label + ", CPU µs per datagram", "AnyProxy gateway + client (user + system)",
+                           fmt(cpu, "%.1f")))
     return out
 
 
@@ -245,14 +266,18 @@ def raw(result):
     lines = ["UDP, per round: ping-pong round trips/s; burst datagrams/s and Mbit/s (lost / sent; "
              "lost: no answer within %g s; late: answers after that, if any):" % UDP_LOSS_TIMEOUT, ""]
     for name in result.paths:
-        pingpong = ["failed" if x is None else "%.0f (%d / %d%s)" % (
-            x.rate, x.lost, x.sent, ", %d late" % x.late if x.late else "")
+        pingpong = ["failed" if x is None else "%.0f (%d / %d%s)%s" % (
+            x.rate, x.lost, x.sent, ", %d late" % x.late if x.late else "", _cpu_text(x))
             for x in result.runs[(name, "pingpong")]]
-        burst = ["failed" if x is None else "%.0f, %.0f Mbit/s (%d / %d%s)" % (
-            x.rate, x.mbps, x.lost, x.sent, ", %d late" % x.late if x.late else "")
+        burst = ["failed" if x is None else "%.0f, %.0f Mbit/s (%d / %d%s)%s" % (
+            x.rate, x.mbps, x.lost, x.sent, ", %d late" % x.late if x.late else "", _cpu_text(x))
             for x in result.runs[(name, "burst")]]
         lines.append("- %s: ping-pong %s; burst %s" % (name, ", ".join(pingpong), "; ".join(burst)))
     return lines
+
+
+def _cpu_text(run):
+    return "" if run.cpu_us is None else " CPU %.1f µs" % (run.cpu_us,)
 
 
 def panels(result):
@@ -288,7 +313,8 @@ def settings(args):
 EXAMPLE = UdpResult(
     runs={(DIRECT, "pingpong"): [UdpRun(rate=17426.3, sent=87132, lost=0, late=0, bad=0, seconds=5.0)],
           (DIRECT, "burst"): [UdpRun(rate=158303.0, mbps=1519.7, sent=791579, lost=3, late=1, bad=0, seconds=5.0)],
-          ("AnyProxy", "pingpong"): [UdpRun(rate=3790.3, sent=18952, lost=0, late=0, bad=0, seconds=5.0)],
+          ("AnyProxy", "pingpong"): [UdpRun(rate=3790.3, sent=18952, lost=0, late=0, bad=0, seconds=5.0,
+                                            cpu_us=112.5)],
           ("AnyProxy", "burst"): [None]},
     paths=[DIRECT, "AnyProxy"], window=UDP_WINDOW)
 

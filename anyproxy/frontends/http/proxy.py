@@ -7,7 +7,10 @@ user's connection; this module only decides what each request means.  The
 protocol is a small event pump over one server connection:
 
   - a request head is authenticated (every request, when users are
-    configured), then its target parsed;
+    configured), then its target parsed; while a password hash is checked
+    (or a failure's answer delayed by the login throttle) reading pauses and
+    the request waits in the parser; a source the throttle blocks gets 429
+    with C{Retry-After} and the connection closed (RFC 6585), not 407;
   - CONNECT opens a stream and splices a L{SpliceEnd} over the same
     transport to it (L{anyproxy.splice.open_and_splice}), answering 200 just
     before; whatever the user sent after the CONNECT head goes through;
@@ -29,15 +32,17 @@ a connection counts in C{factory.handshakes}; beyond that cap a new
 connection is closed at once (L{anyproxy.connection_cap}).
 """
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
-from anyproxy.auth import ANONYMOUS
+from anyproxy.auth import ANONYMOUS, BLOCKED
 from anyproxy.connection_cap import (
     DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory)
 from anyproxy.frontends.http import connection as http11
+from anyproxy.login_throttle import source_address
 from anyproxy.logs import emits
 from anyproxy.tuning import QUICKACK_BELOW, quick_acker, set_no_delay, tune_for_bulk
 from anyproxy.frontends.http.exchange import (
@@ -55,7 +60,7 @@ from anyproxy.frontends.http.messages import (
     parse_authority,
     parse_basic_credentials,
 )
-from anyproxy.splice import SpliceEnd, open_and_splice
+from anyproxy.splice import SpliceEnd, open_and_splice, write_now
 
 _log = Logger()
 
@@ -88,6 +93,9 @@ class HttpProxyProtocol(Protocol):
     _closing = False
     _closed = False
     _pumping = False
+    # A login being checked (a password hash, or a failure's delay): the
+    # request's events wait in the parser until it is answered.
+    _checking_login = False
     # Whether this connection counts in factory.handshakes (until a request is let in).
     holds_handshake_place = False
     _failed_logins = 0
@@ -118,9 +126,13 @@ class HttpProxyProtocol(Protocol):
         self._quick_ack = quick_acker(self.transport)
         # Public: a ForwardExchange pauses user reads through it too.
         self.read_gate = ReadGate(self.transport)
-        peer = self.transport.getPeer()
-        self._peer = "%s:%s" % (getattr(peer, "host", "?"), getattr(peer, "port", "?"))
         self._arm_timer()
+
+    @property
+    def _peer(self):
+        # For log lines only: formatted when one is written, not per connection.
+        peer = self.transport.getPeer()
+        return "%s:%s" % (getattr(peer, "host", "?"), getattr(peer, "port", "?"))
 
     def dataReceived(self, data):
         if self._tunnel is not None:
@@ -168,10 +180,14 @@ class HttpProxyProtocol(Protocol):
 
     def endpoint_to(self, host, port):
         """The endpoint reaching C{host:port} for this connection's user."""
-        return self.factory.endpoint_for(self._user, host, port)
+        return self.factory.endpoint_for(self._user, host, port, source=self._peer)
 
-    def respond(self, event):
-        """Send an L{http11} event to the user."""
+    def respond(self, event, at_once=False):
+        """
+        Send an L{http11} event to the user; C{at_once} sends it now if
+        nothing is buffered (L{write_now}) rather than on the reactor's next
+        turn: for an answer that is all there is to send.
+        """
         if type(event) is http11.Response and self._server.they_are_waiting_for_100_continue:
             # A final answer instead of 100 Continue: the user may never send
             # the body, so the framing of this connection is lost.
@@ -181,7 +197,10 @@ class HttpProxyProtocol(Protocol):
             event = http11.Response(event.status_code, event.reason, headers)
         data = self._server.send(event)
         if data and not self._closed:
-            self.transport.write(data)
+            if at_once:
+                write_now(self.transport, data)
+            else:
+                self.transport.write(data)
 
     def forward_done(self, exchange):
         """C{exchange} relayed a whole response."""
@@ -216,7 +235,7 @@ class HttpProxyProtocol(Protocol):
             return
         self._pumping = True
         try:
-            while not self._closing and self._tunnel is None:
+            while not self._closing and self._tunnel is None and not self._checking_login:
                 try:
                     event = self._server.next_event()
                 except http11.RemoteProtocolError as error:
@@ -274,7 +293,41 @@ class HttpProxyProtocol(Protocol):
                 self._target_for_log = target.for_log()
         except BadTarget as error:
             bad_target = str(error)
-        self._user = self._authenticate(request)
+        answer = self._authenticate(request)
+        if isinstance(answer, Deferred):
+            # Read nothing more until it is answered; the request's deadline
+            # runs on meanwhile.
+            self._checking_login = True
+            self.read_gate.pause("login")
+            self._arm_timer()
+            answer.addCallback(self._login_answered, request, target, bad_target)
+            answer.addErrback(self._login_error)
+            return
+        self._let_in_or_refuse(answer, request, target, bad_target)
+
+    def _login_answered(self, answer, request, target, bad_target):
+        self._checking_login = False
+        if self._closing:
+            return  # the user left, or the deadline passed, meanwhile
+        self._cancel_timer()
+        self.read_gate.resume("login")
+        self._let_in_or_refuse(answer, request, target, bad_target)
+        self._pump()  # the rest of this request (and what follows) waited
+
+    def _login_error(self, failure):
+        _log.failure("{peer}: checking a login failed", failure, peer=self._peer)
+        self._close()
+
+    def _let_in_or_refuse(self, answer, request, target, bad_target):
+        if answer is BLOCKED:
+            # RFC 6585's answer to too many attempts: a client that would
+            # retry a 407 with other credentials sees it is not worth it.
+            self._user = None
+            retry = self.factory.users.logins.throttle.blocked_for(source_address(self.transport))
+            self._reject(429, "too many failed logins; try again later",
+                         [(b"Retry-After", b"%d" % (max(1, round(retry)),))], close=True)
+            return
+        self._user = answer
         if self._user is not None:
             self._handshake_over()  # let in: no longer counts in factory.handshakes
         if self._user is None:
@@ -305,8 +358,8 @@ class HttpProxyProtocol(Protocol):
             return ANONYMOUS
         credentials = parse_basic_credentials(request.headers)
         if credentials is None:
-            return None
-        return users.authenticate(*credentials)
+            return None  # asking without credentials first is no failed login
+        return users.login(source_address(self.transport), *credentials)
 
     # -- CONNECT --------------------------------------------------------------
 
@@ -315,6 +368,7 @@ class HttpProxyProtocol(Protocol):
         self._connect_backlog = 0
         self._user_end = SpliceEnd()
         self._user_end.makeConnection(self.transport)
+        self._user_end.transport_tuned(self._quick_ack)  # in connectionMade
         # Until the answer the parser holds what the user sends (read_gate
         # pauses past CONNECT_HIGH_WATER): after a failure it is the next request.
         self._opening = open_and_splice(
@@ -326,7 +380,7 @@ class HttpProxyProtocol(Protocol):
         # Open, and nothing has flowed yet: answer 200, then what the user
         # sent after the CONNECT head (and its EOF) goes up the tunnel.
         self._connect_target = None
-        self.respond(http11.Response(200, b"Connection established", []))
+        self.respond(http11.Response(200, b"Connection established", []), at_once=True)
         self._log_request(200)
         self.read_gate.resume("connect")
         self._cancel_timer()

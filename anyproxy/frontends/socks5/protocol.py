@@ -10,7 +10,11 @@ A connection goes through three phases:
    C{connectionMade} until the request has been read: a deadline, which
    bytes arriving do not extend.  At most C{factory.handshakes.limit}
    connections of a listener are in this phase at once; beyond that a new
-   connection is closed at once (L{anyproxy.connection_cap}).
+   connection is closed at once (L{anyproxy.connection_cap}).  A login whose
+   password hash must be checked, or whose failure's answer the login
+   throttle delays (L{anyproxy.auth.UserDatabase.login}), pauses reading
+   until it is answered; a request sent before the answer waits in the
+   parser, and is handled right after it.
  - opening: C{factory.endpoint_for(user, host, port)} connects (in
    production a tunnel stream, which may first wait for a slot of the
    gateway's limits).  Reading from the user goes on, so that a user who
@@ -37,13 +41,13 @@ target, never a password.
 
 import ipaddress
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from anyproxy.addresses import address_text, host_port
-from anyproxy.auth import ANONYMOUS
+from anyproxy.auth import ANONYMOUS, BLOCKED
 from anyproxy.connection_cap import (
     DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory)
 from anyproxy.connect_protocol import connect_protocol
@@ -67,10 +71,12 @@ from anyproxy.frontends.socks5.parser import (
     UserPassAuth,
 )
 from anyproxy.frontends.socks5.relay import Socks5Association
+from anyproxy.login_throttle import source_address
 from anyproxy.splice import SpliceEnd, open_and_splice
 from anyproxy.tuning import set_no_delay
 
 _NEGOTIATING = "negotiating"
+_AUTHENTICATING = "authenticating"  # a password hash being checked, or a failure's delay
 _OPENING = "opening"
 _SPLICED = "spliced"
 _ASSOCIATED = "associated"  # a UDP association's control connection
@@ -134,6 +140,10 @@ class Socks5Protocol(SpliceEnd):
         if self._phase is _NEGOTIATING:
             self._parser.receive_data(data)
             self._process_events()
+        elif self._phase is _AUTHENTICATING:
+            # Read before the pause took hold (a request sent early): the
+            # parser keeps it until the login is answered.
+            self._parser.receive_data(data)
         elif self._udp:
             pass  # RFC 1928: the control connection carries no payload
         elif self._phase is not _CLOSING:
@@ -231,18 +241,39 @@ class Socks5Protocol(SpliceEnd):
 
     def _on_userpass(self, credentials):
         self._user_label = _printable_username(credentials.username)
-        user = self.factory.users.authenticate(credentials.username, credentials.password)
-        if user is None:
-            self._log.info(
-                "SOCKS5 {peer}: authentication failed for user {user!r}",
+        answer = self.factory.users.login(source_address(self.transport),
+                                          credentials.username, credentials.password)
+        if isinstance(answer, Deferred):
+            # A hash is being checked (or a failure's answer is delayed):
+            # read no more meanwhile; a request sent early waits in the parser.
+            self._phase = _AUTHENTICATING
+            self.transport.pauseProducing()
+            answer.addCallback(self._login_answered).addErrback(self._internal_error)
+            return
+        self._login_answered(answer)
+
+    def _login_answered(self, answer):
+        if self.lost or self._phase is _CLOSING:
+            return  # the user left, or the handshake timed out, meanwhile
+        checked = self._phase is _AUTHENTICATING
+        if checked:
+            self._phase = _NEGOTIATING
+            self.transport.resumeProducing()
+        if answer is None or answer is BLOCKED:
+            # While blocked, no line per attempt: the block had its own.
+            (self._log.debug if answer is BLOCKED else self._log.info)(
+                "SOCKS5 {peer}: authentication failed for user {user!r}{why}",
                 peer=self._peer,
                 user=self._user_label,
+                why=" (source blocked after repeated failures)" if answer is BLOCKED else "",
             )
             self.transport.write(self._parser.auth_reply(False))
             self._close()
             return
-        self._user = user
+        self._user = answer
         self.transport.write(self._parser.auth_reply(True))
+        if checked:
+            self._process_events()  # a request that came before the answer
 
     def _on_request(self, request):
         self._cancel_timeout()
@@ -264,7 +295,8 @@ class Socks5Protocol(SpliceEnd):
         # Bytes sent right after the request are the first payload.
         SpliceEnd.dataReceived(self, self._parser.trailing_data[0])
         opening = open_and_splice(
-            self, lambda: self.factory.endpoint_for(self._user, request.host, request.port),
+            self, lambda: self.factory.endpoint_for(self._user, request.host, request.port,
+                                                    source=self._peer),
             on_open=self._reply_succeeded, read_while_opening=OPENING_HIGH_WATER)
         self._opening = opening
         opening.addCallbacks(self._spliced, self._open_failed)
@@ -284,7 +316,8 @@ class Socks5Protocol(SpliceEnd):
             self._reply_and_close(REP_GENERAL_FAILURE)
             return
         try:
-            endpoint = self.factory.endpoint_for(self._user, "0.0.0.0", 0, kind="udp")
+            endpoint = self.factory.endpoint_for(self._user, "0.0.0.0", 0, kind="udp",
+                                                 source=self._peer)
             opening = connect_protocol(endpoint, association)
         except Exception:
             opening = fail()

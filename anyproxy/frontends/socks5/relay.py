@@ -40,6 +40,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 
+from anyproxy.datagram_socket import direct_sender, refused_earlier
 from anyproxy.frontends.socks5.parser import (
     ATYP_DOMAIN,
     ATYP_IPV4,
@@ -207,6 +208,8 @@ class UdpRelay(DatagramProtocol):
             raise ValueError("user host %r is not an IP address" % (user_host,))
         self.user_host = str(address)
         self.user_port = user_port
+        self._user_address = (self.user_host, user_port)  # where replies go (made again if user_port moves)
+        self._sendto = None  # the relay socket's sender (direct_sender), once listening
         self._headers = {}  # (host, port) -> the RFC 1928 header of a reply from there
         self.stream = stream
         if address.version == 4:
@@ -222,6 +225,12 @@ class UdpRelay(DatagramProtocol):
             "dropped_unaddressed", "dropped_send_error",
         )
         return {name: getattr(self, name) for name in names}
+
+    def startProtocol(self):
+        self._sendto = direct_sender(self.transport)
+
+    def stopProtocol(self):
+        self._sendto = None
 
     def _from_user(self, host, port):
         if self.user_port and port != self.user_port:
@@ -272,7 +281,8 @@ class UdpRelay(DatagramProtocol):
 
         @return: C{True} if sent, C{False} if dropped (and counted).
         """
-        if not self.user_port or self.transport is None:
+        sendto = self._sendto
+        if not self.user_port or sendto is None:
             self.dropped_unaddressed += 1
             return False
         # The header depends only on the source: remember the recent ones.
@@ -291,9 +301,15 @@ class UdpRelay(DatagramProtocol):
         if len(data) > self.max_datagram:
             self.dropped_too_large += 1
             return False
+        address = self._user_address
+        if address[1] != self.user_port:
+            address = self._user_address = (self.user_host, self.user_port)
         try:
-            self.transport.write(data, (self.user_host, self.user_port))
+            sendto(data, address)
         except (OSError, error.MessageLengthError, error.InvalidAddressError) as e:
+            if refused_earlier(e):
+                self.returned += 1
+                return True
             # A full socket buffer (EAGAIN) is congestion: UDP drops, so do we.
             self.dropped_send_error += 1
             self._log.debug("UDP relay: sending to the user failed: {error}", error=str(e))

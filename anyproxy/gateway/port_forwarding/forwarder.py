@@ -55,9 +55,11 @@ from anyproxy.addresses import address_text
 from anyproxy.dual_stack import listen_tcp, listen_udp
 from anyproxy.interfaces import IReconfigurable
 from anyproxy.tunnel.endpoint import DEFAULT_OPEN_TIMEOUT, attach_protocol, bound_open
+from anyproxy.gateway.port_forwarding.fleet_claims import Granted, Unavailable
 from anyproxy.gateway.port_forwarding.udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
 from anyproxy.splice import SpliceEnd, open_and_splice
-from anyproxy.tunnel.hello import BadPortRequest, gateway_hello, port_answer, read_open_ports
+from anyproxy.tunnel.hello import (PORT_PROTOCOLS, BadPortRequest, PortRequest, gateway_hello,
+                                   port_answer, read_open_ports)
 
 log = Logger()
 
@@ -225,6 +227,19 @@ class ForwardedPort:
 
 # -- the manager ----------------------------------------------------------------
 
+# What an answer means for the tunnel that asked: granted; refused while
+# another client (or gateway) holds the port, or while the fleet registry
+# cannot decide, both of which wait and are asked again; refused for good.
+GRANTED, HELD, UNDECIDED, FINAL = "granted", "held", "undecided", "final"
+
+
+@attr.s(frozen=True, slots=True)
+class _Answer:
+    """One entry's answer: its JSON for the HELLO and its kind (see L{GRANTED} etc.)."""
+
+    json = attr.ib()
+    kind = attr.ib()
+
 
 @implementer(IReconfigurable)
 class PortForwarding:
@@ -240,11 +255,15 @@ class PortForwarding:
         their address.
     @param udp_idle_timeout: seconds without a datagram either way before a
         UDP source's association is ended.
+    @param claims: in a fleet, the
+        L{anyproxy.gateway.port_forwarding.fleet_claims.FleetPortClaims} a
+        port is claimed through before it is opened (see L{use_fleet});
+        C{None}: this gateway alone decides.
     """
 
     def __init__(self, reactor, port_allowed, interface="127.0.0.1",
                  open_timeout=DEFAULT_OPEN_TIMEOUT,
-                 udp_idle_timeout=None):
+                 udp_idle_timeout=None, claims=None):
         self._reactor = reactor
         self._port_allowed = port_allowed
         self.interface = interface
@@ -253,8 +272,26 @@ class PortForwarding:
                                   else UDP_IDLE_TIMEOUT)
         self._forwards = {}
         self._by_tunnel = {}
-        self._waiting = {}  # key -> [(tunnel, PortRequest)] refused while another client held it
+        # key -> [(tunnel, PortRequest)] refused while another client held it
+        # (or, in a fleet, while the registry could not decide)
+        self._waiting = {}
+        self._claiming = {}  # key -> (owner, [(tunnel, PortRequest, Deferred)]): fleet claim asked
+        self._tunnels = set()  # connected tunnels that asked for ports
+        self._told = {}  # (tunnel, key) -> kind of the last answer it was given
+        self._retry_call = None
         self._stopped = False
+        self.claims = None
+        if claims is not None:
+            self.use_fleet(claims)
+
+    def use_fleet(self, claims):
+        """
+        Decide ports fleet-wide from now on: a port is opened only once
+        C{claims} (a L{anyproxy.gateway.port_forwarding.fleet_claims.FleetPortClaims})
+        holds its number for the client.
+        """
+        self.claims = claims
+        claims.on_lost = self._port_lost
 
     def prepare(self, config):
         """
@@ -286,51 +323,161 @@ class PortForwarding:
             (L{anyproxy.tunnel.hello.ClientHello.open_ports}, or as received;
             C{None}: not asked).
         @return: the C{open_ports} list for our HELLO answer, or C{None}.
+            In a fleet, an entry whose claim the registry has not decided
+            yet is left out; its answer follows in a further HELLO.
         """
         requested = read_open_ports(requested)
         if requested is None:
             return None
-        return [self._open(tunnel, request) for request in requested]
+        self._tunnels.add(tunnel)
+        inline = []
+        collecting = [True]  # answers decided before we return go in the first HELLO
+
+        def deliver(answer, request):
+            if collecting[0]:
+                self._note_told(tunnel, request, answer)
+                inline.append(answer.json)
+            else:
+                self._tell(tunnel, request, answer)
+
+        for request in requested:
+            self._open(tunnel, request).addCallback(deliver, request)
+        collecting[0] = False
+        self._schedule_retry()
+        return inline
+
+    def _note_told(self, tunnel, request, answer):
+        if isinstance(request, PortRequest):
+            self._told[(tunnel, request.key)] = answer.kind
+
+    def _tell(self, tunnel, request, answer):
+        """
+        Send C{tunnel} a further HELLO with C{answer}, unless it was gone,
+        or is still waiting as it was told last time (no news).
+        """
+        if tunnel not in self._tunnels:
+            return
+        told = self._told.get((tunnel, request.key))
+        self._note_told(tunnel, request, answer)
+        if answer.kind in (HELD, UNDECIDED) and told == answer.kind:
+            return
+        tunnel.mux.send_hello(gateway_hello([answer.json], software=None))
 
     def _open(self, tunnel, request):
+        """A Deferred firing with the L{_Answer} to C{request}, at once unless a claim is asked."""
         if isinstance(request, BadPortRequest):
-            return self._refuse(tunnel, request, "bad open_ports entry: %s" % (request.problem,))
+            return defer.succeed(self._refuse(
+                tunnel, request, "bad open_ports entry: %s" % (request.problem,)))
         if self._stopped:
-            return self._refuse(tunnel, request, "the gateway is stopping")
+            return defer.succeed(self._refuse(tunnel, request, "the gateway is stopping"))
         if not self._port_allowed(request.remote_port):
-            return self._refuse(tunnel, request, "port %s is not in the gateway's open_ports_allowed"
-                                " (add %d to gateway.open_ports_allowed)"
-                                % (request.label, request.remote_port))
+            return defer.succeed(self._refuse(
+                tunnel, request, "port %s is not in the gateway's open_ports_allowed"
+                " (add %d to gateway.open_ports_allowed)" % (request.label, request.remote_port)))
         owner = (tunnel.group, tunnel.client_id)
         forward = self._forwards.get(request.key)
+        claiming = self._claiming.get(request.key)
+        holder = forward.owner if forward is not None else claiming[0] if claiming else None
+        if holder is not None and holder != owner:
+            self._wait(tunnel, request)
+            return defer.succeed(self._refuse(
+                tunnel, request, "port %s already forwarded for client %s"
+                % (request.label, holder[1]), HELD))
+        if (forward is not None and forward.route_for(tunnel) is not None) or (
+                claiming is not None and any(t is tunnel for t, _, _ in claiming[1])):
+            return defer.succeed(self._refuse(
+                tunnel, request, "port %s asked for twice" % (request.label,)))
         if forward is not None:
-            if forward.owner != owner:
-                waiting = self._waiting.setdefault(request.key, [])
-                if not any(waiter is tunnel for waiter, _ in waiting):
-                    waiting.append((tunnel, request))
-                return self._refuse(tunnel, request, "port %s already forwarded for client %s"
-                                    % (request.label, forward.client_id))
-            if forward.route_for(tunnel) is not None:
-                return self._refuse(tunnel, request, "port %s asked for twice" % (request.label,))
-        else:
-            forward = ForwardedPort(request, owner, self._reactor, self._open_timeout)
-            try:
-                self._listen(forward, request)
-            except error.CannotListenError as e:
-                return self._refuse(tunnel, request, "cannot listen on port %s: %s"
-                                    % (request.label, e.socketError or e))
-            self._forwards[request.key] = forward
+            return defer.succeed(self._join(forward, tunnel, request))
+        if claiming is not None:
+            answer = defer.Deferred()
+            claiming[1].append((tunnel, request, answer))
+            return answer
+        if self.claims is None:
+            return defer.succeed(self._open_port(owner, [(tunnel, request)])[0])
+        answer = defer.Deferred()
+        self._claiming[request.key] = (owner, [(tunnel, request, answer)])
+        deciding = self.claims.acquire(request.remote_port, request.protocol, owner)
+        deciding.addCallback(self._decided, request.key)
+        deciding.addErrback(lambda failure: log.failure(
+            "port forwarding: a claim's answer could not be applied", failure))
+        return answer
+
+    def _open_port(self, owner, members):
+        """
+        Listen on the port the C{(tunnel, PortRequest)} C{members} of
+        C{owner} asked for, and join them to it.
+
+        @return: their L{_Answer}s, in order; refusals if it cannot listen.
+        """
+        request = members[0][1]
+        forward = ForwardedPort(request, owner, self._reactor, self._open_timeout)
+        try:
+            self._listen(forward, request)
+        except error.CannotListenError as e:
+            if self.claims is not None:
+                self.claims.release(request.remote_port, request.protocol, owner)
+            return [self._refuse(tunnel, each, "cannot listen on port %s: %s"
+                                 % (each.label, e.socketError or e))
+                    for tunnel, each in members]
+        self._forwards[request.key] = forward
+        return [self._join(forward, tunnel, each) for tunnel, each in members]
+
+    def _join(self, forward, tunnel, request):
         forward.routes.append(Route(tunnel, request))
         self._by_tunnel.setdefault(tunnel, []).append(request.key)
         log.info("forwarding port {port} on {interface} to {target} through client {client_id}",
                  port=request.label, interface=self.interface or "*", target=request.target,
                  client_id=tunnel.client_id)
-        return port_answer(request, True)
+        return _Answer(port_answer(request, True), GRANTED)
 
-    def _refuse(self, tunnel, request, why):
+    def _decided(self, outcome, key):
+        """The fleet's answer to the claim of C{key}: open it, or refuse and wait."""
+        owner, members = self._claiming.pop(key)
+        members = [member for member in members if member[0] in self._tunnels]
+        number, protocol = key
+        if isinstance(outcome, Granted):
+            if self._stopped or not members:
+                # Nobody wants it any more (the tunnels left while it was asked).
+                self.claims.release(number, protocol, owner)
+                answers = [self._refuse(tunnel, request, "the gateway is stopping")
+                           for tunnel, request, _ in members]
+            else:
+                answers = self._open_port(owner, [(tunnel, request)
+                                                  for tunnel, request, _ in members])
+        else:
+            why, kind = self._fleet_refusal(outcome, owner)
+            answers = []
+            for tunnel, request, _ in members:
+                self._wait(tunnel, request)
+                answers.append(self._refuse(tunnel, request, why % (request.label,), kind))
+        for (_, _, answered), answer in zip(members, answers):
+            answered.callback(answer)
+        self._schedule_retry()
+
+    def _fleet_refusal(self, outcome, owner):
+        """C{(why, kind)} for a claim not granted; C{why} has a C{%s} for the port's label."""
+        if isinstance(outcome, Unavailable):
+            return ("port %%s not opened yet: the fleet registry cannot decide who holds it "
+                    "(%s); asked again when it answers" % (outcome.why,), UNDECIDED)
+        node_id = outcome.node_id
+        if outcome.owner is None:
+            return "port %s already forwarded through another gateway of the fleet", HELD
+        if outcome.owner == owner:
+            return ("port %%s already forwarded for this client through gateway %s; it moves "
+                    "here if that gateway lets it go" % (node_id,), HELD)
+        where = "" if node_id == self.claims.node_id else " (through gateway %s)" % (node_id,)
+        return "port %%s already forwarded for client %s%s" % (outcome.owner[1], where), HELD
+
+    def _wait(self, tunnel, request):
+        waiting = self._waiting.setdefault(request.key, [])
+        if not any(waiter is tunnel for waiter, _ in waiting):
+            waiting.append((tunnel, request))
+
+    def _refuse(self, tunnel, request, why, kind=FINAL):
         log.warn("client {client_id}: port forwarding refused: {why}",
                  client_id=tunnel.client_id, why=why)
-        return port_answer(request, False, why)
+        return _Answer(port_answer(request, False, why), kind)
 
     def _listen(self, forward, request):
         if request.protocol == "tcp":
@@ -351,6 +498,9 @@ class PortForwarding:
 
         @return: a Deferred firing once the released ports are closed.
         """
+        self._tunnels.discard(tunnel)
+        for key in [key for each, key in self._told if each is tunnel]:
+            del self._told[(tunnel, key)]
         for key, waiting in list(self._waiting.items()):
             waiting[:] = [(waiter, request) for waiter, request in waiting if waiter is not tunnel]
             if not waiting:
@@ -367,33 +517,89 @@ class PortForwarding:
                 log.info("released port {port} (client {client_id} gone)",
                          port=forward.label, client_id=forward.client_id)
                 closed = forward.close()
-                closed.addCallback(lambda _, key=key: self._hand_over(key))
+                closed.addCallback(lambda _, key=key, owner=forward.owner:
+                                   self._released(key, owner))
                 closing.append(closed)
         return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
+
+    def _released(self, key, owner):
+        """A port is closed: give its fleet claim back, then hand it over here."""
+        # Closed first: a gateway of the same host taking the claim can bind.
+        if self.claims is not None:
+            self.claims.release(key[0], key[1], owner)
+        self._hand_over(key)
 
     def _hand_over(self, key):
         """A released port is closed: the tunnels waiting for it ask again, in order."""
         waiting = self._waiting.pop(key, [])
-        if self._stopped or key in self._forwards:
+        if self._stopped or key in self._forwards or key in self._claiming:
             # Stopping, or the owner came back before the port closed.
             if waiting and not self._stopped:
                 self._waiting[key] = waiting
             return
         for tunnel, request in waiting:
-            result = self._open(tunnel, request)  # another client's is refused, and waits again
-            still_waiting = any(waiter is tunnel for waiter, _ in self._waiting.get(key, ()))
-            if not still_waiting:
-                # Granted, or refused for good (the port no longer binds or is
-                # allowed): either way the client hears how its wait ended.
-                tunnel.mux.send_hello(gateway_hello([result], software=None))
+            # Another client's is refused and waits again (no news: not told
+            # again); a grant or a refusal for good is told in a further HELLO.
+            self._open(tunnel, request).addCallback(
+                lambda answer, tunnel=tunnel, request=request: self._tell(tunnel, request, answer))
+
+    def _schedule_retry(self):
+        """
+        In a fleet, ask again for ports refused for a fleet reason (held
+        through another gateway, or undecided) every C{retry_interval}:
+        nothing tells us when another gateway lets one go.
+        """
+        if self.claims is None or self._stopped:
+            return
+        if self._retry_call is not None and self._retry_call.active():
+            return
+        if any(key not in self._forwards and key not in self._claiming for key in self._waiting):
+            self._retry_call = self._reactor.callLater(self.claims.retry_interval, self._retry)
+
+    def _retry(self):
+        self._retry_call = None
+        for key in list(self._waiting):
+            if key not in self._forwards and key not in self._claiming:
+                self._hand_over(key)
+        self._schedule_retry()
+
+    def _port_lost(self, number, owner):
+        """
+        The fleet gave C{number} to another gateway under us (Redis lost
+        its data meanwhile): stop forwarding it; its tunnels wait for it again.
+        """
+        for protocol in PORT_PROTOCOLS:
+            key = (number, protocol)
+            forward = self._forwards.get(key)
+            if forward is None or forward.owner != owner:
+                continue
+            del self._forwards[key]
+            log.warn("port {port}: now forwarded through another gateway of the fleet; "
+                     "closed here", port=forward.label)
+            for route in forward.routes:
+                keys = self._by_tunnel.get(route.tunnel, [])
+                if key in keys:
+                    keys.remove(key)
+                self._wait(route.tunnel, route.request)
+                self._tell(route.tunnel, route.request, self._refuse(
+                    route.tunnel, route.request, "port %s is now forwarded through another "
+                    "gateway of the fleet" % (forward.label,), HELD))
+            forward.close()
+        self._schedule_retry()
 
     def stop(self):
         """Release every port (the gateway is stopping); a Deferred."""
         self._stopped = True
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
         forwards, self._forwards = list(self._forwards.values()), {}
         self._by_tunnel.clear()
         self._waiting.clear()
         for forward in forwards:
             log.info("released port {port} (gateway stopping)", port=forward.label)
         closing = [forward.close() for forward in forwards]
-        return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
+        released = defer.gatherResults(closing, consumeErrors=True)
+        if self.claims is not None:
+            released.addCallback(lambda _: self.claims.release_all())
+        return released.addCallback(lambda _: None)

@@ -2,7 +2,9 @@
 """
 The gateway's status page (C{gateway.status_addr}): who is connected and how
 busy they are, for an operator's browser (C{/}) and for scripts
-(C{/api/status}, JSON).  Both are behind HTTP Basic auth with
+(C{/api/status}, JSON), and the management API
+(L{anyproxy.gateway.status.management}, C{docs/MANAGEMENT_API.md}).  All are
+behind HTTP Basic auth with
 C{gateway.status_username}/C{gateway.status_password}.
 
 Theory of operation
@@ -108,9 +110,11 @@ def tunnel_status(tunnel, now):
         "address": str(tunnel.address),
         "version": str(tunnel.version),
         "weight": tunnel.weight,
+        "routes": list(getattr(tunnel, "route_texts", ())),  # client.routes; [] = anything
         "connected_at": tunnel.connected_at,
         "connected_for": max(0.0, now - tunnel.connected_at),
         "active_streams": tunnel.active_streams,
+        "draining": bool(getattr(tunnel, "draining", False)),
         "streams_opened": _counter(tunnel, STREAMS_OPENED_NAMES),
         "bytes_in": _counter(tunnel, BYTES_IN_NAMES),
         "bytes_out": _counter(tunnel, BYTES_OUT_NAMES),
@@ -167,10 +171,13 @@ class StatusAPI(resource.Resource):
         self._now = now
         self._history = TrafficHistory(tunnel_pool)
 
+    def snapshot(self):
+        """The answer, as a dict."""
+        return status_snapshot(self._tunnel_pool, self._started_at, self._now(), self._history)
+
     def render_GET(self, request):
         _set_headers(request, b"application/json; charset=utf-8")
-        snapshot = status_snapshot(self._tunnel_pool, self._started_at, self._now(), self._history)
-        return json.dumps(snapshot, sort_keys=True).encode("utf-8")
+        return json.dumps(self.snapshot(), sort_keys=True).encode("utf-8")
 
 
 class StatusPage(resource.Resource):
@@ -184,18 +191,35 @@ class StatusPage(resource.Resource):
         return PAGE
 
 
-def status_tree(tunnel_pool, started_at=None, now=time.time):
-    """The unauthenticated resource tree: C{/} and C{/api/status}."""
+def status_tree(tunnel_pool, started_at=None, now=time.time, management=None):
+    """
+    The unauthenticated resource tree: C{/} and C{/api/status}, and with
+    C{management} (a L{anyproxy.gateway.status.management.Management}) the
+    whole management API under C{/api/}.
+    """
     root = resource.Resource()
     root.putChild(b"", StatusPage())
+    status = StatusAPI(tunnel_pool, now() if started_at is None else started_at, now)
+    if management is not None:
+        # Browser profiles from the routes clients announce (status/profiles.py),
+        # under the config in force (a reload changes them).
+        from anyproxy.gateway.status.profiles import ProxyProfiles, add_profiles
+        management.profiles = ProxyProfiles(tunnel_pool, lambda: management.gateway.config,
+                                            lambda: management.gateway.listeners)
+        add_profiles(root, management.profiles)
+    if management is not None:
+        from anyproxy.gateway.status.management import ManagementAPI
+        root.putChild(b"api", ManagementAPI(management, status.snapshot, tunnel_status))
+        return root
     api = resource.Resource()
-    api.putChild(b"status", StatusAPI(tunnel_pool, now() if started_at is None else started_at, now))
+    api.putChild(b"status", status)
     root.putChild(b"api", api)
     return root
 
 
 def status_site(tunnel_pool, username, password, started_at=None, now=time.time, reactor=None,
-                request_timeout=DEFAULT_REQUEST_TIMEOUT, max_connections=MAX_CONNECTIONS):
+                request_timeout=DEFAULT_REQUEST_TIMEOUT, max_connections=MAX_CONNECTIONS,
+                management=None):
     """
     The status page's C{Site}: L{status_tree} behind Basic auth, with the
     request deadline and connection cap of every L{OperatorSite}.
@@ -207,11 +231,19 @@ def status_site(tunnel_pool, username, password, started_at=None, now=time.time,
     @param request_timeout: seconds a request head may take
         (C{gateway.handshake_timeout}).
     @param max_connections: open connections at most; more get 503.
+    @param management: the gateway's
+        L{anyproxy.gateway.status.management.Management}, to serve the
+        management API; C{None}: C{/api/status} only.
     @return: the L{OperatorSite}; its C{checker} (L{SingleUserChecker})
         takes new credentials on reload.
     """
     if not username or not password:
         raise ValueError("the status page needs a username and a password")
-    return OperatorSite(status_tree(tunnel_pool, started_at, now), reactor, "status page", REALM,
+    site = OperatorSite(status_tree(tunnel_pool, started_at, now, management), reactor,
+                        "status page", REALM,
                         request_timeout=request_timeout, max_connections=max_connections,
                         username=username, password=password)
+    if management is not None and management.profiles is not None:
+        from anyproxy.gateway.status.profiles import add_capabilities
+        add_capabilities(site, management.profiles)
+    return site

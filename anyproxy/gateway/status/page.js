@@ -38,6 +38,29 @@
     row.appendChild(td);
   }
   function exact(n) { return known(n) ? n + " bytes" : ""; }
+  function button(label, action, id, danger) {
+    var b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.dataset.action = action;
+    b.dataset.id = id;
+    if (danger) { b.className = "danger"; }
+    return b;
+  }
+  function actions(row, buttons) {
+    var td = document.createElement("td");
+    td.className = "actions";
+    buttons.forEach(function (b) { td.appendChild(b); });
+    row.appendChild(td);
+  }
+  function emptyRow(columns, text) {
+    var row = document.createElement("tr"), td = document.createElement("td");
+    td.colSpan = columns;
+    td.className = "empty";
+    td.textContent = text;
+    row.appendChild(td);
+    return row;
+  }
   function render(data) {
     var totals = data.totals, body = byId("clients-body"), rows = [];
     setText("software", data.gateway.software);
@@ -53,6 +76,7 @@
     data.clients.forEach(function (c) {
       var row = document.createElement("tr");
       row.dataset.clientId = c.client_id;
+      if (c.draining) { row.className = "draining"; }
       cell(row, "client-id", c.client_id);
       cell(row, "group", c.group);
       cell(row, "credential", c.credential);
@@ -63,16 +87,32 @@
       cell(row, "streams-opened", count(c.streams_opened), true);
       cell(row, "bytes-in", bytes(c.bytes_in), true, exact(c.bytes_in));
       cell(row, "bytes-out", bytes(c.bytes_out), true, exact(c.bytes_out));
+      var drain = button(c.draining ? "draining" : "drain", "drain", c.client_id);
+      drain.disabled = !!c.draining;
+      actions(row, [drain, button("disconnect", "disconnect", c.client_id, true)]);
       rows.push(row);
     });
-    if (!rows.length) {
-      var row = document.createElement("tr"), td = document.createElement("td");
-      td.colSpan = 10;
-      td.className = "empty";
-      td.textContent = "No clients connected.";
-      row.appendChild(td);
+    if (!rows.length) { rows.push(emptyRow(11, "No clients connected.")); }
+    body.replaceChildren.apply(body, rows);
+  }
+  function renderStreams(data) {
+    var body = byId("streams-body"), rows = [];
+    data.streams.forEach(function (s) {
+      var row = document.createElement("tr");
+      row.dataset.streamId = s.id;
+      cell(row, "stream-id", s.id);
+      cell(row, "user", s.user);
+      cell(row, "source", s.source);
+      cell(row, "frontend", s.frontend);
+      cell(row, "target", s.target);
+      cell(row, "client-id", s.client_id);
+      cell(row, "age", duration(s.age), true);
+      cell(row, "bytes-up", bytes(s.bytes_up), true, exact(s.bytes_up));
+      cell(row, "bytes-down", bytes(s.bytes_down), true, exact(s.bytes_down));
+      actions(row, [button("close", "close", s.id, true)]);
       rows.push(row);
-    }
+    });
+    if (!rows.length) { rows.push(emptyRow(10, "No open streams.")); }
     body.replaceChildren.apply(body, rows);
   }
   function fresh(ok, text) {
@@ -80,27 +120,72 @@
     state.className = ok ? "state" : "state stale";
     state.textContent = text;
   }
-  function statusUrl() {
+  function apiUrl(path) {
     // Relative, so the page works behind a path prefix; and without the
     // user:password of a page opened with a login in its address, which
     // fetch() refuses (the browser sends the login it already has).
-    var url = new URL("api/status", window.location.href);
+    var url = new URL("api/" + path, window.location.href);
     url.username = "";
     url.password = "";
     return url.href;
   }
-  function poll() {
-    fetch(statusUrl(), {cache: "no-store", credentials: "same-origin"})
+  function getJson(path) {
+    return fetch(apiUrl(path), {cache: "no-store", credentials: "same-origin"})
       .then(function (response) {
         if (!response.ok) { throw new Error("HTTP " + response.status); }
         return response.json();
-      })
-      .then(function (data) {
-        render(data);
-        fresh(true, "live, updated " + clock(data.gateway.now).slice(11));
+      });
+  }
+  var timer = null;
+  function poll() {
+    if (timer !== null) { window.clearTimeout(timer); timer = null; }
+    Promise.all([getJson("status"), getJson("streams")])
+      .then(function (answers) {
+        render(answers[0]);
+        renderStreams(answers[1]);
+        fresh(true, "live, updated " + clock(answers[0].gateway.now).slice(11));
       })
       .catch(function (e) { fresh(false, "not updating: " + e.message); })
-      .then(function () { window.setTimeout(poll, POLL_MS); });
+      .then(function () { timer = window.setTimeout(poll, POLL_MS); });
   }
+  // The buttons: state-changing calls carry X-AnyProxy-Request, which the
+  // API requires (a cross-origin page cannot send it: CSRF defence).
+  var ACTIONS = {
+    close: {method: "DELETE", path: function (id) { return "streams/" + encodeURIComponent(id); },
+            ask: "Close stream %s?", done: "Stream %s closed."},
+    drain: {method: "POST", path: function (id) {
+      return "clients/" + encodeURIComponent(id) + "/drain"; },
+            ask: "Drain client %s? Its tunnels take no new streams; open ones finish.",
+            done: "Client %s draining."},
+    disconnect: {method: "DELETE", path: function (id) {
+      return "clients/" + encodeURIComponent(id); },
+            ask: "Disconnect client %s? Its open streams are reset.",
+            done: "Client %s disconnected."}
+  };
+  function report(ok, text) {
+    var node = byId("action-result");
+    node.className = ok ? "action-result" : "action-result failed";
+    node.textContent = text;
+  }
+  function act(event) {
+    var target = event.target, action = ACTIONS[target.dataset && target.dataset.action];
+    if (!action || target.tagName !== "BUTTON") { return; }
+    var id = target.dataset.id;
+    if (!window.confirm(action.ask.replace("%s", id))) { return; }
+    target.disabled = true;
+    fetch(apiUrl(action.path(id)), {method: action.method, cache: "no-store",
+                                    credentials: "same-origin",
+                                    headers: {"X-AnyProxy-Request": "1"}})
+      .then(function (response) {
+        return response.json().then(function (body) {
+          if (!response.ok) { throw new Error(body.error || "HTTP " + response.status); }
+          report(true, action.done.replace("%s", id));
+        });
+      })
+      .catch(function (e) { report(false, "Failed: " + e.message); })
+      .then(poll);
+  }
+  byId("clients-body").addEventListener("click", act);
+  byId("streams-body").addEventListener("click", act);
   poll();
 }());

@@ -1,0 +1,228 @@
+# -*- test-case-name: tests.test_fleet_relay -*-
+"""
+L{FleetNode}: the fleet's parts of one gateway, as one part of
+L{anyproxy.gateway.app.Gateway} (C{gateway.fleet} set).
+
+  - the B{registry} (L{anyproxy.fleet.interfaces.IFleetRegistry}): this
+    node's record and the view of the others;
+  - the B{peer link listener} (L{anyproxy.fleet.peer_link.PeerLinkServer})
+    and the B{relay} behind it (L{anyproxy.fleet.relay.Relay}), serving
+    other gateways' users from our tunnels;
+  - the B{links} this gateway dials (L{anyproxy.fleet.peer_link.PeerLinks})
+    and the B{fleet tunnel pool} (L{anyproxy.fleet.pool.FleetTunnelPool})
+    the gateway's other parts use instead of the local one.
+
+It starts after the gateway's other parts, so the node registers once it
+can serve, and stops first: it leaves the registry, then closes its links
+and its listener, before the tunnels go.
+"""
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from anyproxy.addresses import host_port, split_endpoint
+from anyproxy.fleet.interfaces import NodeRecord
+from anyproxy.fleet.peer_link import DEFAULT_LINK_WAIT, PeerLinks, PeerLinkServer
+from anyproxy.fleet.pool import FleetTunnelPool
+from anyproxy.fleet.relay import Relay
+from anyproxy.fleet.relay_metrics import RelayMetrics
+from anyproxy.interfaces import IReconfigurable
+
+log = Logger()
+
+
+@implementer(IReconfigurable)
+class FleetNode(MultiService):
+    """
+    See the module docstring; build it with L{from_config}.
+
+    @ivar registry: the L{anyproxy.fleet.interfaces.IFleetRegistry}.
+    @ivar relay: the L{Relay}.
+    @ivar server: the L{PeerLinkServer}.
+    @ivar links: the L{PeerLinks}.
+    @ivar tunnel_pool: the L{FleetTunnelPool}.
+    @ivar metrics: the L{RelayMetrics}.
+    """
+
+    def __init__(self, reactor, config, local_pool, metrics_registry, make_registry):
+        super().__init__()
+        gateway = config.gateway
+        self.reactor = reactor
+        self.config = config
+        self.local_pool = local_pool
+        self.relay = Relay(local_pool, reactor)
+        self.server = PeerLinkServer.from_config(gateway, reactor, self.relay)
+        self.server.setServiceParent(self)
+        self.links = PeerLinks(reactor, gateway.fleet,
+                               link_wait=min(gateway.handshake_timeout, DEFAULT_LINK_WAIT))
+        self.metrics_registry = metrics_registry
+        self.registry = make_registry(self)
+        self.metrics = RelayMetrics(metrics_registry, reactor, links=self._link_counts)
+        self.relay.metrics = self.metrics
+        self.tunnel_pool = FleetTunnelPool(local_pool, self.registry, self.links, reactor,
+                                           balance=gateway.balance, metrics=self.metrics)
+        self.links.on_link_lost = self.tunnel_pool.link_lost
+        self._logins = {}  # holder (a tunnel) -> (group, verifier): published in our record
+
+    def share_group_logins(self, group_logins):
+        """
+        Make the group logins (C{group_id:group_password}) of clients on
+        any gateway of the fleet valid here, and ours valid there: each
+        announced password is published as a salted verifier in this node's
+        record (never the password), and a login this gateway does not hold
+        is checked against the other nodes' verifiers.
+
+        @param group_logins: the gateway's L{anyproxy.auth.GroupLogins}.
+        """
+        group_logins.observers.append(self._login_changed)
+        group_logins.remote = self._check_remote_login
+
+    def share_forwarded_ports(self, port_forwarding):
+        """
+        Decide forwarded ports (C{client.open_ports}) fleet-wide: the
+        gateway's port forwarding opens a port only once this node holds its
+        number in the registry for the client (docs/PORT_FORWARDING.md, "In
+        a fleet"), and stops forwarding one the registry gave to another node.
+
+        @param port_forwarding: the gateway's
+            L{anyproxy.gateway.port_forwarding.forwarder.PortForwarding}.
+        """
+        from anyproxy.gateway.port_forwarding.fleet_claims import FleetPortClaims
+        self.port_claims = FleetPortClaims(self.registry, self.reactor,
+                                           retry_interval=self.config.gateway.fleet.heartbeat)
+        port_forwarding.use_fleet(self.port_claims)
+
+    port_claims = None  # the FleetPortClaims, once share_forwarded_ports is called
+
+    def port_lost(self, port, owner):
+        """The registry found a port we claimed held by another node (see L{share_forwarded_ports})."""
+        if self.port_claims is not None:
+            self.port_claims.port_lost(port, owner)
+
+    def _login_changed(self, holder, group, password):
+        if group is None:
+            if self._logins.pop(holder, None) is None:
+                return
+        else:
+            verifier = getattr(self.registry, "login_verifier", None)
+            if verifier is None:
+                return
+            self._logins[holder] = (group, verifier(password))
+        self.registry.local_changed()
+
+    def _check_remote_login(self, group, password):
+        return bool(self.registry.check_group_login(group, password))
+
+    def _local_logins(self):
+        logins = {}
+        for group, verifier in self._logins.values():
+            if verifier not in logins.setdefault(group, []):
+                logins[group].append(verifier)
+        return logins
+
+    @classmethod
+    def from_config(cls, config, reactor, local_pool, metrics_registry, make_registry=None):
+        """
+        @param local_pool: the gateway's L{anyproxy.gateway.tunnel_pool.TunnelPool}.
+        @param metrics_registry: the gateway's C{CollectorRegistry}.
+        @param make_registry: C{make_registry(node)} -> the
+            L{anyproxy.fleet.interfaces.IFleetRegistry} for this node; the
+            Redis registry (L{anyproxy.fleet.registry}) by default.
+        """
+        return cls(reactor, config, local_pool, metrics_registry,
+                   make_registry if make_registry is not None else redis_registry)
+
+    def _link_counts(self):
+        return len(self.links.links()), len(self.server.factory.links)
+
+    def listeners(self):
+        """C{{name: Listener}}: the peer link listener."""
+        return self.server.listeners()
+
+    tunnel_listener = None  # the tunnel server's Listener; the gateway sets it
+    tunnel_server = None  # the gateway's TunnelServer: its HELLO lists the fleet
+
+    def tunnel_port(self):
+        """
+        The tunnel listener's port: the one bound, once listening, else the
+        configured one (C{gateway.listen_addr}; 0 if it asked for any).
+        """
+        listening = getattr(self.tunnel_listener, "port", None)
+        if listening is not None:
+            return listening.getHost().port
+        parts = split_endpoint(self.config.gateway.endpoint)
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+    def local_record(self):
+        """
+        This node's L{NodeRecord} as it is now, for the registry to publish:
+        where peers and clients reach it, the groups of its usable tunnels
+        and its load.
+        """
+        from anyproxy.fleet.registry import default_advertise_addr, peer_dial_addr
+        fleet = self.config.gateway.fleet
+        tunnels = self.local_pool.tunnels()
+        peer_addr = self.peer_address()
+        return NodeRecord(
+            node_id=fleet.node_id, peer_addr=peer_dial_addr(peer_addr),
+            tunnel_addr=fleet.advertise_addr or default_advertise_addr(peer_addr,
+                                                                       self.tunnel_port()),
+            groups=set(tunnel.group for tunnel in tunnels if not tunnel.draining),
+            streams=sum(tunnel.active_streams for tunnel in tunnels), tunnels=len(tunnels),
+            logins=self._local_logins())
+
+    def peer_address(self):
+        """
+        C{host:port} where peers reach this node: C{fleet.peer_addr}, with
+        the port actually bound when it asked for port 0 (tests).
+        """
+        fleet = self.config.gateway.fleet
+        port = self.server.listener.port
+        host, _, wanted = fleet.peer_addr.rpartition(":")
+        if port is not None and wanted == "0":
+            return host_port(host.strip("[]"), port.getHost().port)
+        return fleet.peer_addr
+
+    def prepare(self, config):
+        """See L{anyproxy.interfaces.IReconfigurable}: the listener, the link wait, TLS files."""
+        gateway = config.gateway
+        server_apply = self.server.prepare(config)
+
+        def apply():
+            self.config = config
+            if gateway.fleet is not None:
+                self.links.configure(gateway.fleet)
+                self.links.link_wait = min(gateway.handshake_timeout, DEFAULT_LINK_WAIT)
+            return server_apply()
+
+        return apply
+
+    def startService(self):
+        super().startService()
+        if self.tunnel_server is not None:
+            # Clients learn the fleet from our HELLO (anyproxy.client.attachment).
+            self.tunnel_server.announce_fleet(self.registry, self.local_record().tunnel_addr)
+        # The registry retries by itself; a failure here is only logged.
+        self.registry.start().addErrback(
+            lambda failure: log.failure("fleet registry did not start", failure))
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield self.registry.stop()
+        self.links.close_all()
+        yield super().stopService()
+
+
+def redis_registry(node):
+    """
+    The Redis registry (L{anyproxy.fleet.registry}) of C{node}, a
+    L{FleetNode}, its metrics in the gateway's registry.
+    """
+    from anyproxy.fleet.registry import FleetRegistryCollector, RedisFleetRegistry
+    registry = RedisFleetRegistry.from_config(node.config.gateway.fleet, node.tunnel_port(),
+                                              node.local_record, reactor=node.reactor,
+                                              on_port_lost=node.port_lost)
+    node.metrics_registry.register(FleetRegistryCollector(registry))
+    return registry

@@ -1,0 +1,219 @@
+# -*- test-case-name: tests.test_drain -*-
+"""
+The graceful drain of a stopping gateway (SIGTERM under twistd, with
+C{gateway.drain_timeout} > 0): L{Drain}, run by
+L{anyproxy.gateway.app.Gateway.stopService}.
+
+Theory of operation
+-------------------
+A gateway that stops at once resets every stream it carries.  Behind a
+balancer, with a fleet or with clients that reconnect, the users and clients
+have somewhere else to go; what they must not lose is the work in flight.
+So the drain moves everything new elsewhere first and only then waits:
+
+  1. I{Leave the fleet} (L{anyproxy.gateway.app.Gateway.leave_fleet}, a
+     no-op without one): the registry deregisters this node, so other
+     gateways stop relaying to it and clients are no longer told to attach
+     to it.  Other nodes hear of it through pub/sub in well under a second,
+     so this node keeps serving for L{FLEET_SETTLE} seconds more: a stream a
+     peer relays in that window still finds the local tunnels usable.
+  2. I{Stop accepting}: the proxy listeners and the tunnel listener close.
+     A balancer's next connect is refused and goes to another server
+     (HAProxy's C{option redispatch}); a client reconnecting through it
+     lands elsewhere.  Connections already accepted go on.
+  3. I{GOAWAY} on every client tunnel, and on the links peers dialed to
+     us: the client (or peer) opens no stream on it and neither do we
+     (L{anyproxy.tunnel.mux.Mux.go_away}); its open streams go on.  Each tunnel is closed as soon as it carries no stream
+     (L{anyproxy.tunnel.mux.Mux.when_drained}), so its client reconnects
+     (within its backoff) to another gateway while others still finish.
+  4. I{Wait} for the open streams, up to the timeout: the streams of every
+     local tunnel (users', forwarded ports', those relayed in from peers)
+     and the frontend streams opened through peer links (relayed out).
+     Waiting is event-driven (each stream's C{notify_closed}); once they
+     are all done the set is taken again, since a connection accepted
+     before step 2 may have opened one since.
+
+The drain ends when no stream is left, at the deadline, or when L{Drain.cut}
+is called (a second SIGTERM or SIGINT, L{anyproxy.twistd.gateway}); then
+the gateway stops as it always did, resetting whatever is still open.  One
+log line says when it starts and one how it ended.
+"""
+
+import attr
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from anyproxy.errors import Reason
+
+log = Logger()
+
+# Seconds a node that left the fleet keeps serving as before: its peers
+# learn of the departure through Redis pub/sub, "in well under a second"
+# (docs/FLEET.md), and until then may still relay streams to it.
+FLEET_SETTLE = 1.0
+
+# Seconds the fleet registry may take to deregister (it is bounded itself;
+# this keeps a stuck store from holding the drain back).
+LEAVE_TIMEOUT = 5.0
+
+FINISHED = "finished"
+TIMED_OUT = "timed out"
+CUT = "cut"
+
+
+def first_of(clock, deferred, seconds):
+    """
+    A Deferred firing with C{None} when C{deferred} fires (either way) or
+    C{seconds} have passed, whichever comes first; C{deferred} itself is
+    left running, its failure consumed.
+    """
+    either = defer.Deferred()
+
+    def done(_):
+        if timer.active():
+            timer.cancel()
+        if not either.called:
+            either.callback(None)
+
+    timer = clock.callLater(seconds, done, None)
+    either.timer = timer  # cancelled by whoever gives up waiting first
+    deferred.addErrback(lambda failure: log.failure("leaving the fleet failed", failure))
+    deferred.addBoth(done)
+    return either
+
+
+@attr.s(eq=False)
+class Drain:
+    """
+    One drain of one gateway; see the module docstring.  Build it and call
+    L{start} once.
+
+    @ivar gateway: the L{anyproxy.gateway.app.Gateway} draining.
+    @ivar clock: the C{IReactorTime} the deadline and the settle run on.
+    @ivar timeout: seconds the open streams may take, from L{start}.
+    @ivar outcome: C{None} while running, then L{FINISHED}, L{TIMED_OUT}
+        or L{CUT}.
+    @ivar listeners_closed: C{None} until the drain stops accepting, then a
+        Deferred firing once the listening sockets are closed.
+    """
+
+    gateway = attr.ib()
+    clock = attr.ib()
+    timeout = attr.ib()
+    outcome = attr.ib(default=None)
+    listeners_closed = attr.ib(default=None)
+    _started = attr.ib(default=None)
+    _waiters = attr.ib(factory=list)
+    _timers = attr.ib(factory=list)  # the deadline and the steps' delayed calls
+
+    def start(self):
+        """Begin the drain; a Deferred firing with the L{outcome} when it ends."""
+        gateway = self.gateway
+        self._started = self.clock.seconds()
+        tunnels = gateway.tunnel_pool.tunnels()
+        log.info("drain started: {streams} streams open on {tunnels} client tunnels; they "
+                 "may finish within {timeout:g}s (drain_timeout)",
+                 streams=len(self.open_streams()), tunnels=len(tunnels), timeout=self.timeout)
+        self._timers.append(self.clock.callLater(self.timeout, self._end, TIMED_OUT))
+        if gateway.in_fleet:
+            leaving = first_of(self.clock, gateway.leave_fleet(), LEAVE_TIMEOUT)
+            self._timers.append(leaving.timer)
+            leaving.addCallback(lambda _: self._sleep(FLEET_SETTLE))
+        else:
+            leaving = defer.succeed(None)
+        leaving.addCallback(lambda _: self._move_on())
+        return self.when_ended()
+
+    def when_ended(self):
+        """A Deferred firing with the L{outcome} once the drain has ended."""
+        if self.outcome is not None:
+            return defer.succeed(self.outcome)
+        waiter = defer.Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def cut(self):
+        """End the drain now (the streams left are reset by the stop that follows)."""
+        self._end(CUT)
+
+    def open_streams(self):
+        """
+        Every stream still open: those of each local tunnel and the frontend
+        streams (which include those relayed to peers), without duplicates.
+        """
+        gateway = self.gateway
+        streams = {stream for tunnel in gateway.tunnel_pool.tunnels()
+                   for stream in tunnel.mux.streams()}
+        streams.update(gateway.metrics.live_streams())
+        return streams
+
+    def _sleep(self, seconds):
+        d = defer.Deferred()
+        if self.outcome is None:  # else the next step will not run anyway
+            self._timers.append(self.clock.callLater(seconds, d.callback, None))
+        return d
+
+    def _move_on(self):
+        if self.outcome is not None:
+            return
+        self.listeners_closed = self.gateway.stop_accepting()
+        self._go_away()
+        self._wait_for_streams()
+
+    def _go_away(self):
+        # Every tunnel not told yet (a HELLO may have completed since the
+        # last pass): no new streams, and closed once it carries none.  The
+        # links peers dialed to us too: a peer would otherwise keep reusing
+        # a stream relayed here (its HTTP proxy's kept upstream connection)
+        # and hold the drain to its deadline.
+        tunnels = list(self.gateway.tunnel_pool.tunnels())
+        fleet = getattr(self.gateway, "fleet", None)
+        if fleet is not None:
+            tunnels.extend(fleet.server.factory.links)
+        for tunnel in tunnels:
+            if tunnel.draining:
+                continue
+            tunnel.mux.go_away(Reason.NO_TUNNEL)
+            tunnel.mux.when_drained().addCallback(
+                lambda _, tunnel=tunnel: tunnel.go_away(self.clock))
+
+    def _wait_for_streams(self):
+        if self.outcome is not None:
+            return
+        self._go_away()
+        streams = self.open_streams()
+        if not streams:
+            self._end(FINISHED)
+            return
+        remaining = [len(streams)]
+
+        def closed(_):
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                # Next turn: a stream's close hooks run before it leaves its
+                # mux's table, and the splice may still be ending its peer.
+                self.clock.callLater(0, self._wait_for_streams)
+
+        for stream in streams:
+            stream.notify_closed(closed)
+
+    def _end(self, outcome):
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        elapsed = self.clock.seconds() - self._started
+        if outcome == FINISHED:
+            log.info("drain finished: every stream ended, after {elapsed:.1f}s",
+                     elapsed=elapsed)
+        else:
+            why = ("after the {timeout:g}s drain_timeout" if outcome == TIMED_OUT
+                   else "by a second signal")
+            log.warn("drain cut " + why + " ({elapsed:.1f}s): {streams} streams still open "
+                     "are reset", timeout=self.timeout, elapsed=elapsed,
+                     streams=len(self.open_streams()))
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(outcome)

@@ -1,0 +1,181 @@
+# -*- test-case-name: tests.test_login_throttle -*-
+"""
+Brute-force defence for every login the gateway checks (SOCKS5, the HTTP
+proxy, the tunnel port, the status/API port): L{LoginThrottle}, without I/O.
+
+Failed logins are counted per source address and per user name, each over
+a sliding C{window} (the count forgets a failure C{window} seconds after
+it).  Then:
+
+  - Each failed answer is delayed once its source or its name has failed
+    before in the window: 0.1 s, doubling per further failure, at most
+    C{max_delay}.  Only failures wait: a correct password is answered at
+    once, so a user is never slowed by someone guessing at their name.
+  - A source with C{failures} failures in the window is blocked for
+    C{block} seconds: its logins are refused without checking the
+    password (so a storm costs no hashing), and one log line says so.
+  - A user name is never blocked, only its failures delayed: blocking
+    names would let anyone lock a user out.  A shared source address (a
+    NAT) that fails too often is blocked for everyone behind it; raise
+    C{failures} where that matters.
+
+Memory is bounded: at most C{max_tracked} sources and as many names are
+tracked, the least recently failed forgotten first.
+"""
+
+import time
+from collections import OrderedDict, deque
+
+import attr
+from twisted.logger import Logger
+
+log = Logger()
+
+FIRST_DELAY = 0.1  # seconds, the first delayed failure
+
+
+@attr.s(frozen=True, slots=True)
+class Verdict:
+    """
+    What to do with a login attempt before its password is checked.
+
+    @ivar blocked: refuse it without checking (the source is blocked).
+    @ivar retry_after: seconds until the block ends (when blocked).
+    """
+
+    blocked = attr.ib()
+    retry_after = attr.ib(default=0.0)
+
+
+ALLOWED = Verdict(blocked=False)
+
+
+class _Failures:
+    """The failure times of one source or name, within the window."""
+
+    __slots__ = ("times", "blocked_until")
+
+    def __init__(self):
+        self.times = deque()
+        self.blocked_until = 0.0
+
+    def count(self, now, window):
+        times = self.times
+        while times and times[0] <= now - window:
+            times.popleft()
+        return len(times)
+
+
+class LoginThrottle:
+    """
+    Counts failed logins; see the module docstring.
+
+    @param failures: failed logins from one source within C{window} that
+        block it; 0 turns the throttle off.
+    @param window: seconds a failure is counted.
+    @param block: seconds a blocked source stays blocked.
+    @param max_delay: the longest a failed answer is delayed.
+    @param clock: a callable returning seconds; default C{time.monotonic}.
+    @param max_tracked: sources (and names) tracked at most.
+
+    @ivar blocks: sources blocked so far (metrics).
+    @ivar refused_blocked: attempts refused because their source was blocked.
+    @ivar delayed: failed answers delayed.
+    """
+
+    def __init__(self, failures=5, window=60.0, block=300.0, max_delay=2.0,
+                 clock=time.monotonic, max_tracked=100000):
+        self.failures = failures
+        self.window = window
+        self.block = block
+        self.max_delay = max_delay
+        self._clock = clock
+        self.max_tracked = max_tracked
+        self._sources = OrderedDict()
+        self._names = OrderedDict()
+        self.blocks = 0
+        self.refused_blocked = 0
+        self.delayed = 0
+
+    @property
+    def enabled(self):
+        return self.failures > 0
+
+    def check(self, source):
+        """The L{Verdict} for an attempt from C{source}, before its password is checked."""
+        if not self.enabled:
+            return ALLOWED
+        entry = self._sources.get(source)
+        if entry is not None:
+            remaining = entry.blocked_until - self._clock()
+            if remaining > 0:
+                self.refused_blocked += 1
+                return Verdict(blocked=True, retry_after=remaining)
+        return ALLOWED
+
+    def blocked_for(self, source):
+        """Seconds until C{source}'s block ends (0 when not blocked); counts nothing."""
+        entry = self._sources.get(source)
+        if entry is None:
+            return 0.0
+        return max(0.0, entry.blocked_until - self._clock())
+
+    def failed(self, source, name):
+        """
+        Record a failed login of C{name} from C{source}.
+
+        @return: seconds to delay the failed answer (0 for none).
+        """
+        if not self.enabled:
+            return 0.0
+        now = self._clock()
+        by_source = self._record(self._sources, source, now)
+        by_name = self._record(self._names, name, now)
+        if by_source >= self.failures:
+            entry = self._sources[source]
+            if entry.blocked_until <= now:
+                entry.blocked_until = now + self.block
+                entry.times.clear()
+                self.blocks += 1
+                log.warn("login throttle: blocking {source} for {block:.0f} s after "
+                         "{failures} failed logins within {window:.0f} s",
+                         event="login_blocked", source=source, block=self.block,
+                         failures=by_source, window=self.window)
+        repeats = max(by_source, by_name) - 1
+        if repeats <= 0:
+            return 0.0
+        self.delayed += 1
+        return min(self.max_delay, FIRST_DELAY * 2 ** min(repeats - 1, 32))
+
+    def succeeded(self, source, name):
+        """
+        Record a correct login: the source's failures are forgiven (not a
+        block in force), the name's are not (the guesser may be elsewhere).
+        """
+        entry = self._sources.get(source)
+        if entry is not None and entry.blocked_until <= self._clock():
+            del self._sources[source]
+
+    def _record(self, table, key, now):
+        entry = table.pop(key, None)
+        if entry is None:
+            entry = _Failures()
+        table[key] = entry  # most recent last: eviction takes the front
+        count = entry.count(now, self.window)
+        entry.times.append(now)
+        while len(table) > self.max_tracked:
+            table.popitem(last=False)
+        return count + 1
+
+    def tracked(self):
+        """C{(sources, names)} tracked now (bounded by C{max_tracked})."""
+        return len(self._sources), len(self._names)
+
+
+def source_address(transport):
+    """
+    The source a connection's logins are counted under: its peer's IP
+    address, or C{""} for a peer without one (a UNIX socket).
+    """
+    host = getattr(transport.getPeer(), "host", "")
+    return host if isinstance(host, str) else ""

@@ -1,0 +1,488 @@
+"""
+Tests for L{anyproxy.gateway.drain}: the drain's steps in order against
+fakes on a L{Clock}, then a real gateway and client on loopback, and a real
+C{twistd anyproxy-gateway} process sent SIGTERM during a download.
+"""
+
+from twisted.internet import defer, error, protocol, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher, formatEvent
+from twisted.trial import unittest
+from twisted.web import server
+
+from anyproxy.errors import Reason
+from anyproxy.gateway import drain
+from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
+from tests.support import BlobResource, Deployment, Echo, blob, listen_tcp, run_curl
+from tests.test_e2e_tcp import socks_connect
+from tests.test_e2e_twistd import TwistdBase, port_open, wait_until
+
+MB = 1024 * 1024
+
+
+# -- fakes ----------------------------------------------------------------------
+
+class FakeStream:
+    """A stream that finishes when told; C{notify_closed} as L{anyproxy.tunnel.stream}'s."""
+
+    def __init__(self):
+        self.finished = False
+        self._hooks = []
+
+    def notify_closed(self, hook):
+        if self.finished:
+            hook(self)
+        else:
+            self._hooks.append(hook)
+
+    def finish(self):
+        self.finished = True
+        hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook(self)
+
+
+class FakeMux:
+    """A tunnel's mux: its streams, GOAWAY and C{when_drained}, recorded in C{events}."""
+
+    stream_count = 0
+
+    def __init__(self, events, name):
+        self.events = events
+        self.name = name
+        self.open = []
+        self.go_away_sent = False
+        self._drained = []
+
+    @property
+    def draining(self):
+        return self.go_away_sent
+
+    def streams(self):
+        return [each for each in self.open if not each.finished]
+
+    def go_away(self, reason):
+        if not self.go_away_sent:  # as the real mux: only the first call sends
+            self.events.append(("go_away", self.name, reason))
+        self.go_away_sent = True
+        self.check()
+
+    def when_drained(self):
+        d = defer.Deferred()
+        self._drained.append(d)
+        self.check()
+        return d
+
+    def check(self):
+        if self.go_away_sent and not self.streams():
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+
+class FakeMetrics:
+    def __init__(self):
+        self.frontend_streams = []
+
+    def live_streams(self):
+        return [each for each in self.frontend_streams if not each.finished]
+
+
+class FakeGateway:
+    """What a L{drain.Drain} uses of a gateway; each step recorded in C{events}."""
+
+    def __init__(self, clock, in_fleet=False):
+        self.events = []
+        self.clock = clock
+        self.tunnel_pool = TunnelPool(clock)
+        self.metrics = FakeMetrics()
+        self.in_fleet = in_fleet
+        self.leaving = defer.Deferred()
+
+    def leave_fleet(self):
+        self.events.append("leave_fleet")
+        return self.leaving
+
+    def stop_accepting(self):
+        self.events.append("stop_accepting")
+        return defer.succeed(None)
+
+    def add_tunnel(self, name, streams=0):
+        mux = FakeMux(self.events, name)
+        mux.open = [FakeStream() for _ in range(streams)]
+        tunnel = Tunnel(client_id=name, group="default", mux=mux,
+                        close=lambda: self.events.append(("close", name)))
+        self.tunnel_pool.add(tunnel)
+        return tunnel
+
+
+def drain_logs(testcase):
+    """The drain's log lines, collected until the test ends."""
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == drain.log.namespace:
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
+
+
+# -- the steps, on a clock ------------------------------------------------------
+
+class DrainStepsTests(unittest.TestCase):
+    """The drain's steps, their order and its three endings, against fakes."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.logs = drain_logs(self)
+
+    def start(self, gateway, timeout=30):
+        self.drain = drain.Drain(gateway, self.clock, timeout)
+        return self.drain.start()
+
+    def test_no_streams_ends_at_once(self):
+        """With nothing open, the listeners close, idle tunnels are told and closed, and it ends."""
+        gateway = FakeGateway(self.clock)
+        gateway.add_tunnel("a")
+        ended = self.start(gateway)
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
+        self.assertEqual(gateway.events, ["stop_accepting", ("go_away", "a", Reason.NO_TUNNEL)])
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual(gateway.events[-1], ("close", "a"))
+        self.assertEqual(self.logs[0], "drain started: 0 streams open on 1 client tunnels; they "
+                                       "may finish within 30s (drain_timeout)")
+        self.assertEqual(self.logs[1], "drain finished: every stream ended, after 0.0s")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_waits_for_tunnel_and_frontend_streams(self):
+        """It ends only once the streams of local tunnels and those relayed out are done."""
+        gateway = FakeGateway(self.clock)
+        busy = gateway.add_tunnel("busy", streams=2)
+        idle = gateway.add_tunnel("idle")
+        relayed_out = FakeStream()
+        gateway.metrics.frontend_streams.append(relayed_out)
+        ended = self.start(gateway)
+        self.assertIn("3 streams open on 2 client tunnels", self.logs[0])
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertIn(("close", "idle"), gateway.events)  # at once: it carried nothing
+        self.assertNotIn(("close", "busy"), gateway.events)
+        self.assertTrue(busy.draining and idle.draining)
+
+        busy.mux.open[0].finish()
+        relayed_out.finish()
+        self.clock.advance(10)
+        self.assertNoResult(ended)
+        busy.mux.open[1].finish()
+        busy.mux.check()
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertIn(("close", "busy"), gateway.events)
+        self.assertEqual(self.logs[-1], "drain finished: every stream ended, after 10.0s")
+
+    def test_stream_opened_meanwhile(self):
+        """A stream opened while the first ones finished (an accepted connection) is waited for."""
+        gateway = FakeGateway(self.clock)
+        first = FakeStream()
+        gateway.metrics.frontend_streams.append(first)
+        ended = self.start(gateway)
+        late = FakeStream()
+        gateway.metrics.frontend_streams.append(late)
+        first.finish()
+        self.clock.advance(0)
+        self.assertNoResult(ended)
+        late.finish()
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
+
+    def test_tunnel_joining_during_drain_is_told(self):
+        """A tunnel whose HELLO completes during the drain gets GOAWAY at the next pass."""
+        gateway = FakeGateway(self.clock)
+        stream = FakeStream()
+        gateway.metrics.frontend_streams.append(stream)
+        self.start(gateway)
+        late = gateway.add_tunnel("late")
+        stream.finish()
+        self.clock.advance(0)
+        self.assertIn(("go_away", "late", Reason.NO_TUNNEL), gateway.events)
+        self.assertTrue(late.draining)
+
+    def test_cut_at_timeout(self):
+        """Streams still open at drain_timeout are left to the stop, which resets them."""
+        gateway = FakeGateway(self.clock)
+        gateway.add_tunnel("busy", streams=1)
+        ended = self.start(gateway, timeout=5)
+        self.clock.advance(4.9)
+        self.assertNoResult(ended)
+        self.clock.advance(0.1)
+        self.assertEqual(self.successResultOf(ended), drain.TIMED_OUT)
+        self.assertEqual(self.logs[-1], "drain cut after the 5s drain_timeout (5.0s): 1 streams "
+                                        "still open are reset")
+        self.assertEqual(self.successResultOf(self.drain.when_ended()), drain.TIMED_OUT)
+
+    def test_cut(self):
+        """L{drain.Drain.cut} (a second signal) ends it at once."""
+        gateway = FakeGateway(self.clock)
+        gateway.add_tunnel("busy", streams=1)
+        ended = self.start(gateway)
+        self.clock.advance(1)
+        self.drain.cut()
+        self.assertEqual(self.successResultOf(ended), drain.CUT)
+        self.assertIn("drain cut by a second signal (1.0s)", self.logs[-1])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_fleet_left_first(self):
+        """In a fleet: deregister, keep serving FLEET_SETTLE seconds, then stop accepting."""
+        gateway = FakeGateway(self.clock, in_fleet=True)
+        gateway.add_tunnel("a")
+        ended = self.start(gateway)
+        self.assertEqual(gateway.events, ["leave_fleet"])
+        self.clock.advance(1)  # the registry takes a while
+        gateway.leaving.callback(None)
+        self.clock.advance(drain.FLEET_SETTLE - 0.01)
+        self.assertEqual(gateway.events, ["leave_fleet"])
+        self.clock.advance(0.01)
+        self.assertEqual(gateway.events[:3], ["leave_fleet", "stop_accepting",
+                                              ("go_away", "a", Reason.NO_TUNNEL)])
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
+
+    def test_stuck_registry_bounded(self):
+        """A registry that never answers holds the drain back LEAVE_TIMEOUT seconds at most."""
+        gateway = FakeGateway(self.clock, in_fleet=True)
+        ended = self.start(gateway)
+        self.clock.advance(drain.LEAVE_TIMEOUT)
+        self.assertEqual(gateway.events, ["leave_fleet"])
+        self.clock.advance(drain.FLEET_SETTLE)
+        self.assertEqual(gateway.events, ["leave_fleet", "stop_accepting"])
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
+
+    def test_cut_while_leaving(self):
+        """Cut before the fleet is left: nothing more is started, no timer is left."""
+        gateway = FakeGateway(self.clock, in_fleet=True)
+        ended = self.start(gateway)
+        self.drain.cut()
+        self.assertEqual(self.successResultOf(ended), drain.CUT)
+        gateway.leaving.callback(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(gateway.events, ["leave_fleet"])
+
+
+# -- a real gateway and client on loopback --------------------------------------
+
+def round_trip(sock, payload):
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def read_until_closed(sock):
+    """What arrives until the connection ends (EOF or reset), and whether it was reset."""
+    chunks = []
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks), False
+            chunks.append(chunk)
+    except ConnectionResetError:
+        return b"".join(chunks), True
+
+
+def refused(port):
+    """A Deferred firing with whether a TCP connect to C{port} is refused."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2)
+    connecting = endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
+
+    def connected(proto):
+        proto.transport.abortConnection()
+        return False
+
+    return connecting.addCallbacks(connected,
+                                   lambda failure: failure.check(error.ConnectionRefusedError)
+                                   is not None)
+
+
+class LoopbackDrainTests(unittest.TestCase):
+    """A gateway in this process drains with a live SOCKS5 stream through a real client."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.logs = drain_logs(self)
+        self.deployment = Deployment(self)
+        self.gateway = yield self.deployment.start_gateway(gateway={"drain_timeout": 30})
+        self.client = yield self.deployment.start_client()
+        self.echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+
+    @defer.inlineCallbacks
+    def open_echo(self):
+        sock = yield deferToThread(socks_connect, self.deployment.socks_port, "127.0.0.1",
+                                   self.echo_port)
+        self.addCleanup(sock.close)
+        self.assertEqual((yield deferToThread(round_trip, sock, b"before")), b"before")
+        return sock
+
+    @defer.inlineCallbacks
+    def test_open_stream_completes(self):
+        """An open stream goes on through the drain and its end ends the drain; users are refused."""
+        sock = yield self.open_echo()
+        [tunnel] = self.gateway.tunnel_pool.tunnels()
+        ended = self.gateway.drain(30)
+        self.assertTrue(tunnel.mux.go_away_sent)
+        yield self.gateway.draining.listeners_closed
+        deployment = self.deployment
+        for port in (deployment.socks_port, deployment.http_port, deployment.gateway_port):
+            self.assertTrue((yield refused(port)), port)
+        self.assertEqual((yield deferToThread(round_trip, sock, b"during the drain")),
+                         b"during the drain")
+        self.assertNoResult(ended)
+        sock.close()
+        self.assertEqual((yield ended), drain.FINISHED)
+        self.assertIn("drain started: 1 streams open on 1 client tunnels", self.logs[0])
+        self.assertIn("drain finished: every stream ended", self.logs[-1])
+        # The drained tunnel is closed, so its client would attach elsewhere.
+        factory = list(self.client.factories.values())[0]
+        yield wait_until(lambda: not factory.connected, timeout=5)
+        yield self.gateway.stopService()
+
+    @defer.inlineCallbacks
+    def test_cut_at_timeout(self):
+        """A stream open at drain_timeout is reset by the stop that follows."""
+        sock = yield self.open_echo()
+        clock = task.Clock()
+        ended = self.gateway.drain(5, clock=clock)
+        clock.advance(5)
+        self.assertEqual(self.successResultOf(ended), drain.TIMED_OUT)
+        reading = deferToThread(read_until_closed, sock)
+        yield self.gateway.stopService()
+        data, _ = yield reading
+        self.assertEqual(data, b"")
+        self.assertIn("drain cut after the 5s drain_timeout", self.logs[-1])
+
+    @defer.inlineCallbacks
+    def test_stop_service_drains(self):
+        """stopService drains (drain_timeout > 0): it fires only once the open stream ends."""
+        sock = yield self.open_echo()
+        stopped = self.gateway.stopService()
+        yield self.gateway.draining.listeners_closed
+        self.assertNoResult(stopped)
+        self.assertEqual((yield deferToThread(round_trip, sock, b"still")), b"still")
+        sock.close()
+        yield stopped
+        self.assertEqual(self.gateway.draining.outcome, drain.FINISHED)
+        self.assertFalse(self.gateway.running)
+
+    @defer.inlineCallbacks
+    def test_no_drain_when_zero(self):
+        """drain_timeout 0 stops at once, resetting open streams, as before."""
+        gateway = yield Deployment(self).start_gateway(gateway={"drain_timeout": 0})
+        yield gateway.stopService()
+        self.assertIsNone(gateway.draining)
+
+
+class FleetHookTests(unittest.TestCase):
+    """The gateway leaves its fleet through the registry's stop(); a no-op without one."""
+
+    @defer.inlineCallbacks
+    def test_leave_fleet(self):
+        """With a fleet node, leave_fleet stops its registry; without one it does nothing."""
+        gateway = yield Deployment(self).start_gateway(gateway={"drain_timeout": 0})
+        self.assertFalse(gateway.in_fleet)
+        self.assertIsNone(self.successResultOf(gateway.leave_fleet()))
+        stops = []
+
+        class Registry:
+            def stop(self):
+                stops.append("stop")
+                return defer.succeed(None)
+
+        class Node:
+            registry = Registry()
+
+        gateway.fleet = Node()
+        self.addCleanup(setattr, gateway, "fleet", None)
+        self.assertTrue(gateway.in_fleet)
+        self.successResultOf(gateway.leave_fleet())
+        self.assertEqual(stops, ["stop"])
+
+
+# -- a real twistd process --------------------------------------------------------
+
+class NoticedBlob(BlobResource):
+    """L{BlobResource} that fires C{requested} at its first blob request."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested = defer.Deferred()
+
+    def render_GET(self, request):
+        if request.path.startswith(b"/blob/") and not self.requested.called:
+            self.requested.callback(None)
+        return super().render_GET(request)
+
+
+class TwistdDrainTests(TwistdBase):
+    """SIGTERM to a real twistd gateway drains it."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def start(self):
+        gateway = self.start_gateway()
+        self.start_client()
+        yield wait_until(lambda: port_open(self.ports["socks"]))
+        # Through SOCKS5: the HTTP proxy would keep an idle upstream stream.
+        # Bounded in time (each try may take curl's 5 s).
+        deadline = reactor.seconds() + 30
+        while not (yield self.served("socks")):
+            self.assertLess(reactor.seconds(), deadline, "not served: " + gateway.text())
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        return gateway
+
+    @defer.inlineCallbacks
+    def test_sigterm_during_download(self):
+        """A download through SOCKS5 in progress at SIGTERM completes intact; the process exits."""
+        site = NoticedBlob()
+        target = listen_tcp(self, server.Site(site)).getHost().port
+        gateway = yield self.start()
+        size = 6 * MB
+        # curl reads at 2 MB/s, so SIGTERM lands mid-transfer.
+        download = run_curl("--socks5-hostname", "user:proxy-pw@127.0.0.1:%d" % self.ports["socks"],
+                            "--limit-rate", "2M", "http://127.0.0.1:%d/blob/%d" % (target, size))
+        yield site.requested.addTimeout(20, reactor)
+        gateway.transport.signalProcess("TERM")
+        yield wait_until(lambda: "drain started: 1 streams open" in gateway.text(), 10)
+        self.assertFalse(download.called)
+        yield wait_until(lambda: not port_open(self.ports["socks"]), 5)
+        out, err, code = yield download
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out == blob(size), "the download differs from the original")
+        yield gateway.ended
+        self.assertIn("drain finished: every stream ended", gateway.text())
+
+    @defer.inlineCallbacks
+    def test_second_signal_stops_at_once(self):
+        """A second SIGTERM during a drain that would last 30 s stops the process at once."""
+        gateway = yield self.start()
+        sock = yield deferToThread(socks_connect, self.ports["socks"], "127.0.0.1", self.echo,
+                                   username="user", password="proxy-pw")
+        self.addCleanup(sock.close)
+        self.assertEqual((yield deferToThread(round_trip, sock, b"hold")), b"hold")
+        gateway.transport.signalProcess("TERM")
+        yield wait_until(lambda: "drain started: 1 streams open" in gateway.text(), 10)
+        gateway.transport.signalProcess("TERM")
+        yield wait_until(lambda: gateway.ended.called, 10)
+        self.assertIn("SIGTERM during the drain: stopping now", gateway.text())
+        self.assertIn("drain cut by a second signal", gateway.text())

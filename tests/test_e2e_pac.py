@@ -1,0 +1,133 @@
+# -*- test-case-name: tests.test_e2e_pac -*-
+"""
+C{/proxy.pac} and C{/clash.yaml} end to end: the routes a client announces
+become a PAC file, and headless Chromium started with C{--proxy-pac-url}
+loads a private page through the proxy and a "public" page (another
+loopback server) directly; the gateway's access log shows which went
+through it.  Chromium resolves no name itself (C{--host-resolver-rules}).
+"""
+
+import json
+import os
+import time
+
+import yaml
+from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from tests.support import Deployment, listen_tcp, run_curl, web_site
+from tests.test_e2e_status import (
+    CHROMIUM, CHROMIUM_ARGS, SKIP_WITHOUT_CHROMIUM, STATUS_PASSWORD, STATUS_USER,
+    status_overrides)
+
+
+class ProfileTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.deployment = Deployment(self)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.access_log = os.path.join(directory, "access.jsonl")
+        overrides = status_overrides()
+        overrides["gateway"].update({"access_log": self.access_log,
+                                     "pac_extra_routes": ["10.9.0.0/16"]})
+        # An open HTTP proxy on loopback: a browser fed a PAC file has no way
+        # to answer a 407 in a headless test.
+        overrides["proxy"] = {"http": {"listen_addr": "127.0.0.1:0", "auth_username": "",
+                                       "auth_password": ""}}
+        yield self.deployment.start_gateway(**overrides)
+        self.status_port = self.deployment._port("status page")
+        self.private_port = listen_tcp(self, web_site()).getHost().port
+        self.public_port = listen_tcp(self, web_site(), interface="127.0.0.3").getHost().port
+        self.deployment.resolver.table["intranet.private.test"] = ["127.0.0.1"]
+        yield self.deployment.start_client(client={"routes": ["*.private.test"]})
+
+    def profile_url(self, path, credentials=True):
+        login = "%s:%s@" % (STATUS_USER, STATUS_PASSWORD) if credentials else ""
+        return "http://%s127.0.0.1:%d%s" % (login, self.status_port, path)
+
+    @defer.inlineCallbacks
+    def test_pac_and_clash_need_the_login(self):
+        for path in ("/proxy.pac", "/clash.yaml"):
+            out, _, _ = yield run_curl("-o", "/dev/null", "-w", "%{http_code}",
+                                       self.profile_url(path, credentials=False))
+            self.assertEqual(out, b"401")
+        pac, _, code = yield run_curl(self.profile_url("/proxy.pac"))
+        self.assertEqual(code, 0)
+        self.assertIn(b'var PROXY = "PROXY 127.0.0.1:%d";' % (self.deployment.http_port,), pac)
+        self.assertIn(b'"private.test"', pac)
+        self.assertIn(b'"10.9.0.0"', pac)
+        # The capability URLs (for browsers, which cannot log in for a PAC
+        # file): the right token opens them, a wrong one does not.
+        urls, _, _ = yield run_curl(self.profile_url("/api/profiles"))
+        urls = json.loads(urls)
+        self.assertTrue(urls["pac"].startswith("/proxy.pac?token="))
+        anonymous_pac, _, _ = yield run_curl(self.profile_url(urls["pac"], credentials=False))
+        self.assertEqual(anonymous_pac, pac)
+        out, _, _ = yield run_curl("-o", "/dev/null", "-w", "%{http_code}", self.profile_url(
+            urls["pac"][:-1] + ("0" if urls["pac"][-1] != "0" else "1"), credentials=False))
+        self.assertEqual(out, b"401")
+        self.assertNotIn(STATUS_PASSWORD, json.dumps(urls))
+        clash, _, _ = yield run_curl(self.profile_url(urls["clash"], credentials=False))
+        profile = yaml.safe_load(clash)
+        self.assertEqual(profile["rules"], [
+            "DOMAIN-SUFFIX,private.test,anyproxy", "IP-CIDR,10.9.0.0/16,anyproxy,no-resolve",
+            "MATCH,DIRECT"])
+        self.assertEqual(profile["proxies"][0]["port"], self.deployment.http_port)
+
+    @defer.inlineCallbacks
+    def test_browser_follows_the_pac(self):
+        if SKIP_WITHOUT_CHROMIUM:
+            raise unittest.SkipTest(SKIP_WITHOUT_CHROMIUM)
+        urls, _, _ = yield run_curl(self.profile_url("/api/profiles"))
+        pages = yield deferToThread(
+            browse, self.profile_url(json.loads(urls)["pac"], credentials=False),
+            ["http://intranet.private.test:%d/hello" % (self.private_port,),
+             "http://public.example:%d/hello" % (self.public_port,)])
+        self.assertEqual(pages, ["hello from the target", "hello from the target"])
+        # The gateway's records of what went through it: the streams still
+        # open (the HTTP proxy keeps its upstream connection for reuse) and
+        # the access log of those that ended.
+        out, _, _ = yield run_curl(self.profile_url("/api/streams"))
+        targets = [stream["target"] for stream in json.loads(out)["streams"]]
+        yield task.deferLater(reactor, 1.5, lambda: None)  # the access log flushes each second
+        if os.path.exists(self.access_log):
+            with open(self.access_log) as f:
+                targets += [json.loads(line)["target"] for line in f]
+        self.assertIn("intranet.private.test:%d" % (self.private_port,), targets)
+        self.assertFalse([t for t in targets if "public.example" in t], targets)
+
+
+def browse(pac_url, urls):
+    """Load each of C{urls} in headless Chromium configured by C{pac_url}; their texts."""
+    from playwright.sync_api import sync_playwright
+
+    args = CHROMIUM_ARGS + [
+        "--proxy-pac-url=" + pac_url,
+        # The browser resolves public.example itself (the PAC sends it DIRECT)
+        # and nothing else: a proxied name is resolved by the proxy.
+        "--host-resolver-rules=MAP public.example 127.0.0.3, MAP * ~NOTFOUND, "
+        "EXCLUDE 127.0.0.1, EXCLUDE 127.0.0.3"]
+    texts = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page()
+            for url in urls:
+                deadline = time.monotonic() + 15
+                while True:
+                    try:
+                        page.goto(url, timeout=10000)
+                        texts.append(page.inner_text("body").strip())
+                        break
+                    except Exception:
+                        # The PAC fetch races the first load.
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.2)
+        finally:
+            browser.close()
+    return texts

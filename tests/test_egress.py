@@ -1,0 +1,220 @@
+"""Tests for L{anyproxy.client.egress}: the handshakes, and the endpoint over loopback."""
+
+import base64
+
+from hypothesis import given, strategies as st
+from twisted.internet import defer, protocol, reactor, task
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from anyproxy.client.egress import (
+    EgressProxyEndpoint, EgressProxyError, HttpConnectHandshake, ProxyURL, Socks5Handshake,
+    proxy_from_environment)
+from tests.support import Echo, listen_tcp
+
+
+class ProxyURLTests(SynchronousTestCase):
+    def test_forms(self):
+        url = ProxyURL.parse("http://alice:p%40ss@proxy.corp:3128")
+        self.assertEqual((url.scheme, url.host, url.port, url.username, url.password),
+                         ("http", "proxy.corp", 3128, "alice", "p@ss"))
+        self.assertEqual(ProxyURL.parse("socks5://[::1]").port, 1080)
+        self.assertEqual(ProxyURL.parse("http://proxy").port, 3128)
+
+    def test_credentials_never_shown(self):
+        url = ProxyURL.parse("http://alice:topsecret@proxy:3128")
+        self.assertEqual(str(url), "http://proxy:3128")
+        self.assertNotIn("topsecret", repr(url))
+
+    def test_bad(self):
+        for text in ["ftp://proxy:21", "proxy:3128", "http://", "http://p:99999",
+                     "http://p:3128/path", "https://p:443"]:
+            with self.assertRaises(ValueError) as caught:
+                ProxyURL.parse(text)
+            self.assertNotIn("secret", str(caught.exception))
+
+    def test_environment(self):
+        env = {"HTTPS_PROXY": "http://u:pw@proxy:3128", "NO_PROXY": "internal.example,.lan"}
+        self.assertEqual(str(proxy_from_environment("gw.example.com", env)), "http://proxy:3128")
+        self.assertIsNone(proxy_from_environment("internal.example", env))
+        self.assertIsNone(proxy_from_environment("gw.lan", env))
+        self.assertIsNone(proxy_from_environment("gw.example.com", {}))
+        self.assertEqual(str(proxy_from_environment("gw", {"https_proxy": "socks5://s:1"})),
+                         "socks5://s:1")
+        self.assertIsNone(proxy_from_environment("gw", {"https_proxy": "http://p:1",
+                                                        "no_proxy": "*"}))
+
+
+class HttpConnectHandshakeTests(SynchronousTestCase):
+    def handshake(self, url="http://alice:pw@proxy:3128"):
+        return HttpConnectHandshake(ProxyURL.parse(url), "gw.example.com", 8443)
+
+    def test_request(self):
+        request = self.handshake().request()
+        token = base64.b64encode(b"alice:pw")
+        self.assertEqual(request, b"CONNECT gw.example.com:8443 HTTP/1.1\r\n"
+                                  b"Host: gw.example.com:8443\r\nUser-Agent: anyproxy-client\r\n"
+                                  b"Proxy-Authorization: Basic " + token + b"\r\n\r\n")
+        self.assertNotIn(b"Proxy-Authorization", self.handshake("http://proxy:1").request())
+
+    def test_success_in_pieces_keeps_the_rest(self):
+        handshake = self.handshake()
+        self.assertIsNone(handshake.receive(b"HTTP/1.1 200 Connection est"))
+        self.assertIsNone(handshake.receive(b"ablished\r\nVia: squid\r\n\r"))
+        self.assertEqual(handshake.receive(b"\n\x16\x03"), b"\x16\x03")
+
+    def test_refusals_name_the_hop_and_status(self):
+        with self.assertRaises(EgressProxyError) as caught:
+            self.handshake().receive(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+        self.assertIn("egress proxy http://proxy:3128 refused CONNECT gw.example.com:8443: 407",
+                      str(caught.exception))
+        self.assertNotIn("pw", str(caught.exception).replace("credentials", ""))
+        self.assertRaises(EgressProxyError, self.handshake().receive, b"SSH-2.0-x\r\n\r\n")
+        self.assertRaises(EgressProxyError, self.handshake().receive, b"x" * 20000)
+
+    @given(st.binary(max_size=300))
+    def test_garbage_never_crashes(self, data):
+        try:
+            self.handshake().receive(data)
+        except EgressProxyError:
+            pass
+
+
+class Socks5HandshakeTests(SynchronousTestCase):
+    def test_no_auth(self):
+        handshake = Socks5Handshake(ProxyURL.parse("socks5://s:1080"), "gw.example.com", 8443)
+        self.assertEqual(handshake.first(), b"\x05\x01\x00")
+        out, done, _ = handshake.receive(b"\x05\x00")
+        self.assertEqual(out, b"\x05\x01\x00\x03\x0egw.example.com\x20\xfb")
+        self.assertFalse(done)
+        out, done, rest = handshake.receive(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x00\x50extra")
+        self.assertEqual((out, done, rest), (b"", True, b"extra"))
+
+    def test_user_password(self):
+        handshake = Socks5Handshake(ProxyURL.parse("socks5://bob:pw@s:1080"), "10.0.0.1", 443)
+        self.assertEqual(handshake.first(), b"\x05\x02\x00\x02")
+        out, _, _ = handshake.receive(b"\x05\x02")
+        self.assertEqual(out, b"\x01\x03bob\x02pw")
+        out, _, _ = handshake.receive(b"\x01\x00")
+        self.assertEqual(out, b"\x05\x01\x00\x01\x0a\x00\x00\x01\x01\xbb")
+
+    def test_refusals(self):
+        def run(url, *answers):
+            handshake = Socks5Handshake(ProxyURL.parse(url), "gw", 1)
+            for answer in answers:
+                handshake.receive(answer)
+
+        self.assertRaises(EgressProxyError, run, "socks5://s:1", b"\x05\xff")
+        self.assertRaises(EgressProxyError, run, "socks5://s:1", b"\x05\x02")
+        self.assertRaises(EgressProxyError, run, "socks5://u:p@s:1", b"\x05\x02", b"\x01\x01")
+        with self.assertRaises(EgressProxyError) as caught:
+            run("socks5://s:1", b"\x05\x00", b"\x05\x05\x00\x01" + b"\0" * 6)
+        self.assertIn("connection refused", str(caught.exception))
+        self.assertRaises(EgressProxyError, run, "socks5://s:1", b"HTTP/1.1 400")
+
+    @given(st.lists(st.binary(max_size=40), max_size=5))
+    def test_garbage_never_crashes(self, chunks):
+        handshake = Socks5Handshake(ProxyURL.parse("socks5://u:p@s:1"), "gw", 1)
+        try:
+            for chunk in chunks:
+                handshake.receive(chunk)
+        except EgressProxyError:
+            pass
+
+
+class ConnectProxy(protocol.Protocol):
+    """A minimal CONNECT proxy for the endpoint test: answers, then relays to echo."""
+
+    def connectionMade(self):
+        self.buffer = b""
+        self.peer = None
+
+    def dataReceived(self, data):
+        if self.peer is not None:
+            self.peer.transport.write(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        head, rest = self.buffer.split(b"\r\n\r\n", 1)
+        self.factory.heads.append(head)
+        if self.factory.status != 200:
+            self.transport.write(b"HTTP/1.1 %d No\r\n\r\n" % (self.factory.status,))
+            self.transport.loseConnection()
+            return
+        target = head.split(b" ")[1].decode()
+        port = int(target.rsplit(":", 1)[1])
+        relay = protocol.ClientCreator(reactor, Relay, self)
+        relay.connectTCP("127.0.0.1", port).addCallback(self._connected, rest)
+
+    def _connected(self, peer, rest):
+        self.peer = peer
+        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if rest:
+            peer.transport.write(rest)
+
+    def connectionLost(self, reason):
+        if self.peer is not None:
+            self.peer.transport.loseConnection()
+
+
+class Relay(protocol.Protocol):
+    def __init__(self, back):
+        self.back = back
+
+    def dataReceived(self, data):
+        self.back.transport.write(data)
+
+    def connectionLost(self, reason):
+        self.back.transport.loseConnection()
+
+
+class Collect(protocol.Protocol):
+    def connectionMade(self):
+        self.received = b""
+        self.transport.write(b"ping through the proxy")
+
+    def dataReceived(self, data):
+        self.received += data
+
+
+class EndpointTests(TestCase):
+    def setUp(self):
+        self.echo = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        self.proxy_factory = protocol.Factory.forProtocol(ConnectProxy)
+        self.proxy_factory.heads, self.proxy_factory.status = [], 200
+        self.proxy_port = listen_tcp(self, self.proxy_factory).getHost().port
+
+    @defer.inlineCallbacks
+    def test_through_connect(self):
+        url = ProxyURL.parse("http://alice:pw@127.0.0.1:%d" % (self.proxy_port,))
+        endpoint = EgressProxyEndpoint(reactor, url, "127.0.0.1", self.echo, timeout=5)
+        client = yield endpoint.connect(protocol.Factory.forProtocol(Collect))
+        self.addCleanup(client.transport.loseConnection)
+        for _ in range(100):
+            if client.received:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(client.received, b"ping through the proxy")
+        self.assertIn(b"Proxy-Authorization: Basic", self.proxy_factory.heads[0])
+
+    @defer.inlineCallbacks
+    def test_refused(self):
+        self.proxy_factory.status = 403
+        url = ProxyURL.parse("http://127.0.0.1:%d" % (self.proxy_port,))
+        endpoint = EgressProxyEndpoint(reactor, url, "127.0.0.1", self.echo, timeout=5)
+        with self.assertRaises(EgressProxyError) as caught:
+            yield endpoint.connect(protocol.Factory.forProtocol(Collect))
+        self.assertIn("refused CONNECT 127.0.0.1:%d: 403" % (self.echo,), str(caught.exception))
+
+    @defer.inlineCallbacks
+    def test_unreachable(self):
+        port = listen_tcp(self, protocol.Factory.forProtocol(Echo))
+        number = port.getHost().port
+        yield port.stopListening()
+        url = ProxyURL.parse("http://u:secret@127.0.0.1:%d" % (number,))
+        endpoint = EgressProxyEndpoint(reactor, url, "127.0.0.1", self.echo, timeout=5)
+        with self.assertRaises(EgressProxyError) as caught:
+            yield endpoint.connect(protocol.Factory.forProtocol(Collect))
+        self.assertIn("could not reach egress proxy http://127.0.0.1:%d" % (number,),
+                      str(caught.exception))
+        self.assertNotIn("secret", str(caught.exception))

@@ -1,0 +1,42 @@
+"""Tests for L{anyproxy.memory}."""
+
+from twisted.internet import task
+from twisted.trial.unittest import SynchronousTestCase
+
+from anyproxy.memory import MALLOC_TRIM, ReleaseAfterBursts
+
+
+class ReleaseAfterBurstsTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.calls = []
+        self.release = ReleaseAfterBursts(self.clock, burst=3, quiet=5, trim=self.calls.append)
+
+    def test_no_release_for_a_trickle(self):
+        for _ in range(2):
+            self.release.handshake_done()
+            self.clock.advance(10)
+        self.assertEqual(self.calls, [])
+
+    def test_once_after_the_burst_is_quiet(self):
+        for _ in range(10):
+            self.release.handshake_done()
+            self.clock.advance(1)
+        self.assertEqual(self.calls, [])  # still busy: the timer keeps moving
+        self.clock.advance(5)
+        self.assertEqual(self.calls, [0])
+        self.clock.advance(60)
+        self.assertEqual(self.calls, [0])
+
+    def test_stop(self):
+        for _ in range(3):
+            self.release.handshake_done()
+        self.release.stop()
+        self.clock.advance(10)
+        self.assertEqual(self.calls, [])
+
+    def test_real_trim_runs(self):
+        """On glibc the real malloc_trim is found and callable."""
+        if MALLOC_TRIM is None:
+            raise self.skipTest("no malloc_trim in this C library")
+        self.assertIn(MALLOC_TRIM(0), (0, 1))
