@@ -9,6 +9,9 @@ so they are part of the wire format: add values, never renumber.
 """
 
 import enum
+import errno
+
+from twisted.internet import defer, error
 
 
 class Reason(enum.IntEnum):
@@ -125,3 +128,26 @@ class HelloRefused(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+def reason_for_failure(failure):
+    """The L{Reason} a failed resolve/connect maps to."""
+    exc = failure.value
+    if isinstance(exc, StreamOpenError):
+        return exc.reason
+    if isinstance(exc, error.ConnectionRefusedError):
+        return Reason.CONNECTION_REFUSED
+    if isinstance(exc, (error.TimeoutError, error.TCPTimedOutError, defer.TimeoutError,
+                        defer.CancelledError)):
+        return Reason.TIMED_OUT
+    if isinstance(exc, error.DNSLookupError):
+        return Reason.NAME_NOT_RESOLVED
+    # Before NoRouteError: Twisted raises NoRouteError for ENETUNREACH too.
+    os_error = getattr(exc, "osError", None)
+    if os_error == errno.ENETUNREACH:
+        return Reason.NETWORK_UNREACHABLE
+    if os_error in (errno.EHOSTUNREACH, errno.EHOSTDOWN):
+        return Reason.HOST_UNREACHABLE
+    if isinstance(exc, error.NoRouteError):
+        return Reason.HOST_UNREACHABLE
+    return Reason.GENERAL_FAILURE

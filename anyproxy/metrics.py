@@ -32,7 +32,10 @@ code (including OpenMetrics negotiation) synchronously instead.
 The page is served by an L{anyproxy.operator_site.OperatorSite}, as the
 status page is: optional Basic auth (C{metrics_username}/C{metrics_password};
 required off loopback unless C{metrics_allow_anonymous}), a deadline for each
-request, at most L{MAX_CONNECTIONS} open connections.
+request, at most L{MAX_CONNECTIONS} open connections.  The gateway's also
+answers C{GET /ready} without the login, for balancers' health checks
+(L{anyproxy.gateway.drain.ReadinessPage}, added by
+L{anyproxy.gateway.app.make_gateway_service}).
 """
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -472,9 +475,9 @@ def metrics_site(registry, reactor, username="", password="",
                  request_timeout=DEFAULT_REQUEST_TIMEOUT, max_connections=MAX_CONNECTIONS):
     """
     The C{IProtocolFactory} serving C{registry} at C{/metrics} (404
-    elsewhere): an L{OperatorSite}, so with a deadline for each request, a
-    cap on connections and no access log (a scrape every few seconds is not
-    worth a line).
+    elsewhere, but for the gateway's C{/ready}): an L{OperatorSite}, so with
+    a deadline for each request, a cap on connections and no access log (a
+    scrape every few seconds is not worth a line).
 
     @param username: the Basic login scrapers must give (C{metrics_username});
         empty = none.  C{site.set_login} changes it on reload.

@@ -31,7 +31,7 @@ from twisted.internet import defer  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
 from anyproxy.gateway import tunnel_pool as current  # noqa: E402
-from anyproxy.gateway.pac import Routes  # noqa: E402
+from anyproxy.routes import Routes  # noqa: E402
 from anyproxy.tunnel import endpoint as endpoint_module  # noqa: E402
 
 

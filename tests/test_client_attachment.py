@@ -104,6 +104,9 @@ class MemoryRegistry:
     def release_port(self, port, owner):
         return defer.succeed(None)
 
+    def port_holder(self, port):
+        return defer.succeed(None)
+
 
 # -- the chooser ------------------------------------------------------------------
 

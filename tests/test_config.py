@@ -638,6 +638,29 @@ class OpenPortsInterfaceTests(ConfigTestMixin, SynchronousTestCase):
             self.assertIn("not an IP address", message)
 
 
+class DrainDelayTests(ConfigTestMixin, SynchronousTestCase):
+    """gateway.drain_delay: seconds >= 0, default 0, and less than drain_timeout."""
+
+    def test_default(self):
+        """Absent: 0, the listeners close as the drain begins."""
+        gateway = self.load(GATEWAY).gateway
+        self.assertEqual((gateway.drain_delay, gateway.drain_timeout), (0.0, 30.0))
+
+    def test_value(self):
+        """A number of seconds below drain_timeout is taken; any, with no drain on SIGTERM."""
+        self.assertEqual(self.load(GATEWAY + "  drain_delay: 5\n").gateway.drain_delay, 5.0)
+        gateway = self.load(GATEWAY + "  drain_delay: 5\n  drain_timeout: 0\n").gateway
+        self.assertEqual((gateway.drain_delay, gateway.drain_timeout), (5.0, 0.0))
+
+    def test_bad(self):
+        """A negative delay, or one reaching drain_timeout, is refused at gateway.drain_delay."""
+        message = self.error(GATEWAY + "  drain_delay: -1\n")
+        self.assertTrue(message.startswith("gateway.drain_delay: must be >= 0"), message)
+        message = self.error(GATEWAY + "  drain_delay: 10\n  drain_timeout: 10\n")
+        self.assertEqual(message, "gateway.drain_delay: must be less than drain_timeout (10), "
+                                  "which bounds the whole drain, got 10")
+
+
 # The YAML keys of each config class: a contract with users' files (add keys,
 # never rename them).  A field's name is its key, so this catches a
 # renamed field as well as a renamed key.
@@ -655,7 +678,7 @@ CONTRACT = {
         "metrics_username", "metrics_password", "metrics_allow_anonymous", "status_addr",
         "status_username", "status_password", "queue_size", "queue_timeout", "clients",
         "auth_groups", "auth_max_tunnels", "fleet", "drain_timeout", "access_log",
-        "auth_throttle", "pac_proxy_addr", "pac_proxy_type", "pac_extra_routes"},
+        "auth_throttle", "pac_proxy_addr", "pac_proxy_type", "pac_extra_routes", "drain_delay"},
     ThrottleConfig: {"failures", "window", "block"},
     FleetConfig: {"redis", "node_id", "peer_addr", "peer_ca", "peer_cert", "peer_key",
                   "advertise_addr", "heartbeat", "keep_peers"},

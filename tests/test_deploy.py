@@ -16,6 +16,7 @@ import sys
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
@@ -53,7 +54,9 @@ def haproxy_env(gateways, bind_ports, stats_port):
     The environment deploy/haproxy/anyproxy.cfg reads: every address given,
     on loopback, so nothing is looked up by name.
 
-    @param gateways: three C{{"tunnel": port, "socks": port, "http": port}}.
+    @param gateways: three C{{"tunnel": port, "socks": port, "http": port,
+        "ready": port}}; C{"ready"} is the metrics listener's, where the
+        health checks ask C{GET /ready}.
     """
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ANYPROXY_BIND": "127.0.0.1",
            "ANYPROXY_STATS_ADDR": "127.0.0.1:%d" % stats_port}
@@ -61,8 +64,20 @@ def haproxy_env(gateways, bind_ports, stats_port):
         env["ANYPROXY_%s_PORT" % kind.upper()] = str(port)
     for number, ports in enumerate(gateways, 1):
         for kind, port in ports.items():
-            env["ANYPROXY_GW%d_%s" % (number, kind.upper())] = "127.0.0.1:%d" % port
+            if kind == "ready":
+                env["ANYPROXY_GW%d_READY_PORT" % number] = str(port)
+            else:
+                env["ANYPROXY_GW%d_%s" % (number, kind.upper())] = "127.0.0.1:%d" % port
     return env
+
+
+# HAProxy's stats CSV columns (management guide, "CSV format").
+CSV_REDISPATCHES = 16
+CSV_STATUS = 17
+CSV_CHECK_STATUS = 36
+CSV_CHECK_CODE = 37
+BACKENDS = ("anyproxy_tunnels", "anyproxy_socks5", "anyproxy_http")
+GATEWAY_PORTS = ("tunnel", "socks", "http", "ready")
 
 
 class HaproxyConfigTests(unittest.TestCase):
@@ -79,10 +94,27 @@ class HaproxyConfigTests(unittest.TestCase):
         return haproxy_env(gateways, self.bind_ports, self.stats_port)
 
     @defer.inlineCallbacks
+    def start_gateway(self, deployment, **gateway):
+        """A gateway with its metrics listener on loopback; returns its ports."""
+        gateway.setdefault("metrics_addr", "127.0.0.1:0")
+        service = yield deployment.start_gateway(gateway=gateway)
+        return service, {"tunnel": deployment.gateway_port, "socks": deployment.socks_port,
+                         "http": deployment.http_port,
+                         "ready": service.listeners["metrics"].port.getHost().port}
+
+    @defer.inlineCallbacks
+    def stats(self):
+        """HAProxy's status CSV: C{{(backend, server): columns}}."""
+        response = yield Agent(reactor).request(
+            b"GET", b"http://127.0.0.1:%d/;csv" % self.stats_port)
+        text = (yield readBody(response)).decode("utf-8")
+        return {tuple(row.split(",")[:2]): row.split(",")
+                for row in text.splitlines() if row and not row.startswith("#")}
+
+    @defer.inlineCallbacks
     def test_config_checks(self):
         """haproxy -c accepts the config, rendered with free ports, without a warning."""
-        gateways = [{kind: free_port() for kind in ("tunnel", "socks", "http")}
-                    for _ in range(3)]
+        gateways = [{kind: free_port() for kind in GATEWAY_PORTS} for _ in range(3)]
         out, err, code = yield getProcessOutputAndValue(
             self.haproxy, ("-c", "-f", HAPROXY_CONFIG), env=self.env(gateways))
         text = (out + err).decode("utf-8", "replace")
@@ -99,10 +131,8 @@ class HaproxyConfigTests(unittest.TestCase):
         redispatch), before the health checks mark the dead ones down.
         """
         deployment = Deployment(self)
-        gateway = yield deployment.start_gateway()
-        live = {"tunnel": deployment.gateway_port, "socks": deployment.socks_port,
-                "http": deployment.http_port}
-        dead = [{kind: free_port() for kind in live} for _ in range(2)]
+        gateway, live = yield self.start_gateway(deployment)
+        dead = [{kind: free_port() for kind in GATEWAY_PORTS} for _ in range(2)]
         # gw1 and gw2 refuse: with leastconn and no connection yet, the
         # first server in the list is tried first.
         yield self.start_haproxy(dead + [live])
@@ -125,16 +155,46 @@ class HaproxyConfigTests(unittest.TestCase):
             self.assertEqual((out, code), (b"hello from the target\n", 0), err)
 
         # HAProxy's page shows the live gateway up and the others going down.
-        agent = Agent(reactor)
-        response = yield agent.request(b"GET", b"http://127.0.0.1:%d/;csv" % self.stats_port)
-        stats = (yield readBody(response)).decode("utf-8")
-        # CSV columns: pxname, svname, ... 16 wredis (redispatches), 17 status.
-        rows = {tuple(row.split(",")[:2]): row.split(",")
-                for row in stats.splitlines() if row and not row.startswith("#")}
-        for backend in ("anyproxy_tunnels", "anyproxy_socks5", "anyproxy_http"):
-            self.assertTrue(rows[(backend, "gw3")][17].startswith("UP"), rows)
-            # Refused connects were sent on to another server, not failed.
-            self.assertGreater(int(rows[(backend, "BACKEND")][16]), 0, rows)
+        rows = yield self.stats()
+        for backend in BACKENDS:
+            self.assertTrue(rows[(backend, "gw3")][CSV_STATUS].startswith("UP"), rows)
+            # Refused connects were sent on to another server, not failed,
+            # unless the checks (every 0.5 s once one failed) were quicker.
+            redispatched = int(rows[(backend, "BACKEND")][CSV_REDISPATCHES])
+            down = all(rows[(backend, dead)][CSV_STATUS] == "DOWN" for dead in ("gw1", "gw2"))
+            self.assertTrue(redispatched > 0 or down, rows)
+
+    @defer.inlineCallbacks
+    def test_draining_gateway_taken_out_while_accepting(self):
+        """
+        Once a drain begins, every backend's GET /ready check sees 503 and
+        takes the gateway out within inter + fastinter (2.5 s) and a margin,
+        while its proxy and tunnel listeners still accept (drain_delay).
+        """
+        deployment = Deployment(self)
+        gateway, live = yield self.start_gateway(deployment, drain_timeout=30, drain_delay=20)
+        dead = [{kind: free_port() for kind in GATEWAY_PORTS} for _ in range(2)]
+        yield self.start_haproxy([live] + dead)
+
+        @defer.inlineCallbacks
+        def statuses(check_code=None):
+            rows = yield self.stats()
+            return {backend: rows[(backend, "gw1")][CSV_STATUS] for backend in BACKENDS
+                    if check_code is None or rows[(backend, "gw1")][CSV_CHECK_CODE] == check_code}
+
+        # Up, and its /ready answered 200 to every backend's check.
+        yield wait_until(lambda: statuses("200").addCallback(
+            lambda found: found == dict.fromkeys(BACKENDS, "UP")), 10)
+        gateway.drain(30, clock=Clock())  # the delay never ends: its listeners stay open
+        self.addCleanup(gateway.cut_drain)
+        started = reactor.seconds()
+        yield wait_until(lambda: statuses("503").addCallback(
+            lambda found: found == dict.fromkeys(BACKENDS, "DOWN")), 10)
+        taken_out = reactor.seconds() - started
+        self.assertLess(taken_out, 4.5)
+        self.assertIsNone(gateway.draining.listeners_closed)
+        for port in (live["tunnel"], live["socks"], live["http"]):
+            self.assertTrue(port_open(port), port)
 
     def start_haproxy(self, gateways):
         watcher = ProcessWatcher()
@@ -236,13 +296,33 @@ class KubernetesTests(unittest.TestCase):
             for port in service["spec"]["ports"]:
                 self.assertIn(port["targetPort"], declared)
 
+    def gateway_yaml(self):
+        return yaml.safe_load(self.by_name("ConfigMap", "anyproxy-gateway")["data"]
+                              ["gateway.yaml"])
+
     def test_grace_above_drain(self):
-        """Pods get longer than drain_timeout (plus preStop) to stop."""
-        config = yaml.safe_load(self.by_name("ConfigMap", "anyproxy-gateway")["data"]
-                                ["gateway.yaml"])
+        """Pods get longer than drain_timeout (which includes drain_delay) to stop."""
+        config = self.gateway_yaml()
         pod = self.by_name("Deployment", "anyproxy-gateway")["spec"]["template"]["spec"]
         self.assertGreater(pod["terminationGracePeriodSeconds"],
                            config["gateway"]["drain_timeout"] + 5)
+
+    def test_readiness_probe(self):
+        """
+        The readinessProbe asks GET /ready on the metrics port the config
+        listens on, and drain_delay outlasts the probe's detection time.
+        """
+        config = self.gateway_yaml()["gateway"]
+        [container] = self.by_name("Deployment", "anyproxy-gateway")["spec"]["template"][
+            "spec"]["containers"]
+        probe = container["readinessProbe"]
+        self.assertEqual(probe["httpGet"]["path"], "/ready")
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        self.assertEqual(":%d" % ports[probe["httpGet"]["port"]],
+                         config["metrics_addr"][config["metrics_addr"].rindex(":"):])
+        self.assertGreater(config["drain_delay"],
+                           probe["periodSeconds"] * probe["failureThreshold"])
+        self.assertLess(config["drain_delay"], config["drain_timeout"])
 
     def test_gateway_config_loads(self):
         """The ConfigMap's gateway.yaml loads, with test certificates in place of the Secret's."""

@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule
-from anyproxy.client.dialer import Dialer, reason_for_failure, resolve
+from anyproxy.client.dialer import Dialer, resolve
+from anyproxy.errors import reason_for_failure
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.splice import SpliceEnd
 from anyproxy.tunnel.mux import Mux

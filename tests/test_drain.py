@@ -10,11 +10,14 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher, formatEvent
 from twisted.trial import unittest
 from twisted.web import server
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
 
 from anyproxy.errors import Reason
 from anyproxy.gateway import drain
 from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
-from tests.support import BlobResource, Deployment, Echo, blob, listen_tcp, run_curl
+from tests.support import (
+    BlobResource, Deployment, Echo, basic_token, blob, listen_tcp, run_curl)
 from tests.test_e2e_tcp import socks_connect
 from tests.test_e2e_twistd import TwistdBase, port_open, wait_until
 
@@ -139,8 +142,8 @@ class DrainStepsTests(unittest.TestCase):
         self.clock = task.Clock()
         self.logs = drain_logs(self)
 
-    def start(self, gateway, timeout=30):
-        self.drain = drain.Drain(gateway, self.clock, timeout)
+    def start(self, gateway, timeout=30, delay=0.0):
+        self.drain = drain.Drain(gateway, self.clock, timeout, delay=delay)
         return self.drain.start()
 
     def test_no_streams_ends_at_once(self):
@@ -263,14 +266,55 @@ class DrainStepsTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(ended), drain.FINISHED)
 
     def test_cut_while_leaving(self):
-        """Cut before the fleet is left: nothing more is started, no timer is left."""
+        """Cut before the fleet is left: the listeners close, nothing more starts, no timer left."""
         gateway = FakeGateway(self.clock, in_fleet=True)
         ended = self.start(gateway)
         self.drain.cut()
         self.assertEqual(self.successResultOf(ended), drain.CUT)
         gateway.leaving.callback(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.assertEqual(gateway.events, ["leave_fleet"])
+        self.assertEqual(gateway.events, ["leave_fleet", "stop_accepting"])
+
+    def test_delay_keeps_accepting(self):
+        """With drain_delay the listeners stay open that long, then the steps go on as before."""
+        gateway = FakeGateway(self.clock)
+        gateway.add_tunnel("a")
+        ended = self.start(gateway, delay=4)
+        self.assertEqual(self.logs[1], "drain: /ready answers 503; the proxy and tunnel listeners "
+                                       "keep accepting for 4s (drain_delay) while balancers notice")
+        self.clock.advance(3.99)
+        self.assertEqual(gateway.events, [])
+        self.assertNoResult(ended)
+        self.clock.advance(0.01)
+        self.assertEqual(gateway.events[:2],
+                         ["stop_accepting", ("go_away", "a", Reason.NO_TUNNEL)])
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
+
+    def test_delay_and_fleet_settle_later_wins(self):
+        """In a fleet the listeners close at the later of drain_delay and leaving + FLEET_SETTLE."""
+        for delay, left_at, closes_at in [(4, 1, 4), (1.5, 1, 1 + drain.FLEET_SETTLE),
+                                          (0, 0.5, 0.5 + drain.FLEET_SETTLE)]:
+            clock = self.clock = task.Clock()
+            gateway = FakeGateway(clock, in_fleet=True)
+            self.start(gateway, delay=delay)
+            self.assertEqual(gateway.events, ["leave_fleet"])  # at once, delay or not
+            clock.advance(left_at)
+            gateway.leaving.callback(None)
+            clock.advance(closes_at - left_at - 0.01)
+            self.assertEqual(gateway.events, ["leave_fleet"], delay)
+            clock.advance(0.01)
+            self.assertEqual(gateway.events, ["leave_fleet", "stop_accepting"], delay)
+
+    def test_deadline_within_delay_closes_listeners(self):
+        """A deadline reached during the delay (the API's shorter timeout) still closes them."""
+        gateway = FakeGateway(self.clock)
+        gateway.add_tunnel("a")
+        ended = self.start(gateway, timeout=2, delay=5)
+        self.clock.advance(2)
+        self.assertEqual(self.successResultOf(ended), drain.TIMED_OUT)
+        self.assertEqual(gateway.events, ["stop_accepting"])
+        self.assertIsNotNone(self.drain.listeners_closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 # -- a real gateway and client on loopback --------------------------------------
@@ -390,6 +434,114 @@ class LoopbackDrainTests(unittest.TestCase):
         gateway = yield Deployment(self).start_gateway(gateway={"drain_timeout": 0})
         yield gateway.stopService()
         self.assertIsNone(gateway.draining)
+
+
+class ReadinessTests(unittest.TestCase):
+    """
+    C{GET /ready} on the metrics and status listeners, without their logins:
+    200, then 503 from a drain's first moment while the proxy and tunnel
+    listeners still accept for C{drain_delay}, then those close.
+    """
+
+    timeout = 60
+    DELAY = 10
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.deployment = Deployment(self)
+        self.gateway = yield self.deployment.start_gateway(gateway={
+            "drain_timeout": 30, "drain_delay": self.DELAY,
+            "metrics_addr": "127.0.0.1:0", "metrics_username": "scraper",
+            "metrics_password": "metrics-pw", "status_addr": "127.0.0.1:0",
+            "status_username": "ops", "status_password": "status-pw"})
+        # Run before the gateway's stop, which would otherwise drain for DELAY seconds.
+        self.addCleanup(self.cut_drain)
+        yield self.deployment.start_client()
+        self.echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+
+    def cut_drain(self):
+        """A drain (on a clock of its own, if none has begun) cut at once."""
+        self.gateway.drain(30, clock=task.Clock())
+        self.gateway.cut_drain()
+
+    @defer.inlineCallbacks
+    def get(self, listener, path, method=b"GET", login=None):
+        """C{(status, body)} of one request to the gateway's listener C{listener}."""
+        port = self.gateway.listeners[listener].port.getHost().port
+        headers = Headers()
+        if login is not None:
+            headers.addRawHeader(b"authorization", b"Basic " + basic_token(*login).encode())
+        response = yield Agent(reactor).request(
+            method, b"http://127.0.0.1:%d%s" % (port, path), headers)
+        body = yield readBody(response)
+        return response.code, body
+
+    @defer.inlineCallbacks
+    def answers(self, path=b"/ready", method=b"GET"):
+        """C{{listener: (status, body)}} of both operator listeners, without a login."""
+        found = {}
+        for listener in ("metrics", "status page"):
+            found[listener] = yield self.get(listener, path, method)
+        return found
+
+    @defer.inlineCallbacks
+    def echo_served(self):
+        """A new SOCKS5 connection through the gateway carries an echo."""
+        sock = yield deferToThread(socks_connect, self.deployment.socks_port, "127.0.0.1",
+                                   self.echo_port)
+        try:
+            return (yield deferToThread(round_trip, sock, b"served")) == b"served"
+        finally:
+            sock.close()
+
+    @defer.inlineCallbacks
+    def test_ready_without_login(self):
+        """A running gateway answers 200 "ready" to anyone; the other pages still want the login."""
+        self.assertTrue(self.gateway.ready)
+        ready = (200, b"ready\n")
+        self.assertEqual((yield self.answers()), {"metrics": ready, "status page": ready})
+        self.assertEqual((yield self.answers(method=b"HEAD")),
+                         {"metrics": (200, b""), "status page": (200, b"")})
+        self.assertEqual((yield self.get("metrics", b"/metrics"))[0], 401)
+        self.assertEqual((yield self.get("status page", b"/api/status"))[0], 401)
+        # Only /ready itself: a path below it goes through the login.
+        self.assertEqual((yield self.get("metrics", b"/ready/more"))[0], 401)
+        code, body = yield self.get("metrics", b"/metrics", login=("scraper", "metrics-pw"))
+        self.assertEqual(code, 200)
+
+    @defer.inlineCallbacks
+    def test_draining_not_ready_while_accepting(self):
+        """
+        From the drain's start /ready answers 503 "draining"; new users are
+        still served until drain_delay has passed, then the listeners close
+        (and /ready stays 503 on the pages that stay up).
+        """
+        clock = task.Clock()
+        self.gateway.drain(30, clock=clock)
+        self.assertFalse(self.gateway.ready)
+        draining = (503, b"draining\n")
+        self.assertEqual((yield self.answers()), {"metrics": draining, "status page": draining})
+        self.assertTrue((yield self.echo_served()))
+        clock.advance(self.DELAY - 0.1)
+        self.assertIsNone(self.gateway.draining.listeners_closed)
+        self.assertTrue((yield self.echo_served()))
+        for port in (self.deployment.socks_port, self.deployment.http_port,
+                     self.deployment.gateway_port):
+            self.assertFalse((yield refused(port)), port)
+        clock.advance(0.1)
+        yield self.gateway.draining.listeners_closed
+        for port in (self.deployment.socks_port, self.deployment.http_port,
+                     self.deployment.gateway_port):
+            self.assertTrue((yield refused(port)), port)
+        self.assertEqual((yield self.answers()), {"metrics": draining, "status page": draining})
+
+    @defer.inlineCallbacks
+    def test_stopped_not_ready(self):
+        """Without a drain (drain_timeout 0) the gateway is not ready once it stops."""
+        gateway = yield Deployment(self).start_gateway(gateway={"drain_timeout": 0})
+        self.assertTrue(gateway.ready)
+        yield gateway.stopService()
+        self.assertFalse(gateway.ready)
 
 
 class FleetHookTests(unittest.TestCase):

@@ -29,7 +29,7 @@ from twisted.web.http_headers import Headers
 
 from tests.redis_server import REDIS_SERVER, RedisServer
 from tests.support import AnswerAfterEOF, Echo, TestPKI, basic_token, blob, listen_tcp, web_site
-from tests.test_deploy import HAPROXY_CONFIG, haproxy_env
+from tests.test_deploy import BACKENDS, CSV_STATUS, HAPROXY_CONFIG, haproxy_env
 from tests.test_e2e_tcp import recv_all, socks_connect
 from tests.test_e2e_twistd import ROOT, TWISTD, ProcessWatcher, free_port, port_open, sleep
 from tests.test_e2e_udp import UdpEcho, listen_udp
@@ -39,7 +39,11 @@ BULK = 20 * MB  # once per group and proxy kind through HAProxy
 DIRECT = 2 * MB  # on each gateway's own ports, per group and proxy kind
 HEARTBEAT = 1.0  # gateway.fleet.heartbeat: a silent node leaves within 3 s
 KEEP_PEERS = 3.0  # gateway.fleet.keep_peers: the view kept while Redis is away
-DRAIN_TIMEOUT = 5.0
+# gateway.drain_delay: twice the 2.5 s deploy/haproxy/anyproxy.cfg takes to
+# see /ready fail (inter 2 s + fastinter 0.5 s), so no connection HAProxy
+# sends reaches a closing listener; drain_timeout bounds the whole drain.
+DRAIN_DELAY = 5.0
+DRAIN_TIMEOUT = 10.0
 RECONNECT_MAX = 1.0  # client.reconnect_max_delay: the client's backoff bound
 DOWNLOAD_RATE = 2 * 1024 * 1024  # bytes/s the download through a draining gateway is read at
 GROUPS = ("alpha", "beta")
@@ -205,7 +209,8 @@ class Fleet:
             cert_path = self._write(node_id + "-peer.crt",
                                     b"".join(pem.bytes() for pem in cert.cert_chain_pems))
             key_path = self._write(node_id + "-peer.key", cert.private_key_pem.bytes())
-            ports = {kind: free_port() for kind in ("tunnel", "socks", "http", "peer", "status")}
+            ports = {kind: free_port() for kind in ("tunnel", "socks", "http", "peer", "status",
+                                                    "metrics")}
             gateway = Gateway(node_id, os.path.join(self.directory, node_id + ".yaml"), ports)
             gateway.peer_files = (cert_path, key_path)
             self.gateways[node_id] = gateway
@@ -245,6 +250,9 @@ class Fleet:
                 "users": [{"username": user(group)[0], "password": user(group)[1],
                            "group": group} for group in GROUPS],
                 "ping_interval": 1, "no_tunnel_wait": 3, "drain_timeout": DRAIN_TIMEOUT,
+                "drain_delay": DRAIN_DELAY,
+                # GET /ready, HAProxy's health check of all three backends.
+                "metrics_addr": "127.0.0.1:%d" % ports["metrics"],
                 "status_addr": "127.0.0.1:%d" % ports["status"],
                 "status_username": STATUS_LOGIN[0], "status_password": STATUS_LOGIN[1],
                 "fleet": {
@@ -310,7 +318,8 @@ class Fleet:
             with open(gateway.config_path, "w") as f:
                 yaml.safe_dump(self.gateway_config(gateway), f)
         yield defer.gatherResults([self.start_gateway(node) for node in NODES])
-        env = haproxy_env([{kind: g.ports[kind] for kind in ("tunnel", "socks", "http")}
+        env = haproxy_env([dict({kind: g.ports[kind] for kind in ("tunnel", "socks", "http")},
+                                ready=g.ports["metrics"])
                            for g in self.gateways.values()],
                           {kind: self.front[kind] for kind in ("tunnel", "socks", "http")},
                           self.front["stats"])
@@ -332,6 +341,16 @@ class Fleet:
         yield self.wait_until(lambda: self.registered(node_id), 30,
                               why=lambda: "%s registered:\n%s" % (node_id,
                                                                   gateway.process.text()))
+
+    @defer.inlineCallbacks
+    def balanced(self, node_id):
+        """Whether HAProxy has gateway C{node_id} UP in every backend (its /ready answered)."""
+        agent = Agent(reactor, connectTimeout=2)
+        response = yield agent.request(b"GET", b"http://127.0.0.1:%d/;csv" % self.front["stats"])
+        rows = [row.split(",") for row in (yield readBody(response)).decode().splitlines()]
+        found = {row[0]: row[CSV_STATUS] for row in rows if len(row) > CSV_STATUS
+                 and row[1] == node_id}
+        return all(found.get(backend) == "UP" for backend in BACKENDS)
 
     @defer.inlineCallbacks
     def registered(self, node_id):
@@ -685,7 +704,7 @@ class RequestLoop:
 class RollingRestartTests(FleetTestCase):
     """Every gateway restarted with SIGTERM, one by one, under a request loop."""
 
-    timeout = 120
+    timeout = 180  # three drains of DRAIN_DELAY and more, each restart's attach
 
     @defer.inlineCallbacks
     def test_rolling_restart_fails_no_request(self):
@@ -705,7 +724,7 @@ class RollingRestartTests(FleetTestCase):
             for node_id in NODES:
                 gateway = fleet.gateways[node_id]
                 # A download that outlasts the SIGTERM: read at DOWNLOAD_RATE,
-                # it takes about 2 s, well within the drain timeout.
+                # it takes about 2 s, well within the drain.
                 started = threading.Event()
 
                 def pace(count, started=started, clock=[]):
@@ -739,8 +758,13 @@ class RollingRestartTests(FleetTestCase):
                 # Read at DOWNLOAD_RATE behind a small receive buffer, a cut
                 # stream would have lost its tail: it finished within the drain.
                 self.assertIn("drain started", gateway.process.text())
+                self.assertIn("keep accepting for %gs (drain_delay)" % (DRAIN_DELAY,),
+                              gateway.process.text())
                 yield fleet.start_gateway(node_id)
                 yield fleet.wait_attached(timeout=20)
+                # As docs/FLEET.md says: the next one only once HAProxy sends
+                # users to this one again.
+                yield fleet.wait_until(lambda: fleet.balanced(node_id), 10)
             yield sleep(1)
             yield loop.stop()
             stopped = True

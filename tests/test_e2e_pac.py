@@ -74,7 +74,7 @@ class ProfileTests(unittest.TestCase):
         clash, _, _ = yield run_curl(self.profile_url(urls["clash"], credentials=False))
         profile = yaml.safe_load(clash)
         self.assertEqual(profile["rules"], [
-            "DOMAIN-SUFFIX,private.test,anyproxy", "IP-CIDR,10.9.0.0/16,anyproxy,no-resolve",
+            "DOMAIN-SUFFIX,private.test,AnyProxy", "IP-CIDR,10.9.0.0/16,AnyProxy,no-resolve",
             "MATCH,DIRECT"])
         self.assertEqual(profile["proxies"][0]["port"], self.deployment.http_port)
 

@@ -222,9 +222,10 @@ class NewestFormTests(unittest.TestCase):
             "gateway.proxy.tuic", "gateway.auth_username", "gateway.web.static_dir",
             "gateway.web.session_key", "client.web"])
         lines = go_format.warnings_for(config, "client")
-        self.assertEqual(lines, ["%s: client.web: the client has no web console: nothing "
-                                 "listens on :8091 (client.metrics_addr serves Prometheus "
-                                 "metrics)" % (config.path,)])
+        self.assertEqual(lines, ["%s: client.web: the Go web console is not started: nothing "
+                                 "listens on :8091 (set client.status_addr with "
+                                 "status_username/status_password for AnyProxy's status "
+                                 "page)" % (config.path,)])
         self.assertEqual(len(go_format.warnings_for(config, "gateway")), 4)
 
     def test_complete_example(self):
@@ -237,8 +238,9 @@ class NewestFormTests(unittest.TestCase):
         self.assertEqual(config.log.file, os.path.join(self.dir.path, "logs", "anyproxy.log"))
         self.assertEqual(config.log.effective_output(), "file")
         self.assertEqual(config.client.gateway_addrs, (("gateway.example.com", 9091),))
-        self.assertIn(("client.web", "the client has no web console: nothing listens on :8091 "
-                                     "(client.metrics_addr serves Prometheus metrics)"),
+        self.assertIn(("client.web", "the Go web console is not started: nothing listens on "
+                                     ":8091 (set client.status_addr with status_username/"
+                                     "status_password for AnyProxy's status page)"),
                       config.warnings)
 
     def test_demo_pair(self):
@@ -564,7 +566,7 @@ class GoFormTwistdTests(unittest.TestCase):
         for path in ("gateway.proxy.tuic", "gateway.web.static_dir", "gateway.web.session_key"):
             self.assertIn("configs/gateway.yaml: %s: " % (path,), text)
         self.assertIn("gateway.open_ports_allowed", text)
-        self.assertIn("configs/client.yaml: client.web: the client has no web console",
+        self.assertIn("configs/client.yaml: client.web: the Go web console is not started",
                       client.text())
         for watcher in (gateway, client):
             for secret in ("demo-group-secret", "demo-tunnel-secret", "demo-admin-secret"):

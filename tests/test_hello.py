@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anyproxy import __version__
 from anyproxy.errors import HelloRefused
-from anyproxy.gateway.pac import Routes
+from anyproxy.routes import Routes
 from anyproxy.tunnel import frames, hello
 from anyproxy.tunnel.hello import (
     MAX_GROUP_PASSWORD,

@@ -7,7 +7,8 @@ import subprocess
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.gateway.pac import Routes, clash_profile, pac_file
+from anyproxy.gateway.pac import clash_profile, pac_file
+from anyproxy.routes import Routes
 
 # The PAC helpers a browser provides, as the PAC spec defines them (no DNS).
 PAC_RUNTIME = r"""
@@ -73,5 +74,5 @@ class ClashTests(SynchronousTestCase):
         self.assertEqual(profile["proxies"], [{"name": "anyproxy", "type": "socks5",
                                                "server": "gw.example.com", "port": 1080}])
         self.assertEqual(profile["rules"], [
-            "DOMAIN-SUFFIX,corp.example,anyproxy", "IP-CIDR,10.1.0.0/16,anyproxy,no-resolve",
-            "IP-CIDR6,fd00::/8,anyproxy,no-resolve", "MATCH,DIRECT"])
+            "DOMAIN-SUFFIX,corp.example,AnyProxy", "IP-CIDR,10.1.0.0/16,AnyProxy,no-resolve",
+            "IP-CIDR6,fd00::/8,AnyProxy,no-resolve", "MATCH,DIRECT"])

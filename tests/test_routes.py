@@ -26,8 +26,8 @@ from anyproxy.client.app import ROUTES_RELOAD_NOTE, make_client_service
 from anyproxy.config.load import load_config
 from anyproxy.errors import ConfigError, Reason, StreamOpenError
 from anyproxy.fleet.pool import FleetTunnelPool
-from anyproxy.gateway.pac import Routes
-from anyproxy.gateway.routing import UNROUTED, RouteMatcher, Target, route_texts
+from anyproxy.gateway.routing import UNROUTED, RouteMatcher, Target
+from anyproxy.routes import Routes, route_texts
 from anyproxy.gateway.status.api import tunnel_status
 from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
 from anyproxy.tunnel.endpoint import TunnelEndpoint

@@ -6,7 +6,6 @@ checked addresses (never re-resolving, so DNS rebinding cannot slip past the
 check), then splice the stream to the target socket.
 """
 
-import errno
 import functools
 import ipaddress
 
@@ -18,36 +17,13 @@ from zope.interface import implementer
 
 from anyproxy.client.udp import TargetAssociation, UdpStats, serves_udp
 from anyproxy.limits import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
-from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.errors import Reason, StreamOpenError, reason_for_failure
 from anyproxy.limits import Limiter
 from anyproxy.logs import emits
 from anyproxy.records import record_of
 from anyproxy.splice import SpliceEnd
 
 log = Logger()
-
-
-def reason_for_failure(failure):
-    """The L{Reason} a failed resolve/connect maps to."""
-    exc = failure.value
-    if isinstance(exc, StreamOpenError):
-        return exc.reason
-    if isinstance(exc, error.ConnectionRefusedError):
-        return Reason.CONNECTION_REFUSED
-    if isinstance(exc, (error.TimeoutError, error.TCPTimedOutError, defer.TimeoutError,
-                        defer.CancelledError)):
-        return Reason.TIMED_OUT
-    if isinstance(exc, error.DNSLookupError):
-        return Reason.NAME_NOT_RESOLVED
-    # Before NoRouteError: Twisted raises NoRouteError for ENETUNREACH too.
-    os_error = getattr(exc, "osError", None)
-    if os_error == errno.ENETUNREACH:
-        return Reason.NETWORK_UNREACHABLE
-    if os_error in (errno.EHOSTUNREACH, errno.EHOSTDOWN):
-        return Reason.HOST_UNREACHABLE
-    if isinstance(exc, error.NoRouteError):
-        return Reason.HOST_UNREACHABLE
-    return Reason.GENERAL_FAILURE
 
 
 @implementer(IResolutionReceiver)

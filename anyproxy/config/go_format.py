@@ -343,8 +343,9 @@ class Translation:
         web = self.mapping("client.web", client.pop("web", None))
         self.check_keys("client.web", web, GO_WEB_KEYS)
         if self.boolean("client.web", web, "enabled"):
-            self.warn("client.web", "the client has no web console: nothing listens on %s "
-                                    "(client.metrics_addr serves Prometheus metrics)"
+            self.warn("client.web", "the Go web console is not started: nothing listens on %s "
+                                    "(set client.status_addr with status_username/"
+                                    "status_password for AnyProxy's status page)"
                       % (web.get("listen_addr") or "its address",))
         data[CLIENT] = client
 

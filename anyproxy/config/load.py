@@ -39,7 +39,7 @@ from anyproxy.frontends.lookup import (
     UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
 from anyproxy.interfaces import OptionError
 from anyproxy.passwords import check_hash_format
-from anyproxy.gateway.routing import Routes, route_texts
+from anyproxy.routes import Routes, route_texts
 from anyproxy.tunnel.hello import (
     MAX_GROUP_PASSWORD, MAX_ROUTES, MAX_ROUTES_BYTES, MAX_WEIGHT, MIN_WEIGHT)
 
@@ -401,8 +401,21 @@ def _gateway(node):
         **metrics,
         status_addr=status_addr, status_endpoint=status_endpoint,
         status_username=status_username, status_password=status_password,
-        fleet=_fleet(node), drain_timeout=node.number("drain_timeout"),
+        fleet=_fleet(node), **_drain(node),
         access_log=_access_log(node), auth_throttle=_auth_throttle(node), **_pac(node))
+
+
+def _drain(node):
+    """
+    C{gateway.drain_timeout} and C{gateway.drain_delay}: the timeout bounds
+    the whole drain, so a delay must end before it (anyproxy.gateway.drain).
+    """
+    timeout = node.number("drain_timeout")
+    delay = node.number("drain_delay")
+    if timeout > 0 and delay >= timeout:
+        node.fail("drain_delay", "must be less than drain_timeout (%g), which bounds the "
+                  "whole drain, got %g" % (timeout, delay))
+    return {"drain_timeout": timeout, "drain_delay": delay}
 
 
 def _access_log(node):

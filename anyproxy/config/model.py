@@ -294,9 +294,14 @@ class GatewayConfig:
     pac_proxy_type = setting("")  # "http" | "socks5"; empty: see above
     pac_extra_routes = setting(())
     fleet = setting(None)  # FleetConfig, or None: one gateway on its own
-    # Seconds open streams may finish after SIGTERM, once the gateway has
-    # left the fleet, told its clients to go and stopped taking users.
+    # Seconds the drain after SIGTERM may take, drain_delay included: open
+    # streams finish once the gateway has left the fleet, stopped taking
+    # users and told its clients to go (anyproxy.gateway.drain).
     drain_timeout = setting(30.0)
+    # Seconds of that drain during which the listeners still accept while
+    # GET /ready answers 503: above the balancer's time to notice (HAProxy's
+    # inter + (fall - 1) x fastinter), so nothing lands on a closing socket.
+    drain_delay = setting(0.0)
     access_log = setting("")  # one JSON line per user stream (anyproxy.gateway.access_log)
     auth_throttle = setting(factory=ThrottleConfig)  # failed logins: delays, then blocks
 

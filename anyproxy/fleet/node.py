@@ -97,7 +97,7 @@ class FleetNode(MultiService):
     port_claims = None  # the FleetPortClaims, once share_forwarded_ports is called
 
     def port_lost(self, port, owner):
-        """The registry found a port we claimed held by another node (see L{share_forwarded_ports})."""
+        """A port we claimed was found held by another node (see L{share_forwarded_ports})."""
         if self.port_claims is not None:
             self.port_claims.port_lost(port, owner)
 
@@ -173,6 +173,48 @@ class FleetNode(MultiService):
             streams=sum(tunnel.active_streams for tunnel in tunnels), tunnels=len(tunnels),
             logins=self._local_logins())
 
+    def status(self, draining=False):
+        """
+        The fleet as this node sees it, for the status page and
+        C{/api/status} (L{anyproxy.gateway.status.api}): a JSON-able dict.
+
+          - C{node}: this node's id; C{nodes}: this node's record (C{self}
+            true) and every live other one, each with its peer and tunnel
+            addresses, the groups it holds, its load (C{streams},
+            C{tunnels}) and C{draining};
+          - C{registry}: whether the store answers (C{healthy}), seconds
+            since it last did (C{view_age}, C{null} if unknown or never) and
+            its failed round trips (C{errors});
+          - C{relayed}: streams relayed, by side (C{sent}: our users' streams
+            opened on a peer; C{served}: peers' streams opened on our
+            tunnels): open now, opened, failed, and payload bytes (C{in}
+            from users, C{out} back to them); C{links} up now;
+          - C{ports}: the forwarded ports this node holds fleet-wide.
+
+        @param draining: whether this gateway is draining (its record is
+            gone from the registry by then).
+        """
+        registry = self.registry
+        own = _record_status(self.local_record(), this=True)
+        own["draining"] = bool(draining)
+        nodes = [own] + [_record_status(record) for record in registry.nodes()]
+        view_age = getattr(registry, "view_age", None)
+        age = view_age() if view_age is not None else None
+        errors = getattr(registry, "redis_errors", None)
+        dialed, accepted = self._link_counts()
+        claims = self.port_claims.held() if self.port_claims is not None else {}
+        return {
+            "node": registry.node_id,
+            "nodes": nodes,
+            "registry": {"healthy": bool(registry.healthy),
+                         "view_age": round(age, 3) if age is not None else None,
+                         "errors": errors if isinstance(errors, int) else None},
+            "relayed": _relayed_status(self.metrics),
+            "links": {"dialed": dialed, "accepted": accepted},
+            "ports": [{"port": port, "group": owner[0], "client_id": owner[1]}
+                      for port, owner in sorted(claims.items())],
+        }
+
     def peer_address(self):
         """
         C{host:port} where peers reach this node: C{fleet.peer_addr}, with
@@ -195,6 +237,8 @@ class FleetNode(MultiService):
             if gateway.fleet is not None:
                 self.links.configure(gateway.fleet)
                 self.links.link_wait = min(gateway.handshake_timeout, DEFAULT_LINK_WAIT)
+                if self.port_claims is not None:
+                    self.port_claims.retry_interval = gateway.fleet.heartbeat
             return server_apply()
 
         return apply
@@ -213,6 +257,44 @@ class FleetNode(MultiService):
         yield self.registry.stop()
         self.links.close_all()
         yield super().stopService()
+
+
+def _record_status(record, this=False):
+    """One L{NodeRecord} for the status API (no logins: they are verifiers, not for display)."""
+    return {"node_id": record.node_id, "self": this, "peer_addr": record.peer_addr,
+            "tunnel_addr": record.tunnel_addr, "groups": list(record.groups),
+            "streams": record.streams, "tunnels": record.tunnels,
+            "draining": bool(record.draining)}
+
+
+def _relayed_status(metrics):
+    """
+    C{{side: {active, opened, failed, bytes_in, bytes_out}}} from the relay's
+    Prometheus metrics (L{RelayMetrics}), read as a scrape reads them.
+    """
+    from anyproxy.fleet.relay_metrics import SIDES
+    sides = {side: {"active": 0, "opened": 0, "failed": 0, "bytes_in": 0, "bytes_out": 0}
+             for side in SIDES}
+    for family in metrics.streams.collect():
+        for sample in family.samples:
+            side = sides.get(sample.labels.get("side"))
+            if side is None or not sample.name.endswith("_total"):
+                continue
+            outcome = sample.labels.get("outcome")
+            if outcome == "ok":
+                side["opened"] += int(sample.value)
+            elif outcome != "cancelled":
+                side["failed"] += int(sample.value)
+    for family in metrics.collect():
+        for sample in family.samples:
+            side = sides.get(sample.labels.get("side"))
+            if side is None:
+                continue
+            if family.name == "anyproxy_fleet_relayed_bytes":
+                side["bytes_" + sample.labels["direction"]] = int(sample.value)
+            elif family.name == "anyproxy_fleet_relayed_streams_active":
+                side["active"] = int(sample.value)
+    return sides
 
 
 def redis_registry(node):

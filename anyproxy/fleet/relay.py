@@ -29,8 +29,7 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from anyproxy.client.dialer import reason_for_failure
-from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.errors import Reason, StreamOpenError, reason_for_failure
 from anyproxy.splice import SpliceEnd
 from anyproxy.tunnel.endpoint import DEFAULT_OPEN_TIMEOUT, bound_open
 

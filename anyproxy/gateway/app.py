@@ -42,7 +42,7 @@ from zope.interface import implementer
 from anyproxy.auth import GroupLogins, Logins
 from anyproxy.bandwidth import BandwidthLimits
 from anyproxy.errors import StreamOpenError
-from anyproxy.gateway.drain import Drain
+from anyproxy.gateway.drain import Drain, serve_readiness
 from anyproxy.gateway.frontend_listeners import Frontends
 from anyproxy.gateway.port_forwarding.forwarder import PortForwarding
 from anyproxy.gateway.port_forwarding.forwarder import log_policy as log_port_policy
@@ -469,6 +469,15 @@ class Gateway(MultiService):
         return applied
 
     @property
+    def ready(self):
+        """
+        Whether balancers should send this gateway new connections (C{GET
+        /ready}, L{anyproxy.gateway.drain.ReadinessPage}): running, and no
+        drain begun.
+        """
+        return bool(self.running) and self.draining is None
+
+    @property
     def in_fleet(self):
         """Whether this gateway is a node of a fleet (C{gateway.fleet})."""
         return self.fleet is not None
@@ -503,16 +512,18 @@ class Gateway(MultiService):
 
     def drain(self, timeout, clock=None):
         """
-        Drain the gateway (L{anyproxy.gateway.drain}): leave the fleet, stop
-        accepting, send GOAWAY on every tunnel and let open streams finish
-        for up to C{timeout} seconds.  Only the first call starts it.
+        Drain the gateway (L{anyproxy.gateway.drain}): fail C{/ready}, leave
+        the fleet, keep accepting for C{gateway.drain_delay} seconds, stop
+        accepting, send GOAWAY on every tunnel and let open streams finish;
+        all within C{timeout} seconds.  Only the first call starts it.
 
         @param clock: the C{IReactorTime} for its deadline (the reactor by
             default).
         @return: a Deferred firing with the drain's outcome when it ends.
         """
         if self.draining is None:
-            self.draining = Drain(self, clock if clock is not None else self.reactor, timeout)
+            self.draining = Drain(self, clock if clock is not None else self.reactor, timeout,
+                                  delay=self.config.gateway.drain_delay)
             return self.draining.start()
         return self.draining.when_ended()
 
@@ -627,5 +638,7 @@ def make_gateway_service(config, reactor, make_fleet_registry=None):
     for page in (status_page, metrics_page):
         if page.site is not None:
             page.site.use_logins(logins)
+            # GET /ready without the login: balancers' health checks see a drain begin.
+            serve_readiness(page.site, lambda: service.ready)
     management.gateway = service  # drain, reload, config: the whole gateway
     return service

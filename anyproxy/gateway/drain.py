@@ -2,7 +2,8 @@
 """
 The graceful drain of a stopping gateway (SIGTERM under twistd, with
 C{gateway.drain_timeout} > 0): L{Drain}, run by
-L{anyproxy.gateway.app.Gateway.stopService}.
+L{anyproxy.gateway.app.Gateway.stopService}, and the readiness page
+balancers check (L{ReadinessPage}, C{GET /ready}).
 
 Theory of operation
 -------------------
@@ -11,37 +12,55 @@ balancer, with a fleet or with clients that reconnect, the users and clients
 have somewhere else to go; what they must not lose is the work in flight.
 So the drain moves everything new elsewhere first and only then waits:
 
+  0. I{Fail readiness}: from the drain's first moment C{GET /ready} on the
+     metrics and status listeners (L{ReadinessPage}) answers 503.  A
+     balancer's health check (HAProxy's C{option httpchk GET /ready}, a
+     Kubernetes readinessProbe) takes this gateway out of rotation while it
+     still serves everything as before.
   1. I{Leave the fleet} (L{anyproxy.gateway.app.Gateway.leave_fleet}, a
      no-op without one): the registry deregisters this node, so other
      gateways stop relaying to it and clients are no longer told to attach
      to it.  Other nodes hear of it through pub/sub in well under a second,
      so this node keeps serving for L{FLEET_SETTLE} seconds more: a stream a
      peer relays in that window still finds the local tunnels usable.
-  2. I{Stop accepting}: the proxy listeners and the tunnel listener close.
+  2. I{Wait for the balancer}: the listeners stay open until
+     C{gateway.drain_delay} seconds after the start (and the fleet's settle
+     after leaving, whichever is later).  A connection the balancer sends
+     before its check has noticed is served here.  Closing a listening
+     socket resets the connections still in its accept backlog, after the
+     balancer's connect to them succeeded; HAProxy cannot retry those
+     (C{retries} and C{redispatch} cover failed connects only), so the
+     delay must outlast the balancer's detection time (docs/FLEET.md).
+  3. I{Stop accepting}: the proxy listeners and the tunnel listener close.
      A balancer's next connect is refused and goes to another server
      (HAProxy's C{option redispatch}); a client reconnecting through it
      lands elsewhere.  Connections already accepted go on.
-  3. I{GOAWAY} on every client tunnel, and on the links peers dialed to
+  4. I{GOAWAY} on every client tunnel, and on the links peers dialed to
      us: the client (or peer) opens no stream on it and neither do we
-     (L{anyproxy.tunnel.mux.Mux.go_away}); its open streams go on.  Each tunnel is closed as soon as it carries no stream
+     (L{anyproxy.tunnel.mux.Mux.go_away}); its open streams go on.  Each
+     tunnel is closed as soon as it carries no stream
      (L{anyproxy.tunnel.mux.Mux.when_drained}), so its client reconnects
      (within its backoff) to another gateway while others still finish.
-  4. I{Wait} for the open streams, up to the timeout: the streams of every
+  5. I{Wait} for the open streams, up to the timeout: the streams of every
      local tunnel (users', forwarded ports', those relayed in from peers)
      and the frontend streams opened through peer links (relayed out).
      Waiting is event-driven (each stream's C{notify_closed}); once they
      are all done the set is taken again, since a connection accepted
-     before step 2 may have opened one since.
+     before step 3 may have opened one since.
 
-The drain ends when no stream is left, at the deadline, or when L{Drain.cut}
-is called (a second SIGTERM or SIGINT, L{anyproxy.twistd.gateway}); then
-the gateway stops as it always did, resetting whatever is still open.  One
-log line says when it starts and one how it ended.
+C{drain_timeout} bounds the whole drain, the delay included (it is what a
+service manager's stop timeout must cover).  The drain ends when no stream
+is left after step 3, at the deadline, or when L{Drain.cut} is called (a
+second SIGTERM or SIGINT, L{anyproxy.twistd.gateway}); a drain that ends
+before step 3 closes the listeners then.  The gateway then stops as it
+always did, resetting whatever is still open.  One log line says when it
+starts and one how it ended.
 """
 
 import attr
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.web import resource
 
 from anyproxy.errors import Reason
 
@@ -90,7 +109,10 @@ class Drain:
 
     @ivar gateway: the L{anyproxy.gateway.app.Gateway} draining.
     @ivar clock: the C{IReactorTime} the deadline and the settle run on.
-    @ivar timeout: seconds the open streams may take, from L{start}.
+    @ivar timeout: seconds the whole drain may take, from L{start}.
+    @ivar delay: seconds from L{start} during which the listeners still
+        accept (C{gateway.drain_delay}): the balancer's time to see
+        C{/ready} fail.
     @ivar outcome: C{None} while running, then L{FINISHED}, L{TIMED_OUT}
         or L{CUT}.
     @ivar listeners_closed: C{None} until the drain stops accepting, then a
@@ -100,6 +122,7 @@ class Drain:
     gateway = attr.ib()
     clock = attr.ib()
     timeout = attr.ib()
+    delay = attr.ib(default=0.0)
     outcome = attr.ib(default=None)
     listeners_closed = attr.ib(default=None)
     _started = attr.ib(default=None)
@@ -115,13 +138,21 @@ class Drain:
                  "may finish within {timeout:g}s (drain_timeout)",
                  streams=len(self.open_streams()), tunnels=len(tunnels), timeout=self.timeout)
         self._timers.append(self.clock.callLater(self.timeout, self._end, TIMED_OUT))
+        # The listeners close once both waits are over: the balancer's (from
+        # now, as /ready fails from now) and the fleet's (after leaving it).
+        waits = []
+        if self.delay > 0:
+            log.info("drain: /ready answers 503; the proxy and tunnel listeners keep "
+                     "accepting for {delay:g}s (drain_delay) while balancers notice",
+                     delay=self.delay)
+            waits.append(self._sleep(self.delay))
         if gateway.in_fleet:
             leaving = first_of(self.clock, gateway.leave_fleet(), LEAVE_TIMEOUT)
             self._timers.append(leaving.timer)
             leaving.addCallback(lambda _: self._sleep(FLEET_SETTLE))
-        else:
-            leaving = defer.succeed(None)
-        leaving.addCallback(lambda _: self._move_on())
+            waits.append(leaving)
+        waited = defer.gatherResults(waits) if waits else defer.succeed(None)
+        waited.addCallback(lambda _: self._move_on())
         return self.when_ended()
 
     def when_ended(self):
@@ -204,6 +235,10 @@ class Drain:
         for timer in self._timers:
             if timer.active():
                 timer.cancel()
+        if self.listeners_closed is None:
+            # Ended within drain_delay (a deadline shorter than the delay, or
+            # a second signal): whatever follows, take no more connections.
+            self.listeners_closed = self.gateway.stop_accepting()
         elapsed = self.clock.seconds() - self._started
         if outcome == FINISHED:
             log.info("drain finished: every stream ended, after {elapsed:.1f}s",
@@ -217,3 +252,43 @@ class Drain:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(outcome)
+
+
+class ReadinessPage(resource.Resource):
+    """
+    C{GET /ready} (and C{HEAD}): 200 C{ready} while the gateway takes new
+    users and tunnels, 503 C{draining} from the moment a drain begins (see
+    the module docstring), and nothing else: it is served without the
+    listener's login (L{serve_readiness}), so it tells no more than a
+    connect would.  HAProxy's C{option httpchk GET /ready}
+    (deploy/haproxy/anyproxy.cfg) and a Kubernetes C{readinessProbe}
+    (deploy/kubernetes/anyproxy.yaml) check it.
+    """
+
+    isLeaf = True
+
+    def __init__(self, ready):
+        """
+        @param ready: C{ready()} -> whether the gateway is ready (not
+            draining); read at each request.
+        """
+        super().__init__()
+        self._ready = ready
+
+    def render_GET(self, request):
+        ready = self._ready()
+        request.setResponseCode(200 if ready else 503)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return b"ready\n" if ready else b"draining\n"
+
+
+def serve_readiness(site, ready):
+    """
+    Serve a L{ReadinessPage} at C{/ready} on C{site} (an
+    L{anyproxy.operator_site.OperatorSite}) to every request, without its
+    login; the site's request deadline and connection cap still apply.
+
+    @param ready: as L{ReadinessPage}'s.
+    """
+    site.add_capability(b"ready", ReadinessPage(ready), lambda request: True)

@@ -12,57 +12,9 @@ address (as typed, IPv4 or IPv6) against the networks.  A private name
 that only resolves inside the site belongs in the routes as a name.
 """
 
-import ipaddress
 import json
 
-import attr
 import yaml
-
-
-@attr.s(frozen=True, slots=True)
-class Routes:
-    """Name patterns and networks, deduplicated and in a stable order."""
-
-    suffixes = attr.ib(default=())  # "corp.example" for "*.corp.example"
-    names = attr.ib(default=())  # exact names
-    networks = attr.ib(default=())  # ipaddress networks
-
-    @classmethod
-    def of(cls, patterns):
-        """
-        From route texts (C{"*.corp.example"}, C{"db.lan"}, C{"10.1.0.0/16"},
-        C{"fd00::/8"}); raise L{ValueError} naming a bad one.
-        """
-        suffixes, names, networks = set(), set(), set()
-        for pattern in patterns:
-            text = pattern.strip().lower().rstrip(".")
-            if not text:
-                raise ValueError("empty route")
-            try:
-                networks.add(ipaddress.ip_network(text, strict=False))
-                continue
-            except ValueError:
-                pass
-            if text.startswith("*."):
-                text = text[2:]
-                target = suffixes
-            else:
-                target = names
-            if not text or not all(label and len(label) < 64 and
-                                   all(c.isalnum() or c in "-_" for c in label)
-                                   for label in text.split(".")):
-                raise ValueError("%r is not a CIDR, a name or a *.domain pattern" % (pattern,))
-            target.add(text)
-        return cls(tuple(sorted(suffixes)), tuple(sorted(names)),
-                   tuple(sorted(networks, key=lambda n: (n.version, n))))
-
-    def __add__(self, other):
-        return Routes.of([*("*." + s for s in self.suffixes + other.suffixes),
-                          *self.names, *other.names,
-                          *(str(n) for n in self.networks + other.networks)])
-
-    def empty(self):
-        return not (self.suffixes or self.names or self.networks)
 
 
 def pac_file(routes, proxy):
@@ -114,15 +66,17 @@ def clash_profile(routes, proxy_type, server, port, name="anyproxy"):
 
     @param proxy_type: C{"http"} or C{"socks5"}.
     """
-    rules = ["DOMAIN-SUFFIX,%s,%s" % (s, name) for s in routes.suffixes]
-    rules += ["DOMAIN,%s,%s" % (n, name) for n in routes.names]
-    rules += ["%s,%s,%s,no-resolve" % ("IP-CIDR" if n.version == 4 else "IP-CIDR6", n, name)
+    # The rules name the group, so a user may switch it to DIRECT in Clash.
+    group = "AnyProxy"
+    rules = ["DOMAIN-SUFFIX,%s,%s" % (s, group) for s in routes.suffixes]
+    rules += ["DOMAIN,%s,%s" % (n, group) for n in routes.names]
+    rules += ["%s,%s,%s,no-resolve" % ("IP-CIDR" if n.version == 4 else "IP-CIDR6", n, group)
               for n in routes.networks]
     rules.append("MATCH,DIRECT")
     profile = {
         "mode": "rule",
         "proxies": [{"name": name, "type": proxy_type, "server": server, "port": port}],
-        "proxy-groups": [{"name": "AnyProxy", "type": "select", "proxies": [name, "DIRECT"]}],
+        "proxy-groups": [{"name": group, "type": "select", "proxies": [name, "DIRECT"]}],
         "rules": rules,
     }
     return "# AnyProxy: the routes its clients announce, through the gateway.\n" + \

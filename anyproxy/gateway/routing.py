@@ -6,7 +6,7 @@ specifically.
 
 Each client announces its routes in its HELLO: networks (CIDRs), exact
 names and C{*.domain} patterns (the domain and every name under it), as
-L{anyproxy.gateway.pac.Routes} reads them.  For a new stream the gateway's
+L{anyproxy.routes.Routes} reads them.  For a new stream the gateway's
 tunnel pool asks each tunnel's L{RouteMatcher} how specifically it matches
 the target (L{RouteMatcher.specificity}) and keeps the most specific:
 
@@ -25,7 +25,6 @@ import ipaddress
 
 import attr
 
-from anyproxy.gateway.pac import Routes
 
 # Specificities compare as tuples, higher first: (kind, length).  A client
 # without routes matches anything, below every route (kind 0); a network
@@ -34,16 +33,6 @@ from anyproxy.gateway.pac import Routes
 UNROUTED = (0, 0)
 _PATTERN = 1
 _EXACT = 2
-
-
-def route_texts(routes):
-    """
-    The canonical texts of a L{Routes}, as the config keeps them and the
-    HELLO and the status page carry them: C{*.domain} patterns, exact names,
-    then networks.
-    """
-    return tuple(["*." + suffix for suffix in routes.suffixes] + list(routes.names)
-                 + [str(network) for network in routes.networks])
 
 
 @attr.s(frozen=True, slots=True)
@@ -79,7 +68,7 @@ class RouteMatcher:
 
     def __init__(self, routes):
         """
-        @param routes: a non-empty L{Routes}.
+        @param routes: a non-empty L{anyproxy.routes.Routes}.
         """
         self.routes = routes
         self._names = frozenset(routes.names)
@@ -147,5 +136,4 @@ def most_specific(tunnels, target, avoid=None):
     return best
 
 
-__all__ = ["UNROUTED", "Routes", "RouteMatcher", "Target", "matcher_for", "most_specific",
-           "route_texts"]
+__all__ = ["UNROUTED", "RouteMatcher", "Target", "matcher_for", "most_specific"]

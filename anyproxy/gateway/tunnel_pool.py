@@ -31,7 +31,8 @@ from zope.interface import implementer
 from twisted.logger import Logger
 
 from anyproxy.errors import ConfigError, Reason, StreamOpenError
-from anyproxy.gateway.routing import Target, matcher_for, most_specific, route_texts
+from anyproxy.gateway.routing import Target, matcher_for, most_specific
+from anyproxy.routes import route_texts
 from anyproxy.interfaces import ITunnelPool
 
 log = Logger()

@@ -47,7 +47,7 @@ from anyproxy import __version__
 from anyproxy.addresses import dial_address, host_port
 from anyproxy.auth import DEFAULT_GROUP
 from anyproxy.errors import HelloRefused
-from anyproxy.gateway.pac import Routes
+from anyproxy.routes import Routes
 from anyproxy.tunnel.frames import CLOSE_BAD_HELLO, MAX_HOST_LENGTH
 
 # The HELLO's C{version}; a gateway refuses any other.

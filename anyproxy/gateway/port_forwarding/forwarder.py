@@ -415,11 +415,20 @@ class PortForwarding:
         try:
             self._listen(forward, request)
         except error.CannotListenError as e:
-            if self.claims is not None:
-                self.claims.release(request.remote_port, request.protocol, owner)
-            return [self._refuse(tunnel, each, "cannot listen on port %s: %s"
-                                 % (each.label, e.socketError or e))
-                    for tunnel, each in members]
+            if self.claims is None:
+                return [self._refuse(tunnel, each, "cannot listen on port %s: %s"
+                                     % (each.label, e.socketError or e))
+                        for tunnel, each in members]
+            # In a fleet the port may be held by a gateway of this host that
+            # has just let its claim go and not yet closed it: ask again.
+            self.claims.release(request.remote_port, request.protocol, owner)
+            answers = []
+            for tunnel, each in members:
+                self._wait(tunnel, each)
+                answers.append(self._refuse(
+                    tunnel, each, "cannot listen on port %s: %s (asked again every %g s)"
+                    % (each.label, e.socketError or e, self.claims.retry_interval), UNDECIDED))
+            return answers
         self._forwards[request.key] = forward
         return [self._join(forward, tunnel, each) for tunnel, each in members]
 

@@ -27,6 +27,13 @@ Traffic counters are read defensively: a tunnel (or its mux) that has no byte
 or stream counters reports C{null} for them, and the page shows "n/a".  The
 traffic totals run since the gateway started: L{TrafficHistory} adds up the
 counters of each tunnel as the pool lets it go.
+
+In a fleet (C{gateway.fleet}) the answer has a C{fleet} key
+(L{anyproxy.fleet.node.FleetNode.status}): this node's id, every node with
+the groups it holds, its load and whether it drains, the registry's health,
+relayed streams and the forwarded ports this node holds.  Without a fleet
+the key is absent.  It too comes from the fleet's cached view and counters,
+never a round trip to the registry.
 """
 
 import json
@@ -121,7 +128,7 @@ def tunnel_status(tunnel, now):
     }
 
 
-def status_snapshot(tunnel_pool, started_at, now, history=None):
+def status_snapshot(tunnel_pool, started_at, now, history=None, fleet=None):
     """
     What C{/api/status} answers: the gateway, live totals and one entry per
     connected tunnel (oldest first).  C{tunnels}, C{clients}, C{groups} and
@@ -132,6 +139,8 @@ def status_snapshot(tunnel_pool, started_at, now, history=None):
     @param started_at: when the gateway started (seconds since the epoch).
     @param now: the current time (seconds since the epoch).
     @param history: the L{TrafficHistory} of tunnels gone, or C{None}.
+    @param fleet: C{fleet()} -> the C{fleet} value (a dict), or C{None}
+        without a fleet (then the key is absent).
     """
     tunnels = sorted(tunnel_pool.tunnels(), key=lambda t: (t.connected_at, t.client_id))
     clients = [tunnel_status(t, now) for t in tunnels]
@@ -145,12 +154,16 @@ def status_snapshot(tunnel_pool, started_at, now, history=None):
         retired = history.retired[key] if history is not None else None
         totals[key] = _sum([retired] + [c[key] for c in clients])
     totals["since_start"] = history is not None and history.since_start
-    return {
+    snapshot = {
         "gateway": {"software": "anyproxy/" + __version__, "started_at": started_at,
                     "uptime": max(0.0, now - started_at), "now": now},
         "totals": totals,
         "clients": clients,
     }
+    fleet_status = fleet() if fleet is not None else None
+    if fleet_status is not None:
+        snapshot["fleet"] = fleet_status
+    return snapshot
 
 
 def _set_headers(request, content_type):
@@ -164,16 +177,18 @@ class StatusAPI(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, tunnel_pool, started_at, now):
+    def __init__(self, tunnel_pool, started_at, now, fleet=None):
         super().__init__()
         self._tunnel_pool = tunnel_pool
         self._started_at = started_at
         self._now = now
         self._history = TrafficHistory(tunnel_pool)
+        self._fleet = fleet
 
     def snapshot(self):
         """The answer, as a dict."""
-        return status_snapshot(self._tunnel_pool, self._started_at, self._now(), self._history)
+        return status_snapshot(self._tunnel_pool, self._started_at, self._now(), self._history,
+                               fleet=self._fleet)
 
     def render_GET(self, request):
         _set_headers(request, b"application/json; charset=utf-8")
@@ -191,15 +206,35 @@ class StatusPage(resource.Resource):
         return PAGE
 
 
-def status_tree(tunnel_pool, started_at=None, now=time.time, management=None):
+def fleet_of(management):
+    """
+    C{fleet()} for L{status_snapshot}: the fleet status of the gateway
+    C{management} serves (L{anyproxy.fleet.node.FleetNode.status}), or
+    C{None} while it is in no fleet.
+    """
+    def fleet():
+        gateway = management.gateway
+        node = getattr(gateway, "fleet", None)
+        if node is None:
+            return None
+        return node.status(draining=getattr(gateway, "draining", None) is not None)
+    return fleet
+
+
+def status_tree(tunnel_pool, started_at=None, now=time.time, management=None, fleet=None):
     """
     The unauthenticated resource tree: C{/} and C{/api/status}, and with
     C{management} (a L{anyproxy.gateway.status.management.Management}) the
     whole management API under C{/api/}.
+
+    @param fleet: C{fleet()} -> the fleet status (see L{status_snapshot});
+        by default, with C{management}, its gateway's (L{fleet_of}).
     """
     root = resource.Resource()
     root.putChild(b"", StatusPage())
-    status = StatusAPI(tunnel_pool, now() if started_at is None else started_at, now)
+    if fleet is None and management is not None:
+        fleet = fleet_of(management)
+    status = StatusAPI(tunnel_pool, now() if started_at is None else started_at, now, fleet)
     if management is not None:
         # Browser profiles from the routes clients announce (status/profiles.py),
         # under the config in force (a reload changes them).

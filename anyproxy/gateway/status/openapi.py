@@ -33,7 +33,70 @@ SCHEMAS = {
                     "streams_opened": _NUMBER_OR_NULL, "bytes_in": _NUMBER_OR_NULL,
                     "bytes_out": _NUMBER_OR_NULL, "since_start": {"type": "boolean"}}},
             "clients": {"type": "array", "items": {"$ref": "#/components/schemas/TunnelStatus"}},
+            "fleet": {"$ref": "#/components/schemas/FleetStatus"},
         },
+    },
+    "FleetStatus": {
+        "type": "object", "additionalProperties": False,
+        "description": "Only with gateway.fleet: the fleet as this node sees it (its cached "
+                       "view of the registry; docs/FLEET.md).",
+        "required": ["node", "nodes", "registry", "relayed", "links", "ports"],
+        "properties": {
+            "node": {"type": "string", "description": "this node's id"},
+            "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/FleetNode"},
+                      "description": "this node first, then every live other one"},
+            "registry": {
+                "type": "object", "additionalProperties": False,
+                "required": ["healthy", "view_age", "errors"],
+                "properties": {
+                    "healthy": {"type": "boolean", "description": "the store (Redis) answers"},
+                    "view_age": {"type": ["number", "null"],
+                                 "description": "seconds since the store last answered"},
+                    "errors": _NUMBER_OR_NULL}},
+            "relayed": {
+                "type": "object", "additionalProperties": False, "required": ["sent", "served"],
+                "properties": {
+                    "sent": {"$ref": "#/components/schemas/RelayedStreams"},
+                    "served": {"$ref": "#/components/schemas/RelayedStreams"}}},
+            "links": {
+                "type": "object", "additionalProperties": False,
+                "required": ["dialed", "accepted"],
+                "properties": {"dialed": {"type": "integer"}, "accepted": {"type": "integer"}}},
+            "ports": {
+                "type": "array", "description": "forwarded ports this node holds fleet-wide",
+                "items": {
+                    "type": "object", "additionalProperties": False,
+                    "required": ["port", "group", "client_id"],
+                    "properties": {"port": {"type": "integer"}, "group": {"type": "string"},
+                                   "client_id": {"type": "string"}}}},
+        },
+    },
+    "FleetNode": {
+        "type": "object", "additionalProperties": False,
+        "required": ["node_id", "self", "peer_addr", "tunnel_addr", "groups", "streams",
+                     "tunnels", "draining"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "self": {"type": "boolean", "description": "this node"},
+            "peer_addr": {"type": "string", "description": "where peers relay to it"},
+            "tunnel_addr": {"type": "string", "description": "where clients dial it"},
+            "groups": {"type": "array", "items": {"type": "string"},
+                       "description": "groups it holds a usable tunnel of"},
+            "streams": {"type": "integer", "description": "streams open through it (its load)"},
+            "tunnels": {"type": "integer"},
+            "draining": {"type": "boolean"},
+        },
+    },
+    "RelayedStreams": {
+        "type": "object", "additionalProperties": False,
+        "description": "sent: this gateway's users' streams opened on a peer; served: peers' "
+                       "streams opened on our tunnels",
+        "required": ["active", "opened", "failed", "bytes_in", "bytes_out"],
+        "properties": {
+            "active": {"type": "integer"}, "opened": {"type": "integer"},
+            "failed": {"type": "integer"},
+            "bytes_in": {"type": "integer", "description": "from users towards targets"},
+            "bytes_out": {"type": "integer", "description": "back to users"}},
     },
     "TunnelStatus": {
         "type": "object",

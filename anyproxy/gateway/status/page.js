@@ -95,6 +95,41 @@
     if (!rows.length) { rows.push(emptyRow(11, "No clients connected.")); }
     body.replaceChildren.apply(body, rows);
   }
+  function relayed(id, side) {
+    setText(id, count(side.active) + " open");
+    setText(id + "-detail", count(side.opened) + " opened, " + count(side.failed) + " failed; " +
+      bytes(side.bytes_in) + " in, " + bytes(side.bytes_out) + " out");
+  }
+  function renderFleet(fleet) {
+    var section = byId("fleet");
+    section.hidden = !fleet;
+    if (!fleet) { return; }
+    var registry = fleet.registry, body = byId("fleet-nodes-body"), rows = [];
+    setText("fleet-node", fleet.node);
+    var registryState = byId("fleet-registry");
+    registryState.className = registry.healthy ? "state" : "state stale";
+    setText("fleet-registry", registry.healthy ? "healthy" : "unreachable",
+      known(registry.view_age) ? "last answer " + registry.view_age.toFixed(1) + " s ago" : "");
+    setText("fleet-links", fleet.links.dialed + " dialed, " + fleet.links.accepted + " accepted");
+    relayed("fleet-sent", fleet.relayed.sent);
+    relayed("fleet-served", fleet.relayed.served);
+    setText("fleet-ports", String(fleet.ports.length), fleet.ports.map(function (p) {
+      return p.port + ": " + p.client_id + " (" + p.group + ")"; }).join(", "));
+    fleet.nodes.forEach(function (n) {
+      var row = document.createElement("tr");
+      row.dataset.nodeId = n.node_id;
+      row.className = (n.self ? "this-node" : "") + (n.draining ? " draining" : "");
+      cell(row, "node-id", n.node_id + (n.self ? " (this node)" : ""));
+      cell(row, "tunnel-addr", n.tunnel_addr);
+      cell(row, "peer-addr", n.peer_addr);
+      cell(row, "groups", n.groups.length ? n.groups.join(", ") : "none");
+      cell(row, "tunnels", count(n.tunnels), true);
+      cell(row, "streams", count(n.streams), true);
+      cell(row, "node-state", n.draining ? "draining" : "serving");
+      rows.push(row);
+    });
+    body.replaceChildren.apply(body, rows);
+  }
   function renderStreams(data) {
     var body = byId("streams-body"), rows = [];
     data.streams.forEach(function (s) {
@@ -142,6 +177,7 @@
     Promise.all([getJson("status"), getJson("streams")])
       .then(function (answers) {
         render(answers[0]);
+        renderFleet(answers[0].fleet);
         renderStreams(answers[1]);
         fresh(true, "live, updated " + clock(answers[0].gateway.now).slice(11));
       })

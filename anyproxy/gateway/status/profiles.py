@@ -21,12 +21,12 @@ changes when that password does and reveals nothing of it.  C{GET
 
 import hashlib
 import hmac
-import json
 
 from twisted.web import resource
 
 from anyproxy.addresses import host_port
-from anyproxy.gateway.pac import Routes, clash_profile, pac_file
+from anyproxy.gateway.pac import clash_profile, pac_file
+from anyproxy.routes import Routes
 
 _HEADERS = {b"cache-control": b"no-store", b"x-content-type-options": b"nosniff"}
 _WILDCARDS = ("", "0.0.0.0", "::", "[::]", "*")
@@ -141,22 +141,6 @@ class ClashProfile(_Profile):
     def render_profile(self, request, routes, kind, host, port):
         request.setHeader(b"content-type", b"text/yaml; charset=utf-8")
         return clash_profile(routes, kind, host, port).encode("utf-8")
-
-
-class ProfileURLs(resource.Resource):
-    """C{GET /api/profiles}: the capability URLs (behind the login)."""
-
-    isLeaf = True
-
-    def __init__(self, profiles):
-        super().__init__()
-        self._profiles = profiles
-
-    def render_GET(self, request):
-        for name, value in _HEADERS.items():
-            request.setHeader(name, value)
-        request.setHeader(b"content-type", b"application/json; charset=utf-8")
-        return json.dumps(self._profiles.urls()).encode("utf-8")
 
 
 def add_profiles(root, profiles):
