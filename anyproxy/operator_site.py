@@ -47,8 +47,11 @@ in time and every listener in connections:
 Every timer runs on the site's reactor (a C{Clock} in tests).
 """
 
+import base64
+import hashlib
 import hmac
 import json
+from importlib import resources
 
 from twisted.cred import credentials as cred_credentials
 from twisted.cred.checkers import ICredentialsChecker
@@ -437,3 +440,75 @@ class OperatorSite(server.Site):
 
     def log(self, request):
         pass
+
+
+def self_contained_page(package):
+    """
+    An operator page of C{package}'s data files: C{page.html} with
+    C{page.css} and C{page.js} put inline, one document with no external
+    script, style, font or image, and the Content-Security-Policy that
+    allows exactly that script and that style (by hash) and fetches to the
+    same origin.
+
+    @return: C{(page bytes, Content-Security-Policy header value)}.
+    """
+    here = resources.files(package)
+    style = here.joinpath("page.css").read_text(encoding="utf-8")
+    script = here.joinpath("page.js").read_text(encoding="utf-8")
+    page = (here.joinpath("page.html").read_text(encoding="utf-8")
+            .replace("/* page.css */", style).replace("/* page.js */", script).encode("utf-8"))
+    policy = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+              "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+              % (_source_hash(script), _source_hash(style))).encode("ascii")
+    return page, policy
+
+
+def _source_hash(text):
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return "'sha256-%s'" % (base64.b64encode(digest).decode("ascii"),)
+
+
+# Every answer of an operator page: never cached, never sniffed, never framed.
+OPERATOR_HEADERS = {
+    b"cache-control": b"no-store",
+    b"x-content-type-options": b"nosniff",
+    b"x-frame-options": b"DENY",
+    b"referrer-policy": b"no-referrer",
+}
+
+
+def set_operator_headers(request, content_type):
+    """Set C{content_type} and L{OPERATOR_HEADERS} on C{request}."""
+    request.setHeader(b"content-type", content_type)
+    for name, value in OPERATOR_HEADERS.items():
+        request.setHeader(name, value)
+
+
+class PageResource(resource.Resource):
+    """C{GET}: a L{self_contained_page}, with its Content-Security-Policy."""
+
+    isLeaf = True
+
+    def __init__(self, page, policy):
+        super().__init__()
+        self._page = page
+        self._policy = policy
+
+    def render_GET(self, request):
+        set_operator_headers(request, b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", self._policy)
+        return self._page
+
+
+class JSONSnapshot(resource.Resource):
+    """C{GET}: what C{snapshot()} returns, as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, snapshot):
+        super().__init__()
+        self.snapshot = snapshot
+
+    def render_GET(self, request):
+        set_operator_headers(request, b"application/json; charset=utf-8")
+        return json.dumps(self.snapshot(), sort_keys=True).encode("utf-8")

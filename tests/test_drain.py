@@ -609,8 +609,9 @@ class TwistdDrainTests(TwistdBase):
         site = NoticedBlob()
         target = listen_tcp(self, server.Site(site)).getHost().port
         gateway = yield self.start()
-        size = 6 * MB
-        # curl reads at 2 MB/s, so SIGTERM lands mid-transfer.
+        size = 16 * MB
+        # curl reads at 2 MB/s (8 s in all), so SIGTERM lands mid-transfer even
+        # on a loaded machine, where the gateway may take seconds to log it.
         download = run_curl("--socks5-hostname", "user:proxy-pw@127.0.0.1:%d" % self.ports["socks"],
                             "--limit-rate", "2M", "http://127.0.0.1:%d/blob/%d" % (target, size))
         yield site.requested.addTimeout(20, reactor)

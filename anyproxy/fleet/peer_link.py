@@ -51,7 +51,7 @@ from anyproxy import __version__
 from anyproxy.addresses import dial_address
 from anyproxy.connection_cap import DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory
 from anyproxy.errors import HelloRefused, Reason, StreamOpenError
-from anyproxy.gateway.reconfigure import ReloadableServerTLS, relisten
+from anyproxy.gateway.reconfigure import ReloadableServerTLS, follow_address
 from anyproxy.gateway.tunnel_pool import Tunnel
 from anyproxy.interfaces import IReconfigurable
 from anyproxy.listeners import Listener
@@ -209,16 +209,9 @@ class PeerLinkServer(MultiService):
             self.tls.options = tls
             self.factory.handshake_timeout = gateway.handshake_timeout
             tune_factory(self.factory, fleet.heartbeat, gateway.handshake_timeout)
-            if fleet.peer_endpoint == self.listener.description:
-                return defer.succeed([])
-            return relisten(self._reactor, self, self.listener, fleet.peer_endpoint,
-                            self.listener.factory, self.NAME).addCallback(self._moved)
+            return follow_address(self._reactor, self, fleet.peer_endpoint, self.NAME)
 
         return apply
-
-    def _moved(self, result):
-        self.listener, note = result
-        return [note] if note else []
 
     def stopService(self):
         stopped = defer.maybeDeferred(super().stopService)

@@ -46,7 +46,7 @@ from anyproxy.gateway.drain import Drain, serve_readiness
 from anyproxy.gateway.frontend_listeners import Frontends
 from anyproxy.gateway.port_forwarding.forwarder import PortForwarding
 from anyproxy.gateway.port_forwarding.forwarder import log_policy as log_port_policy
-from anyproxy.gateway.reconfigure import reconfigure_all, relisten, restart_note
+from anyproxy.gateway.reconfigure import follow_address, reconfigure_all, restart_note
 from anyproxy.gateway.status.api import status_site
 from anyproxy.gateway.status.management import Management
 from anyproxy.gateway.stream_table import StreamTable
@@ -359,16 +359,11 @@ class OperatorPage(MultiService):
                     self.site.set_login(username, password)
             if (self.listener is None) != (endpoint is None):
                 return defer.succeed([restart_note(self.addr_key, self.what)])
-            if self.listener is None or endpoint == self.listener.description:
+            if self.listener is None:
                 return _applied()
-            return relisten(self._reactor, self, self.listener, endpoint, self.site,
-                            self.what).addCallback(self._moved)
+            return follow_address(self._reactor, self, endpoint, self.what)
 
         return apply
-
-    def _moved(self, result):
-        self.listener, note = result
-        return [note] if note else []
 
 
 def _status_settings(gateway):

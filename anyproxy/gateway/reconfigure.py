@@ -113,6 +113,25 @@ def relisten(reactor, parent, old, description, factory, what):
     return rebind(parent, old, new).addCallback(moved)
 
 
+def follow_address(reactor, owner, description, what):
+    """
+    Move C{owner.listener} (a service's L{Listener}) to C{description} when
+    a reload changed it (L{relisten}; the old one is kept if the new address
+    cannot be bound), updating C{owner.listener}.
+
+    @return: a Deferred firing with the notes for the log (C{[]} or one).
+    """
+    if description == owner.listener.description:
+        return defer.succeed([])
+
+    def moved(result):
+        owner.listener, note = result
+        return [note] if note else []
+
+    return relisten(reactor, owner, owner.listener, description, owner.listener.factory,
+                    what).addCallback(moved)
+
+
 def restart_note(key, what):
     """The note for a listener switched on or off by a reload."""
     return "gateway.%s: turning the %s on or off takes effect at the next restart" % (key, what)

@@ -29,7 +29,7 @@ from anyproxy.errors import HelloRefused, Reason
 from anyproxy.gateway.client_access import (
     SHARED_NAMES, ClientCredentials, ClientGrant, TunnelCounts, certificate_subjects,
     log_client_grants)
-from anyproxy.gateway.reconfigure import ReloadableServerTLS, relisten
+from anyproxy.gateway.reconfigure import ReloadableServerTLS, follow_address
 from anyproxy.gateway.tunnel_pool import Tunnel
 from anyproxy.interfaces import IReconfigurable
 from anyproxy.listeners import Listener
@@ -358,16 +358,9 @@ class TunnelServer(MultiService):
                     tunnel.go_away(self._reactor, Reason.NOT_ALLOWED)
             factory.handshake_timeout = gateway.handshake_timeout
             tune_factory(factory, gateway.ping_interval, gateway.handshake_timeout)
-            if gateway.endpoint == self.listener.description:
-                return defer.succeed([])
-            return relisten(self._reactor, self, self.listener, gateway.endpoint,
-                            self.listener.factory, self.NAME).addCallback(self._moved)
+            return follow_address(self._reactor, self, gateway.endpoint, self.NAME)
 
         return apply
-
-    def _moved(self, result):
-        self.listener, note = result
-        return [note] if note else []
 
     def stopService(self):
         if self.factory.fleet is not None:

@@ -15,7 +15,6 @@ examples use.  Every request takes a fresh snapshot: nothing here keeps
 state but the refusal ring (L{anyproxy.client.status.refusals}).
 """
 
-import json
 
 from twisted.web import resource
 
@@ -24,14 +23,10 @@ from anyproxy.client.status.page import CONTENT_SECURITY_POLICY, PAGE
 from anyproxy.client.status.refusals import RefusalLog
 from anyproxy.client.status.tunnels import open_ports_snapshot, tunnel_snapshot
 from anyproxy.listeners import Listener
-from anyproxy.operator_site import OperatorSite
+from anyproxy.operator_site import JSONSnapshot, OperatorSite, PageResource
 
 REALM = "AnyProxy client status"
 MAX_CONNECTIONS = 32  # a few browsers (about 6 each) and scripts
-_HEADERS = {
-    b"cache-control": b"no-store", b"x-content-type-options": b"nosniff",
-    b"x-frame-options": b"DENY", b"referrer-policy": b"no-referrer",
-}
 
 
 def client_snapshot(root, refusals, started_at, now):
@@ -50,40 +45,13 @@ def client_snapshot(root, refusals, started_at, now):
     }
 
 
-def _headers(request, content_type):
-    request.setHeader(b"content-type", content_type)
-    for name, value in _HEADERS.items():
-        request.setHeader(name, value)
-
-
-class _Status(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, snapshot):
-        super().__init__()
-        self._snapshot = snapshot
-
-    def render_GET(self, request):
-        _headers(request, b"application/json; charset=utf-8")
-        return json.dumps(self._snapshot(), sort_keys=True).encode("utf-8")
-
-
-class _Page(resource.Resource):
-    isLeaf = True
-
-    def render_GET(self, request):
-        _headers(request, b"text/html; charset=utf-8")
-        request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY)
-        return PAGE
-
-
 def status_site(root, refusals, reactor, username, password):
     """The status page's L{OperatorSite}: C{/} and C{/api/status} behind the login."""
     started_at = reactor.seconds()
     tree = resource.Resource()
-    tree.putChild(b"", _Page())
+    tree.putChild(b"", PageResource(PAGE, CONTENT_SECURITY_POLICY))
     api = resource.Resource()
-    api.putChild(b"status", _Status(
+    api.putChild(b"status", JSONSnapshot(
         lambda: client_snapshot(root, refusals, started_at, reactor.seconds())))
     tree.putChild(b"api", api)
     return OperatorSite(tree, reactor, "client status page", REALM,

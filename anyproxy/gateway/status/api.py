@@ -43,7 +43,8 @@ from twisted.web import resource
 
 from anyproxy import __version__
 from anyproxy.gateway.status.page import CONTENT_SECURITY_POLICY, PAGE
-from anyproxy.operator_site import DEFAULT_REQUEST_TIMEOUT, OperatorSite
+from anyproxy.operator_site import (
+    DEFAULT_REQUEST_TIMEOUT, OperatorSite, PageResource, set_operator_headers)
 
 REALM = "AnyProxy status"
 # Open connections at most: a browser opens about 6, a few operators and
@@ -59,12 +60,6 @@ STREAMS_OPENED_NAMES = ("streams_opened", "opened_streams", "streams_total")
 COUNTERS = {"streams_opened": STREAMS_OPENED_NAMES, "bytes_in": BYTES_IN_NAMES,
             "bytes_out": BYTES_OUT_NAMES}
 
-_COMMON_HEADERS = {
-    b"cache-control": b"no-store",
-    b"x-content-type-options": b"nosniff",
-    b"x-frame-options": b"DENY",
-    b"referrer-policy": b"no-referrer",
-}
 
 
 def _counter(tunnel, names):
@@ -166,12 +161,6 @@ def status_snapshot(tunnel_pool, started_at, now, history=None, fleet=None):
     return snapshot
 
 
-def _set_headers(request, content_type):
-    request.setHeader(b"content-type", content_type)
-    for name, value in _COMMON_HEADERS.items():
-        request.setHeader(name, value)
-
-
 class StatusAPI(resource.Resource):
     """C{GET /api/status}: L{status_snapshot} as JSON."""
 
@@ -191,19 +180,8 @@ class StatusAPI(resource.Resource):
                                fleet=self._fleet)
 
     def render_GET(self, request):
-        _set_headers(request, b"application/json; charset=utf-8")
+        set_operator_headers(request, b"application/json; charset=utf-8")
         return json.dumps(self.snapshot(), sort_keys=True).encode("utf-8")
-
-
-class StatusPage(resource.Resource):
-    """C{GET /}: the self-contained HTML page."""
-
-    isLeaf = True
-
-    def render_GET(self, request):
-        _set_headers(request, b"text/html; charset=utf-8")
-        request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY)
-        return PAGE
 
 
 def fleet_of(management):
@@ -231,7 +209,7 @@ def status_tree(tunnel_pool, started_at=None, now=time.time, management=None, fl
         by default, with C{management}, its gateway's (L{fleet_of}).
     """
     root = resource.Resource()
-    root.putChild(b"", StatusPage())
+    root.putChild(b"", PageResource(PAGE, CONTENT_SECURITY_POLICY))
     if fleet is None and management is not None:
         fleet = fleet_of(management)
     status = StatusAPI(tunnel_pool, now() if started_at is None else started_at, now, fleet)

@@ -45,6 +45,7 @@ from anyproxy.config.load import load_config
 from anyproxy.errors import ConfigError, Reason
 from anyproxy.gateway.status.config_view import gateway_config_json
 from anyproxy.gateway.status.openapi import openapi_document
+from anyproxy.operator_site import set_operator_headers
 
 log = Logger()
 
@@ -52,13 +53,6 @@ CSRF_HEADER = b"x-anyproxy-request"
 # The largest request body an API call takes (a little JSON).
 MAX_BODY = 4096
 
-_COMMON_HEADERS = {
-    b"cache-control": b"no-store",
-    b"x-content-type-options": b"nosniff",
-    b"x-frame-options": b"DENY",
-    b"referrer-policy": b"no-referrer",
-    b"content-type": b"application/json; charset=utf-8",
-}
 
 
 class APIError(Exception):
@@ -262,8 +256,7 @@ class ManagementAPI(resource.Resource):
         self._tunnel_status = tunnel_status
 
     def render(self, request):
-        for name, value in _COMMON_HEADERS.items():
-            request.setHeader(name, value)
+        set_operator_headers(request, b"application/json; charset=utf-8")
         try:
             handler, arguments = self._route(request)
             if request.method in (b"POST", b"DELETE"):
