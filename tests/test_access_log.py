@@ -125,7 +125,8 @@ class AccessLogEndToEndTests(unittest.TestCase):
         self.assertEqual(line, {
             "user": PROXY_USER, "frontend": "socks5 proxy", "kind": "tcp",
             "target": "127.0.0.1:%d" % (self.echo_port,), "group": "default",
-            "client_id": "client-1", "node": socket.gethostname(), "dialed": "",
+            "client_id": "client-1", "node": socket.gethostname(),
+            "dialed": "127.0.0.1:%d" % (self.echo_port,),
             "bytes_up": 3000, "bytes_down": 3000, "outcome": "closed"})
 
     @defer.inlineCallbacks
@@ -147,7 +148,8 @@ class AccessLogEndToEndTests(unittest.TestCase):
         self.assertEqual(line, {
             "user": PROXY_USER, "frontend": "http proxy", "kind": "tcp",
             "target": "127.0.0.1:%d" % (origin,), "group": "default",
-            "client_id": "client-1", "node": socket.gethostname(), "dialed": "",
+            "client_id": "client-1", "node": socket.gethostname(),
+            "dialed": "127.0.0.1:%d" % (origin,),
             "bytes_down": len(ANSWER), "outcome": "closed"})
 
     @defer.inlineCallbacks

@@ -85,8 +85,9 @@ class FakeStream:
         self.cancel_hook = None
         self.transport = None
 
-    def accept(self, protocol):
+    def accept(self, protocol, dialed=None):
         self.accepted.append(protocol)
+        self.dialed = dialed
         self.transport = HalfCloseTransport()
         protocol.makeConnection(self.transport)
 

@@ -11,6 +11,7 @@ Each test builds the whole fleet afresh (L{Fleet}) and tears it down.
 import hashlib
 import json
 import os
+import random
 import select
 import shutil
 import socket
@@ -31,7 +32,7 @@ from tests.redis_server import REDIS_SERVER, RedisServer
 from tests.support import AnswerAfterEOF, Echo, TestPKI, basic_token, blob, listen_tcp, web_site
 from tests.test_deploy import BACKENDS, CSV_STATUS, HAPROXY_CONFIG, haproxy_env
 from tests.test_e2e_tcp import recv_all, socks_connect
-from tests.test_e2e_twistd import ROOT, TWISTD, ProcessWatcher, free_port, port_open, sleep
+from tests.test_e2e_twistd import ROOT, TWISTD, ProcessWatcher, port_open, sleep
 from tests.test_e2e_udp import UdpEcho, listen_udp
 
 MB = 1024 * 1024
@@ -50,6 +51,40 @@ GROUPS = ("alpha", "beta")
 NODES = ("gw1", "gw2", "gw3")
 K = 2
 STATUS_LOGIN = ("ops", "status-pw-e2e")
+
+
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(each) for each in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_CHOSEN = set()  # ports handed out by free_port in this process
+
+
+def free_port():
+    """
+    A free loopback port outside the kernel's ephemeral range: gateways here
+    are killed and restarted on their ports, and a port from that range could
+    meanwhile become some connection's source port ("Address already in use").
+    """
+    low, high = _ephemeral_range()
+    candidates = [port for port in range(20000, 32000) if not low <= port <= high]
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _CHOSEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _CHOSEN.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def haproxy_path():

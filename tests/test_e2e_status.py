@@ -272,6 +272,7 @@ def browser_session(url, socks_port, echo_port, screenshot_path):
             expect(row).to_be_visible(timeout=EXPECT_MS)
             expect(row.locator("td.client-id")).to_have_text("client-1")
             expect(row.locator("td.group")).to_have_text("default")
+            expect(row.locator("td.routes")).to_have_text("anything")  # no client.routes
             expect(page.locator("#total-tunnels")).to_have_text("1")
             expect(active).to_have_text("0", timeout=EXPECT_MS)
             expect(page.locator("#state")).to_have_text(

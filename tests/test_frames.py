@@ -382,3 +382,21 @@ class DecodeErrorTests(SynchronousTestCase):
         if type(frame) is not Hello:  # JSON NaN would not compare equal
             # Whatever decodes must encode back to a message that decodes the same.
             self.assertEqual(decode(encode(frame)), frame)
+
+
+class OpenOkDialedTests(SynchronousTestCase):
+    """OPEN_OK may carry the address the answering side dialed (HELLO dialed_address)."""
+
+    def test_round_trip(self):
+        for dialed in [None, ("10.0.0.7", 5432), ("::1", 443), ("db.internal", 1)]:
+            frame = frames.OpenOk(3, 65536, dialed)
+            self.assertEqual(frames.decode(frames.encode(frame)), frame)
+
+    def test_without_address_is_the_old_form(self):
+        self.assertEqual(frames.encode(frames.OpenOk(3, 7)), b"\x02\x00\x00\x00\x03\x00\x00\x00\x07")
+
+    def test_truncated_address_refused(self):
+        whole = frames.encode(frames.OpenOk(3, 7, ("10.0.0.7", 80)))
+        for cut in range(len(whole) - 1, len(whole) - 10, -1):
+            if cut > 9:
+                self.assertRaises(frames.FrameError, frames.decode, whole[:cut])

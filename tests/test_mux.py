@@ -818,7 +818,8 @@ class ProtocolErrorTests(SynchronousTestCase):
         self.assertEqual(infos, [{"version": 1}])
         mux.send_hello({"version": 1, "software": "x"})
         self.assertEqual(frames.decode(sent[0]), frames.Hello(
-            {"version": 1, "software": "x", frames.HELLO_DATAGRAMS: True}))  # the mux's own key
+            {"version": 1, "software": "x", frames.HELLO_DATAGRAMS: True,
+             frames.HELLO_DIALED: True}))  # the mux's own keys
 
 
 class HalfCloseTests(SynchronousTestCase):
@@ -1499,3 +1500,42 @@ class ClockTests(SynchronousTestCase):
         """Without a clock a mux reads the global reactor's."""
         from twisted.internet import reactor
         self.assertIs(Mux(lambda message: None, initiator=True).clock, reactor)
+
+
+class DialedAddressTests(SynchronousTestCase):
+    """OPEN_OK carries the dialed address only to a peer whose HELLO asks for it."""
+
+    def pair(self, opener_hello=True):
+        a_sent, b_sent = [], []
+        a = Mux(a_sent.append, initiator=True)
+        opened = []
+        b = Mux(b_sent.append, initiator=False, on_open_request=opened.append)
+        if opener_hello:
+            a.send_hello({"version": 1})
+        else:
+            a_sent.append(frames.encode(frames.Hello({"version": 1})))
+        for message in a_sent:
+            b.message_received(message)
+        del a_sent[:]
+        return a, b, a_sent, b_sent, opened
+
+    def open_and_accept(self, a, b, a_sent, b_sent, opened):
+        d = a.open_stream("tcp", "db.internal", 5432)
+        for message in a_sent:
+            b.message_received(message)
+        opened[0].accept(Protocol(), ("10.0.0.7", 5432))
+        for message in b_sent:
+            a.message_received(message)
+        return self.successResultOf(d)
+
+    def test_told_to_a_peer_that_reads_it(self):
+        a, b, a_sent, b_sent, opened = self.pair()
+        stream = self.open_and_accept(a, b, a_sent, b_sent, opened)
+        self.assertEqual(stream.dialed, ("10.0.0.7", 5432))
+
+    def test_not_sent_to_an_older_peer(self):
+        a, b, a_sent, b_sent, opened = self.pair(opener_hello=False)
+        stream = self.open_and_accept(a, b, a_sent, b_sent, opened)
+        self.assertIsNone(stream.dialed)
+        ok = [frames.decode(m) for m in b_sent if m[0] == frames.T_OPEN_OK]
+        self.assertEqual(ok[0].dialed, None)

@@ -14,9 +14,10 @@ from anyproxy.gateway.stream_table import KICKED, StreamTable, target_text
 class FakeStream:
     """The parts of a mux stream the table uses."""
 
-    def __init__(self, sent=0, received=0):
+    def __init__(self, sent=0, received=0, dialed=None):
         self.bytes_sent = sent
         self.bytes_received = received
+        self.dialed = dialed
         self.ended_cleanly = False
         self.resets = []
         self._hooks = []

@@ -374,7 +374,7 @@ class Dialer:
         end = SpliceEnd()
         end.on_close = lambda end, reason: self._stream_done(stream, release)
         self._spliced[stream] = address
-        stream.accept(end)
+        stream.accept(end, (address, target.transport.getPeer().port))
         end.join(target)
         if emits(LogLevel.debug):
             log.debug("stream {sid} connected to {host}:{port}", sid=stream.stream_id,

@@ -128,7 +128,7 @@ class Relay:
             local.attach(local_end)
             return
         link_end, local_end = RelayEnd(), RelayEnd()
-        incoming.accept(link_end)
+        incoming.accept(link_end, local.dialed)  # what the client dialed, for the user's gateway
         local.attach(local_end)
         if link_end.lost or local_end.lost:
             # One side was reset while the other attached (early RESET): so is the other.

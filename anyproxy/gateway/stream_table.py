@@ -24,8 +24,9 @@ Ids are short and unique for the gateway process: a random tag drawn at
 start and a counter (C{"k3f9-1a"}), so an id copied from an earlier run of
 the gateway does not close a stream of this one.
 
-The address the client dialed (C{dialed}) is left empty: OPEN_OK does not
-carry it (docs/PROTOCOL.md).
+The address the client dialed (C{dialed}) comes in the stream's OPEN_OK
+from a client that sends it (docs/PROTOCOL.md); it is empty for a refused
+stream, a UDP association, or an older client.
 """
 
 import binascii
@@ -93,6 +94,7 @@ class OpenStream:
             target=target_text(endpoint.host, endpoint.port),
             group=getattr(self.tunnel, "group", endpoint.group),
             client_id=getattr(self.tunnel, "client_id", ""), node=node,
+            dialed=target_text(*stream.dialed) if stream.dialed else "",
             bytes_up=stream.bytes_sent, bytes_down=stream.bytes_received, outcome=outcome)
 
     def as_json(self, now, node=""):

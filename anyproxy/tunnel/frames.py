@@ -57,6 +57,8 @@ _ADDR_SIZE, _LENGTH_SIZE = _ADDR.size, _DATAGRAM_LENGTH.size  # 3, 2
 # The HELLO key by which a side says it takes DATAGRAMS frames (docs/PROTOCOL.md);
 # a side sends them only to a peer whose HELLO had it.
 HELLO_DATAGRAMS = "batched_datagrams"
+# The HELLO key saying that this side reads OPEN_OK with the dialed address.
+HELLO_DIALED = "dialed_address"
 # The largest datagram a DATAGRAMS frame carries (its length is a u16).
 MAX_BATCHED_DATAGRAM = 0xFFFF
 
@@ -78,10 +80,15 @@ class Open:
 
 @attr.s(frozen=True, slots=True)
 class OpenOk:
-    """The stream is connected; the sender accepts C{window} bytes of DATA."""
+    """
+    The stream is connected; the sender accepts C{window} bytes of DATA.
+    C{dialed}: C{(host, port)} the answering side connected to, sent only
+    to a peer whose HELLO has L{HELLO_DIALED}; else C{None}.
+    """
 
     stream_id = attr.ib()
     window = attr.ib()
+    dialed = attr.ib(default=None)
 
 
 @attr.s(frozen=True, slots=True)
@@ -192,7 +199,8 @@ def encode(frame):
                 + _OPEN.pack(_KIND_CODES[frame.kind], frame.window, frame.port, len(host))
                 + host)
     if kind is OpenOk:
-        return HEADER.pack(T_OPEN_OK, sid) + _U32.pack(frame.window)
+        dialed = encode_address(*frame.dialed) if frame.dialed is not None else b""
+        return HEADER.pack(T_OPEN_OK, sid) + _U32.pack(frame.window) + dialed
     if kind is OpenError:
         text = frame.text.encode("utf-8")[:MAX_ERROR_TEXT]
         return HEADER.pack(T_OPEN_ERROR, sid) + bytes((frame.reason,)) + text
@@ -308,8 +316,16 @@ def decode(message):
         host = _decode_host(payload[_OPEN.size:])
         return Open(sid, _KIND_NAMES[kind], host, port, window)
     if ftype == T_OPEN_OK:
-        _need(payload, 4, "OPEN_OK")
-        return OpenOk(sid, _U32.unpack(payload)[0])
+        if len(payload) < 4:
+            raise FrameError("truncated OPEN_OK frame")
+        window = _U32.unpack_from(payload)[0]
+        if len(payload) == 4:
+            return OpenOk(sid, window)
+        if len(payload) < 4 + _ADDR.size:
+            raise FrameError("truncated OPEN_OK address")
+        port, host_len = _ADDR.unpack_from(payload, 4)
+        _need(payload, 4 + _ADDR.size + host_len, "OPEN_OK")
+        return OpenOk(sid, window, (_decode_host(payload[4 + _ADDR.size:]), port))
     if ftype == T_OPEN_ERROR:
         if not payload:
             raise FrameError("truncated OPEN_ERROR frame")

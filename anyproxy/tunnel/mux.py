@@ -215,15 +215,25 @@ class Mux:
         Send this side's HELLO (a JSON-able dict), with the mux's own key
         saying that it takes DATAGRAMS frames.
         """
-        self._send(frames.Hello(dict(info, **{frames.HELLO_DATAGRAMS: True})))
+        self._send(frames.Hello(dict(info, **{frames.HELLO_DATAGRAMS: True,
+                                              frames.HELLO_DIALED: True})))
 
     # -- IStreamMux: what a stream may ask of us ------------------------
 
     # OPEN_OK, CREDIT and FIN are packed here without a frame object (and
     # frames.encode's dispatch): they go out once or more per stream.
 
-    def send_open_ok(self, stream_id):
-        self._send_reply(_OPEN_OK.pack(frames.T_OPEN_OK, stream_id, self.window))
+    _peer_takes_dialed = False  # the peer's HELLO had frames.HELLO_DIALED
+
+    def send_open_ok(self, stream_id, dialed=None):
+        """
+        Answer an OPEN: connected.  C{dialed}, C{(host, port)} we connected
+        to, goes with it to a peer that reads it (its access log).
+        """
+        message = _OPEN_OK.pack(frames.T_OPEN_OK, stream_id, self.window)
+        if dialed is not None and self._peer_takes_dialed:
+            message += frames.encode_address(*dialed)
+        self._send_reply(message)
         self.streams_opened += 1
 
     def send_open_error(self, stream_id, reason, text):
@@ -533,6 +543,8 @@ class Mux:
         elif kind is frames.OpenOk:
             if stream is not None:
                 self.streams_opened += 1
+                if frame.dialed is not None:
+                    stream.dialed = frame.dialed
                 stream.open_succeeded(frame.window)
         elif kind is frames.OpenError:
             if stream is not None:
@@ -541,6 +553,7 @@ class Mux:
             self._datagrams_received(stream, frame.datagrams)
         elif kind is frames.Hello:
             self._peer_takes_batches = frame.info.get(frames.HELLO_DATAGRAMS) is True
+            self._peer_takes_dialed = frame.info.get(frames.HELLO_DIALED) is True
             if self.on_hello is not None:
                 self.on_hello(frame.info)
         elif kind is frames.GoAway:

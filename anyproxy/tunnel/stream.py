@@ -95,6 +95,8 @@ class Stream:
     disconnecting = False
     protocol = None
     bytes_sent = bytes_received = 0  # plain ints: one add per DATA or DATAGRAM frame
+    # (host, port) the other side connected to, when its OPEN_OK said (access log).
+    dialed = None
     # A user's bandwidth cap (shape): anyproxy.bandwidth.ShapedFlow each way,
     # None (no cap, no cost) unless set.
     _upload_flow = _download_flow = None
@@ -203,14 +205,15 @@ class Stream:
         # Early DATA was never credited; without this a full window of it stalls the sender.
         self._grant_credit()
 
-    def accept(self, protocol):
+    def accept(self, protocol, dialed=None):
         """
         Accept an incoming open request and connect C{protocol} to it.
 
+        @param dialed: C{(host, port)} we connected to, told to the peer.
         @raise StreamStateError: if the stream is not waiting for an answer.
         """
         self._move(SEND_OPEN_OK)
-        self._mux.send_open_ok(self.stream_id)
+        self._mux.send_open_ok(self.stream_id, dialed)
         self.attach(protocol)
 
     def reject(self, reason, text=""):

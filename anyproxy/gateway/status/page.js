@@ -79,6 +79,8 @@
       if (c.draining) { row.className = "draining"; }
       cell(row, "client-id", c.client_id);
       cell(row, "group", c.group);
+      // client.routes: what it can reach; none announced = anything.
+      cell(row, "routes", c.routes && c.routes.length ? c.routes.join(", ") : "anything");
       cell(row, "credential", c.credential);
       cell(row, "address", c.address);
       cell(row, "version", c.version);
@@ -92,7 +94,7 @@
       actions(row, [drain, button("disconnect", "disconnect", c.client_id, true)]);
       rows.push(row);
     });
-    if (!rows.length) { rows.push(emptyRow(11, "No clients connected.")); }
+    if (!rows.length) { rows.push(emptyRow(12, "No clients connected.")); }
     body.replaceChildren.apply(body, rows);
   }
   function relayed(id, side) {
