@@ -7,6 +7,7 @@ and a bandwidth cap measured on loopback.
 """
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -408,3 +409,29 @@ class BandwidthTests(_Deployed):
             "-H", "Content-Type: application/octet-stream", self.web(path="/upload"))
         self.assertEqual(out, b"%d %s" % (SIZE, hashlib.sha256(blob(SIZE)).hexdigest().encode()))
         self.assert_capped(seconds)
+
+
+class RefusalAccessLogTests(_Deployed):
+    """A stream a user's own rules refuse has its access-log line, like any refusal."""
+
+    @defer.inlineCallbacks
+    def test_policy_refusal_logged(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "access.jsonl")
+        yield self.start(USERS, access_log=path)
+        self.assertIn("0x02", (yield self.socks_error("target.test", DENIED)) or "")
+        lines = []
+        for _ in range(40):  # the access log is flushed once a second
+            yield task.deferLater(reactor, 0.1, lambda: None)
+            if os.path.exists(path):
+                with open(path) as f:
+                    lines = [json.loads(line) for line in f]
+            if lines:
+                break
+        [line] = lines
+        self.assertEqual((line["user"], line["target"], line["outcome"], line["frontend"],
+                          line["dialed"]),
+                         (DENIED["username"], "target.test:%d" % (self.echo_port,), "not_allowed",
+                          "socks5 proxy", ""))
+        self.assertRegex(line["source"], r"^127\.0\.0\.1:\d+$")

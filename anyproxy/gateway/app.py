@@ -238,7 +238,11 @@ class UserEndpoints:
         if policy is not None:
             refusal = policy.refusal(user.group, host, port, kind)
             if refusal is not None:
-                raise StreamOpenError(*refusal)
+                error = StreamOpenError(*refusal)
+                if self.stream_table is not None:  # its access-log line
+                    self.stream_table.record_refusal(user.name, source, frontend, kind, host,
+                                                     port, user.group, error)
+                raise error
             if policy.bandwidth and kind == "tcp":
                 shape = functools.partial(self.bandwidth.shape, user.name)
             elif kind == "udp" and policy.access is not None:

@@ -38,6 +38,7 @@ import socket
 
 import attr
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.gateway.access_log import AccessLog, StreamRecord
@@ -186,6 +187,21 @@ class StreamTable:
             return failure
 
         return opening.addErrback(refused)
+
+    def record_refusal(self, user, source, frontend, kind, host, port, group, error):
+        """
+        Log a stream the gateway refused before opening it (a user's own
+        policy: L{anyproxy.gateway.app.UserEndpoints}), when an access log
+        is on.  C{error} is the L{anyproxy.errors.StreamOpenError} answered.
+        """
+        access_log = self.access_log
+        if access_log is None:
+            return
+        now = self._clock.seconds()
+        access_log.write(StreamRecord(
+            opened=now, closed=now, user=user, source=source, frontend=frontend or "",
+            kind=kind, target=target_text(host, port), group=group, node=self.node,
+            outcome=refusal_outcome(Failure(error))))
 
     def _ended(self, number, stream):
         access_log = self.access_log
