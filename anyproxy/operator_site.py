@@ -445,7 +445,8 @@ class OperatorSite(server.Site):
 def self_contained_page(package):
     """
     An operator page of C{package}'s data files: C{page.html} with
-    C{page.css} and C{page.js} put inline, one document with no external
+    C{page.css} and C{page.js} (after the shared
+    C{anyproxy/operator_page/common.js}) put inline, one document with no external
     script, style, font or image, and the Content-Security-Policy that
     allows exactly that script and that style (by hash) and fetches to the
     same origin.
@@ -454,7 +455,9 @@ def self_contained_page(package):
     """
     here = resources.files(package)
     style = here.joinpath("page.css").read_text(encoding="utf-8")
-    script = here.joinpath("page.js").read_text(encoding="utf-8")
+    # The helpers every page uses (strict mode for the whole script), then its own.
+    script = (resources.files("anyproxy.operator_page").joinpath("common.js")
+              .read_text(encoding="utf-8") + here.joinpath("page.js").read_text(encoding="utf-8"))
     page = (here.joinpath("page.html").read_text(encoding="utf-8")
             .replace("/* page.css */", style).replace("/* page.js */", script).encode("utf-8"))
     policy = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "

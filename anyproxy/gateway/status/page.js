@@ -1,29 +1,11 @@
-"use strict";
 (function () {
   var POLL_MS = 1000;
-  function byId(id) { return document.getElementById(id); }
-  function known(n) { return n !== null && n !== undefined; }
   function count(n) { return known(n) ? String(n) : "n/a"; }
   function bytes(n) {
     if (!known(n)) { return "n/a"; }
     var units = ["B", "KiB", "MiB", "GiB", "TiB"], value = n, i = 0;
     while (value >= 1024 && i < units.length - 1) { value /= 1024; i += 1; }
     return (i ? value.toFixed(1) : String(value)) + " " + units[i];
-  }
-  function pad(n) { return (n < 10 ? "0" : "") + n; }
-  function clock(t) {
-    var d = new Date(t * 1000);
-    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
-      pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
-  }
-  function duration(seconds) {
-    var s = Math.floor(seconds), d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600),
-        m = Math.floor(s % 3600 / 60);
-    s = s % 60;
-    if (d) { return d + "d " + h + "h"; }
-    if (h) { return h + "h " + m + "m"; }
-    if (m) { return m + "m " + s + "s"; }
-    return s + "s";
   }
   function setText(id, text, title) {
     var node = byId(id);
