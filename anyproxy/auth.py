@@ -38,7 +38,7 @@ import hmac
 import os
 
 import attr
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -456,6 +456,7 @@ class Logins:
 
     def __init__(self, reactor=None, checker=None, throttle=None):
         self._reactor = reactor
+        self._delayed = {}  # Deferred of a delayed failed answer -> its DelayedCall
         self.checker = checker if checker is not None else PasswordChecker(reactor)
         self.throttle = throttle if throttle is not None else LoginThrottle(failures=0)
 
@@ -513,8 +514,25 @@ class Logins:
             return answer
         delay = self.throttle.failed(source, name)
         if delay > 0:
-            return task.deferLater(self._reactor_or_global(), delay, lambda: answer)
+            answered = defer.Deferred()
+            call = self._reactor_or_global().callLater(delay, self._answer, answered, answer)
+            self._delayed[answered] = call
+            return answered
         return answer
+
+    def _answer(self, answered, answer):
+        self._delayed.pop(answered, None)
+        answered.callback(answer)
+
+    def stop(self):
+        """
+        Give every failed answer still being delayed now (the gateway is
+        stopping: nothing should wait on a timer past it).
+        """
+        for answered, call in list(self._delayed.items()):
+            if call.active():
+                call.cancel()
+                self._answer(answered, call.args[1])
 
     def _reactor_or_global(self):
         if self._reactor is None:

@@ -550,6 +550,8 @@ class Gateway(MultiService):
         return closed if closed is not None else None
 
     def _stop_parts(self):
+        if self.logins is not None:
+            self.logins.stop()  # failed logins still being delayed are answered now
         stopped = defer.maybeDeferred(super().stopService)
         released = self.port_forwarding.stop()
         stopped.addBoth(self._close_stream_table)
