@@ -342,6 +342,22 @@ class AutobahnContractTests(unittest.TestCase):
         self.assertEqual(b"".join(pieces), b"x" * 1000)
         self.assertEqual((self.server.data, self.server.current_frame), (b"", None))
 
+    @defer.inlineCallbacks
+    def test_inside_message(self):
+        """
+        C{inside_message} is true between the frames of a fragmented message
+        (our frame reader must leave those bytes to Autobahn) and false again
+        once its last frame is in.
+        """
+        self.assertFalse(self.server.inside_message)
+        self.server._dataReceived(b"\x02\x03abc")  # binary, not final
+        self.assertEqual((self.server.data, self.server.current_frame), (b"", None))
+        self.assertTrue(self.server.inside_message)
+        self.server._dataReceived(b"\x80\x03def")  # continuation, final
+        _, pieces, _ = yield self.server.messages.get()
+        self.assertEqual(b"".join(pieces), b"abcdef")
+        self.assertFalse(self.server.inside_message)
+
     # -- closing -----------------------------------------------------------------
 
     @defer.inlineCallbacks
@@ -360,6 +376,7 @@ CHECKED = {
     "onMessageEnd": "test_signatures, test_unmasked_frames_every_length_form",
     "message_data": "test_text_message, test_unmasked_frames_every_length_form",
     "message_is_binary": "test_text_message, test_unmasked_frames_every_length_form",
+    "inside_message": "test_inside_message",
     "failedByMe": "test_attributes_after_handshake, test_oversized_frame_fails_connection",
     "state": "test_attributes_after_handshake, test_oversized_frame_fails_connection",
     "STATE_OPEN": "test_signatures, test_attributes_after_handshake",

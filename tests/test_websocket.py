@@ -2,10 +2,12 @@
 
 import struct
 
+from twisted.internet import error
 from twisted.internet.testing import StringTransport
+from twisted.python import failure
 from twisted.trial import unittest
 
-from anyproxy.tunnel.websocket import GatewayTunnelProtocol
+from anyproxy.tunnel.websocket import MAX_MESSAGE, GatewayTunnelProtocol
 
 
 def sent_frame(payload_length):
@@ -69,3 +71,69 @@ class ReceiveTests(unittest.TestCase):
         protocol._dataReceived = received.append
         protocol.dataReceived(b"some bytes")
         self.assertEqual((received, calls), ([b"some bytes"], []))
+
+
+class FrameReaderBindingTests(unittest.SynchronousTestCase):
+    """
+    An open tunnel reads our unmasked binary frames itself (frame_reader.py)
+    and leaves every other frame to Autobahn, however the reads cut them.
+    """
+
+    def setUp(self):
+        from tests.test_tunnel_flood import Factory, upgrade_request
+
+        self.protocol = Factory().buildProtocol(None)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(upgrade_request())
+        self.transport.clear()
+        self.messages = []
+        self.protocol.mux.message_parts_received = (
+            lambda parts: self.messages.append(b"".join(parts)))
+        self.addCleanup(self.protocol.connectionLost, failure.Failure(error.ConnectionDone()))
+
+    def test_cut_anywhere_with_pings_and_masked_frames(self):
+        """Fed one byte at a time: every message in order, the masked one (a masking
+        client's) through Autobahn, and each ping answered."""
+        from tests.test_tunnel_flood import server_frames, ws_frame
+
+        stream = b"".join([
+            unmasked(b"one"), unmasked(b"x" * 300), ws_frame(9, b"ping-1"),
+            unmasked(b"y" * 70000), ws_frame(2, b"masked", mask=b"abcd"), unmasked(b""),
+            ws_frame(9, b"ping-2"), unmasked(b"last")])
+        for chunk_size in (1, 7, 16384, len(stream)):
+            del self.messages[:]
+            self.transport.clear()
+            for offset in range(0, len(stream), chunk_size):
+                self.protocol.dataReceived(stream[offset:offset + chunk_size])
+            self.assertEqual(self.messages, [b"one", b"x" * 300, b"y" * 70000, b"masked", b"",
+                                             b"last"])
+            self.assertEqual(server_frames(self.transport.value()),
+                             [(10, b"ping-1"), (10, b"ping-2")])
+
+    def test_frame_too_large(self):
+        """A frame announcing more than a message may hold closes the tunnel, unread."""
+        self.protocol.dataReceived(struct.pack("!BBQ", 0x82, 127, MAX_MESSAGE + 1) + b"z" * 100)
+        self.assertEqual(self.messages, [])
+        self.assertNotEqual(self.protocol.state, self.protocol.STATE_OPEN)
+
+    def test_nothing_read_after_the_connection_closes(self):
+        """Once a message makes the tunnel close, the frames after it in the same read are
+        not delivered."""
+        def close_on_bad(parts):
+            self.messages.append(b"".join(parts))
+            if parts[0] == b"bad":
+                self.protocol.dropConnection(abort=True)
+        self.protocol.mux.message_parts_received = close_on_bad
+        self.protocol.dataReceived(unmasked(b"good") + unmasked(b"bad") + unmasked(b"after"))
+        self.assertEqual(self.messages, [b"good", b"bad"])
+
+
+def unmasked(payload):
+    """One unmasked final binary frame, as both tunnel ends send them."""
+    length = len(payload)
+    if length < 126:
+        return bytes((0x82, length)) + payload
+    if length < 0x10000:
+        return struct.pack("!BBH", 0x82, 126, length) + payload
+    return struct.pack("!BBQ", 0x82, 127, length) + payload

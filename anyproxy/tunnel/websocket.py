@@ -22,6 +22,7 @@ from anyproxy.logs import library_logger
 from anyproxy.tls import openssl_reason
 from anyproxy.tuning import tune_for_bulk, set_no_delay
 from anyproxy.tunnel import frames
+from anyproxy.tunnel.frame_reader import BinaryFrameReader, FrameTooLarge
 from anyproxy.tunnel.mux import Mux
 
 # Module level, not a class attribute: Autobahn's protocols log through their
@@ -44,6 +45,8 @@ log = Logger()
 #   message_data        the list of a message's payload pieces (onMessageBegin
 #                       makes it, each frame extends it); reset to None after.
 #   message_is_binary   set by onMessageBegin.
+#   inside_message     true while a fragmented message is being read: our
+#                       frame reader then leaves the bytes to Autobahn.
 #   failedByMe          true once Autobahn has failed the connection (a frame
 #                       too large, say): the message is then dropped.
 #   state, STATE_OPEN   we write frames ourselves only while the state is open.
@@ -258,6 +261,7 @@ class _TunnelProtocol:
     log = library_logger("autobahn.websocket")
     mux = None
     _unanswered_ping = None  # the latest ping's payload, held while we are congested
+    _frame_reader = None  # our frames' reader, once the mux is up
     silent_sweeps = 0  # Liveness sweeps since we last received anything
 
     # Autobahn's opening-handshake state (the request, its headers, our
@@ -308,6 +312,7 @@ class _TunnelProtocol:
         lowest = getattr(self.transport, "transport", None) or self.transport
         lowest.registerProducer(self.mux, True)
         self.mux.lowest_transport = lowest
+        self._frame_reader = BinaryFrameReader(MAX_MESSAGE)
         self.mux.on_resume = self._answer_held_ping
         tune_for_bulk(lowest)
         # Small frames (OPEN, CREDIT, FIN) must not wait for Nagle + delayed
@@ -367,6 +372,18 @@ class _TunnelProtocol:
         # record (16 KiB) here, a few percent of the receiving process.
         # Anything received proves the peer alive (Liveness).
         self.silent_sweeps = 0
+        reader = self._frame_reader
+        if reader is not None:
+            if (not reader.between_frames or self.current_frame is None and not self.data
+                    and not self.inside_message and self.state == self.STATE_OPEN):
+                # Our own frames skip Autobahn's parser (frame_reader.py).
+                try:
+                    data = reader.feed(data, self._message_read)
+                except FrameTooLarge as e:
+                    self._protocol_error(e)
+                    return
+                if not data:
+                    return
         if (data == _EMPTY_PING and self.current_frame is None and not self.data
                 and self.state == self.STATE_OPEN):
             # The idle tunnel's ping, answered without Autobahn's parser and
@@ -375,6 +392,12 @@ class _TunnelProtocol:
             self.onPing(b"")
             return
         self._dataReceived(data)
+
+    def _message_read(self, parts):
+        # From our frame reader: true (stop reading) once the mux has closed
+        # the connection or begun its closing handshake.
+        self.mux.message_parts_received(parts)
+        return self.state != self.STATE_OPEN
 
     def onMessage(self, payload, isBinary):
         if not isBinary:
