@@ -8,6 +8,7 @@ from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher, formatEvent
+from twisted.protocols import policies
 from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.client import Agent, readBody
@@ -17,8 +18,10 @@ from anyproxy.errors import Reason
 from anyproxy.gateway import drain
 from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
 from tests.support import (
-    BlobResource, Deployment, Echo, basic_token, blob, listen_tcp, run_curl)
+    PROXY_PASSWORD, PROXY_USER, BlobResource, Deployment, Echo, basic_token, blob, listen_tcp,
+    run_curl)
 from tests.test_e2e_tcp import socks_connect
+from tests.test_fleet_relay import Fleet
 from tests.test_e2e_twistd import TwistdBase, port_open, wait_until
 
 MB = 1024 * 1024
@@ -102,6 +105,10 @@ class FakeGateway:
         self.metrics = FakeMetrics()
         self.in_fleet = in_fleet
         self.leaving = defer.Deferred()
+        self.upstreams_kept = True
+
+    def stop_keeping_upstreams(self):
+        self.upstreams_kept = False
 
     def leave_fleet(self):
         self.events.append("leave_fleet")
@@ -434,6 +441,193 @@ class LoopbackDrainTests(unittest.TestCase):
         gateway = yield Deployment(self).start_gateway(gateway={"drain_timeout": 0})
         yield gateway.stopService()
         self.assertIsNone(gateway.draining)
+
+
+class HeldResource(BlobResource):
+    """L{BlobResource} whose C{GET /held} is answered only on L{release}."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = defer.Deferred()
+        self._requests = []
+
+    def render_GET(self, request):
+        if request.path != b"/held":
+            return super().render_GET(request)
+        self._requests.append(request)
+        if not self.held.called:
+            self.held.callback(None)
+        return server.NOT_DONE_YET
+
+    def release(self):
+        for request in self._requests:
+            request.write(b"held answer\n")
+            request.finish()
+
+
+@defer.inlineCallbacks
+def settle(clock, predicate, what, timeout=10):
+    """
+    Poll C{predicate} every 20 ms (real time, loopback I/O going on), running
+    what the drain's C{clock} has due now (its next-turn calls) each time.
+    """
+    for _ in range(int(timeout / 0.02)):
+        clock.advance(0)
+        if predicate():
+            return
+        yield task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError("timed out waiting for " + what)
+
+
+class KeptUpstreamMixin:
+    """A target that knows its open connections, and GETs to it through an HTTP proxy (curl)."""
+
+    def start_target(self):
+        self.resource = HeldResource()
+        # Its protocols: the target's connections open now.
+        self.site = policies.WrappingFactory(server.Site(self.resource))
+        self.web_port = listen_tcp(self, self.site).getHost().port
+
+    def target_connections(self):
+        """How many connections to the target are open."""
+        return len(self.site.protocols)
+
+    @defer.inlineCallbacks
+    def get(self, http_port, path="/hello"):
+        """One GET through the HTTP proxy on C{http_port}, a new connection: (status, body)."""
+        out, err, code = yield run_curl(
+            "-x", "http://%s:%s@127.0.0.1:%d" % (PROXY_USER, PROXY_PASSWORD, http_port),
+            "-w", "\n%{http_code}", "http://127.0.0.1:%d%s" % (self.web_port, path))
+        self.assertEqual(code, 0, err)
+        body, _, status = out.rpartition(b"\n")
+        return int(status), body
+
+
+class KeptUpstreamDrainTests(KeptUpstreamMixin, unittest.TestCase):
+    """
+    The HTTP proxy's idle kept upstream connections (C{upstream_keepalive})
+    do not hold a drain: they close as it starts, and none is kept during
+    it; exchanges in flight still finish.  The drain runs on a clock of its
+    own, so "promptly" means well before its deadline on that clock.
+    """
+
+    timeout = 60
+    DELAY = 5  # gateway.drain_delay
+    TIMEOUT = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.logs = drain_logs(self)
+        self.deployment = Deployment(self)
+        # drain_timeout 0: the gateway's stop at cleanup does not drain again.
+        self.gateway = yield self.deployment.start_gateway(
+            gateway={"drain_timeout": 0, "drain_delay": self.DELAY})
+        self.client = yield self.deployment.start_client()
+        self.start_target()
+        self.pool = self.gateway.frontends.records["http proxy"].factory.upstream_pool
+        self.clock = task.Clock()
+
+    def tunnel_streams(self):
+        return sum(len(tunnel.mux.streams()) for tunnel in self.gateway.tunnel_pool.tunnels())
+
+    @defer.inlineCallbacks
+    def test_idle_closed_at_once_in_flight_completes(self):
+        """
+        With a request in flight and an idle kept upstream, the drain closes
+        the idle one at its start and ends as soon as the one in flight is
+        answered, which the user gets whole; its upstream is not kept.
+        """
+        held = self.get(self.deployment.http_port, "/held")
+        yield self.resource.held
+        self.assertEqual((yield self.get(self.deployment.http_port)),
+                         (200, b"hello from the target\n"))
+        self.assertEqual((len(self.pool), self.target_connections(), self.tunnel_streams()),
+                         (1, 2, 2))
+        ended = self.gateway.drain(self.TIMEOUT, clock=self.clock)
+        self.assertEqual(len(self.pool), 0)
+        yield settle(self.clock, lambda: self.target_connections() == 1
+                     and self.tunnel_streams() == 1, "the idle upstream to close")
+        self.clock.advance(self.DELAY)  # the listeners close; the wait for streams begins
+        yield self.gateway.draining.listeners_closed
+        self.assertNoResult(ended)  # the exchange in flight holds it
+        self.resource.release()
+        self.assertEqual((yield held), (200, b"held answer\n"))
+        yield settle(self.clock, lambda: ended.called, "the drain to end")
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
+        self.assertEqual(self.clock.seconds(), self.DELAY)  # not TIMEOUT
+        self.assertEqual((len(self.pool), self.tunnel_streams()), (0, 0))
+        # The target hears the client's close a moment later.
+        yield settle(self.clock, lambda: self.target_connections() == 0, "the target to see it")
+        self.assertIn("drain finished: every stream ended", self.logs[-1])
+
+    @defer.inlineCallbacks
+    def test_none_kept_during_delay(self):
+        """A request served during drain_delay leaves no kept upstream: the drain ends at once."""
+        ended = self.gateway.drain(self.TIMEOUT, clock=self.clock)
+        self.assertEqual((yield self.get(self.deployment.http_port)),
+                         (200, b"hello from the target\n"))
+        self.assertEqual(len(self.pool), 0)
+        yield settle(self.clock, lambda: self.target_connections() == 0
+                     and self.tunnel_streams() == 0, "the upstream to close")
+        self.clock.advance(self.DELAY)
+        yield settle(self.clock, lambda: ended.called, "the drain to end")
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
+        self.assertEqual(self.clock.seconds(), self.DELAY)
+
+
+class RelayedKeptUpstreamDrainTests(KeptUpstreamMixin, unittest.TestCase):
+    """
+    Gateway A's HTTP proxy keeps an idle upstream relayed to gateway B (the
+    group's client is on B): whichever of them drains, that stream closes
+    on both, and the drain does not wait for it.
+    """
+
+    timeout = 60
+    TIMEOUT = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.fleet = Fleet(self, "a", "b")
+        self.a, self.b = yield self.fleet.start()
+        yield self.b.start_client()
+        yield self.fleet.listed(self.a, "default", self.b)
+        self.start_target()
+        self.pool = self.a.gateway.frontends.records["http proxy"].factory.upstream_pool
+        self.clock = task.Clock()
+        self.assertEqual((yield self.get(self.a.http_port)), (200, b"hello from the target\n"))
+        self.assertEqual((len(self.pool), self.relayed_streams()), (1, 1))
+
+    def relayed_streams(self):
+        """The streams B relays for A (on the links A dialed to B)."""
+        return sum(link.mux.stream_count for link in self.b.node.server.factory.links)
+
+    @defer.inlineCallbacks
+    def drained_promptly(self, deployment, first=None):
+        """
+        Drain C{deployment}'s gateway: it ends as soon as its listeners
+        close.  C{first}, a predicate, is waited for before they do.
+        """
+        ended = deployment.gateway.drain(self.TIMEOUT, clock=self.clock)
+        if first is not None:
+            yield settle(self.clock, first, "the kept upstream to close")
+        self.clock.advance(drain.FLEET_SETTLE)  # it left the fleet at once (in memory)
+        yield settle(self.clock, lambda: ended.called, "the drain to end")
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
+        self.assertEqual(self.clock.seconds(), drain.FLEET_SETTLE)  # not TIMEOUT
+
+    @defer.inlineCallbacks
+    def test_relaying_gateway_drains(self):
+        """B drains: its GOAWAY on A's link makes A close the idle upstream kept there."""
+        yield self.drained_promptly(self.b)
+        self.assertEqual((len(self.pool), self.relayed_streams()), (0, 0))
+        yield settle(self.clock, lambda: self.target_connections() == 0, "the target's close")
+
+    @defer.inlineCallbacks
+    def test_keeping_gateway_drains(self):
+        """A drains: it closes its idle upstream at once, and so the stream B relays for it."""
+        yield self.drained_promptly(self.a, first=lambda: self.relayed_streams() == 0)
+        self.assertEqual(len(self.pool), 0)
+        yield settle(self.clock, lambda: self.target_connections() == 0, "the target's close")
 
 
 class ReadinessTests(unittest.TestCase):

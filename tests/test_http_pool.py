@@ -89,6 +89,17 @@ class UpstreamPoolTests(SynchronousTestCase):
         self.assertFalse(self.pool.put("k", _Entry("a")))
         self.assertEqual(len(self.pool), 0)
 
+    def test_close_idle_some(self):
+        """close_idle(which) closes the idle entries it picks; others and later ones are kept."""
+        a, b, c = _Entry("a"), _Entry("b"), _Entry("c")
+        self.pool.put("k", a)
+        self.pool.put("k", b)
+        self.pool.close_idle(lambda entry: entry is a)
+        self.assertEqual((a.closed, b.closed, len(self.pool)), (True, False, 1))
+        self.assertTrue(self.pool.put("k", c))
+        self.assertEqual([self.pool.take("k"), self.pool.take("k")], [c, b])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_disabled(self):
         """max_idle 0 keeps nothing."""
         pool = UpstreamPool(self.clock, max_idle=0)

@@ -5,6 +5,8 @@ L{anyproxy.tunnel.websocket}), the opening handshake's leftovers are let go,
 and TLS releases its idle buffers (L{anyproxy.tls}).
 """
 
+import struct
+
 from OpenSSL import SSL
 from OpenSSL._util import lib as openssl
 from twisted.internet import defer, protocol, reactor
@@ -271,6 +273,28 @@ class EmptyPingTests(unittest.SynchronousTestCase):
         self.transport.clear()
         self.assertEqual(self.autobahn_pong(), b"\x8a\x00")
         self.assertEqual(self.protocol.state, self.protocol.STATE_OPEN)
+
+    def test_ping_with_payload_answered_as_autobahn_would(self):
+        """The client's pings carry a counter (for its RTT figure): pings of 1 to 125
+        bytes get the same pong Autobahn would send, without its parser."""
+        parse = self.protocol._dataReceived
+        for payload in (b"\x00" * 7 + b"\x01", b"p" * 125):
+            self.protocol._dataReceived = lambda data: self.fail("parsed by Autobahn")
+            self.protocol.dataReceived(bytes((0x89, len(payload))) + payload)
+            self.protocol._dataReceived = parse
+            fast = self.transport.value()
+            self.transport.clear()
+            self.protocol.sendPong(payload)
+            self.assertEqual(fast, self.transport.value())
+            self.transport.clear()
+        self.assertEqual(self.protocol.state, self.protocol.STATE_OPEN)
+
+    def test_oversized_ping_left_to_autobahn(self):
+        """A ping announcing 126 bytes (more than a control frame may carry) is not
+        answered here: Autobahn's parser fails the connection."""
+        self.protocol.dataReceived(struct.pack("!BBH", 0x89, 126, 126) + b"p" * 126)
+        self.assertNotIn(b"\x8a", self.transport.value()[:1])
+        self.assertNotEqual(self.protocol.state, self.protocol.STATE_OPEN)
 
     def test_inside_a_frame_is_data(self):
         """The ping's two bytes inside a frame's payload are payload, not a ping."""

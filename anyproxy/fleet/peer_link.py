@@ -316,6 +316,10 @@ class PeerLinks:
         for a while).
     @param endpoint_for: C{endpoint_for(node_record, timeout)} -> the
         C{IStreamClientEndpoint} to dial a node with; tests replace it.
+    @ivar on_link_going_away: C{None}, or called with no argument when the
+        peer sends GOAWAY on one of our links (it drains): the gateway's
+        frontends then close the idle upstream connections they keep on it,
+        which the peer's drain would otherwise wait for.
     """
 
     def __init__(self, reactor, fleet, link_wait=DEFAULT_LINK_WAIT, on_link_lost=None,
@@ -325,6 +329,7 @@ class PeerLinks:
         self.link_wait = link_wait
         self.idle = idle
         self.on_link_lost = on_link_lost
+        self.on_link_going_away = None
         self._endpoint_for = endpoint_for or self._tls_endpoint
         self._links = {}  # (node_id, group) -> PeerLink
         self._dialing = {}  # (node_id, group) -> Deferred of the dial in progress
@@ -408,6 +413,7 @@ class PeerLinks:
         def ready(protocol):
             link = PeerLink(node.node_id, group, protocol, last_used=self._reactor.seconds())
             protocol.peer_link = link
+            self._watch_go_away(link)
             old = self._links.get((node.node_id, group))
             if old is not None and old is not link:
                 self._retire(old)
@@ -427,6 +433,20 @@ class PeerLinks:
                                   % (node.node_id, why))
 
         return d.addCallbacks(ready, failed)
+
+    def _watch_go_away(self, link):
+        # The mux calls on_go_away once the link is draining (its streams'
+        # tunnel_draining true); the protocol's own hook (a log line) first.
+        mux = link.mux
+        logged = mux.on_go_away
+
+        def going_away(reason):
+            if logged is not None:
+                logged(reason)
+            if self.on_link_going_away is not None:
+                self.on_link_going_away()
+
+        mux.on_go_away = going_away
 
     def _lost(self, protocol):
         link = getattr(protocol, "peer_link", None)

@@ -509,12 +509,22 @@ class Gateway(MultiService):
             defer.maybeDeferred(self.tunnel_server.listener.stopService),
         ]).addCallback(lambda _: None)
 
+    def stop_keeping_upstreams(self):
+        """
+        Close the frontends' idle kept upstream connections (the HTTP
+        proxy's C{upstream_keepalive}) and keep none from now on: a drain
+        would otherwise wait for them as open streams (and a peer gateway
+        they are relayed to, for its own), as if they were in flight.
+        """
+        self.frontends.stop_keeping_upstreams()
+
     def drain(self, timeout, clock=None):
         """
-        Drain the gateway (L{anyproxy.gateway.drain}): fail C{/ready}, leave
-        the fleet, keep accepting for C{gateway.drain_delay} seconds, stop
-        accepting, send GOAWAY on every tunnel and let open streams finish;
-        all within C{timeout} seconds.  Only the first call starts it.
+        Drain the gateway (L{anyproxy.gateway.drain}): fail C{/ready}, let
+        idle kept upstream connections go, leave the fleet, keep accepting
+        for C{gateway.drain_delay} seconds, stop accepting, send GOAWAY on
+        every tunnel and let open streams finish; all within C{timeout}
+        seconds.  Only the first call starts it.
 
         @param clock: the C{IReactorTime} for its deadline (the reactor by
             default).
@@ -615,6 +625,10 @@ def make_gateway_service(config, reactor, make_fleet_registry=None):
                                       group_logins, metrics, logins=logins)
     # Listeners rebuilt by a reload are what metrics report.
     metrics.frontend_factories = frontends.factories
+    if fleet is not None:
+        # A peer draining sends GOAWAY on our links to it: the idle upstream
+        # connections the frontends keep there go, so its drain need not wait.
+        fleet.links.on_link_going_away = frontends.tunnel_going_away
     # The status page and management API (anyproxy.gateway.status): clients,
     # totals, streams, behind Basic auth.  Each request's head must arrive
     # within handshake_timeout (anyproxy.operator_site).

@@ -16,7 +16,13 @@ So the drain moves everything new elsewhere first and only then waits:
      metrics and status listeners (L{ReadinessPage}) answers 503.  A
      balancer's health check (HAProxy's C{option httpchk GET /ready}, a
      Kubernetes readinessProbe) takes this gateway out of rotation while it
-     still serves everything as before.
+     still serves everything as before.  And the frontends let go of the
+     idle upstream connections they keep for reuse (the HTTP proxy's
+     C{upstream_keepalive}) and keep none from now on
+     (L{anyproxy.gateway.app.Gateway.stop_keeping_upstreams}): each is an
+     open stream, here or on the peer it is relayed to, that step 5 would
+     wait for to its deadline.  (A peer's drain sends GOAWAY on our links
+     to it, and we let go of those kept there, L{anyproxy.fleet.peer_link}.)
   1. I{Leave the fleet} (L{anyproxy.gateway.app.Gateway.leave_fleet}, a
      no-op without one): the registry deregisters this node, so other
      gateways stop relaying to it and clients are no longer told to attach
@@ -138,6 +144,7 @@ class Drain:
                  "may finish within {timeout:g}s (drain_timeout)",
                  streams=len(self.open_streams()), tunnels=len(tunnels), timeout=self.timeout)
         self._timers.append(self.clock.callLater(self.timeout, self._end, TIMED_OUT))
+        gateway.stop_keeping_upstreams()
         # The listeners close once both waits are over: the balancer's (from
         # now, as /ready fails from now) and the fleet's (after leaving it).
         waits = []
@@ -196,7 +203,7 @@ class Drain:
         # last pass): no new streams, and closed once it carries none.  The
         # links peers dialed to us too: a peer would otherwise keep reusing
         # a stream relayed here (its HTTP proxy's kept upstream connection)
-        # and hold the drain to its deadline.
+        # and hold the drain to its deadline; told, it closes those idle now.
         tunnels = list(self.gateway.tunnel_pool.tunnels())
         fleet = getattr(self.gateway, "fleet", None)
         if fleet is not None:

@@ -44,6 +44,13 @@ class FrontendRecord:
     listener = attr.ib(default=None)
 
 
+def _call_hook(factory, name):
+    """Call C{factory.name()} if the frontend's factory has it (an optional hook)."""
+    hook = getattr(factory, name, None)
+    if hook is not None:
+        hook()
+
+
 def _same_factory(old, new):
     """Whether a frontend's protocol factory can be kept (users are refilled)."""
     return old.type == new.type and dict(old.options) == dict(new.options)
@@ -68,6 +75,8 @@ class Frontends(MultiService):
     records = attr.ib(factory=dict)
     # anyproxy.auth.Logins: the gateway's password checks and login throttle.
     logins = attr.ib(default=None)
+    # Set once the gateway drains: the factories keep no idle upstream connection.
+    draining = attr.ib(default=False, init=False)
 
     def __attrs_post_init__(self):
         MultiService.__init__(self)
@@ -99,6 +108,8 @@ class Frontends(MultiService):
             endpoint_for=functools.partial(self._endpoint_for, frontend=frontend.name),
             users=users, handshake_timeout=config.gateway.handshake_timeout)
         factory = find_frontend(frontend.type).build(frontend.options, context)
+        if self.draining:  # a reload during the drain
+            _call_hook(factory, "stop_keeping_upstreams")
         return FrontendRecord(frontend, factory, users)
 
     def _listener(self, frontend, factory):
@@ -125,6 +136,28 @@ class Frontends(MultiService):
         stopping = [defer.maybeDeferred(listener.stopService)
                     for listener in self.listeners().values()]
         return defer.gatherResults(stopping).addCallback(lambda _: None)
+
+    def stop_keeping_upstreams(self):
+        """
+        The gateway drains: every factory that keeps idle upstream
+        connections for reuse (the HTTP proxy's C{upstream_keepalive})
+        closes them now and keeps none from now on, so the drain waits only
+        for exchanges in flight (a factory's optional
+        C{stop_keeping_upstreams()}).
+        """
+        self.draining = True
+        for record in self.records.values():
+            _call_hook(record.factory, "stop_keeping_upstreams")
+
+    def tunnel_going_away(self):
+        """
+        A tunnel's far end sent GOAWAY (a peer gateway draining): every
+        factory closes the idle upstream connections it keeps on such
+        tunnels (a factory's optional C{tunnel_going_away()}), so that peer
+        need not wait for them.
+        """
+        for record in self.records.values():
+            _call_hook(record.factory, "tunnel_going_away")
 
     def prepare(self, config):
         """

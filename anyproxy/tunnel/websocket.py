@@ -23,6 +23,7 @@ from anyproxy.tls import openssl_reason
 from anyproxy.tuning import tune_for_bulk, set_no_delay
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.frame_reader import BinaryFrameReader, FrameTooLarge
+from anyproxy.tunnel.tls_writes import send_ciphertext_at_once, write_alone
 from anyproxy.tunnel.mux import Mux
 
 # Module level, not a class attribute: Autobahn's protocols log through their
@@ -76,11 +77,11 @@ log = Logger()
 #                       idle tunnel's empty ping is answered here, without
 #                       the frame parser, only between frames.
 
-# An idle tunnel's traffic: the client's empty ping (Liveness), which comes
-# alone in its TLS record, and the gateway's empty pong.  Unmasked, as both
-# ends send every frame (tune_factory).
-_EMPTY_PING = b"\x89\x00"  # FIN, opcode 9 (ping), no mask, no payload
-_EMPTY_PONG = b"\x8a\x00"  # FIN, opcode 10 (pong)
+# An idle tunnel's traffic: the client's ping (Liveness; an 8-byte counter
+# for its RTT figure, or empty), which comes alone in its TLS record, and the
+# gateway's pong.  Unmasked, as both ends send every frame (tune_factory).
+_PING = 0x89  # FIN, opcode 9 (ping); the next byte, below 126, is an unmasked length
+_PONG = 0x8A  # FIN, opcode 10 (pong)
 
 _WS_LEN16 = struct.Struct("!BBH")
 _WS_LEN64 = struct.Struct("!BBQ")
@@ -313,6 +314,7 @@ class _TunnelProtocol:
         lowest.registerProducer(self.mux, True)
         self.mux.lowest_transport = lowest
         self._frame_reader = BinaryFrameReader(MAX_MESSAGE)
+        send_ciphertext_at_once(self.transport)
         self.mux.on_resume = self._answer_held_ping
         tune_for_bulk(lowest)
         # Small frames (OPEN, CREDIT, FIN) must not wait for Nagle + delayed
@@ -332,10 +334,12 @@ class _TunnelProtocol:
         self._pong(payload)
 
     def _pong(self, payload):
-        if payload or not (self.factory.isServer or not self.maskClientFrames):
+        if not (self.factory.isServer or not self.maskClientFrames):
             self.sendPong(payload)
         elif self.state == self.STATE_OPEN:
-            self.transport.write(_EMPTY_PONG)  # what sendPong(b"") writes, without its work
+            # What sendPong writes (payload at most 125 bytes), without its
+            # work, and sent at once on an idle tunnel (tls_writes.py).
+            write_alone(self.transport, bytes((_PONG, len(payload))) + payload)
 
     def _answer_held_ping(self):
         payload, self._unanswered_ping = self._unanswered_ping, None
@@ -384,12 +388,15 @@ class _TunnelProtocol:
                     return
                 if not data:
                     return
-        if (data == _EMPTY_PING and self.current_frame is None and not self.data
+        if (1 < len(data) < 128 and data[0] == _PING and len(data) == 2 + data[1]
+                and self.current_frame is None and not self.data
                 and self.state == self.STATE_OPEN):
-            # The idle tunnel's ping, answered without Autobahn's parser and
-            # sender: about 1 us instead of 26 (measured), most of what an
-            # idle gateway's Python does per tunnel.
-            self.onPing(b"")
+            # The idle tunnel's ping, alone in its read, answered without
+            # Autobahn's parser and sender: about 1 us instead of 26
+            # (measured), most of what an idle gateway's Python does per
+            # tunnel.  (len(data) == 2 + data[1] < 128 rules out the mask
+            # bit and the longer length forms.)
+            self.onPing(data[2:])
             return
         self._dataReceived(data)
 

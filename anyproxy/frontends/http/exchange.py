@@ -121,7 +121,7 @@ class ReadGate:
         return GateProducer(self, reason)
 
 
-def _tunnel_draining(upstream):
+def tunnel_draining(upstream):
     """Whether C{upstream}'s stream is on a tunnel that takes no new streams."""
     return getattr(upstream.transport, "tunnel_draining", False)
 
@@ -233,7 +233,7 @@ class ForwardExchange:
             return
         upstream = self._pool.take(self._key)
         while upstream is not None and (upstream.transport.disconnecting
-                                        or _tunnel_draining(upstream)):
+                                        or tunnel_draining(upstream)):
             # Closing already (the origin's FIN arrived while it had bytes
             # queued), or on a tunnel going away: reusing it would keep that
             # tunnel from ever draining (a fleet client moving on, a drain).
@@ -412,7 +412,7 @@ class ForwardExchange:
         # Not reusable (client.reusable) after bytes past the response (a
         # second response, a body after 204): they would answer the next
         # request.  Nor after a HEAD, whose end llhttp cannot tell.
-        if client.reusable and not self._connection_authenticated and not _tunnel_draining(upstream):
+        if client.reusable and not self._connection_authenticated and not tunnel_draining(upstream):
             client.start_next_cycle()
             # The user may have paused it; an idle connection must not stay paused.
             upstream.transport.resumeProducing()

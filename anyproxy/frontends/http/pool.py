@@ -100,12 +100,18 @@ class UpstreamPool:
     def clear(self):
         """
         Close every idle entry and keep none from now on (the listener
-        stopped, or a reload replaced it; its connections may still finish
-        exchanges).
+        stopped, a reload replaced it, or the gateway drains; its
+        connections may still finish exchanges, then close theirs).
         """
         self._closed = True
-        while self._idle:
-            entry = next(iter(self._idle))
+        self.close_idle()
+
+    def close_idle(self, which=None):
+        """
+        Close the idle entries (those for which C{which(entry)} is true, if
+        given); later ones are kept as before.
+        """
+        for entry in [each for each in self._idle if which is None or which(each)]:
             self.discard(entry)
             entry.close()
 

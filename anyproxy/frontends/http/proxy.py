@@ -48,6 +48,7 @@ from anyproxy.tuning import QUICKACK_BELOW, quick_acker, set_no_delay, tune_for_
 from anyproxy.frontends.http.exchange import (
     ForwardExchange,
     ReadGate,
+    tunnel_draining,
     describe_open_failure,
 )
 from anyproxy.frontends.http.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE, UpstreamPool
@@ -556,6 +557,24 @@ class HttpProxyFactory(HandshakeCappedFactory, ServerFactory):
     def stopFactory(self):
         # The listener stopped (shutdown, or a reload replaced it).
         self.upstream_pool.clear()
+
+    def stop_keeping_upstreams(self):
+        """
+        The gateway drains (L{anyproxy.gateway.drain}): close the idle
+        upstream connections now, since each is an open stream the drain
+        would wait for, and keep none from now on (an exchange that ends
+        closes its own).
+        """
+        self.upstream_pool.clear()
+
+    def tunnel_going_away(self):
+        """
+        A tunnel's far end sent GOAWAY (a peer gateway draining, for a
+        stream relayed through a fleet peer link): close the idle upstream
+        connections on such tunnels, which would otherwise hold them open
+        until C{upstream_idle_timeout}.  The others stay kept.
+        """
+        self.upstream_pool.close_idle(tunnel_draining)
 
     def acceptableProtocols(self):
         # Behind an ssl: listener (an HTTPS proxy) Twisted always installs an
