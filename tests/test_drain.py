@@ -575,6 +575,42 @@ class KeptUpstreamDrainTests(KeptUpstreamMixin, unittest.TestCase):
         self.assertEqual(self.clock.seconds(), self.DELAY)
 
 
+def client_muxes(service):
+    """The muxes of the tunnels a client service holds now."""
+    found = []
+    endpoint = getattr(service, "ready_endpoint", None)
+    tunnel = getattr(endpoint, "tunnel", None)
+    if getattr(tunnel, "mux", None) is not None:
+        found.append(tunnel.mux)
+    for child in getattr(service, "services", ()):
+        found.extend(client_muxes(child))
+    return found
+
+
+class ClientGoingAwayTests(KeptUpstreamMixin, unittest.TestCase):
+    """A client's GOAWAY on its tunnel: the gateway lets go of the idle upstreams kept there."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_idle_kept_upstream_closed(self):
+        self.deployment = Deployment(self)
+        gateway = yield self.deployment.start_gateway()
+        client = yield self.deployment.start_client()
+        self.start_target()
+        pool = gateway.frontends.records["http proxy"].factory.upstream_pool
+        self.assertEqual((yield self.get(self.deployment.http_port)),
+                         (200, b"hello from the target\n"))
+        self.assertEqual((len(pool), self.target_connections()), (1, 1))
+        [mux] = client_muxes(client)
+        mux.go_away()  # what a client stopping or moving away sends first
+        for _ in range(250):
+            if not len(pool) and not self.target_connections():
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual((len(pool), self.target_connections()), (0, 0))
+
+
 class RelayedKeptUpstreamDrainTests(KeptUpstreamMixin, unittest.TestCase):
     """
     Gateway A's HTTP proxy keeps an idle upstream relayed to gateway B (the

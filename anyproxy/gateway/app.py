@@ -625,9 +625,12 @@ def make_gateway_service(config, reactor, make_fleet_registry=None):
                                       group_logins, metrics, logins=logins)
     # Listeners rebuilt by a reload are what metrics report.
     metrics.frontend_factories = frontends.factories
+    # A client going away (stopping, or moving to another gateway) sends
+    # GOAWAY on its tunnels, as a draining peer does on our links to it: the
+    # idle upstream connections the frontends keep there go at once, rather
+    # than at upstream_idle_timeout.
+    tunnel_server.factory.on_tunnel_going_away = frontends.tunnel_going_away
     if fleet is not None:
-        # A peer draining sends GOAWAY on our links to it: the idle upstream
-        # connections the frontends keep there go, so its drain need not wait.
         fleet.links.on_link_going_away = frontends.tunnel_going_away
     # The status page and management API (anyproxy.gateway.status): clients,
     # totals, streams, behind Basic auth.  Each request's head must arrive

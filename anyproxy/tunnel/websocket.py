@@ -429,6 +429,11 @@ class _TunnelProtocol:
         # gateway's tunnel pool reads); the peer closes the tunnel itself.
         log.info("tunnel {name}: peer is going away ({reason}); no new streams on it",
                  name=self.mux.name, reason=reason.name)
+        # The factory's owner may let go of what it keeps on this tunnel
+        # (the gateway's idle kept upstream connections).
+        hook = getattr(self.factory, "on_tunnel_going_away", None)
+        if hook is not None:
+            hook()
 
     def _protocol_error(self, exc):
         log.warn("tunnel {name}: protocol error: {error}; closing", name=self.mux.name, error=exc)

@@ -27,6 +27,11 @@ import typing
 import attr
 import yaml
 
+try:
+    import psutil
+except ImportError:  # selfcheck.py still imports this module
+    psutil = None
+
 from harness import LOOPBACK, BenchError, log
 from harness.chart import ANYPROXY, PEER, Panel, Series
 from harness.clients import echo_check, socks_connect
@@ -37,6 +42,8 @@ from measurements.connect import connect_rate
 
 LABEL_BULK = "11 fleet relay: bulk download, Mbit/s"
 LABEL_CONNECT = "11 fleet relay: CONNECT, a new tunnel each, per s"
+LABEL_CPU = "11 fleet relay: CPU during the bulk download, s per GB"
+NODES = ("fleet-gateway-A", "fleet-gateway-B", "fleet-client")
 LOCAL = "local (user on B, B's tunnel)"
 RELAYED = "relayed (user on A, relayed to B)"
 PATHS = (LOCAL, RELAYED)
@@ -51,6 +58,8 @@ class FleetRelayRun:
     bulk_mbit: float
     connect_rate: float
     connect_failed: int
+    # CPU seconds per GB downloaded during the bulk run, per process (NODES)
+    bulk_cpu: typing.Dict[str, float] = attr.Factory(dict)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -70,6 +79,10 @@ class FleetRelayResult:
 
     def failed(self, path):
         return sum(x.connect_failed for x in self.runs[path])
+
+    def cpu(self, path, name):
+        """Median CPU seconds per GB of process C{name} during C{path}'s bulk runs."""
+        return median([x.bulk_cpu[name] for x in self.runs[path] if name in x.bulk_cpu])
 
     @property
     def bulk_share(self):
@@ -185,6 +198,21 @@ def bulk_download(socks_port, source_port, seconds, warmup=0.5):
         sock.close()
 
 
+def _cpu_seconds(process):
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def bulk_with_cpu(processes, socks_port, source_port, seconds):
+    """C{(Mbit/s, {process: CPU s per GB})} of one L{bulk_download}."""
+    watched = {name: psutil.Process(processes.procs[name].pid) for name in NODES}
+    before = {name: _cpu_seconds(p) for name, p in watched.items()}
+    mbit = bulk_download(socks_port, source_port, seconds)
+    gigabytes = max(mbit * 1e6 / 8 * seconds / 1e9, 1e-9)  # the warm-up is left out
+    return mbit, {name: (_cpu_seconds(p) - before[name]) / gigabytes
+                  for name, p in watched.items()}
+
+
 def run(env):
     args, processes, services = env.args, env.processes, env.services
     for tool in (REDIS_SERVER, REDIS_CLI):
@@ -225,14 +253,17 @@ def run(env):
         order = PATHS if r % 2 == 0 else PATHS[::-1]
         log("fleet relay round %d/%d (bulk %d s, %d CONNECTs, %d concurrent)", r + 1, args.rounds,
             args.seconds, count, args.concurrency)
-        bulk = {path: bulk_download(paths[path]["socks"], source, args.seconds) for path in order}
+        bulk = {path: bulk_with_cpu(processes, paths[path]["socks"], source, args.seconds)
+                for path in order}
         connect = {path: connect_rate(paths[path]["http"], echo, count, args.concurrency)
                    for path in order}
         for path in PATHS:
-            runs[path].append(FleetRelayRun(bulk_mbit=bulk[path], connect_rate=connect[path].rate,
-                                            connect_failed=connect[path].failed))
-            log("  %-36s %8.0f Mbit/s %8.0f CONNECT/s (%d failed)", path, bulk[path],
-                connect[path].rate, connect[path].failed)
+            mbit, cpu = bulk[path]
+            runs[path].append(FleetRelayRun(bulk_mbit=mbit, connect_rate=connect[path].rate,
+                                            connect_failed=connect[path].failed, bulk_cpu=cpu))
+            log("  %-36s %8.0f Mbit/s %8.0f CONNECT/s (%d failed); CPU s/GB %s", path, mbit,
+                connect[path].rate, connect[path].failed,
+                " ".join("%s %.2f" % (name, cpu[name]) for name in NODES))
         processes.check_alive(*names)
 
     # Redis with the fleet idle: heartbeats and view reads only.
@@ -264,6 +295,10 @@ def rows(result):
             num(result.connect(LOCAL))),
         Row(LABEL_CONNECT, "%s (failed: %d)" % (RELAYED, result.failed(RELAYED)),
             num(result.connect(RELAYED)), num(result.connect_share, "{:.2f}")),
+    ] + [
+        Row(LABEL_CPU, "%s: gateway A / gateway B / client" % (path,),
+            " / ".join("%.2f" % (result.cpu(path, name) or 0) for name in NODES))
+        for path in PATHS if all(result.cpu(path, name) is not None for name in NODES)
     ]
 
 
@@ -300,8 +335,12 @@ def settings(args):
 
 
 EXAMPLE = FleetRelayResult(
-    runs={LOCAL: [FleetRelayRun(bulk_mbit=4000.0, connect_rate=900.0, connect_failed=0)],
-          RELAYED: [FleetRelayRun(bulk_mbit=3000.0, connect_rate=600.0, connect_failed=0)]},
+    runs={LOCAL: [FleetRelayRun(bulk_mbit=4000.0, connect_rate=900.0, connect_failed=0,
+                                bulk_cpu={"fleet-gateway-A": 0.0, "fleet-gateway-B": 1.5,
+                                          "fleet-client": 1.6})],
+          RELAYED: [FleetRelayRun(bulk_mbit=3000.0, connect_rate=600.0, connect_failed=0,
+                                  bulk_cpu={"fleet-gateway-A": 1.7, "fleet-gateway-B": 2.5,
+                                            "fleet-client": 1.6})]},
     redis_keys=["anyproxy:group:default", "anyproxy:node:A", "anyproxy:node:B", "anyproxy:nodes"],
     redis_seconds=10.0, redis_calls={"evalsha": 10, "get": 20}, redis_bytes_in=4000,
     redis_bytes_out=6000)

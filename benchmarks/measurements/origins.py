@@ -16,6 +16,16 @@ The origins:
 
 The load generator is the benchmark's own (asyncio, in this process), not
 hey: the same client for every path, and per-request latencies.
+
+With ``--concurrency`` requests always in flight (a closed loop), the origin
+is saturated (http.server answers about 1,600 requests/s directly on the
+reference machine) and the median mostly measures its queue: a path that
+carries more requests per second waits longer in it.  So each path also
+runs ``--origin-rate`` requests per second for a few seconds (an open loop,
+below every path's capacity), whose median is the path's own latency, shown
+beside the others.  Issue 15's targets stay on the closed loop, as the issue
+states them: a median at most 2× direct (or 1.2× pproxy's where pproxy is
+above 2× direct), and at least pproxy's requests per second.
 """
 
 import asyncio
@@ -39,6 +49,7 @@ DIRECT = "direct (no proxy)"
 PATHS = (DIRECT, "AnyProxy", NO_REUSE, "pproxy")
 # A request that waits out a delayed ACK takes at least 40 ms.
 STALL_MS = 40.0
+PACED_SECONDS = 3
 BODY = b"hello from the origin\n"
 
 TWO_SEND_ORIGIN = r'''
@@ -87,6 +98,10 @@ class OriginRun:
     median_ms: float       # median latency of one request (connect to last byte)
     p90_ms: float
     failed: int
+    # The same requests at a fixed rate every path carries (open loop,
+    # --origin-rate): latency without queueing at the origin.
+    paced_median_ms: typing.Optional[float] = None
+    paced_failed: int = 0
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -101,7 +116,10 @@ class OriginsResult:
         return median([x.median_ms for x in self.runs[origin].get(path, [])])
 
     def failed(self, origin, path):
-        return sum(x.failed for x in self.runs[origin].get(path, []))
+        return sum(x.failed + x.paced_failed for x in self.runs[origin].get(path, []))
+
+    def paced_latency(self, origin, path):
+        return median([x.paced_median_ms for x in self.runs[origin].get(path, [])])
 
 
 def nginx_path():
@@ -187,6 +205,42 @@ def load(proxy_port, origin_port, requests, concurrency):
     return asyncio.run(main())
 
 
+def paced(proxy_port, origin_port, rate, seconds):
+    """
+    GETs started at a fixed C{rate} for C{seconds} (open loop: a request
+    does not wait for the one before): C{(median ms, failed)}.  Below every
+    path's capacity, the median is the path's own latency, where the
+    closed loop of L{load} also measures the queue at a saturated origin.
+    """
+    async def main():
+        latencies, failed = [], 0
+
+        async def one():
+            nonlocal failed
+            try:
+                seconds_taken = await asyncio.wait_for(_request(proxy_port, origin_port), 10)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError, ValueError):
+                seconds_taken = None
+            if seconds_taken is None:
+                failed += 1
+            else:
+                latencies.append(seconds_taken)
+
+        loop = asyncio.get_running_loop()
+        started, tasks = loop.time(), []
+        for index in range(max(1, int(rate * seconds))):
+            delay = started + index / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one()))
+        await asyncio.gather(*tasks)
+        if not latencies:
+            raise BenchError("origins: every paced request failed (port %s)" % (proxy_port,))
+        return 1000 * statistics.median(latencies), failed
+    return asyncio.run(main())
+
+
 def run(env):
     services, args = env.services, env.args
     origins = start_origins(env)
@@ -199,9 +253,13 @@ def run(env):
         for origin, port in origins.items():
             for path in PATHS:
                 result = load(proxies[path], port, args.origin_requests, args.concurrency)
-                log("  %-11s %-34s %6.0f req/s  median %6.1f ms  p90 %6.1f ms%s", origin, path,
-                    result.rps, result.median_ms, result.p90_ms,
-                    "  %d failed" % result.failed if result.failed else "")
+                paced_ms, paced_failed = paced(proxies[path], port, args.origin_rate, PACED_SECONDS)
+                result = attr.evolve(result, paced_median_ms=paced_ms, paced_failed=paced_failed)
+                log("  %-11s %-34s %6.0f req/s  median %6.1f ms  p90 %6.1f ms; "
+                    "at %d req/s: median %6.1f ms%s", origin, path,
+                    result.rps, result.median_ms, result.p90_ms, args.origin_rate, paced_ms,
+                    "  %d failed" % (result.failed + paced_failed)
+                    if result.failed + paced_failed else "")
                 runs[origin][path].append(result)
     return OriginsResult(runs=runs)
 
@@ -217,14 +275,44 @@ def rows(result):
             figure = path + (" (%d failed)" % result.failed(origin, path)
                              if result.failed(origin, path) else "")
             if path == "AnyProxy":
-                # The delayed-ACK stall: at least 40 ms a request.
+                # Issue 15's bound; and never the delayed-ACK stall (40 ms a request).
+                bound = _latency_bound(result.latency(origin, DIRECT), pproxy_ms)
+                met = (None if bound is None else
+                       check(ms, min(bound, STALL_MS), higher=False))
                 out.append(Row(label_ms, figure, num(ms, "{:.1f}"), num(ratio(ms, pproxy_ms), "{:.2f}"),
-                               "< %.0f (no delayed-ACK stall)" % STALL_MS,
-                               check(ms, STALL_MS, higher=False)))
-                out.append(Row(label_rps, figure, num(rps), num(ratio(rps, pproxy_rps), "{:.2f}")))
+                               "≤ 2× direct (1.2× pproxy where pproxy > 2× direct), < %.0f"
+                               % STALL_MS, met))
+                out.append(Row(label_rps, figure, num(rps), num(ratio(rps, pproxy_rps), "{:.2f}"),
+                               "≥ 1.0", check(ratio(rps, pproxy_rps), 1.0)))
             else:
                 out.append(Row(label_ms, figure, num(ms, "{:.1f}")))
                 out.append(Row(label_rps, figure, num(rps)))
+        out.extend(_paced_rows(result, origin))
+    return out
+
+
+def _latency_bound(direct, pproxy):
+    """Issue 15's bound on the median: 2x direct, or 1.2x pproxy's where pproxy is above 2x direct."""
+    if direct is None or pproxy is None:
+        return None
+    return 2 * direct if pproxy <= 2 * direct else 1.2 * pproxy
+
+
+def _paced_rows(result, origin):
+    """The paced medians: each path's own latency, without the origin's queue."""
+    figures = {path: result.paced_latency(origin, path) for path in PATHS}
+    if any(value is None for value in figures.values()):
+        return []
+    label = "9 origin %s, median ms at a fixed rate" % (origin,)
+    out = []
+    for path in PATHS:
+        if path == "AnyProxy":
+            out.append(Row(label, path + "; ratios: / direct, / pproxy",
+                           num(figures[path], "{:.1f}"),
+                           "%s, %s" % (num(ratio(figures[path], figures[DIRECT]), "{:.2f}"),
+                                       num(ratio(figures[path], figures["pproxy"]), "{:.2f}"))))
+        else:
+            out.append(Row(label, path, num(figures[path], "{:.1f}")))
     return out
 
 
@@ -256,12 +344,13 @@ def panels(result):
 
 
 def settings(args):
-    return "origins: %d requests, %d concurrent, a new connection each (asyncio client)" % (
-        args.origin_requests, args.concurrency)
+    return ("origins: %d requests, %d concurrent, a new connection each (asyncio client); "
+            "then %d req/s for %d s, paced" % (args.origin_requests, args.concurrency,
+                                               args.origin_rate, PACED_SECONDS))
 
 
 def _example(rps, ms):
-    return [OriginRun(rps=rps, median_ms=ms, p90_ms=ms * 1.5, failed=0)]
+    return [OriginRun(rps=rps, median_ms=ms, p90_ms=ms * 1.5, failed=0, paced_median_ms=ms / 2)]
 
 
 EXAMPLE = OriginsResult(runs={
@@ -274,5 +363,7 @@ MEASUREMENT = Measurement(
     name="origins", number=9,
     summary="real origins (http.server two-send, nginx if installed) behind the HTTP proxies: latency, req/s",
     result=OriginsResult, run=run, rows=rows, raw=raw, panels=panels, settings=settings, example=EXAMPLE,
-    options=(Option(flag="--origin-requests", help="requests per origin run", default=2000, quick=500),),
+    options=(Option(flag="--origin-requests", help="requests per origin run", default=2000, quick=500),
+             Option(flag="--origin-rate", help="requests/s of the paced runs (below every path's "
+                    "capacity)", default=250, quick=250, minimum=1)),
     needs=frozenset({"pproxy"}))
