@@ -29,7 +29,8 @@ from zope.interface import implementer
 
 from anyproxy.connect_protocol import connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.tuning import QUICKACK_BELOW, quick_acker, set_no_delay, tune_for_bulk
+from anyproxy.tuning import (
+    QUICKACK_BELOW, quick_acker, send_then_buffer, set_no_delay, tune_for_bulk)
 from anyproxy.tunnel.stream import Stream
 
 
@@ -60,13 +61,8 @@ def write_now(transport, data):
             and transport.connected
             and not transport.disconnecting and not transport._writeDisconnected
             and not transport.dataBuffer and not transport._tempDataLen and data):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            sent = 0
-        if sent >= len(data):
-            return
-        data = data[sent:]
+        send_then_buffer(transport.socket, data, transport.write)
+        return
     transport.write(data)
 
 

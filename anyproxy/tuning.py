@@ -127,3 +127,18 @@ def quick_acker(transport):
         except OSError:
             pass  # closing: nothing left to acknowledge
     return rearm
+
+
+def send_then_buffer(sock, data, buffered_write):
+    """
+    Send what the socket C{sock} takes of C{data} at once, and hand the rest
+    (all of it after an error, which Twisted's write then meets and reports)
+    to C{buffered_write}, the transport's own write.  For callers that know
+    nothing is buffered before C{data}, so order is kept.
+    """
+    try:
+        sent = sock.send(data)
+    except OSError:
+        sent = 0
+    if sent < len(data):
+        buffered_write(data[sent:] if sent else data)

@@ -7,6 +7,7 @@ same way twistd builds it.  Everything listens on 127.0.0.1 (or ::1), port 0.
 import base64
 import hashlib
 import os
+import struct
 
 import trustme
 import txaio
@@ -374,3 +375,13 @@ def run_curl(*args, env=None):
     env.setdefault("PATH", os.environ.get("PATH", "/usr/bin:/bin"))
     return getProcessOutputAndValue("curl", ("--silent", "--show-error", "--max-time", "30") + args,
                                     env=env)
+
+
+def binary_frame(payload):
+    """One unmasked binary frame (FIN, opcode 2), as the tunnel writes it."""
+    length = len(payload)
+    if length < 126:
+        return bytes((0x82, length)) + payload
+    if length < 0x10000:
+        return struct.pack("!BBH", 0x82, 126, length) + payload
+    return struct.pack("!BBQ", 0x82, 127, length) + payload

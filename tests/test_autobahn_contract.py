@@ -16,7 +16,6 @@ so that these tests do not depend on the mux.
 import ast
 import inspect
 import re
-import struct
 
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
@@ -31,6 +30,7 @@ from twisted.trial import unittest
 
 from anyproxy.tunnel import frames, websocket
 from anyproxy.tunnel.websocket import MAX_MESSAGE, tune_factory
+from tests.support import binary_frame
 
 AUTHORIZATION = websocket.basic_authorization("contract", "secret")
 
@@ -48,15 +48,6 @@ def listed_internals():
             names.update(match.group(1).split(", "))
     return names
 
-
-def binary_frame(payload):
-    """One unmasked binary frame (FIN, opcode 2), as the tunnel writes it."""
-    length = len(payload)
-    if length < 126:
-        return bytes((0x82, length)) + payload
-    if length < 0x10000:
-        return struct.pack("!BBH", 0x82, 126, length) + payload
-    return struct.pack("!BBQ", 0x82, 127, length) + payload
 
 
 class _Recording:

@@ -9,16 +9,8 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
 from anyproxy.tunnel.frame_reader import BinaryFrameReader, FrameTooLarge
+from tests.support import binary_frame
 
-
-def binary_frame(payload):
-    """One unmasked final binary frame, with the shortest length form."""
-    length = len(payload)
-    if length < 126:
-        return bytes((0x82, length)) + payload
-    if length < 0x10000:
-        return struct.pack("!BBH", 0x82, 126, length) + payload
-    return struct.pack("!BBQ", 0x82, 127, length) + payload
 
 
 def cut(data, points):

@@ -10,11 +10,8 @@ import struct
 from OpenSSL import SSL
 from OpenSSL._util import lib as openssl
 from twisted.internet import defer, protocol, reactor
-from twisted.internet import error
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python import failure
 from twisted.trial import unittest
 
 from anyproxy.tls import client_tls_options, server_tls_options
@@ -243,14 +240,8 @@ class EmptyPingTests(unittest.SynchronousTestCase):
     """The idle tunnel's empty ping, answered without Autobahn's frame parser."""
 
     def setUp(self):
-        from tests.test_tunnel_flood import Factory, upgrade_request
-        self.protocol = Factory().buildProtocol(None)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-        self.protocol.dataReceived(upgrade_request())
-        self.transport.clear()
-        self.addCleanup(self.protocol.connectionLost,
-                        failure.Failure(error.ConnectionDone()))
+        from tests.test_tunnel_flood import open_gateway_protocol
+        self.protocol, self.transport = open_gateway_protocol(self)
         self.received = []
         self.protocol.mux.message_parts_received = lambda parts: self.received.append(
             b"".join(parts))

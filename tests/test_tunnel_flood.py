@@ -90,6 +90,21 @@ class Factory(WebSocketServerFactory):
                                 closeHandshakeTimeout=0)
 
 
+def open_gateway_protocol(testcase):
+    """
+    C{(protocol, transport)}: the gateway's tunnel protocol (login check left
+    out) over a L{StringTransport}, past the upgrade, its output cleared; it
+    is lost again at C{testcase}'s cleanup.
+    """
+    protocol = Factory().buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(upgrade_request())
+    transport.clear()
+    testcase.addCleanup(protocol.connectionLost, failure.Failure(error.ConnectionDone()))
+    return protocol, transport
+
+
 class CongestedGatewayTests(unittest.SynchronousTestCase):
     """The gateway's tunnel protocol over a transport whose send buffer never drains."""
 

@@ -2,12 +2,11 @@
 
 import struct
 
-from twisted.internet import error
 from twisted.internet.testing import StringTransport
-from twisted.python import failure
 from twisted.trial import unittest
 
 from anyproxy.tunnel.websocket import MAX_MESSAGE, GatewayTunnelProtocol
+from tests.support import binary_frame
 
 
 def sent_frame(payload_length):
@@ -80,17 +79,12 @@ class FrameReaderBindingTests(unittest.SynchronousTestCase):
     """
 
     def setUp(self):
-        from tests.test_tunnel_flood import Factory, upgrade_request
+        from tests.test_tunnel_flood import open_gateway_protocol
 
-        self.protocol = Factory().buildProtocol(None)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-        self.protocol.dataReceived(upgrade_request())
-        self.transport.clear()
+        self.protocol, self.transport = open_gateway_protocol(self)
         self.messages = []
         self.protocol.mux.message_parts_received = (
             lambda parts: self.messages.append(b"".join(parts)))
-        self.addCleanup(self.protocol.connectionLost, failure.Failure(error.ConnectionDone()))
 
     def test_cut_anywhere_with_pings_and_masked_frames(self):
         """Fed one byte at a time: every message in order, the masked one (a masking
@@ -98,9 +92,9 @@ class FrameReaderBindingTests(unittest.SynchronousTestCase):
         from tests.test_tunnel_flood import server_frames, ws_frame
 
         stream = b"".join([
-            unmasked(b"one"), unmasked(b"x" * 300), ws_frame(9, b"ping-1"),
-            unmasked(b"y" * 70000), ws_frame(2, b"masked", mask=b"abcd"), unmasked(b""),
-            ws_frame(9, b"ping-2"), unmasked(b"last")])
+            binary_frame(b"one"), binary_frame(b"x" * 300), ws_frame(9, b"ping-1"),
+            binary_frame(b"y" * 70000), ws_frame(2, b"masked", mask=b"abcd"), binary_frame(b""),
+            ws_frame(9, b"ping-2"), binary_frame(b"last")])
         for chunk_size in (1, 7, 16384, len(stream)):
             del self.messages[:]
             self.transport.clear()
@@ -125,15 +119,6 @@ class FrameReaderBindingTests(unittest.SynchronousTestCase):
             if parts[0] == b"bad":
                 self.protocol.dropConnection(abort=True)
         self.protocol.mux.message_parts_received = close_on_bad
-        self.protocol.dataReceived(unmasked(b"good") + unmasked(b"bad") + unmasked(b"after"))
+        self.protocol.dataReceived(binary_frame(b"good") + binary_frame(b"bad") + binary_frame(b"after"))
         self.assertEqual(self.messages, [b"good", b"bad"])
 
-
-def unmasked(payload):
-    """One unmasked final binary frame, as both tunnel ends send them."""
-    length = len(payload)
-    if length < 126:
-        return bytes((0x82, length)) + payload
-    if length < 0x10000:
-        return struct.pack("!BBH", 0x82, 126, length) + payload
-    return struct.pack("!BBQ", 0x82, 127, length) + payload

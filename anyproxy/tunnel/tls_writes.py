@@ -27,6 +27,8 @@ C{_tempDataLen}.  Where one is missing, the functions change nothing.
 
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from anyproxy.tuning import send_then_buffer
+
 
 def tls_layers(transport):
     """
@@ -62,13 +64,8 @@ def send_ciphertext_at_once(transport):
     def write(data):
         if (tcp.connected and not tcp.disconnecting and not tcp._writeDisconnected
                 and not tcp.dataBuffer and not tcp._tempDataLen and data):
-            try:
-                sent = tcp.socket.send(data)
-            except OSError:
-                sent = 0
-            if sent >= len(data):
-                return
-            data = data[sent:]
+            send_then_buffer(tcp.socket, data, buffered_write)
+            return
         buffered_write(data)
 
     # The TLS protocol writes its records to its transport's write: the

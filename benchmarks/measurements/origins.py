@@ -175,6 +175,15 @@ async def _request(proxy_port, origin_port):
     return time.perf_counter() - start
 
 
+async def _timed(proxy_port, origin_port):
+    """One request's seconds, or None if it failed (an error, a wrong answer, 10 s)."""
+    try:
+        return await asyncio.wait_for(_request(proxy_port, origin_port), 10)
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError, ValueError):
+        return None
+
+
 def load(proxy_port, origin_port, requests, concurrency):
     """C{requests} GETs, C{concurrency} at a time, each on a new connection: an L{OriginRun}."""
     async def main():
@@ -184,11 +193,7 @@ def load(proxy_port, origin_port, requests, concurrency):
         async def worker():
             nonlocal failed
             for _ in left:
-                try:
-                    seconds = await asyncio.wait_for(_request(proxy_port, origin_port), 10)
-                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
-                        asyncio.LimitOverrunError, ValueError):
-                    seconds = None
+                seconds = await _timed(proxy_port, origin_port)
                 if seconds is None:
                     failed += 1
                 else:
@@ -217,11 +222,7 @@ def paced(proxy_port, origin_port, rate, seconds):
 
         async def one():
             nonlocal failed
-            try:
-                seconds_taken = await asyncio.wait_for(_request(proxy_port, origin_port), 10)
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
-                    asyncio.LimitOverrunError, ValueError):
-                seconds_taken = None
+            seconds_taken = await _timed(proxy_port, origin_port)
             if seconds_taken is None:
                 failed += 1
             else:
