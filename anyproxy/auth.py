@@ -456,7 +456,7 @@ class Logins:
 
     def __init__(self, reactor=None, checker=None, throttle=None):
         self._reactor = reactor
-        self._delayed = {}  # Deferred of a delayed failed answer -> its DelayedCall
+        self._delayed = {}  # Deferred of a delayed failed answer -> (its DelayedCall, the answer)
         self.checker = checker if checker is not None else PasswordChecker(reactor)
         self.throttle = throttle if throttle is not None else LoginThrottle(failures=0)
 
@@ -516,7 +516,7 @@ class Logins:
         if delay > 0:
             answered = defer.Deferred()
             call = self._reactor_or_global().callLater(delay, self._answer, answered, answer)
-            self._delayed[answered] = call
+            self._delayed[answered] = (call, answer)
             return answered
         return answer
 
@@ -529,10 +529,10 @@ class Logins:
         Give every failed answer still being delayed now (the gateway is
         stopping: nothing should wait on a timer past it).
         """
-        for answered, call in list(self._delayed.items()):
+        for answered, (call, answer) in list(self._delayed.items()):
             if call.active():
                 call.cancel()
-                self._answer(answered, call.args[1])
+                self._answer(answered, answer)
 
     def _reactor_or_global(self):
         if self._reactor is None:

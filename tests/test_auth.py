@@ -501,6 +501,16 @@ class LoginsTests(SynchronousTestCase):
         self.clock.advance(300)
         self.assertEqual(self.users.login("10.0.0.9", "alice", PASSWORD), User("alice", "red"))
 
+    def test_stop_answers_delayed_failures(self):
+        """Stopping answers a failed login still being delayed at once (as a failure),
+        and leaves no timer behind."""
+        self.assertIsNone(self.users.login("10.0.0.9", "alice", "x"))
+        delayed = self.users.login("10.0.0.9", "alice", "y")
+        self.assertNoResult(delayed)
+        self.logins.stop()
+        self.assertIsNone(self.successResultOf(delayed))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
 
 GATEWAY_YAML = """
 proxy:

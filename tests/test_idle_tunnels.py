@@ -28,10 +28,14 @@ class FakeTunnel:
     def __init__(self, clock):
         self.clock = clock
         self.pings = []
+        self.releases = []
         self.dropped = None
 
     def sendPing(self):
         self.pings.append(self.clock.seconds())
+
+    def release_idle_buffers(self):
+        self.releases.append(self.clock.seconds())
 
     def silence_timed_out(self, seconds):
         self.dropped = (self.clock.seconds(), seconds)
@@ -72,6 +76,16 @@ class LivenessTests(unittest.SynchronousTestCase):
         self.advance(40)
         self.assertEqual(self.tunnel.pings, [12.0, 22.0])
         self.assert_dropped_in_bound()
+
+    def test_quiet_tunnel_asked_to_release_buffers(self):
+        """Two sweeps into each quiet spell (4 s here), the tunnel is asked to give back
+        its TLS buffers: once per spell, again after it hears something."""
+        self.watch(is_gateway=True)
+        self.advance(8)
+        self.assertEqual(self.tunnel.releases, [4.0])
+        self.tunnel.received()  # at 8 s
+        self.advance(6)
+        self.assertEqual(self.tunnel.releases, [4.0, 12.0])
 
     def test_gateway_does_not_ping_a_client_it_hears(self):
         """Hearing the client (its pings) every interval, the gateway never pings."""
@@ -310,3 +324,35 @@ class EmptyPingTests(unittest.SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"")
         self.protocol.mux.resumeProducing()
         self.assertEqual(self.transport.value(), b"\x8a\x00")
+
+
+class ReleaseIdleBuffersTests(unittest.SynchronousTestCase):
+    """When a quiet tunnel gives back its TLS buffers (tls_transport.release_buffers)."""
+
+    def setUp(self):
+        from anyproxy.tunnel import websocket
+        from tests.test_tunnel_flood import open_gateway_protocol
+        self.protocol, self.transport = open_gateway_protocol(self)
+        self.calls = []
+        self.patch(websocket, "release_buffers", self.calls.append)
+
+    def test_once_then_after_traffic(self):
+        """After the handshake once; then only after RELEASE_AFTER_BYTES of stream data."""
+        from anyproxy.tunnel.websocket import RELEASE_AFTER_BYTES
+        self.protocol.release_idle_buffers()
+        self.protocol.release_idle_buffers()  # pings and pongs only: nothing grew
+        self.assertEqual(len(self.calls), 1)
+        self.protocol.mux.bytes_received += RELEASE_AFTER_BYTES // 2
+        self.protocol.mux.bytes_sent += RELEASE_AFTER_BYTES // 2
+        self.protocol.release_idle_buffers()
+        self.assertEqual(self.calls, [self.transport, self.transport])
+
+    def test_out_of_memory_closes(self):
+        from anyproxy.tunnel import websocket
+
+        def fail(transport):
+            raise MemoryError()
+        self.patch(websocket, "release_buffers", fail)
+        self.protocol.release_idle_buffers()
+        self.assertNotEqual(self.protocol.state, self.protocol.STATE_OPEN)
+        self.flushLoggedErrors()

@@ -23,7 +23,7 @@ from anyproxy.tls import openssl_reason
 from anyproxy.tuning import tune_for_bulk, set_no_delay
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.frame_reader import BinaryFrameReader, FrameTooLarge
-from anyproxy.tunnel.tls_writes import send_ciphertext_at_once, write_alone
+from anyproxy.tunnel.tls_transport import release_buffers, send_ciphertext_at_once, write_alone
 from anyproxy.tunnel.mux import Mux
 
 # Module level, not a class attribute: Autobahn's protocols log through their
@@ -139,6 +139,11 @@ SWEEPS_PER_INTERVAL = 5
 # ping_interval is longer than the gateway's).
 CLIENT_PING_AFTER = 1
 GATEWAY_PING_AFTER = 2
+# Silence, in sweeps, after which a tunnel gives back its TLS buffers
+# (tls_transport.release_buffers), once it has moved RELEASE_AFTER_BYTES of
+# stream data since it last did (and once after its handshake).
+RELEASE_AFTER_SWEEPS = 2
+RELEASE_AFTER_BYTES = 64 * 1024
 DEAD_AFTER = 3
 
 
@@ -152,7 +157,8 @@ class Liveness:
     A tunnel silent for more than C{ping_after} intervals is pinged (and
     again every interval while it stays silent); one silent for more than
     L{DEAD_AFTER} intervals is dead, dropped within C{interval / 5} after
-    that, its streams reset.
+    that, its streams reset.  One quiet for L{RELEASE_AFTER_SWEEPS} sweeps
+    gives back its TLS buffers (L{_TunnelProtocol.release_idle_buffers}).
 
     @ivar interval: the ping interval, seconds.
     @ivar ping_after: the silence, in sweeps, after which a tunnel is pinged.
@@ -204,13 +210,15 @@ class Liveness:
         self._sweeper.start(self.interval / SWEEPS_PER_INTERVAL, now=False)
 
     def sweep(self):
-        """One sweep: count silence, ping the silent, drop the dead."""
+        """One sweep: count silence, free the newly quiet's TLS buffers, ping the silent, drop the dead."""
         ping_after, dead_after = self.ping_after, self.dead_after
         dead = []
         # A copy: a ping's write may lose a connection, which leaves the set.
         for protocol in list(self._protocols):
             silent = protocol.silent_sweeps = protocol.silent_sweeps + 1
             if silent <= ping_after:
+                if silent == RELEASE_AFTER_SWEEPS:
+                    protocol.release_idle_buffers()
                 continue
             if silent > dead_after:
                 dead.append(protocol)
@@ -286,6 +294,22 @@ class _TunnelProtocol:
         if liveness is not None:
             liveness.add(self)
 
+    _released_at = None  # the mux's byte count when the TLS buffers were last given back
+
+    def release_idle_buffers(self):
+        """Called by L{Liveness} once a tunnel is quiet: free the TLS buffers it grew."""
+        mux = self.mux
+        moved = mux.bytes_sent + mux.bytes_received if mux is not None else 0
+        if self._released_at is not None and moved - self._released_at < RELEASE_AFTER_BYTES:
+            return
+        self._released_at = moved
+        try:
+            release_buffers(self.transport)
+        except MemoryError:
+            log.error("tunnel {name}: out of memory for its TLS buffers; closing",
+                      name=mux.name if mux is not None else self.peer)
+            self.dropConnection(abort=True)
+
     def silence_timed_out(self, seconds):
         """Called by L{Liveness}: nothing received for C{seconds}; drop the tunnel."""
         log.warn("tunnel {name}: nothing received for {seconds:g} s; closing",
@@ -338,7 +362,7 @@ class _TunnelProtocol:
             self.sendPong(payload)
         elif self.state == self.STATE_OPEN:
             # What sendPong writes (payload at most 125 bytes), without its
-            # work, and sent at once on an idle tunnel (tls_writes.py).
+            # work, and sent at once on an idle tunnel (tls_transport.py).
             write_alone(self.transport, bytes((_PONG, len(payload))) + payload)
 
     def _answer_held_ping(self):

@@ -1,5 +1,5 @@
 """
-L{anyproxy.tunnel.tls_writes}: encrypted bytes sent at once, in order and
+L{anyproxy.tunnel.tls_transport}: encrypted bytes sent at once, in order and
 whole, over real TLS connections on loopback in both of the layouts Twisted
 builds (TLS started on the TCP transport by a server endpoint, and
 C{wrapClientTLS}); and the Twisted internals the module relies on.
@@ -14,7 +14,10 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial import unittest
 
 from anyproxy.tls import client_tls_options, server_tls_options
-from anyproxy.tunnel.tls_writes import send_ciphertext_at_once, tls_layers, write_alone
+from OpenSSL._util import lib as _lib
+
+from anyproxy.tunnel.tls_transport import (
+    release_buffers, send_ciphertext_at_once, tls_layers, write_alone)
 from tests.support import TestPKI
 
 
@@ -45,7 +48,8 @@ class Collect(Protocol):
         return d
 
 
-class TLSWritesTests(unittest.TestCase):
+class ConnectedPair:
+    """A TLS server endpoint's connection and a wrapClientTLS one, on loopback."""
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -82,9 +86,12 @@ class TLSWritesTests(unittest.TestCase):
                 end.transport.abortConnection()
         return defer.DeferredList(closing)
 
+
+class TLSWritesTests(ConnectedPair, unittest.TestCase):
+
     def test_both_layouts_found(self):
         """A TLS server endpoint's and wrapClientTLS's transports are Twisted's TLS
-        protocol over a TCP transport, with the attributes tls_writes.py uses."""
+        protocol over a TCP transport, with the attributes tls_transport.py uses."""
         for end in (self.server, self.client):
             tls, tcp = tls_layers(end.transport)
             self.assertIs(tls, end.transport)
@@ -141,3 +148,59 @@ class TLSWritesTests(unittest.TestCase):
         write_alone(self.client.transport, b"second")
         self.assertEqual(self.client.transport._aggregator._buffer, [b"first,", b"second"])
         return self.server.got(12).addCallback(self.assertEqual, b"first,second")
+
+
+class ReleaseBuffersTests(ConnectedPair, unittest.TestCase):
+    """An idle connection's TLS memory BIOs replaced by fresh ones: nothing lost, both
+    ways; and the internals release_buffers uses are there."""
+
+    def test_internals(self):
+        for end in (self.server, self.client):
+            connection = end.transport._tlsConnection
+            for name in ("_ssl", "_into_ssl", "_from_ssl"):
+                self.assertTrue(hasattr(connection, name), name)
+        for name in ("BIO_new", "BIO_s_mem", "BIO_read", "BIO_write", "BIO_free", "SSL_set_bio"):
+            self.assertTrue(hasattr(_lib, name), name)
+
+    @defer.inlineCallbacks
+    def test_released_and_still_working(self):
+        """After bulk both ways, each end's BIOs are replaced and the connection carries
+        data on, both ways."""
+        big = bytes(range(256)) * 1024
+        for sender, receiver in ((self.client, self.server), (self.server, self.client)):
+            sender.transport.write(big)
+            self.assertEqual((yield receiver.got(len(big))), big)
+            del receiver.received[:]
+            receiver.size = 0
+        for end in (self.server, self.client):
+            before = end.transport._tlsConnection._into_ssl
+            self.assertTrue(release_buffers(end.transport))
+            self.assertNotEqual(end.transport._tlsConnection._into_ssl, before)
+        for sender, receiver in ((self.client, self.server), (self.server, self.client)):
+            sender.transport.write(b"after")
+            self.assertEqual((yield receiver.got(5)), b"after")
+            del receiver.received[:]
+            receiver.size = 0
+
+    @defer.inlineCallbacks
+    def test_bytes_waiting_are_moved(self):
+        """Ciphertext still in the old BIOs (a record in the receive BIO that OpenSSL has
+        not read yet) is in the new ones after the swap."""
+        self.client.transport.write(b"handshake done?")
+        yield self.server.got(15)  # it is, both ways
+        del self.server.received[:]
+        self.server.size = 0
+        sender = self.client.transport._tlsConnection
+        sender.send(b"waiting")
+        record = sender.bio_read(65536)  # the client's record, kept from its socket
+        receiving = self.server.transport
+        receiving._tlsConnection.bio_write(record)
+        self.assertTrue(release_buffers(receiving))
+        # The client's next record arrives the usual way; OpenSSL reads the
+        # waiting one first, from the new BIO.
+        self.client.transport.write(b"!")
+        self.assertEqual((yield self.server.got(8)), b"waiting!")
+
+    def test_not_tls(self):
+        from twisted.internet.testing import StringTransport
+        self.assertFalse(release_buffers(StringTransport()))

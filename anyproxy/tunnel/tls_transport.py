@@ -1,7 +1,8 @@
-# -*- test-case-name: tests.test_tls_writes -*-
+# -*- test-case-name: tests.test_tls_transport -*-
 """
-How the tunnel's bytes reach its socket under Twisted's TLS, without the
-reactor turns Twisted spends on small writes.
+The tunnel's TLS connection under Twisted: its bytes reach the socket
+without the reactor turns Twisted spends on small writes, and an idle
+connection gives back the memory its TLS buffers grew to.
 
 Twisted sends a write to a TLS connection two reactor turns later: its TLS
 layer gathers the writes of one turn and encrypts them on the next
@@ -18,13 +19,24 @@ or the first frames of a new stream, that is most of the work.
     of this turn is encrypted at once instead of on the next turn (the
     idle tunnel's pong).  Frames of a busy turn are still gathered.
 
-Twisted internals relied on, checked by tests/test_tls_writes.py: the TLS
-protocol's C{_aggregator} and its C{_buffer}, C{TLSMemoryBIOProtocol.write}
-(the write without the gathering), and the TCP transport's C{socket},
+  - L{release_buffers}: Twisted's TLS runs OpenSSL over two memory BIOs,
+    whose buffers only ever grow: to the handshake's flights (about 5 KiB a
+    connection), and on a tunnel that carried bulk data to a whole TCP read
+    (64 KiB and more).  An idle connection gets two fresh, empty BIOs, with
+    any bytes still in the old ones moved over first.
+
+Twisted and pyOpenSSL internals relied on, checked by
+tests/test_tls_transport.py: the TLS protocol's C{_aggregator} and its
+C{_buffer}, C{TLSMemoryBIOProtocol.write} (the write without the
+gathering) and C{_tlsConnection}; the TCP transport's C{socket},
 C{connected}, C{disconnecting}, C{_writeDisconnected}, C{dataBuffer} and
-C{_tempDataLen}.  Where one is missing, the functions change nothing.
+C{_tempDataLen}; pyOpenSSL's C{Connection._ssl}, C{_into_ssl} and
+C{_from_ssl} and its binding's C{BIO_new}, C{BIO_s_mem}, C{BIO_read},
+C{BIO_write} and C{SSL_set_bio}.  Where one is missing, the functions
+change nothing.
 """
 
+from OpenSSL._util import ffi as _ffi, lib as _lib
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from anyproxy.tuning import send_then_buffer
@@ -85,3 +97,50 @@ def write_alone(transport, data):
         transport.write(data)
         return
     TLSMemoryBIOProtocol.write(layers[0], data)
+
+
+_MOVE_CHUNK = 16 * 1024
+
+
+def _move_pending(old, new, chunk):
+    """Move the bytes waiting in memory BIO C{old} to C{new}; False on a failed write."""
+    while True:
+        count = _lib.BIO_read(old, chunk, _MOVE_CHUNK)
+        if count <= 0:
+            return True
+        if _lib.BIO_write(new, chunk, count) != count:
+            return False
+
+
+def release_buffers(transport):
+    """
+    Give the TLS connection under C{transport} two fresh memory BIOs, so
+    that the buffers the old ones grew to are freed.  Call it when the
+    connection is idle, from a timer rather than from inside its I/O.
+
+    @return: whether the BIOs were replaced.
+    """
+    layers = tls_layers(transport)
+    connection = getattr(layers[0], "_tlsConnection", None) if layers is not None else None
+    ssl = getattr(connection, "_ssl", None)
+    old_in, old_out = getattr(connection, "_into_ssl", None), getattr(connection, "_from_ssl", None)
+    if ssl is None or old_in is None or old_out is None:
+        return False
+    new_in, new_out = _lib.BIO_new(_lib.BIO_s_mem()), _lib.BIO_new(_lib.BIO_s_mem())
+    if new_in == _ffi.NULL or new_out == _ffi.NULL:
+        for bio in (new_in, new_out):
+            if bio != _ffi.NULL:
+                _lib.BIO_free(bio)
+        return False
+    chunk = _ffi.new("char[]", _MOVE_CHUNK)
+    if not (_move_pending(old_in, new_in, chunk) and _move_pending(old_out, new_out, chunk)):
+        # Out of memory, so the bytes read from the old BIOs could not all be
+        # written to the new ones; this connection cannot go on.  (Not seen
+        # in practice: a memory BIO's write fails only when malloc does.)
+        _lib.BIO_free(new_in)
+        _lib.BIO_free(new_out)
+        raise MemoryError("TLS memory BIO")
+    # The SSL object owns its BIOs: SSL_set_bio frees the old pair.
+    _lib.SSL_set_bio(ssl, new_in, new_out)
+    connection._into_ssl, connection._from_ssl = new_in, new_out
+    return True
