@@ -5,7 +5,8 @@ Giving freed memory back to the system after a burst of handshakes.
 A TLS + WebSocket handshake allocates far more than the tunnel keeps; after
 thousands of clients reconnect at once (a gateway restart), glibc's
 allocator holds on to the freed pages, about 5 KiB per tunnel measured
-(benchmarks/README.md, many_tunnels).  L{ReleaseAfterBursts} asks glibc
+(benchmarks/README.md, many_tunnels).  So do the TLS buffers quiet tunnels
+give back (L{anyproxy.tunnel.tls_transport.release_buffers}).  L{ReleaseAfterBursts} asks glibc
 (C{malloc_trim(0)}) to return them once a burst is over: at most once per
 C{quiet} seconds, only after C{burst} handshakes since the last time, so a
 steady trickle of reconnects costs nothing.  On a C library without
@@ -37,8 +38,10 @@ MALLOC_TRIM = _malloc_trim()
 
 class ReleaseAfterBursts:
     """
-    Call L{handshake_done} for each completed handshake; the memory freed
-    by a burst of them is released C{quiet} seconds after the burst's last.
+    Call L{handshake_done} for each completed handshake, and L{buffers_freed}
+    each time a connection lets go of buffers (a quiet tunnel's TLS BIOs); the
+    memory freed by a burst of either is released C{quiet} seconds after the
+    burst's last.
 
     @param trim: the release function (C{malloc_trim}; tests pass their own).
     @ivar releases: times memory was released (tests, metrics).
@@ -54,6 +57,9 @@ class ReleaseAfterBursts:
         self.releases = 0
 
     def handshake_done(self):
+        self.buffers_freed()
+
+    def buffers_freed(self):
         if self._trim is None:
             return
         self._count += 1

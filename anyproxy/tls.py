@@ -30,7 +30,7 @@ OpenSSL 4.0 a gateway's end then holds about 33 KiB (66 KiB without it),
 8 KiB of which is the client's X25519MLKEM768 key share, kept after the
 handshake.  tests/test_idle_tunnels.py checks that both sides' connections
 get the mode.  The memory BIOs Twisted runs OpenSSL over keep the size they
-grew to; a quiet tunnel gets fresh ones
+grew to; a quiet tunnel that carried bulk data gets fresh ones
 (L{anyproxy.tunnel.tls_transport.release_buffers}).
 """
 

@@ -336,14 +336,18 @@ class ReleaseIdleBuffersTests(unittest.SynchronousTestCase):
         self.calls = []
         self.patch(websocket, "release_buffers", self.calls.append)
 
-    def test_once_then_after_traffic(self):
-        """After the handshake once; then only after RELEASE_AFTER_BYTES of stream data."""
+    def test_only_after_traffic(self):
+        """Not for a tunnel that carried only its handshake and pings; once per
+        RELEASE_AFTER_BYTES of stream data moved since the last release."""
         from anyproxy.tunnel.websocket import RELEASE_AFTER_BYTES
         self.protocol.release_idle_buffers()
-        self.protocol.release_idle_buffers()  # pings and pongs only: nothing grew
-        self.assertEqual(len(self.calls), 1)
+        self.assertEqual(self.calls, [])
         self.protocol.mux.bytes_received += RELEASE_AFTER_BYTES // 2
         self.protocol.mux.bytes_sent += RELEASE_AFTER_BYTES // 2
+        self.protocol.release_idle_buffers()
+        self.protocol.release_idle_buffers()  # pings and pongs since: nothing grew
+        self.assertEqual(self.calls, [self.transport])
+        self.protocol.mux.bytes_sent += RELEASE_AFTER_BYTES
         self.protocol.release_idle_buffers()
         self.assertEqual(self.calls, [self.transport, self.transport])
 
@@ -353,6 +357,18 @@ class ReleaseIdleBuffersTests(unittest.SynchronousTestCase):
         def fail(transport):
             raise MemoryError()
         self.patch(websocket, "release_buffers", fail)
+        self.protocol.mux.bytes_sent += websocket.RELEASE_AFTER_BYTES
         self.protocol.release_idle_buffers()
         self.assertNotEqual(self.protocol.state, self.protocol.STATE_OPEN)
         self.flushLoggedErrors()
+
+    def test_freed_memory_counted_for_release(self):
+        """A release that replaced the BIOs tells the gateway's ReleaseAfterBursts, which
+        gives the freed pages back after a burst of them."""
+        from anyproxy.tunnel import websocket
+        freed = []
+        self.patch(websocket, "release_buffers", lambda transport: True)
+        self.protocol.factory.memory = type("Memory", (), {"buffers_freed": lambda _: freed.append(1)})()
+        self.protocol.mux.bytes_sent += websocket.RELEASE_AFTER_BYTES
+        self.protocol.release_idle_buffers()
+        self.assertEqual(freed, [1])

@@ -22,8 +22,9 @@ or the first frames of a new stream, that is most of the work.
   - L{release_buffers}: Twisted's TLS runs OpenSSL over two memory BIOs,
     whose buffers only ever grow: to the handshake's flights (about 5 KiB a
     connection), and on a tunnel that carried bulk data to a whole TCP read
-    (64 KiB and more).  An idle connection gets two fresh, empty BIOs, with
-    any bytes still in the old ones moved over first.
+    (64 KiB and more).  A quiet connection gets two fresh, empty BIOs, with
+    any bytes still in the old ones moved over first (the binding does it
+    after bulk data only: L{anyproxy.tunnel.websocket}).
 
 Twisted and pyOpenSSL internals relied on, checked by
 tests/test_tls_transport.py: the TLS protocol's C{_aggregator} and its

@@ -141,7 +141,10 @@ CLIENT_PING_AFTER = 1
 GATEWAY_PING_AFTER = 2
 # Silence, in sweeps, after which a tunnel gives back its TLS buffers
 # (tls_transport.release_buffers), once it has moved RELEASE_AFTER_BYTES of
-# stream data since it last did (and once after its handshake).
+# stream data since it last did: after bulk data the buffers hold 64 KiB and
+# more.  Not after the handshake alone: with 2,000 idle tunnels that saved
+# 2.3 KiB each and cost 0.3% of a core in their pings (measured), as fresh
+# buffers are grown again.
 RELEASE_AFTER_SWEEPS = 2
 RELEASE_AFTER_BYTES = 64 * 1024
 DEAD_AFTER = 3
@@ -294,17 +297,20 @@ class _TunnelProtocol:
         if liveness is not None:
             liveness.add(self)
 
-    _released_at = None  # the mux's byte count when the TLS buffers were last given back
+    _released_at = 0  # the mux's byte count when the TLS buffers were last given back
 
     def release_idle_buffers(self):
         """Called by L{Liveness} once a tunnel is quiet: free the TLS buffers it grew."""
         mux = self.mux
         moved = mux.bytes_sent + mux.bytes_received if mux is not None else 0
-        if self._released_at is not None and moved - self._released_at < RELEASE_AFTER_BYTES:
+        if moved - self._released_at < RELEASE_AFTER_BYTES:
             return
         self._released_at = moved
         try:
-            release_buffers(self.transport)
+            if release_buffers(self.transport):
+                memory = getattr(self.factory, "memory", None)  # the gateway's ReleaseAfterBursts
+                if memory is not None:
+                    memory.buffers_freed()
         except MemoryError:
             log.error("tunnel {name}: out of memory for its TLS buffers; closing",
                       name=mux.name if mux is not None else self.peer)
