@@ -144,6 +144,7 @@ class GatewayMetrics(Collector):
         self._tunnels = tunnels
         self._clock = clock
         self._live = {}  # frontend stream -> its frontend's name
+        self.opening = 0  # frontend streams being opened now (a draining gateway waits for them)
         self._open_series = {}  # (frontend, outcome) -> (counter, histogram or None), see _opened
         self._frontend_bytes = {}  # frontend -> [in, out] of closed streams
         self._client_bytes = {}  # client_id -> [in, out] of removed tunnels
@@ -186,14 +187,17 @@ class GatewayMetrics(Collector):
         @return: C{opening}.
         """
         started = self._clock.seconds()
+        self.opening += 1
 
         def opened(stream):
+            self.opening -= 1
             self._opened(frontend, "ok", started)
             self._live[stream] = frontend
             stream.notify_closed(self.stream_closed)
             return stream
 
         def failed(failure):
+            self.opening -= 1
             self._opened(frontend, outcome_of(failure), started)
             return failure
 

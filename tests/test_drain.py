@@ -88,6 +88,8 @@ class FakeMux:
 
 
 class FakeMetrics:
+    opening = 0  # frontend streams being opened
+
     def __init__(self):
         self.frontend_streams = []
 
@@ -166,6 +168,40 @@ class DrainStepsTests(unittest.TestCase):
         self.assertEqual(self.logs[0], "drain started: 0 streams open on 1 client tunnels; they "
                                        "may finish within 30s (drain_timeout)")
         self.assertEqual(self.logs[1], "drain finished: every stream ended, after 0.0s")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_waits_for_connections_arriving(self):
+        """
+        Once the listeners close, it waits (looking again every
+        ARRIVING_POLL) while users' connections accepted before are in their
+        handshake or opening a stream, and only then sends GOAWAY: they get
+        their stream on a local tunnel, where the stop would reset them.
+        """
+        gateway = FakeGateway(self.clock)
+        gateway.add_tunnel("a")
+        in_handshake = [1]
+        gateway.frontends = type("Frontends", (), {
+            "connections_in_handshake": lambda _: in_handshake[0]})()
+        ended = self.start(gateway)
+        self.assertNoResult(ended)
+        self.assertEqual(gateway.events, ["stop_accepting"])  # no GOAWAY yet: it needs a tunnel
+        in_handshake[0] = 0
+        gateway.metrics.opening = 1  # its request is in: the stream is being opened
+        self.clock.advance(drain.ARRIVING_POLL)
+        self.assertNoResult(ended)
+        gateway.metrics.opening = 0
+        self.clock.advance(drain.ARRIVING_POLL)
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
+        self.assertEqual(gateway.events[:2], ["stop_accepting", ("go_away", "a", Reason.NO_TUNNEL)])
+
+    def test_connections_arriving_bounded_by_timeout(self):
+        """A connection that never finishes its handshake does not hold the drain past
+        drain_timeout."""
+        gateway = FakeGateway(self.clock)
+        gateway.frontends = type("Frontends", (), {"connections_in_handshake": lambda _: 1})()
+        ended = self.start(gateway, timeout=3)
+        self.clock.pump([drain.ARRIVING_POLL] * int(3 / drain.ARRIVING_POLL + 1))
+        self.assertEqual(self.successResultOf(ended), drain.TIMED_OUT)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_waits_for_tunnel_and_frontend_streams(self):
@@ -326,6 +362,29 @@ class DrainStepsTests(unittest.TestCase):
 
 # -- a real gateway and client on loopback --------------------------------------
 
+def socks_handshake_on(sock, host, port):
+    """A SOCKS5 login (RFC 1929) and CONNECT on the connected C{sock}: (VER, REP) of the reply."""
+    import socket
+    import struct
+
+    def read(count):
+        got = b""
+        while len(got) < count:
+            chunk = sock.recv(count - len(got))
+            if not chunk:
+                raise ConnectionError("closed after %r" % (got,))
+            got += chunk
+        return got
+    sock.sendall(b"\x05\x01\x02")
+    assert read(2) == b"\x05\x02"
+    user, password = PROXY_USER.encode(), PROXY_PASSWORD.encode()
+    sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+    assert read(2) == b"\x01\x00"
+    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack("!H", port))
+    reply = read(10)
+    return reply[0], reply[1]
+
+
 def round_trip(sock, payload):
     sock.sendall(payload)
     got = b""
@@ -407,6 +466,30 @@ class LoopbackDrainTests(unittest.TestCase):
         factory = list(self.client.factories.values())[0]
         yield wait_until(lambda: not factory.connected, timeout=5)
         yield self.gateway.stopService()
+
+    @defer.inlineCallbacks
+    def test_connection_in_handshake_served(self):
+        """
+        A user connection accepted before the listeners closed, whose SOCKS5
+        handshake comes after (a balancer handed it over at the last moment),
+        is served: the drain waits for it instead of ending, and the stop
+        after it, resetting it.
+        """
+        import socket
+        sock = yield deferToThread(socket.create_connection,
+                                   ("127.0.0.1", self.deployment.socks_port), 5)
+        self.addCleanup(sock.close)
+        frontends = self.gateway.frontends
+        yield wait_until(lambda: frontends.connections_in_handshake() == 1, timeout=5)
+        ended = self.gateway.drain(30)
+        yield self.gateway.draining.listeners_closed
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertNoResult(ended)
+        answer = yield deferToThread(socks_handshake_on, sock, "127.0.0.1", self.echo_port)
+        self.assertEqual(answer[1], 0)  # succeeded
+        self.assertEqual((yield deferToThread(round_trip, sock, b"late")), b"late")
+        sock.close()
+        self.assertEqual((yield ended), drain.FINISHED)
 
     @defer.inlineCallbacks
     def test_cut_at_timeout(self):

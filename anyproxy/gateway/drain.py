@@ -40,7 +40,9 @@ So the drain moves everything new elsewhere first and only then waits:
   3. I{Stop accepting}: the proxy listeners and the tunnel listener close.
      A balancer's next connect is refused and goes to another server
      (HAProxy's C{option redispatch}); a client reconnecting through it
-     lands elsewhere.  Connections already accepted go on.
+     lands elsewhere.  Connections already accepted go on: those still in
+     their handshake, or opening their stream, are waited for (polled every
+     L{ARRIVING_POLL} s), so that they get their stream before step 4.
   4. I{GOAWAY} on every client tunnel, and on the links peers dialed to
      us: the client (or peer) opens no stream on it and neither do we
      (L{anyproxy.tunnel.mux.Mux.go_away}); its open streams go on.  Each
@@ -71,6 +73,10 @@ from twisted.web import resource
 from anyproxy.errors import Reason
 
 log = Logger()
+
+# Seconds between looks at the connections still arriving once no stream is
+# open (L{Drain.connections_arriving}).
+ARRIVING_POLL = 0.05
 
 # Seconds a node that left the fleet keeps serving as before: its peers
 # learn of the departure through Redis pub/sub, "in well under a second"
@@ -185,6 +191,17 @@ class Drain:
         streams.update(gateway.metrics.live_streams())
         return streams
 
+    def connections_arriving(self):
+        """
+        How many users' connections are on their way to a stream: still in
+        their handshake (a SOCKS5 greeting, an HTTP head) or opening one.
+        """
+        gateway = self.gateway
+        frontends = getattr(gateway, "frontends", None)
+        metrics = getattr(gateway, "metrics", None)
+        return ((frontends.connections_in_handshake() if frontends is not None else 0)
+                + (metrics.opening if metrics is not None else 0))
+
     def _sleep(self, seconds):
         d = defer.Deferred()
         if self.outcome is None:  # else the next step will not run anyway
@@ -195,6 +212,19 @@ class Drain:
         if self.outcome is not None:
             return
         self.listeners_closed = self.gateway.stop_accepting()
+        self._after_arrivals()
+
+    def _after_arrivals(self):
+        # Connections accepted before the listeners closed and not a stream
+        # yet (a balancer's last hand-over) get theirs on a local tunnel
+        # before GOAWAY: after it they could open none, and the stop would
+        # reset them.  Bounded by the handshake and open deadlines, and the
+        # drain by its own.
+        if self.outcome is not None:
+            return
+        if self.connections_arriving():
+            self._sleep(ARRIVING_POLL).addCallback(lambda _: self._after_arrivals())
+            return
         self._go_away()
         self._wait_for_streams()
 

@@ -137,6 +137,15 @@ class Frontends(MultiService):
                     for listener in self.listeners().values()]
         return defer.gatherResults(stopping).addCallback(lambda _: None)
 
+    def connections_in_handshake(self):
+        """Users' connections accepted and still in their handshake, on every listener."""
+        total = 0
+        for record in self.records.values():
+            cap = getattr(record.factory, "handshakes", None)
+            if cap is not None:
+                total += cap.count
+        return total
+
     def stop_keeping_upstreams(self):
         """
         The gateway drains: every factory that keeps idle upstream
