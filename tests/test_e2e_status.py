@@ -9,6 +9,7 @@ watch the page react to is sent from that same thread with PySocks.
 """
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -38,6 +39,32 @@ CHROMIUM_ARGS = [
 ]
 # Playwright's own wait for each expected text; the page polls once a second.
 EXPECT_MS = 15000
+
+
+@contextlib.contextmanager
+def status_page_in_chromium():
+    """
+    C{(page, errors)}: a headless Chromium page logged in to the status
+    pages (C{EXPECT_MS} default timeout), and the list its script errors and
+    console errors go to.  The browser is closed on leaving.
+    """
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(
+                http_credentials={"username": STATUS_USER, "password": STATUS_PASSWORD})
+            context.set_default_timeout(EXPECT_MS)
+            page = context.new_page()
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("console", lambda message: message.type == "error" and
+                    errors.append(message.text))
+            yield page, errors
+            context.close()
+        finally:
+            browser.close()
 
 
 def status_overrides():
@@ -362,72 +389,59 @@ def actions_session(url, socks_port, echo_port, gated_port, release, download_si
     @param release: called (from this thread) to let the download finish.
     @return: a dict of what was seen, for the test to check.
     """
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from tests.test_e2e_tcp import recv_all
 
     seen = {"dialogs": []}
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with status_page_in_chromium() as (page, errors):
+
+        def accept(dialog):
+            seen["dialogs"].append(dialog.message)
+            dialog.accept()
+
+        page.on("dialog", accept)
+        page.goto(url)
+        clients = page.locator('#clients-body tr[data-client-id="client-1"]')
+        result = page.locator("#action-result")
+        expect(clients).to_have_count(1)
+
+        # Close one stream.
+        sock = socks_connect(socks_port, "127.0.0.1", echo_port)
         try:
-            context = browser.new_context(
-                http_credentials={"username": STATUS_USER, "password": STATUS_PASSWORD})
-            context.set_default_timeout(EXPECT_MS)
-            page = context.new_page()
-            errors = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("console", lambda message: message.type == "error" and
-                    errors.append(message.text))
-
-            def accept(dialog):
-                seen["dialogs"].append(dialog.message)
-                dialog.accept()
-
-            page.on("dialog", accept)
-            page.goto(url)
-            clients = page.locator('#clients-body tr[data-client-id="client-1"]')
-            result = page.locator("#action-result")
-            expect(clients).to_have_count(1)
-
-            # Close one stream.
-            sock = socks_connect(socks_port, "127.0.0.1", echo_port)
-            try:
-                echo_through_socks(sock, 1024)
-                stream_row = page.locator("#streams-body tr[data-stream-id]")
-                expect(stream_row).to_have_count(1)
-                seen["stream_user"] = stream_row.locator("td.user").text_content()
-                seen["stream_id"] = stream_row.get_attribute("data-stream-id")
-                stream_row.locator('button[data-action="close"]').click()
-                expect(result).to_have_text("Stream %s closed." % (seen["stream_id"],))
-                expect(page.locator("#streams-body td.empty")).to_have_text("No open streams.")
-                sock.settimeout(10)
-                seen["closed_stream_rest"] = recv_all(sock)
-            finally:
-                sock.close()
-
-            # Drain the client while a download runs through it.
-            sock = socks_connect(socks_port, "127.0.0.1", gated_port)
-            try:
-                first = sock.recv(65536)
-                clients.locator('button[data-action="drain"]').click()
-                expect(result).to_have_text("Client client-1 draining.")
-                expect(page.locator('#clients-body tr.draining[data-client-id="client-1"]')
-                       ).to_have_count(1)
-                release()
-                sock.settimeout(20)
-                seen["downloaded"] = len(first) + len(recv_all(sock))
-            finally:
-                sock.close()
-
-            # The client comes back on a new tunnel: disconnect it.
-            expect(clients).to_have_count(1, timeout=EXPECT_MS)
-            expect(clients.locator('button[data-action="drain"]')).to_have_text("drain")
-            clients.locator('button[data-action="disconnect"]').click()
-            expect(result).to_have_text("Client client-1 disconnected.")
-            seen["errors"] = errors
-            context.close()
+            echo_through_socks(sock, 1024)
+            stream_row = page.locator("#streams-body tr[data-stream-id]")
+            expect(stream_row).to_have_count(1)
+            seen["stream_user"] = stream_row.locator("td.user").text_content()
+            seen["stream_id"] = stream_row.get_attribute("data-stream-id")
+            stream_row.locator('button[data-action="close"]').click()
+            expect(result).to_have_text("Stream %s closed." % (seen["stream_id"],))
+            expect(page.locator("#streams-body td.empty")).to_have_text("No open streams.")
+            sock.settimeout(10)
+            seen["closed_stream_rest"] = recv_all(sock)
         finally:
-            browser.close()
+            sock.close()
+
+        # Drain the client while a download runs through it.
+        sock = socks_connect(socks_port, "127.0.0.1", gated_port)
+        try:
+            first = sock.recv(65536)
+            clients.locator('button[data-action="drain"]').click()
+            expect(result).to_have_text("Client client-1 draining.")
+            expect(page.locator('#clients-body tr.draining[data-client-id="client-1"]')
+                   ).to_have_count(1)
+            release()
+            sock.settimeout(20)
+            seen["downloaded"] = len(first) + len(recv_all(sock))
+        finally:
+            sock.close()
+
+        # The client comes back on a new tunnel: disconnect it.
+        expect(clients).to_have_count(1, timeout=EXPECT_MS)
+        expect(clients.locator('button[data-action="drain"]')).to_have_text("drain")
+        clients.locator('button[data-action="disconnect"]').click()
+        expect(result).to_have_text("Client client-1 disconnected.")
+        seen["errors"] = errors
     return seen
 
 

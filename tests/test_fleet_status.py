@@ -22,7 +22,7 @@ from tests.fleet_support import FleetDeployment, MemoryFleet
 from tests.support import Deployment, Echo, listen_tcp, run_curl
 from tests.test_e2e_status import (CHROMIUM, CHROMIUM_ARGS, EXPECT_MS, SKIP_WITHOUT_CHROMIUM,
                                    STATUS_PASSWORD, STATUS_USER, echo_through_socks,
-                                   status_overrides)
+                                   status_overrides, status_page_in_chromium)
 from tests.test_e2e_tcp import socks_connect, socks_echo
 
 
@@ -147,46 +147,33 @@ def fleet_browser_session(url, socks_port, echo_port, screenshot_path):
     section appears with both nodes and B's group, and the relayed counter
     follows a stream held open through A.
     """
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     seen = {}
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with status_page_in_chromium() as (page, errors):
+        page.goto(url)
+        expect(page.locator("#fleet")).to_be_visible()
+        expect(page.locator("#fleet-node")).to_have_text("node-a")
+        expect(page.locator("#fleet-registry")).to_have_text("healthy")
+        own = page.locator('#fleet-nodes-body tr[data-node-id="node-a"]')
+        other = page.locator('#fleet-nodes-body tr[data-node-id="node-b"]')
+        expect(own.locator("td.node-id")).to_have_text("node-a (this node)")
+        expect(other.locator("td.groups")).to_have_text("default")
+        expect(other.locator("td.tunnels")).to_have_text("1")
+        expect(other.locator("td.node-state")).to_have_text("serving")
+        expect(page.locator("#fleet-sent")).to_have_text("0 open")
+        sock = socks_connect(socks_port, "127.0.0.1", echo_port)
         try:
-            context = browser.new_context(
-                http_credentials={"username": STATUS_USER, "password": STATUS_PASSWORD})
-            context.set_default_timeout(EXPECT_MS)
-            page = context.new_page()
-            errors = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("console", lambda message: message.type == "error" and
-                    errors.append(message.text))
-            page.goto(url)
-            expect(page.locator("#fleet")).to_be_visible()
-            expect(page.locator("#fleet-node")).to_have_text("node-a")
-            expect(page.locator("#fleet-registry")).to_have_text("healthy")
-            own = page.locator('#fleet-nodes-body tr[data-node-id="node-a"]')
-            other = page.locator('#fleet-nodes-body tr[data-node-id="node-b"]')
-            expect(own.locator("td.node-id")).to_have_text("node-a (this node)")
-            expect(other.locator("td.groups")).to_have_text("default")
-            expect(other.locator("td.tunnels")).to_have_text("1")
-            expect(other.locator("td.node-state")).to_have_text("serving")
-            expect(page.locator("#fleet-sent")).to_have_text("0 open")
-            sock = socks_connect(socks_port, "127.0.0.1", echo_port)
-            try:
-                echo_through_socks(sock, 64 * 1024)
-                expect(page.locator("#fleet-sent")).to_have_text("1 open")
-                expect(page.locator("#fleet-sent-detail")).to_have_text(
-                    re.compile(r"^1 opened, 0 failed; 64\.0 KiB in, 64\.0 KiB out$"))
-                expect(other.locator("td.streams")).to_have_text(re.compile(r"^\d+$"))
-                page.screenshot(path=screenshot_path, full_page=True)
-            finally:
-                sock.close()
-            expect(page.locator("#fleet-sent")).to_have_text("0 open")
-            seen["errors"] = errors
-            context.close()
+            echo_through_socks(sock, 64 * 1024)
+            expect(page.locator("#fleet-sent")).to_have_text("1 open")
+            expect(page.locator("#fleet-sent-detail")).to_have_text(
+                re.compile(r"^1 opened, 0 failed; 64\.0 KiB in, 64\.0 KiB out$"))
+            expect(other.locator("td.streams")).to_have_text(re.compile(r"^\d+$"))
+            page.screenshot(path=screenshot_path, full_page=True)
         finally:
-            browser.close()
+            sock.close()
+        expect(page.locator("#fleet-sent")).to_have_text("0 open")
+        seen["errors"] = errors
     return seen
 
 
