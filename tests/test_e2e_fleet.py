@@ -8,6 +8,7 @@ tunnel address.
 Each test builds the whole fleet afresh (L{Fleet}) and tears it down.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import select
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 
@@ -62,7 +64,8 @@ def _ephemeral_range():
         return 32768, 60999
 
 
-_CHOSEN = set()  # ports handed out by free_port in this process
+_RESERVED = {}  # port -> the open lock file that holds it for this process
+_RESERVATIONS = os.path.join(tempfile.gettempdir(), "anyproxy-test-ports")
 
 
 def free_port():
@@ -70,19 +73,31 @@ def free_port():
     A free loopback port outside the kernel's ephemeral range: gateways here
     are killed and restarted on their ports, and a port from that range could
     meanwhile become some connection's source port ("Address already in use").
+
+    The port stays reserved (an flock on a file named after it) until this
+    process exits, so that another trial worker cannot take it while a
+    gateway here is down between a kill and its restart.
     """
     low, high = _ephemeral_range()
     candidates = [port for port in range(20000, 32000) if not low <= port <= high]
     random.shuffle(candidates)
+    os.makedirs(_RESERVATIONS, exist_ok=True)
     for port in candidates:
-        if port in _CHOSEN:
+        if port in _RESERVED:
+            continue
+        lock = open(os.path.join(_RESERVATIONS, str(port)), "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
             continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
+                lock.close()
                 continue
-        _CHOSEN.add(port)
+        _RESERVED[port] = lock
         return port
     raise RuntimeError("no free port below the ephemeral range")
 

@@ -156,6 +156,43 @@ class ReconnectTests(unittest.TestCase):
             self.fail("the client did not log the gateway's GOAWAY")
 
     @defer.inlineCallbacks
+    def test_open_crossing_client_go_away(self):
+        """
+        A client letting go of a tunnel (fleet attachment) while the gateway
+        opens a stream on it: the OPEN crosses the client's GOAWAY, and the
+        client serves it before it closes the tunnel.
+        """
+        client = yield self.deployment.start_client()
+        (tunnel,) = self.deployment.gateway.tunnel_pool.tunnels()
+        (key,) = client.factories
+        (service,) = client._tunnels[key]
+        for _ in range(100):  # the client's side of the HELLO too
+            if service.ready_endpoint.tunnel is not None:
+                break
+            yield sleep(0.02)
+        # One reactor turn: the OPEN is written before the client reads
+        # anything, the client's GOAWAY before the gateway does.
+        opening = tunnel.mux.open_stream("tcp", "127.0.0.1", self.echo_port)
+        client._drop_gateway(key, gently=True)
+        stream = yield opening
+        received = defer.Deferred()
+
+        class Reader(protocol.Protocol):
+            def dataReceived(self, data):
+                if not received.called:
+                    received.callback(data)
+
+        stream.attach(Reader())
+        stream.write(b"crossed")
+        self.assertEqual((yield received), b"crossed")
+        stream.loseConnection()
+        for _ in range(100):  # then the client closes the drained tunnel
+            if not self.deployment.gateway.tunnel_pool.tunnels():
+                break
+            yield sleep(0.05)
+        self.assertEqual(self.deployment.gateway.tunnel_pool.tunnels(), [])
+
+    @defer.inlineCallbacks
     def test_client_restart(self):
         """A client that stops is dropped from the pool; a new one serves again."""
         client = yield self.deployment.start_client()

@@ -112,7 +112,7 @@ class MuxPair:
     """
 
     def __init__(self, client_window=DEFAULT_WINDOW, gateway_window=DEFAULT_WINDOW,
-                 max_window=DEFAULT_MAX_WINDOW):
+                 max_window=DEFAULT_MAX_WINDOW, round_trip=None):
         self.clock = Clock()
         self.client_go_aways = []
         self.gateway_go_aways = []
@@ -128,7 +128,8 @@ class MuxPair:
                           on_open_request=self.client_requests.append,
                           on_protocol_error=self.client_errors.append,
                           window=client_window, name="client", clock=self.clock,
-                          on_go_away=self.client_go_aways.append, max_window=max_window)
+                          on_go_away=self.client_go_aways.append, max_window=max_window,
+                          round_trip=round_trip)
         self.gateway = Mux(self._gateway_sends, initiator=False,
                            on_open_request=self.gateway_requests.append,
                            on_protocol_error=self.gateway_errors.append,
@@ -1440,6 +1441,57 @@ class GoAwayTests(SynchronousTestCase):
         pair.pump()
         self.successResultOf(d)
         self.assertEqual(pair.client_errors + pair.gateway_errors, [])
+
+    def test_when_drained_waits_for_crossing_opens(self):
+        """
+        After our GOAWAY, when_drained waits for the round trip: an OPEN the
+        peer sent before reading the GOAWAY is served, and drained holds
+        until its stream ends.
+        """
+        round_trips = []
+
+        def round_trip():
+            round_trips.append(defer.Deferred())
+            return round_trips[-1]
+
+        pair = MuxPair(round_trip=round_trip)
+        crossing = pair.gateway.open_stream("tcp", "h", 1)
+        pair.client.go_away()
+        drained = pair.client.when_drained()
+        self.assertEqual(len(round_trips), 1)
+        self.assertNoResult(drained)
+        pair.pump()
+        acceptor = pair.client_requests[0]
+        acceptor.accept(Recorder())
+        pair.pump()
+        round_trips[0].callback(None)  # the pong: nothing more crossed
+        self.assertNoResult(drained)
+        self.successResultOf(crossing).loseConnection()
+        acceptor.loseConnection()
+        pair.pump()
+        self.successResultOf(drained)
+        self.assertEqual(pair.client_errors + pair.gateway_errors, [])
+
+    def test_when_drained_round_trip_without_crossing(self):
+        """With no OPEN crossing, the round trip alone holds when_drained."""
+        round_trips = []
+        pair = MuxPair(round_trip=lambda: round_trips.append(defer.Deferred()) or round_trips[-1])
+        pair.client.go_away()
+        drained = pair.client.when_drained()
+        self.assertNoResult(drained)
+        round_trips[0].callback(None)
+        self.successResultOf(drained)
+
+    def test_no_round_trip_after_peer_go_away(self):
+        """GOAWAY sent after the peer's: nothing can cross it, so no round trip."""
+        round_trips = []
+        pair = MuxPair(round_trip=lambda: round_trips.append(defer.Deferred()) or round_trips[-1])
+        pair.gateway.go_away()
+        pair.pump()
+        round_trips.clear()  # the gateway's own
+        pair.client.go_away()
+        self.assertEqual(round_trips, [])
+        self.successResultOf(pair.client.when_drained())
 
     def test_open_after_peer_go_away(self):
         """An OPEN from a peer that has sent GOAWAY is a protocol error."""

@@ -56,7 +56,11 @@ tunnel takes no new streams in either direction (L{Mux.draining}; an OPEN
 from a peer that sent GOAWAY is a protocol error, while OPENs that crossed
 our own GOAWAY are served) and the streams it carries go on to their end.
 The side that sent GOAWAY closes the tunnel when it sees fit, typically once
-L{Mux.when_drained} fires or a deadline passes.
+L{Mux.when_drained} fires or a deadline passes.  An OPEN the peer sent
+before it read our GOAWAY may still be on its way: given a C{round_trip}
+(the WebSocket binding's ping, whose pong comes behind anything the peer
+sent before it read our GOAWAY), the sender counts as drained only after
+that round trip, so closing at L{Mux.when_drained} cuts no such stream.
 """
 
 import struct
@@ -122,6 +126,11 @@ class Mux:
     @param on_go_away: called with the L{Reason} of the peer's GOAWAY, once.
     @param max_window: the bound of a stream's auto-tuned receive window
         (C{window} turns auto-tuning off).
+    @param round_trip: optional; called with no arguments when this side
+        sends GOAWAY, returns a Deferred firing once everything the peer
+        sent before reading that GOAWAY has arrived (see the module
+        docstring).  Without it L{when_drained} does not wait for OPENs
+        crossing our GOAWAY.
     @ivar draining: C{True} once GOAWAY was sent or received: the tunnel
         takes no new streams (pick another tunnel for them); the streams it
         has go on.  Read by the gateway's tunnel pool.
@@ -152,7 +161,8 @@ class Mux:
 
     def __init__(self, send_message, initiator, on_open_request=None, on_hello=None,
                  on_protocol_error=None, window=DEFAULT_WINDOW, name="", send_parts=None,
-                 clock=None, on_go_away=None, max_window=DEFAULT_MAX_WINDOW):
+                 clock=None, on_go_away=None, max_window=DEFAULT_MAX_WINDOW,
+                 round_trip=None):
         if clock is None:
             from twisted.internet import reactor as clock
         self._send_message = send_message
@@ -172,6 +182,8 @@ class Mux:
         self._last_peer_id = 0
         self._refused = set()
         self._drain_waiters = []
+        self._round_trip = round_trip
+        self._crossing = False  # our GOAWAY sent, the peer's OPENs sent before it may be on their way
 
     @property
     def stream_count(self):
@@ -397,12 +409,20 @@ class Mux:
             return
         self.go_away_sent = True
         self._send(frames.GoAway(int(reason)))
+        if self._round_trip is not None and self.go_away_received is None:
+            self._crossing = True
+            self._round_trip().addBoth(self._crossing_over)
+        self._check_drained()
+
+    def _crossing_over(self, _):
+        self._crossing = False
         self._check_drained()
 
     def when_drained(self):
         """
         A Deferred firing with C{None} once the tunnel is draining and has
-        no stream left, or is lost; at once if it already is.
+        no stream left (nor any OPEN crossing our GOAWAY: see C{round_trip}),
+        or is lost; at once if it already is.
         """
         d = defer.Deferred()
         self._drain_waiters.append(d)
@@ -410,7 +430,8 @@ class Mux:
         return d
 
     def _check_drained(self):
-        if self._drain_waiters and (self._lost or (self.draining and not self._streams)):
+        if self._drain_waiters and (self._lost or (self.draining and not self._streams
+                                                   and not self._crossing)):
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:
                 waiter.callback(None)

@@ -327,6 +327,7 @@ class _TunnelProtocol:
         if liveness is not None:
             liveness.discard(self)
         super().connectionLost(reason)
+        self._round_trip_over()
 
     def _start_mux(self, initiator, on_open_request, name):
         unmasked = self.factory.isServer or not self.maskClientFrames
@@ -335,7 +336,8 @@ class _TunnelProtocol:
                        on_open_request=on_open_request, on_hello=self.hello_received,
                        on_protocol_error=self._protocol_error, name=name,
                        send_parts=self._send_tunnel_parts if unmasked else None,
-                       clock=self.factory.reactor, on_go_away=self._peer_going_away)
+                       clock=self.factory.reactor, on_go_away=self._peer_going_away,
+                       round_trip=self._round_trip)
         # WebSocket send-buffer backpressure pauses every stream's producer.
         # Register on the TCP transport under TLS: Twisted's TLS wrapper will
         # not close while a producer is registered on it, and TLS passes our
@@ -370,6 +372,28 @@ class _TunnelProtocol:
             # What sendPong writes (payload at most 125 bytes), without its
             # work, and sent at once on an idle tunnel (tls_transport.py).
             write_alone(self.transport, bytes((_PONG, len(payload))) + payload)
+
+    _GOAWAY_PING = b"goaway"  # not 8 bytes: never one of the RTT pings (client/status)
+    _after_go_away = None  # the Deferred of _round_trip, until its pong
+
+    def _round_trip(self):
+        # For the mux, once after its GOAWAY: the pong to a ping sent now
+        # comes behind everything the peer sent before it read our GOAWAY
+        # (RFC 6455 keeps control frames in order with the rest).  Fires on
+        # that pong, or when the connection is lost.
+        done = self._after_go_away = defer.Deferred()
+        if self.state == self.STATE_OPEN:
+            self.sendPing(self._GOAWAY_PING)
+        return done
+
+    def onPong(self, payload):
+        if payload == self._GOAWAY_PING:
+            self._round_trip_over()
+
+    def _round_trip_over(self):
+        done, self._after_go_away = self._after_go_away, None
+        if done is not None:
+            done.callback(None)
 
     def _answer_held_ping(self):
         payload, self._unanswered_ping = self._unanswered_ping, None

@@ -44,6 +44,7 @@ class MeasuredTunnelProtocol(ClientTunnelProtocol):
         super().sendPing(payload)
 
     def onPong(self, payload):
+        super().onPong(payload)
         in_flight = self._ping_in_flight
         if in_flight is not None and payload == in_flight[0]:
             self._ping_in_flight = None
