@@ -53,6 +53,7 @@ class FakeMux:
     """A tunnel's mux: its streams, GOAWAY and C{when_drained}, recorded in C{events}."""
 
     stream_count = 0
+    crossing = False  # the round trip after our GOAWAY is not over (Mux.when_drained)
 
     def __init__(self, events, name):
         self.events = events
@@ -81,7 +82,7 @@ class FakeMux:
         return d
 
     def check(self):
-        if self.go_away_sent and not self.streams():
+        if self.go_away_sent and not self.streams() and not self.crossing:
             waiters, self._drained = self._drained, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -231,6 +232,29 @@ class DrainStepsTests(unittest.TestCase):
         self.clock.advance(0)
         self.assertIn(("close", "busy"), gateway.events)
         self.assertEqual(self.logs[-1], "drain finished: every stream ended, after 10.0s")
+
+    def test_waits_for_opens_crossing_go_away(self):
+        """
+        A tunnel told GOAWAY holds the drain until its when_drained, which
+        waits for the round trip behind any OPEN that crossed the GOAWAY: a
+        stream that arrives that way is waited for like the others.
+        """
+        gateway = FakeGateway(self.clock)
+        link = gateway.add_tunnel("peer-link")
+        link.mux.crossing = True
+        ended = self.start(gateway)
+        self.clock.advance(1)
+        self.assertNoResult(ended)
+        crossed = FakeStream()
+        link.mux.open.append(crossed)  # the OPEN that crossed arrives
+        link.mux.crossing = False  # then the pong
+        link.mux.check()
+        self.clock.advance(0)
+        self.assertNoResult(ended)
+        crossed.finish()
+        link.mux.check()
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
 
     def test_stream_opened_meanwhile(self):
         """A stream opened while the first ones finished (an accepted connection) is waited for."""

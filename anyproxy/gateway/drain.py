@@ -54,7 +54,10 @@ So the drain moves everything new elsewhere first and only then waits:
      and the frontend streams opened through peer links (relayed out).
      Waiting is event-driven (each stream's C{notify_closed}); once they
      are all done the set is taken again, since a connection accepted
-     before step 3 may have opened one since.
+     before step 3 may have opened one since.  A tunnel told in step 4 is
+     waited for too until its C{when_drained}: that includes a round trip
+     after the GOAWAY, behind which any OPEN the peer sent before it read
+     the GOAWAY has arrived (a peer relaying a stream here at that moment).
 
 C{drain_timeout} bounds the whole drain, the delay included (it is what a
 service manager's stop timeout must cover).  The drain ends when no stream
@@ -140,6 +143,8 @@ class Drain:
     _started = attr.ib(default=None)
     _waiters = attr.ib(factory=list)
     _timers = attr.ib(factory=list)  # the deadline and the steps' delayed calls
+    _told = attr.ib(factory=set)  # tunnels sent GOAWAY here, until their when_drained
+    _rewait = attr.ib(default=None)  # the call taking the streams again once _told empties
 
     def start(self):
         """Begin the drain; a Deferred firing with the L{outcome} when it ends."""
@@ -242,8 +247,15 @@ class Drain:
             if tunnel.draining:
                 continue
             tunnel.mux.go_away(Reason.NO_TUNNEL)
-            tunnel.mux.when_drained().addCallback(
-                lambda _, tunnel=tunnel: tunnel.go_away(self.clock))
+            self._told.add(tunnel)
+            tunnel.mux.when_drained().addCallback(self._tunnel_drained, tunnel)
+
+    def _tunnel_drained(self, _, tunnel):
+        self._told.discard(tunnel)
+        tunnel.go_away(self.clock)
+        if not self._told and (self._rewait is None or not self._rewait.active()):
+            # Their last OPENs may have arrived (and finished) meanwhile.
+            self._rewait = self.clock.callLater(0, self._wait_for_streams)
 
     def _wait_for_streams(self):
         if self.outcome is not None:
@@ -251,7 +263,8 @@ class Drain:
         self._go_away()
         streams = self.open_streams()
         if not streams:
-            self._end(FINISHED)
+            if not self._told:  # else _tunnel_drained takes the set again
+                self._end(FINISHED)
             return
         remaining = [len(streams)]
 
