@@ -37,7 +37,7 @@ from anyproxy.tls import client_tls_options
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.hello import client_hello, read_gateway_hello
 from anyproxy.tunnel.websocket import (
-    ClientTunnelProtocol, Liveness, basic_authorization, tune_factory)
+    Liveness, basic_authorization, tune_factory)
 
 log = Logger()
 
