@@ -287,12 +287,37 @@ class _TunnelProtocol:
         "http_response_body",
     )
 
+    # Names Autobahn reads with hasattr() to decide whether to set them:
+    # a class attribute would change its answer (its factory's options
+    # would no longer be copied in), so they stay per tunnel.
+    _NOT_SHARED = frozenset(getattr(WebSocketServerProtocol, "CONFIG_ATTRS", ())) | frozenset(
+        getattr(WebSocketClientProtocol, "CONFIG_ATTRS", ())) | {"trackTimings"}
+
+    def _share_unset_flags(self):
+        # Autobahn starts some fifty state flags of every connection at None
+        # or False: with the rest, an instance dict of 93 entries (3.3 KiB)
+        # on each gateway tunnel.  While a flag is None or False it reads
+        # the same from the class; assigning it (Autobahn and we only ever
+        # assign these) puts the tunnel's own value back.  A dict of what is
+        # left is half the size (measured in tests/test_idle_tunnels.py).
+        cls = type(self)
+        kept = {}
+        for name, value in self.__dict__.items():
+            if (value is None or value is False) and name not in self._NOT_SHARED:
+                if not hasattr(cls, name):
+                    setattr(cls, name, value)
+                if getattr(cls, name) is value:
+                    continue
+            kept[name] = value
+        self.__dict__ = kept
+
     def _watch_liveness(self):
         # Called from onOpen.  The handshake's leftovers go too: with
         # thousands of idle tunnels on a gateway, they are memory per tunnel.
         for name in self._HANDSHAKE_REMNANTS:
             if name in self.__dict__:
                 setattr(self, name, None)
+        self._share_unset_flags()
         liveness = getattr(self.factory, "liveness", None)
         if liveness is not None:
             liveness.add(self)
