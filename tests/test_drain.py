@@ -256,6 +256,28 @@ class DrainStepsTests(unittest.TestCase):
         self.clock.advance(0)
         self.assertEqual(self.successResultOf(ended), drain.FINISHED)
 
+    def test_tunnel_draining_already_waited_for(self):
+        """
+        A tunnel sent GOAWAY before the drain began (the management API's
+        client drain) is not told again, but its round trip is waited for
+        and it is closed once drained, like the others.
+        """
+        gateway = FakeGateway(self.clock)
+        tunnel = gateway.add_tunnel("drained-by-api")
+        tunnel.mux.go_away(Reason.NO_TUNNEL)
+        tunnel.mux.crossing = True
+        ended = self.start(gateway)
+        self.assertNoResult(ended)
+        tunnel.mux.crossing = False
+        tunnel.mux.check()
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(ended), drain.FINISHED)
+        self.assertEqual([event for event in gateway.events if event[0] == "go_away"],
+                         [("go_away", "drained-by-api", Reason.NO_TUNNEL)])
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertIn(("close", "drained-by-api"), gateway.events)
+
     def test_stream_opened_meanwhile(self):
         """A stream opened while the first ones finished (an accepted connection) is waited for."""
         gateway = FakeGateway(self.clock)

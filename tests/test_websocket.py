@@ -122,3 +122,62 @@ class FrameReaderBindingTests(unittest.SynchronousTestCase):
         self.protocol.dataReceived(binary_frame(b"good") + binary_frame(b"bad") + binary_frame(b"after"))
         self.assertEqual(self.messages, [b"good", b"bad"])
 
+
+
+class GoAwayRoundTripTests(unittest.SynchronousTestCase):
+    """
+    After our GOAWAY the mux waits for a ping's pong (Mux.when_drained):
+    an OPEN the peer sent before it read the GOAWAY comes before that pong.
+    """
+
+    def setUp(self):
+        from tests.test_tunnel_flood import open_gateway_protocol
+        self.protocol, self.transport = open_gateway_protocol(self)
+        self.mux = self.protocol.mux
+
+    def sent(self):
+        from tests.test_tunnel_flood import server_frames
+        found = server_frames(self.transport.value())
+        self.transport.clear()
+        return found
+
+    def pong(self, payload):
+        from tests.test_tunnel_flood import ws_frame
+        self.protocol.dataReceived(ws_frame(0xA, payload, mask=b"\x01\x02\x03\x04"))
+
+    def test_ping_after_go_away(self):
+        """GOAWAY is followed by a ping; its pong (and not another) ends the wait."""
+        self.mux.go_away()
+        drained = self.mux.when_drained()
+        (goaway, ping) = self.sent()
+        self.assertEqual(goaway[0], 0x2)
+        self.assertEqual(ping, (0x9, b"goaway"))
+        self.assertNoResult(drained)
+        self.pong(b"\x00" * 8)  # a pong to some earlier ping
+        self.assertNoResult(drained)
+        self.pong(b"goaway")
+        self.successResultOf(drained)
+
+    def test_later_pings_carry_it(self):
+        """
+        A congested peer answers only its latest ping: until the round trip
+        is over, a liveness ping carries the same payload, so it cannot
+        take the place of the one we wait for.
+        """
+        self.mux.go_away()
+        drained = self.mux.when_drained()
+        self.sent()
+        self.protocol.sendPing()
+        self.assertEqual(self.sent(), [(0x9, b"goaway")])
+        self.pong(b"goaway")
+        self.successResultOf(drained)
+        self.protocol.sendPing(b"after")
+        self.assertEqual(self.sent(), [(0x9, b"after")])
+
+    def test_connection_lost_ends_the_wait(self):
+        from twisted.internet import error
+        from twisted.python import failure
+        self.mux.go_away()
+        drained = self.mux.when_drained()
+        self.protocol.connectionLost(failure.Failure(error.ConnectionDone()))
+        self.successResultOf(drained)

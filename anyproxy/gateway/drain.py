@@ -143,8 +143,9 @@ class Drain:
     _started = attr.ib(default=None)
     _waiters = attr.ib(factory=list)
     _timers = attr.ib(factory=list)  # the deadline and the steps' delayed calls
-    _told = attr.ib(factory=set)  # tunnels sent GOAWAY here, until their when_drained
-    _rewait = attr.ib(default=None)  # the call taking the streams again once _told empties
+    _watched = attr.ib(factory=set)  # every tunnel told (or found) draining by this drain
+    _told = attr.ib(factory=set)  # those of them whose when_drained has not fired yet
+    _waiting = attr.ib(default=False)  # a wait for the open streams is under way
 
     def start(self):
         """Begin the drain; a Deferred firing with the L{outcome} when it ends."""
@@ -244,26 +245,32 @@ class Drain:
         if fleet is not None:
             tunnels.extend(fleet.server.factory.links)
         for tunnel in tunnels:
-            if tunnel.draining:
+            if tunnel in self._watched:
                 continue
-            tunnel.mux.go_away(Reason.NO_TUNNEL)
+            # One draining already (the management API's client drain, or
+            # its client's own GOAWAY) is waited for and closed the same way.
+            self._watched.add(tunnel)
+            if not tunnel.draining:
+                tunnel.mux.go_away(Reason.NO_TUNNEL)
             self._told.add(tunnel)
             tunnel.mux.when_drained().addCallback(self._tunnel_drained, tunnel)
 
     def _tunnel_drained(self, _, tunnel):
         self._told.discard(tunnel)
         tunnel.go_away(self.clock)
-        if not self._told and (self._rewait is None or not self._rewait.active()):
+        if self.outcome is None and not self._told and not self._waiting:
             # Their last OPENs may have arrived (and finished) meanwhile.
-            self._rewait = self.clock.callLater(0, self._wait_for_streams)
+            self._timers.append(self.clock.callLater(0, self._wait_for_streams))
 
     def _wait_for_streams(self):
         if self.outcome is not None:
             return
+        self._waiting = True  # tunnels drained during this pass need no other
         self._go_away()
         streams = self.open_streams()
         if not streams:
-            if not self._told:  # else _tunnel_drained takes the set again
+            self._waiting = False
+            if not self._told:  # else _tunnel_drained starts the next pass
                 self._end(FINISHED)
             return
         remaining = [len(streams)]
@@ -271,9 +278,10 @@ class Drain:
         def closed(_):
             remaining[0] -= 1
             if remaining[0] == 0:
+                self._waiting = False
                 # Next turn: a stream's close hooks run before it leaves its
                 # mux's table, and the splice may still be ending its peer.
-                self.clock.callLater(0, self._wait_for_streams)
+                self._timers.append(self.clock.callLater(0, self._wait_for_streams))
 
         for stream in streams:
             stream.notify_closed(closed)

@@ -290,8 +290,8 @@ class _TunnelProtocol:
     # Names Autobahn reads with hasattr() to decide whether to set them:
     # a class attribute would change its answer (its factory's options
     # would no longer be copied in), so they stay per tunnel.
-    _NOT_SHARED = frozenset(getattr(WebSocketServerProtocol, "CONFIG_ATTRS", ())) | frozenset(
-        getattr(WebSocketClientProtocol, "CONFIG_ATTRS", ())) | {"trackTimings"}
+    _NOT_SHARED = frozenset(WebSocketServerProtocol.CONFIG_ATTRS) | frozenset(
+        WebSocketClientProtocol.CONFIG_ATTRS) | {"trackTimings"}
 
     def _share_unset_flags(self):
         # Autobahn starts some fifty state flags of every connection at None
@@ -410,6 +410,14 @@ class _TunnelProtocol:
         if self.state == self.STATE_OPEN:
             self.sendPing(self._GOAWAY_PING)
         return done
+
+    def sendPing(self, payload=None):
+        # A congested peer answers only its latest ping (onPing): until the
+        # round trip is over, every ping we send is that one, so that a
+        # liveness or RTT ping cannot take its place.
+        if self._after_go_away is not None:
+            payload = self._GOAWAY_PING
+        super().sendPing(payload)
 
     def onPong(self, payload):
         if payload == self._GOAWAY_PING:
