@@ -194,13 +194,9 @@ class IdleTunnelTests(unittest.TestCase):
         self.assertGreaterEqual(self.pings["gateway"], 1)
         self.assertEqual(self.gateway_liveness.watched, frozenset())
 
-    def test_handshake_remnants_dropped(self):
-        """Once open, neither end keeps the opening handshake's request, headers or
-        response; Autobahn still sets them (else there is nothing to drop)."""
-        for end in (self.gateway_end, self.client_end):
-            for name in _TunnelProtocol._HANDSHAKE_REMNANTS:
-                self.assertIsNone(getattr(end, name, None))
-                self.assertNotIn(name, vars(end))
+    def record_sharing(self):
+        """A list that gets, for each tunnel opened from now on, its attributes as they were
+        before _share_unset_flags."""
         before_sharing = []
         share = _TunnelProtocol._share_unset_flags
 
@@ -209,6 +205,16 @@ class IdleTunnelTests(unittest.TestCase):
             share(protocol)
 
         self.patch(_TunnelProtocol, "_share_unset_flags", recording)
+        return before_sharing
+
+    def test_handshake_remnants_dropped(self):
+        """Once open, neither end keeps the opening handshake's request, headers or
+        response; Autobahn still sets them (else there is nothing to drop)."""
+        for end in (self.gateway_end, self.client_end):
+            for name in _TunnelProtocol._HANDSHAKE_REMNANTS:
+                self.assertIsNone(getattr(end, name, None))
+                self.assertNotIn(name, vars(end))
+        before_sharing = self.record_sharing()
         from tests.test_tunnel_flood import open_gateway_protocol
         open_gateway_protocol(self)
         (opened,) = before_sharing
@@ -223,14 +229,7 @@ class IdleTunnelTests(unittest.TestCase):
         tunnel before, fewer than 64 after.  Assigning one is per tunnel.
         """
         from tests.test_tunnel_flood import open_gateway_protocol
-        before_sharing = []
-        share = _TunnelProtocol._share_unset_flags
-
-        def recording(protocol):
-            before_sharing.append(dict(vars(protocol)))
-            share(protocol)
-
-        self.patch(_TunnelProtocol, "_share_unset_flags", recording)
+        before_sharing = self.record_sharing()
         first, _ = open_gateway_protocol(self)
         second, _ = open_gateway_protocol(self)
         (before, _) = before_sharing
