@@ -1351,8 +1351,9 @@ class Hostile:
             ("tunnel: valid HELLO asking for ports not allowed, then CREDIT 0", self.hello_bad_ports,
              ("close 1002", "close 1008") + refused),
             ("tunnel: ping flood before HELLO, never reading", self.ping_flood, ("*",)),
+            # The SOCKS4 rejection: VN 0, CD 91, the request's port and address.
             ("socks5: version 4", lambda: self.raw(self.ports["socks"], b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00"),
-             refused),
+             ("answer 005b00507f000001",) + refused),
             ("socks5: no methods", lambda: self.raw(self.ports["socks"], b"\x05\x00"),
              ("answer 05ff",) + refused),
             ("socks5: no-auth only", lambda: self.raw(self.ports["socks"], b"\x05\x01\x00"),
