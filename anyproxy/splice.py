@@ -30,7 +30,7 @@ from zope.interface import implementer
 from anyproxy.connect_protocol import connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.tuning import (
-    QUICKACK_BELOW, quick_acker, send_then_buffer, set_no_delay, tune_for_bulk)
+    QUICKACK_BELOW, nothing_buffered, quick_acker, send_then_buffer, set_no_delay, tune_for_bulk)
 from anyproxy.tunnel.stream import Stream
 
 
@@ -57,10 +57,8 @@ def write_now(transport, data):
     C{FileDescriptor} buffer attributes (C{dataBuffer}, C{_tempDataLen}),
     checked by tests.test_splice.
     """
-    if (len(data) < WRITE_NOW_BELOW and type(transport) in _PLAIN_TCP and not transport.TLS
-            and transport.connected
-            and not transport.disconnecting and not transport._writeDisconnected
-            and not transport.dataBuffer and not transport._tempDataLen and data):
+    if (data and len(data) < WRITE_NOW_BELOW and type(transport) in _PLAIN_TCP
+            and not transport.TLS and nothing_buffered(transport)):
         send_then_buffer(transport.socket, data, transport.write)
         return
     transport.write(data)

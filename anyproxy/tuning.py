@@ -129,12 +129,23 @@ def quick_acker(transport):
     return rearm
 
 
+def nothing_buffered(tcp):
+    """
+    Whether Twisted's TCP transport C{tcp} is open for writing with nothing
+    waiting in its buffer, so that bytes sent on its socket now keep their
+    order (Twisted's C{FileDescriptor} attributes; tests.test_splice and
+    tests.test_tls_transport check they exist).
+    """
+    return (tcp.connected and not tcp.disconnecting and not tcp._writeDisconnected
+            and not tcp.dataBuffer and not tcp._tempDataLen)
+
+
 def send_then_buffer(sock, data, buffered_write):
     """
     Send what the socket C{sock} takes of C{data} at once, and hand the rest
     (all of it after an error, which Twisted's write then meets and reports)
     to C{buffered_write}, the transport's own write.  For callers that know
-    nothing is buffered before C{data}, so order is kept.
+    nothing is buffered before C{data} (L{nothing_buffered}), so order is kept.
     """
     try:
         sent = sock.send(data)

@@ -377,6 +377,17 @@ def run_curl(*args, env=None):
                                     env=env)
 
 
+def recv_exactly(sock, size):
+    """C{size} bytes from the blocking socket C{sock}; EOFError if it closes first."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError("closed after %r" % (data,))
+        data += chunk
+    return data
+
+
 def binary_frame(payload):
     """One unmasked binary frame (FIN, opcode 2), as the tunnel writes it."""
     length = len(payload)

@@ -20,7 +20,7 @@ from anyproxy.client.status.refusals import RefusalLog, refusing_rule
 from anyproxy.config.load import load_config
 from anyproxy.errors import ConfigError
 from tests.support import Deployment, SecretWatch, basic_token, run_curl
-from tests.test_e2e_status import CHROMIUM, CHROMIUM_ARGS, EXPECT_MS, SKIP_WITHOUT_CHROMIUM
+from tests.test_e2e_status import SKIP_WITHOUT_CHROMIUM, chromium_page
 from tests.test_e2e_tcp import socks_error
 
 STATUS_USER = "client-operator"
@@ -161,38 +161,25 @@ class ClientStatusTests(TestCase):
 
 def drive_page(url, gateway_port, forwarded):
     """Open the page in Chromium and wait for what it must show; a dict of what was seen."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     seen = {}
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(
-                http_credentials={"username": STATUS_USER, "password": STATUS_PASSWORD})
-            context.set_default_timeout(EXPECT_MS)
-            page = context.new_page()
-            errors = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("console", lambda message: message.type == "error" and
-                    errors.append(message.text))
-            seen["status"] = page.goto(url).status
-            expect(page.locator("#state")).to_have_text("live")
-            expect(page.locator("#client-id")).to_have_text("client-1")
-            row = page.locator('#tunnels-body tr[data-gateway="127.0.0.1:%d"]' % (gateway_port,))
-            expect(row.locator("td.state")).to_have_text("connected")
-            expect(row.locator("td.rtt")).to_have_text(re.compile(r"^\d+\.\d ms$"))
-            refusal = page.locator("#refusals-body tr").first
-            expect(refusal.locator("td.target")).to_have_text("www.blocked.test:443")
-            expect(refusal.locator("td.rule")).to_have_text("forbidden_hosts: *.blocked.test")
-            port = page.locator("#ports-body tr").first
-            expect(port.locator("td.port")).to_have_text("%d/tcp" % (forwarded,))
-            expect(port.locator("td.port-state")).to_have_text("open")
-            seen["errors"] = errors
-            context.close()
-            wrong = browser.new_context(
-                http_credentials={"username": STATUS_USER, "password": "wrong"})
-            seen["wrong_status"] = wrong.new_page().goto(url).status
-            wrong.close()
-        finally:
-            browser.close()
+    with chromium_page(STATUS_USER, STATUS_PASSWORD) as (browser, page, errors):
+        seen["status"] = page.goto(url).status
+        expect(page.locator("#state")).to_have_text("live")
+        expect(page.locator("#client-id")).to_have_text("client-1")
+        row = page.locator('#tunnels-body tr[data-gateway="127.0.0.1:%d"]' % (gateway_port,))
+        expect(row.locator("td.state")).to_have_text("connected")
+        expect(row.locator("td.rtt")).to_have_text(re.compile(r"^\d+\.\d ms$"))
+        refusal = page.locator("#refusals-body tr").first
+        expect(refusal.locator("td.target")).to_have_text("www.blocked.test:443")
+        expect(refusal.locator("td.rule")).to_have_text("forbidden_hosts: *.blocked.test")
+        port = page.locator("#ports-body tr").first
+        expect(port.locator("td.port")).to_have_text("%d/tcp" % (forwarded,))
+        expect(port.locator("td.port-state")).to_have_text("open")
+        seen["errors"] = errors
+        wrong = browser.new_context(
+            http_credentials={"username": STATUS_USER, "password": "wrong"})
+        seen["wrong_status"] = wrong.new_page().goto(url).status
+        wrong.close()
     return seen

@@ -19,7 +19,7 @@ from anyproxy.gateway import drain
 from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
 from tests.support import (
     PROXY_PASSWORD, PROXY_USER, BlobResource, Deployment, Echo, basic_token, blob, listen_tcp,
-    run_curl)
+    recv_exactly, run_curl)
 from tests.test_e2e_tcp import socks_connect
 from tests.test_fleet_relay import Fleet
 from tests.test_e2e_twistd import TwistdBase, port_open, wait_until
@@ -413,21 +413,13 @@ def socks_handshake_on(sock, host, port):
     import socket
     import struct
 
-    def read(count):
-        got = b""
-        while len(got) < count:
-            chunk = sock.recv(count - len(got))
-            if not chunk:
-                raise ConnectionError("closed after %r" % (got,))
-            got += chunk
-        return got
     sock.sendall(b"\x05\x01\x02")
-    assert read(2) == b"\x05\x02"
+    assert recv_exactly(sock, 2) == b"\x05\x02"
     user, password = PROXY_USER.encode(), PROXY_PASSWORD.encode()
     sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
-    assert read(2) == b"\x01\x00"
+    assert recv_exactly(sock, 2) == b"\x01\x00"
     sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack("!H", port))
-    reply = read(10)
+    reply = recv_exactly(sock, 10)
     return reply[0], reply[1]
 
 

@@ -19,7 +19,7 @@ from anyproxy.dual_stack import (
     DualStackPort, DualStackServerEndpoint, listen_tcp, listen_udp, server_endpoint, unmapped)
 from anyproxy.listeners import Listener
 from tests.support import PROXY_PASSWORD, PROXY_USER, Deployment, Echo, listen_tcp as target_tcp
-from tests.support import run_curl, web_site
+from tests.support import recv_exactly, run_curl, web_site
 
 
 def _ipv6_loopback():
@@ -187,30 +187,20 @@ class UdpTests(unittest.TestCase):
 
 # -- the proxy on ":0", end to end ---------------------------------------------------
 
-def _recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError("closed after %r" % (data,))
-        data += chunk
-    return data
-
-
 def _socks_handshake(sock, command, host, port):
     """Greeting, RFC 1929 login and a request; the reply's C{(ATYP, BND.ADDR, BND.PORT)}."""
     user, password = PROXY_USER.encode(), PROXY_PASSWORD.encode()
     sock.sendall(b"\x05\x01\x02")
-    assert _recv_exactly(sock, 2) == b"\x05\x02"
+    assert recv_exactly(sock, 2) == b"\x05\x02"
     sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
-    assert _recv_exactly(sock, 2) == b"\x01\x00"
+    assert recv_exactly(sock, 2) == b"\x01\x00"
     sock.sendall(b"\x05" + bytes([command]) + b"\x00\x01" + socket.inet_aton(host)
                  + struct.pack("!H", port))
-    head = _recv_exactly(sock, 4)
+    head = recv_exactly(sock, 4)
     assert head[:2] == b"\x05\x00", head
     family = {1: socket.AF_INET, 4: socket.AF_INET6}[head[3]]
-    bound = socket.inet_ntop(family, _recv_exactly(sock, 4 if head[3] == 1 else 16))
-    return head[3], bound, struct.unpack("!H", _recv_exactly(sock, 2))[0]
+    bound = socket.inet_ntop(family, recv_exactly(sock, 4 if head[3] == 1 else 16))
+    return head[3], bound, struct.unpack("!H", recv_exactly(sock, 2))[0]
 
 
 def socks_echo_over(proxy_host, proxy_port, echo_port):

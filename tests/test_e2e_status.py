@@ -42,29 +42,38 @@ EXPECT_MS = 15000
 
 
 @contextlib.contextmanager
-def status_page_in_chromium():
+def chromium_page(username=STATUS_USER, password=STATUS_PASSWORD):
     """
-    C{(page, errors)}: a headless Chromium page logged in to the status
-    pages (C{EXPECT_MS} default timeout), and the list its script errors and
-    console errors go to.  The browser is closed on leaving.
+    C{(browser, page, errors)}: a headless Chromium browser, a page of it
+    logged in with C{username}/C{password} (C{EXPECT_MS} default timeout),
+    and the list its script errors and console errors go to.  The browser
+    is closed on leaving; more contexts may be opened on it meanwhile.
     """
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
+        # launch() gives the browser a fresh temporary profile (user-data-dir).
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             context = browser.new_context(
-                http_credentials={"username": STATUS_USER, "password": STATUS_PASSWORD})
+                http_credentials={"username": username, "password": password})
             context.set_default_timeout(EXPECT_MS)
             page = context.new_page()
             errors = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.on("console", lambda message: message.type == "error" and
                     errors.append(message.text))
-            yield page, errors
+            yield browser, page, errors
             context.close()
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def status_page_in_chromium():
+    """C{(page, errors)} of L{chromium_page} with the gateway's status login."""
+    with chromium_page() as (_, page, errors):
+        yield page, errors
 
 
 def status_overrides():
@@ -273,78 +282,64 @@ def browser_session(url, socks_port, echo_port, screenshot_path):
 
     @return: a dict of what was seen, for the test to check.
     """
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     seen = {}
     started = time.monotonic()
-    with sync_playwright() as playwright:
-        # launch() gives the browser a fresh temporary profile (user-data-dir).
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium_page() as (browser, page, errors):
         seen["launch_seconds"] = time.monotonic() - started
+        response = page.goto(url)
+        seen["status"] = response.status
+        seen["title"] = page.title()
+
+        row = page.locator('#clients-body tr[data-client-id="client-1"]')
+        active = page.locator("#total-active-streams")
+        expect(row).to_be_visible(timeout=EXPECT_MS)
+        expect(row.locator("td.client-id")).to_have_text("client-1")
+        expect(row.locator("td.group")).to_have_text("default")
+        expect(row.locator("td.routes")).to_have_text("anything")  # no client.routes
+        expect(page.locator("#total-tunnels")).to_have_text("1")
+        expect(active).to_have_text("0", timeout=EXPECT_MS)
+        expect(page.locator("#state")).to_have_text(
+            re.compile("^live, updated "), timeout=EXPECT_MS)
+        traffic_ids = ("#total-bytes-in", "#total-bytes-out", "#total-streams-opened")
+        seen["before"] = {each: page.text_content(each) for each in traffic_ids}
+
+        sock = socks_connect(socks_port, "127.0.0.1", echo_port)
         try:
-            context = browser.new_context(
-                http_credentials={"username": STATUS_USER, "password": STATUS_PASSWORD})
-            context.set_default_timeout(EXPECT_MS)
-            page = context.new_page()
-            errors = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("console", lambda message: message.type == "error" and
-                    errors.append(message.text))
-            response = page.goto(url)
-            seen["status"] = response.status
-            seen["title"] = page.title()
-
-            row = page.locator('#clients-body tr[data-client-id="client-1"]')
-            active = page.locator("#total-active-streams")
-            expect(row).to_be_visible(timeout=EXPECT_MS)
-            expect(row.locator("td.client-id")).to_have_text("client-1")
-            expect(row.locator("td.group")).to_have_text("default")
-            expect(row.locator("td.routes")).to_have_text("anything")  # no client.routes
-            expect(page.locator("#total-tunnels")).to_have_text("1")
-            expect(active).to_have_text("0", timeout=EXPECT_MS)
-            expect(page.locator("#state")).to_have_text(
-                re.compile("^live, updated "), timeout=EXPECT_MS)
-            traffic_ids = ("#total-bytes-in", "#total-bytes-out", "#total-streams-opened")
-            seen["before"] = {each: page.text_content(each) for each in traffic_ids}
-
-            sock = socks_connect(socks_port, "127.0.0.1", echo_port)
-            try:
-                echo_through_socks(sock, 256 * 1024)
-                expect(active).to_have_text("1", timeout=EXPECT_MS)
-                expect(row.locator("td.active-streams")).to_have_text("1")
-                for each in traffic_ids:  # counters that exist must move
-                    if seen["before"][each] != "n/a":
-                        expect(page.locator(each)).not_to_have_text(
-                            seen["before"][each], timeout=EXPECT_MS)
-                page.screenshot(path=screenshot_path, full_page=True)
-                seen["during"] = {each: page.text_content(each) for each in traffic_ids}
-            finally:
-                sock.close()
-            expect(active).to_have_text("0", timeout=EXPECT_MS)
-            expect(row.locator("td.active-streams")).to_have_text("0")
-
-            seen["api"] = page.evaluate(
-                "() => fetch('api/status', {cache: 'no-store'}).then(r => r.json())")
-            seen["errors"] = errors
-            context.close()
-
-            # Opened with the login in the address: the page's own fetches
-            # must not carry it (fetch refuses such URLs), and still work.
-            in_url = browser.new_context()
-            in_url.set_default_timeout(EXPECT_MS)
-            page = in_url.new_page()
-            page.goto(url.replace("http://", "http://%s:%s@" % (STATUS_USER, STATUS_PASSWORD), 1))
-            expect(page.locator("#state")).to_have_text(
-                re.compile("^live, updated "), timeout=EXPECT_MS)
-            seen["login_in_url"] = page.text_content("#state")
-            in_url.close()
-
-            wrong = browser.new_context(
-                http_credentials={"username": STATUS_USER, "password": "wrong"})
-            seen["wrong_status"] = wrong.new_page().goto(url).status
-            wrong.close()
+            echo_through_socks(sock, 256 * 1024)
+            expect(active).to_have_text("1", timeout=EXPECT_MS)
+            expect(row.locator("td.active-streams")).to_have_text("1")
+            for each in traffic_ids:  # counters that exist must move
+                if seen["before"][each] != "n/a":
+                    expect(page.locator(each)).not_to_have_text(
+                        seen["before"][each], timeout=EXPECT_MS)
+            page.screenshot(path=screenshot_path, full_page=True)
+            seen["during"] = {each: page.text_content(each) for each in traffic_ids}
         finally:
-            browser.close()
+            sock.close()
+        expect(active).to_have_text("0", timeout=EXPECT_MS)
+        expect(row.locator("td.active-streams")).to_have_text("0")
+
+        seen["api"] = page.evaluate(
+            "() => fetch('api/status', {cache: 'no-store'}).then(r => r.json())")
+        seen["errors"] = errors
+
+        # Opened with the login in the address: the page's own fetches
+        # must not carry it (fetch refuses such URLs), and still work.
+        in_url = browser.new_context()
+        in_url.set_default_timeout(EXPECT_MS)
+        page = in_url.new_page()
+        page.goto(url.replace("http://", "http://%s:%s@" % (STATUS_USER, STATUS_PASSWORD), 1))
+        expect(page.locator("#state")).to_have_text(
+            re.compile("^live, updated "), timeout=EXPECT_MS)
+        seen["login_in_url"] = page.text_content("#state")
+        in_url.close()
+
+        wrong = browser.new_context(
+            http_credentials={"username": STATUS_USER, "password": "wrong"})
+        seen["wrong_status"] = wrong.new_page().goto(url).status
+        wrong.close()
     seen["seconds"] = time.monotonic() - started
     return seen
 

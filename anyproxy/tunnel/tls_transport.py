@@ -43,7 +43,7 @@ change nothing.
 from OpenSSL._util import ffi as _ffi, lib as _lib
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-from anyproxy.tuning import send_then_buffer
+from anyproxy.tuning import nothing_buffered, send_then_buffer
 
 
 def tls_layers(transport):
@@ -78,8 +78,7 @@ def send_ciphertext_at_once(transport):
             return False
 
     def write(data):
-        if (tcp.connected and not tcp.disconnecting and not tcp._writeDisconnected
-                and not tcp.dataBuffer and not tcp._tempDataLen and data):
+        if data and nothing_buffered(tcp):
             send_then_buffer(tcp.socket, data, buffered_write)
             return
         buffered_write(data)

@@ -184,27 +184,28 @@ async def _timed(proxy_port, origin_port):
         return None
 
 
+def _split(results):
+    """C{(sorted latencies, failures)} of L{_timed} results (C{None}: failed)."""
+    latencies = sorted(each for each in results if each is not None)
+    return latencies, len(results) - len(latencies)
+
+
 def load(proxy_port, origin_port, requests, concurrency):
     """C{requests} GETs, C{concurrency} at a time, each on a new connection: an L{OriginRun}."""
     async def main():
-        latencies, failed = [], 0
+        results = []
         left = iter(range(requests))
 
         async def worker():
-            nonlocal failed
             for _ in left:
-                seconds = await _timed(proxy_port, origin_port)
-                if seconds is None:
-                    failed += 1
-                else:
-                    latencies.append(seconds)
+                results.append(await _timed(proxy_port, origin_port))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
+        latencies, failed = _split(results)
         if not latencies:
             raise BenchError("origins: every request failed (port %s)" % (proxy_port,))
-        latencies.sort()
         return OriginRun(rps=len(latencies) / elapsed, median_ms=1000 * statistics.median(latencies),
                          p90_ms=1000 * latencies[len(latencies) * 9 // 10], failed=failed)
     return asyncio.run(main())
@@ -218,24 +219,14 @@ def paced(proxy_port, origin_port, rate, seconds):
     closed loop of L{load} also measures the queue at a saturated origin.
     """
     async def main():
-        latencies, failed = [], 0
-
-        async def one():
-            nonlocal failed
-            seconds_taken = await _timed(proxy_port, origin_port)
-            if seconds_taken is None:
-                failed += 1
-            else:
-                latencies.append(seconds_taken)
-
         loop = asyncio.get_running_loop()
         started, tasks = loop.time(), []
         for index in range(max(1, int(rate * seconds))):
             delay = started + index / rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one()))
-        await asyncio.gather(*tasks)
+            tasks.append(asyncio.ensure_future(_timed(proxy_port, origin_port)))
+        latencies, failed = _split(await asyncio.gather(*tasks))
         if not latencies:
             raise BenchError("origins: every paced request failed (port %s)" % (proxy_port,))
         return 1000 * statistics.median(latencies), failed
