@@ -9,19 +9,13 @@ loopback port, in a temporary directory, without persistence.
 """
 
 import shutil
-import socket
 import tempfile
 
 from twisted.internet import defer, error, protocol, reactor, task
 
+from tests.ports import free_port
+
 REDIS_SERVER = "/usr/bin/redis-server"
-
-
-def free_loopback_port():
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Watcher(protocol.ProcessProtocol):
@@ -78,7 +72,7 @@ class RedisServer:
     """
 
     def __init__(self, port=None, password=None, extra_args=(), start_timeout=10.0):
-        self.port = port or free_loopback_port()
+        self.port = port or free_port()
         self.password = password
         self.extra_args = tuple(extra_args)
         self.start_timeout = start_timeout

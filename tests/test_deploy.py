@@ -25,7 +25,8 @@ from twisted.web.client import Agent, readBody
 from anyproxy.config.load import load_config
 from tests.support import Deployment, Echo, listen_tcp, run_curl, web_site
 from tests.test_e2e_tcp import socks_connect
-from tests.test_e2e_twistd import ProcessWatcher, free_port, port_open, wait_until
+from tests.ports import free_port
+from tests.test_e2e_twistd import ProcessWatcher, port_open, wait_until
 from tests.test_drain import round_trip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -31,6 +31,7 @@ from twisted.logger import formatEvent
 from twisted.trial import unittest
 
 from anyproxy.config.load import load_config
+from tests.ports import free_port
 from tests.support import Deployment, Echo, SecretWatch, listen_tcp
 from tests.test_e2e_tcp import socks_echo
 
@@ -62,12 +63,6 @@ def _skip_reason():
 
 
 SKIP = _skip_reason()
-
-
-def free_port(host="127.0.0.1"):
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @defer.inlineCallbacks
@@ -220,7 +215,7 @@ class SquidTests(_EgressBase):
     @defer.inlineCallbacks
     def test_proxy_refuses_the_target(self):
         """A gateway port squid's rules do not allow gets squid's 403, naming the proxy hop."""
-        other = free_port(GATEWAY_HOST)
+        other = free_port(hosts=(GATEWAY_HOST,))
         yield self.start_client(self.url(), wait=False, gateway_port=other)
         line = yield self.wait_for_log("refused CONNECT")
         self.assertIn("egress proxy http://127.0.0.1:%d refused CONNECT %s:%d: 403"

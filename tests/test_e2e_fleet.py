@@ -8,16 +8,13 @@ tunnel address.
 Each test builds the whole fleet afresh (L{Fleet}) and tears it down.
 """
 
-import fcntl
 import hashlib
 import json
 import os
-import random
 import select
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 
@@ -30,6 +27,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
+from tests.ports import free_port
 from tests.redis_server import REDIS_SERVER, RedisServer
 from tests.support import AnswerAfterEOF, Echo, TestPKI, basic_token, blob, listen_tcp, web_site
 from tests.test_deploy import BACKENDS, CSV_STATUS, HAPROXY_CONFIG, haproxy_env
@@ -53,53 +51,6 @@ GROUPS = ("alpha", "beta")
 NODES = ("gw1", "gw2", "gw3")
 K = 2
 STATUS_LOGIN = ("ops", "status-pw-e2e")
-
-
-def _ephemeral_range():
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = (int(each) for each in f.read().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-_RESERVED = {}  # port -> the open lock file that holds it for this process
-_RESERVATIONS = os.path.join(tempfile.gettempdir(), "anyproxy-test-ports")
-
-
-def free_port():
-    """
-    A free loopback port outside the kernel's ephemeral range: gateways here
-    are killed and restarted on their ports, and a port from that range could
-    meanwhile become some connection's source port ("Address already in use").
-
-    The port stays reserved (an flock on a file named after it) until this
-    process exits, so that another trial worker cannot take it while a
-    gateway here is down between a kill and its restart.
-    """
-    low, high = _ephemeral_range()
-    candidates = [port for port in range(20000, 32000) if not low <= port <= high]
-    random.shuffle(candidates)
-    os.makedirs(_RESERVATIONS, exist_ok=True)
-    for port in candidates:
-        if port in _RESERVED:
-            continue
-        lock = open(os.path.join(_RESERVATIONS, str(port)), "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                lock.close()
-                continue
-        _RESERVED[port] = lock
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 def haproxy_path():

@@ -15,6 +15,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from anyproxy.config.load import load_config
+from tests.ports import free_ports
 from tests.support import AnswerAfterEOF, Deployment, Echo, blob, listen_tcp
 from tests.test_dual_stack import NO_IPV6_LOOPBACK
 from tests.test_e2e_tcp import socks_echo
@@ -39,36 +40,6 @@ def wait_until(predicate, timeout=10.0, what="condition"):
         if reactor.seconds() > deadline:
             raise AssertionError("timed out waiting for %s" % (what,))
         yield sleep(0.02)
-
-
-def _is_free(port):
-    """Whether 127.0.0.1:port can be listened on for TCP (as Twisted does) and UDP."""
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        sock = socket.socket(socket.AF_INET, kind)
-        try:
-            if kind == socket.SOCK_STREAM:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        finally:
-            sock.close()
-    return True
-
-
-def free_ports(count):
-    """C{count} ports free for TCP and UDP on 127.0.0.1, ascending (bind port 0, close)."""
-    found = set()
-    for _ in range(100 * count):
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
-        if _is_free(port):
-            found.add(port)
-            if len(found) == count:
-                return sorted(found)
-    raise RuntimeError("could not find %d free ports" % (count,))
 
 
 def recv_all(sock):

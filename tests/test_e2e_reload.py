@@ -19,7 +19,8 @@ from anyproxy.twistd.reload import Reloader
 from tests.support import (
     PROXY_PASSWORD, PROXY_USER, Deployment, Echo, SecretWatch, listen_tcp, run_curl, web_site)
 from tests.test_e2e_tcp import socks_connect, socks_error
-from tests.test_e2e_twistd import free_port, port_open, wait_until
+from tests.ports import free_port
+from tests.test_e2e_twistd import port_open, wait_until
 
 NEW_PASSWORD = "n3w-proxy-pw"
 

@@ -14,17 +14,12 @@ from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from tests.ports import free_port
 from tests.support import Echo, blob, listen_tcp, run_curl, web_site
 from tests.test_e2e_tcp import socks_connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = ("-c", "from twisted.scripts.twistd import run; run()")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_generator():

@@ -22,9 +22,10 @@ from anyproxy.fleet.registry import RegistryUnavailable
 from anyproxy.gateway.port_forwarding.fleet_claims import (
     FleetPortClaims, Granted, Held, Unavailable, owner_from_token, owner_token)
 from tests.fleet_support import FleetDeployment, MemoryFleet
+from tests.ports import free_ports
 from tests.redis_server import RedisServer
 from tests.support import AnswerAfterEOF, Echo, listen_tcp
-from tests.test_e2e_forwarding import free_ports, open_port, sleep, tcp_exchange, tcp_refused, \
+from tests.test_e2e_forwarding import open_port, sleep, tcp_exchange, tcp_refused, \
     wait_until
 
 
@@ -250,7 +251,8 @@ class FleetForwardingTests(unittest.TestCase):
                                                   gateway_addr=addresses)
         answers = {factory.gateway: answer_for(factory, self.remote)
                    for factory in client.factories.values()}
-        self.assertEqual(sorted(answer["ok"] for answer in answers.values()), [False, True])
+        self.assertEqual(sorted(answer["ok"] for answer in answers.values()), [False, True],
+                         answers)
         holder = self.a if self.a.gateway.port_forwarding.forwards() else self.b
         standby = self.b if holder is self.a else self.a
         (refusal,) = [answer for answer in answers.values() if not answer["ok"]]

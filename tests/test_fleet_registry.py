@@ -19,7 +19,8 @@ from anyproxy.fleet.interfaces import IFleetRegistry, NodeRecord
 from anyproxy.fleet.registry import (
     FleetRegistryCollector, RedisFleetRegistry, RegistryUnavailable, default_advertise_addr,
     default_node_id, parse_redis_url, peer_dial_addr)
-from tests.redis_server import RedisServer, free_loopback_port
+from tests.ports import free_port
+from tests.redis_server import RedisServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -517,7 +518,7 @@ class SecretTests(unittest.TestCase):
             paths[name] = os.path.join(os.path.abspath(directory), name + ".pem")
             with open(paths[name], "wb") as f:
                 f.write(blob)
-        tls_port = free_loopback_port()
+        tls_port = free_port()
         redis = yield RedisServer.started(self, extra_args=[
             "--tls-port", str(tls_port), "--tls-cert-file", paths["cert"],
             "--tls-key-file", paths["key"], "--tls-ca-cert-file", paths["ca"],

@@ -23,9 +23,10 @@ from anyproxy.config.load import load_config
 from anyproxy.config.model import ClientConfig, OpenPortConfig
 from anyproxy.config.schema import yaml_keys
 from anyproxy.errors import ConfigError
+from tests.ports import free_port
 from tests.support import blob, listen_tcp, run_curl, web_site
 from tests.test_e2e_twistd import (
-    ROOT, TWISTD, ProcessWatcher, free_port, load_generator, port_open, wait_until)
+    ROOT, TWISTD, ProcessWatcher, load_generator, port_open, wait_until)
 
 GO_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "go_configs")
 RELATIVE = "relative paths are relative to the working directory, as the Go AnyProxy reads them"

@@ -9,7 +9,6 @@ clients that reach two "sites" (127.0.0.2 and 127.0.0.3).
 
 import ipaddress
 import os
-import socket
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,6 +30,7 @@ from anyproxy.routes import Routes, route_texts
 from anyproxy.gateway.status.api import tunnel_status
 from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
 from anyproxy.tunnel.endpoint import TunnelEndpoint
+from tests.ports import free_port
 from tests.support import (
     PROXY_PASSWORD, PROXY_USER, Deployment, Echo, StaticResolver, run_curl)
 from tests.test_config import CLIENT, ConfigTestMixin
@@ -472,24 +472,6 @@ class SiteEcho(Factory):
         return super().buildProtocol(addr)
 
 
-def free_port():
-    """A TCP port free on 127.0.0.2 and 127.0.0.3 both (the two sites listen on it)."""
-    for _ in range(50):
-        probe = socket.socket()
-        probe.bind(("127.0.0.2", 0))
-        port = probe.getsockname()[1]
-        probe.close()
-        other = socket.socket()
-        try:
-            other.bind(("127.0.0.3", port))
-            return port
-        except OSError:
-            continue
-        finally:
-            other.close()
-    raise RuntimeError("no port free on both site addresses")
-
-
 class TwoSitesTests(unittest.TestCase):
     """
     Two clients of one group with disjoint routes: site A reaches 127.0.0.2
@@ -503,7 +485,7 @@ class TwoSitesTests(unittest.TestCase):
     def setUp(self):
         self.deployment = deployment = Deployment(self)
         yield deployment.start_gateway()
-        self.port = free_port()
+        self.port = free_port(hosts=("127.0.0.2", "127.0.0.3"))
         self.sites = {}
         for site, address in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
             echo = self.sites[site] = SiteEcho()
