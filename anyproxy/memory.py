@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.test_memory -*-
 """
-Giving freed memory back to the system after a burst of handshakes.
+The process's memory: freed memory given back to the system after a burst
+of handshakes (L{ReleaseAfterBursts}), and the garbage collector kept off
+the objects of start-up (L{FreezeAfterStartup}).
 
 A TLS + WebSocket handshake allocates far more than the tunnel keeps; after
 thousands of clients reconnect at once (a gateway restart), glibc's
@@ -15,7 +17,9 @@ C{malloc_trim} (musl, macOS) it does nothing.
 
 import ctypes
 import ctypes.util
+import gc
 
+from twisted.application.service import Service
 from twisted.logger import Logger
 
 log = Logger()
@@ -80,3 +84,46 @@ class ReleaseAfterBursts:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+
+class FreezeAfterStartup(Service):
+    """
+    Once the program has started, move every object it holds into the
+    garbage collector's permanent generation (C{gc.freeze}), after one
+    collection.
+
+    Why: a full collection walks every tracked object of the process, and
+    the modules, classes and functions of start-up are most of them (about
+    70,000 in a gateway).  Streams promote their objects often enough that
+    full collections came every second or two under load, each 25-40 ms,
+    during which every stream in flight waited (the CONNECT benchmark's p99
+    was 45 ms against 15 ms without them).  Frozen objects are still freed
+    by reference counting; only a frozen object that later becomes part of
+    cyclic garbage (an old configuration's, after a reload) is never
+    collected, a bounded cost.
+    """
+
+    frozen = None  # how many objects were frozen, once done
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._call = None
+
+    def startService(self):
+        super().startService()
+        # On the reactor's first turn: after every service has started.
+        self._call = self._clock.callLater(0, self._freeze)
+
+    def stopService(self):
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _freeze(self):
+        self._call = None
+        gc.collect()
+        gc.freeze()
+        self.frozen = gc.get_freeze_count()
+        log.debug("{count} objects of start-up frozen (kept out of garbage collections)",
+                  count=self.frozen)

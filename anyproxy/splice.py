@@ -219,9 +219,15 @@ class SpliceEnd(Protocol):
         opening, self._target_opening = self._target_opening, None
         if opening is not None:
             opening.cancel()  # the user left while the target was opening
-        if self.other is not None and not self.other._lost:
-            self.other._release_producer()
-            self.other.transport.loseConnection()
+        other = self.other
+        if other is not None:
+            if not other._lost:
+                other._release_producer()
+                other.transport.loseConnection()
+            else:
+                # Both ends are gone: let go of each other, so that refcounting
+                # frees them (a cycle waits for the garbage collector).
+                self.other = other.other = None
         if self.on_close is not None:
             on_close, self.on_close = self.on_close, None
             on_close(self, reason)

@@ -119,11 +119,22 @@ class _ConnectAttempt(ClientFactory):
         self._connector = reactor.connectTCP(address, port, self, timeout=timeout)
 
     def buildProtocol(self, addr):
-        return self._end
+        # Connected: nothing left to cancel.  The connector refers to us and
+        # the end will refer to the connection: no path back from us.
+        self._connector = None
+        end, self._end = self._end, None
+        return end
 
     def clientConnectionFailed(self, connector, reason):
+        self._connector = None
         if not self.connected.called:
             self.connected.errback(reason)
+
+    def clientConnectionLost(self, connector, reason):
+        # The connector and its transport refer to each other; Twisted drops
+        # the link only when a connection fails.  Dropping it here too lets
+        # refcounting free both at once.
+        connector.transport = None
 
     def _cancel(self, _):
         connector, self._connector = self._connector, None

@@ -197,7 +197,11 @@ def bound_open(opening, timeout, clock):
     """Fail a pending stream open with TIMED_OUT after C{timeout} seconds."""
 
     def timed_out(failure):
-        failure.trap(defer.TimeoutError)
+        # check, not trap: trap raises the other failures again from this
+        # frame, which the failure's traceback then holds (a reference
+        # cycle, for every refused open).
+        if failure.check(defer.TimeoutError) is None:
+            return failure
         raise StreamOpenError(Reason.TIMED_OUT, "client did not answer in time")
 
     opening.addTimeout(timeout, clock)

@@ -552,8 +552,11 @@ class Stream:
             self._tell_lost()
 
     def _tell_lost(self):
+        # The protocol refers to us as its transport: let go of it, as
+        # Twisted's TCP transports do, so that no reference cycle is left.
         self._told_lost = True
-        self.protocol.connectionLost(failure.Failure(self._end_reason))
+        protocol, self.protocol = self.protocol, None
+        protocol.connectionLost(failure.Failure(self._end_reason))
 
     # -- a bandwidth cap (anyproxy.bandwidth) -----------------------------
 

@@ -16,6 +16,7 @@ from anyproxy.config.load import load_config
 from anyproxy.errors import ConfigError
 from anyproxy.tuning import tune_malloc
 from anyproxy.logs import LoggingRoot, apply_library_levels, make_observer
+from anyproxy.memory import FreezeAfterStartup
 
 log = Logger()
 
@@ -56,6 +57,9 @@ def logging_root(service, options):
                                          nodaemon=bool(twistd.get("nodaemon", True))))
     service.setServiceParent(root)
     add_reloader(root, service, options)
+    from twisted.internet import reactor
+
+    FreezeAfterStartup(reactor).setServiceParent(root)
     # Features a Go AnyProxy file asks for that are not started here.
     for line in warnings_for(config, options.role):
         log.warn("{line}", line=line)

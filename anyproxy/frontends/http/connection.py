@@ -166,7 +166,18 @@ class _Connection:
         self.their_state = ERROR
         self._keep_alive = False
         self._error = error
-        raise error
+        self._raise_error()
+
+    def _raise_error(self):
+        # A new exception each time: a raised one holds its traceback, whose
+        # frames hold this connection, so keeping a raised one here would be
+        # a reference cycle that only the garbage collector frees.
+        error = self._error
+        raise type(error)(str(error), error.error_status_hint)
+
+    def close(self):
+        """The connection is over: let go of the parser (it refers back to its reader)."""
+        self._reader.close()
 
 
 class ServerConnection(_Connection):
@@ -240,7 +251,7 @@ class ServerConnection(_Connection):
             call after the first).
         """
         if self.their_state is ERROR:
-            raise self._error
+            self._raise_error()
         events = self._reader.events
         if events:
             event = events[0]
@@ -414,7 +425,7 @@ class ClientConnection(_Connection):
         @raise RemoteProtocolError: the origin broke HTTP/1.1.
         """
         if self.their_state is ERROR:
-            raise self._error
+            self._raise_error()
         events = self._reader.events
         if events:
             event = events.popleft()

@@ -156,6 +156,7 @@ class UpstreamConnection(Protocol):
             self._pool.discard(self)
         else:
             self.exchange.upstream_lost()
+        self.client.close()
 
     def close(self):
         self.transport.loseConnection()

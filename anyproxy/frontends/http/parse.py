@@ -180,6 +180,14 @@ class _Reader:
         self._progress = False  # an event was produced in the current feed
         self.stopped = False
 
+    def close(self):
+        """
+        Stop parsing for good.  The parser holds this reader's callbacks, so
+        dropping it ends the reference cycle between them.
+        """
+        self.stopped = True
+        self._parser = None
+
     def feed(self, data):
         """Parse C{data}; returns the offset where an upgrade stopped parsing, or C{None}."""
         if self.stopped:

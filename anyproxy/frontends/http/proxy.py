@@ -167,6 +167,7 @@ class HttpProxyProtocol(Protocol):
 
     def connectionLost(self, reason):
         self._closed = self._closing = True
+        self._server.close()
         self.read_gate.closed = True
         self._cancel_timer()
         self._handshake_over()
