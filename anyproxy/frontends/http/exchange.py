@@ -136,11 +136,17 @@ class UpstreamConnection(Protocol):
     """
 
     exchange = None
+    client = None  # its http11.ClientConnection, once the stream is open
 
     def __init__(self, pool):
-        self.client = http11.ClientConnection(MAX_RESPONSE_HEAD_SIZE)
         self._pool = pool
         self.exchanges = 0  # how many exchanges used it (tests, logs)
+
+    def connectionMade(self):
+        # Made here, not in __init__: a stream that never opens (a refused
+        # target: a 502) then never has a parser, which refers back to its
+        # reader and would be a reference cycle left with no connectionLost.
+        self.client = http11.ClientConnection(MAX_RESPONSE_HEAD_SIZE)
 
     def dataReceived(self, data):
         if self.exchange is None:
@@ -156,7 +162,8 @@ class UpstreamConnection(Protocol):
             self._pool.discard(self)
         else:
             self.exchange.upstream_lost()
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
 
     def close(self):
         self.transport.loseConnection()

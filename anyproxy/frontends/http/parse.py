@@ -173,6 +173,8 @@ class _Reader:
         self._new_parser()
 
     def _new_parser(self):
+        if self._closed:
+            return
         self._parser = self._parser_class(self)
         self._in_head = False
         self._in_message = False
@@ -180,12 +182,14 @@ class _Reader:
         self._progress = False  # an event was produced in the current feed
         self.stopped = False
 
+    _closed = False
+
     def close(self):
         """
         Stop parsing for good.  The parser holds this reader's callbacks, so
         dropping it ends the reference cycle between them.
         """
-        self.stopped = True
+        self._closed = self.stopped = True
         self._parser = None
 
     def feed(self, data):
