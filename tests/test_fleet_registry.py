@@ -11,6 +11,7 @@ import trustme
 import txredisapi
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -457,6 +458,26 @@ class OutageTests(RegistryTestBase):
         yield sleep(0.3)
         self.assertEqual([n.node_id for n in a.nodes()], ["b"])
         self.assertNotIn(0, changes)
+
+    @defer.inlineCallbacks
+    def test_failed_connect_older_than_an_answer(self):
+        """
+        A connect that began before Redis last answered and fails after it
+        (HostnameEndpoint reports a refusal at its next attempt tick, 0.3 s
+        later) leaves the state alone; a newer failure still counts.
+        """
+        a = yield self.registry("a")
+        yield wait_until(lambda: a.healthy)
+        logs = LogCapture(self)
+        errors = a.redis_errors
+        refused = Failure(error.ConnectionRefusedError())
+        a._connect_failed(refused, a._last_ok - 0.2)
+        self.assertTrue(a.healthy)
+        self.assertEqual(logs.registry_lines("a"), [])
+        self.assertEqual(a.redis_errors, errors + 1)
+        a._connect_failed(refused, a._last_ok + 0.1)
+        self.assertFalse(a.healthy)
+        self.assertIn("unreachable", logs.registry_lines("a")[0])
 
     @defer.inlineCallbacks
     def test_start_without_redis(self):

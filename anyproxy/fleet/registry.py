@@ -420,17 +420,22 @@ class _EventsProtocol(txredisapi.SubscriberProtocol):
 
 
 class _RecordingEndpoint:
-    """Passes connects through, telling the registry why one failed."""
+    """
+    Passes connects through, telling the registry why one failed and when
+    that attempt began: C{failed(failure, began)}.
+    """
 
-    def __init__(self, endpoint, failed):
+    def __init__(self, endpoint, failed, clock):
         self._endpoint = endpoint
         self._failed = failed
+        self._clock = clock
 
     def connect(self, factory):
-        return self._endpoint.connect(factory).addErrback(self._report)
+        began = self._clock.seconds()
+        return self._endpoint.connect(factory).addErrback(self._report, began)
 
-    def _report(self, failure):
-        self._failed(failure)
+    def _report(self, failure, began):
+        self._failed(failure, began)
         return failure
 
 
@@ -520,7 +525,8 @@ class RedisFleetRegistry:
         """
         self._started = defer.Deferred()
         endpoint = _RecordingEndpoint(
-            redis_endpoint(self._reactor, self.target, self._timeout), self._connect_failed)
+            redis_endpoint(self._reactor, self.target, self._timeout), self._connect_failed,
+            self._reactor)
         backoff = backoffPolicy(initialDelay=min(1.0, self.heartbeat),
                                 maxDelay=max(1.0, 2 * self.heartbeat), factor=1.5)
 
@@ -622,7 +628,14 @@ class RedisFleetRegistry:
         if protocol is self._events:
             self._events = None
 
-    def _connect_failed(self, failure):
+    def _connect_failed(self, failure, began):
+        # An attempt that began before Redis last answered says nothing new:
+        # HostnameEndpoint reports a refusal only at its next attempt tick
+        # (0.3 s), by when the other connection may have come up and been
+        # answered.  Counting it would flap the state (down, then up again).
+        if self._last_ok is not None and began < self._last_ok:
+            self.redis_errors += 1
+            return
         if not self._stopping:
             self._failed(failure)
 
