@@ -29,10 +29,12 @@ from tests.support import (
     PROXY_PASSWORD, PROXY_USER, AnswerAfterEOF, Deployment, Echo, listen_tcp, web_site)
 from tests.test_e2e_tcp import recv_all, socks_connect, socks_echo
 from tests.test_e2e_udp import UdpEcho, exchange, listen_udp, udp_socket
+from tests.test_socks5 import unused_port
 
 ROUNDS = 3
-AUTHORIZATION = b"Proxy-Authorization: Basic " + base64.b64encode(
-    ("%s:%s" % (PROXY_USER, PROXY_PASSWORD)).encode())
+PROXY_CREDENTIALS = "Basic " + base64.b64encode(
+    ("%s:%s" % (PROXY_USER, PROXY_PASSWORD)).encode()).decode()
+AUTHORIZATION = b"Proxy-Authorization: " + PROXY_CREDENTIALS.encode()
 
 
 def _ours(obj):
@@ -73,10 +75,10 @@ def _cycle_through(start, garbage):
         for obj in frontier:
             for referent in gc.get_referents(obj):
                 if referent is start:
-                    path = [obj]
+                    path = [obj]  # back to start through came_from, then reversed
                     while came_from[id(path[-1])] is not None:
                         path.append(came_from[id(path[-1])])
-                    return [start] + path[::-1][1:] + [start] if len(path) > 1 else [start, start]
+                    return path[::-1] + [start]
                 if id(referent) in members and id(referent) not in came_from:
                     came_from[id(referent)] = obj
                     following.append(referent)
@@ -112,7 +114,7 @@ def http_get(http_port, web_port, close):
     """A GET forwarded to an origin; the user closes its connection after the answer."""
     connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
     try:
-        headers = {"Proxy-Authorization": AUTHORIZATION.split(b": ", 1)[1].decode()}
+        headers = {"Proxy-Authorization": PROXY_CREDENTIALS}
         if close:
             headers["Connection"] = "close"
         connection.request("GET", "http://127.0.0.1:%d/" % (web_port,), headers=headers)
@@ -127,19 +129,12 @@ def http_get_refused(http_port, closed_port):
     connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
     try:
         connection.request("GET", "http://127.0.0.1:%d/" % (closed_port,), headers={
-            "Proxy-Authorization": AUTHORIZATION.split(b": ", 1)[1].decode()})
+            "Proxy-Authorization": PROXY_CREDENTIALS})
         response = connection.getresponse()
         response.read()
         assert response.status == 502, response.status
     finally:
         connection.close()
-
-
-def closed_port():
-    """A loopback port nobody listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def socks_refused(socks_port, closed_port):
@@ -238,10 +233,10 @@ class FinishedStreamsTests(unittest.TestCase):
                                      self.echo_port, b"through socks")
 
     def test_http_forward_refused(self):
-        return self.assert_no_cycles(http_get_refused, self.deployment.http_port, closed_port())
+        return self.assert_no_cycles(http_get_refused, self.deployment.http_port, unused_port())
 
     def test_socks5_refused(self):
-        return self.assert_no_cycles(socks_refused, self.deployment.socks_port, closed_port())
+        return self.assert_no_cycles(socks_refused, self.deployment.socks_port, unused_port())
 
     def test_socks5_udp(self):
         return self.assert_no_cycles(udp_echo, self.deployment.socks_port, self.udp_echo_port)

@@ -166,6 +166,7 @@ class _Reader:
     """
 
     _parser_class = None
+    _closed = False  # see close
 
     def __init__(self, max_head_size):
         self._max_head_size = max_head_size
@@ -181,8 +182,6 @@ class _Reader:
         self._stalled = 0  # bytes fed since the message last produced an event
         self._progress = False  # an event was produced in the current feed
         self.stopped = False
-
-    _closed = False
 
     def close(self):
         """
