@@ -7,17 +7,19 @@ C{wrapClientTLS}); and the Twisted internals the module relies on.
 
 import tempfile
 
-from twisted.internet import defer, reactor
+from OpenSSL import SSL
+from twisted.internet import defer, error, reactor
+from twisted.internet.task import deferLater
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial import unittest
 
 from anyproxy.tls import client_tls_options, server_tls_options
-from OpenSSL._util import lib as _lib
+from OpenSSL._util import ffi as _ffi, lib as _lib
 
 from anyproxy.tunnel.tls_transport import (
-    release_buffers, send_ciphertext_at_once, tls_layers, write_alone)
+    batch_records, release_buffers, send_ciphertext_at_once, tls_layers, write_alone)
 from tests.support import TestPKI
 
 
@@ -29,9 +31,13 @@ class Collect(Protocol):
         self.size = 0
         self._waiting = []
         self.connected_d = defer.Deferred()
+        self.lost_d = defer.Deferred()
 
     def connectionMade(self):
         self.connected_d.callback(self)
+
+    def connectionLost(self, reason):
+        self.lost_d.callback([reason])  # a Failure as the result would be an error
 
     def dataReceived(self, data):
         self.received.append(data)
@@ -148,6 +154,119 @@ class TLSWritesTests(ConnectedPair, unittest.TestCase):
         write_alone(self.client.transport, b"second")
         self.assertEqual(self.client.transport._aggregator._buffer, [b"first,", b"second"])
         return self.server.got(12).addCallback(self.assertEqual, b"first,second")
+
+
+class BatchRecordsTests(ConnectedPair, unittest.TestCase):
+    """
+    batch_records: records encrypted and decrypted in batches, bytes whole and
+    in order both ways, and the TLS layer's own handling of what is not data
+    (a close_notify, a forged record) unchanged.
+    """
+
+    def test_internals(self):
+        for end in (self.server, self.client):
+            for name in ("_write", "_flushSendBIO", "_flushReceiveBIO", "_handshakeDone",
+                         "_lostTLSConnection", "_aborted", "_tlsConnection"):
+                self.assertTrue(hasattr(end.transport, name), name)
+        for name in ("SSL_read", "SSL_write", "SSL_get_error", "SSL_ERROR_WANT_READ",
+                     "BIO_get_mem_data", "BIO_read"):
+            self.assertTrue(hasattr(_lib, name), name)
+
+    def test_not_tls(self):
+        from twisted.internet.testing import StringTransport
+        self.assertFalse(batch_records(StringTransport()))
+
+    def _batch_both(self):
+        for end in (self.server, self.client):
+            self.assertTrue(send_ciphertext_at_once(end.transport))
+            self.assertTrue(batch_records(end.transport))
+
+    @defer.inlineCallbacks
+    def test_in_order_and_whole_both_ways(self):
+        """Small writes, 8 MiB while the reader is paused, then small writes again:
+        all of it arrives, in order, both ways."""
+        self._batch_both()
+        for sender, receiver in ((self.client, self.server), (self.server, self.client)):
+            receiver.transport.pauseProducing()
+            pieces = [b"a%d," % i for i in range(50)]
+            pieces.append(bytes(range(256)) * (8 * 4096))
+            pieces.extend(b"z%d," % i for i in range(50))
+            for piece in pieces:
+                sender.transport.write(piece)
+            yield defer.succeed(None)
+            reactor.callLater(0.2, receiver.transport.resumeProducing)
+            got = yield receiver.got(sum(map(len, pieces)))
+            self.assertEqual(got, b"".join(pieces))
+            del receiver.received[:]
+            receiver.size = 0
+
+    @defer.inlineCallbacks
+    def test_records_of_a_read_delivered_once(self):
+        """256 KiB written while the reader is paused is 16 records; the reader gets
+        them in a few deliveries (one a TCP read), not one per record."""
+        self._batch_both()
+        self.server.transport.pauseProducing()
+        big = bytes(range(256)) * 1024
+        self.client.transport.write(big)
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.server.transport.resumeProducing()
+        self.assertEqual((yield self.server.got(len(big))), big)
+        self.assertLess(len(self.server.received), len(big) // (16 * 1024) // 2,
+                        [len(piece) for piece in self.server.received])
+
+    @defer.inlineCallbacks
+    def test_write_sends_each_step_at_once(self):
+        """A large write leaves nothing in the TLS layer: its ciphertext is in the
+        socket or the TCP transport's buffer when the write returns."""
+        self._batch_both()
+        tls, tcp = tls_layers(self.client.transport)
+        yield self.server.got(0)
+        tls._write(bytes(300 * 1024))
+        self.assertEqual(_lib.BIO_get_mem_data(tls._tlsConnection._from_ssl,
+                                               _ffi.new("char **")), 0)
+        yield self.server.got(300 * 1024)
+
+    @defer.inlineCallbacks
+    def test_close_notify_is_a_clean_close(self):
+        """Data then the peer's close_notify: the data arrives whole and the
+        connection ends cleanly (Twisted's handling of the closing alert)."""
+        self._batch_both()
+        self.client.transport.write(b"last words" * 1000)
+        self.client.transport.loseConnection()
+        [reason] = yield self.server.lost_d
+        self.assertEqual(b"".join(self.server.received), b"last words" * 1000)
+        self.assertTrue(reason.check(error.ConnectionDone), reason)
+
+    @defer.inlineCallbacks
+    def test_forged_record_fails_the_connection(self):
+        """A record that does not decrypt (garbage in the application-data
+        framing): data before it is delivered, then the connection is lost
+        with OpenSSL's error; nothing is raised into the reactor."""
+        self._batch_both()
+        self.client.transport.write(b"before")
+        yield self.server.got(6)
+        self.server.transport.dataReceived(b"\x17\x03\x03\x00\x40" + bytes(range(64)))
+        [reason] = yield self.server.lost_d
+        self.assertTrue(reason.check(SSL.Error), reason)
+        self.assertEqual(b"".join(self.server.received), b"before")
+
+    @defer.inlineCallbacks
+    def test_released_buffers_still_used(self):
+        """After release_buffers replaced the BIOs, batched reads and writes use the new
+        ones."""
+        self._batch_both()
+        big = bytes(range(256)) * 1024
+        for sender, receiver in ((self.client, self.server), (self.server, self.client)):
+            sender.transport.write(big)
+            self.assertEqual((yield receiver.got(len(big))), big)
+            del receiver.received[:]
+            receiver.size = 0
+            self.assertTrue(release_buffers(sender.transport))
+            self.assertTrue(release_buffers(receiver.transport))
+            sender.transport.write(big)
+            self.assertEqual((yield receiver.got(len(big))), big)
+            del receiver.received[:]
+            receiver.size = 0
 
 
 class ReleaseBuffersTests(ConnectedPair, unittest.TestCase):

@@ -29,18 +29,37 @@ or the first frames of a new stream, that is most of the work.
     any bytes still in the old ones moved over first (the binding does it
     after bulk data only: L{anyproxy.tunnel.websocket}).
 
+  - L{batch_records}: Twisted's TLS layer moves bulk data a TLS record
+    (16 KiB) at a time through pyOpenSSL's Python wrappers: for each record
+    it slices a copy of the plaintext, encrypts it, reads the ciphertext out
+    into a new buffer and writes it to the socket (a send per record), and
+    on the way in decrypts one record per call and hands each up through
+    every protocol layer above.  On a gateway relaying a fleet stream (one
+    connection's records in, another's out) that was about two thirds of
+    its CPU; the encryption itself is a tenth (measured, perf).  Here a
+    write is encrypted from a view of the caller's bytes in 64 KiB steps,
+    each step's ciphertext leaving in one socket send, and a read decrypts
+    every whole record in the receive BIO into one buffer, handed up once.
+    Anything but success or "wants more bytes" (a fatal alert, the peer's
+    close_notify) is left to Twisted's own methods, which meet the same
+    answer from OpenSSL and handle it as before.
+
 Twisted and pyOpenSSL internals relied on, checked by
 tests/test_tls_transport.py: the TLS protocol's C{_aggregator} and its
 C{_buffer}, C{TLSMemoryBIOProtocol.write} (the write without the
 gathering) and C{_tlsConnection}; the TCP transport's C{socket},
 C{connected}, C{disconnecting}, C{_writeDisconnected}, C{dataBuffer} and
-C{_tempDataLen}; pyOpenSSL's C{Connection._ssl}, C{_into_ssl} and
+C{_tempDataLen}; the TLS protocol's C{_write}, C{_flushSendBIO},
+C{_flushReceiveBIO}, C{_handshakeDone}, C{_lostTLSConnection} and
+C{_aborted}; pyOpenSSL's C{Connection._ssl}, C{_into_ssl} and
 C{_from_ssl} and its binding's C{BIO_new}, C{BIO_s_mem}, C{BIO_read},
-C{BIO_write} and C{SSL_set_bio}.  Where one is missing, the functions
-change nothing.
+C{BIO_write}, C{SSL_set_bio}, C{SSL_read}, C{SSL_write},
+C{SSL_get_error} and C{BIO_get_mem_data}.  Where one is missing, the
+functions change nothing.
 """
 
 from OpenSSL._util import ffi as _ffi, lib as _lib
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from anyproxy.tuning import nothing_buffered, send_then_buffer
@@ -146,4 +165,131 @@ def release_buffers(transport):
     # The SSL object owns its BIOs: SSL_set_bio frees the old pair.
     _lib.SSL_set_bio(ssl, new_in, new_out)
     connection._into_ssl, connection._from_ssl = new_in, new_out
+    return True
+
+
+# Plaintext encrypted per step of a write: its ciphertext is one socket send.
+# Larger steps save sends but grow the send BIO (kept per connection until
+# release_buffers) to that size.
+WRITE_STEP = 64 * 1024
+# Plaintext gathered per delivery upward: more than a TCP read holds
+# (anyproxy/tuning.py), so a read is one delivery.
+_READ_BUFFER = 512 * 1024
+
+_TLS_INTERNALS = ("_write", "_flushSendBIO", "_flushReceiveBIO", "_handshakeDone",
+                  "_lostTLSConnection", "_aborted", "_tlsConnection")
+_BINDING = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_ERROR_WANT_READ",
+            "BIO_get_mem_data", "BIO_read")
+
+
+class _Scratch:
+    """
+    The process's buffers for decrypted and encrypted bytes.  Their contents
+    are copied out before anything else runs, so one pair serves every
+    connection.
+    """
+
+    plaintext = None
+    ciphertext = None
+    pending = None
+
+    @classmethod
+    def get(cls):
+        if cls.plaintext is None:
+            cls.plaintext = _ffi.new("char[]", _READ_BUFFER)
+            cls.ciphertext = _ffi.new("char[]", 2 * WRITE_STEP)
+            cls.pending = _ffi.new("char **")
+        return cls
+
+
+def batch_records(transport):
+    """
+    Make the TLS layer under C{transport} encrypt and decrypt in batches of
+    records (see the module docstring).  Call it once the TLS handshake is
+    done, or any time before: until then Twisted's methods run.
+
+    @return: whether it was installed.
+    """
+    layers = tls_layers(transport)
+    if layers is None:
+        return False
+    tls = layers[0]
+    connection = getattr(tls, "_tlsConnection", None)
+    ssl = getattr(connection, "_ssl", None)
+    if (ssl is None or not all(hasattr(tls, name) for name in _TLS_INTERNALS)
+            or not all(hasattr(_lib, name) for name in _BINDING)
+            or not hasattr(connection, "_from_ssl")):
+        return False
+    scratch = _Scratch.get()
+    twisted_write, twisted_flush_receive = tls._write, tls._flushReceiveBIO
+    want_read = _lib.SSL_ERROR_WANT_READ
+    ssl_write, ssl_read, bio_read = _lib.SSL_write, _lib.SSL_read, _lib.BIO_read
+    get_error = _lib.SSL_get_error
+    get_mem_data, ffi_buffer, from_buffer = _lib.BIO_get_mem_data, _ffi.buffer, _ffi.from_buffer
+
+    def flush_send():
+        # All the ciphertext waiting, in one write to the TCP transport.
+        out = connection._from_ssl  # release_buffers may have replaced it
+        pending = get_mem_data(out, scratch.pending)
+        if pending <= 0:
+            return
+        buffer = scratch.ciphertext
+        if pending > len(buffer):
+            buffer = _ffi.new("char[]", pending)
+        count = bio_read(out, buffer, pending)
+        if count > 0:
+            tls.transport.write(ffi_buffer(buffer, count)[:])
+
+    def write(data):
+        if tls._lostTLSConnection or not tls._handshakeDone:
+            twisted_write(data)
+            return
+        size = len(data)
+        done = 0
+        with from_buffer(data) as start:
+            while done < size:
+                step = min(size - done, WRITE_STEP)
+                stop = done + step
+                while done < stop:
+                    written = ssl_write(ssl, start + done, stop - done)
+                    if written <= 0:
+                        break
+                    done += written
+                flush_send()
+                if done < stop:
+                    break
+        if done < size:
+            # Not written: OpenSSL wants a read first, or failed.  Twisted's
+            # own write meets the same answer and buffers or closes.
+            twisted_write(data[done:])
+
+    def flush_receive():
+        buffer, size = scratch.plaintext, _READ_BUFFER
+        filled = 0
+        wants_bytes = True
+        while not tls._lostTLSConnection:
+            count = ssl_read(ssl, buffer + filled, size - filled)
+            if count <= 0:
+                # Asked at once: OpenSSL's answer depends on this thread's
+                # error queue, which the layers above may use.
+                wants_bytes = get_error(ssl, count) == want_read
+                break
+            filled += count
+            if filled == size:
+                ProtocolWrapper.dataReceived(tls, ffi_buffer(buffer, filled)[:])
+                filled = 0
+                if tls._aborted:
+                    return
+        if filled and not tls._aborted:
+            ProtocolWrapper.dataReceived(tls, ffi_buffer(buffer, filled)[:])
+        if not wants_bytes and not tls._lostTLSConnection:
+            # The peer's close_notify, or a fatal error: Twisted's handling.
+            twisted_flush_receive()
+            return
+        # The records may have asked for an answer (a key update).
+        flush_send()
+
+    tls._write = write
+    tls._flushSendBIO = flush_send
+    tls._flushReceiveBIO = flush_receive
     return True

@@ -23,7 +23,8 @@ from anyproxy.tls import openssl_reason
 from anyproxy.tuning import tune_for_bulk, set_no_delay
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.frame_reader import BinaryFrameReader, FrameTooLarge
-from anyproxy.tunnel.tls_transport import release_buffers, send_ciphertext_at_once, write_alone
+from anyproxy.tunnel.tls_transport import (
+    batch_records, release_buffers, send_ciphertext_at_once, write_alone)
 from anyproxy.tunnel.mux import Mux
 
 # Module level, not a class attribute: Autobahn's protocols log through their
@@ -372,6 +373,7 @@ class _TunnelProtocol:
         self.mux.lowest_transport = lowest
         self._frame_reader = BinaryFrameReader(MAX_MESSAGE)
         send_ciphertext_at_once(self.transport)
+        batch_records(self.transport)
         self.mux.on_resume = self._answer_held_ping
         tune_for_bulk(lowest)
         # Small frames (OPEN, CREDIT, FIN) must not wait for Nagle + delayed
