@@ -176,6 +176,21 @@ class BatchRecordsTests(ConnectedPair, unittest.TestCase):
         from twisted.internet.testing import StringTransport
         self.assertFalse(batch_records(StringTransport()))
 
+    def test_nothing_per_connection(self):
+        """The TLS protocol's class is swapped for a batched subclass, made once per
+        class; nothing is added to the connection itself, and twice is once."""
+        tls = self.server.transport
+        original, attributes = type(tls), set(vars(tls))
+        self.assertTrue(batch_records(tls))
+        batched = type(tls)
+        self.assertTrue(issubclass(batched, original))
+        self.assertTrue(batch_records(tls))
+        self.assertIs(type(tls), batched)
+        self.assertEqual(set(vars(tls)), attributes)
+        if type(self.client.transport) is original:
+            batch_records(self.client.transport)
+            self.assertIs(type(self.client.transport), batched)
+
     def _batch_both(self):
         for end in (self.server, self.client):
             self.assertTrue(send_ciphertext_at_once(end.transport))

@@ -195,11 +195,87 @@ class _Scratch:
 
     @classmethod
     def get(cls):
+        """Allocate the buffers, once."""
         if cls.plaintext is None:
             cls.plaintext = _ffi.new("char[]", _READ_BUFFER)
             cls.ciphertext = _ffi.new("char[]", 2 * WRITE_STEP)
             cls.pending = _ffi.new("char **")
         return cls
+
+
+class _BatchedRecords:
+    """
+    The methods L{batch_records} gives a connection's TLS protocol in place
+    of C{TLSMemoryBIOProtocol}'s.  Until the handshake is done, and for
+    whatever OpenSSL answers other than data or "wants more bytes", they
+    call Twisted's own.
+    """
+
+    def _write(self, data):
+        if self._lostTLSConnection or not self._handshakeDone:
+            super()._write(data)
+            return
+        ssl = self._tlsConnection._ssl
+        size = len(data)
+        done = 0
+        with _ffi.from_buffer(data) as start:
+            while done < size:
+                stop = min(size, done + WRITE_STEP)
+                while done < stop:
+                    written = _lib.SSL_write(ssl, start + done, stop - done)
+                    if written <= 0:
+                        break
+                    done += written
+                self._flushSendBIO()
+                if done < stop:
+                    break
+        if done < size:
+            # OpenSSL wants a read first, or failed: Twisted's write meets
+            # the same answer and buffers the rest or closes.
+            super()._write(data[done:])
+
+    def _flushSendBIO(self):
+        # All the ciphertext waiting, in one write to the TCP transport.
+        out = self._tlsConnection._from_ssl  # release_buffers may replace it
+        pending = _lib.BIO_get_mem_data(out, _Scratch.pending)
+        if pending <= 0:
+            return
+        buffer = _Scratch.ciphertext
+        if pending > len(buffer):
+            buffer = _ffi.new("char[]", pending)
+        count = _lib.BIO_read(out, buffer, pending)
+        if count > 0:
+            self.transport.write(_ffi.buffer(buffer, count)[:])
+
+    def _flushReceiveBIO(self):
+        ssl = self._tlsConnection._ssl
+        buffer, size = _Scratch.plaintext, _READ_BUFFER
+        filled = 0
+        wants_bytes = True
+        while not self._lostTLSConnection:
+            count = _lib.SSL_read(ssl, buffer + filled, size - filled)
+            if count <= 0:
+                # Asked at once: the answer depends on this thread's error
+                # queue, which the layers above may use.
+                wants_bytes = _lib.SSL_get_error(ssl, count) == _lib.SSL_ERROR_WANT_READ
+                break
+            filled += count
+            if filled == size:
+                ProtocolWrapper.dataReceived(self, _ffi.buffer(buffer, filled)[:])
+                filled = 0
+                if self._aborted:
+                    return
+        if filled and not self._aborted:
+            ProtocolWrapper.dataReceived(self, _ffi.buffer(buffer, filled)[:])
+        if not wants_bytes and not self._lostTLSConnection:
+            # The peer's close_notify, or a fatal error: Twisted's handling.
+            super()._flushReceiveBIO()
+            return
+        # The records may have asked for an answer (a key update).
+        self._flushSendBIO()
+
+
+_batched_classes = {}
 
 
 def batch_records(transport):
@@ -208,6 +284,10 @@ def batch_records(transport):
     records (see the module docstring).  Call it once the TLS handshake is
     done, or any time before: until then Twisted's methods run.
 
+    The connection's TLS protocol becomes an instance of a subclass of its
+    class with L{_BatchedRecords}' methods, made once per class: nothing is
+    added per connection (a gateway holds thousands of tunnels).
+
     @return: whether it was installed.
     """
     layers = tls_layers(transport)
@@ -215,81 +295,16 @@ def batch_records(transport):
         return False
     tls = layers[0]
     connection = getattr(tls, "_tlsConnection", None)
-    ssl = getattr(connection, "_ssl", None)
-    if (ssl is None or not all(hasattr(tls, name) for name in _TLS_INTERNALS)
-            or not all(hasattr(_lib, name) for name in _BINDING)
-            or not hasattr(connection, "_from_ssl")):
+    if (getattr(connection, "_ssl", None) is None or not hasattr(connection, "_from_ssl")
+            or not all(hasattr(tls, name) for name in _TLS_INTERNALS)
+            or not all(hasattr(_lib, name) for name in _BINDING)):
         return False
-    scratch = _Scratch.get()
-    twisted_write, twisted_flush_receive = tls._write, tls._flushReceiveBIO
-    want_read = _lib.SSL_ERROR_WANT_READ
-    ssl_write, ssl_read, bio_read = _lib.SSL_write, _lib.SSL_read, _lib.BIO_read
-    get_error = _lib.SSL_get_error
-    get_mem_data, ffi_buffer, from_buffer = _lib.BIO_get_mem_data, _ffi.buffer, _ffi.from_buffer
-
-    def flush_send():
-        # All the ciphertext waiting, in one write to the TCP transport.
-        out = connection._from_ssl  # release_buffers may have replaced it
-        pending = get_mem_data(out, scratch.pending)
-        if pending <= 0:
-            return
-        buffer = scratch.ciphertext
-        if pending > len(buffer):
-            buffer = _ffi.new("char[]", pending)
-        count = bio_read(out, buffer, pending)
-        if count > 0:
-            tls.transport.write(ffi_buffer(buffer, count)[:])
-
-    def write(data):
-        if tls._lostTLSConnection or not tls._handshakeDone:
-            twisted_write(data)
-            return
-        size = len(data)
-        done = 0
-        with from_buffer(data) as start:
-            while done < size:
-                step = min(size - done, WRITE_STEP)
-                stop = done + step
-                while done < stop:
-                    written = ssl_write(ssl, start + done, stop - done)
-                    if written <= 0:
-                        break
-                    done += written
-                flush_send()
-                if done < stop:
-                    break
-        if done < size:
-            # Not written: OpenSSL wants a read first, or failed.  Twisted's
-            # own write meets the same answer and buffers or closes.
-            twisted_write(data[done:])
-
-    def flush_receive():
-        buffer, size = scratch.plaintext, _READ_BUFFER
-        filled = 0
-        wants_bytes = True
-        while not tls._lostTLSConnection:
-            count = ssl_read(ssl, buffer + filled, size - filled)
-            if count <= 0:
-                # Asked at once: OpenSSL's answer depends on this thread's
-                # error queue, which the layers above may use.
-                wants_bytes = get_error(ssl, count) == want_read
-                break
-            filled += count
-            if filled == size:
-                ProtocolWrapper.dataReceived(tls, ffi_buffer(buffer, filled)[:])
-                filled = 0
-                if tls._aborted:
-                    return
-        if filled and not tls._aborted:
-            ProtocolWrapper.dataReceived(tls, ffi_buffer(buffer, filled)[:])
-        if not wants_bytes and not tls._lostTLSConnection:
-            # The peer's close_notify, or a fatal error: Twisted's handling.
-            twisted_flush_receive()
-            return
-        # The records may have asked for an answer (a key update).
-        flush_send()
-
-    tls._write = write
-    tls._flushSendBIO = flush_send
-    tls._flushReceiveBIO = flush_receive
+    cls = type(tls)
+    if not issubclass(cls, _BatchedRecords):
+        batched = _batched_classes.get(cls)
+        if batched is None:
+            batched = type("Batched" + cls.__name__, (_BatchedRecords, cls), {})
+            _batched_classes[cls] = batched
+        tls.__class__ = batched
+    _Scratch.get()
     return True
