@@ -8,7 +8,8 @@ Autobahn's general frame parser costs about 10 us per frame in Python (state
 machine, masker, per-frame handlers), which was a tenth of a new stream's CPU
 and most of a small datagram's.  L{BinaryFrameReader} reads these frames
 without it: bytes in, whole messages out (as the list of their pieces, which
-the mux joins once).  It is sans-I/O and knows nothing of Autobahn.
+the mux joins once; a piece cut from a larger read is a memoryview of it, so
+the payload is copied only by that join).  It is sans-I/O and knows nothing of Autobahn.
 
 Any other frame (ping, pong, close, masked, fragmented, reserved bits) stops
 it: L{BinaryFrameReader.feed} returns the bytes from that frame on, which the
@@ -62,6 +63,7 @@ class BinaryFrameReader:
         @raise FrameTooLarge: a frame header announced more than
             C{max_payload} bytes.
         """
+        view = memoryview(data)
         if self._parts is not None:
             missing = self._missing
             if len(data) < missing:
@@ -69,12 +71,13 @@ class BinaryFrameReader:
                 self._missing = missing - len(data)
                 return None
             parts, self._parts = self._parts, None
-            parts.append(data[:missing] if len(data) > missing else data)
+            parts.append(view[:missing] if len(data) > missing else data)
             offset = missing
             if deliver(parts):
                 return data[offset:]
         elif self._header:
             data = self._header + data
+            view = memoryview(data)
             self._header = b""
             offset = 0
         else:
@@ -109,10 +112,10 @@ class BinaryFrameReader:
             stop = start + length
             if stop <= end:
                 offset = stop
-                if deliver([data[start:stop]]):
+                if deliver([view[start:stop]]):
                     return data[offset:]
             else:
-                self._parts = [data[start:]]
+                self._parts = [view[start:]]
                 self._missing = stop - end
                 return None
         return None

@@ -459,25 +459,26 @@ class Mux:
 
     def message_parts_received(self, parts):
         """
-        Handle one WebSocket message that arrived as several byte strings.
+        Handle one WebSocket message that arrived as several byte strings
+        (bytes or memoryviews: L{anyproxy.tunnel.frame_reader}).
 
         The bulk path: a DATA payload is joined once, without its header,
         instead of joining the message and then slicing the header off.
         """
         first = parts[0] if parts else b""
         if first[:1] == _T_DATAGRAM:
-            self._datagram_message(first if len(parts) == 1 else b"".join(parts))
+            self._datagram_message(b"".join(parts))
             return
         if first[:1] == _T_DATAGRAMS:
-            self._datagrams_message(first if len(parts) == 1 else b"".join(parts))
+            self._datagrams_message(b"".join(parts))
             return
-        if len(parts) < 2 or len(first) < frames.HEADER_SIZE or first[0] != frames.T_DATA:
+        if len(first) < frames.HEADER_SIZE or first[0] != frames.T_DATA:
             self.message_received(b"".join(parts))
             return
         _, stream_id = frames.HEADER.unpack_from(first)
         payload = b"".join([first[frames.HEADER_SIZE:]] + parts[1:])
         if not payload:
-            self.message_received(first)  # an empty DATA: decode reports it
+            self.message_received(bytes(first))  # an empty DATA: decode reports it
             return
         try:
             self._dispatch(frames.Data(stream_id, payload))
