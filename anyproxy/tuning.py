@@ -152,4 +152,5 @@ def send_then_buffer(sock, data, buffered_write):
     except OSError:
         sent = 0
     if sent < len(data):
-        buffered_write(data[sent:] if sent else data)
+        # Slicing copies a cffi buffer into bytes; bytes[:] is bytes itself.
+        buffered_write(data[sent:])

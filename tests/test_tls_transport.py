@@ -242,6 +242,22 @@ class BatchRecordsTests(ConnectedPair, unittest.TestCase):
         yield self.server.got(300 * 1024)
 
     @defer.inlineCallbacks
+    def test_write_joined(self):
+        """A header and a payload written apart arrive as one run of bytes; behind a
+        small write of this turn (waiting in Twisted's aggregator) they keep their
+        place."""
+        self._batch_both()
+        tls = self.client.transport
+        body = bytes(range(256)) * 400
+        tls.write_joined(b"head1", body)
+        self.assertEqual(tls._aggregator._buffer, [])
+        tls.write(b"small")
+        tls.write_joined(b"head2", body)
+        self.assertEqual(tls._aggregator._buffer, [b"small", b"head2" + body])
+        expected = b"head1" + body + b"small" + b"head2" + body
+        self.assertEqual((yield self.server.got(len(expected))), expected)
+
+    @defer.inlineCallbacks
     def test_close_notify_is_a_clean_close(self):
         """Data then the peer's close_notify: the data arrives whole and the
         connection ends cleanly (Twisted's handling of the closing alert)."""

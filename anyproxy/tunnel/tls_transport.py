@@ -97,11 +97,14 @@ def send_ciphertext_at_once(transport):
             return False
 
     def write(data):
+        # data: bytes, or a cffi buffer that is reused once this returns
+        # (takes_views): only what must wait is copied, by slicing it.
         if data and nothing_buffered(tcp):
             send_then_buffer(tcp.socket, data, buffered_write)
             return
-        buffered_write(data)
+        buffered_write(data[:])
 
+    write.takes_views = True
     # The TLS protocol writes its records to its transport's write: the
     # instance attribute takes its place for this connection only.
     tcp.write = write
@@ -212,30 +215,52 @@ class _BatchedRecords:
     """
 
     def _write(self, data):
+        self._write_parts((data,))
+
+    def write_joined(self, head, body):
+        """
+        Write C{head + body} (a frame's header and its payload) without
+        joining them, unless writes of this turn wait in Twisted's
+        aggregator: then joined behind them, in order.
+        """
+        if getattr(getattr(self, "_aggregator", None), "_buffer", True):
+            self.write(b"".join((head, body)))
+        elif not self.disconnecting or self._producer is not None:
+            self._write_parts((head, body))
+
+    def _write_parts(self, parts):
         if self._lostTLSConnection or not self._handshakeDone:
-            super()._write(data)
+            super()._write(b"".join(parts))
             return
         ssl = self._tlsConnection._ssl
-        size = len(data)
-        done = 0
-        with _ffi.from_buffer(data) as start:
-            while done < size:
-                stop = min(size, done + WRITE_STEP)
-                while done < stop:
-                    written = _lib.SSL_write(ssl, start + done, stop - done)
-                    if written <= 0:
+        for index, data in enumerate(parts):
+            size = len(data)
+            done = 0
+            with _ffi.from_buffer(data) as start:
+                while done < size:
+                    stop = min(size, done + WRITE_STEP)
+                    whole_step = stop - done == WRITE_STEP
+                    while done < stop:
+                        written = _lib.SSL_write(ssl, start + done, stop - done)
+                        if written <= 0:
+                            break
+                        done += written
+                    if done < stop:
                         break
-                    done += written
+                    if whole_step:
+                        self._flushSendBIO()  # its own send; a short head waits for the body
+            if done < size:
+                # OpenSSL wants a read first, or failed: Twisted's write
+                # meets the same answer and buffers the rest or closes.
                 self._flushSendBIO()
-                if done < stop:
-                    break
-        if done < size:
-            # OpenSSL wants a read first, or failed: Twisted's write meets
-            # the same answer and buffers the rest or closes.
-            super()._write(data[done:])
+                super()._write(b"".join([data[done:]] + list(parts[index + 1:])))
+                return
+        self._flushSendBIO()
 
     def _flushSendBIO(self):
-        # All the ciphertext waiting, in one write to the TCP transport.
+        # All the ciphertext waiting, in one write to the TCP transport:
+        # from the scratch buffer itself when that write copies only what
+        # it cannot send at once (send_ciphertext_at_once).
         out = self._tlsConnection._from_ssl  # release_buffers may replace it
         pending = _lib.BIO_get_mem_data(out, _Scratch.pending)
         if pending <= 0:
@@ -245,7 +270,9 @@ class _BatchedRecords:
             buffer = _ffi.new("char[]", pending)
         count = _lib.BIO_read(out, buffer, pending)
         if count > 0:
-            self.transport.write(_ffi.buffer(buffer, count)[:])
+            write = self.transport.write
+            ciphertext = _ffi.buffer(buffer, count)
+            write(ciphertext if getattr(write, "takes_views", False) else ciphertext[:])
 
     def _flushReceiveBIO(self):
         ssl = self._tlsConnection._ssl

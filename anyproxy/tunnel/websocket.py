@@ -78,6 +78,10 @@ log = Logger()
 #                       idle tunnel's empty ping is answered here, without
 #                       the frame parser, only between frames.
 
+# A payload this long is encrypted apart from its frame header rather than
+# copied behind it (one short TLS record more, against a copy of the payload).
+_ENCRYPT_APART = 16 * 1024
+
 # An idle tunnel's traffic: the client's ping (Liveness; an 8-byte counter
 # for its RTT figure, or empty), which comes alone in its TLS record, and the
 # gateway's pong.  Unmasked, as both ends send every frame (tune_factory).
@@ -457,7 +461,11 @@ class _TunnelProtocol:
             prefix = _WS_LEN16.pack(0x82, 126, length)
         else:
             prefix = _WS_LEN64.pack(0x82, 127, length)
-        self.transport.write(b"".join((prefix, header, payload)))
+        write_joined = getattr(self.transport, "write_joined", None)  # tls_transport.batch_records
+        if write_joined is not None and len(payload) >= _ENCRYPT_APART:
+            write_joined(prefix + header, payload)
+        else:
+            self.transport.write(b"".join((prefix, header, payload)))
 
     def dataReceived(self, data):
         # Autobahn's version formats the arguments of a debug line (type
