@@ -252,9 +252,11 @@ class BatchRecordsTests(ConnectedPair, unittest.TestCase):
         tls.write_joined(b"head1", body)
         self.assertEqual(tls._aggregator._buffer, [])
         tls.write(b"small")
-        tls.write_joined(b"head2", body)
-        self.assertEqual(tls._aggregator._buffer, [b"small", b"head2" + body])
-        expected = b"head1" + body + b"small" + b"head2" + body
+        tls.write_joined(b"head2", body[:1000])
+        self.assertEqual(tls._aggregator._buffer, [b"small", b"head2" + body[:1000]])
+        tls.write_joined(b"head3", body)  # joined behind them: the aggregator flushes
+        self.assertEqual(tls._aggregator._buffer, [])
+        expected = b"head1" + body + b"small" + b"head2" + body[:1000] + b"head3" + body
         self.assertEqual((yield self.server.got(len(expected))), expected)
 
     @defer.inlineCallbacks
