@@ -47,6 +47,23 @@ class ReaderTests(unittest.TestCase):
         self.assertEqual(len(pieces[0]), 7)  # one piece per read, joined by the mux
         self.assertEqual(b"".join(pieces[0]), b"x" * 100000)
 
+    def test_pieces_view_or_copy_the_read(self):
+        """A whole frame inside a read comes out as a view of it (the mux's join is its
+        only copy). A frame begun at the end of a read keeps a view of that read only
+        when its start is most of the read; a short tail is copied, so that a stalled
+        frame does not keep a whole large read alive."""
+        frame = binary_frame(b"y" * 50000)
+        reader, pieces = BinaryFrameReader(1 << 20), []
+        reader.feed(binary_frame(b"whole") + frame[:40000], pieces.append)
+        self.assertIsInstance(pieces[0][0], memoryview)
+        self.assertIsInstance(reader._parts[0], memoryview)
+        reader.feed(frame[40000:], pieces.append)
+        reader, pieces = BinaryFrameReader(1 << 20), []
+        reader.feed(binary_frame(b"z" * 40000) + frame[:100], pieces.append)
+        self.assertIsInstance(reader._parts[0], bytes)
+        reader.feed(frame[100:], pieces.append)
+        self.assertEqual([b"".join(p) for p in pieces], [b"z" * 40000, b"y" * 50000])
+
     def test_other_frames_handed_on(self):
         """A ping, a masked frame, a text frame, a fragment: the bytes from it on are returned."""
         for foreign in (b"\x89\x00", b"\x82\x85abcd12345", b"\x81\x01a", b"\x02\x01a",

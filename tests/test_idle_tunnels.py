@@ -336,6 +336,19 @@ class EmptyPingTests(unittest.SynchronousTestCase):
             self.transport.clear()
         self.assertEqual(self.protocol.state, self.protocol.STATE_OPEN)
 
+    def test_ping_among_frames(self):
+        """A ping between binary frames of one read is answered the same way, and the
+        frames after it are read by our reader, not Autobahn's parser."""
+        from tests.support import binary_frame
+        parse = self.protocol._dataReceived
+        self.protocol._dataReceived = lambda data: self.fail("parsed by Autobahn")
+        self.protocol.dataReceived(binary_frame(b"one") + b"\x89\x02hi" + binary_frame(b"two")
+                                   + b"\x89\x00")
+        self.protocol._dataReceived = parse
+        self.assertEqual(self.received, [b"one", b"two"])
+        self.assertEqual(self.transport.value(), b"\x8a\x02hi\x8a\x00")
+        self.assertEqual(self.protocol.state, self.protocol.STATE_OPEN)
+
     def test_oversized_ping_left_to_autobahn(self):
         """A ping announcing 126 bytes (more than a control frame may carry) is not
         answered here: Autobahn's parser fails the connection."""

@@ -85,6 +85,32 @@ class ConnectedPair:
         yield self.server.connected_d
         self.addCleanup(self._close)
 
+    @defer.inlineCallbacks
+    def carried(self, sender, receiver, data):
+        """Write C{data} from C{sender}, check that C{receiver} gets it all, and forget it."""
+        sender.transport.write(data)
+        self.assertEqual((yield receiver.got(len(data))), data)
+        del receiver.received[:]
+        receiver.size = 0
+
+    @defer.inlineCallbacks
+    def paused_bulk_both_ways(self):
+        """Each way: small writes, 8 MiB while the reader is paused, small writes again;
+        check that all of it arrives, in order."""
+        for sender, receiver in ((self.client, self.server), (self.server, self.client)):
+            receiver.transport.pauseProducing()
+            pieces = [b"a%d," % i for i in range(50)]
+            pieces.append(bytes(range(256)) * (8 * 4096))
+            pieces.extend(b"z%d," % i for i in range(50))
+            for piece in pieces:
+                sender.transport.write(piece)
+            yield defer.succeed(None)
+            reactor.callLater(0.2, receiver.transport.resumeProducing)
+            got = yield receiver.got(sum(map(len, pieces)))
+            self.assertEqual(got, b"".join(pieces))
+            del receiver.received[:]
+            receiver.size = 0
+
     def _close(self):
         closing = []
         for end in (self.client, self.server):
@@ -116,25 +142,13 @@ class TLSWritesTests(ConnectedPair, unittest.TestCase):
         self.assertIsNone(tls_layers(StringTransport()))
         self.assertFalse(send_ciphertext_at_once(StringTransport()))
 
-    @defer.inlineCallbacks
     def test_in_order_and_whole_both_ways(self):
         """Small writes, 8 MiB while the reader is paused (the socket takes part, the
         rest waits in Twisted's buffer), then small writes again: all of it arrives, in
         order, both ways."""
-        for sender, receiver in ((self.client, self.server), (self.server, self.client)):
-            self.assertTrue(send_ciphertext_at_once(sender.transport))
-            receiver.transport.pauseProducing()
-            pieces = [b"a%d," % i for i in range(50)]
-            pieces.append(bytes(range(256)) * (8 * 4096))
-            pieces.extend(b"z%d," % i for i in range(50))
-            for piece in pieces:
-                sender.transport.write(piece)
-            yield defer.succeed(None)
-            reactor.callLater(0.2, receiver.transport.resumeProducing)
-            got = yield receiver.got(sum(map(len, pieces)))
-            self.assertEqual(got, b"".join(pieces))
-            del receiver.received[:]
-            receiver.size = 0
+        for end in (self.client, self.server):
+            self.assertTrue(send_ciphertext_at_once(end.transport))
+        return self.paused_bulk_both_ways()
 
     def test_write_alone_encrypts_at_once(self):
         """On an idle connection a lone small write is encrypted (and, with
@@ -196,24 +210,11 @@ class BatchRecordsTests(ConnectedPair, unittest.TestCase):
             self.assertTrue(send_ciphertext_at_once(end.transport))
             self.assertTrue(batch_records(end.transport))
 
-    @defer.inlineCallbacks
     def test_in_order_and_whole_both_ways(self):
         """Small writes, 8 MiB while the reader is paused, then small writes again:
         all of it arrives, in order, both ways."""
         self._batch_both()
-        for sender, receiver in ((self.client, self.server), (self.server, self.client)):
-            receiver.transport.pauseProducing()
-            pieces = [b"a%d," % i for i in range(50)]
-            pieces.append(bytes(range(256)) * (8 * 4096))
-            pieces.extend(b"z%d," % i for i in range(50))
-            for piece in pieces:
-                sender.transport.write(piece)
-            yield defer.succeed(None)
-            reactor.callLater(0.2, receiver.transport.resumeProducing)
-            got = yield receiver.got(sum(map(len, pieces)))
-            self.assertEqual(got, b"".join(pieces))
-            del receiver.received[:]
-            receiver.size = 0
+        return self.paused_bulk_both_ways()
 
     @defer.inlineCallbacks
     def test_records_of_a_read_delivered_once(self):
@@ -284,22 +285,37 @@ class BatchRecordsTests(ConnectedPair, unittest.TestCase):
         self.assertEqual(b"".join(self.server.received), b"before")
 
     @defer.inlineCallbacks
+    def test_error_queue_empty_while_data_goes_up(self):
+        """Data and a forged record in one read: while the data is handed up, this
+        thread's OpenSSL error queue is already empty (the failure is taken out of it
+        first), and the connection is lost with that failure."""
+        self._batch_both()
+        self.client.transport.write(b"x")
+        yield self.server.got(1)
+        queue_seen = []
+        collect = self.server.dataReceived
+        self.server.dataReceived = lambda data: (queue_seen.append(_lib.ERR_peek_error()),
+                                                 collect(data))
+        sender = self.client.transport._tlsConnection
+        sender.send(b"before")
+        record = sender.bio_read(65536)
+        self.server.transport.dataReceived(record + b"\x17\x03\x03\x00\x40" + bytes(range(64)))
+        [reason] = yield self.server.lost_d
+        self.assertEqual(queue_seen, [0])
+        self.assertTrue(reason.check(SSL.Error), reason)
+        self.assertEqual(b"".join(self.server.received), b"xbefore")
+
+    @defer.inlineCallbacks
     def test_released_buffers_still_used(self):
         """After release_buffers replaced the BIOs, batched reads and writes use the new
         ones."""
         self._batch_both()
         big = bytes(range(256)) * 1024
         for sender, receiver in ((self.client, self.server), (self.server, self.client)):
-            sender.transport.write(big)
-            self.assertEqual((yield receiver.got(len(big))), big)
-            del receiver.received[:]
-            receiver.size = 0
+            yield self.carried(sender, receiver, big)
             self.assertTrue(release_buffers(sender.transport))
             self.assertTrue(release_buffers(receiver.transport))
-            sender.transport.write(big)
-            self.assertEqual((yield receiver.got(len(big))), big)
-            del receiver.received[:]
-            receiver.size = 0
+            yield self.carried(sender, receiver, big)
 
 
 class ReleaseBuffersTests(ConnectedPair, unittest.TestCase):
@@ -320,19 +336,13 @@ class ReleaseBuffersTests(ConnectedPair, unittest.TestCase):
         data on, both ways."""
         big = bytes(range(256)) * 1024
         for sender, receiver in ((self.client, self.server), (self.server, self.client)):
-            sender.transport.write(big)
-            self.assertEqual((yield receiver.got(len(big))), big)
-            del receiver.received[:]
-            receiver.size = 0
+            yield self.carried(sender, receiver, big)
         for end in (self.server, self.client):
             before = end.transport._tlsConnection._into_ssl
             self.assertTrue(release_buffers(end.transport))
             self.assertNotEqual(end.transport._tlsConnection._into_ssl, before)
         for sender, receiver in ((self.client, self.server), (self.server, self.client)):
-            sender.transport.write(b"after")
-            self.assertEqual((yield receiver.got(5)), b"after")
-            del receiver.received[:]
-            receiver.size = 0
+            yield self.carried(sender, receiver, b"after")
 
     @defer.inlineCallbacks
     def test_bytes_waiting_are_moved(self):

@@ -115,7 +115,9 @@ class BinaryFrameReader:
                 if deliver([view[start:stop]]):
                     return data[offset:]
             else:
-                self._parts = [view[start:]]
+                # A view keeps the whole read alive until the frame is in:
+                # worth it only when the tail is most of the read.
+                self._parts = [view[start:] if 2 * (end - start) >= end else data[start:]]
                 self._missing = stop - end
                 return None
         return None

@@ -40,9 +40,10 @@ or the first frames of a new stream, that is most of the work.
     write is encrypted from a view of the caller's bytes in 64 KiB steps,
     each step's ciphertext leaving in one socket send, and a read decrypts
     every whole record in the receive BIO into one buffer, handed up once.
-    Anything but success or "wants more bytes" (a fatal alert, the peer's
-    close_notify) is left to Twisted's own methods, which meet the same
-    answer from OpenSSL and handle it as before.
+    A write that OpenSSL does not take (it wants a read first, or failed)
+    is left to Twisted's own method, which meets the same answer; a read's
+    close_notify or error is raised by pyOpenSSL and handled as Twisted
+    does.
 
 Twisted and pyOpenSSL internals relied on, checked by
 tests/test_tls_transport.py: the TLS protocol's C{_aggregator} and its
@@ -50,16 +51,19 @@ C{_buffer}, C{TLSMemoryBIOProtocol.write} (the write without the
 gathering) and C{_tlsConnection}; the TCP transport's C{socket},
 C{connected}, C{disconnecting}, C{_writeDisconnected}, C{dataBuffer} and
 C{_tempDataLen}; the TLS protocol's C{_write}, C{_flushSendBIO},
-C{_flushReceiveBIO}, C{_handshakeDone}, C{_lostTLSConnection} and
-C{_aborted}; pyOpenSSL's C{Connection._ssl}, C{_into_ssl} and
-C{_from_ssl} and its binding's C{BIO_new}, C{BIO_s_mem}, C{BIO_read},
+C{_flushReceiveBIO}, C{_handshakeDone}, C{_lostTLSConnection},
+C{_aborted}, C{_shutdownTLS} and C{_tlsShutdownFinished}; pyOpenSSL's
+C{Connection._ssl}, C{_into_ssl}, C{_from_ssl} and C{_raise_ssl_error}
+and its binding's C{BIO_new}, C{BIO_s_mem}, C{BIO_read},
 C{BIO_write}, C{SSL_set_bio}, C{SSL_read}, C{SSL_write},
 C{SSL_get_error} and C{BIO_get_mem_data}.  Where one is missing, the
 functions change nothing.
 """
 
+from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi, lib as _lib
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from anyproxy.tuning import nothing_buffered, send_then_buffer
@@ -180,7 +184,8 @@ WRITE_STEP = 64 * 1024
 _READ_BUFFER = 512 * 1024
 
 _TLS_INTERNALS = ("_write", "_flushSendBIO", "_flushReceiveBIO", "_handshakeDone",
-                  "_lostTLSConnection", "_aborted", "_tlsConnection")
+                  "_lostTLSConnection", "_aborted", "_tlsConnection", "_shutdownTLS",
+                  "_tlsShutdownFinished")
 _BINDING = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_ERROR_WANT_READ",
             "BIO_get_mem_data", "BIO_read")
 
@@ -209,9 +214,9 @@ class _Scratch:
 class _BatchedRecords:
     """
     The methods L{batch_records} gives a connection's TLS protocol in place
-    of C{TLSMemoryBIOProtocol}'s.  Until the handshake is done, and for
-    whatever OpenSSL answers other than data or "wants more bytes", they
-    call Twisted's own.
+    of C{TLSMemoryBIOProtocol}'s.  Until the handshake is done, and for a
+    write OpenSSL does not take, they call Twisted's own; a read's
+    close_notify or error is handled as Twisted's does.
     """
 
     def _write(self, data):
@@ -275,29 +280,38 @@ class _BatchedRecords:
             write(ciphertext if getattr(write, "takes_views", False) else ciphertext[:])
 
     def _flushReceiveBIO(self):
-        ssl = self._tlsConnection._ssl
+        connection = self._tlsConnection
+        ssl = connection._ssl
         buffer, size = _Scratch.plaintext, _READ_BUFFER
         filled = 0
-        wants_bytes = True
+        problem = None
         while not self._lostTLSConnection:
             count = _lib.SSL_read(ssl, buffer + filled, size - filled)
             if count <= 0:
-                # Asked at once: the answer depends on this thread's error
-                # queue, which the layers above may use.
-                wants_bytes = _lib.SSL_get_error(ssl, count) == _lib.SSL_ERROR_WANT_READ
+                if _lib.SSL_get_error(ssl, count) != _lib.SSL_ERROR_WANT_READ:
+                    # The peer's close_notify, or a fatal error.  Turned into
+                    # pyOpenSSL's exception now, which empties this thread's
+                    # OpenSSL error queue before anything else runs.
+                    try:
+                        connection._raise_ssl_error(ssl, count)
+                    except SSL.Error as e:
+                        problem = e
                 break
             filled += count
             if filled == size:
-                ProtocolWrapper.dataReceived(self, _ffi.buffer(buffer, filled)[:])
-                filled = 0
                 if self._aborted:
                     return
+                ProtocolWrapper.dataReceived(self, _ffi.buffer(buffer, filled)[:])
+                filled = 0
         if filled and not self._aborted:
             ProtocolWrapper.dataReceived(self, _ffi.buffer(buffer, filled)[:])
-        if not wants_bytes and not self._lostTLSConnection:
-            # The peer's close_notify, or a fatal error: Twisted's handling.
-            super()._flushReceiveBIO()
-            return
+        if problem is not None and not self._lostTLSConnection:
+            # As TLSMemoryBIOProtocol._flushReceiveBIO handles them.
+            if isinstance(problem, SSL.ZeroReturnError):
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            else:
+                self._tlsShutdownFinished(Failure(problem))
         # The records may have asked for an answer (a key update).
         self._flushSendBIO()
 
@@ -323,6 +337,7 @@ def batch_records(transport):
     tls = layers[0]
     connection = getattr(tls, "_tlsConnection", None)
     if (getattr(connection, "_ssl", None) is None or not hasattr(connection, "_from_ssl")
+            or not hasattr(connection, "_raise_ssl_error")
             or not all(hasattr(tls, name) for name in _TLS_INTERNALS)
             or not all(hasattr(_lib, name) for name in _BINDING)):
         return False
