@@ -190,25 +190,12 @@ _BINDING = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_ERROR_WANT_READ",
             "BIO_get_mem_data", "BIO_read")
 
 
-class _Scratch:
-    """
-    The process's buffers for decrypted and encrypted bytes.  Their contents
-    are copied out before anything else runs, so one pair serves every
-    connection.
-    """
-
-    plaintext = None
-    ciphertext = None
-    pending = None
-
-    @classmethod
-    def get(cls):
-        """Allocate the buffers, once."""
-        if cls.plaintext is None:
-            cls.plaintext = _ffi.new("char[]", _READ_BUFFER)
-            cls.ciphertext = _ffi.new("char[]", 2 * WRITE_STEP)
-            cls.pending = _ffi.new("char **")
-        return cls
+# The process's buffers for decrypted and encrypted bytes.  Their contents
+# are copied out before anything else runs, so one pair serves every
+# connection; pages no read or write has reached cost no memory.
+_plaintext = _ffi.new("char[]", _READ_BUFFER)
+_ciphertext = _ffi.new("char[]", 2 * WRITE_STEP)
+_pending = _ffi.new("char **")
 
 
 class _BatchedRecords:
@@ -267,10 +254,10 @@ class _BatchedRecords:
         # from the scratch buffer itself when that write copies only what
         # it cannot send at once (send_ciphertext_at_once).
         out = self._tlsConnection._from_ssl  # release_buffers may replace it
-        pending = _lib.BIO_get_mem_data(out, _Scratch.pending)
+        pending = _lib.BIO_get_mem_data(out, _pending)
         if pending <= 0:
             return
-        buffer = _Scratch.ciphertext
+        buffer = _ciphertext
         if pending > len(buffer):
             buffer = _ffi.new("char[]", pending)
         count = _lib.BIO_read(out, buffer, pending)
@@ -282,7 +269,7 @@ class _BatchedRecords:
     def _flushReceiveBIO(self):
         connection = self._tlsConnection
         ssl = connection._ssl
-        buffer, size = _Scratch.plaintext, _READ_BUFFER
+        buffer, size = _plaintext, _READ_BUFFER
         filled = 0
         problem = None
         while not self._lostTLSConnection:
@@ -348,5 +335,4 @@ def batch_records(transport):
             batched = type("Batched" + cls.__name__, (_BatchedRecords, cls), {})
             _batched_classes[cls] = batched
         tls.__class__ = batched
-    _Scratch.get()
     return True
