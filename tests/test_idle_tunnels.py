@@ -8,6 +8,7 @@ and TLS releases its idle buffers (L{anyproxy.tls}).
 import struct
 import sys
 
+from hypothesis import given, strategies as st
 from OpenSSL import SSL
 from OpenSSL._util import lib as openssl
 from twisted.internet import defer, protocol, reactor
@@ -16,20 +17,23 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
 from anyproxy.tls import client_tls_options, server_tls_options
-from anyproxy.tunnel.websocket import (
-    DEAD_AFTER, SWEEPS_PER_INTERVAL, GatewayTunnelProtocol, Liveness, _TunnelProtocol)
+from anyproxy.tunnel.liveness import (
+    DEAD_AFTER, RELEASE_AFTER_SWEEPS, SWEEPS_PER_INTERVAL, Liveness)
+from anyproxy.tunnel.websocket import GatewayTunnelProtocol, _TunnelProtocol
 from tests.support import Deployment
 
 
 class FakeTunnel:
     """What L{Liveness} uses of a tunnel protocol; records its pings and its drop."""
 
-    silent_sweeps = 0
+    silence_set = None
 
-    def __init__(self, clock):
+    def __init__(self, clock, liveness):
         self.clock = clock
+        self.liveness = liveness
         self.pings = []
         self.releases = []
+        self.drops = []
         self.dropped = None
 
     def sendPing(self):
@@ -40,10 +44,12 @@ class FakeTunnel:
 
     def silence_timed_out(self, seconds):
         self.dropped = (self.clock.seconds(), seconds)
+        self.drops.append(self.clock.seconds())
 
     def received(self):
         # What _TunnelProtocol.dataReceived does first.
-        self.silent_sweeps = 0
+        if self.silence_set is not None:
+            self.liveness.heard(self)
 
 
 class LivenessTests(unittest.SynchronousTestCase):
@@ -55,7 +61,7 @@ class LivenessTests(unittest.SynchronousTestCase):
     def watch(self, is_gateway):
         self.clock = Clock()
         self.liveness = Liveness(self.clock, self.interval, is_gateway)
-        self.tunnel = FakeTunnel(self.clock)
+        self.tunnel = FakeTunnel(self.clock, self.liveness)
         self.liveness.add(self.tunnel)
 
     def advance(self, seconds, sweep=None):
@@ -117,13 +123,79 @@ class LivenessTests(unittest.SynchronousTestCase):
     def test_one_timer_only_while_watching(self):
         """One timer for all the tunnels, none once the last is gone."""
         self.watch(is_gateway=True)
-        others = [FakeTunnel(self.clock) for _ in range(99)]
+        others = [FakeTunnel(self.clock, self.liveness) for _ in range(99)]
         for other in others:
             self.liveness.add(other)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
         for other in others + [self.tunnel]:
             self.liveness.discard(other)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_sweep_leaves_the_quiet_middle_alone(self):
+        """A sweep visits the tunnels heard since the last one and those reaching a
+        step, not every tunnel: one silent three sweeps (past the buffer release,
+        before any ping) is not looked at."""
+        self.watch(is_gateway=True)
+        self.advance(3 * self.sweep)
+        self.assertEqual(self.liveness.silence(self.tunnel), 3)
+        looked_at = []
+
+        class Watched(FakeTunnel):
+            def __getattribute__(self, name):
+                looked_at.append(name)
+                return object.__getattribute__(self, name)
+
+        self.tunnel.__class__ = Watched
+        self.advance(self.sweep)
+        self.assertEqual(looked_at, [])
+        self.assertEqual(self.liveness.silence(self.tunnel), 4)
+
+    @given(st.lists(st.one_of(st.just(("sweep",)),
+                              st.tuples(st.sampled_from(["heard", "add", "discard"]),
+                                        st.integers(0, 4))),
+                    max_size=120),
+           st.booleans())
+    def test_same_steps_as_counting_each_tunnel(self, operations, is_gateway):
+        """The sets give every tunnel the pings, buffer releases and drop that a
+        count of sweeps of silence per tunnel gives, sweep by sweep."""
+        clock = Clock()
+        liveness = Liveness(clock, self.interval, is_gateway)
+        tunnels = [FakeTunnel(clock, liveness) for _ in range(5)]
+        counts = {}  # the model: tunnel index -> sweeps of silence
+        model_events = []
+        for operation in operations:
+            if operation[0] == "sweep":
+                for i in sorted(counts):
+                    silent = counts[i] = counts[i] + 1
+                    if silent <= liveness.ping_after:
+                        if silent == RELEASE_AFTER_SWEEPS:
+                            model_events.append(("release", i, clock.seconds() + self.sweep))
+                    elif silent > liveness.dead_after:
+                        del counts[i]
+                        model_events.append(("drop", i, clock.seconds() + self.sweep))
+                    elif (silent - liveness.ping_after - 1) % SWEEPS_PER_INTERVAL == 0:
+                        model_events.append(("ping", i, clock.seconds() + self.sweep))
+                clock.advance(self.sweep)
+                continue
+            kind, i = operation
+            tunnel = tunnels[i]
+            if kind == "add":
+                liveness.add(tunnel)
+                counts[i] = 0
+            elif kind == "discard":
+                liveness.discard(tunnel)
+                counts.pop(i, None)
+            elif i in counts:
+                tunnel.received()
+                counts[i] = 0
+            self.assertEqual(liveness.watched, {tunnels[i] for i in counts})
+            self.assertEqual(bool(clock.getDelayedCalls()), bool(counts))
+        events = sorted([("release", i, when) for i, t in enumerate(tunnels) for when in t.releases]
+                        + [("ping", i, when) for i, t in enumerate(tunnels) for when in t.pings]
+                        + [("drop", i, when) for i, t in enumerate(tunnels) for when in t.drops])
+        self.assertEqual(events, sorted(model_events))
+        for i, silent in counts.items():
+            self.assertEqual(liveness.silence(tunnels[i]), silent)
 
     def test_reload_changes_the_interval_of_open_tunnels(self):
         """A new interval applies to the tunnels already watched, counted from then."""

@@ -36,8 +36,8 @@ from anyproxy.metrics import ClientMetrics, metrics_site
 from anyproxy.tls import client_tls_options
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.hello import client_hello, read_gateway_hello
-from anyproxy.tunnel.websocket import (
-    Liveness, basic_authorization, tune_factory)
+from anyproxy.tunnel.liveness import Liveness
+from anyproxy.tunnel.websocket import basic_authorization, tune_factory
 
 log = Logger()
 

@@ -37,8 +37,8 @@ from anyproxy.login_throttle import source_address
 from anyproxy.tls import server_tls_options
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.hello import fleet_list, gateway_hello, read_client_hello, refuse_all
-from anyproxy.tunnel.websocket import (
-    HTTP_TOO_MANY_REQUESTS, GatewayTunnelProtocol, Liveness, tune_factory)
+from anyproxy.tunnel.liveness import Liveness
+from anyproxy.tunnel.websocket import HTTP_TOO_MANY_REQUESTS, GatewayTunnelProtocol, tune_factory
 
 log = Logger()
 

@@ -13,7 +13,6 @@ from autobahn.twisted.websocket import WebSocketClientProtocol, WebSocketServerP
 from autobahn.websocket.types import ConnectionDeny
 from OpenSSL import SSL
 from twisted.internet import defer, error
-from twisted.internet.task import LoopingCall
 from twisted.python import failure
 from twisted.logger import Logger
 
@@ -133,108 +132,13 @@ def tune_factory(factory, ping_interval, handshake_timeout):
         factory.setProtocolOptions(maskClientFrames=False)
 
 
-# Liveness: how often the silence of each tunnel is looked at, per ping
-# interval.  A dead peer is found at most interval / 5 late.
-SWEEPS_PER_INTERVAL = 5
-# Silence, in ping intervals, after which each end pings, and after which a
-# tunnel is dead (docs/PROTOCOL.md, Liveness).  The client pings first: on an
-# idle tunnel its ping and the gateway's pong are all the traffic, so a
-# gateway with thousands of tunnels sends no pings of its own.  The gateway
-# pings only a client it has not heard for two intervals (one whose
-# ping_interval is longer than the gateway's).
-CLIENT_PING_AFTER = 1
-GATEWAY_PING_AFTER = 2
-# Silence, in sweeps, after which a tunnel gives back its TLS buffers
-# (tls_transport.release_buffers), once it has moved RELEASE_AFTER_BYTES of
-# stream data since it last did: after bulk data the buffers hold 64 KiB and
-# more.  Not after the handshake alone: with 2,000 idle tunnels that saved
-# 2.3 KiB each and cost 0.3% of a core in their pings (measured), as fresh
-# buffers are grown again.
-RELEASE_AFTER_SWEEPS = 2
+# After bulk data a tunnel's TLS buffers hold 64 KiB and more: once quiet
+# (liveness.RELEASE_AFTER_SWEEPS), a tunnel that has moved this much stream
+# data since it last gave them back does so again (tls_transport.release_buffers).
+# Not after the handshake alone: with 2,000 idle tunnels that saved 2.3 KiB
+# each and cost 0.3% of a core in their pings (measured), as fresh buffers
+# are grown again.
 RELEASE_AFTER_BYTES = 64 * 1024
-DEAD_AFTER = 3
-
-
-class Liveness:
-    """
-    The open tunnels of one factory and their silence.  One timer (not one
-    per tunnel) sweeps them every C{interval / SWEEPS_PER_INTERVAL} seconds
-    and counts a sweep of silence for each; anything received resets the
-    count (L{_TunnelProtocol.dataReceived}), a pong or any other frame.
-
-    A tunnel silent for more than C{ping_after} intervals is pinged (and
-    again every interval while it stays silent); one silent for more than
-    L{DEAD_AFTER} intervals is dead, dropped within C{interval / 5} after
-    that, its streams reset.  One quiet for L{RELEASE_AFTER_SWEEPS} sweeps
-    gives back its TLS buffers (L{_TunnelProtocol.release_idle_buffers}).
-
-    @ivar interval: the ping interval, seconds.
-    @ivar ping_after: the silence, in sweeps, after which a tunnel is pinged.
-    @ivar dead_after: the silence, in sweeps, after which a tunnel is dropped.
-    """
-
-    def __init__(self, clock, interval, is_gateway):
-        self._clock = clock
-        self._protocols = set()
-        self._sweeper = None
-        self.interval = interval
-        self.ping_after = SWEEPS_PER_INTERVAL * (GATEWAY_PING_AFTER if is_gateway
-                                                 else CLIENT_PING_AFTER)
-        self.dead_after = SWEEPS_PER_INTERVAL * DEAD_AFTER
-
-    @property
-    def watched(self):
-        """The tunnels watched now (a frozenset)."""
-        return frozenset(self._protocols)
-
-    def configure(self, interval):
-        """A new ping interval, for every tunnel: their silence counts from now."""
-        if interval == self.interval:
-            return
-        self.interval = interval
-        for protocol in self._protocols:
-            protocol.silent_sweeps = 0
-        if self._sweeper is not None:
-            self._sweeper.stop()
-            self._start()
-
-    def add(self, protocol):
-        """Watch C{protocol}, an open tunnel."""
-        protocol.silent_sweeps = 0
-        self._protocols.add(protocol)
-        if self._sweeper is None:
-            self._start()
-
-    def discard(self, protocol):
-        """Stop watching C{protocol} (closed); the timer stops with the last one."""
-        self._protocols.discard(protocol)
-        if not self._protocols and self._sweeper is not None:
-            self._sweeper.stop()
-            self._sweeper = None
-
-    def _start(self):
-        self._sweeper = LoopingCall(self.sweep)
-        self._sweeper.clock = self._clock
-        self._sweeper.start(self.interval / SWEEPS_PER_INTERVAL, now=False)
-
-    def sweep(self):
-        """One sweep: count silence, free the newly quiet's TLS buffers, ping the silent, drop the dead."""
-        ping_after, dead_after = self.ping_after, self.dead_after
-        dead = []
-        # A copy: a ping's write may lose a connection, which leaves the set.
-        for protocol in list(self._protocols):
-            silent = protocol.silent_sweeps = protocol.silent_sweeps + 1
-            if silent <= ping_after:
-                if silent == RELEASE_AFTER_SWEEPS:
-                    protocol.release_idle_buffers()
-                continue
-            if silent > dead_after:
-                dead.append(protocol)
-            elif (silent - ping_after - 1) % SWEEPS_PER_INTERVAL == 0:
-                protocol.sendPing()
-        for protocol in dead:
-            self.discard(protocol)
-            protocol.silence_timed_out(self.interval * DEAD_AFTER)
 
 
 def basic_authorization(username, password):
@@ -279,7 +183,7 @@ class _TunnelProtocol:
     mux = None
     _unanswered_ping = None  # the latest ping's payload, held while we are congested
     _frame_reader = None  # our frames' reader, once the mux is up
-    silent_sweeps = 0  # Liveness sweeps since we last received anything
+    silence_set = None  # set by anyproxy.tunnel.liveness.Liveness only
 
     # Autobahn's opening-handshake state (the request, its headers, our
     # response), which nothing reads once the WebSocket is open: about 2 KiB
@@ -472,7 +376,8 @@ class _TunnelProtocol:
         # names, the peer) for every read, logged or not: once per TLS
         # read here, a few percent of the receiving process.
         # Anything received proves the peer alive (Liveness).
-        self.silent_sweeps = 0
+        if self.silence_set is not None:
+            self.factory.liveness.heard(self)
         reader = self._frame_reader
         while True:
             if reader is not None and (
