@@ -14,6 +14,12 @@ mux splice).  In interleaved rounds, the order flipped each round:
     (as measurement 2), ``--requests``/4 per run.
 
 Target: relayed bulk at least 70% of local (the hop costs at most 30%).
+Here every process shares the machine's cores, so a stream's speed follows
+the CPU of all its processes together: the relayed path has one process
+more.  Between separate machines it follows the busiest process; so the bulk
+download is measured again with each process (the user's, A, B, the client
+and the source) on a CPU budget of its own (harness/cpu_budget.py: a cgroup
+quota of cores / 5 each), where the machine allows it (root, cgroup cpu).
 Then, with both gateways and the one tunnel idle, the Redis traffic over
 ``--fleet-idle`` seconds (INFO commandstats and the network byte counters,
 before and after) and the keys the fleet keeps.
@@ -34,6 +40,7 @@ except ImportError:  # selfcheck.py still imports this module
 
 from harness import LOOPBACK, BenchError, log
 from harness.chart import ANYPROXY, PEER, Panel, Series
+from harness import cpu_budget
 from harness.clients import echo_check, socks_connect
 from harness.measurement import Measurement, Option
 from harness.processes import free_port, retry, wait_port
@@ -43,6 +50,9 @@ from measurements.connect import connect_rate
 LABEL_BULK = "11 fleet relay: bulk download, Mbit/s"
 LABEL_CONNECT = "11 fleet relay: CONNECT, a new tunnel each, per s"
 LABEL_CPU = "11 fleet relay: CPU during the bulk download, s per GB"
+LABEL_BUDGET = ("11 fleet relay: bulk download, each process on a CPU budget of its own "
+                "(as on separate machines), Mbit/s")
+BUDGETED = 5  # the processes of a relayed download: the user's, A, B, the client, the source
 NODES = ("fleet-gateway-A", "fleet-gateway-B", "fleet-client")
 LOCAL = "local (user on B, B's tunnel)"
 RELAYED = "relayed (user on A, relayed to B)"
@@ -70,6 +80,10 @@ class FleetRelayResult:
     redis_calls: typing.Dict[str, int]    # command -> calls in the window (both nodes)
     redis_bytes_in: int                   # bytes Redis received in the window
     redis_bytes_out: int                  # bytes Redis sent in the window
+    # The bulk download again with each process on a CPU budget: path -> Mbit/s per round;
+    # empty where the machine has no cgroup cpu controller we may write.
+    budget_runs: typing.Dict[str, typing.List[float]] = attr.Factory(dict)
+    budget_fraction: typing.Optional[float] = None  # of a core, each process
 
     def bulk(self, path):
         return median([x.bulk_mbit for x in self.runs[path]])
@@ -89,6 +103,14 @@ class FleetRelayResult:
         """Relayed bulk over local, the median of the per-round ratios."""
         return median([ratio(relayed.bulk_mbit, local.bulk_mbit)
                        for local, relayed in zip(self.runs[LOCAL], self.runs[RELAYED])])
+
+    @property
+    def budget_share(self):
+        """Relayed over local bulk on CPU budgets, the median of the per-round ratios."""
+        if not self.budget_runs:
+            return None
+        return median([ratio(relayed, local) for local, relayed
+                       in zip(self.budget_runs[LOCAL], self.budget_runs[RELAYED])])
 
     @property
     def connect_share(self):
@@ -266,6 +288,25 @@ def run(env):
                 " ".join("%s %.2f" % (name, cpu[name]) for name in NODES))
         processes.check_alive(*names)
 
+    budget_runs, fraction = {}, None
+    if cpu_budget.available():
+        fraction = (os.cpu_count() or 1) / BUDGETED
+        pids = {name: processes.procs[name].pid for name in NODES}
+        pids.update(source=processes.procs["targets"].pid, user=os.getpid())
+        budget_runs = {path: [] for path in PATHS}
+        for r in range(args.rounds):
+            order = PATHS if r % 2 == 0 else PATHS[::-1]
+            for path in order:
+                with cpu_budget.cpu_budgets(pids, fraction):
+                    mbit = bulk_download(paths[path]["socks"], source, args.seconds)
+                budget_runs[path].append(mbit)
+            log("fleet relay on CPU budgets (%.2f of a core each), round %d/%d: %s", fraction,
+                r + 1, args.rounds, "; ".join("%s %.0f Mbit/s" % (path, budget_runs[path][-1])
+                                              for path in PATHS))
+        processes.check_alive(*names)
+    else:
+        log("fleet relay: no CPU budgets on this machine (needs root and the cgroup cpu controller)")
+
     # Redis with the fleet idle: heartbeats and view reads only.
     time.sleep(1.0)
     calls0, in0, out0 = _redis_counters(redis_port)
@@ -282,7 +323,8 @@ def run(env):
     for name in reversed(names + ["fleet-redis"]):
         processes.stop(name)
     return FleetRelayResult(runs=runs, redis_keys=keys, redis_seconds=seconds, redis_calls=calls,
-                            redis_bytes_in=in1 - in0, redis_bytes_out=out1 - out0)
+                            redis_bytes_in=in1 - in0, redis_bytes_out=out1 - out0,
+                            budget_runs=budget_runs, budget_fraction=fraction)
 
 
 def rows(result):
@@ -299,7 +341,14 @@ def rows(result):
         Row(LABEL_CPU, "%s: gateway A / gateway B / client" % (path,),
             " / ".join("%.2f" % (result.cpu(path, name) or 0) for name in NODES))
         for path in PATHS if all(result.cpu(path, name) is not None for name in NODES)
-    ]
+    ] + ([
+        Row(LABEL_BUDGET, "%s, %.2f of a core each" % (LOCAL, result.budget_fraction),
+            num(median(result.budget_runs[LOCAL]))),
+        Row(LABEL_BUDGET, "%s, %.2f of a core each" % (RELAYED, result.budget_fraction),
+            num(median(result.budget_runs[RELAYED])), num(result.budget_share, "{:.2f}"),
+            "≥ %.2f of local" % TARGET_RELAYED_SHARE,
+            check(result.budget_share, TARGET_RELAYED_SHARE)),
+    ] if result.budget_runs else [])
 
 
 def raw(result):
@@ -309,6 +358,9 @@ def raw(result):
             path, ", ".join("%.0f" % x.bulk_mbit for x in runs),
             ", ".join("%.0f (%d failed)" % (x.connect_rate, x.connect_failed) for x in runs))
         for path, runs in result.runs.items()] + [
+        "- %s, each process on %.2f of a core: bulk Mbit/s %s" % (
+            path, result.budget_fraction, ", ".join("%.0f" % x for x in runs))
+        for path, runs in result.budget_runs.items()] + [
         "- Redis, both gateways idle with one tunnel, over %.1f s: %.1f commands/s (%s), "
         "%.0f B/s in, %.0f B/s out" % (
             result.redis_seconds, per_second,
@@ -343,7 +395,7 @@ EXAMPLE = FleetRelayResult(
                                             "fleet-client": 1.6})]},
     redis_keys=["anyproxy:group:default", "anyproxy:node:A", "anyproxy:node:B", "anyproxy:nodes"],
     redis_seconds=10.0, redis_calls={"evalsha": 10, "get": 20}, redis_bytes_in=4000,
-    redis_bytes_out=6000)
+    redis_bytes_out=6000, budget_runs={LOCAL: [2400.0], RELAYED: [1700.0]}, budget_fraction=0.4)
 
 MEASUREMENT = Measurement(
     name="fleet_relay", number=11,
