@@ -25,7 +25,10 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket import interfaces
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python import failure
 from twisted.trial import unittest
 
 from anyproxy.tunnel import frames, websocket
@@ -157,6 +160,7 @@ class AutobahnContractTests(unittest.TestCase):
         self.assertParameters(WebSocketProtocol.onPing, ["self", "payload"])
         self.assertParameters(WebSocketProtocol.sendPong, ["self", "payload"])
         self.assertParameters(WebSocketProtocol.dropConnection, ["self", "abort"])
+        self.assertParameters(WebSocketProtocol.sendData, ["self", "data", "sync", "chopsize"])
         self.assertIsInstance(WebSocketProtocol.STATE_OPEN, int)
         for side in (WebSocketServerProtocol, WebSocketClientProtocol):
             self.assertIs(side._dataReceived, WebSocketProtocol._dataReceived)
@@ -192,7 +196,7 @@ class AutobahnContractTests(unittest.TestCase):
             autobahn_names.update(dir(each))
         for each in (self.server, self.client, self.server_factory, self.client_factory):
             autobahn_names.update(vars(each))
-        public = {"factory", "transport"} | set(dir(protocol.Protocol))
+        public = {"factory", "transport"} | set(dir(protocol.Protocol)) | set(dir(protocol.Factory))
         for api in (interfaces.IWebSocketChannel, interfaces.IWebSocketChannelFrameApi,
                     interfaces.IWebSocketChannelStreamingApi,
                     interfaces.IWebSocketServerChannelFactory,
@@ -238,6 +242,53 @@ class AutobahnContractTests(unittest.TestCase):
             for name, value in factory.options_set.items():
                 self.assertEqual((name, getattr(factory, name)), (name, value))
                 self.assertEqual((name, getattr(side, name)), (name, value))
+
+    def test_options_copied_only_when_absent(self):
+        """A connection copies each of CONFIG_ATTRS from its factory, unless its class has it."""
+        for side in (self.server, self.client):
+            self.assertIn("openHandshakeTimeout", side.CONFIG_ATTRS)
+            self.assertIn("maxMessagePayloadSize", side.CONFIG_ATTRS)
+
+        class Preset(WebSocketServerProtocol):
+            maxMessagePayloadSize = 7
+
+        factory = WebSocketServerFactory(url="ws://127.0.0.1/x", reactor=Clock())
+        factory.setProtocolOptions(maxMessagePayloadSize=100, openHandshakeTimeout=0)
+        factory.protocol = Preset
+        preset = factory.buildProtocol(None)
+        preset.makeConnection(StringTransport())
+        self.addCleanup(preset.connectionLost, failure.Failure(error.ConnectionDone()))
+        self.assertEqual(preset.maxMessagePayloadSize, 7)
+        self.assertNotIn("maxMessagePayloadSize", vars(preset))
+        self.assertEqual(vars(preset)["openHandshakeTimeout"], 0)
+
+    def test_send_queue_only_when_asked(self):
+        """sendData writes at once unless asked to queue (sync); only then is send_queue used."""
+        from collections import deque
+        for side in (self.server, self.client):
+            self.assertIsInstance(side.send_queue, deque)
+            self.assertEqual(len(side.send_queue), 0)
+        writes = []
+        self.patch(self.server.transport, "write", writes.append)
+        own = self.server.send_queue = deque()
+        self.server.sendData(b"at once")
+        self.assertEqual((writes, len(own)), ([b"at once"], 0))
+        self.server.triggered = True  # hold the queue: what is queued stays to be seen
+        self.server.sendData(b"queued", sync=True)
+        self.assertEqual(list(own), [(b"queued", True)])
+        self.server.triggered = False
+        own.clear()
+
+    def test_values_alike_on_every_tunnel(self):
+        """The values read from the class until assigned are immutable and alike on each side."""
+        self.assertEqual(self.server.websocket_version, 13)  # RFC 6455's
+        self.assertEqual(self.client.websocket_version, self.client_factory.version)
+        for side in (self.server, self.client):
+            self.assertEqual(side.websocket_protocol_in_use, frames.SUBPROTOCOL)
+            self.assertEqual(side.send_state, side.SEND_STATE_GROUND)
+            self.assertIsInstance(side.autoPingPendingSeq, int)
+            self.assertEqual(side.state, side.STATE_OPEN)
+            self.assertEqual(side.data, b"")
 
     def test_handshake_request_and_headers(self):
         """Headers replaced on the client factory after construction are sent."""
@@ -383,4 +434,11 @@ CHECKED = {
     "openHandshakeTimeout": "test_options_are_attributes",
     "data": "test_between_frames",
     "current_frame": "test_between_frames",
+    "CONFIG_ATTRS": "test_options_copied_only_when_absent",
+    "sendData": "test_signatures, test_send_queue_only_when_asked",
+    "send_queue": "test_send_queue_only_when_asked",
+    "websocket_version": "test_values_alike_on_every_tunnel",
+    "websocket_protocol_in_use": "test_values_alike_on_every_tunnel",
+    "send_state": "test_values_alike_on_every_tunnel",
+    "autoPingPendingSeq": "test_values_alike_on_every_tunnel",
 }

@@ -513,6 +513,9 @@ class FakeProtocol:
     def dropConnection(self, abort=False):
         pass
 
+    def abort(self):
+        self.dropConnection(abort=True)
+
 
 class TunnelServerTests(SynchronousTestCase):
     """The gateway's HELLO answers open_ports and disconnection releases them."""

@@ -41,6 +41,9 @@ class FakeProtocol:
     def dropConnection(self, abort=False):
         self.dropped = True
 
+    def abort(self):
+        self.dropConnection(abort=True)
+
 
 def hello(**extra):
     info = {"version": 1, "client_id": "c1", "group": "lab", "software": "anyproxy/test"}

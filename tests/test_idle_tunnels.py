@@ -290,15 +290,17 @@ class IdleTunnelTests(unittest.TestCase):
         from tests.test_tunnel_flood import open_gateway_protocol
         open_gateway_protocol(self)
         (opened,) = before_sharing
-        for name in ("http_headers", "http_request_data", "http_response_data"):
+        for name in ("http_headers", "http_request_data", "http_response_data", "_wskey",
+                     "_transport_details"):
             self.assertIn(name, opened)
             self.assertIsNone(opened[name])
 
     def test_unset_flags_shared(self):
         """
-        An open tunnel's flags that are None or False read the same from its
-        class, and its dict holds the rest: 93 entries (3.3 KiB) on a gateway
-        tunnel before, fewer than 64 after.  Assigning one is per tunnel.
+        An open tunnel's flags that are None or False, the values every tunnel
+        has alike and its factory's options read the same from its class, and
+        its dict holds the rest: 93 entries (3.3 KiB) on a gateway tunnel
+        before, fewer than 22 after.  Assigning one is per tunnel.
         """
         from tests.test_tunnel_flood import open_gateway_protocol
         before_sharing = self.record_sharing()
@@ -306,19 +308,65 @@ class IdleTunnelTests(unittest.TestCase):
         second, _ = open_gateway_protocol(self)
         (before, _) = before_sharing
         self.assertGreater(len(before), 85)
-        self.assertLess(len(vars(first)), 64)
-        self.assertLess(sys.getsizeof(vars(first)), sys.getsizeof(before))
+        self.assertLess(len(vars(first)), 22)
+        self.assertLess(sys.getsizeof(vars(first)), sys.getsizeof(before) / 3)
         for name, value in before.items():
             if value is None or value is False:
                 self.assertIs(getattr(first, name), value)
-        # Autobahn's options stay per tunnel: it copies them in only if absent.
-        for name in _TunnelProtocol._NOT_SHARED & set(before):
-            self.assertIn(name, vars(first))
+        for name in _TunnelProtocol._OPTIONS & set(before):
+            self.assertIs(getattr(first, name), getattr(first.factory, name))
+            if name != "perMessageCompressionAccept":  # a function: kept per tunnel
+                self.assertNotIn(name, vars(first))
         moved = next(name for name, value in before.items()
                      if value is False and name not in vars(first))
         setattr(first, moved, True)
         self.assertIs(getattr(second, moved), False)
         self.assertIs(getattr(self.gateway_end, moved), False)
+        first.state = first.STATE_CLOSING
+        self.assertEqual(second.state, second.STATE_OPEN)
+
+    def test_options_of_a_reload_for_new_tunnels(self):
+        """
+        Options changed after tunnels opened (a reload) reach the tunnels opened
+        after, as Autobahn's copy at connect does; open ones keep theirs.
+        """
+        from tests.test_tunnel_flood import Factory
+        factory = Factory()
+
+        def opened():
+            from tests.test_tunnel_flood import upgrade_request
+            from twisted.internet.testing import StringTransport
+            from twisted.python import failure
+            from twisted.internet import error
+            protocol = factory.buildProtocol(None)
+            protocol.makeConnection(StringTransport())
+            protocol.dataReceived(upgrade_request())
+            self.addCleanup(protocol.connectionLost, failure.Failure(error.ConnectionDone()))
+            self.assertEqual(protocol.state, protocol.STATE_OPEN)
+            return protocol
+
+        old = [opened(), opened()]
+        factory.setProtocolOptions(maxMessagePayloadSize=1234)
+        new = opened()
+        self.assertEqual(new.maxMessagePayloadSize, 1234)
+        self.assertNotIn("maxMessagePayloadSize", vars(new))
+        for protocol in old:
+            self.assertNotEqual(protocol.maxMessagePayloadSize, 1234)
+        self.assertIs(type(new).options_base, type(old[0]).options_base)
+
+    def test_send_queue_shared_until_used(self):
+        """An open tunnel's empty send queue is shared; a queued write gets its own."""
+        from tests.test_tunnel_flood import open_gateway_protocol
+        from anyproxy.tunnel.websocket import _NO_SEND_QUEUE
+        first, transport = open_gateway_protocol(self)
+        second, _ = open_gateway_protocol(self)
+        self.assertIs(first.send_queue, _NO_SEND_QUEUE)
+        self.assertIs(second.send_queue, _NO_SEND_QUEUE)
+        first.sendData(b"abc", sync=True)
+        self.assertIsNot(first.send_queue, _NO_SEND_QUEUE)
+        self.assertEqual(len(_NO_SEND_QUEUE), 0)
+        self.assertEqual(transport.value(), b"abc")
+
 
 class ReleaseBuffersTests(unittest.SynchronousTestCase):
     """
@@ -359,7 +407,7 @@ class GatewayProtocolTests(unittest.SynchronousTestCase):
     def test_no_autobahn_auto_ping(self):
         from anyproxy.gateway.tunnel_server import TunnelServerFactory
         factory = TunnelServerFactory.for_credentials(None, "u", "p", Clock())
-        self.assertIs(factory.protocol, GatewayTunnelProtocol)
+        self.assertIs(factory.protocol.options_base, GatewayTunnelProtocol)
         self.assertEqual((factory.autoPingInterval, factory.autoPingTimeout), (0, 0))
         self.assertEqual(factory.liveness.ping_after, 2 * SWEEPS_PER_INTERVAL)
 

@@ -221,7 +221,7 @@ class TunnelServerFactory(HandshakeCappedFactory, WebSocketServerFactory):
                                "max_tunnels (%d) already" % (grant.name, grant.max_tunnels))
         tunnel = Tunnel(client_id=client_id, group=group, mux=protocol.mux,
                         address=protocol.peer, version=hello.software,
-                        close=lambda: protocol.dropConnection(abort=True), weight=weight,
+                        close=protocol.abort, weight=weight,
                         credential=grant.name, routes=hello.routes)
         protocol.mux.name = "%s@%s" % (client_id, protocol.peer)
         if hello.open_ports_not_a_list:

@@ -149,15 +149,18 @@ class Mux:
         answers a ping it held back).
     """
 
-    paused = False
-    datagrams_dropped = 0
-    bytes_sent = bytes_received = 0
-    streams_opened = 0
-    lowest_transport = None
-    reply_backlog = 0
-    on_resume = None
-    go_away_sent = False
-    go_away_received = None
+    # A gateway keeps a Mux per tunnel, thousands of them: slots instead of
+    # an instance dict (which grew to 1.5 KiB a tunnel as attributes were
+    # added after __init__).  The dict slot stays for what tests and
+    # callers hang on one (it is made only then).
+    __slots__ = (
+        "_send_message", "_send_parts", "_next_id", "_peer_parity", "on_open_request", "on_hello",
+        "on_protocol_error", "on_go_away", "window", "max_window", "name", "clock", "_streams",
+        "_lost", "_last_peer_id", "_refused", "_drain_waiters", "_round_trip", "_crossing",
+        "paused", "datagrams_dropped", "bytes_sent", "bytes_received", "streams_opened",
+        "lowest_transport", "reply_backlog", "on_resume", "go_away_sent", "go_away_received",
+        "_peer_takes_dialed", "_peer_takes_batches", "_datagram_headers", "_batch_turn",
+        "_datagram_batches", "__dict__")
 
     def __init__(self, send_message, initiator, on_open_request=None, on_hello=None,
                  on_protocol_error=None, window=DEFAULT_WINDOW, name="", send_parts=None,
@@ -180,10 +183,24 @@ class Mux:
         self._streams = {}
         self._lost = False
         self._last_peer_id = 0
-        self._refused = set()
-        self._drain_waiters = []
+        self._refused = None  # ids of streams we refused (a set, once there is one)
+        self._drain_waiters = None  # Deferreds of when_drained (a list, once there is one)
         self._round_trip = round_trip
         self._crossing = False  # our GOAWAY sent, the peer's OPENs sent before it may be on their way
+        self.paused = False
+        self.datagrams_dropped = 0
+        self.bytes_sent = self.bytes_received = 0
+        self.streams_opened = 0
+        self.lowest_transport = None
+        self.reply_backlog = 0
+        self.on_resume = None
+        self.go_away_sent = False
+        self.go_away_received = None
+        self._peer_takes_dialed = False  # the peer's HELLO had frames.HELLO_DIALED
+        self._peer_takes_batches = False  # the peer's HELLO had frames.HELLO_DATAGRAMS
+        self._datagram_headers = None  # (stream id, host, port) -> (DATAGRAM frame header, address)
+        self._batch_turn = None  # the DelayedCall ending this turn's batching, while one is open
+        self._datagram_batches = None  # stream id -> [pieces of a DATAGRAMS payload], bytes so far
 
     @property
     def stream_count(self):
@@ -235,8 +252,6 @@ class Mux:
     # OPEN_OK, CREDIT and FIN are packed here without a frame object (and
     # frames.encode's dispatch): they go out once or more per stream.
 
-    _peer_takes_dialed = False  # the peer's HELLO had frames.HELLO_DIALED
-
     def send_open_ok(self, stream_id, dialed=None):
         """
         Answer an OPEN: connected.  C{dialed}, C{(host, port)} we connected
@@ -282,10 +297,6 @@ class Mux:
     # another frame is sent (_send_raw), so none is overtaken by its stream's
     # FIN or RESET.
 
-    _datagram_headers = None  # (stream id, host, port) -> (DATAGRAM frame header, address)
-    _peer_takes_batches = False  # the peer's HELLO had frames.HELLO_DATAGRAMS
-    _batch_turn = None  # the DelayedCall ending this turn's batching, while one is open
-    _datagram_batches = None  # stream id -> [pieces of a DATAGRAMS payload], bytes so far
 
     def send_datagram(self, stream_id, host, port, payload):
         if self.paused or self._lost:
@@ -425,6 +436,8 @@ class Mux:
         or is lost; at once if it already is.
         """
         d = defer.Deferred()
+        if self._drain_waiters is None:
+            self._drain_waiters = []
         self._drain_waiters.append(d)
         self._check_drained()
         return d
@@ -432,7 +445,7 @@ class Mux:
     def _check_drained(self):
         if self._drain_waiters and (self._lost or (self.draining and not self._streams
                                                    and not self._crossing)):
-            waiters, self._drain_waiters = self._drain_waiters, []
+            waiters, self._drain_waiters = self._drain_waiters, None
             for waiter in waiters:
                 waiter.callback(None)
 
@@ -585,11 +598,14 @@ class Mux:
 
     def _unknown_stream_data(self, stream_id):
         # Data for a stream we closed (or never had): refuse it once, like TCP.
-        if stream_id not in self._refused:
+        refused = self._refused
+        if refused is None:
+            refused = self._refused = set()
+        if stream_id not in refused:
             self._check_reply_backlog()
-            if len(self._refused) > 1024:
-                self._refused.clear()
-            self._refused.add(stream_id)
+            if len(refused) > 1024:
+                refused.clear()
+            refused.add(stream_id)
             self._send_reply(frames.encode(frames.Reset(stream_id, int(Reason.GENERAL_FAILURE))))
 
     def _open_received(self, frame):

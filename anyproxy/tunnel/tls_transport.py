@@ -84,10 +84,37 @@ def tls_layers(transport):
     return transport, tcp
 
 
+class _SendAtOnce:
+    """
+    The methods L{send_ciphertext_at_once} gives a TCP transport: its
+    write sends at once when nothing waits in its buffer.
+    """
+
+    def write(self, data):
+        # data: bytes, or a cffi buffer that is reused once this returns
+        # (takes_views): only what must wait is copied, by slicing it.
+        if data and nothing_buffered(self):
+            send_then_buffer(self.socket, data, self._buffered_write)
+            return
+        self._buffered_write(data[:])
+
+    write.takes_views = True
+
+    def _buffered_write(self, data):
+        super().write(data)
+
+
+_send_at_once_classes = {}
+
+
 def send_ciphertext_at_once(transport):
     """
     Make the TLS layer under C{transport} hand its encrypted bytes straight
     to the socket when nothing is waiting in the TCP transport's buffer.
+
+    The TCP transport becomes an instance of a subclass of its class with
+    L{_SendAtOnce}'s write, made once per class: nothing is added per
+    connection.
 
     @return: whether it was installed.
     """
@@ -95,23 +122,16 @@ def send_ciphertext_at_once(transport):
     if layers is None:
         return False
     tls, tcp = layers
-    buffered_write = tcp.write
     for name in ("connected", "disconnecting", "_writeDisconnected", "dataBuffer", "_tempDataLen"):
         if not hasattr(tcp, name):
             return False
-
-    def write(data):
-        # data: bytes, or a cffi buffer that is reused once this returns
-        # (takes_views): only what must wait is copied, by slicing it.
-        if data and nothing_buffered(tcp):
-            send_then_buffer(tcp.socket, data, buffered_write)
-            return
-        buffered_write(data[:])
-
-    write.takes_views = True
-    # The TLS protocol writes its records to its transport's write: the
-    # instance attribute takes its place for this connection only.
-    tcp.write = write
+    cls = type(tcp)
+    if not issubclass(cls, _SendAtOnce):
+        at_once = _send_at_once_classes.get(cls)
+        if at_once is None:
+            at_once = type("SendAtOnce" + cls.__name__, (_SendAtOnce, cls), {})
+            _send_at_once_classes[cls] = at_once
+        tcp.__class__ = at_once
     return True
 
 

@@ -7,7 +7,10 @@ handshake (L{GatewayTunnelProtocol.onConnect}), before the upgrade.
 """
 
 import base64
+import collections
 import struct
+import types
+import weakref
 
 from autobahn.twisted.websocket import WebSocketClientProtocol, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -76,6 +79,18 @@ log = Logger()
 #                       and the frame being read (None between frames): an
 #                       idle tunnel's empty ping is answered here, without
 #                       the frame parser, only between frames.
+#   CONFIG_ATTRS        the options a connection copies from its factory when
+#                       it is made, each only if the protocol lacks it
+#                       (hasattr): ours move to a class made for one factory's
+#                       options (tune_factory, _share_unset_flags).
+#   sendData, send_queue  Autobahn queues a write in send_queue only for
+#                       sendData(sync=True) or (chopsize=n): until then an
+#                       open tunnel shares one empty queue.
+#   websocket_version, websocket_protocol_in_use  immutable values, alike
+#                       on every open tunnel and changed only by assignment
+#                       (as are state, data and Twisted's connected): read
+#                       from the class until then.
+#   send_state, autoPingPendingSeq  the same.
 
 # A payload this long is encrypted apart from its frame header rather than
 # copied behind it (one short TLS record more, against a copy of the payload).
@@ -130,6 +145,28 @@ def tune_factory(factory, ping_interval, handshake_timeout):
         factory.setProtocolOptions(requireMaskedClientFrames=False)
     else:
         factory.setProtocolOptions(maskClientFrames=False)
+    if factory not in _options_watched:
+        # Any later change of options too (this function's, or anyone's).
+        set_options = factory.setProtocolOptions
+
+        def set_options_then_fresh_class(**options):
+            set_options(**options)
+            _fresh_options_class(factory)
+
+        factory.setProtocolOptions = set_options_then_fresh_class
+        _options_watched.add(factory)
+    _fresh_options_class(factory)
+
+
+_options_watched = weakref.WeakSet()  # the factories tune_factory has seen
+
+
+def _fresh_options_class(factory):
+    # Connections made from now on get a class of their own for the
+    # factory's options as they are now (_TunnelProtocol._share_unset_flags);
+    # those already open keep theirs.
+    base = getattr(factory.protocol, "options_base", None) or factory.protocol
+    factory.protocol = type(base.__name__, (base,), {"options_base": base})
 
 
 # After bulk data a tunnel's TLS buffers hold 64 KiB and more: once quiet
@@ -172,6 +209,11 @@ class TunnelNotEstablished(ConnectionError):
         self.code = code
 
 
+# The send queue of every open tunnel that never queued a write (sendData);
+# never appended to.
+_NO_SEND_QUEUE = collections.deque(maxlen=0)
+
+
 class _TunnelProtocol:
     """What both ends share: a mux wired to the WebSocket."""
 
@@ -186,39 +228,82 @@ class _TunnelProtocol:
     silence_set = None  # set by anyproxy.tunnel.liveness.Liveness only
 
     # Autobahn's opening-handshake state (the request, its headers, our
-    # response), which nothing reads once the WebSocket is open: about 2 KiB
-    # a tunnel.  Not Autobahn API: only attributes present are cleared, and
-    # tests/test_idle_tunnels.py checks that Autobahn still sets them.
+    # response, the transport's details it hands onConnecting), which nothing
+    # reads once the WebSocket is open: about 2.5 KiB a tunnel.  Not Autobahn
+    # API: only attributes present are cleared, and tests/test_idle_tunnels.py
+    # checks that Autobahn still sets them.
     _HANDSHAKE_REMNANTS = (
         "http_headers", "http_request_data", "http_response_data", "http_status_line",
         "http_request_params", "http_request_uri", "http_request_path", "http_request_host",
         "websocket_extensions", "websocket_protocols", "websocket_origin",
-        "http_response_body",
+        "http_response_body", "_wskey", "_transport_details",
     )
 
-    # Names Autobahn reads with hasattr() to decide whether to set them:
-    # a class attribute would change its answer (its factory's options
-    # would no longer be copied in), so they stay per tunnel.
-    _NOT_SHARED = frozenset(WebSocketServerProtocol.CONFIG_ATTRS) | frozenset(
-        WebSocketClientProtocol.CONFIG_ATTRS) | {"trackTimings"}
+    # Names Autobahn reads with hasattr() to decide whether to set them: its
+    # factory's options, copied into each connection unless the protocol
+    # already has them.  They are shared only through a class made for one
+    # factory's options (options_base, tune_factory); the rest stay per tunnel.
+    _OPTIONS = frozenset(WebSocketServerProtocol.CONFIG_ATTRS) | frozenset(
+        WebSocketClientProtocol.CONFIG_ATTRS)
+    _NOT_SHARED = _OPTIONS | {"trackTimings"}
+    # Immutable values Autobahn and Twisted give every open tunnel alike
+    # (the protocol version, states, counters), read from the class the
+    # same way until one is assigned.
+    _SAME_ON_EVERY_TUNNEL = frozenset((
+        "websocket_version", "websocket_protocol_in_use", "state", "send_state", "data",
+        "connected", "autoPingPendingSeq"))
+    # The class tune_factory made this one from, for one factory's options
+    # as they were then; None on a class it did not make.
+    options_base = None
 
     def _share_unset_flags(self):
         # Autobahn starts some fifty state flags of every connection at None
-        # or False: with the rest, an instance dict of 93 entries (3.3 KiB)
-        # on each gateway tunnel.  While a flag is None or False it reads
-        # the same from the class; assigning it (Autobahn and we only ever
-        # assign these) puts the tunnel's own value back.  A dict of what is
-        # left is half the size (measured in tests/test_idle_tunnels.py).
+        # or False, and copies some thirty factory options into it: an
+        # instance dict of 93 entries (3.3 KiB) on each gateway tunnel.
+        # While a flag is None or False it reads the same from the class;
+        # assigning it (Autobahn and we only ever assign these) puts the
+        # tunnel's own value back.  An option the connection has from its
+        # factory moves to the class tune_factory made for that factory, so
+        # the next connections find it there and do not copy it: the same
+        # value, until a reload, which makes a new class for new connections
+        # (what Autobahn's copying does too).  A dict of what is left is a
+        # quarter of the size (measured in tests/test_idle_tunnels.py).
         cls = type(self)
+        own = cls.__dict__
+        factory = self.factory if cls.options_base is not None else None
         kept = {}
         for name, value in self.__dict__.items():
-            if (value is None or value is False) and name not in self._NOT_SHARED:
+            if name in self._OPTIONS:
+                # Not a function: from the class it would read as a method.
+                if (factory is not None and getattr(factory, name, kept) is value
+                        and not isinstance(value, types.FunctionType)):
+                    if name not in own:
+                        setattr(cls, name, value)
+                    if own[name] is value:
+                        continue
+            elif name in self._SAME_ON_EVERY_TUNNEL:
+                if name not in own:
+                    setattr(cls, name, value)
+                shared = own[name]
+                if shared == value and type(shared) is type(value):
+                    continue
+            elif (value is None or value is False) and name not in self._NOT_SHARED:
                 if not hasattr(cls, name):
                     setattr(cls, name, value)
                 if getattr(cls, name) is value:
                     continue
             kept[name] = value
         self.__dict__ = kept
+        if self.__dict__.get("send_queue", True) is not _NO_SEND_QUEUE and not self.send_queue:
+            self.send_queue = _NO_SEND_QUEUE
+
+    def sendData(self, data, sync=False, chopsize=None):
+        # Autobahn queues a write in send_queue only when asked to (sync or
+        # chopsize, which we never do): an idle tunnel shares one empty
+        # queue instead of its own 0.7 KiB deque.
+        if (sync or chopsize) and self.send_queue is _NO_SEND_QUEUE:
+            self.send_queue = collections.deque()
+        super().sendData(data, sync=sync, chopsize=chopsize)
 
     def _watch_liveness(self):
         # Called from onOpen.  The handshake's leftovers go too: with
@@ -249,6 +334,10 @@ class _TunnelProtocol:
             log.error("tunnel {name}: out of memory for its TLS buffers; closing",
                       name=mux.name if mux is not None else self.peer)
             self.dropConnection(abort=True)
+
+    def abort(self):
+        """Close at once, without the closing handshake."""
+        self.dropConnection(abort=True)
 
     def silence_timed_out(self, seconds):
         """Called by L{Liveness}: nothing received for C{seconds}; drop the tunnel."""
@@ -510,7 +599,7 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
     def _handshake_over(self):
         # Once per connection: at its HELLO, or when it closes before one.
         if self.holds_handshake_place:
-            self.holds_handshake_place = False
+            del self.holds_handshake_place  # False, from the class
             self.factory.handshakes.leave()
         if self.grant is not None and not getattr(self, "_hello_counted", False):
             self._hello_counted = True
@@ -533,7 +622,7 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
         self._handshake_over()
         if self._hello_timer is not None:
             self._hello_timer.cancel()
-            self._hello_timer = None
+            del self._hello_timer  # None, from the class
         try:
             self.tunnel = self.factory.tunnel_connected(self, info)
         except HelloRefused as refused:
