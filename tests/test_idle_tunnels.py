@@ -131,6 +131,28 @@ class LivenessTests(unittest.SynchronousTestCase):
             self.liveness.discard(other)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_a_drop_that_closes_another_dead_tunnel(self):
+        """Two tunnels dropped in one sweep, the first one's drop closing the second at
+        once: each is dropped once, and a third, still heard, stays watched."""
+        self.watch(is_gateway=True)
+        other, alive = FakeTunnel(self.clock, self.liveness), FakeTunnel(self.clock, self.liveness)
+        self.liveness.add(other)
+        self.liveness.add(alive)
+        for tunnel, partner in ((self.tunnel, other), (other, self.tunnel)):
+            def dropped(seconds, tunnel=tunnel, partner=partner):
+                FakeTunnel.silence_timed_out(tunnel, seconds)
+                self.liveness.discard(partner)
+            tunnel.silence_timed_out = dropped
+        for _ in range(DEAD_AFTER * SWEEPS_PER_INTERVAL + 1):
+            self.advance(self.sweep)
+            alive.received()
+        self.assertEqual(len(self.tunnel.drops) + len(other.drops), 1)
+        self.assertEqual(self.liveness.watched, {alive})
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.advance(DEAD_AFTER * self.interval + self.sweep)
+        self.assertEqual(len(alive.drops), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_sweep_leaves_the_quiet_middle_alone(self):
         """A sweep visits the tunnels heard since the last one and those reaching a
         step, not every tunnel: one silent three sweeps (past the buffer release,

@@ -147,7 +147,9 @@ class Liveness:
                             SWEEPS_PER_INTERVAL):
             for protocol in list(silent[sweeps - 1]):
                 protocol.sendPing()
-        for protocol in list(dead):
+        # Taken from the set itself: dropping one may discard another of them.
+        while dead:
+            protocol = dead.pop()
             self._count -= 1
             protocol.silence_set = None
             protocol.silence_timed_out(self.interval * DEAD_AFTER)

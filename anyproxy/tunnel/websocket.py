@@ -166,7 +166,8 @@ def _fresh_options_class(factory):
     # factory's options as they are now (_TunnelProtocol._share_unset_flags);
     # those already open keep theirs.
     base = getattr(factory.protocol, "options_base", None) or factory.protocol
-    factory.protocol = type(base.__name__, (base,), {"options_base": base})
+    factory.protocol = type(base.__name__, (base,), {"options_base": base,
+                                                     "__module__": base.__module__})
 
 
 # After bulk data a tunnel's TLS buffers hold 64 KiB and more: once quiet
