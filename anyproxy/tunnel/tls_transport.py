@@ -104,7 +104,20 @@ class _SendAtOnce:
         super().write(data)
 
 
-_send_at_once_classes = {}
+_mixed_classes = {}  # (mix-in, class) -> their subclass
+
+
+def _mix_in(instance, mixin, prefix):
+    # Make instance one of a subclass of its class with mixin's methods
+    # first, made once per class: nothing is added per connection.
+    cls = type(instance)
+    if issubclass(cls, mixin):
+        return
+    mixed = _mixed_classes.get((mixin, cls))
+    if mixed is None:
+        mixed = type(prefix + cls.__name__, (mixin, cls), {"__module__": cls.__module__})
+        _mixed_classes[(mixin, cls)] = mixed
+    instance.__class__ = mixed
 
 
 def send_ciphertext_at_once(transport):
@@ -125,13 +138,7 @@ def send_ciphertext_at_once(transport):
     for name in ("connected", "disconnecting", "_writeDisconnected", "dataBuffer", "_tempDataLen"):
         if not hasattr(tcp, name):
             return False
-    cls = type(tcp)
-    if not issubclass(cls, _SendAtOnce):
-        at_once = _send_at_once_classes.get(cls)
-        if at_once is None:
-            at_once = type("SendAtOnce" + cls.__name__, (_SendAtOnce, cls), {})
-            _send_at_once_classes[cls] = at_once
-        tcp.__class__ = at_once
+    _mix_in(tcp, _SendAtOnce, "SendAtOnce")
     return True
 
 
@@ -323,9 +330,6 @@ class _BatchedRecords:
         self._flushSendBIO()
 
 
-_batched_classes = {}
-
-
 def batch_records(transport):
     """
     Make the TLS layer under C{transport} encrypt and decrypt in batches of
@@ -348,11 +352,5 @@ def batch_records(transport):
             or not all(hasattr(tls, name) for name in _TLS_INTERNALS)
             or not all(hasattr(_lib, name) for name in _BINDING)):
         return False
-    cls = type(tls)
-    if not issubclass(cls, _BatchedRecords):
-        batched = _batched_classes.get(cls)
-        if batched is None:
-            batched = type("Batched" + cls.__name__, (_BatchedRecords, cls), {})
-            _batched_classes[cls] = batched
-        tls.__class__ = batched
+    _mix_in(tls, _BatchedRecords, "Batched")
     return True
