@@ -62,11 +62,13 @@ class Liveness:
         self._heard = set()  # heard since the last sweep
         # _silent[i]: the tunnels silent for i + 1 sweeps.
         self._silent = collections.deque()
-        self._count = 0
         self.interval = interval
         self.ping_after = SWEEPS_PER_INTERVAL * (GATEWAY_PING_AFTER if is_gateway
                                                  else CLIENT_PING_AFTER)
         self.dead_after = SWEEPS_PER_INTERVAL * DEAD_AFTER
+
+    def _watching(self):
+        return bool(self._heard) or any(self._silent)
 
     @property
     def watched(self):
@@ -104,27 +106,23 @@ class Liveness:
     def add(self, protocol):
         """Watch C{protocol}, an open tunnel."""
         self._forget(protocol)
-        protocol.silence_set = None
         self._heard.add(protocol)
-        self._count += 1
         if self._sweeper is None:
             self._start()
 
     def discard(self, protocol):
         """Stop watching C{protocol} (closed); the timer stops with the last one."""
         self._forget(protocol)
-        if not self._count and self._sweeper is not None:
-            self._sweeper.stop()
-            self._sweeper = None
+        self._stop_if_idle()
 
     def _forget(self, protocol):
-        tunnels = protocol.silence_set
-        if tunnels is None:
-            tunnels = self._heard
-        if protocol in tunnels:
-            tunnels.remove(protocol)
-            self._count -= 1
+        (self._heard if protocol.silence_set is None else protocol.silence_set).discard(protocol)
         protocol.silence_set = None
+
+    def _stop_if_idle(self):
+        if self._sweeper is not None and not self._watching():
+            self._sweeper.stop()
+            self._sweeper = None
 
     def _start(self):
         self._sweeper = LoopingCall(self.sweep)
@@ -140,7 +138,7 @@ class Liveness:
         silent.appendleft(heard)
         dead = silent.pop() if len(silent) > self.dead_after else ()
         # Copies: a ping's write may lose a connection, which leaves its set.
-        if len(silent) >= RELEASE_AFTER_SWEEPS and RELEASE_AFTER_SWEEPS <= self.ping_after:
+        if len(silent) >= RELEASE_AFTER_SWEEPS:  # before any ping: ping_after >= 5
             for protocol in list(silent[RELEASE_AFTER_SWEEPS - 1]):
                 protocol.release_idle_buffers()
         for sweeps in range(self.ping_after + 1, min(len(silent), self.dead_after) + 1,
@@ -150,9 +148,6 @@ class Liveness:
         # Taken from the set itself: dropping one may discard another of them.
         while dead:
             protocol = dead.pop()
-            self._count -= 1
             protocol.silence_set = None
             protocol.silence_timed_out(self.interval * DEAD_AFTER)
-        if not self._count and self._sweeper is not None:
-            self._sweeper.stop()
-            self._sweeper = None
+        self._stop_if_idle()

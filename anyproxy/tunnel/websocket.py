@@ -121,6 +121,24 @@ def tune_factory(factory, ping_interval, handshake_timeout):
     C{factory.liveness} instead, whose ping interval this sets: called again
     on reload, the new interval applies to the tunnels already open too.
     """
+    if factory not in _options_watched:
+        # Connections made after any change of options (this function's, or
+        # anyone's) get a class of their own for them.
+        set_options = factory.setProtocolOptions
+
+        def set_options_then_fresh_class(**options):
+            set_options(**options)
+            _fresh_options_class(factory)
+
+        factory.setProtocolOptions = set_options_then_fresh_class
+        _options_watched.add(factory)
+    # Client-to-server masking (RFC 6455 section 5.3) protects HTTP caches
+    # that would misread WebSocket bytes as requests.  Our tunnel runs only
+    # inside TLS between two AnyProxy ends, so no intermediary sees the
+    # frames; unmasked, the client's sending direction (user downloads) is
+    # about a third faster.  See docs/PROTOCOL.md.
+    unmasked = ({"requireMaskedClientFrames": False} if factory.isServer
+                else {"maskClientFrames": False})
     factory.setProtocolOptions(
         maxFramePayloadSize=MAX_MESSAGE,
         maxMessagePayloadSize=MAX_MESSAGE,
@@ -132,30 +150,11 @@ def tune_factory(factory, ping_interval, handshake_timeout):
         autoPingInterval=0,
         autoPingTimeout=0,
         failByDrop=True,
+        **unmasked,
     )
     liveness = getattr(factory, "liveness", None)
     if liveness is not None:
         liveness.configure(ping_interval)
-    # Client-to-server masking (RFC 6455 section 5.3) protects HTTP caches
-    # that would misread WebSocket bytes as requests.  Our tunnel runs only
-    # inside TLS between two AnyProxy ends, so no intermediary sees the
-    # frames; unmasked, the client's sending direction (user downloads) is
-    # about a third faster.  See docs/PROTOCOL.md.
-    if factory.isServer:
-        factory.setProtocolOptions(requireMaskedClientFrames=False)
-    else:
-        factory.setProtocolOptions(maskClientFrames=False)
-    if factory not in _options_watched:
-        # Any later change of options too (this function's, or anyone's).
-        set_options = factory.setProtocolOptions
-
-        def set_options_then_fresh_class(**options):
-            set_options(**options)
-            _fresh_options_class(factory)
-
-        factory.setProtocolOptions = set_options_then_fresh_class
-        _options_watched.add(factory)
-    _fresh_options_class(factory)
 
 
 _options_watched = weakref.WeakSet()  # the factories tune_factory has seen
@@ -270,23 +269,17 @@ class _TunnelProtocol:
         # (what Autobahn's copying does too).  A dict of what is left is a
         # quarter of the size (measured in tests/test_idle_tunnels.py).
         cls = type(self)
-        own = cls.__dict__
         factory = self.factory if cls.options_base is not None else None
         kept = {}
         for name, value in self.__dict__.items():
             if name in self._OPTIONS:
                 # Not a function: from the class it would read as a method.
                 if (factory is not None and getattr(factory, name, kept) is value
-                        and not isinstance(value, types.FunctionType)):
-                    if name not in own:
-                        setattr(cls, name, value)
-                    if own[name] is value:
-                        continue
+                        and not isinstance(value, types.FunctionType)
+                        and self._class_holds(name, value)):
+                    continue
             elif name in self._SAME_ON_EVERY_TUNNEL:
-                if name not in own:
-                    setattr(cls, name, value)
-                shared = own[name]
-                if shared == value and type(shared) is type(value):
+                if self._class_holds(name, value):
                     continue
             elif (value is None or value is False) and name not in self._NOT_SHARED:
                 if not hasattr(cls, name):
@@ -295,8 +288,17 @@ class _TunnelProtocol:
                     continue
             kept[name] = value
         self.__dict__ = kept
-        if self.__dict__.get("send_queue", True) is not _NO_SEND_QUEUE and not self.send_queue:
+        if not self.send_queue:
             self.send_queue = _NO_SEND_QUEUE
+
+    def _class_holds(self, name, value):
+        # Whether this tunnel's class (the first tunnel of it sets it) holds
+        # the same immutable value, so that the tunnel can read it there.
+        cls = type(self)
+        if name not in cls.__dict__:
+            setattr(cls, name, value)
+        shared = cls.__dict__[name]
+        return shared == value and type(shared) is type(value)
 
     def sendData(self, data, sync=False, chopsize=None):
         # Autobahn queues a write in send_queue only when asked to (sync or
