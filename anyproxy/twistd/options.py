@@ -17,6 +17,7 @@ from anyproxy.errors import ConfigError
 from anyproxy.tuning import tune_malloc
 from anyproxy.logs import LoggingRoot, apply_library_levels, make_observer
 from anyproxy.memory import FreezeAfterStartup
+from anyproxy.reactor_dispatch import dispatch_directly
 
 log = Logger()
 
@@ -44,7 +45,10 @@ class ConfigOptions(usage.Options):
 def logging_root(service, options):
     """
     Put C{service} under a L{LoggingRoot} for the config's C{log} section,
-    writing where twistd's own options say unless the config names a file.
+    writing where twistd's own options say unless the config names a file;
+    and set up the process the same way for both programs: malloc
+    thresholds, the start-up freeze, and socket events dispatched directly
+    (L{anyproxy.reactor_dispatch}).
     """
     config = options["loaded"]
     twistd = options.parent or {}
@@ -60,6 +64,7 @@ def logging_root(service, options):
     from twisted.internet import reactor
 
     FreezeAfterStartup(reactor).setServiceParent(root)
+    dispatch_directly(reactor)
     # Features a Go AnyProxy file asks for that are not started here.
     for line in warnings_for(config, options.role):
         log.warn("{line}", line=line)
