@@ -1,5 +1,9 @@
 """Tests for L{anyproxy.tuning}."""
 
+import errno
+
+from hypothesis import given, strategies as st
+from twisted.internet import main
 from twisted.trial import unittest
 
 from anyproxy import tuning
@@ -120,3 +124,161 @@ class NoDelayTests(unittest.TestCase):
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK), 1)
         sock.close()
         rearm()  # a closed socket: no error
+
+
+class _FullSocket:
+    """
+    A socket whose sendmsg takes what C{takes} allows, one figure per call
+    (0: the buffer is full), and everything once they are used up.
+    """
+
+    def __init__(self, takes):
+        self._takes = iter(takes)
+        self.sent = bytearray()
+        self.calls = []
+
+    def sendmsg(self, buffers):
+        self.calls.append(len(buffers))
+        data = b"".join(bytes(each) for each in buffers)
+        take = next(self._takes, len(data))
+        if take == 0 and data:
+            raise BlockingIOError(errno.EAGAIN, "full")
+        self.sent += data[:take]
+        return min(take, len(data))
+
+    def send(self, data):
+        self.sent += data
+        return len(data)
+
+
+def _gathering_transport(sock, send_limit=tuning.WRITE_SIZE):
+    from twisted.internet import abstract
+    from twisted.internet.testing import MemoryReactor
+
+    class Transport(abstract.FileDescriptor):
+        SEND_LIMIT = send_limit
+
+        def writeSomeData(self, data):
+            return sock.send(data)
+
+    transport = Transport(reactor=MemoryReactor())
+    transport.socket = sock
+    transport.connected = True
+    tuning.mix_in(transport, tuning.GatherWrites, "Gather")
+    return transport
+
+
+class GatherWritesTests(unittest.TestCase):
+    """What waits in a TCP transport's buffer goes out with one sendmsg, in order."""
+
+    def test_installed_on_tcp(self):
+        """tune_for_bulk gives a real TCP transport the gathering doWrite, once."""
+        import socket
+        from twisted.internet import tcp
+        a, b = socket.socketpair()
+        self.addCleanup(b.close)
+
+        class Server(tcp.Connection):
+            pass
+
+        from twisted.internet import reactor
+        transport = Server(a, None, reactor)
+        self.addCleanup(a.close)
+        tuning.tune_for_bulk(transport)
+        tuning.tune_for_bulk(transport)
+        self.assertIsInstance(transport, tuning.GatherWrites)
+        self.assertIs(type(transport).__mro__[1], tuning.GatherWrites)
+        self.assertIs(type(transport).__mro__[2], Server)
+
+    @given(pieces=st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=40),
+           takes=st.lists(st.integers(min_value=0, max_value=64) | st.integers(min_value=0, max_value=9000),
+                          max_size=30),
+           send_limit=st.sampled_from([1, 2048, tuning.WRITE_SIZE]))
+    def test_sends_everything_in_order(self, pieces, takes, send_limit):
+        """
+        Whatever the socket takes each time, the bytes go out in the order
+        written, what waits is counted as Twisted counts it (dataBuffer from
+        offset, then _tempDataLen), and once all is out the transport stops
+        watching for writes.
+        """
+        sock = _FullSocket(takes)
+        transport = _gathering_transport(sock, send_limit)
+        expected = b"".join(pieces)
+        for piece in pieces:
+            transport.write(piece)
+        for _ in range(len(takes) + len(pieces) + 2):
+            if transport not in transport.reactor.getWriters():
+                break
+            self.assertIsNone(transport.doWrite())
+            waiting = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            self.assertEqual(waiting, len(expected) - len(sock.sent))
+            self.assertLessEqual(max(sock.calls), tuning.GATHER_MAX)
+        self.assertEqual(bytes(sock.sent), expected)
+        self.assertNotIn(transport, transport.reactor.getWriters())
+        self.assertEqual((transport.dataBuffer, transport._tempDataBuffer, transport._tempDataLen),
+                         (b"", [], 0))
+
+    def test_one_sendmsg_for_many_pieces(self):
+        """Pieces that waited go out in one call, not joined first."""
+        sock = _FullSocket([])
+        transport = _gathering_transport(sock)
+        for index in range(10):
+            transport.write(b"%d" % index * 100)
+        transport.doWrite()
+        self.assertEqual(sock.calls, [10])
+
+    def test_producer_resumed_and_close_after_drain(self):
+        """
+        A producer paused by a full buffer is resumed once all is out, and a
+        loseConnection asked meanwhile happens then: Twisted's doWrite still
+        does what follows the last send.
+        """
+        from twisted.internet.interfaces import IPushProducer
+        from zope.interface import implementer
+
+        @implementer(IPushProducer)
+        class Producer:
+            paused = False
+
+            def pauseProducing(self):
+                self.paused = True
+
+            def resumeProducing(self):
+                self.paused = False
+
+            def stopProducing(self):
+                pass
+
+        sock = _FullSocket([0, 10])
+        transport = _gathering_transport(sock)
+        transport.bufferSize = 100
+        producer = Producer()
+        transport.registerProducer(producer, True)
+        transport.write(b"x" * 150)
+        self.assertTrue(producer.paused)
+        transport.doWrite()  # full
+        transport.doWrite()  # 10 bytes
+        self.assertTrue(producer.paused)
+        transport.doWrite()  # the rest
+        self.assertFalse(producer.paused)
+        self.assertEqual(bytes(sock.sent), b"x" * 150)
+        transport.unregisterProducer()
+        closed = []
+        transport._postLoseConnection = lambda: closed.append(True) or main.CONNECTION_DONE
+        transport.write(b"a")
+        transport.write(b"b")
+        transport.loseConnection()
+        self.assertIs(transport.doWrite(), main.CONNECTION_DONE)
+        self.assertEqual(closed, [True])
+        self.assertEqual(bytes(sock.sent), b"x" * 150 + b"ab")
+
+    def test_error_is_connection_lost(self):
+        """A send error other than a full buffer loses the connection, as in Twisted."""
+        class Broken:
+            def sendmsg(self, buffers):
+                raise ConnectionResetError(errno.ECONNRESET, "reset")
+
+        transport = _gathering_transport(Broken())
+        transport.write(b"a")
+        transport.write(b"b")
+        self.assertIs(transport.doWrite(), main.CONNECTION_LOST)

@@ -66,7 +66,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-from anyproxy.tuning import nothing_buffered, send_then_buffer
+from anyproxy.tuning import mix_in, nothing_buffered, send_then_buffer
 
 
 def tls_layers(transport):
@@ -104,22 +104,6 @@ class _SendAtOnce:
         super().write(data)
 
 
-_mixed_classes = {}  # (mix-in, class) -> their subclass
-
-
-def _mix_in(instance, mixin, prefix):
-    # Make instance one of a subclass of its class with mixin's methods
-    # first, made once per class: nothing is added per connection.
-    cls = type(instance)
-    if issubclass(cls, mixin):
-        return
-    mixed = _mixed_classes.get((mixin, cls))
-    if mixed is None:
-        mixed = type(prefix + cls.__name__, (mixin, cls), {"__module__": cls.__module__})
-        _mixed_classes[(mixin, cls)] = mixed
-    instance.__class__ = mixed
-
-
 def send_ciphertext_at_once(transport):
     """
     Make the TLS layer under C{transport} hand its encrypted bytes straight
@@ -138,7 +122,7 @@ def send_ciphertext_at_once(transport):
     for name in ("connected", "disconnecting", "_writeDisconnected", "dataBuffer", "_tempDataLen"):
         if not hasattr(tcp, name):
             return False
-    _mix_in(tcp, _SendAtOnce, "SendAtOnce")
+    mix_in(tcp, _SendAtOnce, "SendAtOnce")
     return True
 
 
@@ -352,5 +336,5 @@ def batch_records(transport):
             or not all(hasattr(tls, name) for name in _TLS_INTERNALS)
             or not all(hasattr(_lib, name) for name in _BINDING)):
         return False
-    _mix_in(tls, _BatchedRecords, "Batched")
+    mix_in(tls, _BatchedRecords, "Batched")
     return True
