@@ -128,8 +128,8 @@ class NoDelayTests(unittest.TestCase):
 
 class _FullSocket:
     """
-    A socket whose sendmsg takes what C{takes} allows, one figure per call
-    (0: the buffer is full), and everything once they are used up.
+    A socket whose sendmsg and send take what C{takes} allows, one figure
+    per call (0: the buffer is full), and everything once they are used up.
     """
 
     def __init__(self, takes):
@@ -147,8 +147,11 @@ class _FullSocket:
         return min(take, len(data))
 
     def send(self, data):
-        self.sent += data
-        return len(data)
+        take = next(self._takes, len(data))
+        if take == 0 and data:
+            raise BlockingIOError(errno.EAGAIN, "full")
+        self.sent += data[:take]
+        return min(take, len(data))
 
 
 def _gathering_transport(sock, send_limit=tuning.WRITE_SIZE):
@@ -158,8 +161,11 @@ def _gathering_transport(sock, send_limit=tuning.WRITE_SIZE):
     class Transport(abstract.FileDescriptor):
         SEND_LIMIT = send_limit
 
-        def writeSomeData(self, data):
-            return sock.send(data)
+        def writeSomeData(self, data):  # as Twisted's TCP transport does
+            try:
+                return sock.send(data)
+            except BlockingIOError:
+                return 0
 
     transport = Transport(reactor=MemoryReactor())
     transport.socket = sock
@@ -212,11 +218,34 @@ class GatherWritesTests(unittest.TestCase):
             self.assertIsNone(transport.doWrite())
             waiting = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
             self.assertEqual(waiting, len(expected) - len(sock.sent))
-            self.assertLessEqual(max(sock.calls), tuning.GATHER_MAX)
+            self.assertLessEqual(max(sock.calls, default=0), tuning.GATHER_MAX)
         self.assertEqual(bytes(sock.sent), expected)
         self.assertNotIn(transport, transport.reactor.getWriters())
         self.assertEqual((transport.dataBuffer, transport._tempDataBuffer, transport._tempDataLen),
                          (b"", [], 0))
+
+    def test_head_taken_in_parts(self):
+        """
+        A piece the socket took part of, then less than its rest: the next
+        send starts where the socket stopped.
+        """
+        sock = _FullSocket([150, 20, 0])
+        transport = _gathering_transport(sock)
+        for piece in (b"a" * 100, b"b" * 100, b"c" * 100):
+            transport.write(piece)
+        for _ in range(4):
+            transport.doWrite()
+        self.assertEqual(bytes(sock.sent), b"a" * 100 + b"b" * 100 + b"c" * 100)
+        self.assertEqual(sock.calls, [3, 2, 2, 2])
+
+    def test_one_piece_sent_by_twisted(self):
+        """A lone waiting piece goes out as Twisted sends it: one send, no sendmsg."""
+        sock = _FullSocket([])
+        transport = _gathering_transport(sock)
+        transport.write(b"one")
+        self.assertIsNone(transport.doWrite())
+        self.assertEqual((sock.calls, bytes(sock.sent)), ([], b"one"))
+        self.assertNotIn(transport, transport.reactor.getWriters())
 
     def test_one_sendmsg_for_many_pieces(self):
         """Pieces that waited go out in one call, not joined first."""
