@@ -71,11 +71,14 @@ def _poll_and_dispatch(reactor, timeout):
             legacy_log.err(system=_log_prefix(selectable))
 
 
+_BUGGY_PREFIX = "(buggy logPrefix method)"  # what callWithLogger says too
+
+
 def _log_prefix(selectable):
     try:
         return selectable.logPrefix()
     except KeyboardInterrupt:
         raise
     except BaseException:
-        legacy_log.err(system="(buggy logPrefix method)")
-        return "(buggy logPrefix method)"
+        legacy_log.err(system=_BUGGY_PREFIX)
+        return _BUGGY_PREFIX

@@ -76,8 +76,7 @@ def tune_for_bulk(transport):
         transport.bufferSize = READ_SIZE
     if hasattr(transport, "SEND_LIMIT"):
         transport.SEND_LIMIT = WRITE_SIZE
-        if hasattr(getattr(transport, "socket", None), "sendmsg") and hasattr(
-                transport, "_tempDataBuffer"):
+        if hasattr(getattr(transport, "socket", None), "sendmsg") and has_twisted_buffer(transport):
             mix_in(transport, GatherWrites, "Gather")
 
 
@@ -220,6 +219,17 @@ def quick_acker(transport):
         except OSError:
             pass  # closing: nothing left to acknowledge
     return rearm
+
+
+# Twisted's FileDescriptor fields that the send paths here read and keep
+# (GatherWrites, nothing_buffered and anyproxy.tunnel.tls_transport).
+_BUFFER_FIELDS = ("connected", "disconnecting", "_writeDisconnected", "dataBuffer", "offset",
+                  "_tempDataBuffer", "_tempDataLen")
+
+
+def has_twisted_buffer(tcp):
+    """Whether C{tcp} keeps its unsent bytes in Twisted's buffer fields."""
+    return all(hasattr(tcp, name) for name in _BUFFER_FIELDS)
 
 
 def nothing_buffered(tcp):

@@ -66,7 +66,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-from anyproxy.tuning import mix_in, nothing_buffered, send_then_buffer
+from anyproxy.tuning import has_twisted_buffer, mix_in, nothing_buffered, send_then_buffer
 
 
 def tls_layers(transport):
@@ -119,9 +119,8 @@ def send_ciphertext_at_once(transport):
     if layers is None:
         return False
     tls, tcp = layers
-    for name in ("connected", "disconnecting", "_writeDisconnected", "dataBuffer", "_tempDataLen"):
-        if not hasattr(tcp, name):
-            return False
+    if not has_twisted_buffer(tcp):
+        return False
     mix_in(tcp, _SendAtOnce, "SendAtOnce")
     return True
 
