@@ -11,9 +11,10 @@ import sys
 from hypothesis import given, strategies as st
 from OpenSSL import SSL
 from OpenSSL._util import lib as openssl
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import failure
 from twisted.trial import unittest
 
 from anyproxy.tls import client_tls_options, server_tls_options
@@ -547,6 +548,19 @@ class ReleaseIdleBuffersTests(unittest.SynchronousTestCase):
         self.protocol.mux.bytes_sent += RELEASE_AFTER_BYTES
         self.protocol.release_idle_buffers()
         self.assertEqual(self.calls, [self.transport, self.transport])
+
+    def test_handshake_buffers_one_turn_after_open(self):
+        """What the handshake grew is given back on the reactor turn after the
+        tunnel opens, outside its I/O, without waiting for traffic."""
+        self.assertEqual(self.calls, [])
+        self.protocol.factory.reactor.advance(0)
+        self.assertEqual(self.calls, [self.transport])
+
+    def test_handshake_buffers_not_after_close(self):
+        """A tunnel lost before that turn leaves its TLS connection alone."""
+        self.protocol.connectionLost(failure.Failure(error.ConnectionDone()))
+        self.protocol.factory.reactor.advance(0)
+        self.assertEqual(self.calls, [])
 
     def test_out_of_memory_closes(self):
         from anyproxy.tunnel import websocket

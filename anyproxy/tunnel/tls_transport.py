@@ -27,7 +27,8 @@ or the first frames of a new stream, that is most of the work.
     2,000 tunnels that once carried a download would otherwise hold about
     1 GB.  A quiet connection gets two fresh, empty BIOs, with
     any bytes still in the old ones moved over first (the binding does it
-    after bulk data only: L{anyproxy.tunnel.websocket}).
+    once a tunnel is open and when it is quiet after bulk data:
+    L{anyproxy.tunnel.websocket}).
 
   - L{batch_records}: Twisted's TLS layer moves bulk data a TLS record
     (16 KiB) at a time through pyOpenSSL's Python wrappers: for each record
