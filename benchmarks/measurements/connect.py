@@ -5,6 +5,12 @@ clients send CONNECT to the echo target, wait for the 200, echo 4 bytes and
 close, ``--requests``/2 times per round.  Nothing can be reused: every
 tunnel is a new stream and a new target connection at the client, the cost
 AnyProxy's two hops add over pproxy's one.  No target.
+
+Also the CPU time per tunnel (user + system, psutil) of the processes that
+serve each path: AnyProxy's gateway and client, and pproxy.  The rate is
+that of one machine whose 2 cores the load, the echo target and every proxy
+process share; the CPU per tunnel tells what each process would need on a
+machine of its own, as a gateway and its clients run.
 """
 
 import asyncio
@@ -13,19 +19,31 @@ import typing
 
 import attr
 
+try:
+    import psutil
+except ImportError:  # selfcheck.py imports this module without it
+    psutil = None
+
 from harness import LOOPBACK, log
 from harness.chart import ANYPROXY, PEER, Panel, Series
+from harness.cpu_time import cpu_seconds
 from harness.measurement import Measurement
 from harness.report import Row, median, num, ratio
 
 PATHS = ("AnyProxy", "pproxy")
 LABEL = "2 CONNECT, a new tunnel each (as for https), per s"
+CPU_LABEL = "2 CONNECT, CPU µs per tunnel (user + system)"
+# The processes serving each path, by the harness's names for them.
+SERVING = {"AnyProxy": ("gateway", "client"), "pproxy": ("pproxy",)}
 
 
 @attr.s(frozen=True, auto_attribs=True)
 class ConnectRun:
     rate: float   # tunnels/s
     failed: int
+    # CPU µs per tunnel of each process serving the path (SERVING); empty
+    # where it could not be read.
+    cpu_us: typing.Dict[str, float] = attr.Factory(dict)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -37,6 +55,17 @@ class ConnectResult:
 
     def failed(self, path):
         return sum(x.failed for x in self.runs[path])
+
+    def cpu(self, path, name):
+        """The median CPU µs per tunnel of process C{name} on C{path}, or None."""
+        values = [x.cpu_us[name] for x in self.runs[path] if name in x.cpu_us]
+        return median(values) if values else None
+
+    def cpu_total(self, path):
+        """The median over rounds of the CPU µs per tunnel of all of C{path}'s processes, or None."""
+        values = [sum(x.cpu_us.values()) for x in self.runs[path]
+                  if x.cpu_us and len(x.cpu_us) == len(SERVING[path])]
+        return median(values) if values else None
 
 
 async def _connect_once(proxy_port, echo_port):
@@ -76,30 +105,63 @@ def connect_rate(proxy_port, echo_port, count, concurrency):
     return asyncio.run(go())
 
 
+def _serving(processes):
+    """{path: {name: psutil process}} for the processes of SERVING that are running."""
+    if psutil is None:
+        return {path: {} for path in SERVING}
+    return {path: {name: psutil.Process(processes.procs[name].pid)
+                   for name in names if name in processes.procs}
+            for path, names in SERVING.items()}
+
+
 def run(env):
     services, args = env.services, env.args
+    serving = _serving(env.processes)
     runs = {name: [] for name in PATHS}
+    count = args.requests // 2
     for r in range(args.rounds):
-        log("CONNECT round %d/%d (%d tunnels, %d concurrent)", r + 1, args.rounds, args.requests // 2,
+        log("CONNECT round %d/%d (%d tunnels, %d concurrent)", r + 1, args.rounds, count,
             args.concurrency)
         for name in PATHS:
-            result = connect_rate(services.http[name], services.ports["echo"], args.requests // 2,
-                                  args.concurrency)
-            log("  %-10s %8.0f CONNECT/s  %d failed", name, result.rate, result.failed)
+            watched = serving[name]
+            before = {process: cpu_seconds(p) for process, p in watched.items()}
+            result = connect_rate(services.http[name], services.ports["echo"], count, args.concurrency)
+            cpu_us = {process: (cpu_seconds(p) - before[process]) * 1e6 / count
+                      for process, p in watched.items()}
+            result = attr.evolve(result, cpu_us=cpu_us)
+            log("  %-10s %8.0f CONNECT/s  %d failed; CPU per tunnel: %s", name, result.rate, result.failed,
+                ", ".join("%s %.0f µs" % item for item in cpu_us.items()) or "not read")
             runs[name].append(result)
     return ConnectResult(runs=runs)
 
 
 def rows(result):
     ours = result.rate("AnyProxy")
-    return [Row(LABEL, "%s (failed: %d)" % (name, result.failed(name)), num(result.rate(name)),
-                "" if name == "AnyProxy" else num(ratio(ours, result.rate(name)), "{:.2f}"))
-            for name in PATHS]
+    table = [Row(LABEL, "%s (failed: %d)" % (name, result.failed(name)), num(result.rate(name)),
+                 "" if name == "AnyProxy" else num(ratio(ours, result.rate(name)), "{:.2f}"))
+             for name in PATHS]
+    peer = result.cpu_total("pproxy")
+    if peer is None:
+        return table
+    for name in SERVING["AnyProxy"]:
+        spent = result.cpu("AnyProxy", name)
+        if spent is not None:
+            table.append(Row(CPU_LABEL, "AnyProxy %s; ratio: / pproxy" % name, num(spent),
+                             num(ratio(spent, peer), "{:.2f}")))
+    both = result.cpu_total("AnyProxy")
+    if both is not None:
+        table.append(Row(CPU_LABEL, "AnyProxy gateway + client; ratio: / pproxy", num(both),
+                         num(ratio(both, peer), "{:.2f}")))
+    table.append(Row(CPU_LABEL, "pproxy (one process, the whole path)", num(peer)))
+    return table
 
 
 def raw(result):
-    return ["CONNECT tunnels per second, per round (failed):", ""] + [
-        "- CONNECT via %s, per s: %s" % (name, ", ".join("%.0f (%d failed)" % (x.rate, x.failed) for x in runs))
+    return ["CONNECT tunnels per second, per round (failed; CPU µs per tunnel):", ""] + [
+        "- CONNECT via %s, per s: %s" % (name, ", ".join(
+            "%.0f (%d failed; %s)" % (x.rate, x.failed,
+                                      ", ".join("%s %.0f" % item for item in x.cpu_us.items()) or "CPU not read")
+            for x in runs))
         for name, runs in result.runs.items()]
 
 
@@ -119,8 +181,11 @@ def settings(args):
     return "CONNECT %d tunnels per run, %d concurrent" % (args.requests // 2, args.concurrency)
 
 
-EXAMPLE = ConnectResult(runs={"AnyProxy": [ConnectRun(rate=1779.0, failed=0), ConnectRun(rate=1726.2, failed=1)],
-                              "pproxy": [ConnectRun(rate=3536.2, failed=0), ConnectRun(rate=3384.3, failed=0)]})
+EXAMPLE = ConnectResult(runs={
+    "AnyProxy": [ConnectRun(rate=1779.0, failed=0, cpu_us={"gateway": 230.0, "client": 170.0}),
+                 ConnectRun(rate=1726.2, failed=1, cpu_us={"gateway": 226.0, "client": 175.0})],
+    "pproxy": [ConnectRun(rate=3536.2, failed=0, cpu_us={"pproxy": 280.0}),
+               ConnectRun(rate=3384.3, failed=0, cpu_us={"pproxy": 270.0})]})
 
 MEASUREMENT = Measurement(
     name="connect", number=2, summary="CONNECT tunnels per second through the HTTP proxies, a new one each",

@@ -42,6 +42,7 @@ from harness import LOOPBACK, BenchError, log
 from harness.chart import ANYPROXY, PEER, Panel, Series
 from harness import cpu_budget
 from harness.clients import echo_check, socks_connect
+from harness.cpu_time import cpu_seconds
 from harness.measurement import Measurement, Option
 from harness.processes import free_port, retry, wait_port
 from harness.report import Row, check, median, num, ratio
@@ -220,18 +221,13 @@ def bulk_download(socks_port, source_port, seconds, warmup=0.5):
         sock.close()
 
 
-def _cpu_seconds(process):
-    times = process.cpu_times()
-    return times.user + times.system
-
-
 def bulk_with_cpu(processes, socks_port, source_port, seconds):
     """C{(Mbit/s, {process: CPU s per GB})} of one L{bulk_download}."""
     watched = {name: psutil.Process(processes.procs[name].pid) for name in NODES}
-    before = {name: _cpu_seconds(p) for name, p in watched.items()}
+    before = {name: cpu_seconds(p) for name, p in watched.items()}
     mbit = bulk_download(socks_port, source_port, seconds)
     gigabytes = max(mbit * 1e6 / 8 * seconds / 1e9, 1e-9)  # the warm-up is left out
-    return mbit, {name: (_cpu_seconds(p) - before[name]) / gigabytes
+    return mbit, {name: (cpu_seconds(p) - before[name]) / gigabytes
                   for name, p in watched.items()}
 
 

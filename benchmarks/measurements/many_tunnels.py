@@ -35,6 +35,7 @@ except ImportError:  # selfcheck.py still imports this module
 
 from harness import KiB, LOOPBACK, MiB, BenchError, log
 from harness.clients import socks_open
+from harness.cpu_time import cpu_seconds
 from harness.measurement import Measurement, Option
 from harness.processes import free_port, nofile_limit, wait_port
 from harness.report import Row, check, num, yes_no
@@ -141,15 +142,6 @@ def _settle(proc, quiet=0.2 * MiB, interval=1.0, limit=15.0):
     return last
 
 
-def _cpu(procs):
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
 async def _user(socks_port, echo_port, stop, out):
     """SOCKS5 CONNECT + one echo + close, again and again until C{stop}: (ok, seconds) each."""
     i = 0
@@ -245,9 +237,9 @@ def run(env):
 
     cprocs = [psutil.Process(c.pid) for c in clients]
     time.sleep(args.ping_settle)  # past the first ping round
-    g0, c0, t0 = _cpu([gproc]), _cpu(cprocs), time.time()
+    g0, c0, t0 = cpu_seconds(gproc), cpu_seconds(*cprocs), time.time()
     time.sleep(args.idle_seconds)
-    g1, c1, t1 = _cpu([gproc]), _cpu(cprocs), time.time()
+    g1, c1, t1 = cpu_seconds(gproc), cpu_seconds(*cprocs), time.time()
     idle_cpu = 100.0 * (g1 - g0) / (t1 - t0)
     client_cpu = 100.0 * (c1 - c0) / (t1 - t0)
     log("many tunnels: idle over %.0f s: gateway %.2f%% of a core, %d clients %.2f%%",

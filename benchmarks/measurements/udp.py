@@ -31,6 +31,7 @@ import attr
 from harness import BenchError, log
 from harness.chart import ANYPROXY, PEER, Panel, Series
 from harness.clients import open_udp_path
+from harness.cpu_time import cpu_seconds
 from harness.measurement import Measurement, Option
 from harness.processes import retry
 from harness.report import Row, fmt, median, num, ratio
@@ -185,11 +186,6 @@ def udp_burst(path, seconds, window, size=UDP_BURST_SIZE, timeout=UDP_LOSS_TIMEO
                   lost=lost, late=late, bad=bad, seconds=elapsed)
 
 
-def _cpu_seconds(procs):
-    """User + system CPU seconds of each of C{procs} (psutil processes) so far."""
-    return [sum(proc.cpu_times()[:2]) for proc in procs]
-
-
 def run(env):
     services, args = env.services, env.args
     paths = {DIRECT: None, "AnyProxy": services.socks["AnyProxy"]}
@@ -211,13 +207,13 @@ def run(env):
                 for kind in KINDS:
                     procs = list(env.rss.procs.values()) if proxy is not None else []
                     try:
-                        before = _cpu_seconds(procs)
+                        before = cpu_seconds(*procs)
                         if kind == "pingpong":
                             result = udp_pingpong(path, args.seconds)
                         else:
                             result = udp_burst(path, args.seconds, args.udp_window)
                         if procs and result.sent:
-                            spent = sum(_cpu_seconds(procs)) - sum(before)
+                            spent = cpu_seconds(*procs) - before
                             result = attr.evolve(result, cpu_us=spent * 1e6 / result.sent)
                     except (OSError, BenchError) as e:
                         log("  %-24s %-9s failed: %s", name, kind, e)
