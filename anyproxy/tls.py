@@ -26,13 +26,13 @@ explicitly, so that is the intended meaning.  The hostname is still checked.
 Memory per idle connection (a gateway holds thousands of idle tunnels):
 Twisted's C{CertificateOptions} sets C{SSL_MODE_RELEASE_BUFFERS} on every
 context, so OpenSSL frees an idle connection's read and write buffers; with
-OpenSSL 4.0 a gateway's end then holds about 33 KiB (66 KiB without it),
-9 KiB of which is the client's X25519MLKEM768 key share, kept after the
-handshake, and 4.5 KiB the memory BIOs Twisted runs OpenSSL over, which keep
-the size the handshake grew them to.  tests/test_idle_tunnels.py checks that
-both sides' connections get the mode.  A tunnel gets fresh BIOs once it is
-open, and again when quiet after bulk data
+OpenSSL 4.0 a gateway's end then holds about 33 KiB after the handshake
+(66 KiB without it).  8-9 KiB of that is the client's X25519MLKEM768 key
+share, kept until the connection ends.  4.5 KiB is the memory BIOs Twisted
+runs OpenSSL over, grown by the handshake's flights; a tunnel gives those
+back once it is open, and again when quiet after bulk data
 (L{anyproxy.tunnel.tls_transport.release_buffers}).
+tests/test_idle_tunnels.py checks that both sides' connections get the mode.
 """
 
 import datetime

@@ -1,21 +1,24 @@
 """CPU time the watched processes have used (psutil, read from outside)."""
 
-import contextlib
-
 try:
     import psutil
 except ImportError:  # selfcheck.py imports the measurements without it
     psutil = None
 
+from harness import BenchError
+
 
 def cpu_seconds(*processes):
     """
     User + system CPU seconds used so far by C{processes} (psutil
-    processes), together.  One that has exited counts nothing.
+    processes), together.  L{BenchError} if one has exited: a figure
+    without it would be wrong, not smaller.
     """
     total = 0.0
     for process in processes:
-        with contextlib.suppress(psutil.Error):
+        try:
             times = process.cpu_times()
-            total += times.user + times.system
+        except psutil.Error as e:
+            raise BenchError("the CPU time of pid %d cannot be read: %s" % (process.pid, e))
+        total += times.user + times.system
     return total

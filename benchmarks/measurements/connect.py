@@ -14,6 +14,7 @@ machine of its own, as a gateway and its clients run.
 """
 
 import asyncio
+import contextlib
 import time
 import typing
 
@@ -24,7 +25,7 @@ try:
 except ImportError:  # selfcheck.py imports this module without it
     psutil = None
 
-from harness import LOOPBACK, log
+from harness import LOOPBACK, BenchError, log
 from harness.chart import ANYPROXY, PEER, Panel, Series
 from harness.cpu_time import cpu_seconds
 from harness.measurement import Measurement
@@ -107,11 +108,23 @@ def connect_rate(proxy_port, echo_port, count, concurrency):
 
 def _serving(processes):
     """{path: {name: psutil process}} for the processes of SERVING that are running."""
+    serving = {path: {} for path in SERVING}
     if psutil is None:
-        return {path: {} for path in SERVING}
-    return {path: {name: psutil.Process(processes.procs[name].pid)
-                   for name in names if name in processes.procs}
-            for path, names in SERVING.items()}
+        return serving
+    for path, names in SERVING.items():
+        for name in names:
+            with contextlib.suppress(KeyError, psutil.Error):
+                serving[path][name] = psutil.Process(processes.procs[name].pid)
+    return serving
+
+
+def _cpu_now(watched):
+    """{name: CPU seconds so far} of the C{watched} processes still running."""
+    now = {}
+    for name, process in watched.items():
+        with contextlib.suppress(BenchError):
+            now[name] = cpu_seconds(process)
+    return now
 
 
 def run(env):
@@ -123,11 +136,12 @@ def run(env):
         log("CONNECT round %d/%d (%d tunnels, %d concurrent)", r + 1, args.rounds, count,
             args.concurrency)
         for name in PATHS:
-            watched = serving[name]
-            before = {process: cpu_seconds(p) for process, p in watched.items()}
+            before = _cpu_now(serving[name])
             result = connect_rate(services.http[name], services.ports["echo"], count, args.concurrency)
-            cpu_us = {process: (cpu_seconds(p) - before[process]) * 1e6 / count
-                      for process, p in watched.items()}
+            after = _cpu_now(serving[name])
+            # A process that exited meanwhile has no figure for this run.
+            cpu_us = {process: (after[process] - before[process]) * 1e6 / count
+                      for process in before if process in after}
             result = attr.evolve(result, cpu_us=cpu_us)
             log("  %-10s %8.0f CONNECT/s  %d failed; CPU per tunnel: %s", name, result.rate, result.failed,
                 ", ".join("%s %.0f µs" % item for item in cpu_us.items()) or "not read")
@@ -141,18 +155,20 @@ def rows(result):
                  "" if name == "AnyProxy" else num(ratio(ours, result.rate(name)), "{:.2f}"))
              for name in PATHS]
     peer = result.cpu_total("pproxy")
-    if peer is None:
-        return table
+
+    def against_peer(spent):
+        return "" if peer is None else num(ratio(spent, peer), "{:.2f}")
     for name in SERVING["AnyProxy"]:
         spent = result.cpu("AnyProxy", name)
         if spent is not None:
             table.append(Row(CPU_LABEL, "AnyProxy %s; ratio: / pproxy" % name, num(spent),
-                             num(ratio(spent, peer), "{:.2f}")))
+                             against_peer(spent)))
     both = result.cpu_total("AnyProxy")
     if both is not None:
         table.append(Row(CPU_LABEL, "AnyProxy gateway + client; ratio: / pproxy", num(both),
-                         num(ratio(both, peer), "{:.2f}")))
-    table.append(Row(CPU_LABEL, "pproxy (one process, the whole path)", num(peer)))
+                         against_peer(both)))
+    if peer is not None:
+        table.append(Row(CPU_LABEL, "pproxy (one process, the whole path)", num(peer)))
     return table
 
 
