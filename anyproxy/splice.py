@@ -35,7 +35,8 @@ from anyproxy.tunnel.stream import Stream
 
 
 # Plain TCP transports, whose buffer write_now may bypass (not TLS: startTLS
-# replaces their write path).
+# replaces their write path).  Subclasses count: tune_for_bulk gives a splice
+# end's transport a class of its own (tuning.GatherWrites).
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 # Writes below this size are sent at once by write_now; bulk writes keep
 # Twisted's path, which sends what the socket refuses without copying it.
@@ -57,7 +58,7 @@ def write_now(transport, data):
     C{FileDescriptor} buffer attributes (C{dataBuffer}, C{_tempDataLen}),
     checked by tests.test_splice.
     """
-    if (data and len(data) < WRITE_NOW_BELOW and type(transport) in _PLAIN_TCP
+    if (data and len(data) < WRITE_NOW_BELOW and isinstance(transport, _PLAIN_TCP)
             and not transport.TLS and nothing_buffered(transport)):
         send_then_buffer(transport.socket, data, transport.write)
         return

@@ -4,7 +4,7 @@ Tests for L{anyproxy.splice}: two L{SpliceEnd}s over fake transports, and
 L{open_and_splice} against a fake endpoint.
 """
 
-from twisted.internet import error
+from twisted.internet import error, tcp
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.splice import WRITE_NOW_BELOW, SpliceEnd, open_and_splice, splice, write_now
+from anyproxy.tuning import tune_for_bulk
 
 
 # -- fakes ----------------------------------------------------------------------
@@ -553,6 +554,20 @@ class WriteNowTests(TestCase):
     def test_sent_at_once(self):
         """On an idle TCP transport the bytes leave in the call: nothing is buffered."""
         client, server = yield self.connected_pair()
+        write_now(client.transport, b"hello")
+        self.assertEqual((client.transport.dataBuffer, client.transport._tempDataLen), (b"", 0))
+        received = yield server.wait_for(5)
+        self.assertEqual(received, b"hello")
+
+    @inlineCallbacks
+    def test_sent_at_once_when_tuned_for_bulk(self):
+        """
+        A splice end's transport, which tune_for_bulk gives a class of its own
+        (GatherWrites), is still plain TCP: the bytes leave in the call.
+        """
+        client, server = yield self.connected_pair()
+        tune_for_bulk(client.transport)
+        self.assertNotIn(type(client.transport), (tcp.Server, tcp.Client))
         write_now(client.transport, b"hello")
         self.assertEqual((client.transport.dataBuffer, client.transport._tempDataLen), (b"", 0))
         received = yield server.wait_for(5)
