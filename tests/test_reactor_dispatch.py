@@ -1,6 +1,7 @@
 """Tests for L{anyproxy.reactor_dispatch}."""
 
 import socket
+import time
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock
@@ -8,7 +9,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python import context, log as legacy_log
 from twisted.trial import unittest
 
-from anyproxy.reactor_dispatch import dispatch_directly
+from anyproxy.reactor_dispatch import dispatch_directly, turn_end_clock
 
 
 class _Reader:
@@ -41,6 +42,13 @@ class _Reader:
             self._lost()
 
 
+def _close_reactor(reactor):
+    reactor.removeAll()
+    reactor.removeReader(reactor.waker)
+    reactor.waker.connectionLost(None)
+    reactor._poller.close()
+
+
 def _raise(exception):
     def go():
         raise exception
@@ -55,17 +63,11 @@ class DispatchDirectlyTests(unittest.TestCase):
         self.addCleanup(self.ours.close)
         self.addCleanup(self.theirs.close)
         self.reactor = EPollReactor()
-        self.addCleanup(self._close_reactor)  # before the sockets close
+        self.addCleanup(_close_reactor, self.reactor)  # before the sockets close
         self.assertTrue(dispatch_directly(self.reactor))
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-
-    def _close_reactor(self):
-        self.reactor.removeAll()
-        self.reactor.removeReader(self.reactor.waker)
-        self.reactor.waker.connectionLost(None)
-        self.reactor._poller.close()
 
     def _ready(self, reader):
         self.reactor.addReader(reader)
@@ -136,3 +138,87 @@ class OtherReactorTests(unittest.TestCase):
         before = reactor.__dict__.copy()
         self.assertFalse(dispatch_directly(reactor))
         self.assertEqual(reactor.__dict__, before)
+
+
+class TurnEndCallTests(unittest.TestCase):
+    """
+    turn_end_clock: callLater(0, f) on a patched reactor runs f once the
+    turn's socket events are handled, before the reactor waits again.
+    """
+
+    def setUp(self):
+        self.pairs = [socket.socketpair() for _ in range(2)]
+        for pair in self.pairs:
+            for end in pair:
+                self.addCleanup(end.close)
+        self.reactor = EPollReactor()
+        self.addCleanup(_close_reactor, self.reactor)
+        self.assertTrue(dispatch_directly(self.reactor))
+        self.clock = turn_end_clock(self.reactor)
+        self.order = []
+
+    def _ready_both(self, first_read):
+        readers = [_Reader(self.pairs[0][0], read=first_read),
+                   _Reader(self.pairs[1][0], read=lambda: self.order.append("second read"))]
+        for reader in readers:
+            self.reactor.addReader(reader)
+        for pair in self.pairs:
+            pair[1].send(b"x")
+        return readers
+
+    def test_after_every_event_of_the_turn(self):
+        """A call made while handling one socket's event runs after the turn's other events."""
+        def first():
+            self.order.append("first read")
+            self.clock.callLater(0, self.order.append, "unused")  # arguments: a reactor timer
+            self.clock.callLater(0, lambda: self.order.append("turn end"))
+        # Which socket epoll reports first is its business: record both orders.
+        self._ready_both(first)
+        self.reactor.doIteration(0)
+        self.assertEqual(sorted(self.order[:2]), ["first read", "second read"])
+        self.assertEqual(self.order[2:], ["turn end"])
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+
+    def test_made_outside_a_turn_runs_before_the_poll(self):
+        """A call made outside event handling (as from a timer) runs at the next
+        iteration, and that iteration's poll does not wait."""
+        self.clock.callLater(0, lambda: self.order.append("ran"))
+        started = time.monotonic()
+        self.reactor.doIteration(30)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(self.order, ["ran"])
+
+    def test_cancelled_not_run(self):
+        call = self.clock.callLater(0, lambda: self.order.append("ran"))
+        self.assertTrue(call.active())
+        call.cancel()
+        self.assertFalse(call.active())
+        self.reactor.doIteration(0)
+        self.assertEqual(self.order, [])
+
+    def test_added_while_running_run_in_the_same_turn(self):
+        self.clock.callLater(0, lambda: self.clock.callLater(0, lambda: self.order.append("added")))
+        self.reactor.doIteration(0)
+        self.assertEqual(self.order, ["added"])
+
+    def test_error_logged_and_others_run(self):
+        """An exception in one call is logged; the calls after it still run."""
+        self.clock.callLater(0, _raise(RuntimeError("bug in a turn-end call")))
+        call = self.clock.callLater(0, lambda: self.order.append("after"))
+        self.reactor.doIteration(0)
+        self.assertEqual(self.order, ["after"])
+        self.assertFalse(call.active())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_delays_are_the_reactors(self):
+        """A delay other than 0 is an ordinary reactor timer; seconds() is the reactor's."""
+        timer = self.clock.callLater(1, self.order.append, "later")
+        self.assertEqual(self.reactor.getDelayedCalls(), [timer])
+        self.assertEqual(self.clock.getDelayedCalls(), [timer])
+        timer.cancel()
+        self.assertLess(abs(self.clock.seconds() - self.reactor.seconds()), 1)
+
+    def test_unpatched_reactor_is_its_own_clock(self):
+        """For a reactor dispatch_directly did not patch, the clock is the reactor."""
+        reactor = MemoryReactorClock()
+        self.assertIs(turn_end_clock(reactor), reactor)

@@ -11,10 +11,12 @@ from OpenSSL import SSL
 from twisted.internet import defer, error, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial import unittest
 
+from anyproxy.reactor_dispatch import dispatch_directly, turn_end_clock
 from anyproxy.tls import client_tls_options, server_tls_options
 from OpenSSL._util import ffi as _ffi, lib as _lib
 
@@ -204,6 +206,25 @@ class BatchRecordsTests(ConnectedPair, unittest.TestCase):
         if type(self.client.transport) is original:
             batch_records(self.client.transport)
             self.assertIs(type(self.client.transport), batched)
+
+    def test_turn_gathered_by_a_turn_end_call(self):
+        """
+        Under a reactor dispatch_directly patched, the TLS layer's gathering of
+        a turn's writes is scheduled as a turn-end call, not a reactor timer;
+        under any other its clock stays the reactor.
+        """
+        tls = self.server.transport
+        self.assertTrue(batch_records(tls))
+        self.assertIs(tls._aggregator._clock, reactor)  # trial's reactor is not patched
+        patched = EPollReactor()
+        self.addCleanup(patched._poller.close)
+        self.addCleanup(patched.waker.connectionLost, None)
+        self.assertTrue(dispatch_directly(patched))
+        tls._aggregator._clock = patched
+        self.assertTrue(batch_records(tls))
+        self.assertIs(tls._aggregator._clock, turn_end_clock(patched))
+        self.assertIsNot(turn_end_clock(patched), patched)
+        tls._aggregator._clock = reactor
 
     def _batch_both(self):
         for end in (self.server, self.client):

@@ -293,7 +293,8 @@ class Mux:
     # instead of one per datagram.  The first datagram of a turn goes out at
     # once as a DATAGRAM frame, so a lone datagram (a request and its answer)
     # waits for nothing; the ones after it in the same turn are batched until
-    # the turn ends (a callLater(0)), a batch fills (MAX_DATAGRAMS_FRAME) or
+    # the turn ends (a callLater(0): a turn-end call under twistd,
+    # anyproxy.reactor_dispatch), a batch fills (MAX_DATAGRAMS_FRAME) or
     # another frame is sent (_send_raw), so none is overtaken by its stream's
     # FIN or RESET.
 

@@ -44,11 +44,13 @@ or the first frames of a new stream, that is most of the work.
     A write that OpenSSL does not take (it wants a read first, or failed)
     is left to Twisted's own method, which meets the same answer; a read's
     close_notify or error is raised by pyOpenSSL and handled as Twisted
-    does.
+    does.  The turn's gathered writes are encrypted by a turn-end call
+    (L{anyproxy.reactor_dispatch.turn_end_clock}) rather than a reactor
+    timer, where the reactor is patched for it.
 
 Twisted and pyOpenSSL internals relied on, checked by
-tests/test_tls_transport.py: the TLS protocol's C{_aggregator} and its
-C{_buffer}, C{TLSMemoryBIOProtocol.write} (the write without the
+tests/test_tls_transport.py: the TLS protocol's C{_aggregator} with its
+C{_buffer} and C{_clock}, C{TLSMemoryBIOProtocol.write} (the write without the
 gathering) and C{_tlsConnection}; the TCP transport's C{socket},
 C{connected}, C{disconnecting}, C{_writeDisconnected}, C{dataBuffer} and
 C{_tempDataLen}; the TLS protocol's C{_write}, C{_flushSendBIO},
@@ -67,6 +69,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from anyproxy.reactor_dispatch import turn_end_clock
 from anyproxy.tuning import has_twisted_buffer, mix_in, nothing_buffered, send_then_buffer
 
 
@@ -341,4 +344,8 @@ def batch_records(transport):
             or not all(hasattr(_lib, name) for name in _BINDING)):
         return False
     mix_in(tls, _BatchedRecords, "Batched")
+    aggregator = getattr(tls, "_aggregator", None)
+    if hasattr(aggregator, "_clock"):
+        # The turn's writes gathered by a turn-end call, not a reactor timer.
+        aggregator._clock = turn_end_clock(aggregator._clock)
     return True

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from anyproxy.errors import HelloRefused
 from anyproxy.logs import library_logger
+from anyproxy.reactor_dispatch import turn_end_clock
 from anyproxy.tls import openssl_reason
 from anyproxy.tuning import tune_for_bulk, set_no_delay
 from anyproxy.tunnel import frames
@@ -377,7 +378,7 @@ class _TunnelProtocol:
                        on_open_request=on_open_request, on_hello=self.hello_received,
                        on_protocol_error=self._protocol_error, name=name,
                        send_parts=self._send_tunnel_parts if unmasked else None,
-                       clock=self.factory.reactor, on_go_away=self._peer_going_away,
+                       clock=turn_end_clock(self.factory.reactor), on_go_away=self._peer_going_away,
                        round_trip=self._round_trip)
         # WebSocket send-buffer backpressure pauses every stream's producer.
         # Register on the TCP transport under TLS: Twisted's TLS wrapper will
