@@ -17,6 +17,7 @@ RUN_ORDER = (
     "http_requests",
     "connect",
     "udp",
+    "tcp_ping_pong",
     "slow",
     "churn",
     "idle",
