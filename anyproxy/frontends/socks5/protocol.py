@@ -44,7 +44,7 @@ import ipaddress
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from anyproxy.addresses import address_text, host_port
 from anyproxy.auth import ANONYMOUS, BLOCKED
@@ -72,7 +72,8 @@ from anyproxy.frontends.socks5.parser import (
 )
 from anyproxy.frontends.socks5.relay import Socks5Association
 from anyproxy.login_throttle import source_address
-from anyproxy.splice import SpliceEnd, open_and_splice
+from anyproxy.logs import emits
+from anyproxy.splice import SpliceEnd, open_and_splice, write_now
 from anyproxy.tuning import set_no_delay
 
 _NEGOTIATING = "negotiating"
@@ -229,7 +230,7 @@ class Socks5Protocol(SpliceEnd):
             acceptable = (METHOD_NO_AUTH, METHOD_USERPASS)
         for method in acceptable:
             if method in greeting.methods:
-                self.transport.write(self._parser.choose_method(method))
+                write_now(self.transport, self._parser.choose_method(method))
                 return
         self._log.info(
             "SOCKS5 {peer}: no acceptable method in {methods}",
@@ -271,7 +272,7 @@ class Socks5Protocol(SpliceEnd):
             self._close()
             return
         self._user = answer
-        self.transport.write(self._parser.auth_reply(True))
+        write_now(self.transport, self._parser.auth_reply(True))
         if checked:
             self._process_events()  # a request that came before the answer
 
@@ -331,11 +332,11 @@ class Socks5Protocol(SpliceEnd):
         # The target is open and nothing has flowed yet: the reply goes first.
         self._phase = _SPLICED
         bind_host, bind_port = _bind_address(self.transport.getHost())
-        self.transport.write(self._parser.reply(REP_SUCCEEDED, bind_host, bind_port))
+        write_now(self.transport, self._parser.reply(REP_SUCCEEDED, bind_host, bind_port))
 
     def _spliced(self, target):
         self._opening = None
-        if target is not None:  # None: the user left first
+        if target is not None and emits(LogLevel.info):  # target None: the user left first
             self._log.info(
                 "SOCKS5 {peer} user {user!r} -> {target}: connected",
                 peer=self._peer,
