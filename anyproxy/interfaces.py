@@ -83,10 +83,15 @@ class IAdmittingEndpoint(Interface):
         L{anyproxy.errors.StreamOpenError} C{OVERLOADED}.
         """
 
-    def connect_admitted(protocol_factory):
+    def connect_admitted(protocol_factory, first_data=b""):
         """
         Connect like C{connect}, but take no slot: the caller holds one from
         L{admit} while it uses the connection and gives it back itself.
+
+        C{first_data} (both methods take it) are the first bytes for the
+        target, sent with the open where the tunnel allows (early data,
+        docs/PROTOCOL.md); the protocol must not write them again.  If the
+        connection fails, no target has read them.
         """
 
 
@@ -119,7 +124,9 @@ class ITunnelPool(IReconfigurable):
 
     A tunnel here is a record with at least C{client_id}, C{group},
     C{weight}, C{active_streams} and C{mux}, whose
-    C{mux.open_stream(kind, host, port)} opens a stream
+    C{mux.open_stream(kind, host, port)} opens a stream (and with
+    C{first_data=...}, given only when there are some, sends them with the
+    OPEN where the peer takes early data)
     (L{anyproxy.gateway.tunnel_pool.Tunnel}).  The tunnel server adds and
     removes this gateway's tunnels; endpoints wait for one (L{wait_for});
     metrics and the status page read L{tunnels} and watch removals.  Its

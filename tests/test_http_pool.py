@@ -117,18 +117,27 @@ class _AdmittingStream(_FakeStream):
         self._slots = slots
         self.admitted_connect = False
 
-    def connect(self, factory):
+    def connect(self, factory, first_data=b""):
         # An endpoint is made for every request; only connecting opens a stream.
         self._opened.append(self)
+        self.first_data = first_data
         return _FakeStream.connect(self, factory)
 
     def admit(self):
         self._slots.append(1)
         return succeed(Release(self._slots.pop))
 
-    def connect_admitted(self, factory):
+    def connect_admitted(self, factory, first_data=b""):
         self.admitted_connect = True
-        return self.connect(factory)
+        return self.connect(factory, first_data)
+
+    def succeed(self):
+        # What went with the OPEN (the request head: early data) comes first.
+        self.protocol = self._factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.transport.write(self.first_data)
+        self.protocol.makeConnection(self.transport)
+        self.deferred.callback(self.protocol)
 
 
 class _PoolUser(_User):

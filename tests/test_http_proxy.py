@@ -13,7 +13,7 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -34,6 +34,7 @@ from anyproxy.errors import Reason, StreamOpenError, http_status, user_text
 from anyproxy.frontends.http import proxy as http_module
 from anyproxy.frontends.http import exchange as http_forward
 from anyproxy.frontends.http.proxy import HttpProxyFactory
+from anyproxy.interfaces import IAdmittingEndpoint
 from tests.test_operator_site import connect_raw, wait_until
 from anyproxy.frontends.http.messages import (
     binds_connection,
@@ -119,12 +120,42 @@ class _FakeStream:
         self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
+@implementer(IStreamClientEndpoint, IAdmittingEndpoint)
+class _FakeTunnelStream(_FakeStream):
+    """
+    A stream through a tunnel (an admitting endpoint, as TunnelEndpoint): the
+    proxy may hand it the request's first bytes with the open (early data),
+    which the origin then has before anything written once it is open.
+    """
+
+    first_data = None
+
+    def admit(self):
+        return succeed(lambda: None)
+
+    def connect(self, factory, first_data=b""):
+        self.first_data = first_data
+        return _FakeStream.connect(self, factory)
+
+    connect_admitted = connect
+
+    def request(self):
+        value, self.transport = self.transport, StringTransport()
+        self.transport.write(self.first_data + value.value())
+        try:
+            return _FakeStream.request(self)
+        finally:
+            self.transport = value
+
+
 class _User:
     """A proxy connection driven like an HTTP client, with fake streams behind it."""
 
-    def __init__(self, testcase, users=None, timeout=30.0, realm="anyproxy", **options):
+    def __init__(self, testcase, users=None, timeout=30.0, realm="anyproxy", stream_class=_FakeStream,
+                 **options):
         self.clock = Clock()
         self.streams = []
+        self._stream_class = stream_class
         self.factory = HttpProxyFactory(
             users or UserDatabase(), self._endpoint_for, self.clock,
             handshake_timeout=timeout, realm=realm, **options
@@ -135,7 +166,7 @@ class _User:
         self.client = h11.Connection(h11.CLIENT)
 
     def _endpoint_for(self, user, host, port, source=""):
-        stream = _FakeStream(user, host, port)
+        stream = self._stream_class(user, host, port)
         self.streams.append(stream)
         return stream
 
@@ -544,6 +575,54 @@ class ForwardTests(SynchronousTestCase):
         self.assertEqual(self.user.transport.producerState, "producing")
         self.user.protocol.dataReceived(b"Host: b.example\r\n\r\n")
         self.assertEqual([s.host for s in self.user.streams], ["a.example", "b.example"])
+
+
+class EarlyHeadTests(SynchronousTestCase):
+    """
+    Through a tunnel, a forwarded request's head goes with the stream's OPEN
+    (first_data), so the origin has it a tunnel round trip sooner; it is
+    never written twice, and a body follows once the stream is open.
+    """
+
+    def setUp(self):
+        self.user = _User(self, upstream_keepalive=0, stream_class=_FakeTunnelStream)
+
+    def test_head_with_the_open(self):
+        self.user.request(b"GET", b"http://example.com:8080/a?b=1")
+        [stream] = self.user.streams
+        self.assertTrue(stream.first_data.startswith(b"GET /a?b=1 HTTP/1.1\r\n"), stream.first_data)
+        self.assertTrue(stream.first_data.endswith(b"\r\n\r\n"))
+        stream.succeed()
+        self.assertEqual(stream.transport.value(), b"")  # not written again
+        request, body = stream.request()
+        self.assertEqual((request.method, request.target, body), (b"GET", b"/a?b=1", b""))
+        stream.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.user.response()[::2], (200, b"ok"))
+
+    def test_body_after_the_open(self):
+        """A request body is not early data: it follows the head once the stream is open."""
+        self.user.request(b"POST", b"http://example.com/form", body=b"a=1&b=2")
+        [stream] = self.user.streams
+        self.assertNotIn(b"a=1", stream.first_data)
+        stream.succeed()
+        request, body = stream.request()
+        self.assertEqual((request.method, body), (b"POST", b"a=1&b=2"))
+
+    def test_refused_open(self):
+        """An open refused after the head went early is answered as any refused open."""
+        self.user.request(b"GET", b"http://example.com/")
+        [stream] = self.user.streams
+        stream.deferred.errback(StreamOpenError(Reason.CONNECTION_REFUSED, "refused"))
+        status, _, _ = self.user.response()
+        self.assertEqual(status, http_status(Reason.CONNECTION_REFUSED))
+
+    def test_not_for_other_endpoints(self):
+        """An endpoint that is not a tunnel's (it takes no first data) gets the head once open."""
+        user = _User(self, upstream_keepalive=0)
+        user.request(b"GET", b"http://example.com/")
+        [stream] = user.streams
+        stream.succeed()
+        self.assertTrue(stream.transport.value().startswith(b"GET / HTTP/1.1\r\n"))
 
 
 class MalformedTests(SynchronousTestCase):

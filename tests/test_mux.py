@@ -22,6 +22,7 @@ from anyproxy.tunnel.mux import (
     CREDIT_FRACTION,
     DEFAULT_MAX_WINDOW,
     DEFAULT_WINDOW,
+    EARLY_DATA,
     MAX_DATA_PAYLOAD,
     STREAM_HIGH_WATER,
     Mux,
@@ -820,7 +821,7 @@ class ProtocolErrorTests(SynchronousTestCase):
         mux.send_hello({"version": 1, "software": "x"})
         self.assertEqual(frames.decode(sent[0]), frames.Hello(
             {"version": 1, "software": "x", frames.HELLO_DATAGRAMS: True,
-             frames.HELLO_DIALED: True}))  # the mux's own keys
+             frames.HELLO_DIALED: True, frames.HELLO_EARLY_DATA: EARLY_DATA}))  # the mux's own keys
 
 
 class HalfCloseTests(SynchronousTestCase):
@@ -1591,3 +1592,129 @@ class DialedAddressTests(SynchronousTestCase):
         self.assertIsNone(stream.dialed)
         ok = [frames.decode(m) for m in b_sent if m[0] == frames.T_OPEN_OK]
         self.assertEqual(ok[0].dialed, None)
+
+
+class EarlyDataTests(SynchronousTestCase):
+    """
+    open_stream's first_data: DATA that crosses with the OPEN, up to what the
+    acceptor's HELLO offered (early_data), held by the acceptor until it
+    answers; the rest waits for OPEN_OK.
+    """
+
+    def pair(self, client_window=DEFAULT_WINDOW, offered=True):
+        pair = MuxPair(client_window=client_window)
+        if offered:
+            pair.client.send_hello({"version": 1})
+        else:
+            pair.to_gateway.append(frames.encode(frames.Hello({"version": 1})))
+        pair.deliver_to_gateway()
+        return pair
+
+    def sent_types(self, frames_sent):
+        return [type(frame).__name__ for frame in frames_sent]
+
+    def test_first_data_goes_with_the_open(self):
+        pair = self.pair()
+        request = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+        d = pair.gateway.open_stream("tcp", "h", 80, first_data=request)
+        self.assertEqual(self.sent_types(pair.sent_by_gateway), ["Open", "Data"])
+        pair.deliver_to_client()
+        pair.deliver_to_client()
+        [acceptor] = pair.client_requests
+        self.assertEqual(pair.client_errors, [])
+        protocol = Recorder()
+        acceptor.accept(protocol)
+        self.assertEqual(protocol.received, request)
+        pair.pump()
+        opener = self.successResultOf(d)
+        self.assertEqual(opener._send_window, DEFAULT_WINDOW - len(request))
+        self.assertEqual(self.sent_types(pair.sent_by_gateway), ["Open", "Data"])
+
+    def test_waits_for_open_ok_without_the_offer(self):
+        """A peer whose HELLO offered nothing (an older version) gets DATA only after OPEN_OK."""
+        pair = self.pair(offered=False)
+        d = pair.gateway.open_stream("tcp", "h", 80, first_data=b"hello")
+        self.assertEqual(self.sent_types(pair.sent_by_gateway), ["Open"])
+        pair.pump()
+        protocol = Recorder()
+        pair.client_requests[0].accept(protocol)
+        pair.pump()
+        self.successResultOf(d)
+        self.assertEqual(self.sent_types(pair.sent_by_gateway), ["Open", "Data"])
+        self.assertEqual(protocol.received, b"hello")
+        self.assertEqual(pair.client_errors, [])
+
+    def test_beyond_the_offer_after_open_ok(self):
+        """Bytes past the offered early data go once OPEN_OK comes, in order."""
+        pair = self.pair()
+        data = bytes(range(256)) * ((EARLY_DATA + 5000) // 256)
+        d = pair.gateway.open_stream("tcp", "h", 80, first_data=data)
+        early = sum(len(f.payload) for f in pair.sent_by_gateway if type(f) is frames.Data)
+        self.assertEqual(early, EARLY_DATA)
+        pair.pump()
+        protocol = Recorder()
+        pair.client_requests[0].accept(protocol)
+        pair.pump()
+        self.successResultOf(d)
+        self.assertEqual(protocol.received, data)
+        self.assertEqual(pair.client_errors, [])
+
+    def test_window_counts_the_early_data(self):
+        """
+        With a window smaller than the early data a side takes, it offers its
+        window; what the opener sent early counts against the window of the
+        OPEN_OK, and the rest flows as the acceptor gives credit.
+        """
+        pair = self.pair(client_window=SMALL_WINDOW)
+        data = b"x" * (3 * SMALL_WINDOW + 100)
+        d = pair.gateway.open_stream("tcp", "h", 80, first_data=data)
+        early = sum(len(f.payload) for f in pair.sent_by_gateway if type(f) is frames.Data)
+        self.assertEqual(early, SMALL_WINDOW)
+        pair.pump()
+        protocol = Recorder()
+        pair.client_requests[0].accept(protocol)
+        pair.pump()
+        self.successResultOf(d)
+        self.assertEqual(protocol.received, data)
+        self.assertEqual((pair.client_errors, pair.gateway_errors), ([], []))
+
+    def test_refused_open_drops_it(self):
+        """An OPEN refused: its early data is dropped unread, and the opener fails."""
+        pair = self.pair()
+        d = pair.gateway.open_stream("tcp", "h", 80, first_data=b"secret request")
+        pair.pump()
+        acceptor = pair.client_requests[0]
+        acceptor.reject(Reason.NOT_ALLOWED, "no")
+        self.assertEqual(acceptor._early, [])
+        pair.pump()
+        failure = self.failureResultOf(d, StreamOpenError)
+        self.assertEqual(failure.value.reason, Reason.NOT_ALLOWED)
+
+    def test_more_than_offered_is_a_protocol_error(self):
+        """DATA past the offer before the answer breaks the protocol; within it, it does not."""
+        pair = MuxPair()
+        pair.client.message_received(frames.encode(frames.Open(2, "tcp", "h", 80, DEFAULT_WINDOW)))
+        pair.client.message_received(frames.encode(frames.Data(2, b"x" * EARLY_DATA)))
+        self.assertEqual(pair.client_errors, [])
+        pair.client.message_received(frames.encode(frames.Data(2, b"x")))
+        [error] = pair.client_errors
+        self.assertIsInstance(error, MuxProtocolError)
+        self.assertIn("before its OPEN was answered", str(error))
+
+    def test_odd_offers_are_none(self):
+        """An early_data that is not a count (or a negative one) offers nothing; a big one is capped."""
+        for value, expected in [("lots", 0), (True, 0), (-5, 0), (1.5, 0), (None, 0),
+                                (100, 100), (10 ** 12, EARLY_DATA)]:
+            pair = MuxPair()
+            pair.to_gateway.append(frames.encode(frames.Hello({"version": 1,
+                                                               frames.HELLO_EARLY_DATA: value})))
+            pair.deliver_to_gateway()
+            pair.gateway.open_stream("tcp", "h", 80, first_data=b"y" * 200)
+            early = sum(len(f.payload) for f in pair.sent_by_gateway if type(f) is frames.Data)
+            self.assertEqual(early, min(expected, 200), value)
+
+    def test_not_on_udp_streams(self):
+        """A udp stream carries datagrams, never DATA: first_data is not sent."""
+        pair = self.pair()
+        pair.gateway.open_stream("udp", "h", 53, first_data=b"x")
+        self.assertEqual(self.sent_types(pair.sent_by_gateway), ["Open"])

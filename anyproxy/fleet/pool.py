@@ -44,6 +44,7 @@ from zope.interface import implementer
 from anyproxy.errors import ConfigError, Reason, StreamOpenError
 from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool, unroutable
 from anyproxy.interfaces import ITunnelPool
+from anyproxy.tunnel.endpoint import open_on
 
 log = Logger()
 
@@ -63,7 +64,7 @@ class RelayedOpens:
     The C{mux} of a relayed tunnel record: opens streams on a link's mux,
     counted and timed by the relay metrics.
 
-    @param elsewhere: C{elsewhere(failure, kind, host, port)}, called when
+    @param elsewhere: C{elsewhere(failure, kind, host, port, first_data)}, called when
         an open fails: a Deferred opening the stream elsewhere, or the
         failure (see L{FleetTunnelPool}); C{None}: the failure stands.
     """
@@ -85,13 +86,13 @@ class RelayedOpens:
     def streams(self):
         return self._mux.streams()
 
-    def open_stream(self, kind, host, port):
+    def open_stream(self, kind, host, port, first_data=b""):
         """See L{anyproxy.tunnel.mux.Mux.open_stream}."""
-        opening = self._mux.open_stream(kind, host, port)
+        opening = open_on(self._mux, kind, host, port, first_data)
         if self._metrics is not None:
             opening = self._metrics.track_open(opening, "sent")
         if self._elsewhere is not None:
-            opening.addErrback(self._elsewhere, kind, host, port)
+            opening.addErrback(self._elsewhere, kind, host, port, first_data)
         return opening
 
 
@@ -233,16 +234,16 @@ class FleetTunnelPool:
         target was never tried, so the stream is opened on another choice
         until C{deadline} (C{None}: no second choice).
         """
-        def elsewhere(failure, kind, host, port):
+        def elsewhere(failure, kind, host, port, first_data):
             return self._open_elsewhere(failure, node.node_id, group, deadline,
-                                        kind, host, port)
+                                        kind, host, port, first_data)
 
         return Tunnel(client_id="relay:%s" % (node.node_id,), group=group,
                       mux=RelayedOpens(link.mux, self._clock, self._metrics,
                                        elsewhere if deadline is not None else None),
                       address=node.peer_addr)
 
-    def _open_elsewhere(self, failure, node_id, group, deadline, kind, host, port):
+    def _open_elsewhere(self, failure, node_id, group, deadline, kind, host, port, first_data):
         failure.trap(StreamOpenError)
         now = self._clock.seconds()
         if failure.value.reason != Reason.NO_TUNNEL or now >= deadline:
@@ -251,7 +252,7 @@ class FleetTunnelPool:
                  "again", node=node_id, group=group, why=failure.value.detail)
         self._lacking[(node_id, group)] = now + LACKING_RETRY
         choosing = self._wait(group, deadline, host if kind == "tcp" else None)
-        return choosing.addCallback(lambda tunnel: tunnel.mux.open_stream(kind, host, port))
+        return choosing.addCallback(lambda tunnel: open_on(tunnel.mux, kind, host, port, first_data))
 
     def _ranked(self, group):
         """The nodes holding C{group}, best first, without those passed over."""

@@ -76,18 +76,21 @@ class TunnelEndpoint:
         self.policy = policy
         self._shape = shape
 
-    def open_stream(self, admitted=False):
+    def open_stream(self, admitted=False, first_data=b""):
         """
         A Deferred firing with an accepted L{anyproxy.tunnel.mux.Stream}.
 
         @param admitted: C{True} when the caller holds a slot from L{admit}
             for this stream and gives it back itself; otherwise the stream
             takes one and holds it until it ends.
+        @param first_data: bytes for the target, sent with the OPEN as far
+            as the client takes early data (L{anyproxy.tunnel.mux.Mux.open_stream});
+            on a stream opened on another client after a failed OPEN, too.
         """
         if self._admit is None or admitted:
-            d = self._open_stream()
+            d = self._open_stream(first_data)
         else:
-            d = _then(self._admit(), self._open_admitted)
+            d = _then(self._admit(), lambda release: self._open_admitted(release, first_data))
         if self._metrics is not None:
             d = self._metrics.track_open(d, self.frontend)
         if self._streams is not None:
@@ -100,7 +103,7 @@ class TunnelEndpoint:
             return defer.succeed(Release(None))
         return self._admit()
 
-    def _open_admitted(self, release):
+    def _open_admitted(self, release, first_data):
         # Queue time is not open time: the open timeout starts here.
         def opened(stream):
             # Slots go back one turn later: a stream lost with its tunnel must
@@ -113,27 +116,28 @@ class TunnelEndpoint:
             self._clock.callLater(0, release)
             return failure
 
-        return self._open_stream().addCallbacks(opened, failed)
+        return self._open_stream(first_data).addCallbacks(opened, failed)
 
-    def _open_stream(self):
+    def _open_stream(self, first_data=b""):
         d = _then(self._tunnel_pool.wait_for(self.group, self._wait, self._route_host),
-                  self._open_on)
+                  lambda tunnel: self._open_on(tunnel, first_data))
         return bound_open(d, self._open_timeout, self._clock)
 
-    def _open_on(self, tunnel, retried=False):
+    def _open_on(self, tunnel, first_data, retried=False):
         started = self._clock.seconds()
-        opening = tunnel.mux.open_stream(self.kind, self.host, self.port)
+        opening = open_on(tunnel.mux, self.kind, self.host, self.port, first_data)
         opening.addCallback(self._record_end, tunnel, started)
         if tunnel.route_matcher is not None and not retried:
             # A site's client (client.routes): if the OPEN fails, no byte
-            # has crossed, and another client routing the target may reach
-            # it; tried once (the pool's retry_choice says when).
-            opening.addErrback(self._open_elsewhere, tunnel)
+            # has reached a target (early data is dropped unread), and
+            # another client routing the target may reach it; tried once
+            # (the pool's retry_choice says when).
+            opening.addErrback(self._open_elsewhere, tunnel, first_data)
         return opening
 
-    def _open_elsewhere(self, failure, tunnel):
+    def _open_elsewhere(self, failure, tunnel, first_data):
         other = self._tunnel_pool.retry_choice(self.group, self._route_host, tunnel, failure)
-        return failure if other is None else self._open_on(other, retried=True)
+        return failure if other is None else self._open_on(other, first_data, retried=True)
 
     def _record_end(self, stream, tunnel, started):
         # One event per stream when it ends, with what a log shipper wants
@@ -159,12 +163,27 @@ class TunnelEndpoint:
         stream.notify_closed(ended)
         return stream
 
-    def connect(self, protocol_factory):
-        return self.open_stream().addCallback(attach_protocol, protocol_factory)
+    def connect(self, protocol_factory, first_data=b""):
+        """
+        C{IStreamClientEndpoint.connect}; C{first_data} as for L{open_stream}:
+        the protocol must not write them again.
+        """
+        return self.open_stream(first_data=first_data).addCallback(attach_protocol, protocol_factory)
 
-    def connect_admitted(self, protocol_factory):
+    def connect_admitted(self, protocol_factory, first_data=b""):
         """See L{IAdmittingEndpoint.connect_admitted}."""
-        return self.open_stream(admitted=True).addCallback(attach_protocol, protocol_factory)
+        return self.open_stream(admitted=True, first_data=first_data).addCallback(
+            attach_protocol, protocol_factory)
+
+
+def open_on(mux, kind, host, port, first_data=b""):
+    """
+    C{mux.open_stream(kind, host, port)}, passing C{first_data} only when
+    there are some, as L{anyproxy.interfaces.ITunnelPool} has it.
+    """
+    if first_data:
+        return mux.open_stream(kind, host, port, first_data=first_data)
+    return mux.open_stream(kind, host, port)
 
 
 def _then(d, proceed):

@@ -59,6 +59,9 @@ _ADDR_SIZE, _LENGTH_SIZE = _ADDR.size, _DATAGRAM_LENGTH.size  # 3, 2
 HELLO_DATAGRAMS = "batched_datagrams"
 # The HELLO key saying that this side reads OPEN_OK with the dialed address.
 HELLO_DIALED = "dialed_address"
+# The HELLO key giving how many bytes of DATA this side takes on a stream the
+# peer opened before it has answered the OPEN (docs/PROTOCOL.md, early data).
+HELLO_EARLY_DATA = "early_data"
 # The largest datagram a DATAGRAMS frame carries (its length is a u16).
 MAX_BATCHED_DATAGRAM = 0xFFFF
 

@@ -29,6 +29,9 @@ class IStreamMux(Interface):
     name = Attribute("The tunnel's name, for the streams' addresses (C{TunnelAddress.tunnel}).")
     window = Attribute("The receive window this side grants each stream (OPEN, OPEN_OK).")
     max_window = Attribute("The bound up to which a stream's receive window may grow (auto-tuning).")
+    early_data = Attribute(
+        "The DATA bytes this side takes on a stream the peer opened before it answers the OPEN "
+        "(its HELLO's C{early_data}).")
     paused = Attribute(
         "C{True} while the tunnel's send buffer is above its high-water mark: "
         "streams pause their producers and drop datagrams.")

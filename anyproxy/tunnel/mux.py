@@ -74,12 +74,13 @@ from anyproxy.errors import Reason, StreamOpenError, coerce_reason
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.interfaces import IStreamMux
 from anyproxy.tunnel.stream import (
-    CREDIT_FRACTION, DEFAULT_MAX_WINDOW, DEFAULT_WINDOW, MAX_DATA_PAYLOAD, STREAM_HIGH_WATER,
-    MuxProtocolError, Stream, TunnelAddress)
+    CREDIT_FRACTION, DEFAULT_MAX_WINDOW, DEFAULT_WINDOW, EARLY_DATA, MAX_DATA_PAYLOAD,
+    STREAM_HIGH_WATER, MuxProtocolError, Stream, TunnelAddress)
 
 # The stream names are re-exported: callers deal with one module.
 __all__ = ["Mux", "Stream", "TunnelAddress", "MuxProtocolError", "DEFAULT_WINDOW",
-           "DEFAULT_MAX_WINDOW", "MAX_DATA_PAYLOAD", "STREAM_HIGH_WATER", "CREDIT_FRACTION"]
+           "DEFAULT_MAX_WINDOW", "EARLY_DATA", "MAX_DATA_PAYLOAD", "STREAM_HIGH_WATER",
+           "CREDIT_FRACTION"]
 
 log = Logger()
 
@@ -101,6 +102,13 @@ _DATAGRAM_LENGTH = struct.Struct(">H")
 # A DATAGRAMS frame is sent once it holds this many bytes (well below the
 # WebSocket's message limit), without waiting for the end of the turn.
 MAX_DATAGRAMS_FRAME = 64 * 1024
+
+
+def _early_data_offered(value):
+    """A peer's HELLO C{early_data}: bytes, 0 when absent or not a count we can use."""
+    if type(value) is not int or value < 0:
+        return 0
+    return min(value, EARLY_DATA)
 
 
 @implementer(IPushProducer, IStreamMux)
@@ -160,7 +168,7 @@ class Mux:
         "paused", "datagrams_dropped", "bytes_sent", "bytes_received", "streams_opened",
         "lowest_transport", "reply_backlog", "on_resume", "go_away_sent", "go_away_received",
         "_peer_takes_dialed", "_peer_takes_batches", "_datagram_headers", "_batch_turn",
-        "_datagram_batches", "__dict__")
+        "_datagram_batches", "early_data", "_peer_early_data", "__dict__")
 
     def __init__(self, send_message, initiator, on_open_request=None, on_hello=None,
                  on_protocol_error=None, window=DEFAULT_WINDOW, name="", send_parts=None,
@@ -201,6 +209,11 @@ class Mux:
         self._datagram_headers = None  # (stream id, host, port) -> (DATAGRAM frame header, address)
         self._batch_turn = None  # the DelayedCall ending this turn's batching, while one is open
         self._datagram_batches = None  # stream id -> [pieces of a DATAGRAMS payload], bytes so far
+        # Early data (docs/PROTOCOL.md): what we take on a stream the peer
+        # opens before we answer (our HELLO says so), and what the peer takes
+        # (its HELLO; 0 until one says more).
+        self.early_data = min(EARLY_DATA, window)
+        self._peer_early_data = 0
 
     @property
     def stream_count(self):
@@ -245,7 +258,8 @@ class Mux:
         saying that it takes DATAGRAMS frames.
         """
         self._send(frames.Hello(dict(info, **{frames.HELLO_DATAGRAMS: True,
-                                              frames.HELLO_DIALED: True})))
+                                              frames.HELLO_DIALED: True,
+                                              frames.HELLO_EARLY_DATA: self.early_data})))
 
     # -- IStreamMux: what a stream may ask of us ------------------------
 
@@ -381,10 +395,14 @@ class Mux:
 
     # -- opening --------------------------------------------------------
 
-    def open_stream(self, kind, host, port):
+    def open_stream(self, kind, host, port, first_data=b""):
         """
         Ask the peer to connect to C{host:port}.
 
+        @param first_data: bytes for the target, written to the stream at
+            once: up to the early data the peer's HELLO offered they go with
+            the OPEN, the rest once it is answered (tcp streams only).  If
+            the open fails, the peer drops them unread.
         @return: a Deferred firing with the L{Stream} once the peer answers
             OPEN_OK (attach a protocol with L{Stream.attach}), or failing with
             L{StreamOpenError}: NO_TUNNEL at once if the tunnel is lost or
@@ -401,9 +419,12 @@ class Mux:
             stream.reset(Reason.GENERAL_FAILURE)  # nothing if it has finished
 
         opening = defer.Deferred(cancel)
-        stream = Stream(self, stream_id, kind, host, port, opening=opening)
+        stream = Stream(self, stream_id, kind, host, port, opening=opening,
+                        early=self._peer_early_data if kind == "tcp" else 0)
         self._streams[stream_id] = stream
         self._send(frames.Open(stream_id, kind, host, port, self.window))
+        if first_data and kind == "tcp":
+            stream.write(first_data)
         return opening
 
     # -- going away -----------------------------------------------------
@@ -590,6 +611,7 @@ class Mux:
         elif kind is frames.Hello:
             self._peer_takes_batches = frame.info.get(frames.HELLO_DATAGRAMS) is True
             self._peer_takes_dialed = frame.info.get(frames.HELLO_DIALED) is True
+            self._peer_early_data = _early_data_offered(frame.info.get(frames.HELLO_EARLY_DATA))
             if self.on_hello is not None:
                 self.on_hello(frame.info)
         elif kind is frames.GoAway:

@@ -55,8 +55,18 @@ DEFAULT_MAX_WINDOW = 16 * 1024 * 1024
 # LAN, where one DEFAULT_WINDOW is plenty, never grows a window.
 MIN_STARVED_GAP = 0.002
 
+# DATA a side takes on a stream the peer opened, before it answers the OPEN
+# (docs/PROTOCOL.md, early data): enough for a request's head and a small
+# body, or a TLS ClientHello, so that they cross with the OPEN instead of a
+# round trip later.  Held while the target is dialed: the memory is bounded
+# by the streams being opened (client.max_concurrent_conns and its queue).
+EARLY_DATA = 64 * 1024
+
 # The states in which this side may still send DATA (and its FIN).
 _SENDING = frozenset([OPEN, HALF_CLOSED_REMOTE])
+# DATA, but not FIN, may also go while the OPEN waits for its answer, within
+# the early data the peer offered (the send window until OPEN_OK).
+_SENDING_DATA = _SENDING | {OPENING}
 
 
 class MuxProtocolError(Exception):
@@ -103,7 +113,8 @@ class Stream:
     # A user's destination rules for a udp stream's datagrams (filter_datagrams).
     _datagram_filter = None
 
-    def __init__(self, mux, stream_id, kind, host, port, send_window=None, opening=None):
+    def __init__(self, mux, stream_id, kind, host, port, send_window=None, opening=None,
+                 early=0):
         """
         @param mux: the L{anyproxy.tunnel.interfaces.IStreamMux} carrying it.
         @param send_window: for a stream the peer opened, the window of its
@@ -111,6 +122,8 @@ class Stream:
             opens (it starts C{OPENING}, the window comes with OPEN_OK).
         @param opening: for a stream this side opens, the Deferred to fire
             with the stream on OPEN_OK or fail with L{StreamOpenError}.
+        @param early: for a stream this side opens, the DATA bytes it may
+            send before OPEN_OK (the peer's HELLO C{early_data}; 0: none).
         """
         self._mux = mux
         self.stream_id = stream_id
@@ -119,7 +132,7 @@ class Stream:
         self.port = port
         self.state = OPENING if send_window is None else ACCEPTING
         self._opening = opening
-        self._send_window = send_window or 0
+        self._send_window = early if send_window is None else send_window
         self._recv_window = mux.window
         self._window_size = mux.window  # the receive window now (auto-tuned: it may grow)
         self._max_window = max(mux.window, getattr(mux, "max_window", mux.window))
@@ -222,6 +235,7 @@ class Stream:
             return
         self._move(SEND_OPEN_ERROR)
         self._mux.send_open_error(self.stream_id, reason, text)
+        self._early = []  # early data for a target never reached: dropped unread
         self._finished(error.ConnectionRefusedError("stream refused"))
 
     def set_cancel_hook(self, hook):
@@ -349,7 +363,7 @@ class Stream:
         queue = self._queue
         send_data = self._mux.send_data
         sid = self.stream_id
-        while queue and self._send_window > 0 and self.state in _SENDING:
+        while queue and self._send_window > 0 and self.state in _SENDING_DATA:
             chunk = queue.popleft()
             room = min(self._send_window, MAX_DATA_PAYLOAD)
             if len(chunk) > room:
@@ -435,7 +449,10 @@ class Stream:
 
     def open_succeeded(self, send_window):
         self._peer_move(RECV_OPEN_OK)
-        self._send_window = send_window
+        # The window counts from the OPEN: early data has used part of it.
+        self._send_window = max(0, send_window - self.bytes_sent)
+        if self._queue:
+            self._flush()  # what was written beyond the early data the peer offered
         self._opening.callback(self)
 
     def open_failed(self, reason, text):
@@ -450,6 +467,9 @@ class Stream:
         except KeyError:
             self._peer_move(RECV_DATA)  # raises, naming the state
         size = len(payload)
+        if self.state is ACCEPTING and self.bytes_received + size > self._mux.early_data:
+            raise MuxProtocolError("stream %d sent %d bytes before its OPEN was answered; %d are allowed"
+                                   % (self.stream_id, self.bytes_received + size, self._mux.early_data))
         self._recv_window -= size
         if self._recv_window < 0:
             raise MuxProtocolError("stream %d overran its window" % (self.stream_id,))

@@ -88,6 +88,9 @@ TRANSITIONS = {
 
     (ACCEPTING, SEND_OPEN_OK): OPEN,
     (ACCEPTING, SEND_OPEN_ERROR): REFUSED,
+    # Early data: allowed up to the limit this side's HELLO offered, which
+    # the stream checks (a count the table cannot hold).
+    (ACCEPTING, RECV_DATA): ACCEPTING,
     **_aborts(ACCEPTING),
 
     (OPEN, RECV_DATA): OPEN,

@@ -126,6 +126,12 @@ def tunnel_draining(upstream):
     return getattr(upstream.transport, "tunnel_draining", False)
 
 
+
+def _closing_client(failure, upstream):
+    """An open that failed: its connection's parser, made for the early head, is let go."""
+    upstream.client.close()
+    return failure
+
 class UpstreamConnection(Protocol):
     """
     The origin side of forwarded requests: one stream and its client connection.
@@ -146,7 +152,10 @@ class UpstreamConnection(Protocol):
         # Made here, not in __init__: a stream that never opens (a refused
         # target: a 502) then never has a parser, which refers back to its
         # reader and would be a reference cycle left with no connectionLost.
-        self.client = http11.ClientConnection(MAX_RESPONSE_HEAD_SIZE)
+        # One whose request head went with the OPEN has it already
+        # (ForwardExchange._connect, which closes it if the open fails).
+        if self.client is None:
+            self.client = http11.ClientConnection(MAX_RESPONSE_HEAD_SIZE)
 
     def dataReceived(self, data):
         if self.exchange is None:
@@ -214,6 +223,7 @@ class ForwardExchange:
         self._request_complete = False
         self._body_sent = False
         self._retried = False
+        self._head_sent = False  # the request head went with the OPEN (_connect)
         self._answered = False  # any byte from the origin on this exchange
         self._finished = False
         # NTLM and Negotiate authenticate the connection, not the request:
@@ -255,12 +265,24 @@ class ForwardExchange:
 
     def _connect(self):
         upstream = UpstreamConnection(self._pool)
+        head = b""
+        if IAdmittingEndpoint.providedBy(self._endpoint):
+            # The request head goes with the OPEN (early data, as far as the
+            # client takes it): the origin has it a tunnel round trip sooner.
+            upstream.client = http11.ClientConnection(MAX_RESPONSE_HEAD_SIZE)
+            head = upstream.client.send(upstream_request(self._request, self._target,
+                                                         keep_alive=self._pool.enabled))
+            self._head_sent = True
         if self._release is not None:
             # We hold the slot ourselves, so the stream may outlive this exchange.
-            opening = self._endpoint.connect_admitted(OneProtocolFactory(upstream))
+            opening = self._endpoint.connect_admitted(OneProtocolFactory(upstream), first_data=head)
+        elif head:
+            opening = self._endpoint.connect(OneProtocolFactory(upstream), first_data=head)
         else:
             opening = self._endpoint.connect(OneProtocolFactory(upstream))
         self._opening = opening
+        if head:
+            opening.addErrback(_closing_client, upstream)
         opening.addCallbacks(self._opened, self._open_failed)
 
     # -- the user side --------------------------------------------------------
@@ -307,8 +329,9 @@ class ForwardExchange:
         transport = upstream.transport
         transport.registerProducer(self._proxy.read_gate.producer("upstream"), True)
         self._proxy.transport.registerProducer(transport, True)
-        self._send_upstream(upstream_request(self._request, self._target,
-                                             keep_alive=self._pool.enabled))
+        if not self._head_sent:
+            self._send_upstream(upstream_request(self._request, self._target,
+                                                 keep_alive=self._pool.enabled))
         held, self._held, self._held_size = self._held, [], 0
         if held:
             self._body_sent = True
