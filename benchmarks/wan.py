@@ -1,5 +1,6 @@
 """
-One bulk stream across a WAN-like delay: AnyProxy next to OpenSSH `ssh -R`.
+One bulk stream across a WAN-like delay, and how long a small HTTP request
+takes across it: AnyProxy next to OpenSSH `ssh -R`.
 
     .venv/bin/python benchmarks/wan.py                       # 0, 25, 50 and 100 ms round trip
     .venv/bin/python benchmarks/wan.py --rtt-ms 50 --seconds 10
@@ -16,24 +17,39 @@ seconds of warm-up (window growth, TCP slow start on loopback) then
 "window / RTT" column is what a fixed 1 MiB window allows (AnyProxy before
 auto-tuning); OpenSSH's channel window is 2 MiB.
 
+Then --requests small HTTP requests to the HTTP target per path, each on a
+new user connection, timed from the connect to the end of the answer (the
+median is reported): through AnyProxy's HTTP proxy with a new stream each
+(upstream_keepalive: 0: the request's head goes with the OPEN as early
+data, docs/PROTOCOL.md) and with its pooled upstream (after the first
+request, no OPEN at all), through AnyProxy's SOCKS5 proxy, and through
+`ssh -R`'s SOCKS5 (whose SOCKS5 server is the ssh client, inside: its
+handshake crosses the delay too).
+
 Needs the venv and, for OpenSSH, `openssh-server openssh-client`.
 Nothing is written to results/: it prints a Markdown table.
 """
 
 import argparse
 import os
+import socket
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import HERE, LOOPBACK, log  # noqa: E402
-from harness.clients import socks_connect  # noqa: E402
+from harness.clients import recv_exact, socks_connect  # noqa: E402
 from harness.processes import Processes, free_port, wait_port  # noqa: E402
-from harness.services import Services, default_window, missing  # noqa: E402
+from harness.services import NO_REUSE, Services, default_window, missing  # noqa: E402
 
 ANYPROXY = "AnyProxy"
 OPENSSH = "OpenSSH -R"
+# The request paths: (label, proxy kind, the services' key for its port).
+REQUEST_PATHS = (("AnyProxy HTTP proxy, a new stream each", "http", NO_REUSE),
+                 ("AnyProxy HTTP proxy, pooled upstream", "http", ANYPROXY),
+                 ("AnyProxy SOCKS5", "socks", ANYPROXY),
+                 ("OpenSSH -R SOCKS5", "socks", OPENSSH))
 
 
 class WanServices(Services):
@@ -92,12 +108,47 @@ def download(proxy_port, source_port, seconds, omit):
     return counted * 8 / seconds / 1e6
 
 
+def request_ms(kind, proxy_port, target_port):
+    """Milliseconds for one GET of the HTTP target through a new connection to the proxy."""
+    started = time.monotonic()
+    if kind == "socks":
+        sock = socks_connect(proxy_port, LOOPBACK, target_port, timeout=30)
+        target = b"/"
+    else:
+        sock = socket.create_connection((LOOPBACK, proxy_port), timeout=30)
+        target = b"http://%s:%d/" % (LOOPBACK.encode(), target_port)
+    try:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n"
+                     % (target, LOOPBACK.encode(), target_port))
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            piece = sock.recv(65536)
+            if not piece:
+                raise RuntimeError("the answer ended early: %r" % (answer,))
+            answer += piece
+        head, _, body = answer.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200 "):
+            raise RuntimeError("not a 200: %r" % (head,))
+        length = [int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:")]
+        if length and len(body) < length[0]:
+            recv_exact(sock, length[0] - len(body))
+    finally:
+        sock.close()
+    return (time.monotonic() - started) * 1000
+
+
+def _median(values):
+    return sorted(values)[len(values) // 2] if values else None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--rtt-ms", default="0,25,50,100", help="round trip times, comma-separated")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--omit", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=10, help="HTTP requests per path and round trip")
     parser.add_argument("--no-openssh", action="store_true")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--anyproxy-log-level", default="warn")
@@ -108,6 +159,7 @@ def main():
         sys.exit("missing: %s (or --no-openssh)" % ", ".join(lacking))
     window = default_window()
     results = {}
+    requests = {}
     for rtt in [float(x) for x in args.rtt_ms.split(",")]:
         processes = Processes(keep=args.keep)
         failed = True
@@ -120,6 +172,14 @@ def main():
                     mbps = download(services.socks[name], services.ports["source"], args.seconds, args.omit)
                     log("rtt %g ms, round %d: %-12s %.0f Mbit/s", rtt, r + 1, name, mbps)
                     results.setdefault((rtt, name), []).append(mbps)
+            for label, kind, key in REQUEST_PATHS:
+                ports = services.http if kind == "http" else services.socks
+                if key not in ports:
+                    continue
+                times = [request_ms(kind, ports[key], services.ports["http_target"])
+                         for _ in range(args.requests)]
+                log("rtt %g ms: %-40s median %.1f ms per request", rtt, label, _median(times))
+                requests[(rtt, label)] = times
             failed = False
         finally:
             processes.close(failed=failed)
@@ -134,6 +194,16 @@ def main():
         print("| %g ms | %.0f | %s | %s | %s |" % (
             rtt, ours, "-" if theirs is None else "%.0f" % theirs,
             "-" if not theirs else "%.2f" % (ours / theirs), cap))
+    print()
+    labels = [label for label, _, _ in REQUEST_PATHS if any(k[1] == label for k in requests)]
+    print("ms per small HTTP request, a new user connection each (median of %d):" % args.requests)
+    print()
+    print("| RTT | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    for rtt in sorted({k[0] for k in requests}):
+        print("| %g ms | %s |" % (rtt, " | ".join(
+            "%.1f" % _median(requests[(rtt, label)]) if (rtt, label) in requests else "-"
+            for label in labels)))
 
 
 if __name__ == "__main__":
