@@ -508,6 +508,33 @@ class RelayedAnswerTests(unittest.SynchronousTestCase):
     def chosen(self, timeout=1.0):
         return self.successResultOf(self.pool.wait_for("g", timeout))
 
+    def test_first_data_after_the_answer(self):
+        """
+        A relayed open's first bytes are written once it is answered, never as
+        early data over the link: a link lost before the answer makes the open
+        go elsewhere (NO_TUNNEL), and a target must not get them twice.
+        """
+        class Recording:
+            def __init__(self):
+                self.written = []
+
+            def write(self, data):
+                self.written.append(data)
+
+        stream = Recording()
+        calls = []
+
+        def open_stream(*args, **kwargs):
+            calls.append((args, kwargs))
+            return defer.succeed(stream)
+        self.answers.clear()
+        tunnel = self.chosen()
+        self.links.made[("n1", "g")].mux.open_stream = open_stream
+        self.assertIs(self.successResultOf(tunnel.mux.open_stream("tcp", "t", 80, first_data=b"GET /")),
+                      stream)
+        self.assertEqual(calls, [(("tcp", "t", 80), {})])
+        self.assertEqual(stream.written, [b"GET /"])
+
     def test_no_tunnel_opens_elsewhere(self):
         """
         The least loaded node no longer holds the group (its record was a

@@ -599,14 +599,23 @@ class EarlyHeadTests(SynchronousTestCase):
         stream.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(self.user.response()[::2], (200, b"ok"))
 
-    def test_body_after_the_open(self):
-        """A request body is not early data: it follows the head once the stream is open."""
-        self.user.request(b"POST", b"http://example.com/form", body=b"a=1&b=2")
-        [stream] = self.user.streams
-        self.assertNotIn(b"a=1", stream.first_data)
-        stream.succeed()
-        request, body = stream.request()
-        self.assertEqual((request.method, body), (b"POST", b"a=1&b=2"))
+    def test_only_requests_that_may_be_sent_twice(self):
+        """
+        A request that is not idempotent, or has a body, waits for the open,
+        head and all: once the head has gone early, the client may deliver it
+        although the gateway gives up (the user leaves, the open times out).
+        """
+        for method, body in [(b"POST", b"a=1&b=2"), (b"POST", None), (b"PUT", b"x"), (b"PATCH", None)]:
+            user = _User(self, upstream_keepalive=0, stream_class=_FakeTunnelStream)
+            user.request(method, b"http://example.com/form", body=body)
+            [stream] = user.streams
+            self.assertEqual(stream.first_data, b"", method)
+            stream.succeed()
+            request, received = stream.request()
+            self.assertEqual((request.method, received), (method, body or b""))
+        user = _User(self, upstream_keepalive=0, stream_class=_FakeTunnelStream)
+        user.request(b"DELETE", b"http://example.com/item/1")
+        self.assertTrue(user.streams[0].first_data.startswith(b"DELETE /item/1 "))
 
     def test_refused_open(self):
         """An open refused after the head went early is answered as any refused open."""

@@ -1613,6 +1613,20 @@ class EarlyDataTests(SynchronousTestCase):
     def sent_types(self, frames_sent):
         return [type(frame).__name__ for frame in frames_sent]
 
+    @staticmethod
+    def early_bytes(pair):
+        """DATA payload bytes the gateway has sent so far."""
+        return sum(len(f.payload) for f in pair.sent_by_gateway if type(f) is frames.Data)
+
+    def accepted(self, pair, d):
+        """Deliver, accept the newest OPEN with a Recorder, deliver again; the Recorder."""
+        pair.pump()
+        protocol = Recorder()
+        pair.client_requests[-1].accept(protocol)
+        pair.pump()
+        self.successResultOf(d)
+        return protocol
+
     def test_first_data_goes_with_the_open(self):
         pair = self.pair()
         request = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
@@ -1635,11 +1649,7 @@ class EarlyDataTests(SynchronousTestCase):
         pair = self.pair(offered=False)
         d = pair.gateway.open_stream("tcp", "h", 80, first_data=b"hello")
         self.assertEqual(self.sent_types(pair.sent_by_gateway), ["Open"])
-        pair.pump()
-        protocol = Recorder()
-        pair.client_requests[0].accept(protocol)
-        pair.pump()
-        self.successResultOf(d)
+        protocol = self.accepted(pair, d)
         self.assertEqual(self.sent_types(pair.sent_by_gateway), ["Open", "Data"])
         self.assertEqual(protocol.received, b"hello")
         self.assertEqual(pair.client_errors, [])
@@ -1649,14 +1659,8 @@ class EarlyDataTests(SynchronousTestCase):
         pair = self.pair()
         data = bytes(range(256)) * ((EARLY_DATA + 5000) // 256)
         d = pair.gateway.open_stream("tcp", "h", 80, first_data=data)
-        early = sum(len(f.payload) for f in pair.sent_by_gateway if type(f) is frames.Data)
-        self.assertEqual(early, EARLY_DATA)
-        pair.pump()
-        protocol = Recorder()
-        pair.client_requests[0].accept(protocol)
-        pair.pump()
-        self.successResultOf(d)
-        self.assertEqual(protocol.received, data)
+        self.assertEqual(self.early_bytes(pair), EARLY_DATA)
+        self.assertEqual(self.accepted(pair, d).received, data)
         self.assertEqual(pair.client_errors, [])
 
     def test_window_counts_the_early_data(self):
@@ -1668,14 +1672,8 @@ class EarlyDataTests(SynchronousTestCase):
         pair = self.pair(client_window=SMALL_WINDOW)
         data = b"x" * (3 * SMALL_WINDOW + 100)
         d = pair.gateway.open_stream("tcp", "h", 80, first_data=data)
-        early = sum(len(f.payload) for f in pair.sent_by_gateway if type(f) is frames.Data)
-        self.assertEqual(early, SMALL_WINDOW)
-        pair.pump()
-        protocol = Recorder()
-        pair.client_requests[0].accept(protocol)
-        pair.pump()
-        self.successResultOf(d)
-        self.assertEqual(protocol.received, data)
+        self.assertEqual(self.early_bytes(pair), SMALL_WINDOW)
+        self.assertEqual(self.accepted(pair, d).received, data)
         self.assertEqual((pair.client_errors, pair.gateway_errors), ([], []))
 
     def test_refused_open_drops_it(self):
@@ -1710,8 +1708,22 @@ class EarlyDataTests(SynchronousTestCase):
                                                                frames.HELLO_EARLY_DATA: value})))
             pair.deliver_to_gateway()
             pair.gateway.open_stream("tcp", "h", 80, first_data=b"y" * 200)
-            early = sum(len(f.payload) for f in pair.sent_by_gateway if type(f) is frames.Data)
-            self.assertEqual(early, min(expected, 200), value)
+            self.assertEqual(self.early_bytes(pair), min(expected, 200), value)
+
+    def test_fin_asked_for_while_opening(self):
+        """A FIN asked for while the OPEN waits goes once it is answered, after the early data."""
+        pair = self.pair()
+        d = pair.gateway.open_stream("tcp", "h", 80, first_data=b"hi")
+        [opener] = pair.gateway.streams()
+        opener.loseWriteConnection()
+        self.assertEqual(self.sent_types(pair.sent_by_gateway), ["Open", "Data"])
+        pair.pump()
+        protocol = HalfCloseRecorder()
+        pair.client_requests[0].accept(protocol)
+        pair.pump()
+        self.successResultOf(d)
+        self.assertEqual(self.sent_types(pair.sent_by_gateway), ["Open", "Data", "Fin"])
+        self.assertEqual(protocol.events, [("made",), ("data", b"hi"), ("read-closed",)])
 
     def test_not_on_udp_streams(self):
         """A udp stream carries datagrams, never DATA: first_data is not sent."""

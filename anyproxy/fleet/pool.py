@@ -87,13 +87,25 @@ class RelayedOpens:
         return self._mux.streams()
 
     def open_stream(self, kind, host, port, first_data=b""):
-        """See L{anyproxy.tunnel.mux.Mux.open_stream}."""
-        opening = open_on(self._mux, kind, host, port, first_data)
+        """
+        See L{anyproxy.tunnel.mux.Mux.open_stream}; C{first_data} is written
+        once the open is answered, not as early data: an open whose link is
+        lost is opened again elsewhere (C{NO_TUNNEL}), and early data might
+        then reach the target twice.
+        """
+        opening = self._mux.open_stream(kind, host, port)
+        if first_data:
+            opening.addCallback(_written, first_data)
         if self._metrics is not None:
             opening = self._metrics.track_open(opening, "sent")
         if self._elsewhere is not None:
             opening.addErrback(self._elsewhere, kind, host, port, first_data)
         return opening
+
+
+def _written(stream, data):
+    stream.write(data)
+    return stream
 
 
 @implementer(ITunnelPool)

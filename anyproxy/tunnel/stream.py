@@ -451,8 +451,8 @@ class Stream:
         self._peer_move(RECV_OPEN_OK)
         # The window counts from the OPEN: early data has used part of it.
         self._send_window = max(0, send_window - self.bytes_sent)
-        if self._queue:
-            self._flush()  # what was written beyond the early data the peer offered
+        if self._queue or self._fin_pending:
+            self._flush()  # what was written beyond the early data the peer offered, a FIN
         self._opening.callback(self)
 
     def open_failed(self, reason, text):

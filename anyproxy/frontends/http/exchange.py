@@ -266,9 +266,12 @@ class ForwardExchange:
     def _connect(self):
         upstream = UpstreamConnection(self._pool)
         head = b""
-        if IAdmittingEndpoint.providedBy(self._endpoint):
+        if IAdmittingEndpoint.providedBy(self._endpoint) and self._bodiless_idempotent():
             # The request head goes with the OPEN (early data, as far as the
             # client takes it): the origin has it a tunnel round trip sooner.
+            # Only for a request that may be sent twice: the client may have
+            # delivered it when the user leaves or the open times out (as
+            # TLS 0-RTT, RFC 8470).
             upstream.client = http11.ClientConnection(MAX_RESPONSE_HEAD_SIZE)
             head = upstream.client.send(upstream_request(self._request, self._target,
                                                          keep_alive=self._pool.enabled))
@@ -396,6 +399,10 @@ class ForwardExchange:
         # origin closed it while idle.  A new one failing means what it says.
         if not self.reused or self._retried or self._answered or self._body_sent:
             return False
+        return self._bodiless_idempotent()
+
+    def _bodiless_idempotent(self):
+        """Whether the request may reach the origin twice: an idempotent method, no body."""
         if self._request.method not in IDEMPOTENT:
             return False
         headers = self._request.headers
