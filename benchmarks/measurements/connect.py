@@ -14,20 +14,14 @@ machine of its own, as a gateway and its clients run.
 """
 
 import asyncio
-import contextlib
 import time
 import typing
 
 import attr
 
-try:
-    import psutil
-except ImportError:  # selfcheck.py imports this module without it
-    psutil = None
-
-from harness import LOOPBACK, BenchError, log
+from harness import LOOPBACK, log
 from harness.chart import ANYPROXY, PEER, Panel, Series
-from harness.cpu_time import cpu_seconds
+from harness.cpu_time import cpu_now, serving_processes
 from harness.measurement import Measurement
 from harness.report import Row, median, num, ratio
 
@@ -106,39 +100,18 @@ def connect_rate(proxy_port, echo_port, count, concurrency):
     return asyncio.run(go())
 
 
-def _serving(processes):
-    """{path: {name: psutil process}} for the processes of SERVING that are running."""
-    serving = {path: {} for path in SERVING}
-    if psutil is None:
-        return serving
-    for path, names in SERVING.items():
-        for name in names:
-            with contextlib.suppress(KeyError, psutil.Error):
-                serving[path][name] = psutil.Process(processes.procs[name].pid)
-    return serving
-
-
-def _cpu_now(watched):
-    """{name: CPU seconds so far} of the C{watched} processes still running."""
-    now = {}
-    for name, process in watched.items():
-        with contextlib.suppress(BenchError):
-            now[name] = cpu_seconds(process)
-    return now
-
-
 def run(env):
     services, args = env.services, env.args
-    serving = _serving(env.processes)
+    serving = serving_processes(env.processes, SERVING)
     runs = {name: [] for name in PATHS}
     count = args.requests // 2
     for r in range(args.rounds):
         log("CONNECT round %d/%d (%d tunnels, %d concurrent)", r + 1, args.rounds, count,
             args.concurrency)
         for name in PATHS:
-            before = _cpu_now(serving[name])
+            before = cpu_now(serving[name])
             result = connect_rate(services.http[name], services.ports["echo"], count, args.concurrency)
-            after = _cpu_now(serving[name])
+            after = cpu_now(serving[name])
             # A process that exited meanwhile has no figure for this run.
             cpu_us = {process: (after[process] - before[process]) * 1e6 / count
                       for process in before if process in after}

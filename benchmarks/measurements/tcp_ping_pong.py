@@ -19,14 +19,9 @@ import typing
 
 import attr
 
-try:
-    import psutil
-except ImportError:  # selfcheck.py imports this module without it
-    psutil = None
-
 from harness import LOOPBACK, BenchError, log
 from harness.chart import ANYPROXY, PEER, Panel, Series
-from harness.cpu_time import cpu_seconds
+from harness.cpu_time import cpu_now, serving_processes
 from harness.measurement import Measurement
 from harness.report import Row, median, num, ratio
 
@@ -111,26 +106,6 @@ def ping_pong(sock, seconds):
     return count / (time.perf_counter() - started), count
 
 
-def _serving(processes):
-    """{path: {name: psutil process}} for the processes of SERVING that are running."""
-    serving = {path: {} for path in SERVING}
-    if psutil is None:
-        return serving
-    for path, names in SERVING.items():
-        for name in names:
-            with contextlib.suppress(KeyError, psutil.Error):
-                serving[path][name] = psutil.Process(processes.procs[name].pid)
-    return serving
-
-
-def _cpu_now(watched):
-    now = {}
-    for name, process in watched.items():
-        with contextlib.suppress(BenchError):
-            now[name] = cpu_seconds(process)
-    return now
-
-
 def _connect(services, path, echo):
     if path == DIRECT:
         return socket.create_connection((LOOPBACK, echo), timeout=TIMEOUT)
@@ -139,7 +114,7 @@ def _connect(services, path, echo):
 
 def run(env):
     services, args = env.services, env.args
-    serving = _serving(env.processes)
+    serving = serving_processes(env.processes, SERVING)
     echo = services.ports["echo"]
     runs = {path: [] for path in PATHS}
     for r in range(args.rounds):
@@ -149,9 +124,9 @@ def run(env):
             try:
                 with contextlib.closing(_connect(services, path, echo)) as sock:
                     ping_pong(sock, 0.2)  # warm-up: the stream is open and the path is hot
-                    before = _cpu_now(watched)
+                    before = cpu_now(watched)
                     rate, count = ping_pong(sock, args.seconds)
-                    after = _cpu_now(watched)
+                    after = cpu_now(watched)
             except (OSError, BenchError) as e:
                 log("  %-18s failed: %s", path, e)
                 runs[path].append(None)
