@@ -118,7 +118,7 @@ def _end_turn(calls):
     while calls:
         batch = calls[:]
         del calls[:]
-        for pending in batch:
+        for index, pending in enumerate(batch):
             call = pending.call
             if call is None:
                 continue  # cancelled
@@ -126,6 +126,7 @@ def _end_turn(calls):
             try:
                 call()
             except KeyboardInterrupt:
+                calls[:0] = batch[index + 1:]  # the rest still runs, if the reactor goes on
                 raise
             except BaseException:
                 log.failure("Unhandled error in a turn-end call {call!r}", call=call)

@@ -222,3 +222,12 @@ class TurnEndCallTests(unittest.TestCase):
         """For a reactor dispatch_directly did not patch, the clock is the reactor."""
         reactor = MemoryReactorClock()
         self.assertIs(turn_end_clock(reactor), reactor)
+
+    def test_interrupt_keeps_the_rest(self):
+        """Ctrl-C in one call goes up; the calls after it wait for the next turn, not lost."""
+        self.clock.callLater(0, _raise(KeyboardInterrupt()))
+        self.clock.callLater(0, lambda: self.order.append("after"))
+        self.assertRaises(KeyboardInterrupt, self.reactor.doIteration, 0)
+        self.assertEqual(self.order, [])
+        self.reactor.doIteration(0)
+        self.assertEqual(self.order, ["after"])

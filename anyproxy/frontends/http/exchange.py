@@ -126,11 +126,11 @@ def tunnel_draining(upstream):
     return getattr(upstream.transport, "tunnel_draining", False)
 
 
-
 def _closing_client(failure, upstream):
     """An open that failed: its connection's parser, made for the early head, is let go."""
     upstream.client.close()
     return failure
+
 
 class UpstreamConnection(Protocol):
     """
