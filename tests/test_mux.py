@@ -3,6 +3,8 @@ Tests for L{anyproxy.tunnel.mux}: two muxes wired back to back with plain
 functions, so each test decides when (and in which order) messages move.
 """
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, error
@@ -674,6 +676,59 @@ class WindowTuningTests(SynchronousTestCase):
         self.assertLessEqual(len(data) - self.credits(), 8 * w)
         self.assertEqual(self.pair.client_errors + self.pair.gateway_errors, [])
 
+    def paced(self, bandwidth, seconds):
+        """
+        Run the pair over a link of C{bandwidth} bytes/s each way and ONE_WAY
+        of delay, with a queue in front of it: a message leaves once the link
+        has sent the ones before it, and arrives ONE_WAY later.  Runs
+        C{seconds} of the clock; returns C{(time, bytes received)} per message.
+        """
+        pair, clock = self.pair, self.pair.clock
+        pending = []  # (arrival, order, deliver, message)
+        free = {"to_client": 0.0, "to_gateway": 0.0}
+        order = itertools.count()
+
+        def schedule():
+            for queue, deliver in (("to_client", pair.client.message_received),
+                                   ("to_gateway", pair.gateway.message_received)):
+                messages = getattr(pair, queue)
+                while messages:
+                    message = messages.pop(0)
+                    free[queue] = max(clock.seconds(), free[queue]) + len(message) / bandwidth
+                    pending.append((free[queue] + self.ONE_WAY, next(order), deliver, message))
+        schedule()
+        end = clock.seconds() + seconds
+        received = []
+        while pending:
+            pending.sort(key=lambda item: item[:2])
+            arrival, _, deliver, message = pending.pop(0)
+            if arrival > end:
+                break
+            clock.advance(arrival - clock.seconds())
+            deliver(message)
+            received.append((clock.seconds(), len(self.received.received)))
+            schedule()
+        return received
+
+    def test_growth_stops_where_the_path_sets_the_pace(self):
+        """
+        Over a link of 6 windows of bandwidth x delay with a queue in front, the
+        window grows until the link is full, then stops short of its bound:
+        more would only fill the queue (the round trip stretches with it), and
+        the measured rate no longer rises.  (It overshoots by a doubling or
+        two while the queue fills: the rate lags the window.)
+        """
+        self.make(bound=256 * self.WINDOW)
+        bandwidth = 6 * self.WINDOW / (2 * self.ONE_WAY)
+        self.sender.write(self.data(int(bandwidth * 6)))
+        received = self.paced(bandwidth, 5.0)
+        start = received[-1][0] - 2.0
+        before = [total for at, total in received if at <= start][-1]
+        rate = (received[-1][1] - before) / (received[-1][0] - start)
+        self.assertGreaterEqual(rate, 0.9 * bandwidth)
+        self.assertLess(self.receiver.receive_window, 256 * self.WINDOW)
+        self.assertEqual(self.pair.client_errors + self.pair.gateway_errors, [])
+
     def test_bound_is_the_mux_window(self):
         """max_window equal to the window turns auto-tuning off."""
         self.make(bound=self.WINDOW)
@@ -699,19 +754,25 @@ class WindowTuningTests(SynchronousTestCase):
             self.assertEqual(self.round_trip(), size)
         self.assertEqual(self.receiver.receive_window, self.WINDOW)
 
-    def test_no_growth_while_paused(self):
-        """A reader that paused during the round trip gets no growth from it, and costs one window."""
-        pair = self.make()
-        self.sender.write(self.data(64 * self.WINDOW))
-        for _ in range(5):
+    def paused_round_trips(self, count, paused):
+        """Round trips in which the reader's socket is full after every frame for C{paused} s."""
+        pair = self.pair
+        for _ in range(count):
             pair.clock.advance(self.ONE_WAY)
             while pair.to_client:
                 pair.deliver_to_client()
                 self.receiver.pauseProducing()  # the local socket is full after every frame
+            pair.clock.advance(paused)
             self.receiver.resumeProducing()
-            pair.clock.advance(self.ONE_WAY)
+            pair.clock.advance(self.ONE_WAY - paused)
             while pair.to_gateway:
                 pair.deliver_to_gateway()
+
+    def test_no_growth_while_paused(self):
+        """A reader paused for a real part of each round trip gets no growth, and costs one window."""
+        self.make()
+        self.sender.write(self.data(64 * self.WINDOW))
+        self.paused_round_trips(5, paused=self.ONE_WAY)
         self.assertEqual(self.receiver.receive_window, self.WINDOW)
         # Stalled for good: the sender stops after what it may still send, one window at most.
         self.receiver.pauseProducing()
@@ -720,6 +781,16 @@ class WindowTuningTests(SynchronousTestCase):
             self.round_trip()
         self.assertLessEqual(len(self.received.received) - before, self.WINDOW)
         self.assertEqual(self.receiver.receive_window, self.WINDOW)
+
+    def test_brief_pauses_still_grow(self):
+        """
+        A socket full for a moment after each burst (a tenth of the round trip)
+        is a reader that keeps up: the window still grows.
+        """
+        self.make()
+        self.sender.write(self.data(64 * self.WINDOW))
+        self.paused_round_trips(5, paused=self.ONE_WAY / 5)
+        self.assertGreater(self.receiver.receive_window, self.WINDOW)
 
     def test_stalled_reader_costs_the_current_window(self):
         """After growing, a reader that stalls pins the window it has now, never the bound."""

@@ -46,14 +46,18 @@ MAX_WINDOW = 0x7FFFFFFF
 # Receive-window auto-tuning (docs/PROTOCOL.md, Flow control): a stream's
 # receive window starts at the mux's window and doubles, up to this bound (the
 # default; a Mux may use another), each credit round trip in which the sender
-# was seen starved for credit while the local reader kept up.  16 MiB keeps one
+# was seen starved for credit while the local reader kept up and the rate still
+# rose (Stream._check_probe).  16 MiB keeps one
 # stream at about 1.3 Gbit/s over 100 ms of round trip; only a stream that grew
 # pins more than DEFAULT_WINDOW when its reader stalls.
 DEFAULT_MAX_WINDOW = 16 * 1024 * 1024
-# A round trip counts as starved only if the sender sat idle at the edge of its
-# credit for at least this long (seconds): scheduling noise on loopback or a
-# LAN, where one DEFAULT_WINDOW is plenty, never grows a window.
-MIN_STARVED_GAP = 0.002
+# A window grows only over credit round trips at least this long (seconds):
+# on loopback or a LAN, where one DEFAULT_WINDOW is plenty, it never does.
+MIN_GROWTH_ROUND_TRIP = 0.004
+# ... and only while the rate a probe measures rises by this factor over the
+# best before it: once the path, not the window, sets the pace (a queue on the
+# path stretches the round trip with the window), the window stays.
+GROWTH_GAIN = 1.25
 
 # DATA a side takes on a stream the peer opened, before it answers the OPEN
 # (docs/PROTOCOL.md, early data): enough for a request's head and a small
@@ -138,9 +142,14 @@ class Stream:
         self._max_window = max(mux.window, getattr(mux, "max_window", mux.window))
         self._credit_batch = mux.window // CREDIT_FRACTION
         # The growth probe: the receive limit (bytes_received + _recv_window)
-        # before our latest credit and when we sent it; None: no probe.
+        # before our latest credit, when we sent it and bytes_received then;
+        # None: no probe.  _probe_paused: seconds the reader was paused since.
         self._probe_limit = None
         self._probe_time = self._data_at = 0.0  # _data_at: when the latest DATA came
+        self._probe_bytes = 0
+        self._probe_paused = 0.0
+        self._paused_at = None  # when the reader paused, while it is
+        self._best_rate = 0.0  # the highest bytes/s a probe measured
         self._unacked = 0
         self._queue = collections.deque()
         self._queued = 0
@@ -345,12 +354,14 @@ class Stream:
     # -- IPushProducer: our consumer (the local socket) drives credit ---
 
     def pauseProducing(self):
-        self._reading_paused = True
-        self._probe_limit = None  # the reader fell behind: no growth from this round trip
+        if not self._reading_paused:
+            self._reading_paused = True
+            self._paused_at = self._seconds()  # counted against the growth probe
 
     def resumeProducing(self):
         if self._reading_paused:
             self._reading_paused = False
+            self._probe_paused += self._seconds() - self._paused_at
             # What arrived while paused is granted back in one CREDIT.
             self._grant_credit(force=True)
 
@@ -414,34 +425,50 @@ class Stream:
             if not force and self._probe_limit is None and self._window_size < self._max_window:
                 # Time this credit's round trip: the first DATA beyond today's limit
                 # can only have been sent once the peer had it (see _check_probe).
-                self._probe_limit = self.bytes_received + self._recv_window
-                self._probe_time = self._seconds()
+                self._start_probe(self._seconds())
             self._unacked = 0
             self._recv_window += unacked
             self._mux.send_credit(self.stream_id, unacked)
 
+    def _start_probe(self, now):
+        self._probe_limit = self.bytes_received + self._recv_window
+        self._probe_time = now
+        self._probe_bytes = self.bytes_received
+        self._probe_paused = 0.0
+
     def _check_probe(self, before, now):
         """
         DATA from C{before} (bytes received before this frame) has just gone
-        past the probe's limit, at C{now}.  If the frame starts exactly at that
-        limit and the sender was silent for at least half the credit's round
-        trip (and L{MIN_STARVED_GAP}), the sender had used all its credit and
-        waited for ours: the window, not the path or a reader, held the stream
-        back.  The reader kept up meanwhile (a pause drops the probe), so the
-        window doubles, up to its bound, and the increase goes out as CREDIT.
+        past the probe's limit, at C{now}, a credit round trip after the probe
+        began.  The window doubles (up to its bound; the increase goes out as
+        CREDIT) if all of these hold:
+
+          - the frame starts exactly at the limit: the sender had used all
+            its credit and waited for ours (from a sender with credit to
+            spare, a frame runs across the limit);
+          - the round trip took L{MIN_GROWTH_ROUND_TRIP} or more;
+          - the reader is not paused, and was paused for less than a
+            quarter of the round trip (a socket briefly full from a burst is
+            a reader that keeps up; one that stalls is not);
+          - the rate the probe measured (bytes received over the round trip)
+            is at least L{GROWTH_GAIN} times the best one before it: the
+            window, not the path, still sets the pace.
         """
         limit, self._probe_limit = self._probe_limit, None
-        gap = now - self._data_at
-        if (before != limit or gap < MIN_STARVED_GAP
-                or 2 * gap < now - self._probe_time or self._close_requested):
+        round_trip = now - self._probe_time
+        if (before != limit or round_trip < MIN_GROWTH_ROUND_TRIP or self._close_requested
+                or self._reading_paused or 4 * self._probe_paused > round_trip):
             return
+        rate = (before - self._probe_bytes) / round_trip
+        if rate < GROWTH_GAIN * self._best_rate:
+            return
+        self._best_rate = rate
         grow = min(self._window_size, self._max_window - self._window_size)
         self._window_size += grow
         self._credit_batch = self._window_size // CREDIT_FRACTION
         if self._window_size < self._max_window:
             # This credit starts the next probe: the sender's limit now is its edge.
-            self._probe_limit = self.bytes_received + self._recv_window
-            self._probe_time = now
+            self._start_probe(now)
         self._recv_window += grow
         self._mux.send_credit(self.stream_id, grow)
 
