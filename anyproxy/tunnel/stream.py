@@ -145,7 +145,7 @@ class Stream:
         # before our latest credit, when we sent it and bytes_received then;
         # None: no probe.  _probe_paused: seconds the reader was paused since.
         self._probe_limit = None
-        self._probe_time = self._data_at = 0.0  # _data_at: when the latest DATA came
+        self._probe_time = 0.0
         self._probe_bytes = 0
         self._probe_paused = 0.0
         self._paused_at = None  # when the reader paused, while it is
@@ -506,7 +506,7 @@ class Stream:
         now = self._seconds()
         if self._probe_limit is not None and before + size > self._probe_limit:
             self._check_probe(before, now)
-        self.last_active = self._data_at = now
+        self.last_active = now
         if self._close_requested:
             # We no longer read; keep the sender going until it sees our FIN.
             self._grant_credit(force=True)

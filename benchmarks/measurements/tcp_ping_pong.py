@@ -13,7 +13,6 @@ serve AnyProxy's path and pproxy's, as for CONNECT.
 
 import contextlib
 import socket
-import struct
 import time
 import typing
 
@@ -21,6 +20,7 @@ import attr
 
 from harness import LOOPBACK, BenchError, log
 from harness.chart import ANYPROXY, PEER, Panel, Series
+from harness.clients import recv_exact, socks_connect
 from harness.cpu_time import cpu_now, serving_processes
 from harness.measurement import Measurement
 from harness.report import Row, median, num, ratio
@@ -62,33 +62,6 @@ class PingPongResult:
         return median(values) if values else None
 
 
-def _socks5_connect(proxy_port, port):
-    """A socket connected through the SOCKS5 proxy on C{proxy_port} to LOOPBACK:C{port}."""
-    sock = socket.create_connection((LOOPBACK, proxy_port), timeout=TIMEOUT)
-    try:
-        sock.sendall(b"\x05\x01\x00")
-        if _read_exactly(sock, 2) != b"\x05\x00":
-            raise BenchError("SOCKS5 proxy on port %d refused the no-auth method" % proxy_port)
-        sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(LOOPBACK) + struct.pack("!H", port))
-        reply = _read_exactly(sock, 10)
-        if reply[1] != 0:
-            raise BenchError("SOCKS5 proxy on port %d answered CONNECT with %d" % (proxy_port, reply[1]))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _read_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        piece = sock.recv(size - len(data))
-        if not piece:
-            raise BenchError("connection closed after %d of %d bytes" % (len(data), size))
-        data += piece
-    return data
-
-
 def ping_pong(sock, seconds):
     """Round trips per second of SIZE-byte messages on C{sock} for C{seconds}."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -98,7 +71,7 @@ def ping_pong(sock, seconds):
     end = started + seconds
     while True:
         sock.sendall(message)
-        if _read_exactly(sock, SIZE) != message:
+        if recv_exact(sock, SIZE) != message:
             raise BenchError("the echo came back altered")
         count += 1
         if count % 64 == 0 and time.perf_counter() >= end:
@@ -109,7 +82,7 @@ def ping_pong(sock, seconds):
 def _connect(services, path, echo):
     if path == DIRECT:
         return socket.create_connection((LOOPBACK, echo), timeout=TIMEOUT)
-    return _socks5_connect(services.socks[path], echo)
+    return socks_connect(services.socks[path], LOOPBACK, echo, timeout=TIMEOUT)
 
 
 def run(env):
