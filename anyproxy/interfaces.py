@@ -95,6 +95,24 @@ class IAdmittingEndpoint(Interface):
         """
 
 
+class IEarlyDataEndpoint(Interface):
+    """
+    An endpoint whose connection exists, and takes bytes, before it is open:
+    a tunnel stream whose OPEN waits for its answer (early data,
+    docs/PROTOCOL.md).
+    """
+
+    def connect_early(protocol_factory, opening):
+        """
+        Connect like C{connect}, and call C{opening(transport)} as soon as
+        the connection exists, before it is open.  Bytes written to
+        C{transport} from then on reach the target once it is connected (the
+        first of them with the open, as far as the peer takes early data);
+        if the connection fails, no target has read them.  Nothing else may
+        be done with C{transport} until the connection is made.
+        """
+
+
 class IReconfigurable(Interface):
     """
     A part of a running program that applies a reloaded config itself, in

@@ -17,6 +17,8 @@ CONNECT, forwarded TCP ports, the C{fixed-forward} example plugin) reaches its
 target through L{open_and_splice}: open the target through an endpoint, then
 splice.  Before the join an end holds what it receives, and its EOF; the join
 passes both on, so nothing a user sent while the target was opening is lost.
+Where the target's connection takes bytes before it is open (a tunnel stream's
+early data), an end may give them to it at once instead of holding them.
 Only the success reply (L{open_and_splice}'s C{on_open}) and the error answer
 differ between frontends.
 """
@@ -27,8 +29,9 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from anyproxy.connect_protocol import connect_protocol
+from anyproxy.connect_protocol import OneProtocolFactory, connect_protocol
 from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.interfaces import IEarlyDataEndpoint
 from anyproxy.tuning import (
     QUICKACK_BELOW, nothing_buffered, quick_acker, send_then_buffer, set_no_delay, tune_for_bulk)
 from anyproxy.tunnel.stream import Stream
@@ -92,6 +95,11 @@ class SpliceEnd(Protocol):
     _target_opening = None
     _hold_limit = None
     _reading_paused = False
+    # Set while the target opens, when it takes early data
+    # (IEarlyDataEndpoint): its transport, written at once instead of
+    # holding, and how many bytes it was given so far.
+    _early_target = None
+    _early_sent = 0
     # Re-arms TCP_QUICKACK on this end's socket after small reads
     # (anyproxy.tuning.quick_acker); None for tunnel streams.
     _quick_ack = None
@@ -151,12 +159,19 @@ class SpliceEnd(Protocol):
     def dataReceived(self, data):
         if self._quick_ack is not None and len(data) < QUICKACK_BELOW:
             self._quick_ack()
-        if self.other is None:
-            self._pending += data
-            if self._hold_limit is not None and len(self._pending) > self._hold_limit:
-                self._pause_reading()
-        else:
+        if self.other is not None:
             write_now(self.other.transport, data)
+            return
+        early = self._early_target
+        if early is not None:
+            early.write(data)
+            self._early_sent += len(data)
+            held = self._early_sent
+        else:
+            self._pending += data
+            held = len(self._pending)
+        if self._hold_limit is not None and held > self._hold_limit:
+            self._pause_reading()
 
     def readConnectionLost(self):
         # Our peer sent EOF: pass the half-close on (at the join, if not joined yet).
@@ -204,6 +219,18 @@ class SpliceEnd(Protocol):
         if limit == 0 or len(self._pending) > limit:
             self._pause_reading()
 
+    def _send_early_to(self, transport):
+        # The target's connection exists but is not open yet, and takes
+        # early data: what was held and what arrives go to it at once.  It
+        # counts against the hold limit as held bytes do.
+        if self._lost or self.other is not None:
+            return
+        self._early_target = transport
+        if self._pending:
+            data, self._pending = self._pending, b""
+            self._early_sent += len(data)
+            transport.write(data)
+
     def _pause_reading(self):
         if not self._reading_paused:
             self._reading_paused = True
@@ -211,6 +238,7 @@ class SpliceEnd(Protocol):
 
     def _stop_holding(self):
         self._hold_limit = None
+        self._early_target = None
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()
@@ -253,7 +281,7 @@ def splice(a, b):
     return a, b
 
 
-def open_and_splice(user_end, endpoint, on_open=None, read_while_opening=0):
+def open_and_splice(user_end, endpoint, on_open=None, read_while_opening=0, early_data=False):
     """
     Open a connection to the target through C{endpoint}, then splice
     C{user_end} to it: Twisted's C{portforward} with half-close.
@@ -278,6 +306,12 @@ def open_and_splice(user_end, endpoint, on_open=None, read_while_opening=0):
         is noticed and the open cancelled at once; C{None} leaves reading to
         the caller (which then holds early bytes itself).  Reading resumes at
         the join.
+    @param early_data: where C{endpoint} provides
+        L{anyproxy.interfaces.IEarlyDataEndpoint}, what C{user_end} receives
+        while the target opens goes to it at once (the first bytes cross
+        with the open) instead of being held; C{read_while_opening} still
+        bounds it.  Only for a protocol without a success reply, whose user
+        may speak first: C{on_open} cannot hold bytes already sent.
 
     @return: a L{Deferred} that fires with the target's L{SpliceEnd} once
         spliced, or with C{None} if C{user_end}'s connection was lost first.
@@ -292,13 +326,17 @@ def open_and_splice(user_end, endpoint, on_open=None, read_while_opening=0):
     try:
         if not hasattr(endpoint, "connect"):
             endpoint = endpoint()
-        opening = connect_protocol(endpoint, SpliceEnd())
+        if early_data and IEarlyDataEndpoint.providedBy(endpoint):
+            opening = endpoint.connect_early(OneProtocolFactory(SpliceEnd()), user_end._send_early_to)
+        else:
+            opening = connect_protocol(endpoint, SpliceEnd())
     except Exception:
         opening = fail()
     user_end._target_opening = opening
 
     def opened(target):
         user_end._target_opening = None
+        user_end._early_target = None
         if user_end._lost:
             # The user left and the endpoint could not cancel in time.
             target.transport.loseConnection()
@@ -316,6 +354,7 @@ def open_and_splice(user_end, endpoint, on_open=None, read_while_opening=0):
 
     def failed(failure):
         user_end._target_opening = None
+        user_end._early_target = None
         if user_end._lost:
             return None  # the user left first and the open was cancelled
         return failure

@@ -24,7 +24,9 @@ median is reported): through AnyProxy's HTTP proxy with a new stream each
 data, docs/PROTOCOL.md) and with its pooled upstream (after the first
 request, no OPEN at all), through AnyProxy's SOCKS5 proxy, and through
 `ssh -R`'s SOCKS5 (whose SOCKS5 server is the ssh client, inside: its
-handshake crosses the delay too).
+handshake crosses the delay too); and straight to a port forwarded to the
+HTTP target, by AnyProxy's client (client.open_ports) and by `ssh -R
+PORT:HOST:PORT`.
 
 Needs the venv and, for OpenSSH, `openssh-server openssh-client`.
 Nothing is written to results/: it prints a Markdown table.
@@ -49,7 +51,9 @@ OPENSSH = "OpenSSH -R"
 REQUEST_PATHS = (("AnyProxy HTTP proxy, a new stream each", "http", NO_REUSE),
                  ("AnyProxy HTTP proxy, pooled upstream", "http", ANYPROXY),
                  ("AnyProxy SOCKS5", "socks", ANYPROXY),
-                 ("OpenSSH -R SOCKS5", "socks", OPENSSH))
+                 ("OpenSSH -R SOCKS5", "socks", OPENSSH),
+                 ("AnyProxy forwarded port", "forward", ANYPROXY),
+                 ("OpenSSH -R forwarded port", "forward", OPENSSH))
 
 
 class WanServices(Services):
@@ -58,6 +62,7 @@ class WanServices(Services):
     def __init__(self, processes, args, delay_ms, **kw):
         super().__init__(processes, args, **kw)
         self.delay_ms = delay_ms
+        self.forwards = {}  # path name -> a port forwarded to the HTTP target
 
     def relay(self, name, to):
         """A delay relay to port C{to}; the port to dial instead (C{to} itself with no delay)."""
@@ -74,7 +79,17 @@ class WanServices(Services):
         config = super().anyproxy_config(certs)
         port = self.relay("relay-anyproxy", self.ports["gateway"])
         config["client"]["gateway_addr"] = "%s:%d" % (LOOPBACK, port)
+        # A port the client asks the gateway to open, forwarded to the HTTP target.
+        forward = self.port("anyproxy_forward")
+        config["gateway"]["open_ports_allowed"] = ["%d-%d" % (forward, forward)]
+        config["client"]["open_ports"] = [{"remote_port": forward, "local_host": LOOPBACK,
+                                           "local_port": self.ports["http_target"]}]
         return config
+
+    def start_anyproxy(self):
+        super().start_anyproxy()
+        wait_port(self.ports["anyproxy_forward"], processes=self.processes, names=("gateway", "client"))
+        self.forwards[ANYPROXY] = self.ports["anyproxy_forward"]
 
     def ssh_connect_port(self, port):
         if not hasattr(self, "_ssh_relay"):
@@ -84,6 +99,9 @@ class WanServices(Services):
     def start_ssh(self):
         super().start_ssh()
         self.socks.pop("OpenSSH -R aes128-gcm", None)  # one OpenSSH path is enough here
+        forward = self.port("openssh_forward")
+        self.ssh_remote("ssh-forward", "%s:%d:%s:%d" % (LOOPBACK, forward, LOOPBACK, self.ports["http_target"]))
+        self.forwards[OPENSSH] = forward
 
 
 def download(proxy_port, source_port, seconds, omit):
@@ -113,6 +131,9 @@ def request_ms(kind, proxy_port, target_port):
     started = time.monotonic()
     if kind == "socks":
         sock = socks_connect(proxy_port, LOOPBACK, target_port, timeout=30)
+        target = b"/"
+    elif kind == "forward":  # proxy_port is forwarded to the target
+        sock = socket.create_connection((LOOPBACK, proxy_port), timeout=30)
         target = b"/"
     else:
         sock = socket.create_connection((LOOPBACK, proxy_port), timeout=30)
@@ -173,7 +194,7 @@ def main():
                     log("rtt %g ms, round %d: %-12s %.0f Mbit/s", rtt, r + 1, name, mbps)
                     results.setdefault((rtt, name), []).append(mbps)
             for label, kind, key in REQUEST_PATHS:
-                ports = services.http if kind == "http" else services.socks
+                ports = {"http": services.http, "socks": services.socks, "forward": services.forwards}[kind]
                 if key not in ports:
                     continue
                 times = [request_ms(kind, ports[key], services.ports["http_target"])

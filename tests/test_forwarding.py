@@ -15,9 +15,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.gateway.port_forwarding import udp as forwarding_udp
 from anyproxy.gateway.client_access import ClientGrant
-from anyproxy.gateway.port_forwarding.forwarder import PortForwarding
+from anyproxy.gateway.port_forwarding.forwarder import EARLY_READ, PortForwarding
 from anyproxy.gateway.tunnel_pool import Tunnel
 from anyproxy.gateway.tunnel_server import TunnelServerFactory
+from anyproxy.tunnel import frames
+from tests.test_mux import MuxPair, Recorder
 
 
 # -- fakes ----------------------------------------------------------------------
@@ -79,8 +81,11 @@ class FakeStream:
         self.kind, self.host, self.port = kind, host, port
         self.protocol = None
         self.datagrams = []
+        self.written = []
+        self.write_closed = False
         self.closed = False
         self.reset_with = None
+        self.opened = defer.Deferred(lambda _: self.reset())
 
     def attach(self, protocol):
         self.protocol = protocol
@@ -97,7 +102,10 @@ class FakeStream:
         return True
 
     def write(self, data):
-        pass
+        self.written.append(data)
+
+    def loseWriteConnection(self):
+        self.write_closed = True
 
     def registerProducer(self, producer, streaming):
         pass
@@ -126,7 +134,10 @@ class FakeStream:
 
 
 class FakeMux:
-    """A mux whose open_stream returns a Deferred the test fires."""
+    """
+    A mux whose open_stream returns a Deferred the test fires, and whose
+    start_stream a L{FakeStream} whose C{opened} the test fires.
+    """
 
     def __init__(self):
         self.opens = []  # (kind, host, port, deferred)
@@ -140,6 +151,11 @@ class FakeMux:
         d = defer.Deferred()
         self.opens.append((kind, host, port, d))
         return d
+
+    def start_stream(self, kind, host, port):
+        stream = self.stream_started = FakeStream(kind, host, port)
+        self.opens.append((kind, host, port, stream.opened))
+        return stream
 
 
 def tunnel(client_id, group="default"):
@@ -374,9 +390,13 @@ class PortForwardingTests(SynchronousTestCase):
 class TcpForwardTests(SynchronousTestCase):
     """Each accepted connection becomes a tcp stream through the owner's tunnel."""
 
-    def connect(self):
+    def connect(self, start_fails=False):
         reactor, manager = forwarding()
         owner = tunnel("a")
+        if start_fails:
+            def start_stream(kind, host, port):
+                raise StreamOpenError(Reason.NO_TUNNEL, "tunnel going away")
+            owner.mux.start_stream = start_stream
         manager.tunnel_connected(owner, [wanted(9001, 22, local_host="db.internal")])
         [(_, port)] = reactor.listening
         user = port.owner.buildProtocol(IPv4Address("TCP", "203.0.113.9", 40000))
@@ -385,16 +405,53 @@ class TcpForwardTests(SynchronousTestCase):
         return manager, owner, user, transport
 
     def test_opens_stream_to_target(self):
-        """The stream asks the client for local_host:local_port; reading waits for it."""
+        """The stream asks the client for local_host:local_port and is spliced once open."""
         manager, owner, user, transport = self.connect()
         [(kind, host, port, opening)] = owner.mux.opens
         self.assertEqual((kind, host, port), ("tcp", "db.internal", 22))
-        self.assertEqual(transport.producerState, "paused")
-        stream = FakeStream(kind, host, port)
+        self.assertEqual(transport.producerState, "producing")
+        stream = owner.mux.stream_started
         opening.callback(stream)
         self.assertEqual(transport.producerState, "producing")
         self.assertIs(user.other, stream.protocol)
         self.assertEqual(manager.port_for(9001).connections, {user})
+
+    def test_first_bytes_go_to_the_opening_stream(self):
+        """
+        What the user sends before the stream is open is written to it at
+        once (early data: it crosses with the OPEN), once, in order; EOF
+        waits for the open.
+        """
+        _, owner, user, transport = self.connect()
+        stream = owner.mux.stream_started
+        user.dataReceived(b"\x16\x03\x01 client hello")
+        user.dataReceived(b" and more")
+        user.readConnectionLost()
+        self.assertEqual(stream.written, [b"\x16\x03\x01 client hello", b" and more"])
+        self.assertFalse(stream.write_closed)
+        self.assertEqual(transport.producerState, "producing")
+        stream.opened.callback(stream)
+        self.assertIs(user.other, stream.protocol)
+        self.assertEqual(stream.written, [b"\x16\x03\x01 client hello", b" and more"])
+        self.assertTrue(stream.write_closed)
+
+    def test_reading_pauses_past_early_read(self):
+        """Past EARLY_READ bytes before the open, reading pauses until the stream is open."""
+        _, owner, user, transport = self.connect()
+        stream = owner.mux.stream_started
+        user.dataReceived(b"x" * EARLY_READ)
+        self.assertEqual(transport.producerState, "producing")
+        user.dataReceived(b"y")
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(b"".join(stream.written), b"x" * EARLY_READ + b"y")
+        stream.opened.callback(stream)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(b"".join(stream.written), b"x" * EARLY_READ + b"y")
+
+    def test_tunnel_gone_before_the_open(self):
+        """A tunnel that cannot open streams any more aborts the user's connection."""
+        _, owner, user, transport = self.connect(start_fails=True)
+        self.assertTrue(transport.disconnecting)
 
     def test_open_refused_aborts_user(self):
         """A refusal at the client (e.g. access control) aborts the user's connection."""
@@ -409,6 +466,53 @@ class TcpForwardTests(SynchronousTestCase):
         user.connectionLost(Failure(error.ConnectionDone()))
         self.assertTrue(opening.called)  # cancelled: a real mux resets the stream
         self.assertEqual(manager.port_for(9001).connections, set())
+
+
+class TcpForwardEarlyDataTests(SynchronousTestCase):
+    """Through a real tunnel mux: the user's first bytes cross with the OPEN."""
+
+    def connect(self):
+        pair = MuxPair()
+        pair.client.send_hello({"version": 1})  # offers early data
+        pair.deliver_to_gateway()
+        reactor, manager = forwarding()
+        owner = Tunnel(client_id="a", group="default", mux=pair.gateway)
+        manager.tunnel_connected(owner, [wanted(9001, 5432, local_host="db.internal")])
+        [(_, port)] = reactor.listening
+        user = port.owner.buildProtocol(IPv4Address("TCP", "203.0.113.9", 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "203.0.113.9", 40000))
+        user.makeConnection(transport)
+        return pair, user, transport
+
+    def test_sent_before_the_answer(self):
+        pair, user, transport = self.connect()
+        user.dataReceived(b"startup message")
+        self.assertEqual([type(f).__name__ for f in pair.sent_by_gateway
+                          if not isinstance(f, frames.Hello)], ["Open", "Data"])
+        pair.pump()
+        [request] = pair.client_requests
+        self.assertEqual((request.host, request.port), ("db.internal", 5432))
+        target = Recorder()
+        request.accept(target)
+        self.assertEqual(target.received, b"startup message")
+        pair.pump()
+        user.dataReceived(b", then a query")
+        pair.pump()
+        self.assertEqual(target.received, b"startup message, then a query")
+        target.transport.write(b"answer")
+        pair.pump()
+        self.assertEqual(transport.value(), b"answer")
+
+    def test_refused_drops_them(self):
+        """A refused OPEN: the client never hands the early bytes on; the user is reset."""
+        pair, user, transport = self.connect()
+        user.dataReceived(b"secret")
+        pair.pump()
+        [request] = pair.client_requests
+        request.reject(Reason.NOT_ALLOWED, "forbidden by access control")
+        self.assertEqual(request._early, [])
+        pair.pump()
+        self.assertTrue(transport.disconnecting)
 
 
 # -- UDP --------------------------------------------------------------------------

@@ -1796,6 +1796,33 @@ class EarlyDataTests(SynchronousTestCase):
         self.assertEqual(self.sent_types(pair.sent_by_gateway), ["Open", "Data", "Fin"])
         self.assertEqual(protocol.events, [("made",), ("data", b"hi"), ("read-closed",)])
 
+    def test_start_stream_takes_writes_while_opening(self):
+        """
+        start_stream gives the stream at once: what is written before the
+        answer goes as first_data does, and its opened fires with it.
+        """
+        pair = self.pair()
+        stream = pair.gateway.start_stream("tcp", "h", 22)
+        self.assertIs(stream.state, stream_state.OPENING)
+        stream.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        stream.write(b"kex offer")
+        self.assertEqual(self.sent_types(pair.sent_by_gateway), ["Open", "Data", "Data"])
+        answered = []
+        stream.opened.addCallback(lambda opened: answered.append(opened) or opened)
+        protocol = self.accepted(pair, stream.opened)
+        self.assertEqual(answered, [stream])
+        self.assertEqual(protocol.received, b"SSH-2.0-OpenSSH_9.6\r\nkex offer")
+
+    def test_start_stream_on_a_draining_tunnel(self):
+        """No stream starts on a tunnel going away or lost: NO_TUNNEL at once."""
+        pair = self.pair()
+        pair.gateway.go_away()
+        with self.assertRaises(StreamOpenError) as caught:
+            pair.gateway.start_stream("tcp", "h", 22)
+        self.assertEqual(caught.exception.reason, Reason.NO_TUNNEL)
+        self.assertEqual(self.failureResultOf(pair.gateway.open_stream("tcp", "h", 22),
+                                              StreamOpenError).value.reason, Reason.NO_TUNNEL)
+
     def test_not_on_udp_streams(self):
         """A udp stream carries datagrams, never DATA: first_data is not sent."""
         pair = self.pair()

@@ -12,8 +12,10 @@ from twisted.internet.testing import StringTransport
 from twisted.python import failure
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from anyproxy.errors import Reason, StreamOpenError
+from anyproxy.interfaces import IEarlyDataEndpoint
 from anyproxy.splice import WRITE_NOW_BELOW, SpliceEnd, open_and_splice, splice, write_now
 from anyproxy.tuning import tune_for_bulk
 
@@ -492,6 +494,74 @@ class OpenAndSpliceTests(SynchronousTestCase):
         self.assertEqual(self.user.transport.calls, ["loseWriteConnection"])
         self.user.connectionLost(lost())
         self.assertEqual(target.transport.calls, ["loseConnection"])
+
+
+@implementer(IEarlyDataEndpoint)
+class FakeEarlyEndpoint(FakeEndpoint):
+    """A L{FakeEndpoint} whose connection takes bytes before it is open: C{early} records them."""
+
+    def connect_early(self, factory, opening):
+        self.early = HalfCloseTransport()
+        connecting = self.connect(factory)
+        opening(self.early)
+        return connecting
+
+    def succeed(self, transport=None):
+        return super().succeed(transport if transport is not None else self.early)
+
+
+class EarlyDataSpliceTests(SynchronousTestCase):
+    """open_and_splice(early_data=True): bytes go to the opening connection at once."""
+
+    def setUp(self):
+        self.user = connected_end()
+
+    def test_held_and_later_bytes_go_at_once(self):
+        """Bytes held before the open and those during it are written at once, once, in order."""
+        endpoint = FakeEarlyEndpoint()
+        self.user.dataReceived(b"before ")
+        open_and_splice(self.user, endpoint, read_while_opening=100, early_data=True)
+        self.assertEqual(endpoint.early.value(), b"before ")
+        self.user.dataReceived(b"during")
+        self.user.readConnectionLost()
+        self.assertEqual(endpoint.early.value(), b"before during")
+        self.assertEqual(endpoint.early.calls, [])  # no EOF before the open
+        target = endpoint.succeed()
+        self.assertEqual(target.transport.value(), b"before during")
+        self.assertEqual(target.transport.calls, ["loseWriteConnection"])
+        self.user.dataReceived(b", spliced")
+        self.assertEqual(target.transport.value(), b"before during, spliced")
+
+    def test_hold_limit_counts_what_was_sent(self):
+        """read_while_opening bounds the bytes given to the opening connection too."""
+        endpoint = FakeEarlyEndpoint()
+        open_and_splice(self.user, endpoint, read_while_opening=10, early_data=True)
+        self.user.dataReceived(b"x" * 10)
+        self.assertEqual(self.user.transport.producerState, "producing")
+        self.user.dataReceived(b"y")
+        self.assertEqual(self.user.transport.producerState, "paused")
+        endpoint.succeed()
+        self.assertEqual(self.user.transport.producerState, "producing")
+
+    def test_failed_open_stops_sending(self):
+        """After a failed open nothing more is written to the connection that failed."""
+        endpoint = FakeEarlyEndpoint()
+        results = []
+        open_and_splice(self.user, endpoint, read_while_opening=100,
+                        early_data=True).addBoth(results.append)
+        self.user.dataReceived(b"first")
+        endpoint.fail(StreamOpenError(Reason.CONNECTION_REFUSED, "refused"))
+        results[0].trap(StreamOpenError)
+        self.user.dataReceived(b"second")
+        self.assertEqual(endpoint.early.value(), b"first")
+
+    def test_other_endpoints_hold(self):
+        """An endpoint without early data: the bytes are held until the join, as without the flag."""
+        endpoint = FakeEndpoint()
+        open_and_splice(self.user, endpoint, read_while_opening=100, early_data=True)
+        self.user.dataReceived(b"held")
+        target = endpoint.succeed()
+        self.assertEqual(target.transport.value(), b"held")
 
 
 class _Collect(Protocol):

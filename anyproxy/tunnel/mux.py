@@ -408,10 +408,27 @@ class Mux:
             L{StreamOpenError}: NO_TUNNEL at once if the tunnel is lost or
             draining.  Cancelling it resets the stream.
         """
+        try:
+            stream = self.start_stream(kind, host, port)
+        except StreamOpenError:
+            return defer.fail()
+        if first_data and kind == "tcp":
+            stream.write(first_data)
+        return stream.opened
+
+    def start_stream(self, kind, host, port):
+        """
+        Ask the peer to connect to C{host:port}, and return the new L{Stream}
+        at once, while its OPEN waits for an answer: what is written to it
+        until then goes as L{open_stream}'s C{first_data} does.  Its
+        L{Stream.opened} is L{open_stream}'s answer.
+
+        @raise StreamOpenError: NO_TUNNEL if the tunnel is lost or draining.
+        """
         if self._lost:
-            return defer.fail(StreamOpenError(Reason.NO_TUNNEL, "tunnel closed"))
+            raise StreamOpenError(Reason.NO_TUNNEL, "tunnel closed")
         if self.draining:
-            return defer.fail(StreamOpenError(Reason.NO_TUNNEL, "tunnel going away"))
+            raise StreamOpenError(Reason.NO_TUNNEL, "tunnel going away")
         stream_id = self._next_id
         self._next_id += 2
 
@@ -423,9 +440,7 @@ class Mux:
                         early=self._peer_early_data if kind == "tcp" else 0)
         self._streams[stream_id] = stream
         self._send(frames.Open(stream_id, kind, host, port, self.window))
-        if first_data and kind == "tcp":
-            stream.write(first_data)
-        return opening
+        return stream
 
     # -- going away -----------------------------------------------------
 

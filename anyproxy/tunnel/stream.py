@@ -207,6 +207,15 @@ class Stream:
         except StreamStateError as e:
             raise MuxProtocolError(str(e)) from e
 
+    @property
+    def opened(self):
+        """
+        For a stream this side opens: the Deferred firing with this stream
+        once the peer answers OPEN_OK, or failing with L{StreamOpenError}
+        (L{Mux.open_stream}).  Cancelling it resets the stream.
+        """
+        return self._opening
+
     # -- attaching a protocol -------------------------------------------
 
     def attach(self, protocol):

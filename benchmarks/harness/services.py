@@ -252,20 +252,31 @@ class Services:
         subprocess.run([sshd, "-t", "-f", config], check=True)
         self.processes.spawn("sshd", [sshd, "-D", "-e", "-f", config])
         wait_port(port, processes=self.processes, names=("sshd",))
+        self._sshd_port = port
         for name, cipher in (("OpenSSH -R", None), ("OpenSSH -R aes128-gcm", "aes128-gcm@openssh.com")):
             socks = self.port(name)
-            argv = ["ssh", "-N", "-F", "/dev/null", "-p", str(self.ssh_connect_port(port)), "-i", os.path.join(d, "user_key"),
-                    "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-                    "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                    "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
-                    "-R", "%s:%d" % (LOOPBACK, socks)]
-            if cipher:
-                argv += ["-c", cipher]
-            argv.append("%s@%s" % (getpass.getuser(), LOOPBACK))
-            proc_name = "ssh-gcm" if cipher else "ssh"
-            self.processes.spawn(proc_name, argv)
-            wait_port(socks, processes=self.processes, names=(proc_name, "sshd"))
+            self.ssh_remote("ssh-gcm" if cipher else "ssh", "%s:%d" % (LOOPBACK, socks), cipher)
             self.socks[name] = socks
+
+    def ssh_remote(self, proc_name, forward, cipher=None):
+        """
+        C{ssh -N -R FORWARD} from "inside" to the sshd of L{start_ssh}, as
+        process C{proc_name}: FORWARD is C{host:port} (SOCKS5 on the sshd
+        side) or C{host:port:target_host:target_port} (a forwarded port).
+        Returns once the sshd side listens.
+        """
+        d = self.processes.path("ssh")
+        argv = ["ssh", "-N", "-F", "/dev/null", "-p", str(self.ssh_connect_port(self._sshd_port)),
+                "-i", os.path.join(d, "user_key"),
+                "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR", "-R", forward]
+        if cipher:
+            argv += ["-c", cipher]
+        argv.append("%s@%s" % (getpass.getuser(), LOOPBACK))
+        self.processes.spawn(proc_name, argv)
+        host, port = forward.split(":")[:2]
+        wait_port(int(port), host=host, processes=self.processes, names=(proc_name, "sshd"))
 
     def check_paths(self):
         for name, port in self.socks.items():

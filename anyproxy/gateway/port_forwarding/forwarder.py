@@ -33,9 +33,13 @@ another address ("0.0.0.0" or "::" for every interface), as OpenSSH's
 C{GatewayPorts} does for C{ssh -R}; the tunnel listener's own address, usually
 public, says nothing about who should reach a client's services.
 
-TCP: each accepted connection is paused, a tcp stream is opened to the
-target through the chosen tunnel, and the two are spliced
-(L{anyproxy.splice.open_and_splice}: backpressure and half-close).  If the open
+TCP: for each accepted connection a tcp stream is opened to the target
+through the chosen tunnel, and the two are spliced
+(L{anyproxy.splice.open_and_splice}: backpressure and half-close).  What the
+user sends while the stream opens goes to it at once, up to L{EARLY_READ}
+(then reading pauses until it is open): the first bytes cross with the OPEN
+as early data (docs/PROTOCOL.md), so a protocol whose client speaks first
+(TLS, HTTP, SSH, most databases) saves a round trip of the tunnel.  If the open
 fails (refused by access control, connection refused at the client, no
 answer in time) the user's connection is aborted, so the user sees a reset
 rather than a clean, empty close.
@@ -53,7 +57,8 @@ from zope.interface import implementer
 
 from anyproxy.addresses import address_text
 from anyproxy.dual_stack import listen_tcp, listen_udp
-from anyproxy.interfaces import IReconfigurable
+from anyproxy.errors import StreamOpenError
+from anyproxy.interfaces import IEarlyDataEndpoint, IReconfigurable
 from anyproxy.tunnel.endpoint import DEFAULT_OPEN_TIMEOUT, attach_protocol, bound_open
 from anyproxy.gateway.port_forwarding.fleet_claims import Granted, Unavailable
 from anyproxy.gateway.port_forwarding.udp import MAX_DATAGRAM, UDP_IDLE_TIMEOUT, UdpForwarder
@@ -62,6 +67,12 @@ from anyproxy.tunnel.hello import (PORT_PROTOCOLS, BadPortRequest, PortRequest, 
                                    port_answer, read_open_ports)
 
 log = Logger()
+
+# What a user's connection to a forwarded port may send before its stream is
+# open (then reading pauses): a TLS ClientHello, a request's head, an SSH
+# banner and key exchange offer fit.  It bounds what each connection being
+# opened holds; the client takes at most its early_data of it before OPEN_OK.
+EARLY_READ = 16 * 1024
 
 
 def _yaml_ports(ranges):
@@ -101,7 +112,7 @@ def log_policy(config):
 # -- streams through one chosen tunnel -----------------------------------------
 
 
-@implementer(IStreamClientEndpoint)
+@implementer(IStreamClientEndpoint, IEarlyDataEndpoint)
 class BoundTunnelEndpoint:
     """
     Like L{anyproxy.tunnel.endpoint.TunnelEndpoint}, but through one given
@@ -119,6 +130,16 @@ class BoundTunnelEndpoint:
     def connect(self, protocol_factory):
         d = self.tunnel.mux.open_stream(self.kind, self.host, self.port)
         d = bound_open(d, self._open_timeout, self._clock)
+        return d.addCallback(attach_protocol, protocol_factory)
+
+    def connect_early(self, protocol_factory, opening):
+        """See L{IEarlyDataEndpoint.connect_early}: C{opening} gets the stream."""
+        try:
+            stream = self.tunnel.mux.start_stream(self.kind, self.host, self.port)
+        except StreamOpenError:
+            return defer.fail()
+        opening(stream)
+        d = bound_open(stream.opened, self._open_timeout, self._clock)
         return d.addCallback(attach_protocol, protocol_factory)
 
 
@@ -156,8 +177,10 @@ class ForwardedConnection(SpliceEnd):
         self._where = "%s (client %s) %s -> %s" % (
             forward.label, route.tunnel.client_id, address_text(self.transport.getPeer()),
             route.request.target)
-        # Reading pauses until the stream exists (Twisted's portforward pattern).
-        opening = open_and_splice(self, route.endpoint(forward.clock, forward.open_timeout))
+        # The user's first bytes go with the OPEN; past EARLY_READ, reading
+        # pauses until the stream is open.
+        opening = open_and_splice(self, route.endpoint(forward.clock, forward.open_timeout),
+                                  read_while_opening=EARLY_READ, early_data=True)
         opening.addCallbacks(self._spliced, self._failed)
 
     def _spliced(self, target):
