@@ -107,9 +107,11 @@ class IEarlyDataEndpoint(Interface):
         Connect like C{connect}, and call C{opening(transport)} as soon as
         the connection exists, before it is open.  Bytes written to
         C{transport} from then on reach the target once it is connected (the
-        first of them with the open, as far as the peer takes early data);
-        if the connection fails, no target has read them.  Nothing else may
-        be done with C{transport} until the connection is made.
+        first of them with the open, as far as the peer takes early data).
+        If the target refuses or cannot be reached, no target has read them;
+        if the open times out or is cancelled, the target may have them, as
+        with any connection that breaks.  Nothing else may be done with
+        C{transport} until the connection is made.
         """
 
 

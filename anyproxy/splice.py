@@ -162,15 +162,12 @@ class SpliceEnd(Protocol):
         if self.other is not None:
             write_now(self.other.transport, data)
             return
-        early = self._early_target
-        if early is not None:
-            early.write(data)
-            self._early_sent += len(data)
-            held = self._early_sent
-        else:
-            self._pending += data
-            held = len(self._pending)
-        if self._hold_limit is not None and held > self._hold_limit:
+        if self._early_target is not None and not self._pending:
+            data = self._send_early(data)
+            if not data:
+                return
+        self._pending += data
+        if self._hold_limit is not None and self._early_sent + len(self._pending) > self._hold_limit:
             self._pause_reading()
 
     def readConnectionLost(self):
@@ -221,15 +218,28 @@ class SpliceEnd(Protocol):
 
     def _send_early_to(self, transport):
         # The target's connection exists but is not open yet, and takes
-        # early data: what was held and what arrives go to it at once.  It
-        # counts against the hold limit as held bytes do.
+        # early data: what was held and what arrives go to it at once, up to
+        # the hold limit; past it, bytes are held (and reading pauses) as
+        # without early data.
         if self._lost or self.other is not None:
             return
         self._early_target = transport
         if self._pending:
             data, self._pending = self._pending, b""
+            self._pending = self._send_early(data)
+
+    def _send_early(self, data):
+        # What fits under the hold limit goes to the opening target; the
+        # rest is returned, to be held.
+        room = max(self._hold_limit - self._early_sent, 0)
+        if len(data) > room:
+            data, rest = data[:room], data[room:]
+        else:
+            rest = b""
+        if data:
             self._early_sent += len(data)
-            transport.write(data)
+            self._early_target.write(data)
+        return rest
 
     def _pause_reading(self):
         if not self._reading_paused:
@@ -307,11 +317,12 @@ def open_and_splice(user_end, endpoint, on_open=None, read_while_opening=0, earl
         the caller (which then holds early bytes itself).  Reading resumes at
         the join.
     @param early_data: where C{endpoint} provides
-        L{anyproxy.interfaces.IEarlyDataEndpoint}, what C{user_end} receives
-        while the target opens goes to it at once (the first bytes cross
-        with the open) instead of being held; C{read_while_opening} still
-        bounds it.  Only for a protocol without a success reply, whose user
-        may speak first: C{on_open} cannot hold bytes already sent.
+        L{anyproxy.interfaces.IEarlyDataEndpoint}, the first
+        C{read_while_opening} bytes C{user_end} receives while the target
+        opens go to it at once (they cross with the open) instead of being
+        held; what comes past them is held, and pauses reading, as without
+        it.  Only for a protocol without a success reply, whose user may
+        speak first: C{on_open} cannot hold bytes already sent.
 
     @return: a L{Deferred} that fires with the target's L{SpliceEnd} once
         spliced, or with C{None} if C{user_end}'s connection was lost first.
@@ -321,6 +332,8 @@ def open_and_splice(user_end, endpoint, on_open=None, read_while_opening=0, earl
         also for a target that closed before the splice (C{GENERAL_FAILURE}).
         Cancelling it cancels the open.
     """
+    if early_data and read_while_opening is None:
+        raise ValueError("early_data needs read_while_opening: the bytes that may go early")
     if read_while_opening is not None:
         user_end._hold(read_while_opening)
     try:

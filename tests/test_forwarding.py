@@ -19,7 +19,10 @@ from anyproxy.gateway.port_forwarding.forwarder import EARLY_READ, PortForwardin
 from anyproxy.gateway.tunnel_pool import Tunnel
 from anyproxy.gateway.tunnel_server import TunnelServerFactory
 from anyproxy.tunnel import frames
-from tests.test_mux import MuxPair, Recorder
+from anyproxy.tunnel.endpoint import DEFAULT_OPEN_TIMEOUT
+from anyproxy.tunnel.stream import DEFAULT_WINDOW
+from tests.test_mux import SMALL_WINDOW, HalfCloseRecorder, MuxPair, Recorder
+from tests.test_splice import HalfCloseTransport
 
 
 # -- fakes ----------------------------------------------------------------------
@@ -436,17 +439,21 @@ class TcpForwardTests(SynchronousTestCase):
         self.assertTrue(stream.write_closed)
 
     def test_reading_pauses_past_early_read(self):
-        """Past EARLY_READ bytes before the open, reading pauses until the stream is open."""
+        """
+        At most EARLY_READ bytes go before the open; past them, bytes are
+        held and reading pauses until the stream is open.
+        """
         _, owner, user, transport = self.connect()
         stream = owner.mux.stream_started
-        user.dataReceived(b"x" * EARLY_READ)
+        user.dataReceived(b"x" * (EARLY_READ - 1))
         self.assertEqual(transport.producerState, "producing")
-        user.dataReceived(b"y")
+        user.dataReceived(b"xyz")
         self.assertEqual(transport.producerState, "paused")
-        self.assertEqual(b"".join(stream.written), b"x" * EARLY_READ + b"y")
+        user.dataReceived(b"!")  # a read already under way
+        self.assertEqual(b"".join(stream.written), b"x" * EARLY_READ)
         stream.opened.callback(stream)
         self.assertEqual(transport.producerState, "producing")
-        self.assertEqual(b"".join(stream.written), b"x" * EARLY_READ + b"y")
+        self.assertEqual(b"".join(stream.written), b"x" * EARLY_READ + b"yz!")
 
     def test_tunnel_gone_before_the_open(self):
         """A tunnel that cannot open streams any more aborts the user's connection."""
@@ -471,18 +478,37 @@ class TcpForwardTests(SynchronousTestCase):
 class TcpForwardEarlyDataTests(SynchronousTestCase):
     """Through a real tunnel mux: the user's first bytes cross with the OPEN."""
 
-    def connect(self):
-        pair = MuxPair()
-        pair.client.send_hello({"version": 1})  # offers early data
+    def connect(self, offered=True, client_window=DEFAULT_WINDOW):
+        pair = MuxPair(client_window=client_window)
+        if offered:
+            pair.client.send_hello({"version": 1})  # offers early data
+        else:  # a client of an older version
+            pair.to_gateway.append(frames.encode(frames.Hello({"version": 1})))
         pair.deliver_to_gateway()
-        reactor, manager = forwarding()
+        self.reactor, manager = forwarding()
         owner = Tunnel(client_id="a", group="default", mux=pair.gateway)
         manager.tunnel_connected(owner, [wanted(9001, 5432, local_host="db.internal")])
-        [(_, port)] = reactor.listening
-        user = port.owner.buildProtocol(IPv4Address("TCP", "203.0.113.9", 40000))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "203.0.113.9", 40000))
+        [(_, port)] = self.reactor.listening
+        self.factory = port.owner
+        return (pair,) + self.user_connects()
+
+    def user_connects(self):
+        user = self.factory.buildProtocol(IPv4Address("TCP", "203.0.113.9", 40000))
+        transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", "203.0.113.9", 40000))
         user.makeConnection(transport)
-        return pair, user, transport
+        return user, transport
+
+    @staticmethod
+    def sent(pair):
+        return [type(f).__name__ for f in pair.sent_by_gateway if not isinstance(f, frames.Hello)]
+
+    def accept(self, pair, protocol=None):
+        pair.pump()
+        [request] = pair.client_requests
+        protocol = protocol if protocol is not None else Recorder()
+        request.accept(protocol)
+        pair.pump()
+        return protocol
 
     def test_sent_before_the_answer(self):
         pair, user, transport = self.connect()
@@ -504,15 +530,77 @@ class TcpForwardEarlyDataTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"answer")
 
     def test_refused_drops_them(self):
-        """A refused OPEN: the client never hands the early bytes on; the user is reset."""
+        """A refused OPEN: the client held the early bytes and drops them unread; the user is reset."""
         pair, user, transport = self.connect()
         user.dataReceived(b"secret")
         pair.pump()
         [request] = pair.client_requests
+        self.assertEqual(b"".join(request._early), b"secret")
         request.reject(Reason.NOT_ALLOWED, "forbidden by access control")
         self.assertEqual(request._early, [])
         pair.pump()
         self.assertTrue(transport.disconnecting)
+
+    def test_eof_after_the_early_bytes(self):
+        """A user's EOF before the open: the FIN follows the early bytes once the stream is open."""
+        pair, user, transport = self.connect()
+        user.dataReceived(b"QUIT\r\n")
+        user.readConnectionLost()
+        self.assertEqual(self.sent(pair), ["Open", "Data"])
+        target = self.accept(pair, HalfCloseRecorder())
+        self.assertEqual(target.events, [("made",), ("data", b"QUIT\r\n"), ("read-closed",)])
+        self.assertEqual(self.sent(pair), ["Open", "Data", "Fin"])
+
+    def test_user_leaves_while_opening(self):
+        """A user who leaves after sending early: the stream is reset, and the client drops them."""
+        pair, user, transport = self.connect()
+        user.dataReceived(b"half a request")
+        user.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(self.sent(pair), ["Open", "Data", "Reset"])
+        pair.pump()
+        [request] = pair.client_requests
+        self.assertEqual(request._early, [])
+        self.assertTrue(request.closed)
+
+    def test_open_times_out(self):
+        """No answer in time: the stream is reset and the user's connection aborted."""
+        pair, user, transport = self.connect()
+        user.dataReceived(b"hello")
+        self.reactor.advance(DEFAULT_OPEN_TIMEOUT)
+        self.assertEqual(self.sent(pair), ["Open", "Data", "Reset"])
+        self.assertTrue(transport.disconnecting)
+
+    def test_client_without_early_data(self):
+        """A client that offers none gets the bytes after OPEN_OK, all of them, in order."""
+        pair, user, transport = self.connect(offered=False)
+        user.dataReceived(b"first, ")
+        user.dataReceived(b"second")
+        self.assertEqual(self.sent(pair), ["Open"])
+        target = self.accept(pair)
+        self.assertEqual(target.received, b"first, second")
+
+    def test_more_than_the_client_takes_early(self):
+        """Past the client's offer (its window here), the rest goes after OPEN_OK, in order."""
+        pair, user, transport = self.connect(client_window=SMALL_WINDOW)
+        data = bytes(range(256)) * (3 * SMALL_WINDOW // 256)
+        user.dataReceived(data)
+        early = sum(len(f.payload) for f in pair.sent_by_gateway if isinstance(f, frames.Data))
+        self.assertEqual(early, SMALL_WINDOW)
+        target = self.accept(pair)
+        self.assertEqual(target.received, data)
+        self.assertEqual((pair.client_errors, pair.gateway_errors), ([], []))
+
+    def test_connections_waiting_for_their_stream_are_capped(self):
+        """Past the cap, a new connection is closed at once; a place frees when a stream opens."""
+        pair, user, transport = self.connect()
+        self.factory.handshakes.limit = 1
+        _, refused = self.user_connects()
+        self.assertTrue(refused.disconnecting)
+        self.assertEqual(self.sent(pair), ["Open"])
+        self.accept(pair)
+        _, admitted = self.user_connects()
+        self.assertFalse(admitted.disconnecting)
+        self.assertEqual(self.sent(pair), ["Open", "Open"])
 
 
 # -- UDP --------------------------------------------------------------------------

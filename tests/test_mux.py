@@ -1823,6 +1823,31 @@ class EarlyDataTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(pair.gateway.open_stream("tcp", "h", 22),
                                               StreamOpenError).value.reason, Reason.NO_TUNNEL)
 
+    def test_start_stream_on_a_lost_tunnel(self):
+        pair = self.pair()
+        pair.gateway.connection_lost()
+        with self.assertRaises(StreamOpenError) as caught:
+            pair.gateway.start_stream("tcp", "h", 22)
+        self.assertEqual(caught.exception.reason, Reason.NO_TUNNEL)
+
+    def test_early_data_dropped_when_the_opener_gives_up(self):
+        """RESET or a lost tunnel before the answer: the held early data is let go at once."""
+        for end in ("reset", "tunnel lost"):
+            pair = self.pair()
+            stream = pair.gateway.start_stream("tcp", "h", 22)
+            stream.write(b"early")
+            pair.pump()
+            [acceptor] = pair.client_requests
+            self.assertEqual(acceptor._early, [b"early"])
+            if end == "reset":
+                stream.opened.cancel()
+                pair.pump()
+                self.failureResultOf(stream.opened)
+            else:
+                pair.client.connection_lost()
+            self.assertEqual(acceptor._early, [], end)
+            self.assertTrue(acceptor.closed, end)
+
     def test_not_on_udp_streams(self):
         """A udp stream carries datagrams, never DATA: first_data is not sent."""
         pair = self.pair()

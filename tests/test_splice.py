@@ -532,16 +532,40 @@ class EarlyDataSpliceTests(SynchronousTestCase):
         self.user.dataReceived(b", spliced")
         self.assertEqual(target.transport.value(), b"before during, spliced")
 
-    def test_hold_limit_counts_what_was_sent(self):
-        """read_while_opening bounds the bytes given to the opening connection too."""
+    def test_at_most_read_while_opening_go_early(self):
+        """
+        read_while_opening bytes at most go to the opening connection; the
+        rest is held, reading pauses, and the join passes it on in order.
+        """
         endpoint = FakeEarlyEndpoint()
+        self.user.dataReceived(b"0123456")
         open_and_splice(self.user, endpoint, read_while_opening=10, early_data=True)
-        self.user.dataReceived(b"x" * 10)
+        self.assertEqual(endpoint.early.value(), b"0123456")
+        self.user.dataReceived(b"789")
         self.assertEqual(self.user.transport.producerState, "producing")
-        self.user.dataReceived(b"y")
+        self.user.dataReceived(b"abc")
         self.assertEqual(self.user.transport.producerState, "paused")
-        endpoint.succeed()
+        self.assertEqual(endpoint.early.value(), b"0123456789")
+        target = endpoint.succeed()
         self.assertEqual(self.user.transport.producerState, "producing")
+        self.assertEqual(target.transport.value(), b"0123456789abc")
+
+    def test_held_past_the_limit_before_the_open(self):
+        """Bytes held past the limit before the connection exists: the first go early, the rest wait."""
+        endpoint = FakeEarlyEndpoint()
+        self.user.dataReceived(b"0123456789abc")
+        open_and_splice(self.user, endpoint, read_while_opening=10, early_data=True)
+        self.assertEqual(self.user.transport.producerState, "paused")
+        self.assertEqual(endpoint.early.value(), b"0123456789")
+        self.user.dataReceived(b"def")
+        self.assertEqual(endpoint.early.value(), b"0123456789")
+        target = endpoint.succeed()
+        self.assertEqual(target.transport.value(), b"0123456789abcdef")
+
+    def test_needs_a_bound(self):
+        """early_data without read_while_opening is a programming error."""
+        self.assertRaises(ValueError, open_and_splice, self.user, FakeEarlyEndpoint(),
+                          read_while_opening=None, early_data=True)
 
     def test_failed_open_stops_sending(self):
         """After a failed open nothing more is written to the connection that failed."""

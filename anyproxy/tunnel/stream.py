@@ -210,9 +210,10 @@ class Stream:
     @property
     def opened(self):
         """
-        For a stream this side opens: the Deferred firing with this stream
-        once the peer answers OPEN_OK, or failing with L{StreamOpenError}
-        (L{Mux.open_stream}).  Cancelling it resets the stream.
+        For a stream this side opens: the open's Deferred, for whoever opened
+        it (L{Mux.start_stream}) to add its callbacks to.  It fires with this
+        stream once the peer answers OPEN_OK, or fails with
+        L{StreamOpenError}; cancelling it resets the stream.
         """
         return self._opening
 
@@ -570,6 +571,8 @@ class Stream:
 
     def reset_received(self, reason):
         opening = self.state is OPENING
+        if self.state is ACCEPTING:
+            self._early = []  # the opener gave up before we answered: dropped unread
         self._peer_move(RECV_RESET)
         self._finished(error.ConnectionLost("stream reset by peer (%s)" % (reason,)))
         if opening:
@@ -579,6 +582,8 @@ class Stream:
         if self.state in FINISHED:
             return
         opening = self.state is OPENING
+        if self.state is ACCEPTING:
+            self._early = []
         self._move(TUNNEL_LOST)
         self._finished(error.ConnectionLost("tunnel lost"))
         if opening:

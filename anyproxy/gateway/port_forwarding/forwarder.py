@@ -35,14 +35,16 @@ public, says nothing about who should reach a client's services.
 
 TCP: for each accepted connection a tcp stream is opened to the target
 through the chosen tunnel, and the two are spliced
-(L{anyproxy.splice.open_and_splice}: backpressure and half-close).  What the
-user sends while the stream opens goes to it at once, up to L{EARLY_READ}
-(then reading pauses until it is open): the first bytes cross with the OPEN
-as early data (docs/PROTOCOL.md), so a protocol whose client speaks first
-(TLS, HTTP, SSH, most databases) saves a round trip of the tunnel.  If the open
-fails (refused by access control, connection refused at the client, no
-answer in time) the user's connection is aborted, so the user sees a reset
-rather than a clean, empty close.
+(L{anyproxy.splice.open_and_splice}: backpressure and half-close).  The first
+L{EARLY_READ} bytes the user sends while the stream opens go to it at once
+(what comes past them is held, and reading pauses, until it is open): they
+cross with the OPEN as early data (docs/PROTOCOL.md), so a protocol whose
+client speaks first (TLS, HTTP, SSH, most databases) saves a round trip of
+the tunnel.  At most L{DEFAULT_MAX_HANDSHAKES} connections of a port wait for
+their stream at once (L{ForwardedPortFactory}).  If the open fails (refused
+by access control, connection refused at the client, no answer in time) the
+user's connection is aborted, so the user sees a reset rather than a clean,
+empty close.
 
 UDP: see L{anyproxy.gateway.port_forwarding.udp}; each user source address gets
 its own udp stream (association), ended after an idle timeout.
@@ -56,6 +58,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from anyproxy.addresses import address_text
+from anyproxy.connection_cap import DEFAULT_MAX_HANDSHAKES, ConnectionCap, HandshakeCappedFactory
 from anyproxy.dual_stack import listen_tcp, listen_udp
 from anyproxy.errors import StreamOpenError
 from anyproxy.interfaces import IEarlyDataEndpoint, IReconfigurable
@@ -167,6 +170,10 @@ class Route:
 class ForwardedConnection(SpliceEnd):
     """A user's connection to a forwarded TCP port, spliced to a tunnel stream."""
 
+    # Whether this connection counts in factory.handshakes (until its stream
+    # is open, or it fails or closes).
+    holds_handshake_place = False
+
     def connectionMade(self):
         forward = self.factory.forward
         route = forward.pick_route()
@@ -184,17 +191,43 @@ class ForwardedConnection(SpliceEnd):
         opening.addCallbacks(self._spliced, self._failed)
 
     def _spliced(self, target):
+        self._opened()
         if target is not None:  # None: the user left first
             log.info("forwarded port {where}: connected", where=self._where)
 
     def _failed(self, failure):
+        self._opened()
         # A reset tells the user more than a clean, empty close.
         log.info("forwarded port {where}: {why}", where=self._where, why=failure.getErrorMessage())
         self.transport.abortConnection()
 
+    def _opened(self):
+        if self.holds_handshake_place:
+            self.holds_handshake_place = False
+            self.factory.handshakes.leave()
+
     def connectionLost(self, reason):
+        self._opened()
         self.factory.forward.connections.discard(self)
         super().connectionLost(reason)  # cancels an open in progress
+
+
+class ForwardedPortFactory(HandshakeCappedFactory, Factory):
+    """
+    Builds the L{ForwardedConnection}s of one forwarded TCP port.  At most
+    L{DEFAULT_MAX_HANDSHAKES} of them wait for their stream to open at once
+    (each holds up to L{EARLY_READ} bytes and one read meanwhile); beyond
+    that a new connection is closed at once.
+    """
+
+    protocol = ForwardedConnection
+    noisy = False
+
+    def __init__(self, forward, clock):
+        self.forward = forward
+        self.handshakes = ConnectionCap(
+            DEFAULT_MAX_HANDSHAKES, "forwarded port %s (connections whose stream is opening)"
+            % forward.label, clock)
 
 
 class ForwardedPort:
@@ -513,11 +546,9 @@ class PortForwarding:
 
     def _listen(self, forward, request):
         if request.protocol == "tcp":
-            factory = Factory.forProtocol(ForwardedConnection)
-            factory.noisy = False
-            factory.forward = forward
             forward.listening = listen_tcp(  # "::": dual-stack
-                self._reactor, request.remote_port, factory, interface=self.interface)
+                self._reactor, request.remote_port, ForwardedPortFactory(forward, self._reactor),
+                interface=self.interface)
         else:
             forward.udp = UdpForwarder(forward, self._reactor, self._udp_idle_timeout)
             forward.listening = listen_udp(
