@@ -1823,6 +1823,18 @@ class EarlyDataTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(pair.gateway.open_stream("tcp", "h", 22),
                                               StreamOpenError).value.reason, Reason.NO_TUNNEL)
 
+    def test_a_target_no_open_can_carry(self):
+        """A name too long for an OPEN fails the open and leaves no stream behind."""
+        pair = self.pair()
+        name = ".".join(["é"] * 85)  # 679 bytes once IDNA-encoded
+        failure = self.failureResultOf(pair.gateway.open_stream("tcp", name, 80), StreamOpenError)
+        self.assertEqual(failure.value.reason, Reason.GENERAL_FAILURE)
+        self.assertEqual(pair.gateway.streams(), [])
+        self.assertEqual(self.sent_types(pair.sent_by_gateway), [])
+        ok = pair.gateway.open_stream("tcp", "example.com", 80)
+        self.assertNoResult(ok)
+        self.assertEqual([s.stream_id for s in pair.gateway.streams()], [2])
+
     def test_start_stream_on_a_lost_tunnel(self):
         pair = self.pair()
         pair.gateway.connection_lost()

@@ -188,6 +188,13 @@ class Socks5ParserTests(SynchronousTestCase):
         parser.receive_data(b"\x05\x01\x00\x03" + bytes([len(raw)]) + raw + b"\x00\x50")
         self.assertEqual(parser.next_event().host, "xn--bcher-kva.example")
 
+    def test_request_domain_too_long_after_idna(self):
+        """A name whose IDNA form exceeds 255 bytes gets host unreachable (0x04): no OPEN could carry it."""
+        raw = ".".join(["é"] * 85).encode("utf-8")  # 254 bytes; 679 once IDNA-encoded
+        parser = at_request()
+        parser.receive_data(b"\x05\x01\x00\x03" + bytes([len(raw)]) + raw + b"\x00\x50")
+        self.assertEqual(self.assertRaises(SocksError, parser.next_event).reply_code, 0x04)
+
     def test_request_bind_and_udp(self):
         """BIND and UDP ASSOCIATE are parsed; refusing them is the caller's job."""
         for command in (CMD_BIND, CMD_UDP_ASSOCIATE):

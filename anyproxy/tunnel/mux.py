@@ -423,13 +423,21 @@ class Mux:
         until then goes as L{open_stream}'s C{first_data} does.  Its
         L{Stream.opened} is L{open_stream}'s answer.
 
-        @raise StreamOpenError: NO_TUNNEL if the tunnel is lost or draining.
+        @raise StreamOpenError: NO_TUNNEL if the tunnel is lost or draining;
+            GENERAL_FAILURE for a target an OPEN cannot carry.
         """
         if self._lost:
             raise StreamOpenError(Reason.NO_TUNNEL, "tunnel closed")
         if self.draining:
             raise StreamOpenError(Reason.NO_TUNNEL, "tunnel going away")
         stream_id = self._next_id
+        try:
+            # Encoded before the stream exists: a target the frame cannot
+            # carry (a name longer than 255 bytes once IDNA-encoded) must
+            # leave nothing behind.
+            message = frames.encode(frames.Open(stream_id, kind, host, port, self.window))
+        except frames.FrameError as e:
+            raise StreamOpenError(Reason.GENERAL_FAILURE, str(e)) from None
         self._next_id += 2
 
         def cancel(_):
@@ -439,7 +447,7 @@ class Mux:
         stream = Stream(self, stream_id, kind, host, port, opening=opening,
                         early=self._peer_early_data if kind == "tcp" else 0)
         self._streams[stream_id] = stream
-        self._send(frames.Open(stream_id, kind, host, port, self.window))
+        self._send_raw(message)
         return stream
 
     # -- going away -----------------------------------------------------

@@ -261,11 +261,16 @@ def _decode_domain(raw):
     except UnicodeDecodeError:
         pass
     try:
-        return raw.decode("utf-8").encode("idna").decode("ascii")
+        name = raw.decode("utf-8").encode("idna").decode("ascii")
     except UnicodeError:
         raise SocksError(
             "domain name is neither ASCII nor valid IDNA", REP_HOST_UNREACHABLE
         ) from None
+    # IDNA can lengthen a name; the tunnel carries 255 bytes at most.
+    if len(name) > MAX_DOMAIN_LENGTH:
+        raise SocksError("domain name longer than %d bytes once IDNA-encoded"
+                         % (MAX_DOMAIN_LENGTH,), REP_HOST_UNREACHABLE)
+    return name
 
 
 def _read_request(buffer):

@@ -121,9 +121,6 @@ def parse_udp_datagram(data):
         if len(data) < end:
             raise SocksError("datagram truncated in DST.ADDR")
         host = _decode_domain(bytes(data[offset + 1 : end]))
-        # IDNA can lengthen a name; the tunnel carries 255 bytes at most.
-        if len(host) > MAX_DOMAIN_LENGTH:
-            raise SocksError("domain name longer than %d bytes" % (MAX_DOMAIN_LENGTH,))
     else:
         raise SocksError("unsupported address type %#04x" % (address_type,))
     if host is None or len(data) < end + _PORT.size:
