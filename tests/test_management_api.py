@@ -7,6 +7,7 @@ schemathesis against the API's own OpenAPI document.
 """
 
 import base64
+import io
 import http.client
 import json
 import os
@@ -551,3 +552,29 @@ class SchemathesisTests(_APIBase):
         self.assertIn("Operations:       %d selected / %d total" % (operations - 1,
                                                                    operations - 1), text)
         self.assertIn("Tested: %d" % (operations - 1,), text)
+
+
+class PolicyViewTests(unittest.SynchronousTestCase):
+    """How /api/users shows a user's policy, and bodies it cannot parse."""
+
+    def test_rules_as_written(self):
+        """allow and deny rules (as in etc/gateway.yaml) show as their text, JSON-encodable."""
+        from anyproxy.gateway.status.management import _policy
+        etc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
+        config = load_config(os.path.join(etc, "gateway.yaml"), check_files=False)
+        [entry] = [user for user in config.gateway.users if user.allow or user.deny]
+        policy = _policy(entry)
+        json.dumps(policy)
+        self.assertEqual((policy["allow"], policy["deny"]),
+                         (["*.corp.example", "10.1.0.0/16:22 (tcp)"], ["payroll.corp.example"]))
+
+    def test_nested_too_deep(self):
+        """JSON nested deeper than the parser goes is a 400, not a 500."""
+        from twisted.web.test.requesthelper import DummyRequest
+        from anyproxy.gateway.status.management import APIError, ManagementAPI
+        request = DummyRequest([b"api", b"drain"])
+        request.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.content = io.BytesIO(b"[" * 2000 + b"]" * 2000)  # under MAX_BODY
+        api = ManagementAPI(None, None, None)
+        error = self.assertRaises(APIError, api._read_body, request)
+        self.assertEqual(error.status, 400)

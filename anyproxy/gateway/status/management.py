@@ -41,6 +41,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from anyproxy.access_policy import BOTH
 from anyproxy.config.load import load_config
 from anyproxy.errors import ConfigError, Reason
 from anyproxy.gateway.status.config_view import gateway_config_json
@@ -72,11 +73,24 @@ def _user_groups(entry):
     return [entry.group]
 
 
+def _rule_text(rule):
+    """
+    A C{gateway.users} C{allow} or C{deny} entry as the operator wrote it:
+    a L{anyproxy.access_policy.HostRule}'s text, or a
+    L{anyproxy.access_policy.LimitRule}'s with its protocol when that is
+    not both (C{"10.1.0.0/16:22 (tcp)"}).
+    """
+    host_rule = getattr(rule, "rule", rule)
+    text = host_rule.text or str(host_rule.value)
+    protocol = getattr(rule, "protocol", BOTH)
+    return text if protocol == BOTH else "%s (%s)" % (text, protocol)
+
+
 def _policy(entry):
     """What a C{gateway.users} entry allows; keys absent from the model read as unrestricted."""
     return {
-        "allow": list(getattr(entry, "allow", ()) or ()),
-        "deny": list(getattr(entry, "deny", ()) or ()),
+        "allow": [_rule_text(rule) for rule in getattr(entry, "allow", ()) or ()],
+        "deny": [_rule_text(rule) for rule in getattr(entry, "deny", ()) or ()],
         "protocols": list(getattr(entry, "protocols", ("tcp", "udp")) or ()),
         "max_streams": int(getattr(entry, "max_streams", 0) or 0),
         "bandwidth": int(getattr(entry, "bandwidth", 0) or 0),
@@ -323,7 +337,8 @@ class ManagementAPI(resource.Resource):
             raise APIError(415, "a request body must be application/json")
         try:
             body = json.loads(content.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            # RecursionError: arrays or objects nested too deep to parse.
             raise APIError(400, "the request body is not valid JSON")
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")

@@ -145,7 +145,9 @@ SCHEMAS = {
             "source": {"type": "string", "enum": ["listener", "gateway.users"]},
             "groups": {"type": "array", "items": {"type": "string"}},
             "listeners": {"type": "array", "items": {"type": "string"}},
-            "allow": {"type": "array", "items": {"type": "string"}},
+            "allow": {"type": "array", "items": {"type": "string"},
+                      "description": "rules as written; one limited to a protocol ends with it, "
+                                     "e.g. \"10.1.0.0/16:22 (tcp)\""},
             "deny": {"type": "array", "items": {"type": "string"}},
             "protocols": {"type": "array", "items": {"type": "string"}},
             "max_streams": {"type": "integer", "description": "0 = unlimited"},
