@@ -10,6 +10,7 @@ so they are part of the wire format: add values, never renumber.
 
 import enum
 import errno
+import socket
 
 from twisted.internet import defer, error
 
@@ -142,6 +143,8 @@ def reason_for_failure(failure):
         return Reason.TIMED_OUT
     if isinstance(exc, error.DNSLookupError):
         return Reason.NAME_NOT_RESOLVED
+    if isinstance(exc, socket.gaierror):
+        return Reason.HOST_UNREACHABLE  # an IPv6 literal's zone that names no interface
     # Before NoRouteError: Twisted raises NoRouteError for ENETUNREACH too.
     os_error = getattr(exc, "osError", None)
     if os_error == errno.ENETUNREACH:

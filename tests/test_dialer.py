@@ -7,6 +7,7 @@ a real L{Mux} pair.
 """
 
 import errno
+import socket
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -226,6 +227,15 @@ class ResolveTests(SynchronousTestCase):
         self.assertNoResult(d)
         resolver.complete()
         self.assertEqual(self.successResultOf(d), ["192.0.2.9"])
+
+    def test_not_a_host_name(self):
+        """A name IDNA cannot encode (empty or over-long label) fails NAME_NOT_RESOLVED at once."""
+        resolver = FakeResolver()
+        for name in ("a..b", "x" * 64 + ".example", ".leading"):
+            d = resolve(resolver, name, 80)
+            self.assertEqual(self.failureResultOf(d, StreamOpenError).value.reason,
+                             Reason.NAME_NOT_RESOLVED, name)
+        self.assertEqual(resolver.asked, [])
 
     def test_no_addresses(self):
         """A name with no addresses fails NAME_NOT_RESOLVED."""
@@ -554,6 +564,49 @@ class DialTests(DialerTestMixin, SynchronousTestCase):
         target = self.succeed_connect()
         self.assertEqual((stream.accepted, stream.rejected), ([], [Reason.NOT_ALLOWED]))
         self.assertTrue(target.disconnecting)
+        self.assertEqual(dialer.active, 0)
+
+    def test_connect_raising_at_once(self):
+        """
+        connectTCP raising (an IPv6 zone naming no interface: Twisted
+        resolves it inside) refuses the stream HOST_UNREACHABLE and frees
+        its slot.
+        """
+        dialer = self.dialer()
+
+        def connect_tcp(*args, **kwargs):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        self.reactor.connectTCP = connect_tcp
+        stream = FakeStream("fe80::1%zzz", 22)
+        dialer.handle_open(stream)
+        self.assertEqual(stream.rejected, [Reason.HOST_UNREACHABLE])
+        self.assertEqual(dialer.active, 0)
+
+    def test_cancel_tries_no_next_address(self):
+        """The gateway giving up while the first address is dialled: no other address is tried."""
+        dialer = self.dialer({"multi.test": ["192.0.2.1", "192.0.2.2"]})
+        stream = FakeStream("multi.test", 80)
+        dialer.handle_open(stream)
+        factory, connector = self.reactor.tcpClients[0][2], self.reactor.connectors[0]
+        # As Twisted's connector does: stopping an attempt fails it at once.
+        connector.stopConnecting = lambda: factory.clientConnectionFailed(
+            connector, fail(error.UserError()))
+        stream.opener_gives_up()
+        self.assertEqual(self.dialed(), [("192.0.2.1", 80)])
+        self.assertEqual(dialer.active, 0)
+
+    def test_timeout_tries_no_next_address(self):
+        """connect_timeout bounds the whole dial, not each address."""
+        dialer = self.dialer({"multi.test": ["192.0.2.1", "192.0.2.2"]}, connect_timeout=5.0)
+        stream = FakeStream("multi.test", 80)
+        dialer.handle_open(stream)
+        factory, connector = self.reactor.tcpClients[0][2], self.reactor.connectors[0]
+        connector.stopConnecting = lambda: factory.clientConnectionFailed(
+            connector, fail(error.UserError()))
+        self.reactor.advance(5.0)
+        self.assertEqual(self.dialed(), [("192.0.2.1", 80)])
+        self.assertEqual(stream.rejected, [Reason.TIMED_OUT])
         self.assertEqual(dialer.active, 0)
 
     def test_next_address(self):

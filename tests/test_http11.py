@@ -244,6 +244,14 @@ class RequestTests(SynchronousTestCase):
         for byte in chunked + b"5\r\nhello\r\n" + b"3\r\nabc\r\n" * 3000 + b"0\r\n\r\n":
             server.receive_data(bytes([byte]))
         self.assertEqual(len(body_of(drain(server))), 5 + 3 * 3000)
+        # Nor is a long body whose chunk framing comes in reads of its own.
+        server = ServerConnection()
+        server.receive_data(chunked)
+        for _ in range(20000):
+            server.receive_data(b"1\r\n")
+            server.receive_data(b"x\r\n")
+        server.receive_data(b"0\r\n\r\n")
+        self.assertEqual(len(body_of(drain(server))), 20000)
 
     def test_head_size(self):
         """Heads past the limit are answered 431, whether complete or still arriving."""
@@ -503,6 +511,20 @@ class ClientTests(SynchronousTestCase):
                          [InformationalResponse, InformationalResponse, Response])
         self.assertEqual(events[1].headers.raw_items(), [(b"Link", b"</s>")])
         self.assertTrue(self.client.reusable)
+
+    def test_informational_with_a_body(self):
+        """A 1xx announcing a body is a broken origin: an error, not data before the response."""
+        for head in (b"HTTP/1.1 150 X\r\nContent-Length: 5\r\n\r\nhello",
+                     b"HTTP/1.1 199 X\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"):
+            client = ClientConnection()
+            client.send(Request(b"GET", b"/", [(b"Host", b"a")]))
+            client.receive_data(head + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            self.assertRaises(RemoteProtocolError, drain, client)
+        client = ClientConnection()
+        client.send(Request(b"GET", b"/", [(b"Host", b"a")]))
+        client.receive_data(b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n"
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual([type(event) for event in drain(client)][:2], [InformationalResponse, Response])
 
     def test_eof(self):
         """EOF before any answer is ConnectionClosed; in a head or a framed body, an error."""

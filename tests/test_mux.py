@@ -1055,6 +1055,57 @@ class ResetTests(SynchronousTestCase):
         opener.write(b"x")
         self.assertEqual(pair.to_client, [])
 
+    def test_an_error_in_a_protocol_ends_only_its_stream(self):
+        """
+        A stream's protocol raising while handling DATA, FIN or a datagram
+        resets that stream (logged); the tunnel and its other streams go on.
+        """
+        class Raising(HalfCloseRecorder):
+            def dataReceived(self, data):
+                raise ValueError("broken protocol")
+
+            def readConnectionLost(self):
+                raise ValueError("broken protocol")
+
+            def datagram_received(self, host, port, payload):
+                raise ValueError("broken protocol")
+
+        pair = MuxPair()
+        _, _, healthy, healthy_protocol = pair.open()
+        for send in (lambda opener: opener.write(b"x"), lambda opener: opener.loseWriteConnection()):
+            opener, opener_protocol, acceptor, acceptor_protocol = pair.open(
+                acceptor_protocol=Raising())
+            send(opener)
+            pair.pump()
+            self.assertIs(acceptor_protocol.lost_reason, error.ConnectionLost)
+            self.assertIs(opener_protocol.lost_reason, error.ConnectionLost)
+            self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        opener, opener_protocol, acceptor, acceptor_protocol = pair.open(
+            DatagramRecorder(), Raising(), kind="udp")
+        opener.send_datagram("10.0.0.1", 53, b"query")
+        pair.pump()
+        self.assertIs(opener_protocol.lost_reason, error.ConnectionLost)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual((pair.client_errors, pair.gateway_errors), ([], []))
+        healthy.write(b"still here")
+        pair.pump()
+        self.assertEqual(pair.gateway.streams()[0].protocol.received, b"still here")
+
+    def test_an_error_in_the_open_handler_ends_only_its_stream(self):
+        """The side answering OPENs raising: that stream is reset, the tunnel goes on."""
+        pair = MuxPair()
+
+        def broken(stream):
+            raise OSError("bad zone in an IPv6 literal")
+
+        pair.client.on_open_request = broken
+        d = pair.gateway.open_stream("tcp", "fe80::1%zzz", 22)
+        pair.pump()
+        self.assertEqual(self.failureResultOf(d, StreamOpenError).value.reason,
+                         Reason.GENERAL_FAILURE)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual((pair.client_errors, pair.client.stream_count), ([], 0))
+
     def test_reset_reason_on_wire(self):
         """reset() sends the reason code given."""
         pair = MuxPair()

@@ -65,6 +65,14 @@ def resolve(resolver, host, port):
     address = literal_address(host)
     if address is not None:
         return defer.succeed([address])
+    try:
+        # What the resolver does with the name first; a name it cannot
+        # encode (an empty or over-long label) would fail there out of sight
+        # of IHostnameResolver, whose answer then never comes.
+        host.encode("idna")
+    except UnicodeError:
+        return defer.fail(StreamOpenError(Reason.NAME_NOT_RESOLVED,
+                                          "%r is not a valid host name" % (host,)))
     collector = _Collector()
     resolver.resolveHostName(collector, host, port)
 
@@ -112,11 +120,18 @@ class _ConnectAttempt(ClientFactory):
 
     noisy = False
     _connector = None
+    _cancelled = False
 
     def __init__(self, reactor, address, port, timeout):
         self.connected = defer.Deferred(self._cancel)
         self._end = _TargetEnd(self.connected)
-        self._connector = reactor.connectTCP(address, port, self, timeout=timeout)
+        try:
+            self._connector = reactor.connectTCP(address, port, self, timeout=timeout)
+        except Exception:
+            # Raised at once, e.g. an IPv6 literal whose zone names no
+            # interface of ours (Twisted resolves it inside connectTCP).
+            self._end = None
+            self.connected.errback()
 
     def buildProtocol(self, addr):
         # Connected: nothing left to cancel.  The connector refers to us and
@@ -127,6 +142,8 @@ class _ConnectAttempt(ClientFactory):
 
     def clientConnectionFailed(self, connector, reason):
         self._connector = None
+        if self._cancelled:
+            return  # Deferred.cancel fails it with CancelledError: no next address is tried
         if not self.connected.called:
             self.connected.errback(reason)
 
@@ -139,6 +156,7 @@ class _ConnectAttempt(ClientFactory):
     def _cancel(self, _):
         connector, self._connector = self._connector, None
         if connector is not None:
+            self._cancelled = True
             try:
                 connector.stopConnecting()
             except error.NotConnectingError:

@@ -508,12 +508,42 @@ class Mux:
         """Handle one WebSocket message from the peer."""
         try:
             frame = frames.decode(message)
-            self._dispatch(frame)
+            self._deliver(frame)
         except (frames.FrameError, MuxProtocolError) as e:
             if self.on_protocol_error is not None:
                 self.on_protocol_error(e)
             else:
                 raise
+
+    def _deliver(self, frame):
+        """
+        C{_dispatch}, where an error raised by what a stream's frame reached
+        (its protocol, the open handler) ends that stream, as Twisted ends a
+        TCP connection whose protocol raised, and not the tunnel and every
+        other stream on it.
+        """
+        try:
+            self._dispatch(frame)
+        except (frames.FrameError, MuxProtocolError):
+            raise
+        except Exception:
+            if not self._handler_failed(frame.stream_id):
+                raise
+
+    def _handler_failed(self, stream_id):
+        """
+        In an C{except} block: log the error raised while stream
+        C{stream_id}'s frame was handled and reset that stream.  C{False}
+        (nothing done) if there is no such stream: the caller raises.
+        """
+        stream = self._streams.get(stream_id) if stream_id else None
+        if stream is None:
+            return False
+        log.failure("{name}: stream {sid} {target}: error in what handles it; resetting the "
+                    "stream", name=self.name, sid=stream_id,
+                    target="%s:%s" % (stream.host, stream.port))
+        stream.reset(Reason.GENERAL_FAILURE)
+        return True
 
     def message_parts_received(self, parts):
         """
@@ -539,7 +569,7 @@ class Mux:
             self.message_received(bytes(first))  # an empty DATA: decode reports it
             return
         try:
-            self._dispatch(frames.Data(stream_id, payload))
+            self._deliver(frames.Data(stream_id, payload))
         except MuxProtocolError as e:
             if self.on_protocol_error is not None:
                 self.on_protocol_error(e)
@@ -568,6 +598,9 @@ class Mux:
                         self.on_protocol_error(e)
                     else:
                         raise
+                except Exception:
+                    if not self._handler_failed(stream_id):
+                        raise
                 return
         self.message_received(message)
 
@@ -583,6 +616,9 @@ class Mux:
             if self.on_protocol_error is not None:
                 self.on_protocol_error(e)
             else:
+                raise
+        except Exception:
+            if not self._handler_failed(stream_id):
                 raise
 
     def _datagrams_received(self, stream, datagrams):

@@ -216,6 +216,10 @@ class _Reader:
             if self._stalled > self._max_head_size:
                 self.stopped = True
                 self.events.append(RemoteProtocolError("message head or trailers too large", 431))
+        elif self._progress:
+            # Only bytes since the last event count: a long body whose chunk
+            # framing arrives in reads of its own is not a head.
+            self._stalled = 0
         return None
 
     def _describe(self, error, data):
@@ -338,6 +342,12 @@ class ResponseReader(_Reader):
         if status < 200:
             if status == 101:
                 self.events.append(RemoteProtocolError("an unrequested protocol switch"))
+                raise _Stop()
+            if any(name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
+                   for name, value in headers):
+                # A 1xx ends at its head (RFC 9112 6.3), but llhttp would read
+                # a body after one that announces it: a broken origin.
+                self.events.append(RemoteProtocolError("an informational response with a body"))
                 raise _Stop()
             self.events.append(InformationalResponse(status, self._first, headers, version))
             return
