@@ -7,6 +7,7 @@ L{Clock}.
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import error
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -204,6 +205,39 @@ class StreamShapingTests(SynchronousTestCase):
         self.assertEqual(opener_protocol.received, data)
         self.assertEqual(opener_protocol.events[-1], ("read-closed",))
         self.assertEqual(opener.receive_window, pair.gateway.window)  # never grew
+
+    def test_download_after_the_user_half_closed(self):
+        """
+        The user half-closes first (a request, then EOF): the answer and its
+        FIN close the stream both ways while the cap still holds most of
+        it; all of it is delivered, then the close.  A CREDIT crossing our
+        FIN meanwhile is ignored, not a protocol error.
+        """
+        pair, opener, opener_protocol, acceptor, _, _ = self.capped_pair(rate=10000)
+        opener.loseWriteConnection()
+        pair.pump()
+        data = pattern(50000)
+        acceptor.write(data)
+        acceptor.loseWriteConnection()
+        pair.pump()
+        self.assertEqual(len(opener_protocol.received), 10000)
+        pair.client.send_credit(acceptor.stream_id, 1000)
+        pair.pump()
+        self.advance(pair, 5.0, step=0.1)
+        self.assertEqual(opener_protocol.received, data)
+        self.assertEqual(opener_protocol.events[-1], ("lost", error.ConnectionDone))
+        self.assertEqual((pair.gateway_errors, pair.client_errors), ([], []))
+
+    def test_tunnel_lost_while_the_cap_delivers(self):
+        """Closed both ways, the cap still delivering: a lost tunnel ends it with ConnectionLost."""
+        pair, opener, opener_protocol, acceptor, _, _ = self.capped_pair(rate=10000)
+        opener.loseWriteConnection()
+        acceptor.write(pattern(50000))
+        acceptor.loseWriteConnection()
+        pair.pump()
+        pair.gateway.connection_lost()
+        self.assertEqual(opener_protocol.lost_reason, error.ConnectionLost)
+        self.assertEqual(pair.clock.getDelayedCalls(), [])
 
     def test_reset_drops_held_and_timers(self):
         """A reset stream lets go of what the cap held and of its timers."""

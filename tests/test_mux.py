@@ -816,6 +816,28 @@ class WindowTuningTests(SynchronousTestCase):
         self.assertEqual(self.pair.client_errors + self.pair.gateway_errors, [])
 
 
+class CloseRequestedCreditTests(SynchronousTestCase):
+    """A stream closing (its FIN waiting behind queued data) still credits the peer, in batches."""
+
+    def test_tiny_frames_get_no_credit_each(self):
+        pair = MuxPair()
+        opener, _, acceptor, _ = pair.open()
+        acceptor._send_window = 0  # the peer gives no credit: our FIN waits behind the data
+        acceptor.write(b"queued")
+        acceptor.loseConnection()
+        pair.pump()
+        before = len(of_type(pair.sent_by_client, frames.Credit))
+        for _ in range(1000):
+            pair.gateway.send_data(opener.stream_id, b"x")
+        pair.pump()
+        self.assertEqual(len(of_type(pair.sent_by_client, frames.Credit)), before)
+        # A window's worth still gets credit: the sender is never stuck.
+        pair.gateway.send_data(opener.stream_id, b"y" * (DEFAULT_WINDOW // 2))
+        pair.pump()
+        self.assertGreater(len(of_type(pair.sent_by_client, frames.Credit)), before)
+        self.assertEqual((pair.client_errors, pair.gateway_errors), ([], []))
+
+
 class ProtocolErrorTests(SynchronousTestCase):
     """
     A peer that breaks the protocol is reported to the owner, who closes the tunnel.

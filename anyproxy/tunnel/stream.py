@@ -518,8 +518,10 @@ class Stream:
             self._check_probe(before, now)
         self.last_active = now
         if self._close_requested:
-            # We no longer read; keep the sender going until it sees our FIN.
-            self._grant_credit(force=True)
+            # We no longer read; keep the sender going until it sees our FIN,
+            # with credit in the usual batches: one CREDIT per tiny DATA
+            # frame would let a peer make us send more than it does.
+            self._grant_credit()
             return
         if self.protocol is None:
             self._early.append(payload)
@@ -543,6 +545,11 @@ class Stream:
         return True
 
     def credit_received(self, increment):
+        if self.state is CLOSED:
+            # Closed both ways, still delivering what a bandwidth cap holds
+            # (_deliver_fin): a CREDIT that crossed our FIN, as for a stream
+            # already forgotten, is ignored.
+            return
         self._peer_move(RECV_CREDIT)
         self._send_window += increment
         if self._send_window > MAX_WINDOW:
@@ -570,6 +577,10 @@ class Stream:
             self.loseConnection()
 
     def reset_received(self, reason):
+        if self.state is CLOSED and self._end_reason is None:
+            # Closed both ways while a bandwidth cap still delivers: the rest is lost.
+            self._finished(error.ConnectionLost("stream reset by peer (%s)" % (reason,)))
+            return
         opening = self.state is OPENING
         if self.state is ACCEPTING:
             self._early = []  # the opener gave up before we answered: dropped unread
@@ -579,6 +590,10 @@ class Stream:
             self._opening.errback(StreamOpenError(reason, "reset by peer"))
 
     def tunnel_lost(self):
+        if self.state is CLOSED and self._end_reason is None:
+            # Closed both ways while a bandwidth cap still delivers: the rest is lost.
+            self._finished(error.ConnectionLost("tunnel lost"))
+            return
         if self.state in FINISHED:
             return
         opening = self.state is OPENING
@@ -648,12 +663,14 @@ class Stream:
 
     def _deliver_shaped(self, chunks):
         for chunk in chunks:
-            if self.state in FINISHED:
+            # Not the state: closed both ways, the stream still delivers what
+            # the cap held before the FIN (_deliver_fin waits for it).
+            if self._end_reason is not None or self.protocol is None:
                 return
             self._unacked += len(chunk)
             if not self._close_requested:  # else, as in data_received: credit, drop
                 self.protocol.dataReceived(bytes(chunk) if type(chunk) is memoryview else chunk)
-        self._grant_credit(force=self._close_requested)
+        self._grant_credit()
 
     def notify_closed(self, hook):
         """
