@@ -402,6 +402,13 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
         self.assertTrue(message.startswith(prefix), "%r does not start with %r" % (message, prefix))
         return message
 
+    def test_fleet_redis_not_a_redis_url(self):
+        """A fleet's redis that is not a redis:// URL is refused without echoing it (its password)."""
+        message = self.assert_error(
+            GATEWAY + '  fleet: {redis: "http://:pw-secret@r:6379/0", peer_addr: "10.0.0.5:8444", '
+            'peer_ca: ca.pem, peer_cert: gw.crt, peer_key: gw.key}\n', "gateway.fleet.redis: ")
+        self.assertNotIn("pw-secret", message)
+
     def test_bad_yaml(self):
         """A YAML syntax error names the line."""
         self.assert_error("proxy:\n  socks5: {listen_addr: ':1'\n  x: [\n", "line ")

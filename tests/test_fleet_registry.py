@@ -587,7 +587,10 @@ class UrlTests(unittest.TestCase):
                 ("redis://:pw-123@h:1/0?timeout=3", "unknown Redis URL option"),
                 ("redis://:pw-123@h:1/0?ssl_ca_certs=/x", "need a rediss:// URL"),
                 ("rediss://:pw-123@h:1/0?ssl_certfile=/x", "go together"),
-                ("redis://:pw-123@h:0/0", "bad Redis port")]:
+                ("redis://:pw-123@h:0/0", "bad Redis port"),
+                # A password with a "/" splits where urllib looks for the port.
+                ("redis://:pw-123/x@h:6379/0", "percent-encode"),
+                ("redis://:s3cr/pw-123@h:6379/0", "percent-encode")]:
             e = self.assertRaises(ValueError, parse_redis_url, url)
             self.assertIn(message, str(e))
             self.assertNotIn("pw-123", str(e))

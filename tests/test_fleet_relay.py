@@ -199,6 +199,27 @@ class RedisRegistryTests(unittest.TestCase):
         self.assertEqual(sample(a, "anyproxy_fleet_registry_up"), 1)
 
 
+    @defer.inlineCallbacks
+    def test_default_node_ids(self):
+        """
+        Without gateway.fleet.node_id (the host name and tunnel port, by
+        default) links announce the same id the records carry, and relay.
+        """
+        server = yield RedisServer.started(self)
+        fleet = Fleet(self, "a", "b", redis_url=server.url)
+        for node in fleet.nodes:
+            node.node_id = ""
+        a, b = yield fleet.start()
+        self.assertNotEqual(a.node.registry.node_id, b.node.registry.node_id)
+        echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        yield b.start_client()
+        yield wait_until(lambda: [each.node_id for each in a.node.registry.nodes_for_group("default")]
+                         == [b.node.registry.node_id], what="A to list B for default")
+        self.assertEqual((yield deferToThread(socks_echo, a.socks_port, "127.0.0.1", echo_port,
+                                              b"default ids")), b"default ids")
+        self.assertEqual(b.node.relay.served, 1)
+
+
 class RelayedErrorTests(test_e2e_errors.ErrorTableTests):
     """
     The error table, with the user on A and the only client on B: every

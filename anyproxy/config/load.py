@@ -334,8 +334,10 @@ def _fleet(node):
     redis = fleet.string("redis")
     if not redis:
         fleet.fail("redis", "required, e.g. 'redis://127.0.0.1:6379/0'")
-    if urllib.parse.urlsplit(redis).scheme not in ("redis", "rediss"):
-        fleet.fail("redis", "%r is not a redis:// or rediss:// URL" % (redis,))
+    scheme = urllib.parse.urlsplit(redis).scheme
+    if scheme not in ("redis", "rediss"):
+        # Not the URL itself: it may hold the password.
+        fleet.fail("redis", "a redis:// or rediss:// URL, not one starting %r" % (scheme + ":",))
     peer_addr, peer_endpoint, _ = fleet.listen("peer_addr")
     if peer_endpoint is None:
         fleet.fail("peer_addr", "required: where other gateways relay streams to this "

@@ -59,6 +59,10 @@ class FleetNode(MultiService):
                                link_wait=min(gateway.handshake_timeout, DEFAULT_LINK_WAIT))
         self.metrics_registry = metrics_registry
         self.registry = make_registry(self)
+        # The id the registry settled on (gateway.fleet.node_id, or by default
+        # the host name and tunnel port): the links announce the same one,
+        # which the peer checks against the records.
+        self.server.factory.node_id = self.links.node_id = self.registry.node_id
         self.metrics = RelayMetrics(metrics_registry, reactor, links=self._link_counts)
         self.relay.metrics = self.metrics
         self.tunnel_pool = FleetTunnelPool(local_pool, self.registry, self.links, reactor,

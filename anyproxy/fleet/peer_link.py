@@ -322,6 +322,10 @@ class PeerLinks:
         which the peer's drain would otherwise wait for.
     """
 
+    # This node's id as the registry has it (FleetNode sets it); until then
+    # gateway.fleet.node_id.
+    node_id = None
+
     def __init__(self, reactor, fleet, link_wait=DEFAULT_LINK_WAIT, on_link_lost=None,
                  idle=LINK_IDLE, endpoint_for=None):
         self._reactor = reactor
@@ -401,7 +405,7 @@ class PeerLinks:
         return wrapClientTLS(tls, HostnameEndpoint(self._reactor, host, port, timeout=timeout))
 
     def _dial(self, node, group):
-        factory = PeerLinkFactory(self._fleet.node_id, node, group, self._lost,
+        factory = PeerLinkFactory(self.node_id or self._fleet.node_id, node, group, self._lost,
                                   ping_interval=self._fleet.heartbeat,
                                   handshake_timeout=self.link_wait)
         factory.reactor = self._reactor

@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import os
+import secrets
 import socket
 import urllib.parse
 
@@ -109,9 +110,11 @@ def parse_redis_url(url):
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
-    except ValueError as e:
-        # urllib's messages quote no part of the URL.
-        raise ValueError("bad Redis URL: %s" % (e,)) from None
+    except ValueError:
+        # Not urllib's message: it quotes the "port", which is part of the
+        # password when that holds a "/", "?" or "#".
+        raise ValueError("bad Redis URL: not redis[s]://[[user]:password@]host[:port][/db] "
+                         "(percent-encode a \"/\", \"?\", \"#\" or \"@\" in the password)") from None
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError("a Redis URL starts with redis:// or rediss://, not %r"
                          % (parts.scheme + ":",))
@@ -179,7 +182,13 @@ def _dialable_host(host):
 
 
 def default_node_id(tunnel_port):
-    """C{gateway.fleet.node_id} when empty: the host name and the tunnel port."""
+    """
+    C{gateway.fleet.node_id} when empty: the host name and the tunnel port;
+    with a tunnel port not yet known (0: any), a random suffix instead, so
+    that two such nodes on one host never share an id.
+    """
+    if not tunnel_port:
+        return "%s:%s" % (socket.gethostname(), secrets.token_hex(4))
     return "%s:%d" % (socket.gethostname(), tunnel_port)
 
 
