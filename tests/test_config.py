@@ -409,6 +409,13 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
             'peer_ca: ca.pem, peer_cert: gw.crt, peer_key: gw.key}\n', "gateway.fleet.redis: ")
         self.assertNotIn("pw-secret", message)
 
+    def test_fleet_ca_is_not_the_client_ca(self):
+        """The fleet's CA must not be the CA of client certificates: a client could open a peer link."""
+        self.assert_error(
+            GATEWAY + '  client_ca: ca.pem\n  fleet: {redis: "redis://r:6379/0", '
+            'peer_addr: "10.0.0.5:8444", peer_ca: ca.pem, peer_cert: gw.crt, peer_key: gw.key}\n',
+            "gateway.fleet.peer_ca: is gateway.client_ca")
+
     def test_bad_yaml(self):
         """A YAML syntax error names the line."""
         self.assert_error("proxy:\n  socks5: {listen_addr: ':1'\n  x: [\n", "line ")

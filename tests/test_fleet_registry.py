@@ -280,6 +280,25 @@ class ExpiryTests(RegistryTestBase):
         self.assertIn(1, changes)
 
 
+    @defer.inlineCallbacks
+    def test_killed_node_drops_out_while_redis_flaps(self):
+        """
+        A connection to Redis that keeps failing and recovering (a reply
+        timeout every 0.4 s) does not keep a killed node in the view: the
+        grace after an outage carries a missing node once, not again each time.
+        """
+        heartbeat = 0.2
+        a = yield self.registry("a", heartbeat=heartbeat, keep_peers=2.0)
+        _, kill = self.spawn_node(heartbeat)
+        yield wait_until(lambda: a.nodes_for_group("g"), timeout=15)
+        yield kill()
+        for _ in range(10):
+            if a._command is not None:
+                a._command.transport.abortConnection()
+            yield sleep(0.4)
+        self.assertEqual(a.nodes_for_group("g"), [])
+
+
 class PortClaimTests(RegistryTestBase):
 
     @defer.inlineCallbacks
@@ -299,6 +318,18 @@ class PortClaimTests(RegistryTestBase):
         self.assertIsNone((yield raw.get("anyproxy:port:9000")))
         self.assertTrue((yield b.claim_port(9000, "c2")))
         self.assertEqual(b.claimed_ports(), {9000: "c2"})
+        self.assertEqual(a.claimed_ports(), {})
+
+    @defer.inlineCallbacks
+    def test_release_of_a_claim_never_answered(self):
+        """A claim whose answer we gave up on (it landed) is still given back by release_port."""
+        a = yield self.registry("a")
+        raw = yield self.raw()
+        claiming = a.claim_port(9003, "c1")
+        claiming.cancel()  # as the claim's timeout does; the SET is already on its way
+        self.failureResultOf(claiming, defer.CancelledError)
+        yield a.release_port(9003, "c1")
+        self.assertIsNone((yield raw.get("anyproxy:port:9003")))
         self.assertEqual(a.claimed_ports(), {})
 
     @defer.inlineCallbacks

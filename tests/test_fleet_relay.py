@@ -177,6 +177,35 @@ class RelayedStreamTests(unittest.TestCase):
         self.assertEqual(self.b.node.relay.served, 1)
 
 
+class ReplacedLinkTests(unittest.TestCase):
+    """A link to a draining peer, replaced by a new one, keeps its streams until they end."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_streams_in_flight_finish(self):
+        fleet = Fleet(self, "a", "b")
+        a, b = yield fleet.start()
+        echo = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        yield b.start_client()
+        yield fleet.listed(a, "default", b)
+        first = yield deferToThread(socks_connect, a.socks_port, "127.0.0.1", echo)
+        self.addCleanup(first.close)
+        self.assertEqual((yield deferToThread(echo_round, first, b"one")), b"one")
+        (old,) = a.node.links.links()
+        # B says GOAWAY on the links peers dialed, as its drain does; A still lists it.
+        for link in list(b.node.server.factory.links):
+            link.mux.go_away(Reason.NO_TUNNEL)
+        yield wait_until(lambda: old.mux.draining, what="the link to go away")
+        # A new user of the group: a new link to B replaces the old one.
+        self.assertEqual((yield deferToThread(socks_echo, a.socks_port, "127.0.0.1", echo,
+                                              b"two")), b"two")
+        self.assertEqual(len([link for link in a.node.links.links() if link is not old]), 1)
+        self.assertEqual((yield deferToThread(echo_round, first, b"still open")), b"still open")
+        first.close()
+        yield wait_until(lambda: old.lost, what="the old link to close once drained")
+
+
 class RedisRegistryTests(unittest.TestCase):
     """The gateway's own composition: the Redis registry routes the relay."""
 
@@ -588,3 +617,15 @@ class RelayedAnswerTests(unittest.SynchronousTestCase):
         self.assertEqual(self.failureResultOf(opening, StreamOpenError).value.reason,
                          Reason.CONNECTION_REFUSED)
         self.assertEqual(self.opened, [])
+
+
+def echo_round(sock, data):
+    """Send C{data} and read as many bytes back (an echo)."""
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got

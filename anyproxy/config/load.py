@@ -326,8 +326,11 @@ def _open_ports_interface(node):
                   "or '0.0.0.0' / '::' for every interface)" % (value,))
 
 
-def _fleet(node):
-    """C{gateway.fleet}: absent = no fleet (None)."""
+def _fleet(node, client_ca=None):
+    """
+    C{gateway.fleet}: absent = no fleet (None).  C{client_ca} is the
+    gateway's C{client_ca}, which must not be the fleet's CA.
+    """
     if not node.given("fleet"):
         return None
     fleet = node.child("fleet", FleetConfig)
@@ -352,10 +355,16 @@ def _fleet(node):
             fleet.fail("advertise_addr", e)
     heartbeat = fleet.number("heartbeat", positive=True)
     keep_peers = fleet.number("keep_peers")
+    peer_ca = fleet.file("peer_ca", required=True)
+    if client_ca is not None and os.path.realpath(peer_ca) == os.path.realpath(client_ca):
+        # A peer link reaches every group's tunnels without a user's login:
+        # a client's certificate must never open one.
+        fleet.fail("peer_ca", "is gateway.client_ca, the CA of client certificates; the fleet "
+                              "needs a CA of its own, for gateways only")
     return FleetConfig(
         redis=redis, node_id=fleet.string("node_id"), peer_addr=peer_addr,
         peer_endpoint=peer_endpoint,
-        peer_ca=fleet.file("peer_ca", required=True),
+        peer_ca=peer_ca,
         peer_cert=fleet.file("peer_cert", required=True),
         peer_key=fleet.file("peer_key", required=True),
         advertise_addr=advertise, heartbeat=heartbeat, keep_peers=keep_peers)
@@ -403,7 +412,7 @@ def _gateway(node):
         **metrics,
         status_addr=status_addr, status_endpoint=status_endpoint,
         status_username=status_username, status_password=status_password,
-        fleet=_fleet(node), **_drain(node),
+        fleet=_fleet(node, client_ca), **_drain(node),
         access_log=_access_log(node), auth_throttle=_auth_throttle(node), **_pac(node))
 
 

@@ -468,8 +468,13 @@ class PeerLinks:
             self._stop_sweep()
 
     def _retire(self, link):
+        # Replaced by a new link (it went away: the peer drains): its streams
+        # in flight finish first, as the peer's drain lets them.
         self._closing.add(link)
-        link.close()
+        if link.mux.stream_count and not link.lost:
+            link.mux.when_drained().addBoth(lambda _: link.close())
+        else:
+            link.close()
 
     # -- idle links -------------------------------------------------------
 

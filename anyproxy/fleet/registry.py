@@ -510,6 +510,7 @@ class RedisFleetRegistry:
         self._stopping = False
         self._refusals = 0  # logins refused in a row
         self._grace_until = None  # after an outage: keep missing peers until then
+        self._carried = {}  # node id -> until when a grace keeps it (not in Redis since)
 
     @classmethod
     def from_config(cls, fleet, tunnel_port, local_record, reactor=None, on_port_lost=None):
@@ -859,12 +860,25 @@ class RedisFleetRegistry:
             if record.node_id != node_id:
                 continue
             view[node_id] = (record, expiry_ms / 1000.0 + offset)
+        carried = self._carried
+        for node_id in view:
+            carried.pop(node_id, None)  # in Redis again
         if self._grace_until is not None:
-            if self._reactor.seconds() < self._grace_until:
+            now = self._reactor.seconds()
+            if now < self._grace_until:
                 for node_id, (record, _) in self._view.items():
-                    view.setdefault(node_id, (record, self._grace_until))
+                    if node_id in view:
+                        continue
+                    # Carried once, until the grace that first carried it: a
+                    # Redis connection that keeps failing and recovering must
+                    # not keep a killed node in routing.
+                    until = carried.setdefault(node_id, self._grace_until)
+                    if now < until:
+                        view[node_id] = (record, until)
             else:
                 self._grace_until = None
+        for node_id in [n for n in carried if n not in view]:
+            del carried[node_id]
         changed = self._differs(view)
         self._view = view
         self._schedule_expiry()
@@ -978,9 +992,11 @@ class RedisFleetRegistry:
     def release_port(self, port, owner):
         """See L{IFleetRegistry.release_port}; never fails (the claim expires anyway)."""
         value = self._claim_value(owner)
-        if self._ports.get(port) != value:
-            return
-        del self._ports[port]
+        if self._ports.get(port) == value:
+            del self._ports[port]
+        # Sent even for a claim we never heard back about (it timed out): it
+        # may have landed.  The script deletes the key only if it holds our
+        # value, and on the one connection it comes after the claim's SET.
         if self._command is None:
             return
         try:
