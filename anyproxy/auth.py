@@ -501,15 +501,27 @@ class Logins:
         @return: the answer, or L{BLOCKED}, when it is known at once and due
             now; else a Deferred firing with the answer.
         """
-        if self.throttle.check(source).blocked:
+        throttle = self.throttle
+        if throttle.check(source).blocked:
             return BLOCKED
         answer = check_now()
         if answer is PENDING:
-            return check().addCallback(self._settle, source, name)
+            throttle.checking(source)
+            checking = check()
+            checking.addBoth(self._checked, source)
+            return checking.addCallback(self._settle, source, name)
         return self._settle(answer, source, name)
+
+    def _checked(self, result, source):
+        self.throttle.checked(source)
+        return result
 
     def _settle(self, answer, source, name):
         if answer:
+            if self.throttle.blocked_for(source):
+                # Blocked while this one was checked (guesses sent at once):
+                # a correct guess among them is refused like the others.
+                return BLOCKED
             self.throttle.succeeded(source, name)
             return answer
         delay = self.throttle.failed(source, name)

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 log = Logger()
 
 FIRST_DELAY = 0.1  # seconds, the first delayed failure
+TRACKED_NAME = 256  # characters (or bytes) of a user name the failures are counted under
 
 
 @attr.s(frozen=True, slots=True)
@@ -93,6 +94,7 @@ class LoginThrottle:
         self.max_tracked = max_tracked
         self._sources = OrderedDict()
         self._names = OrderedDict()
+        self._checking = {}  # source -> its logins whose password is being checked now
         self.blocks = 0
         self.refused_blocked = 0
         self.delayed = 0
@@ -106,12 +108,38 @@ class LoginThrottle:
         if not self.enabled:
             return ALLOWED
         entry = self._sources.get(source)
+        now = self._clock()
         if entry is not None:
-            remaining = entry.blocked_until - self._clock()
+            remaining = entry.blocked_until - now
             if remaining > 0:
                 self.refused_blocked += 1
                 return Verdict(blocked=True, retry_after=remaining)
+        checking = self._checking.get(source, 0)
+        if checking:
+            # Logins still being checked count as failures would: guesses
+            # sent all at once must not all be checked before the first
+            # failure is counted.
+            failed = entry.count(now, self.window) if entry is not None else 0
+            if failed + checking >= self.failures:
+                self.refused_blocked += 1
+                return Verdict(blocked=True, retry_after=self.max_delay)
         return ALLOWED
+
+    def checking(self, source):
+        """
+        A login from C{source} passed L{check} and its password is being
+        checked (a slow hash); call L{checked} once it is answered.
+        """
+        if self.enabled:
+            self._checking[source] = self._checking.get(source, 0) + 1
+
+    def checked(self, source):
+        """The login of L{checking} is answered (before L{failed} or L{succeeded})."""
+        count = self._checking.get(source, 0) - 1
+        if count > 0:
+            self._checking[source] = count
+        else:
+            self._checking.pop(source, None)
 
     def blocked_for(self, source):
         """Seconds until C{source}'s block ends (0 when not blocked); counts nothing."""
@@ -130,7 +158,9 @@ class LoginThrottle:
             return 0.0
         now = self._clock()
         by_source = self._record(self._sources, source, now)
-        by_name = self._record(self._names, name, now)
+        # A name is the attacker's choice (up to a header's length): what is
+        # kept of it is bounded.
+        by_name = self._record(self._names, name[:TRACKED_NAME], now)
         if by_source >= self.failures:
             entry = self._sources[source]
             if entry.blocked_until <= now:

@@ -501,6 +501,33 @@ class LoginsTests(SynchronousTestCase):
         self.clock.advance(300)
         self.assertEqual(self.users.login("10.0.0.9", "alice", PASSWORD), User("alice", "red"))
 
+    def test_guesses_sent_at_once(self):
+        """
+        Slow checks in flight count against the source like failures: of
+        many guesses sent at once only C{failures} are checked; the right
+        one among the rest is refused unchecked.
+        """
+        checks = []
+
+        def attempt(right=False):
+            def check():
+                d = defer.Deferred()
+                checks.append((d, right))
+                return d
+            return self.logins.attempt("10.0.0.9", b"alice", lambda: PENDING, check)
+
+        answers = [attempt() for _ in range(30)] + [attempt(right=True)] + [attempt() for _ in range(29)]
+        self.assertEqual(len(checks), 3)
+        self.assertTrue(all(answer is BLOCKED for answer in answers[3:]))
+        for d, _ in checks:
+            d.callback(None)
+        self.clock.advance(10)
+        self.assertEqual([self.successResultOf(answer) for answer in answers[:3]], [None] * 3)
+        self.assertEqual(self.logins.throttle._checking, {})
+        self.assertIs(self.users.login("10.0.0.9", "alice", PASSWORD), BLOCKED)
+        # Another source is not affected.
+        self.assertEqual(self.users.login("10.0.0.1", "alice", PASSWORD), User("alice", "red"))
+
     def test_stop_answers_delayed_failures(self):
         """Stopping answers a failed login still being delayed at once (as a failure),
         and leaves no timer behind."""
