@@ -439,6 +439,30 @@ class GatewayReconfigureTests(unittest.TestCase):
         self.successResultOf(service.reconfigure(self.load(data)))
         self.assertIs(site.resource, site.tree)
 
+    def test_metrics_login_stays_with_an_address_that_cannot_move(self):
+        """
+        A public metrics page with a login, reloaded to a loopback address
+        without one that cannot be bound: it stays where it is, with its login.
+        """
+        data = self.data(metrics_addr="0.0.0.0:9100", metrics_username="prom",
+                         metrics_password="scrape-pw")
+        service = make_gateway_service(self.load(data), self.reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        site = service.listeners["metrics"].factory
+        self.reactor.refuse.add(9101)
+        data["gateway"]["metrics_addr"] = "127.0.0.1:9101"
+        del data["gateway"]["metrics_username"], data["gateway"]["metrics_password"]
+        [note] = self.successResultOf(service.reconfigure(self.load(data)))
+        self.flushLoggedErrors(CannotListenError)
+        self.assertIn("still on", note)
+        self.assertIsNot(site.resource, site.tree)  # the login still guards it
+        self.successResultOf(site.checker.requestAvatarId(UsernamePassword(b"prom", b"scrape-pw")))
+        self.reactor.refuse.discard(9101)
+        self.successResultOf(service.reconfigure(self.load(data)))
+        self.assertEqual(service.listeners["metrics"].port.getHost().port, 9101)
+        self.assertIs(site.resource, site.tree)
+
     def test_certificate_reread(self):
         """TLS options are rebuilt from the files on every reload."""
         before = self.service.tunnel_server.tls.options

@@ -359,13 +359,22 @@ class OperatorPage(MultiService):
         def apply():
             if self.site is not None:
                 self.site.request_timeout = gateway.handshake_timeout
-                if endpoint is not None:  # else it stops at the restart
-                    self.site.set_login(username, password)
             if (self.listener is None) != (endpoint is None):
                 return defer.succeed([restart_note(self.addr_key, self.what)])
             if self.listener is None:
                 return _applied()
-            return follow_address(self._reactor, self, endpoint, self.what)
+            if endpoint == self.listener.description:
+                self.site.set_login(username, password)
+                return _applied()
+
+            # The login goes with its address: a page that cannot move keeps
+            # the login of the address it stays on (a public one may need it).
+            def moved(notes):
+                if self.listener.description == endpoint:
+                    self.site.set_login(username, password)
+                return notes
+
+            return follow_address(self._reactor, self, endpoint, self.what).addCallback(moved)
 
         return apply
 
