@@ -266,17 +266,17 @@ class BandwidthLimits:
     def configure(self, rates):
         """
         Set the caps: C{rates} maps user names to bytes per second (0:
-        none).  Buckets in use take the new rate at once; those of users no
-        longer capped are forgotten (their open streams keep theirs, now
-        unlimited).
+        none).  Buckets in use take the new rate at once, also 0 (the
+        user's open streams go unlimited, and a later cap holds them again);
+        those of users no longer configured are forgotten.
         """
         self._rates = {name: rate for name, rate in rates.items() if rate}
         for name, buckets in list(self._buckets.items()):
-            rate = self._rates.get(name, 0)
-            for bucket in buckets:
-                bucket.configure(rate, self._clock.seconds())
-            if not rate:
+            if name not in rates:
                 del self._buckets[name]
+                continue
+            for bucket in buckets:
+                bucket.configure(rates[name], self._clock.seconds())
 
     def rate(self, name):
         """User C{name}'s cap in bytes per second; 0 when there is none."""
@@ -285,13 +285,17 @@ class BandwidthLimits:
     def shape(self, name, stream):
         """
         Hold C{stream} (an L{anyproxy.tunnel.stream.Stream} of user C{name})
-        to the user's cap, if the user has one.
+        to the user's cap, if the user has one or had one (the buckets a
+        reload set to 0 are kept: a later cap holds the stream then); a
+        stream already held is left as it is.
         """
-        rate = self._rates.get(name)
-        if not rate:
+        if stream.shaped:
             return
         buckets = self._buckets.get(name)
         if buckets is None:
+            rate = self._rates.get(name)
+            if not rate:
+                return
             now = self._clock.seconds()
             buckets = self._buckets[name] = (TokenBucket(rate, now), TokenBucket(rate, now))
         upload, download = buckets

@@ -121,6 +121,7 @@ class Limiter:
         self.queue_timeout = queue_timeout
         self.what = what
         self._keys = {}
+        self._key_limits = {}  # key -> (its own limit, what names it): see set_key_limit
         self.refused = 0  # requests failed OVERLOADED (queue full or timed out)
 
     # -- the public API ---------------------------------------------------
@@ -142,7 +143,7 @@ class Limiter:
                 or len(entry.queue) >= self.queue_size):
             self.refused += 1
             return defer.fail(StreamOpenError(
-                Reason.OVERLOADED, "%s reached and its queue is full" % (self.what,)))
+                Reason.OVERLOADED, "%s reached and its queue is full" % (self._what(key),)))
         waiter = _Waiter()
         waiter.deferred = defer.Deferred(lambda d: self._cancelled(key, entry, waiter))
         waiter.timer = self._clock.callLater(
@@ -155,7 +156,7 @@ class Limiter:
         entry = self._keys.get(key)
         if entry is None:
             entry = self._keys[key] = _Key()
-        elif entry.queue or not self._has_room(entry):
+        elif entry.queue or not self._has_room(key, entry):
             return None
         entry.active += 1
         return self._release_for(key, entry)
@@ -182,6 +183,21 @@ class Limiter:
             waiting += len(entry.queue)
         return active, waiting
 
+    def set_key_limit(self, key, limit, what=None):
+        """
+        Give C{key} a limit of its own instead of L{limit} (C{None}: the
+        shared one again), named C{what} in refusals.  The slots it holds
+        are kept and counted against the new limit; a raised one admits
+        its waiters now.
+        """
+        if limit is None:
+            self._key_limits.pop(key, None)
+        else:
+            self._key_limits[key] = (limit, what or self.what)
+        entry = self._keys.get(key)
+        if entry is not None:
+            self._admit(key, entry)
+
     def configure(self, limit=None, queue_size=None, queue_timeout=None):
         """
         Change the limits while running (a reload).  Holders keep their
@@ -199,8 +215,14 @@ class Limiter:
 
     # -- inside -----------------------------------------------------------
 
-    def _has_room(self, entry):
-        return not self.limit or entry.active < self.limit
+    def _has_room(self, key, entry):
+        own = self._key_limits.get(key) if self._key_limits else None
+        limit = self.limit if own is None else own[0]
+        return not limit or entry.active < limit
+
+    def _what(self, key):
+        own = self._key_limits.get(key) if self._key_limits else None
+        return self.what if own is None else own[1]
 
     def _release_for(self, key, entry):
         return Release(lambda: self._released(key, entry))
@@ -213,7 +235,7 @@ class Limiter:
         # Hand free slots to the head of the queue.  The count is taken
         # before the waiter's callbacks run, so one that releases (or
         # acquires) at once from inside its callback sees a consistent state.
-        while entry.queue and self._has_room(entry):
+        while entry.queue and self._has_room(key, entry):
             waiter = entry.queue.popleft()
             if waiter.timer.active():
                 waiter.timer.cancel()
@@ -227,7 +249,7 @@ class Limiter:
         self._forget_if_idle(key, entry)
         self.refused += 1
         waiter.deferred.errback(StreamOpenError(
-            Reason.OVERLOADED, "%s reached; no slot within %gs" % (self.what, self.queue_timeout)))
+            Reason.OVERLOADED, "%s reached; no slot within %gs" % (self._what(key), self.queue_timeout)))
 
     def _cancelled(self, key, entry, waiter):
         # The Deferred then fails with CancelledError (Deferred.cancel does it).

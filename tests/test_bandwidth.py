@@ -257,6 +257,37 @@ class StreamShapingTests(SynchronousTestCase):
         pair.pump()
         self.assertEqual(pair.clock.getDelayedCalls(), [])
 
+    def test_cap_lifted_then_set_again(self):
+        """
+        1000 -> 0 -> 500 B/s by reloads: the open stream goes unlimited, then
+        is held to 500 again (its buckets are kept, not replaced).
+        """
+        pair, opener, _, _, acceptor_protocol, limits = self.capped_pair(rate=1000)
+        limits.configure({"bob": 0})
+        opener.write(pattern(20000))
+        pair.pump()
+        self.assertEqual(len(acceptor_protocol.received), 20000)
+        limits.configure({"bob": 500})
+        opener.write(pattern(20000))
+        self.advance(pair, 2.0, step=0.1)
+        self.assertLessEqual(len(acceptor_protocol.received), 20000 + 500 + 2 * 500 + 100)
+
+    def test_cap_set_on_a_stream_opened_without_one(self):
+        """A stream opened while its user had no cap is held to one set later (shape then)."""
+        pair = MuxPair()
+        opener, _, _, acceptor_protocol = pair.open(acceptor_protocol=Recorder())
+        limits = BandwidthLimits(pair.clock)
+        limits.configure({"bob": 0})
+        limits.shape("bob", opener)
+        self.assertFalse(opener.shaped)
+        limits.configure({"bob": 1000})
+        limits.shape("bob", opener)
+        self.assertTrue(opener.shaped)
+        limits.shape("bob", opener)  # once only
+        opener.write(pattern(50000))
+        self.advance(pair, 1.0, step=0.1)
+        self.assertLessEqual(len(acceptor_protocol.received), 1000 + 1000 + 100)
+
     def test_uncapped_user(self):
         """A user without a cap gets no shaping at all."""
         pair = MuxPair()

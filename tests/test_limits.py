@@ -219,6 +219,36 @@ class LimiterTests(SynchronousTestCase):
         self.successResultOf(waiter)
 
 
+    def test_key_limit_counts_what_the_key_holds(self):
+        """
+        A key given a limit of its own (a user's max_streams) counts the
+        slots it already holds: set lower than them, it admits nobody until
+        the key is under it; lifted, the shared limit counts them again.
+        """
+        limiter = self.limiter(limit=10, queue_size=0)
+        held = [self.successResultOf(limiter.acquire("alice")) for _ in range(5)]
+        limiter.set_key_limit("alice", 3, what="max_streams of user alice")
+        failure = self.failureResultOf(limiter.acquire("alice"), StreamOpenError)
+        self.assertIn("max_streams of user alice", str(failure.value))
+        self.successResultOf(limiter.acquire("bob"))  # other keys keep the shared limit
+        for release in held[:3]:
+            release()
+        self.successResultOf(limiter.acquire("alice"))  # 3 held now
+        self.assertIsNone(limiter.try_acquire("alice"))
+        limiter.set_key_limit("alice", None)
+        self.assertEqual(limiter.active("alice"), 3)
+        self.assertIsNotNone(limiter.try_acquire("alice"))
+
+    def test_raised_key_limit_admits_waiters(self):
+        limiter = self.limiter(limit=10)
+        limiter.set_key_limit("alice", 1)
+        self.successResultOf(limiter.acquire("alice"))
+        waiting = limiter.acquire("alice")
+        self.assertNoResult(waiting)
+        limiter.set_key_limit("alice", 2)
+        self.successResultOf(waiting)
+
+
 class AcquireAllTests(SynchronousTestCase):
     """acquire_all takes slots from several limiters in order, and all or none."""
 

@@ -24,7 +24,7 @@ from anyproxy.auth import UserDatabase
 from anyproxy.client.app import make_client_service
 from anyproxy.config.model import LogConfig
 from anyproxy.config.load import load_config
-from anyproxy.errors import ConfigError, Reason
+from anyproxy.errors import ConfigError, Reason, StreamOpenError
 from anyproxy.gateway.reconfigure import ReloadableServerTLS
 from anyproxy.gateway.app import make_gateway_service
 from anyproxy.logs import make_observer, set_log_level
@@ -462,6 +462,27 @@ class GatewayReconfigureTests(unittest.TestCase):
         self.successResultOf(service.reconfigure(self.load(data)))
         self.assertEqual(service.listeners["metrics"].port.getHost().port, 9101)
         self.assertIs(site.resource, site.tree)
+
+    def test_max_streams_counts_streams_already_open(self):
+        """
+        A user given max_streams by a reload, while holding more streams
+        than that, is admitted again only under it; lifting it keeps the count.
+        """
+        users = [{"username": "bob", "password": "bob-pw", "group": "default"}]
+        self.reconfigure(self.data(users=users, queue_size=0))
+        limits = self.service.limits
+        held = [self.successResultOf(limits.admit("bob", "socks5 proxy")) for _ in range(5)]
+        users[0]["max_streams"] = 3
+        self.reconfigure(self.data(users=users, queue_size=0))
+        self.failureResultOf(limits.admit("bob", "socks5 proxy"), StreamOpenError)
+        for release in held[:3]:
+            release()
+        self.successResultOf(limits.admit("bob", "socks5 proxy"))
+        self.failureResultOf(limits.admit("bob", "socks5 proxy"), StreamOpenError)
+        del users[0]["max_streams"]
+        self.reconfigure(self.data(users=users, queue_size=0, max_conns_per_user=4))
+        self.successResultOf(limits.admit("bob", "socks5 proxy"))  # 4 of max_conns_per_user
+        self.failureResultOf(limits.admit("bob", "socks5 proxy"), StreamOpenError)
 
     def test_certificate_reread(self):
         """TLS options are rebuilt from the files on every reload."""

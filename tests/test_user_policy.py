@@ -317,7 +317,7 @@ class RefusalTests(_Deployed):
         self.assertIsNone((yield self.socks_error("127.0.0.1", BOB)))
         first.close()
         for _ in range(100):
-            if not self.gateway.limits.user_caps["cap"].active("cap"):
+            if not self.gateway.limits.per_user.active("cap"):
                 break
             yield sleep(0.05)
         self.assertEqual((yield self.http_status(CAPPED, self.web())), "200")
@@ -325,6 +325,32 @@ class RefusalTests(_Deployed):
 
 class RevocationTests(_Deployed):
     """A reload closes the open streams it no longer allows, and only those."""
+
+    @defer.inlineCallbacks
+    def test_udp_rules_of_an_open_association(self):
+        """A deny rule a reload adds drops the datagrams of an association already open."""
+        yield self.start([BOB])
+        port = reactor.listenUDP(0, UdpEcho(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        echo = port.getHost().port
+        sock = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.set_proxy(socks.SOCKS5, "127.0.0.1", self.deployment.socks_port, rdns=True,
+                       username=BOB["username"], password=BOB["password"])
+        sock.settimeout(1)
+        self.addCleanup(sock.close)
+        yield deferToThread(sock.bind, ("127.0.0.1", 0))  # the SOCKS5 handshake
+
+        def echoed(destination):
+            sock.sendto(b"ping", destination)
+            try:
+                return sock.recvfrom(100)[0] == b"ping"
+            except socket.timeout:
+                return False
+
+        self.assertTrue((yield deferToThread(echoed, ("target.test", echo))))
+        yield self.reload([dict(BOB, deny=["target.test"])])
+        self.assertFalse((yield deferToThread(echoed, ("target.test", echo))))
+        self.assertTrue((yield deferToThread(echoed, ("127.0.0.1", echo))))
 
     @defer.inlineCallbacks
     def open_echo(self, user, host="127.0.0.1"):

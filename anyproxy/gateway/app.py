@@ -99,15 +99,17 @@ class Limits:
     ones: the connections a removed listener leaves open are limited per
     user only.
 
-    @ivar per_user: the L{Limiter} of C{max_conns_per_user}, by user name.
+    @ivar per_user: the L{Limiter} of C{max_conns_per_user}, by user name;
+        a user with C{max_streams} has that as its own limit there, so a
+        reload that sets, changes or lifts it keeps counting the streams the
+        user holds.
     @ivar per_listener: C{{listener name: Limiter}} of each C{max_conns}.
-    @ivar user_caps: C{{user name: Limiter}} of each C{max_streams}.
     """
 
     _reactor = attr.ib()
     per_user = attr.ib()
     per_listener = attr.ib(factory=dict)
-    user_caps = attr.ib(factory=dict)
+    _capped = attr.ib(factory=set)  # users with a max_streams of their own
 
     @classmethod
     def from_config(cls, config, reactor):
@@ -127,8 +129,7 @@ class Limits:
         # told apart, so max_conns_per_user does not count them: sharing one
         # key they would all fit in one user's allowance.  Their listener's
         # max_conns bounds them (etc/gateway.yaml).
-        requests = ([(self.user_caps.get(user_name, self.per_user), user_name)]
-                    if user_name else [])
+        requests = [(self.per_user, user_name)] if user_name else []
         limiter = self.per_listener.get(listener)
         if limiter is not None:
             requests.append((limiter, None))
@@ -149,18 +150,13 @@ class Limits:
         return apply
 
     def _set_user_caps(self, config):
-        gateway = config.gateway
-        queue = dict(queue_size=gateway.queue_size, queue_timeout=gateway.queue_timeout)
-        wanted = {user.username: user.max_streams for user in gateway.users if user.max_streams}
-        for name in [each for each in self.user_caps if each not in wanted]:
-            del self.user_caps[name]
+        wanted = {user.username: user.max_streams for user in config.gateway.users
+                  if user.max_streams}
+        for name in self._capped - set(wanted):
+            self.per_user.set_key_limit(name, None)
         for name, max_streams in wanted.items():
-            limiter = self.user_caps.get(name)
-            if limiter is None:
-                self.user_caps[name] = Limiter(self._reactor, max_streams,
-                                               what="max_streams of user %s" % (name,), **queue)
-            else:
-                limiter.configure(limit=max_streams, **queue)
+            self.per_user.set_key_limit(name, max_streams, what="max_streams of user %s" % (name,))
+        self._capped = set(wanted)
 
     def _set_listeners(self, config):
         gateway = config.gateway
@@ -177,8 +173,6 @@ class Limits:
                 limiter.configure(limit=max_conns, **queue)
 
 
-def _filter_datagrams(policy, stream):
-    stream.filter_datagrams(policy.admits_datagram)
 
 
 @implementer(IReconfigurable)
@@ -245,9 +239,10 @@ class UserEndpoints:
                 raise error
             if policy.bandwidth and kind == "tcp":
                 shape = functools.partial(self.bandwidth.shape, user.name)
-            elif kind == "udp" and policy.access is not None:
-                # An association names no target: each datagram's is checked.
-                shape = functools.partial(_filter_datagrams, policy)
+            elif kind == "udp":
+                # An association names no target: each datagram's is checked,
+                # against the user's rules in force (a reload changes them).
+                shape = functools.partial(self._filter_datagrams, user.name)
         return TunnelEndpoint(self.tunnel_pool, self._reactor, user.group, host, port, kind=kind,
                               wait=self.no_tunnel_wait,
                               admit=functools.partial(self._limits.admit, user.name, frontend),
@@ -273,9 +268,22 @@ class UserEndpoints:
 
         return apply
 
+    def _filter_datagrams(self, name, stream):
+        def admits(host, port):
+            policy = self._policies.get(name)  # None: the user is gone (revoke closes it)
+            return policy is not None and policy.admits_datagram(host, port)
+
+        stream.filter_datagrams(admits)
+
     def _set_users(self, users):
         self._policies = {user.username: user.policy for user in users}
         self.bandwidth.configure({user.username: user.bandwidth for user in users})
+        if self.stream_table is not None:
+            # A cap new to a user holds the streams it has open too.
+            for entry in list(self.stream_table.streams.values()):
+                user = getattr(entry.endpoint, "user", "")
+                if user and entry.endpoint.kind == "tcp" and self.bandwidth.rate(user):
+                    self.bandwidth.shape(user, entry.stream)
 
     def revoke(self):
         """

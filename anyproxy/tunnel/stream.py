@@ -636,6 +636,11 @@ class Stream:
 
     # -- a bandwidth cap (anyproxy.bandwidth) -----------------------------
 
+    @property
+    def shaped(self):
+        """Whether L{shape} has put the stream under a bandwidth cap."""
+        return self._upload_flow is not None
+
     def shape(self, upload, download):
         """
         Hold this stream to a bandwidth cap: what it sends goes through
