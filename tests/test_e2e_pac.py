@@ -131,3 +131,20 @@ def browse(pac_url, urls):
         finally:
             browser.close()
     return texts
+
+
+class TokenTests(unittest.SynchronousTestCase):
+    """The capability token costs a guesser an scrypt per password tried, and us one per password."""
+
+    def test_scrypt_of_the_status_password(self):
+        import hashlib
+        from types import SimpleNamespace
+        from anyproxy.gateway.status.profiles import ProxyProfiles
+        config = SimpleNamespace(gateway=SimpleNamespace(status_password="status-pw"))
+        profiles = ProxyProfiles(None, lambda: config)
+        expected = hashlib.scrypt(b"status-pw", salt=b"anyproxy profile token v2", n=2 ** 14,
+                                  r=8, p=1, maxmem=64 * 1024 * 1024, dklen=16).hex()
+        self.assertEqual(profiles.token(), expected)
+        self.assertIs(profiles.token(), profiles.token())  # derived once
+        config.gateway.status_password = "new-pw"
+        self.assertNotEqual(profiles.token(), expected)

@@ -14,8 +14,10 @@ wildcard (C{0.0.0.0}, C{::}).
 A browser fetching a PAC file cannot answer a Basic challenge (Chromium
 asks once, then uses the file it got without credentials), so both
 profiles are also served to a capability URL: C{/proxy.pac?token=T},
-where T is derived from the status login's password (an HMAC), so it
-changes when that password does and reveals nothing of it.  C{GET
+where T is derived from the status login's password with scrypt, so it
+changes when that password does.  The URL goes to the proxy users'
+browsers, so T must not be a cheap test of password guesses: each guess
+costs an scrypt (about 50 ms and 16 MiB), as a password hash does.  C{GET
 /api/profiles}, behind the login, gives the two URLs.
 """
 
@@ -62,10 +64,18 @@ class ProxyProfiles:
         self._config = config
         self._listeners = listeners
 
+    _token_for = (None, None)  # (the password, its token): derived once per password
+
     def token(self):
         """The capability token of the status login in force (see the module docstring)."""
-        secret = self._config().gateway.status_password.encode("utf-8")
-        return hmac.new(secret, b"anyproxy profile token v1", hashlib.sha256).hexdigest()[:32]
+        password = self._config().gateway.status_password
+        known, token = self._token_for
+        if known != password:
+            token = hashlib.scrypt(password.encode("utf-8"), salt=b"anyproxy profile token v2",
+                                   n=2 ** 14, r=8, p=1, maxmem=64 * 1024 * 1024,
+                                   dklen=16).hex()
+            self._token_for = (password, token)
+        return token
 
     def token_accepted(self, request):
         """Whether C{request} carries the capability token in its query."""
