@@ -218,3 +218,38 @@ class EndpointTests(TestCase):
         self.assertIn("could not reach egress proxy http://127.0.0.1:%d" % (number,),
                       str(caught.exception))
         self.assertNotIn("secret", str(caught.exception))
+
+    @defer.inlineCallbacks
+    def test_cancelled_during_the_handshake(self):
+        """
+        Cancelled while the proxy has not answered (a tunnel stopped): the
+        connection to the proxy is dropped, and an answer that comes later
+        builds nothing.
+        """
+        class Slow(protocol.Protocol):
+            def connectionMade(self):
+                self.factory.connections.append(self)
+
+        slow = protocol.Factory.forProtocol(Slow)
+        slow.connections = []
+        port = listen_tcp(self, slow).getHost().port
+        url = ProxyURL.parse("http://127.0.0.1:%d" % (port,))
+        built = []
+
+        class Built(Collect):
+            def connectionMade(self):
+                built.append(self)
+
+        endpoint = EgressProxyEndpoint(reactor, url, "127.0.0.1", self.echo, timeout=5)
+        connecting = endpoint.connect(protocol.Factory.forProtocol(Built))
+        for _ in range(200):
+            if slow.connections:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        [proxy_side] = slow.connections
+        lost = defer.Deferred()
+        proxy_side.connectionLost = lambda reason: lost.callback(None)
+        connecting.cancel()
+        self.failureResultOf(connecting, defer.CancelledError)
+        yield lost.addTimeout(5, reactor)  # the endpoint dropped its connection to the proxy
+        self.assertEqual(built, [])

@@ -311,6 +311,12 @@ class _HandshakeProtocol(protocol.Protocol):
         if connected is not None:
             connected.errback(error)
 
+    def cancel(self):
+        """The handshake's Deferred was cancelled: drop the connection, answer nothing."""
+        if self.wrapped is None:
+            self._connected = None
+            self.transport.abortConnection()
+
     def connectionLost(self, reason):
         if self.wrapped is not None:
             self.wrapped.connectionLost(reason)
@@ -342,9 +348,23 @@ class EgressProxyEndpoint:
             handshake = HttpConnectHandshake(self.proxy, self.host, self.port)
         else:
             handshake = Socks5Handshake(self.proxy, self.host, self.port)
-        connected = defer.Deferred()
-        factory = protocol.Factory.forProtocol(
-            lambda: _HandshakeProtocol(handshake, protocol_factory, connected))
+        carriers = []
+
+        def cancel(_):
+            # Given up on (a tunnel stopped while it connects): the proxy's
+            # connection goes too, and nothing is built on it if the proxy
+            # answers later.
+            for carrier in carriers:
+                carrier.cancel()
+
+        connected = defer.Deferred(cancel)
+
+        def carrier():
+            built = _HandshakeProtocol(handshake, protocol_factory, connected)
+            carriers.append(built)
+            return built
+
+        factory = protocol.Factory.forProtocol(carrier)
         endpoint = HostnameEndpoint(self._reactor, self.proxy.host, self.proxy.port,
                                     timeout=self._timeout)
 
