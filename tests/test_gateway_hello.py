@@ -154,3 +154,27 @@ class ClientHelloTests(SynchronousTestCase):
         tunnel = gateway.tunnel_connected(FakeProtocol(), info)
         self.assertEqual((tunnel.group, tunnel.weight), ("lab", 3.0))
         self.assertEqual(logins.groups(), ["lab"])
+
+
+class RefusedHelloTests(SynchronousTestCase):
+    """A HELLO after a refused one (in the same read, before the close completes) registers nothing."""
+
+    def test_second_hello_ignored(self):
+        from anyproxy.tunnel.websocket import GatewayTunnelProtocol
+
+        class Factory:
+            calls = 0
+
+            def tunnel_connected(self, protocol, info):
+                self.calls += 1
+                if info.get("password") != "right":
+                    raise HelloRefused(4003, "bad credentials")
+                return "a tunnel"
+
+        protocol = GatewayTunnelProtocol()
+        protocol.factory, protocol.peer = Factory(), "203.0.113.9:4000"
+        closes = []
+        protocol.sendClose = lambda code=None, reason=None: closes.append(code)
+        protocol.hello_received({"password": "wrong"})
+        protocol.hello_received({"password": "right"})
+        self.assertEqual((protocol.factory.calls, protocol.tunnel, closes), (1, None, [4003]))

@@ -624,6 +624,8 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
             self._hello_counted = True
             self.factory.waiting_for_hello.remove(self.grant.name)
 
+    _hello_refused = False
+
     def onOpen(self):
         self._start_mux(False, None, self.peer)
         self._watch_liveness()
@@ -636,7 +638,9 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
     def hello_received(self, info):
-        if self.tunnel is not None:
+        if self.tunnel is not None or self._hello_refused:
+            # A HELLO after a refusal (in the same read, before the close
+            # completes) must not register a tunnel on a closing connection.
             return
         self._handshake_over()
         if self._hello_timer is not None:
@@ -645,6 +649,7 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
         try:
             self.tunnel = self.factory.tunnel_connected(self, info)
         except HelloRefused as refused:
+            self._hello_refused = True
             log.warn("tunnel {peer}: HELLO refused: {reason}", peer=self.peer,
                      reason=refused.reason)
             reason = refused.reason.encode("utf-8")[:MAX_CLOSE_REASON].decode("utf-8", "ignore")
