@@ -73,7 +73,7 @@ def result_of(deferred):
 class FleetPortClaimsTests(unittest.SynchronousTestCase):
     """FleetPortClaims against a fake registry."""
 
-    ONE, TWO = ("default", "one"), ("default", "two")
+    ONE, TWO = ("default", "one", "site-one"), ("default", "two", "site-two")
 
     def setUp(self):
         self.registry = FakeRegistry()
@@ -82,10 +82,11 @@ class FleetPortClaimsTests(unittest.SynchronousTestCase):
 
     def test_owner_token_round_trips(self):
         """Any group and client id survive the claim's owner text; other text reads as None."""
-        owner = ("g/with:odd", 'c"1/')
+        owner = ("g/with:odd", 'c"1/', "cred\u00e9")
         self.assertEqual(owner_from_token(owner_token(owner)), owner)
         self.assertIsNone(owner_from_token("client-1"))
-        self.assertIsNone(owner_from_token("[1, 2]"))
+        self.assertIsNone(owner_from_token("[1, 2, 3]"))
+        self.assertIsNone(owner_from_token('["g", "c"]'))  # no credential
 
     def test_both_protocols_share_one_claim(self):
         """tcp and udp of one number hold one claim, given back when neither is forwarded."""
@@ -317,7 +318,7 @@ class RedisForwardingTests(unittest.TestCase):
                          "port %d/tcp already forwarded for client one (through gateway node-a)"
                          % (remote,))
         value = yield server_get(server, "anyproxy:port:%d" % (remote,))
-        self.assertEqual(value, 'node-a/["default","one"]')
+        self.assertEqual(value, 'node-a/["default","one","gateway.auth_username"]')
         self.assertEqual((yield deferToThread(tcp_exchange, remote, b"r")), digest_answer(b"r"))
 
         yield server.stop()
@@ -332,7 +333,7 @@ class RedisForwardingTests(unittest.TestCase):
                          what="the port to open once Redis is back")
         self.assertEqual((yield deferToThread(tcp_exchange, later, b"back")), b"back")
         value = yield server_get(server, "anyproxy:port:%d" % (later,))
-        self.assertEqual(value, 'node-a/["default","three"]')
+        self.assertEqual(value, 'node-a/["default","three","gateway.auth_username"]')
 
 
 def server_get(server, key):

@@ -161,8 +161,8 @@ class FakeMux:
         return stream
 
 
-def tunnel(client_id, group="default"):
-    return Tunnel(client_id=client_id, group=group, mux=FakeMux())
+def tunnel(client_id, group="default", credential="site"):
+    return Tunnel(client_id=client_id, group=group, mux=FakeMux(), credential=credential)
 
 
 def wanted(remote_port, local_port=22, protocol="tcp", local_host="localhost"):
@@ -258,6 +258,19 @@ class PortForwardingTests(SynchronousTestCase):
         self.assertEqual(answer, {"remote_port": 9001, "protocol": "tcp", "ok": False,
                                   "error": "port 9001/tcp already forwarded for client one"})
         self.assertEqual(len(reactor.listening), 1)
+
+    def test_same_id_other_credential_refused(self):
+        """
+        Another credential allowed the group, announcing the holder's
+        client_id, cannot join its port (and be handed its connections).
+        """
+        reactor, manager = forwarding()
+        holder, impostor = tunnel("site-a1", credential="site-a"), tunnel("site-a1", credential="site-b")
+        self.assertTrue(manager.tunnel_connected(holder, [wanted(9001)])[0]["ok"])
+        [answer] = manager.tunnel_connected(impostor, [wanted(9001, 8080, local_host="evil")])
+        self.assertFalse(answer["ok"])
+        self.assertIn("already forwarded for client site-a1", answer["error"])
+        self.assertEqual([route.tunnel for route in manager.port_for(9001).routes], [holder])
 
     def test_same_id_other_group_refused(self):
         """The owner is the client id within its group."""
@@ -641,6 +654,27 @@ class UdpForwardTests(SynchronousTestCase):
         stream = self.open()
         self.assertEqual(len(stream.datagrams), forwarding_udp.MAX_PENDING)
         self.assertEqual(self.forwarder.dropped, 3)
+
+    def test_bytes_held_per_port_are_bounded(self):
+        """
+        Large datagrams from many sources while their streams open: at most
+        MAX_PENDING_BYTES are held for the port; what opens gives its share back.
+        """
+        big = b"x" * 65000
+        sources = [("10.0.0.%d" % (i // 200 + 1), 5000 + i % 200) for i in range(40)]
+        for source in sources:
+            for _ in range(forwarding_udp.MAX_PENDING):
+                self.forwarder.datagramReceived(big, source)
+        held = self.forwarder.pending_bytes
+        self.assertLessEqual(held, forwarding_udp.MAX_PENDING_BYTES)
+        self.assertEqual(held % len(big), 0)
+        self.assertEqual(self.forwarder.dropped,
+                         40 * forwarding_udp.MAX_PENDING - held // len(big))
+        stream = self.open(0)
+        self.assertEqual(self.forwarder.pending_bytes, held - len(stream.datagrams) * len(big))
+        for index in range(1, 40):
+            self.open(index)
+        self.assertEqual(self.forwarder.pending_bytes, 0)
 
     def test_idle_timeout(self):
         """A source silent both ways for the idle timeout loses its association."""

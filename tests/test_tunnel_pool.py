@@ -263,6 +263,14 @@ class PoolTests(SynchronousTestCase):
             other.mux.draining = True
             self.assertIsNone(pool.pick("default"))
 
+    def test_lost_not_picked(self):
+        """A tunnel whose connection is lost (dropped from the pool a turn later) gets no stream."""
+        for balance in TunnelPool.STRATEGIES:
+            lost, other = tunnel("lost"), tunnel("other", streams=5)
+            pool = registry(lost, other, balance=balance)
+            lost.mux.lost = True
+            self.assertEqual(picks(pool, 6), {"other": 6})
+
     def test_reload_balance(self):
         """prepare takes gateway.balance aside; apply switches the strategy."""
 

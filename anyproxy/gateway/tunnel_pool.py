@@ -76,8 +76,13 @@ class Tunnel:
 
     @property
     def draining(self):
-        """Whether the tunnel takes no new streams (GOAWAY sent or received)."""
-        return bool(getattr(self.mux, "draining", False))
+        """
+        Whether the tunnel takes no new streams: GOAWAY sent or received, or
+        its connection already lost (the pool drops it a turn later, on the
+        close).
+        """
+        mux = self.mux
+        return bool(getattr(mux, "draining", False) or getattr(mux, "lost", False))
 
     def go_away(self, clock, reason=Reason.NO_TUNNEL):
         """

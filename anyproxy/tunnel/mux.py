@@ -229,6 +229,11 @@ class Mux:
         """See the class docstring."""
         return self.go_away_sent or self.go_away_received is not None
 
+    @property
+    def lost(self):
+        """Whether the tunnel is gone (L{connection_lost}): it opens no stream."""
+        return self._lost
+
     # -- sending --------------------------------------------------------
 
     def _send(self, frame):

@@ -64,19 +64,23 @@ class Unavailable:
 
 
 def owner_token(owner):
-    """The claim's owner text for C{(group, client_id)}: JSON, so any names round-trip."""
+    """
+    The claim's owner text for C{(group, client_id, credential)}: JSON, so
+    any names round-trip.
+    """
     return json.dumps(list(owner), separators=(",", ":"))
 
 
 def owner_from_token(token):
-    """C{(group, client_id)} from L{owner_token}'s text, or C{None} if it is not one."""
+    """C{(group, client_id, credential)} from L{owner_token}'s text, or C{None} if it is not one."""
     try:
-        group, client_id = json.loads(token)
+        owner = json.loads(token)
     except (TypeError, ValueError):
         return None
-    if not isinstance(group, str) or not isinstance(client_id, str):
+    if (not isinstance(owner, list) or len(owner) != 3
+            or not all(isinstance(name, str) for name in owner)):
         return None
-    return (group, client_id)
+    return tuple(owner)
 
 
 class FleetPortClaims:

@@ -430,7 +430,10 @@ class PortForwarding:
             return defer.succeed(self._refuse(
                 tunnel, request, "port %s is not in the gateway's open_ports_allowed"
                 " (add %d to gateway.open_ports_allowed)" % (request.label, request.remote_port)))
-        owner = (tunnel.group, tunnel.client_id)
+        # The credential is part of the owner: another credential allowed the
+        # same group may announce the same client_id, and must not join (and
+        # take connections of) a port this client holds.
+        owner = (tunnel.group, tunnel.client_id, tunnel.credential)
         forward = self._forwards.get(request.key)
         claiming = self._claiming.get(request.key)
         holder = forward.owner if forward is not None else claiming[0] if claiming else None

@@ -19,7 +19,8 @@ the port is released.  The next datagram from that source opens a new one.
 
 Nothing grows without bound: at most L{MAX_SESSIONS} sources per port, and
 while a source's stream is opening at most L{MAX_PENDING} of its datagrams
-wait; beyond that datagrams are dropped and counted, as UDP may.
+wait, and at most L{MAX_PENDING_BYTES} for all sources of the port together;
+beyond that datagrams are dropped and counted, as UDP may.
 """
 
 from twisted.internet import defer, error
@@ -37,8 +38,11 @@ MAX_DATAGRAM = 65535
 UDP_IDLE_TIMEOUT = 60.0
 # Sources (associations) per forwarded port.
 MAX_SESSIONS = 1024
-# Datagrams held per source while its stream opens.
+# Datagrams held per source while its stream opens...
 MAX_PENDING = 16
+# ... and bytes held for all sources of a port (a flood of large datagrams
+# from many source ports would otherwise hold MAX_SESSIONS x MAX_PENDING x 64 KiB).
+MAX_PENDING_BYTES = 1024 * 1024
 
 
 class UdpForwarder(DatagramProtocol):
@@ -60,6 +64,7 @@ class UdpForwarder(DatagramProtocol):
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
         self.sessions = {}
+        self.pending_bytes = 0  # held by sessions whose stream is opening (MAX_PENDING_BYTES)
 
     def datagramReceived(self, data, addr):
         source = tuple(addr[:2])
@@ -122,7 +127,7 @@ class UdpSession(Protocol):
 
     def _opened(self, _):
         self._opening = None
-        pending, self._pending = self._pending, []
+        pending = self._take_pending()
         for payload in pending:
             self._send_now(payload)
 
@@ -143,10 +148,13 @@ class UdpSession(Protocol):
         if self.ended:
             self.forwarder.dropped += 1
         elif self.transport is None:
-            if len(self._pending) < MAX_PENDING:
+            forwarder = self.forwarder
+            if (len(self._pending) < MAX_PENDING
+                    and forwarder.pending_bytes + len(payload) <= MAX_PENDING_BYTES):
                 self._pending.append(payload)
+                forwarder.pending_bytes += len(payload)
             else:
-                self.forwarder.dropped += 1
+                forwarder.dropped += 1
         else:
             self._send_now(payload)
 
@@ -191,9 +199,14 @@ class UdpSession(Protocol):
     def connectionLost(self, reason):
         self._finish()
 
+    def _take_pending(self):
+        pending, self._pending = self._pending, []
+        self.forwarder.pending_bytes -= sum(map(len, pending))
+        return pending
+
     def _finish(self):
         self.ended = True
-        self._pending = []
+        self._take_pending()
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
