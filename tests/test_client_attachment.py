@@ -419,3 +419,54 @@ class FleetAttachmentTests(TestCase):
                 "gateways_per_client": count})
             yield self.client.reconfigure(load_config(first.write_config(settings)))
             yield self.fleet.wait_for(wanted)
+
+
+class TunnelNameTests(TestCase):
+    """Re-plans and reloads never give two tunnel services one name (MultiService refuses it)."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_gateways_per_client_down_then_up(self):
+        """K 2 -> 1 -> 2 back to back: the gateway let go still holds its tunnel's name."""
+        fleet = ThreeGateways(self)
+        yield fleet.start()
+        port = fleet.balancer_to("gw-a")
+        first = fleet.deployments["gw-a"]
+        client = yield first.start_client(wait=False, client={
+            "gateway_addr": "127.0.0.1:%d" % port, "gateways_per_client": 2})
+        yield fleet.wait_for({"gw-a": 0, "gw-b": 1, "gw-c": 1})
+
+        def config(count):
+            return load_config(first.write_config(first.client_config(client={
+                "gateway_addr": "127.0.0.1:%d" % port, "gateways_per_client": count})))
+
+        yield client.reconfigure(config(1))
+        yield client.reconfigure(config(2))
+        names = [service.name for service in client.services if service.name]
+        self.assertEqual(len(names), len(set(names)))
+        yield fleet.wait_for({"gw-a": 0, "gw-b": 1, "gw-c": 1})
+
+
+class HelloAnswerTimeoutTests(SynchronousTestCase):
+    """A gateway that opens the WebSocket but never answers the HELLO: the attempt fails in time."""
+
+    def test_dropped_after_the_handshake_timeout(self):
+        from types import SimpleNamespace
+        from twisted.internet.task import Clock
+        from anyproxy.client.app import ReadyTunnelEndpoint
+
+        clock = Clock()
+        dropped = []
+        tunnel = SimpleNamespace(ready=defer.Deferred(),
+                                 dropConnection=lambda abort=False: dropped.append(abort))
+        factory = SimpleNamespace(reactor=clock, openHandshakeTimeout=10.0, gateway="gw:8443")
+        endpoint = SimpleNamespace(connect=lambda factory: defer.succeed(tunnel))
+        attempt = ReadyTunnelEndpoint(endpoint, factory).connect(protocol.Factory())
+        clock.advance(9.9)
+        self.assertEqual(dropped, [])
+        clock.advance(0.1)
+        self.assertEqual(dropped, [True])
+        tunnel.ready.errback(RuntimeError("tunnel closed before the gateway's HELLO"))
+        self.failureResultOf(attempt, RuntimeError)
+        self.assertEqual(clock.getDelayedCalls(), [])

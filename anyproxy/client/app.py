@@ -282,7 +282,26 @@ class ReadyTunnelEndpoint:
             return failure
 
         def opened(tunnel):
-            return tunnel.ready
+            # A gateway that opens the WebSocket but never answers our HELLO
+            # (it pongs our pings) must not hold the attempt forever: the
+            # connection is dropped after the handshake timeout, the attempt
+            # fails, and the service retries with its backoff.
+            factory = self._tunnel_factory
+            reactor = factory.reactor
+
+            def no_answer():
+                log.warn("tunnel to {gateway}: no answer to our HELLO within {timeout:g} s; "
+                         "closing", gateway=factory.gateway, timeout=factory.openHandshakeTimeout)
+                tunnel.dropConnection(abort=True)
+
+            timer = reactor.callLater(factory.openHandshakeTimeout, no_answer)
+
+            def answered(result):
+                if timer.active():
+                    timer.cancel()
+                return result
+
+            return tunnel.ready.addBoth(answered)
 
         def ready(tunnel):
             handle = protocol_factory.buildProtocol(tunnel.transport.getPeer())
@@ -459,10 +478,21 @@ class ClientRoot(MultiService):
             service = ClientService(endpoint, Factory.forProtocol(Protocol),
                                     retryPolicy=self._retry_for((host, port)), clock=self.reactor)
             service.ready_endpoint = endpoint
-            service.setName("tunnel %s #%d" % (gateway_label((host, port)), len(services) + 1))
+            service.setName(self._free_tunnel_name((host, port)))
             service.setServiceParent(self)
             services.append(service)
         return stopped
+
+    def _free_tunnel_name(self, key):
+        """
+        C{"tunnel HOST:PORT #N"} with the lowest N no service in the tree
+        has: one let go (draining its streams) or left alone by a re-plan
+        still holds its name, and a MultiService refuses a name twice.
+        """
+        label, number = gateway_label(key), 1
+        while "tunnel %s #%d" % (label, number) in self.namedServices:
+            number += 1
+        return "tunnel %s #%d" % (label, number)
 
     def _drop_gateway(self, key, gently):
         """
