@@ -81,7 +81,13 @@ def call(args, method, path, password, stdin=None):
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise CtlError("no answer from %s: %s" % (args.url, reason), EXIT_USAGE)
-    return json.loads(body) if body else None
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise CtlError("%s %s: the answer from %s is not the management API's JSON (is --url "
+                       "the gateway's status address?)" % (method, path, args.url), EXIT_USAGE) from None
 
 
 def _table(rows, columns):

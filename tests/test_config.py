@@ -409,6 +409,23 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
             'peer_ca: ca.pem, peer_cert: gw.crt, peer_key: gw.key}\n', "gateway.fleet.redis: ")
         self.assertNotIn("pw-secret", message)
 
+    def test_fleet_redis_checked_at_load(self):
+        """A Redis URL the registry could not use is refused at load, never quoting the URL."""
+        for url in ("redis://[::1", "redis://:pw-secret/x@r:6379/0", "redis://:pw-secret?x@r/0",
+                    "redis://:pw-secret@r/zero"):
+            message = self.assert_error(
+                GATEWAY + '  fleet: {redis: "%s", peer_addr: "10.0.0.5:8444", '
+                'peer_ca: ca.pem, peer_cert: gw.crt, peer_key: gw.key}\n' % (url,),
+                "gateway.fleet.redis: ")
+            self.assertNotIn("pw-secret", message)
+            self.assertNotIn("secret", message)
+
+    def test_fleet_node_id_checked_at_load(self):
+        self.assert_error(
+            GATEWAY + '  fleet: {redis: "redis://r:6379/0", node_id: "gw 1", '
+            'peer_addr: "10.0.0.5:8444", peer_ca: ca.pem, peer_cert: gw.crt, peer_key: gw.key}\n',
+            "gateway.fleet.node_id: no spaces")
+
     def test_fleet_ca_is_not_the_client_ca(self):
         """The fleet's CA must not be the CA of client certificates: a client could open a peer link."""
         self.assert_error(

@@ -239,6 +239,28 @@ class TwistdTests(TwistdBase):
                         lines[0])
 
     @defer.inlineCallbacks
+    def test_bad_certificate_one_line(self):
+        """
+        A file the config names that loads but cannot be used (found when
+        the service is built) also stops twistd with one line, not a traceback.
+        """
+        with open(self.config) as f:
+            data = yaml.safe_load(f)
+        garbage = os.path.join(os.path.dirname(self.config), "not-a-ca.pem")
+        with open(garbage, "w") as f:
+            f.write("this is not a certificate\n")
+        data["client"]["gateway_tls_cert"] = garbage
+        with open(self.config, "w") as f:
+            yaml.safe_dump(data, f)
+        watcher = self.start_client()
+        ended = yield watcher.ended
+        self.assertEqual(ended.exitCode, 1)
+        lines = watcher.text().splitlines()
+        self.assertEqual(len(lines), 1, watcher.text())
+        self.assertTrue(lines[0].startswith(self.config + ": "), lines[0])
+        self.assertIn("not-a-ca.pem", lines[0])
+
+    @defer.inlineCallbacks
     def test_help_lists_plugins(self):
         """twistd --help lists both AnyProxy plugins."""
         watcher = ProcessWatcher()

@@ -18,6 +18,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from anyproxy.config.load import load_config
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.fleet.interfaces import NodeRecord
 from anyproxy.fleet.peer_link import PeerLinks
@@ -204,6 +205,35 @@ class ReplacedLinkTests(unittest.TestCase):
         self.assertEqual((yield deferToThread(echo_round, first, b"still open")), b"still open")
         first.close()
         yield wait_until(lambda: old.lost, what="the old link to close once drained")
+
+
+class FleetReloadTests(unittest.TestCase):
+    """A reload cannot take a running node out of its fleet: it says a restart does."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_fleet_section_removed(self):
+        fleet = Fleet(self, "a", "b")
+        a, b = yield fleet.start()
+        data = a.gateway_config()
+        del data["gateway"]["fleet"]
+        notes = yield a.gateway.reconfigure(load_config(a.write_config(data)))
+        self.assertIn("gateway.fleet: leaving the fleet takes effect at the next restart", notes)
+        record = a.node.local_record()  # the heartbeat's record: still built
+        self.assertEqual(record.node_id, "node-a")
+        self.assertEqual(a.node.status()["node"], "node-a")
+        echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        yield b.start_client()
+        yield fleet.listed(a, "default", b)
+        self.assertEqual((yield deferToThread(socks_echo, a.socks_port, "127.0.0.1", echo_port,
+                                              b"still relayed")), b"still relayed")
+
+    def test_restart_keys_named(self):
+        """Leaving or joining a fleet, or another redis or node_id, is reported as needing a restart."""
+        from anyproxy.twistd.reload import RESTART_KEYS
+        for key in ("gateway.fleet", "gateway.fleet.redis", "gateway.fleet.node_id"):
+            self.assertIn(key, RESTART_KEYS)
 
 
 class RedisRegistryTests(unittest.TestCase):

@@ -18,7 +18,6 @@ import ipaddress
 import json
 import os
 import types
-import urllib.parse
 
 import attr
 
@@ -27,6 +26,7 @@ from anyproxy.access_policy import PROTOCOLS, AccessPolicy, HostRule, LimitRule
 from anyproxy.auth import UserPolicy
 from anyproxy.client.egress import ProxyURL
 from anyproxy.client.gateway_endpoints import SRV_PREFIX
+from anyproxy.config.redis_url import parse_redis_url
 from anyproxy.config.model import (
     BALANCE_POLICIES, CLIENT, GATEWAY, LOG_FORMATS, LOG_LEVELS, LOG_OUTPUTS,
     ClientConfig, ClientEntryConfig, Config, FleetConfig, FrontendConfig, GatewayConfig, ListenerConfig, LogConfig,
@@ -337,10 +337,10 @@ def _fleet(node, client_ca=None):
     redis = fleet.string("redis")
     if not redis:
         fleet.fail("redis", "required, e.g. 'redis://127.0.0.1:6379/0'")
-    scheme = urllib.parse.urlsplit(redis).scheme
-    if scheme not in ("redis", "rediss"):
-        # Not the URL itself: it may hold the password.
-        fleet.fail("redis", "a redis:// or rediss:// URL, not one starting %r" % (scheme + ":",))
+    try:
+        parse_redis_url(redis)  # its messages never quote the URL: it may hold the password
+    except ValueError as e:
+        fleet.fail("redis", e)
     peer_addr, peer_endpoint, _ = fleet.listen("peer_addr")
     if peer_endpoint is None:
         fleet.fail("peer_addr", "required: where other gateways relay streams to this "
@@ -361,8 +361,11 @@ def _fleet(node, client_ca=None):
         # a client's certificate must never open one.
         fleet.fail("peer_ca", "is gateway.client_ca, the CA of client certificates; the fleet "
                               "needs a CA of its own, for gateways only")
+    node_id = fleet.string("node_id")
+    if any(char.isspace() or char == "/" for char in node_id):
+        fleet.fail("node_id", "no spaces or '/' (it names the node in Redis keys and logs)")
     return FleetConfig(
-        redis=redis, node_id=fleet.string("node_id"), peer_addr=peer_addr,
+        redis=redis, node_id=node_id, peer_addr=peer_addr,
         peer_endpoint=peer_endpoint,
         peer_ca=peer_ca,
         peer_cert=fleet.file("peer_cert", required=True),

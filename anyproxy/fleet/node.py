@@ -17,6 +17,7 @@ can serve, and stops first: it leaves the registry, then closes its links
 and its listener, before the tunnels go.
 """
 
+import attr
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -235,9 +236,16 @@ class FleetNode(MultiService):
         """See L{anyproxy.interfaces.IReconfigurable}: the listener, the link wait, TLS files."""
         gateway = config.gateway
         server_apply = self.server.prepare(config)
+        # What was built from the fleet section at start stays: leaving the
+        # fleet, or another Redis, node id or keep_peers, takes a restart
+        # (the reload says so); the node goes on with what it has.
+        old = self.config.gateway.fleet
+        fleet = old if gateway.fleet is None else attr.evolve(
+            gateway.fleet, redis=old.redis, node_id=old.node_id, keep_peers=old.keep_peers)
+        kept = attr.evolve(config, gateway=attr.evolve(gateway, fleet=fleet))
 
         def apply():
-            self.config = config
+            self.config = kept
             if gateway.fleet is not None:
                 self.links.configure(gateway.fleet)
                 self.links.link_wait = min(gateway.handshake_timeout, DEFAULT_LINK_WAIT)

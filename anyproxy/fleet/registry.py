@@ -37,7 +37,6 @@ import json
 import os
 import secrets
 import socket
-import urllib.parse
 
 import attr
 import txredisapi
@@ -52,12 +51,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from anyproxy.addresses import dial_address, host_port
+from anyproxy.config.redis_url import parse_redis_url
 from anyproxy.fleet.interfaces import IFleetRegistry, NodeRecord
 
 log = Logger()
 
 PREFIX = "anyproxy:"
-DEFAULT_PORT = 6379
 # Seconds a node's record lives without a refresh, in heartbeats.
 EXPIRY_BEATS = 3
 # Group logins: PBKDF2-HMAC-SHA256 with this many iterations (the verifiers
@@ -75,80 +74,7 @@ class RegistryUnavailable(txredisapi.ConnectionError):
     """Redis cannot be reached now (the registry retries by itself)."""
 
 
-# -- the Redis URL ------------------------------------------------------------
-
-@attr.s(frozen=True)
-class RedisTarget:
-    """
-    Where Redis is and how to log in, from a C{redis://} or C{rediss://} URL.
-
-    @ivar display: the URL without its password, for logs.
-    """
-
-    host = attr.ib()
-    port = attr.ib()
-    db = attr.ib()
-    username = attr.ib(repr=False)
-    password = attr.ib(repr=False)
-    tls = attr.ib()
-    ca_certs = attr.ib(default=None)
-    certfile = attr.ib(default=None)
-    keyfile = attr.ib(default=None)
-    display = attr.ib(default="")
-
-
-def parse_redis_url(url):
-    """
-    Parse C{redis[s]://[[user]:password@]host[:port][/db][?options]}.
-
-    Options (as redis-py names them): C{db}, and for C{rediss://}
-    C{ssl_ca_certs} (a PEM file of CAs to trust instead of the system's),
-    C{ssl_certfile} and C{ssl_keyfile} (a client certificate).
-
-    @raise ValueError: with a message that never contains the password.
-    """
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError:
-        # Not urllib's message: it quotes the "port", which is part of the
-        # password when that holds a "/", "?" or "#".
-        raise ValueError("bad Redis URL: not redis[s]://[[user]:password@]host[:port][/db] "
-                         "(percent-encode a \"/\", \"?\", \"#\" or \"@\" in the password)") from None
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError("a Redis URL starts with redis:// or rediss://, not %r"
-                         % (parts.scheme + ":",))
-    host = parts.hostname
-    if not host:
-        raise ValueError("the Redis URL names no host (redis://HOST:PORT/DB)")
-    options = {}
-    for name, values in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items():
-        if name not in ("db", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
-            raise ValueError("unknown Redis URL option %r (known: db, ssl_ca_certs, "
-                             "ssl_certfile, ssl_keyfile)" % (name,))
-        options[name] = values[-1]
-    db_text = parts.path.strip("/") or options.get("db", "0")
-    if not db_text.isdigit():
-        raise ValueError("the Redis database must be a number, not %r" % (db_text,))
-    tls = parts.scheme == "rediss"
-    if not tls and any(name.startswith("ssl_") for name in options):
-        raise ValueError("ssl_* options need a rediss:// URL")
-    if bool(options.get("ssl_certfile")) != bool(options.get("ssl_keyfile")):
-        raise ValueError("ssl_certfile and ssl_keyfile go together")
-    username = urllib.parse.unquote(parts.username) if parts.username else None
-    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
-    if password is None and username is not None:
-        # redis://secret@host: redis-py and Redis's own docs read it as the password.
-        username, password = None, username
-    port = port if port is not None else DEFAULT_PORT
-    if not 0 < port < 65536:
-        raise ValueError("bad Redis port %d" % (port,))
-    display = "%s://%s/%s" % (parts.scheme, host_port(host, port), db_text)
-    return RedisTarget(host=host, port=port, db=int(db_text), username=username or None,
-                       password=password or None, tls=tls,
-                       ca_certs=options.get("ssl_ca_certs") or None,
-                       certfile=options.get("ssl_certfile") or None,
-                       keyfile=options.get("ssl_keyfile") or None, display=display)
+# -- the Redis URL: anyproxy.config.redis_url ----------------------------------
 
 
 def redis_endpoint(reactor, target, timeout):

@@ -14,7 +14,7 @@ def makeService(options):
     from twisted.internet import reactor
 
     from anyproxy.client.app import make_client_service
-    from anyproxy.twistd.options import logging_root
+    from anyproxy.twistd.options import built, logging_root
 
-    service, _ = make_client_service(options["loaded"], reactor)
+    service, _ = built(options, lambda: make_client_service(options["loaded"], reactor))
     return logging_root(service, options)

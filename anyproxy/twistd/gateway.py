@@ -60,9 +60,9 @@ def makeService(options):
     from twisted.internet import reactor
 
     from anyproxy.gateway.app import make_gateway_service
-    from anyproxy.twistd.options import logging_root
+    from anyproxy.twistd.options import built, logging_root
 
-    gateway = make_gateway_service(options["loaded"], reactor)
+    gateway = built(options, lambda: make_gateway_service(options["loaded"], reactor))
     root = logging_root(gateway, options)
     # POST /api/reload runs the same reload as SIGHUP.
     from anyproxy.twistd.reload import Reloader

@@ -42,6 +42,19 @@ class ConfigOptions(usage.Options):
         self["loaded"] = config
 
 
+def built(options, build):
+    """
+    C{build()}, the program's service from the loaded config; what it
+    refuses only once it builds (a key that does not match its certificate)
+    stops twistd with one line naming the file, as L{ConfigOptions} does.
+    """
+    try:
+        return build()
+    except ConfigError as e:
+        print("%s: %s" % (options["config"], e), file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def logging_root(service, options):
     """
     Put C{service} under a L{LoggingRoot} for the config's C{log} section,

@@ -32,7 +32,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from anyproxy.config.model import (
-    ClientConfig, Config, GatewayConfig, ListenerConfig, LogConfig, ProxyConfig)
+    ClientConfig, Config, FleetConfig, GatewayConfig, ListenerConfig, LogConfig, ProxyConfig)
 from anyproxy.config.load import load_config
 from anyproxy.config.schema import key_name
 from anyproxy.errors import ConfigError
@@ -45,13 +45,18 @@ log = Logger()
 # (metrics_addr and status_addr move when changed; switching them on or off
 # is reported by reconfigure.)
 RESTART_KEYS = ("log.format", "log.file", "log.output", "log.max_size", "log.max_backups",
-                "log.max_age", "log.compress")
+                "log.max_age", "log.compress",
+                # Joining or leaving a fleet, and what the registry was built
+                # with (its Redis, the node's id, how long it keeps peers).
+                "gateway.fleet", "gateway.fleet.redis", "gateway.fleet.node_id",
+                "gateway.fleet.keep_peers")
 
 # Each program's part of a (possibly shared) file.
 _SECTIONS = {"gateway": ("proxy", "gateway", "log"), "client": ("client", "log")}
 # Classes compared key by key (their keys are the schema's, derived fields
 # left out); any other value is compared whole.
-_SECTION_CLASSES = (Config, ProxyConfig, ListenerConfig, GatewayConfig, ClientConfig, LogConfig)
+_SECTION_CLASSES = (Config, ProxyConfig, ListenerConfig, GatewayConfig, ClientConfig, LogConfig,
+                    FleetConfig)
 
 
 def changed_keys(old, new, path=""):

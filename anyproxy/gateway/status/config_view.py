@@ -12,12 +12,11 @@ password and query.  Frontend plugin options are the plugin's own; an option
 whose name suggests a secret (L{SECRET_WORDS}) is redacted too.
 """
 
-import urllib.parse
-
 import attr
 
 from anyproxy.config import schema
 from anyproxy.config.model import FleetConfig
+from anyproxy.config.redis_url import parse_redis_url
 
 REDACTED = "<redacted>"
 # A plugin option whose name holds one of these is treated as a secret.
@@ -26,20 +25,16 @@ SECRET_WORDS = ("password", "secret", "token", "key", "credential", "auth")
 GATEWAY_SECTIONS = ("proxy", "gateway", "log")
 
 
-def redact_url(url):
-    """C{url} without its user, password, query or fragment; L{REDACTED} if unreadable."""
+def _redis_display(url):
+    """
+    A Redis URL as the registry names it in logs: host, port and database,
+    never a part of the password (an unencoded one may split the URL
+    anywhere, which cutting the user and password out of it cannot tell).
+    """
     try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
+        return parse_redis_url(url).display
     except ValueError:
         return REDACTED
-    if ":" in host:
-        host = "[%s]" % (host,)
-    netloc = host + (":%d" % (port,) if port else "")
-    if parts.username or parts.password:
-        netloc = REDACTED + "@" + netloc
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _redacted(value):
@@ -93,7 +88,7 @@ def config_json(section):
         if "/" in key:  # several keys built one value: shown under the first
             key = key.split("/")[0]
         if config_class is FleetConfig and field.name == "redis":
-            result[key] = redact_url(value) if value else value
+            result[key] = _redis_display(value) if value else value
         elif schema.is_secret(config_class, key):
             result[key] = _redacted(value)
         else:
