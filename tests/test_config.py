@@ -325,7 +325,7 @@ proxy:
         self.assertEqual(self.load("log: {output: file, file: x.log}").log.output, "file")
         for text, prefix in [
                 ("log: {output: syslog}", "log.output: 'syslog' is not one of: stdout, stderr, file"),
-                ("log: {output: 1}", "log.output: expected a string"),
+                ("log: {output: 1}", "log.output: expected one of: stdout, stderr, file"),
                 ("log: {output: file}", "log.file: required when output is file")]:
             self.assertTrue(self.error(text).startswith(prefix), self.error(text))
 
@@ -508,11 +508,20 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
 
     def test_password_never_shown(self):
         """A wrong-typed password is reported without its value."""
-        message = self.error(GATEWAY.replace('"pw"', "123456789"))
+        message = self.error(GATEWAY.replace('"pw"', "[123456789]"))
         self.assertIn("gateway.auth_password: expected a string", message)
         self.assertNotIn("123456789", message)
-        message = self.error(GATEWAY + "  users: [{username: a, password: 987654321, group: 1}]\n")
+        message = self.error(GATEWAY + "  users: [{username: a, password: [987654321], group: 1}]\n")
         self.assertNotIn("987654321", message)
+
+    def test_unquoted_numbers_are_their_text(self):
+        """
+        As the Go AnyProxy reads them, an unquoted number in a text key is
+        the text written: a password 0123 is "0123", not YAML 1.1's octal 83.
+        """
+        config = self.load(GATEWAY.replace('"pw"', "0123").replace('"user"', "1e3"))
+        self.assertEqual((config.gateway.auth_password, config.gateway.auth_username),
+                         ("0123", "1e3"))
 
 
 class AnonymousTests(ConfigTestMixin, SynchronousTestCase):

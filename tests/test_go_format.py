@@ -270,7 +270,7 @@ class NewestFormTests(unittest.TestCase):
         cases = [
             (("client", "gateway", "addr"), "no-port",
              "client.gateway.addr: expected host:port, got 'no-port'"),
-            (("client", "id"), 7, "client.id: expected a string (quote numbers), got an integer"),
+            (("client", "id"), ["a"], "client.id: expected a string, got a list"),
             (("gateway", "proxy", "http", "listen_addr"), "nowhere:80",
              "gateway.proxy.http.listen_addr: 'nowhere' is not an IP address or localhost"),
             (("gateway", "web", "listen_addr"), "bad",

@@ -22,7 +22,11 @@ _TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number",
 
 
 def type_name(value):
-    return _TYPE_NAMES.get(type(value), type(value).__name__)
+    kind = type(value)
+    for plain in (int, float):  # the loader's numbers that keep their text
+        if kind is not bool and issubclass(kind, plain):
+            kind = plain
+    return _TYPE_NAMES.get(kind, kind.__name__)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -45,6 +49,31 @@ def _construct_mapping(loader, node, deep=False):
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+class _Int(int):
+    """An integer as YAML read it, with the text it was written as (C{raw})."""
+
+
+class _Float(float):
+    """A number with a fraction as YAML read it, with the text it was written as (C{raw})."""
+
+
+def _keeping_text(kind, construct):
+    # The Go AnyProxy (yaml.v2) reads an unquoted number into a string key
+    # as the text written: `group_password: 0123` is "0123", not the octal
+    # 83 YAML 1.1 makes of it.  Numbers keep their text for Node.string.
+    def construct_keeping_text(loader, node):
+        value = kind(construct(loader, node))
+        value.raw = node.value
+        return value
+    return construct_keeping_text
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int",
+                              _keeping_text(_Int, yaml.SafeLoader.construct_yaml_int))
+_StrictLoader.add_constructor("tag:yaml.org,2002:float",
+                              _keeping_text(_Float, yaml.SafeLoader.construct_yaml_float))
 
 
 @attr.s
@@ -149,7 +178,9 @@ class Node:
         return self.default(key) if value is None else value
 
     def string(self, key):
-        value = self.get(key, (str,), "a string (quote numbers)")
+        value = self.get(key, (str, _Int, _Float), "a string")
+        if isinstance(value, (_Int, _Float)):
+            value = value.raw  # as the Go AnyProxy reads it: the text written
         # Secrets (passwords) keep their spaces; everything else is trimmed.
         if isinstance(value, str) and not schema.is_secret(self.model, key):
             value = value.strip()
