@@ -514,6 +514,13 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
         message = self.error(GATEWAY + "  users: [{username: a, password: [987654321], group: 1}]\n")
         self.assertNotIn("987654321", message)
 
+    def test_plugin_options_get_plain_numbers(self):
+        """A frontend's options reach its plugin as plain YAML data (int, not a subclass)."""
+        config = self.load(GATEWAY + "proxy:\n  frontends:\n    - {type: http, listen_addr: "
+                           "'127.0.0.1:8080', options: {upstream_keepalive: 4}}\n")
+        [frontend] = config.proxy.frontends
+        self.assertIs(type(frontend.options["upstream_keepalive"]), int)
+
     def test_unquoted_numbers_are_their_text(self):
         """
         As the Go AnyProxy reads them, an unquoted number in a text key is

@@ -34,7 +34,7 @@ from anyproxy.config.model import (
     UserConfig)
 from anyproxy.config import go_format
 from anyproxy.config.schema import default
-from anyproxy.config.yaml_reader import Node, Reader, read_yaml, type_name
+from anyproxy.config.yaml_reader import Node, Reader, plain, read_yaml, type_name
 from anyproxy.frontends.lookup import (
     UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
 from anyproxy.interfaces import OptionError
@@ -144,7 +144,7 @@ def _builtin_listener(node, kind):
 def _options(entry, plugin):
     """An entry's C{options} mapping, checked by its frontend plugin."""
     options = entry.get("options", (dict,), "a mapping")
-    options = types.MappingProxyType(dict(options))
+    options = types.MappingProxyType(plain(dict(options)))
     try:
         check_frontend_options(plugin, options)
     except OptionError as e:

@@ -70,6 +70,23 @@ def _keeping_text(kind, construct):
     return construct_keeping_text
 
 
+def plain(value):
+    """
+    C{value} (YAML data) with its numbers as plain C{int} and C{float},
+    nested too: for what leaves the loader as it is (a frontend plugin's
+    C{options}), whose checks may ask C{type(value) is int}.
+    """
+    if isinstance(value, dict):
+        return {key: plain(each) for key, each in value.items()}
+    if isinstance(value, list):
+        return [plain(each) for each in value]
+    if isinstance(value, _Int):
+        return int(value)
+    if isinstance(value, _Float):
+        return float(value)
+    return value
+
+
 _StrictLoader.add_constructor("tag:yaml.org,2002:int",
                               _keeping_text(_Int, yaml.SafeLoader.construct_yaml_int))
 _StrictLoader.add_constructor("tag:yaml.org,2002:float",
