@@ -29,6 +29,7 @@ from tests.redis_server import RedisServer
 from tests.support import AnswerAfterEOF, Echo, TestPKI, blob, listen_tcp, run_curl
 from tests import test_e2e_errors
 from tests.test_e2e_multigateway import read_until_closed
+from tests.test_e2e_reload import roundtrip
 from tests.test_e2e_tcp import recv_all, socks_connect, socks_echo, socks_error
 from tests.test_e2e_udp import UdpEcho, exchange, listen_udp, udp_socket
 
@@ -192,7 +193,7 @@ class ReplacedLinkTests(unittest.TestCase):
         yield fleet.listed(a, "default", b)
         first = yield deferToThread(socks_connect, a.socks_port, "127.0.0.1", echo)
         self.addCleanup(first.close)
-        self.assertEqual((yield deferToThread(echo_round, first, b"one")), b"one")
+        self.assertEqual((yield deferToThread(roundtrip, first, b"one")), b"one")
         (old,) = a.node.links.links()
         # B says GOAWAY on the links peers dialed, as its drain does; A still lists it.
         for link in list(b.node.server.factory.links):
@@ -202,7 +203,7 @@ class ReplacedLinkTests(unittest.TestCase):
         self.assertEqual((yield deferToThread(socks_echo, a.socks_port, "127.0.0.1", echo,
                                               b"two")), b"two")
         self.assertEqual(len([link for link in a.node.links.links() if link is not old]), 1)
-        self.assertEqual((yield deferToThread(echo_round, first, b"still open")), b"still open")
+        self.assertEqual((yield deferToThread(roundtrip, first, b"still open")), b"still open")
         first.close()
         yield wait_until(lambda: old.lost, what="the old link to close once drained")
 
@@ -647,15 +648,3 @@ class RelayedAnswerTests(unittest.SynchronousTestCase):
         self.assertEqual(self.failureResultOf(opening, StreamOpenError).value.reason,
                          Reason.CONNECTION_REFUSED)
         self.assertEqual(self.opened, [])
-
-
-def echo_round(sock, data):
-    """Send C{data} and read as many bytes back (an echo)."""
-    sock.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        got += chunk
-    return got

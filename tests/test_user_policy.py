@@ -23,6 +23,7 @@ from anyproxy.config.load import load_config
 from anyproxy.errors import ConfigError, Reason
 from tests.support import Deployment, Echo, blob, listen_tcp, run_curl, web_site
 from tests.test_config import GATEWAY, ConfigTestMixin
+from tests.test_e2e_reload import roundtrip
 
 # Each user gets its own rules; the names and passwords are the tests'.
 BOB = {"username": "bob", "password": "bob-pw"}  # no rules: the control
@@ -100,17 +101,6 @@ def udp_error(proxy_port, user):
     finally:
         sock.close()
     return None
-
-
-def roundtrip(sock, data):
-    sock.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        got += chunk
-    return got
 
 
 def closed_by_proxy(sock, timeout=10):
