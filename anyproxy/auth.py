@@ -432,7 +432,7 @@ class UserDatabase:
         return self.logins.attempt(
             source, _to_bytes(username),
             lambda: self.authenticate(username, password),
-            lambda: self.authenticate_later(username, password))
+            lambda: self.authenticate_later(username, password), guess=_to_bytes(password))
 
     def __repr__(self):
         # Never show passwords, even in a debugger or a traceback.
@@ -486,7 +486,7 @@ class Logins:
 
         return apply
 
-    def attempt(self, source, name, check_now, check):
+    def attempt(self, source, name, check_now, check, guess=b""):
         """
         Run one login from C{source} (the peer's IP address) for C{name}:
 
@@ -502,18 +502,18 @@ class Logins:
             now; else a Deferred firing with the answer.
         """
         throttle = self.throttle
-        if throttle.check(source).blocked:
+        if throttle.check(source, guess).blocked:
             return BLOCKED
         answer = check_now()
         if answer is PENDING:
-            throttle.checking(source)
+            throttle.checking(source, guess)
             checking = check()
-            checking.addBoth(self._checked, source)
+            checking.addBoth(self._checked, source, guess)
             return checking.addCallback(self._settle, source, name)
         return self._settle(answer, source, name)
 
-    def _checked(self, result, source):
-        self.throttle.checked(source)
+    def _checked(self, result, source, guess):
+        self.throttle.checked(source, guess)
         return result
 
     def _settle(self, answer, source, name):

@@ -23,6 +23,9 @@ Memory is bounded: at most C{max_tracked} sources and as many names are
 tracked, the least recently failed forgotten first.
 """
 
+import hashlib
+import hmac
+import os
 import time
 from collections import OrderedDict, deque
 
@@ -94,7 +97,9 @@ class LoginThrottle:
         self.max_tracked = max_tracked
         self._sources = OrderedDict()
         self._names = OrderedDict()
-        self._checking = {}  # source -> its logins whose password is being checked now
+        self._checking = {}  # source -> {guess: logins of it being checked now}
+        # Guesses are kept as keyed digests, never as the passwords.
+        self._guess_key = os.urandom(16)
         self.blocks = 0
         self.refused_blocked = 0
         self.delayed = 0
@@ -103,8 +108,11 @@ class LoginThrottle:
     def enabled(self):
         return self.failures > 0
 
-    def check(self, source):
-        """The L{Verdict} for an attempt from C{source}, before its password is checked."""
+    def check(self, source, guess=None):
+        """
+        The L{Verdict} for an attempt from C{source} with password C{guess}
+        (bytes, or C{None} if not known), before its password is checked.
+        """
         if not self.enabled:
             return ALLOWED
         entry = self._sources.get(source)
@@ -114,32 +122,45 @@ class LoginThrottle:
             if remaining > 0:
                 self.refused_blocked += 1
                 return Verdict(blocked=True, retry_after=remaining)
-        checking = self._checking.get(source, 0)
-        if checking:
-            # Logins still being checked count as failures would: guesses
-            # sent all at once must not all be checked before the first
-            # failure is counted.
+        guesses = self._checking.get(source)
+        if guesses and (guess is None or self._digest(guess) not in guesses):
+            # The different passwords still being checked count as failures
+            # would: guesses sent all at once must not all be checked before
+            # the first failure is counted.  The same password again (a
+            # browser's parallel connections) is not another guess.
             failed = entry.count(now, self.window) if entry is not None else 0
-            if failed + checking >= self.failures:
+            if failed + len(guesses) >= self.failures:
                 self.refused_blocked += 1
                 return Verdict(blocked=True, retry_after=self.max_delay)
         return ALLOWED
 
-    def checking(self, source):
+    def checking(self, source, guess):
         """
-        A login from C{source} passed L{check} and its password is being
-        checked (a slow hash); call L{checked} once it is answered.
+        A login from C{source} passed L{check} and its password C{guess}
+        (bytes) is being checked (a slow hash); call L{checked} with the
+        same once it is answered.
         """
         if self.enabled:
-            self._checking[source] = self._checking.get(source, 0) + 1
+            guesses = self._checking.setdefault(source, {})
+            digest = self._digest(guess)
+            guesses[digest] = guesses.get(digest, 0) + 1
 
-    def checked(self, source):
+    def checked(self, source, guess):
         """The login of L{checking} is answered (before L{failed} or L{succeeded})."""
-        count = self._checking.get(source, 0) - 1
+        guesses = self._checking.get(source)
+        if guesses is None:
+            return
+        digest = self._digest(guess)
+        count = guesses.get(digest, 0) - 1
         if count > 0:
-            self._checking[source] = count
+            guesses[digest] = count
         else:
-            self._checking.pop(source, None)
+            guesses.pop(digest, None)
+            if not guesses:
+                del self._checking[source]
+
+    def _digest(self, guess):
+        return hmac.new(self._guess_key, guess, hashlib.sha256).digest()
 
     def blocked_for(self, source):
         """Seconds until C{source}'s block ends (0 when not blocked); counts nothing."""

@@ -131,7 +131,9 @@ class SingleUserChecker:
             return checker.check(configured, password, secrets).addCallback(
                 lambda ok: ok and user_ok)
 
-        answer = self.logins.attempt(getattr(credentials, "source", ""), username, now, later)
+        answer = self.logins.attempt(getattr(credentials, "source", ""), username, now, later,
+                                     guess=password if isinstance(password, bytes)
+                                     else str(password).encode("utf-8"))
         return defer.maybeDeferred(lambda: answer).addCallback(self._answered, configured)
 
     def _answered(self, answer, username):

@@ -508,13 +508,15 @@ class LoginsTests(SynchronousTestCase):
         one among the rest is refused unchecked.
         """
         checks = []
+        guesses = iter(range(1000))
 
         def attempt(right=False):
             def check():
                 d = defer.Deferred()
                 checks.append((d, right))
                 return d
-            return self.logins.attempt("10.0.0.9", b"alice", lambda: PENDING, check)
+            return self.logins.attempt("10.0.0.9", b"alice", lambda: PENDING, check,
+                                       guess=b"guess %d" % (next(guesses),))
 
         answers = [attempt() for _ in range(30)] + [attempt(right=True)] + [attempt() for _ in range(29)]
         self.assertEqual(len(checks), 3)
@@ -527,6 +529,24 @@ class LoginsTests(SynchronousTestCase):
         self.assertIs(self.users.login("10.0.0.9", "alice", PASSWORD), BLOCKED)
         # Another source is not affected.
         self.assertEqual(self.users.login("10.0.0.1", "alice", PASSWORD), User("alice", "red"))
+
+    def test_same_password_at_once_is_one_guess(self):
+        """A browser's parallel connections with one password are one guess, all checked."""
+        checks = []
+
+        def check():
+            d = defer.Deferred()
+            checks.append(d)
+            return d
+
+        answers = [self.logins.attempt("10.0.0.9", b"alice", lambda: PENDING, check,
+                                       guess=PASSWORD.encode()) for _ in range(10)]
+        self.assertEqual(len(checks), 10)
+        for d in checks:
+            d.callback(User("alice", "red"))
+        self.assertEqual([self.successResultOf(answer) for answer in answers],
+                         [User("alice", "red")] * 10)
+        self.assertEqual(self.logins.throttle._checking, {})
 
     def test_stop_answers_delayed_failures(self):
         """Stopping answers a failed login still being delayed at once (as a failure),

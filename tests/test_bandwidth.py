@@ -236,6 +236,17 @@ class StreamShapingTests(SynchronousTestCase):
         self.assertEqual(opener_protocol.events[-1], ("lost", error.ConnectionDone))
         self.assertEqual((pair.gateway_errors, pair.client_errors), ([], []))
 
+    def test_reset_while_the_cap_delivers(self):
+        """Closed both ways, the cap still delivering: a reset (a kick) ends it at once."""
+        pair, opener, opener_protocol, acceptor, _, _ = self.capped_pair(rate=10000)
+        opener.loseWriteConnection()
+        acceptor.write(pattern(50000))
+        acceptor.loseWriteConnection()
+        pair.pump()
+        opener.reset()
+        self.assertEqual(opener_protocol.lost_reason, error.ConnectionLost)
+        self.assertEqual(pair.clock.getDelayedCalls(), [])
+
     def test_tunnel_lost_while_the_cap_delivers(self):
         """Closed both ways, the cap still delivering: a lost tunnel ends it with ConnectionLost."""
         pair, opener, opener_protocol, acceptor, _, _ = self.capped_pair(rate=10000)

@@ -178,3 +178,12 @@ class RefusedHelloTests(SynchronousTestCase):
         protocol.hello_received({"password": "wrong"})
         protocol.hello_received({"password": "right"})
         self.assertEqual((protocol.factory.calls, protocol.tunnel, closes), (1, None, [4003]))
+
+    def test_blocked_while_checked(self):
+        """A login whose source was blocked while its password was checked: 429, not a crash."""
+        from autobahn.websocket.types import ConnectionDeny
+        from anyproxy.auth import BLOCKED
+        from anyproxy.tunnel.websocket import GatewayTunnelProtocol
+        protocol = GatewayTunnelProtocol()
+        error = self.assertRaises(ConnectionDeny, protocol._granted, BLOCKED, None)
+        self.assertEqual(error.code, 429)

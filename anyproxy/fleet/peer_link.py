@@ -509,6 +509,7 @@ class PeerLinks:
         for dialing, _ in list(self._dialing.values()):
             dialing.cancel()
         for link in list(self._links.values()):
-            self._retire(link)
+            self._closing.add(link)
+            link.close()
         self._links.clear()
 

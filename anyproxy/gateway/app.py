@@ -281,9 +281,11 @@ class UserEndpoints:
         if self.stream_table is not None:
             # A cap new to a user holds the streams it has open too.
             for entry in list(self.stream_table.streams.values()):
-                user = getattr(entry.endpoint, "user", "")
-                if user and entry.endpoint.kind == "tcp" and self.bandwidth.rate(user):
-                    self.bandwidth.shape(user, entry.stream)
+                endpoint = entry.endpoint
+                if getattr(endpoint, "policy", None) is None or endpoint.kind != "tcp":
+                    continue  # not a gateway.users entry's: never capped
+                if self.bandwidth.rate(endpoint.user):
+                    self.bandwidth.shape(endpoint.user, entry.stream)
 
     def revoke(self):
         """

@@ -307,6 +307,10 @@ class Stream:
     def reset(self, reason=Reason.GENERAL_FAILURE):
         """Send RESET with C{reason} and close the stream at once."""
         if self.state in FINISHED:
+            if self.state is CLOSED and self._end_reason is None:
+                # Closed both ways, a bandwidth cap still delivering: the
+                # peer is done, so nothing to send; the rest is dropped.
+                self._finished(error.ConnectionLost("stream reset"))
             return
         self._move(SEND_RESET)
         self._mux.send_reset(self.stream_id, reason)

@@ -19,6 +19,7 @@ from twisted.internet import defer, error
 from twisted.python import failure
 from twisted.logger import Logger
 
+from anyproxy.auth import BLOCKED
 from anyproxy.errors import HelloRefused
 from anyproxy.logs import library_logger
 from anyproxy.reactor_dispatch import turn_end_clock
@@ -600,6 +601,9 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
         if self.connection_gone:
             # Gone while its password was checked: count nothing for it.
             raise ConnectionDeny(HTTP_UNAUTHORIZED, "connection lost")
+        if grant is BLOCKED:
+            # Its source was blocked while its password was checked.
+            raise ConnectionDeny(HTTP_TOO_MANY_REQUESTS, "too many failed logins; try again later")
         if grant is None:
             log.warn("tunnel from {peer}: client authentication failed", peer=request.peer)
             raise ConnectionDeny(HTTP_UNAUTHORIZED, "client authentication failed")

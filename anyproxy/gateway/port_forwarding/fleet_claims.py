@@ -77,10 +77,11 @@ def owner_from_token(token):
         owner = json.loads(token)
     except (TypeError, ValueError):
         return None
-    if (not isinstance(owner, list) or len(owner) != 3
+    if (not isinstance(owner, list) or len(owner) not in (2, 3)
             or not all(isinstance(name, str) for name in owner)):
         return None
-    return tuple(owner)
+    # A node of an older version names (group, client_id) only.
+    return tuple(owner) if len(owner) == 3 else (owner[0], owner[1], "")
 
 
 class FleetPortClaims:
