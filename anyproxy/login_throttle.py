@@ -14,6 +14,9 @@ it).  Then:
   - A source with C{failures} failures in the window is blocked for
     C{block} seconds: its logins are refused without checking the
     password (so a storm costs no hashing), and one log line says so.
+  - The different passwords from one source still being checked (a slow
+    hash) count as failures would (L{LoginThrottle.checking}), so guesses
+    sent all at once cannot all be checked first.
   - A user name is never blocked, only its failures delayed: blocking
     names would let anyone lock a user out.  A shared source address (a
     NAT) that fails too often is blocked for everyone behind it; raise
