@@ -432,7 +432,7 @@ class UserDatabase:
         return self.logins.attempt(
             source, _to_bytes(username),
             lambda: self.authenticate(username, password),
-            lambda: self.authenticate_later(username, password), guess=_to_bytes(password))
+            lambda: self.authenticate_later(username, password), guess=password)
 
     def __repr__(self):
         # Never show passwords, even in a debugger or a traceback.
@@ -498,10 +498,13 @@ class Logins:
             failures and goes back at once; a wrong one (C{None} or
             C{False}) is counted and delayed by what the throttle says.
 
+        @param guess: the password tried (text or bytes), so that the same
+            password on parallel connections counts as one guess in flight.
         @return: the answer, or L{BLOCKED}, when it is known at once and due
             now; else a Deferred firing with the answer.
         """
         throttle = self.throttle
+        guess = _to_bytes(guess)
         if throttle.check(source, guess).blocked:
             return BLOCKED
         answer = check_now()

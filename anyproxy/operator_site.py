@@ -132,8 +132,7 @@ class SingleUserChecker:
                 lambda ok: ok and user_ok)
 
         answer = self.logins.attempt(getattr(credentials, "source", ""), username, now, later,
-                                     guess=password if isinstance(password, bytes)
-                                     else str(password).encode("utf-8"))
+                                     guess=password)
         return defer.maybeDeferred(lambda: answer).addCallback(self._answered, configured)
 
     def _answered(self, answer, username):

@@ -266,6 +266,12 @@ class DialerTestMixin:
         protocol.makeConnection(transport)
         return transport
 
+    def stopping_fails_at_once(self, index=0):
+        """Make attempt C{index}'s connector fail it at once when stopped, as Twisted's does."""
+        factory, connector = self.reactor.tcpClients[index][2], self.reactor.connectors[index]
+        connector.stopConnecting = lambda: factory.clientConnectionFailed(
+            connector, fail(error.UserError()))
+
     def fail_connect(self, exception, index=0):
         """Fail connection attempt C{index} with C{exception}."""
         factory = self.reactor.tcpClients[index][2]
@@ -588,10 +594,7 @@ class DialTests(DialerTestMixin, SynchronousTestCase):
         dialer = self.dialer({"multi.test": ["192.0.2.1", "192.0.2.2"]})
         stream = FakeStream("multi.test", 80)
         dialer.handle_open(stream)
-        factory, connector = self.reactor.tcpClients[0][2], self.reactor.connectors[0]
-        # As Twisted's connector does: stopping an attempt fails it at once.
-        connector.stopConnecting = lambda: factory.clientConnectionFailed(
-            connector, fail(error.UserError()))
+        self.stopping_fails_at_once()
         stream.opener_gives_up()
         self.assertEqual(self.dialed(), [("192.0.2.1", 80)])
         self.assertEqual(dialer.active, 0)
@@ -601,9 +604,7 @@ class DialTests(DialerTestMixin, SynchronousTestCase):
         dialer = self.dialer({"multi.test": ["192.0.2.1", "192.0.2.2"]}, connect_timeout=5.0)
         stream = FakeStream("multi.test", 80)
         dialer.handle_open(stream)
-        factory, connector = self.reactor.tcpClients[0][2], self.reactor.connectors[0]
-        connector.stopConnecting = lambda: factory.clientConnectionFailed(
-            connector, fail(error.UserError()))
+        self.stopping_fails_at_once()
         self.reactor.advance(5.0)
         self.assertEqual(self.dialed(), [("192.0.2.1", 80)])
         self.assertEqual(stream.rejected, [Reason.TIMED_OUT])

@@ -186,7 +186,7 @@ class TunnelServerFactory(HandshakeCappedFactory, WebSocketServerFactory):
             credentials[0],
             lambda: credentials_now.grant_for(subjects, credentials),
             lambda: credentials_now.check_grant(subjects, credentials),
-            guess=_password_bytes(credentials[1]))
+            guess=credentials[1])
         if answer is BLOCKED:
             raise ConnectionDeny(HTTP_TOO_MANY_REQUESTS, "too many failed logins; try again later")
         return answer
@@ -376,8 +376,3 @@ def _tls_options(gateway):
     """The tunnel listener's TLS options; reads the files now (L{ConfigError} if unusable)."""
     return server_tls_options(gateway.tls_cert, gateway.tls_key,
                               client_ca_path=gateway.client_ca or None)
-
-
-def _password_bytes(password):
-    """A login's password as bytes, for the throttle's count of guesses in flight."""
-    return password if isinstance(password, bytes) else str(password).encode("utf-8")

@@ -208,6 +208,12 @@ class Stream:
             raise MuxProtocolError(str(e)) from e
 
     @property
+    def _closed_but_delivering(self):
+        # Closed both ways, but not finished: a bandwidth cap still delivers
+        # what it held before the peer's FIN (_deliver_fin waits for it).
+        return self.state is CLOSED and self._end_reason is None
+
+    @property
     def opened(self):
         """
         For a stream this side opens: the open's Deferred, for whoever opened
@@ -307,9 +313,8 @@ class Stream:
     def reset(self, reason=Reason.GENERAL_FAILURE):
         """Send RESET with C{reason} and close the stream at once."""
         if self.state in FINISHED:
-            if self.state is CLOSED and self._end_reason is None:
-                # Closed both ways, a bandwidth cap still delivering: the
-                # peer is done, so nothing to send; the rest is dropped.
+            if self._closed_but_delivering:
+                # The peer is done, so nothing to send; the rest is dropped.
                 self._finished(error.ConnectionLost("stream reset"))
             return
         self._move(SEND_RESET)
@@ -581,8 +586,7 @@ class Stream:
             self.loseConnection()
 
     def reset_received(self, reason):
-        if self.state is CLOSED and self._end_reason is None:
-            # Closed both ways while a bandwidth cap still delivers: the rest is lost.
+        if self._closed_but_delivering:  # the rest is lost
             self._finished(error.ConnectionLost("stream reset by peer (%s)" % (reason,)))
             return
         opening = self.state is OPENING
@@ -594,8 +598,7 @@ class Stream:
             self._opening.errback(StreamOpenError(reason, "reset by peer"))
 
     def tunnel_lost(self):
-        if self.state is CLOSED and self._end_reason is None:
-            # Closed both ways while a bandwidth cap still delivers: the rest is lost.
+        if self._closed_but_delivering:  # the rest is lost
             self._finished(error.ConnectionLost("tunnel lost"))
             return
         if self.state in FINISHED:
