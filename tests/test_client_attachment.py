@@ -406,6 +406,43 @@ class FleetAttachmentTests(TestCase):
         self.assertEqual(sorted(self.client.attached), ["gw-a", "gw-b"])
 
     @defer.inlineCallbacks
+    def test_draining_node_replaced_at_once(self):
+        """
+        K 1: the chosen gw-c sends GOAWAY (a drain) and then leaves the
+        fleet, while the client has no tunnel to another node to hear of
+        it: the client attaches to gw-b, the next by rank, on the GOAWAY,
+        and lets gw-c's tunnel go without waiting for gw-c to close it.
+        """
+        yield self.start("gw-a", gateways_per_client=1)
+        yield self.fleet.wait_for({"gw-a": 0, "gw-b": 0, "gw-c": 1})
+        for tunnel in self.fleet.deployments["gw-c"].gateway.tunnel_pool.tunnels():
+            tunnel.mux.go_away()
+        yield self.fleet.registries["gw-c"].stop()
+        yield self.fleet.wait_for({"gw-a": 0, "gw-b": 1, "gw-c": 0})
+        self.assertEqual(sorted(self.client.attached), ["gw-b"])
+        self.assertEqual((yield self.echo("gw-b")), b"gw-b")
+
+    @defer.inlineCallbacks
+    def test_every_node_draining_falls_back(self):
+        """
+        Every chosen and listed node draining: the client dials its
+        configured address (the balancer) again instead of keeping none.
+        """
+        yield self.start("gw-a", gateways_per_client=3)
+        yield self.fleet.wait_for({"gw-a": 1, "gw-b": 1, "gw-c": 1})
+        for deployment in self.fleet.deployments.values():
+            for tunnel in deployment.gateway.tunnel_pool.tunnels():
+                tunnel.mux.go_away()
+        # The bootstrap through the balancer lands on gw-a again, a new tunnel.
+        for _ in range(250):
+            fresh = [tunnel for tunnel in self.fleet.deployments["gw-a"].gateway.tunnel_pool
+                     .tunnels() if not tunnel.mux.draining]
+            if fresh:
+                break
+            yield sleep(0.02)
+        self.assertEqual(len(fresh), 1)
+
+    @defer.inlineCallbacks
     def test_reload_gateways_per_client(self):
         """A reload with gateways_per_client 3 attaches to gw-a too, and 1 lets two go."""
         yield self.start("gw-a")
@@ -419,6 +456,37 @@ class FleetAttachmentTests(TestCase):
                 "gateways_per_client": count})
             yield self.client.reconfigure(load_config(first.write_config(settings)))
             yield self.fleet.wait_for(wanted)
+
+
+class GoAwayTests(TestCase):
+    """Without a fleet: a tunnel whose gateway sends GOAWAY is replaced at once."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_fresh_tunnel_while_the_old_one_drains(self):
+        """
+        The gateway sends GOAWAY on the client's tunnel and leaves it open
+        (its streams still finishing): the client dials a fresh tunnel at
+        once, and closes the old one once it carries no stream.
+        """
+        deployment = Deployment(self)
+        yield deployment.start_gateway()
+        yield deployment.start_client()
+        pool = deployment.gateway.tunnel_pool
+        (old,) = pool.tunnels()
+        old.mux.go_away()
+        for _ in range(250):
+            fresh = [tunnel for tunnel in pool.tunnels() if tunnel is not old]
+            if fresh and old not in pool.tunnels():
+                break
+            yield sleep(0.02)
+        self.assertEqual(len(fresh), 1)
+        self.assertFalse(fresh[0].mux.draining)
+        self.assertNotIn(old, pool.tunnels())
+        echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        self.assertEqual((yield deferToThread(socks_echo, deployment.socks_port, "127.0.0.1",
+                                              echo_port, b"fresh")), b"fresh")
 
 
 class TunnelNameTests(TestCase):

@@ -78,7 +78,8 @@ class ClientTunnelFactory(WebSocketClientFactory):
     established = lost = 0
     retired_bytes_sent = retired_bytes_received = 0
     # Told (factory, protocol) when a tunnel comes up, brings a new fleet
-    # list, or is lost (ClientRoot's fleet attachment).
+    # list, is lost, or (protocol None) hears the gateway's GOAWAY
+    # (ClientRoot's fleet attachment).
     attachment_observer = None
 
     def __init__(self, url, dialer, client_id, group, username, password,
@@ -168,6 +169,12 @@ class ClientTunnelFactory(WebSocketClientFactory):
         kept = [answer for answer in (self.port_answers or ()) if answer.key not in changed]
         self.port_answers = tuple(kept) + update
         _log_open_ports(self.gateway, self.open_ports, update)
+
+    def on_tunnel_going_away(self):
+        # A tunnel's gateway sent GOAWAY (it is draining): attach elsewhere
+        # now rather than once it closes the tunnel.
+        if self.attachment_observer is not None:
+            self.attachment_observer(self, None)
 
     def tunnel_lost(self, protocol, reason):
         if protocol in self.connected:
@@ -341,9 +348,13 @@ class ClientRoot(MultiService):
     chosen nodes are reachable (it is again when none is).  A node that
     leaves the list is let go (GOAWAY, then closed when its streams end);
     a node whose tunnels fail L{GIVE_UP_ATTEMPTS} times in a row is ranked
-    out until one connects again, and the next by rank is attached.  When
-    the gateways send no fleet list, every configured address has its
-    tunnels as before.  Each decision is one log line.
+    out until one connects again, and the next by rank is attached.  A
+    node whose gateway sends GOAWAY (it is draining) is ranked out at once,
+    until a list heard since names it again, so the client attaches to the
+    next by rank before the node goes.  When the gateways send no fleet
+    list, every configured address has its tunnels as before.  With or
+    without a fleet, a tunnel whose gateway sent GOAWAY is let go and a
+    fresh one started in its place at once.  Each decision is one log line.
 
     L{reconfigure} applies a reloaded config (L{anyproxy.twistd.reload}).  The
     dialer's access control, limits and timeouts apply to the next stream.
@@ -379,6 +390,7 @@ class ClientRoot(MultiService):
         self._configured = set(configured_gateways(config.client))
         self._known = None  # node id -> FleetNode; None: no fleet list (yet)
         self._failing = set()  # (host, port) whose tunnels are lost for good
+        self._leaving = {}  # node id -> when its gateway sent GOAWAY (a fleet_order); see _reconcile
         self._adopted = set()  # bootstrap tunnels kept for the chosen node they landed on
         self._fallback = False  # dialing the configured addresses: no node reachable
         self._reconcile_call = None
@@ -567,13 +579,29 @@ class ClientRoot(MultiService):
         Bring the tunnels in line with the fleet list (see the class
         docstring).  A list of Deferreds to wait for (tunnels closed at once).
         """
-        lists = [tunnel for factory in self.factories.values() for tunnel in factory.connected
-                 if getattr(tunnel, "fleet", None) is not None and not tunnel.mux.draining]
+        self._retire_going_away()
+        with_lists = [tunnel for factory in self.factories.values()
+                      for tunnel in factory.connected if getattr(tunnel, "fleet", None) is not None]
+        # A gateway that sent GOAWAY is leaving: its list counts only when no
+        # other is left, and its node is ranked out (_with_fleet) until a
+        # list heard after the GOAWAY names it again: it came back (its
+        # tunnel closing is not news).
+        lists = [tunnel for tunnel in with_lists if not tunnel.mux.draining] or with_lists
+        for tunnel in with_lists:
+            if tunnel.mux.go_away_received is not None and tunnel.gateway_node not in self._leaving:
+                self._leaving[tunnel.gateway_node] = next(_fleet_hellos)
+        for tunnel in lists:
+            if not tunnel.mux.draining:
+                for entry in tunnel.fleet:
+                    if self._leaving.get(entry.node, tunnel.fleet_order) < tunnel.fleet_order:
+                        del self._leaving[entry.node]
         if lists:
             known = {}
             for tunnel in sorted(lists, key=lambda tunnel: tunnel.fleet_order):
                 known.update((entry.node, entry) for entry in tunnel.fleet)
             self._known = known
+            for node in set(self._leaving) - set(known):
+                del self._leaving[node]
         elif any(factory.connected for factory in self.factories.values()):
             if self._known is not None:
                 log.info("fleet: the gateways send no fleet list now; keeping tunnels to each "
@@ -584,6 +612,22 @@ class ClientRoot(MultiService):
             # gateways_per_client 0: stay on the configured addresses.
             return self._without_fleet()
         return self._with_fleet()
+
+    def _retire_going_away(self):
+        """
+        Let go of each tunnel whose gateway sent GOAWAY (it is draining), so
+        that the replica counts below start a fresh one at once: through a
+        balancer, or to another node, it lands on a gateway that stays.
+        """
+        for key, services in self._tunnels.items():
+            factory = self.factories[key]
+            for service in list(services):
+                tunnel = service.ready_endpoint.tunnel
+                mux = getattr(tunnel, "mux", None)
+                if mux is not None and mux.go_away_received is not None \
+                        and tunnel in factory.connected:
+                    services.remove(service)
+                    self._let_go(service)
 
     def _without_fleet(self):
         stopped = []
@@ -612,17 +656,21 @@ class ClientRoot(MultiService):
                 log.info("fleet: detaching from gateway {node} at {addr}: it now advertises "
                          "{new}", node=node, addr=entry.addr, new=known[node].addr)
                 del attached[node]
-        decision = attachment.plan(known, client.client_id, client.gateways_per_client,
+        # A leaving node is planned as if unlisted: detached, not retried.
+        listed = set(known) - set(self._leaving)
+        decision = attachment.plan(listed, client.client_id, client.gateways_per_client,
                                    attached, unreachable)
         for node in decision.detach:
-            why = "it left the fleet list" if node not in known else "outranked by reachable nodes"
+            why = ("it is draining (GOAWAY)" if node in self._leaving
+                   else "it left the fleet list" if node not in known
+                   else "outranked by reachable nodes")
             log.info("fleet: detaching from gateway {node} at {addr}: {why}", node=node,
                      addr=attached[node].addr, why=why)
         for node in decision.attach:
             log.info("fleet: attaching to gateway {node} at {addr} (rank {rank} of {count} "
                      "reachable for client {client_id}; {k} wanted)", node=node,
                      addr=known[node].addr, rank=decision.chosen.index(node) + 1,
-                     count=len(known) - len(unreachable), client_id=client.client_id,
+                     count=len(listed - unreachable), client_id=client.client_id,
                      k=client.gateways_per_client)
         self.attached = {node: known[node] for node in decision.attached}
         chosen = set(decision.chosen)
