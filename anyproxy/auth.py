@@ -462,12 +462,20 @@ class Logins:
 
     @classmethod
     def from_config(cls, config, reactor):
-        """The L{Logins} of a gateway L{anyproxy.config.model.Config}; warns of plain passwords."""
-        settings = config.gateway.auth_throttle
-        logins = cls(reactor, throttle=LoginThrottle(
-            failures=settings.failures, window=settings.window, block=settings.block))
+        """
+        The L{Logins} of a gateway or client L{anyproxy.config.model.Config}
+        (its C{auth_throttle}); warns of plain passwords.
+        """
+        logins = cls(reactor, throttle=LoginThrottle(failures=0))
+        logins.set_limits(_section(config).auth_throttle)
         warn_plain_passwords(config)
         return logins
+
+    def set_limits(self, settings):
+        """Take the throttle's limits from a L{anyproxy.config.model.ThrottleConfig}; counts stay."""
+        throttle = self.throttle
+        throttle.failures, throttle.window, throttle.block = (
+            settings.failures, settings.window, settings.block)
 
     def prepare(self, config):
         """
@@ -475,12 +483,10 @@ class Logins:
         throttle's limits (its counts are kept) and warns again of plain
         passwords.
         """
-        settings = config.gateway.auth_throttle
+        settings = _section(config).auth_throttle
 
         def apply():
-            throttle = self.throttle
-            throttle.failures, throttle.window, throttle.block = (
-                settings.failures, settings.window, settings.block)
+            self.set_limits(settings)
             warn_plain_passwords(config)
             return defer.succeed([])
 
@@ -562,10 +568,17 @@ class Logins:
                 "delayed": throttle.delayed}
 
 
+def _section(config):
+    """The gateway section of a gateway's config, else the client section."""
+    return config.gateway if config.gateway is not None else config.require_client()
+
+
 def plain_password_keys(config):
     """
-    The key paths of the gateway config's passwords held as plain text
-    (not an argon2id or bcrypt hash), for the start-up warning: names only.
+    The key paths of the passwords a gateway or client config holds as
+    plain text (not an argon2id or bcrypt hash) where a hash would do, for
+    the start-up warning: names only.  (C{client.auth_password} is sent to
+    the gateway, so it cannot be a hash.)
     """
     found = []
 
@@ -573,6 +586,11 @@ def plain_password_keys(config):
         if any(scheme_of(secret) == "plain" for secret in secrets if secret):
             found.append(path)
 
+    if config.gateway is None:
+        client = config.require_client()
+        note("client.status_password", (client.status_password,))
+        note("client.metrics_password", (client.metrics_password,))
+        return found
     for frontend in config.proxy.all_frontends():
         note("%s.auth_password" % (frontend.path,), (frontend.listener.auth_password,))
     gateway = config.gateway

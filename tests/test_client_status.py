@@ -71,6 +71,28 @@ class ConfigTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, load_config, path)
         self.assertIn("client.status_username: required when status_addr is set", str(error))
 
+    def test_hash_checked(self):
+        """A status password that looks like a hash but is not one fails at load, unshown."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('client: {gateway_addr: "gw:8443", status_addr: "127.0.0.1:9091",\n'
+                    '         status_username: op, status_password: "$2b$12$cut-secretvalue"}\n')
+        error = self.assertRaises(ConfigError, load_config, path)
+        self.assertIn("client.status_password: not a valid bcrypt hash", str(error))
+        self.assertNotIn("secretvalue", str(error))
+
+    def test_auth_throttle(self):
+        """client.auth_throttle is read as the gateway's; absent, the same defaults."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('client: {gateway_addr: "gw:8443", auth_throttle: {failures: 3, block: 9}}\n')
+        throttle = load_config(path).client.auth_throttle
+        self.assertEqual((throttle.failures, throttle.window, throttle.block), (3, 60.0, 9.0))
+        with open(path, "w") as f:
+            f.write('client: {gateway_addr: "gw:8443"}\n')
+        throttle = load_config(path).client.auth_throttle
+        self.assertEqual((throttle.failures, throttle.window, throttle.block), (5, 60.0, 300.0))
+
 
 class ClientStatusTests(TestCase):
     """The page and its JSON, served by a running client."""
@@ -86,6 +108,8 @@ class ClientStatusTests(TestCase):
         self.client = yield self.deployment.start_client(client={
             "status_addr": "127.0.0.1:0", "status_username": STATUS_USER,
             "status_password": STATUS_PASSWORD, "ping_interval": 1,
+            "metrics_addr": "127.0.0.1:0", "metrics_username": STATUS_USER,
+            "metrics_password": STATUS_PASSWORD,
             "forbidden_hosts": ["192.168.1.", "*.blocked.test"],
             "open_ports": [{"remote_port": self.forwarded, "local_port": 22}]})
         port = self.client.status_listener.port.getHost().port
@@ -145,6 +169,33 @@ class ClientStatusTests(TestCase):
         out, err, code = yield run_curl("-i", "-u", "%s:%s" % (STATUS_USER, STATUS_PASSWORD),
                                         self.url)
         self.assertIn(CONTENT_SECURITY_POLICY.decode(), out.decode())
+
+    @defer.inlineCallbacks
+    def test_logins_throttled(self):
+        """
+        Wrong logins to the status page and the metrics from one address
+        count together: 401 until blocked, then 429 with Retry-After (the
+        right login too); another address is served.
+        """
+        metrics_url = "http://127.0.0.1:%d/metrics" % (
+            self.client.metrics_listener.port.getHost().port,)
+
+        def fetch(url, password, source):
+            return run_curl("--interface", source, "-o", "/dev/null", "-D", "-",
+                            "-w", "%{http_code}", "-u", "%s:%s" % (STATUS_USER, password), url)
+
+        codes = []
+        for number in range(6):
+            out, _, _ = yield fetch((self.url + "api/status", metrics_url)[number % 2],
+                                    "wrong-%d" % (number,), "127.0.0.2")
+            codes.append(out[-3:])
+        self.assertEqual(codes, [b"401"] * 5 + [b"429"])
+        for url in (self.url + "api/status", metrics_url):
+            out, _, _ = yield fetch(url, STATUS_PASSWORD, "127.0.0.2")
+            self.assertTrue(out.endswith(b"429"), out)
+            self.assertIn(b"retry-after", out.lower())
+            out, _, _ = yield fetch(url, STATUS_PASSWORD, "127.0.0.1")
+            self.assertTrue(out.endswith(b"200"), out)
 
     @defer.inlineCallbacks
     def test_browser(self):

@@ -741,7 +741,7 @@ CONTRACT = {
         "metrics_username", "metrics_password", "metrics_allow_anonymous",
         "reconnect_initial_delay", "reconnect_max_delay", "weight", "queue_size",
         "queue_timeout", "gateways_per_client", "egress_proxy", "status_addr",
-        "status_username", "status_password", "routes"},
+        "status_username", "status_password", "routes", "auth_throttle"},
     OpenPortConfig: {"remote_port", "local_host", "local_port", "protocol"},
     LimitRule: {"name", "addr", "protocol"},
     LogConfig: {"level", "format", "file", "max_size", "max_backups", "output", "max_age",

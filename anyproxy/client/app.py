@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from anyproxy import __version__
 from anyproxy.addresses import host_port
+from anyproxy.auth import Logins
 from anyproxy.client import attachment
 from anyproxy.client.dialer import Dialer
 from anyproxy.client.gateway_endpoints import (
@@ -375,6 +376,7 @@ class ClientRoot(MultiService):
     """
 
     metrics_listener = None  # the metrics Listener (anyproxy.metrics), if any
+    logins = None  # anyproxy.auth.Logins of the status and metrics logins (client.auth_throttle)
     status_listener = None  # the status page's Listener (anyproxy.client.status), if any
 
     def __init__(self, reactor, config, dialer, factories):
@@ -562,6 +564,8 @@ class ClientRoot(MultiService):
         if self._reconcile_call is not None:
             self._reconcile_call.cancel()
             self._reconcile_call = None
+        if self.logins is not None:
+            self.logins.stop()  # failed logins still being delayed are answered now
         return super().stopService()
 
     def _connected(self, key):
@@ -850,6 +854,10 @@ def make_client_service(config, reactor, resolver=None, gateway_resolver=None,
         log.info("gateway {gateway}: dialed {route}", gateway=gateway_label(key),
                  route=describe_route(client, key, environ))
         top.add_gateway(key[0], key[1], ClientRoot.tls_for(client, key))
+    # The password checks and login throttle of the status page and metrics;
+    # a reload sets its limits.
+    logins = top.logins = Logins.from_config(config, reactor)
+    top.reload_hooks.append(lambda config: logins.prepare(config)())
     # Prometheus metrics (anyproxy.metrics), read at scrape time; served at metrics_addr.
     top.metrics = ClientMetrics(factories, dialer)
     top.metrics_listener = None
@@ -858,6 +866,7 @@ def make_client_service(config, reactor, resolver=None, gateway_resolver=None,
         # metrics_allow_anonymous); a reload changes it for the next scrape.
         site = metrics_site(top.metrics.registry, reactor, client.metrics_username,
                             client.metrics_password)
+        site.use_logins(logins)
         top.metrics_listener = Listener(reactor, client.metrics_endpoint, site, "metrics")
         top.metrics_listener.setServiceParent(top)
 
@@ -867,5 +876,5 @@ def make_client_service(config, reactor, resolver=None, gateway_resolver=None,
 
         top.reload_hooks.append(new_metrics_login)
     # The client's status page (anyproxy.client.status), on status_addr.
-    add_status_page(top, reactor, client)
+    add_status_page(top, reactor, client, logins)
     return top, factories

@@ -85,7 +85,7 @@ def _passwords(entry, required):
 
 
 def _auth_throttle(node):
-    """C{gateway.auth_throttle}: failures (0 = off), window and block in seconds."""
+    """C{auth_throttle} (gateway or client): failures (0 = off), window and block in seconds."""
     throttle = node.child("auth_throttle", ThrottleConfig)
     return ThrottleConfig(failures=throttle.integer("failures"),
                           window=throttle.number("window", positive=True),
@@ -487,7 +487,7 @@ def _egress_proxy(node):
 def _client_status(node):
     """C{client.status_addr} and its login, required as the gateway's is."""
     addr, endpoint, _ = node.listen("status_addr")
-    username, password = node.credentials("status_username", "status_password")
+    username, password = _credentials(node, "status_username", "status_password")
     if endpoint is not None and not username:
         node.fail("status_username", "required when status_addr is set")
     return dict(status_addr=addr, status_endpoint=endpoint, status_username=username,
@@ -609,6 +609,7 @@ def _client(node):
     return ClientConfig(
         gateway_addrs=gateway_addrs, gateway_srv=gateway_srv,
         egress_proxy=_egress_proxy(node), **_client_status(node),
+        auth_throttle=_auth_throttle(node),
         gateway_tls_cert=node.file("gateway_tls_cert"),
         gateway_server_name=node.string("gateway_server_name"),
         client_id=node.string("client_id"),

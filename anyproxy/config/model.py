@@ -202,7 +202,8 @@ class ClientEntryConfig:
 class ThrottleConfig:
     """
     C{gateway.auth_throttle}: the brute-force defence of every login the
-    gateway checks (L{anyproxy.login_throttle.LoginThrottle}).
+    gateway checks (L{anyproxy.login_throttle.LoginThrottle});
+    C{client.auth_throttle}: that of the client's status and metrics logins.
 
     @ivar failures: failed logins from one source address within C{window}
         seconds that block it for C{block} seconds; 0 = off.
@@ -393,6 +394,8 @@ class ClientConfig:
     status_endpoint = derived(None)  # from status_addr
     status_username = setting("")
     status_password = setting("", secret=True)
+    # Failed logins to the status page and metrics: delays, then blocks.
+    auth_throttle = setting(factory=ThrottleConfig)
 
     def server_name_for(self, host):
         """The TLS server name to verify when dialing gateway C{host}."""

@@ -59,10 +59,11 @@ def status_site(root, refusals, reactor, username, password):
                         max_connections=MAX_CONNECTIONS, username=username, password=password)
 
 
-def add_status_page(root, reactor, client):
+def add_status_page(root, reactor, client, logins):
     """
     Keep the refusal ring on C{root.dialer} and, when C{client.status_addr}
-    is set, serve the page there (C{root.status_listener}); a reload
+    is set, serve the page there (C{root.status_listener}), its logins
+    checked and throttled by C{logins} (L{anyproxy.auth.Logins}); a reload
     changes its login for the next request.
     """
     refusals = root.refusals = RefusalLog(reactor)
@@ -70,6 +71,7 @@ def add_status_page(root, reactor, client):
     if client.status_endpoint is None:
         return
     site = status_site(root, refusals, reactor, client.status_username, client.status_password)
+    site.use_logins(logins)
     root.status_listener = Listener(reactor, client.status_endpoint, site, "status page")
     root.status_listener.setServiceParent(root)
 
