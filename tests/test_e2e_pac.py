@@ -140,11 +140,16 @@ class TokenTests(unittest.SynchronousTestCase):
         import hashlib
         from types import SimpleNamespace
         from anyproxy.gateway.status.profiles import ProxyProfiles
-        config = SimpleNamespace(gateway=SimpleNamespace(status_password="status-pw"))
+        config = SimpleNamespace(gateway=SimpleNamespace(status_username="operator",
+                                                         status_password="status-pw"))
         profiles = ProxyProfiles(None, lambda: config)
-        expected = hashlib.scrypt(b"status-pw", salt=b"anyproxy profile token v2", n=2 ** 14,
-                                  r=8, p=1, maxmem=64 * 1024 * 1024, dklen=16).hex()
+        expected = hashlib.scrypt(b"status-pw", salt=b"anyproxy profile token v3\0\0\0\0\x08operator",
+                                  n=2 ** 14, r=8, p=1, maxmem=64 * 1024 * 1024, dklen=16).hex()
         self.assertEqual(profiles.token(), expected)
         self.assertIs(profiles.token(), profiles.token())  # derived once
+        # Another install's login name: another token for the same password.
+        config.gateway.status_username = "admin"
+        other = profiles.token()
+        self.assertNotEqual(other, expected)
         config.gateway.status_password = "new-pw"
-        self.assertNotEqual(profiles.token(), expected)
+        self.assertNotIn(profiles.token(), (expected, other))

@@ -17,8 +17,12 @@ profiles are also served to a capability URL: C{/proxy.pac?token=T},
 where T is derived from the status login's password with scrypt, so it
 changes when that password does.  The URL goes to the proxy users'
 browsers, so T must not be a cheap test of password guesses: each guess
-costs an scrypt (about 50 ms and 16 MiB), as a password hash does.  C{GET
-/api/profiles}, behind the login, gives the two URLs.
+costs an scrypt (about 50 ms and 16 MiB), as a password hash does.  The
+salt holds the status login's name, so that guesses cannot be computed once
+for every install; a hashed C{status_password} (the configured text is what
+is derived from) has a random salt of its own, which leaves a token nothing
+to guess.  Every node of a fleet with the same login gives the same token.
+C{GET /api/profiles}, behind the login, gives the two URLs.
 """
 
 import hashlib
@@ -44,6 +48,14 @@ def announced_routes(tunnel_pool):
     return total
 
 
+def profile_token(username, password):
+    """The capability token (hex) of a status login; see the module docstring."""
+    name = username.encode("utf-8")
+    salt = b"anyproxy profile token v3\0" + len(name).to_bytes(4, "big") + name
+    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=2 ** 14, r=8, p=1,
+                          maxmem=64 * 1024 * 1024, dklen=16).hex()
+
+
 def _listen_host_port(listen_addr):
     host, _, port = listen_addr.rpartition(":")
     return host.strip("[]"), int(port) if port.isdigit() else None
@@ -64,17 +76,16 @@ class ProxyProfiles:
         self._config = config
         self._listeners = listeners
 
-    _token_for = (None, None)  # (the password, its token): derived once per password
+    _token_for = (None, None)  # ((name, password), its token): derived once per login
 
     def token(self):
         """The capability token of the status login in force (see the module docstring)."""
-        password = self._config().gateway.status_password
+        gateway = self._config().gateway
+        login = (gateway.status_username, gateway.status_password)
         known, token = self._token_for
-        if known != password:
-            token = hashlib.scrypt(password.encode("utf-8"), salt=b"anyproxy profile token v2",
-                                   n=2 ** 14, r=8, p=1, maxmem=64 * 1024 * 1024,
-                                   dklen=16).hex()
-            self._token_for = (password, token)
+        if known != login:
+            token = profile_token(*login)
+            self._token_for = (login, token)
         return token
 
     def token_accepted(self, request):
