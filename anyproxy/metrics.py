@@ -47,7 +47,7 @@ from twisted.web import resource
 
 from anyproxy.addresses import host_port
 from anyproxy.errors import Reason, StreamOpenError
-from anyproxy.operator_site import DEFAULT_REQUEST_TIMEOUT, OperatorSite
+from anyproxy.operator_site import DEFAULT_REQUEST_TIMEOUT, OperatorSite, set_operator_headers
 
 REALM = "AnyProxy metrics"
 # Open connections at most: Prometheus keeps one per scraper.
@@ -471,7 +471,7 @@ class MetricsPage(resource.Resource):
     def render_GET(self, request):
         accept = request.getHeader(b"accept")
         encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
-        request.setHeader(b"content-type", content_type.encode("ascii"))
+        set_operator_headers(request, content_type.encode("ascii"))
         return encoder(self._registry)
 
 

@@ -41,6 +41,14 @@ in time and every listener in connections:
     empty login serves the pages without one (C{/metrics} on loopback, or
     with C{metrics_allow_anonymous}).  Passwords are kept only as bytes on the
     checker and never reach a log event.
+  - B{no page without a login under a borrowed name}: a site serving its
+    pages without a login answers only requests whose C{Host} is an IP
+    address or C{localhost} (or that have none, as health checks may send);
+    others get 421.  Otherwise a web page the operator visits could point a
+    name of its own at 127.0.0.1 (DNS rebinding) and read the metrics as
+    same-origin.  Scrapers dial addresses, or send their own C{Host}.
+  - B{headers that keep answers private}: no caching, no content sniffing,
+    and no C{Server} header naming the software's version.
   - B{no access log}: the status page polls once a second and Prometheus
     scrapes every few seconds.
 
@@ -50,6 +58,7 @@ Every timer runs on the site's reactor (a C{Clock} in tests).
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 from importlib import resources
 
@@ -83,6 +92,54 @@ def _plain_response(status, reason, text):
     body = text.encode("utf-8") + b"\n"
     return (b"HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8"
             b"\r\nContent-Length: %d\r\n\r\n%s" % (status, reason, len(body), body))
+
+
+def local_host_header(value):
+    """
+    Whether a request's C{Host} header (bytes, or C{None} when absent) names
+    an IP address or C{localhost}: a name no other site's page can own.
+    """
+    if value is None:
+        return True
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host, bracket, _ = host[1:].partition("]")
+        if not bracket:
+            return False
+    else:
+        name, colon, port = host.rpartition(":")
+        if colon and port.isdigit():
+            host = name
+    host = host.rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class _Misdirected(resource.Resource):
+    """421: a page served without a login, asked for under a host name (see the module docstring)."""
+
+    isLeaf = True
+
+    def render(self, request):
+        request.setResponseCode(421)
+        set_operator_headers(request, b"text/plain; charset=utf-8")
+        body = (b"this listener has no login, so it answers only to an IP address or localhost "
+                b"in the Host header\n")
+        return b"" if request.method == b"HEAD" else body
+
+
+class _OperatorRequest(server.Request):
+    """A request whose answer names no server software (its version helps only attackers)."""
+
+    def write(self, data):
+        if not self.startedWriting:
+            self.responseHeaders.removeHeader(b"server")
+        super().write(data)
 
 
 def _peer(transport):
@@ -194,9 +251,10 @@ class _Unauthorized(UnauthorizedResource):
 
     def render(self, request):
         body = super().render(request)
+        for name, value in OPERATOR_HEADERS.items():
+            request.setHeader(name, value)
         if request.path.startswith(b"/api/"):
             request.setHeader(b"content-type", b"application/json; charset=utf-8")
-            request.setHeader(b"cache-control", b"no-store")
             return b"" if request.method == b"HEAD" else b'{"error": "authentication required"}'
         return body
 
@@ -369,6 +427,7 @@ class OperatorSite(server.Site):
     """
 
     protocol = DeadlineChannel
+    requestFactory = _OperatorRequest
     noisy = False
 
     def __init__(self, tree, reactor, what, realm, request_timeout=DEFAULT_REQUEST_TIMEOUT,
@@ -430,6 +489,9 @@ class OperatorSite(server.Site):
                 request.sitepath = request.prepath[:]
                 request.prepath.append(request.postpath.pop(0))
                 return entry[0]
+        if self.resource is self.tree and not local_host_header(request.getHeader(b"host")):
+            request.site = self
+            return _Misdirected()
         return super().getResourceFor(request)
 
     def buildProtocol(self, addr):

@@ -20,7 +20,8 @@ from anyproxy.gateway.tunnel_pool import TunnelPool
 from anyproxy.gateway.status.api import status_site
 from anyproxy import metrics
 from anyproxy.metrics import GatewayMetrics, metrics_site
-from anyproxy.operator_site import ABORT_GRACE, MAX_BODY, OperatorSite
+from anyproxy.operator_site import ABORT_GRACE, MAX_BODY, OperatorSite, local_host_header
+from tests.support import run_curl
 
 USER = "operator"
 PASSWORD = "s3cret-operator-pw"
@@ -271,3 +272,71 @@ class LoginTests(_SiteTestCase):
                          (64, metrics.MAX_CONNECTIONS))
         self.assertEqual((status.request_timeout, scrape.request_timeout), (10.0, 10.0))
         self.assertIs(scrape.resource, scrape.tree)  # no login: no guard
+
+
+class HostTests(_SiteTestCase):
+    """
+    A site without a login answers only to an IP address or localhost in
+    Host (DNS rebinding); every answer keeps private and names no server.
+    """
+
+    def setUp(self):
+        clock = Clock()
+        self.listen(metrics_site(GatewayMetrics(TunnelPool(clock), clock).registry, clock))
+
+    def curl(self, *args):
+        return run_curl("-o", "/dev/null", "-D", "-", *args)
+
+    @defer.inlineCallbacks
+    def test_rebinding_name_refused(self):
+        """curl with a borrowed name in Host: 421; with an address or localhost: 200."""
+        url = "http://127.0.0.1:%d/metrics" % (self.port,)
+        answers = {}
+        for host in ("rebind.attacker.example:%d" % (self.port,), "attacker.example",
+                     "127.0.0.1:%d" % (self.port,), "localhost:%d" % (self.port,), "[::1]",
+                     "metrics.localhost"):
+            out, err, code = yield self.curl("-H", "Host: " + host, url)
+            self.assertEqual(code, 0, err)
+            answers[host] = int(out.split(b" ", 2)[1])
+        self.assertEqual(list(answers.values()), [421, 421, 200, 200, 200, 200], answers)
+
+    @defer.inlineCallbacks
+    def test_no_host_served(self):
+        """HTTP/1.0 without Host (a health checker's): served."""
+        client = yield self.connect()
+        client.transport.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        yield client.closed
+        self.assertEqual(client.status, 200)
+
+    @defer.inlineCallbacks
+    def test_login_serves_any_host(self):
+        """With a login the name does not matter: the login protects the page."""
+        self.site.set_login(USER, PASSWORD)
+        out, err, code = yield self.curl("-H", "Host: metrics.example", "-u",
+                                         "%s:%s" % (USER, PASSWORD),
+                                         "http://127.0.0.1:%d/metrics" % (self.port,))
+        self.assertEqual(int(out.split(b" ", 2)[1]), 200, out)
+
+    @defer.inlineCallbacks
+    def test_private_headers(self):
+        """/metrics, its 401 and the 421 are not cached or sniffed and name no server."""
+        url = "http://127.0.0.1:%d/metrics" % (self.port,)
+        heads = [(yield self.curl(url))[0]]
+        heads.append((yield self.curl("-H", "Host: attacker.example", url))[0])
+        self.site.set_login(USER, PASSWORD)
+        heads.append((yield self.curl(url))[0])
+        for head in heads:
+            lower = head.lower()
+            self.assertIn(b"cache-control: no-store", lower)
+            self.assertIn(b"x-content-type-options: nosniff", lower)
+            self.assertNotIn(b"server:", lower)
+            self.assertNotIn(b"twisted", lower)
+
+    def test_local_host_header(self):
+        """Which Host values name an address or localhost."""
+        for value, local in ((None, True), (b"127.0.0.1", True), (b"127.0.0.1:9100", True),
+                             (b"[::1]:9100", True), (b"[::1]", True), (b"LOCALHOST.", True),
+                             (b"a.localhost:1", True), (b"10.1.2.3", True), (b"[fe80::1", False),
+                             (b"example.com", False), (b"localhost.example", False),
+                             (b"127.0.0.1.nip.io", False), (b"", False), (b"::1", False)):
+            self.assertEqual(local_host_header(value), local, value)
