@@ -28,7 +28,9 @@ C{allowed_hosts} and C{limit}, are the Go AnyProxy's:
     in brackets: C{[::1]:22});
   - C{*} as the host: any host (C{*:25}, C{*:*}, C{*});
   - a glob: C{*} anywhere else in a host name (C{api-*.example.com}), any
-    run of characters, dots included;
+    run of characters, dots included.  A glob of digits, dots and C{*} only
+    (C{10.0.*}) is an address pattern: it matches addresses, never a name
+    (else the name C{10.0.1.evil.example} would pass it);
   - a regular expression: a rule holding any of C{\ ^ $ ( ) { } + ? | [ ]}
     (brackets other than around an IPv6 address), or starting with C{.} and
     holding a C{*} (C{.*\.example\.com}).  None of those characters can be
@@ -41,6 +43,18 @@ C{allowed_hosts} and C{limit}, are the Go AnyProxy's:
 
 Every form is checked on the asked name (or literal IP) and on every
 address the name resolves to (a glob or regex sees an address as its text).
+So a regex in an allow-list that admits a name admits whatever that name
+resolves to: write one meant for addresses to match digits only
+(C{10\.0\.\d+\.\d+}).
+
+An unspecified address (C{0.0.0.0/8}, C{::}, also as C{::ffff:0.0.0.0}) is
+never a target, whatever the rules: it is no host's address, and Linux
+connects it to the client's own host, past rules that forbid loopback.
+
+An IP literal is a whole IPv4 or IPv6 address (in brackets or not; an IPv6
+zone such as C{%eth0} allowed), and nothing else: a host with spaces, or a
+zone on IPv4, is a name, and the client refuses to resolve it (it is not a
+valid host name), so what is checked is exactly what is dialed.
 """
 
 import functools
@@ -64,8 +78,11 @@ _WILDCARD = "wildcard"
 _NETWORK = "network"
 _ANY = "any"  # "*" as the host
 _GLOB = "glob"  # "*" inside a host name
+_ADDRESS_GLOB = "address glob"  # "*" in digits and dots only: addresses, never names
 _REGEX = "regex"
 
+# "This network" (RFC 1122 3.2.1.3): no destination; Linux dials this host.
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 # One DNS label, after IDNA encoding; underscores appear in real names.
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _MAPPED = ipaddress.ip_network("::ffff:0:0/96")
@@ -76,6 +93,7 @@ _REGEX_MARKS = frozenset("\\^$(){}+?|[]")
 # them): brackets around something with a colon, not a character class.
 _BRACKETED = re.compile(r"\[[0-9A-Za-z.%/*]*:[0-9A-Za-z:.%/*]*(\][^][\\^$(){}+?|]*)?")
 _MAX_GLOB_STARS = 3
+_ADDRESS_GLOB_CHARACTERS = frozenset("0123456789.*")
 # The longest text a glob or regex is matched against: a name of 253
 # characters and ":65535".
 _MAX_SUBJECT = _MAX_NAME + 6
@@ -122,11 +140,27 @@ def normalise_address(address):
 @functools.lru_cache(maxsize=1024)
 def _parse_literal(text):
     """The normalised address C{text} stands for, or C{None} for a name."""
+    address = parse_ip_literal(text)
+    return None if address is None else normalise_address(address)
+
+
+def parse_ip_literal(text):
+    """
+    The L{ipaddress} address of an IP literal as a target names it (see the
+    module docstring: brackets optional, an IPv6 zone kept), else C{None}.
+    The one parser of literals, for the check and for the dial.
+    """
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
     try:
-        address = ipaddress.ip_address(text.strip().strip("[]").split("%", 1)[0])
+        return ipaddress.ip_address(text)
     except ValueError:
         return None
-    return normalise_address(address)
+
+
+def is_unspecified(address):
+    """Whether a normalised address is an unspecified one (never a target)."""
+    return address.is_unspecified if address.version == 6 else address in _THIS_NETWORK
 
 
 def _literal_address(host):
@@ -392,7 +426,8 @@ class HostRule:
             _check_name(domain, whole)
             return cls(_WILDCARD, domain, port, whole)
         if "*" in host:
-            return cls(_GLOB, _compile_glob(host, whole), port, whole)
+            kind = _ADDRESS_GLOB if set(host) <= _ADDRESS_GLOB_CHARACTERS else _GLOB
+            return cls(kind, _compile_glob(host, whole), port, whole)
         name = normalise_name(host)
         if name.startswith("."):
             raise ValueError("bad host name in host rule %r (for its subdomains write '*%s')"
@@ -403,8 +438,8 @@ class HostRule:
     def matches_name(self, name, port):
         """
         Whether a normalised host name (see L{normalise_name}) and port match
-        a name, wildcard, C{*}, glob or regex rule.  Network rules never
-        match a name.
+        a name, wildcard, C{*}, glob or regex rule.  Network rules and
+        address globs never match a name.
         """
         if self.port is not None and self.port != port:
             return False
@@ -432,7 +467,7 @@ class HostRule:
             return address.version == self.value.version and address in self.value
         if self.kind == _ANY:
             return True
-        if self.kind == _GLOB:
+        if self.kind in (_GLOB, _ADDRESS_GLOB):
             return address.version == 4 and self.value.fullmatch(str(address)) is not None
         if self.kind == _REGEX:
             return _pattern_matches(self.value, str(address), port, bracket=address.version == 6)
@@ -526,7 +561,8 @@ class AccessPolicy:
             return Reason.PROTOCOL_NOT_ALLOWED
         address = _literal_address(host)
         if address is not None:
-            if any(rule.matches_address(address, port) for rule in self.forbidden):
+            if is_unspecified(address) or any(rule.matches_address(address, port)
+                                              for rule in self.forbidden):
                 return Reason.NOT_ALLOWED
             return None
         name = normalise_name(host)
@@ -564,7 +600,8 @@ class AccessPolicy:
             except ValueError:
                 return Reason.NOT_ALLOWED
         for address in resolved:
-            if any(rule.matches_address(address, port) for rule in self.forbidden):
+            if is_unspecified(address) or any(rule.matches_address(address, port)
+                                              for rule in self.forbidden):
                 return Reason.NOT_ALLOWED
         if self.allowed_hosts and not _rules_admit(self.allowed_hosts, host, port, resolved):
             return Reason.NOT_ALLOWED

@@ -259,11 +259,13 @@ class HostRuleMatchTests(SynchronousTestCase):
         self.assertTrue(rule.matches_address(normalise_address("2001:db8::1"), 1))
 
     def test_normalise_text(self):
-        """Literals in any spelling normalise, every time; names are refused every time."""
+        """Literals in any spelling normalise, every time; names (and padded literals) are refused."""
         for _ in range(2):  # the second time from the cache
-            self.assertEqual(normalise_address(" [::ffff:10.0.0.1] "), ipaddress.IPv4Address("10.0.0.1"))
+            self.assertEqual(normalise_address("[::ffff:10.0.0.1]"), ipaddress.IPv4Address("10.0.0.1"))
             self.assertEqual(normalise_address("fe80::1%eth0"), ipaddress.IPv6Address("fe80::1"))
             self.assertRaises(ValueError, normalise_address, "example.com")
+            self.assertRaises(ValueError, normalise_address, " 10.0.0.1")
+            self.assertRaises(ValueError, normalise_address, "10.0.0.1%eth0")
 
     def test_family_mismatch(self):
         """An IPv6 address never matches an IPv4 network."""
@@ -597,3 +599,41 @@ class AllowedHostsTests(SynchronousTestCase):
             acl = policy(forbidden=forbidden, allowed_hosts=allowed)
             got = acl.check_resolved(host, int(port), "tcp", addresses) is None
             self.assertEqual(got, expected, (forbidden, allowed, target))
+
+
+class BypassTests(SynchronousTestCase):
+    """Ways around the rules that a review found, each closed."""
+
+    def test_unspecified_is_never_a_target(self):
+        """0.0.0.0/8 and :: (Linux dials this host for them) are refused, as literals and from DNS."""
+        acl = policy(forbidden=["127.0.0.0/8", "::1"])
+        for host in ("0.0.0.0", "0.1.2.3", "::", "[::]", "::ffff:0.0.0.0"):
+            self.assertEqual(acl.check_name(host, 8443, "tcp"), Reason.NOT_ALLOWED, host)
+            self.assertEqual(acl.check_resolved(host, 8443, "udp", [host.strip("[]")]),
+                             Reason.NOT_ALLOWED, host)
+        self.assertEqual(acl.check_resolved("0", 8443, "tcp", ["0.0.0.0"]), Reason.NOT_ALLOWED)
+        # Even with no rule at all.
+        self.assertEqual(policy().check_resolved("sinkholed.example", 80, "tcp", ["0.0.0.0"]),
+                         Reason.NOT_ALLOWED)
+        self.assertIsNone(policy().check_resolved("ok.example", 80, "tcp", ["1.0.0.1"]))
+
+    def test_address_glob_never_admits_a_name(self):
+        """allowed_hosts 10.0.*: a name spelled like one of its addresses is judged by what it resolves to."""
+        acl = policy(allowed_hosts=["10.0.*"])
+        self.assertEqual(acl.check_resolved("10.0.1.attacker.example", 80, "tcp", ["192.168.1.1"]),
+                         Reason.NOT_ALLOWED)
+        self.assertIsNone(acl.check_resolved("10.0.1.attacker.example", 80, "tcp", ["10.0.9.9"]))
+        self.assertIsNone(acl.check_name("10.0.3.4", 80, "tcp"))
+        self.assertIsNone(acl.check_resolved("10.0.3.4", 80, "tcp", ["10.0.3.4"]))
+        self.assertFalse(HostRule.parse("10.0.*").matches_name("10.0.x.example", 80))
+        # A glob with letters still matches names.
+        self.assertTrue(HostRule.parse("db-*.corp").matches_name("db-1.corp", 80))
+
+    def test_literal_is_exactly_an_address(self):
+        """A zone on IPv4 or spaces make a name, not the address they surround."""
+        acl = policy(allowed_hosts=["10.0.0.5"])
+        for host in ("10.0.0.5%x", " 10.0.0.5", "10.0.0.5\t"):
+            self.assertEqual(acl.check_resolved(host, 80, "tcp", ["192.168.1.1"]),
+                             Reason.NOT_ALLOWED, host)
+        acl = policy(allowed_hosts=["fe80::/10"])
+        self.assertIsNone(acl.check_resolved("fe80::1%eth0", 80, "tcp", ["fe80::1%eth0"]))

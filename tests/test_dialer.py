@@ -229,9 +229,13 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), ["192.0.2.9"])
 
     def test_not_a_host_name(self):
-        """A name IDNA cannot encode (empty or over-long label) fails NAME_NOT_RESOLVED at once."""
+        """A name IDNA cannot encode, or with characters no host name has, fails NAME_NOT_RESOLVED at once."""
         resolver = FakeResolver()
-        for name in ("a..b", "x" * 64 + ".example", ".leading"):
+        for name in ("a..b", "x" * 64 + ".example", ".leading",
+                     # Not names either, though a hosts file could answer them:
+                     # the policy must judge the very text that is dialed.
+                     "10.0.0.5%x", " 10.0.0.5", "10.0.0.5\t", "a.trusted.example:443",
+                     "a b.example", "a/b.example", ""):
             d = resolve(resolver, name, 80)
             self.assertEqual(self.failureResultOf(d, StreamOpenError).value.reason,
                              Reason.NAME_NOT_RESOLVED, name)

@@ -116,3 +116,12 @@ class AllowedHostsTests(unittest.TestCase):
         yield self.assertAllowed("127.0.0.1", self.third_port)
         self.assertEqual(self.third.requests, 4)
         yield self.assertRefused("other.test", self.web_port)
+
+    @defer.inlineCallbacks
+    def test_unspecified_address_refused(self):
+        """
+        0.0.0.0, which Linux dials as this host, is no target even on a port
+        any host may reach: refused, and nothing reaches the local listener.
+        """
+        yield self.assertRefused("0.0.0.0", self.third_port)
+        self.assertEqual(self.third.requests, 0)

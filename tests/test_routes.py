@@ -89,6 +89,12 @@ class RouteMatcherTests(SynchronousTestCase):
         self.assertIsNone(rank("0.0.0.0/0", host="::1"))
         self.assertIsNone(rank("::/0", host="127.0.0.1"))
 
+    def test_mapped_ipv4(self):
+        """An IPv4-mapped IPv6 literal matches as the IPv4 address it is, as access control reads it."""
+        self.assertEqual(rank("10.1.0.0/16", host="::ffff:10.1.4.20"),
+                         rank("10.1.0.0/16", host="10.1.4.20"))
+        self.assertIsNone(rank("::/0", host="[::ffff:10.1.4.20]"))
+
     def test_names(self):
         """An exact name beats every pattern; among patterns the longest suffix wins."""
         exact = rank("db.corp.example", host="db.corp.example")

@@ -7,7 +7,7 @@ check), then splice the stream to the target socket.
 """
 
 import functools
-import ipaddress
+import re
 
 from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IResolutionReceiver
@@ -15,6 +15,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from anyproxy.access_policy import parse_ip_literal
 from anyproxy.client.udp import TargetAssociation, UdpStats, serves_udp
 from anyproxy.limits import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
 from anyproxy.errors import Reason, StreamOpenError, reason_for_failure
@@ -43,6 +44,11 @@ class _Collector:
         self.done.callback(self.addresses)
 
 
+# A host name as a resolver takes it (after IDNA): labels of letters,
+# digits, "-" and "_", dot-separated, a final dot allowed.
+_HOST_NAME = re.compile(rb"[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?")
+
+
 @functools.lru_cache(maxsize=1024)
 def literal_address(host):
     """
@@ -50,10 +56,8 @@ def literal_address(host):
     C{None}.  Cached: parsing with L{ipaddress} was a few percent of the
     client's CPU per stream, and targets repeat.
     """
-    try:
-        return str(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        return None
+    address = parse_ip_literal(host)
+    return None if address is None else str(address)
 
 
 def resolve(resolver, host, port):
@@ -69,8 +73,12 @@ def resolve(resolver, host, port):
         # What the resolver does with the name first; a name it cannot
         # encode (an empty or over-long label) would fail there out of sight
         # of IHostnameResolver, whose answer then never comes.
-        host.encode("idna")
+        encoded = host.encode("idna")
     except UnicodeError:
+        encoded = b""
+    if not _HOST_NAME.fullmatch(encoded):
+        # Spaces, "%", ":"... are in no host name, but a resolver may still
+        # answer for them (a hosts file), and the policy read the asked text.
         return defer.fail(StreamOpenError(Reason.NAME_NOT_RESOLVED,
                                           "%r is not a valid host name" % (host,)))
     collector = _Collector()

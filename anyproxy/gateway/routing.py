@@ -52,9 +52,12 @@ class Target:
         if text.startswith("[") and text.endswith("]"):
             text = text[1:-1]
         try:
-            return cls(None, ipaddress.ip_address(text))
+            address = ipaddress.ip_address(text)
         except ValueError:
             return cls(text.rstrip("."), None)
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # as the client's access control reads it
+        return cls(None, address)
 
 
 class RouteMatcher:

@@ -11,7 +11,7 @@ same policy and the same addresses the dialer checked (no new lookup).
 
 import collections
 
-from anyproxy.access_policy import normalise_address, normalise_name
+from anyproxy.access_policy import is_unspecified, normalise_address, normalise_name
 
 # Refusals kept: enough to see a pattern, bounded whatever the traffic.
 MAX_REFUSALS = 100
@@ -36,6 +36,10 @@ def refusing_rule(policy, host, port, protocol, addresses=()):
         return "allow_udp: false"
     literal = _as_address(host)
     name = None if literal is not None else normalise_name(host)
+    for address in ([literal] if literal is not None else []) + list(
+            filter(None, map(_as_address, addresses))):
+        if is_unspecified(address):
+            return "unspecified address %s: never a target (it would reach this host)" % (address,)
     for rule in policy.forbidden:
         if (rule.matches_address(literal, port) if literal is not None
                 else rule.matches_name(name, port)):
