@@ -34,8 +34,8 @@ import time
 import txaio
 from twisted.application.service import MultiService
 from twisted.logger import (
-    FilteringLogObserver, ILogObserver, Logger, LogLevel, LogLevelFilterPredicate,
-    jsonFileLogObserver, textFileLogObserver)
+    FileLogObserver, FilteringLogObserver, ILogObserver, Logger, LogLevel,
+    LogLevelFilterPredicate, formatEventAsClassicLogText, jsonFileLogObserver)
 from twisted.python import threadable
 from twisted.python.logfile import LogFile
 from txaio import tx as _txaio_twisted
@@ -144,10 +144,46 @@ def _scrub(value, depth=0):
     return value if clean == text else clean
 
 
+# The longest text a field of an event keeps: what a peer sends (a handshake
+# header quoted in an error, a name) may be megabytes.
+MAX_FIELD = 4096
+# Characters that move a terminal's cursor or colour its output, or end a
+# line for some readers: in the text format, written as \xNN.  Newlines and
+# tabs stay: the classic format indents a message's further lines with a tab,
+# so they cannot pass for lines of their own.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _capped(value):
+    """C{value} (text or bytes) cut at L{MAX_FIELD} characters, saying so."""
+    if len(value) <= MAX_FIELD:
+        return value
+    more = " ... (%d more)" % (len(value) - MAX_FIELD,)
+    return value[:MAX_FIELD] + (more if isinstance(value, str) else more.encode("ascii"))
+
+
+def _escape_control(match):
+    return "\\x%02x" % (ord(match.group()),) if ord(match.group()) < 0x100 \
+        else "\\u%04x" % (ord(match.group()),)
+
+
+def safe_classic_text(event):
+    """
+    Twisted's classic text line for C{event}, with control characters
+    written as escapes (see L{_CONTROL}): a peer's text cannot forge a line,
+    clear a terminal or colour it.
+    """
+    text = formatEventAsClassicLogText(event)
+    if text is None:
+        return None
+    return _CONTROL.sub(_escape_control, text)
+
+
 def redact_fields(fields):
     """
     A copy of C{fields} (an event, or the keyword arguments of one) with
-    every credential masked.  Fields whose name says they hold a secret
+    every credential masked, and each text field cut at L{MAX_FIELD}
+    characters.  Fields whose name says they hold a secret
     (C{password}, C{authorization}, C{cookie}, C{token}...) become
     C{<redacted>}; in every other value, of any type (text, bytes, header
     dicts and lists, Autobahn's request objects, anything whose text
@@ -167,6 +203,8 @@ def redact_fields(fields):
             value = REDACTED
         else:
             value = _scrub(value)
+            if isinstance(value, (str, bytes)):
+                value = _capped(value)
         clean[key] = value
     return clean
 
@@ -418,7 +456,7 @@ def make_observer(log_config, twistd_logfile=None, nodaemon=True):
     if log_config.format == "json":
         observer = jsonFileLogObserver(stream)
     else:
-        observer = textFileLogObserver(stream)
+        observer = FileLogObserver(stream, safe_classic_text)
     level = LEVELS[log_config.level]
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     filtering = FilteringLogObserver(RedactingObserver(observer), [predicate])

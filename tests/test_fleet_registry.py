@@ -621,7 +621,11 @@ class UrlTests(unittest.TestCase):
                 ("redis://:pw-123@h:0/0", "bad Redis port"),
                 # A password with a "/" splits where urllib looks for the port.
                 ("redis://:pw-123/x@h:6379/0", "percent-encode"),
-                ("redis://:s3cr/pw-123@h:6379/0", "percent-encode")]:
+                ("redis://:s3cr/pw-123@h:6379/0", "percent-encode"),
+                # A "#" starts a fragment: the rest of the password looked like the host.
+                ("redis://:S3cret#pw-123@redis.internal:6379/0", "percent-encode"),
+                ("redis://:pw-123@redis.internal:6379/0#S3cret", "%23"),
+                ("redis://:pw-123@h:6379/0#", "%23")]:
             e = self.assertRaises(ValueError, parse_redis_url, url)
             self.assertIn(message, str(e))
             self.assertNotIn("pw-123", str(e))

@@ -199,6 +199,7 @@ class ReadClientHelloTests(SynchronousTestCase):
                          "protocol version None not supported")
         self.assertEqual(refusal(self, info(version="1")),
                          "protocol version '1' not supported")
+        self.assertLess(len(refusal(self, info(version="v" * 250000))), 100)
 
     def test_names(self):
         """client_id (required) and group must be strings of 1..128 characters."""
@@ -353,11 +354,21 @@ class PortRequestTests(SynchronousTestCase):
             ({"remote_port": 9001, "local_host": "\ud800", "local_port": 1}, "local_host"),
             ({"remote_port": 9001, "local_host": "a", "local_port": 1, "protocol": "sctp"},
              "protocol"),
+            # Logged with every forwarded connection: no control characters or spaces.
+            ({"remote_port": 9001, "local_host": "x\r\n2099 [fake#critical]", "local_port": 1},
+             "local_host"),
+            ({"remote_port": 9001, "local_host": "db\x1b[2J", "local_port": 1}, "local_host"),
+            ({"remote_port": 9001, "local_host": "d b", "local_port": 1}, "local_host"),
+            # A huge value is not repeated whole in the refusal.
+            ({"remote_port": "9" * 100000, "local_host": "a", "local_port": 1}, "remote_port"),
+            ({"remote_port": 9001, "local_host": "a", "local_port": 1, "protocol": "x" * 100000},
+             "protocol"),
         ]
         for item, field in cases:
             with self.assertRaises(ValueError) as caught:
                 parse_port_request(item)
             self.assertIn(field, str(caught.exception))
+            self.assertLess(len(str(caught.exception)), 200)
 
     def test_json_round_trip(self):
         """An entry's JSON parses back to it."""

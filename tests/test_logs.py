@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from anyproxy import logs as logs_module
 from anyproxy.config.model import LogConfig
 from anyproxy.logs import (
-    REDACTED, LoggingRoot, RedactingLogger, RotatingLogFile, library_logger, make_observer,
+    MAX_FIELD, REDACTED, LoggingRoot, RedactingLogger, RotatingLogFile, library_logger, make_observer,
     redact)
 
 TOKEN = b"dHVubmVsLXVzZXI6czNjcmV0"  # base64 of "tunnel-user:s3cret"
@@ -49,6 +49,35 @@ class MakeObserverTests(unittest.TestCase):
         events = [json.loads(line) for line in text.replace("\x1e", "\n").splitlines() if line]
         self.assertEqual([e["n"] for e in events], [1, 2, 3])
         self.assertEqual(events[0]["log_namespace"], "test")
+
+    def test_peer_text_cannot_forge_lines(self):
+        """
+        Control characters a peer sent are escaped in the text format (a
+        new line stays a tab-indented continuation), and a huge field is
+        cut, in both formats.
+        """
+        hostile = "evil\r\n2099-01-01T00:00:00+0000 [fake#critical] forged\x1b[2J\x85\u2028"
+        for form in ("text", "json"):
+            path = self.mktemp()
+            log = Logger(observer=make_observer(LogConfig(level="info", format=form, file=path)),
+                         namespace="test")
+            log.info("asked for {host}", host=hostile)
+            log.info("header {value}", value="x" * 3_000_000)
+            with open(path) as f:
+                text = f.read()
+            self.assertLess(len(text), 4 * MAX_FIELD, form)  # JSON: the value and its flattened copy
+            self.assertIn("more)", text)
+            if form == "text":
+                lines = text.splitlines()
+                self.assertEqual(len(lines), 3, lines)  # two events, one continuation line
+                self.assertTrue(lines[1].startswith("\t2099"), lines)
+                self.assertNotRegex(text, "[\r\x1b\x85\u2028]")
+                self.assertIn("evil\\x0d", text)
+                self.assertIn("forged\\x1b[2J\\x85\\u2028", text)
+            else:
+                events = [json.loads(line) for line in text.replace("\x1e", "\n").splitlines()
+                          if line]
+                self.assertEqual(events[0]["host"], hostile)
 
     def test_twistd_logfile_used_without_config_file(self):
         """With no log.file, twistd's --logfile is the destination."""

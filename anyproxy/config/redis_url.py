@@ -56,6 +56,10 @@ def parse_redis_url(url):
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError("a Redis URL starts with redis:// or rediss://, not %r"
                          % (parts.scheme + ":",))
+    if "#" in url:
+        # A URL to Redis has no fragment: an unencoded "#" in the password
+        # starts one, and what is left of the password would pass for the host.
+        raise ValueError("bad Redis URL: a \"#\" (percent-encode it as %23 in the password)")
     host = parts.hostname
     if not host:
         raise ValueError("the Redis URL names no host (redis://HOST:PORT/DB)")

@@ -144,7 +144,7 @@ class BadPortRequest:
 def _port_field(item, key):
     value = item.get(key)
     if not _is_int(value) or not 1 <= value <= 65535:
-        raise ValueError("%s must be a port number 1..65535, got %r" % (key, value))
+        raise ValueError("%s must be a port number 1..65535, got %s" % (key, _short(value)))
     return value
 
 
@@ -162,16 +162,19 @@ def parse_port_request(item):
     local_host = item.get("local_host")
     if not isinstance(local_host, str):
         raise ValueError("local_host must be a string")
+    if not local_host.isprintable() or " " in local_host:
+        # Logged with every forwarded connection: no control characters.
+        raise ValueError("local_host %s is not a valid host name" % (_short(local_host),))
     try:
         encoded = local_host.encode("ascii") if local_host.isascii() else local_host.encode("idna")
     except UnicodeError:
-        raise ValueError("local_host %r is not a valid host name" % (local_host,)) from None
+        raise ValueError("local_host %s is not a valid host name" % (_short(local_host),)) from None
     if not 1 <= len(encoded) <= MAX_HOST_LENGTH:
         # The tunnel's OPEN carries host names of 1..255 bytes.
         raise ValueError("local_host must be 1..%d bytes" % (MAX_HOST_LENGTH,))
     protocol = item.get("protocol", "tcp")
     if protocol not in PORT_PROTOCOLS:
-        raise ValueError("protocol must be tcp or udp, got %r" % (protocol,))
+        raise ValueError("protocol must be tcp or udp, got %s" % (_short(protocol),))
     return PortRequest(remote_port, local_host, local_port, protocol)
 
 
@@ -411,7 +414,7 @@ def read_client_hello(info):
     if not isinstance(info, dict):
         raise _refuse("HELLO must be a JSON object")
     if info.get("version") != PROTOCOL_VERSION:
-        raise _refuse("protocol version %r not supported" % (info.get("version"),))
+        raise _refuse("protocol version %s not supported" % (_short(info.get("version")),))
     client_id = _text(info, "client_id", None)
     group = _text(info, "group", DEFAULT_GROUP)
     weight = _weight(info)
