@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule
-from anyproxy.client.dialer import Dialer, resolve
+from anyproxy.client.dialer import Dialer, NameLookups, resolve
 from anyproxy.errors import reason_for_failure
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.splice import SpliceEnd
@@ -181,6 +181,57 @@ class ReasonForFailureTests(SynchronousTestCase):
         self.check(error.ConnectError(osError=errno.EACCES), Reason.GENERAL_FAILURE)
         self.check(ValueError("boom"), Reason.GENERAL_FAILURE)
         self.check(error.ConnectionLost(), Reason.GENERAL_FAILURE)
+
+
+class NameLookupsTests(SynchronousTestCase):
+    """
+    Lookups are counted until the resolver ends them, not until we stop
+    waiting: names that never answer cannot queue without end.
+    """
+
+    def test_bound_counts_until_the_resolver_ends(self):
+        """A timed-out (cancelled) lookup keeps its place until the resolver answers."""
+        resolver = FakeResolver({"a.test": ["192.0.2.1"]}, pending=True)
+        lookups = NameLookups(resolver, limit=2)
+        first = lookups.resolve("slow-1.test", 80)
+        second = lookups.resolve("slow-2.test", 80)
+        first.cancel()  # our timeout
+        second.cancel()
+        self.failureResultOf(first)
+        self.failureResultOf(second)
+        refused = lookups.resolve("a.test", 80)
+        self.assertEqual(self.failureResultOf(refused, StreamOpenError).value.reason,
+                         Reason.OVERLOADED)
+        self.assertEqual((lookups.running, lookups.refused), (2, 1))
+        resolver.complete()  # the resolver ends them (no answer)
+        self.assertEqual(lookups.running, 0)
+        d = lookups.resolve("a.test", 80)
+        resolver.complete()
+        self.assertEqual(self.successResultOf(d), ["192.0.2.1"])
+        self.assertEqual(lookups.running, 0)
+
+    def test_per_owner(self):
+        """One owner (a UDP association) has at most per_owner lookups; others are not held up."""
+        resolver = FakeResolver(pending=True)
+        lookups = NameLookups(resolver, limit=10, per_owner=2)
+        owner = object()
+        waiting = [lookups.resolve("n%d.test" % (number,), 53, owner=owner) for number in range(2)]
+        self.failureResultOf(lookups.resolve("n9.test", 53, owner=owner), StreamOpenError)
+        waiting.append(lookups.resolve("other.test", 53, owner=object()))
+        waiting.append(lookups.resolve("tcp.test", 80))
+        for d in waiting:
+            self.assertNoResult(d)
+        resolver.complete()
+        for d in waiting:  # none of them resolves in this table
+            self.failureResultOf(d, StreamOpenError)
+        self.assertEqual((lookups.running, lookups._owners), (0, {}))
+
+    def test_literals_and_bad_names_hold_no_place(self):
+        """An IP literal is no lookup; a name refused before the resolver frees its place."""
+        lookups = NameLookups(FakeResolver(), limit=1)
+        self.assertEqual(self.successResultOf(lookups.resolve("192.0.2.7", 80)), ["192.0.2.7"])
+        self.failureResultOf(lookups.resolve("a b.test", 80), StreamOpenError)
+        self.assertEqual(lookups.running, 0)
 
 
 class ResolveTests(SynchronousTestCase):

@@ -701,13 +701,32 @@ class UdpForwardTests(SynchronousTestCase):
         self.forwarder.datagramReceived(b"q", ("10.0.0.1", 5000))
         self.owner.mux.opens[0][3].errback(StreamOpenError(Reason.PROTOCOL_NOT_ALLOWED, "no udp"))
         self.assertEqual(self.forwarder.sessions, {})
+        self.assertEqual(self.forwarder.dropped, 1)  # the datagram that waited is counted
 
     def test_session_limit(self):
-        """Beyond max_sessions new sources are dropped."""
+        """Past max_sessions a new source takes the place of the one that sent least recently."""
         self.forwarder.max_sessions = 2
-        for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
-            self.forwarder.datagramReceived(b"q", (host, 5000))
-        self.assertEqual((len(self.forwarder.sessions), self.forwarder.dropped), (2, 1))
+        self.forwarder.datagramReceived(b"q", ("10.0.0.1", 5000))
+        self.forwarder.datagramReceived(b"q", ("10.0.0.2", 5000))
+        first, second = self.open(0), self.open(1)
+        self.forwarder.datagramReceived(b"again", ("10.0.0.1", 5000))  # 10.0.0.2 is now the oldest
+        self.forwarder.datagramReceived(b"q", ("10.0.0.3", 5000))
+        self.assertEqual(list(self.forwarder.sessions), [("10.0.0.1", 5000), ("10.0.0.3", 5000)])
+        self.assertTrue(second.closed)
+        self.assertFalse(first.closed)
+        self.assertEqual((self.forwarder.evicted, self.forwarder.dropped), (1, 0))
+
+    def test_sessions_per_source_ip(self):
+        """One address's many ports hold at most max_sessions_per_ip; other addresses keep theirs."""
+        self.forwarder.max_sessions_per_ip = 2
+        self.forwarder.datagramReceived(b"q", ("10.0.0.9", 5000))
+        for port in (6000, 6001, 6002):
+            self.forwarder.datagramReceived(b"q", ("10.0.0.1", port))
+        self.assertEqual(list(self.forwarder.sessions),
+                         [("10.0.0.9", 5000), ("10.0.0.1", 6001), ("10.0.0.1", 6002)])
+        self.assertEqual(self.forwarder.evicted, 1)
+        # Opening streams that were evicted were cancelled: nothing is left behind.
+        self.assertTrue(self.owner.mux.opens[1][3].called)
 
     def test_release_ends_associations(self):
         """Releasing the port closes open associations and cancels opening ones."""

@@ -29,9 +29,10 @@ log = Logger()
 
 @implementer(IResolutionReceiver)
 class _Collector:
-    def __init__(self):
+    def __init__(self, on_complete=None):
         self.addresses = []
         self.done = defer.Deferred()
+        self._on_complete = on_complete
 
     def resolutionBegan(self, resolution):
         pass
@@ -41,6 +42,9 @@ class _Collector:
             self.addresses.append(address.host)
 
     def resolutionComplete(self):
+        # Also once done was cancelled (a timeout): the lookup itself ends only now.
+        if self._on_complete is not None:
+            self._on_complete()
         self.done.callback(self.addresses)
 
 
@@ -60,11 +64,13 @@ def literal_address(host):
     return None if address is None else str(address)
 
 
-def resolve(resolver, host, port):
+def resolve(resolver, host, port, on_complete=None):
     """
     A Deferred firing with the list of IP address strings C{host} resolves to.
 
     @param resolver: an C{IHostnameResolver} (normally C{reactor.nameResolver}).
+    @param on_complete: called once the resolver has finished with a name
+        it was asked for, even after the Deferred was cancelled.
     """
     address = literal_address(host)
     if address is not None:
@@ -81,7 +87,7 @@ def resolve(resolver, host, port):
         # answer for them (a hosts file), and the policy read the asked text.
         return defer.fail(StreamOpenError(Reason.NAME_NOT_RESOLVED,
                                           "%r is not a valid host name" % (host,)))
-    collector = _Collector()
+    collector = _Collector(on_complete)
     resolver.resolveHostName(collector, host, port)
 
     def check(addresses):
@@ -90,6 +96,65 @@ def resolve(resolver, host, port):
         return addresses
 
     return collector.done.addCallback(check)
+
+
+# Name lookups the client's resolver may have in hand at once, and one UDP
+# association at most.  The system resolver runs getaddrinfo in the reactor's
+# thread pool (10 threads), where a lookup goes on after we stopped waiting
+# for it: without a bound, names that never answer, asked for faster than
+# they time out, queued without end and starved every other lookup.
+MAX_NAME_LOOKUPS = 64
+MAX_LOOKUPS_PER_ASSOCIATION = 16
+
+
+class NameLookups:
+    """
+    The client's name lookups (L{resolve}), counted from the resolver's
+    start to its real end, not to our timeout.  Past L{limit} in all, or
+    past L{per_owner} for one owner (a UDP association), a lookup fails at
+    once with OVERLOADED instead of queueing behind the others.
+    """
+
+    def __init__(self, resolver, limit=MAX_NAME_LOOKUPS, per_owner=MAX_LOOKUPS_PER_ASSOCIATION):
+        self._resolver = resolver
+        self.limit = limit
+        self.per_owner = per_owner
+        self.running = 0
+        self._owners = {}  # owner -> its lookups running
+        self.refused = 0  # lookups refused at the bound (logged once per burst)
+
+    def resolve(self, host, port, owner=None):
+        """L{resolve} through the bounds; C{owner}: any hashable, e.g. an association's token."""
+        if literal_address(host) is not None:
+            return resolve(self._resolver, host, port)
+        if self.running >= self.limit or (
+                owner is not None and self._owners.get(owner, 0) >= self.per_owner):
+            self.refused += 1
+            return defer.fail(StreamOpenError(Reason.OVERLOADED,
+                                              "too many name lookups in progress"))
+        self.running += 1
+        if owner is not None:
+            self._owners[owner] = self._owners.get(owner, 0) + 1
+        done = []
+
+        def complete():
+            if not done:
+                done.append(True)
+                self._complete(owner)
+
+        d = resolve(self._resolver, host, port, on_complete=complete)
+        if d.called and not done:
+            complete()  # refused before the resolver was asked (not a host name)
+        return d
+
+    def _complete(self, owner):
+        self.running -= 1
+        if owner is not None:
+            left = self._owners[owner] - 1
+            if left:
+                self._owners[owner] = left
+            else:
+                del self._owners[owner]
 
 
 def _acl_error(reason, addresses):
@@ -216,6 +281,7 @@ class Dialer:
         self.policy = policy
         self._reactor = reactor
         self._resolver = resolver if resolver is not None else reactor.nameResolver
+        self.lookups = NameLookups(self._resolver)
         self.connect_timeout = connect_timeout
         self.slots = Limiter(reactor, max_streams, queue_size, queue_timeout,
                              what="max_concurrent_conns")
@@ -340,7 +406,9 @@ class Dialer:
 
         self._associations.add(stream)
         stream.accept(TargetAssociation(
-            lambda: self.policy, self._reactor, functools.partial(resolve, self._resolver),
+            lambda: self.policy, self._reactor,
+            # Its own token: its lookups are bounded by their real end.
+            functools.partial(self.lookups.resolve, owner=object()),
             idle_timeout=self.idle_timeout, parent_stats=self.udp_stats, on_close=closed))
 
     def _open_tcp(self, stream, release):
@@ -365,7 +433,7 @@ class Dialer:
             d = self._connect_any([address], port).addCallback(lambda target: (target, policy))
             d.addTimeout(self.connect_timeout, self._reactor)
             return d
-        d = resolve(self._resolver, host, port)
+        d = self.lookups.resolve(host, port)
 
         def checked(addresses):
             policy = self.policy

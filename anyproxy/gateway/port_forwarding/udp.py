@@ -17,11 +17,18 @@ Sessions end after C{idle_timeout} seconds without a datagram either way
 lost (the tunnel went away, or the client refused: UDP not allowed) or when
 the port is released.  The next datagram from that source opens a new one.
 
-Nothing grows without bound: at most L{MAX_SESSIONS} sources per port, and
-while a source's stream is opening at most L{MAX_PENDING} of its datagrams
-wait, and at most L{MAX_PENDING_BYTES} for all sources of the port together;
-beyond that datagrams are dropped and counted, as UDP may.
+Nothing grows without bound: at most L{MAX_SESSIONS} sources per port and
+L{MAX_SESSIONS_PER_IP} per source address, and while a source's stream is
+opening at most L{MAX_PENDING} of its datagrams wait, and at most
+L{MAX_PENDING_BYTES} for all sources of the port together; beyond that
+datagrams are dropped and counted, as UDP may.  A new source past a bound
+takes the place of the one that sent least recently, as a NAT's table does:
+each session holds a stream at the client (one of its
+C{max_concurrent_conns}), so sources that send once (or forged ones) must
+not hold the port, or the client, for a whole idle timeout.
 """
+
+from collections import OrderedDict
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import DatagramProtocol, Protocol
@@ -36,8 +43,11 @@ MAX_DATAGRAM = 65535
 # A source silent this long (both ways) loses its association; typical of
 # NAT UDP mappings, and long enough for request/response protocols.
 UDP_IDLE_TIMEOUT = 60.0
-# Sources (associations) per forwarded port.
-MAX_SESSIONS = 1024
+# Sources (associations) per forwarded port: a quarter of a client's default
+# max_concurrent_conns, each holding one...
+MAX_SESSIONS = 256
+# ... and per source IP address.
+MAX_SESSIONS_PER_IP = 64
 # Datagrams held per source while its stream opens...
 MAX_PENDING = 16
 # ... and bytes held for all sources of a port (a flood of large datagrams
@@ -50,20 +60,26 @@ class UdpForwarder(DatagramProtocol):
     The protocol of a forwarded UDP port: one L{UdpSession} per source.
 
     @ivar forward: the L{anyproxy.gateway.port_forwarding.forwarder.ForwardedPort}.
-    @ivar sessions: C{{(host, port): UdpSession}}.
-    @ivar dropped: datagrams dropped (too many sources, queue full, tunnel
-        congested, reply not sendable).
+    @ivar sessions: C{{(host, port): UdpSession}}, the source that sent
+        least recently first.
+    @ivar dropped: datagrams dropped (no client, queue full, stream not
+        opened, tunnel congested, reply not sendable).
+    @ivar evicted: sessions ended to make room for a new source.
     """
 
     noisy = False
     dropped = 0
+    evicted = 0
 
-    def __init__(self, forward, clock, idle_timeout=UDP_IDLE_TIMEOUT, max_sessions=MAX_SESSIONS):
+    def __init__(self, forward, clock, idle_timeout=UDP_IDLE_TIMEOUT, max_sessions=MAX_SESSIONS,
+                 max_sessions_per_ip=MAX_SESSIONS_PER_IP):
         self.forward = forward
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
-        self.sessions = {}
+        self.max_sessions_per_ip = max_sessions_per_ip
+        self.sessions = OrderedDict()
+        self._per_ip = {}  # source IP -> its sessions
         self.pending_bytes = 0  # held by sessions whose stream is opening (MAX_PENDING_BYTES)
 
     def datagramReceived(self, data, addr):
@@ -71,13 +87,31 @@ class UdpForwarder(DatagramProtocol):
         session = self.sessions.get(source)
         if session is None:
             route = self.forward.pick_route()
-            if route is None or len(self.sessions) >= self.max_sessions:
+            if route is None:
                 self.dropped += 1
                 return
+            self._make_room(source[0])
             session = UdpSession(self, addr, route)
             self.sessions[source] = session
+            self._per_ip[source[0]] = self._per_ip.get(source[0], 0) + 1
             session.open()
+        else:
+            self.sessions.move_to_end(source)
         session.send(data)
+
+    def _make_room(self, ip):
+        """End the least recent sessions (of C{ip}, or of any source) past the bounds."""
+        if self._per_ip.get(ip, 0) >= self.max_sessions_per_ip:
+            oldest = next(session for session in self.sessions.values() if session.source[0] == ip)
+            self._evict(oldest)
+        while len(self.sessions) >= self.max_sessions:
+            self._evict(next(iter(self.sessions.values())))
+
+    def _evict(self, session):
+        self.evicted += 1
+        log.debug("forwarded port {port}: udp from {source} ended for a new source",
+                  port=self.forward.label, source="%s:%s" % session.source)
+        session.end()
 
     def reply(self, address, payload):
         """Send C{payload} to the user at C{address} from the forwarded port."""
@@ -95,6 +129,12 @@ class UdpForwarder(DatagramProtocol):
     def session_ended(self, session):
         if self.sessions.get(session.source) is session:
             del self.sessions[session.source]
+            ip = session.source[0]
+            left = self._per_ip[ip] - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                del self._per_ip[ip]
 
     def end_all(self):
         """End every association (the port is being released)."""
@@ -206,7 +246,7 @@ class UdpSession(Protocol):
 
     def _finish(self):
         self.ended = True
-        self._take_pending()
+        self.forwarder.dropped += len(self._take_pending())  # never sent
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
