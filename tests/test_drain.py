@@ -530,6 +530,29 @@ class LoopbackDrainTests(unittest.TestCase):
         self.assertEqual((yield ended), drain.FINISHED)
 
     @defer.inlineCallbacks
+    def test_reload_refused_while_draining(self):
+        """
+        A reload during the drain (one that would build the HTTP listener
+        anew) is refused: nothing listens again on the closed addresses.
+        """
+        from anyproxy.twistd.reload import Reloader
+        import yaml
+        sock = yield self.open_echo()
+        reloader = Reloader(self.gateway.config.path, "gateway", self.gateway,
+                            self.gateway.config, reactor)
+        ended = self.gateway.drain(30)
+        yield self.gateway.draining.listeners_closed
+        data = self.deployment.gateway_config(gateway={"drain_timeout": 30})
+        data["proxy"]["http"]["options"] = {"realm": "another realm"}
+        with open(self.gateway.config.path, "w") as f:
+            yaml.safe_dump(data, f)
+        self.assertFalse((yield reloader.reload()))
+        for port in (self.deployment.socks_port, self.deployment.http_port):
+            self.assertTrue((yield refused(port)), port)
+        sock.close()
+        self.assertEqual((yield ended), drain.FINISHED)
+
+    @defer.inlineCallbacks
     def test_cut_at_timeout(self):
         """A stream open at drain_timeout is reset by the stop that follows."""
         sock = yield self.open_echo()

@@ -6,11 +6,14 @@ test also keeps a stream opened before the reload and checks it still
 carries data afterwards.
 """
 
+import base64
 import os
+import socket
 import ssl
+import struct
 
 import yaml
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -276,3 +279,124 @@ class ClientReloadTests(_ReloadBase):
         got = yield deferToThread(socks_roundtrip, self.deployment.socks_port, self.echo_port,
                                   b"one tunnel left")
         self.assertEqual(got, b"one tunnel left")
+
+
+BOB = {"username": "bob", "password": "b0b-users-pw"}
+
+
+def socks_login(port, username, password):
+    """A SOCKS5 connection logged in as C{username} (greeting and login only)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"\x05\x01\x02")
+    assert sock.recv(2) == b"\x05\x02"
+    sock.sendall(b"\x01" + bytes([len(username)]) + username.encode()
+                 + bytes([len(password)]) + password.encode())
+    assert sock.recv(2) == b"\x01\x00", "login refused"
+    return sock
+
+
+def socks_request(sock, port):
+    """Send a CONNECT to 127.0.0.1:C{port} on a logged-in C{sock}; the reply code."""
+    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port))
+    reply = sock.recv(10)
+    return reply[1] if len(reply) > 1 else None
+
+
+def http_get_status(sock, port, username, password):
+    """A GET through the HTTP proxy on the kept-alive C{sock}: the status line's code."""
+    token = base64.b64encode(("%s:%s" % (username, password)).encode()).decode()
+    sock.sendall(("GET http://127.0.0.1:%d/hello HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                  "Proxy-Authorization: Basic %s\r\n\r\n" % (port, port, token)).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split(b" ", 2)[1])
+
+
+class UserRemovedTests(unittest.TestCase):
+    """
+    A gateway.users entry removed by a reload opens no new stream, wherever
+    its login was made: a connection logged in before the reload, a stream
+    waiting for its slot, a keep-alive connection of a listener a reload
+    replaced.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def start(self, **gateway):
+        self.deployment = Deployment(self)
+        self.gateway = yield self.deployment.start_gateway(gateway=gateway)
+        yield self.deployment.start_client()
+        self.reloader = Reloader(self.gateway.config.path, "gateway", self.gateway,
+                                 self.gateway.config, reactor)
+        self.echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+
+    def reload(self, proxy=None, **gateway):
+        data = self.deployment.gateway_config(gateway=gateway)
+        if proxy is not None:
+            data["proxy"] = proxy
+        write_yaml(self.gateway.config.path, data)
+        return self.reloader.reload()
+
+    @defer.inlineCallbacks
+    def test_logged_in_before_the_reload(self):
+        """bob logged in, the reload removes bob: his CONNECT on that connection gets 0x02."""
+        yield self.start(users=[BOB])
+        sock = yield deferToThread(socks_login, self.deployment.socks_port, "bob",
+                                   BOB["password"])
+        self.addCleanup(sock.close)
+        self.assertTrue((yield self.reload(users=[])))
+        self.assertEqual((yield deferToThread(socks_request, sock, self.echo_port)), 0x02)
+
+    @defer.inlineCallbacks
+    def test_stream_waiting_for_its_slot(self):
+        """bob at max_streams 1: a second CONNECT waits; bob removed, it is refused when the slot frees."""
+        yield self.start(users=[dict(BOB, max_streams=1)], queue_timeout=10)
+        first = yield deferToThread(socks_connect, self.deployment.socks_port, "127.0.0.1",
+                                    self.echo_port, username="bob", password=BOB["password"])
+        self.addCleanup(first.close)
+        second = yield deferToThread(socks_login, self.deployment.socks_port, "bob",
+                                     BOB["password"])
+        self.addCleanup(second.close)
+        waiting = deferToThread(socks_request, second, self.echo_port)
+        for _ in range(100):  # until the request waits in the queue
+            if self.gateway.limits.per_user.waiting("bob"):
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertTrue((yield self.reload(users=[])))  # revokes the first, freeing the slot
+        self.assertEqual((yield waiting), 0x02)
+        self.assertEqual(self.gateway.user_endpoints.stream_table.count_by_user(), {})
+
+    @defer.inlineCallbacks
+    def test_replaced_listener_keep_alive_connection(self):
+        """
+        A reload replaces the HTTP listener (new options); a later one removes
+        bob: the first listener's keep-alive connection refuses him too (407).
+        """
+        web_port = listen_tcp(self, web_site()).getHost().port
+        yield self.start(users=[BOB])
+        sock = yield deferToThread(socket.create_connection,
+                                   ("127.0.0.1", self.deployment.http_port), 10)
+        self.addCleanup(sock.close)
+        self.assertEqual((yield deferToThread(http_get_status, sock, web_port, "bob",
+                                              BOB["password"])), 200)
+        proxy = self.deployment.gateway_config()["proxy"]
+        proxy["http"]["options"] = {"realm": "another realm"}
+        self.assertTrue((yield self.reload(proxy=proxy, users=[BOB])))
+        self.assertEqual((yield deferToThread(http_get_status, sock, web_port, "bob",
+                                              BOB["password"])), 200)
+        self.assertTrue((yield self.reload(proxy=proxy, users=[])))
+        self.assertEqual((yield deferToThread(http_get_status, sock, web_port, "bob",
+                                              BOB["password"])), 407)

@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from anyproxy.auth import GroupLogins, Logins
 from anyproxy.bandwidth import BandwidthLimits
-from anyproxy.errors import StreamOpenError
+from anyproxy.errors import ConfigError, Reason, StreamOpenError
 from anyproxy.gateway.drain import Drain, serve_readiness
 from anyproxy.gateway.frontend_listeners import Frontends
 from anyproxy.gateway.port_forwarding.forwarder import PortForwarding
@@ -228,9 +228,14 @@ class UserEndpoints:
             user's policy refuses the stream (the frontends answer it as
             they answer a failed open).
         """
-        policy, shape = user.policy, None
+        policy, shape, recheck = user.policy, None, None
         if policy is not None:
-            refusal = policy.refusal(user.group, host, port, kind)
+            # A gateway.users entry: the rules in force now, not those of its
+            # login (a connection that logged in before a reload keeps
+            # asking), checked again once a slot and a tunnel are found.
+            policy = self._policies.get(user.name)
+            recheck = functools.partial(self._refusal, user.name, user.group, host, port, kind)
+            refusal = recheck()
             if refusal is not None:
                 error = StreamOpenError(*refusal)
                 if self.stream_table is not None:  # its access-log line
@@ -248,7 +253,14 @@ class UserEndpoints:
                               admit=functools.partial(self._limits.admit, user.name, frontend),
                               frontend=frontend, metrics=self._metrics, user=user.name,
                               source=source, streams=self.stream_table, policy=policy,
-                              shape=shape)
+                              shape=shape, recheck=recheck)
+
+    def _refusal(self, name, group, host, port, kind):
+        """Why the rules in force refuse user C{name} this stream, or C{None}."""
+        policy = self._policies.get(name)
+        if policy is None:
+            return Reason.NOT_ALLOWED, "user %r is no longer configured" % (name,)
+        return policy.refusal(group, host, port, kind)
 
     def prepare(self, config):
         """
@@ -479,9 +491,14 @@ class Gateway(MultiService):
         @return: a Deferred firing with a list of notes for the log
             (listeners that could not be re-bound, listeners switched on or
             off).
-        @raise anyproxy.errors.ConfigError: with nothing changed.
+        @raise anyproxy.errors.ConfigError: with nothing changed; also while
+            the gateway drains (a reload could listen again on addresses the
+            drain closed, while C{/ready} says not ready).
         """
         config.require_gateway()
+        if self.draining is not None:
+            raise ConfigError("%s: the gateway is draining; the reload is refused (restart it "
+                              "with the new config instead)" % (config.path,))
         applied = reconfigure_all(self.parts(), config)
         self.config = config
         return applied

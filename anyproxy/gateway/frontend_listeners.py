@@ -13,6 +13,7 @@ reload to them (see L{Frontends.prepare}).
 """
 
 import functools
+import weakref
 
 import attr
 from twisted.application.service import MultiService
@@ -77,6 +78,11 @@ class Frontends(MultiService):
     logins = attr.ib(default=None)
     # Set once the gateway drains: the factories keep no idle upstream connection.
     draining = attr.ib(default=False, init=False)
+    # The users of listeners replaced or removed by a reload -> the frontend
+    # config to fill them from: their open connections keep logging in with
+    # them, so every later reload refills them too.  Weak: gone with the
+    # last such connection.
+    _retired = attr.ib(factory=weakref.WeakKeyDictionary, init=False)
 
     def __attrs_post_init__(self):
         MultiService.__init__(self)
@@ -174,8 +180,9 @@ class Frontends(MultiService):
 
         First, the factories of frontends that are new or whose type or
         options changed are built.  Then every listener's users are
-        refilled (a removed listener's too: its connections stay up and log
-        in again on their next request), the kept factories get the new
+        refilled (a removed or replaced listener's too, at this reload and
+        every later one: its connections stay up and log in again on their
+        next request), the kept factories get the new
         C{handshake_timeout}, and listeners are removed, added, re-bound
         (a new address) or replaced (a new factory on the same address: the
         old one is let go first).
@@ -189,6 +196,9 @@ class Frontends(MultiService):
 
         def apply():
             self._refill(config, wanted, rebuilt)
+            for name, record in self.records.items():
+                if name not in wanted or name in rebuilt:
+                    self._retired[record.users] = wanted.get(name, record.config)
             moves = []
             for name in [each for each in self.records if each not in wanted]:
                 moves.append(remove_child(self, self.records.pop(name).listener)
@@ -210,6 +220,10 @@ class Frontends(MultiService):
                 record.config = frontend
                 if hasattr(record.factory, "handshake_timeout"):
                     record.factory.handshake_timeout = config.gateway.handshake_timeout
+        for users, frontend in list(self._retired.items()):
+            frontend = wanted.get(frontend.name, frontend)
+            users.replace(config.gateway_users_for(frontend.listener),
+                          require_login=frontend.listener.require_login)
 
     def _place(self, frontend, new_record):
         """Listen for C{frontend} as the reload wants: a list of Deferreds of notes."""

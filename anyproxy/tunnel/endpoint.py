@@ -51,11 +51,16 @@ class TunnelEndpoint:
         (L{anyproxy.gateway.app.UserEndpoints}).
     @param shape: C{None}, or called with each opened stream (the user's
         bandwidth cap, L{anyproxy.bandwidth.BandwidthLimits.shape}).
+    @param recheck: C{None}, or a callable returning C{None} or C{(reason,
+        text)}: the user's rules in force, asked again before the OPEN is
+        sent and once the stream is open, so that a reload while the stream
+        waited for a slot or a tunnel, or while it opened (before the
+        reload could see it to revoke it), still refuses it.
     """
 
     def __init__(self, tunnel_pool, clock, group, host, port, kind="tcp", wait=3.0,
                  open_timeout=DEFAULT_OPEN_TIMEOUT, admit=None, frontend=None, metrics=None,
-                 user="", source="", streams=None, policy=None, shape=None):
+                 user="", source="", streams=None, policy=None, shape=None, recheck=None):
         self._tunnel_pool = tunnel_pool
         self._clock = clock
         self.group = group
@@ -75,6 +80,7 @@ class TunnelEndpoint:
         self._streams = streams
         self.policy = policy
         self._shape = shape
+        self._recheck = recheck
 
     def open_stream(self, admitted=False, first_data=b""):
         """
@@ -123,7 +129,14 @@ class TunnelEndpoint:
                   lambda tunnel: self._open_on(tunnel, first_data))
         return bound_open(d, self._open_timeout, self._clock)
 
+    def _refused_now(self):
+        refusal = self._recheck() if self._recheck is not None else None
+        return None if refusal is None else StreamOpenError(*refusal)
+
     def _open_on(self, tunnel, first_data, retried=False):
+        refused = self._refused_now()
+        if refused is not None:
+            return defer.fail(refused)
         started = self._clock.seconds()
         opening = open_on(tunnel.mux, self.kind, self.host, self.port, first_data)
         opening.addCallback(self._record_end, tunnel, started)
@@ -140,6 +153,10 @@ class TunnelEndpoint:
         return failure if other is None else self._open_on(other, first_data, retried=True)
 
     def _record_end(self, stream, tunnel, started):
+        refused = self._refused_now()
+        if refused is not None:
+            stream.reset(refused.reason)
+            raise refused
         # One event per stream when it ends, with what a log shipper wants
         # (log.format: json turns each field into a JSON key).
         if self._streams is not None:
