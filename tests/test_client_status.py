@@ -171,6 +171,20 @@ class ClientStatusTests(TestCase):
         self.assertIn(CONTENT_SECURITY_POLICY.decode(), out.decode())
 
     @defer.inlineCallbacks
+    def test_reload_sets_deadline_and_login(self):
+        """A reload's connect_timeout is the page's request deadline from then on, with its login."""
+        data = self.deployment.client_config(client={
+            "status_addr": "127.0.0.1:0", "status_username": STATUS_USER,
+            "status_password": "an0ther-status-pw", "connect_timeout": 2,
+            "open_ports": [{"remote_port": self.forwarded, "local_port": 22}]})
+        yield self.client.reconfigure(load_config(self.deployment.write_config(data)))
+        site = self.client.status_listener.factory
+        self.assertEqual(site.request_timeout, 2)
+        out, _, _ = yield run_curl("-o", "/dev/null", "-w", "%{http_code}", "-u",
+                                   "%s:%s" % (STATUS_USER, STATUS_PASSWORD), self.url + "api/status")
+        self.assertEqual(out, b"401")
+
+    @defer.inlineCallbacks
     def test_logins_throttled(self):
         """
         Wrong logins to the status page and the metrics from one address

@@ -337,6 +337,27 @@ class IdleTimeoutTests(_LimitsBase):
         self.assertIsNone(self.dialer._sweeper)
 
 
+    @defer.inlineCallbacks
+    def test_changed_while_streams_are_open(self):
+        """
+        idle_timeout set to 0 (never) by a reload stops the sweep: an open
+        stream quiet for longer than the old timeout stays; set again, it
+        sweeps at the new pace.
+        """
+        yield self.start(client={"idle_timeout": 30})
+        sock, = yield self.hold(1)
+        self.assertIsNotNone(self.dialer._sweeper)
+        self.dialer.idle_timeout = 0
+        self.assertIsNone(self.dialer._sweeper)
+        for _ in range(20):  # the old sweep compared silence with 0: it reset at its next run
+            self.dialer._sweep_idle()
+        self.assertEqual(self.dialer.active, 1)
+        self.assertEqual((yield deferToThread(echo_through, sock, b"still")), b"still")
+        self.dialer.idle_timeout = 0.3
+        rest = yield deferToThread(recv_all, sock)  # closed once quiet for 0.3 s
+        self.assertEqual(rest, b"")
+
+
 class Stalled(protocol.Protocol):
     """A user that sends half a handshake and then nothing; records when it is closed."""
 

@@ -551,6 +551,26 @@ class ClientReconfigureTests(unittest.TestCase):
         self.assertEqual((dialer.max_streams, dialer.connect_timeout, dialer.idle_timeout),
                          (7, 3, 9))
 
+    def test_bad_client_key_with_srv_gateways(self):
+        """
+        With only srv: gateways (TLS options made per target when dialed), a
+        client key that does not match its certificate still refuses the
+        reload, before any change.
+        """
+        pki = TestPKI(os.path.join(os.path.abspath(self.mktemp()), "pki"))
+        other = pki.ca.issue_cert("other.test")
+        bad_key = os.path.join(pki.directory, "other.key")
+        other.private_key_pem.write_to_path(bad_key)
+        srv = {"gateway_addr": "srv:_anyproxy._tcp.example.test",
+               "gateway_tls_cert": pki.ca_path, "tls_cert": pki.cert_path}
+        self.root.dns_resolver = object()  # nothing dials here: no real DNS resolver
+        self.reconfigure(**dict(srv, tls_key=pki.key_path))
+        before = self.root.config
+        config = load_config(write_yaml(self.path, client_data(**dict(srv, tls_key=bad_key))),
+                             role="client")
+        self.assertRaises(ConfigError, self.root.reconfigure, config)
+        self.assertIs(self.root.config, before)
+
     def test_replicas(self):
         """Raising replicas adds tunnels; lowering removes the last ones."""
         self.reconfigure(replicas=3)

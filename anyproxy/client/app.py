@@ -762,6 +762,12 @@ class ClientRoot(MultiService):
         nodes = {entry.key for entry in self.attached.values()}
         tls = {(host, port): self.tls_for(client, (host, port))
                for host, port in configured | (nodes & set(self.factories))}
+        if any(srv_name(key) is not None for key in configured):
+            # SRV targets' options are made per target when dialed: read the
+            # certificate and key files now all the same, so that a bad one
+            # refuses the reload instead of failing every later dial.
+            # (Any host name does: only the files are checked.)
+            self.tls_options(client, "localhost")
         self.config = config
         dialer = self.dialer
         dialer.set_policy(client.policy)

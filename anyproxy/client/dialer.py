@@ -520,7 +520,25 @@ class Dialer:
             self._sweeper.clock = self._reactor
             self._sweeper.start(self.idle_timeout / self.IDLE_SWEEP_FRACTION, now=False)
 
+    @property
+    def idle_timeout(self):
+        """Seconds without a byte before a spliced stream is closed; 0: never."""
+        return self._idle_timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, value):
+        # A reload: the sweep restarts at the new pace (or stops for 0).
+        self._idle_timeout = value
+        if not hasattr(self, "_spliced"):
+            return  # being built
+        self.stop()
+        if self._spliced:
+            self._watch_idle()
+
     def _sweep_idle(self):
+        if self.idle_timeout <= 0:
+            self.stop()
+            return
         now = self._reactor.seconds()
         for stream in [s for s in self._spliced if now - s.last_active >= self.idle_timeout]:
             log.info("stream {sid} to {host}:{port}: no bytes for {idle:.0f}s "

@@ -64,7 +64,7 @@ def add_status_page(root, reactor, client, logins):
     Keep the refusal ring on C{root.dialer} and, when C{client.status_addr}
     is set, serve the page there (C{root.status_listener}), its logins
     checked and throttled by C{logins} (L{anyproxy.auth.Logins}); a reload
-    changes its login for the next request.
+    changes its login and request deadline for the next request.
     """
     refusals = root.refusals = RefusalLog(reactor)
     root.dialer.refusal_log = refusals
@@ -78,5 +78,6 @@ def add_status_page(root, reactor, client, logins):
     def new_login(config):
         if config.client.status_endpoint is not None:  # else it stops at the restart
             site.set_login(config.client.status_username, config.client.status_password)
+            site.request_timeout = config.client.connect_timeout
 
     root.reload_hooks.append(new_login)
