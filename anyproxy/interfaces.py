@@ -191,6 +191,13 @@ class ITunnelPool(IReconfigurable):
         (L{anyproxy.gateway.tunnel_pool.TunnelPool.retry_choice}).
         """
 
+    def routed_best(group, host, mux):
+        """
+        Whether the tunnel of C{mux} is still among those L{pick} chooses
+        from for C{host} (a connection kept for reuse on it may be reused;
+        L{anyproxy.gateway.tunnel_pool.TunnelPool.routed_best}).
+        """
+
 
 class OptionError(ValueError):
     """

@@ -87,3 +87,24 @@ class UpstreamPoolEndToEndTests(unittest.TestCase):
         self.assertEqual(status, 403)
         status, _ = yield self.get(host="127.0.0.1")
         self.assertEqual(status, 200)
+
+    @defer.inlineCallbacks
+    def test_better_route_announced_later(self):
+        """
+        A connection kept on a client without routes is not reused once
+        another client of the group announces a route for the target
+        (client.routes): the next request goes to that client.
+        """
+        status, _ = yield self.get(host="target.test")
+        self.assertEqual((status, self.client.dialer.active), (200, 1))
+        routed = yield self.deployment.start_client(wait=False, client={
+            "client_id": "client-2", "routes": ["target.test"]})
+        for _ in range(250):
+            if len(self.gateway.tunnel_pool.tunnels()) == 2:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        for _ in range(3):
+            status, _ = yield self.get(host="target.test")
+            self.assertEqual(status, 200)
+        self.assertEqual((self.client.dialer.active, routed.dialer.active), (0, 1))
+        self.assertEqual(self.site.connections, 2)

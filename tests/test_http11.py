@@ -205,6 +205,9 @@ class RequestTests(SynchronousTestCase):
                           b"Upgrade: h2c\r\nContent-Length: 3\r\n\r\nabc", 400)
         self.assert_error(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
                           400)
+        # llhttp reads "chunked<TAB>" as no chunking: refused before the head is taken.
+        self.assert_error(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\t\r\n\r\n"
+                          b"3\r\nabc\r\n0\r\n\r\n", 501)
 
     def test_broken_request_behind_a_good_one(self):
         """A malformed pipelined request waits until the good one before it is answered."""
@@ -276,10 +279,12 @@ class RequestTests(SynchronousTestCase):
                           400)
 
     def test_expect_continue(self):
-        """100-continue is awaited until an answer or the body moves."""
+        """100-continue is awaited until an answer or the body moves; a 103 is no answer to it."""
         self.server.receive_data(b"PUT http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
                                  b"Expect: 100-continue\r\n\r\n")
         drain(self.server)
+        self.assertTrue(self.server.they_are_waiting_for_100_continue)
+        self.server.send(InformationalResponse(103, b"Early Hints", [(b"Link", b"</s>")]))
         self.assertTrue(self.server.they_are_waiting_for_100_continue)
         self.assertEqual(self.server.send(InformationalResponse(100, b"Continue", [])),
                          b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -512,6 +517,19 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(events[1].headers.raw_items(), [(b"Link", b"</s>")])
         self.assertTrue(self.client.reusable)
 
+    def test_tab_after_chunked(self):
+        """A response's "chunked<TAB>" (which llhttp reads unchunked) is an error, not a body."""
+        client = ClientConnection()
+        client.send(Request(b"GET", b"/", [(b"Host", b"a")]))
+        client.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\t\r\n\r\n"
+                            b"3\r\nabc\r\n0\r\n\r\n")
+        self.assertRaises(RemoteProtocolError, drain, client)
+        client = ClientConnection()
+        client.send(Request(b"GET", b"/", [(b"Host", b"a")]))
+        client.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked  \r\n\r\n"
+                            b"3\r\nabc\r\n0\r\n\r\n")
+        self.assertEqual(body_of(drain(client)), b"abc")
+
     def test_informational_with_a_body(self):
         """A 1xx announcing a body is a broken origin: an error, not data before the response."""
         for head in (b"HTTP/1.1 150 X\r\nContent-Length: 5\r\n\r\nhello",
@@ -628,3 +646,18 @@ class StateTests(SynchronousTestCase):
         self.assertIs(client.our_state, SEND_BODY)
         self.assertRaises(http11.LocalProtocolError, client.send, Request(b"GET", b"/", []))
         self.assertRaises(http11.LocalProtocolError, client.start_next_cycle)
+
+
+class UserResponseTests(SynchronousTestCase):
+    """What of an origin's response head goes on to the user (anyproxy.frontends.http.messages)."""
+
+    def test_no_length_on_204(self):
+        """RFC 9110 8.6: a 204 carries no Content-Length, even when the origin sent one."""
+        from anyproxy.frontends.http.messages import user_response
+        from anyproxy.frontends.http.parse import Headers
+        response = Response(204, b"No Content", Headers([(b"content-length", b"6"),
+                                                         (b"x-kept", b"1")]))
+        names = [name.lower() for name, _ in user_response(response).headers.raw_items()]
+        self.assertEqual(names, [b"x-kept"])
+        response = Response(200, b"OK", Headers([(b"content-length", b"6")]))
+        self.assertEqual(user_response(response).headers.get_all(b"content-length"), [b"6"])

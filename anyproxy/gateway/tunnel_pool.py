@@ -193,6 +193,18 @@ class TunnelPool:
             return list(self._groups.get(group, ()))
         return [t for tunnels in self._groups.values() for t in tunnels]
 
+    def routed_best(self, group, host, mux):
+        """
+        Whether the tunnel of C{mux} is still one that L{pick} would choose
+        from for C{host} in C{group} (its routes among the most specific):
+        a connection kept on it for reuse must not outlive a client that
+        announced a better route since.  Always true without routes.
+        """
+        if not (self._routed and host is not None and group in self._routed):
+            return True
+        return any(each.mux is mux for each in most_specific(self._groups[group],
+                                                              Target.of(host)))
+
     def pick(self, group, host=None, avoid=None):
         """
         A tunnel of C{group} for a new stream, or C{None}.

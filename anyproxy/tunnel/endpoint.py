@@ -103,6 +103,14 @@ class TunnelEndpoint:
             d = self._streams.watch_refusals(d, self)
         return d
 
+    def still_routed(self, stream):
+        """
+        Whether C{stream} (opened earlier to this target, kept for reuse) is
+        on a tunnel the group's routes would still choose for it.
+        """
+        mux = getattr(stream, "_mux", None)
+        return mux is None or self._tunnel_pool.routed_best(self.group, self._route_host, mux)
+
     def admit(self):
         """See L{IAdmittingEndpoint.admit}."""
         if self._admit is None:

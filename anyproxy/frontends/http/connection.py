@@ -307,7 +307,10 @@ class ServerConnection(_Connection):
         if event_type is InformationalResponse:
             if self.our_state is not SEND_RESPONSE:
                 raise LocalProtocolError("no request is waiting for an answer")
-            self.they_are_waiting_for_100_continue = False
+            if event.status_code == 100:
+                # Only 100 answers the expectation; a 103 (early hints) does
+                # not, and the body still waits to be asked for.
+                self.they_are_waiting_for_100_continue = False
             return _write_head(b"HTTP/1.1 %d %s\r\n" % (event.status_code, event.reason),
                                event.headers.raw_items(), ())
         raise LocalProtocolError("cannot send %r" % (event,))

@@ -250,11 +250,15 @@ class ForwardExchange:
             self._give_back_slot()
             return
         upstream = self._pool.take(self._key)
-        while upstream is not None and (upstream.transport.disconnecting
-                                        or tunnel_draining(upstream)):
+        still_routed = getattr(self._endpoint, "still_routed", None)
+        while upstream is not None and (
+                upstream.transport.disconnecting or tunnel_draining(upstream)
+                or (still_routed is not None and not still_routed(upstream.transport))):
             # Closing already (the origin's FIN arrived while it had bytes
             # queued), or on a tunnel going away: reusing it would keep that
             # tunnel from ever draining (a fleet client moving on, a drain).
+            # Or a client announced a better route to the target since
+            # (client.routes): the name may mean another machine there.
             upstream.close()
             upstream = self._pool.take(self._key)
         if upstream is not None:

@@ -279,6 +279,9 @@ def user_response(response):
     kept, anything else (chunked or close-delimited) is framed anew there.
     """
     kept = _forwardable(response.headers, chunked_drops_length=True)[0]
+    if response.status_code == 204:
+        # RFC 9110 8.6: no Content-Length on a 204 (it has no body).
+        kept = [(name, value) for name, value in kept if name.lower() != b"content-length"]
     return Response(response.status_code, response.reason, kept)
 
 

@@ -240,10 +240,14 @@ class _Reader:
             return  # a chunked body's trailer: dropped
         self._size += len(name) + len(value) + 4
         self._raw_names.append(name)
-        self._names.append(name.lower())
+        lower = name.lower()
+        self._names.append(lower)
         # llhttp drops the whitespace before a value but keeps what trails
-        # it; neither is part of the value (RFC 9110 5.5).
-        self._values.append(value.rstrip(b" \t"))
+        # it; neither is part of the value (RFC 9110 5.5).  But a tab after
+        # a Transfer-Encoding stays: llhttp does not read "chunked<TAB>" as
+        # chunked, and neither may we (_is_chunked).
+        self._values.append(value.rstrip(b" ") if lower == b"transfer-encoding"
+                            else value.rstrip(b" \t"))
 
     def on_headers_complete(self):
         self._in_head = False
@@ -264,6 +268,15 @@ class _Reader:
         self.events.append(END)
 
 
+def _is_chunked(value):
+    """
+    Whether a Transfer-Encoding value is C{chunked} as llhttp reads it: spaces
+    around it are fine, a tab is not (llhttp then reads no chunks, so the
+    proxy and the parser would frame the body differently).
+    """
+    return value.strip(b" ").lower() == b"chunked"
+
+
 class RequestReader(_Reader):
     _parser_class = httptools.HttpRequestParser
     _keep_alive = True  # of the request being read
@@ -277,7 +290,7 @@ class RequestReader(_Reader):
         for name, value in headers:
             if name == b"host":
                 hosts += 1
-            elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            elif name == b"transfer-encoding" and not _is_chunked(value):
                 self.events.append(RemoteProtocolError(
                     "only Transfer-Encoding: chunked is supported", 501))
                 raise _Stop()
@@ -353,7 +366,7 @@ class ResponseReader(_Reader):
             return
         self.final = True
         for name, value in headers:
-            if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            if name == b"transfer-encoding" and not _is_chunked(value):
                 self.events.append(RemoteProtocolError("an unsupported Transfer-Encoding"))
                 raise _Stop()
         self.events.append(Response(status, self._first, headers, version))
