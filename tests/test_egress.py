@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anyproxy.client.egress import (
     EgressProxyEndpoint, EgressProxyError, HttpConnectHandshake, ProxyURL, Socks5Handshake,
-    proxy_from_environment)
+    no_proxy_matches, proxy_from_environment)
 from tests.support import Echo, listen_tcp
 
 
@@ -42,6 +42,48 @@ class ProxyURLTests(SynchronousTestCase):
                          "socks5://s:1")
         self.assertIsNone(proxy_from_environment("gw", {"https_proxy": "http://p:1",
                                                         "no_proxy": "*"}))
+
+
+class EnvironmentTests(SynchronousTestCase):
+    """The standard proxy variables, read as curl (and Go) read them."""
+
+    def test_fixed_order_and_empty_is_unset(self):
+        """Lower case first, whatever the environment's order; an empty value counts as unset."""
+        for env in ({"HTTPS_PROXY": "http://upper:1", "https_proxy": "http://lower:1"},
+                    {"https_proxy": "http://lower:1", "HTTPS_PROXY": "http://upper:1"}):
+            self.assertEqual(str(proxy_from_environment("gw", env)), "http://lower:1")
+        self.assertEqual(str(proxy_from_environment("gw", {"HTTPS_PROXY": "http://upper:1",
+                                                           "https_proxy": ""})),
+                         "http://upper:1")
+        self.assertEqual(str(proxy_from_environment("gw", {"https_proxy": " ",
+                                                           "ALL_PROXY": "socks5://all:1"})),
+                         "socks5://all:1")
+
+    def test_no_scheme_is_http(self):
+        """A value without a scheme is http://, credentials kept and never shown."""
+        url = proxy_from_environment("gw", {"HTTPS_PROXY": "alice:s3cret@proxy.corp:3128"})
+        self.assertEqual((str(url), url.username, url.password),
+                         ("http://proxy.corp:3128", "alice", "s3cret"))
+
+    def test_no_proxy(self):
+        """Domains with or without a leading dot or *., IPs, CIDRs, ports, * anywhere."""
+        cases = [
+            ("gw.corp", None, "corp", True), ("gw.corp", None, ".corp", True),
+            ("gw.corp", None, "*.corp", True), ("corp", None, ".corp", True),
+            ("gwcorp", None, "corp", False), ("GW.Corp.", None, "gw.corp", True),
+            ("10.1.2.3", None, "10.0.0.0/8", True), ("10.1.2.3", None, "2.3", False),
+            ("10.1.2.3", None, "10.1.2.3", True), ("::1", None, "[::1]", True),
+            ("fd00::5", None, "fd00::/8", True), ("[fd00::5]", 443, "[fd00::/8]:443", True),
+            ("gw.corp", 8443, "gw.corp:8443", True), ("gw.corp", 443, "gw.corp:8443", False),
+            ("gw.example", None, "a.test, *", True), ("gw.example", None, "a.test b.test", False),
+            ("gw.b.test", None, "a.test b.test", True),
+        ]
+        for host, port, no_proxy, exempt in cases:
+            self.assertEqual(no_proxy_matches(host, port, no_proxy), exempt,
+                             (host, port, no_proxy))
+        env = {"https_proxy": "http://p:1", "NO_PROXY": "10.0.0.0/8"}
+        self.assertIsNone(proxy_from_environment("10.9.9.9", env))
+        self.assertIsNotNone(proxy_from_environment("192.0.2.1", env))
 
 
 class HttpConnectHandshakeTests(SynchronousTestCase):

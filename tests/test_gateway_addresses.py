@@ -68,6 +68,42 @@ class RFC2782OrderTests(SynchronousTestCase):
         self.assertEqual([h for h, _ in rfc2782_order(records, lambda: 0.5)], ["nine", "zero"])
 
 
+    def test_all_weights_zero_spread(self):
+        """With every weight 0, any record may come first: clients do not all start at one."""
+        import random
+        draw = random.Random(7).random
+        records = [self.record(10, 0, name) for name in ("a", "b", "c")]
+        firsts = [rfc2782_order(records, draw)[0][0] for _ in range(300)]
+        for name in ("a", "b", "c"):
+            self.assertGreater(firsts.count(name), 50, name)
+
+
+class SrvCancelTests(SynchronousTestCase):
+    """Cancelling an SRV attempt stops it, whatever error the step in progress fails with."""
+
+    def test_cancel_tries_no_further_target(self):
+        from anyproxy.client.egress import EgressProxyError
+        from anyproxy.client.gateway_endpoints import SrvEndpoint
+        records = {SRV_NAME: [dns.Record_SRV(10, 0, 8443, name) for name in ("a", "b", "c")]}
+        tried = []
+
+        class Pending:
+            def __init__(self, host):
+                self.host = host
+
+            def connect(self, factory):
+                tried.append(self.host)
+                # As the egress proxy's endpoint fails when cancelled: not CancelledError.
+                return defer.Deferred(lambda d: d.errback(EgressProxyError("gave up")))
+
+        endpoint = SrvEndpoint(SRV_NAME, _Answers(records), lambda host, port: Pending(host))
+        attempt = endpoint.connect(object())
+        self.assertEqual(len(tried), 1)
+        attempt.cancel()
+        self.failureResultOf(attempt, defer.CancelledError)
+        self.assertEqual(len(tried), 1)
+
+
 class ConfigFormTests(SynchronousTestCase):
     """C{gateway_addr} entries C{srv:NAME} and C{client.egress_proxy}."""
 

@@ -30,7 +30,6 @@ import ipaddress
 import os
 import struct
 import urllib.parse
-import urllib.request
 
 import attr
 from twisted.internet import defer, protocol
@@ -91,28 +90,79 @@ class ProxyURL:
         return "%s://%s" % (self.scheme, host_port(self.host, self.port))
 
 
-def proxy_from_environment(host, environ=None):
+# Where the environment names the proxy, first found first (curl's order:
+# lower case before upper case); an empty value counts as unset, as in Go.
+_PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+_NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
+
+
+def proxy_from_environment(host, environ=None, port=None):
     """
     The L{ProxyURL} the standard environment gives for dialing C{host}
-    over TLS (C{HTTPS_PROXY}/C{https_proxy}, then C{ALL_PROXY}), or
-    C{None} when there is none or C{NO_PROXY} exempts C{host}.
+    (port C{port}) over TLS (C{https_proxy}/C{HTTPS_PROXY}, then
+    C{all_proxy}/C{ALL_PROXY}; a value without a scheme is C{http://}, as
+    curl takes it), or C{None} when there is none or C{NO_PROXY} exempts
+    C{host} (L{no_proxy_matches}).
 
     @raise ValueError: the variable holds something that is not a proxy URL.
     """
     environ = os.environ if environ is None else environ
-    lowered = {key.lower(): value for key, value in environ.items()}
-    text = lowered.get("https_proxy") or lowered.get("all_proxy")
-    if not text:
+    text = next((environ[name].strip() for name in _PROXY_VARIABLES
+                 if environ.get(name, "").strip()), None)
+    if text is None:
         return None
-    proxies = {"https": text, "no": lowered.get("no_proxy", "")}
-    if proxies["no"] and _bypassed(host, proxies["no"]):
+    no_proxy = next((environ[name] for name in _NO_PROXY_VARIABLES
+                     if environ.get(name, "").strip()), "")
+    if no_proxy and no_proxy_matches(host, port, no_proxy):
         return None
+    if "://" not in text:
+        text = "http://" + text
     return ProxyURL.parse(text)
 
 
-def _bypassed(host, no_proxy):
-    """C{NO_PROXY} semantics as curl and Python apply them (suffixes, C{*}, ports ignored)."""
-    return bool(urllib.request.proxy_bypass_environment(host, {"no": no_proxy}))
+def no_proxy_matches(host, port, no_proxy):
+    """
+    Whether C{NO_PROXY} exempts C{host} (port C{port}, or C{None}): a
+    comma- or space-separated list whose entries are C{*} (everything), a
+    domain (C{example.com}, C{.example.com} or C{*.example.com}: it and
+    its subdomains), an IP address or a CIDR network (C{10.0.0.0/8},
+    C{fd00::/8}), each with an optional C{:port} (only that port; IPv6 in
+    brackets).  Case and a trailing dot do not matter.  As curl and Go read
+    it, but for the port, which curl ignores.
+    """
+    name = host.strip("[]").rstrip(".").lower()
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        address = None
+    for entry in no_proxy.replace(",", " ").split():
+        entry = entry.lower()
+        if entry == "*":
+            return True
+        entry_port = None
+        if entry.startswith("["):
+            entry, _, rest = entry[1:].partition("]")
+            if rest.startswith(":") and rest[1:].isdigit():
+                entry_port = int(rest[1:])
+        elif entry.count(":") == 1:
+            entry, _, text = entry.partition(":")
+            if not text.isdigit():
+                continue
+            entry_port = int(text)
+        if entry_port is not None and port is not None and entry_port != port:
+            continue
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        domain = entry[2:] if entry.startswith("*.") else entry.lstrip(".")
+        domain = domain.rstrip(".")
+        if domain and (name == domain or name.endswith("." + domain)):
+            return True
+    return False
 
 
 class HttpConnectHandshake:

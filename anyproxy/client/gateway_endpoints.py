@@ -127,17 +127,18 @@ class ResolvingReactor:
 
 # -- one address -----------------------------------------------------------------
 
-def egress_proxy_for(client, host, environ=None):
+def egress_proxy_for(client, host, environ=None, port=None):
     """
-    The L{anyproxy.client.egress.ProxyURL} to dial gateway C{host} through:
-    C{client.egress_proxy}, else the environment's, else C{None}.
+    The L{anyproxy.client.egress.ProxyURL} to dial gateway C{host} (port
+    C{port}) through: C{client.egress_proxy}, else the environment's, else
+    C{None}.
 
     @raise ConfigError: the environment's proxy variable is not a proxy URL.
     """
     if client.egress_proxy is not None:
         return client.egress_proxy
     try:
-        return proxy_from_environment(host, environ)
+        return proxy_from_environment(host, environ, port)
     except ValueError as e:
         raise ConfigError("HTTPS_PROXY/ALL_PROXY in the environment: %s (or set "
                           "client.egress_proxy)" % (e,)) from None
@@ -154,7 +155,7 @@ def tcp_endpoint(reactor, client, host, port, resolver=None, environ=None):
     """
     resolving = ResolvingReactor(reactor, LiteralFirst(
         resolver if resolver is not None else reactor.nameResolver))
-    proxy = egress_proxy_for(client, host, environ)
+    proxy = egress_proxy_for(client, host, environ, port)
     if proxy is not None:
         return EgressProxyEndpoint(resolving, proxy, host, port, timeout=client.connect_timeout)
     return HostnameEndpoint(resolving, host, port, timeout=client.connect_timeout)
@@ -163,13 +164,19 @@ def tcp_endpoint(reactor, client, host, port, resolver=None, environ=None):
 def describe_route(client, key, environ=None):
     """One phrase for the start-up log: how gateway C{key} is dialed."""
     name = srv_name(key)
-    host = key[0] if name is None else name
-    proxy = egress_proxy_for(client, host, environ)
-    how = "directly" if proxy is None else "through egress proxy %s%s" % (
-        proxy, "" if client.egress_proxy is not None else " (from the environment)")
     if name is not None:
-        return "the targets of DNS SRV %s, %s" % (name, how)
-    return how
+        if client.egress_proxy is not None:
+            return "the targets of DNS SRV %s, through egress proxy %s" % (
+                name, client.egress_proxy)
+        # NO_PROXY is applied to each target's name as it is dialed.
+        proxy = egress_proxy_for(client, "", environ)
+        return "the targets of DNS SRV %s, %s" % (
+            name, "directly" if proxy is None else
+            "through egress proxy %s (from the environment) unless NO_PROXY exempts "
+            "the target" % (proxy,))
+    proxy = egress_proxy_for(client, key[0], environ, key[1])
+    return "directly" if proxy is None else "through egress proxy %s%s" % (
+        proxy, "" if client.egress_proxy is not None else " (from the environment)")
 
 
 # -- SRV ---------------------------------------------------------------------------
@@ -179,7 +186,8 @@ def rfc2782_order(records, random=random_module.random):
     The order to try SRV C{records} in (RFC 2782, "Usage rules"): by
     priority, lowest first; within one priority, repeatedly pick a record
     with probability proportional to its weight (records of weight 0 have a
-    small chance, first among themselves).
+    small chance, first among themselves, in a random order: with every
+    weight 0, as is common, each client starts at a record of its own).
 
     @param records: C{twisted.names.dns.Record_SRV}s.
     @param random: a function returning a float in [0, 1).
@@ -187,8 +195,10 @@ def rfc2782_order(records, random=random_module.random):
     """
     ordered = []
     for priority in sorted({record.priority for record in records}):
-        # Weight 0 first, as the RFC's selection algorithm arranges them.
-        group = sorted((r for r in records if r.priority == priority), key=lambda r: r.weight != 0)
+        # Weight 0 first, as the RFC's selection algorithm arranges them,
+        # "in any order": a random one, or the first would always win a tie.
+        group = sorted((r for r in records if r.priority == priority),
+                       key=lambda r: (r.weight != 0, random()))
         while group:
             total = sum(record.weight for record in group)
             threshold = int(random() * (total + 1))  # an integer in [0, total]
@@ -246,23 +256,64 @@ class SrvEndpoint:
 
         return d.addCallbacks(ordered, failed)
 
-    @defer.inlineCallbacks
     def connect(self, protocol_factory):
-        targets = yield self.targets()
+        """
+        Look the targets up, then try each in turn; cancelling stops the
+        step in progress and tries no further target (whatever error the
+        cancelled step fails with: a proxy's, a resolver's).
+        """
+        cancelled = []
+        step = [None]  # the Deferred of the step in progress
+
+        def cancel(_):
+            cancelled.append(True)
+            if step[0] is not None:
+                step[0].cancel()
+
+        outcome = defer.Deferred(cancel)
         problems = []
-        for host, port in targets:
-            try:
-                connected = yield self._target_endpoint(host, port).connect(protocol_factory)
-            except defer.CancelledError:
-                raise
-            except Exception as e:
-                problems.append("%s: %s" % (host_port(host, port), e))
-                continue
-            log.debug("DNS SRV {name}: connected to {target}", name=self.name,
-                      target=host_port(host, port))
-            return connected
-        raise error.ConnectError(string="DNS SRV %s: every target failed (%s)"
-                                 % (self.name, "; ".join(problems)))
+
+        def attempt(targets, index):
+            if index == len(targets):
+                outcome.errback(error.ConnectError(
+                    string="DNS SRV %s: every target failed (%s)" % (self.name, "; ".join(problems))))
+                return
+            host, port = targets[index]
+
+            def connected(protocol):
+                step[0] = None
+                if cancelled:  # it connected as we gave up: nobody wants it
+                    transport = getattr(protocol, "transport", None)
+                    if transport is not None:
+                        transport.abortConnection()
+                    return
+                log.debug("DNS SRV {name}: connected to {target}", name=self.name,
+                          target=host_port(host, port))
+                outcome.callback(protocol)
+
+            def failed(failure):
+                step[0] = None
+                if cancelled:
+                    return
+                problems.append("%s: %s" % (host_port(host, port), failure.getErrorMessage()))
+                attempt(targets, index + 1)
+
+            step[0] = self._target_endpoint(host, port).connect(protocol_factory)
+            step[0].addCallbacks(connected, failed)
+
+        def looked_up(targets):
+            step[0] = None
+            if not cancelled:
+                attempt(targets, 0)
+
+        def lookup_failed(failure):
+            step[0] = None
+            if not cancelled:
+                outcome.errback(failure)
+
+        step[0] = self.targets()
+        step[0].addCallbacks(looked_up, lookup_failed)
+        return outcome
 
 
 def default_dns_resolver():
