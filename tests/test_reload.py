@@ -177,6 +177,15 @@ class ReloaderTests(unittest.TestCase):
         self.assertEqual(self.logs.texts("reload applied"),
                          ["reload applied: client.replicas changed; certificates re-read"])
 
+    def test_restart_keys_named(self):
+        """A log rotation key is named as needing a restart (the client has no access log)."""
+        data = client_data()
+        data["log"] = {"max_size": 7}
+        write_yaml(self.path, data)
+        self.assertTrue(self.successResultOf(self.reloader.reload()))
+        self.assertEqual(self.logs.texts("reload: log.max_size"),
+                         ["reload: log.max_size changed: takes effect at the next restart"])
+
     def test_refuses_bad_yaml(self):
         """Bad YAML is refused with one line naming the file; nothing is applied."""
         with open(self.path, "w") as f:
@@ -308,6 +317,18 @@ class GatewayReconfigureTests(unittest.TestCase):
 
     def reconfigure(self, data):
         return self.successResultOf(self.service.reconfigure(self.load(data)))
+
+    def test_rotation_keys_and_the_access_log(self):
+        """A log rotation key needs a restart for the main log; the note says the access log follows."""
+        logs = LogCapture(self)
+        reloader = Reloader(self.path, "gateway", self.service, self.service.config, self.reactor)
+        data = self.data()
+        data["log"] = {"max_size": 7}
+        write_yaml(self.path, data)
+        self.assertTrue(self.successResultOf(reloader.reload()))
+        self.assertEqual(logs.texts("reload: log.max_size"),
+                         ["reload: log.max_size changed: takes effect at the next restart (the "
+                          "access log's rotation follows the new values at once)"])
 
     def test_failed_move_keeps_the_serving_record(self):
         """Later reloads still reach the listener that serves (a revoked password is refused)."""

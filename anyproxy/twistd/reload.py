@@ -51,6 +51,10 @@ RESTART_KEYS = ("log.format", "log.file", "log.output", "log.max_size", "log.max
                 "gateway.fleet", "gateway.fleet.redis", "gateway.fleet.node_id",
                 "gateway.fleet.keep_peers")
 
+# The rotation keys the gateway's access log (gateway.access_log) also
+# reads: it reopens with them at a reload, while the main log keeps its own.
+_ROTATION_KEYS = ("log.max_size", "log.max_backups", "log.max_age", "log.compress")
+
 # Each program's part of a (possibly shared) file.
 _SECTIONS = {"gateway": ("proxy", "gateway", "log"), "client": ("client", "log")}
 # Classes compared key by key (their keys are the schema's, derived fields
@@ -162,8 +166,11 @@ class Reloader(Service):
         for note in notes or ():
             log.warn("reload: {note}", note=note)
         if restart:
-            log.warn("reload: {keys} changed: takes effect at the next restart",
-                     keys=", ".join(restart))
+            rotation = self.role == "gateway" and any(key in _ROTATION_KEYS for key in restart)
+            log.warn("reload: {keys} changed: takes effect at the next restart{access}",
+                     keys=", ".join(restart),
+                     access=" (the access log's rotation follows the new values at once)"
+                     if rotation else "")
         if config.log.level != old.log.level:
             set_log_level(self._observer, config.log.level)
         return True
