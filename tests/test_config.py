@@ -433,6 +433,25 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
             'peer_addr: "10.0.0.5:8444", peer_ca: ca.pem, peer_cert: gw.crt, peer_key: gw.key}\n',
             "gateway.fleet.peer_ca: is gateway.client_ca")
 
+    def test_fleet_ca_copy_is_the_client_ca(self):
+        """A copy of the client CA, or a bundle holding it, is refused as peer_ca too; another CA is not."""
+        import trustme
+        text = (GATEWAY + '  client_ca: ca.pem\n  fleet: {redis: "redis://r:6379/0", '
+                'peer_addr: "10.0.0.5:8444", peer_ca: peers.pem, peer_cert: gw.crt, '
+                'peer_key: gw.key}\n')
+        path = self.write(text)
+        directory = os.path.dirname(path)
+        client_ca, other = trustme.CA().cert_pem.bytes(), trustme.CA().cert_pem.bytes()
+        for peers, refused in ((client_ca, True), (other + client_ca, True), (other, False)):
+            for name, data in (("ca.pem", client_ca), ("peers.pem", peers)):
+                with open(os.path.join(directory, name), "wb") as f:
+                    f.write(data)
+            if refused:
+                message = str(self.assertRaises(ConfigError, load_config, path, check_files=False))
+                self.assertIn("gateway.fleet.peer_ca: is gateway.client_ca", message)
+            else:
+                self.assertIsNotNone(load_config(path, check_files=False).gateway.fleet)
+
     def test_bad_yaml(self):
         """A YAML syntax error names the line."""
         self.assert_error("proxy:\n  socks5: {listen_addr: ':1'\n  x: [\n", "line ")

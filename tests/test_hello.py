@@ -211,6 +211,13 @@ class ReadClientHelloTests(SynchronousTestCase):
         self.assertIn("'client_id'", refusal(self, info(client_id=None)))
         self.assertEqual(read_client_hello(info(client_id="x" * MAX_ID_LENGTH)).client_id,
                          "x" * MAX_ID_LENGTH)
+        # A dot segment would turn the status page's URL for this client
+        # (api/clients/ID/drain) into one for the gateway (api/drain).
+        for field in ("client_id", "group"):
+            for dots in (".", ".."):
+                self.assertEqual(refusal(self, info(**{field: dots})),
+                                 "HELLO field %r must not be %r" % (field, dots))
+        self.assertEqual(read_client_hello(info(client_id="a..b")).client_id, "a..b")
 
     def test_weight(self):
         """A weight outside 0.01..10000, or not a number, is refused; the bounds are taken."""

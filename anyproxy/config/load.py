@@ -356,7 +356,7 @@ def _fleet(node, client_ca=None):
     heartbeat = fleet.number("heartbeat", positive=True)
     keep_peers = fleet.number("keep_peers")
     peer_ca = fleet.file("peer_ca", required=True)
-    if client_ca is not None and os.path.realpath(peer_ca) == os.path.realpath(client_ca):
+    if client_ca is not None and _same_certificates(peer_ca, client_ca):
         # A peer link reaches every group's tunnels without a user's login:
         # a client's certificate must never open one.
         fleet.fail("peer_ca", "is gateway.client_ca, the CA of client certificates; the fleet "
@@ -596,6 +596,26 @@ def _routes(node):
         node.fail("routes", "at most %d entries and %d bytes of JSON (the HELLO's bounds)"
                   % (MAX_ROUTES, MAX_ROUTES_BYTES))
     return texts
+
+
+def _same_certificates(first, second):
+    """
+    Whether two CA files share a certificate (a copy of one, or a bundle
+    holding it, is the same CA as far as whom it lets in goes).
+    """
+    if os.path.realpath(first) == os.path.realpath(second):
+        return True
+
+    def certificates(path):
+        try:
+            with open(path, "rb") as f:
+                text = f.read()
+        except OSError:
+            return set()  # the file checks report it
+        return {block.split(b"-----END", 1)[0].replace(b"\r", b"").replace(b"\n", b"").strip()
+                for block in text.split(b"-----BEGIN CERTIFICATE-----")[1:]}
+
+    return bool(certificates(first) & certificates(second))
 
 
 def _client(node):

@@ -336,6 +336,11 @@ def _text(info, key, default):
     # no control characters, and no lone surrogates (not encodable as UTF-8).
     if not value.isprintable():
         raise _refuse("HELLO field %r must be printable text" % (key,))
+    if value in (".", ".."):
+        # A path segment in the management API's URLs (api/clients/ID/drain):
+        # a browser resolves "..", and the status page's button for this
+        # client would act on the gateway instead (POST api/drain).
+        raise _refuse("HELLO field %r must not be %r" % (key, value))
     return value
 
 
