@@ -433,6 +433,22 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
             'peer_addr: "10.0.0.5:8444", peer_ca: ca.pem, peer_cert: gw.crt, peer_key: gw.key}\n',
             "gateway.fleet.peer_ca: is gateway.client_ca")
 
+    def test_credential_ports(self):
+        """A gateway.clients entry's open_ports_allowed narrows the gateway's; absent, it does not."""
+        config = self.load(
+            GATEWAY + '  open_ports_allowed: ["9000-9500"]\n  clients:\n'
+            '    - {username: lab, password: pw1, open_ports_allowed: [9001, "9100-9199"]}\n'
+            '    - {username: ops, password: pw2}\n'
+            '    - {username: none, password: pw3, open_ports_allowed: []}\n')
+        gateway = config.gateway
+        allowed = gateway.credential_port_allowed
+        self.assertEqual([allowed("lab", port) for port in (9001, 9150, 9002)], [True, True, False])
+        self.assertEqual([allowed("ops", port) for port in (9001, 9400)], [True, True])
+        self.assertFalse(allowed("none", 9001))
+        message = self.error(GATEWAY + '  clients:\n    - {username: lab, password: pw1, '
+                             'open_ports_allowed: ["x"]}\n')
+        self.assertIn("gateway.clients[0].open_ports_allowed[0]", message)
+
     def test_fleet_ca_copy_is_the_client_ca(self):
         """A copy of the client CA, or a bundle holding it, is refused as peer_ca too; another CA is not."""
         import trustme
@@ -751,7 +767,7 @@ CONTRACT = {
     UserConfig: {"username", "password", "passwords", "group", "groups", "allow", "deny",
                  "protocols", "max_streams", "bandwidth"},
     ClientEntryConfig: {"username", "password", "passwords", "subject", "groups", "client_ids",
-                        "max_tunnels"},
+                        "max_tunnels", "open_ports_allowed"},
     ClientConfig: {
         "gateway_addr", "gateway_tls_cert", "gateway_server_name", "client_id", "group_id",
         "group_password", "replicas", "max_concurrent_conns", "auth_username", "auth_password",

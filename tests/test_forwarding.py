@@ -269,8 +269,27 @@ class PortForwardingTests(SynchronousTestCase):
         self.assertTrue(manager.tunnel_connected(holder, [wanted(9001)])[0]["ok"])
         [answer] = manager.tunnel_connected(impostor, [wanted(9001, 8080, local_host="evil")])
         self.assertFalse(answer["ok"])
-        self.assertIn("already forwarded for client site-a1", answer["error"])
+        # Another tenant's client is not named.
+        self.assertIn("already forwarded for another client", answer["error"])
         self.assertEqual([route.tunnel for route in manager.port_for(9001).routes], [holder])
+
+    def test_credential_ports(self):
+        """
+        A gateway.clients entry's own open_ports_allowed: its clients get only
+        those ports, even when free (the port of another tenant whose client
+        left); an entry without one has the gateway's whole list.
+        """
+        reactor, manager = forwarding()
+        own = {"lab": [(9001, 9001)], "ops": [(9100, 9199)]}
+        manager._credential_port_allowed = lambda credential, port: (
+            credential not in own or any(low <= port <= high for low, high in own[credential]))
+        [taken] = manager.tunnel_connected(tunnel("ops-1", credential="ops"), [wanted(9001)])
+        self.assertFalse(taken["ok"])
+        self.assertIn("open_ports_allowed of this client's credential", taken["error"])
+        [mine] = manager.tunnel_connected(tunnel("lab-1", credential="lab"), [wanted(9001)])
+        self.assertTrue(mine["ok"])
+        [anyone] = manager.tunnel_connected(tunnel("x-1", credential="x"), [wanted(9050)])
+        self.assertTrue(anyone["ok"])
 
     def test_same_id_other_group_refused(self):
         """The owner is the client id within its group."""

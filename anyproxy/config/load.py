@@ -198,6 +198,17 @@ def _names(node, key, what):
     return tuple(names) or node.default(key)
 
 
+def _port_ranges(node):
+    """C{open_ports_allowed} of C{node}: C{((low, high), ...)} from ports and "low-high" ranges."""
+    ranges = []
+    for path, item in node.items("open_ports_allowed"):
+        try:
+            ranges.append(port_range(item))
+        except ValueError as e:
+            node.reader.fail(path, e)
+    return tuple(ranges)
+
+
 def _client_entries(node, shared_username, client_ca):
     """C{gateway.clients}: per-client tunnel credentials and what each may serve."""
     entries, seen = [], set()
@@ -226,10 +237,14 @@ def _client_entries(node, shared_username, client_ca):
         seen.add(name)
         groups = _names(entry, "groups", "a group name")
         client_ids = _names(entry, "client_ids", "a client id pattern such as 'site-a*'")
+        ports = _port_ranges(entry)
         entries.append(ClientEntryConfig(
             username=username, password=password, passwords=passwords, subject=subject,
             groups=groups,
-            client_ids=client_ids, max_tunnels=entry.integer("max_tunnels", low=1)))
+            client_ids=client_ids, max_tunnels=entry.integer("max_tunnels", low=1),
+            # Absent: the gateway's list applies; [] forwards nothing.
+            open_ports_allowed=ports if entry.data.get("open_ports_allowed") is not None
+            else None))
     if any(e.subject for e in entries) and client_ca is None:
         node.fail("clients", "an entry with subject needs client_ca (mutual TLS)")
     return tuple(entries)
@@ -386,12 +401,7 @@ def _gateway(node):
     if not username and client_ca is None and not clients:
         node.fail("auth_username", "required (or clients, or client_ca): otherwise anyone "
                                    "could register as a client and receive user traffic")
-    ranges = []
-    for path, item in node.items("open_ports_allowed"):
-        try:
-            ranges.append(port_range(item))
-        except ValueError as e:
-            node.reader.fail(path, e)
+    ranges = _port_ranges(node)
     metrics = _metrics(node)
     status_addr, status_endpoint, _ = node.listen("status_addr")
     status_username, status_password = _credentials(node, "status_username", "status_password")

@@ -187,6 +187,9 @@ class ClientEntryConfig:
     groups = setting((DEFAULT_GROUP,))
     client_ids = setting(())
     max_tunnels = setting(256)
+    # ((low, high), ...): the ports this credential's clients may have opened
+    # (client.open_ports), within gateway.open_ports_allowed; None: all of those.
+    open_ports_allowed = setting(None)
 
     @property
     def name(self):
@@ -324,6 +327,16 @@ class GatewayConfig:
     def port_allowed(self, port):
         """Whether a client may ask this gateway to open C{port}."""
         return any(low <= port <= high for low, high in self.open_ports_allowed)
+
+    def credential_port_allowed(self, credential, port):
+        """
+        Whether the client credential named C{credential} may have C{port}
+        opened: its entry's C{open_ports_allowed}, when it has one.
+        """
+        for entry in self.clients:
+            if entry.name == credential and entry.open_ports_allowed is not None:
+                return any(low <= port <= high for low, high in entry.open_ports_allowed)
+        return True
 
 
 @attr.s(frozen=True, slots=True)

@@ -642,7 +642,8 @@ def make_gateway_service(config, reactor, make_fleet_registry=None):
     # client.open_ports (docs/PORT_FORWARDING.md): on gateway.open_ports_interface,
     # loopback unless the config opts in to another.
     port_forwarding = PortForwarding(reactor, gateway.port_allowed,
-                                     interface=gateway.open_ports_interface)
+                                     interface=gateway.open_ports_interface,
+                                     credential_port_allowed=gateway.credential_port_allowed)
     if fleet is not None:
         fleet.share_forwarded_ports(port_forwarding)  # a port is claimed fleet-wide first
     log_port_policy(config)

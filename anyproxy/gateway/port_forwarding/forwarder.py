@@ -319,9 +319,13 @@ class PortForwarding:
 
     def __init__(self, reactor, port_allowed, interface="127.0.0.1",
                  open_timeout=DEFAULT_OPEN_TIMEOUT,
-                 udp_idle_timeout=None, claims=None):
+                 udp_idle_timeout=None, claims=None, credential_port_allowed=None):
         self._reactor = reactor
         self._port_allowed = port_allowed
+        # (credential name, port) -> bool: a gateway.clients entry's own
+        # open_ports_allowed, so that one tenant cannot take a port meant
+        # for another's clients once it is free.
+        self._credential_port_allowed = credential_port_allowed or (lambda credential, port: True)
         self.interface = interface
         self._open_timeout = open_timeout
         self._udp_idle_timeout = (udp_idle_timeout if udp_idle_timeout is not None
@@ -358,6 +362,7 @@ class PortForwarding:
 
         def apply():
             self._port_allowed = gateway.port_allowed
+            self._credential_port_allowed = gateway.credential_port_allowed
             self.interface = gateway.open_ports_interface
             return defer.succeed([])
 
@@ -430,6 +435,11 @@ class PortForwarding:
             return defer.succeed(self._refuse(
                 tunnel, request, "port %s is not in the gateway's open_ports_allowed"
                 " (add %d to gateway.open_ports_allowed)" % (request.label, request.remote_port)))
+        credential = getattr(tunnel, "credential", None)
+        if not self._credential_port_allowed(credential, request.remote_port):
+            return defer.succeed(self._refuse(
+                tunnel, request, "port %s is not in the open_ports_allowed of this client's "
+                "credential (gateway.clients)" % (request.label,)))
         # The credential is part of the owner: another credential allowed the
         # same group may announce the same client_id, and must not join (and
         # take connections of) a port this client holds.
@@ -439,9 +449,12 @@ class PortForwarding:
         holder = forward.owner if forward is not None else claiming[0] if claiming else None
         if holder is not None and holder != owner:
             self._wait(tunnel, request)
+            # Another tenant's client is not named to this one.
+            whose = ("client %s" % (holder[1],) if holder[2] == owner[2]
+                     else "another client")
             return defer.succeed(self._refuse(
-                tunnel, request, "port %s already forwarded for client %s"
-                % (request.label, holder[1]), HELD))
+                tunnel, request, "port %s already forwarded for %s" % (request.label, whose),
+                HELD))
         if (forward is not None and forward.route_for(tunnel) is not None) or (
                 claiming is not None and any(t is tunnel for t, _, _ in claiming[1])):
             return defer.succeed(self._refuse(
