@@ -133,6 +133,53 @@ def browse(pac_url, urls):
     return texts
 
 
+class GroupProfileTests(unittest.TestCase):
+    """Each group's own profile URLs name only that group's routes."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.deployment = Deployment(self)
+        overrides = status_overrides()
+        overrides["gateway"].update({"pac_extra_routes": ["10.9.0.0/16"],
+                                     "auth_groups": ["default", "ops"]})
+        yield self.deployment.start_gateway(**overrides)
+        self.status_port = self.deployment._port("status page")
+        yield self.deployment.start_client(client={"routes": ["*.private.test"]})
+        yield self.deployment.start_client(client={"client_id": "ops-1", "group_id": "ops",
+                                                   "routes": ["*.ops-secret.test", "172.31.7.0/24"]})
+
+    def url(self, path, credentials=False):
+        login = "%s:%s@" % (STATUS_USER, STATUS_PASSWORD) if credentials else ""
+        return "http://%s127.0.0.1:%d%s" % (login, self.status_port, path)
+
+    @defer.inlineCallbacks
+    def test_group_urls(self):
+        """A group's token opens its group's profile only; the other group's routes are not in it."""
+        urls, _, _ = yield run_curl(self.url("/api/profiles", credentials=True))
+        urls = json.loads(urls)
+        self.assertEqual(sorted(urls["groups"]), ["default", "ops"])
+        default_pac, _, _ = yield run_curl(self.url(urls["groups"]["default"]["pac"]))
+        self.assertIn(b'"private.test"', default_pac)
+        self.assertIn(b'"10.9.0.0"', default_pac)
+        self.assertNotIn(b"ops-secret", default_pac)
+        self.assertNotIn(b"172.31.7.0", default_pac)
+        ops_clash, _, _ = yield run_curl(self.url(urls["groups"]["ops"]["clash"]))
+        self.assertIn("DOMAIN-SUFFIX,ops-secret.test,AnyProxy", yaml.safe_load(ops_clash)["rules"])
+        self.assertNotIn(b"private.test", ops_clash)
+        # The operator's URL has every group's; one group's token does not open another's.
+        everything, _, _ = yield run_curl(self.url(urls["pac"]))
+        self.assertIn(b"ops-secret", everything)
+        self.assertIn(b"private.test", everything)
+        default_token = urls["groups"]["default"]["pac"].rpartition("token=")[2]
+        for path in ("/proxy.pac?group=ops&token=" + default_token,
+                     "/proxy.pac?token=" + default_token,
+                     "/proxy.pac?group=nobody&token=" + default_token):
+            out, _, _ = yield run_curl("-o", "/dev/null", "-w", "%{http_code}", self.url(path))
+            self.assertEqual(out, b"401", path)
+
+
 class TokenTests(unittest.SynchronousTestCase):
     """The capability token costs a guesser an scrypt per password tried, and us one per password."""
 

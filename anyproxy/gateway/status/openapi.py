@@ -276,9 +276,14 @@ PATHS = {
     "/api/openapi.json": {"get": _operation("This document", "200", {"type": "object"}, [])},
     "/api/profiles": {"get": _operation(
         "The capability URLs of /proxy.pac and /clash.yaml (a token derived from the status "
-        "login, for browsers that cannot log in)", "200",
-        {"type": "object", "required": ["pac", "clash"],
-         "properties": {"pac": {"type": "string"}, "clash": {"type": "string"}}}, [])},
+        "login, for browsers that cannot log in): with every group's routes, and for each "
+        "group with a connected client, with that group's only", "200",
+        {"type": "object", "required": ["pac", "clash", "groups"],
+         "properties": {"pac": {"type": "string"}, "clash": {"type": "string"},
+                        "groups": {"type": "object", "additionalProperties": {
+                            "type": "object", "required": ["pac", "clash"],
+                            "properties": {"pac": {"type": "string"},
+                                           "clash": {"type": "string"}}}}}}, [])},
 }
 
 

@@ -22,11 +22,19 @@ salt holds the status login's name, so that guesses cannot be computed once
 for every install; a hashed C{status_password} (the configured text is what
 is derived from) has a random salt of its own, which leaves a token nothing
 to guess.  Every node of a fleet with the same login gives the same token.
-C{GET /api/profiles}, behind the login, gives the two URLs.
+
+Those two URLs hold every group's routes: they are the operator's.  Each
+group has its own pair, C{/proxy.pac?group=G&token=T_G}, whose token is
+derived the same way with the group in its salt and which names only the
+routes of that group's clients (and C{gateway.pac_extra_routes}): give a
+team its group's URLs, so that it learns nothing of another team's
+networks.  With the login, C{?group=G} filters the same way.  C{GET
+/api/profiles}, behind the login, gives the URLs, the groups' included.
 """
 
 import hashlib
 import hmac
+import urllib.parse
 
 from twisted.web import resource
 
@@ -38,22 +46,35 @@ _HEADERS = {b"cache-control": b"no-store", b"x-content-type-options": b"nosniff"
 _WILDCARDS = ("", "0.0.0.0", "::", "[::]", "*")
 
 
-def announced_routes(tunnel_pool):
-    """The union of the routes the connected clients announced."""
+def announced_routes(tunnel_pool, group=None):
+    """The union of the routes the connected clients (of C{group}, or all) announced."""
     total = Routes()
-    for tunnel in tunnel_pool.tunnels():
+    for tunnel in tunnel_pool.tunnels(group):
         routes = getattr(tunnel, "routes", None)
         if routes is not None:
             total = total + routes
     return total
 
 
-def profile_token(username, password):
-    """The capability token (hex) of a status login; see the module docstring."""
+def profile_token(username, password, group=None):
+    """The capability token (hex) of a status login, for C{group} or all; see the module docstring."""
     name = username.encode("utf-8")
     salt = b"anyproxy profile token v3\0" + len(name).to_bytes(4, "big") + name
+    if group is not None:
+        encoded = group.encode("utf-8", "surrogatepass")
+        salt += b"\0group\0" + len(encoded).to_bytes(4, "big") + encoded
     return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=2 ** 14, r=8, p=1,
                           maxmem=64 * 1024 * 1024, dklen=16).hex()
+
+
+# Group tokens kept at most (one scrypt each); more groups derive them again.
+MAX_GROUP_TOKENS = 256
+
+
+def requested_group(request):
+    """The C{group} of a profile request's query, or C{None} (every group)."""
+    value = (request.args or {}).get(b"group", [None])[0]
+    return None if value is None else value.decode("utf-8", "replace")
 
 
 def _listen_host_port(listen_addr):
@@ -76,31 +97,47 @@ class ProxyProfiles:
         self._config = config
         self._listeners = listeners
 
-    _token_for = (None, None)  # ((name, password), its token): derived once per login
+    _tokens_for = None  # the (name, password) the tokens in _tokens are of
+    _tokens = None  # group (None: all) -> token, derived once per login
 
-    def token(self):
-        """The capability token of the status login in force (see the module docstring)."""
+    def token(self, group=None):
+        """The capability token of the status login in force, for C{group} or all."""
         gateway = self._config().gateway
         login = (gateway.status_username, gateway.status_password)
-        known, token = self._token_for
-        if known != login:
-            token = profile_token(*login)
-            self._token_for = (login, token)
+        if self._tokens_for != login:
+            self._tokens_for, self._tokens = login, {}
+        token = self._tokens.get(group)
+        if token is None:
+            if len(self._tokens) >= MAX_GROUP_TOKENS:
+                self._tokens = {}
+            token = self._tokens[group] = profile_token(*login, group=group)
         return token
 
     def token_accepted(self, request):
-        """Whether C{request} carries the capability token in its query."""
-        offered = (request.args or {}).get(b"token", [b""])[0]
-        return hmac.compare_digest(offered, self.token().encode("ascii"))
+        """Whether C{request} carries the capability token of its C{group} (or of all)."""
+        args = request.args or {}
+        offered = args.get(b"token", [b""])[0]
+        group = requested_group(request)
+        if group is not None and group not in self.groups():
+            return False  # no token is derived for a group with no client
+        return hmac.compare_digest(offered, self.token(group).encode("ascii"))
+
+    def groups(self):
+        """The groups whose clients are connected now."""
+        return sorted({tunnel.group for tunnel in self._tunnel_pool.tunnels()})
 
     def urls(self):
-        """The capability URLs' paths and queries."""
+        """The capability URLs' paths and queries: all routes, and each group's."""
         query = "?token=" + self.token()
-        return {"pac": "/proxy.pac" + query, "clash": "/clash.yaml" + query}
+        urls = {"pac": "/proxy.pac" + query, "clash": "/clash.yaml" + query, "groups": {}}
+        for group in self.groups():
+            query = "?group=%s&token=%s" % (urllib.parse.quote(group, safe=""), self.token(group))
+            urls["groups"][group] = {"pac": "/proxy.pac" + query, "clash": "/clash.yaml" + query}
+        return urls
 
-    def routes(self):
+    def routes(self, group=None):
         extra = Routes.of(self._config().gateway.pac_extra_routes)
-        return announced_routes(self._tunnel_pool) + extra
+        return announced_routes(self._tunnel_pool, group) + extra
 
     def proxy(self, request_host):
         """C{(type, host, port)}: the proxy the profiles name, or C{None} when there is none."""
@@ -144,7 +181,8 @@ class _Profile(resource.Resource):
             request.setResponseCode(404)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"no proxy listener to name: set gateway.pac_proxy_addr\n"
-        return self.render_profile(request, self._profiles.routes(), *proxy)
+        return self.render_profile(request, self._profiles.routes(requested_group(request)),
+                                   *proxy)
 
 
 class PacFile(_Profile):
