@@ -86,6 +86,9 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 MAX_BODY = 64 * 1024
 # Seconds a connection we closed may take to read what we last wrote.
 ABORT_GRACE = 5.0
+# 401s on one connection, the last of them closing it (as the HTTP proxy
+# closes after its fourth 407): a browser asks once or twice.
+MAX_UNAUTHORIZED = 3
 
 
 def _plain_response(status, reason, text):
@@ -253,6 +256,13 @@ class _Unauthorized(UnauthorizedResource):
         body = super().render(request)
         for name, value in OPERATOR_HEADERS.items():
             request.setHeader(name, value)
+        channel = request.channel
+        channel.unauthorized = getattr(channel, "unauthorized", 0) + 1
+        if channel.unauthorized >= MAX_UNAUTHORIZED:
+            # Each answer starts a new deadline: a connection that never
+            # logs in must not keep its place by asking again and again.
+            channel.persistent = False
+            request.setHeader(b"connection", b"close")
         if request.path.startswith(b"/api/"):
             request.setHeader(b"content-type", b"application/json; charset=utf-8")
             return b"" if request.method == b"HEAD" else b'{"error": "authentication required"}'
@@ -301,6 +311,7 @@ class DeadlineChannel(http.HTTPChannel):
 
     request_bytes = 0
     _holds_place = False  # counted by the site's ConnectionCap
+    _source = None  # the address it is counted under
     _deadline = None
     _abort_call = None
     _chunked_bytes = None  # bytes of a chunked body so far, while it arrives
@@ -354,7 +365,7 @@ class DeadlineChannel(http.HTTPChannel):
             self._abort_call.cancel()
         if self._holds_place:
             self._holds_place = False
-            self.site.connections.leave()
+            self.site.connections.leave(self._source)
         super().connectionLost(reason)
 
     # -- the deadline ----------------------------------------------------------
@@ -495,10 +506,12 @@ class OperatorSite(server.Site):
         return super().getResourceFor(request)
 
     def buildProtocol(self, addr):
-        if not self.connections.enter():
+        source = getattr(addr, "host", None)
+        if not self.connections.enter(source):
             return _Busy(self.reactor)
         channel = super().buildProtocol(addr)
         channel._holds_place = True
+        channel._source = source
         return channel
 
     def log(self, request):

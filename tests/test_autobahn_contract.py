@@ -384,6 +384,20 @@ class AutobahnContractTests(unittest.TestCase):
         self.assertEqual(b"".join(pieces), b"x" * 1000)
         self.assertEqual((self.server.data, self.server.current_frame), (b"", None))
 
+    def test_handshake_head_held_while_connecting(self):
+        """
+        Until its head is complete an opening handshake is STATE_CONNECTING,
+        and C{data} holds every byte of it so far (what websocket.py bounds).
+        """
+        server = self.server_factory.buildProtocol(None)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        self.addCleanup(server.connectionLost, failure.Failure(error.ConnectionDone()))
+        head = b"GET /anyproxy HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 3000
+        server._dataReceived(head[:100])
+        server._dataReceived(head[100:])
+        self.assertEqual((server.state, server.data), (server.STATE_CONNECTING, head))
+
     @defer.inlineCallbacks
     def test_inside_message(self):
         """
@@ -432,7 +446,8 @@ CHECKED = {
     "reactor": "test_factory_reactor",
     "headers": "test_handshake_request_and_headers",
     "openHandshakeTimeout": "test_options_are_attributes",
-    "data": "test_between_frames",
+    "data": "test_between_frames, test_handshake_head_held_while_connecting",
+    "STATE_CONNECTING": "test_handshake_head_held_while_connecting",
     "current_frame": "test_between_frames",
     "CONFIG_ATTRS": "test_options_copied_only_when_absent",
     "sendData": "test_signatures, test_send_queue_only_when_asked",

@@ -347,3 +347,46 @@ class BeforeHelloCapTests(unittest.TestCase):
         got = yield deferToThread(connect_and_read)
         self.assertEqual(got, b"")  # closed by the gateway (or reset), not held
         self.assertEqual(deployment.gateway.tunnel_server.factory.handshakes.count, 2)
+
+    @defer.inlineCallbacks
+    def test_one_source_holds_half(self):
+        """
+        Idle connections from one address take at most half the tunnel
+        port's places: another address still gets in (and can log in).
+        """
+        import socket
+        deployment = Deployment(self)
+        yield deployment.start_gateway()
+        handshakes = deployment.gateway.tunnel_server.factory.handshakes
+        handshakes.limit = 8
+        held = []
+        self.addCleanup(lambda: [sock.close() for sock in held])
+
+        def connect(source):
+            sock = socket.socket()
+            sock.settimeout(5)
+            sock.bind((source, 0))
+            sock.connect(("127.0.0.1", deployment.gateway_port))
+            held.append(sock)
+            return sock
+
+        def refused(source):
+            try:
+                return connect(source).recv(10) == b""
+            except ConnectionResetError:
+                return True
+
+        for _ in range(4):
+            yield deferToThread(connect, "127.0.0.1")
+        for _ in range(100):
+            if handshakes.count == 4:
+                break
+            yield sleep(0.02)
+        self.assertTrue((yield deferToThread(refused, "127.0.0.1")))
+        for _ in range(4):
+            yield deferToThread(connect, "127.0.0.2")
+        for _ in range(100):
+            if handshakes.count == 8:
+                break
+            yield sleep(0.02)
+        self.assertEqual(handshakes.count, 8)

@@ -340,3 +340,26 @@ class HostTests(_SiteTestCase):
                              (b"example.com", False), (b"localhost.example", False),
                              (b"127.0.0.1.nip.io", False), (b"", False), (b"::1", False)):
             self.assertEqual(local_host_header(value), local, value)
+
+
+class UnauthorizedTests(_SiteTestCase):
+    """A connection that never logs in cannot keep its place by asking again and again."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.listen(status_site(TunnelPool(self.clock), USER, PASSWORD, reactor=self.clock,
+                                request_timeout=10))
+
+    @defer.inlineCallbacks
+    def test_third_401_closes(self):
+        """Keep-alive requests without the login: the third 401 says Connection: close, and closes."""
+        client = yield self.connect()
+        request = b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        for answers in (1, 2):
+            client.transport.write(request)
+            yield wait_until(lambda: client.data.count(b"HTTP/1.1 401") == answers)
+            self.assertFalse(client.lost)
+        client.transport.write(request)
+        yield client.closed
+        self.assertEqual(client.data.count(b"HTTP/1.1 401"), 3)
+        self.assertIn(b"connection: close", client.data.split(b"HTTP/1.1 401")[3].lower())

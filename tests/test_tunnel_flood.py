@@ -242,3 +242,38 @@ class PingFloodLoopbackTests(unittest.TestCase):
         # pongs of one read before the pause.
         self.assertLess(peak, 1024 * 1024)
         self.assertEqual(deployment.gateway.tunnel_pool.tunnels(), [tunnel])
+
+
+class HandshakeBoundsTests(unittest.SynchronousTestCase):
+    """Before any login: a bounded opening handshake, and one deadline from connect to HELLO."""
+
+    def connect(self):
+        protocol = Factory().buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.addCleanup(protocol.connectionLost, failure.Failure(error.ConnectionDone()))
+        return protocol, transport
+
+    def test_head_that_never_ends(self):
+        """A handshake head past MAX_HANDSHAKE_HEAD (no blank line) closes the connection."""
+        from anyproxy.tunnel.websocket import MAX_HANDSHAKE_HEAD
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET /anyproxy HTTP/1.1\r\nHost: localhost\r\nX-Long: ")
+        for _ in range(MAX_HANDSHAKE_HEAD // 1024 - 1):
+            protocol.dataReceived(b"a" * 1024)
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"a" * 2048)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(protocol.data, b"")  # what it sent is let go at once
+
+    def test_hello_deadline_counts_from_connect(self):
+        """An upgrade finished 6 s in leaves 4 s of the 10 s handshake_timeout for the HELLO."""
+        protocol, transport = self.connect()
+        clock = protocol.factory.reactor
+        clock.advance(6)
+        protocol.dataReceived(upgrade_request())
+        self.assertIn(b" 101 ", transport.value().split(b"\r\n")[0])
+        clock.advance(3.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)

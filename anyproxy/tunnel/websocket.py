@@ -56,6 +56,8 @@ log = Logger()
 #   failedByMe          true once Autobahn has failed the connection (a frame
 #                       too large, say): the message is then dropped.
 #   state, STATE_OPEN   we write frames ourselves only while the state is open.
+#   STATE_CONNECTING    the opening handshake, while data holds its head so far
+#                       (bounded by MAX_HANDSHAKE_HEAD).
 #   transport.write     the unmasked sending path writes whole binary frames
 #                       (FIN, opcode 2) on the transport: Autobahn writes each
 #                       of its own frames whole too, so they never interleave,
@@ -114,6 +116,11 @@ MAX_CLOSE_REASON = 120
 
 # Autobahn limits: one frame per message, the largest being a DATA frame.
 MAX_MESSAGE = frames.HEADER_SIZE + 256 * 1024 + 1024
+# The opening handshake's head (the gateway's request, the client's answer)
+# at most: Autobahn keeps every byte until the blank line and scans them all
+# again at each read, so a peer that never ends its head (before any login)
+# cost 30 MiB a connection in ten seconds.  Ours are a few hundred bytes.
+MAX_HANDSHAKE_HEAD = 16 * 1024
 
 
 def tune_factory(factory, ping_interval, handshake_timeout):
@@ -517,6 +524,12 @@ class _TunnelProtocol:
                     return
                 continue
             self._dataReceived(data)
+            if getattr(self, "state", None) == self.STATE_CONNECTING \
+                    and len(self.data) > MAX_HANDSHAKE_HEAD:
+                log.info("tunnel {peer}: opening handshake longer than {limit} bytes; closing",
+                         peer=self.peer, limit=MAX_HANDSHAKE_HEAD)
+                self.data = b""
+                self.transport.abortConnection()
             return
 
     def _message_read(self, parts):
@@ -576,6 +589,11 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
     grant = None  # the ClientGrant of the credential the client presented
     connection_gone = False  # lost (a handshake answered late must count nothing)
 
+    def connectionMade(self):
+        # One handshake deadline, from here to the HELLO (onOpen).
+        self._made_at = self.factory.reactor.seconds()
+        super().connectionMade()
+
     def connectionLost(self, reason=failure.Failure(error.ConnectionDone())):
         self.connection_gone = True
         # Autobahn logs a failed TLS handshake at error level: anyone who
@@ -618,12 +636,13 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
         return frames.SUBPROTOCOL
 
     holds_handshake_place = False  # set by the factory (HandshakeCappedFactory)
+    handshake_source = None  # the address it is counted under (set with the place)
 
     def _handshake_over(self):
         # Once per connection: at its HELLO, or when it closes before one.
         if self.holds_handshake_place:
             del self.holds_handshake_place  # False, from the class
-            self.factory.handshakes.leave()
+            self.factory.handshakes.leave(self.handshake_source)
         if self.grant is not None and not getattr(self, "_hello_counted", False):
             self._hello_counted = True
             self.factory.waiting_for_hello.remove(self.grant.name)
@@ -633,8 +652,13 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
     def onOpen(self):
         self._start_mux(False, None, self.peer)
         self._watch_liveness()
-        self._hello_timer = self.factory.reactor.callLater(
-            self.factory.handshake_timeout, self._no_hello)
+        # What is left of handshake_timeout since the connection was made:
+        # an upgrade finished late must not get a whole timeout more.
+        reactor = self.factory.reactor
+        made_at = getattr(self, "_made_at", None)
+        spent = 0.0 if made_at is None else reactor.seconds() - made_at
+        self._hello_timer = reactor.callLater(
+            max(0.0, self.factory.handshake_timeout - spent), self._no_hello)
 
     def _no_hello(self):
         self._hello_timer = None

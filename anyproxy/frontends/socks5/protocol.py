@@ -116,6 +116,7 @@ class Socks5Protocol(SpliceEnd):
     _log = Logger()
     # Whether this connection counts in factory.handshakes (until its request).
     holds_handshake_place = False
+    handshake_source = None  # the address it is counted under (set with the place)
 
     def __init__(self):
         super().__init__()
@@ -432,7 +433,7 @@ class Socks5Protocol(SpliceEnd):
     def _handshake_over(self):
         if self.holds_handshake_place:
             self.holds_handshake_place = False
-            self.factory.handshakes.leave()
+            self.factory.handshakes.leave(self.handshake_source)
 
     def _cancel_timeout(self):
         call, self._timeout_call = self._timeout_call, None
