@@ -17,11 +17,6 @@ C{accept()} fails with C{EMFILE} for everybody.  So:
     logged in are not counted: the stream limits (L{anyproxy.limits}) are
     for them.
 
-One source address holds at most half the places (L{PER_SOURCE_SHARE}):
-a flood from one host, which a per-listener cap alone would let fill every
-place, leaves room for everybody else (a second host is needed to fill the
-rest, and each is seen in the log).
-
 Unlike L{anyproxy.limits.Limiter}, nothing waits for a place: the cap is for
 floods, where queueing would only hold more sockets.  Refusals come in bursts
 (a flood, a scan, a scraper gone wrong), so they are logged once per burst,
@@ -41,10 +36,6 @@ DEFAULT_MAX_HANDSHAKES = 1024
 
 # Seconds between two log lines about refusals of the same cap.
 LOG_INTERVAL = 60.0
-# The share of a cap one source address may hold (caps of at least
-# MIN_SHARED_CAP places; below that one host may have them all).
-PER_SOURCE_SHARE = 0.5
-MIN_SHARED_CAP = 8
 
 
 class ConnectionCap:
@@ -69,52 +60,34 @@ class ConnectionCap:
         self._clock = clock
         self._unreported = 0
         self._reported_at = None
-        self._sources = {}  # source address -> connections admitted from it
 
-    def enter(self, source=None):
+    def enter(self):
         """
-        Admit one more connection (from address C{source}, if known) if
-        there is room, in all and for its source.
+        Admit one more connection if there is room.
 
-        @return: C{True} if admitted (call L{leave} with the same C{source}
-            once it leaves the state), C{False} if refused (it was counted
-            and maybe logged).
+        @return: C{True} if admitted (call L{leave} once when it leaves the
+            state), C{False} if refused (it was counted and maybe logged).
         """
         if self.limit and self.count >= self.limit:
             self._refuse()
             return False
-        held = self._sources.get(source, 0) if source is not None else 0
-        if source is not None and self.limit >= MIN_SHARED_CAP \
-                and held >= int(self.limit * PER_SOURCE_SHARE):
-            self._refuse(source)
-            return False
         self.count += 1
-        if source is not None:
-            self._sources[source] = held + 1
         return True
 
-    def leave(self, source=None):
+    def leave(self):
         """An admitted connection left the state (closed, or logged in)."""
         if self.count > 0:
             self.count -= 1
-        held = self._sources.get(source)
-        if held is not None:
-            if held > 1:
-                self._sources[source] = held - 1
-            else:
-                del self._sources[source]
 
-    def _refuse(self, source=None):
+    def _refuse(self):
         self.refused += 1
         self._unreported += 1
         now = self._clock.seconds()
         if self._reported_at is not None and now - self._reported_at < LOG_INTERVAL:
             return
-        log.warn("{what}: at the cap of {limit}{whose}, refused {refused} new connection(s) "
-                 "(logged at most once a minute)", what=self.what, limit=self.limit,
-                 whose="" if source is None else " (%s holds its share, %d)" % (
-                     source, int(self.limit * PER_SOURCE_SHARE)),
-                 refused=self._unreported)
+        log.warn("{what}: at the cap of {limit}, refused {refused} new connection(s) "
+                 "(logged at most once a minute)",
+                 what=self.what, limit=self.limit, refused=self._unreported)
         self._reported_at = now
         self._unreported = 0
 
@@ -140,10 +113,8 @@ class HandshakeCappedFactory:
     """
 
     def buildProtocol(self, addr):
-        source = getattr(addr, "host", None)
-        if not self.handshakes.enter(source):
+        if not self.handshakes.enter():
             return Refused()
         protocol = super().buildProtocol(addr)
         protocol.holds_handshake_place = True
-        protocol.handshake_source = source  # given back to handshakes.leave
         return protocol

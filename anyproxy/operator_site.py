@@ -311,7 +311,6 @@ class DeadlineChannel(http.HTTPChannel):
 
     request_bytes = 0
     _holds_place = False  # counted by the site's ConnectionCap
-    _source = None  # the address it is counted under
     _deadline = None
     _abort_call = None
     _chunked_bytes = None  # bytes of a chunked body so far, while it arrives
@@ -365,7 +364,7 @@ class DeadlineChannel(http.HTTPChannel):
             self._abort_call.cancel()
         if self._holds_place:
             self._holds_place = False
-            self.site.connections.leave(self._source)
+            self.site.connections.leave()
         super().connectionLost(reason)
 
     # -- the deadline ----------------------------------------------------------
@@ -506,12 +505,10 @@ class OperatorSite(server.Site):
         return super().getResourceFor(request)
 
     def buildProtocol(self, addr):
-        source = getattr(addr, "host", None)
-        if not self.connections.enter(source):
+        if not self.connections.enter():
             return _Busy(self.reactor)
         channel = super().buildProtocol(addr)
         channel._holds_place = True
-        channel._source = source
         return channel
 
     def log(self, request):

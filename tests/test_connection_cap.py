@@ -34,23 +34,6 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertTrue(cap.enter())
         self.assertEqual(cap.count, 2)
 
-    def test_share_of_one_source(self):
-        """One address holds at most half the places; others still get in; leaving frees its share."""
-        cap = ConnectionCap(8, "test cap", self.clock)
-        self.assertEqual([cap.enter("10.0.0.1") for _ in range(5)], [True] * 4 + [False])
-        self.assertEqual([cap.enter("10.0.0.2") for _ in range(4)], [True] * 4)
-        self.assertFalse(cap.enter("10.0.0.3"))  # the whole cap is full
-        cap.leave("10.0.0.1")
-        self.assertTrue(cap.enter("10.0.0.1"))
-        self.assertEqual(cap.count, 8)
-        for _ in range(4):
-            cap.leave("10.0.0.1")
-        self.assertNotIn("10.0.0.1", cap._sources)
-        self.assertIn("10.0.0.1 holds its share", self.warnings[0]["whose"])
-        # A small cap is not shared out: one host may hold it all.
-        small = ConnectionCap(4, "test cap", self.clock)
-        self.assertTrue(all(small.enter("10.0.0.1") for _ in range(4)))
-
     def test_no_cap(self):
         """A limit of 0 admits everybody."""
         cap = ConnectionCap(0, "test cap", self.clock)

@@ -636,13 +636,12 @@ class GatewayTunnelProtocol(_TunnelProtocol, WebSocketServerProtocol):
         return frames.SUBPROTOCOL
 
     holds_handshake_place = False  # set by the factory (HandshakeCappedFactory)
-    handshake_source = None  # the address it is counted under (set with the place)
 
     def _handshake_over(self):
         # Once per connection: at its HELLO, or when it closes before one.
         if self.holds_handshake_place:
             del self.holds_handshake_place  # False, from the class
-            self.factory.handshakes.leave(self.handshake_source)
+            self.factory.handshakes.leave()
         if self.grant is not None and not getattr(self, "_hello_counted", False):
             self._hello_counted = True
             self.factory.waiting_for_hello.remove(self.grant.name)

@@ -99,7 +99,6 @@ class HttpProxyProtocol(Protocol):
     _checking_login = False
     # Whether this connection counts in factory.handshakes (until a request is let in).
     holds_handshake_place = False
-    handshake_source = None  # the address it is counted under (set with the place)
     _failed_logins = 0
     _quick_ack = None  # anyproxy.tuning.quick_acker on the user's socket
 
@@ -479,7 +478,7 @@ class HttpProxyProtocol(Protocol):
     def _handshake_over(self):
         if self.holds_handshake_place:
             self.holds_handshake_place = False
-            self.factory.handshakes.leave(self.handshake_source)
+            self.factory.handshakes.leave()
 
     def _arm_timer(self):
         self._cancel_timer()

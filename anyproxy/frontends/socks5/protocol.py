@@ -116,7 +116,6 @@ class Socks5Protocol(SpliceEnd):
     _log = Logger()
     # Whether this connection counts in factory.handshakes (until its request).
     holds_handshake_place = False
-    handshake_source = None  # the address it is counted under (set with the place)
 
     def __init__(self):
         super().__init__()
@@ -433,7 +432,7 @@ class Socks5Protocol(SpliceEnd):
     def _handshake_over(self):
         if self.holds_handshake_place:
             self.holds_handshake_place = False
-            self.factory.handshakes.leave(self.handshake_source)
+            self.factory.handshakes.leave()
 
     def _cancel_timeout(self):
         call, self._timeout_call = self._timeout_call, None

@@ -173,7 +173,6 @@ class ForwardedConnection(SpliceEnd):
     # Whether this connection counts in factory.handshakes (until its stream
     # is open, or it fails or closes).
     holds_handshake_place = False
-    handshake_source = None  # the address it is counted under (set with the place)
 
     def connectionMade(self):
         forward = self.factory.forward
@@ -205,7 +204,7 @@ class ForwardedConnection(SpliceEnd):
     def _opened(self):
         if self.holds_handshake_place:
             self.holds_handshake_place = False
-            self.factory.handshakes.leave(self.handshake_source)
+            self.factory.handshakes.leave()
 
     def connectionLost(self, reason):
         self._opened()
