@@ -460,15 +460,19 @@ class Logins:
         self.checker = checker if checker is not None else PasswordChecker(reactor)
         self.throttle = throttle if throttle is not None else LoginThrottle(failures=0)
 
+    role = "gateway"  # whose section of the config (one file may hold both)
+
     @classmethod
-    def from_config(cls, config, reactor):
+    def from_config(cls, config, reactor, role="gateway"):
         """
-        The L{Logins} of a gateway or client L{anyproxy.config.model.Config}
-        (its C{auth_throttle}); warns of plain passwords.
+        The L{Logins} of the gateway or the client (C{role}) of a
+        L{anyproxy.config.model.Config}: its section's C{auth_throttle};
+        warns of that program's plain passwords.
         """
         logins = cls(reactor, throttle=LoginThrottle(failures=0))
-        logins.set_limits(_section(config).auth_throttle)
-        warn_plain_passwords(config)
+        logins.role = role
+        logins.set_limits(_section(config, role).auth_throttle)
+        warn_plain_passwords(config, role)
         return logins
 
     def set_limits(self, settings):
@@ -483,11 +487,11 @@ class Logins:
         throttle's limits (its counts are kept) and warns again of plain
         passwords.
         """
-        settings = _section(config).auth_throttle
+        settings = _section(config, self.role).auth_throttle
 
         def apply():
             self.set_limits(settings)
-            warn_plain_passwords(config)
+            warn_plain_passwords(config, self.role)
             return defer.succeed([])
 
         return apply
@@ -568,17 +572,17 @@ class Logins:
                 "delayed": throttle.delayed}
 
 
-def _section(config):
-    """The gateway section of a gateway's config, else the client section."""
-    return config.gateway if config.gateway is not None else config.require_client()
+def _section(config, role):
+    """The section of C{role} ("gateway" or "client") of C{config}."""
+    return config.require_gateway() if role == "gateway" else config.require_client()
 
 
-def plain_password_keys(config):
+def plain_password_keys(config, role="gateway"):
     """
-    The key paths of the passwords a gateway or client config holds as
-    plain text (not an argon2id or bcrypt hash) where a hash would do, for
-    the start-up warning: names only.  (C{client.auth_password} is sent to
-    the gateway, so it cannot be a hash.)
+    The key paths of the passwords the gateway's or the client's (C{role})
+    part of a config holds as plain text (not an argon2id or bcrypt hash)
+    where a hash would do, for the start-up warning: names only.
+    (C{client.auth_password} is sent to the gateway, so it cannot be a hash.)
     """
     found = []
 
@@ -586,7 +590,7 @@ def plain_password_keys(config):
         if any(scheme_of(secret) == "plain" for secret in secrets if secret):
             found.append(path)
 
-    if config.gateway is None:
+    if role == "client":
         client = config.require_client()
         note("client.status_password", (client.status_password,))
         note("client.metrics_password", (client.metrics_password,))
@@ -604,9 +608,9 @@ def plain_password_keys(config):
     return found
 
 
-def warn_plain_passwords(config):
+def warn_plain_passwords(config, role="gateway"):
     """One warning naming every password still held as plain text (never the passwords)."""
-    keys = plain_password_keys(config)
+    keys = plain_password_keys(config, role)
     if keys:
         log.warn("{count} password(s) held as plain text: {keys}; store hashes instead "
                  "(anyproxy-passwd prints one; docs/SECURITY.md)",

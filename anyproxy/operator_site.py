@@ -256,9 +256,10 @@ class _Unauthorized(UnauthorizedResource):
         body = super().render(request)
         for name, value in OPERATOR_HEADERS.items():
             request.setHeader(name, value)
-        channel = request.channel
-        channel.unauthorized = getattr(channel, "unauthorized", 0) + 1
-        if channel.unauthorized >= MAX_UNAUTHORIZED:
+        channel = request.channel  # None once the peer left (a delayed answer)
+        if channel is not None:
+            channel.unauthorized = getattr(channel, "unauthorized", 0) + 1
+        if channel is not None and channel.unauthorized >= MAX_UNAUTHORIZED:
             # Each answer starts a new deadline: a connection that never
             # logs in must not keep its place by asking again and again.
             channel.persistent = False

@@ -622,6 +622,21 @@ class ConfiguredPasswordTests(SynchronousTestCase):
         [entry] = [e for e in config.gateway_users_for(config.proxy.socks5) if e[0] == "bob"]
         self.assertEqual(tuple(entry[1]), ("old", good))
 
+    def test_one_file_for_both_programs(self):
+        """In a file holding both sections, the client reads its own throttle and passwords."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(GATEWAY_YAML % dict(listener="pw", tunnel="pw2", users="", clients="")
+                    + 'client:\n  gateway_addr: "127.0.0.1:8443"\n'
+                      '  status_addr: "127.0.0.1:0"\n  status_username: op\n'
+                      '  status_password: plain-status\n  auth_throttle: {failures: 3}\n')
+        config = load_config(path, check_files=False)
+        from twisted.internet.task import Clock
+        logins = Logins.from_config(config, Clock(), role="client")
+        self.assertEqual(logins.throttle.failures, 3)
+        self.assertEqual(plain_password_keys(config, "client"), ["client.status_password"])
+        self.assertIn("gateway.auth_password", plain_password_keys(config))
+
     def test_plain_password_keys(self):
         """The plain-text list names keys and entries, not hashed ones."""
         config = self.load(tunnel=argon2_hash("t"),

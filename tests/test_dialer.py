@@ -219,12 +219,16 @@ class NameLookupsTests(SynchronousTestCase):
         self.failureResultOf(lookups.resolve("n9.test", 53, owner=owner), StreamOpenError)
         waiting.append(lookups.resolve("other.test", 53, owner=object()))
         waiting.append(lookups.resolve("tcp.test", 80))
+        # All associations together: owned_limit.
+        lookups.owned_limit = 3
+        self.failureResultOf(lookups.resolve("third.test", 53, owner=object()), StreamOpenError)
+        waiting.append(lookups.resolve("tcp-2.test", 80))  # a stream's is not held up
         for d in waiting:
             self.assertNoResult(d)
         resolver.complete()
         for d in waiting:  # none of them resolves in this table
             self.failureResultOf(d, StreamOpenError)
-        self.assertEqual((lookups.running, lookups._owners), (0, {}))
+        self.assertEqual((lookups.running, lookups.owned, lookups._owners), (0, 0, {}))
 
     def test_literals_and_bad_names_hold_no_place(self):
         """An IP literal is no lookup; a name refused before the resolver frees its place."""

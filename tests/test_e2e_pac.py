@@ -200,3 +200,27 @@ class TokenTests(unittest.SynchronousTestCase):
         self.assertNotEqual(other, expected)
         config.gateway.status_password = "new-pw"
         self.assertNotIn(profiles.token(), (expected, other))
+
+
+class TokenCacheTests(unittest.TestCase):
+    """Group tokens: derived off the reactor for /api/profiles, kept in a bounded cache."""
+
+    @defer.inlineCallbacks
+    def test_urls_and_cache(self):
+        from types import SimpleNamespace
+        from anyproxy.gateway.status import profiles as module
+        self.patch(module, "MAX_GROUP_TOKENS", 3)
+        tunnels = [SimpleNamespace(group=name, routes=None) for name in ("a", "b", "c", "d")]
+        pool = SimpleNamespace(tunnels=lambda group=None: [t for t in tunnels
+                                                           if group in (None, t.group)])
+        config = SimpleNamespace(gateway=SimpleNamespace(status_username="op",
+                                                         status_password="pw"))
+        profiles = module.ProxyProfiles(pool, lambda: config)
+        urls = yield profiles.urls()
+        self.assertEqual(sorted(urls["groups"]), ["a", "b", "c", "d"])
+        self.assertIn("token=" + module.profile_token("op", "pw", group="b"),
+                      urls["groups"]["b"]["pac"])
+        self.assertTrue(urls["pac"].endswith(module.profile_token("op", "pw")))
+        # At most 3 kept, the operator's among them.
+        self.assertEqual(len(profiles._tokens), 3)
+        self.assertIn(None, profiles._tokens)

@@ -273,6 +273,18 @@ class PortForwardingTests(SynchronousTestCase):
         self.assertIn("already forwarded for another client", answer["error"])
         self.assertEqual([route.tunnel for route in manager.port_for(9001).routes], [holder])
 
+    def test_fleet_refusal_names_no_other_tenant(self):
+        """A port held through another gateway by another credential's client is not named."""
+        from types import SimpleNamespace
+        _, manager = forwarding()
+        manager.claims = SimpleNamespace(node_id="node-b")
+        held = SimpleNamespace(node_id="node-a", owner=("default", "lab-1", "lab"))
+        why, _ = manager._fleet_refusal(held, ("default", "ops-1", "ops"))
+        self.assertEqual(why % ("9001/tcp",),
+                         "port 9001/tcp already forwarded for another client (through gateway node-a)")
+        why, _ = manager._fleet_refusal(held, ("default", "lab-2", "lab"))
+        self.assertIn("for client lab-1", why)
+
     def test_credential_ports(self):
         """
         A gateway.clients entry's own open_ports_allowed: its clients get only

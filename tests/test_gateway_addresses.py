@@ -104,6 +104,27 @@ class SrvCancelTests(SynchronousTestCase):
         self.assertEqual(len(tried), 1)
 
 
+class SrvTargetErrorTests(SynchronousTestCase):
+    """A target whose endpoint cannot even be built (a bad TLS file) fails that target only."""
+
+    def test_next_target_tried(self):
+        from anyproxy.client.gateway_endpoints import SrvEndpoint
+        records = {SRV_NAME: [dns.Record_SRV(10, 1, 8443, "bad"), dns.Record_SRV(20, 1, 8443, "good")]}
+        connected = object()
+
+        class Good:
+            def connect(self, factory):
+                return defer.succeed(connected)
+
+        def target_endpoint(host, port):
+            if host == "bad":
+                raise ConfigError("bad.key: not a private key")
+            return Good()
+
+        endpoint = SrvEndpoint(SRV_NAME, _Answers(records), target_endpoint)
+        self.assertIs(self.successResultOf(endpoint.connect(object())), connected)
+
+
 class ConfigFormTests(SynchronousTestCase):
     """C{gateway_addr} entries C{srv:NAME} and C{client.egress_proxy}."""
 

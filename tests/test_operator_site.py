@@ -363,3 +363,13 @@ class UnauthorizedTests(_SiteTestCase):
         yield client.closed
         self.assertEqual(client.data.count(b"HTTP/1.1 401"), 3)
         self.assertIn(b"connection: close", client.data.split(b"HTTP/1.1 401")[3].lower())
+
+    def test_answer_after_the_peer_left(self):
+        """A delayed 401 rendered once the peer has gone (no channel) is no error."""
+        from twisted.web.test.requesthelper import DummyRequest
+        from anyproxy.operator_site import _Unauthorized, _SourcedBasicCredentials
+        request = DummyRequest([b"api", b"status"])
+        request.path = b"/api/status"
+        request.channel = None
+        _Unauthorized([_SourcedBasicCredentials("realm")]).render(request)
+        self.assertEqual(request.responseCode, 401)

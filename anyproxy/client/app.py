@@ -862,7 +862,7 @@ def make_client_service(config, reactor, resolver=None, gateway_resolver=None,
         top.add_gateway(key[0], key[1], ClientRoot.tls_for(client, key))
     # The password checks and login throttle of the status page and metrics;
     # a reload sets its limits.
-    logins = top.logins = Logins.from_config(config, reactor)
+    logins = top.logins = Logins.from_config(config, reactor, role="client")
     top.reload_hooks.append(lambda config: logins.prepare(config)())
     # Prometheus metrics (anyproxy.metrics), read at scrape time; served at metrics_addr.
     top.metrics = ClientMetrics(factories, dialer)

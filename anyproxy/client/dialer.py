@@ -98,42 +98,52 @@ def resolve(resolver, host, port, on_complete=None):
     return collector.done.addCallback(check)
 
 
-# Name lookups the client's resolver may have in hand at once, and one UDP
-# association at most.  The system resolver runs getaddrinfo in the reactor's
-# thread pool (10 threads), where a lookup goes on after we stopped waiting
-# for it: without a bound, names that never answer, asked for faster than
-# they time out, queued without end and starved every other lookup.
-MAX_NAME_LOOKUPS = 64
+# Name lookups the client's resolver may have in hand at once: in all (a
+# stream's, as many as max_concurrent_conns by default), for UDP associations
+# together, and for one association.  The system resolver runs getaddrinfo in
+# the reactor's thread pool (10 threads), where a lookup goes on after we
+# stopped waiting for it: without a bound, datagrams to names that never
+# answer, sent faster than they time out, queued lookups without end and
+# starved every other one.  (A TCP stream's lookup is already paced by the
+# slot it holds until connect_timeout.)
+MAX_NAME_LOOKUPS = 1024
+MAX_ASSOCIATION_LOOKUPS = 64
 MAX_LOOKUPS_PER_ASSOCIATION = 16
 
 
 class NameLookups:
     """
     The client's name lookups (L{resolve}), counted from the resolver's
-    start to its real end, not to our timeout.  Past L{limit} in all, or
-    past L{per_owner} for one owner (a UDP association), a lookup fails at
-    once with OVERLOADED instead of queueing behind the others.
+    start to its real end, not to our timeout.  Past L{limit} in all, past
+    L{owned_limit} for all owners (UDP associations) together, or past
+    L{per_owner} for one, a lookup fails at once with OVERLOADED instead of
+    queueing behind the others.
     """
 
-    def __init__(self, resolver, limit=MAX_NAME_LOOKUPS, per_owner=MAX_LOOKUPS_PER_ASSOCIATION):
+    def __init__(self, resolver, limit=MAX_NAME_LOOKUPS, per_owner=MAX_LOOKUPS_PER_ASSOCIATION,
+                 owned_limit=MAX_ASSOCIATION_LOOKUPS):
         self._resolver = resolver
         self.limit = limit
         self.per_owner = per_owner
+        self.owned_limit = owned_limit
         self.running = 0
+        self.owned = 0  # running for some owner
         self._owners = {}  # owner -> its lookups running
-        self.refused = 0  # lookups refused at the bound (logged once per burst)
+        self.refused = 0  # lookups refused at a bound
 
     def resolve(self, host, port, owner=None):
         """L{resolve} through the bounds; C{owner}: any hashable, e.g. an association's token."""
         if literal_address(host) is not None:
             return resolve(self._resolver, host, port)
-        if self.running >= self.limit or (
-                owner is not None and self._owners.get(owner, 0) >= self.per_owner):
+        if self.running >= self.limit or owner is not None and (
+                self.owned >= self.owned_limit
+                or self._owners.get(owner, 0) >= self.per_owner):
             self.refused += 1
             return defer.fail(StreamOpenError(Reason.OVERLOADED,
                                               "too many name lookups in progress"))
         self.running += 1
         if owner is not None:
+            self.owned += 1
             self._owners[owner] = self._owners.get(owner, 0) + 1
         done = []
 
@@ -150,6 +160,7 @@ class NameLookups:
     def _complete(self, owner):
         self.running -= 1
         if owner is not None:
+            self.owned -= 1
             left = self._owners[owner] - 1
             if left:
                 self._owners[owner] = left

@@ -298,7 +298,10 @@ class SrvEndpoint:
                 problems.append("%s: %s" % (host_port(host, port), failure.getErrorMessage()))
                 attempt(targets, index + 1)
 
-            step[0] = self._target_endpoint(host, port).connect(protocol_factory)
+            # maybeDeferred: building the target's endpoint reads its TLS
+            # files, and a bad one fails this target, not the whole attempt.
+            step[0] = defer.maybeDeferred(
+                lambda: self._target_endpoint(host, port).connect(protocol_factory))
             step[0].addCallbacks(connected, failed)
 
         def looked_up(targets):

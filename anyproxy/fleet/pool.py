@@ -155,9 +155,10 @@ class FleetTunnelPool:
 
     def routed_best(self, group, host, mux):
         """See L{anyproxy.gateway.tunnel_pool.TunnelPool.routed_best}; a relayed stream's is the peer's to judge."""
-        if not any(tunnel.mux is mux for tunnel in self.local.tunnels(group)):
-            return True  # a peer link: where it goes is the peer's choice
-        return self.local.routed_best(group, host, mux)
+        if self.local.routed_best(group, host, mux):
+            return True  # also the fast answer without routes
+        # A peer link's stream: where it goes is the peer's choice.
+        return not any(tunnel.mux is mux for tunnel in self.local.tunnels(group))
 
     def tunnels(self, group=None):
         """The tunnels connected to this gateway (never the relayed ones)."""

@@ -548,7 +548,10 @@ class PortForwarding:
             return ("port %%s already forwarded for this client through gateway %s; it moves "
                     "here if that gateway lets it go" % (node_id,), HELD)
         where = "" if node_id == self.claims.node_id else " (through gateway %s)" % (node_id,)
-        return "port %%s already forwarded for client %s%s" % (outcome.owner[1], where), HELD
+        # Another tenant's client (another credential) is not named.
+        same_credential = len(outcome.owner) > 2 and outcome.owner[2] == owner[2]
+        whose = "client %s" % (outcome.owner[1],) if same_credential else "another client"
+        return "port %%s already forwarded for %s%s" % (whose, where), HELD
 
     def _wait(self, tunnel, request):
         waiting = self._waiting.setdefault(request.key, [])

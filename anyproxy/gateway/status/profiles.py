@@ -35,6 +35,9 @@ networks.  With the login, C{?group=G} filters the same way.  C{GET
 import hashlib
 import hmac
 import urllib.parse
+from collections import OrderedDict
+
+from twisted.internet import defer, threads
 
 from twisted.web import resource
 
@@ -67,8 +70,10 @@ def profile_token(username, password, group=None):
                           maxmem=64 * 1024 * 1024, dklen=16).hex()
 
 
-# Group tokens kept at most (one scrypt each); more groups derive them again.
-MAX_GROUP_TOKENS = 256
+# Group tokens kept at most (one scrypt each), the least recently used let go
+# first (never the operator's): a request for a group's profile pays one
+# scrypt only when its token was let go.
+MAX_GROUP_TOKENS = 1024
 
 
 def requested_group(request):
@@ -98,20 +103,53 @@ class ProxyProfiles:
         self._listeners = listeners
 
     _tokens_for = None  # the (name, password) the tokens in _tokens are of
-    _tokens = None  # group (None: all) -> token, derived once per login
+    _tokens = None  # group (None: all) -> token, the least recently used first
 
-    def token(self, group=None):
-        """The capability token of the status login in force, for C{group} or all."""
+    def _login(self):
         gateway = self._config().gateway
         login = (gateway.status_username, gateway.status_password)
         if self._tokens_for != login:
-            self._tokens_for, self._tokens = login, {}
+            self._tokens_for, self._tokens = login, OrderedDict()
+        return login
+
+    def _remember(self, group, token):
+        self._tokens[group] = token
+        self._tokens.move_to_end(group)
+        while len(self._tokens) > MAX_GROUP_TOKENS:
+            oldest = next(iter(self._tokens))
+            if oldest is None:  # the operator's token stays
+                self._tokens.move_to_end(None)
+                oldest = next(iter(self._tokens))
+            del self._tokens[oldest]
+
+    def token(self, group=None):
+        """The capability token of the status login in force, for C{group} or all."""
+        login = self._login()
         token = self._tokens.get(group)
         if token is None:
-            if len(self._tokens) >= MAX_GROUP_TOKENS:
-                self._tokens = {}
-            token = self._tokens[group] = profile_token(*login, group=group)
+            token = profile_token(*login, group=group)
+        self._remember(group, token)
         return token
+
+    def _tokens_now(self, groups):
+        """
+        A Deferred firing with C{{group: token}}: those not known yet are
+        derived in threads (an scrypt each), never on the reactor's turn.
+        """
+        login = self._login()
+        known = {group: self._tokens[group] for group in groups if group in self._tokens}
+        missing = [group for group in groups if group not in known]
+
+        def derived(tokens):
+            if self._tokens_for == login:  # no reload changed the login meanwhile
+                for group, token in zip(missing, tokens):
+                    self._remember(group, token)
+            known.update(zip(missing, tokens))
+            return known
+
+        return defer.gatherResults(
+            [threads.deferToThread(profile_token, *login, group=group) for group in missing],
+            consumeErrors=True).addCallback(derived)
 
     def token_accepted(self, request):
         """Whether C{request} carries the capability token of its C{group} (or of all)."""
@@ -127,13 +165,23 @@ class ProxyProfiles:
         return sorted({tunnel.group for tunnel in self._tunnel_pool.tunnels()})
 
     def urls(self):
-        """The capability URLs' paths and queries: all routes, and each group's."""
-        query = "?token=" + self.token()
-        urls = {"pac": "/proxy.pac" + query, "clash": "/clash.yaml" + query, "groups": {}}
-        for group in self.groups():
-            query = "?group=%s&token=%s" % (urllib.parse.quote(group, safe=""), self.token(group))
-            urls["groups"][group] = {"pac": "/proxy.pac" + query, "clash": "/clash.yaml" + query}
-        return urls
+        """
+        A Deferred firing with the capability URLs' paths and queries: all
+        routes, and each connected group's.
+        """
+        groups = [None] + self.groups()
+
+        def build(tokens):
+            query = "?token=" + tokens[None]
+            urls = {"pac": "/proxy.pac" + query, "clash": "/clash.yaml" + query, "groups": {}}
+            for group in groups[1:]:
+                query = "?group=%s&token=%s" % (urllib.parse.quote(group, safe=""),
+                                                tokens[group])
+                urls["groups"][group] = {"pac": "/proxy.pac" + query,
+                                         "clash": "/clash.yaml" + query}
+            return urls
+
+        return self._tokens_now(groups).addCallback(build)
 
     def routes(self, group=None):
         extra = Routes.of(self._config().gateway.pac_extra_routes)
