@@ -147,8 +147,10 @@ class GroupProfileTests(unittest.TestCase):
         yield self.deployment.start_gateway(**overrides)
         self.status_port = self.deployment._port("status page")
         yield self.deployment.start_client(client={"routes": ["*.private.test"]})
-        yield self.deployment.start_client(client={"client_id": "ops-1", "group_id": "ops",
-                                                   "routes": ["*.ops-secret.test", "172.31.7.0/24"]})
+        # group: the one whose tunnel start_client waits for.
+        yield self.deployment.start_client(group="ops", client={
+            "client_id": "ops-1", "group_id": "ops",
+            "routes": ["*.ops-secret.test", "172.31.7.0/24"]})
 
     def url(self, path, credentials=False):
         login = "%s:%s@" % (STATUS_USER, STATUS_PASSWORD) if credentials else ""
