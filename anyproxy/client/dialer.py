@@ -64,6 +64,22 @@ def literal_address(host):
     return None if address is None else str(address)
 
 
+def _not_a_host_name(host):
+    """A NAME_NOT_RESOLVED error if C{host} is no name a resolver should be asked, else C{None}."""
+    try:
+        # What the resolver does with the name first; a name it cannot
+        # encode (an empty or over-long label) would fail there out of sight
+        # of IHostnameResolver, whose answer then never comes.
+        encoded = host.encode("idna")
+    except UnicodeError:
+        encoded = b""
+    if not _HOST_NAME.fullmatch(encoded):
+        # Spaces, "%", ":"... are in no host name, but a resolver may still
+        # answer for them (a hosts file), and the policy read the asked text.
+        return StreamOpenError(Reason.NAME_NOT_RESOLVED, "%r is not a valid host name" % (host,))
+    return None
+
+
 def resolve(resolver, host, port, on_complete=None):
     """
     A Deferred firing with the list of IP address strings C{host} resolves to.
@@ -75,18 +91,9 @@ def resolve(resolver, host, port, on_complete=None):
     address = literal_address(host)
     if address is not None:
         return defer.succeed([address])
-    try:
-        # What the resolver does with the name first; a name it cannot
-        # encode (an empty or over-long label) would fail there out of sight
-        # of IHostnameResolver, whose answer then never comes.
-        encoded = host.encode("idna")
-    except UnicodeError:
-        encoded = b""
-    if not _HOST_NAME.fullmatch(encoded):
-        # Spaces, "%", ":"... are in no host name, but a resolver may still
-        # answer for them (a hosts file), and the policy read the asked text.
-        return defer.fail(StreamOpenError(Reason.NAME_NOT_RESOLVED,
-                                          "%r is not a valid host name" % (host,)))
+    refused = _not_a_host_name(host)
+    if refused is not None:
+        return defer.fail(refused)
     collector = _Collector(on_complete)
     resolver.resolveHostName(collector, host, port)
 
@@ -133,8 +140,8 @@ class NameLookups:
 
     def resolve(self, host, port, owner=None):
         """L{resolve} through the bounds; C{owner}: any hashable, e.g. an association's token."""
-        if literal_address(host) is not None:
-            return resolve(self._resolver, host, port)
+        if literal_address(host) is not None or _not_a_host_name(host) is not None:
+            return resolve(self._resolver, host, port)  # no lookup: answered at once
         if self.running >= self.limit or owner is not None and (
                 self.owned >= self.owned_limit
                 or self._owners.get(owner, 0) >= self.per_owner):
@@ -145,17 +152,9 @@ class NameLookups:
         if owner is not None:
             self.owned += 1
             self._owners[owner] = self._owners.get(owner, 0) + 1
-        done = []
-
-        def complete():
-            if not done:
-                done.append(True)
-                self._complete(owner)
-
-        d = resolve(self._resolver, host, port, on_complete=complete)
-        if d.called and not done:
-            complete()  # refused before the resolver was asked (not a host name)
-        return d
+        # The resolver ends each lookup once (resolutionComplete).
+        return resolve(self._resolver, host, port,
+                       on_complete=lambda: self._complete(owner))
 
     def _complete(self, owner):
         self.running -= 1

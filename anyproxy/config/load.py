@@ -40,6 +40,7 @@ from anyproxy.frontends.lookup import (
 from anyproxy.interfaces import OptionError
 from anyproxy.passwords import check_hash_format
 from anyproxy.routes import Routes, route_texts
+from anyproxy.tls import TLSFileError, load_certificates
 from anyproxy.tunnel.hello import (
     MAX_GROUP_PASSWORD, MAX_ROUTES, MAX_ROUTES_BYTES, MAX_WEIGHT, MIN_WEIGHT)
 
@@ -618,12 +619,9 @@ def _same_certificates(first, second):
 
     def certificates(path):
         try:
-            with open(path, "rb") as f:
-                text = f.read()
-        except OSError:
+            return set(load_certificates(path))
+        except TLSFileError:
             return set()  # the file checks report it
-        return {block.split(b"-----END", 1)[0].replace(b"\r", b"").replace(b"\n", b"").strip()
-                for block in text.split(b"-----BEGIN CERTIFICATE-----")[1:]}
 
     return bool(certificates(first) & certificates(second))
 
