@@ -37,6 +37,7 @@ from twisted.logger import (
     FileLogObserver, FilteringLogObserver, ILogObserver, Logger, LogLevel,
     LogLevelFilterPredicate, formatEventAsClassicLogText, jsonFileLogObserver)
 from twisted.python import threadable
+from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from txaio import tx as _txaio_twisted
 from zope.interface import implementer
@@ -78,8 +79,14 @@ _HEADER = (r"(?P<head>\b(?:proxy[-_]?)?authorization|\b(?:set[-_]?)?cookie)"
            r"(?:[^\r\n'\"\\]|\\(?![rn'\"\\]))+")
 # A credential anywhere else: "Basic dXNlcjpwdw==".
 _SCHEME_TOKEN = r"\b(?P<scheme>" + _SCHEMES + r")\s+[A-Za-z0-9+/=._~-]{4,}"
+# The password in a URL's user information: "redis://:pw@host",
+# "http://user:pw@proxy:3128" (the user name is kept for diagnosis).  The
+# password runs to the authority's last "@", as URL parsers read it.
+_URL_PASSWORD = (r"(?P<start>\b[a-z][a-z0-9+.-]*://[^:/?#@\s'\"]*:)"
+                 r"[^/?#\s'\"]*(?=@)")
 _TEXT = [(re.compile(_HEADER, re.I), r"\g<head>\g<sep>\g<scheme>" + REDACTED),
-         (re.compile(_SCHEME_TOKEN, re.I), r"\g<scheme> " + REDACTED)]
+         (re.compile(_SCHEME_TOKEN, re.I), r"\g<scheme> " + REDACTED),
+         (re.compile(_URL_PASSWORD, re.I), r"\g<start>" + REDACTED)]
 _BYTES = [(re.compile(pattern.pattern.encode("ascii"), re.I), replacement.encode("ascii"))
           for pattern, replacement in _TEXT]
 _PLAIN = (int, float, type(None), LogLevel)
@@ -144,6 +151,33 @@ def _scrub(value, depth=0):
     return value if clean == text else clean
 
 
+class _MaskedText(Exception):
+    """Stands for an exception whose text held a credential: that text, masked."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+def _scrubbed_failure(failure):
+    """
+    C{failure} itself, or when its exception's text holds a credential (a
+    library quoting a URL with its password, say), a copy with that text
+    masked.  The copy keeps the type, frames and traceback, which is what a
+    traceback shows besides the text.
+    """
+    try:
+        text = str(failure.value)
+    except Exception:
+        return failure
+    clean = _capped(_scrub_text(text))
+    if clean == text:
+        return failure
+    copy = Failure.__new__(Failure)
+    copy.__dict__.update(failure.__dict__)
+    copy.value = _MaskedText(clean)
+    return copy
+
+
 # The longest text a field of an event keeps: what a peer sends (a handshake
 # header quoted in an error, a name) may be megabytes.
 MAX_FIELD = 4096
@@ -199,6 +233,8 @@ def redact_fields(fields):
                 value = _scrub_text(value)
             elif key == "log_flattened":
                 value = _scrub(value)
+            elif key == "log_failure" and isinstance(value, Failure):
+                value = _scrubbed_failure(value)
         elif _SECRET_KEY.search(key):
             value = REDACTED
         else:

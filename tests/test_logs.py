@@ -11,6 +11,7 @@ import txaio
 from autobahn.websocket.types import ConnectingRequest
 from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from anyproxy import logs as logs_module
@@ -191,6 +192,43 @@ class RedactTests(unittest.TestCase):
         self.assertEqual(clean["error"], "bad Basic <redacted>")
         self.assertIs(clean["plain"], marker)
         self.assertEqual(clean["n"], 3)
+
+    def test_url_passwords(self):
+        """
+        The password in a URL's user information is masked, to the
+        authority's last C{@}; the scheme, user name and host stay.
+        """
+        clean = redact({"a": "redis://:hunter2@10.0.0.1:6379/0",
+                        "b": b"via http://bob:p@ss@proxy:3128 failed",
+                        "c": "http://host:8080/a@b?x=y:z@w"})
+        self.assertEqual(clean["a"], "redis://:<redacted>@10.0.0.1:6379/0")
+        self.assertEqual(clean["b"], b"via http://bob:<redacted>@proxy:3128 failed")
+        self.assertEqual(clean["c"], "http://host:8080/a@b?x=y:z@w")
+
+    def test_failure_text(self):
+        """
+        A failure whose exception quotes a credential is written with that
+        text masked (Twisted's JSON format leaves the text out), and keeps its type;
+        the caller's failure is left as it was.
+        """
+        url = "redis://:%s@10.0.0.1:6379/0" % ("hunter2",)
+        try:
+            raise ConnectionError("cannot reach " + url)
+        except ConnectionError:
+            failure = Failure()
+        for format in ("text", "json"):
+            path = self.mktemp()
+            observer = make_observer(LogConfig(level="info", format=format, file=path))
+            Logger(observer=observer).failure("registry lost", failure)
+            with open(path) as f:
+                text = f.read()
+            self.assertIn("ConnectionError", text)
+            self.assertNotIn("hunter2", text)
+            if format == "text":
+                self.assertIn("redis://:<redacted>@10.0.0.1", text)
+        self.assertIn("hunter2", str(failure.value))
+        plain = Failure(ValueError("nothing secret"))
+        self.assertIs(redact({"log_failure": plain})["log_failure"], plain)
 
     def test_format_string(self):
         """A credential in the format string itself is masked too."""
