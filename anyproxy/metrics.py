@@ -456,6 +456,13 @@ class ClientMetrics(Collector):
         dropped.add_metric(["error"], stats.dropped_error)
         dropped.add_metric(["unsolicited"], stats.dropped_unsolicited)
         yield dropped
+        lookups = dialer.lookups
+        yield GaugeMetricFamily("anyproxy_client_name_lookups_running",
+                                "Name lookups in the resolver now (until it ends them, "
+                                "past a stream's connect timeout).", value=lookups.running)
+        yield CounterMetricFamily("anyproxy_client_name_lookups_refused",
+                                  "Name lookups refused at once at their bound (the stream "
+                                  "or datagram gets OVERLOADED).", value=lookups.refused)
         yield _buffered_family(queued, sockets)
 
 

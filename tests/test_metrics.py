@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+from anyproxy.client.dialer import NameLookups
 from anyproxy.client.udp import UdpStats
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.gateway.tunnel_pool import Tunnel, TunnelPool
@@ -69,6 +70,7 @@ class FakeDialer:
         self.active = active
         self.acl_refusals = acl_refusals
         self.udp_stats = udp_stats or UdpStats()
+        self.lookups = NameLookups(resolver=None)
 
 
 def opened(pair, metrics, frontend, kind="tcp", opener_protocol=None):
@@ -398,6 +400,13 @@ class ClientMetricsTests(SynchronousTestCase):
                                     reason="error"), 1)
         self.dialer.acl_refusals += 1
         self.assertEqual(self.value("anyproxy_client_acl_refusals_total", kind="stream"), 6)
+
+    def test_name_lookups(self):
+        """The lookups in the resolver now, and those refused at their bound."""
+        self.dialer.lookups.running = 2
+        self.dialer.lookups.refused = 9
+        self.assertEqual(self.value("anyproxy_client_name_lookups_running"), 2)
+        self.assertEqual(self.value("anyproxy_client_name_lookups_refused_total"), 9)
 
 
 class MetricsPageTests(SynchronousTestCase):
