@@ -117,6 +117,14 @@ def _round(rows, key):
     return rows
 
 
+def _client_path(args, action=""):
+    """C{/api/clients/ID[/action]}, limited to C{--group} if given."""
+    path = "/api/clients/" + urllib.parse.quote(args.client, safe="") + action
+    if args.group:
+        path += "?" + urllib.parse.urlencode({"group": args.group})
+    return path
+
+
 def run(args, password, stdout, stdin):
     command = args.command
     if command == "streams":
@@ -136,12 +144,10 @@ def run(args, password, stdout, stdin):
                       password)
         text = "closed stream %s" % (args.id,)
     elif command == "disconnect":
-        answer = call(args, "DELETE", "/api/clients/" + urllib.parse.quote(args.client, safe=""),
-                      password)
+        answer = call(args, "DELETE", _client_path(args), password)
         text = "disconnected %s (%d tunnels)" % (args.client, answer["tunnels"])
     elif command == "drain":
-        answer = call(args, "POST", "/api/clients/%s/drain" % (
-            urllib.parse.quote(args.client, safe=""),), password)
+        answer = call(args, "POST", _client_path(args, "/drain"), password)
         text = "draining %s (%d tunnels, %d streams open)" % (
             args.client, answer["tunnels"], answer["active_streams"])
     elif command == "drain-gateway":
@@ -179,9 +185,11 @@ def parser():
     kick = commands.add_parser("kick", help="close one stream")
     kick.add_argument("id", help="the stream's ID (see streams)")
     disconnect = commands.add_parser("disconnect", help="disconnect a client's tunnels")
-    disconnect.add_argument("client", help="the client id")
     drain = commands.add_parser("drain", help="drain a client: no new streams, open ones finish")
-    drain.add_argument("client", help="the client id")
+    for each in (disconnect, drain):
+        each.add_argument("client", help="the client id")
+        each.add_argument("--group", help="only its tunnels of this group (clients of two "
+                                          "groups may have the same id)")
     commands.add_parser("drain-gateway", help="drain the whole gateway")
     commands.add_parser("reload", help="reload the gateway's config (as SIGHUP does)")
     commands.add_parser("config", help="show the effective config, secrets redacted")

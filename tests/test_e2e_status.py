@@ -422,7 +422,7 @@ def actions_session(url, socks_port, echo_port, gated_port, release, download_si
         try:
             first = sock.recv(65536)
             clients.locator('button[data-action="drain"]').click()
-            expect(result).to_have_text("Client client-1 draining.")
+            expect(result).to_have_text("Client client-1 (group default) draining.")
             expect(page.locator('#clients-body tr.draining[data-client-id="client-1"]')
                    ).to_have_count(1)
             release()
@@ -435,7 +435,7 @@ def actions_session(url, socks_port, echo_port, gated_port, release, download_si
         expect(clients).to_have_count(1, timeout=EXPECT_MS)
         expect(clients.locator('button[data-action="drain"]')).to_have_text("drain")
         clients.locator('button[data-action="disconnect"]').click()
-        expect(result).to_have_text("Client client-1 disconnected.")
+        expect(result).to_have_text("Client client-1 (group default) disconnected.")
         seen["errors"] = errors
     return seen
 

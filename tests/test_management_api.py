@@ -222,6 +222,45 @@ class ClientControlTests(_APIBase):
         yield self.json_call("POST", "/api/clients/nobody/drain", expect=404, headers=CSRF)
 
 
+class SameIdTwoGroupsTests(_APIBase):
+    """Two tenants' clients with one id: C{?group=} picks one of them."""
+
+    gateway_extra = {"auth_groups": ["default", "ops"]}
+
+    @defer.inlineCallbacks
+    def test_group_picks_one(self):
+        """
+        Drain and disconnect with C{?group=} act on that group's tunnels
+        only; without it, on both.  A bad C{group} is 400.
+        """
+        yield self.deployment.start_client(group="ops", client={"client_id": "client-1",
+                                                                 "group_id": "ops"})
+        pool = self.deployment.gateway.tunnel_pool
+        [ours] = [t for t in pool.tunnels() if t.group == "default"]
+        [theirs] = [t for t in pool.tunnels() if t.group == "ops"]
+        answer = yield self.json_call("POST", "/api/clients/client-1/drain?group=ops",
+                                      expect=202, headers=CSRF)
+        self.assertEqual(answer["tunnels"], 1)
+        self.assertEqual((ours.draining, theirs.draining), (False, True))
+        answer = yield self.json_call("DELETE", "/api/clients/client-1?group=default",
+                                      headers=CSRF)
+        self.assertEqual(answer, {"client_id": "client-1", "tunnels": 1})
+        yield self.wait_until(lambda: defer.succeed(ours not in pool.tunnels()))
+        error = yield self.json_call("DELETE", "/api/clients/client-1?group=nobody",
+                                     expect=404, headers=CSRF)
+        self.assertEqual(error, {"error": "no client 'client-1' is connected in group 'nobody'"})
+        for query in ("?group=", "?group=ops&group=default", "?group=%ff"):
+            yield self.json_call("DELETE", "/api/clients/client-1" + query, expect=400,
+                                 headers=CSRF)
+        # Both come back after their backoff; without a group, both go.
+        yield self.wait_until(lambda: defer.succeed(
+            sorted((t.group, t.draining) for t in pool.tunnels())
+            == [("default", False), ("ops", False)]),
+            timeout=20)
+        answer = yield self.json_call("DELETE", "/api/clients/client-1", headers=CSRF)
+        self.assertEqual(answer["tunnels"], 2)
+
+
 class GatewayControlTests(_APIBase):
     """Reload, drain and the config."""
 
@@ -481,6 +520,15 @@ class CtlTests(_APIBase):
         self.assertEqual(json.loads(out)["client_id"], "client-1")
         out, err, code = yield run_ctl(self.status_port, "disconnect", "nobody")
         self.assertEqual(code, 3)
+        yield self.deployment.wait_for_tunnel()
+        out, err, code = yield run_ctl(self.status_port, "disconnect", "--group", "ops",
+                                       "client-1")
+        self.assertEqual(code, 3)
+        self.assertIn(b"in group 'ops'", err)
+        out, err, code = yield run_ctl(self.status_port, "drain", "client-1",
+                                       "--group=default")
+        self.assertEqual((code, out.decode()),
+                         (0, "draining client-1 (1 tunnels, 0 streams open)\n"), err)
         out, err, code = yield run_ctl(self.status_port, "drain-gateway")
         self.assertEqual((code, out.decode()), (0, "gateway draining (0 streams open)\n"), err)
         out, err, code = yield run_ctl(self.status_port, "drain-gateway")

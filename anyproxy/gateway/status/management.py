@@ -160,27 +160,38 @@ class Management:
         log.info("management API: stream {id} closed", id=stream_id)
         return {"id": stream_id, "closed": True}
 
-    def _client_tunnels(self, client_id):
-        tunnels = [t for t in self.tunnel_pool.tunnels() if t.client_id == client_id]
+    def _client_tunnels(self, client_id, group=None):
+        """
+        The tunnels of C{client_id}; with C{group}, only that group's (two
+        tenants' clients may have the same id).
+        """
+        tunnels = [t for t in self.tunnel_pool.tunnels() if t.client_id == client_id
+                   and (group is None or t.group == group)]
         if not tunnels:
-            raise APIError(404, "no client %r is connected" % (client_id,))
+            raise APIError(404, "no client %r is connected%s" % (
+                client_id, "" if group is None else " in group %r" % (group,)))
         return tunnels
 
-    def disconnect(self, client_id):
-        """GOAWAY and close every tunnel of C{client_id} (its open streams are reset)."""
-        tunnels = self._client_tunnels(client_id)
+    def disconnect(self, client_id, group=None):
+        """
+        GOAWAY and close every tunnel of C{client_id} (of C{group} only, if
+        given); its open streams are reset.
+        """
+        tunnels = self._client_tunnels(client_id, group)
         for tunnel in tunnels:
             tunnel.go_away(self._reactor, Reason.NO_TUNNEL)
-        log.info("management API: client {client_id} disconnected ({count} tunnels)",
-                 client_id=client_id, count=len(tunnels))
+        log.info("management API: client {client_id} disconnected ({count} tunnels, groups "
+                 "{groups})", client_id=client_id, count=len(tunnels),
+                 groups=",".join(sorted({t.group for t in tunnels})))
         return {"client_id": client_id, "tunnels": len(tunnels)}
 
-    def drain_client(self, client_id):
+    def drain_client(self, client_id, group=None):
         """
-        GOAWAY on every tunnel of C{client_id}: no new streams on them; each
-        is closed once its open streams have finished.
+        GOAWAY on every tunnel of C{client_id} (of C{group} only, if given):
+        no new streams on them; each is closed once its open streams have
+        finished.
         """
-        tunnels = self._client_tunnels(client_id)
+        tunnels = self._client_tunnels(client_id, group)
         for tunnel in tunnels:
             if tunnel.draining:
                 continue
@@ -188,8 +199,9 @@ class Management:
             tunnel.mux.when_drained().addCallback(
                 lambda _, tunnel=tunnel: tunnel.go_away(self._reactor))
         streams = sum(tunnel.active_streams for tunnel in tunnels)
-        log.info("management API: client {client_id} draining ({count} tunnels, {streams} "
-                 "streams open)", client_id=client_id, count=len(tunnels), streams=streams)
+        log.info("management API: client {client_id} draining ({count} tunnels, groups "
+                 "{groups}, {streams} streams open)", client_id=client_id, count=len(tunnels),
+                 groups=",".join(sorted({t.group for t in tunnels})), streams=streams)
         return {"client_id": client_id, "tunnels": len(tunnels), "active_streams": streams}
 
     def drain_gateway(self, timeout=None):
@@ -395,14 +407,28 @@ class ManagementAPI(resource.Resource):
     def get_users(self, request, body):
         return self._management.users()
 
+    def _group(self, request):
+        """The C{?group=} a client call is limited to, or C{None}."""
+        values = request.args.get(b"group") if request.args else None
+        if not values:
+            return None
+        if len(values) > 1 or not values[0]:
+            raise APIError(400, "group must be given once, not empty")
+        try:
+            return values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise APIError(400, "group must be UTF-8 text")
+
     def delete_client(self, request, body, client_id):
         self._no_body(body)
-        return self._management.disconnect(client_id)
+        return self._management.disconnect(client_id, self._group(request))
 
     def post_client_drain(self, request, body, client_id):
         self._no_body(body)
+        group = self._group(request)
+        answer = self._management.drain_client(client_id, group)
         request.setResponseCode(202)
-        return self._management.drain_client(client_id)
+        return answer
 
     def post_drain(self, request, body):
         timeout = None

@@ -219,6 +219,10 @@ def _path_parameter(name, description):
 
 _STREAM_ID = _path_parameter("stream_id", "a stream id from GET /api/streams")
 _CLIENT_ID = _path_parameter("client_id", "a connected client's id")
+_CLIENT_GROUP = {"name": "group", "in": "query", "required": False,
+                 "description": "only the client's tunnels of this group (clients of two "
+                                "groups may have the same id); default: every group",
+                 "schema": {"type": "string", "minLength": 1}}
 
 PATHS = {
     "/api/status": {"get": _operation("Gateway, totals and connected tunnels", "200",
@@ -240,7 +244,7 @@ PATHS = {
         "200", {"type": "object", "required": ["client_id", "tunnels"],
                 "properties": {"client_id": {"type": "string"},
                                "tunnels": {"type": "integer"}}},
-        ["404"], changes=True, parameters=[_CLIENT_ID],
+        ["404"], changes=True, parameters=[_CLIENT_ID, _CLIENT_GROUP],
         description="The client reconnects after its backoff unless its credential is "
                     "removed (then reload).")},
     "/api/clients/{client_id}/drain": {"post": _operation(
@@ -248,7 +252,7 @@ PATHS = {
         "202", {"type": "object", "required": ["client_id", "tunnels", "active_streams"],
                 "properties": {"client_id": {"type": "string"}, "tunnels": {"type": "integer"},
                                "active_streams": {"type": "integer"}}},
-        ["404"], changes=True, parameters=[_CLIENT_ID])},
+        ["404"], changes=True, parameters=[_CLIENT_ID, _CLIENT_GROUP])},
     "/api/drain": {"post": _operation(
         "Drain the gateway: leave the fleet, stop accepting, GOAWAY to every tunnel, let "
         "open streams finish", "202",

@@ -72,8 +72,10 @@
       cell(row, "bytes-in", bytes(c.bytes_in), true, exact(c.bytes_in));
       cell(row, "bytes-out", bytes(c.bytes_out), true, exact(c.bytes_out));
       var drain = button(c.draining ? "draining" : "drain", "drain", c.client_id);
+      var disconnect = button("disconnect", "disconnect", c.client_id, true);
       drain.disabled = !!c.draining;
-      actions(row, [drain, button("disconnect", "disconnect", c.client_id, true)]);
+      drain.dataset.group = disconnect.dataset.group = c.group;
+      actions(row, [drain, disconnect]);
       rows.push(row);
     });
     if (!rows.length) { rows.push(emptyRow(12, "No clients connected.")); }
@@ -170,15 +172,18 @@
   }
   // The buttons: state-changing calls carry X-AnyProxy-Request, which the
   // API requires (a cross-origin page cannot send it: CSRF defence).
+  // A client's buttons act on its group only: two tenants' clients may
+  // have the same id.
+  function inGroup(group) { return group ? "?group=" + encodeURIComponent(group) : ""; }
   var ACTIONS = {
     close: {method: "DELETE", path: function (id) { return "streams/" + encodeURIComponent(id); },
             ask: "Close stream %s?", done: "Stream %s closed."},
-    drain: {method: "POST", path: function (id) {
-      return "clients/" + encodeURIComponent(id) + "/drain"; },
+    drain: {method: "POST", path: function (id, group) {
+      return "clients/" + encodeURIComponent(id) + "/drain" + inGroup(group); },
             ask: "Drain client %s? Its tunnels take no new streams; open ones finish.",
             done: "Client %s draining."},
-    disconnect: {method: "DELETE", path: function (id) {
-      return "clients/" + encodeURIComponent(id); },
+    disconnect: {method: "DELETE", path: function (id, group) {
+      return "clients/" + encodeURIComponent(id) + inGroup(group); },
             ask: "Disconnect client %s? Its open streams are reset.",
             done: "Client %s disconnected."}
   };
@@ -190,16 +195,17 @@
   function act(event) {
     var target = event.target, action = ACTIONS[target.dataset && target.dataset.action];
     if (!action || target.tagName !== "BUTTON") { return; }
-    var id = target.dataset.id;
-    if (!window.confirm(action.ask.replace("%s", id))) { return; }
+    var id = target.dataset.id, group = target.dataset.group;
+    var name = group ? id + " (group " + group + ")" : id;
+    if (!window.confirm(action.ask.replace("%s", name))) { return; }
     target.disabled = true;
-    fetch(apiUrl(action.path(id)), {method: action.method, cache: "no-store",
+    fetch(apiUrl(action.path(id, group)), {method: action.method, cache: "no-store",
                                     credentials: "same-origin",
                                     headers: {"X-AnyProxy-Request": "1"}})
       .then(function (response) {
         return response.json().then(function (body) {
           if (!response.ok) { throw new Error(body.error || "HTTP " + response.status); }
-          report(true, action.done.replace("%s", id));
+          report(true, action.done.replace("%s", name));
         });
       })
       .catch(function (e) { report(false, "Failed: " + e.message); })
