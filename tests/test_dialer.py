@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule
+from anyproxy.client import tcp_connect
 from anyproxy.client.dialer import Dialer, NameLookups, resolve
 from anyproxy.errors import reason_for_failure
 from anyproxy.errors import Reason, StreamOpenError
@@ -311,6 +312,7 @@ class DialerTestMixin:
         self.resolver = FakeResolver(table if table is not None else
                                      {"target.test": ["192.0.2.10"]}, pending=pending)
         kwargs.setdefault("policy", AccessPolicy())
+        kwargs.setdefault("connect_tcp", self.reactor.connectTCP)
         return Dialer(reactor=self.reactor, resolver=self.resolver, **kwargs)
 
     def dialed(self):
@@ -633,16 +635,12 @@ class DialTests(DialerTestMixin, SynchronousTestCase):
 
     def test_connect_raising_at_once(self):
         """
-        connectTCP raising (an IPv6 zone naming no interface: Twisted
-        resolves it inside) refuses the stream HOST_UNREACHABLE and frees
-        its slot.
+        The connect raising (an IPv6 zone naming no interface: it is looked
+        up in the call) refuses the stream HOST_UNREACHABLE and frees its
+        slot.
         """
-        dialer = self.dialer()
-
-        def connect_tcp(*args, **kwargs):
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-        self.reactor.connectTCP = connect_tcp
+        dialer = self.dialer(connect_tcp=lambda *args, **kwargs: tcp_connect.connect_tcp(
+            self.reactor, *args, **kwargs))
         stream = FakeStream("fe80::1%zzz", 22)
         dialer.handle_open(stream)
         self.assertEqual(stream.rejected, [Reason.HOST_UNREACHABLE])

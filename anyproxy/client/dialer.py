@@ -16,6 +16,7 @@ from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from anyproxy.access_policy import parse_ip_literal
+from anyproxy.client import tcp_connect
 from anyproxy.client.udp import TargetAssociation, UdpStats, serves_udp
 from anyproxy.limits import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
 from anyproxy.errors import Reason, StreamOpenError, reason_for_failure
@@ -192,24 +193,29 @@ class _TargetEnd(SpliceEnd):
 
 class _ConnectAttempt(ClientFactory):
     """
-    One C{connectTCP} to a checked address, whose C{connected} Deferred fires
+    One TCP connect to a checked address, whose C{connected} Deferred fires
     with the target's L{_TargetEnd} or fails as the connection does.
     Cancelling it stops the attempt (and fails it with C{CancelledError}).
 
     What C{TCP4ClientEndpoint} + C{connectProtocol} did, without their
     wrapping factory and protocol: those cost a layer of calls on every
     event of the target connection and several objects per stream.
+
+    @param connect_tcp: C{connectTCP}'s signature (L{tcp_connect.connect_tcp}
+        bound to the reactor, or a reactor's own C{connectTCP}).
     """
 
     noisy = False
     _connector = None
     _cancelled = False
 
-    def __init__(self, reactor, address, port, timeout):
+    def __init__(self, connect_tcp, address, port, timeout):
         self.connected = defer.Deferred(self._cancel)
         self._end = _TargetEnd(self.connected)
         try:
-            self._connector = reactor.connectTCP(address, port, self, timeout=timeout)
+            connector = connect_tcp(address, port, self, timeout=timeout)
+            if self._end is not None:  # not failed in the call
+                self._connector = connector
         except Exception:
             # Raised at once, e.g. an IPv6 literal whose zone names no
             # interface of ours (Twisted resolves it inside connectTCP).
@@ -225,6 +231,7 @@ class _ConnectAttempt(ClientFactory):
 
     def clientConnectionFailed(self, connector, reason):
         self._connector = None
+        self._end = None
         if self._cancelled:
             return  # Deferred.cancel fails it with CancelledError: no next address is tried
         if not self.connected.called:
@@ -272,6 +279,8 @@ class Dialer:
     @param idle_timeout: seconds without a byte either way before a TCP
         stream is closed (both ends), and without a datagram before a UDP
         association is; 0 = never.
+    @param connect_tcp: makes target connections, with C{connectTCP}'s
+        arguments; default L{tcp_connect.connect_tcp} on C{reactor}.
 
     @ivar udp_stats: a L{UdpStats} aggregating every UDP association.
     @ivar slots: the L{Limiter} of C{max_streams}.
@@ -287,9 +296,11 @@ class Dialer:
 
     def __init__(self, policy, reactor, connect_timeout=10.0, max_streams=100, resolver=None,
                  idle_timeout=300.0, queue_size=DEFAULT_QUEUE_SIZE,
-                 queue_timeout=DEFAULT_QUEUE_TIMEOUT):
+                 queue_timeout=DEFAULT_QUEUE_TIMEOUT, connect_tcp=None):
         self.policy = policy
         self._reactor = reactor
+        self._connect_tcp = connect_tcp if connect_tcp is not None else functools.partial(
+            tcp_connect.connect_tcp, reactor)
         self._resolver = resolver if resolver is not None else reactor.nameResolver
         self.lookups = NameLookups(self._resolver)
         self.connect_timeout = connect_timeout
@@ -463,7 +474,7 @@ class Dialer:
         failure is the answer.  Cancelling stops the attempt in progress and
         tries no further address.
         """
-        d = _ConnectAttempt(self._reactor, addresses[0], port, self.connect_timeout).connected
+        d = _ConnectAttempt(self._connect_tcp, addresses[0], port, self.connect_timeout).connected
         if len(addresses) > 1:
             def next_address(failure):
                 if failure.check(defer.CancelledError):
