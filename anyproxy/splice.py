@@ -23,6 +23,8 @@ Only the success reply (L{open_and_splice}'s C{on_open}) and the error answer
 differ between frontends.
 """
 
+import socket
+
 from twisted.internet import tcp
 from twisted.internet.defer import fail
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -66,6 +68,32 @@ def write_now(transport, data):
         send_then_buffer(transport.socket, data, transport.write)
         return
     transport.write(data)
+
+
+def half_close_now(transport):
+    """
+    C{transport.loseWriteConnection()}, done at once when the transport is a
+    plain TCP one with nothing buffered and no producer: the socket's write
+    side is shut down in the call.
+
+    Twisted's shuts it down on the reactor's next turn, from C{doWrite}:
+    two C{epoll_ctl} calls, an empty send, a wake-up and its dispatch, on
+    every stream's end.  Done here, the transport is left as Twisted's
+    C{doWrite} leaves it (C{_writeDisconnected}), so a later
+    C{loseConnection} closes at once, as Twisted's does then.  The
+    protocol's C{writeConnectionLost} is not called: only for L{SpliceEnd},
+    which records the half-close itself (L{SpliceEnd.shut_down_write}).
+    """
+    if (isinstance(transport, _PLAIN_TCP) and not transport.TLS
+            and transport.producer is None and nothing_buffered(transport)):
+        try:
+            transport.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone: reading meets it, as after Twisted's shutdown
+        transport.stopWriting()
+        transport._writeDisconnected = True
+        return
+    transport.loseWriteConnection()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -190,7 +218,7 @@ class SpliceEnd(Protocol):
         self._write_closed = True
         self._release_producer()
         try:
-            self.transport.loseWriteConnection()
+            half_close_now(self.transport)
         except (AttributeError, NotImplementedError):
             # A transport without half-close: closing it is the best we can do.
             self.transport.loseConnection()

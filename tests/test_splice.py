@@ -16,7 +16,8 @@ from zope.interface import implementer
 
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.interfaces import IEarlyDataEndpoint
-from anyproxy.splice import WRITE_NOW_BELOW, SpliceEnd, open_and_splice, splice, write_now
+from anyproxy.splice import (
+    WRITE_NOW_BELOW, SpliceEnd, half_close_now, open_and_splice, splice, write_now)
 from anyproxy.tuning import tune_for_bulk
 
 
@@ -694,3 +695,53 @@ class WriteNowTests(TestCase):
         self.assertEqual(client.transport._tempDataBuffer, [data])
         received = yield server.wait_for(len(data))
         self.assertEqual(received, data)
+
+
+class HalfCloseNowTests(TestCase):
+    """half_close_now shuts an idle plain TCP transport's write side in the call."""
+
+    connected_pair = WriteNowTests.connected_pair
+
+    def test_other_transport(self):
+        """A transport that is not plain TCP gets its own loseWriteConnection."""
+        transport = HalfCloseTransport()
+        half_close_now(transport)
+        self.assertEqual(transport.calls, ["loseWriteConnection"])
+
+    @inlineCallbacks
+    def test_shut_at_once(self):
+        """
+        On an idle TCP transport the socket's write side is shut in the
+        call; the peer sees EOF, and a later loseConnection closes at once.
+        """
+        client, server = yield self.connected_pair()
+        half_close_now(client.transport)
+        self.assertRaises(BrokenPipeError, client.transport.socket.send, b"x")
+        self.assertTrue(client.transport._writeDisconnected)
+        client.transport.write(b"late")  # ignored, as after Twisted's half-close
+        self.assertEqual(client.transport._tempDataBuffer, [])
+        yield server.lost
+        self.assertEqual(server.received, b"")
+        client.transport.loseConnection()
+        self.assertTrue(client.lost.called)
+
+    @inlineCallbacks
+    def test_buffered_goes_through_twisted(self):
+        """With bytes buffered, the half-close waits behind them, as Twisted's does."""
+        client, server = yield self.connected_pair()
+        client.transport.write(b"first")
+        half_close_now(client.transport)
+        self.assertFalse(client.transport._writeDisconnected)
+        yield server.lost
+        self.assertEqual(server.received, b"first")
+
+    @inlineCallbacks
+    def test_splice_end(self):
+        """A splice end passing EOF on shuts its TCP side at once and records it."""
+        client, server = yield self.connected_pair()
+        end = SpliceEnd()
+        end.makeConnection(client.transport)
+        end.shut_down_write()
+        self.assertTrue(end._write_closed)
+        self.assertRaises(BrokenPipeError, client.transport.socket.send, b"x")
+        yield server.lost
