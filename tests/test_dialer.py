@@ -646,6 +646,27 @@ class DialTests(DialerTestMixin, SynchronousTestCase):
         self.assertEqual(stream.rejected, [Reason.HOST_UNREACHABLE])
         self.assertEqual(dialer.active, 0)
 
+    def test_many_addresses_failing_at_once(self):
+        """
+        A name with hundreds of addresses, each failing in the connect call
+        (unreachable from here): each is tried in turn, without recursing,
+        and the stream is refused NETWORK_UNREACHABLE.
+        """
+        class Unreachable(socket.socket):
+            def connect_ex(self, address):
+                return errno.ENETUNREACH
+
+        self.patch(socket, "socket", Unreachable)
+        addresses = ["2001:db8::%x" % (n,) for n in range(1, 1001)]
+        dialer = self.dialer({"many.test": addresses},
+                             connect_tcp=lambda *args, **kwargs: tcp_connect.connect_tcp(
+                                 self.reactor, *args, **kwargs))
+        stream = FakeStream("many.test", 443)
+        dialer.handle_open(stream)
+        self.reactor.advance(0)
+        self.assertEqual(stream.rejected, [Reason.NETWORK_UNREACHABLE])
+        self.assertEqual(dialer.active, 0)
+
     def test_cancel_tries_no_next_address(self):
         """The gateway giving up while the first address is dialled: no other address is tried."""
         dialer = self.dialer({"multi.test": ["192.0.2.1", "192.0.2.2"]})

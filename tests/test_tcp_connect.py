@@ -1,5 +1,6 @@
 """Tests for L{anyproxy.client.tcp_connect}: connects on loopback, and a fake reactor for time."""
 
+import errno
 import select
 import socket
 
@@ -233,3 +234,91 @@ def _wait_writable(attempt, timeout=5):
     """Block until the attempt's socket is writable (connected or failed)."""
     _, writable, _ = select.select([], [attempt.fileno()], [], timeout)
     assert writable, "not writable within %ss" % (timeout,)
+
+
+class _Unreachable(socket.socket):
+    """A socket whose connect fails at once with ENETUNREACH (no packet leaves)."""
+
+    def connect_ex(self, address):
+        return errno.ENETUNREACH
+
+
+class EdgeTests(unittest.SynchronousTestCase):
+    """Failures found in the call, events meant for another socket, a factory that raises."""
+
+    def test_failure_in_the_call_told_next_turn(self):
+        """
+        A connect refused in the call is told on the next turn, as Twisted's
+        connector does: a caller trying address after address never recurses.
+        """
+        self.patch(socket, "socket", _Unreachable)
+        fake = FakeReactor()
+        factory = Recorder()
+        attempt = connect_tcp(fake, "192.0.2.1", 80, factory, timeout=3)
+        self.assertNoResult(factory.failed)
+        self.assertEqual(fake.writers, [])
+        fake.advance(0)
+        connector, reason = self.successResultOf(factory.failed)
+        self.assertIs(connector, attempt)
+        self.assertEqual(reason.value.osError, errno.ENETUNREACH)
+        self.assertEqual(fake.getDelayedCalls(), [])
+        self.assertRaises(error.NotConnectingError, attempt.stopConnecting)
+
+    def test_stopped_before_failure_told(self):
+        """Stopped while its failure waits to be told: UserError instead, told once."""
+        self.patch(socket, "socket", _Unreachable)
+        fake = FakeReactor()
+        factory = Recorder()
+        attempt = connect_tcp(fake, "192.0.2.1", 80, factory)
+        attempt.stopConnecting()
+        _, reason = self.successResultOf(factory.failed)
+        reason.trap(error.UserError)
+        self.assertEqual(fake.getDelayedCalls(), [])
+
+    def test_event_for_an_earlier_socket(self):
+        """
+        A writable or readable event while the connect is still going on
+        (meant for a socket closed this turn whose number was reused) is
+        not taken for the connect's end: the attempt keeps waiting.
+        """
+        listener, port = _listener(self)
+        listener.listen(0)
+        waiting = []
+        for _ in range(16):  # fill the accept queue: later connects stay in progress
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            self.addCleanup(sock.close)
+            sock.connect_ex(("127.0.0.1", port))
+            waiting.append(sock)
+        fake = FakeReactor()
+        factory = Recorder(Echoed())
+        attempt = connect_tcp(fake, "127.0.0.1", port, factory, timeout=3)
+        _, writable, _ = select.select([], [attempt.fileno()], [], 0.2)
+        if writable:
+            raise unittest.SkipTest("the connect was not held in progress here")
+        attempt.doRead()
+        attempt.doWrite()
+        self.assertEqual(factory.built, [])
+        self.assertEqual(fake.writers, [attempt])
+        self.assertNoResult(factory.failed)
+        attempt.stopConnecting()
+
+    def test_build_protocol_raises(self):
+        """A factory raising in buildProtocol hears the failure; the socket is closed."""
+        listener, port = _listener(self)
+
+        class Raising(Recorder):
+            def buildProtocol(self, addr):
+                raise ValueError("no")
+
+        fake = FakeReactor()
+        factory = Raising()
+        attempt = connect_tcp(fake, "127.0.0.1", port, factory)
+        _wait_writable(attempt)
+        attempt.doWrite()
+        _, reason = self.successResultOf(factory.failed)
+        reason.trap(ValueError)
+        self.assertEqual((fake.writers, attempt.fileno()), ([], -1))
+        accepted, _ = listener.accept()
+        self.addCleanup(accepted.close)
+        accepted.settimeout(5)
+        self.assertEqual(accepted.recv(1), b"")

@@ -220,7 +220,8 @@ class _ConnectAttempt(ClientFactory):
             # Raised at once, e.g. an IPv6 literal whose zone names no
             # interface of ours (Twisted resolves it inside connectTCP).
             self._end = None
-            self.connected.errback()
+            if not self.connected.called:
+                self.connected.errback()
 
     def buildProtocol(self, addr):
         # Connected: nothing left to cancel.  The connector refers to us and

@@ -20,14 +20,19 @@ import os
 import socket
 
 from twisted.internet import address, error, tcp
-from twisted.internet.interfaces import IWriteDescriptor
+from twisted.internet.interfaces import IReadWriteDescriptor
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+log = Logger()
+
 # Linux creates the socket non-blocking in the same call.
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
-# What a non-blocking connect answers while it goes on.
+# What a non-blocking connect answers while it goes on (the first call), and
+# when asked again before it is done.
 _IN_PROGRESS = (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY)
+_STILL_CONNECTING = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY)
 
 
 def _socket_address(host, port):
@@ -53,7 +58,7 @@ def connect_tcp(reactor, host, port, factory, timeout=None):
     return TCPConnectAttempt(reactor, host, port, factory, timeout)
 
 
-@implementer(IWriteDescriptor)
+@implementer(IReadWriteDescriptor)
 class TCPConnectAttempt:
     """
     A connect in progress, watched by the reactor until its socket is
@@ -68,23 +73,20 @@ class TCPConnectAttempt:
         self._destination = (host, port)
         self._timer = None
         self._watched = False
+        self._socket = None
         family, self._address = _socket_address(host, port)
         self._family = family
         try:
-            self._socket = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
+            sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
         except OSError as e:
-            self._socket = None
-            factory.clientConnectionFailed(
-                self, Failure(error.ConnectBindError(e.errno, e.strerror)))
+            self._fail_soon(error.ConnectBindError(e.errno, e.strerror))
             return
+        self._socket = sock
         if not _NONBLOCK:
-            self._socket.setblocking(False)
-        try:
-            result = self._socket.connect_ex(self._address)
-        except OSError as e:  # e.g. an address of the wrong family
-            result = e.errno or errno.EINVAL
-        if result not in _IN_PROGRESS:
-            self._fail(error.getConnectError((result, os.strerror(result))))
+            sock.setblocking(False)
+        code = self._connect_ex()
+        if code not in _IN_PROGRESS:
+            self._fail_soon(error.getConnectError((code, os.strerror(code))))
             return
         self._watched = True
         reactor.addWriter(self)
@@ -95,7 +97,7 @@ class TCPConnectAttempt:
 
     def stopConnecting(self):
         """Stop the attempt: the factory hears C{UserError}, as from Twisted's connector."""
-        if self._socket is None:
+        if self._socket is None and self._timer is None:
             raise error.NotConnectingError("already connected or failed")
         self._fail(error.UserError(string="Connection was cancelled"))
 
@@ -105,7 +107,7 @@ class TCPConnectAttempt:
             return address.IPv6Address("TCP", host, port)
         return address.IPv4Address("TCP", host, port)
 
-    # -- IWriteDescriptor --------------------------------------------------------
+    # -- IReadDescriptor, IWriteDescriptor ---------------------------------------
 
     def fileno(self):
         return self._socket.fileno() if self._socket is not None else -1
@@ -113,26 +115,45 @@ class TCPConnectAttempt:
     def logPrefix(self):
         return "TCPConnectAttempt"
 
+    def doRead(self):
+        # Only watched for writing: a readable event is one meant for an
+        # earlier socket with the same number, closed this reactor turn.
+        return None
+
     def doWrite(self):
         sock = self._socket
         if sock is None:
             return None  # failed earlier in this reactor turn
-        self._unwatch()
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or self._connect_ex()
+        if code in _STILL_CONNECTING:
+            # An event meant for an earlier socket with this number (closed
+            # and reused this turn): keep waiting, as Twisted's doConnect.
+            return None
+        if code not in (0, errno.EISCONN):
             self._fail(error.getConnectError((code, os.strerror(code))))
             return None
+        self._unwatch()
         self._socket = None
         self._stop_timer()
         peer = (address.IPv6Address if self._family == socket.AF_INET6
                 else address.IPv4Address)("TCP", *self._address)
-        protocol = self._factory.buildProtocol(peer)
+        try:
+            protocol = self._factory.buildProtocol(peer)
+        except Exception:
+            sock.close()
+            self._factory.clientConnectionFailed(self, Failure())
+            return None
         if protocol is None:
             sock.close()
             return None
         transport = tcp.Server(sock, protocol, self._address, None, 0, self._reactor)
         transport.repstr = "<%s to %s:%d>" % ((type(protocol).__name__,) + self._destination)
-        protocol.makeConnection(transport)
+        try:
+            protocol.makeConnection(transport)
+        except Exception:
+            log.failure("{protocol} failed to start on its target connection",
+                        protocol=type(protocol).__name__)
+            transport.abortConnection()
         return None
 
     def connectionLost(self, reason):
@@ -160,11 +181,31 @@ class TCPConnectAttempt:
         if timer is not None and timer.active():
             timer.cancel()
 
+    def _connect_ex(self):
+        try:
+            return self._socket.connect_ex(self._address)
+        except OSError as e:  # e.g. an address of the wrong family
+            return e.errno or errno.EINVAL
+
+    def _fail_soon(self, exception):
+        # A failure found in the call is told on the next turn, as Twisted's
+        # connector does: a caller trying address after address must not
+        # recurse once per address (a name may have hundreds).
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        self._timer = self._reactor.callLater(0, self._report, exception)
+
     def _fail(self, exception):
-        if self._socket is None:
+        if self._socket is None and self._timer is None:
             return
         self._unwatch()
         self._stop_timer()
-        sock, self._socket = self._socket, None
-        sock.close()
+        if self._socket is not None:
+            sock, self._socket = self._socket, None
+            sock.close()
+        self._report(exception)
+
+    def _report(self, exception):
+        self._timer = None
         self._factory.clientConnectionFailed(self, Failure(exception))
