@@ -425,6 +425,25 @@ class ForwardTests(SynchronousTestCase):
         self.assertEqual(second.request()[0].target, b"/")
         self.assertFalse(self.user.closed)
 
+    def test_response_read_at_once_leaves_at_once(self):
+        """
+        A response that arrived in one read (head, body, end) reaches the
+        user in one write; one that arrives in pieces, piece by piece.
+        """
+        writes = []
+        write = self.user.transport.write
+        self.user.transport.write = lambda data: (writes.append(data), write(data))
+        stream = self.open()
+        stream.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(self.user.response()[::2], (200, b"hello"))
+        del writes[:]
+        stream = self.open()
+        stream.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
+        stream.protocol.dataReceived(b"llo")
+        self.assertEqual(len(writes), 2)
+        self.assertEqual(self.user.response()[::2], (200, b"hello"))
+
     def test_close_delimited_rechunked(self):
         """A close-delimited response reaches an HTTP/1.1 user chunked."""
         stream = self.open()

@@ -418,35 +418,44 @@ class ForwardExchange:
         if self._finished:
             return
         client = self._upstream.client
+        # What one read of the origin's bytes holds (often a whole response:
+        # head, body, end) goes to the user in one send, at once.
+        batch = []
         while not self._finished:
             try:
                 event = client.next_event()
             except http11.RemoteProtocolError:
+                self._proxy.respond_all(batch, at_once=True)
                 self._fail(502, "the upstream server sent a malformed response")
                 return
             if event is http11.NEED_DATA or type(event) is http11.ConnectionClosed:
+                self._proxy.respond_all(batch, at_once=True)
                 return
             event_type = type(event)
             if event_type is http11.Data:
-                self._proxy.respond(event)
+                batch.append(event)
             elif event_type is http11.Response:
                 self.status = event.status_code
                 self.response_started = True
                 if binds_connection(event.headers, b"www-authenticate"):
                     self._connection_authenticated = True
-                self._proxy.respond(user_response(event))
+                batch.append(user_response(event))
             elif event_type is http11.InformationalResponse:
                 # 1xx is HTTP/1.1 only; 101 cannot occur (we strip Upgrade
                 # and an unsolicited one is a protocol error).
                 self.status = event.status_code
                 if self._proxy.user_http_version >= b"1.1":
-                    self._proxy.respond(user_informational(event))
+                    batch.append(user_informational(event))
             elif event_type is http11.EndOfMessage:
                 # Trailers are dropped: we strip the Trailer header too.
-                self._proxy.respond(event)
+                batch.append(event)
+                self._proxy.respond_all(batch, at_once=True)
+                batch = []
                 self._finished = True
                 self._keep_or_close()
                 self._proxy.forward_done(self)
+        if batch:  # finished meanwhile: what was framed still goes
+            self._proxy.respond_all(batch, at_once=True)
 
     def _keep_or_close(self):
         upstream = self._detach()

@@ -190,19 +190,35 @@ class HttpProxyProtocol(Protocol):
         nothing is buffered (L{write_now}) rather than on the reactor's next
         turn: for an answer that is all there is to send.
         """
-        if type(event) is http11.Response and self._server.they_are_waiting_for_100_continue:
-            # A final answer instead of 100 Continue: the user may never send
-            # the body, so the framing of this connection is lost.
-            headers = event.headers.raw_items()
-            if not event.headers.get_all(b"connection"):
-                headers.append((b"Connection", b"close"))
-            event = http11.Response(event.status_code, event.reason, headers)
-        data = self._server.send(event)
-        if data and not self._closed:
-            if at_once:
-                write_now(self.transport, data)
-            else:
-                self.transport.write(data)
+        self.respond_all((event,), at_once)
+
+    def respond_all(self, events, at_once=False):
+        """
+        Send L{http11} events to the user in one write (see L{respond}): a
+        response's head, body and end that arrived together leave together.
+        """
+        parts = []
+        try:
+            for event in events:
+                if (type(event) is http11.Response
+                        and self._server.they_are_waiting_for_100_continue):
+                    # A final answer instead of 100 Continue: the user may never
+                    # send the body, so the framing of this connection is lost.
+                    headers = event.headers.raw_items()
+                    if not event.headers.get_all(b"connection"):
+                        headers.append((b"Connection", b"close"))
+                    event = http11.Response(event.status_code, event.reason, headers)
+                data = self._server.send(event)
+                if data:
+                    parts.append(data)
+        finally:
+            # What was framed before an event the framing refused still goes.
+            if parts and not self._closed:
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                if at_once:
+                    write_now(self.transport, data)
+                else:
+                    self.transport.write(data)
 
     def forward_done(self, exchange):
         """C{exchange} relayed a whole response."""
