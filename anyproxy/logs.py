@@ -81,9 +81,12 @@ _HEADER = (r"(?P<head>\b(?:proxy[-_]?)?authorization|\b(?:set[-_]?)?cookie)"
 _SCHEME_TOKEN = r"\b(?P<scheme>" + _SCHEMES + r")\s+[A-Za-z0-9+/=._~-]{4,}"
 # The password in a URL's user information: "redis://:pw@host",
 # "http://user:pw@proxy:3128" (the user name is kept for diagnosis).  The
-# password runs to the authority's last "@", as URL parsers read it.
-_URL_PASSWORD = (r"(?P<start>\b[a-z][a-z0-9+.-]*://[^:/?#@\s'\"]*:)"
-                 r"[^/?#\s'\"]*(?=@)")
+# password runs to the authority's last "@", as URL parsers read it.  A
+# scheme starts only where no scheme character precedes it: otherwise each
+# letter of "a.a.a..." would start a scan to the end of the text, quadratic
+# in a field a peer chooses.
+_URL_PASSWORD = (r"(?P<start>(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://[^:/?#@\s'\"\[\]<>]*:)"
+                 r"[^/?#\s'\"<>]*(?=@)")
 _TEXT = [(re.compile(_HEADER, re.I), r"\g<head>\g<sep>\g<scheme>" + REDACTED),
          (re.compile(_SCHEME_TOKEN, re.I), r"\g<scheme> " + REDACTED),
          (re.compile(_URL_PASSWORD, re.I), r"\g<start>" + REDACTED)]
@@ -147,6 +150,8 @@ def _scrub(value, depth=0):
         text = str(value)
     except Exception:
         return value
+    if len(text) > _MASK_AT_MOST:
+        return _capped(_scrub_text(text[:_MASK_AT_MOST]), len(text))
     clean = _scrub_text(text)
     return value if clean == text else clean
 
@@ -169,7 +174,7 @@ def _scrubbed_failure(failure):
         text = str(failure.value)
     except Exception:
         return failure
-    clean = _capped(_scrub_text(text))
+    clean = _capped(_scrub_text(text[:_MASK_AT_MOST]), len(text))
     if clean == text:
         return failure
     copy = Failure.__new__(Failure)
@@ -188,11 +193,21 @@ MAX_FIELD = 4096
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def _capped(value):
-    """C{value} (text or bytes) cut at L{MAX_FIELD} characters, saying so."""
-    if len(value) <= MAX_FIELD:
+# Text longer than this is cut before it is masked (it is cut at MAX_FIELD
+# after): masking costs time in proportion to the text, which a peer chooses.
+# The margin keeps a credential that straddles MAX_FIELD whole for masking.
+_MASK_AT_MOST = 4 * MAX_FIELD
+
+
+def _capped(value, length=None):
+    """
+    C{value} (text or bytes) cut at L{MAX_FIELD} characters, saying how many
+    more there were of C{length} (default: C{value}'s own length).
+    """
+    length = len(value) if length is None else length
+    if length <= MAX_FIELD:
         return value
-    more = " ... (%d more)" % (len(value) - MAX_FIELD,)
+    more = " ... (%d more)" % (length - MAX_FIELD,)
     return value[:MAX_FIELD] + (more if isinstance(value, str) else more.encode("ascii"))
 
 
@@ -238,9 +253,13 @@ def redact_fields(fields):
         elif _SECRET_KEY.search(key):
             value = REDACTED
         else:
-            value = _scrub(value)
             if isinstance(value, (str, bytes)):
-                value = _capped(value)
+                length = len(value)
+                value = _capped(_scrub(value[:_MASK_AT_MOST]), length)
+            else:
+                value = _scrub(value)
+                if isinstance(value, (str, bytes)):
+                    value = _capped(value)
         clean[key] = value
     return clean
 

@@ -204,6 +204,19 @@ class RedactTests(unittest.TestCase):
         self.assertEqual(clean["a"], "redis://:<redacted>@10.0.0.1:6379/0")
         self.assertEqual(clean["b"], b"via http://bob:<redacted>@proxy:3128 failed")
         self.assertEqual(clean["c"], "http://host:8080/a@b?x=y:z@w")
+        self.assertEqual(redact({"d": "http://[::1]:80@x"})["d"], "http://[::1]:80@x")
+
+    def test_masking_time_is_linear(self):
+        """
+        Text a peer chooses ("a.a.a...", where every letter could start a
+        URL's scheme) is masked in time in proportion to its length, and a
+        long field is cut before it is masked.
+        """
+        started = time.monotonic()
+        logs_module._scrub_text("a." * 40000)
+        clean = redact({"target": "http://x/" + "a." * 500000})["target"]
+        self.assertLess(time.monotonic() - started, 2.0)  # 13 s per 80 KB when quadratic
+        self.assertTrue(clean.endswith(" ... (%d more)" % (1000009 - MAX_FIELD,)))
 
     def test_failure_text(self):
         """
