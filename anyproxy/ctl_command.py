@@ -166,6 +166,13 @@ def run(args, password, stdout, stdin):
     return EXIT_OK
 
 
+def _group_name(text):
+    # An empty --group would leave the call unlimited: every group's client.
+    if not text:
+        raise argparse.ArgumentTypeError("a group name, not empty")
+    return text
+
+
 def parser():
     p = argparse.ArgumentParser(
         prog="anyproxy-ctl", description="Call an AnyProxy gateway's management API "
@@ -188,8 +195,9 @@ def parser():
     drain = commands.add_parser("drain", help="drain a client: no new streams, open ones finish")
     for each in (disconnect, drain):
         each.add_argument("client", help="the client id")
-        each.add_argument("--group", help="only its tunnels of this group (clients of two "
-                                          "groups may have the same id)")
+        each.add_argument("--group", type=_group_name,
+                          help="only its tunnels of this group (clients of two groups may "
+                               "have the same id)")
     commands.add_parser("drain-gateway", help="drain the whole gateway")
     commands.add_parser("reload", help="reload the gateway's config (as SIGHUP does)")
     commands.add_parser("config", help="show the effective config, secrets redacted")

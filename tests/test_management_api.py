@@ -525,6 +525,9 @@ class CtlTests(_APIBase):
                                        "client-1")
         self.assertEqual(code, 3)
         self.assertIn(b"in group 'ops'", err)
+        out, err, code = yield run_ctl(self.status_port, "disconnect", "--group=", "client-1")
+        self.assertEqual(code, 2)
+        self.assertIn(b"not empty", err)
         out, err, code = yield run_ctl(self.status_port, "drain", "client-1",
                                        "--group=default")
         self.assertEqual((code, out.decode()),
