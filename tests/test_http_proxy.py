@@ -443,6 +443,17 @@ class ForwardTests(SynchronousTestCase):
         stream.protocol.dataReceived(b"llo")
         self.assertEqual(len(writes), 2)
         self.assertEqual(self.user.response()[::2], (200, b"hello"))
+        # A large body is handed over in pieces, not copied into one.
+        sequences = []
+        write_sequence = self.user.transport.writeSequence
+        self.user.transport.writeSequence = lambda parts: (
+            sequences.append(list(parts)), write_sequence(parts))
+        body = b"x" * (256 * 1024)
+        stream = self.open()
+        stream.protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertEqual([len(parts) for parts in sequences], [2])
+        self.assertEqual(self.user.response()[::2], (200, body))
 
     def test_close_delimited_rechunked(self):
         """A close-delimited response reaches an HTTP/1.1 user chunked."""

@@ -61,7 +61,7 @@ from anyproxy.frontends.http.messages import (
     parse_authority,
     parse_basic_credentials,
 )
-from anyproxy.splice import SpliceEnd, open_and_splice, write_now
+from anyproxy.splice import WRITE_NOW_BELOW, SpliceEnd, open_and_splice, write_now
 
 _log = Logger()
 
@@ -214,11 +214,22 @@ class HttpProxyProtocol(Protocol):
         finally:
             # What was framed before an event the framing refused still goes.
             if parts and not self._closed:
-                data = parts[0] if len(parts) == 1 else b"".join(parts)
-                if at_once:
-                    write_now(self.transport, data)
-                else:
-                    self.transport.write(data)
+                self._write_parts(parts, at_once)
+
+    def _write_parts(self, parts, at_once):
+        if len(parts) == 1:
+            data = parts[0]
+        elif sum(len(part) for part in parts) < WRITE_NOW_BELOW:
+            data = b"".join(parts)  # small: one send, the copy costs less
+        else:
+            # A large body is not copied to be joined: Twisted's buffer
+            # sends the pieces together.
+            self.transport.writeSequence(parts)
+            return
+        if at_once:
+            write_now(self.transport, data)
+        else:
+            self.transport.write(data)
 
     def forward_done(self, exchange):
         """C{exchange} relayed a whole response."""
