@@ -218,7 +218,7 @@ class _ConnectAttempt(ClientFactory):
                 self._connector = connector
         except Exception:
             # Raised at once, e.g. an IPv6 literal whose zone names no
-            # interface of ours (Twisted resolves it inside connectTCP).
+            # interface of ours (looked up in the call).
             self._end = None
             if not self.connected.called:
                 self.connected.errback()

@@ -4,9 +4,8 @@ An outgoing TCP connection to an IP address, started in the call.
 
 The client opens a target connection for every stream, so what a connect
 costs is paid per user connection.  Twisted's C{connectTCP} starts the
-connect a reactor turn later, calls C{connect} twice, changes the socket's
-epoll registration five times and builds a connector and a client
-transport around it.  L{connect_tcp} takes C{connectTCP}'s arguments and
+connect a reactor turn later, changes the socket's epoll registration five
+times and builds a connector and a client transport around it.  L{connect_tcp} takes C{connectTCP}'s arguments and
 calls the factory as it does, for an address that needs neither a lookup
 nor a bind: it connects at once, waits for the socket to become writable,
 and hands the connected socket to Twisted's TCP transport, as
@@ -71,7 +70,7 @@ class TCPConnectAttempt:
         self._reactor = reactor
         self._factory = factory
         self._destination = (host, port)
-        self._timer = None
+        self._timer = None  # the deadline, or a failure waiting to be told
         self._watched = False
         self._socket = None
         family, self._address = _socket_address(host, port)
