@@ -95,6 +95,11 @@ def resolve(resolver, host, port, on_complete=None):
     refused = _not_a_host_name(host)
     if refused is not None:
         return defer.fail(refused)
+    return _look_up(resolver, host, port, on_complete)
+
+
+def _look_up(resolver, host, port, on_complete=None):
+    """L{resolve} for a C{host} already known to be a host name, not a literal."""
     collector = _Collector(on_complete)
     resolver.resolveHostName(collector, host, port)
 
@@ -141,8 +146,12 @@ class NameLookups:
 
     def resolve(self, host, port, owner=None):
         """L{resolve} through the bounds; C{owner}: any hashable, e.g. an association's token."""
-        if literal_address(host) is not None or _not_a_host_name(host) is not None:
-            return resolve(self._resolver, host, port)  # no lookup: answered at once
+        address = literal_address(host)
+        if address is not None:
+            return defer.succeed([address])  # no lookup: answered at once
+        refused = _not_a_host_name(host)
+        if refused is not None:
+            return defer.fail(refused)
         if self.running >= self.limit or owner is not None and (
                 self.owned >= self.owned_limit
                 or self._owners.get(owner, 0) >= self.per_owner):
@@ -154,8 +163,7 @@ class NameLookups:
             self.owned += 1
             self._owners[owner] = self._owners.get(owner, 0) + 1
         # The resolver ends each lookup once (resolutionComplete).
-        return resolve(self._resolver, host, port,
-                       on_complete=lambda: self._complete(owner))
+        return _look_up(self._resolver, host, port, on_complete=lambda: self._complete(owner))
 
     def _complete(self, owner):
         self.running -= 1
@@ -307,11 +315,11 @@ class Dialer:
         self.connect_timeout = connect_timeout
         self.slots = Limiter(reactor, max_streams, queue_size, queue_timeout,
                              what="max_concurrent_conns")
-        self.idle_timeout = idle_timeout
         self.udp_stats = UdpStats()
         self._spliced = {}  # tcp stream joined to a target -> the target's address
         self._associations = set()  # udp streams
         self._sweeper = None
+        self.idle_timeout = idle_timeout
         self._decisions = {}  # (host, port[, addresses]) -> Reason or None, for _decisions_for
         self._decisions_for = None
 
@@ -551,8 +559,6 @@ class Dialer:
     def idle_timeout(self, value):
         # A reload: the sweep restarts at the new pace (or stops for 0).
         self._idle_timeout = value
-        if not hasattr(self, "_spliced"):
-            return  # being built
         self.stop()
         if self._spliced:
             self._watch_idle()

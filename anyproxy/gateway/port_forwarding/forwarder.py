@@ -84,6 +84,17 @@ def _yaml_ports(ranges):
                                for low, high in ranges),)
 
 
+def _held_by(holder, owner):
+    """
+    How a refusal names the client holding a port: by its id only to a
+    client of the same credential; another tenant's client is not named.
+    Owners are C{(group, client_id, credential)}.
+    """
+    if len(holder) > 2 and holder[2] == owner[2]:
+        return "client %s" % (holder[1],)
+    return "another client"
+
+
 def log_policy(config):
     """
     Say at start-up which ports clients may have forwarded, naming the key
@@ -449,12 +460,9 @@ class PortForwarding:
         holder = forward.owner if forward is not None else claiming[0] if claiming else None
         if holder is not None and holder != owner:
             self._wait(tunnel, request)
-            # Another tenant's client is not named to this one.
-            whose = ("client %s" % (holder[1],) if holder[2] == owner[2]
-                     else "another client")
             return defer.succeed(self._refuse(
-                tunnel, request, "port %s already forwarded for %s" % (request.label, whose),
-                HELD))
+                tunnel, request, "port %s already forwarded for %s" % (
+                    request.label, _held_by(holder, owner)), HELD))
         if (forward is not None and forward.route_for(tunnel) is not None) or (
                 claiming is not None and any(t is tunnel for t, _, _ in claiming[1])):
             return defer.succeed(self._refuse(
@@ -548,10 +556,7 @@ class PortForwarding:
             return ("port %%s already forwarded for this client through gateway %s; it moves "
                     "here if that gateway lets it go" % (node_id,), HELD)
         where = "" if node_id == self.claims.node_id else " (through gateway %s)" % (node_id,)
-        # Another tenant's client (another credential) is not named.
-        same_credential = len(outcome.owner) > 2 and outcome.owner[2] == owner[2]
-        whose = "client %s" % (outcome.owner[1],) if same_credential else "another client"
-        return "port %%s already forwarded for %s%s" % (whose, where), HELD
+        return "port %%s already forwarded for %s%s" % (_held_by(outcome.owner, owner), where), HELD
 
     def _wait(self, tunnel, request):
         waiting = self._waiting.setdefault(request.key, [])
