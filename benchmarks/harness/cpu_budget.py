@@ -92,3 +92,17 @@ def cpu_budgets(pids, fraction):
                 os.rmdir(group)
             except OSError:
                 pass
+
+
+def budgeted_rounds(rounds, paths, pids_of, fraction, measure):
+    """
+    C{{path: [measure(path) per round]}}, each run with the processes of
+    C{pids_of(path)} ({name: pid}) on budgets of C{fraction} of a core; the
+    order of the paths is flipped every other round.
+    """
+    results = {path: [] for path in paths}
+    for r in range(rounds):
+        for path in (paths if r % 2 == 0 else paths[::-1]):
+            with cpu_budgets(pids_of(path), fraction):
+                results[path].append(measure(path))
+    return results

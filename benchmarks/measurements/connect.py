@@ -11,7 +11,16 @@ serve each path: AnyProxy's gateway and client, and pproxy.  The rate is
 that of one machine whose 2 cores the load, the echo target and every proxy
 process share; the CPU per tunnel tells what each process would need on a
 machine of its own, as a gateway and its clients run.
+
+A gateway and its client never share a machine in use: the client is inside
+the private network.  So the rounds run again with each process of a path
+(the load, the echo target, and the gateway and the client, or pproxy) on a
+CPU budget of its own (harness/cpu_budget.py: cores / 4 each, the same for
+both paths), where the machine allows it (root, cgroup cpu).  There a path's
+rate follows its busiest process instead of the sum of them all.
 """
+
+import os
 
 import asyncio
 import time
@@ -19,15 +28,20 @@ import typing
 
 import attr
 
-from harness import LOOPBACK, log
+from harness import LOOPBACK, cpu_budget, log
 from harness.chart import ANYPROXY, PEER, Panel, Series
 from harness.cpu_time import cpu_now, serving_processes
 from harness.measurement import Measurement
-from harness.report import Row, median, num, ratio
+from harness.report import Row, check, median, num, ratio
 
 PATHS = ("AnyProxy", "pproxy")
 LABEL = "2 CONNECT, a new tunnel each (as for https), per s"
 CPU_LABEL = "2 CONNECT, CPU µs per tunnel (user + system)"
+BUDGET_LABEL = ("2 CONNECT, a new tunnel each, each process on a CPU budget of its own "
+                "(as on separate machines), per s")
+TARGET_VS_PPROXY = 1.0  # issue 15: new tunnels at least as fast as pproxy
+# The most processes of a path: the load, the echo target, the gateway, the client.
+BUDGETED = 4
 # The processes serving each path, by the harness's names for them.
 SERVING = {"AnyProxy": ("gateway", "client"), "pproxy": ("pproxy",)}
 
@@ -44,6 +58,18 @@ class ConnectRun:
 @attr.s(frozen=True, auto_attribs=True)
 class ConnectResult:
     runs: typing.Dict[str, typing.List[ConnectRun]]  # path -> one run per round
+    # The rounds again with each process on a CPU budget: path -> tunnels/s per
+    # round; empty where the machine has no cgroup cpu controller we may write.
+    budget_runs: typing.Dict[str, typing.List[float]] = attr.Factory(dict)
+    budget_fraction: typing.Optional[float] = None  # of a core, each process
+
+    @property
+    def budget_share(self):
+        """AnyProxy's rate over pproxy's on CPU budgets, the median of the per-round ratios."""
+        if not self.budget_runs:
+            return None
+        return median([ratio(ours, peer) for ours, peer
+                       in zip(self.budget_runs["AnyProxy"], self.budget_runs["pproxy"])])
 
     def rate(self, path):
         return median([x.rate for x in self.runs[path]])
@@ -119,14 +145,40 @@ def run(env):
             log("  %-10s %8.0f CONNECT/s  %d failed; CPU per tunnel: %s", name, result.rate, result.failed,
                 ", ".join("%s %.0f µs" % item for item in cpu_us.items()) or "not read")
             runs[name].append(result)
-    return ConnectResult(runs=runs)
+    budget_runs, fraction = _budget_rounds(env, count)
+    return ConnectResult(runs=runs, budget_runs=budget_runs, budget_fraction=fraction)
+
+
+def _budget_rounds(env, count):
+    """The rounds with each process on a CPU budget of its own: ({path: [tunnels/s]}, fraction)."""
+    if not cpu_budget.available():
+        log("CONNECT: no CPU budgets on this machine (needs root and the cgroup cpu controller)")
+        return {}, None
+    services, args, processes = env.services, env.args, env.processes
+    fraction = (os.cpu_count() or 1) / BUDGETED
+
+    def pids_of(name):
+        # The load is this process's asyncio clients.
+        pids = {"load": os.getpid(), "echo": processes.procs["targets"].pid}
+        pids.update((process, processes.procs[process].pid) for process in SERVING[name])
+        return pids
+
+    def measure(name):
+        return connect_rate(services.http[name], services.ports["echo"], count, args.concurrency).rate
+    budget_runs = cpu_budget.budgeted_rounds(args.rounds, PATHS, pids_of, fraction, measure)
+    log("CONNECT on CPU budgets (%.2f of a core each), per round: %s", fraction,
+        "; ".join("%s %s" % (name, ", ".join("%.0f/s" % x for x in budget_runs[name]))
+                  for name in PATHS))
+    processes.check_alive(*[process for name in PATHS for process in SERVING[name]])
+    return budget_runs, fraction
 
 
 def rows(result):
     ours = result.rate("AnyProxy")
-    table = [Row(LABEL, "%s (failed: %d)" % (name, result.failed(name)), num(result.rate(name)),
-                 "" if name == "AnyProxy" else num(ratio(ours, result.rate(name)), "{:.2f}"))
-             for name in PATHS]
+    share = ratio(ours, result.rate("pproxy"))
+    table = [Row(LABEL, "AnyProxy (failed: %d)" % (result.failed("AnyProxy"),), num(ours)),
+             Row(LABEL, "pproxy (failed: %d)" % (result.failed("pproxy"),), num(result.rate("pproxy")),
+                 num(share, "{:.2f}"), "≥ %.1f" % TARGET_VS_PPROXY, check(share, TARGET_VS_PPROXY))]
     peer = result.cpu_total("pproxy")
 
     def against_peer(spent):
@@ -142,6 +194,14 @@ def rows(result):
                          against_peer(both)))
     if peer is not None:
         table.append(Row(CPU_LABEL, "pproxy (one process, the whole path)", num(peer)))
+    if result.budget_runs:
+        share = result.budget_share
+        table += [
+            Row(BUDGET_LABEL, "AnyProxy, %.2f of a core each process" % (result.budget_fraction,),
+                num(median(result.budget_runs["AnyProxy"]))),
+            Row(BUDGET_LABEL, "pproxy, %.2f of a core each process" % (result.budget_fraction,),
+                num(median(result.budget_runs["pproxy"])), num(share, "{:.2f}"),
+                "≥ %.1f" % TARGET_VS_PPROXY, check(share, TARGET_VS_PPROXY))]
     return table
 
 
@@ -151,7 +211,10 @@ def raw(result):
             "%.0f (%d failed; %s)" % (x.rate, x.failed,
                                       ", ".join("%s %.0f" % item for item in x.cpu_us.items()) or "CPU not read")
             for x in runs))
-        for name, runs in result.runs.items()]
+        for name, runs in result.runs.items()] + [
+        "- CONNECT via %s, each process on %.2f of a core, per s: %s" % (
+            name, result.budget_fraction, ", ".join("%.0f" % x for x in runs))
+        for name, runs in result.budget_runs.items()]
 
 
 def panels(result):
@@ -174,7 +237,8 @@ EXAMPLE = ConnectResult(runs={
     "AnyProxy": [ConnectRun(rate=1779.0, failed=0, cpu_us={"gateway": 230.0, "client": 170.0}),
                  ConnectRun(rate=1726.2, failed=1, cpu_us={"gateway": 226.0, "client": 175.0})],
     "pproxy": [ConnectRun(rate=3536.2, failed=0, cpu_us={"pproxy": 280.0}),
-               ConnectRun(rate=3384.3, failed=0, cpu_us={"pproxy": 270.0})]})
+               ConnectRun(rate=3384.3, failed=0, cpu_us={"pproxy": 270.0})]},
+    budget_runs={"AnyProxy": [1420.0, 1390.5], "pproxy": [1302.0, 1288.7]}, budget_fraction=0.5)
 
 MEASUREMENT = Measurement(
     name="connect", number=2, summary="CONNECT tunnels per second through the HTTP proxies, a new one each",

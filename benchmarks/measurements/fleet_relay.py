@@ -289,16 +289,12 @@ def run(env):
         fraction = (os.cpu_count() or 1) / BUDGETED
         pids = {name: processes.procs[name].pid for name in NODES}
         pids.update(source=processes.procs["targets"].pid, user=os.getpid())
-        budget_runs = {path: [] for path in PATHS}
-        for r in range(args.rounds):
-            order = PATHS if r % 2 == 0 else PATHS[::-1]
-            for path in order:
-                with cpu_budget.cpu_budgets(pids, fraction):
-                    mbit = bulk_download(paths[path]["socks"], source, args.seconds)
-                budget_runs[path].append(mbit)
-            log("fleet relay on CPU budgets (%.2f of a core each), round %d/%d: %s", fraction,
-                r + 1, args.rounds, "; ".join("%s %.0f Mbit/s" % (path, budget_runs[path][-1])
-                                              for path in PATHS))
+        budget_runs = cpu_budget.budgeted_rounds(
+            args.rounds, PATHS, lambda path: pids, fraction,
+            lambda path: bulk_download(paths[path]["socks"], source, args.seconds))
+        log("fleet relay on CPU budgets (%.2f of a core each), Mbit/s per round: %s", fraction,
+            "; ".join("%s %s" % (path, ", ".join("%.0f" % x for x in budget_runs[path]))
+                      for path in PATHS))
         processes.check_alive(*names)
     else:
         log("fleet relay: no CPU budgets on this machine (needs root and the cgroup cpu controller)")
