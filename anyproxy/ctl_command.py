@@ -13,11 +13,14 @@ command line, where other users of the machine could read it.
 Tables go to standard output; C{--json} prints the API's answer as it came.
 Exit codes: 0 done, 1 the gateway refused or failed (its message on
 standard error; 3 for a stream or client it does not know), 2 bad usage or
-no answer (connection refused, timeout, bad TLS).
+no answer (connection refused, timeout, bad TLS, a redirect, an answer that
+is not the API's).  The login goes to C{--url} only: no redirect is followed
+and no proxy is taken from the environment.
 """
 
 import argparse
 import base64
+import http.client
 import json
 import os
 import ssl
@@ -39,14 +42,17 @@ class CtlError(Exception):
 
 
 def _read_password(args, stdin):
+    # The line's end, "\r\n" as a Windows editor writes it too, is no part of it.
     if args.password_file == "-":
-        return stdin.readline().rstrip("\n")
+        return stdin.readline().rstrip("\r\n")
     if args.password_file:
         try:
             with open(args.password_file, encoding="utf-8") as f:
-                return f.readline().rstrip("\n")
+                return f.readline().rstrip("\r\n")
         except OSError as e:
             raise CtlError("cannot read --password-file: %s" % (e.strerror,), EXIT_USAGE)
+        except UnicodeDecodeError:
+            raise CtlError("--password-file is not UTF-8 text", EXIT_USAGE)
     password = os.environ.get("ANYPROXY_CTL_PASSWORD")
     if password is None:
         raise CtlError("give the password with --password-file FILE (or - for stdin), or "
@@ -54,20 +60,48 @@ def _read_password(args, stdin):
     return password
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """
+    The API never redirects, and urllib would send the login (the
+    Authorization header) on to wherever a redirect pointed: refused.
+    """
+
+    def redirect_request(self, request, fp, code, message, headers, new_url):
+        raise CtlError("%s %s: the answer was a redirect (%d) to %s; not followed, since the "
+                       "login would go with it (is --url the gateway's status address?)"
+                       % (request.get_method(), urllib.parse.urlsplit(request.full_url).path,
+                          code, new_url[:200]), EXIT_USAGE)
+
+
+def _opener(url, cacert):
+    # No proxy from the environment (http_proxy...): the login is for the
+    # gateway alone, and the status address is normally on a private network.
+    handlers = [urllib.request.ProxyHandler({}), _NoRedirects()]
+    if url.startswith("https:"):
+        try:
+            context = ssl.create_default_context(cafile=cacert)
+        except (OSError, ssl.SSLError) as e:
+            raise CtlError("cannot use --cacert %s: %s" % (cacert, getattr(e, "strerror", None)
+                                                           or e), EXIT_USAGE)
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers)
+
+
 def call(args, method, path, password, stdin=None):
     """The decoded JSON answer of C{method path} (C{None} for 204)."""
     url = args.url.rstrip("/") + path
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise CtlError("--url must start with http:// or https://, not %r" % (args.url,),
+                       EXIT_USAGE)
     request = urllib.request.Request(url, method=method)
     token = base64.b64encode(("%s:%s" % (args.user, password)).encode("utf-8")).decode("ascii")
     request.add_header("Authorization", "Basic " + token)
     request.add_header("Accept", "application/json")
     if method != "GET":
         request.add_header(CSRF_HEADER, "1")
-    context = None
-    if url.startswith("https:"):
-        context = ssl.create_default_context(cafile=args.cacert)
+    opener = _opener(url, args.cacert)
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as answer:
+        with opener.open(request, timeout=args.timeout) as answer:
             body = answer.read()
     except urllib.error.HTTPError as e:
         body = e.read()
@@ -78,16 +112,20 @@ def call(args, method, path, password, stdin=None):
         code = EXIT_NOT_FOUND if e.code == 404 else EXIT_REFUSED
         raise CtlError("%s %s: %d %s%s" % (method, path, e.code, e.reason,
                                           ": " + message if message else ""), code)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        # HTTPException: what answered is not HTTP, or cut its answer short.
+        reason = getattr(e, "reason", None) or e.__class__.__name__
         raise CtlError("no answer from %s: %s" % (args.url, reason), EXIT_USAGE)
     if not body:
         return None
     try:
         return json.loads(body)
     except ValueError:
-        raise CtlError("%s %s: the answer from %s is not the management API's JSON (is --url "
-                       "the gateway's status address?)" % (method, path, args.url), EXIT_USAGE) from None
+        raise CtlError(_NOT_THE_API % (method, path, args.url), EXIT_USAGE) from None
+
+
+_NOT_THE_API = ("%s %s: the answer from %s is not the management API's JSON (is --url the "
+                "gateway's status address?)")
 
 
 def _table(rows, columns):
@@ -125,43 +163,60 @@ def _client_path(args, action=""):
     return path
 
 
-def run(args, password, stdout, stdin):
+def _request(args):
+    """The C{(method, path)} of the call C{args.command} makes."""
+    command = args.command
+    if command in ("streams", "tunnels", "users", "config"):
+        return "GET", "/api/" + command
+    if command == "kick":
+        return "DELETE", "/api/streams/" + urllib.parse.quote(args.id, safe="")
+    if command == "disconnect":
+        return "DELETE", _client_path(args)
+    if command == "drain":
+        return "POST", _client_path(args, "/drain")
+    if command == "drain-gateway":
+        return "POST", "/api/drain"
+    return "POST", "/api/reload"
+
+
+def _text(args, answer):
+    """What C{args.command} prints of the API's C{answer}."""
     command = args.command
     if command == "streams":
-        answer = call(args, "GET", "/api/streams", password)
-        text = _table(_round(answer["streams"], "age"), STREAM_COLUMNS)
-    elif command == "tunnels":
-        answer = call(args, "GET", "/api/tunnels", password)
-        text = _table(_round(answer["tunnels"], "connected_for"), TUNNEL_COLUMNS)
-    elif command == "users":
-        answer = call(args, "GET", "/api/users", password)
+        return _table(_round(answer["streams"], "age"), STREAM_COLUMNS)
+    if command == "tunnels":
+        return _table(_round(answer["tunnels"], "connected_for"), TUNNEL_COLUMNS)
+    if command == "users":
         for row in answer["users"]:
             row["groups"] = ",".join(row.get("groups") or ())
             row["protocols"] = ",".join(row.get("protocols") or ())
-        text = _table(answer["users"], USER_COLUMNS)
-    elif command == "kick":
-        answer = call(args, "DELETE", "/api/streams/" + urllib.parse.quote(args.id, safe=""),
-                      password)
-        text = "closed stream %s" % (args.id,)
-    elif command == "disconnect":
-        answer = call(args, "DELETE", _client_path(args), password)
-        text = "disconnected %s (%d tunnels)" % (args.client, answer["tunnels"])
-    elif command == "drain":
-        answer = call(args, "POST", _client_path(args, "/drain"), password)
-        text = "draining %s (%d tunnels, %d streams open)" % (
+        return _table(answer["users"], USER_COLUMNS)
+    if command == "kick":
+        return "closed stream %s" % (args.id,)
+    if command == "disconnect":
+        return "disconnected %s (%d tunnels)" % (args.client, answer["tunnels"])
+    if command == "drain":
+        return "draining %s (%d tunnels, %d streams open)" % (
             args.client, answer["tunnels"], answer["active_streams"])
-    elif command == "drain-gateway":
-        answer = call(args, "POST", "/api/drain", password)
-        text = "gateway draining (%d streams open)" % (answer["active_streams"],)
-    elif command == "reload":
-        answer = call(args, "POST", "/api/reload", password)
-        text = "reloaded: %s" % (answer["summary"],) + "".join(
+    if command == "drain-gateway":
+        return "gateway draining (%d streams open)" % (answer["active_streams"],)
+    if command == "reload":
+        return "reloaded: %s" % (answer["summary"],) + "".join(
             "\n  needs a restart: %s" % (key,) for key in answer.get("restart_needed", ()))
-    elif command == "config":
-        answer = call(args, "GET", "/api/config", password)
-        text = json.dumps(answer, indent=2, sort_keys=True)
+    return json.dumps(answer, indent=2, sort_keys=True)
+
+
+def run(args, password, stdout, stdin):
+    method, path = _request(args)
+    answer = call(args, method, path, password)
     if args.json:
         text = json.dumps(answer, indent=2, sort_keys=True)
+    else:
+        try:
+            text = _text(args, answer)
+        except (KeyError, TypeError, AttributeError, ValueError):
+            # JSON, but not the shape this call answers: another service.
+            raise CtlError(_NOT_THE_API % (method, path, args.url), EXIT_USAGE) from None
     stdout.write(text + "\n")
     return EXIT_OK
 

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import sys
+import threading
 
 import yaml
 from twisted.internet import defer, protocol, reactor, task
@@ -21,6 +22,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from anyproxy.config.load import load_config
+from anyproxy.ctl_command import main as main_ctl
 from anyproxy.gateway.status.config_view import REDACTED, gateway_config_json
 from anyproxy.gateway.status.openapi import openapi_document
 from tests.support import (
@@ -431,12 +433,25 @@ class ProtectionTests(_APIBase):
             (400, json_type, b'{"when": 1}'),
             (413, json_type, b'{"timeout": 1, "pad": "%s"}' % (b"x" * 5000,)),
             (415, dict(CSRF, **{"Content-Type": "text/plain"}), b"timeout=1"),
+            # A key given twice is refused, not "the last one wins".
+            (400, json_type, b'{"timeout": "soon", "timeout": 7}'),
         ]
         for expect, headers, body in cases:
             error = yield self.json_call("POST", "/api/drain", expect=expect, headers=headers,
                                          body=body)
             self.assertIn("error", error)
+        self.assertIn("twice", error["error"])
         self.assertIsNone(self.deployment.gateway.draining)
+
+    @defer.inlineCallbacks
+    def test_get_body_not_read(self):
+        """A GET's body, of any type or size under the listener's cap, is not read: 200."""
+        for headers, body in (({"Content-Type": "text/plain"}, b"x"),
+                              ({"Content-Type": "application/json"}, b"{not json"),
+                              ({"Content-Type": "application/json"}, b" " * 5000)):
+            for path in ("/api/status", "/api/users"):
+                status, _, data = yield self.call("GET", path, headers, body)
+                self.assertEqual(status, 200, (path, data))
 
     @defer.inlineCallbacks
     def test_openapi_document(self):
@@ -452,6 +467,11 @@ class ProtectionTests(_APIBase):
         normalized = {(method, path.replace("{stream_id}", "{}").replace("{client_id}", "{}"))
                       for method, path in documented}
         self.assertEqual(normalized, routed)
+        # The login throttle's 429 can answer any call.
+        for path, item in document["paths"].items():
+            for method, operation in item.items():
+                self.assertIn("Retry-After", operation["responses"]["429"]["headers"],
+                              (method, path))
 
 
 def run_ctl(port, *args, password=STATUS_PASSWORD, url=None):
@@ -576,6 +596,97 @@ class CtlTests(_APIBase):
         self.assertEqual(code, 2)
         self.assertIn(b"not the management API's JSON", err)
         self.assertNotIn(b"Traceback", err)
+
+
+def _serve_raw(test, reply, seen=None):
+    """
+    A loopback listener answering every connection with the bytes C{reply}
+    (in a thread); each request's head goes into C{seen}.  Its http:// URL.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    test.addCleanup(listener.close)
+
+    def loop():
+        try:
+            while True:
+                connection, _ = listener.accept()
+                head = connection.recv(65536)
+                if seen is not None:
+                    seen.append(head)
+                connection.sendall(reply)
+                connection.close()
+        except OSError:
+            pass  # the listener closed
+    threading.Thread(target=loop, daemon=True).start()
+    return "http://127.0.0.1:%d" % (listener.getsockname()[1],)
+
+
+class CtlAnswerTests(unittest.TestCase):
+    """C{anyproxy-ctl} against answers that are not the API's: exit 2, one line, the login kept."""
+
+    def ctl(self, *argv, password=b"secret-pw\n"):
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(password)
+        out, err = io.StringIO(), io.StringIO()
+        code = main_ctl(["--password-file", path, "--timeout", "5"] + list(argv),
+                        stdout=out, stderr=err)
+        self.assertNotIn("Traceback", err.getvalue())
+        return code, err.getvalue()
+
+    def test_bad_urls_and_files(self):
+        """No scheme, a missing --cacert, a password file that is not UTF-8."""
+        code, err = self.ctl("--url", "gateway", "streams")
+        self.assertEqual(code, 2)
+        self.assertIn("http://", err)
+        code, err = self.ctl("--url", "https://127.0.0.1:1", "--cacert", "/nonexistent",
+                             "streams")
+        self.assertEqual(code, 2)
+        self.assertIn("--cacert", err)
+        code, err = self.ctl("--url", "http://127.0.0.1:1", "streams", password=b"\xff\xfe\n")
+        self.assertEqual(code, 2)
+        self.assertIn("UTF-8", err)
+
+    def test_not_http_or_wrong_shape(self):
+        """Something else than HTTP, a cut answer, JSON of another shape: exit 2."""
+        for reply in (b"SSH-2.0-OpenSSH_9.0\r\n",
+                      b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{\"str",
+                      b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+                      b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnull"):
+            code, err = self.ctl("--url", _serve_raw(self, reply), "streams")
+            self.assertEqual(code, 2, (reply, err))
+
+    def test_login_not_sent_on(self):
+        """A redirect is not followed (the login would go with it); CRLF ends the password."""
+        target, first = [], []
+        elsewhere = _serve_raw(self, b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n"
+                                     b'{"streams": []}', target)
+        url = _serve_raw(self, b"HTTP/1.1 302 Found\r\nLocation: %s/api/streams\r\n"
+                               b"Content-Length: 0\r\n\r\n" % (elsewhere.encode(),), first)
+        code, err = self.ctl("--url", url, "streams", password=b"secret-pw\r\n")
+        self.assertEqual(code, 2)
+        self.assertIn("redirect", err)
+        self.assertEqual(target, [])
+        self.assertIn(b"Basic " + base64.b64encode(b"admin:secret-pw") + b"\r\n", first[0])
+
+    @defer.inlineCallbacks
+    def test_no_proxy_from_the_environment(self):
+        """http_proxy does not carry the login: the call goes to --url itself."""
+        proxied = []
+        proxy = _serve_raw(self, b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n",
+                           proxied)
+        direct = []
+        url = _serve_raw(self, b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n"
+                               b'{"streams": []}', direct)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "PYTHONPATH": os.pathsep.join(sys.path), "ANYPROXY_CTL_PASSWORD": "pw",
+               "http_proxy": proxy, "HTTP_PROXY": proxy}
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "anyproxy.ctl_command", "--url", url, "streams"], env=env)
+        self.assertEqual((code, proxied), (0, []), err)
+        self.assertEqual(len(direct), 1)
 
 
 class SchemathesisTests(_APIBase):

@@ -285,9 +285,11 @@ class ManagementAPI(resource.Resource):
         set_operator_headers(request, b"application/json; charset=utf-8")
         try:
             handler, arguments = self._route(request)
+            body = None
             if request.method in (b"POST", b"DELETE"):
                 self._check_csrf(request)
-            body = self._read_body(request)
+                # A GET's body means nothing (RFC 9110, 9.3.1): not read at all.
+                body = self._read_body(request)
             result = handler(request, body, *arguments)
         except APIError as e:
             return self._error(request, e)
@@ -348,7 +350,10 @@ class ManagementAPI(resource.Resource):
         if content_type != "application/json":
             raise APIError(415, "a request body must be application/json")
         try:
-            body = json.loads(content.decode("utf-8"))
+            body = json.loads(content.decode("utf-8"), object_pairs_hook=_object_without_repeats)
+        except _RepeatedKey as e:
+            # As the config loader: a repeated key is a mistake, not "the last one wins".
+            raise APIError(400, "the request body gives %r twice" % (e.key,))
         except (UnicodeDecodeError, ValueError, RecursionError):
             # RecursionError: arrays or objects nested too deep to parse.
             raise APIError(400, "the request body is not valid JSON")
@@ -455,11 +460,26 @@ class ManagementAPI(resource.Resource):
         return openapi_document()
 
     def get_profiles(self, request, body):
-        self._no_body(body)
         profiles = self._management.profiles
         if profiles is None:
             raise APIError(404, "no profiles on this listener")
         return profiles.urls()
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key):
+        super().__init__(key)
+        self.key = key
+
+
+def _object_without_repeats(pairs):
+    """A JSON object as a dict, refusing a key given twice (L{_RepeatedKey})."""
+    answer = {}
+    for key, value in pairs:
+        if key in answer:
+            raise _RepeatedKey(key[:100])
+        answer[key] = value
+    return answer
 
 
 def _header(request, name):

@@ -180,6 +180,7 @@ _ERRORS = {
     "409": "the gateway is already draining, or the reload was refused",
     "413": "the request body is too large",
     "415": "a request body that is not application/json",
+    "429": "too many failed logins from this address: try again after Retry-After seconds",
 }
 
 _CSRF_PARAMETER = {
@@ -196,6 +197,9 @@ def _operation(summary, ok_status, ok_schema, errors, description="", changes=Fa
     for code in ["401"] + list(errors):
         responses[code] = {"description": _ERRORS[code], "content": _json(_ref("Error"))}
     responses["401"]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+    # The login throttle answers before any call (anyproxy.operator_site).
+    responses["429"] = {"description": _ERRORS["429"], "content": _json(_ref("Error")),
+                        "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}}
     operation = {"summary": summary, "responses": responses}
     if description:
         operation["description"] = description
