@@ -116,6 +116,25 @@ def normalise_name(name):
     return name
 
 
+def ends_in_number(name):
+    """
+    Whether host name C{name} ends in a number: its last label (a final dot
+    aside) is all ASCII digits or C{0x} and hex digits, as the WHATWG URL
+    standard tells IPv4 hosts from names.  C{inet_aton}, and so the system
+    resolver, reads such a name as an IPv4 address in a short form
+    (C{127.1}, C{2130706433}, C{0x7f.1} are 127.0.0.1) without asking DNS:
+    no host name has that shape, and rules written for addresses would
+    not see the address it stands for.
+    """
+    last = name[:-1] if name.endswith(".") else name
+    last = last.rpartition(".")[2]
+    if not last.isascii():
+        return False
+    if last.isdigit():
+        return True
+    return last[:2].lower() == "0x" and all(c in "0123456789abcdefABCDEF" for c in last[2:])
+
+
 def normalise_address(address):
     """
     An L{ipaddress} address for C{address} (a string or an address object),
@@ -553,7 +572,8 @@ class AccessPolicy:
         @return: C{None} when the request may go on to DNS, else
             L{Reason.PROTOCOL_NOT_ALLOWED} (UDP while C{allow_udp} is off) or
             L{Reason.NOT_ALLOWED} (a forbidden rule matches, the name is
-            longer than a DNS name can be, or C{allowed_hosts} has only
+            longer than a DNS name can be or ends in a number (L{ends_in_number}:
+            an IPv4 address in a short form), or C{allowed_hosts} has only
             name rules and none matches: no address could be admitted).
         """
         _check_protocol(protocol)
@@ -568,6 +588,10 @@ class AccessPolicy:
         name = normalise_name(host)
         if len(name) > _MAX_NAME:
             return Reason.NOT_ALLOWED  # no DNS name is longer; bounds pattern matching
+        if ends_in_number(name):
+            # An IPv4 address in a short form ("127.1"): the resolver would
+            # connect to it, and the address rules could not judge it.
+            return Reason.NOT_ALLOWED
         if any(rule.matches_name(name, port) for rule in self.forbidden):
             return Reason.NOT_ALLOWED
         if (self.allowed_hosts

@@ -10,7 +10,8 @@ import time
 from hypothesis import assume, example, given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.access_policy import AccessPolicy, HostRule, LimitRule, normalise_address
+from anyproxy.access_policy import (
+    AccessPolicy, HostRule, LimitRule, ends_in_number, normalise_address)
 from anyproxy.errors import Reason
 
 
@@ -628,6 +629,36 @@ class BypassTests(SynchronousTestCase):
         self.assertFalse(HostRule.parse("10.0.*").matches_name("10.0.x.example", 80))
         # A glob with letters still matches names.
         self.assertTrue(HostRule.parse("db-*.corp").matches_name("db-1.corp", 80))
+
+    def test_short_ipv4_forms_refused(self):
+        """'127.1', '2130706433', '0x7f.1': the resolver dials 127.0.0.1 for them, so no rule lets them by."""
+        import socket
+        deny = policy(forbidden=["127.0.0.0/8", "10.0.0.0/8"])
+        for host in ("127.1", "2130706433", "0x7f.1", "0X7F.0.0.1", "10.1", "127.0.0.1.",
+                     "10.0.0.1 ", "\uff11\uff10.\uff11", "example.0x"):
+            self.assertEqual(deny.check_name(host, 22, "tcp"), Reason.NOT_ALLOWED, host)
+            self.assertEqual(deny.check_resolved(host, 53, "udp", ()), Reason.NOT_ALLOWED, host)
+            # A policy with no rule at all refuses them too.
+            self.assertEqual(policy().check_name(host, 22, "tcp"), Reason.NOT_ALLOWED, host)
+        # What the test is about: the system's resolver reads them as addresses, with no DNS.
+        for host in ("127.1", "2130706433", "0x7f.1"):
+            self.assertEqual(socket.getaddrinfo(host, 80, socket.AF_INET)[0][4][0], "127.0.0.1")
+        # Names that merely hold digits are names; the canonical form is an address.
+        for host in ("1.example", "123abc", "0x7f.example", "a.0xg1", "x1"):
+            self.assertFalse(ends_in_number(host), host)
+            self.assertIsNone(policy().check_name(host, 80, "tcp"), host)
+        self.assertEqual(deny.check_name("127.0.0.1", 22, "tcp"), Reason.NOT_ALLOWED)
+        self.assertIsNone(policy().check_name("127.0.0.1", 22, "tcp"))
+
+    @given(st.from_regex(r"[0-9a-zA-Z.]{1,20}", fullmatch=True))
+    def test_ends_in_number_covers_inet_aton(self, host):
+        """Whatever inet_aton reads as an IPv4 address either is one in full or ends in a number."""
+        import socket
+        try:
+            socket.inet_aton(host)
+        except OSError:
+            return
+        self.assertTrue(ends_in_number(host) or normalise_address(host), host)
 
     def test_literal_is_exactly_an_address(self):
         """A zone on IPv4 or spaces make a name, not the address they surround."""

@@ -291,7 +291,10 @@ class ResolveTests(SynchronousTestCase):
                      # Not names either, though a hosts file could answer them:
                      # the policy must judge the very text that is dialed.
                      "10.0.0.5%x", " 10.0.0.5", "10.0.0.5\t", "a.trusted.example:443",
-                     "a b.example", "a/b.example", ""):
+                     "a b.example", "a/b.example", "",
+                     # IPv4 addresses in short forms, which getaddrinfo would
+                     # dial with no DNS and no address rule seeing them.
+                     "127.1", "2130706433", "0x7f.1", "10.0.0.1.", "example.0x1f"):
             d = resolve(resolver, name, 80)
             self.assertEqual(self.failureResultOf(d, StreamOpenError).value.reason,
                              Reason.NAME_NOT_RESOLVED, name)

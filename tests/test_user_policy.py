@@ -29,10 +29,11 @@ from tests.test_e2e_reload import roundtrip
 BOB = {"username": "bob", "password": "bob-pw"}  # no rules: the control
 ALLOWED_ONLY = {"username": "ann", "password": "ann-pw", "allow": ["target.test"]}
 DENIED = {"username": "dan", "password": "dan-pw", "deny": ["target.test"]}
+NO_LOOPBACK = {"username": "nell", "password": "nell-pw", "deny": ["127.0.0.0/8"]}
 LAB_ONLY = {"username": "lee", "password": "lee-pw", "groups": ["default"]}
 TCP_ONLY = {"username": "tom", "password": "tom-pw", "protocols": ["tcp"]}
 CAPPED = {"username": "cap", "password": "cap-pw", "max_streams": 1}
-USERS = [BOB, ALLOWED_ONLY, DENIED, LAB_ONLY, TCP_ONLY, CAPPED]
+USERS = [BOB, ALLOWED_ONLY, DENIED, NO_LOOPBACK, LAB_ONLY, TCP_ONLY, CAPPED]
 
 
 class UdpEcho(protocol.DatagramProtocol):
@@ -257,6 +258,21 @@ class RefusalTests(_Deployed):
         self.assertIsNone((yield self.socks_error("127.0.0.1", DENIED)))
         self.assertEqual((yield self.http_status(DENIED, self.web("target.test"))), "403")
         self.assertEqual((yield self.http_status(DENIED, self.web())), "200")
+
+    @defer.inlineCallbacks
+    def test_deny_addresses_short_forms(self):
+        """
+        deny 127.0.0.0/8: the address is refused written in full and in the
+        short forms the system resolver reads as it ("127.1", "2130706433",
+        "0x7f.1"), which reach the gateway as names (0x02).  A user with no
+        rules has them refused by the client's access control, which takes
+        no name of that shape either (0x02).
+        """
+        for host in ("127.0.0.1", "127.1", "2130706433", "0x7f.1"):
+            self.assertIn("0x02", (yield self.socks_error(host, NO_LOOPBACK)) or "", host)
+        for host in ("127.1", "2130706433", "0x7f.1"):
+            self.assertIn("0x02", (yield self.socks_error(host, BOB)) or "", host)
+        self.assertIsNone((yield self.socks_error("127.0.0.1", BOB)))
 
     @defer.inlineCallbacks
     def test_group(self):

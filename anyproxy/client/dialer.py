@@ -15,7 +15,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
-from anyproxy.access_policy import parse_ip_literal
+from anyproxy.access_policy import ends_in_number, parse_ip_literal
 from anyproxy.client import tcp_connect
 from anyproxy.client.udp import TargetAssociation, UdpStats, serves_udp
 from anyproxy.limits import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
@@ -78,6 +78,12 @@ def _not_a_host_name(host):
         # Spaces, "%", ":"... are in no host name, but a resolver may still
         # answer for them (a hosts file), and the policy read the asked text.
         return StreamOpenError(Reason.NAME_NOT_RESOLVED, "%r is not a valid host name" % (host,))
+    if ends_in_number(encoded.decode("ascii")):
+        # "127.1", "2130706433": getaddrinfo reads an IPv4 address in them,
+        # which the gateway's rules for its user never saw as one.
+        return StreamOpenError(Reason.NAME_NOT_RESOLVED,
+                               "%r is not a host name; an IPv4 address is written a.b.c.d"
+                               % (host,))
     return None
 
 
