@@ -370,6 +370,45 @@ class PeerLossTests(unittest.TestCase):
               % (noticed * 1000,))
 
 
+class SilentLinkTests(unittest.TestCase):
+    """A peer cut off without a TCP close is found by the link's pings."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_black_holed_link_dropped(self):
+        """
+        Neither end reads what the other sends (a network split: no FIN, no
+        RST): within three heartbeats of silence (1 s here) both ends drop
+        the link, a relayed stream on it is reset, and A's pool hands it out
+        no more.
+        """
+        fleet = Fleet(self, "a", "b")
+        a, b = yield fleet.start()
+        echo_port = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        yield b.start_client(client={"client_id": "client-b"})
+        yield fleet.listed(a, "default", b)
+        user = yield deferToThread(socks_connect, a.socks_port, "127.0.0.1", echo_port)
+        self.addCleanup(user.close)
+        yield deferToThread(user.sendall, b"before")
+        self.assertEqual((yield deferToThread(user.recv, 6)), b"before")
+        (link,) = list(a.node.links.links())
+        (accepted,) = list(b.node.server.factory.links)
+        # Quiet for a heartbeat first, so the silence starts now on both ends.
+        link.mux.lowest_transport.stopReading()
+        accepted.mux.lowest_transport.stopReading()
+        cut = time.monotonic()
+        closed = yield deferToThread(read_until_closed, user, 8)
+        noticed = time.monotonic() - cut
+        self.assertTrue(closed)
+        yield wait_until(lambda: link.lost and accepted not in b.node.server.factory.links,
+                         timeout=8, what="both ends to drop the silent link")
+        # 3 silent heartbeats, found within a fifth of one after that.
+        self.assertLess(noticed, 3 * 1.0 + 1.5)
+        self.assertIsNone(a.node.links.usable_link(link.node_id, "default"))
+        print("\nsilent link: cut -> relayed stream reset: %.1f s" % (noticed,))
+
+
 class LinkSecurityTests(unittest.TestCase):
     """Links take only the fleet CA's node certificates, and never relay twice."""
 

@@ -58,6 +58,7 @@ from anyproxy.listeners import Listener
 from anyproxy.tls import client_tls_options, server_tls_options
 from anyproxy.tunnel import frames
 from anyproxy.tunnel.hello import MAX_ID_LENGTH, SOFTWARE
+from anyproxy.tunnel.liveness import Liveness
 from anyproxy.tunnel.websocket import ClientTunnelProtocol, GatewayTunnelProtocol, tune_factory
 
 log = Logger()
@@ -121,6 +122,9 @@ class PeerLinkServerFactory(HandshakeCappedFactory, WebSocketServerFactory):
         self.handshakes = ConnectionCap(max_handshakes, "peer link listener (connections "
                                         "before their HELLO)", reactor)
         self.links = set()
+        # The dialing end pings a silent link first; this end only one
+        # silent for two intervals.  Three silent intervals: the link is dead.
+        self.liveness = Liveness(reactor, ping_interval, is_gateway=True)
         tune_factory(self, ping_interval, handshake_timeout)
 
     def acceptableProtocols(self):
@@ -240,15 +244,18 @@ class PeerLinkFactory(WebSocketClientFactory):
     protocol = ClientTunnelProtocol
 
     def __init__(self, node_id, peer, group, on_lost, ping_interval=2.0,
-                 handshake_timeout=DEFAULT_LINK_WAIT):
+                 handshake_timeout=DEFAULT_LINK_WAIT, reactor=None):
         super().__init__(url="wss://%s/anyproxy-relay" % (peer.peer_addr,),
                          protocols=[RELAY_SUBPROTOCOL],
-                         useragent="AnyProxy/" + __version__)
+                         useragent="AnyProxy/" + __version__, reactor=reactor)
         self.node_id = node_id
         self.peer = peer
         self.group = group
         self.gateway = "peer %s (%s)" % (peer.node_id, peer.peer_addr)  # for the protocol's logs
         self._on_lost = on_lost
+        # A peer cut off without a TCP close (a network split, a power loss)
+        # is found by silence: pinged after one interval, dead after three.
+        self.liveness = Liveness(self.reactor, ping_interval, is_gateway=False)
         tune_factory(self, ping_interval, handshake_timeout)
 
     def hello_info(self):
@@ -407,8 +414,7 @@ class PeerLinks:
     def _dial(self, node, group):
         factory = PeerLinkFactory(self.node_id or self._fleet.node_id, node, group, self._lost,
                                   ping_interval=self._fleet.heartbeat,
-                                  handshake_timeout=self.link_wait)
-        factory.reactor = self._reactor
+                                  handshake_timeout=self.link_wait, reactor=self._reactor)
         started = self._reactor.seconds()
         d = self._endpoint_for(node, self.link_wait).connect(factory)
         d.addCallback(lambda protocol: protocol.ready)
