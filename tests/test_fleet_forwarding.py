@@ -87,6 +87,9 @@ class FleetPortClaimsTests(unittest.SynchronousTestCase):
         self.assertIsNone(owner_from_token("client-1"))
         self.assertIsNone(owner_from_token("[1, 2, 3]"))
         self.assertEqual(owner_from_token('["g", "c"]'), ("g", "c", ""))  # an older node's
+        # What no node writes: nested past the recursion limit, too long, not text.
+        for token in ("[" * 100000, '["g", "c", "%s"]' % ("x" * 70000,), None, 5):
+            self.assertIsNone(owner_from_token(token))
 
     def test_both_protocols_share_one_claim(self):
         """tcp and udp of one number hold one claim, given back when neither is forwarded."""

@@ -214,9 +214,15 @@ class RegistrationTests(RegistryTestBase):
         raw = yield self.raw()
         yield raw.execute_command("ZADD", "anyproxy:nodes", "+inf", "x")
         yield raw.set("anyproxy:node:x", '{"node_id": 5}')
+        # Nested past Python's recursion limit (json raises RecursionError),
+        # and over the size bound.
+        yield raw.execute_command("ZADD", "anyproxy:nodes", "+inf", "y", "+inf", "z")
+        yield raw.set("anyproxy:node:y", "[" * 100000)
+        yield raw.set("anyproxy:node:z", '{"node_id": "z", "pad": "%s"}' % ("x" * (1 << 20),))
         yield sleep(0.5)
         self.assertEqual([n.node_id for n in a.nodes()], ["b"])
         self.assertTrue(a.healthy)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 KILLABLE_NODE = """

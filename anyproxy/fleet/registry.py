@@ -68,6 +68,9 @@ LOGIN_MAX_ITERATIONS = 1_000_000  # a record asking for more is ignored
 LOGIN_CACHE_SIZE = 1024
 LOGIN_CACHE_SECONDS = 60.0
 _VERIFIER_SCHEME = "pbkdf2_sha256"
+# The longest node record read from Redis (ours are a few hundred bytes,
+# plus about 90 per group login verifier).
+MAX_RECORD = 1024 * 1024
 
 
 class RegistryUnavailable(txredisapi.ConnectionError):
@@ -216,7 +219,13 @@ def record_to_json(record):
 
 def record_from_json(text):
     """A L{NodeRecord}, or raise ValueError for what no node of ours writes."""
-    data = json.loads(text)
+    if len(text) > MAX_RECORD:
+        raise ValueError("a record of %d bytes, over %d" % (len(text), MAX_RECORD))
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        # "[[[[...": json raises this, not ValueError, past Python's recursion limit.
+        raise ValueError("nested too deep") from None
     if not isinstance(data, dict):
         raise ValueError("not an object")
     strings = [data.get(name) for name in ("node_id", "peer_addr", "tunnel_addr")]

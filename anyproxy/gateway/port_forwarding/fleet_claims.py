@@ -63,6 +63,11 @@ class Unavailable:
     why = attr.ib()
 
 
+# The longest claim owner text read from Redis: far above three names (group,
+# client id, credential), quoted.
+MAX_TOKEN = 64 * 1024
+
+
 def owner_token(owner):
     """
     The claim's owner text for C{(group, client_id, credential)}: JSON, so
@@ -73,9 +78,12 @@ def owner_token(owner):
 
 def owner_from_token(token):
     """C{(group, client_id, credential)} from L{owner_token}'s text, or C{None} if it is not one."""
+    if not isinstance(token, (str, bytes)) or len(token) > MAX_TOKEN:
+        return None
     try:
         owner = json.loads(token)
-    except (TypeError, ValueError):
+    except (ValueError, RecursionError):
+        # RecursionError: "[[[[..." nested past Python's recursion limit.
         return None
     if (not isinstance(owner, list) or len(owner) not in (2, 3)
             or not all(isinstance(name, str) for name in owner)):
