@@ -27,7 +27,7 @@ class ProxyURLTests(SynchronousTestCase):
 
     def test_bad(self):
         for text in ["ftp://proxy:21", "proxy:3128", "http://", "http://p:99999",
-                     "http://p:3128/path", "https://p:443"]:
+                     "http://p:3128/path", "https://p:443", "http://p:0"]:
             with self.assertRaises(ValueError) as caught:
                 ProxyURL.parse(text)
             self.assertNotIn("secret", str(caught.exception))
@@ -104,6 +104,20 @@ class HttpConnectHandshakeTests(SynchronousTestCase):
         self.assertIsNone(handshake.receive(b"ablished\r\nVia: squid\r\n\r"))
         self.assertEqual(handshake.receive(b"\n\x16\x03"), b"\x16\x03")
 
+    def test_interim_answers_skipped(self):
+        """1xx answers before the 200 are read past (RFC 9110, 15.2), within one bound for all."""
+        handshake = self.handshake()
+        self.assertIsNone(handshake.receive(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 P"))
+        self.assertEqual(handshake.receive(b"rocessing\r\n\r\nHTTP/1.1 200 OK\r\n\r\n\x16"),
+                         b"\x16")
+        # 101 would end HTTP on the connection: not an answer to CONNECT.
+        self.assertRaises(EgressProxyError, self.handshake().receive,
+                          b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        endless = self.handshake()
+        with self.assertRaises(EgressProxyError):
+            for _ in range(1000):
+                endless.receive(b"HTTP/1.1 100 Continue\r\n\r\n")
+
     def test_refusals_name_the_hop_and_status(self):
         with self.assertRaises(EgressProxyError) as caught:
             self.handshake().receive(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
@@ -138,6 +152,15 @@ class Socks5HandshakeTests(SynchronousTestCase):
         self.assertEqual(out, b"\x01\x03bob\x02pw")
         out, _, _ = handshake.receive(b"\x01\x00")
         self.assertEqual(out, b"\x05\x01\x00\x01\x0a\x00\x00\x01\x01\xbb")
+
+    def test_name_idna_cannot_encode(self):
+        """A gateway name with an empty or over-long label: an EgressProxyError, not a crash."""
+        for name in ("a..b.example", "x" * 64 + ".example"):
+            handshake = Socks5Handshake(ProxyURL.parse("socks5://s:1080"), name, 8443)
+            handshake.first()
+            with self.assertRaises(EgressProxyError) as caught:
+                handshake.receive(b"\x05\x00")
+            self.assertIn("not a valid DNS name", str(caught.exception))
 
     def test_refusals(self):
         def run(url, *answers):

@@ -28,6 +28,7 @@ without them.
 import base64
 import ipaddress
 import os
+import re
 import struct
 import urllib.parse
 
@@ -40,6 +41,8 @@ from zope.interface import implementer
 from anyproxy.addresses import host_port
 
 MAX_RESPONSE_HEAD = 16 * 1024  # an HTTP proxy's answer to CONNECT, headers included
+# An interim answer (1xx but 101, which would end HTTP on the connection).
+_INTERIM = re.compile(rb"HTTP/1\.[0-9] 1(?!01)[0-9][0-9](?:[ \r])")
 SCHEMES = ("http", "socks5", "socks5h")
 DEFAULT_PORTS = {"http": 3128, "socks5": 1080, "socks5h": 1080}
 
@@ -84,7 +87,10 @@ class ProxyURL:
         if scheme.startswith("socks5") and (len(username.encode()) > 255
                                             or len(password.encode()) > 255):
             raise ValueError("SOCKS5 credentials are at most 255 bytes each")
-        return cls(scheme, parts.hostname, port or DEFAULT_PORTS[scheme], username, password)
+        if port == 0:
+            raise ValueError("port 0 in the proxy URL")
+        return cls(scheme, parts.hostname, DEFAULT_PORTS[scheme] if port is None else port,
+                   username, password)
 
     def __str__(self):
         return "%s://%s" % (self.scheme, host_port(self.host, self.port))
@@ -179,6 +185,7 @@ class HttpConnectHandshake:
         self.proxy = proxy
         self.target = host_port(host, port)
         self._buffer = b""
+        self._read = 0  # bytes received so far, interim answers included
 
     def request(self):
         lines = ["CONNECT %s HTTP/1.1" % (self.target,), "Host: %s" % (self.target,),
@@ -192,12 +199,23 @@ class HttpConnectHandshake:
     def receive(self, data):
         """C{None} until the answer's head is complete; then the bytes after it."""
         self._buffer += data
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > MAX_RESPONSE_HEAD:
-                raise EgressProxyError("egress proxy %s: answer to CONNECT longer than %d "
-                                       "bytes" % (self.proxy, MAX_RESPONSE_HEAD))
-            return None
+        self._read += len(data)
+        while True:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                # Interim answers count too: the bound is on all the heads together.
+                if self._read > MAX_RESPONSE_HEAD:
+                    raise EgressProxyError("egress proxy %s: answer to CONNECT longer than %d "
+                                           "bytes" % (self.proxy, MAX_RESPONSE_HEAD))
+                return None
+            if not _INTERIM.match(self._buffer):
+                break
+            # "HTTP/1.1 100 Continue" and the like come before the answer
+            # (RFC 9110, 15.2): skipped.
+            self._buffer = self._buffer[end + 4:]
+        if self._read - len(self._buffer) + end > MAX_RESPONSE_HEAD:
+            raise EgressProxyError("egress proxy %s: answer to CONNECT longer than %d "
+                                   "bytes" % (self.proxy, MAX_RESPONSE_HEAD))
         head, rest = self._buffer[:end], self._buffer[end + 4:]
         status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         version, _, status_reason = status_line.partition(" ")
@@ -248,7 +266,10 @@ class Socks5Handshake:
             kind = b"\x01" if address.version == 4 else b"\x04"
             packed = kind + address.packed
         except ValueError:
-            name = self.host.encode("idna")
+            try:
+                name = self.host.encode("idna")
+            except UnicodeError:
+                raise EgressProxyError("gateway name %r is not a valid DNS name" % (self.host,))
             if len(name) > 255:
                 raise EgressProxyError("gateway name too long for SOCKS5")
             packed = b"\x03" + bytes([len(name)]) + name

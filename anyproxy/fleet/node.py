@@ -61,8 +61,9 @@ class FleetNode(MultiService):
         self.metrics_registry = metrics_registry
         self.registry = make_registry(self)
         # The id the registry settled on (gateway.fleet.node_id, or by default
-        # the host name and tunnel port): the links announce the same one,
-        # which the peer checks against the records.
+        # the host name and tunnel port): the links announce the same one.
+        # The peer uses it to name the link in logs and on the status page;
+        # what admits a link is its certificate, checked against peer_ca.
         self.server.factory.node_id = self.links.node_id = self.registry.node_id
         self.metrics = RelayMetrics(metrics_registry, reactor, links=self._link_counts)
         self.relay.metrics = self.metrics
