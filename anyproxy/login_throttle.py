@@ -28,6 +28,7 @@ tracked, the least recently failed forgotten first.
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import time
 from collections import OrderedDict, deque
@@ -228,8 +229,27 @@ class LoginThrottle:
 
 def source_address(transport):
     """
-    The source a connection's logins are counted under: its peer's IP
-    address, or C{""} for a peer without one (a UNIX socket).
+    The source a connection's logins are counted under (L{source_key} of
+    its peer's IP address), or C{""} for a peer without one (a UNIX socket).
     """
     host = getattr(transport.getPeer(), "host", "")
-    return host if isinstance(host, str) else ""
+    return source_key(host) if isinstance(host, str) else ""
+
+
+def source_key(host):
+    """
+    What logins (and handshakes) from the IP address C{host} are counted
+    under: an IPv4 address as itself, also when it comes IPv4-mapped
+    (C{::ffff:192.0.2.1}, from a dual-stack listener); an IPv6 address as
+    its /64, which one host or site normally holds whole, so it cannot
+    start afresh from each of its addresses.  Other text as it is.
+    """
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))

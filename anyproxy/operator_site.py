@@ -75,6 +75,7 @@ from zope.interface import implementer
 
 from anyproxy.auth import BLOCKED, PENDING, Logins
 from anyproxy.connection_cap import ConnectionCap
+from anyproxy.login_throttle import source_key
 
 log = Logger()
 
@@ -206,7 +207,7 @@ class _SourcedBasicCredentials(guard.BasicCredentialFactory):
 
     def decode(self, response, request):
         credentials = super().decode(response, request)
-        credentials.source = getattr(request.getClientAddress(), "host", "") or ""
+        credentials.source = source_key(getattr(request.getClientAddress(), "host", "") or "")
         return credentials
 
 
@@ -283,7 +284,7 @@ class _Guard(guard.HTTPAuthSessionWrapper):
 
     def _authorizedResource(self, request):
         if request.getHeader(b"authorization"):
-            source = getattr(request.getClientAddress(), "host", "") or ""
+            source = source_key(getattr(request.getClientAddress(), "host", "") or "")
             verdict = self._checker.logins.throttle.check(source)
             if verdict.blocked:
                 return _Blocked(verdict.retry_after)

@@ -3,7 +3,7 @@
 from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyproxy.login_throttle import FIRST_DELAY, LoginThrottle
+from anyproxy.login_throttle import FIRST_DELAY, LoginThrottle, source_address, source_key
 
 
 class Clock:
@@ -48,6 +48,26 @@ class LoginThrottleTests(SynchronousTestCase):
         for _ in range(20):
             self.throttle.failed("1.2.3.4", "bob")
         self.assertFalse(self.throttle.check("5.6.7.8").blocked)
+
+    def test_source_key(self):
+        """
+        A source is an IPv4 address, also when a dual-stack listener sees it
+        IPv4-mapped, or an IPv6 /64: another address of the same /64 does
+        not start afresh.
+        """
+        from twisted.internet.address import IPv6Address
+        from twisted.internet.testing import StringTransport
+        self.assertEqual(source_key("192.0.2.1"), "192.0.2.1")
+        self.assertEqual(source_key("::ffff:192.0.2.1"), "192.0.2.1")
+        self.assertEqual(source_key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+        self.assertEqual(source_key("fe80::1%eth0"), "fe80::/64")
+        self.assertEqual(source_key(""), "")
+        for host in ("2001:db8::1", "2001:db8::2:3"):
+            transport = StringTransport(peerAddress=IPv6Address("TCP", host, 40000))
+            for _ in range(3):
+                self.throttle.failed(source_address(transport), "bob")
+        self.assertTrue(self.throttle.check(source_key("2001:db8::ffff")).blocked)
+        self.assertFalse(self.throttle.check(source_key("2001:db8:0:1::1")).blocked)
 
     def test_name_never_blocked_only_delayed(self):
         """Guesses at bob's name from many sources never block bob's own source."""
