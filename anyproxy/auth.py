@@ -8,7 +8,8 @@ Plain passwords are compared in constant time; a hash is checked in
 L{anyproxy.passwords.PasswordChecker}'s thread pool, unless the pair was
 checked good a moment ago.  An unknown user costs the same check as a known
 one (against a decoy: one of the configured hashes, the answer thrown away),
-so timing does not reveal which usernames exist.
+and so does a wrong plain password once any entry has a hash, so timing does
+not reveal which usernames exist.
 
 So a login is answered at once (plain, remembered) or later (a hash):
 L{UserDatabase.authenticate} says which (L{PENDING}: a hash to check),
@@ -403,7 +404,12 @@ class UserDatabase:
         if type(plan) is not _Check:
             return plan
         ok = self.logins.checker.check_now(plan.key, _to_bytes(password), plan.secrets)
-        return PENDING if ok is None else plan.decide(ok)
+        if ok is None:
+            return PENDING
+        answer = plan.decide(ok)
+        if answer is None and self._decoy is not _PLAIN_DECOY:
+            return PENDING  # a failure costs a hash check (authenticate_later)
+        return answer
 
     def authenticate_later(self, username, password):
         """
@@ -415,8 +421,18 @@ class UserDatabase:
         plan = self._plan(username, password)
         if type(plan) is not _Check:
             return defer.succeed(plan)
-        return self.logins.checker.check(plan.key, _to_bytes(password),
-                                         plan.secrets).addCallback(plan.decide)
+        password = _to_bytes(password)
+        checker = self.logins.checker
+        known = checker.check_now(plan.key, password, plan.secrets)
+        if known is None:
+            return checker.check(plan.key, password, plan.secrets).addCallback(plan.decide)
+        answer = plan.decide(known)
+        if answer is None and self._decoy is not _PLAIN_DECOY:
+            # A wrong plain password, where an unknown name or a wrong hashed
+            # password costs a hash check: the same check, its answer thrown
+            # away, or the delay would tell which names exist.
+            return checker.check(_DECOY_NAME, password, self._decoy).addCallback(lambda _: None)
+        return defer.succeed(answer)
 
     def login(self, source, username, password):
         """

@@ -461,6 +461,28 @@ class HashedUserTests(TestCase):
         self.assertIsNone(user)
         self.assertEqual(self.logins.checker.hash_checks, checks + 1)
 
+    @defer.inlineCallbacks
+    def test_wrong_plain_password_costs_a_hash(self):
+        """
+        With hashes configured, a wrong plain password costs the hash check an
+        unknown name does (PENDING, one check), so the answer's delay does
+        not tell names apart; the right plain password is still answered at once.
+        """
+        users = UserDatabase([("alice", argon2_hash("a-pw"), "red"), ("bob", "plain-pw", "red")],
+                             logins=self.logins)
+        self.assertIs(users.authenticate("mallory", "guess"), PENDING)
+        self.assertIs(users.authenticate("bob", "guess"), PENDING)
+        self.assertEqual(users.authenticate("bob", "plain-pw"), User("bob", "red"))
+        checks = self.logins.checker.hash_checks
+        self.assertIsNone((yield users.authenticate_later("bob", "guess")))
+        self.assertIsNone((yield users.authenticate_later("bob", "a-pw")))  # alice's: no matter
+        self.assertEqual(self.logins.checker.hash_checks, checks + 2)
+        self.assertEqual((yield users.authenticate_later("bob", "plain-pw")), User("bob", "red"))
+        # With plain passwords only, no hash anywhere: failures answered at once.
+        plain = UserDatabase([("bob", "plain-pw", "red")], logins=self.logins)
+        self.assertIsNone(plain.authenticate("bob", "guess"))
+        self.assertIsNone(plain.authenticate("mallory", "guess"))
+
     def test_sentinels_are_false(self):
         """PENDING and BLOCKED are no users: a careless truth test refuses."""
         self.assertFalse(PENDING)
