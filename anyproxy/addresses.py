@@ -9,6 +9,9 @@ import ipaddress
 
 # Endpoint string types a listen address may use as it is.
 ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
+# Before a listen address: connections start with a PROXY protocol header
+# (anyproxy.proxy_header, which cannot be imported here: this module is pure).
+PROXY_HEADER_PREFIX = "haproxy:"
 
 
 def bracketed(host):
@@ -90,8 +93,17 @@ def listen_endpoint(text):
     see L{anyproxy.dual_stack}), and a string starting with a known
     endpoint type passes through unchanged (C{tcp:port} is IPv4 only).
 
+    C{haproxy:} before any of these reads a PROXY protocol header first on
+    each connection (L{anyproxy.proxy_header}): its users come through a
+    balancer, so it is never local-only.
+
     @raise ValueError: with the reason.
     """
+    if text.startswith(PROXY_HEADER_PREFIX):
+        inner, _ = listen_endpoint(text[len(PROXY_HEADER_PREFIX):])
+        if inner.startswith(PROXY_HEADER_PREFIX):
+            raise ValueError("haproxy: given twice")
+        return PROXY_HEADER_PREFIX + inner, False
     kind = text.split(":", 1)[0]
     if kind in ENDPOINT_TYPES and ":" in text:
         return text, _check_endpoint(text)

@@ -28,6 +28,8 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
 from zope.interface import implementer
 
+from anyproxy import proxy_header
+
 PREFIX = "dualstack:"
 
 # bind/socket errors meaning "this host has no IPv6": listen on IPv4 instead.
@@ -155,9 +157,13 @@ class DualStackServerEndpoint:
 def server_endpoint(reactor, description):
     """
     The server endpoint for C{description}: C{dualstack:PORT} (written by
-    the config for C{:port} and C{[::]:port}), else any Twisted endpoint
-    string (C{serverFromString}).
+    the config for C{:port} and C{[::]:port}), C{haproxy:} before any of
+    these (L{anyproxy.proxy_header}), else any Twisted endpoint string
+    (C{serverFromString}).
     """
+    if description.startswith(proxy_header.PREFIX):
+        return proxy_header.ProxyHeaderEndpoint(
+            server_endpoint(reactor, description[len(proxy_header.PREFIX):]))
     if description.startswith(PREFIX):
         return DualStackServerEndpoint(reactor, int(description[len(PREFIX):]))
     return serverFromString(reactor, description)

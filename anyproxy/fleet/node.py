@@ -23,7 +23,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from anyproxy.addresses import host_port, split_endpoint
+from anyproxy.addresses import PROXY_HEADER_PREFIX, host_port, split_endpoint
 from anyproxy.fleet.interfaces import NodeRecord
 from anyproxy.fleet.peer_link import DEFAULT_LINK_WAIT, PeerLinks, PeerLinkServer
 from anyproxy.fleet.pool import FleetTunnelPool
@@ -158,7 +158,10 @@ class FleetNode(MultiService):
         listening = getattr(self.tunnel_listener, "port", None)
         if listening is not None:
             return listening.getHost().port
-        parts = split_endpoint(self.config.gateway.endpoint)
+        endpoint = self.config.gateway.endpoint
+        if endpoint.startswith(PROXY_HEADER_PREFIX):
+            endpoint = endpoint[len(PROXY_HEADER_PREFIX):]
+        parts = split_endpoint(endpoint)
         return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
     def local_record(self):
