@@ -340,6 +340,12 @@ class DecodeErrorTests(SynchronousTestCase):
         """A HELLO nested deeper than the JSON parser's recursion limit is refused."""
         self.assertBad(header(0x10, 0) + b"[" * 5000)
         self.assertBad(header(0x10, 0) + b'{"a":' * 3000)
+        # Nested just under the parser's limit, which later walks (the
+        # HELLO's checks, a repr in a message) would exhaust: refused too.
+        for depth in (33, 900):
+            self.assertBad(header(0x10, 0) + b'{"routes":' + b"[" * depth + b"]" * depth + b"}")
+        within = {"routes": [[["x"]]], "open_ports": [{"remote_port": 1}]}
+        self.assertEqual(decode(header(0x10, 0) + json.dumps(within).encode()), Hello(within))
 
     def test_hello_too_large(self):
         """A HELLO over MAX_HELLO bytes is refused, even if it is valid JSON."""

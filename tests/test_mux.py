@@ -1648,6 +1648,19 @@ class GoAwayTests(SynchronousTestCase):
         self.assertIsInstance(exc, MuxProtocolError)
         self.assertEqual(pair.client_requests, [])
 
+    def test_stream_ids_used_up(self):
+        """Past the last 32-bit id an open fails NO_TUNNEL and GOAWAY goes out, once."""
+        pair = MuxPair()
+        pair.gateway._next_id = 0xFFFFFFFE  # the gateway's last even id
+        pair.gateway.open_stream("tcp", "h", 1)
+        for _ in range(2):
+            with self.assertRaises(StreamOpenError) as caught:
+                pair.gateway.start_stream("tcp", "h", 1)
+            self.assertEqual(caught.exception.reason, Reason.NO_TUNNEL)
+        self.assertTrue(pair.gateway.draining)
+        pair.pump()
+        self.assertEqual(pair.client_go_aways, [Reason.NO_TUNNEL])
+
     def test_sent_once(self):
         """go_away sends GOAWAY once; a repeated GOAWAY from the peer calls the hook once."""
         pair = MuxPair()

@@ -30,6 +30,8 @@ MAX_HOST_LENGTH = 255
 MAX_ERROR_TEXT = 1024
 # HELLO carries a small JSON object; anything bigger is an attack or a bug.
 MAX_HELLO = 16 * 1024
+# How deep a HELLO may nest lists and objects (its fields need 3).
+MAX_HELLO_DEPTH = 32
 
 T_OPEN = 0x01
 T_OPEN_OK = 0x02
@@ -283,6 +285,19 @@ def _need(payload, size, what):
         raise FrameError("%s payload must be %d bytes, got %d" % (what, size, len(payload)))
 
 
+def _deeper_than(value, depth):
+    """Whether the JSON C{value} nests lists and objects more than C{depth} deep (no recursion)."""
+    level = [value]
+    for _ in range(depth + 1):
+        level = [child for each in level
+                 for child in (each.values() if isinstance(each, dict) else
+                               each if isinstance(each, list) else ())
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
 def decode(message):
     """
     Parse one WebSocket message into a frame object.
@@ -355,6 +370,10 @@ def decode(message):
             raise FrameError("HELLO is not a JSON object") from None
         if not isinstance(info, dict):
             raise FrameError("HELLO is not a JSON object")
+        if _deeper_than(info, MAX_HELLO_DEPTH):
+            # Nesting just under the parser's limit would make every later
+            # walk of it (its checks, repr in a message) exhaust the stack.
+            raise FrameError("HELLO nested deeper than %d levels" % (MAX_HELLO_DEPTH,))
         return Hello(info)
     if ftype == T_GOAWAY:
         _need(payload, 1, "GOAWAY")

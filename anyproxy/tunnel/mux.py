@@ -111,6 +111,10 @@ def _early_data_offered(value):
     return min(value, EARLY_DATA)
 
 
+# Stream ids are 32 bits, each side's of one parity.
+_MAX_STREAM_ID = 0xFFFFFFFF
+
+
 @implementer(IPushProducer, IStreamMux)
 class Mux:
     """
@@ -436,6 +440,11 @@ class Mux:
         if self.draining:
             raise StreamOpenError(Reason.NO_TUNNEL, "tunnel going away")
         stream_id = self._next_id
+        if stream_id > _MAX_STREAM_ID:
+            # The ids of this tunnel are used up (2^31 opens from one side):
+            # the peer moves to a new tunnel, as after a drain.
+            self.go_away()
+            raise StreamOpenError(Reason.NO_TUNNEL, "stream ids used up; tunnel going away")
         try:
             # Encoded before the stream exists: a target the frame cannot
             # carry (a name longer than 255 bytes once IDNA-encoded) must
