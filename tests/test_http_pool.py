@@ -185,6 +185,25 @@ class ReuseTests(SynchronousTestCase):
         self.assertEqual(self.user.response()[2], b"ok")
         self.assertEqual(first.protocol.exchanges, 2)
 
+    def test_expect_without_100_not_kept(self):
+        """
+        A request that waited for 100-continue, answered finally without a
+        100: the origin may not have read the body, whose bytes would begin
+        the next exchange, so the connection is closed, not kept; with the
+        100 first it is kept.
+        """
+        expect = [(b"Host", b"example.com"), (b"Content-Length", b"5"),
+                  (b"Expect", b"100-continue")]
+        for first, kept in ((b"", False), (b"HTTP/1.1 100 Continue\r\n\r\n", True)):
+            user = _PoolUser(self)
+            user.send(h11.Request(method=b"POST", target=b"http://example.com/", headers=expect),
+                      h11.Data(data=b"hello"), h11.EndOfMessage())
+            stream = user.streams[0]
+            stream.succeed()
+            stream.protocol.dataReceived(first + b"HTTP/1.1 401 Unauthorized\r\n"
+                                                 b"Content-Length: 0\r\n\r\n")
+            self.assertEqual(stream.transport.disconnecting, not kept)
+
     def test_not_shared_across_origins_or_users(self):
         """Another host, port or user gets its own connection."""
         self.exchange(b"http://example.com/")

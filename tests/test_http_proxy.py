@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock, deferLater
@@ -705,6 +705,47 @@ class MalformedTests(SynchronousTestCase):
         for target in [b"/", b"https://a/", b"ftp://a/", b"http://u:p@a/", b"http://a:0/",
                        b"http://a:99999/", b"http://[::1/", b"*"]:
             self.assert_rejected(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target, 400, False)
+
+    def test_other_versions(self):
+        """HTTP/0.9 (no version) and HTTP/2.0 request lines: 505 or 400, no stream."""
+        self.assert_rejected(b"GET http://a/ HTTP/2.0\r\nHost: a\r\n\r\n", 505, True)
+        for line in (b"GET http://a/\r\n\r\n", b"GET http://a/ HTTP/1.2\r\nHost: a\r\n\r\n"):
+            user = _User(self)
+            user.protocol.dataReceived(line)
+            self.assertEqual(user.streams, [])
+            self.assertIn(_raw_status(user.transport), (400, 505))
+            self.assertTrue(user.closed)
+
+    def test_status_below_100(self):
+        """An origin's status of 000-099 is a malformed response: 502, nothing raised."""
+        user = _User(self)
+        user.request(b"GET", b"http://example.com/")
+        stream = user.streams[0]
+        stream.succeed()
+        stream.protocol.dataReceived(b"HTTP/1.1 099 X\r\n\r\n"
+                                     b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(user.transport.value().startswith(b"HTTP/1.1 502 "),
+                        user.transport.value())
+        self.assertTrue(stream.transport.disconnecting)
+
+    def test_cut_response_not_whole(self):
+        """
+        A response that runs until the origin closes, cut by a reset stream
+        or a lost tunnel: the user's connection closes without the last
+        chunk, so the body is not taken as whole; a clean end completes it.
+        """
+        for reason, whole in ((ConnectionLost("stream reset by peer"), False),
+                              (ConnectionDone("stream closed"), True)):
+            user = _User(self)
+            user.request(b"GET", b"http://example.com/")
+            stream = user.streams[0]
+            stream.succeed()
+            stream.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\npartial")
+            stream.protocol.connectionLost(Failure(reason))
+            raw = user.transport.value()
+            self.assertIn(b"partial", raw)
+            self.assertEqual(raw.endswith(b"\r\n0\r\n\r\n"), whole, raw)
+            self.assertEqual(user.closed, not whole)
 
     def test_bad_chunked_body(self):
         """A broken chunked body closes the connection and the stream."""

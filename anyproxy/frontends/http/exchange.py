@@ -27,6 +27,7 @@ own reasons).  Only while the stream is still opening do we hold request body
 bytes ourselves, up to L{HIGH_WATER}, after which reading from the user pauses.
 """
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -170,7 +171,9 @@ class UpstreamConnection(Protocol):
         if self.exchange is None:
             self._pool.discard(self)
         else:
-            self.exchange.upstream_lost()
+            # A reset stream, a lost tunnel or the client's idle timeout is
+            # no end of a response that runs until the connection closes.
+            self.exchange.upstream_lost(clean=reason.check(ConnectionDone) is not None)
         if self.client is not None:
             self.client.close()
 
@@ -229,6 +232,10 @@ class ForwardExchange:
         # NTLM and Negotiate authenticate the connection, not the request:
         # such a connection must never serve anyone else's next request.
         self._connection_authenticated = binds_connection(request.headers, b"authorization")
+        # A request that waits for 100-continue: if the origin answers
+        # finally without one, it may not have read the body, whose bytes
+        # would then begin the connection's next exchange.
+        self._unread_body_risk = any(name == b"expect" for name, _ in request.headers)
 
     def start(self):
         """Take a limits slot, then a pooled connection or a new stream."""
@@ -383,8 +390,11 @@ class ForwardExchange:
         self._upstream.client.receive_data(data)
         self._relay()
 
-    def upstream_lost(self):
-        """The stream to the origin closed."""
+    def upstream_lost(self, clean=True):
+        """
+        The stream to the origin closed: with its end of data (C{clean}), or
+        cut (reset, the tunnel lost), when what came is all there is.
+        """
         if self._finished:
             return
         if self._may_retry():
@@ -393,10 +403,14 @@ class ForwardExchange:
             self._detach()
             self._connect()
             return
-        self._upstream.client.receive_data(b"")
+        if clean:
+            self._upstream.client.receive_data(b"")
         self._relay()
         if not self._finished:
-            self._fail(502, "the upstream server closed the connection")
+            # Mid-response, the user's connection closes without the end of
+            # the message (no last chunk), so it is not taken as whole.
+            self._fail(502, "the upstream server closed the connection" if clean
+                       else "the stream to the upstream server was cut")
 
     def _may_retry(self):
         # Only a pooled connection that died before answering anything: the
@@ -444,6 +458,8 @@ class ForwardExchange:
                 # 1xx is HTTP/1.1 only; 101 cannot occur (we strip Upgrade
                 # and an unsolicited one is a protocol error).
                 self.status = event.status_code
+                if event.status_code == 100:
+                    self._unread_body_risk = False
                 if self._proxy.user_http_version >= b"1.1":
                     batch.append(user_informational(event))
             elif event_type is http11.EndOfMessage:
@@ -463,7 +479,8 @@ class ForwardExchange:
         # Not reusable (client.reusable) after bytes past the response (a
         # second response, a body after 204): they would answer the next
         # request.  Nor after a HEAD, whose end llhttp cannot tell.
-        if client.reusable and not self._connection_authenticated and not tunnel_draining(upstream):
+        if (client.reusable and not self._connection_authenticated and not self._unread_body_risk
+                and not tunnel_draining(upstream)):
             client.start_next_cycle()
             # The user may have paused it; an idle connection must not stay paused.
             upstream.transport.resumeProducing()

@@ -285,6 +285,11 @@ class RequestReader(_Reader):
         self._first += url
 
     def _head(self, headers, version):
+        if version not in (b"1.0", b"1.1"):
+            # llhttp takes 0.9 (a line without a version) and 2.0 as well.
+            self.events.append(RemoteProtocolError("HTTP/%s is not supported"
+                                                   % (version.decode("ascii", "replace"),), 505))
+            raise _Stop()
         # h11's checks beyond llhttp's: the rules of RFC 9112 3.2 and 6.1.
         hosts = 0
         for name, value in headers:
@@ -352,6 +357,10 @@ class ResponseReader(_Reader):
 
     def _head(self, headers, version):
         status = self._parser.get_status_code()
+        if status < 100:
+            # llhttp reads "HTTP/1.1 099" as a response with a body until close.
+            self.events.append(RemoteProtocolError("status %d is no HTTP status" % (status,)))
+            raise _Stop()
         if status < 200:
             if status == 101:
                 self.events.append(RemoteProtocolError("an unrequested protocol switch"))
