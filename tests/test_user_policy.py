@@ -144,6 +144,30 @@ class ConfigTests(ConfigTestMixin, unittest.SynchronousTestCase):
         self.assertEqual(policy.refusal("lab", "0.0.0.0", 0, "udp")[0],
                          Reason.PROTOCOL_NOT_ALLOWED)
 
+    def test_design_example(self):
+        """
+        DESIGN.md 4.3's users entry loads as written: password with an empty
+        passwords list (no rotation); an empty list alone leaves no password.
+        """
+        config = self.load(GATEWAY + """
+  users:
+    - username: "bob"
+      password: "b-plain"
+      passwords: []
+      group: "lab"
+      allow: []
+      deny: []
+      protocols: [tcp, udp]
+      max_streams: 0
+      bandwidth: 0
+""")
+        bob = config.gateway.users[0]
+        self.assertEqual((bob.username, bob.password, bob.passwords, bob.group),
+                         ("bob", "b-plain", (), "lab"))
+        error = self.assertRaises(ConfigError, self.load, GATEWAY + (
+            "  users: [{username: bob, passwords: [], group: lab}]\n"))
+        self.assertIn("gateway.users[0].passwords: must not be empty", str(error))
+
     def test_defaults(self):
         """An entry with no policy keys may do anything in its group, without caps."""
         config = self.load(GATEWAY + "  users: [{username: bob, password: b, group: lab}]\n")

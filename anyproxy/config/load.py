@@ -78,7 +78,9 @@ def _passwords(entry, required):
         passwords.append(item)
     if password and passwords:
         entry.fail("passwords", "set password or passwords, not both")
-    if "passwords" in entry.data and not passwords:
+    if "passwords" in entry.data and not passwords and not password:
+        # An empty list beside a password is "no rotation" (DESIGN.md 4.3's
+        # example writes both); alone it would leave no password at all.
         entry.fail("passwords", "must not be empty")
     if required and not (password or passwords):
         entry.fail("password", "required (or passwords)")
