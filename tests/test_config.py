@@ -472,6 +472,30 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
         """A YAML syntax error names the line."""
         self.assert_error("proxy:\n  socks5: {listen_addr: ':1'\n  x: [\n", "line ")
 
+    def test_alias_bombs_and_deep_nesting(self):
+        """
+        Nested YAML aliases under a frontend's options load in time (shared,
+        not copied out); an alias of its own anchor and nesting past the
+        parser's limit are one-line errors, not a crash.
+        """
+        import time
+        bomb = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+        for level in range(1, 9):
+            bomb.append("a%d: &a%d [%s]" % (level, level, ", ".join(["*a%d" % (level - 1)] * 10)))
+        text = ("proxy:\n  http:\n    listen_addr: '127.0.0.1:0'\n    auth_username: u\n"
+                "    auth_password: p\n    options:\n      x:\n%s\n"
+                % "\n".join("        " + line for line in bomb))
+        started = time.monotonic()
+        message = self.error(text)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIn("options", message)
+        self.assertIn("options", self.error(
+            "proxy:\n  http:\n    listen_addr: '127.0.0.1:0'\n    auth_username: u\n"
+            "    auth_password: p\n    options: {realm: &r [*r]}\n"))
+        self.assertIn("nested too deep", self.error(
+            "proxy:\n  http:\n    listen_addr: '127.0.0.1:0'\n    options: {x: %s}\n"
+            % ("[" * 5000 + "]" * 5000,)))
+
     def test_duplicate_key(self):
         """A key given twice is refused."""
         self.assertIn("duplicate key 'gateway'", self.error(GATEWAY + GATEWAY))

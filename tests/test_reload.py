@@ -198,6 +198,18 @@ class ReloaderTests(unittest.TestCase):
         self.assertIn(self.path + ": ", refused[0])
         self.assertIn("bad YAML", refused[0])
 
+    def test_unexpected_error_refused(self):
+        """An error the loader did not expect refuses the reload (False, logged), applying nothing."""
+        from anyproxy.twistd import reload as reload_module
+
+        def broken(path, role=None):
+            raise RecursionError("maximum recursion depth exceeded")
+        self.patch(reload_module, "load_config", broken)
+        self.assertFalse(self.successResultOf(self.reloader.reload()))
+        self.assertEqual(self.target.configs, [])
+        self.assertIs(self.reloader.config, self.config)
+        self.assertEqual(len(self.flushLoggedErrors(RecursionError)), 1)
+
     def test_refuses_bad_cidr(self):
         """A bad CIDR is refused with the file and the key path."""
         write_yaml(self.path, client_data(forbidden_hosts=["10.0.0.0/33"]))

@@ -147,13 +147,15 @@ def _builtin_listener(node, kind):
 def _options(entry, plugin):
     """An entry's C{options} mapping, checked by its frontend plugin."""
     options = entry.get("options", (dict,), "a mapping")
-    options = types.MappingProxyType(plain(dict(options)))
     try:
+        options = types.MappingProxyType(plain(dict(options)))
         check_frontend_options(plugin, options)
     except OptionError as e:
         entry.reader.fail("%s.%s" % (entry.key("options"), e.key), e.problem)
     except ValueError as e:
         entry.fail("options", e)
+    except RecursionError:
+        entry.fail("options", "nested too deep, or holding itself (a YAML alias of its own anchor)")
     return options
 
 

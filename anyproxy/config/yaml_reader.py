@@ -70,16 +70,30 @@ def _keeping_text(kind, construct):
     return construct_keeping_text
 
 
-def plain(value):
+def plain(value, _copies=None):
     """
     C{value} (YAML data) with its numbers as plain C{int} and C{float},
     nested too: for what leaves the loader as it is (a frontend plugin's
     C{options}), whose checks may ask C{type(value) is int}.
+
+    A list or mapping that YAML aliases share is copied once and stays
+    shared (a "billion laughs" of nested aliases would otherwise be copied
+    out in full), and one that holds itself (C{&a [*a]}) stays a cycle.
     """
-    if isinstance(value, dict):
-        return {key: plain(each) for key, each in value.items()}
-    if isinstance(value, list):
-        return [plain(each) for each in value]
+    if isinstance(value, (dict, list)):
+        copies = {} if _copies is None else _copies
+        copy = copies.get(id(value))
+        if copy is not None:
+            return copy
+        if isinstance(value, dict):
+            copy = copies[id(value)] = {}
+            for key, each in value.items():
+                copy[key] = plain(each, copies)
+        else:
+            copy = copies[id(value)] = []
+            for each in value:
+                copy.append(plain(each, copies))
+        return copy
     if isinstance(value, _Int):
         return int(value)
     if isinstance(value, _Float):
@@ -292,6 +306,8 @@ def read_yaml(reader, path):
         reader.fail("", "%sbad YAML: %s" % (where, e.problem or e.context))
     except yaml.YAMLError as e:
         reader.fail("", "bad YAML: %s" % (e,))
+    except RecursionError:
+        reader.fail("", "bad YAML: lists or mappings nested too deep")
     # A "---" followed only by comments (as the Go AnyProxy's examples end)
     # is an empty document; a second document with content would be ignored.
     if any(document is not None for document in documents[1:]):

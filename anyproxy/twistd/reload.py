@@ -150,6 +150,10 @@ class Reloader(Service):
             getattr(config, "require_" + self.role)()
         except ConfigError as e:
             return self._refused(e)
+        except Exception:
+            # Nothing has been applied yet: the running config is whole.
+            log.failure("reload refused: the file could not be read as a config")
+            return False
         d = defer.maybeDeferred(self.target.reconfigure, config)
         d.addCallback(self._applied, config)
         d.addErrback(self._failed)
