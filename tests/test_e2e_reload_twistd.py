@@ -3,6 +3,8 @@ Reload on SIGHUP through real twistd processes: the operator edits the
 config file and sends the gateway SIGHUP.
 """
 
+import os
+
 import yaml
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
@@ -12,7 +14,7 @@ from tests.support import run_curl
 from tests.test_e2e_tcp import socks_connect
 from tests import test_e2e_twistd
 from tests.test_e2e_reload import roundtrip
-from tests.test_e2e_twistd import wait_until
+from tests.test_e2e_twistd import ROOT, spawn_twistd, wait_until
 
 NEW_PASSWORD = "fresh-secret-9"
 
@@ -75,3 +77,21 @@ class ReloadTwistdTests(unittest.TestCase):
         for secret in ("proxy-pw", NEW_PASSWORD, "tunnel-pw"):
             self.assertNotIn(secret, gateway.text())
 
+    @defer.inlineCallbacks
+    def test_sighup_after_rundir(self):
+        """
+        A relative --config with twistd's --rundir (which changes directory
+        before the gateway runs): SIGHUP still reads the same file.
+        """
+        rundir = os.path.abspath(self.mktemp())
+        os.makedirs(rundir)
+        gateway = spawn_twistd(self, "--rundir=" + rundir, "anyproxy-gateway",
+                               "--config=" + os.path.relpath(self.config, ROOT))
+        self.start_client()
+        yield wait_until(lambda: self.status("proxy-pw").addCallback(lambda s: s == "200"))
+        self.edit(lambda data: data["proxy"]["http"].update(auth_password=NEW_PASSWORD))
+        gateway.transport.signalProcess("HUP")
+        yield wait_until(lambda: "reload applied" in gateway.text()
+                         or "reload refused" in gateway.text())
+        self.assertNotIn("reload refused", gateway.text())
+        self.assertEqual((yield self.status(NEW_PASSWORD)), "200")

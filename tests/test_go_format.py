@@ -375,6 +375,18 @@ class NewestFormTests(unittest.TestCase):
                          "gateway.proxy.http.tls_key: file not found: %s (%s)"
                          % (os.path.join(self.dir.certs, "nope.key"), RELATIVE))
 
+    def test_start_dir(self):
+        """Relative paths resolve against the directory the program started in (a reload's start_dir)."""
+        data = websocket(go_file("newest/gateway.yaml"))
+        data["gateway"]["proxy"]["http"].update(listen_addr="127.0.0.1:8080",
+                                                tls_cert="certs/server.crt",
+                                                tls_key="certs/server.key")
+        path = self.dir.write("start.yaml", data)
+        os.chdir(os.path.join(self.dir.path, "logs"))  # as twistd --rundir would
+        config = load_config(path, role="gateway", start_dir=self.dir.path)
+        self.assertIn("certKey=%s" % (os.path.join(self.dir.certs, "server.crt"),),
+                      config.proxy.http.endpoint)
+
     def test_second_document_refused(self):
         """A second YAML document with content would be ignored: refused."""
         path = self.dir.write("two.yaml", text="log: {level: info}\n---\nlog: {level: debug}\n")

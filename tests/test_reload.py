@@ -202,7 +202,7 @@ class ReloaderTests(unittest.TestCase):
         """An error the loader did not expect refuses the reload (False, logged), applying nothing."""
         from anyproxy.twistd import reload as reload_module
 
-        def broken(path, role=None):
+        def broken(path, role=None, start_dir=None):
             raise RecursionError("maximum recursion depth exceeded")
         self.patch(reload_module, "load_config", broken)
         self.assertFalse(self.successResultOf(self.reloader.reload()))

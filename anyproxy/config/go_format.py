@@ -371,7 +371,7 @@ def translate(reader, data, role=None):
     """
     if not is_go_form(data):
         return data, ()
-    reader.base_dir = os.getcwd()
+    reader.base_dir = reader.start_dir or os.getcwd()
     reader.relative_to = RELATIVE_TO
     translation = Translation(reader, role)
     return translation.translate(data), tuple(translation.warnings)

@@ -749,7 +749,7 @@ def _cross_check(node, proxy, gateway):
                              "names), or allow_anonymous: true" % (listener.listen_addr,))
 
 
-def load_config(path, check_files=True, role=None):
+def load_config(path, check_files=True, role=None, start_dir=None):
     """
     Load and check one YAML config file.
 
@@ -759,10 +759,15 @@ def load_config(path, check_files=True, role=None):
     @param role: C{"gateway"} or C{"client"} to check only the files that
         program uses (a shared single file need not hold the other side's
         key); C{None} checks all.  Every section is still validated.
+    @param start_dir: the directory the program started in, which relative
+        paths of a Go AnyProxy file resolve against (as Go does); C{None}:
+        the current one.  A reload passes it, since twistd may have changed
+        directory (C{--rundir}) since.
     @return: a L{Config}.
     @raise ConfigError: one line naming the file and key.
     """
-    reader = Reader(path, os.path.dirname(os.path.abspath(path)), check_files)
+    reader = Reader(path, os.path.dirname(os.path.abspath(path)), check_files,
+                    start_dir=start_dir)
     # The Go AnyProxy's newest form is rewritten into ours first.
     data, warnings = go_format.translate(reader, read_yaml(reader, path), role)
     root = Node.of(reader, "", data, Config)

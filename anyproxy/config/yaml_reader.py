@@ -125,6 +125,7 @@ class Reader:
     nodes = attr.ib(factory=list, repr=False)
     aliases = attr.ib(factory=dict, repr=False)
     relative_to = attr.ib(default="the config file's directory", repr=False)
+    start_dir = attr.ib(default=None, repr=False)  # see load_config
 
     def written(self, path):
         """C{path} as the file writes it (see C{aliases})."""

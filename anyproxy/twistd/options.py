@@ -5,6 +5,7 @@ validated in C{postOptions} so a bad file stops twistd with one line on
 stderr and exit code 1.
 """
 
+import os
 import sys
 
 from twisted.application.service import MultiService
@@ -32,7 +33,10 @@ class ConfigOptions(usage.Options):
 
     def postOptions(self):
         try:
-            config = load_config(self["config"], role=self.role)
+            # Where relative paths of a Go AnyProxy file resolve, now and at
+            # each reload (twistd may change directory: --rundir).
+            self["start_dir"] = os.getcwd()
+            config = load_config(self["config"], role=self.role, start_dir=self["start_dir"])
             getattr(config, "require_" + self.role)()
         except ConfigError as e:
             # Not a UsageError: twistd would print its whole Usage block
@@ -94,7 +98,9 @@ def add_reloader(root, service, options):
 
     from anyproxy.twistd.reload import Reloader
 
-    reloader = Reloader(options["config"], options.role, service, options["loaded"], reactor,
-                        observer=getattr(root, "observer", None), handle_signal=True)
+    # The file's absolute path: twistd may have changed directory (--rundir).
+    reloader = Reloader(options["loaded"].path, options.role, service, options["loaded"], reactor,
+                        observer=getattr(root, "observer", None), handle_signal=True,
+                        start_dir=options.get("start_dir"))
     reloader.setServiceParent(root)
     return reloader

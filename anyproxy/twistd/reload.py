@@ -106,12 +106,15 @@ class Reloader(Service):
     @param observer: the log observer made by L{anyproxy.logs.make_observer}
         whose level C{log.level} sets, or C{None}.
     @param handle_signal: install a SIGHUP handler while running.
+    @param start_dir: the directory the program started in (see L{load_config}).
 
     @ivar config: the config in force.
     """
 
-    def __init__(self, path, role, target, config, reactor, observer=None, handle_signal=False):
+    def __init__(self, path, role, target, config, reactor, observer=None, handle_signal=False,
+                 start_dir=None):
         self.path = path
+        self.start_dir = start_dir
         self.role = role
         self.target = target
         self.config = config
@@ -146,7 +149,7 @@ class Reloader(Service):
 
     def _reload(self):
         try:
-            config = load_config(self.path, role=self.role)
+            config = load_config(self.path, role=self.role, start_dir=self.start_dir)
             getattr(config, "require_" + self.role)()
         except ConfigError as e:
             return self._refused(e)
