@@ -40,6 +40,8 @@ import ipaddress
 import os
 import stat
 
+import idna
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
@@ -374,6 +376,25 @@ class _InsecureClientTLSOptions:
         if self._sni is not None:
             connection.set_tlsext_host_name(self._sni)
         return connection
+
+
+def check_server_name(name):
+    """
+    Refuse (C{ValueError}, with the reason) a gateway name that TLS cannot
+    check a certificate against: not an IP address, and not a name IDNA
+    2008 encodes (as Twisted's L{optionsForClientTLS} does), such as one
+    with an underscore or an empty label.
+    """
+    name = name.strip()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if _is_ip_address(name):
+        return
+    try:
+        idna.encode(name)
+    except (idna.IDNAError, UnicodeError) as e:
+        raise ValueError("%r is not a DNS name a certificate can be checked against (%s)"
+                         % (name, e)) from None
 
 
 def _is_ip_address(text):

@@ -496,6 +496,27 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
             "proxy:\n  http:\n    listen_addr: '127.0.0.1:0'\n    options: {x: %s}\n"
             % ("[" * 5000 + "]" * 5000,)))
 
+    def test_gateway_names_tls_can_check(self):
+        """
+        A gateway name no certificate can be checked against (an underscore,
+        an empty label) is refused at load, naming gateway_server_name as the
+        way out, instead of stopping the client with a traceback at its first
+        dial; an IP address, a set gateway_server_name or insecure_skip_verify
+        are fine.
+        """
+        for addr in ("gw_1.internal:8443", "a..example:8443"):
+            message = self.error("client:\n  gateway_addr: %r\n" % (addr,))
+            self.assertIn("client.gateway_addr: ", message)
+            self.assertIn("set gateway_server_name", message)
+            self.load("client:\n  gateway_addr: %r\n  gateway_server_name: gw.example.com\n"
+                      % (addr,), check_files=False)
+            self.load("client:\n  gateway_addr: %r\n  insecure_skip_verify: true\n" % (addr,),
+                      check_files=False)
+        self.assertIn("client.gateway_server_name: 'a b' is not a DNS name", self.error(
+            CLIENT + "  gateway_server_name: 'a b'\n"))
+        for addr in ("10.0.0.5:8443", "[::1]:8443", "gw.example.com:8443", "bücher.example:8443"):
+            self.load("client:\n  gateway_addr: %r\n" % (addr,), check_files=False)
+
     def test_duplicate_key(self):
         """A key given twice is refused."""
         self.assertIn("duplicate key 'gateway'", self.error(GATEWAY + GATEWAY))

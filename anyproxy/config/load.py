@@ -35,6 +35,7 @@ from anyproxy.config.model import (
 from anyproxy.config import go_format
 from anyproxy.config.schema import default
 from anyproxy.config.yaml_reader import Node, Reader, plain, read_yaml, type_name
+from anyproxy.tls import check_server_name
 from anyproxy.frontends.lookup import (
     UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
 from anyproxy.interfaces import OptionError
@@ -638,12 +639,25 @@ def _client(node):
     allow_udp = node.boolean("allow_udp")
     metrics = _metrics(node)
     gateway_addrs, gateway_srv = _gateway_addrs(node)
+    server_name = node.string("gateway_server_name")
+    if not node.boolean("insecure_skip_verify"):
+        # Checked here, not when the first tunnel dials: Twisted's TLS would
+        # stop the client then with a traceback.
+        named = [("gateway_server_name", server_name)] if server_name else [
+            ("gateway_addr", host) for host, _ in gateway_addrs]
+        for key, name in named:
+            try:
+                check_server_name(name)
+            except ValueError as e:
+                hint = ("" if key == "gateway_server_name" else
+                        "; set gateway_server_name to the name in the gateway's certificate")
+                node.fail(key, "%s%s" % (e, hint))
     return ClientConfig(
         gateway_addrs=gateway_addrs, gateway_srv=gateway_srv,
         egress_proxy=_egress_proxy(node), **_client_status(node),
         auth_throttle=_auth_throttle(node),
         gateway_tls_cert=node.file("gateway_tls_cert"),
-        gateway_server_name=node.string("gateway_server_name"),
+        gateway_server_name=server_name,
         client_id=node.string("client_id"),
         group_id=node.string("group_id"),
         group_password=_group_password(node),
