@@ -420,6 +420,17 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
             self.assertNotIn("pw-secret", message)
             self.assertNotIn("secret", message)
 
+    def test_fleet_peer_addr_forms(self):
+        """peer_addr takes host:port and :port (as every *_addr), never an endpoint string."""
+        fleet = ('  fleet: {redis: "redis://r:6379/0", peer_addr: "%s", '
+                 'peer_ca: ca.pem, peer_cert: gw.crt, peer_key: gw.key}\n')
+        for good in ("10.0.0.5:8444", ":8444", "[::]:8444"):
+            self.assertEqual(self.load(GATEWAY + fleet % (good,), check_files=False)
+                             .gateway.fleet.peer_addr, good)
+        for bad in ("tcp:8444", "tcp:8444:interface=10.0.0.5", "haproxy:10.0.0.5:8444"):
+            self.assertIn("gateway.fleet.peer_addr: host:port or :port", self.error(
+                GATEWAY + fleet % (bad,)))
+
     def test_fleet_node_id_checked_at_load(self):
         self.assert_error(
             GATEWAY + '  fleet: {redis: "redis://r:6379/0", node_id: "gw 1", '

@@ -21,7 +21,7 @@ import types
 
 import attr
 
-from anyproxy.addresses import dial_address, port_range
+from anyproxy.addresses import ENDPOINT_TYPES, PROXY_HEADER_PREFIX, dial_address, port_range
 from anyproxy.access_policy import PROTOCOLS, AccessPolicy, HostRule, LimitRule
 from anyproxy.auth import UserPolicy
 from anyproxy.client.egress import ProxyURL
@@ -366,8 +366,10 @@ def _fleet(node, client_ca=None):
     if peer_endpoint is None:
         fleet.fail("peer_addr", "required: where other gateways relay streams to this "
                                 "one, e.g. '10.0.0.5:8444'")
-    if not peer_endpoint.startswith("tcp"):
-        fleet.fail("peer_addr", "host:port; the link adds mutual TLS itself")
+    if peer_addr.split(":", 1)[0] in ENDPOINT_TYPES + (PROXY_HEADER_PREFIX[:-1],):
+        # Not an endpoint string: other nodes dial what it names, and the
+        # link adds mutual TLS itself.
+        fleet.fail("peer_addr", "host:port or :port, not an endpoint string")
     advertise = fleet.string("advertise_addr")
     if advertise:
         try:
