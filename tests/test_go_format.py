@@ -375,6 +375,18 @@ class NewestFormTests(unittest.TestCase):
                          "gateway.proxy.http.tls_key: file not found: %s (%s)"
                          % (os.path.join(self.dir.certs, "nope.key"), RELATIVE))
 
+    def test_numbers_as_strings(self):
+        """A number where Go reads a string (yaml.v2 takes its text): web.auth_password: 123456."""
+        text = yaml.safe_dump(websocket(go_file("newest/gateway.yaml")))
+        for old, new in (("auth_username: admin", "auth_username: 0123"),
+                         ("auth_password: demo-admin-secret", "auth_password: 123456")):
+            self.assertIn(old, text)
+            text = text.replace(old, new)
+        config = load_config(self.dir.write("numeric.yaml", text=text), role="gateway",
+                             check_files=False)
+        self.assertEqual((config.gateway.status_username, config.gateway.status_password),
+                         ("0123", "123456"))
+
     def test_start_dir(self):
         """Relative paths resolve against the directory the program started in (a reload's start_dir)."""
         data = websocket(go_file("newest/gateway.yaml"))

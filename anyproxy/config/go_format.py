@@ -122,10 +122,17 @@ class Translation:
                     " (expected one of: %s)" % (", ".join(known),)))
 
     def string(self, path, value, key):
-        """C{value[key]} as a stripped string; absent or null: C{""}."""
+        """
+        C{value[key]} as a stripped string; absent or null: C{""}.  A number
+        is the text written, as yaml.v2 reads it into a Go string
+        (C{auth_password: 123456}).
+        """
         item = value.get(key)
         if item is None:
             return ""
+        raw = getattr(item, "raw", None)  # a number as the loader keeps it (yaml_reader)
+        if isinstance(raw, str):
+            return raw.strip()
         if not isinstance(item, str):
             self.fail(join_path(path, key), "expected a string, got %s" % (type_name(item),))
         return item.strip()
