@@ -3,6 +3,7 @@
 Tests for L{anyproxy.config.model} and L{anyproxy.config.load}.
 """
 
+import json
 import os
 import socket
 
@@ -506,6 +507,17 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
         self.assertIn("nested too deep", self.error(
             "proxy:\n  http:\n    listen_addr: '127.0.0.1:0'\n    options: {x: %s}\n"
             % ("[" * 5000 + "]" * 5000,)))
+
+    def test_ids_the_gateway_takes(self):
+        """A client_id or group_id every gateway would refuse in the HELLO is refused at load."""
+        for key, value, problem in (("client_id", "x" * 129, "1..128 characters"),
+                                    ("client_id", "site\x07", "printable"),
+                                    ("group_id", "..", "must not be '..'")):
+            message = self.error(CLIENT + "  %s: %s\n" % (key, json.dumps(value)))
+            self.assertIn("client.%s: " % (key,), message)
+            self.assertIn(problem, message)
+        self.load(CLIENT + "  client_id: %s\n  group_id: lab\n" % ("x" * 128,),
+                  check_files=False)
 
     def test_gateway_names_tls_can_check(self):
         """

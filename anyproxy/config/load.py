@@ -36,6 +36,7 @@ from anyproxy.config import go_format
 from anyproxy.config.schema import default
 from anyproxy.config.yaml_reader import Node, Reader, plain, read_yaml, type_name
 from anyproxy.tls import check_server_name
+from anyproxy.tunnel.hello import id_problem
 from anyproxy.frontends.lookup import (
     UnknownFrontend, available_frontends, check_frontend_options, find_frontend)
 from anyproxy.interfaces import OptionError
@@ -641,6 +642,12 @@ def _client(node):
     allow_udp = node.boolean("allow_udp")
     metrics = _metrics(node)
     gateway_addrs, gateway_srv = _gateway_addrs(node)
+    for key in ("client_id", "group_id"):
+        value = node.string(key)
+        # The gateway would refuse every HELLO carrying it, for ever.
+        problem = id_problem(value) if value else None
+        if problem is not None:
+            node.fail(key, problem)
     server_name = node.string("gateway_server_name")
     if not node.boolean("insecure_skip_verify"):
         # Checked here, not when the first tunnel dials: Twisted's TLS would

@@ -327,20 +327,30 @@ def client_hello(client_id, group=DEFAULT_GROUP, weight=1.0, group_password="", 
     return info
 
 
-def _text(info, key, default):
-    value = info.get(key, default)
+def id_problem(value):
+    """
+    Why C{value} cannot be a client or group id in a HELLO, or C{None}: the
+    gateway's rule, which the client's config applies too.
+    """
     if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
-        raise _refuse("HELLO field %r must be a string of 1..%d characters"
-                      % (key, MAX_ID_LENGTH))
+        return "must be a string of 1..%d characters" % (MAX_ID_LENGTH,)
     # Ids go into logs, metric labels, the status page and close reasons:
     # no control characters, and no lone surrogates (not encodable as UTF-8).
     if not value.isprintable():
-        raise _refuse("HELLO field %r must be printable text" % (key,))
+        return "must be printable text"
     if value in (".", ".."):
         # A path segment in the management API's URLs (api/clients/ID/drain):
         # a browser resolves "..", and the status page's button for this
         # client would act on the gateway instead (POST api/drain).
-        raise _refuse("HELLO field %r must not be %r" % (key, value))
+        return "must not be %r" % (value,)
+    return None
+
+
+def _text(info, key, default):
+    value = info.get(key, default)
+    problem = id_problem(value)
+    if problem is not None:
+        raise _refuse("HELLO field %r %s" % (key, problem))
     return value
 
 
