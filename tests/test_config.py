@@ -421,6 +421,22 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
             self.assertNotIn("pw-secret", message)
             self.assertNotIn("secret", message)
 
+    def test_files_in_urls_and_endpoints(self):
+        """Files an ssl: listen address or a rediss:// URL names are checked at load."""
+        message = self.error(
+            "proxy:\n  http:\n    listen_addr: 'ssl:8443:privateKey=/nonexistent.key:"
+            "certKey=/nonexistent.crt'\n    auth_username: u\n    auth_password: p\n",
+            check_files=True)
+        self.assertIn("proxy.http.listen_addr: privateKey file not found: /nonexistent.key", message)
+        path = self.write(
+            GATEWAY + '  fleet: {redis: "rediss://:pw-secret@r:6380/0?ssl_ca_certs=/nonexistent.pem", '
+            'peer_addr: "10.0.0.5:8444", peer_ca: ca.pem, peer_cert: gw.crt, peer_key: gw.key}\n')
+        for name in ("server.crt", "server.key", "ca.pem", "gw.crt", "gw.key"):
+            open(os.path.join(os.path.dirname(path), name), "w").close()
+        message = str(self.assertRaises(ConfigError, load_config, path, role="gateway"))
+        self.assertIn("gateway.fleet.redis: ssl_ca_certs file not found: /nonexistent.pem", message)
+        self.assertNotIn("pw-secret", message)
+
     def test_fleet_peer_addr_forms(self):
         """peer_addr takes host:port and :port (as every *_addr), never an endpoint string."""
         fleet = ('  fleet: {redis: "redis://r:6379/0", peer_addr: "%s", '

@@ -360,9 +360,16 @@ def _fleet(node, client_ca=None):
     if not redis:
         fleet.fail("redis", "required, e.g. 'redis://127.0.0.1:6379/0'")
     try:
-        parse_redis_url(redis)  # its messages never quote the URL: it may hold the password
+        target = parse_redis_url(redis)  # its messages never quote the URL: it may hold the password
     except ValueError as e:
         fleet.fail("redis", e)
+    if fleet.check_files and fleet.reader.check_files:
+        # Read only when the registry connects, where a missing one stopped
+        # the gateway with a traceback.
+        for option, path in (("ssl_ca_certs", target.ca_certs), ("ssl_certfile", target.certfile),
+                             ("ssl_keyfile", target.keyfile)):
+            if path and not os.path.isfile(path):
+                fleet.fail("redis", "%s file not found: %s" % (option, path))
     peer_addr, peer_endpoint, _ = fleet.listen("peer_addr")
     if peer_endpoint is None:
         fleet.fail("peer_addr", "required: where other gateways relay streams to this "

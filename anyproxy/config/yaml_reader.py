@@ -13,7 +13,7 @@ import os
 import attr
 import yaml
 
-from anyproxy.addresses import listen_endpoint
+from anyproxy.addresses import listen_endpoint, split_endpoint
 from anyproxy.config import schema
 from anyproxy.errors import ConfigError
 
@@ -279,6 +279,14 @@ class Node:
             endpoint, local = listen_endpoint(raw)
         except ValueError as e:
             self.fail(key, e)
+        if self.check_files and self.reader.check_files:
+            # An ssl: endpoint names its files; Twisted would read them only
+            # when listening, and stop the program with a traceback.
+            for option in split_endpoint(endpoint)[1:]:
+                name, _, path = option.partition("=")
+                if name in ("privateKey", "certKey", "extraCertChain") and path \
+                        and not os.path.isfile(path):
+                    self.fail(key, "%s file not found: %s" % (name, path))
         return raw, endpoint, local
 
     def credentials(self, user_key, password_key):
