@@ -559,6 +559,19 @@ class ErrorTests(ConfigTestMixin, SynchronousTestCase):
     def test_duplicate_key(self):
         """A key given twice is refused."""
         self.assertIn("duplicate key 'gateway'", self.error(GATEWAY + GATEWAY))
+        self.assertIn("duplicate key 'username'", self.error(
+            GATEWAY + "  users: [{username: a, password: p, username: b}]\n"))
+
+    def test_merge_keys_override(self):
+        """A key written beside a merge key (<<: *base) overrides the merged one; not a duplicate."""
+        config = self.load(GATEWAY + """
+  users:
+    - &bob {username: bob, password: bob-pw, group: lab}
+    - <<: *bob
+      username: carol
+""", check_files=False)
+        self.assertEqual([(u.username, u.password, u.group) for u in config.gateway.users],
+                         [("bob", "bob-pw", "lab"), ("carol", "bob-pw", "lab")])
 
     def test_not_a_mapping(self):
         """The top level must be a mapping."""

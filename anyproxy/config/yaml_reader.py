@@ -34,9 +34,12 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader, node, deep=False):
-    loader.flatten_mapping(node)
+    # Duplicates among the keys written here, before merge keys (<<: *base)
+    # bring in theirs, which the keys written here may override.
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
             if key in seen:
@@ -45,6 +48,7 @@ def _construct_mapping(loader, node, deep=False):
             seen.add(key)
         except TypeError:
             pass
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 
