@@ -226,6 +226,25 @@ class RefusalTests(_Base):
         self.assertTrue(self.logged("warn", "refused"), "no warning logged")
 
     @defer.inlineCallbacks
+    def test_many_refused(self):
+        """
+        130 ports asked, none allowed, each refused with its reason: the
+        answer is longer than one HELLO, so it comes in several; the tunnel
+        stays up and serves, and every port has its answer.
+        """
+        target = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
+        wanted = [open_port(20000 + i, target) for i in range(130)]
+        _, factory = yield self.start_client(wanted, wait=False)
+        yield wait_until(lambda: factory.open_ports_answer is not None
+                         and len(factory.open_ports_answer) == 130,
+                         what="all 130 answers")
+        self.assertFalse(any(answer["ok"] for answer in factory.open_ports_answer))
+        self.assertFalse([e for e in self.events if "protocol error" in e.get("log_format", "")])
+        got = yield deferToThread(socks_echo, self.deployment.socks_port, "127.0.0.1", target,
+                                  b"still up")
+        self.assertEqual(got, b"still up")
+
+    @defer.inlineCallbacks
     def two_clients_one_port(self):
         """Clients "one" (an AnswerAfterEOF target) and "two" (an Echo) ask for one port."""
         one = listen_tcp(self, protocol.Factory.forProtocol(AnswerAfterEOF)).getHost().port

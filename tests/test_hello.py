@@ -35,6 +35,7 @@ from anyproxy.tunnel.hello import (
     client_hello,
     fleet_list,
     gateway_hello,
+    gateway_hellos,
     parse_port_request,
     port_answer,
     read_client_hello,
@@ -332,6 +333,44 @@ class ClientHelloPropertyTests(SynchronousTestCase):
 
 
 # -- open_ports -----------------------------------------------------------------
+
+
+class GatewayHellosTests(SynchronousTestCase):
+    """The gateway's answer in as many HELLOs as it needs, each one the client can read."""
+
+    def test_many_refusals_split(self):
+        """
+        150 ports asked (a HELLO of 12 KB), each refused with a long reason:
+        the answers come in several HELLOs within the frame's bound, the
+        first with the fleet list; together they answer every port once.
+        """
+        ports = [PortRequest(10000 + i, "a", 1, "tcp") for i in range(150)]
+        asked = client_hello("c", open_ports=ports)
+        self.assertLess(len(frames.encode(frames.Hello(asked))), frames.MAX_HELLO)
+        answers = [port_answer(entry, False, "not in gateway.open_ports_allowed " + "x" * 400)
+                   for entry in asked["open_ports"]]
+        fleet = [{"node": "n%d" % i, "addr": "gw%d.example.com:8443" % i} for i in range(20)]
+        hellos = gateway_hellos(answers, node="n0", fleet=fleet)
+        self.assertGreater(len(hellos), 1)
+        read = []
+        for index, info in enumerate(hellos):
+            # Within the bound with the keys the mux adds (Mux.send_hello).
+            with_mux_keys = dict(info, **{frames.HELLO_DATAGRAMS: True, frames.HELLO_DIALED: True,
+                                          frames.HELLO_EARLY_DATA: 65536})
+            frame = frames.decode(frames.encode(frames.Hello(with_mux_keys)))
+            hello = read_gateway_hello(frame.info)
+            self.assertEqual(hello.fleet is not None, index == 0)
+            self.assertEqual(hello.software is not None, index == 0)
+            read.extend(hello.open_ports)
+        self.assertEqual(sorted(answer.remote_port for answer in read),
+                         [10000 + i for i in range(150)])
+        self.assertTrue(all(len(answer.error) <= 200 for answer in read))
+
+    def test_small_answer_one_hello(self):
+        """An answer that fits is the one HELLO gateway_hello builds."""
+        answers = [port_answer(PortRequest(9000, "a", 1, "tcp"), True)]
+        self.assertEqual(gateway_hellos(answers), [gateway_hello(answers)])
+        self.assertEqual(gateway_hellos(None), [gateway_hello(None)])
 
 
 class PortRequestTests(SynchronousTestCase):

@@ -36,7 +36,8 @@ from anyproxy.listeners import Listener
 from anyproxy.login_throttle import source_address
 from anyproxy.tls import server_tls_options
 from anyproxy.tunnel import frames
-from anyproxy.tunnel.hello import fleet_list, gateway_hello, read_client_hello, refuse_all
+from anyproxy.tunnel.hello import (
+    fleet_list, gateway_hello, gateway_hellos, read_client_hello, refuse_all)
 from anyproxy.tunnel.liveness import Liveness
 from anyproxy.tunnel.websocket import HTTP_TOO_MANY_REQUESTS, GatewayTunnelProtocol, tune_factory
 
@@ -233,7 +234,8 @@ class TunnelServerFactory(HandshakeCappedFactory, WebSocketServerFactory):
         else:
             open_ports = refuse_all(hello.open_ports, "port forwarding is not enabled")
         fleet = self.fleet.hello_fields() if self.fleet is not None else {}
-        protocol.mux.send_hello(gateway_hello(open_ports, **fleet))
+        for hello_frame in gateway_hellos(open_ports, **fleet):
+            protocol.mux.send_hello(hello_frame)
         if self.fleet is not None:
             self.fleet.tunnel_added(tunnel)
         if self.group_logins is not None and group_password:

@@ -587,6 +587,37 @@ def gateway_hello(open_ports=None, software=SOFTWARE, node=None, fleet=None):
     return info
 
 
+# A refusal's text in an open_ports answer, at most (characters).
+MAX_PORT_ERROR = 200
+
+
+def gateway_hellos(open_ports=None, software=SOFTWARE, node=None, fleet=None, limit=None):
+    """
+    L{gateway_hello} as one HELLO or more, each within C{limit} bytes of JSON
+    (the HELLO frame's bound, less room for the mux's keys, by default): the fleet list and the first
+    C{open_ports} answers in the first, the other answers in further HELLOs,
+    which the client merges.  A client asking for many ports, each refused
+    with a reason, would otherwise get an answer longer than any HELLO.
+    """
+    from anyproxy.tunnel.frames import MAX_HELLO
+    # Room for the keys the mux adds to every HELLO (datagrams, early data...).
+    limit = MAX_HELLO - 512 if limit is None else limit
+    answers = list(open_ports) if open_ports is not None else None
+    for answer in answers or ():
+        if len(answer.get("error", "")) > MAX_PORT_ERROR:
+            answer["error"] = answer["error"][:MAX_PORT_ERROR - 3] + "..."
+    first = gateway_hello([] if answers is not None else None, software, node, fleet)
+    hellos, current = [first], first
+    for answer in answers or ():
+        current["open_ports"].append(answer)
+        if len(json.dumps(current, sort_keys=True).encode("utf-8")) > limit \
+                and len(current["open_ports"]) > 1:
+            current["open_ports"].pop()
+            current = gateway_hello([answer], software=None)
+            hellos.append(current)
+    return hellos
+
+
 def read_gateway_hello(info):
     """A L{GatewayHello} from the gateway's JSON object; never raises."""
     info = info if isinstance(info, dict) else {}
