@@ -245,6 +245,35 @@ class FleetForwardingTests(unittest.TestCase):
         self.assertTrue((yield deferToThread(tcp_refused, self.remote)))
 
     @defer.inlineCallbacks
+    def test_leaving_closes_ports_before_the_claims_go(self):
+        """
+        A gateway leaving the fleet (a drain's first step) stops taking users
+        on its forwarded ports before its claims leave the registry, so no
+        moment has two gateways forwarding one port; B's waiting client then
+        takes the port, and A opens no port again.
+        """
+        first, _ = yield start_forwarding_client(self.a, "one", self.remote, self.digest_target)
+        second, second_factory = yield start_forwarding_client(
+            self.b, "two", self.remote, self.echo_target)
+        registry_stop = self.a.gateway.fleet.registry.stop
+        seen_at_stop = []
+
+        def stop():
+            # Still held by "one" here (the claim goes in this call), no longer accepting.
+            # (A loopback connect answers at once: no wait in the reactor's thread.)
+            seen_at_stop.append((self.a.gateway.port_forwarding.forwards(),
+                                 tcp_refused(self.remote)))
+            return registry_stop()
+        self.a.gateway.fleet.registry.stop = stop
+        self.addCleanup(setattr, self.a.gateway.fleet.registry, "stop", registry_stop)
+        yield self.a.gateway.leave_fleet()
+        self.a.gateway.fleet.registry.stop = registry_stop
+        self.assertEqual(seen_at_stop, [({(self.remote, "tcp"): "one"}, True)])
+        yield wait_until(lambda: answer_for(second_factory, self.remote)["ok"], timeout=10,
+                         what="B to take the port over")
+        self.assertEqual((yield deferToThread(tcp_exchange, self.remote, b"moved")), b"moved")
+
+    @defer.inlineCallbacks
     def test_client_on_two_gateways(self):
         """
         A client with tunnels to both gateways asks each: one forwards the

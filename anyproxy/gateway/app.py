@@ -529,7 +529,10 @@ class Gateway(MultiService):
         """
         if self.fleet is None:
             return defer.succeed(None)
-        return defer.maybeDeferred(self.fleet.registry.stop)
+        # The forwarded ports close first: once the claims are gone another
+        # gateway may open the same port, for another client.
+        closed = self.port_forwarding.stop_accepting()
+        return closed.addCallback(lambda _: self.fleet.registry.stop())
 
     def stop_accepting(self):
         """

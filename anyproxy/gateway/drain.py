@@ -24,9 +24,10 @@ So the drain moves everything new elsewhere first and only then waits:
      wait for to its deadline.  (A peer's drain sends GOAWAY on our links
      to it, and we let go of those kept there, L{anyproxy.fleet.peer_link}.)
   1. I{Leave the fleet} (L{anyproxy.gateway.app.Gateway.leave_fleet}, a
-     no-op without one): the registry deregisters this node, so other
-     gateways stop relaying to it and clients are no longer told to attach
-     to it.  Other nodes hear of it through pub/sub in well under a second,
+     no-op without one): the forwarded ports stop taking users (their
+     claims are about to go, and another gateway may then open them), and
+     the registry deregisters this node, so other gateways stop relaying to
+     it and clients are no longer told to attach to it.  Other nodes hear of it through pub/sub in well under a second,
      so this node keeps serving for L{FLEET_SETTLE} seconds more: a stream a
      peer relays in that window still finds the local tunnels usable.
   2. I{Wait for the balancer}: the listeners stay open until

@@ -674,6 +674,29 @@ class PortForwarding:
             forward.close()
         self._schedule_retry()
 
+    def stop_accepting(self):
+        """
+        Stop taking users on forwarded ports, and open none from now on (a
+        drain, before this gateway's claims leave the fleet registry: another
+        gateway may then take the ports).  TCP connections already accepted
+        go on; a UDP port's associations end with it.  A Deferred.
+        """
+        self._stopped = True
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+        closing = []
+        for forward in self._forwards.values():
+            listening, forward.listening = forward.listening, None
+            if forward.udp is not None:
+                forward.udp.end_all()
+            if listening is not None:
+                closing.append(defer.maybeDeferred(listening.stopListening))
+        if closing:
+            log.info("forwarded ports closed to new users (draining): {ports}",
+                     ports=", ".join(forward.label for forward in self._forwards.values()))
+        return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
+
     def stop(self):
         """Release every port (the gateway is stopping); a Deferred."""
         self._stopped = True
