@@ -380,6 +380,15 @@ class RotatingLogFile(LogFile):
                 numbers.add(int(number))
         return sorted(numbers)
 
+    def write(self, data):
+        if self._file.closed:
+            self._openFile()  # a rotation could not open it; OSError to the caller again
+        LogFile.write(self, data)
+
+    def flush(self):
+        if not self._file.closed:
+            self._file.flush()
+
     def compressing(self):
         """Whether a rotated file is being compressed now."""
         return self._compressor is not None and self._compressor.is_alive()
@@ -409,6 +418,8 @@ class RotatingLogFile(LogFile):
                     os.rename(name, "%s.%d%s" % (self.path, number + 1, suffix))
         self._file.close()
         os.rename(self.path, "%s.1" % (self.path,))
+        # An OSError here (no descriptor left, in a connection flood) goes to
+        # the writer; the file stays closed and the next write opens it.
         self._openFile()
         self.remove_expired()
         if self.compress:
@@ -445,7 +456,7 @@ class RotatingLogFile(LogFile):
 
 
 # As Twisted does for LogFile (whose write is locked already, and calls rotate).
-RotatingLogFile.synchronized = ["rotate"]
+RotatingLogFile.synchronized = ["write", "rotate"]
 threadable.synchronize(RotatingLogFile)
 
 
@@ -458,7 +469,11 @@ def _gzip_files(paths):
     for path in paths:
         temporary = path + _GZ + ".tmp"
         try:
-            with open(path, "rb") as source, gzip.open(temporary, "wb") as target:
+            # Readable by the owner only until it has the source's mode
+            # (copystat): the log may hold what others should not read.
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as raw, open(path, "rb") as source, \
+                    gzip.GzipFile(fileobj=raw, mode="wb") as target:
                 shutil.copyfileobj(source, target, 1024 * 1024)
             shutil.copystat(path, temporary)
             os.rename(temporary, path + _GZ)

@@ -62,6 +62,49 @@ class AccessLogTests(SynchronousTestCase):
         self.assertEqual(names, ["access.jsonl", "access.jsonl.1", "access.jsonl.2"])
         self.assertEqual(self.lines()[-1]["user"], "u99")
 
+    def test_rotation_that_cannot_reopen(self):
+        """
+        A rotation that cannot open the new file (no descriptor left, once)
+        loses that line and says so; the next write opens the file, and no
+        write raises.
+        """
+        import errno
+        from twisted.python import logfile
+        access = AccessLog(self.path, self.clock, max_size=300, max_backups=3)
+        for i in range(2):
+            access.write(StreamRecord(opened=1.0, user="u%d" % (i,), target="t:1"))
+
+        def no_descriptor(*args, **kwargs):
+            raise OSError(errno.EMFILE, "Too many open files")
+        # The module calls the builtin open: shadowed for one write.
+        logfile.open = no_descriptor
+        try:
+            access.write(StreamRecord(opened=1.0, user="lost", target="t:1"))  # cannot reopen
+        finally:
+            del logfile.open
+        for i in range(3, 6):
+            access.write(StreamRecord(opened=1.0, user="u%d" % (i,), target="t:1"))
+        access.close()
+        self.assertEqual([line["user"] for line in self.lines()][-1], "u5")
+
+    def test_rotated_file_private_while_compressed(self):
+        """A rotated file being gzipped is created readable by its owner only."""
+        from anyproxy import logs
+        source = os.path.join(self.directory, "rotated.1")
+        with open(source, "w") as f:
+            f.write("secret\n")
+        os.chmod(source, 0o640)
+        modes = []
+        real_copy = logs.shutil.copyfileobj
+
+        def watch(*args, **kwargs):
+            modes.append(os.stat(source + ".gz.tmp").st_mode & 0o777)
+            return real_copy(*args, **kwargs)
+        self.patch(logs.shutil, "copyfileobj", watch)
+        logs._gzip_files([source])
+        self.assertEqual(modes, [0o600])
+        self.assertEqual(os.stat(source + ".gz").st_mode & 0o777, 0o640)
+
 
 # -- end to end: a gateway writing its access log -------------------------------
 

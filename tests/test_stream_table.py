@@ -155,3 +155,19 @@ class StreamTableTests(SynchronousTestCase):
         for wrong in (other + "-1", tag + "-\u0661", tag + "-01x", tag + "-01", tag, "", tag + "-2"):
             self.assertFalse(table.kick(wrong), wrong)
         self.assertEqual(stream.resets, [])
+
+
+class BrokenAccessLogTests(SynchronousTestCase):
+    """An access log that raises on write does not keep a stream in the table."""
+
+    def test_stream_leaves_table(self):
+        class Broken:
+            def write(self, record):
+                raise ValueError("I/O operation on closed file")
+        table = StreamTable(task.Clock(), Broken(), node="gw1")
+        stream = FakeStream()
+        table.opened(stream, FakeTunnel(), FakeEndpoint(), 0.0)
+        later = []
+        stream.notify_closed(lambda _: later.append("slot released"))
+        self.assertRaises(ValueError, stream.end)
+        self.assertEqual(table.snapshot(), [])

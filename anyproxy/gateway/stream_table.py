@@ -204,16 +204,20 @@ class StreamTable:
             outcome=refusal_outcome(Failure(error))))
 
     def _ended(self, number, stream):
-        access_log = self.access_log
-        if access_log is not None:
-            entry = self._entry(number)
-            if entry.kicked:
-                outcome = KICKED
-            else:
-                outcome = "closed" if stream.ended_cleanly else "reset"
-            access_log.write(entry.record(self.node, self._clock.seconds(), outcome))
-        del self._open[number]
-        self._kicked.discard(number)
+        try:
+            access_log = self.access_log
+            if access_log is not None:
+                entry = self._entry(number)
+                if entry.kicked:
+                    outcome = KICKED
+                else:
+                    outcome = "closed" if stream.ended_cleanly else "reset"
+                access_log.write(entry.record(self.node, self._clock.seconds(), outcome))
+        finally:
+            # Whatever the log did, the stream is gone from the table (and
+            # the close hooks after this one still run).
+            del self._open[number]
+            self._kicked.discard(number)
 
     # -- what the management API calls -----------------------------------------
 
