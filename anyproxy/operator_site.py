@@ -138,11 +138,18 @@ class _Misdirected(resource.Resource):
 
 
 class _OperatorRequest(server.Request):
-    """A request whose answer names no server software (its version helps only attackers)."""
+    """
+    A request whose answer names no server software (its version helps only
+    attackers) and carries L{OPERATOR_HEADERS}, also when no resource set
+    them (Twisted's own 404, 405 and 501 pages, the readiness check).
+    """
 
     def write(self, data):
         if not self.startedWriting:
             self.responseHeaders.removeHeader(b"server")
+            for name, value in OPERATOR_HEADERS.items():
+                if not self.responseHeaders.hasHeader(name):
+                    self.responseHeaders.setRawHeaders(name, [value])
         super().write(data)
 
 

@@ -33,6 +33,10 @@ class Routes:
             text = pattern.strip().lower().rstrip(".")
             if not text:
                 raise ValueError("empty route")
+            if "%" in text:
+                # An IPv6 zone means nothing to another host, and its text
+                # (any characters) would go into the PAC and Clash profiles.
+                raise ValueError("%r: a route has no IPv6 zone (%%...)" % (pattern,))
             try:
                 networks.add(ipaddress.ip_network(text, strict=False))
                 continue

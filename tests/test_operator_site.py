@@ -323,12 +323,16 @@ class HostTests(_SiteTestCase):
         url = "http://127.0.0.1:%d/metrics" % (self.port,)
         heads = [(yield self.curl(url))[0]]
         heads.append((yield self.curl("-H", "Host: attacker.example", url))[0])
+        # Twisted's own answers: no such page, a method no page takes.
+        heads.append((yield self.curl("http://127.0.0.1:%d/nothing-here" % (self.port,)))[0])
+        heads.append((yield self.curl("-X", "BREW", url))[0])
         self.site.set_login(USER, PASSWORD)
         heads.append((yield self.curl(url))[0])
         for head in heads:
             lower = head.lower()
             self.assertIn(b"cache-control: no-store", lower)
             self.assertIn(b"x-content-type-options: nosniff", lower)
+            self.assertIn(b"x-frame-options: deny", lower)
             self.assertNotIn(b"server:", lower)
             self.assertNotIn(b"twisted", lower)
 

@@ -125,6 +125,13 @@ class RouteMatcherTests(SynchronousTestCase):
                          ("*.corp.example", "db.lan", "10.1.0.0/16", "fd00::/8"))
         self.assertEqual(Routes.of(route_texts(routes)), routes)
 
+    def test_no_zone(self):
+        """An IPv6 zone is refused: it means nothing elsewhere, and its text went into profiles."""
+        for text in ("fe80::1%x,DIRECT,x", "fe80::/64%eth0", "fe80::1%eth0"):
+            with self.assertRaises(ValueError) as caught:
+                Routes.of([text])
+            self.assertIn("IPv6 zone", str(caught.exception))
+
 
 # The universe the properties draw from: nested and disjoint networks and names.
 NETWORKS = ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.2.0.0/16", "10.1.2.3/32",

@@ -197,7 +197,8 @@
     if (!action || target.tagName !== "BUTTON") { return; }
     var id = target.dataset.id, group = target.dataset.group;
     var name = group ? id + " (group " + group + ")" : id;
-    if (!window.confirm(action.ask.replace("%s", name))) { return; }
+    // split/join, not replace: "$&" or "$'" in a client id would be read as patterns.
+    if (!window.confirm(action.ask.split("%s").join(name))) { return; }
     target.disabled = true;
     fetch(apiUrl(action.path(id, group)), {method: action.method, cache: "no-store",
                                     credentials: "same-origin",
@@ -205,7 +206,7 @@
       .then(function (response) {
         return response.json().then(function (body) {
           if (!response.ok) { throw new Error(body.error || "HTTP " + response.status); }
-          report(true, action.done.replace("%s", name));
+          report(true, action.done.split("%s").join(name));
         });
       })
       .catch(function (e) { report(false, "Failed: " + e.message); })
