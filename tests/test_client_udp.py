@@ -438,7 +438,8 @@ class AssociationUnitTests(SynchronousTestCase):
             self.resolutions.append((host, d))
             return d
 
-        association = TargetAssociation(lambda: access or AccessPolicy(), self.reactor,
+        policy = access or AccessPolicy()  # one object, as the dialer's until a reload
+        association = TargetAssociation(lambda: policy, self.reactor,
                                      resolve_name or pending_resolve,
                                      idle_timeout=idle_timeout, clock=self.clock)
         self.stream = FakeStream()
@@ -466,6 +467,30 @@ class AssociationUnitTests(SynchronousTestCase):
         self.assertEqual(self.stream.closed, 1)
         self.assertEqual(self.stream.sent, [])
         self.assertEqual(association.stats.dropped_unsolicited, 1)
+
+    def test_reload_forgets_peers(self):
+        """
+        After a reload forbids a target, its datagrams reach the user no more
+        (nor keep the association alive); a target still allowed is heard
+        again once sent to under the new policy.
+        """
+        from anyproxy.access_policy import HostRule
+        holder = [AccessPolicy()]
+        association = TargetAssociation(lambda: holder[0], FakeUdpReactor(), None,
+                                        clock=task.Clock())
+        stream = FakeStream()
+        association.makeConnection(stream)
+        association.datagram_received("192.0.2.7", 53, b"q")
+        association.datagram_received("198.51.100.1", 53, b"q")
+        association._target_datagram("192.0.2.7", 53, b"before")
+        self.assertEqual(len(stream.sent), 1)
+        holder[0] = AccessPolicy(forbidden=[HostRule.parse("192.0.2.0/24")])
+        association._target_datagram("192.0.2.7", 53, b"after")
+        association._target_datagram("198.51.100.1", 53, b"not sent to since")
+        self.assertEqual(len(stream.sent), 1)
+        association.datagram_received("198.51.100.1", 53, b"q2")
+        association._target_datagram("198.51.100.1", 53, b"answer")
+        self.assertEqual(len(stream.sent), 2)
 
     def test_no_idle_timeout(self):
         """idle_timeout 0 never closes and schedules nothing."""

@@ -161,6 +161,8 @@ class TargetAssociation(Protocol):
         self._senders = {}  # IP version -> its port's direct_sender
         self._closing = []  # Deferreds of ports being stopped
         self._peers = collections.OrderedDict()  # IP string -> None (an ordered set)
+        # The policy the peers were checked under: a reload forgets them.
+        self._peers_policy = None
         self._verdicts = {}  # (IP literal, port) -> (policy, IP to send to or None: refused, version)
         self._cache = collections.OrderedDict()  # name -> (expiry, addresses or None)
         self._resolving = {}  # name -> (Deferred, [(host, port, payload), ...])
@@ -360,6 +362,10 @@ class TargetAssociation(Protocol):
                     log.info("udp: sending to {ip}:{port} failed: {why}", ip=ip, port=port, why=e)
                 return
         peers = self._peers
+        policy = self._get_policy()
+        if policy is not self._peers_policy:
+            peers.clear()
+            self._peers_policy = policy
         if ip in peers:
             peers.move_to_end(ip)
         else:
@@ -409,6 +415,10 @@ class TargetAssociation(Protocol):
             return
         if ":" in host:
             host = str(normalise_address(host))  # drops a zone, folds v4-mapped
+        if self._get_policy() is not self._peers_policy:
+            # Replies come only from addresses sent to under the policy in
+            # force: one a reload now forbids is heard no more.
+            self._peers.clear()
         if host not in self._peers:
             self._count("dropped_unsolicited")
             return
