@@ -300,7 +300,18 @@ class EdgeTests(unittest.SynchronousTestCase):
         self.assertEqual(factory.built, [])
         self.assertEqual(fake.writers, [attempt])
         self.assertNoResult(factory.failed)
-        attempt.stopConnecting()
+        # A hang-up meant for that earlier socket: the reactor drops this
+        # one (removeWriter, then connectionLost); it is watched again.
+        fake.running = True
+        fake.removeWriter(attempt)
+        attempt.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(fake.writers, [attempt])
+        self.assertNoResult(factory.failed)
+        # At the reactor's shutdown the same hang-up fails it.
+        fake.running = False
+        fake.removeWriter(attempt)
+        attempt.connectionLost(Failure(error.ConnectionLost()))
+        self.successResultOf(factory.failed)
 
     def test_build_protocol_raises(self):
         """A factory raising in buildProtocol hears the failure; the socket is closed."""

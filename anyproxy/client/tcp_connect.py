@@ -165,6 +165,15 @@ class TCPConnectAttempt:
                 code = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             except OSError:
                 pass
+            if (not code and getattr(self._reactor, "running", False)
+                    and not getattr(self._reactor, "_stopped", False)
+                    and self._connect_ex() in _STILL_CONNECTING):
+                # A hang-up meant for an earlier socket with this number
+                # (closed and reused this turn), as doWrite's stale events:
+                # this connect goes on.
+                self._watched = True
+                self._reactor.addWriter(self)
+                return
         self._fail(error.getConnectError((code, os.strerror(code))) if code
                    else error.ConnectError(string=reason.getErrorMessage()))
 
