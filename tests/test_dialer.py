@@ -974,3 +974,26 @@ class LoopbackTests(TestCase):
         self.assertEqual(resolver.asked, [])
         self.assertEqual(pair.gateway.stream_count, 0)
         self.assertEqual(pair.client.stream_count, 0)
+
+
+class SystemResolverErrorTests(TestCase):
+    """The dialer's own resolver: a getaddrinfo failure that is no gaierror ends its lookup."""
+
+    @defer.inlineCallbacks
+    def test_plain_oserror(self):
+        """
+        CPython raises a plain OSError for EAI_SYSTEM; Twisted's resolver
+        expects gaierror only, and the lookup would never end, its place
+        among the lookups taken for good.  Here it fails NAME_NOT_RESOLVED.
+        """
+        from anyproxy.client import dialer as dialer_module
+
+        def failing(*args):
+            raise OSError(errno.EMFILE, "Too many open files")
+        self.patch(dialer_module.socket, "getaddrinfo", failing)
+        lookups = Dialer(AccessPolicy(), reactor).lookups
+        for owner in (1, 2):
+            d = lookups.resolve("a%d.test" % (owner,), 53, owner=owner)
+            reason = yield self.assertFailure(d.addTimeout(5, reactor), StreamOpenError)
+            self.assertEqual(reason.reason, Reason.NAME_NOT_RESOLVED)
+        self.assertEqual((lookups.running, lookups.owned), (0, 0))

@@ -8,9 +8,11 @@ check), then splice the stream to the target socket.
 
 import functools
 import re
+import socket
 
 from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet._resolver import GAIResolver
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
@@ -63,6 +65,21 @@ def literal_address(host):
     """
     address = parse_ip_literal(host)
     return None if address is None else str(address)
+
+
+def _getaddrinfo(*args):
+    """
+    C{socket.getaddrinfo}, whose every failure is a C{gaierror}: Twisted's
+    resolver treats only those as "no addresses", and any other (an
+    EAI_SYSTEM failure is a plain OSError) would leave its lookup
+    unfinished, and its place among L{NameLookups} taken for good.
+    """
+    try:
+        return socket.getaddrinfo(*args)
+    except socket.gaierror:
+        raise
+    except (OSError, UnicodeError) as e:
+        raise socket.gaierror(socket.EAI_FAIL, str(e)) from None
 
 
 def _not_a_host_name(host):
@@ -316,7 +333,8 @@ class Dialer:
         self._reactor = reactor
         self._connect_tcp = connect_tcp if connect_tcp is not None else functools.partial(
             tcp_connect.connect_tcp, reactor)
-        self._resolver = resolver if resolver is not None else reactor.nameResolver
+        self._resolver = resolver if resolver is not None else GAIResolver(
+            reactor, getaddrinfo=_getaddrinfo)
         self.lookups = NameLookups(self._resolver)
         self.connect_timeout = connect_timeout
         self.slots = Limiter(reactor, max_streams, queue_size, queue_timeout,
