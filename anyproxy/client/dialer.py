@@ -334,7 +334,7 @@ class Dialer:
         self._connect_tcp = connect_tcp if connect_tcp is not None else functools.partial(
             tcp_connect.connect_tcp, reactor)
         self._resolver = resolver if resolver is not None else GAIResolver(
-            reactor, getaddrinfo=_getaddrinfo)
+            reactor, getThreadPool=lambda: reactor.getThreadPool(), getaddrinfo=_getaddrinfo)
         self.lookups = NameLookups(self._resolver)
         self.connect_timeout = connect_timeout
         self.slots = Limiter(reactor, max_streams, queue_size, queue_timeout,
