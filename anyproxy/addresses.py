@@ -103,6 +103,9 @@ def listen_endpoint(text):
         inner, _ = listen_endpoint(text[len(PROXY_HEADER_PREFIX):])
         if inner.startswith(PROXY_HEADER_PREFIX):
             raise ValueError("haproxy: given twice")
+        if inner.startswith("ssl:"):
+            # The header comes before TLS, and this endpoint's TLS would read it.
+            raise ValueError("haproxy: cannot go before an ssl: endpoint")
         return PROXY_HEADER_PREFIX + inner, False
     kind = text.split(":", 1)[0]
     if kind in ENDPOINT_TYPES and ":" in text:

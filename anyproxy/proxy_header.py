@@ -24,7 +24,7 @@ where SOCKS5 and HTTP CONNECT streams need a half-close.
 
 import ipaddress
 
-from twisted.internet.address import IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEndpoint
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -51,6 +51,8 @@ def _is_address(host):
 
 
 def _is_source(peer):
+    if not isinstance(peer, (IPv4Address, IPv6Address)):
+        return False  # a UNIX socket's address: no source a throttle could count
     try:
         ipaddress.ip_address(peer.host)
     except ValueError:

@@ -5,6 +5,7 @@ HAProxy (C{send-proxy-v2}) in front of a gateway's SOCKS5 listener and curl
 as the user from two loopback addresses.
 """
 
+import json
 import os
 import socket
 import struct
@@ -107,6 +108,15 @@ class ProxyHeaderUnitTests(unittest.SynchronousTestCase):
                              + addresses)
         self.assertEqual(self.recorder.transport.getPeer(), IPv6Address("TCP", "2001:db8::7", 7))
 
+    def test_unix_source_closed(self):
+        """A v2 header naming UNIX sockets names no source a throttle could count: closed."""
+        wrapper = self.connect()
+        addresses = b"/tmp/a".ljust(108, b"\0") + b"/tmp/b".ljust(108, b"\0")
+        wrapper.dataReceived(V2_SIGNATURE + b"\x21\x31" + struct.pack("!H", len(addresses))
+                             + addresses + b"x")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.recorder.data, b"")
+
     def test_no_header_closed(self):
         """A connection that does not start with a header (a user come around the balancer)."""
         for first in (b"\x05\x01\x00" + b"\x00" * 13, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -152,7 +162,9 @@ class ProxyHeaderUnitTests(unittest.SynchronousTestCase):
         self.assertEqual(listen_endpoint("haproxy:127.0.0.1:1080"),
                          ("haproxy:tcp:1080:interface=127.0.0.1", False))
         self.assertEqual(listen_endpoint("haproxy::1080"), ("haproxy:dualstack:1080", False))
-        for bad in ("haproxy:", "haproxy:haproxy:127.0.0.1:1", "haproxy:nowhere"):
+        for bad in ("haproxy:", "haproxy:haproxy:127.0.0.1:1", "haproxy:nowhere",
+                    # TLS would read the header as its handshake.
+                    "haproxy:ssl:8443:privateKey=k.pem"):
             self.assertRaises(ValueError, listen_endpoint, bad)
 
 
@@ -181,9 +193,11 @@ class BehindHAProxyTests(unittest.TestCase):
     def setUp(self):
         haproxy = need("haproxy")
         self.deployment = Deployment(self)
+        self.access_log = os.path.abspath(self.mktemp())
         yield self.deployment.start_gateway(
             proxy={"socks5": {"listen_addr": "haproxy:127.0.0.1:0"}},
-            gateway={"auth_throttle": {"failures": 3, "window": 60, "block": 300}})
+            gateway={"auth_throttle": {"failures": 3, "window": 60, "block": 300},
+                     "access_log": self.access_log})
         yield self.deployment.start_client()
         self.web_port = listen_tcp(self, web_site()).getHost().port
         probe = socket.socket()
@@ -226,6 +240,12 @@ class BehindHAProxyTests(unittest.TestCase):
         out, err, code = yield self.curl("127.0.0.6", PROXY_PASSWORD)
         self.assertEqual(code, 0, err)
         self.assertIn(b"hello", out)
+        # The access log names the user, not HAProxy, as the stream's source.
+        self.deployment.gateway.user_endpoints.stream_table.access_log.flush()
+        with open(self.access_log) as f:
+            sources = [json.loads(line)["source"] for line in f]
+        self.assertTrue(sources and all(source.startswith("127.0.0.6:") for source in sources),
+                        sources)
         throttle = self.deployment.gateway.logins.throttle
         self.assertGreater(throttle.blocked_for("127.0.0.5"), 0)
         self.assertEqual(throttle.blocked_for("127.0.0.1"), 0)

@@ -38,10 +38,13 @@ import socket
 
 import attr
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from anyproxy.errors import Reason, StreamOpenError
 from anyproxy.gateway.access_log import AccessLog, StreamRecord
+
+log = Logger()
 
 _HEX = re.compile("[1-9a-f][0-9a-f]{0,15}")  # as "%x" writes a number from 1
 
@@ -213,9 +216,11 @@ class StreamTable:
                 else:
                     outcome = "closed" if stream.ended_cleanly else "reset"
                 access_log.write(entry.record(self.node, self._clock.seconds(), outcome))
+        except Exception:
+            # Logged, not raised: the close hooks after this one (the
+            # user's slot, its connection) must still run.
+            log.failure("access log: the end of stream {number} was not written", number=number)
         finally:
-            # Whatever the log did, the stream is gone from the table (and
-            # the close hooks after this one still run).
             del self._open[number]
             self._kicked.discard(number)
 

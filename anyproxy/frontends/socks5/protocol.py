@@ -123,16 +123,21 @@ class Socks5Protocol(SpliceEnd):
         self._phase = _NEGOTIATING
         self._user = ANONYMOUS
         self._user_label = "-"
-        self._peer = "?"
         self._target = "?"
         self._timeout_call = None
         self._opening = None
         self._udp = False
         self._association = None
 
+    @property
+    def _peer(self):
+        # Read when used: behind a balancer's PROXY header (anyproxy.proxy_header)
+        # the user's address is known only once the header has been read.
+        transport = self.transport
+        return address_text(transport.getPeer()) if transport is not None else "?"
+
     def connectionMade(self):
         set_no_delay(self.transport)  # replies must not wait for delayed ACKs
-        self._peer = address_text(self.transport.getPeer())
         self._timeout_call = self.factory.reactor.callLater(
             self.factory.handshake_timeout, self._handshake_timed_out
         )
