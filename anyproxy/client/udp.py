@@ -64,6 +64,8 @@ MAX_PENDING_BYTES = 256 * 1024
 RESOLVE_TIMEOUT = 10.0
 # IPs we sent to, for the reply filter (oldest forgotten first).
 MAX_PEERS = 1024
+# Ports remembered per peer, for a reload's recheck (L{_recheck_peers}).
+MAX_PEER_PORTS = 16
 # Access-control verdicts remembered for IP literals (cleared when full).
 MAX_VERDICTS = 1024
 
@@ -160,7 +162,8 @@ class TargetAssociation(Protocol):
         self._ports = {}  # IP version -> listening port
         self._senders = {}  # IP version -> its port's direct_sender
         self._closing = []  # Deferreds of ports being stopped
-        self._peers = collections.OrderedDict()  # IP string -> None (an ordered set)
+        # IP string -> the ports sent to there (some of them), in order of use.
+        self._peers = collections.OrderedDict()
         # The policy the peers were checked under: a reload forgets them.
         self._peers_policy = None
         self._verdicts = {}  # (IP literal, port) -> (policy, IP to send to or None: refused, version)
@@ -362,16 +365,17 @@ class TargetAssociation(Protocol):
                     log.info("udp: sending to {ip}:{port} failed: {why}", ip=ip, port=port, why=e)
                 return
         peers = self._peers
-        policy = self._get_policy()
-        if policy is not self._peers_policy:
-            peers.clear()
-            self._peers_policy = policy
-        if ip in peers:
+        if self._get_policy() is not self._peers_policy:
+            self._recheck_peers()
+        ports = peers.get(ip)
+        if ports is not None:
             peers.move_to_end(ip)
         else:
             if len(peers) >= MAX_PEERS:
                 peers.popitem(last=False)
-            peers[ip] = None
+            ports = peers[ip] = set()
+        if len(ports) < MAX_PEER_PORTS:
+            ports.add(port)
         # Counted with plain attributes (not through _count): this runs once
         # per datagram, for this association and the client's totals.
         size = len(payload)
@@ -410,15 +414,23 @@ class TargetAssociation(Protocol):
 
     # -- replies ----------------------------------------------------------
 
+    def _recheck_peers(self):
+        # A reload: replies come only from addresses the policy in force
+        # still lets this association send to (any port: peers are kept by
+        # address), so a target it now forbids is heard no more.
+        policy = self._peers_policy = self._get_policy()
+        for ip in list(self._peers):
+            if not any(policy.check_resolved(ip, port, UDP, [ip]) is None
+                       for port in self._peers[ip]):
+                del self._peers[ip]
+
     def _target_datagram(self, host, port, payload):
         if self._closed:
             return
         if ":" in host:
             host = str(normalise_address(host))  # drops a zone, folds v4-mapped
         if self._get_policy() is not self._peers_policy:
-            # Replies come only from addresses sent to under the policy in
-            # force: one a reload now forbids is heard no more.
-            self._peers.clear()
+            self._recheck_peers()
         if host not in self._peers:
             self._count("dropped_unsolicited")
             return
