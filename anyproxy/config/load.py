@@ -157,7 +157,7 @@ def _options(entry, plugin):
     except ValueError as e:
         entry.fail("options", e)
     except RecursionError:
-        entry.fail("options", "nested too deep, or holding itself (a YAML alias of its own anchor)")
+        entry.fail("options", "nested too deep")
     return options
 
 

@@ -74,30 +74,39 @@ def _keeping_text(kind, construct):
     return construct_keeping_text
 
 
-def plain(value, _copies=None):
+def plain(value):
     """
     C{value} (YAML data) with its numbers as plain C{int} and C{float},
     nested too: for what leaves the loader as it is (a frontend plugin's
     C{options}), whose checks may ask C{type(value) is int}.
 
-    A list or mapping that YAML aliases share is copied once and stays
-    shared (a "billion laughs" of nested aliases would otherwise be copied
-    out in full), and one that holds itself (C{&a [*a]}) stays a cycle.
+    @raise ValueError: C{value} holds itself (C{&a [*a]}), or nests or
+        expands (YAML aliases repeat what they name) past L{MAX_PLAIN_ITEMS}
+        items, which every later walk of it (a check, the status page's
+        config view, a reload's comparison) would pay for again.
     """
+    count = [0]
+    return _plain(value, count, set())
+
+
+# Items a plugin's options may expand to: far more than any config needs.
+MAX_PLAIN_ITEMS = 10000
+
+
+def _plain(value, count, inside):
+    count[0] += 1
+    if count[0] > MAX_PLAIN_ITEMS:
+        raise ValueError("more than %d values once YAML aliases are expanded" % (MAX_PLAIN_ITEMS,))
     if isinstance(value, (dict, list)):
-        copies = {} if _copies is None else _copies
-        copy = copies.get(id(value))
-        if copy is not None:
-            return copy
-        if isinstance(value, dict):
-            copy = copies[id(value)] = {}
-            for key, each in value.items():
-                copy[key] = plain(each, copies)
-        else:
-            copy = copies[id(value)] = []
-            for each in value:
-                copy.append(plain(each, copies))
-        return copy
+        if id(value) in inside:
+            raise ValueError("holds itself (a YAML alias of its own anchor)")
+        inside.add(id(value))
+        try:
+            if isinstance(value, dict):
+                return {key: _plain(each, count, inside) for key, each in value.items()}
+            return [_plain(each, count, inside) for each in value]
+        finally:
+            inside.discard(id(value))
     if isinstance(value, _Int):
         return int(value)
     if isinstance(value, _Float):
