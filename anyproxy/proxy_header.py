@@ -3,15 +3,16 @@
 Listeners behind a load balancer that sends the PROXY protocol header
 (HAProxy's C{send-proxy} / C{send-proxy-v2}, nginx's C{proxy_protocol on},
 cloud balancers' "proxy protocol v2"): C{listen_addr: "haproxy:HOST:PORT"}
-(or C{haproxy:} before any other listen address).
+(or C{haproxy:} before any other listen address but an C{ssl:} endpoint, whose
+TLS would read the header).
 
 Behind a plain TCP balancer every connection comes from the balancer's
 address, so what counts per source (the login throttle, the access log's
 C{source}, a UDP relay's source check) would see one source for all users.
 The header carries the user's address, and the connection's C{getPeer()}
 answers it from then on (C{getHost()} stays the socket's own address: the
-header's destination is the balancer's).  A connection without a valid header is closed:
-such a listener must be reachable from the balancer only.
+header's destination is the balancer's).  A connection without a valid
+header is closed: such a listener must be reachable from the balancer only.
 
 Twisted's L{twisted.protocols.haproxy} parsers read the header (its
 private C{_v1parser.V1Parser} and C{_v2parser.V2Parser}, whose C{feed}
@@ -40,14 +41,6 @@ PREFIX = PROXY_HEADER_PREFIX
 _SIGNATURE = 16
 # Longest header: v1 is at most 107 bytes; v2 is 16 plus a 16-bit length.
 MAX_HEADER = 16 + 0xFFFF
-
-
-def _is_address(host):
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _is_source(peer):
