@@ -233,7 +233,9 @@ class RefusalTests(_Base):
         stays up and serves, and every port has its answer.
         """
         target = listen_tcp(self, protocol.Factory.forProtocol(Echo)).getHost().port
-        wanted = [open_port(20000 + i, target) for i in range(130)]
+        low, high = self.ports[0], self.ports[-1]  # the allowed range
+        outside = [port for port in range(20000, 65536) if not low <= port <= high][:130]
+        wanted = [open_port(port, target) for port in outside]
         _, factory = yield self.start_client(wanted, wait=False)
         yield wait_until(lambda: factory.open_ports_answer is not None
                          and len(factory.open_ports_answer) == 130,
