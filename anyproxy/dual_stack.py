@@ -28,7 +28,8 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
 from zope.interface import implementer
 
-from anyproxy import proxy_header
+from anyproxy.addresses import PROXY_HEADER_PREFIX
+from anyproxy.proxy_header import ProxyHeaderEndpoint
 
 PREFIX = "dualstack:"
 
@@ -161,9 +162,8 @@ def server_endpoint(reactor, description):
     these (L{anyproxy.proxy_header}), else any Twisted endpoint string
     (C{serverFromString}).
     """
-    if description.startswith(proxy_header.PREFIX):
-        return proxy_header.ProxyHeaderEndpoint(
-            server_endpoint(reactor, description[len(proxy_header.PREFIX):]))
+    if description.startswith(PROXY_HEADER_PREFIX):
+        return ProxyHeaderEndpoint(server_endpoint(reactor, description[len(PROXY_HEADER_PREFIX):]))
     if description.startswith(PREFIX):
         return DualStackServerEndpoint(reactor, int(description[len(PREFIX):]))
     return serverFromString(reactor, description)

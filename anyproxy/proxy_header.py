@@ -33,10 +33,6 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import implementer
 
-from anyproxy.addresses import PROXY_HEADER_PREFIX
-
-PREFIX = PROXY_HEADER_PREFIX
-
 # The bytes that tell a v2 header (16) from a v1 one (8) from neither.
 _SIGNATURE = 16
 # Longest header: v1 is at most 107 bytes; v2 is 16 plus a 16-bit length.
